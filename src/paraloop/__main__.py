@@ -1,0 +1,3 @@
+from paraloop.cli import main
+
+raise SystemExit(main())

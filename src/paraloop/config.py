@@ -1,0 +1,390 @@
+"""Typed configuration: one TOML file, environment overrides, CLI flags on top.
+
+Precedence (highest first): CLI flag > environment `PARALOOP_SECTION__KEY` > TOML file > default.
+`load_config(path, overrides)` is the only entry point; nothing is global. Every field's docstring is its help text
+and feeds docs/configuration.md (`paraloop config docs`).
+"""
+
+import json
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "PARALOOP_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    """Address the HTTP server binds. A non-loopback address requires `control_token`."""
+    port: int = Field(8000, ge=0, le=65535)
+    """HTTP port (0 picks a free port)."""
+    batch_size: int = Field(32, ge=1)
+    """Most sequences decoded together (the continuous batch's width)."""
+    max_concurrent_requests: int = Field(256, ge=1)
+    """Admission queue bound: requests beyond it are answered 429."""
+    control_token: str | None = None
+    """Bearer token required by /control routes (and every route when set). Env: PARALOOP_SERVER__CONTROL_TOKEN."""
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """Largest accepted request body; larger ones are answered 413."""
+    served_model_name: str | None = None
+    """Name reported by /v1/models (default: the model directory's name). Any name is accepted in requests."""
+
+
+class ModelConfig(Section):
+    base_path: str | None = None
+    """Model directory (mlx-lm format, quantized or not). CLI: --model-path."""
+    lora_path: str | None = None
+    """Adapter to start from: an mlx-lm adapter dir (adapters.safetensors + adapter_config.json) or an adapter.npz."""
+    auto_init_lora: bool = True
+    """Attach fresh LoRA layers (rl_training.lora) when no lora_path is given."""
+    compute: Literal["auto", "quantized", "dequantized"] = "auto"
+    """How the frozen base computes: `auto` dequantizes to float32 on the CPU backend (much faster there with
+    OpenBLAS) and keeps quantized kernels on Metal/CUDA."""
+    trust_remote_code: bool = False
+    """Passed to the tokenizer loader."""
+
+
+class EngineConfig(Section):
+    prefill_batch_size: int = Field(8, ge=1)
+    """Prompts prefilled together."""
+    prefill_step_size: int = Field(2048, ge=16)
+    """Prompt tokens processed per prefill chunk."""
+    max_prompt_tokens: int = Field(8192, ge=1)
+    """Longest accepted prompt, in tokens (longer: HTTP 400)."""
+    max_tokens_limit: int = Field(4096, ge=1)
+    """Largest accepted `max_tokens` per request (larger: HTTP 400)."""
+    default_max_tokens: int = Field(256, ge=1)
+    """`max_tokens` when a request gives none."""
+    max_n: int = Field(64, ge=1)
+    """Largest accepted `n` per request."""
+    diverse_mode: bool = True
+    """Accepted for compatibility with the predecessor: paraloop never collapses identical prompts, every completion
+    samples independently (reproducibly when the request gives a `seed`)."""
+    seed: int = 0
+    """Base seed of the engine's sampler for requests without a seed."""
+
+
+class LoraConfig(Section):
+    rank: int = Field(16, ge=1)
+    """LoRA rank. CLI: --lora-rank."""
+    num_layers: int = Field(8, ge=-1)
+    """How many of the last transformer blocks get LoRA (-1: all). CLI: --lora-layers."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """LoRA dropout while training (never while serving). CLI: --lora-dropout."""
+    scale: float = 10.0
+    """LoRA scale (output = base + scale * x A B). CLI: --lora-scale."""
+    alpha: float | None = None
+    """If set, scale = alpha / rank (PEFT convention); overrides `scale`."""
+    keys: list[str] | Literal["all"] = Field(default_factory=lambda: ["self_attn.q_proj", "self_attn.v_proj"])
+    """Module paths inside a block that get LoRA, or "all" for every linear layer. Alias: target_modules."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "target_modules" in data:
+            data = dict(data)
+            data.setdefault("keys", data.pop("target_modules"))
+        return data
+
+    @property
+    def effective_scale(self) -> float:
+        return self.alpha / self.rank if self.alpha is not None else self.scale
+
+
+class AtroposConfig(Section):
+    api_url: str | None = None
+    """Atropos API server URL (e.g. http://localhost:8001). Unset: the built-in mock environment. CLI: --atropos-url."""
+    poll_interval: float = Field(1.0, gt=0)
+    """Seconds between /batch polls while the queue is empty."""
+    max_backoff: float = Field(30.0, gt=0)
+    """Longest wait between retries while the API is unreachable."""
+    wandb_group: str = "paraloop"
+    """Sent to /register (Atropos requires it; wandb itself is not used by paraloop)."""
+    wandb_project: str = "paraloop"
+    """Sent to /register."""
+    max_token_len: int = Field(4096, ge=1)
+    """Longest sequence environments may send (sent to /register)."""
+    starting_step: int | None = None
+    """Override the step sent to /register (default: 0, or the resumed checkpoint's Atropos step)."""
+
+
+class MockEnvConfig(Section):
+    task: str = "paraloop.envs.tasks:one_word"
+    """Reward task as `module:function` (see docs/configuration.md for the built-ins)."""
+    group_size: int = Field(8, ge=1)
+    """Completions per prompt (one n=group_size request)."""
+    max_tokens: int | None = None
+    """Rollout length cap; default rl_training.max_tokens."""
+    concurrency: int = Field(4, ge=1)
+    """Prompts in flight at once."""
+
+
+class RLTrainingConfig(Section):
+    algorithm: Literal["grpo", "reinforce"] = "grpo"
+    """Policy-gradient objective. CLI: --algorithm."""
+    train_mode: Literal["lora", "full"] = "lora"
+    """Train LoRA adapters (default) or every weight of a non-quantized model."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """AdamW peak learning rate. CLI: --learning-rate."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per learner step (Atropos batch_size). CLI: --batch-size."""
+    total_steps: int = Field(5, ge=1)
+    """Learner steps to run. Alias: steps. CLI: --steps."""
+    update_epochs: int = Field(1, ge=1)
+    """Optimizer passes over each batch. CLI: --update-epochs."""
+    kl_beta: float = Field(0.05, ge=0)
+    """Weight of the KL penalty to the reference adapter (0 skips the reference forward). CLI: --kl-beta."""
+    kl_estimator: Literal["k3", "mse", "abs"] = "k3"
+    """k3: exp(r)-r-1 with r = ref-logp; mse: 0.5 (logp-ref)^2; abs: |logp-ref|. CLI: --kl-estimator."""
+    ref_ema: float = Field(1.0, gt=0, le=1)
+    """Reference adapter update ref = ema*ref + (1-ema)*policy each step; 1.0 keeps the initial adapter. CLI: --ref-ema."""
+    entropy_weight: float = 0.0
+    """Entropy bonus weight. CLI: --entropy-weight."""
+    clip_ratio: float = Field(0.2, ge=0)
+    """PPO clip epsilon (lower side, and upper side unless clip_ratio_high). CLI: --clip-ratio."""
+    clip_ratio_high: float | None = Field(None, ge=0)
+    """Upper clip epsilon (DAPO clip-higher)."""
+    importance_cap: float | None = Field(None, gt=0)
+    """Truncated importance weight cap on pi_old/pi_rollout for stale rollouts (None: off)."""
+    max_tokens: int = Field(256, ge=1)
+    """Rollout generation cap for the mock environment. CLI: --max-tokens."""
+    token_budget: int = Field(65536, ge=64)
+    """Most tokens (padded) in one micro-batch; larger batches accumulate gradients. CLI: --token-budget."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling: (r - group mean) / (std + eps) with std of the group, of the batch, or no division."""
+    advantage_eps: float = Field(1e-4, gt=0)
+    """eps in the advantage denominator."""
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How token losses become one number (seq-mean-token-sum-norm is Dr. GRPO)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warmup: constant, or cosine decay to min_lr_ratio * learning_rate at total_steps."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Floor of the cosine schedule."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Global gradient-norm clip (None: off)."""
+    temperature: float = Field(1.0, gt=0)
+    """Rollout temperature of the mock environment (Atropos groups carry their own)."""
+    seed: int = 0
+    """Seed for LoRA init, dropout, sampling and buffer order."""
+    mode: Literal["sync", "async"] = "sync"
+    """sync: rollouts wait while the learner steps (strictly on-policy). async: generation overlaps training."""
+    max_staleness: int = Field(1, ge=0)
+    """async mode: rollouts more than this many adapter versions old are handled by stale_policy."""
+    stale_policy: Literal["drop", "cap"] = "drop"
+    """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
+    buffer_priority: Literal["fifo", "abs_advantage"] = "fifo"
+    """Rollout buffer order: arrival, or groups with the largest mean |advantage| first."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    atropos: AtroposConfig = Field(default_factory=AtroposConfig)
+    mock: MockEnvConfig = Field(default_factory=MockEnvConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "steps" in data:
+            data = dict(data)
+            data.setdefault("total_steps", data.pop("steps"))
+        return data
+
+
+class CheckpointConfig(Section):
+    dir: str = "runs/latest"
+    """Run directory: checkpoints/, metrics.jsonl, plots. CLI: --checkpoint-dir (alias --run-dir)."""
+    interval: int = Field(50, ge=0)
+    """Write a checkpoint every N learner steps (0: only the final one). CLI: --checkpoint-interval."""
+    save_every_step: bool = False
+    """Checkpoint after every step (overrides interval). CLI: --save-every-step."""
+    adapter_format: Literal["safetensors", "npz", "both"] = "safetensors"
+    """Adapter file format: mlx-lm's adapters.safetensors, the predecessor's adapter.npz, or both. CLI: --adapter-format."""
+    keep_last: int | None = Field(None, ge=1)
+    """Keep only the newest N step checkpoints (None: keep all)."""
+    resume: str | None = None
+    """Run directory or checkpoint to resume from. CLI: --resume."""
+
+
+class Settings(BaseSettings):
+    """The whole resolved configuration of one paraloop process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", use_attribute_docstrings=True
+    )
+
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    rl_training: RLTrainingConfig = Field(default_factory=RLTrainingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _predecessor_keys(cls, data: Any) -> Any:
+        """Accept the predecessor's TOML spellings (rl_training.checkpoint_interval, ...) in their new sections."""
+        if not isinstance(data, dict) or not isinstance(data.get("rl_training"), dict):
+            return data
+        data, rl = dict(data), dict(data["rl_training"])
+        moves = {
+            "checkpoint_interval": ("checkpoint", "interval"),
+            "save_every_step": ("checkpoint", "save_every_step"),
+            "adapter_format": ("checkpoint", "adapter_format"),
+            "checkpoint_dir": ("checkpoint", "dir"),
+            "atropos_url": ("rl_training", "atropos.api_url"),
+        }
+        for old, (section, key) in moves.items():
+            if old not in rl:
+                continue
+            value = rl.pop(old)
+            if section == "rl_training":
+                sub, leaf = key.split(".")
+                rl[sub] = {**rl.get(sub, {}), leaf: value} if value is not None else rl.get(sub, {})
+            else:
+                data[section] = {**data.get(section, {}), key: value}
+        data["rl_training"] = rl
+        return data
+
+    @model_validator(mode="after")
+    def _safe_binding(self) -> "Settings":
+        loopback = self.server.host in ("127.0.0.1", "localhost", "::1") or self.server.host.startswith("127.")
+        if not loopback and not self.server.control_token:
+            raise ValueError(
+                f"server.host = {self.server.host!r} is not a loopback address: set server.control_token "
+                "(or PARALOOP_SERVER__CONTROL_TOKEN) so /control cannot be driven by anyone on the network"
+            )
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # First wins: CLI flags (init kwargs), then PARALOOP_* variables, then the TOML file of this call.
+        toml = _toml_tree.get()
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=toml))
+
+
+_toml_tree: ContextVar[dict[str, Any]] = ContextVar("paraloop_toml_tree", default={})
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the key and the file (or env var / flag) it came from."""
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Return a copy of `tree` with `a.b.c` set to value."""
+    head, _, rest = dotted.partition(".")
+    out = dict(tree)
+    out[head] = set_dotted(out.get(head, {}), rest, value) if rest else value
+    return out
+
+
+def _env_names() -> dict[tuple[str, ...], str]:
+    return {
+        tuple(k[len(ENV_PREFIX) :].lower().split("__")): k
+        for k in os.environ
+        if k.startswith(ENV_PREFIX) and "__" in k
+    }
+
+
+def _has_path(tree: Any, loc: tuple[str, ...]) -> bool:
+    for part in loc:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _describe(err: Any, toml: dict, overrides: dict, path: str | None) -> str:
+    loc = tuple(str(p) for p in err["loc"])
+    key = ".".join(loc) or "(root)"
+    env = _env_names()
+    if _has_path(overrides, loc):
+        where = "command line"
+    elif loc in env:
+        where = f"environment variable {env[loc]}"
+    else:
+        where = path or "configuration"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    return f"{key}: {msg} (in {where})"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Resolve the configuration: CLI overrides > environment (PARALOOP_SECTION__KEY) > TOML > defaults.
+
+    `overrides` is a nested dict holding only what the user gave on the command line,
+    e.g. {"rl_training": {"learning_rate": 1e-4}}. Raises ConfigError naming the key and where it came from.
+    """
+    toml = read_toml(path) if path is not None else {}
+    overrides = overrides or {}
+    token = _toml_tree.set(toml)
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        where = str(path) if path is not None else None
+        raise ConfigError("; ".join(_describe(err, toml, overrides, where) for err in e.errors())) from None
+    finally:
+        _toml_tree.reset(token)
+
+
+def to_toml(settings: Settings) -> str:
+    """Render resolved settings as TOML (None values are commented out)."""
+    lines: list[str] = []
+
+    def emit(prefix: str, tree: dict[str, Any]) -> None:
+        scalars = {k: v for k, v in tree.items() if not isinstance(v, dict)}
+        tables = {k: v for k, v in tree.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"\n[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+        for k, v in tables.items():
+            emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", settings.model_dump(mode="json"))
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)

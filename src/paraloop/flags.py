@@ -1,0 +1,101 @@
+"""Command-line flags that override configuration keys (the predecessor's flag names, kept for its users).
+
+Only flags the user actually gave become overrides (argparse SUPPRESS defaults): a flag's default can never
+silently beat a TOML value, the predecessor's bug. `--set section.key=value` reaches every other key.
+"""
+
+import argparse
+import json
+from typing import Any
+
+from paraloop.config import ConfigError, Settings, load_config, set_dotted
+
+# flag -> (dotted config key, value parser, help)
+FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--model-path": ("model.base_path", str, "model directory"),
+    "--lora-path": ("model.lora_path", str, "adapter to start from (dir or adapter.npz)"),
+    "--auto-init-lora": ("model.auto_init_lora", "bool", "attach fresh LoRA layers when no adapter is given"),
+    "--compute": ("model.compute", str, "auto | quantized | dequantized"),
+    "--lora-rank": ("rl_training.lora.rank", int, "LoRA rank"),
+    "--lora-layers": ("rl_training.lora.num_layers", int, "blocks with LoRA, counted from the last (-1: all)"),
+    "--lora-dropout": ("rl_training.lora.dropout", float, "LoRA dropout while training"),
+    "--lora-scale": ("rl_training.lora.scale", float, "LoRA scale"),
+    "--algorithm": ("rl_training.algorithm", str, "grpo | reinforce"),
+    "--steps": ("rl_training.total_steps", int, "learner steps"),
+    "--batch-size": ("rl_training.batch_size", int, "sequences per learner step"),
+    "--learning-rate": ("rl_training.learning_rate", float, "AdamW learning rate"),
+    "--update-epochs": ("rl_training.update_epochs", int, "optimizer passes per batch"),
+    "--kl-beta": ("rl_training.kl_beta", float, "KL penalty weight"),
+    "--kl-estimator": ("rl_training.kl_estimator", str, "k3 | mse | abs"),
+    "--ref-ema": ("rl_training.ref_ema", float, "reference adapter EMA (1.0: frozen)"),
+    "--entropy-weight": ("rl_training.entropy_weight", float, "entropy bonus weight"),
+    "--clip-ratio": ("rl_training.clip_ratio", float, "PPO clip epsilon"),
+    "--max-tokens": ("rl_training.max_tokens", int, "rollout generation cap"),
+    "--token-budget": ("rl_training.token_budget", int, "most tokens per micro-batch"),
+    "--mode": ("rl_training.mode", str, "sync | async"),
+    "--max-staleness": ("rl_training.max_staleness", int, "async: most versions a rollout may lag"),
+    "--seed": ("rl_training.seed", int, "random seed"),
+    "--task": ("rl_training.mock.task", str, "mock environment task, module:function"),
+    "--group-size": ("rl_training.mock.group_size", int, "mock environment completions per prompt"),
+    "--atropos-url": ("rl_training.atropos.api_url", str, "Atropos API URL (unset: mock environment)"),
+    "--checkpoint-dir": ("checkpoint.dir", str, "run directory"),
+    "--run-dir": ("checkpoint.dir", str, "run directory (same as --checkpoint-dir)"),
+    "--checkpoint-interval": ("checkpoint.interval", int, "checkpoint every N steps"),
+    "--save-every-step": ("checkpoint.save_every_step", "bool", "checkpoint after every step"),
+    "--adapter-format": ("checkpoint.adapter_format", str, "safetensors | npz | both"),
+    "--keep-last": ("checkpoint.keep_last", int, "keep the newest N checkpoints"),
+    "--resume": ("checkpoint.resume", str, "run directory or checkpoint to resume from"),
+    "--host": ("server.host", str, "HTTP bind address"),
+    "--port": ("server.port", int, "HTTP port"),
+    "--control-token": ("server.control_token", str, "bearer token for /control"),
+    "--diverse-mode": ("engine.diverse_mode", "bool", "accepted for compatibility: samples are always independent"),
+}
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
+    """Add `--config`, `--set` and the override flags (all, or the sections in `only`)."""
+    parser.add_argument("--config", help="TOML configuration file")
+    group = parser.add_argument_group("configuration overrides (beat the environment and the TOML file)")
+    for flag, (key, kind, help_) in FLAGS.items():
+        if only and key.split(".")[0] not in only:
+            continue
+        if kind == "bool":
+            group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                               metavar="BOOL", help=f"{help_} [{key}]")
+        else:
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{help_} [{key}]")
+    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any key, e.g. --set rl_training.lora.keys='[\"self_attn.q_proj\"]'")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The nested override dict holding only what was given on the command line."""
+    tree: dict[str, Any] = {}
+    given = vars(args)
+    for flag, (key, _, _) in FLAGS.items():
+        dest = flag.lstrip("-").replace("-", "_")
+        if dest in given:
+            tree = set_dotted(tree, key, given[dest])
+    for item in given.get("set") or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        tree = set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def settings_from_args(args: argparse.Namespace, *, config_path: str | None = None) -> Settings:
+    return load_config(config_path if config_path is not None else args.config, overrides_from_args(args))

@@ -1,0 +1,185 @@
+"""LoRA on a model: attach layers, read the adapter arrays, swap them in place, save and load adapter files.
+
+Adapter arrays are named as mlx-lm names them ("model.layers.3.self_attn.q_proj.lora_a"), so paraloop checkpoints
+load with `mlx_lm.load(model, adapter_path=...)` and adapters trained by `mlx_lm.lora` load here.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from paraloop.config import LoraConfig
+
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+SAFETENSORS_NAME = "adapters.safetensors"
+NPZ_NAME = "adapter.npz"
+CONFIG_NAME = "adapter_config.json"
+
+
+def linear_keys(model: nn.Module) -> list[str]:
+    """Every linear layer inside a transformer block, by its path within the block (for keys = "all")."""
+    keys: set[str] = set()
+    for block in model.layers:
+        for name, module in block.named_modules():
+            if isinstance(module, (nn.Linear, nn.QuantizedLinear)):
+                keys.add(name)
+    return sorted(keys)
+
+
+def adapter_config(cfg: LoraConfig, model: nn.Module) -> dict[str, Any]:
+    """The adapter_config.json content, in mlx-lm's schema."""
+    keys = linear_keys(model) if cfg.keys == "all" else list(cfg.keys)
+    num_layers = len(model.layers) if cfg.num_layers == -1 else cfg.num_layers
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": cfg.rank, "scale": cfg.effective_scale, "dropout": cfg.dropout, "keys": keys},
+    }
+
+
+def attach_lora(model: nn.Module, config: dict[str, Any], *, seed: int = 0) -> None:
+    """Wrap the configured linear layers with LoRALinear (A uniform from `seed`, B zero: the output is unchanged)."""
+    params = config["lora_parameters"]
+    mx.random.seed(seed)
+    linear_to_lora_layers(model, config["num_layers"], dict(params))
+    if not adapter_arrays(model):
+        raise ValueError(f"no layer matched LoRA keys {params['keys']} in the last {config['num_layers']} blocks")
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for _, m in model.named_modules())
+
+
+def adapter_arrays(model: nn.Module) -> dict[str, mx.array]:
+    """The model's LoRA arrays by name, as references (nothing copied)."""
+    return {k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
+
+
+class AdapterSlots:
+    """Pre-resolved (module, leaf) pairs, so replacing the adapter is a loop of dict assignments.
+
+    `model.update(tree)` walks and validates the whole tree (~9 ms for SmolLM2's 420 arrays); this does only the
+    assignments. The caller must run `swap` between forward passes (the engine does it between decode steps).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        self._slots: dict[str, tuple[nn.Module, str]] = {}
+        for name in adapter_arrays(model):
+            owner, leaf = name.rsplit(".", 1)
+            self._slots[name] = (modules[owner], leaf)
+        if not self._slots:
+            raise ValueError("the model has no LoRA layers")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def check(self, arrays: dict[str, mx.array]) -> None:
+        """Raise ValueError if `arrays` does not name exactly this model's adapter arrays with matching shapes."""
+        missing = self._slots.keys() - arrays.keys()
+        extra = arrays.keys() - self._slots.keys()
+        if missing or extra:
+            raise ValueError(f"adapter mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        for name, (module, leaf) in self._slots.items():
+            if module[leaf].shape != arrays[name].shape:
+                raise ValueError(f"{name}: shape {arrays[name].shape} != {module[leaf].shape}")
+
+    def swap(self, arrays: dict[str, mx.array]) -> float:
+        """Point every slot at the new array (no copy). Returns the seconds it took."""
+        start = time.perf_counter()
+        for name, (module, leaf) in self._slots.items():
+            module[leaf] = arrays[name]
+        return time.perf_counter() - start
+
+
+def save_adapter(
+    directory: str | Path, arrays: dict[str, mx.array], config: dict[str, Any], *, fmt: str = "safetensors"
+) -> list[Path]:
+    """Write adapter files (safetensors / npz / both) and adapter_config.json into `directory` (created).
+
+    Callers wanting atomicity write into a temporary directory and rename it (see checkpoint.py).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    if fmt in ("safetensors", "both"):
+        path = directory / SAFETENSORS_NAME
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+        written.append(path)
+    if fmt in ("npz", "both"):
+        path = directory / NPZ_NAME
+        np.savez(str(path), **{k: np.array(v.astype(mx.float32)) for k, v in arrays.items()})
+        written.append(path)
+    if fmt not in ("safetensors", "npz", "both"):
+        raise ValueError(f"adapter_format must be safetensors, npz or both, not {fmt!r}")
+    path = directory / CONFIG_NAME
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    written.append(path)
+    for p in written:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+    return written
+
+
+def load_adapter(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any] | None]:
+    """Read an adapter: a directory (adapters.safetensors or adapter.npz, + adapter_config.json) or a file.
+
+    Returns (arrays, adapter_config or None when the source has none).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter not found: {path}")
+    config = None
+    if path.is_dir():
+        if (path / CONFIG_NAME).is_file():
+            try:
+                config = json.loads((path / CONFIG_NAME).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path / CONFIG_NAME}: invalid JSON: {e}") from None
+        for name in (SAFETENSORS_NAME, NPZ_NAME):
+            if (path / name).is_file():
+                file = path / name
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no {SAFETENSORS_NAME} or {NPZ_NAME}")
+    else:
+        file = path
+        if (path.parent / CONFIG_NAME).is_file():
+            config = json.loads((path.parent / CONFIG_NAME).read_text())
+    try:
+        if file.suffix == ".npz":
+            with np.load(file) as data:
+                arrays = {k: mx.array(data[k]) for k in data.files}
+        else:
+            arrays = mx.load(str(file))
+    except Exception as e:  # corrupt or truncated file: name it
+        raise ValueError(f"{file}: cannot read adapter ({e})") from None
+    arrays = {k.removeprefix("arr_"): v for k, v in arrays.items()}
+    return arrays, config
+
+
+def apply_adapter(model: nn.Module, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """Attach LoRA as the adapter's config says (unless already attached) and load its arrays. Returns the config."""
+    arrays, config = load_adapter(path)
+    if config is None:
+        raise ValueError(f"{path}: no {CONFIG_NAME} next to the adapter weights (needed to know the LoRA layout)")
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise ValueError(f"{path}: fine_tune_type {config.get('fine_tune_type')!r} is not supported (only lora)")
+    if not has_lora(model):
+        attach_lora(model, config, seed=seed)
+    slots = AdapterSlots(model)
+    arrays = {k: v.astype(mx.float32) for k, v in arrays.items()}
+    slots.check(arrays)
+    slots.swap(arrays)
+    mx.eval(list(arrays.values()))
+    return config

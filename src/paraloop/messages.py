@@ -1,0 +1,152 @@
+"""Every message the actors exchange, on one page, so the data flow reads top to bottom.
+
+    HTTP / mock env --GenerateRequest--> engine --TokenEvent--> caller
+    rollout fetcher --RolloutBatch--> learner --AdapterPublished--> publisher --> engine.swap_adapter
+                                      learner --SaveCheckpoint--> checkpointer --CheckpointWritten--> status
+    /control --ControlCommand--> learner
+
+Messages are frozen, keyword-only msgspec Structs. Arrays (mx.array) travel by reference inside the process and are
+never encoded; everything else is plain data that could cross a process boundary.
+"""
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class Msg(msgspec.Struct, frozen=True, kw_only=True):
+    """Base of every message."""
+
+
+# --- engine ------------------------------------------------------------------------------------------------------
+
+
+class SamplingParams(Msg):
+    """One request's sampling settings; honoured per row inside a shared batch."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    max_tokens: int = 256
+    stop: list[str] = []  # stop strings (not included in the returned text)
+    stop_token_ids: list[int] = []  # extra stop tokens (the tokenizer's EOS always stops unless ignore_eos)
+    ignore_eos: bool = False
+    seed: int | None = None  # makes the request's samples reproducible
+    top_logprobs: int = 0  # how many alternatives to report per token (0: none)
+
+
+class GenerateRequest(Msg):
+    """Generate `n` completions of one prompt; the prompt is prefilled once and decoded as n rows."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    n: int = 1
+    params: SamplingParams = SamplingParams()
+
+
+class TokenEvent(Msg):
+    """One generated token of one row (completion) of a request."""
+
+    row: int
+    token: int
+    logprob: float  # log-softmax(logits / T)[token]: the distribution it was sampled from (T=1 when greedy)
+    version: int  # adapter version whose forward pass produced this token
+    text: str  # the text this token adds (may be "" while a multi-byte character or a stop string is pending)
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Completion(Msg):
+    """A finished row, as collected from its TokenEvents."""
+
+    row: int
+    tokens: list[int]
+    logprobs: list[float]
+    versions: list[int]
+    text: str
+    finish_reason: str
+
+
+class AdapterPublished(Msg):
+    """learner -> publisher: a new adapter version, evaluated arrays shared by reference (never copied)."""
+
+    version: int
+    step: int
+    arrays: dict[str, Any]  # "model.layers.3.self_attn.q_proj.lora_a" -> mx.array
+    metrics: dict[str, float] = {}
+
+
+class AdapterSwapped(Msg):
+    """engine -> publisher: the version now serving and how long decoding paused to take it."""
+
+    version: int
+    pause_s: float
+
+
+# --- rollouts -----------------------------------------------------------------------------------------------------
+
+
+class ScoredGroup(Msg):
+    """One Atropos ScoredDataGroup (or a mock-environment group in the same convention), validated.
+
+    masks: -100 at prompt positions, the token id at trained positions. inference_logprobs: 1.0 placeholders at
+    prompt positions. advantages None means absent ([] on the wire).
+    """
+
+    tokens: list[list[int]]
+    masks: list[list[int]]
+    scores: list[float]
+    advantages: list[list[float]] | None = None
+    ref_logprobs: list[list[float]] | None = None
+    inference_logprobs: list[list[float]] | None = None
+    overrides: list[dict[str, Any]] | None = None
+    generation_params: dict[str, Any] | None = None
+    group_overrides: dict[str, Any] | None = None
+    env_id: int | None = None
+    versions: list[int] | None = None  # oldest adapter version per sequence (known for mock rollouts)
+
+
+class RolloutBatch(Msg):
+    """rollout fetcher -> learner: the groups of one learner step."""
+
+    groups: list[ScoredGroup]
+    source: str  # "mock" | "atropos"
+    source_step: int | None = None  # the Atropos server's step, when known
+    dropped_stale: int = 0
+
+
+# --- learner, checkpoints, control -----------------------------------------------------------------------------------
+
+
+class StepFinished(Msg):
+    """learner -> status: one optimizer step done (or skipped for a non-finite loss)."""
+
+    step: int
+    version: int
+    metrics: dict[str, float]
+    skipped: bool = False
+
+
+class SaveCheckpoint(Msg):
+    """learner -> checkpointer: immutable snapshots to write; `reply` gets the path when written."""
+
+    step: int
+    version: int
+    adapter: dict[str, Any]
+    reference: dict[str, Any] | None
+    optimizer_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+    reply: Any = None  # an anyio MemoryObjectSendStream[CheckpointWritten] or None
+
+
+class CheckpointWritten(Msg):
+    step: int
+    path: str
+
+
+class ControlCommand(Msg):
+    """/control -> runtime."""
+
+    action: Literal["pause", "resume", "step", "snapshot", "stop"]
+    reply: Any = None  # an anyio MemoryObjectSendStream for the answer
