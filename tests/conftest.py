@@ -17,9 +17,11 @@ CACHE = Path(os.environ.get("PARALOOP_TEST_CACHE", REPO / ".cache" / "test-model
 
 
 def _cached(name: str, build) -> Path:
+    import paraloop.models as builders
     from paraloop.models import tiny
 
-    key = hashlib.sha256(inspect.getsource(tiny).encode()).hexdigest()[:12]
+    source = inspect.getsource(builders) + inspect.getsource(tiny)
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
     out = CACHE / key / name
     if (out / "config.json").is_file():
         return out
