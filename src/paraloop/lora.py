@@ -71,10 +71,11 @@ class AdapterSlots:
     assignments. The caller must run `swap` between forward passes (the engine does it between decode steps).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, names: list[str] | None = None) -> None:
+        """Slots for the model's LoRA arrays, or for `names` (e.g. every weight, for full-weight training)."""
         modules = dict(model.named_modules())
         self._slots: dict[str, tuple[nn.Module, str]] = {}
-        for name in adapter_arrays(model):
+        for name in names if names is not None else adapter_arrays(model):
             owner, leaf = name.rsplit(".", 1)
             self._slots[name] = (modules[owner], leaf)
         if not self._slots:

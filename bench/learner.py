@@ -1,0 +1,143 @@
+"""Learner: paraloop's GRPO step against a plain mlx-lm LoRA SFT step on identical tokens.
+
+Both steps train the same LoRA layers of the same model (the demo's: rank 16 on every linear layer of the last 16
+blocks for SmolLM2, all blocks of the tiny model) on the same 8 x 128 tokens, of which the last 96 per row are
+trained. paraloop: `Trainer.step` on a RolloutBatch carrying the rollout log-probs (as engine rollouts do, so no
+extra old-policy forward) with kl_beta = 0 (the demo's setting). mlx-lm: its own trainer's step, compiled the way
+`mlx_lm.tuner.trainer.train` compiles it (`default_loss`, value_and_grad, AdamW update). Steps alternate between
+the two after one warm-up each; the line is the ratio of median tokens/s. Memory: MLX's peak per step
+(mx.reset_peak_memory before each), and this process's peak RSS for context.
+"""
+
+import time
+from functools import partial
+from pathlib import Path
+
+from bench.harness import ROOT, Context, Line, median, self_peak_rss_bytes
+
+NAME = "learner"
+TITLE = "4. Learner step: GRPO (paraloop Trainer) over LoRA SFT (mlx-lm)"
+BUDGET_S = 240
+ROWS, LENGTH, PROMPT = 8, 128, 32
+TINY_DIR = ROOT / ".cache" / "bench-models" / "tiny"
+
+
+def tiny_model() -> Path:
+    if not (TINY_DIR / "config.json").is_file():
+        from paraloop.models.tiny import build_tiny_model
+
+        TINY_DIR.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_model(TINY_DIR)
+    return TINY_DIR
+
+
+def token_rows(vocab: int, *, rows: int, length: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab, size=(rows, length)).tolist()  # skip the special ids at the start
+
+
+def rollout_batch(tokens: list[list[int]], *, prompt: int):
+    """One group in the Atropos convention: prompt positions masked, rewards that differ, rollout log-probs."""
+    from paraloop.messages import RolloutBatch, ScoredGroup
+
+    masks = [[-100] * prompt + row[prompt:] for row in tokens]
+    logprobs = [[1.0] * prompt + [-2.0] * (len(row) - prompt) for row in tokens]
+    scores = [float(i % 2) for i in range(len(tokens))]
+    group = ScoredGroup(tokens=tokens, masks=masks, scores=scores, inference_logprobs=logprobs)
+    return RolloutBatch(groups=[group], source="bench")
+
+
+def sft_step(model, *, learning_rate: float):
+    """mlx-lm's training step, as `mlx_lm.tuner.trainer.train` builds it (one batch, no accumulation)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.trainer import default_loss
+
+    optimizer = optim.AdamW(learning_rate=learning_rate, weight_decay=0.0)
+    loss_value_and_grad = nn.value_and_grad(model, default_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch, lengths):
+        (loss, ntoks), grad = loss_value_and_grad(model, batch, lengths)
+        optimizer.update(model, grad)
+        return loss, ntoks
+
+    def run(batch, lengths):
+        loss, ntoks = step(batch, lengths)
+        mx.eval(state, loss, ntoks)
+        return loss.item()
+
+    return run
+
+
+def measure(model_path: Path, *, lora_layers: int, steps: int) -> dict:
+    import mlx.core as mx
+
+    from paraloop.config import LoraConfig, RLTrainingConfig
+    from paraloop.learn.trainer import Trainer
+    from paraloop.lora import adapter_arrays, adapter_config, attach_lora
+    from paraloop.model import load_model
+
+    model, tokenizer, _, _ = load_model(model_path)
+    lora = LoraConfig(rank=16, num_layers=lora_layers, dropout=0.0, scale=10.0, keys="all")
+    cfg = adapter_config(lora, model)
+    attach_lora(model, cfg, seed=0)
+    mx.eval(model.parameters())
+    rl = RLTrainingConfig(learning_rate=5e-5, kl_beta=0.0, batch_size=ROWS, lora=lora)
+    trainer = Trainer(model, config=rl, adapter_config=cfg)  # freezes all but the LoRA arrays
+    model.train()
+    sft = sft_step(model, learning_rate=5e-5)
+
+    tokens = token_rows(model.args.vocab_size, rows=ROWS, length=LENGTH)
+    batch = rollout_batch(tokens, prompt=PROMPT)
+    ids = mx.array(tokens)
+    lengths = mx.array([[PROMPT, LENGTH - 1]] * ROWS)  # mlx-lm's (offset, length): the same trained targets
+
+    def timed(fn):
+        mx.reset_peak_memory()
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start, mx.get_peak_memory()
+
+    grpo = lambda: trainer.step(batch)  # noqa: E731
+    sft_run = lambda: sft(ids, lengths)  # noqa: E731
+    warm = {"grpo_s": timed(grpo)[0], "sft_s (incl. compile)": timed(sft_run)[0]}
+    times = {"grpo": [], "sft": []}
+    peaks = {"grpo": 0, "sft": 0}
+    for _ in range(steps):
+        for name, fn in (("grpo", grpo), ("sft", sft_run)):
+            seconds, peak = timed(fn)
+            times[name].append(seconds)
+            peaks[name] = max(peaks[name], peak)
+    n_tokens = ROWS * LENGTH
+    return {
+        "tokens_per_step": n_tokens,
+        "trained_tokens_per_step": ROWS * (LENGTH - PROMPT),
+        "lora_arrays": len(adapter_arrays(model)),
+        "grpo_step_s": times["grpo"],
+        "sft_step_s": times["sft"],
+        "warmup": warm,
+        "grpo_tokens_per_s": n_tokens / median(times["grpo"]),
+        "sft_tokens_per_s": n_tokens / median(times["sft"]),
+        "grpo_mlx_peak_bytes": peaks["grpo"],
+        "sft_mlx_peak_bytes": peaks["sft"],
+        "process_peak_rss_bytes": self_peak_rss_bytes(),
+    }
+
+
+def run(ctx: Context) -> list[Line]:
+    lines = []
+    models = [("SmolLM2-135M", ctx.model_q4, 16), ("tiny", tiny_model(), -1)]
+    for label, path, layers in models:
+        steps = 1 if ctx.quick and label != "tiny" else 3 if label == "tiny" or not ctx.quick else 2
+        r = measure(path, lora_layers=layers, steps=steps)
+        lines.append(Line(NAME, f"{label}: GRPO step tokens/s over SFT step ({ROWS}x{LENGTH} tokens)",
+                          r["grpo_tokens_per_s"], r["sft_tokens_per_s"], "tok/s", ">= 0.8", detail=r))  # fmt: skip
+        lines.append(Line(NAME, f"{label}: MLX peak memory, GRPO step over SFT step",
+                          r["grpo_mlx_peak_bytes"] / 2**20, r["sft_mlx_peak_bytes"] / 2**20, "MiB",
+                          note=f"process peak RSS {r['process_peak_rss_bytes'] / 2**20:.0f} MiB"))  # fmt: skip
+    return lines

@@ -1,0 +1,161 @@
+"""`paraloop run` end to end: memory (benchmark 5) and RL steps/minute with generation overlap (benchmark 6).
+
+Two short runs of SmolLM2 on the mock environment (the demo's task, LoRA and learning rate; 2 prompts x 8
+completions of <= 24 tokens per step), each a child process in its own process group:
+- sync (the default mode): peak RSS (VmHWM, polled from /proc) over the model's resident weights (float32, what
+  the CPU computes with) + LoRA/AdamW state + a KV-cache estimate for one batch; target <= 1.5, i.e. no second copy
+  of the base. Also the RSS right after start-up over the same (the footprint before any training).
+- async (generation overlaps training): steps/minute over the sync run's, and the engine's decode tokens/s while
+  the learner steps over its tokens/s while the learner waits, both from /control/status polled every 0.5 s
+  (counting generated tokens only over intervals where rows were decoding).
+"""
+
+import json
+import struct
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench.harness import Context, Line, peak_rss_bytes, python_cmd
+
+NAME = "run"
+TITLE = "5./6. paraloop run: memory and end-to-end speed"
+BUDGET_S = 360
+GROUP, PROMPTS, MAX_TOKENS, PROMPT_TOKENS_EST = 8, 2, 24, 64
+
+CONFIG = """
+[server]
+host = "127.0.0.1"
+port = 0
+
+[model]
+base_path = "{model}"
+
+[rl_training]
+mode = "{mode}"
+learning_rate = 5e-5
+batch_size = {batch}
+total_steps = {steps}
+kl_beta = 0.0
+max_tokens = {max_tokens}
+temperature = 1.0
+
+[rl_training.lora]
+rank = 16
+num_layers = 16
+dropout = 0.0
+scale = 10.0
+keys = "all"
+
+[rl_training.mock]
+task = "paraloop.envs.tasks:one_word"
+group_size = {group}
+concurrency = {prompts}
+
+[checkpoint]
+dir = "{run_dir}"
+interval = 0
+"""
+
+
+def safetensors_bytes(path: Path) -> int:
+    """Bytes of every tensor in a safetensors file (its header's offsets), without loading it."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+
+
+def footprint(model_f32: Path) -> dict[str, int]:
+    """What must be resident: float32 weights, LoRA + AdamW moments, one batch's KV cache (float32)."""
+    config = json.loads((model_f32 / "config.json").read_text())
+    weights = sum(safetensors_bytes(p) for p in model_f32.glob("*.safetensors"))
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    kv_dim = config["num_key_value_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
+    per_layer = 16 * (2 * hidden + 2 * (hidden + kv_dim) + hidden + hidden + 2 * (hidden + inter) + (inter + hidden))
+    lora = 16 * per_layer * 4 * 3  # 16 blocks, float32, parameters + two AdamW moments
+    rows = GROUP * PROMPTS
+    kv = rows * (PROMPT_TOKENS_EST + MAX_TOKENS) * config["num_hidden_layers"] * 2 * kv_dim * 4
+    return {"weights": weights, "lora_and_adamw": lora, "kv_cache": kv, "total": weights + lora + kv}
+
+
+def status(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/control/status", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return None
+
+
+def one_run(ctx: Context, mode: str, *, steps: int) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"paraloop-bench-run-{mode}-"))
+    config = run_dir / "bench.toml"
+    config.write_text(CONFIG.format(model=ctx.model_q4, mode=mode, batch=GROUP * PROMPTS, steps=steps,
+                                    max_tokens=MAX_TOKENS, group=GROUP, prompts=PROMPTS, run_dir=run_dir / "run"))  # fmt: skip
+    start = time.perf_counter()
+    child = ctx.spawn(f"run-{mode}", python_cmd("-m", "paraloop", "run", str(config), "--no-plot"))
+    pid, port, ready_at, ready_rss, peak, samples = child.proc.pid, None, None, None, 0, []
+    server_json = run_dir / "run" / "server.json"
+    while child.alive():
+        peak = max(peak, peak_rss_bytes(pid) or 0)
+        if port is None and server_json.is_file():
+            try:
+                port = json.loads(server_json.read_text())["port"]
+                ready_at, ready_rss = time.perf_counter(), peak_rss_bytes(pid)
+            except (ValueError, KeyError):
+                pass
+        if port is not None:
+            s = status(port)
+            if s is not None:
+                e = s.get("engine", {})
+                samples.append((time.perf_counter(), bool(s.get("learner_busy")), e.get("generated_tokens", 0.0),
+                                e.get("active_rows", 0.0), s.get("step", 0)))  # fmt: skip
+        time.sleep(0.5)
+    end = time.perf_counter()
+    ctx.stop(child)
+    if child.proc.returncode != 0:
+        raise RuntimeError(f"paraloop run ({mode}) exited with {child.proc.returncode}:\n{child.tail()}")
+    metrics = [json.loads(x) for x in (run_dir / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    last_step_at = next((t for t, _, _, _, step in samples if step >= steps), end)
+    return {"mode": mode, "steps": len(metrics), "wall_s": end - start, "startup_s": (ready_at or end) - start,
+            "train_wall_s": last_step_at - (ready_at or start), "peak_rss": peak, "ready_rss": ready_rss,
+            "step_time_s": [m.get("step_time_s") for m in metrics], "reward_mean": [m.get("reward_mean") for m in metrics],
+            "samples": samples, "run_dir": str(run_dir)}  # fmt: skip
+
+
+def decode_rates(samples: list[tuple]) -> dict[str, float]:
+    """Engine tokens/s while the learner steps and while it does not, over intervals with rows decoding."""
+    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for (t0, busy0, tok0, rows0, _), (t1, busy1, tok1, rows1, _) in zip(samples, samples[1:], strict=False):
+        if busy0 == busy1 and rows0 > 0 and rows1 > 0 and tok1 >= tok0:
+            sums[busy0][0] += tok1 - tok0
+            sums[busy0][1] += t1 - t0
+    return {"training": sums[True][0] / sums[True][1] if sums[True][1] else 0.0,
+            "idle": sums[False][0] / sums[False][1] if sums[False][1] else 0.0,
+            "training_s": sums[True][1], "idle_s": sums[False][1]}  # fmt: skip
+
+
+def run(ctx: Context) -> list[Line]:
+    steps = 2 if ctx.quick else 4
+    need = footprint(ctx.model_f32)
+    sync = one_run(ctx, "sync", steps=steps)
+    asyn = one_run(ctx, "async", steps=steps)
+    rates = decode_rates(asyn["samples"])
+    per_min = {r["mode"]: r["steps"] / r["train_wall_s"] * 60 for r in (sync, asyn)}
+    mib = 2**20
+    detail = {"footprint_bytes": need, "sync": {k: v for k, v in sync.items() if k != "samples"},
+              "async": {k: v for k, v in asyn.items() if k != "samples"}, "decode_rates": rates}  # fmt: skip
+    est = f"weights {need['weights'] / mib:.0f} + LoRA/AdamW {need['lora_and_adamw'] / mib:.0f} + KV {need['kv_cache'] / mib:.0f} MiB"
+    return [
+        Line(NAME, "peak RSS of `paraloop run` (sync) over weights + LoRA state + KV estimate",
+             sync["peak_rss"] / mib, need["total"] / mib, "MiB", "<= 1.5", est, detail),
+        Line(NAME, "RSS after start-up (model loaded, engine up) over the same", (sync["ready_rss"] or 0) / mib,
+             need["total"] / mib, "MiB"),
+        Line(NAME, f"RL steps/minute, async over sync ({GROUP * PROMPTS} x <= {MAX_TOKENS} tokens per step)",
+             per_min["async"], per_min["sync"], "steps/min",
+             note=f"sync {per_min['sync']:.2f}/min; first step included"),
+        Line(NAME, "rollout decode tokens/s while the learner steps over while it waits (async run)",
+             rates["training"], rates["idle"], "tok/s",
+             note=f"{rates['training_s']:.0f} s training / {rates['idle_s']:.0f} s waiting sampled"),
+    ]  # fmt: skip

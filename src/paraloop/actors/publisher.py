@@ -1,0 +1,34 @@
+"""The publisher actor: AdapterPublished in, the engine serving that version out.
+
+The engine takes the arrays between two decode steps (a pointer swap: no lock, no disk, no copy) and reports the
+pause it took. In sync mode each swap also gives the rollout fetcher its next credit, so the next rollout starts on the
+new version. Returns when the learner closes its outbox.
+"""
+
+import logging
+
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from paraloop.messages import AdapterPublished
+from paraloop.state import RunState
+
+log = logging.getLogger("paraloop.publisher")
+
+
+async def run_publisher(
+    inbox: ObjectReceiveStream[AdapterPublished],
+    *,
+    engine,
+    state: RunState,
+    credits: ObjectSendStream[int] | None,
+    drain: bool,
+) -> None:
+    async with inbox:
+        async for published in inbox:
+            swapped = await engine.swap_adapter(published.arrays, published.version, drain=drain)
+            state.record_swap(swapped)
+            log.debug("serving version %d (decode paused %.3f ms)", swapped.version, swapped.pause_s * 1e3)
+            if credits is not None:
+                await credits.send(swapped.version)
+    if credits is not None:
+        credits.close()

@@ -1,0 +1,120 @@
+"""Atropos wire groups (the JSON dicts GET /batch returns) -> validated messages.ScoredGroup, and micro-batch packing.
+
+In: one ScoredData dict per group, as run-api stored it: it only checks types, so ragged or inconsistent groups reach
+the trainer. Out: a ScoredGroup in the same convention (masks -100 at prompt positions and the token id at trained
+positions; inference_logprobs 1.0 placeholders at prompt positions; `[]` for an optional per-sequence field means
+absent -> None), or InvalidGroup naming the problem. A rejected group is logged on the "paraloop.atropos" logger and
+counted by the caller; it is never trained on and never raises past `translate_batch`.
+"""
+
+import logging
+import math
+from typing import Any
+
+import msgspec
+
+from paraloop.learn.batch import PROMPT_MASK, validate_group
+from paraloop.messages import ScoredGroup
+
+logger = logging.getLogger("paraloop.atropos")
+
+PER_TOKEN = ("advantages", "ref_logprobs", "inference_logprobs")
+# Largest inference logprob accepted at a trained position: a real logprob is <= 0 (up to rounding). A 1.0 there is
+# a prompt placeholder where a sampled token's logprob belongs (ManagedServer pads short logprob lists with 1.0).
+MAX_TRAINED_LOGPROB = 1e-3
+
+
+class InvalidGroup(ValueError):
+    """A wire group that cannot be trained on; the message says why."""
+
+
+def _absent(value: Any) -> bool:
+    """None, [] or a list of empty lists: Atropos envs use all three for "not given"."""
+    return value is None or (isinstance(value, list) and all(isinstance(v, list) and not v for v in value))
+
+
+def _normalise(group: dict[str, Any]) -> dict[str, Any]:
+    out = {k: group[k] for k in ("tokens", "masks", "scores") if k in group}
+    for name in PER_TOKEN:
+        if not _absent(group.get(name)):
+            out[name] = group[name]
+    overrides = group.get("overrides")
+    if overrides:  # base collect_trajectories sends [] when no sequence has overrides
+        out["overrides"] = [o if o is not None else {} for o in overrides] if isinstance(overrides, list) else overrides
+    for name in ("generation_params", "group_overrides"):
+        if group.get(name):
+            out[name] = group[name]
+    if group.get("env_id") is not None:
+        out["env_id"] = group["env_id"]
+    return out
+
+
+def _check_inference_logprobs(group: ScoredGroup) -> None:
+    if group.inference_logprobs is None:
+        return
+    for i, (row, mask) in enumerate(zip(group.inference_logprobs, group.masks, strict=True)):
+        for j, (lp, m) in enumerate(zip(row, mask, strict=True)):
+            if m != PROMPT_MASK and lp > MAX_TRAINED_LOGPROB:
+                raise InvalidGroup(
+                    f"inference_logprobs[{i}][{j}] = {lp} at a trained position (a logprob is <= 0; 1.0 is the "
+                    "prompt placeholder: the inference server returned fewer logprobs than tokens)"
+                )
+
+
+def to_scored_group(group: Any) -> ScoredGroup:
+    """Translate and validate one wire group; raise InvalidGroup naming the first problem."""
+    if not isinstance(group, dict):
+        raise InvalidGroup(f"a group must be a JSON object, got {type(group).__name__}")
+    try:
+        scored = msgspec.convert(_normalise(group), ScoredGroup)
+    except msgspec.ValidationError as e:
+        raise InvalidGroup(str(e)) from None
+    try:
+        validate_group(scored)
+    except ValueError as e:
+        raise InvalidGroup(str(e)) from None
+    if not any(m != PROMPT_MASK for mask in scored.masks for m in mask):
+        raise InvalidGroup("no trained position: every mask value is -100")
+    _check_inference_logprobs(scored)
+    return scored
+
+
+def translate_batch(groups: Any) -> tuple[list[ScoredGroup], list[tuple[int | None, str]]]:
+    """Translate one /batch answer. Returns (valid groups in order, [(env_id, reason)] of the rejected ones)."""
+    if not isinstance(groups, list):
+        logger.warning("rejected a batch that is not a list of groups: %s", type(groups).__name__)
+        return [], [(None, "batch is not a list")]
+    valid: list[ScoredGroup] = []
+    rejected: list[tuple[int | None, str]] = []
+    for index, group in enumerate(groups):
+        try:
+            valid.append(to_scored_group(group))
+        except InvalidGroup as e:
+            env_id = group.get("env_id") if isinstance(group, dict) else None
+            env_id = env_id if isinstance(env_id, int) else None
+            logger.warning("rejected group %d of a batch (env_id %s): %s", index, env_id, e)
+            rejected.append((env_id, str(e)))
+    return valid, rejected
+
+
+def padded_tokens(groups: list[ScoredGroup]) -> int:
+    """Tokens a micro-batch of these groups computes on: rows * longest row (rows are right-padded)."""
+    rows = [len(seq) for group in groups for seq in group.tokens]
+    return len(rows) * max(rows, default=0)
+
+
+def split_by_token_budget(groups: list[ScoredGroup], token_budget: int) -> list[list[ScoredGroup]]:
+    """Pack groups, in order, into micro-batches whose padded size stays within token_budget.
+
+    Groups are never split (their advantages are computed together); a group larger than the budget on its own gets
+    a micro-batch of its own.
+    """
+    if token_budget < 1 or not math.isfinite(token_budget):
+        raise ValueError(f"token_budget must be a positive number of tokens, got {token_budget!r}")
+    out: list[list[ScoredGroup]] = []
+    for group in groups:
+        if out and padded_tokens(out[-1] + [group]) <= token_budget:
+            out[-1].append(group)
+        else:
+            out.append([group])
+    return out

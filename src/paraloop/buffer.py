@@ -1,0 +1,219 @@
+"""The rollout buffer: scored groups in, learner batches out, between the rollout fetcher and the learner.
+
+In: ScoredGroups (`put`, `put_batch`). Out: RolloutBatches (`take`) of exactly `batch_size` sequences, as Atropos
+counts them, groups never split; a batch closes early only when the next group would push it over
+`max_batch_tokens` (padded: rows x longest row, what the learner's forward costs). Order: `fifo` (arrival) or
+`abs_advantage` (most GRPO signal first, ties by arrival). Staleness: given the adapter version now training,
+groups whose oldest token is more than `max_staleness` versions older are dropped (`stale_policy="drop"`, counted
+in the next batch's `dropped_stale`) or kept and counted as capped (`"cap"`: the learner caps their importance
+weights). Bounded: past `max_groups` the oldest group is dropped and counted.
+
+A plain synchronous class: the runtime owns it from one task, so it needs no lock; the same puts and takes give
+the same batches.
+"""
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from paraloop.messages import RolloutBatch, ScoredGroup
+
+Priority = Literal["fifo", "abs_advantage"]
+StalePolicy = Literal["drop", "cap"]
+PROMPT_MASK = -100
+
+
+def signal(group: ScoredGroup) -> float:
+    """Mean |advantage| of a group: per-token advantages when the environment sent them (over trained tokens),
+    else the mean absolute deviation of its scores from their mean. A group of equal scores gives 0: GRPO learns
+    nothing from it. Deviations are not divided by the group's std, since after that every group with any spread
+    scores about the same."""
+    if group.advantages:
+        values = [
+            abs(a)
+            for row, mask in zip(group.advantages, group.masks, strict=False)
+            for a, m in zip(row, mask, strict=False)
+            if m != PROMPT_MASK
+        ]
+        return math.fsum(values) / len(values) if values else 0.0
+    scores = group.scores
+    if not scores or max(scores) == min(scores):
+        return 0.0
+    mean = math.fsum(scores) / len(scores)
+    return math.fsum(abs(s - mean) for s in scores) / len(scores)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    arrival: int
+    group: ScoredGroup
+    priority: float
+    source: str
+    source_step: int | None
+
+    @property
+    def sequences(self) -> int:
+        return len(self.group.tokens)
+
+    @property
+    def longest(self) -> int:
+        return max((len(t) for t in self.group.tokens), default=0)
+
+    @property
+    def oldest_version(self) -> int | None:
+        return min(self.group.versions) if self.group.versions else None  # Atropos groups carry no versions
+
+
+class RolloutBuffer:
+    """See the module docstring. `stats()` counts everything that came in and how it left."""
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        max_batch_tokens: int | None = None,
+        priority: Priority = "fifo",
+        max_staleness: int | None = None,
+        stale_policy: StalePolicy = "drop",
+        drop_zero_signal: bool = False,
+        max_groups: int = 1024,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
+        if priority not in ("fifo", "abs_advantage"):
+            raise ValueError(f"priority must be 'fifo' or 'abs_advantage', got {priority!r}")
+        if max_staleness is not None and max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
+        if stale_policy not in ("drop", "cap"):
+            raise ValueError(f"stale_policy must be 'drop' or 'cap', got {stale_policy!r}")
+        if max_groups < 1:
+            raise ValueError(f"max_groups must be >= 1, got {max_groups}")
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.priority = priority
+        self.max_staleness = max_staleness
+        self.stale_policy = stale_policy
+        self.drop_zero_signal = drop_zero_signal
+        self.max_groups = max_groups
+        self._entries: dict[int, _Entry] = {}  # by arrival; dicts keep insertion (= arrival) order
+        self._arrivals = itertools.count()
+        self._stale_since_take = 0
+        self._counts = dict.fromkeys(
+            (
+                "received",
+                "taken",
+                "batches",
+                "dropped_stale",
+                "capped_stale",
+                "dropped_overflow",
+                "dropped_zero_signal",
+            ),
+            0,
+        )
+
+    def __len__(self) -> int:
+        """Groups held."""
+        return len(self._entries)
+
+    @property
+    def sequences(self) -> int:
+        return sum(e.sequences for e in self._entries.values())
+
+    def stats(self) -> dict[str, int]:
+        return {**self._counts, "groups": len(self), "sequences": self.sequences}
+
+    # --- in ---------------------------------------------------------------------------------------------------------
+
+    def put(self, group: ScoredGroup, *, source: str = "mock", source_step: int | None = None) -> bool:
+        """Hold `group`; False when it was dropped for carrying no signal. Past max_groups the oldest goes."""
+        if len(group.tokens) > self.batch_size:
+            raise ValueError(
+                f"a group of {len(group.tokens)} sequences can never fit a batch of {self.batch_size} "
+                "(groups are never split): use a group size that divides the batch size"
+            )
+        self._counts["received"] += 1
+        priority = signal(group)
+        if self.drop_zero_signal and priority == 0.0:
+            self._counts["dropped_zero_signal"] += 1
+            return False
+        arrival = next(self._arrivals)
+        self._entries[arrival] = _Entry(arrival, group, priority, source, source_step)
+        while len(self._entries) > self.max_groups:
+            del self._entries[next(iter(self._entries))]
+            self._counts["dropped_overflow"] += 1
+        return True
+
+    def put_batch(self, batch: RolloutBatch) -> int:
+        """Hold every group of `batch`; returns how many were kept."""
+        self._stale_since_take += batch.dropped_stale  # drops upstream still reach the learner's metrics
+        return sum(self.put(g, source=batch.source, source_step=batch.source_step) for g in batch.groups)
+
+    # --- out --------------------------------------------------------------------------------------------------------
+
+    def prune(self, version: int) -> int:
+        """Drop groups too stale for the adapter `version` now training (policy "drop"); returns how many."""
+        if self.max_staleness is None or self.stale_policy != "drop":
+            return 0
+        stale = [e.arrival for e in self._entries.values() if self._is_stale(e, version)]
+        for arrival in stale:
+            del self._entries[arrival]
+        self._counts["dropped_stale"] += len(stale)
+        self._stale_since_take += len(stale)
+        return len(stale)
+
+    def _is_stale(self, entry: _Entry, version: int) -> bool:
+        oldest = entry.oldest_version
+        return self.max_staleness is not None and oldest is not None and version - oldest > self.max_staleness
+
+    def ordered(self) -> list[_Entry]:
+        """Groups in the order batches take them."""
+        entries = list(self._entries.values())
+        if self.priority == "abs_advantage":
+            entries.sort(key=lambda e: (-e.priority, e.arrival))
+        return entries
+
+    def take(self, *, version: int | None = None, partial: bool = False) -> RolloutBatch | None:
+        """The next learner batch, or None while the held groups cannot fill one (they stay).
+
+        `version`: the adapter version now training (None: no staleness check). `partial`: return whatever fits
+        instead of None (e.g. to drain at the end of a run).
+        """
+        if version is not None:
+            self.prune(version)
+        chosen: list[_Entry] = []
+        rows = longest = 0
+        over_budget = False
+        for entry in self.ordered():
+            if rows + entry.sequences > self.batch_size:
+                continue  # a smaller group later in the order may still fit exactly
+            new_longest = max(longest, entry.longest)
+            budget = self.max_batch_tokens
+            if budget is not None and chosen and (rows + entry.sequences) * new_longest > budget:
+                over_budget = True
+                continue
+            chosen.append(entry)
+            rows, longest = rows + entry.sequences, new_longest
+            if rows == self.batch_size:
+                break
+        budget_full = over_budget or (
+            self.max_batch_tokens is not None and rows * longest >= self.max_batch_tokens
+        )
+        if not chosen or (rows < self.batch_size and not budget_full and not partial):
+            return None
+        for entry in chosen:
+            del self._entries[entry.arrival]
+        if version is not None:  # only "cap" leaves stale groups to take
+            self._counts["capped_stale"] += sum(self._is_stale(e, version) for e in chosen)
+        self._counts["taken"] += len(chosen)
+        self._counts["batches"] += 1
+        dropped, self._stale_since_take = self._stale_since_take, 0
+        steps = [e.source_step for e in chosen if e.source_step is not None]
+        return RolloutBatch(
+            groups=[e.group for e in chosen],
+            source=chosen[0].source,
+            source_step=max(steps) if steps else None,
+            dropped_stale=dropped,
+        )

@@ -1,0 +1,285 @@
+"""The inference engine actor: admission, validation and the asyncio face of the engine thread (worker.py).
+
+In: GenerateRequests (`generate` / `complete`) and adapter versions (`swap_adapter`). Out: TokenEvents per
+generated token, AdapterSwapped per applied swap. `run()` owns the engine thread: it signals readiness with
+`task_status.started()`, raises if the thread fails, and when cancelled stops the thread, which ends unfinished
+rows with finish_reason "abort" (such events carry token NO_TOKEN = -1 and are not part of the completion).
+
+Runs on the asyncio backend (events come back through `loop.call_soon_threadsafe`).
+"""
+
+import asyncio
+import contextlib
+import math
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import mlx.core as mx
+import mlx.nn as nn
+
+from paraloop.config import EngineConfig
+from paraloop.engine.worker import NO_TOKEN, Cancel, Handle, Insert, Stop, Swap, Worker
+from paraloop.lora import AdapterSlots
+from paraloop.messages import AdapterSwapped, Completion, GenerateRequest, TokenEvent
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI and vLLM
+
+
+class EngineBusy(Exception):
+    """The admission queue is full (HTTP 429)."""
+
+
+class RequestError(ValueError):
+    """A request field is invalid (HTTP 400). `field` names it, e.g. "params.top_p"."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def vocab_size(model: nn.Module, tokenizer: Any) -> int:
+    args = getattr(model, "args", None)
+    return int(getattr(args, "vocab_size", 0) or len(tokenizer))
+
+
+def validate(request: GenerateRequest, *, config: EngineConfig, vocab: int) -> None:
+    """Raise RequestError naming the first invalid field."""
+    p = request.params
+    if not request.prompt_tokens:
+        raise RequestError("prompt", "the prompt is empty")
+    if len(request.prompt_tokens) > config.max_prompt_tokens:
+        raise RequestError(
+            "prompt",
+            f"{len(request.prompt_tokens)} tokens, more than max_prompt_tokens={config.max_prompt_tokens}",
+        )
+    bad = [t for t in request.prompt_tokens if not 0 <= t < vocab]
+    if bad:
+        raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    if not 1 <= request.n <= config.max_n:
+        raise RequestError("n", f"must be between 1 and {config.max_n}, got {request.n}")
+    if not 1 <= p.max_tokens <= config.max_tokens_limit:
+        raise RequestError(
+            "max_tokens", f"must be between 1 and {config.max_tokens_limit}, got {p.max_tokens}"
+        )
+    if not p.temperature >= 0 or math.isinf(p.temperature):  # also rejects NaN
+        raise RequestError("temperature", f"must be >= 0, got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise RequestError("top_p", f"must be in (0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        raise RequestError("top_k", f"must be >= 0 (0: off), got {p.top_k}")
+    if not 0 <= p.min_p < 1:
+        raise RequestError("min_p", f"must be in [0, 1), got {p.min_p}")
+    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise RequestError("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {p.top_logprobs}")
+    bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
+    if bad:
+        raise RequestError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    if any(not s for s in p.stop):
+        raise RequestError("stop", "stop strings must not be empty")
+
+
+class Engine:
+    """The engine actor; owns the model twin and an mlx-lm BatchGenerator on one dedicated thread."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        config: EngineConfig,
+        batch_size: int = 32,
+        max_queue: int = 256,
+        adapter: AdapterSlots | None = None,
+        version: int = 0,
+    ) -> None:
+        if batch_size < 1 or max_queue < 1:
+            raise ValueError(f"batch_size and max_queue must be >= 1, got {batch_size} and {max_queue}")
+        # Lazily initialised arrays (fresh LoRA) would otherwise be evaluated on the engine thread's stream.
+        mx.eval(model.parameters())
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_queue = max_queue
+        self._adapter = adapter
+        self._vocab = vocab_size(model, tokenizer)
+        self._promised_version = version  # highest version accepted by swap_adapter (applied or in flight)
+        self._admitted = 0  # requests waiting or running
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker = Worker(
+            model,
+            tokenizer,
+            config=config,
+            batch_size=batch_size,
+            adapter=adapter,
+            version=version,
+            deliver=self._deliver_from_thread,
+        )
+
+    @property
+    def version(self) -> int:
+        """The adapter version now serving."""
+        return self._worker.version
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start the engine thread and serve until cancelled (or the thread fails, which raises here)."""
+        if self._loop is not None:
+            raise RuntimeError("Engine.run() can only be called once")
+        loop = self._loop = asyncio.get_running_loop()
+        ready, exited = anyio.Event(), anyio.Event()
+
+        def main() -> None:
+            try:
+                self._worker.main(lambda: loop.call_soon_threadsafe(ready.set))
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone if run() gave up waiting
+                    loop.call_soon_threadsafe(ready.set)
+                    loop.call_soon_threadsafe(exited.set)
+
+        thread = threading.Thread(target=main, name="paraloop-engine", daemon=True)
+        thread.start()
+        try:
+            await ready.wait()
+            if not exited.is_set():
+                task_status.started()
+            await exited.wait()
+            if self._worker.error is not None:
+                raise RuntimeError(
+                    f"the engine thread failed: {self._worker.error!r}"
+                ) from self._worker.error
+        finally:
+            with anyio.CancelScope(shield=True):
+                self._worker.post(Stop())
+                with anyio.move_on_after(30):
+                    await exited.wait()
+                    # The thread is past its last MLX call; joining lets its stream go before the process exits.
+                    await anyio.to_thread.run_sync(thread.join)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """TokenEvents of all rows as they are generated; each row's last event has a finish_reason.
+
+        Raises RequestError or EngineBusy before the first event. Leaving the iteration early (aclose,
+        cancellation) removes the request's rows from the batch.
+        """
+        validate(request, config=self.config, vocab=self._vocab)
+        if self._admitted >= self.max_queue:
+            raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting or running)")
+        send, receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
+        handle = Handle(request=request, send=send)
+        self._admitted += 1
+        try:
+            if not self._worker.post(Insert(handle)):  # the engine has stopped
+                for i in range(request.n):
+                    yield TokenEvent(
+                        row=i,
+                        token=NO_TOKEN,
+                        logprob=0.0,
+                        version=self.version,
+                        text="",
+                        finish_reason="abort",
+                    )
+                return
+            async with receive:
+                async for events in receive:
+                    for event in events:
+                        yield event
+        finally:
+            self._admitted -= 1
+            if not handle.done:
+                self._worker.post(Cancel(handle))
+            send.close()
+
+    async def complete(self, request: GenerateRequest) -> list[Completion]:
+        """Generate and collect every row (ordered by row)."""
+        rows: list[dict[str, Any]] = [
+            {"tokens": [], "logprobs": [], "versions": [], "text": [], "finish_reason": "abort"}
+            for _ in range(request.n)
+        ]
+        async with contextlib.aclosing(self.generate(request)) as events:
+            async for event in events:
+                row = rows[event.row]
+                if event.token != NO_TOKEN:
+                    row["tokens"].append(event.token)
+                    row["logprobs"].append(event.logprob)
+                    row["versions"].append(event.version)
+                row["text"].append(event.text)
+                if event.finish_reason is not None:
+                    row["finish_reason"] = event.finish_reason
+        return [
+            Completion(
+                row=i,
+                tokens=r["tokens"],
+                logprobs=r["logprobs"],
+                versions=r["versions"],
+                text="".join(r["text"]),
+                finish_reason=r["finish_reason"],
+            )
+            for i, r in enumerate(rows)
+        ]
+
+    async def swap_adapter(self, arrays: dict[str, mx.array], version: int, *, drain: bool = False) -> AdapterSwapped:
+        """Serve `arrays` (evaluated; shared by reference) as adapter `version` from the next decode step on.
+
+        drain=True (sync mode): new requests wait and running rows finish first, so no row mixes two versions.
+
+        Returns once applied. Raises RuntimeError without an adapter, ValueError for an older version, for arrays
+        that do not match the model's adapter, or for unevaluated arrays made on another thread (evaluate them
+        where they were made: MLX streams are thread-local).
+        """
+        if self._adapter is None:
+            raise RuntimeError("this engine serves a model without LoRA layers: there is no adapter to swap")
+        if version < self._promised_version:
+            raise ValueError(f"adapter version {version} is older than version {self._promised_version}")
+        self._adapter.check(arrays)
+        loop = asyncio.get_running_loop()
+        applied = anyio.Event()
+        result: list[float | Exception] = []
+
+        def reply(outcome: float | Exception) -> None:  # on the engine thread
+            result.append(outcome)
+            loop.call_soon_threadsafe(applied.set)
+
+        if not self._worker.post(Swap(arrays=arrays, version=version, reply=reply, drain=drain)):
+            raise RuntimeError("the engine has stopped")
+        self._promised_version = version
+        await applied.wait()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return AdapterSwapped(version=version, pause_s=result[0])
+
+    def stats(self) -> dict[str, float]:
+        w = self._worker
+        pauses = w.swap_pauses()
+        return {
+            "queue_depth": float(self._admitted),  # requests waiting or running (bounded by max_queue)
+            "waiting_requests": float(max(self._admitted - w.active_requests, 0)),
+            "active_requests": float(w.active_requests),
+            "active_rows": float(w.active_rows),
+            "requests_served": float(w.requests_served),
+            "generated_tokens": float(w.generated_tokens),
+            "tokens_per_s": w.tokens_per_s,  # decode throughput over the steps of the last 10 s
+            "swaps": float(len(pauses)),
+            "last_swap_pause_s": pauses[-1] if pauses else 0.0,
+            "median_swap_pause_s": w.median_pause(),
+            "version": float(w.version),
+        }
+
+    # --- events from the engine thread ----------------------------------------------------------------------------
+
+    def _deliver_from_thread(self, batch: list[tuple[Handle, list[TokenEvent], bool]]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver, batch)
+
+    @staticmethod
+    def _deliver(batch: list[tuple[Handle, list[TokenEvent], bool]]) -> None:
+        for handle, events, finished in batch:
+            if finished:
+                handle.done = True
+            try:
+                handle.send.send_nowait(events)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the consumer left; its Cancel is on the way to the worker
+            if finished:
+                handle.send.close()

@@ -1,0 +1,96 @@
+"""Per-row token sampling and the log-probabilities every generated token records.
+
+In: one row's (1, vocab) log-softmax at temperature 1 (what mlx-lm's BatchGenerator hands a sampler) and that
+row's SamplingParams. Out: the sampled token id, drawn with the row's own PRNG key, so a seeded request samples
+the same tokens whatever else shares the batch. `token_logprobs` turns a step's rows back into the numbers the
+learner needs, log_softmax(logits / T), in one batched computation.
+
+Filters follow vLLM's order: temperature, then top-k, top-p and min-p on the tempered distribution.
+"""
+
+import mlx.core as mx
+
+from paraloop.messages import SamplingParams
+
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads (engine seed, counter) over 64 bits
+
+
+def row_keys(*, n: int, seed: int | None, engine_seed: int, counter: int) -> list[mx.array]:
+    """`n` PRNG keys. A request seed fixes the keys of all its rows (row i always gets the same key); without
+    one, keys come from the engine seed and a counter the engine advances for every key it makes."""
+    if seed is None:
+        base = mx.random.key((engine_seed * _GOLDEN + counter) % 2**64)
+    else:
+        base = mx.random.key(seed % 2**64)
+    return list(mx.random.split(base, n)) if n > 1 else [base]
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def filter_logits(logits: mx.array, *, top_k: int, top_p: float, min_p: float) -> mx.array:
+    """Set to -inf every logit that top-k, top-p (nucleus) or min-p rules out. `logits` is (rows, vocab)."""
+    vocab = logits.shape[-1]
+    neg_inf = mx.array(-float("inf"), dtype=logits.dtype)
+    if 0 < top_k < vocab:
+        kth = mx.sort(logits, axis=-1)[:, vocab - top_k : vocab - top_k + 1]
+        logits = mx.where(logits < kth, neg_inf, logits)
+    if top_p < 1.0:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        order = mx.argsort(-logprobs, axis=-1)
+        sorted_probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
+        # Keep a token when the mass strictly before it is below top_p (the most likely token always survives).
+        before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+        keep_sorted = before < top_p
+        keep = mx.put_along_axis(mx.zeros(logits.shape, dtype=mx.bool_), order, keep_sorted, axis=-1)
+        logits = mx.where(keep, logits, neg_inf)
+    if min_p > 0.0:
+        # p >= min_p * p_max  <=>  logit >= max logit + log(min_p)
+        threshold = mx.max(logits, axis=-1, keepdims=True) + mx.log(mx.array(min_p, dtype=logits.dtype))
+        logits = mx.where(logits < threshold, neg_inf, logits)
+    return logits
+
+
+class RowSampler:
+    """Samples rows with one setting; holds a PRNG key and splits it once per call.
+
+    Called by BatchGenerator on the engine thread with (rows, vocab) log-softmax; returns (rows,) tokens. A seeded
+    row has a sampler of its own (called with its single row); unseeded rows with one setting share one.
+    """
+
+    def __init__(self, params: SamplingParams, key: mx.array) -> None:
+        self.temperature = params.temperature
+        self.top_k = params.top_k
+        self.top_p = params.top_p
+        self.min_p = params.min_p
+        self.key = key
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self.temperature == 0:
+            return greedy(logprobs)
+        self.key, step_key = mx.random.split(self.key)
+        logits = logprobs * (1.0 / self.temperature)
+        logits = filter_logits(logits, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p)
+        return mx.random.categorical(logits, axis=-1, key=step_key)
+
+
+def token_logprobs(
+    logprobs: mx.array, tokens: list[int], temperatures: list[float], top_k: int
+) -> tuple[mx.array, mx.array | None, mx.array | None]:
+    """log_softmax(logits / T) of each row's token, plus the `top_k` most likely alternatives of the same
+    distribution (ids and logprobs, most likely first), or None when top_k is 0.
+
+    `logprobs` is (rows, vocab) log-softmax at T = 1; log_softmax(lp / T) == log_softmax(logits / T).
+    A temperature of 0 (greedy) reports T = 1.
+    """
+    inv_t = mx.array([1.0 / t if t > 0 else 1.0 for t in temperatures], dtype=logprobs.dtype)[:, None]
+    scaled = logprobs * inv_t
+    scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(scaled, mx.array(tokens)[:, None], axis=-1)[:, 0]
+    if top_k <= 0:
+        return chosen, None, None
+    top_ids = mx.argpartition(-scaled, kth=top_k - 1, axis=-1)[:, :top_k]
+    top_vals = mx.take_along_axis(scaled, top_ids, axis=-1)
+    order = mx.argsort(-top_vals, axis=-1)
+    return chosen, mx.take_along_axis(top_ids, order, axis=-1), mx.take_along_axis(top_vals, order, axis=-1)

@@ -1,0 +1,219 @@
+"""The built-in mock environment: a reward task driven through the engine, producing Atropos-style groups.
+
+In: an Engine (anything with `async complete(GenerateRequest) -> list[Completion]`), its tokenizer and a task
+(`rl_training.mock.task`). Out: ScoredGroups exactly as an Atropos environment would send them, so the learner
+cannot tell the two apart: for each prompt the chat template is applied once (those ids are the prompt), ONE
+request with n = group_size samples the group, and each sequence is prompt ids + the engine's recorded completion
+ids (the EOS token included when it stopped there) with masks -100 over the prompt, inference_logprobs 1.0 over the
+prompt and the engine's log-probs over the completion. Completions are never decoded and re-tokenised (the
+predecessor did, which trained on tokens the policy never sampled).
+
+Pacing belongs to the caller: `batch()` generates one learner batch when awaited and nothing in between, so a
+sync-mode runtime (generate, train, swap, generate) stays strictly on-policy; `batches()` repeats it forever,
+optionally waiting on a gate before each batch. Deterministic given the seed: group i's prompt and sampling seed
+derive from (seed, i), and `state()` / `load_state()` carry i across a resume.
+"""
+
+import math
+import random
+import statistics
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import anyio
+
+from paraloop.config import MockEnvConfig
+from paraloop.envs.tasks import Messages, Sample, Task, load_task
+from paraloop.messages import Completion, GenerateRequest, RolloutBatch, SamplingParams, ScoredGroup
+
+PROMPT_MASK = -100  # Atropos: masks hold -100 at prompt positions, the token id at trained ones
+PROMPT_LOGPROB = 1.0  # Atropos: inference_logprobs placeholder at prompt positions
+
+
+class Gate(Protocol):
+    async def wait(self) -> Any: ...
+
+
+def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
+    """The chat template with the generation prompt, as token ids (what the engine prefills)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding from some tokenizers
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def eos_ids(tokenizer: Any) -> set[int]:
+    ids = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm's TokenizerWrapper
+    if ids is None:
+        ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return set(ids)
+
+
+def make_sample(messages: Messages, completion: Completion, *, tokenizer: Any, eos: set[int]) -> Sample:
+    """A completion as the reward sees it; `pieces` leave out a final EOS token, as the text does."""
+    text_tokens = completion.tokens
+    if completion.finish_reason == "stop" and text_tokens and text_tokens[-1] in eos:
+        text_tokens = text_tokens[:-1]
+    return Sample(
+        prompt=messages,
+        text=completion.text,
+        finish_reason=completion.finish_reason,
+        tokens=list(completion.tokens),
+        pieces=[tokenizer.decode([t]) for t in text_tokens],
+    )
+
+
+def scored_group(
+    prompt: Sequence[int],
+    completions: Sequence[Completion],
+    scores: Sequence[float],
+    *,
+    temperature: float,
+    serving_version: int = 0,
+) -> ScoredGroup:
+    """One Atropos ScoredDataGroup from a prompt's ids and its sampled completions (the engine's own ids).
+
+    A row's version is the oldest among its tokens (`serving_version` for a row without tokens)."""
+    prompt = list(prompt)
+    return ScoredGroup(
+        tokens=[prompt + c.tokens for c in completions],
+        masks=[[PROMPT_MASK] * len(prompt) + c.tokens for c in completions],
+        scores=[float(s) for s in scores],
+        inference_logprobs=[[PROMPT_LOGPROB] * len(prompt) + c.logprobs for c in completions],
+        generation_params={"temperature": temperature},
+        versions=[min(c.versions, default=serving_version) for c in completions],
+    )
+
+
+class MockEnvironment:
+    """Groups and learner batches from a reward task; see the module docstring."""
+
+    def __init__(
+        self,
+        engine: Any,
+        tokenizer: Any,
+        *,
+        config: MockEnvConfig,
+        temperature: float,
+        max_tokens: int,
+        seed: int = 0,
+    ) -> None:
+        if not temperature > 0:
+            raise ValueError(f"rl_training.temperature must be > 0 for rollouts, got {temperature}")
+        if max_tokens < 1:
+            raise ValueError(f"rl_training.mock.max_tokens must be >= 1, got {max_tokens}")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.task: Task = load_task(config.task)
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self._eos = eos_ids(tokenizer)
+        # Index of the next group: its prompt and sampling seed derive from (seed, index).
+        self._next_group = 0
+        self._sequences = 0
+        self._recent_rewards: deque[float] = deque(maxlen=256)
+
+    # --- one group ------------------------------------------------------------------------------------------------
+
+    async def group(self, index: int | None = None) -> ScoredGroup:
+        """Sample and score one group of `group_size` completions of one prompt (the next one unless `index`)."""
+        if index is None:
+            index = self._next_group
+            self._next_group += 1
+        rng = random.Random(f"{self.seed}/{index}")  # str seeds hash deterministically (not PYTHONHASHSEED)
+        messages = self.task.prompt(rng)
+        prompt = prompt_ids(self.tokenizer, messages)
+        request = GenerateRequest(
+            request_id=f"mock-{self.seed}-{index}",
+            prompt_tokens=prompt,
+            n=self.config.group_size,
+            params=SamplingParams(
+                temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63)
+            ),
+        )
+        completions = await self.engine.complete(request)
+        if any(c.finish_reason == "abort" for c in completions):
+            raise RuntimeError(f"the engine aborted rollout request {request.request_id} (is it stopping?)")
+        scores = [self._score(messages, c) for c in completions]
+        self._sequences += len(completions)
+        self._recent_rewards.extend(scores)
+        version = int(getattr(self.engine, "version", 0))
+        return scored_group(
+            prompt, completions, scores, temperature=self.temperature, serving_version=version
+        )
+
+    def _score(self, messages: Messages, completion: Completion) -> float:
+        sample = make_sample(messages, completion, tokenizer=self.tokenizer, eos=self._eos)
+        try:
+            score = float(self.task.reward(sample))
+        except Exception as e:
+            raise RuntimeError(f"task {self.config.task!r}: the reward function raised {e!r}") from e
+        if not math.isfinite(score):
+            raise ValueError(
+                f"task {self.config.task!r}: the reward function returned {score} for {completion.text!r}"
+            )
+        return score
+
+    # --- learner batches ------------------------------------------------------------------------------------------
+
+    def groups_per_batch(self, batch_size: int) -> int:
+        group_size = self.config.group_size
+        if batch_size < 1 or batch_size % group_size:
+            # Atropos never splits a group and sends exactly batch_size sequences; a remainder could never be filled.
+            raise ValueError(
+                f"rl_training.batch_size ({batch_size}) must be a positive multiple of "
+                f"rl_training.mock.group_size ({group_size}): batches count sequences and groups are never split"
+            )
+        return batch_size // group_size
+
+    async def batch(self, batch_size: int) -> RolloutBatch:
+        """Generate one learner batch of `batch_size` sequences, `concurrency` prompts in flight at once."""
+        count = self.groups_per_batch(batch_size)
+        first = self._next_group  # indices fixed up front: prompts and seeds do not depend on scheduling
+        self._next_group += count
+        groups: list[ScoredGroup | None] = [None] * count
+        limiter = anyio.CapacityLimiter(self.config.concurrency)
+
+        async def fill(slot: int) -> None:
+            async with limiter:
+                groups[slot] = await self.group(first + slot)
+
+        async with anyio.create_task_group() as tg:
+            for slot in range(count):
+                tg.start_soon(fill, slot)
+        return RolloutBatch(groups=[g for g in groups if g is not None], source="mock")
+
+    async def batches(self, batch_size: int, *, gate: Gate | None = None) -> AsyncIterator[RolloutBatch]:
+        """Learner batches forever. With a gate, each batch waits on `await gate.wait()` before generating."""
+        self.groups_per_batch(batch_size)  # fail at the first anext, before any generation
+        while True:
+            if gate is not None:
+                await gate.wait()
+            yield await self.batch(batch_size)
+
+    # --- status and resume ----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        rewards = list(self._recent_rewards)
+        return {
+            "source": "mock",
+            "task": self.task.name,
+            "groups": self._next_group,
+            "sequences": self._sequences,
+            "mean_reward_recent": statistics.fmean(rewards) if rewards else None,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run continues with the next prompts, not the first ones again."""
+        return {"next_group": self._next_group, "seed": self.seed, "task": self.config.task}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        next_group = state.get("next_group")
+        if not isinstance(next_group, int) or next_group < 0:
+            raise ValueError(
+                f"mock environment state: next_group must be a non-negative int, got {next_group!r}"
+            )
+        self._next_group = next_group

@@ -1,0 +1,378 @@
+"""The synchronous GRPO learner: one RolloutBatch in, one optimizer step (x update_epochs) out.
+
+In: the learner's model twin (LoRA attached, or attached here from adapter_config), rl_training settings and
+RolloutBatches. Out: StepResult metrics, the evaluated adapter arrays (`adapter()`), the reference adapter, and a
+resumable `state()`. Used from ONE thread (the learner actor's MLX thread); nothing here is async or does I/O.
+
+Per step: collate + validate -> advantages -> micro-batch plan (token_budget) -> old-policy and reference
+log-probs, no grad and without dropout (the reference is the SAME model with the reference adapter arrays swapped
+in, never a second copy) -> for each epoch: accumulate gradients over micro-batches in train mode (LoRA dropout
+on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter and optimizer state and
+counts a skipped step.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from paraloop.config import RLTrainingConfig
+from paraloop.learn.advantages import token_advantages
+from paraloop.learn.algorithms import get_algorithm
+from paraloop.learn.batch import TokenBatch, collate, plan_micro_batches
+from paraloop.learn.logprobs import forward_logprobs
+from paraloop.learn.loss import LossSettings, aggregation_weights, policy_loss
+from paraloop.learn.optim import (
+    add_trees,
+    clip_by_norm,
+    global_norm,
+    learning_rate_at,
+    make_optimizer,
+    select_trainable,
+)
+from paraloop.lora import AdapterSlots, adapter_arrays, attach_lora, has_lora
+from paraloop.messages import RolloutBatch
+
+logger = logging.getLogger("paraloop.learn")
+
+SUM_STATS = ("pg_loss", "kl", "entropy", "clipped", "ratio_sum", "tokens", "importance_weight_sum")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    metrics: dict[str, float]
+    skipped: bool
+    step: int  # learner steps done, this one included
+    version: int  # adapter version after the step (unchanged when skipped)
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch's inputs as mx arrays of shape (b, w), w = its longest row."""
+
+    input_ids: mx.array
+    targets: mx.array
+    temperature: mx.array
+    mask: mx.array
+    weights: mx.array
+    advantages: mx.array
+    old_logp: mx.array | None = None  # None: on-policy, the current log-probs detached
+    ref_logp: mx.array | None = None
+    importance_weight: mx.array | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The mx.random seed of a learner step: a function of (seed, step) only, so a resumed run draws the same
+    dropout masks. mx.random state is thread-local, so this never disturbs the engine's sampling."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules())
+
+
+class Trainer:
+    def __init__(
+        self, model: nn.Module, *, config: RLTrainingConfig, adapter_config: dict | None, version: int = 0
+    ) -> None:
+        self.model, self.config, self.adapter_config = model, config, adapter_config
+        self.algorithm = get_algorithm(config.algorithm)
+        self.settings = LossSettings(
+            clip_ratio=config.clip_ratio,
+            clip_ratio_high=config.clip_ratio_high,
+            kl_beta=config.kl_beta,
+            kl_estimator=config.kl_estimator,
+            entropy_weight=config.entropy_weight,
+        )
+        lora = config.train_mode == "lora"
+        if lora and not has_lora(model):
+            if adapter_config is None:
+                raise ValueError(
+                    "train_mode = 'lora': the model has no LoRA layers and no adapter_config was given"
+                )
+            attach_lora(model, adapter_config, seed=config.seed)
+        if not lora and config.kl_beta > 0:
+            raise ValueError(
+                "kl_beta > 0 needs a reference adapter, and train_mode = 'full' has none (paraloop never keeps a "
+                "second copy of the model): set rl_training.kl_beta = 0"
+            )
+        select_trainable(model, config.train_mode)
+        model.eval()
+        self._slots = AdapterSlots(model) if lora else None
+        self._reference = dict(adapter_arrays(model)) if lora and config.kl_beta > 0 else None
+        # stale_policy = "cap" keeps stale async rollouts with capped weights: 2.0 unless importance_cap says otherwise
+        stale_cap = config.mode == "async" and config.stale_policy == "cap"
+        self.importance_cap = config.importance_cap or (2.0 if stale_cap else None)
+        self.optimizer = make_optimizer(config)
+        self._value_and_grad = nn.value_and_grad(model, self._loss)
+        self.step_count, self.version, self.skipped_steps = 0, version, 0
+
+    # --- public API ------------------------------------------------------------------------------------------------
+
+    def adapter(self) -> dict[str, mx.array]:
+        """The trained arrays by name (LoRA arrays, or every weight in full mode): evaluated, never mutated later."""
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def reference(self) -> dict[str, mx.array] | None:
+        return None if self._reference is None else dict(self._reference)
+
+    def state(self) -> dict[str, Any]:
+        """Everything besides the adapter/reference arrays needed to continue exactly: {"optimizer": flat name ->
+        mx.array (safetensors-ready), "trainer": JSON-able counters and settings}."""
+        return {
+            "optimizer": dict(tree_flatten(self.optimizer.state)),
+            "trainer": {
+                "step_count": self.step_count,
+                "version": self.version,
+                "skipped_steps": self.skipped_steps,
+                "seed": self.config.seed,  # dropout masks are drawn from step_seed(seed, step_count)
+                "algorithm": self.config.algorithm,
+                "train_mode": self.config.train_mode,
+                "next_learning_rate": learning_rate_at(self.step_count, self.config),
+            },
+        }
+
+    def load_state(self, state: dict[str, Any], adapter: dict[str, mx.array], reference: dict | None) -> None:
+        """Restore what `state()`, `adapter()` and `reference()` returned (e.g. read back from a checkpoint)."""
+        trainer = state["trainer"]
+        if trainer.get("train_mode", self.config.train_mode) != self.config.train_mode:
+            raise ValueError(
+                f"state was saved with train_mode = {trainer['train_mode']!r}, not {self.config.train_mode!r}"
+            )
+        if self._slots is not None:
+            arrays = {k: mx.array(v) for k, v in adapter.items()}
+            self._slots.check(arrays)
+            self._slots.swap(arrays)
+        else:
+            self.model.update(tree_unflatten([(k, mx.array(v)) for k, v in adapter.items()]))
+        if self._reference is not None:
+            if reference is None:
+                logger.warning("resumed without a reference adapter: using the initial adapter as reference")
+            else:
+                self._slots.check(reference)
+                self._reference = {k: mx.array(v) for k, v in reference.items()}
+        self.optimizer.state = tree_unflatten([(k, mx.array(v)) for k, v in state["optimizer"].items()])
+        self.step_count = int(trainer["step_count"])
+        self.version = int(trainer["version"])
+        self.skipped_steps = int(trainer["skipped_steps"])
+        mx.eval(self.model.parameters(), self.optimizer.state, self._reference)
+
+    def step(self, batch: RolloutBatch) -> StepResult:
+        """One learner step: every epoch over every micro-batch, everything evaluated on return."""
+        start = time.perf_counter()
+        cfg = self.config
+        lr = learning_rate_at(self.step_count, cfg)
+        micros, base = self._prepare(batch)
+        base["lr"] = lr
+        if not micros:
+            return self._skip(base, start, "the batch has no trained tokens")
+
+        params_before = self.model.trainable_parameters()
+        optimizer_before = tree_map(lambda x: x, self.optimizer.state)
+        epochs = []
+        for _ in range(cfg.update_epochs):
+            loss, stats, grads = self._accumulate(micros)
+            norm = global_norm(grads)
+            mx.eval(norm)
+            epochs.append({"loss": loss.item(), "grad_norm": norm.item(), **stats})
+            if not (np.isfinite(epochs[-1]["loss"]) and np.isfinite(epochs[-1]["grad_norm"])):
+                self.model.update(params_before)
+                self.optimizer.state = optimizer_before
+                bad = "loss" if not np.isfinite(epochs[-1]["loss"]) else "gradient"
+                return self._skip({**base, **self._epoch_metrics(epochs)}, start, f"non-finite {bad}")
+            self.optimizer.learning_rate = lr
+            self.optimizer.update(self.model, clip_by_norm(grads, norm, cfg.max_grad_norm))
+            mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        self._update_reference()
+        self.step_count += 1
+        self.version += 1
+        return StepResult(
+            self._finish({**base, **self._epoch_metrics(epochs)}, start), False, self.step_count, self.version
+        )
+
+    def gradients(self, batch: RolloutBatch) -> tuple[float, dict[str, mx.array]]:
+        """(loss, flat gradients) of the first epoch of `step(batch)`, without updating anything (diagnostics)."""
+        micros, _ = self._prepare(batch)
+        if not micros:
+            raise ValueError("the batch has no trained tokens")
+        loss, _, grads = self._accumulate(micros)
+        return loss.item(), dict(tree_flatten(grads))
+
+    # --- internals -------------------------------------------------------------------------------------------------
+
+    def _loss(self, mb: MicroBatch) -> tuple[mx.array, dict[str, mx.array]]:
+        logp, entropy = forward_logprobs(self.model, mb.input_ids, mb.targets, mb.temperature)
+        return policy_loss(
+            logp,
+            entropy,
+            mask=mb.mask,
+            weights=mb.weights,
+            advantages=mb.advantages,
+            old_logp=mb.old_logp if mb.old_logp is not None else mx.stop_gradient(logp),
+            ref_logp=mb.ref_logp,
+            importance_weight=mb.importance_weight,
+            token_loss=self.algorithm.token_loss,
+            settings=self.settings,
+        )
+
+    def _prepare(self, batch: RolloutBatch) -> tuple[list[MicroBatch], dict[str, float]]:
+        """Collate, advantages, micro-batches with their old-policy and reference log-probs; seeds dropout."""
+        cfg = self.config
+        tb = collate(batch)
+        seq_adv = self.algorithm.advantages(
+            tb.scores, tb.group, scale=cfg.scale_rewards, eps=cfg.advantage_eps
+        )
+        adv = token_advantages(tb, seq_adv)
+        weights = aggregation_weights(tb.mask, cfg.loss_aggregation)
+        plan = plan_micro_batches(np.where(tb.mask.any(axis=1), tb.lengths, 0), token_budget=cfg.token_budget)
+        mx.random.seed(step_seed(cfg.seed, self.step_count))
+        micros = [self._micro_batch(tb, rows, adv, weights) for rows in plan]
+        self._old_and_reference(tb, micros)
+        return micros, self._batch_metrics(tb, adv)
+
+    def _accumulate(self, micros: list[MicroBatch]) -> tuple[mx.array, dict[str, float], dict]:
+        """Sum losses and gradients over micro-batches (the weights make the sum the full-batch value)."""
+        grads, loss = None, mx.array(0.0)
+        sums = dict.fromkeys(SUM_STATS, 0.0)
+        lo, hi = np.inf, -np.inf
+        self.model.train()  # LoRA dropout on for the gradient forward only
+        try:
+            for mb in micros:
+                (mb_loss, stats), mb_grads = self._value_and_grad(mb)
+                grads, loss = add_trees(grads, mb_grads), loss + mb_loss
+                mx.eval(grads, loss, stats)
+                for k in SUM_STATS:
+                    sums[k] += stats[k].item()
+                lo, hi = min(lo, stats["ratio_min"].item()), max(hi, stats["ratio_max"].item())
+        finally:
+            self.model.eval()
+        return loss, {**sums, "ratio_min": lo, "ratio_max": hi}, grads
+
+    def _micro_batch(
+        self, tb: TokenBatch, rows: np.ndarray, adv: np.ndarray, weights: np.ndarray
+    ) -> MicroBatch:
+        w = int(tb.lengths[rows].max())
+        return MicroBatch(
+            input_ids=mx.array(tb.input_ids[rows, :w]),
+            targets=mx.array(tb.targets[rows, :w]),
+            temperature=mx.array(tb.temperature[rows]),
+            mask=mx.array(tb.mask[rows, :w]),
+            weights=mx.array(weights[rows, :w]),
+            advantages=mx.array(adv[rows, :w]),
+            extras={
+                "inference": tb.inference_logprobs[rows, :w],
+                "has_inference": tb.has_inference[rows],
+                "ref": tb.ref_logprobs[rows, :w],
+                "has_ref": tb.has_ref[rows],
+            },
+        )
+
+    def _old_and_reference(self, tb: TokenBatch, micros: list[MicroBatch]) -> None:
+        """Old-policy and reference log-probs, once per batch, no grad, eval mode (no dropout).
+
+        Old policy: the inference log-probs when given; else one forward of the current adapter. With
+        importance_cap, the forward is the old policy and the inference log-probs are the behaviour policy:
+        weight min(exp(old - inference), cap). Reference: given ref_logprobs win; else the reference adapter.
+        """
+        cfg = self.config
+        cap = self.importance_cap
+        any_inf, all_inf = bool(tb.has_inference.any()), bool(tb.has_inference.all())
+        need_old = (not all_inf and (self.algorithm.uses_old_policy or any_inf)) or (
+            cap is not None and any_inf
+        )
+        need_ref = cfg.kl_beta > 0 and not bool(tb.has_ref.all())
+        self.model.eval()
+        for mb in micros:
+            has_inf = mx.array(mb.extras["has_inference"])[:, None]
+            inference = mx.array(mb.extras["inference"])
+            if need_old:
+                old, _ = forward_logprobs(
+                    self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=False
+                )
+                if cap is None:
+                    mb.old_logp = mx.where(has_inf, inference, old)
+                else:
+                    mb.old_logp = old
+                    weight = mx.minimum(mx.exp(old - inference), cap)
+                    mb.importance_weight = mx.where(has_inf & mb.mask, weight, 1.0)
+            elif all_inf:
+                mb.old_logp = inference
+            if cfg.kl_beta > 0:
+                mb.ref_logp = mx.array(mb.extras["ref"])
+            mx.eval(mb.old_logp, mb.importance_weight, mb.ref_logp)
+        if need_ref:
+            policy = adapter_arrays(self.model)
+            self._slots.swap(self._reference)
+            try:
+                for mb in micros:
+                    ref, _ = forward_logprobs(
+                        self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=False
+                    )
+                    mb.ref_logp = mx.where(mx.array(mb.extras["has_ref"])[:, None], mb.ref_logp, ref)
+                    mx.eval(mb.ref_logp)
+            finally:
+                self._slots.swap(policy)
+
+    def _update_reference(self) -> None:
+        ema = self.config.ref_ema
+        if self._reference is None or ema >= 1.0:
+            return
+        policy = adapter_arrays(self.model)
+        self._reference = {k: ema * v + (1.0 - ema) * policy[k] for k, v in self._reference.items()}
+        mx.eval(self._reference)
+
+    def _batch_metrics(self, tb: TokenBatch, adv: np.ndarray) -> dict[str, float]:
+        trained = adv[tb.mask]
+        return {
+            "reward_mean": float(tb.scores.mean()),
+            "reward_std": float(tb.scores.std()),
+            "adv_mean": float(trained.mean()) if trained.size else 0.0,
+            "adv_std": float(trained.std()) if trained.size else 0.0,
+            "tokens": float(tb.lengths.sum()),
+            "trained_tokens": float(tb.trained_tokens),
+            "sequences": float(tb.rows),
+        }
+
+    @staticmethod
+    def _epoch_metrics(epochs: list[dict[str, float]]) -> dict[str, float]:
+        def mean(key: str) -> float:
+            return float(np.mean([e[key] for e in epochs]))
+
+        tokens = max(1.0, epochs[-1]["tokens"])
+        return {
+            "loss": mean("loss"),
+            "pg_loss": mean("pg_loss"),
+            "kl": mean("kl"),
+            "entropy": mean("entropy"),
+            "grad_norm": mean("grad_norm"),
+            "clip_fraction": mean("clipped") / tokens,
+            "ratio_mean": mean("ratio_sum") / tokens,
+            "ratio_min": min(e["ratio_min"] for e in epochs),
+            "ratio_max": max(e["ratio_max"] for e in epochs),
+            "importance_weight_mean": mean("importance_weight_sum") / tokens,
+            "epochs": float(len(epochs)),
+        }
+
+    def _finish(self, metrics: dict[str, float], start: float) -> dict[str, float]:
+        elapsed = time.perf_counter() - start
+        metrics.update(
+            step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed, skipped_steps=self.skipped_steps
+        )
+        return metrics
+
+    def _skip(self, metrics: dict[str, float], start: float, why: str) -> StepResult:
+        self.skipped_steps += 1
+        self.step_count += 1
+        logger.warning(
+            "learner step %d skipped (%s): adapter and optimizer unchanged, %d step(s) skipped so far",
+            self.step_count,
+            why,
+            self.skipped_steps,
+        )
+        return StepResult(self._finish(metrics, start), True, self.step_count, self.version)

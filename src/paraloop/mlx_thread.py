@@ -1,0 +1,35 @@
+"""One dedicated thread per actor for MLX work.
+
+MLX streams are thread-local (since mlx 0.31.2), so an actor's model loading, forward passes and evaluation must all
+happen on the same thread: a one-worker executor, never a pooled thread. Each call is atomic (shielded from
+cancellation, as a half-applied optimizer step is worse than a late stop) and followed by a cancellation checkpoint,
+so a loop of compute-only calls still stops promptly.
+"""
+
+import asyncio
+import contextvars
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import anyio
+import anyio.lowlevel
+
+T = TypeVar("T")
+
+
+class MlxThread:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        ctx = contextvars.copy_context()
+        with anyio.CancelScope(shield=True):
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self._pool, lambda: ctx.run(fn, *args, **kwargs))
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return result
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

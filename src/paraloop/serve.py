@@ -1,0 +1,134 @@
+"""`paraloop serve`: serve a model (and optionally a LoRA adapter) over the HTTP API, no training.
+
+In: --model-path (and --lora-path, --host, --port, --config, --compute, --set KEY=VALUE ...).
+Out: the engine and the HTTP server running in one anyio task group until SIGINT/SIGTERM, then a clean exit 0:
+new requests get 503, in-flight generations end (finish_reason "abort"), the socket closes. Bad input (missing
+model dir, unreadable adapter, bad config, port in use) is one `paraloop: error: ...` line on stderr and exit 2.
+"""
+
+import argparse
+import logging
+import signal
+import sys
+
+import anyio
+
+from paraloop.config import ConfigError, Settings, load_config, set_dotted
+from paraloop.engine import Engine
+from paraloop.flags import overrides_from_args
+from paraloop.lora import AdapterSlots, apply_adapter
+from paraloop.model import load_model
+from paraloop.server import STATE, make_app, mark_shutting_down, serve_http
+
+log = logging.getLogger("paraloop.serve")
+
+# flag -> help; the dest names match paraloop.flags.FLAGS so `overrides_from_args` maps them to config keys
+FLAG_HELP = {
+    "--model-path": "model directory (mlx-lm format, quantized or not) [model.base_path]",
+    "--lora-path": "adapter to serve: an adapter dir or adapter.npz [model.lora_path]",
+    "--host": "HTTP bind address [server.host]",
+    "--port": "HTTP port, 0 picks a free one [server.port]",
+    "--control-token": "bearer token every route but /health then requires [server.control_token]",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paraloop serve", description="Serve a model over the OpenAI-compatible and /generate HTTP API."
+    )
+    parser.add_argument("--config", help="TOML configuration file")
+    for flag, help_ in FLAG_HELP.items():
+        kind = int if flag == "--port" else str
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_)
+    parser.add_argument(
+        "--compute",
+        choices=("auto", "quantized", "dequantized"),
+        default=argparse.SUPPRESS,
+        help="how a quantized base computes (auto: dequantized on the CPU backend) [model.compute]",
+    )
+    parser.add_argument(
+        "--served-model-name", default=argparse.SUPPRESS, help="name in /v1/models [server.served_model_name]"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any key, e.g. --set engine.max_n=16",
+    )
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = overrides_from_args(args)
+    if "served_model_name" in vars(args):
+        overrides = set_dotted(overrides, "server.served_model_name", args.served_model_name)
+    settings = load_config(args.config, overrides)
+    if not settings.model.base_path:
+        raise ConfigError("model.base_path: no model given (use --model-path)")
+    return settings
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Load the model (and adapter) and construct the Engine; raises on unusable input."""
+    model, tokenizer, _, _ = load_model(
+        settings.model.base_path,
+        compute=settings.model.compute,
+        trust_remote_code=settings.model.trust_remote_code,
+    )
+    slots = None
+    if settings.model.lora_path:
+        apply_adapter(model, settings.model.lora_path, seed=settings.rl_training.seed)
+        slots = AdapterSlots(model)
+    return Engine(
+        model,
+        tokenizer,
+        config=settings.engine,
+        batch_size=settings.server.batch_size,
+        max_queue=settings.server.max_concurrent_requests,
+        adapter=slots,
+        version=0,
+    )
+
+
+async def serve(engine: Engine, settings: Settings) -> str | None:
+    """Run the engine and the HTTP app until SIGINT/SIGTERM. Returns an error message if the port cannot be bound."""
+    app = make_app(engine, settings=settings)
+    host, port = settings.server.host, settings.server.port
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            try:
+                port = await tg.start(serve_http, app, host, port)
+            except OSError as e:  # the port is taken or the host does not resolve
+                tg.cancel_scope.cancel()
+                return f"cannot listen on {host}:{port}: {e}"
+            log.info("serving %s on http://%s:%d", app[STATE].model_name, host, port)
+            async for signum in signals:
+                log.info("%s received: stopping", signal.Signals(signum).name)
+                mark_shutting_down(app)
+                break
+            tg.cancel_scope.cancel()
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="paraloop: %(message)s", stream=sys.stderr)
+    try:
+        settings = settings_from(args)
+    except ConfigError as e:
+        return fail(str(e))
+    try:
+        engine = build_engine(settings)
+    except (OSError, ValueError) as e:  # paraloop's own loaders name the file and the problem
+        return fail(str(e))
+    except Exception as e:  # whatever mlx-lm raises on a model it cannot read: still the user's input
+        return fail(f"cannot load {settings.model.base_path}: {type(e).__name__}: {e}")
+    error = anyio.run(serve, engine, settings)
+    return fail(error) if error else 0
+
+
+def fail(message: str) -> int:
+    print(f"paraloop: error: {message}", file=sys.stderr)
+    return 2

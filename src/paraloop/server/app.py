@@ -1,0 +1,108 @@
+"""The aiohttp application: routes, the error/auth/shutdown middlewares, and helpers to run it under anyio.
+
+In: an Engine (only `generate`, `version` and `tokenizer` are used; no MLX here) and the Settings.
+Out: `make_app(...)` -> web.Application; `start_http(app, host, port)` -> (runner, bound port);
+`serve_http(app, host, port, task_status=...)` runs it inside a task group until cancelled, then stops accepting,
+lets in-flight handlers answer, and cleans up. `mark_shutting_down(app)` makes every new request a 503.
+"""
+
+import hmac
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+from aiohttp import web
+from anyio.abc import TaskStatus
+
+from paraloop.config import Settings
+from paraloop.server.errors import APIError, error_middleware
+from paraloop.server.generate_route import generate
+from paraloop.server.openai_routes import chat_completions, completions, json_response
+from paraloop.server.state import STATE, ServerState, served_model_name
+
+OPEN_ROUTES = frozenset({"/health"})  # answer without the bearer token (Atropos polls it every second)
+SHUTDOWN_GRACE_S = 5.0
+
+
+@web.middleware
+async def gate_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse early: 503 while shutting down, 401 without the bearer token (when server.control_token is set)."""
+    state = request.app[STATE]
+    if state.shutting_down:
+        raise APIError(503, "the server is shutting down", code="shutting_down")
+    token = state.settings.server.control_token
+    if token and request.path not in OPEN_ROUTES:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise APIError(
+                401,
+                "missing or wrong bearer token (send Authorization: Bearer <server.control_token>)",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return json_response({"status": "ok", "adapter_version": state.engine.version})
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "paraloop"}
+    return json_response({"object": "list", "data": [card]})
+
+
+def make_app(
+    engine: Any, *, settings: Settings, extra_routes: Iterable[web.AbstractRouteDef] | None = None
+) -> web.Application:
+    """The HTTP API over `engine`. `extra_routes` (e.g. /control, /metrics) read `request.app[STATE]`."""
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware, gate_middleware]
+    )
+    app[STATE] = ServerState(engine=engine, settings=settings, model_name=served_model_name(settings))
+    app.router.add_routes(
+        [
+            web.get("/health", health, allow_head=True),
+            web.get("/v1/models", models, allow_head=False),
+            web.post("/v1/completions", completions),
+            web.post("/v1/chat/completions", chat_completions),
+            web.post("/generate", generate),
+            *(extra_routes or ()),
+        ]
+    )
+    return app
+
+
+def mark_shutting_down(app: web.Application) -> None:
+    app[STATE].shutting_down = True
+
+
+async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Bind and start serving; port 0 picks a free port. Returns (runner, bound port); `runner.cleanup()` stops."""
+    # handler_cancellation: a client that disconnects cancels its handler, which closes the engine iterator
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    return runner, bound
+
+
+async def serve_http(
+    app: web.Application, host: str, port: int, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until cancelled; `await tg.start(serve_http, app, host, port)` returns the bound port."""
+    runner, bound = await start_http(app, host, port)
+    try:
+        task_status.started(bound)
+        await anyio.sleep_forever()
+    finally:
+        mark_shutting_down(app)
+        with anyio.move_on_after(SHUTDOWN_GRACE_S + 5, shield=True):
+            await runner.cleanup()

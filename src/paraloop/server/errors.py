@@ -1,0 +1,96 @@
+"""Every HTTP error as OpenAI's error JSON: {"error": {"message", "type", "param", "code"}}.
+
+In: whatever a handler (or aiohttp's router, or the body reader) raises. Out: a JSON response with the right status.
+Bad input is always a 4xx naming the field (`param`); only a bug in paraloop answers 500, and it is logged with
+its traceback while the server keeps serving.
+"""
+
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+log = logging.getLogger("paraloop.server")
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error JSON. `param` names the offending request field."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def bad_request(param: str | None, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> web.Response:
+    body = msgspec.json.encode(error_body(err.status, err.message, param=err.param, code=err.code))
+    return web.Response(status=err.status, body=body, content_type="application/json", headers=err.headers)
+
+
+def from_http_exception(exc: web.HTTPException) -> APIError:
+    """aiohttp's own errors (404 from the router, 405, 413 from the body reader) in the OpenAI shape."""
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    if exc.status == 404:
+        return APIError(404, "no such route", code="not_found", headers=headers)
+    if exc.status == 405:
+        return APIError(
+            405,
+            f"method not allowed (allowed: {exc.headers.get('Allow', '')})",
+            code="method_not_allowed",
+            headers=headers,
+        )
+    if exc.status == 413:
+        return APIError(413, f"request body too large: {exc.text}", code="request_too_large")
+    return APIError(exc.status, exc.reason or exc.text or "HTTP error", headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except APIError as err:
+        return error_response(err)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # redirects and the like pass through
+            raise
+        return error_response(from_http_exception(exc))
+    except Exception:  # a paraloop bug: log it, answer JSON, keep serving
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(
+            APIError(500, "internal server error (see the server log)", code="internal_error")
+        )

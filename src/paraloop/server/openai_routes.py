@@ -1,0 +1,360 @@
+"""POST /v1/completions and /v1/chat/completions, OpenAI-compatible, plain JSON or SSE streaming.
+
+In: an OpenAI request body. Out: an OpenAI response whose standard fields are exactly standard (the official
+`openai` client parses them), plus paraloop's extras on every choice and stream chunk:
+`token_ids` (generated ids), `token_logprobs` (per-token logprob of the sampled token under the distribution it
+was sampled from, as the engine recorded it) and `adapter_versions` (adapter versions that produced the tokens,
+usually one); the response carries `adapter_version` (the oldest of them) and `adapter_versions`.
+Usage counts tokens: the prompt once, completion tokens summed over choices.
+"""
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from paraloop.messages import GenerateRequest, TokenEvent
+from paraloop.server.engine_calls import (
+    Prepared,
+    Row,
+    collect,
+    distinct_versions,
+    first_event,
+    open_generation,
+)
+from paraloop.server.errors import bad_request, error_body, log
+from paraloop.server.schemas import (
+    ChatBody,
+    ChatMessage,
+    CompletionBody,
+    decode,
+    prompt_tokens_of,
+    sampling_params,
+)
+from paraloop.server.state import STATE, ServerState
+
+
+def json_response(payload: Any, *, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+    """A text prompt is encoded with the tokenizer's special tokens (BOS where the model has one), as vLLM does."""
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def token_text(tokenizer: Any, token: int) -> str:
+    return tokenizer.decode([token])
+
+
+def extras(row: Row) -> dict[str, Any]:
+    return {
+        "token_ids": row.tokens,
+        "token_logprobs": row.logprobs,
+        "adapter_versions": distinct_versions(row.versions),
+    }
+
+
+def top_level_versions(rows: list[Row], current: int) -> dict[str, Any]:
+    distinct = distinct_versions([v for row in rows for v in row.versions])
+    return {
+        "adapter_version": distinct[0] if distinct else current,
+        "adapter_versions": distinct or [current],
+    }
+
+
+# --- logprobs objects -------------------------------------------------------------------------------------------
+
+
+def completion_logprobs(tokenizer: Any, row: Row, *, k: int, offset: int = 0) -> dict[str, Any]:
+    """Legacy completions `logprobs`: tokens, token_logprobs, top_logprobs (None when k == 0), text_offset."""
+    texts = [token_text(tokenizer, t) for t in row.tokens]
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    top = [{token_text(tokenizer, t): lp for t, lp in alts[:k]} for alts in row.top] if k else None
+    return {"tokens": texts, "token_logprobs": row.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
+    text = token_text(tokenizer, token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def chat_logprobs(tokenizer: Any, row: Row, *, k: int) -> dict[str, Any]:
+    content = []
+    for token, lp, alts in zip(row.tokens, row.logprobs, row.top, strict=True):
+        entry = _chat_entry(tokenizer, token, lp)
+        entry["top_logprobs"] = [_chat_entry(tokenizer, t, a) for t, a in alts[:k]]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+# --- request -> engine request -------------------------------------------------------------------------------------
+
+
+def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
+    if body.echo:
+        raise bad_request("echo", "not supported")
+    if body.suffix:
+        raise bad_request("suffix", "not supported")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise bad_request("best_of", "not supported (only best_of == n)")
+    tokens = encode_prompt(state.tokenizer, prompt_tokens_of(body.prompt, field="prompt"))
+    params = sampling_params(
+        body, engine=state.settings.engine, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0
+    )
+    request = GenerateRequest(
+        request_id=f"cmpl-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params
+    )
+    return Prepared(request, fields={"top_logprobs": "logprobs"})
+
+
+def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
+    content: Any = message.content
+    if isinstance(content, list):  # content parts: only text is understood
+        texts = []
+        for j, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise bad_request(
+                    f"messages[{i}].content[{j}].type",
+                    f"only text content parts are supported, not {part.type!r}",
+                )
+            texts.append(part.text)
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
+    for key in ("name", "tool_calls", "tool_call_id"):
+        if getattr(message, key) is not None:
+            out[key] = getattr(message, key)
+    return out
+
+
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"conversation", "tokenize", "add_generation_prompt", "continue_final_message"}
+)
+
+
+def chat_prompt(tokenizer: Any, body: ChatBody) -> list[int]:
+    """The chat template applied by the tokenizer, then encoded without adding special tokens a second time."""
+    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(body.chat_template_kwargs or {}))
+    if reserved:
+        raise bad_request("chat_template_kwargs", f"{', '.join(reserved)} cannot be set here")
+    if body.continue_final_message and body.add_generation_prompt:
+        raise bad_request("continue_final_message", "cannot be combined with add_generation_prompt=true")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
+            **(body.chat_template_kwargs or {}),
+        )
+    except Exception as e:  # a template's raise_exception() (e.g. roles out of order) is the client's input
+        raise bad_request("messages", f"the chat template rejected the messages: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_request(state: ServerState, body: ChatBody) -> Prepared:
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs", "requires logprobs=true")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise bad_request("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
+    limit_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+    max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    k = (body.top_logprobs or 0) if body.logprobs else 0
+    params = sampling_params(body, engine=state.settings.engine, max_tokens=max_tokens, top_logprobs=k)
+    request = GenerateRequest(
+        request_id=f"chatcmpl-{uuid.uuid4().hex}",
+        prompt_tokens=chat_prompt(state.tokenizer, body),
+        n=body.n or 1,
+        params=params,
+    )
+    return Prepared(request, fields={"prompt": "messages", "max_tokens": limit_field})
+
+
+# --- handlers --------------------------------------------------------------------------------------------------------
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = decode(await request.read(), CompletionBody)
+    prepared = completion_request(state, body)
+    k = body.logprobs
+    if body.stream:
+        chunks = Chunks(state, prepared.request, chat=False, logprobs=k, include_usage=_include_usage(body))
+        return await stream(request, state, prepared, chunks)
+    rows = await collect(state.engine, prepared)
+    choices = [
+        {
+            "index": i,
+            "text": row.text,
+            "logprobs": completion_logprobs(state.tokenizer, row, k=k) if k is not None else None,
+            "finish_reason": row.finish_reason,
+            **extras(row),
+        }
+        for i, row in enumerate(rows)
+    ]
+    return json_response(_envelope(state, prepared.request, "text_completion", choices, rows))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = decode(await request.read(), ChatBody)
+    prepared = chat_request(state, body)
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    if body.stream:
+        chunks = Chunks(state, prepared.request, chat=True, logprobs=k, include_usage=_include_usage(body))
+        return await stream(request, state, prepared, chunks)
+    rows = await collect(state.engine, prepared)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": row.text},
+            "logprobs": chat_logprobs(state.tokenizer, row, k=k) if k is not None else None,
+            "finish_reason": row.finish_reason,
+            **extras(row),
+        }
+        for i, row in enumerate(rows)
+    ]
+    return json_response(_envelope(state, prepared.request, "chat.completion", choices, rows))
+
+
+def _include_usage(body: CompletionBody | ChatBody) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def _envelope(
+    state: ServerState, gen: GenerateRequest, obj: str, choices: list, rows: list[Row]
+) -> dict[str, Any]:
+    return {
+        "id": gen.request_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": state.model_name,
+        "choices": choices,
+        "usage": usage(len(gen.prompt_tokens), sum(len(r.tokens) for r in rows)),
+        "system_fingerprint": None,
+        **top_level_versions(rows, state.engine.version),
+    }
+
+
+# --- streaming -------------------------------------------------------------------------------------------------------
+
+
+class Chunks:
+    """The SSE chunks of one request: one per TokenEvent, and the usage chunk. Remembers per choice whether the
+    role was sent (chat) and the text offset (legacy logprobs)."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        gen: GenerateRequest,
+        *,
+        chat: bool,
+        logprobs: int | None,
+        include_usage: bool,
+    ):
+        self.state, self.gen, self.chat, self.k, self.include_usage = (
+            state,
+            gen,
+            chat,
+            logprobs,
+            include_usage,
+        )
+        self.head = {
+            "id": gen.request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": state.model_name,
+        }
+        self.started: set[int] = set()
+        self.offsets: dict[int, int] = {}
+        self.completion_tokens = 0
+
+    def token(self, event: TokenEvent) -> dict[str, Any]:
+        row = Row()
+        row.add(event)
+        self.completion_tokens += len(row.tokens)
+        tokenizer = self.state.tokenizer
+        choice: dict[str, Any] = {"index": event.row}
+        if self.chat:
+            first = event.row not in self.started
+            self.started.add(event.row)
+            choice["delta"] = (
+                {"role": "assistant", "content": event.text} if first else {"content": event.text}
+            )
+            choice["logprobs"] = chat_logprobs(tokenizer, row, k=self.k) if self.k is not None else None
+        else:
+            choice["text"] = event.text
+            if self.k is not None:
+                offset = self.offsets.get(event.row, 0)
+                choice["logprobs"] = completion_logprobs(tokenizer, row, k=self.k, offset=offset)
+                self.offsets[event.row] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
+            else:
+                choice["logprobs"] = None
+        choice["finish_reason"] = event.finish_reason
+        return {
+            **self.head,
+            "choices": [choice | extras(row)],
+            **({"usage": None} if self.include_usage else {}),
+        }
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            **self.head,
+            "choices": [],
+            "usage": usage(len(self.gen.prompt_tokens), self.completion_tokens),
+        }
+
+
+async def stream(
+    request: web.Request, state: ServerState, prepared: Prepared, chunks: Chunks
+) -> web.StreamResponse:
+    """SSE: one `data: {chunk}` per generated token, then a usage chunk if asked, then `data: [DONE]`.
+
+    The first event is pulled before the response starts, so a refusal (429, 400) is still a plain JSON error.
+    """
+    async with open_generation(state.engine, prepared.request) as events:
+        event = await first_event(events, fields=prepared.fields)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            while event is not None:
+                await send_event(response, chunks.token(event))
+                event = await anext(events, None)
+            if chunks.include_usage:
+                await send_event(response, chunks.usage())
+            await response.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:  # the client went away: leaving the block frees the engine rows
+            return response
+        except Exception:  # headers are sent: report in-band, as OpenAI does, and keep serving
+            log.exception("error while streaming %s", prepared.request.request_id)
+            await _send_error(response, 500, "internal server error (see the server log)")
+            return response
+    await response.write_eof()
+    return response
+
+
+async def send_event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + msgspec.json.encode(payload) + b"\n\n")
+
+
+async def _send_error(response: web.StreamResponse, status: int, message: str) -> None:
+    try:
+        await send_event(response, error_body(status, message))
+    except ConnectionResetError:
+        pass

@@ -1,0 +1,178 @@
+"""Typed request bodies: JSON bytes in, msgspec Structs (or a 400 naming the bad field) out.
+
+Three bodies: OpenAI's /v1/completions and /v1/chat/completions, and vLLM's /generate (as Atropos sends it).
+Unknown fields are rejected rather than silently ignored, so a sampling knob paraloop does not implement never
+changes nothing quietly; the penalty knobs are accepted only at their neutral values for the same reason.
+`sampling_params` turns a decoded body into the engine's SamplingParams with the configured limits applied.
+"""
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from paraloop.config import EngineConfig
+from paraloop.messages import SamplingParams
+from paraloop.server.errors import APIError, bad_request
+
+MAX_TOP_LOGPROBS = 20
+
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+TopP = Annotated[float, Meta(gt=0, le=1)]
+Positive = Annotated[int, Meta(ge=1)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+
+
+class Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of request bodies; `None` everywhere means "not given" (clients send explicit nulls)."""
+
+
+class Sampling(Body, kw_only=True):
+    model: str | None = None  # any name is accepted: one model is served
+    n: Positive | None = None
+    max_tokens: Positive | None = None
+    temperature: NonNegFloat | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None  # 0 or -1 (vLLM): off
+    min_p: Probability | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    seed: int | None = None
+    stream: bool | None = None
+    frequency_penalty: float | None = None  # accepted only at the neutral value
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+
+
+class StreamOptions(Body, kw_only=True):
+    include_usage: bool = False
+
+
+class OpenAISampling(Sampling, kw_only=True):
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted, not used
+
+
+class CompletionBody(OpenAISampling, kw_only=True):
+    prompt: Any  # str | list[int] (one prompt); checked by `prompt_of`
+    logprobs: TopLogprobs | None = None
+    echo: bool | None = None
+    best_of: Positive | None = None
+    suffix: str | None = None
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Body, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatBody(OpenAISampling, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: Positive | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
+
+
+class GenerateBody(Sampling, kw_only=True):
+    """vLLM's /generate: the prompt plus SamplingParams fields at the top level."""
+
+    prompt: Any  # str | {"prompt_token_ids": [...]} | list[int]
+    logprobs: TopLogprobs | None = None
+    prompt_logprobs: int | None = None  # not supported (400 when set)
+
+
+B = TypeVar("B", bound=Body)
+_AT = re.compile(r" - at `\$(.*)`$")
+_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
+
+
+def decode(body: bytes, kind: type[B]) -> B:
+    """Decode a JSON body into `kind`, or raise a 400 naming the offending field."""
+    if not body.strip():
+        raise bad_request(None, "request body is empty (expected a JSON object)")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as e:
+        raise _validation_error(str(e)) from None
+    except msgspec.DecodeError as e:
+        raise APIError(400, f"invalid JSON: {e}", code="invalid_json") from None
+
+
+def _validation_error(text: str) -> APIError:
+    m = _AT.search(text)
+    path = m.group(1).lstrip(".") if m else ""
+    message = _AT.sub("", text)
+    field = _FIELD.search(message)
+    if field:  # point at the field itself, not its enclosing object
+        path = f"{path}.{field.group(1)}" if path else field.group(1)
+        if "unknown field" in message:
+            message = "unrecognized request argument (not supported by paraloop)"
+        else:
+            message = "required field is missing"
+    if not path and message.startswith("Expected `object`"):
+        return bad_request(None, "request body must be a JSON object")
+    return bad_request(path or None, message)
+
+
+def prompt_tokens_of(prompt: Any, *, field: str, text: bool = True) -> list[int] | str:
+    """One prompt: a string (returned as is, to be encoded; only if `text`) or a list of token ids.
+    A batch of one is unwrapped."""
+    if not text and not isinstance(prompt, list):
+        raise bad_request(field, "expected a non-empty list of token ids")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise bad_request(field, "prompt is empty")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+        if min(prompt) < 0:
+            raise bad_request(field, "token ids must be >= 0")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise bad_request(
+            field, "a batch of prompts is not supported: send one request per prompt (use n for samples)"
+        )
+    raise bad_request(field, "expected a non-empty string or a non-empty list of token ids")
+
+
+def check_neutral(body: Sampling) -> None:
+    """Penalties are not implemented: accept them only where they change nothing."""
+    for name, neutral in (("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("repetition_penalty", 1.0)):
+        value = getattr(body, name)
+        if value is not None and value != neutral:
+            raise bad_request(name, f"not supported (only {neutral} is accepted)")
+
+
+def sampling_params(
+    body: Sampling, *, engine: EngineConfig, max_tokens: int | None, top_logprobs: int = 0
+) -> SamplingParams:
+    """The engine's SamplingParams for `body`, defaults filled in. Limits (n, max_tokens, prompt length, vocabulary)
+    are the engine's to check: it raises RequestError naming the field."""
+    check_neutral(body)
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        min_p=body.min_p or 0.0,
+        max_tokens=engine.default_max_tokens if max_tokens is None else max_tokens,
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=bool(body.ignore_eos),
+        seed=body.seed,
+        top_logprobs=top_logprobs,
+    )

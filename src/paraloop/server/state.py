@@ -1,0 +1,35 @@
+"""What every handler reads from the app: the engine, the settings, the served name, the shutdown flag."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from paraloop.config import Settings
+
+
+@dataclass
+class ServerState:
+    engine: Any  # paraloop.engine.Engine (typed loosely so tests and the runtime can pass their own)
+    settings: Settings
+    model_name: str
+    shutting_down: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+
+STATE = web.AppKey("paraloop_state", ServerState)
+
+
+def served_model_name(settings: Settings) -> str:
+    """server.served_model_name, else the model directory's name."""
+    if settings.server.served_model_name:
+        return settings.server.served_model_name
+    if settings.model.base_path:
+        return Path(settings.model.base_path.rstrip("/")).name or settings.model.base_path
+    return "paraloop"

@@ -1,0 +1,86 @@
+"""What a running `paraloop run` looks like from outside: the numbers /control/status, /metrics and the progress
+line read. Only the event loop writes it (actors update it between awaits), so it needs no lock."""
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from paraloop.messages import AdapterSwapped, StepFinished
+
+
+@dataclass
+class RunState:
+    total_steps: int
+    mode: str
+    run_dir: str
+    started_at: float = field(default_factory=time.time)
+    step: int = 0
+    version: int = 0  # latest adapter version produced by the learner
+    serving_version: int = 0  # version the engine serves
+    paused: bool = False
+    stopping: bool = False
+    learner_busy: bool = False
+    skipped_steps: int = 0
+    dropped_stale: int = 0
+    rejected_groups: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_checkpoint: str | None = None
+    swap_pauses_s: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    history: list[dict[str, float]] = field(default_factory=list)
+    queues: dict[str, Any] = field(default_factory=dict)  # name -> a memory object stream (for its depth)
+    engine_stats: Callable[[], dict[str, float]] | None = None
+    source_status: Callable[[], dict[str, Any]] | None = None
+    http_port: int | None = None
+
+    def record_step(self, done: StepFinished) -> None:
+        self.step = done.step
+        self.version = max(self.version, done.version)
+        self.last_metrics = dict(done.metrics)
+        if done.skipped:
+            self.skipped_steps += 1
+        self.history.append({"step": done.step, **done.metrics})
+
+    def record_swap(self, swapped: AdapterSwapped) -> None:
+        self.serving_version = swapped.version
+        self.swap_pauses_s.append(swapped.pause_s)
+
+    def queue_depths(self) -> dict[str, int]:
+        depths = {}
+        for name, stream in self.queues.items():
+            stats = stream.statistics()
+            depths[name] = stats.current_buffer_used
+        return depths
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON body of GET /control/status."""
+        engine = self.engine_stats() if self.engine_stats else {}
+        pauses = list(self.swap_pauses_s)
+        return {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "adapter_version": self.version,
+            "serving_version": self.serving_version,
+            "paused": self.paused,
+            "stopping": self.stopping,
+            "learner_busy": self.learner_busy,
+            "mode": self.mode,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "queues": self.queue_depths(),
+            "last_metrics": self.last_metrics,
+            "tokens_per_s": engine.get("tokens_per_s", 0.0),
+            "engine": engine,
+            "swap_pause_ms": {
+                "last": pauses[-1] * 1e3 if pauses else None,
+                "median": statistics.median(pauses) * 1e3 if pauses else None,
+                "count": len(pauses),
+            },
+            "skipped_steps": self.skipped_steps,
+            "dropped_stale": self.dropped_stale,
+            "rejected_groups": self.rejected_groups,
+            "last_checkpoint": self.last_checkpoint,
+            "source": self.source_status() if self.source_status else {},
+            "run_dir": self.run_dir,
+        }

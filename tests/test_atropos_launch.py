@@ -1,0 +1,177 @@
+"""`paraloop launch-atropos`: what it starts (plan), and that every child it started stops, whatever happens."""
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from paraloop.atropos.launch import ProcessGroup, env_argv, make_plan, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
+needs_atropos = pytest.mark.skipif(
+    not (VENV / "bin" / "run-api").is_file(), reason=f"no Atropos venv at {VENV}: run scripts/setup-atropos-venv.sh"
+)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def gone_soon(pid: int, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not alive(pid)
+
+
+STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print("grandchild", grandchild.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_child_ignoring_sigterm_is_killed_after_the_grace_with_its_own_children():
+    out = io.StringIO()
+
+    async def scenario():
+        async with ProcessGroup(grace=0.5, out=out) as procs:
+            proc = await procs.start("stubborn", [sys.executable, "-c", STUBBORN])
+            deadline = time.monotonic() + 30
+            while "[stubborn] grandchild" not in out.getvalue():
+                assert time.monotonic() < deadline, "the child never started its grandchild"
+                await asyncio.sleep(0.05)
+            code = await procs.stop("stubborn")
+            return proc.pid, code
+
+    pid, code = asyncio.run(scenario())
+    grandchild = int(out.getvalue().split("[stubborn] grandchild ")[1].split()[0])
+    assert code == -9  # SIGKILL: it ignored SIGTERM
+    assert "did not stop within 0.5 s: SIGKILL" in out.getvalue()
+    assert gone_soon(pid) and gone_soon(grandchild)
+
+
+@pytest.mark.timeout(60)
+def test_each_exit_is_reported_once_with_prefixed_output_and_the_rest_stopped_on_exit():
+    out = io.StringIO()
+
+    async def scenario():
+        async with ProcessGroup(grace=5, out=out) as procs:
+            sleeper = await procs.start("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"])
+            await procs.start("quick", [sys.executable, "-c", "print('hello'); print('bye'); raise SystemExit(3)"])
+            first = await procs.wait_any()
+        return first, sleeper
+
+    (name, code), sleeper = asyncio.run(scenario())
+    assert (name, code) == ("quick", 3)
+    assert "[quick] hello\n[quick] bye\n" in out.getvalue()
+    assert sleeper.returncode == -15 and not alive(sleeper.pid)  # stopped by SIGTERM when the group closed
+
+
+def write_config(path: Path, *, api_url: str | None, model_dir: Path, port: int = 8123) -> Path:
+    atropos = f'[rl_training.atropos]\napi_url = "{api_url}"\n' if api_url else ""
+    path.write_text(
+        f'[server]\nport = {port}\n[model]\nbase_path = "{model_dir}"\n[rl_training]\ntotal_steps = 3\n{atropos}'
+        f'[checkpoint]\ndir = "{path.parent / "run"}"\n'
+    )
+    return path
+
+
+def plan_for(argv: list[str]):
+    args, extra = parse_args(argv)
+    return make_plan(args, extra)
+
+
+@needs_atropos
+def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    config = write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model)
+    script = tmp_path / "env.py"
+    script.write_text("")
+    plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
+                     "--set", "rl_training.total_steps=7", "--", "--env.group_size", "4"])
+    assert plan.api_url == "http://127.0.0.1:8555" and plan.run_api == str(VENV / "bin" / "run-api")
+    assert plan.trainer[1:] == ["-m", "paraloop", "run", "--config", str(config), "--set", "rl_training.total_steps=7"]
+    argv = env_argv(plan, str(script), 8123)
+    assert argv[:3] == [str(VENV / "bin" / "python"), str(script), "serve"]
+    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert flags["--openai.base_url"] == "http://127.0.0.1:8123/v1"
+    assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(model)
+    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "7"
+    assert argv[-2:] == ["--env.group_size", "4"]  # the user's flags come last, so they win
+
+
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("no api_url", "rl_training.atropos.api_url must be set"),
+        ("no model dir", "model.base_path must be a local model directory"),
+        ("no env script", "--env-script"),
+        ("no venv", "scripts/setup-atropos-venv.sh"),
+    ],
+)
+def test_plan_errors_name_what_is_missing(tmp_path, monkeypatch, problem, expected):
+    monkeypatch.chdir(tmp_path)  # no ./.venv-atropos here
+    monkeypatch.delenv("PARALOOP_ATROPOS_VENV", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    model = tmp_path / "model"
+    if problem != "no model dir":
+        model.mkdir()
+    config = write_config(tmp_path / "c.toml", api_url=None if problem == "no api_url" else "http://127.0.0.1:1",
+                          model_dir=model)
+    script = tmp_path / "env.py"
+    if problem != "no env script":
+        script.write_text("")
+    venv = str(tmp_path / "no-venv") if problem == "no venv" else str(VENV)
+    if problem != "no venv" and not (VENV / "bin" / "run-api").is_file():
+        pytest.skip(f"no Atropos venv at {VENV}")
+    with pytest.raises((ValueError, FileNotFoundError), match=expected.replace(".", r"\.")):
+        plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", venv])
+
+
+def test_parse_args_sends_everything_after_the_double_dash_to_environments():
+    args, extra = parse_args(["--config", "c.toml", "--env-script", "a.py", "--env-script", "b.py", "--", "--x", "1"])
+    assert args.env_script == ["a.py", "b.py"] and extra == ["--x", "1"]
+    assert isinstance(args, argparse.Namespace) and args.server_type == "vllm"
+
+
+@needs_atropos
+@pytest.mark.atropos
+@pytest.mark.timeout(120)
+def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
+    """`paraloop run` cannot load an empty model dir: it exits, and run-api and the environment are stopped."""
+    model = tmp_path / "empty-model"
+    model.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(tmp_path / "c.toml", api_url=f"http://127.0.0.1:{port}", model_dir=model)
+    sleeper_env = tmp_path / "env.py"
+    sleeper_env.write_text("import time\ntime.sleep(120)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "paraloop", "launch-atropos", "--config", str(config), "--env-script",
+         str(sleeper_env), "--atropos-venv", str(VENV), "--grace", "3", "--no-env-defaults"],
+        capture_output=True, text=True, timeout=100, cwd=tmp_path,
+    )
+    out = result.stdout
+    assert result.returncode != 0, out
+    pids = [int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines() if line.startswith("[launch] started")]
+    assert len(pids) == 3, out  # run-api, paraloop run, the environment
+    assert "[launch] paraloop exited with code" in out and "stopping every child" in out
+    assert all(gone_soon(pid) for pid in pids)

@@ -1,0 +1,126 @@
+"""End to end: `paraloop launch-atropos` runs the real run-api, a real environment (tests/atropos_env.py) and
+`paraloop run` on the tiny model; paraloop trains N steps from the environment's batches and everything stops."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
+ENV_SCRIPT = Path(__file__).with_name("atropos_env.py")
+
+try:
+    import paraloop.run  # noqa: F401
+
+    HAS_RUN = True
+except ImportError:
+    HAS_RUN = False
+
+pytestmark = [
+    pytest.mark.atropos,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not HAS_RUN, reason="needs paraloop run"),
+    pytest.mark.skipif(not (VENV / "bin" / "run-api").is_file(),
+                       reason=f"no Atropos venv at {VENV}: run scripts/setup-atropos-venv.sh"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path, model: Path, *, steps: int) -> Path:
+    config = tmp_path / "atropos.toml"
+    config.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = 0                       # the launcher reads the bound port from RUN_DIR/server.json
+
+[model]
+base_path = "{model}"
+
+[rl_training]
+learning_rate = 1e-3
+batch_size = 4                 # two groups of the environment's group_size 2
+total_steps = {steps}
+token_budget = 4096
+kl_beta = 0.0
+
+[rl_training.lora]
+rank = 4
+num_layers = 2
+
+[rl_training.atropos]
+api_url = "http://127.0.0.1:{free_port()}"
+poll_interval = 0.2
+max_backoff = 2.0
+max_token_len = 512
+
+[checkpoint]
+dir = "{tmp_path / "run"}"
+interval = 0
+""")
+    return config
+
+
+def launch(config: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "paraloop", "launch-atropos", "--config", str(config), "--env-script",
+            str(ENV_SCRIPT), "--atropos-venv", str(VENV), "--grace", "10", "--", "--env.group_size", "2"]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent)
+
+
+def started_pids(out: str) -> list[int]:
+    return [int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines() if line.startswith("[launch] started")]
+
+
+def gone_soon(pid: int, within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def test_paraloop_trains_n_steps_from_a_real_environment(tiny_model_path, tmp_path):
+    proc = launch(write_config(tmp_path, tiny_model_path, steps=2))
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-6000:]
+    steps = [m["step"] for m in metrics(tmp_path / "run") if "step" in m]
+    assert steps[-1] == 2 and len(steps) >= 2, out[-3000:]
+    # The environment's scores vary within groups, so the adapter moved.
+    assert any(m.get("grad_norm", 0) > 0 for m in metrics(tmp_path / "run")), out[-3000:]
+    assert "registered with Atropos API" in out
+    assert "[launch] paraloop exited with code 0: stopping every child" in out
+    pids = started_pids(out)
+    assert len(pids) == 3 and all(gone_soon(pid) for pid in pids)
+
+
+def test_sigterm_stops_the_launcher_and_every_child(tiny_model_path, tmp_path):
+    proc = launch(write_config(tmp_path, tiny_model_path, steps=1000))
+    deadline = time.monotonic() + 200
+    while not metrics(tmp_path / "run"):  # training from the environment has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-6000:] if proc.poll() else ""
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-6000:]
+    pids = started_pids(out)
+    assert len(pids) == 3 and all(gone_soon(pid) for pid in pids)

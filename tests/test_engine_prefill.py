@@ -1,0 +1,29 @@
+"""One prefill, n independent caches: a row writing its cache never changes another row's."""
+
+import paraloop  # noqa: F401  (OpenBLAS before mlx)
+
+# isort: split
+import mlx.core as mx
+
+from paraloop.engine.prefill import fork_cache, prefill
+from paraloop.model import load_model
+
+
+def test_forked_caches_hold_the_prompt_and_do_not_share_arrays(tiny_model_path):
+    model, tokenizer, _, _ = load_model(tiny_model_path)
+    tokens = tokenizer.encode("The capital of France is a city")
+    base = prefill(model, tokens, step=4)  # chunked: 4 tokens per forward
+    whole = prefill(model, tokens, step=2048)
+    a, b = fork_cache(base), fork_cache(base)
+    for ca, cb, cw in zip(a, b, whole, strict=True):
+        assert ca.offset == cb.offset == len(tokens)
+        assert ca.keys is not cb.keys and ca.values is not cb.values
+        assert mx.allclose(ca.keys, cw.keys[..., : cw.offset, :], atol=1e-5).item()
+
+    # Decode a different next token in each copy: the other copy keeps the prompt's keys only.
+    before = [mx.array(c.keys) for c in b]
+    model(mx.array([[5]]), cache=a)
+    mx.eval([c.state for c in a])
+    for ca, cb, kept in zip(a, b, before, strict=True):
+        assert ca.offset == len(tokens) + 1 and cb.offset == len(tokens)
+        assert mx.array_equal(cb.keys, kept).item()

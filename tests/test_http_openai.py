@@ -1,0 +1,163 @@
+"""The OpenAI-compatible routes, driven by the official `openai` client against the real engine on the tiny model."""
+
+import mlx.core as mx
+import openai
+import pytest
+
+from http_harness import running_server
+from paraloop.lora import adapter_arrays
+from paraloop.server import STATE
+
+MESSAGES = [{"role": "user", "content": "What is 2 plus 3?"}]
+NO_EOS = {"ignore_eos": True}  # every completion runs to max_tokens: lengths and texts are exact
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path):
+    with running_server(tiny_model_path) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def chat_prompt_tokens(server, messages) -> list[int]:
+    tok = server.engine.tokenizer
+    return tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+
+
+def test_chat_completion_applies_the_chat_template_and_counts_tokens(server, client):
+    r = client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=6, extra_body=NO_EOS)
+    [choice] = r.choices
+    assert r.object == "chat.completion" and r.model == server.app[STATE].model_name
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    extra = choice.model_extra
+    assert len(extra["token_ids"]) == len(extra["token_logprobs"]) == 6
+    assert choice.message.content == server.engine.tokenizer.decode(extra["token_ids"])
+    assert all(lp <= 0 for lp in extra["token_logprobs"])
+    assert extra["adapter_versions"] == [0] and r.model_extra["adapter_version"] == 0
+    assert r.usage.prompt_tokens == len(chat_prompt_tokens(server, MESSAGES))
+    assert r.usage.completion_tokens == 6 and r.usage.total_tokens == r.usage.prompt_tokens + 6
+
+
+def test_completions_n4_gives_four_independent_samples_and_sums_usage(server, client):
+    prompt = "The capital of France is"
+    r = client.completions.create(
+        model="m", prompt=prompt, n=4, max_tokens=8, temperature=1.0, extra_body=NO_EOS
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    token_ids = [c.model_extra["token_ids"] for c in r.choices]
+    assert len({tuple(t) for t in token_ids}) > 1, "n samples must not be copies of one sample"
+    assert [c.text for c in r.choices] == [server.engine.tokenizer.decode(t) for t in token_ids]
+    assert r.usage.prompt_tokens == len(server.engine.tokenizer.encode(prompt))
+    assert r.usage.completion_tokens == 4 * 8
+
+
+def test_completions_accept_token_id_prompts(client):
+    r = client.completions.create(model="m", prompt=[5, 6, 7, 8], max_tokens=3, extra_body=NO_EOS)
+    assert r.usage.prompt_tokens == 4 and len(r.choices[0].model_extra["token_ids"]) == 3
+
+
+def test_completions_logprobs_report_top_alternatives(client):
+    r = client.completions.create(
+        model="m", prompt="Water freezes at", max_tokens=5, temperature=0, logprobs=3, extra_body=NO_EOS
+    )
+    [choice] = r.choices
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert lp.token_logprobs == choice.model_extra["token_logprobs"]
+    assert "".join(lp.tokens) == choice.text and lp.text_offset[0] == 0
+    for sampled, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 3
+        assert sampled == pytest.approx(max(top.values()))  # greedy: the sampled token is the top-1
+
+
+def test_chat_logprobs_follow_the_openai_shape(client):
+    r = client.chat.completions.create(
+        model="m", messages=MESSAGES, max_tokens=4, logprobs=True, top_logprobs=2, extra_body=NO_EOS
+    )
+    [choice] = r.choices
+    content = choice.logprobs.content
+    assert [c.logprob for c in content] == choice.model_extra["token_logprobs"]
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+
+
+def test_the_same_seed_reproduces_a_completion(client):
+    args = dict(model="m", prompt="Once upon", max_tokens=6, n=2, seed=1234, extra_body=NO_EOS)
+    first = client.completions.create(**args)
+    second = client.completions.create(**args)
+    assert [c.model_extra["token_ids"] for c in first.choices] == [
+        c.model_extra["token_ids"] for c in second.choices
+    ]
+
+
+def test_streaming_chat_sends_per_choice_chunks_then_usage(server, client):
+    stream = client.chat.completions.create(
+        model="m",
+        messages=MESSAGES,
+        n=2,
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=NO_EOS,
+    )
+    chunks = list(stream)
+    *token_chunks, usage_chunk = chunks
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 10
+    assert usage_chunk.usage.prompt_tokens == len(chat_prompt_tokens(server, MESSAGES))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in token_chunks if c.choices[0].index == index]
+        assert mine[0].delta.role == "assistant" and all(c.delta.role is None for c in mine[1:])
+        assert [c.finish_reason for c in mine] == [None] * 4 + ["length"]
+        ids = [t for c in mine for t in c.model_extra["token_ids"]]
+        assert "".join(c.delta.content for c in mine) == server.engine.tokenizer.decode(ids)
+        assert all(c.model_extra["adapter_versions"] == [0] for c in mine)
+    assert all(c.usage is None for c in token_chunks)
+
+
+def test_streaming_completions_match_the_plain_answer_for_a_seed(client):
+    args = dict(model="m", prompt="The river", max_tokens=6, seed=7, logprobs=1, extra_body=NO_EOS)
+    plain = client.completions.create(**args)
+    chunks = list(client.completions.create(stream=True, **args))
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    ids = [t for c in chunks for t in c.choices[0].model_extra["token_ids"]]
+    assert ids == plain.choices[0].model_extra["token_ids"]
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert offsets == plain.choices[0].logprobs.text_offset
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_a_live_adapter_swap_shows_in_the_versions_of_the_tokens(tiny_model_path):
+    with running_server(tiny_model_path, lora=True) as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        stream = client.completions.create(
+            model="m", prompt=[5, 6], n=2, max_tokens=4000, stream=True, extra_body=NO_EOS
+        )
+        versions: dict[int, list[int]] = {0: [], 1: []}
+        for chunk in stream:
+            [choice] = chunk.choices
+            versions[choice.index] += choice.model_extra["adapter_versions"]
+            if s.engine.version == 0:  # swap once generation is under way; returns when applied
+                arrays = {k: mx.zeros_like(v) for k, v in adapter_arrays(s.model).items()}
+                mx.eval(arrays)
+                s.portal.call(s.engine.swap_adapter, arrays, 1)
+            if all(1 in v for v in versions.values()):
+                break
+        stream.close()
+        client.close()
+        for row in versions.values():  # version 0 up to the swap, version 1 after it, never back
+            assert row[0] == 0 and row[-1] == 1 and row == sorted(row)
+        assert s.get("/health").json()["adapter_version"] == 1
+
+
+def test_models_and_health(server, client):
+    [card] = client.models.list().data
+    assert card.id == server.settings.model.base_path.rstrip("/").rsplit("/", 1)[-1]
+    health = server.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok", "adapter_version": 0}
