@@ -37,10 +37,14 @@ def run(ctx: Context) -> list[Line]:
     for i, (clients, per_client, max_tokens) in enumerate(levels(ctx.quick)):
         order = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]  # rotate who goes first
         results[clients] = {
-            kind: servers.closed_loop(running[kind], clients=clients, per_client=per_client, max_tokens=max_tokens)
+            kind: servers.closed_loop(
+                running[kind], clients=clients, per_client=per_client, max_tokens=max_tokens
+            )
             for kind in order
         }
-    ctx.shared["http_tokens_per_s"] = {c: {k: r.tokens_per_s for k, r in rs.items()} for c, rs in results.items()}
+    ctx.shared["http_tokens_per_s"] = {
+        c: {k: r.tokens_per_s for k, r in rs.items()} for c, rs in results.items()
+    }
 
     insane = [k for k, s in sanity.items() if not s["sane"]]
     lines = []

@@ -1,16 +1,18 @@
 """`paraloop run` end to end: memory (benchmark 5) and RL steps/minute with generation overlap (benchmark 6).
 
-Two short runs of SmolLM2 on the mock environment (the demo's task, LoRA and learning rate; 2 prompts x 8
+Three short runs of SmolLM2 on the mock environment (the demo's task, LoRA and learning rate; 2 prompts x 8
 completions of <= 24 tokens per step), each a child process in its own process group:
 - sync (the default mode): peak RSS (VmHWM, polled from /proc) over the model's resident weights (float32, what
   the CPU computes with) + LoRA/AdamW state + a KV-cache estimate for one batch; target <= 1.5, i.e. no second copy
-  of the base. Also the RSS right after start-up over the same (the footprint before any training).
+  of the base. Also the RSS right after start-up over the same (the footprint before any training), and the peak
+  of a third run with rl_training.token_budget = 256 (micro-batches bound the learner's activations).
 - async (generation overlaps training): steps/minute over the sync run's, and the engine's decode tokens/s while
   the learner steps over its tokens/s while the learner waits, both from /control/status polled every 0.5 s
   (counting generated tokens only over intervals where rows were decoding).
 """
 
 import json
+import shutil
 import struct
 import tempfile
 import time
@@ -38,6 +40,7 @@ learning_rate = 5e-5
 batch_size = {batch}
 total_steps = {steps}
 kl_beta = 0.0
+token_budget = {token_budget}
 max_tokens = {max_tokens}
 temperature = 1.0
 
@@ -73,7 +76,9 @@ def footprint(model_f32: Path) -> dict[str, int]:
     weights = sum(safetensors_bytes(p) for p in model_f32.glob("*.safetensors"))
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     kv_dim = config["num_key_value_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
-    per_layer = 16 * (2 * hidden + 2 * (hidden + kv_dim) + hidden + hidden + 2 * (hidden + inter) + (inter + hidden))
+    per_layer = 16 * (
+        2 * hidden + 2 * (hidden + kv_dim) + hidden + hidden + 2 * (hidden + inter) + (inter + hidden)
+    )
     lora = 16 * per_layer * 4 * 3  # 16 blocks, float32, parameters + two AdamW moments
     rows = GROUP * PROMPTS
     kv = rows * (PROMPT_TOKENS_EST + MAX_TOKENS) * config["num_hidden_layers"] * 2 * kv_dim * 4
@@ -88,21 +93,31 @@ def status(port: int) -> dict | None:
         return None
 
 
-def one_run(ctx: Context, mode: str, *, steps: int) -> dict:
+def one_run(ctx: Context, mode: str, *, steps: int, token_budget: int = 65536) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"paraloop-bench-run-{mode}-"))
+    try:
+        return _run(ctx, run_dir, mode, steps=steps, token_budget=token_budget)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run(ctx: Context, run_dir: Path, mode: str, *, steps: int, token_budget: int) -> dict:
     config = run_dir / "bench.toml"
     config.write_text(CONFIG.format(model=ctx.model_q4, mode=mode, batch=GROUP * PROMPTS, steps=steps,
-                                    max_tokens=MAX_TOKENS, group=GROUP, prompts=PROMPTS, run_dir=run_dir / "run"))  # fmt: skip
+                                    max_tokens=MAX_TOKENS, group=GROUP, prompts=PROMPTS, run_dir=run_dir / "run",
+                                    token_budget=token_budget))  # fmt: skip
     start = time.perf_counter()
-    child = ctx.spawn(f"run-{mode}", python_cmd("-m", "paraloop", "run", str(config), "--no-plot"))
-    pid, port, ready_at, ready_rss, peak, samples = child.proc.pid, None, None, None, 0, []
+    child = ctx.spawn(
+        f"run-{mode}-{token_budget}", python_cmd("-m", "paraloop", "run", str(config), "--no-plot")
+    )
+    pid, port, ready_at, ready_epoch, ready_rss, peak, samples = child.proc.pid, None, None, None, None, 0, []
     server_json = run_dir / "run" / "server.json"
     while child.alive():
         peak = max(peak, peak_rss_bytes(pid) or 0)
         if port is None and server_json.is_file():
             try:
                 port = json.loads(server_json.read_text())["port"]
-                ready_at, ready_rss = time.perf_counter(), peak_rss_bytes(pid)
+                ready_at, ready_epoch, ready_rss = time.perf_counter(), time.time(), peak_rss_bytes(pid)
             except (ValueError, KeyError):
                 pass
         if port is not None:
@@ -116,12 +131,16 @@ def one_run(ctx: Context, mode: str, *, steps: int) -> dict:
     ctx.stop(child)
     if child.proc.returncode != 0:
         raise RuntimeError(f"paraloop run ({mode}) exited with {child.proc.returncode}:\n{child.tail()}")
-    metrics = [json.loads(x) for x in (run_dir / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    last_step_at = next((t for t, _, _, _, step in samples if step >= steps), end)
-    return {"mode": mode, "steps": len(metrics), "wall_s": end - start, "startup_s": (ready_at or end) - start,
-            "train_wall_s": last_step_at - (ready_at or start), "peak_rss": peak, "ready_rss": ready_rss,
+    metrics = [
+        json.loads(x) for x in (run_dir / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()
+    ]
+    if not metrics or ready_epoch is None:
+        raise RuntimeError(f"paraloop run ({mode}) wrote no metrics or never served:\n{child.tail()}")
+    return {"mode": mode, "token_budget": token_budget, "steps": len(metrics), "wall_s": end - start,
+            "startup_s": ready_at - start, "train_wall_s": metrics[-1]["time"] - ready_epoch,  # serving -> last step
+            "peak_rss": peak, "ready_rss": ready_rss,
             "step_time_s": [m.get("step_time_s") for m in metrics], "reward_mean": [m.get("reward_mean") for m in metrics],
-            "samples": samples, "run_dir": str(run_dir)}  # fmt: skip
+            "samples": samples}  # fmt: skip
 
 
 def decode_rates(samples: list[tuple]) -> dict[str, float]:
@@ -137,24 +156,28 @@ def decode_rates(samples: list[tuple]) -> dict[str, float]:
 
 
 def run(ctx: Context) -> list[Line]:
-    steps = 2 if ctx.quick else 4
+    steps = 1 if ctx.quick else 3
     need = footprint(ctx.model_f32)
     sync = one_run(ctx, "sync", steps=steps)
     asyn = one_run(ctx, "async", steps=steps)
+    small = one_run(ctx, "sync", steps=1, token_budget=256)
     rates = decode_rates(asyn["samples"])
     per_min = {r["mode"]: r["steps"] / r["train_wall_s"] * 60 for r in (sync, asyn)}
     mib = 2**20
     detail = {"footprint_bytes": need, "sync": {k: v for k, v in sync.items() if k != "samples"},
-              "async": {k: v for k, v in asyn.items() if k != "samples"}, "decode_rates": rates}  # fmt: skip
+              "async": {k: v for k, v in asyn.items() if k != "samples"},
+              "sync_token_budget_256": {k: v for k, v in small.items() if k != "samples"}, "decode_rates": rates}  # fmt: skip
     est = f"weights {need['weights'] / mib:.0f} + LoRA/AdamW {need['lora_and_adamw'] / mib:.0f} + KV {need['kv_cache'] / mib:.0f} MiB"
     return [
         Line(NAME, "peak RSS of `paraloop run` (sync) over weights + LoRA state + KV estimate",
              sync["peak_rss"] / mib, need["total"] / mib, "MiB", "<= 1.5", est, detail),
         Line(NAME, "RSS after start-up (model loaded, engine up) over the same", (sync["ready_rss"] or 0) / mib,
              need["total"] / mib, "MiB"),
+        Line(NAME, "peak RSS with rl_training.token_budget = 256 (micro-batches) over the same", small["peak_rss"] / mib,
+             need["total"] / mib, "MiB"),
         Line(NAME, f"RL steps/minute, async over sync ({GROUP * PROMPTS} x <= {MAX_TOKENS} tokens per step)",
              per_min["async"], per_min["sync"], "steps/min",
-             note=f"sync {per_min['sync']:.2f}/min; first step included"),
+             note="from serving to the last step's metrics, first generation included"),
         Line(NAME, "rollout decode tokens/s while the learner steps over while it waits (async run)",
              rates["training"], rates["idle"], "tok/s",
              note=f"{rates['training_s']:.0f} s training / {rates['idle_s']:.0f} s waiting sampled"),

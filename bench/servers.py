@@ -82,7 +82,7 @@ def server(ctx: Context, kind: str) -> Server:
             raise RuntimeError(f"{kind} exited with {child.proc.returncode} while starting:\n{child.tail()}")
         try:
             return asyncio.run(_get_ok(f"{url}/health"))
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     wait_until(ready, timeout_s=START_TIMEOUT_S, interval_s=0.5, what=f"{kind} to answer /health")
@@ -146,7 +146,7 @@ async def _closed_loop(url: str, bodies: list[list[dict[str, Any]]], timeout_s: 
                 sent = time.perf_counter()
                 try:
                     answer = await post(session, url, body)
-                except (aiohttp.ClientError, RuntimeError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError, RuntimeError):
                     failed += 1
                     continue
                 latencies.append(time.perf_counter() - sent)
@@ -162,7 +162,10 @@ def closed_loop(srv: Server, *, clients: int, per_client: int, max_tokens: int, 
                 same_prompt: bool = False, timeout_s: float = 600) -> LoadResult:  # fmt: skip
     """`clients` concurrent clients, each sending `per_client` chat requests in a row."""
     bodies = [
-        [story_body(srv, 0 if same_prompt else c * per_client + i, max_tokens=max_tokens, n=n) for i in range(per_client)]
+        [
+            story_body(srv, 0 if same_prompt else c * per_client + i, max_tokens=max_tokens, n=n)
+            for i in range(per_client)
+        ]
         for c in range(clients)
     ]
     return asyncio.run(_closed_loop(f"{srv.url}/v1/chat/completions", bodies, timeout_s))

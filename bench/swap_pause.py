@@ -83,13 +83,15 @@ async def decode_and_swap(engine, tokenizer, versions: list[dict], *, swaps: int
             results[i] = e
 
     async def swapper() -> None:
-        while engine.stats()["active_rows"] < STREAMS:
+        while engine.stats()["active_rows"] < STREAMS:  # noqa: ASYNC110 (no event for "rows decoding")
             await anyio.sleep(0.02)
         for v in range(1, swaps + 1):
             swapped = await engine.swap_adapter(versions[v % len(versions)], v)
             pauses.append(swapped.pause_s)
             done_at.append(time.perf_counter())
-        base.update(baselines(twin_model, versions, repeats=repeats))  # blocks the loop, not the engine thread
+        base.update(
+            baselines(twin_model, versions, repeats=repeats)
+        )  # blocks the loop, not the engine thread
 
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)

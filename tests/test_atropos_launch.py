@@ -109,8 +109,9 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     assert plan.api_url == "http://127.0.0.1:8555" and plan.run_api == str(VENV / "bin" / "run-api")
     assert plan.trainer[1:] == ["-m", "paraloop", "run", "--config", str(config), "--set", "rl_training.total_steps=7"]
     argv = env_argv(plan, str(script), 8123)
-    assert argv[:3] == [str(VENV / "bin" / "python"), str(script), "serve"]
-    flags = dict(zip(argv[3::2], argv[4::2], strict=True))
+    assert argv[0] == str(VENV / "bin" / "python") and argv[1].endswith("env_shim.py")
+    assert argv[2:4] == [str(script), "serve"]
+    flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags["--openai.base_url"] == "http://127.0.0.1:8123/v1"
     assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(model)
     assert flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "7"

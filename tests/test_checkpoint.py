@@ -197,9 +197,8 @@ def test_retention_keeps_the_newest_n_steps_and_always_the_latest(tmp_path):
     for step in (10, 20, 30, 40):
         write(tmp_path, step, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000030", "step_000040"]
-    write(
-        tmp_path, 15
-    )  # a run resumed from an older step: `latest` now names a step that is not among the newest
+    # a run resumed from an older step: `latest` now names a step that is not among the newest
+    write(tmp_path, 15)
     removed = prune(tmp_path, 1)
     assert [p.name for p in removed] == ["step_000030"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000015", "step_000040"]

@@ -13,9 +13,8 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
 KILLS = 15
-FORK = (
-    sys.platform == "linux"
-)  # macOS frameworks are not fork-safe once loaded: spawn a process per life there
+# macOS frameworks are not fork-safe once loaded: spawn a process per life there
+FORK = sys.platform == "linux"
 
 # Each writer saves ~3 MB checkpoints (adapter, reference and optimizer moments, 1 MB each) back to back,
 # resuming the step count from the latest checkpoint and keeping the last 3 (so kills also hit pruning).
@@ -127,20 +126,22 @@ def test_kill_9_during_checkpoint_writes_never_loses_or_corrupts_a_checkpoint(tm
 
             leftovers = staged(run)
             mid_write += any(name.startswith(".tmp-step_") for name in leftovers)
-            # only the dead writer's own staging dirs may remain: earlier ones were removed by the next write
-            assert all(name.endswith(f"-{pid}") for name in leftovers), leftovers
             steps = list_checkpoints(run)
             latest = latest_checkpoint(run)
-            assert latest is not None and steps
+            assert (latest is None) == (not steps)
+            if latest is None:
+                continue  # killed before its first checkpoint was done
             for step_dir in steps:  # no step_ name ever holds a partial checkpoint
                 ckpt = read_checkpoint(step_dir)
                 assert ckpt.optimizer_state["step"].item() == ckpt.step
             newest = read_checkpoint(latest)
             # `latest` names the newest step, or the one before if the kill came between rename and pointer
             assert newest.step >= int(steps[-1].name.split("_")[1]) - 1
-            assert (
-                newest.step >= last_step
-            )  # a later life resumes from here, so nothing finished is ever lost
+            # a later life resumes from here, so nothing finished is ever lost
+            assert newest.step >= last_step
+            # a writer that finished a write has first removed the dead writers' staging dirs
+            if newest.step > last_step:
+                assert all(name.endswith(f"-{pid}") for name in leftovers), leftovers
             last_step = newest.step
     finally:
         writers.close()

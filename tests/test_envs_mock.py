@@ -141,7 +141,14 @@ def test_a_batch_counts_sequences_and_keeps_concurrency_prompts_in_flight(tokeni
     assert [g.tokens[0][:-2] for g in batch.groups] == [
         next(r.prompt_tokens for r in engine.requests if r.request_id == f"mock-1-{i}") for i in range(4)
     ]
-    assert env.status()["groups"] == 4 and env.status()["sequences"] == 16
+    status = env.status()
+    assert (status["source"], status["task"], status["groups"], status["sequences"]) == (
+        "mock",
+        "capitals",
+        4,
+        16,
+    )
+    assert status["mean_reward_recent"] == 0.0  # "#" and "$" have no capital letter
 
 
 def test_batch_size_must_be_a_multiple_of_the_group_size(tokenizer):
@@ -246,7 +253,7 @@ def test_bad_arguments_are_rejected_up_front(tokenizer):
     engine = FakeEngine(lambda request, row: ([5], "length"))
     with pytest.raises(ValueError, match="temperature"):
         env_on(engine, tokenizer, temperature=0.0)
-    with pytest.raises(ValueError, match="task 'nope'"):
+    with pytest.raises(ValueError, match="rl_training.mock.task: task 'nope'"):
         env_on(engine, tokenizer, task="nope")
 
 

@@ -1,6 +1,5 @@
 """The OpenAI-compatible routes, driven by the official `openai` client against the real engine on the tiny model."""
 
-import mlx.core as mx
 import openai
 import pytest
 
@@ -134,6 +133,8 @@ def test_streaming_completions_match_the_plain_answer_for_a_seed(client):
 
 
 def test_a_live_adapter_swap_shows_in_the_versions_of_the_tokens(tiny_model_path):
+    import mlx.core as mx  # here, not at the top: paraloop's OpenBLAS preload must come first
+
     with running_server(tiny_model_path, lora=True) as s:
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         stream = client.completions.create(

@@ -84,23 +84,18 @@ def rms(x: mx.array) -> float:
 # --- merge ---
 
 
+def merge_cli(base_model: Path, adapter: Path, output: Path, *flags: str) -> int:
+    return merge.main(
+        ["--base-model", str(base_model), "--adapter", str(adapter), "--output", str(output), *flags]
+    )
+
+
 def test_merge_of_a_float_base_gives_the_same_model_as_base_plus_adapter(tiny_model_path, tmp_path):
     model, tokenizer, config = trained_model(tiny_model_path)
     save_run(tmp_path / "run", model, config, steps=(1, 2))
 
-    assert (
-        merge.main(
-            [
-                "--base-model",
-                str(tiny_model_path),
-                "--adapter",
-                str(tmp_path / "run"),
-                "--output",
-                str(tmp_path / "merged"),
-            ]
-        )
-        == 0
-    )  # a run dir: its latest checkpoint
+    # a run dir: its latest checkpoint
+    assert merge_cli(tiny_model_path, tmp_path / "run", tmp_path / "merged") == 0
 
     merged, merged_tokenizer = mlx_lm.load(str(tmp_path / "merged"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
@@ -125,19 +120,7 @@ def test_merge_of_a_4bit_base_requantizes_unless_dequantize(tiny_model_path, tin
     f32_base, _ = mlx_lm.load(str(tiny_model_path))
     quantization_error = rms(logits(base, tokenizer) - logits(f32_base, tokenizer))
 
-    assert (
-        merge.main(
-            [
-                "--base-model",
-                str(tiny_q4_model_path),
-                "--adapter",
-                str(step_dir),
-                "--output",
-                str(tmp_path / "q4"),
-            ]
-        )
-        == 0
-    )
+    assert merge_cli(tiny_q4_model_path, step_dir, tmp_path / "q4") == 0
     requantized, _ = mlx_lm.load(str(tmp_path / "q4"))
     assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
     got = logits(requantized, tokenizer)
@@ -145,20 +128,7 @@ def test_merge_of_a_4bit_base_requantizes_unless_dequantize(tiny_model_path, tin
     assert rms(got - expected) < quantization_error and rms(got - expected) < 0.25 * adapter_effect
     assert (got.argmax(-1) == expected.argmax(-1)).mean().item() >= 0.75
 
-    assert (
-        merge.main(
-            [
-                "--base-model",
-                str(tiny_q4_model_path),
-                "--adapter",
-                str(step_dir),
-                "--output",
-                str(tmp_path / "f32"),
-                "--dequantize",
-            ]
-        )
-        == 0
-    )
+    assert merge_cli(tiny_q4_model_path, step_dir, tmp_path / "f32", "--dequantize") == 0
     dequantized, _ = mlx_lm.load(str(tmp_path / "f32"))
     assert "quantization" not in json.loads((tmp_path / "f32" / "config.json").read_text())
     assert mx.allclose(logits(dequantized, tokenizer), expected, atol=1e-4).item()
@@ -168,19 +138,7 @@ def test_merge_accepts_an_npz_adapter_dir(tiny_model_path, tmp_path):
     model, tokenizer, config = trained_model(tiny_model_path)
     write_initial_adapter(tmp_path / "run", adapter_arrays(model), config, "npz")
     adapter = tmp_path / "run" / "checkpoints" / "initial_adapter"
-    assert (
-        merge.main(
-            [
-                "--base-model",
-                str(tiny_model_path),
-                "--adapter",
-                str(adapter),
-                "--output",
-                str(tmp_path / "merged"),
-            ]
-        )
-        == 0
-    )
+    assert merge_cli(tiny_model_path, adapter, tmp_path / "merged") == 0
     merged, _ = mlx_lm.load(str(tmp_path / "merged"))
     assert mx.allclose(logits(merged, tokenizer), logits(model, tokenizer), atol=1e-4).item()
 
@@ -194,19 +152,7 @@ def test_a_full_fine_tune_checkpoint_loads_in_mlx_lm_and_merges(tiny_model_path,
 
     loaded, _ = mlx_lm.load(str(tiny_model_path), adapter_path=str(step_dir))
     assert mx.allclose(logits(loaded, tokenizer), logits(model, tokenizer), atol=1e-5).item()
-    assert (
-        merge.main(
-            [
-                "--base-model",
-                str(tiny_model_path),
-                "--adapter",
-                str(step_dir),
-                "--output",
-                str(tmp_path / "merged"),
-            ]
-        )
-        == 0
-    )
+    assert merge_cli(tiny_model_path, step_dir, tmp_path / "merged") == 0
     merged, _ = mlx_lm.load(str(tmp_path / "merged"))
     assert mx.allclose(logits(merged, tokenizer), logits(model, tokenizer), atol=1e-5).item()
 
@@ -237,19 +183,7 @@ def test_merge_rejects_bad_input_with_one_line(tiny_model_path, tmp_path, capsys
         assert merge.main([*map(str, args), "--output", str(tmp_path / "out")]) == 2
         assert_one_line_error(capsys.readouterr().err, message)
     (step_dir / "adapters.safetensors").write_bytes(b"garbage")
-    assert (
-        merge.main(
-            [
-                "--base-model",
-                str(tiny_model_path),
-                "--adapter",
-                str(step_dir),
-                "--output",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 2
-    )
+    assert merge_cli(tiny_model_path, step_dir, tmp_path / "out") == 2
     assert_one_line_error(capsys.readouterr().err, "adapters.safetensors")
     assert not (tmp_path / "out").exists()
 
@@ -269,9 +203,8 @@ def test_convert_between_safetensors_and_npz_keeps_the_arrays_and_config(tmp_pat
     }
     step_dir = write_checkpoint(tmp_path / "run", step=1, version=1, adapter=arrays, adapter_config=config)
 
-    assert (
-        convert_adapter.main([str(step_dir), str(tmp_path / "as_npz")]) == 0
-    )  # dir -> dir: the other format
+    # dir -> dir: the other format
+    assert convert_adapter.main([str(step_dir), str(tmp_path / "as_npz")]) == 0
     assert sorted(p.name for p in (tmp_path / "as_npz").iterdir()) == ["adapter.npz", "adapter_config.json"]
     assert convert_adapter.main([str(tmp_path / "as_npz"), str(tmp_path / "back" / "a.safetensors")]) == 0
     assert convert_adapter.main([str(tmp_path / "run"), str(tmp_path / "st"), "--to", "safetensors"]) == 0
@@ -318,7 +251,11 @@ def test_show_lists_steps_metrics_sizes_and_the_latest(tmp_path, capsys):
             version=step + 1,
             adapter=arrays,
             adapter_config={"num_layers": 1},
-            trainer_state={"metrics": {"loss": 0.5 / step, "reward_mean": step / 100}, "atropos_step": 7},
+            trainer_state={
+                "metrics": {"loss": 0.5 / step, "reward_mean": step / 100},
+                "atropos_step": 7,
+                "config": {"model": {"base_path": "models/tiny"}},
+            },
         )
     assert show_checkpoint.main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -339,7 +276,7 @@ def test_show_lists_steps_metrics_sizes_and_the_latest(tmp_path, capsys):
     assert show_checkpoint.main([str(tmp_path / "checkpoints" / "step_000020")]) == 0
     out = capsys.readouterr().out
     assert "  step: 20" in out and "  atropos_step: 7" in out and "loss=0.025" in out
-    assert "adapters.safetensors" in out
+    assert "adapters.safetensors" in out and "  base model: models/tiny" in out
 
 
 def test_show_names_the_bad_file_of_a_damaged_checkpoint(tmp_path, capsys):

@@ -51,6 +51,7 @@ class _Entry:
     priority: float
     source: str
     source_step: int | None
+    source_state: dict | None = None
 
     @property
     def sequences(self) -> int:
@@ -127,7 +128,14 @@ class RolloutBuffer:
 
     # --- in ---------------------------------------------------------------------------------------------------------
 
-    def put(self, group: ScoredGroup, *, source: str = "mock", source_step: int | None = None) -> bool:
+    def put(
+        self,
+        group: ScoredGroup,
+        *,
+        source: str = "mock",
+        source_step: int | None = None,
+        source_state: dict | None = None,
+    ) -> bool:
         """Hold `group`; False when it was dropped for carrying no signal. Past max_groups the oldest goes."""
         if len(group.tokens) > self.batch_size:
             raise ValueError(
@@ -140,7 +148,7 @@ class RolloutBuffer:
             self._counts["dropped_zero_signal"] += 1
             return False
         arrival = next(self._arrivals)
-        self._entries[arrival] = _Entry(arrival, group, priority, source, source_step)
+        self._entries[arrival] = _Entry(arrival, group, priority, source, source_step, source_state)
         while len(self._entries) > self.max_groups:
             del self._entries[next(iter(self._entries))]
             self._counts["dropped_overflow"] += 1
@@ -149,7 +157,10 @@ class RolloutBuffer:
     def put_batch(self, batch: RolloutBatch) -> int:
         """Hold every group of `batch`; returns how many were kept."""
         self._stale_since_take += batch.dropped_stale  # drops upstream still reach the learner's metrics
-        return sum(self.put(g, source=batch.source, source_step=batch.source_step) for g in batch.groups)
+        return sum(
+            self.put(g, source=batch.source, source_step=batch.source_step, source_state=batch.source_state)
+            for g in batch.groups
+        )
 
     # --- out --------------------------------------------------------------------------------------------------------
 
@@ -216,4 +227,6 @@ class RolloutBuffer:
             source=chosen[0].source,
             source_step=max(steps) if steps else None,
             dropped_stale=dropped,
+            # The source's position after the newest group taken: exact for fifo batches (resume starts after them).
+            source_state=max(chosen, key=lambda e: e.arrival).source_state,
         )

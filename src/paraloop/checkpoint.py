@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,14 +175,18 @@ def read_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
     if config is None:
         raise CheckpointError(f"{step_dir / CONFIG_NAME}: missing")
     files = state["files"]
+    optimizer_state = _load_flat(step_dir / OPTIMIZER) if OPTIMIZER in files else None
+    reference = _load_arrays(step_dir / REFERENCE) if REFERENCE in files else None
+    # mx.load is lazy: read the data now, while the files surely exist (retention may delete them later)
+    mx.eval(adapter, optimizer_state or {}, reference or {})
     return Checkpoint(
         path=step_dir,
         step=state["step"],
         version=state.get("version", state["step"]),
         adapter=adapter,
         adapter_config=config,
-        optimizer_state=_load_flat(step_dir / OPTIMIZER) if OPTIMIZER in files else None,
-        reference=_load_arrays(step_dir / REFERENCE) if REFERENCE in files else None,
+        optimizer_state=optimizer_state,
+        reference=reference,
         trainer_state=state,
     )
 
@@ -295,7 +300,7 @@ def prune(run_dir: str | Path, keep_last: int) -> list[Path]:
 # --- writing ------------------------------------------------------------------------------------------------
 
 
-def _write_dir(ckdir: Path, name: str, fill: Any) -> Path:
+def _write_dir(ckdir: Path, name: str, fill: Callable[[Path], Any]) -> Path:
     """Stage `name` in a hidden sibling, let `fill(tmp)` write it, fsync everything, rename it into place."""
     ckdir.mkdir(parents=True, exist_ok=True)
     _remove_stale(ckdir)
@@ -308,9 +313,7 @@ def _write_dir(ckdir: Path, name: str, fill: Any) -> Path:
         for file in tmp.iterdir():
             _fsync_file(file)
         _fsync_dir(tmp)
-        if (
-            final.exists()
-        ):  # rewriting a step: rename cannot replace a non-empty dir, so move the old one aside
+        if final.exists():  # rewriting a step: rename cannot replace a non-empty dir, move the old aside
             trash = ckdir / f".trash-{name}-{os.getpid()}"
             shutil.rmtree(trash, ignore_errors=True)
             os.rename(final, trash)

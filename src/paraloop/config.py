@@ -119,13 +119,16 @@ class AtroposConfig(Section):
 
 class MockEnvConfig(Section):
     task: str = "paraloop.envs.tasks:one_word"
-    """Reward task as `module:function` (see docs/configuration.md for the built-ins)."""
+    """Reward task as `module:function` returning a Task. Built in: `one_word` and `short_description`
+    (SmolLM2-135M-Instruct learns them in minutes on a CPU; the reward needs a correct word, not just the format)
+    and `capitals` (for the tiny random test model, at temperature <= 0.25)."""
     group_size: int = Field(8, ge=1)
     """Completions per prompt (one n=group_size request)."""
     max_tokens: int | None = None
     """Rollout length cap; default rl_training.max_tokens."""
     concurrency: int = Field(4, ge=1)
-    """Prompts in flight at once."""
+    """Prompts in flight at once when the engine cannot admit a whole batch together (paraloop's engine can:
+    there every group of a batch starts in the same decode step, which makes seeded runs repeatable)."""
 
 
 class RLTrainingConfig(Section):
@@ -157,8 +160,10 @@ class RLTrainingConfig(Section):
     """Truncated importance weight cap on pi_old/pi_rollout for stale rollouts (None: off)."""
     max_tokens: int = Field(256, ge=1)
     """Rollout generation cap for the mock environment. CLI: --max-tokens."""
-    token_budget: int = Field(65536, ge=64)
-    """Most tokens (padded) in one micro-batch; larger batches accumulate gradients. CLI: --token-budget."""
+    token_budget: int = Field(8192, ge=64)
+    """Most tokens (padded rows x longest row) in one micro-batch; larger batches accumulate gradients. Bounds the
+    learner's memory: the logits alone take token_budget x vocab x 4 bytes (SmolLM2: 1.6 GB at 8192).
+    CLI: --token-budget."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: (r - group mean) / (std + eps) with std of the group, of the batch, or no division."""
     advantage_eps: float = Field(1e-4, gt=0)

@@ -76,11 +76,13 @@ def prometheus_text(state: RunState) -> str:
     """Gauges in the Prometheus exposition format (version 0.0.4)."""
     snap = state.snapshot()
     lines: list[str] = []
+    described: set[str] = set()
 
     def gauge(name: str, value: Any, help_: str, labels: str = "") -> None:
         if value is None:
             return
-        if f"# HELP paraloop_{name} " not in "\n".join(lines):
+        if name not in described:
+            described.add(name)
             lines.append(f"# HELP paraloop_{name} {help_}")
             lines.append(f"# TYPE paraloop_{name} gauge")
         lines.append(f"paraloop_{name}{labels} {float(value)}")

@@ -51,8 +51,10 @@ def attach_lora(model: nn.Module, config: dict[str, Any], *, seed: int = 0) -> N
     params = config["lora_parameters"]
     mx.random.seed(seed)
     linear_to_lora_layers(model, config["num_layers"], dict(params))
+    model.train(model.training)  # new LoRA modules start in training mode: match the model (no dropout when serving)
     if not adapter_arrays(model):
-        raise ValueError(f"no layer matched LoRA keys {params['keys']} in the last {config['num_layers']} blocks")
+        keys = params.get("keys") or "every linear layer"
+        raise ValueError(f"no layer matched LoRA keys {keys} in the last {config['num_layers']} blocks")
 
 
 def has_lora(model: nn.Module) -> bool:

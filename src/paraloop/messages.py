@@ -114,6 +114,7 @@ class RolloutBatch(Msg):
     source: str  # "mock" | "atropos"
     source_step: int | None = None  # the Atropos server's step, when known
     dropped_stale: int = 0
+    source_state: dict[str, Any] | None = None  # where the source stands after this batch (saved for resume)
 
 
 # --- learner, checkpoints, control -----------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ def twin(module: nn.Module) -> nn.Module:
         return value
 
     new = copy.copy(module)  # a fresh dict-backed Module with the same attributes (arrays by reference)
+    if hasattr(module, "_no_grad"):
+        new._no_grad = set(module._no_grad)  # freezing one twin must not freeze the other
     for key, value in module.items():
         new[key] = clone(value)
     return new

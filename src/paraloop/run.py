@@ -75,7 +75,9 @@ def build_models(settings: Settings) -> Models:
 
     cfg = None
     if rl.train_mode == "lora":
-        if resumed is not None and resumed.adapter_config:
+        if resumed is not None:
+            if resumed.adapter_config.get("fine_tune_type", "lora") != "lora":
+                raise SetupError(f"{resumed.path} is a full-weight checkpoint: resume it with train_mode = 'full'")
             cfg = resumed.adapter_config
             attach_lora(model, cfg, seed=rl.seed)
         elif settings.model.lora_path:
@@ -131,15 +133,16 @@ async def watch_signals(control: Any, *, task_status: Any = anyio.TASK_STATUS_IG
                 raise KeyboardInterrupt
 
 
-def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -> tuple[Any, Any, Any]:
-    """The rollout source: (async iterator of RolloutBatch, status() -> dict, state() -> dict saved in checkpoints)."""
+def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -> tuple[Any, Any]:
+    """The rollout source: (async iterator of RolloutBatch, status() -> dict). Each batch carries the source's
+    position (RolloutBatch.source_state), which checkpoints keep for an exact resume."""
     rl = settings.rl_training
     if rl.atropos.api_url:
         from paraloop.atropos.client import AtroposClient
 
         starting_step = rl.atropos.starting_step
         if starting_step is None:
-            starting_step = int((resumed.trainer_state.get("atropos_step") or 0) if resumed else 0)
+            starting_step = resumed.step if resumed is not None else 0  # one Atropos step per learner step
         client = AtroposClient(
             rl.atropos,
             batch_size=rl.batch_size,
@@ -148,7 +151,7 @@ def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -
             checkpoint_dir=settings.checkpoint.dir,
             starting_step=starting_step,
         )
-        return client.batches(), client.status, lambda: {"atropos_step": client.status().get("own_step")}
+        return client.batches(), client.status
     from paraloop.envs.mock import MockEnvironment
 
     env = MockEnvironment(
@@ -159,11 +162,9 @@ def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -
         max_tokens=rl.mock.max_tokens or rl.max_tokens,
         seed=rl.seed,
     )
-    if resumed is not None and "mock_env" in resumed.trainer_state and hasattr(env, "load_state"):
-        env.load_state(resumed.trainer_state["mock_env"])
-    status = getattr(env, "status", lambda: {"source": "mock"})
-    saved = (lambda: {"mock_env": env.state()}) if hasattr(env, "state") else dict
-    return env.batches(rl.batch_size), status, saved
+    if resumed is not None and resumed.trainer_state.get("source_state"):
+        env.load_state(resumed.trainer_state["source_state"])
+    return env.batches(rl.batch_size), env.status
 
 
 async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
@@ -174,6 +175,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     from paraloop.actors.learner import Learner, LearnerControl
     from paraloop.actors.monitor import run_monitor, summary_table
     from paraloop.actors.publisher import run_publisher
+    from paraloop.buffer import RolloutBuffer
     from paraloop.control import control_routes
     from paraloop.engine import Engine
     from paraloop.lora import AdapterSlots
@@ -218,13 +220,13 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
         state.queues = {"rollouts": batches_send, "publish": published_send, "checkpoints": ckpt_send,
                         "metrics": finished_send}
 
-        source, state.source_status, source_state = make_source(settings, engine, models.tokenizer, models.resumed)
+        source, state.source_status = make_source(settings, engine, models.tokenizer, models.resumed)
 
         learner = Learner(
             trainer, thread, state=state, control=control, total_steps=rl.total_steps,
             checkpoint_interval=settings.checkpoint.interval, save_every_step=settings.checkpoint.save_every_step,
             batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
-            credits=credits_send.clone() if credits_send else None, extra_state=source_state,
+            credits=credits_send.clone() if credits_send else None,
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
         )
         app = make_app(engine, settings=settings, extra_routes=control_routes(state, control))
@@ -242,7 +244,13 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             tg.start_soon(partial(run_publisher, published_recv, engine=engine, state=state, credits=credits_send,
                                   drain=sync))
             tg.start_soon(partial(run_monitor, finished_recv, state=state, run_dir=run_dir))
-            tg.start_soon(partial(run_fetcher, source, batches_send, credits=credits_recv))
+            buffer = RolloutBuffer(
+                batch_size=rl.batch_size, priority=rl.buffer_priority,
+                max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
+            )
+            state.buffer_stats = buffer.stats
+            tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer, version=lambda: trainer.version,
+                                  credits=credits_recv))
             async with anyio.create_task_group() as training:
                 training.start_soon(learner.run)
                 training.start_soon(partial(

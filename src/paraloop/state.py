@@ -33,6 +33,7 @@ class RunState:
     queues: dict[str, Any] = field(default_factory=dict)  # name -> a memory object stream (for its depth)
     engine_stats: Callable[[], dict[str, float]] | None = None
     source_status: Callable[[], dict[str, Any]] | None = None
+    buffer_stats: Callable[[], dict[str, int]] | None = None
     http_port: int | None = None
 
     def record_step(self, done: StepFinished) -> None:
@@ -82,5 +83,6 @@ class RunState:
             "rejected_groups": self.rejected_groups,
             "last_checkpoint": self.last_checkpoint,
             "source": self.source_status() if self.source_status else {},
+            "buffer": self.buffer_stats() if self.buffer_stats else {},
             "run_dir": self.run_dir,
         }

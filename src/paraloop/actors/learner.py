@@ -109,7 +109,6 @@ class Learner:
         checkpoints: ObjectSendStream[SaveCheckpoint],
         finished: ObjectSendStream[StepFinished],
         credits: ObjectSendStream[int] | None,
-        extra_state: Callable[[], dict[str, Any]] = dict,
         max_staleness: int | None = None,
         stale_policy: str = "drop",
     ) -> None:
@@ -125,7 +124,7 @@ class Learner:
         self.checkpoints = checkpoints
         self.finished = finished
         self.credits = credits
-        self.extra_state = extra_state
+        self.source_state: dict[str, Any] | None = None  # the rollout source's position after the last batch trained
         self.max_staleness = max_staleness
         self.stale_policy = stale_policy
         control.snapshot = self.checkpoint_now
@@ -172,6 +171,7 @@ class Learner:
         return msgspec.structs.replace(batch, groups=fresh, dropped_stale=batch.dropped_stale + dropped)
 
     async def _step(self, batch: RolloutBatch) -> None:
+        self.state.dropped_stale += batch.dropped_stale  # dropped upstream (the rollout buffer)
         batch = self._drop_stale(batch)
         if not batch.groups:
             if self.credits is not None:
@@ -183,6 +183,8 @@ class Learner:
             adapter = None if result.skipped else await self.thread.call(self.trainer.adapter)
         finally:
             self.state.learner_busy = False
+        if batch.source_state is not None:
+            self.source_state = batch.source_state
         step, version = self.trainer.step_count, self.trainer.version
         metrics = dict(result.metrics)
         metrics["dropped_stale"] = float(batch.dropped_stale)
@@ -212,7 +214,7 @@ class Learner:
                 reference=reference,
                 optimizer_state=trainer_state["optimizer"],
                 trainer_state={"trainer": trainer_state["trainer"], "metrics": self.state.last_metrics,
-                               **self.extra_state()},
+                               "source_state": self.source_state},
                 reply=reply,
             )
         )

@@ -248,10 +248,14 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
     )
 
 
+ENV_SHIM = Path(__file__).with_name("env_shim.py")
+
+
 def env_argv(plan: Plan, script: str, port: int, *, defaults: bool = True) -> list[str]:
-    """`python script serve ...`: every BaseEnv's CLI, pointed at run-api and at paraloop's /generate."""
+    """`python env_shim.py script serve ...`: every BaseEnv's CLI, pointed at run-api and at paraloop's /generate
+    (through env_shim.py, so environments with a single server config honour --openai.base_url too)."""
     base_url = ["--openai.base_url", f"http://{plan.server_host}:{port}/v1"] if defaults else []
-    return [plan.env_python, script, "serve", *base_url, *plan.env_flags]
+    return [plan.env_python, str(ENV_SHIM), script, "serve", *base_url, *plan.env_flags]
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

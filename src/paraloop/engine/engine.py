@@ -169,7 +169,7 @@ class Engine:
         handle = Handle(request=request, send=send)
         self._admitted += 1
         try:
-            if not self._worker.post(Insert(handle)):  # the engine has stopped
+            if not self._worker.post(Insert((handle,))):  # the engine has stopped
                 for i in range(request.n):
                     yield TokenEvent(
                         row=i,
@@ -192,31 +192,42 @@ class Engine:
 
     async def complete(self, request: GenerateRequest) -> list[Completion]:
         """Generate and collect every row (ordered by row)."""
-        rows: list[dict[str, Any]] = [
-            {"tokens": [], "logprobs": [], "versions": [], "text": [], "finish_reason": "abort"}
-            for _ in range(request.n)
-        ]
         async with contextlib.aclosing(self.generate(request)) as events:
-            async for event in events:
-                row = rows[event.row]
-                if event.token != NO_TOKEN:
-                    row["tokens"].append(event.token)
-                    row["logprobs"].append(event.logprob)
-                    row["versions"].append(event.version)
-                row["text"].append(event.text)
-                if event.finish_reason is not None:
-                    row["finish_reason"] = event.finish_reason
-        return [
-            Completion(
-                row=i,
-                tokens=r["tokens"],
-                logprobs=r["logprobs"],
-                versions=r["versions"],
-                text="".join(r["text"]),
-                finish_reason=r["finish_reason"],
-            )
-            for i, r in enumerate(rows)
-        ]
+            return await collect(events, request.n)
+
+    async def complete_many(self, requests: list[GenerateRequest]) -> list[list[Completion]]:
+        """Generate several requests admitted together, in one decode step and in this order.
+
+        Their rows then share every decode step in a fixed arrangement, so seeded requests give the same tokens
+        run after run (continuous batching would otherwise let thread timing decide who joins which step): this
+        is what makes a resumed mock-environment run repeat an uninterrupted one exactly.
+        """
+        for request in requests:
+            validate(request, config=self.config, vocab=self._vocab)
+        if self._admitted + len(requests) > self.max_queue:
+            raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting or running)")
+        streams = [anyio.create_memory_object_stream[list[TokenEvent]](math.inf) for _ in requests]
+        handles = tuple(Handle(request=r, send=send) for r, (send, _) in zip(requests, streams, strict=True))
+        results: list[list[Completion]] = [[] for _ in requests]
+        self._admitted += len(requests)
+        try:
+            if not self._worker.post(Insert(handles)):
+                raise RuntimeError("the engine has stopped")
+
+            async def gather(i: int) -> None:
+                async with streams[i][1] as receive:
+                    results[i] = await collect(_flatten(receive), requests[i].n)
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(requests)):
+                    tg.start_soon(gather, i)
+        finally:
+            self._admitted -= len(requests)
+            for handle, (send, _) in zip(handles, streams, strict=True):
+                if not handle.done:
+                    self._worker.post(Cancel(handle))
+                send.close()
+        return results
 
     async def swap_adapter(self, arrays: dict[str, mx.array], version: int, *, drain: bool = False) -> AdapterSwapped:
         """Serve `arrays` (evaluated; shared by reference) as adapter `version` from the next decode step on.
@@ -283,3 +294,36 @@ class Engine:
                 pass  # the consumer left; its Cancel is on the way to the worker
             if finished:
                 handle.send.close()
+
+
+async def _flatten(receive: Any) -> AsyncIterator[TokenEvent]:
+    async for events in receive:
+        for event in events:
+            yield event
+
+
+async def collect(events: AsyncIterator[TokenEvent], n: int) -> list[Completion]:
+    """Collect a request's TokenEvents into one Completion per row (abort markers carry no token)."""
+    rows: list[dict[str, Any]] = [
+        {"tokens": [], "logprobs": [], "versions": [], "text": [], "finish_reason": "abort"} for _ in range(n)
+    ]
+    async for event in events:
+        row = rows[event.row]
+        if event.token != NO_TOKEN:
+            row["tokens"].append(event.token)
+            row["logprobs"].append(event.logprob)
+            row["versions"].append(event.version)
+        row["text"].append(event.text)
+        if event.finish_reason is not None:
+            row["finish_reason"] = event.finish_reason
+    return [
+        Completion(
+            row=i,
+            tokens=r["tokens"],
+            logprobs=r["logprobs"],
+            versions=r["versions"],
+            text="".join(r["text"]),
+            finish_reason=r["finish_reason"],
+        )
+        for i, r in enumerate(rows)
+    ]

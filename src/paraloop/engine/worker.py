@@ -48,7 +48,7 @@ class Handle:
 
 @dataclass(eq=False)
 class Insert:
-    handle: Handle
+    handles: tuple[Handle, ...]  # several: admitted in the same decode step (a deterministic batch composition)
 
 
 @dataclass(eq=False)
@@ -199,7 +199,7 @@ class Worker:
 
     def _apply(self, command: Any) -> None:
         if isinstance(command, Insert):
-            self._waiting.append(command.handle)
+            self._waiting.extend(command.handles)
         elif isinstance(command, Cancel):
             self._cancel(command.handle)
         elif isinstance(command, Swap):
@@ -396,7 +396,7 @@ class Worker:
             except queue.Empty:
                 break
             if isinstance(command, Insert):
-                waiting.append(command.handle)
+                waiting.extend(command.handles)
             elif isinstance(command, Cancel) and command.handle in waiting:
                 waiting.remove(command.handle)
             elif isinstance(command, Swap):

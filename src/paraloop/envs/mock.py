@@ -106,7 +106,10 @@ class MockEnvironment:
         self.engine = engine
         self.tokenizer = tokenizer
         self.config = config
-        self.task: Task = load_task(config.task)
+        try:
+            self.task: Task = load_task(config.task)
+        except ValueError as e:
+            raise ValueError(f"rl_training.mock.task: {e}") from e
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.seed = seed
@@ -123,18 +126,23 @@ class MockEnvironment:
         if index is None:
             index = self._next_group
             self._next_group += 1
+        messages, request = self._request(index)
+        return self._scored(messages, request, await self.engine.complete(request))
+
+    def _request(self, index: int) -> tuple[Messages, GenerateRequest]:
         rng = random.Random(f"{self.seed}/{index}")  # str seeds hash deterministically (not PYTHONHASHSEED)
         messages = self.task.prompt(rng)
-        prompt = prompt_ids(self.tokenizer, messages)
         request = GenerateRequest(
             request_id=f"mock-{self.seed}-{index}",
-            prompt_tokens=prompt,
+            prompt_tokens=prompt_ids(self.tokenizer, messages),
             n=self.config.group_size,
             params=SamplingParams(
                 temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63)
             ),
         )
-        completions = await self.engine.complete(request)
+        return messages, request
+
+    def _scored(self, messages: Messages, request: GenerateRequest, completions: list[Completion]) -> ScoredGroup:
         if any(c.finish_reason == "abort" for c in completions):
             raise RuntimeError(f"the engine aborted rollout request {request.request_id} (is it stopping?)")
         scores = [self._score(messages, c) for c in completions]
@@ -142,7 +150,7 @@ class MockEnvironment:
         self._recent_rewards.extend(scores)
         version = int(getattr(self.engine, "version", 0))
         return scored_group(
-            prompt, completions, scores, temperature=self.temperature, serving_version=version
+            request.prompt_tokens, completions, scores, temperature=self.temperature, serving_version=version
         )
 
     def _score(self, messages: Messages, completion: Completion) -> float:
@@ -170,21 +178,37 @@ class MockEnvironment:
         return batch_size // group_size
 
     async def batch(self, batch_size: int) -> RolloutBatch:
-        """Generate one learner batch of `batch_size` sequences, `concurrency` prompts in flight at once."""
+        """Generate one learner batch of `batch_size` sequences.
+
+        With an engine that has `complete_many`, every group's request is admitted in the same decode step, so the
+        batch's rows share their decode steps in a fixed arrangement and a seeded run repeats exactly (a resumed
+        run included); otherwise `concurrency` groups are in flight at once.
+        """
         count = self.groups_per_batch(batch_size)
         first = self._next_group  # indices fixed up front: prompts and seeds do not depend on scheduling
         self._next_group += count
-        groups: list[ScoredGroup | None] = [None] * count
-        limiter = anyio.CapacityLimiter(self.config.concurrency)
+        built = [self._request(first + slot) for slot in range(count)]
+        if hasattr(self.engine, "complete_many"):
+            results = await self.engine.complete_many([request for _, request in built])
+            groups = [self._scored(m, r, c) for (m, r), c in zip(built, results, strict=True)]
+        else:
+            filled: list[ScoredGroup | None] = [None] * count
+            limiter = anyio.CapacityLimiter(self.config.concurrency)
 
-        async def fill(slot: int) -> None:
-            async with limiter:
-                groups[slot] = await self.group(first + slot)
+            async def fill(slot: int) -> None:
+                async with limiter:
+                    messages, request = built[slot]
+                    filled[slot] = self._scored(messages, request, await self.engine.complete(request))
 
-        async with anyio.create_task_group() as tg:
-            for slot in range(count):
-                tg.start_soon(fill, slot)
-        return RolloutBatch(groups=[g for g in groups if g is not None], source="mock")
+            async with anyio.create_task_group() as tg:
+                for slot in range(count):
+                    tg.start_soon(fill, slot)
+            groups = [g for g in filled if g is not None]
+        return RolloutBatch(
+            groups=groups,
+            source="mock",
+            source_state={**self.state(), "next_group": first + count},  # not later prefetches: exact resume
+        )
 
     async def batches(self, batch_size: int, *, gate: Gate | None = None) -> AsyncIterator[RolloutBatch]:
         """Learner batches forever. With a gate, each batch waits on `await gate.wait()` before generating."""

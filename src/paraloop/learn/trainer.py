@@ -117,6 +117,8 @@ class Trainer:
 
     def adapter(self) -> dict[str, mx.array]:
         """The trained arrays by name (LoRA arrays, or every weight in full mode): evaluated, never mutated later."""
+        if self._slots is not None:
+            return adapter_arrays(self.model)
         return dict(tree_flatten(self.model.trainable_parameters()))
 
     def reference(self) -> dict[str, mx.array] | None:

@@ -7,7 +7,6 @@ DIR: a run dir, its checkpoints/ dir, or one step dir. Every checkpoint is check
 and the command ends with one `paraloop: error: ...` line and exit code 2, as for a DIR with no checkpoint.
 """
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +55,9 @@ def show_one(path: Path, *, verify: bool) -> None:
     print("  files:")
     for name, entry in state["files"].items():
         print(f"    {name:28s} {human_size(entry['bytes']):>10s}  sha256 {entry['sha256'][:12]}")
-    config = state.get("config")
-    if isinstance(config, dict):
-        print(f"  config: {json.dumps(config, sort_keys=True)[:200]}")
+    model = (state.get("config") or {}).get("model") or {}
+    if isinstance(model, dict) and model.get("base_path"):  # what `paraloop merge --base-model` needs
+        print(f"  base model: {model['base_path']}")
 
 
 def show_run(path: Path, *, verify: bool) -> list[str]:

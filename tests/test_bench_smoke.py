@@ -1,0 +1,64 @@
+"""The benchmark harness's bookkeeping (no benchmark runs here: speed lives in `make bench`)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `bench` is a top-level folder, not installed
+
+from bench.harness import Line, table  # noqa: E402
+from bench.paraloop_run import decode_rates, safetensors_bytes  # noqa: E402
+from bench.report import BEGIN, END, update_docs  # noqa: E402
+
+
+def test_a_target_without_unit_applies_to_the_ratio():
+    assert Line("b", "faster", 2.0, 1.0, "tok/s", ">= 1.0").met is True
+    assert Line("b", "slower", 0.5, 1.0, "tok/s", ">= 1.0").met is False
+    assert Line("b", "memory", 3.0, 2.0, "MiB", "<= 1.5").met is True
+    assert Line("b", "no baseline", 1.0, None, "tok/s", ">= 1.0").met is None
+    assert Line("b", "no target", 1.0, 2.0, "tok/s").met is None
+
+
+def test_a_target_with_a_unit_applies_to_paraloops_own_number_in_that_unit():
+    assert Line("swap", "pause", 0.27, None, "ms", "<= 1 ms").met is True
+    assert Line("swap", "pause", 1.5, 0.1, "ms", "<= 1 ms").met is False
+    assert Line("swap", "pause", 0.0005, None, "s", "<= 1 ms").met is True
+    assert Line("swap", "failed", 0.0, 32.0, "requests", "<= 0 requests").met is True
+    assert Line("swap", "failed", 1.0, 32.0, "requests", "<= 0 requests").met is False
+
+
+def test_the_table_has_one_row_per_line_and_marks_misses():
+    text = table([Line("http", "32 clients", 120.0, 100.0, "tok/s", ">= 1.0"),
+                  Line("run", "peak RSS", 3000.0, 1000.0, "MiB", "<= 1.5")])  # fmt: skip
+    rows = text.splitlines()
+    assert len(rows) == 4
+    assert "1.20x" in rows[2] and rows[2].endswith("| yes |")
+    assert "3.00x" in rows[3] and rows[3].endswith("| **no** |")
+
+
+def test_updating_the_docs_replaces_only_the_generated_block(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(f"# Benchmarks\nintro\n{BEGIN}\nold table\n{END}\nanalysis\n")
+    update_docs(docs, "new table")
+    assert docs.read_text() == f"# Benchmarks\nintro\n{BEGIN}\nnew table\n{END}\nanalysis\n"
+    fresh = tmp_path / "fresh.md"
+    update_docs(fresh, "first table")
+    assert fresh.read_text().endswith(f"{BEGIN}\nfirst table\n{END}\n")
+
+
+def test_decode_rates_count_only_intervals_where_rows_decode():
+    # (time, learner busy, generated tokens, active rows, step)
+    samples = [(0.0, False, 0, 16, 0), (1.0, False, 20, 16, 0), (2.0, True, 30, 16, 0), (3.0, True, 35, 16, 0),
+               (4.0, True, 35, 0, 1), (5.0, True, 35, 0, 1)]  # fmt: skip
+    rates = decode_rates(samples)
+    assert rates["idle"] == 20.0  # 0 -> 1 s; the 1 -> 2 s interval changes state and is left out
+    assert rates["training"] == 5.0  # 2 -> 3 s only: no rows decode after 3 s
+    assert rates["training_s"] == 1.0
+
+
+def test_safetensors_bytes_sums_the_tensors_in_the_header(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.int8)}, str(path))
+    assert safetensors_bytes(path) == 3 * 4 * 4 + 5
