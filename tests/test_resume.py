@@ -34,3 +34,18 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(tiny_model_path, tmp_
     for name, array in a.optimizer_state.items():
         if hasattr(array, "shape"):
             assert np.array_equal(np.array(array), np.array(b.optimizer_state[name])), name
+
+
+def test_run_continues_from_an_adapter_trained_by_mlx_lm_lora(tiny_model_path, tmp_path):
+    from test_checkpoint_mlx_lm import write_like_mlx_lm_lora
+
+    from paraloop.lora import load_adapter
+
+    write_like_mlx_lm_lora(tiny_model_path, tmp_path / "adapters")
+    start, _ = load_adapter(tmp_path / "adapters")
+    run(tiny_model_path, tmp_path / "run", "--steps", "2", "--lora-path", str(tmp_path / "adapters"))
+    final = read_checkpoint(tmp_path / "run")
+    assert final.step == 2
+    assert final.adapter_config["num_layers"] == 2 and final.adapter_config["lora_parameters"]["rank"] == 8
+    assert sorted(final.adapter) == sorted(start), "the same LoRA layout as the mlx-lm adapter"
+    assert any(not np.array_equal(np.array(final.adapter[k]), np.array(v)) for k, v in start.items())
