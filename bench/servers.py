@@ -99,11 +99,27 @@ async def _get_ok(url: str) -> bool:
 # --- requests ----------------------------------------------------------------------------------------------------
 
 
-def story_body(srv: Server, index: int, *, max_tokens: int, n: int | None = None) -> dict[str, Any]:
+def long_context(words: int) -> str:
+    """Background text of about `words` words (~1.3 tokens each), for prompts where prefill matters."""
+    sentences = [f"Note {i}: the story may mention {topic}." for i, topic in enumerate(TOPICS * 50)]
+    text, count = [], 0
+    for sentence in sentences:
+        if count >= words:
+            break
+        text.append(sentence)
+        count += len(sentence.split())
+    return " ".join(text) + "\n\n"
+
+
+def story_body(
+    srv: Server, index: int, *, max_tokens: int, n: int | None = None, prefix: str = ""
+) -> dict[str, Any]:
     """A chat request asking for a long answer, decoded to exactly max_tokens tokens."""
     topic = TOPICS[index % len(TOPICS)]
     body = {
-        "messages": [{"role": "user", "content": f"Write a long story about {topic} (story {index})."}],
+        "messages": [
+            {"role": "user", "content": f"{prefix}Write a long story about {topic} (story {index})."}
+        ],
         "max_tokens": max_tokens,
         "temperature": 1.0,
         **srv.no_eos(),
@@ -128,6 +144,10 @@ class LoadResult:
     requests: int
     failed: int
     latencies_s: list[float]
+
+    def __add__(self, other: "LoadResult") -> "LoadResult":
+        return LoadResult(self.tokens + other.tokens, self.wall_s + other.wall_s, self.requests + other.requests,
+                          self.failed + other.failed, self.latencies_s + other.latencies_s)  # fmt: skip
 
     @property
     def tokens_per_s(self) -> float:
@@ -159,15 +179,17 @@ async def _closed_loop(url: str, bodies: list[list[dict[str, Any]]], timeout_s: 
 
 
 def closed_loop(srv: Server, *, clients: int, per_client: int, max_tokens: int, n: int | None = None,
-                same_prompt: bool = False, timeout_s: float = 600) -> LoadResult:  # fmt: skip
-    """`clients` concurrent clients, each sending `per_client` chat requests in a row."""
+                same_prompt: bool = False, first: int = 0, prefix: str = "", timeout_s: float = 600) -> LoadResult:  # fmt: skip
+    """`clients` concurrent clients, each sending `per_client` chat requests in a row; prompts are numbered from
+    `first` (distinct prompts per round keep mlx_lm.server's prompt cache from replaying a previous round)."""
     bodies = [
         [
-            story_body(srv, 0 if same_prompt else c * per_client + i, max_tokens=max_tokens, n=n)
+            story_body(srv, first if same_prompt else first + c * per_client + i, max_tokens=max_tokens, n=n,
+                       prefix=prefix)
             for i in range(per_client)
         ]
         for c in range(clients)
-    ]
+    ]  # fmt: skip
     return asyncio.run(_closed_loop(f"{srv.url}/v1/chat/completions", bodies, timeout_s))
 
 

@@ -10,8 +10,10 @@ It is what a real environment does: chat prompts through atroposlib's ManagedSer
 {base_url without /v1}/generate with prompt token ids, GET /health), so tokens, masks (-100 on the prompt) and
 inference_logprobs (1.0 on the prompt) come from the inference server's own tokens and logprobs, not re-tokenized
 text. Scores vary within a group (ensure_scores_are_not_same is off so a random model's groups are kept anyway).
+ATROPOS_TEST_SINGLE_SERVER_CONFIG=1 runs the variant whose config_init returns a bare server config, like GSM8K.
 """
 
+import os
 import re
 
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup
@@ -94,5 +96,15 @@ class ArithmeticEnv(BaseEnv):
         return None
 
 
+class SingleServerConfigEnv(ArithmeticEnv):
+    """config_init returns one APIServerConfig, not a list, as GSM8K does: atroposlib then ignores
+    --openai.base_url unless run through paraloop/atropos/env_shim.py."""
+
+    @classmethod
+    def config_init(cls) -> tuple[BaseEnvConfig, APIServerConfig]:
+        env, servers = super().config_init()
+        return env, servers[0]
+
+
 if __name__ == "__main__":
-    ArithmeticEnv.cli()
+    (SingleServerConfigEnv if os.environ.get("ATROPOS_TEST_SINGLE_SERVER_CONFIG") else ArithmeticEnv).cli()

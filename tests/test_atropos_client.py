@@ -157,6 +157,22 @@ def test_a_resumed_run_registers_at_its_step_and_stops_at_total_steps(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_batch_answered_to_the_first_batch_call_is_not_lost(tmp_path):
+    """run-api keeps its config across trainer registrations: a second trainer's immediate /batch may get a batch."""
+
+    async def scenario():
+        async with running_api() as (_, url):
+            await make_client(url, tmp_path, total_steps=1).register()
+            for tag in (1, 2):
+                await call(url, "/scored_data", group(tag, env_id=None))
+            client = make_client(url, tmp_path, total_steps=1)
+            await client.register()  # its /batch right after /register took the queued batch
+            assert (await call(url, "/status"))["queue_size"] == 0
+            return await take(client, 1)
+
+    assert [first_tokens(b) for b in asyncio.run(scenario())] == [[1, 2]]
+
+
 def test_config_starting_step_overrides_the_resumed_step(tmp_path):
     client = AtroposClient(AtroposConfig(api_url="http://127.0.0.1:1", starting_step=2), batch_size=4,
                            token_budget=4096, total_steps=10, checkpoint_dir="ck", starting_step=5)

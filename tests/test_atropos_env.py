@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from paraloop.atropos.client import AtroposClient
-from paraloop.atropos.launch import ProcessGroup, start_run_api, wait_http
+from paraloop.atropos.launch import ENV_SHIM, ProcessGroup, start_run_api, wait_http
 from paraloop.config import AtroposConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,9 +73,10 @@ class GenerateStub:
         return runner, site._server.sockets[0].getsockname()[1]
 
 
-def env_argv(*, api_url: str, server_port: int, model_dir: Path) -> list[str]:
+def env_argv(*, api_url: str, server_port: int, model_dir: Path, shim: bool) -> list[str]:
+    run = [str(ENV_PYTHON), str(ENV_SHIM), str(ENV_SCRIPT)] if shim else [str(ENV_PYTHON), str(ENV_SCRIPT)]
     return [
-        str(ENV_PYTHON), str(ENV_SCRIPT), "serve",
+        *run, "serve",
         "--env.rollout_server_url", api_url,
         "--env.tokenizer_name", str(model_dir),
         "--env.group_size", str(GROUP_SIZE),
@@ -87,14 +88,18 @@ def env_argv(*, api_url: str, server_port: int, model_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-async def batches_from_real_env(procs: ProcessGroup, *, server_port: int, model_dir: Path, run_dir: Path) -> tuple:
-    """Start run-api and the environment, register a client and take STEPS batches from it."""
+async def batches_from_real_env(procs: ProcessGroup, *, server_port: int, model_dir: Path, run_dir: Path,
+                                single_server_config: bool = False) -> tuple:
+    """Start run-api and the environment, register a client and take STEPS batches from it. With
+    single_server_config the environment returns a bare server config (like GSM8K) and runs through env_shim.py."""
     api_url = f"http://127.0.0.1:{free_port()}"
     await start_run_api(procs, str(RUN_API), api_url)
     client = AtroposClient(AtroposConfig(api_url=api_url, poll_interval=0.1, max_backoff=1.0), batch_size=BATCH_SIZE,
                            token_budget=4096, total_steps=STEPS, checkpoint_dir=str(run_dir))
     await client.register()
-    env = await procs.start("env", env_argv(api_url=api_url, server_port=server_port, model_dir=model_dir))
+    argv = env_argv(api_url=api_url, server_port=server_port, model_dir=model_dir, shim=single_server_config)
+    extra_env = {"ATROPOS_TEST_SINGLE_SERVER_CONFIG": "1"} if single_server_config else {}
+    env = await procs.start("env", argv, env=extra_env)
     batches = []
     async with asyncio.timeout(90):
         async for batch in client.batches():
@@ -122,8 +127,9 @@ def test_a_real_environment_sends_what_the_inference_server_generated(tiny_model
         runner, port = await stub.start()
         try:
             async with ProcessGroup(grace=5) as procs:
+                # GSM8K-style single server config: only env_shim.py makes it call this stub, not :9004.
                 return await batches_from_real_env(procs, server_port=port, model_dir=tiny_model_path,
-                                                   run_dir=tmp_path)
+                                                   run_dir=tmp_path, single_server_config=True)
         finally:
             await runner.cleanup()
 

@@ -48,6 +48,9 @@ class Unavailable(Exception):
 
 
 class AtroposClient:
+    """The trainer side of run-api. Besides the run's shape: checkpoint_interval is sent as run-api's
+    save_checkpoint_interval (when environments save their own state; 0: never), request_timeout bounds each call."""
+
     def __init__(
         self,
         config: AtroposConfig,

@@ -5,7 +5,8 @@
 In: a paraloop config (rl_training.atropos.api_url: where run-api listens; server.host/port: where paraloop serves
 /generate, port 0 is read back from RUN_DIR/server.json; model.base_path: the tokenizer environments load) and
 environment scripts (BaseEnv subclasses with atroposlib's `serve` CLI), which get the flags pointing them at run-api
-and at paraloop, then the user's flags after `--`. run-api and the environments run from the Atropos venv
+and at paraloop, then the user's flags after `--` (run through env_shim.py, so a script with a single server config
+honours --openai.base_url too). run-api and the environments run from the Atropos venv
 (--atropos-venv, $PARALOOP_ATROPOS_VENV, ./.venv-atropos, or run-api on PATH); `paraloop run` from this Python.
 Out: every child's output line by line on stdout, prefixed with its name. Stops: when `paraloop run` exits, when
 run-api or an environment fails (an environment exiting 0 has queued its share: training goes on), on SIGINT or
