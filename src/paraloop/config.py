@@ -279,11 +279,11 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # First wins: CLI flags (init kwargs), then PARALOOP_* variables, then the TOML file of this call.
-        toml = _toml_tree.get()
+        toml = _toml_tree.get() or {}
         return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=toml))
 
 
-_toml_tree: ContextVar[dict[str, Any]] = ContextVar("paraloop_toml_tree", default={})
+_toml_tree: ContextVar[dict[str, Any] | None] = ContextVar("paraloop_toml_tree", default=None)
 
 
 class ConfigError(ValueError):

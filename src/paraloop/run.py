@@ -150,6 +150,7 @@ def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -
             total_steps=rl.total_steps,
             checkpoint_dir=settings.checkpoint.dir,
             starting_step=starting_step,
+            checkpoint_interval=settings.checkpoint.interval,
         )
         return client.batches(), client.status
     from paraloop.envs.mock import MockEnvironment
@@ -186,7 +187,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
 
     rl = settings.rl_training
     run_dir = Path(settings.checkpoint.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
     thread = MlxThread("paraloop-learner")
     try:
         models = await thread.call(build_models, settings)
