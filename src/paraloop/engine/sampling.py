@@ -9,6 +9,7 @@ Filters follow vLLM's order: temperature, then top-k, top-p and min-p on the tem
 """
 
 import mlx.core as mx
+import numpy as np
 
 from paraloop.messages import SamplingParams
 
@@ -76,21 +77,32 @@ class RowSampler:
 
 
 def token_logprobs(
-    logprobs: mx.array, tokens: list[int], temperatures: list[float], top_k: int
-) -> tuple[mx.array, mx.array | None, mx.array | None]:
+    logprobs: list[np.ndarray], tokens: list[int], temperatures: list[float], top_k: int
+) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
     """log_softmax(logits / T) of each row's token, plus the `top_k` most likely alternatives of the same
-    distribution (ids and logprobs, most likely first), or None when top_k is 0.
+    distribution (ids and logprobs, most likely first; None when top_k is 0).
 
-    `logprobs` is (rows, vocab) log-softmax at T = 1; log_softmax(lp / T) == log_softmax(logits / T).
-    A temperature of 0 (greedy) reports T = 1.
+    `logprobs` are the rows' (vocab,) log-softmax at T = 1, as NumPy views of BatchGenerator's evaluated arrays;
+    log_softmax(lp / T) == log_softmax(logits / T). A temperature of 0 (greedy) reports T = 1.
+    This runs in NumPy on purpose: an MLX op here would queue on the generation stream behind the next decode step
+    (which BatchGenerator has already started with async_eval) and make every step wait for the next one.
     """
-    inv_t = mx.array([1.0 / t if t > 0 else 1.0 for t in temperatures], dtype=logprobs.dtype)[:, None]
-    scaled = logprobs * inv_t
-    scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-    chosen = mx.take_along_axis(scaled, mx.array(tokens)[:, None], axis=-1)[:, 0]
+    chosen: list[float] = []
+    ids: list[list[int]] = []
+    vals: list[list[float]] = []
+    for lp, token, t in zip(logprobs, tokens, temperatures, strict=True):
+        if t in (0.0, 1.0):
+            scaled = lp  # already normalised at T = 1
+        else:
+            z = lp.astype(np.float32) / np.float32(t)
+            peak = z.max()
+            scaled = z - (peak + np.log(np.exp(z - peak).sum(dtype=np.float64)).astype(np.float32))
+        chosen.append(float(scaled[token]))
+        if top_k > 0:
+            top = np.argpartition(-scaled, top_k - 1)[:top_k]
+            top = top[np.argsort(-scaled[top], kind="stable")]
+            ids.append(top.tolist())
+            vals.append(scaled[top].astype(np.float64).tolist())
     if top_k <= 0:
         return chosen, None, None
-    top_ids = mx.argpartition(-scaled, kth=top_k - 1, axis=-1)[:, :top_k]
-    top_vals = mx.take_along_axis(scaled, top_ids, axis=-1)
-    order = mx.argsort(-top_vals, axis=-1)
-    return chosen, mx.take_along_axis(top_ids, order, axis=-1), mx.take_along_axis(top_vals, order, axis=-1)
+    return chosen, ids, vals

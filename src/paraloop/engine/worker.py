@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 
@@ -318,13 +319,10 @@ class Worker:
         rows = [self._rows[r.uid] for r in responses]
         tokens = [r.token for r in responses]
         top_k = max(row.top_logprobs for row in rows)
-        chosen, top_ids, top_vals = token_logprobs(
-            mx.stack([r.logprobs for r in responses]), tokens, [row.temperature for row in rows], top_k
+        # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
+        chosen_l, ids_l, vals_l = token_logprobs(
+            [np.asarray(r.logprobs) for r in responses], tokens, [row.temperature for row in rows], top_k
         )
-        mx.eval(chosen, top_ids, top_vals)
-        chosen_l = chosen.tolist()
-        ids_l = top_ids.tolist() if top_ids is not None else None
-        vals_l = top_vals.tolist() if top_vals is not None else None
 
         out: dict[Handle, Pending] = {}
         stopped_by_text = []
