@@ -45,6 +45,7 @@ atropos-venv: .venv-atropos/.installed
 
 test: install atropos-venv
 	$(BIN)/paraloop config docs --check
+	$(BIN)/ruff check src tests bench examples
 	$(BIN)/pytest -q -p no:cacheprovider
 
 test-fast: install
@@ -61,7 +62,6 @@ bench: install models/smollm2/config.json
 	$(BIN)/python -m bench.run_all
 
 lint: $(BIN)/.installed
-	$(BIN)/pip install $(PIP_QUIET) ruff
 	$(BIN)/ruff check src tests bench examples
 
 docs: $(BIN)/.installed

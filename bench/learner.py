@@ -145,5 +145,5 @@ def run(ctx: Context) -> list[Line]:
                           r["grpo_tokens_per_s"], r["sft_tokens_per_s"], "tok/s", ">= 0.8", detail=r))  # fmt: skip
         lines.append(Line(NAME, f"{label}: MLX peak memory, GRPO step over SFT step",
                           r["grpo_mlx_peak_bytes"] / 2**20, r["sft_mlx_peak_bytes"] / 2**20, "MiB",
-                          note=f"process peak RSS {r['process_peak_rss_bytes'] / 2**20:.0f} MiB"))  # fmt: skip
+                          note=f"this process's peak RSS so far {r['process_peak_rss_bytes'] / 2**20:.0f} MiB"))  # fmt: skip
     return lines

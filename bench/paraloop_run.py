@@ -6,9 +6,9 @@ completions of <= 24 tokens per step), each a child process in its own process g
   the CPU computes with) + LoRA/AdamW state + a KV-cache estimate for one batch; target <= 1.5, i.e. no second copy
   of the base. Also the RSS right after start-up over the same (the footprint before any training), and the peak
   of a third run with rl_training.token_budget = 256 (micro-batches bound the learner's activations).
-- async (generation overlaps training): steps/minute over the sync run's, and the engine's decode tokens/s while
-  the learner steps over its tokens/s while the learner waits, both from /control/status polled every 0.5 s
-  (counting generated tokens only over intervals where rows were decoding).
+- async (generation may overlap training): steps/minute over the sync run's, and the tokens generated per second
+  while the learner steps over the engine's decode tokens/s while the learner waits (intervals with rows decoding),
+  both from /control/status polled every 0.5 s.
 """
 
 import json
@@ -144,10 +144,13 @@ def _run(ctx: Context, run_dir: Path, mode: str, *, steps: int, token_budget: in
 
 
 def decode_rates(samples: list[tuple]) -> dict[str, float]:
-    """Engine tokens/s while the learner steps and while it does not, over intervals with rows decoding."""
+    """Tokens generated per second while the learner steps (whatever the engine was doing), and the engine's decode
+    rate while the learner waits (over intervals with rows decoding at both ends)."""
     sums = {True: [0.0, 0.0], False: [0.0, 0.0]}
     for (t0, busy0, tok0, rows0, _), (t1, busy1, tok1, rows1, _) in zip(samples, samples[1:], strict=False):
-        if busy0 == busy1 and rows0 > 0 and rows1 > 0 and tok1 >= tok0:
+        if busy0 != busy1 or tok1 < tok0:
+            continue
+        if busy0 or (rows0 > 0 and rows1 > 0):
             sums[busy0][0] += tok1 - tok0
             sums[busy0][1] += t1 - t0
     return {"training": sums[True][0] / sums[True][1] if sums[True][1] else 0.0,
@@ -178,7 +181,7 @@ def run(ctx: Context) -> list[Line]:
         Line(NAME, f"RL steps/minute, async over sync ({GROUP * PROMPTS} x <= {MAX_TOKENS} tokens per step)",
              per_min["async"], per_min["sync"], "steps/min",
              note="from serving to the last step's metrics, first generation included"),
-        Line(NAME, "rollout decode tokens/s while the learner steps over while it waits (async run)",
+        Line(NAME, "tokens generated per s while the learner steps over decode tokens/s while it waits (async)",
              rates["training"], rates["idle"], "tok/s",
              note=f"{rates['training_s']:.0f} s training / {rates['idle_s']:.0f} s waiting sampled"),
     ]  # fmt: skip

@@ -26,6 +26,7 @@ KINDS = {
     "mlx_lm_q4": "mlx_lm.server, 4-bit model",
     "mlx_lm_f32": "mlx_lm.server, float32 copy",
 }
+DIAGNOSTIC_KINDS = {"mlx_lm_f32_nocache": "mlx_lm.server, float32 copy, prompt cache off"}
 MLX_LM_SERVER = "import paraloop; from mlx_lm.server import main; main()"  # the OpenBLAS preload, then mlx_lm
 START_TIMEOUT_S = 180
 TOPICS = (
@@ -74,6 +75,8 @@ def server(ctx: Context, kind: str) -> Server:
         model = ctx.model_q4 if kind == "mlx_lm_q4" else ctx.model_f32
         cmd = python_cmd("-c", MLX_LM_SERVER, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                          "--decode-concurrency", "32", "--prompt-concurrency", "8", "--log-level", "WARNING")  # fmt: skip
+        if kind.endswith("_nocache"):  # no reuse of cached prompt prefixes (paraloop has none)
+            cmd += ["--prompt-cache-size", "0"]
     child = ctx.spawn(kind, cmd)
     url = f"http://127.0.0.1:{port}"
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 
 from paraloop.config import EngineConfig
