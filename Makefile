@@ -55,6 +55,8 @@ models/smollm2/config.json: | $(BIN)/.installed
 	$(BIN)/paraloop model smollm2 models/smollm2
 
 demo: install models/smollm2/config.json
+	@# a fresh run each time; an earlier demo run is kept beside it, never overwritten
+	@if [ -e runs/demo ]; then mv runs/demo runs/demo-$$(date +%Y%m%d-%H%M%S); fi
 	$(BIN)/paraloop run configs/demo.toml
 
 bench: install models/smollm2/config.json

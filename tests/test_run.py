@@ -222,3 +222,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "paraloop", "run", str(tmp_path / "nope.toml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tiny_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = finish(paraloop_run(tiny_model_path, run_dir, "--steps", "1", "--no-plot"))
+    assert code == 0, err[-3000:]
+    before = (run_dir / "checkpoints" / "step_000001" / "trainer_state.json").read_text()
+    code, _, err = finish(paraloop_run(tiny_model_path, run_dir, "--steps", "1", "--no-plot"))
+    assert code == 2 and "--resume" in err
+    assert (run_dir / "checkpoints" / "step_000001" / "trainer_state.json").read_text() == before

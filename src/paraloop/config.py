@@ -185,7 +185,9 @@ class RLTrainingConfig(Section):
     seed: int = 0
     """Seed for LoRA init, dropout, sampling and buffer order."""
     mode: Literal["sync", "async"] = "sync"
-    """sync: rollouts wait while the learner steps (strictly on-policy). async: generation overlaps training."""
+    """sync: rollouts wait while the learner steps (strictly on-policy). async: generation may overlap training;
+    on the CPU backend it barely does (MLX throttles in-flight work process-wide; docs/benchmarks.md), so keep sync
+    there."""
     max_staleness: int = Field(1, ge=0)
     """async mode: rollouts more than this many adapter versions old are handled by stale_policy."""
     stale_policy: Literal["drop", "cap"] = "drop"

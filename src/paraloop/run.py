@@ -188,15 +188,21 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     rl = settings.rl_training
     run_dir = Path(settings.checkpoint.dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
+    if not settings.checkpoint.resume and checkpoint.list_checkpoints(run_dir):
+        raise SetupError(
+            f"{run_dir} already holds checkpoints of an earlier run: continue it with --resume {run_dir}, "
+            "or give another --run-dir (nothing is overwritten)"
+        )
     thread = MlxThread("paraloop-learner")
     try:
         models = await thread.call(build_models, settings)
         trainer = models.trainer
-        slots = AdapterSlots(models.engine_model, names=list(trainer.adapter())) if rl.train_mode == "full" else AdapterSlots(models.engine_model)
+        names = list(trainer.adapter()) if rl.train_mode == "full" else None  # full mode swaps every weight
+        slots = AdapterSlots(models.engine_model, names=names)
         if models.resumed is not None:
             slots.swap(models.resumed.adapter)
             log.info("resumed from %s at step %d (version %d)", models.resumed.path, trainer.step_count, trainer.version)
-        elif models.adapter_config is not None and checkpoint.latest_checkpoint(run_dir) is None:
+        elif models.adapter_config is not None:
             await thread.call(checkpoint.write_initial_adapter, run_dir, trainer.adapter(), models.adapter_config,
                               settings.checkpoint.adapter_format)
 
