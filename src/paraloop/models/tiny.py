@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from paraloop.models import CHATML_TEMPLATE, staged_out_dir, write_config, write_tokenizer
+from paraloop.models import CHATML_TEMPLATE, write_model_dir
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 VOCAB_SIZE = 1024  # including the special tokens
@@ -144,7 +144,6 @@ def build_tiny_model(
     tokenizer = train_tokenizer()
     config = model_config(layout=layout, vocab_size=tokenizer.get_vocab_size())
 
-    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import quantize_model
 
@@ -156,17 +155,13 @@ def build_tiny_model(
         with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints bits per weight
             model, config = quantize_model(model, config, GROUP_SIZE, quantize_bits)
         weights = dict(tree_flatten(model.parameters()))
-    mx.eval(weights)
-
-    with staged_out_dir(out_dir) as scratch:
-        mx.save_safetensors(str(scratch / "model.safetensors"), weights, metadata={"format": "mlx"})
-        write_config(scratch, config)
-        write_tokenizer(
-            scratch,
-            tokenizer,
-            chat_template=CHATML_TEMPLATE,
-            eos_token="<|im_end|>",
-            pad_token="<|endoftext|>",
-            model_max_length=DIMS["max_position_embeddings"],
-        )
-    return Path(out_dir)
+    return write_model_dir(
+        out_dir,
+        weights,
+        config,
+        tokenizer,
+        chat_template=CHATML_TEMPLATE,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=DIMS["max_position_embeddings"],
+    )
