@@ -132,10 +132,9 @@ class Learner:
     async def run(self) -> None:
         async with self.published, self.checkpoints, self.finished, self.batches:
             while self.trainer.step_count < self.total_steps:
-                if not await self.control.wait_turn():
-                    break
                 batch = await self._receive()
-                if batch is None:
+                # Gate after receiving: a pause that came while we waited for the batch holds it, untrained.
+                if batch is None or not await self.control.wait_turn():
                     break
                 await self._step(batch)
             # Graceful end (steps done, /control/stop or a signal): the last state goes to disk before we return.
