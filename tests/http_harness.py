@@ -113,14 +113,7 @@ def running_server(
     if lora:
         attach_lora(model, adapter_config(settings.rl_training.lora, model), seed=0)
         slots = AdapterSlots(model)
-    engine = Engine(
-        model,
-        tokenizer,
-        config=settings.engine,
-        batch_size=settings.server.batch_size,
-        max_queue=settings.server.max_concurrent_requests,
-        adapter=slots,
-    )
+    engine = Engine.from_settings(model, tokenizer, settings, adapter=slots)
     app = make_app(engine, settings=settings, extra_routes=extra_routes)
     with start_blocking_portal("asyncio") as portal:
         future, port = portal.start_task(_serve, engine, app)

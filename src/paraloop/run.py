@@ -206,14 +206,8 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             await thread.call(checkpoint.write_initial_adapter, run_dir, trainer.adapter(), models.adapter_config,
                               settings.checkpoint.adapter_format)
 
-        engine = Engine(
-            models.engine_model,
-            models.tokenizer,
-            config=settings.engine,
-            batch_size=settings.server.batch_size,
-            max_queue=settings.server.max_concurrent_requests,
-            adapter=slots,
-            version=trainer.version,
+        engine = Engine.from_settings(
+            models.engine_model, models.tokenizer, settings, adapter=slots, version=trainer.version
         )
         state = RunState(total_steps=rl.total_steps, mode=rl.mode, run_dir=str(run_dir), step=trainer.step_count,
                          version=trainer.version, serving_version=trainer.version, engine_stats=engine.stats)

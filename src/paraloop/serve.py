@@ -80,15 +80,7 @@ def build_engine(settings: Settings) -> Engine:
     if settings.model.lora_path:
         apply_adapter(model, settings.model.lora_path, seed=settings.rl_training.seed)
         slots = AdapterSlots(model)
-    return Engine(
-        model,
-        tokenizer,
-        config=settings.engine,
-        batch_size=settings.server.batch_size,
-        max_queue=settings.server.max_concurrent_requests,
-        adapter=slots,
-        version=0,
-    )
+    return Engine.from_settings(model, tokenizer, settings, adapter=slots)
 
 
 async def serve(engine: Engine, settings: Settings) -> str | None:

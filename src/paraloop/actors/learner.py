@@ -8,12 +8,14 @@ snapshot, stop). It returns after `total_steps` or a stop, having written a fina
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
+from paraloop.checkpoint import step_dir_name
 from paraloop.messages import (
     AdapterPublished,
     CheckpointWritten,
@@ -220,7 +222,8 @@ class Learner:
 
     async def checkpoint_now(self, final: bool = False) -> CheckpointWritten | None:
         """Snapshot the trainer between steps and wait until the checkpoint is on disk."""
-        if final and self.state.last_checkpoint and self.state.last_checkpoint.endswith(f"{self.trainer.step_count:06d}"):
+        last = self.state.last_checkpoint
+        if final and last and Path(last).name == step_dir_name(self.trainer.step_count):
             return None  # this step is already on disk
         send, receive = anyio.create_memory_object_stream[CheckpointWritten](1)
         try:

@@ -19,7 +19,7 @@ import anyio
 import mlx.core as mx
 import mlx.nn as nn
 
-from paraloop.config import EngineConfig
+from paraloop.config import EngineConfig, Settings
 from paraloop.engine.worker import NO_TOKEN, Cancel, Handle, Insert, Stop, Swap, Worker
 from paraloop.lora import AdapterSlots
 from paraloop.messages import AdapterSwapped, Completion, GenerateRequest, TokenEvent
@@ -115,6 +115,21 @@ class Engine:
             adapter=adapter,
             version=version,
             deliver=self._deliver_from_thread,
+        )
+
+    @classmethod
+    def from_settings(
+        cls, model: nn.Module, tokenizer: Any, settings: Settings, *, adapter: AdapterSlots | None, version: int = 0
+    ) -> "Engine":
+        """The engine as `paraloop run` and `paraloop serve` configure it ([engine] and [server] sections)."""
+        return cls(
+            model,
+            tokenizer,
+            config=settings.engine,
+            batch_size=settings.server.batch_size,
+            max_queue=settings.server.max_concurrent_requests,
+            adapter=adapter,
+            version=version,
         )
 
     @property
