@@ -24,7 +24,7 @@ TINY_DIR = ROOT / ".cache" / "bench-models" / "tiny"
 
 def tiny_model() -> Path:
     if not (TINY_DIR / "config.json").is_file():
-        from paraloop.models.tiny import build_tiny_model
+        from paraloop.builders.tiny import build_tiny_model
 
         TINY_DIR.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_model(TINY_DIR)

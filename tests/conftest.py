@@ -17,8 +17,8 @@ CACHE = Path(os.environ.get("PARALOOP_TEST_CACHE", REPO / ".cache" / "test-model
 
 
 def _cached(name: str, build) -> Path:
-    import paraloop.models as builders
-    from paraloop.models import tiny
+    import paraloop.builders as builders
+    from paraloop.builders import tiny
 
     source = inspect.getsource(builders) + inspect.getsource(tiny)
     key = hashlib.sha256(source.encode()).hexdigest()[:12]
@@ -39,7 +39,7 @@ def _cached(name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
     """The float32 tiny random model (Qwen3 layout, vocab ~1k): loads with mlx_lm.load."""
-    from paraloop.models.tiny import build_tiny_model
+    from paraloop.builders.tiny import build_tiny_model
 
     return _cached("tiny-f32", lambda out: build_tiny_model(out))
 
@@ -47,6 +47,6 @@ def tiny_model_path() -> Path:
 @pytest.fixture(scope="session")
 def tiny_q4_model_path() -> Path:
     """The tiny model quantized to 4 bits by mlx-lm."""
-    from paraloop.models.tiny import build_tiny_model
+    from paraloop.builders.tiny import build_tiny_model
 
     return _cached("tiny-q4", lambda out: build_tiny_model(out, quantize_bits=4))

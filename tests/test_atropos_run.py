@@ -17,7 +17,7 @@ VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
 ENV_SCRIPT = Path(__file__).with_name("atropos_env.py")
 
 try:
-    import paraloop.run  # noqa: F401
+    import paraloop.run.main  # noqa: F401
 
     HAS_RUN = True
 except ImportError:

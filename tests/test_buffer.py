@@ -3,7 +3,7 @@ order, staleness dropped or kept for capping (and counted), a token budget, and 
 
 import pytest
 
-from paraloop.buffer import RolloutBuffer, signal
+from paraloop.run.buffer import RolloutBuffer, signal
 from paraloop.messages import RolloutBatch, ScoredGroup
 
 

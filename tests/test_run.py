@@ -197,7 +197,7 @@ def test_swaps_under_load_fail_no_request(tiny_model_path, tmp_path, mode):
 
 
 def test_failing_actor_ends_the_run_with_its_error(tiny_model_path, tmp_path, monkeypatch, capsys):
-    from paraloop import run
+    from paraloop.run import main as run
     from paraloop.learn.trainer import Trainer
 
     original = Trainer.step

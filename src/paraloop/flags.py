@@ -47,7 +47,8 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--resume": ("checkpoint.resume", str, "run directory or checkpoint to resume from"),
     "--host": ("server.host", str, "HTTP bind address"),
     "--port": ("server.port", int, "HTTP port"),
-    "--control-token": ("server.control_token", str, "bearer token for /control"),
+    "--control-token": ("server.control_token", str, "bearer token for /control (and every route but /health)"),
+    "--served-model-name": ("server.served_model_name", str, "model name reported by /v1/models"),
     "--diverse-mode": ("engine.diverse_mode", "bool", "accepted for compatibility: samples are always independent"),
 }
 
@@ -62,11 +63,11 @@ def parse_bool(text: str) -> bool:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
-    """Add `--config`, `--set` and the override flags (all, or the sections in `only`)."""
+    """Add `--config`, `--set` and the override flags (all, or only the flags named in `only`)."""
     parser.add_argument("--config", help="TOML configuration file")
     group = parser.add_argument_group("configuration overrides (beat the environment and the TOML file)")
     for flag, (key, kind, help_) in FLAGS.items():
-        if only and key.split(".")[0] not in only:
+        if only and flag not in only:
             continue
         if kind == "bool":
             group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,

@@ -1,9 +1,13 @@
 """Every message the actors exchange, on one page, so the data flow reads top to bottom.
 
-    HTTP / mock env --GenerateRequest--> engine --TokenEvent--> caller
-    rollout fetcher --RolloutBatch--> learner --AdapterPublished--> publisher --> engine.swap_adapter
-                                      learner --SaveCheckpoint--> checkpointer --CheckpointWritten--> status
-    /control --ControlCommand--> learner
+    HTTP / mock env --GenerateRequest--> engine --TokenEvent--> caller (collected into Completions)
+    rollout fetcher --RolloutBatch--> learner --AdapterPublished--> publisher --> engine.swap_adapter --AdapterSwapped
+                                      learner --SaveCheckpoint--> checkpointer --CheckpointWritten--> learner
+                                      learner --StepFinished--> monitor
+
+/control does not send messages: it changes the learner's control state machine (`run/control.py`), which the
+learner waits on between steps. The engine's own thread commands (Insert, Cancel, Swap, Stop) stay private to
+`engine/worker.py`.
 
 Messages are frozen, keyword-only msgspec Structs. Arrays (mx.array) travel by reference inside the process and are
 never encoded; everything else is plain data that could cross a process boundary.
@@ -12,6 +16,10 @@ never encoded; everything else is plain data that could cross a process boundary
 from typing import Any, Literal
 
 import msgspec
+
+PROMPT_MASK = -100
+"""The wire format's mask value at prompt positions (Atropos): masks hold it where a token is not trained and the
+token id where it is."""
 
 
 class Msg(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,8 +53,9 @@ class GenerateRequest(Msg):
     params: SamplingParams = SamplingParams()
 
 
-class TokenEvent(Msg):
-    """One generated token of one row (completion) of a request."""
+class TokenEvent(Msg, gc=False):
+    """One generated token of one row (completion) of a request. Made per token: `gc=False` keeps the cyclic
+    garbage collector from tracking these short-lived objects (they hold no reference cycles)."""
 
     row: int
     token: int
@@ -58,23 +67,22 @@ class TokenEvent(Msg):
 
 
 class Completion(Msg):
-    """A finished row, as collected from its TokenEvents."""
+    """A finished row, as collected from its TokenEvents (`engine.collect`)."""
 
     row: int
     tokens: list[int]
     logprobs: list[float]
     versions: list[int]
     text: str
-    finish_reason: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    top_logprobs: list[list[tuple[int, float]]] = []  # per token, when the request asked for alternatives
 
 
 class AdapterPublished(Msg):
     """learner -> publisher: a new adapter version, evaluated arrays shared by reference (never copied)."""
 
     version: int
-    step: int
     arrays: dict[str, Any]  # "model.layers.3.self_attn.q_proj.lora_a" -> mx.array
-    metrics: dict[str, float] = {}
 
 
 class AdapterSwapped(Msg):
@@ -121,7 +129,7 @@ class RolloutBatch(Msg):
 
 
 class StepFinished(Msg):
-    """learner -> status: one optimizer step done (or skipped for a non-finite loss)."""
+    """learner -> monitor (and a waiting /control/step): one optimizer step done (or skipped for a non-finite loss)."""
 
     step: int
     version: int
@@ -142,12 +150,7 @@ class SaveCheckpoint(Msg):
 
 
 class CheckpointWritten(Msg):
+    """checkpointer -> learner (the SaveCheckpoint's reply): the checkpoint is on disk."""
+
     step: int
     path: str
-
-
-class ControlCommand(Msg):
-    """/control -> runtime."""
-
-    action: Literal["pause", "resume", "step", "snapshot", "stop"]
-    reply: Any = None  # an anyio MemoryObjectSendStream for the answer

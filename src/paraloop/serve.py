@@ -13,57 +13,28 @@ import sys
 
 import anyio
 
-from paraloop.config import ConfigError, Settings, load_config, set_dotted
+from paraloop.config import ConfigError, Settings
 from paraloop.engine import Engine
-from paraloop.flags import overrides_from_args
+from paraloop.flags import add_config_flags, settings_from_args
 from paraloop.lora import AdapterSlots, apply_adapter
 from paraloop.model import load_model
 from paraloop.server import STATE, make_app, mark_shutting_down, serve_http
 
 log = logging.getLogger("paraloop.serve")
 
-# flag -> help; the dest names match paraloop.flags.FLAGS so `overrides_from_args` maps them to config keys
-FLAG_HELP = {
-    "--model-path": "model directory (mlx-lm format, quantized or not) [model.base_path]",
-    "--lora-path": "adapter to serve: an adapter dir or adapter.npz [model.lora_path]",
-    "--host": "HTTP bind address [server.host]",
-    "--port": "HTTP port, 0 picks a free one [server.port]",
-    "--control-token": "bearer token every route but /health then requires [server.control_token]",
-}
+SERVE_FLAGS = ("--model-path", "--lora-path", "--compute", "--host", "--port", "--control-token", "--served-model-name")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paraloop serve", description="Serve a model over the OpenAI-compatible and /generate HTTP API."
     )
-    parser.add_argument("--config", help="TOML configuration file")
-    for flag, help_ in FLAG_HELP.items():
-        kind = int if flag == "--port" else str
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_)
-    parser.add_argument(
-        "--compute",
-        choices=("auto", "quantized", "dequantized"),
-        default=argparse.SUPPRESS,
-        help="how a quantized base computes (auto: dequantized on the CPU backend) [model.compute]",
-    )
-    parser.add_argument(
-        "--served-model-name", default=argparse.SUPPRESS, help="name in /v1/models [server.served_model_name]"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any key, e.g. --set engine.max_n=16",
-    )
+    add_config_flags(parser, only=SERVE_FLAGS)
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = overrides_from_args(args)
-    if "served_model_name" in vars(args):
-        overrides = set_dotted(overrides, "server.served_model_name", args.served_model_name)
-    settings = load_config(args.config, overrides)
+    settings = settings_from_args(args)
     if not settings.model.base_path:
         raise ConfigError("model.base_path: no model given (use --model-path)")
     return settings

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from paraloop.learn.batch import PROMPT_MASK, validate_group
-from paraloop.messages import ScoredGroup
+from paraloop.learn.batch import validate_group
+from paraloop.messages import PROMPT_MASK, ScoredGroup
 
 logger = logging.getLogger("paraloop.atropos")
 

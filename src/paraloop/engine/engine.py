@@ -13,6 +13,7 @@ import contextlib
 import math
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -285,7 +286,7 @@ class Engine:
             "requests_served": float(w.requests_served),
             "generated_tokens": float(w.generated_tokens),
             "tokens_per_s": w.tokens_per_s,  # decode throughput over the steps of the last 10 s
-            "swaps": float(len(pauses)),
+            "swaps": float(w.swaps),
             "last_swap_pause_s": pauses[-1] if pauses else 0.0,
             "median_swap_pause_s": w.median_pause(),
             "version": float(w.version),
@@ -317,28 +318,48 @@ async def _flatten(receive: Any) -> AsyncIterator[TokenEvent]:
             yield event
 
 
+@dataclass
+class RowAccumulator:
+    """One row (completion) as its TokenEvents arrive; `completion()` freezes it. The one place where events
+    become rows, for the engine's own callers and for the HTTP routes alike."""
+
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    finish_reason: str = "abort"  # until the row's last event says otherwise
+
+    def add(self, event: TokenEvent) -> "RowAccumulator":
+        if event.token != NO_TOKEN:  # an "abort" event carries no token
+            self.tokens.append(event.token)
+            self.logprobs.append(event.logprob)
+            self.versions.append(event.version)
+            self.top_logprobs.append(list(event.top_logprobs or []))
+        self.pieces.append(event.text)
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+        return self
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def completion(self, row: int) -> Completion:
+        return Completion(
+            row=row,
+            tokens=self.tokens,
+            logprobs=self.logprobs,
+            versions=self.versions,
+            text=self.text,
+            finish_reason=self.finish_reason,
+            top_logprobs=self.top_logprobs,
+        )
+
+
 async def collect(events: AsyncIterator[TokenEvent], n: int) -> list[Completion]:
     """Collect a request's TokenEvents into one Completion per row (abort markers carry no token)."""
-    rows: list[dict[str, Any]] = [
-        {"tokens": [], "logprobs": [], "versions": [], "text": [], "finish_reason": "abort"} for _ in range(n)
-    ]
+    rows = [RowAccumulator() for _ in range(n)]
     async for event in events:
-        row = rows[event.row]
-        if event.token != NO_TOKEN:
-            row["tokens"].append(event.token)
-            row["logprobs"].append(event.logprob)
-            row["versions"].append(event.version)
-        row["text"].append(event.text)
-        if event.finish_reason is not None:
-            row["finish_reason"] = event.finish_reason
-    return [
-        Completion(
-            row=i,
-            tokens=r["tokens"],
-            logprobs=r["logprobs"],
-            versions=r["versions"],
-            text="".join(r["text"]),
-            finish_reason=r["finish_reason"],
-        )
-        for i, r in enumerate(rows)
-    ]
+        rows[event.row].add(event)
+    return [r.completion(i) for i, r in enumerate(rows)]

@@ -129,11 +129,12 @@ class Worker:
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0
         self._window_tokens = 0
-        self._pauses: deque[float] = deque(maxlen=256)
+        self._pauses: deque[float] = deque(maxlen=256)  # the most recent swap pauses (for their median)
         self._draining: Swap | None = None  # a drain swap waiting for the running rows to finish
 
         # Read from other threads (plain values, replaced whole).
         self.requests_served = 0
+        self.swaps = 0
         self.generated_tokens = 0
         self.tokens_per_s = 0.0
         self.active_rows = 0
@@ -232,6 +233,7 @@ class Worker:
         self.version = command.version
         pause = time.perf_counter() - start
         self._pauses.append(pause)
+        self.swaps += 1
         command.reply(pause)
 
     def _cancel(self, handle: Handle) -> None:

@@ -25,9 +25,15 @@ import anyio
 
 from paraloop.config import MockEnvConfig
 from paraloop.envs.tasks import Messages, Sample, Task, load_task
-from paraloop.messages import Completion, GenerateRequest, RolloutBatch, SamplingParams, ScoredGroup
+from paraloop.messages import (
+    PROMPT_MASK,
+    Completion,
+    GenerateRequest,
+    RolloutBatch,
+    SamplingParams,
+    ScoredGroup,
+)
 
-PROMPT_MASK = -100  # Atropos: masks hold -100 at prompt positions, the token id at trained ones
 PROMPT_LOGPROB = 1.0  # Atropos: inference_logprobs placeholder at prompt positions
 
 

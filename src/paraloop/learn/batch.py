@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from paraloop.messages import RolloutBatch, ScoredGroup
-
-PROMPT_MASK = -100
+from paraloop.messages import PROMPT_MASK, RolloutBatch, ScoredGroup
 
 
 @dataclass(frozen=True)

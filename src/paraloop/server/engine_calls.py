@@ -1,47 +1,20 @@
 """The one place HTTP handlers talk to the engine: open a generation, turn engine refusals into HTTP errors,
 collect rows.
 
-In: the Engine and a GenerateRequest. Out: TokenEvents (streaming) or finished Rows. Leaving early (the client
-went away, so aiohttp cancelled the handler; or a write to a closed socket failed) closes the engine's iterator via
-`aclosing`, which frees the request's rows in the engine.
+In: the Engine and a GenerateRequest. Out: TokenEvents (streaming) or finished rows (the engine's RowAccumulator).
+Leaving early (the client went away, so aiohttp cancelled the handler; or a write to a closed socket failed) closes
+the engine's iterator via `aclosing`, which frees the request's rows in the engine.
 """
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from paraloop.engine import NO_TOKEN, EngineBusy, RequestError
+from paraloop.engine import EngineBusy, RequestError, RowAccumulator
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.errors import APIError, bad_request
 
 RETRY_AFTER_S = 1
-
-
-@dataclass
-class Row:
-    """One completion as it accumulates from its TokenEvents."""
-
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def add(self, event: TokenEvent) -> None:
-        if event.token != NO_TOKEN:  # an "abort" event carries no token
-            self.tokens.append(event.token)
-            self.logprobs.append(event.logprob)
-            self.versions.append(event.version)
-            self.top.append(list(event.top_logprobs or []))
-        self.pieces.append(event.text)
-        if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
 
 
 class Prepared(NamedTuple):
@@ -80,9 +53,9 @@ async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, st
         raise bad_request(fields.get(e.field, e.field), e.message) from None
 
 
-async def collect(engine: Any, prepared: Prepared) -> list[Row]:
+async def collect(engine: Any, prepared: Prepared) -> list[RowAccumulator]:
     """Run a request to the end. A row aborted by the engine (shutting down) makes the whole answer a 503."""
-    rows = [Row() for _ in range(prepared.request.n)]
+    rows = [RowAccumulator() for _ in range(prepared.request.n)]
     async with open_generation(engine, prepared.request) as events:
         event = await first_event(events, fields=prepared.fields)
         if event is not None:

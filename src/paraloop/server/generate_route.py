@@ -15,10 +15,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from paraloop.engine import RowAccumulator
 from paraloop.messages import GenerateRequest
 from paraloop.server.engine_calls import (
     Prepared,
-    Row,
     collect,
     distinct_versions,
     first_event,
@@ -57,9 +57,9 @@ def generate_request(state: ServerState, body: GenerateBody) -> Prepared:
     return Prepared(request, fields={"prompt": prompt_field, "top_logprobs": "logprobs"})
 
 
-def token_logprobs(row: Row) -> list[list[dict[str, float]]]:
+def token_logprobs(row: RowAccumulator) -> list[list[dict[str, float]]]:
     out = []
-    for token, lp, alts in zip(row.tokens, row.logprobs, row.top, strict=True):
+    for token, lp, alts in zip(row.tokens, row.logprobs, row.top_logprobs, strict=True):
         entry = {str(token): lp}
         for alt, alt_lp in alts:
             entry.setdefault(str(alt), alt_lp)

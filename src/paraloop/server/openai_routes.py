@@ -15,10 +15,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from paraloop.engine import RowAccumulator
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.engine_calls import (
     Prepared,
-    Row,
     collect,
     distinct_versions,
     first_event,
@@ -57,7 +57,7 @@ def token_text(tokenizer: Any, token: int) -> str:
     return tokenizer.decode([token])
 
 
-def extras(row: Row) -> dict[str, Any]:
+def extras(row: RowAccumulator) -> dict[str, Any]:
     return {
         "token_ids": row.tokens,
         "token_logprobs": row.logprobs,
@@ -65,7 +65,7 @@ def extras(row: Row) -> dict[str, Any]:
     }
 
 
-def top_level_versions(rows: list[Row], current: int) -> dict[str, Any]:
+def top_level_versions(rows: list[RowAccumulator], current: int) -> dict[str, Any]:
     distinct = distinct_versions([v for row in rows for v in row.versions])
     return {
         "adapter_version": distinct[0] if distinct else current,
@@ -76,14 +76,14 @@ def top_level_versions(rows: list[Row], current: int) -> dict[str, Any]:
 # --- logprobs objects -------------------------------------------------------------------------------------------
 
 
-def completion_logprobs(tokenizer: Any, row: Row, *, k: int, offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int, offset: int = 0) -> dict[str, Any]:
     """Legacy completions `logprobs`: tokens, token_logprobs, top_logprobs (None when k == 0), text_offset."""
     texts = [token_text(tokenizer, t) for t in row.tokens]
     offsets = []
     for text in texts:
         offsets.append(offset)
         offset += len(text)
-    top = [{token_text(tokenizer, t): lp for t, lp in alts[:k]} for alts in row.top] if k else None
+    top = [{token_text(tokenizer, t): lp for t, lp in alts[:k]} for alts in row.top_logprobs] if k else None
     return {"tokens": texts, "token_logprobs": row.logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -92,9 +92,9 @@ def _chat_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
     return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
-def chat_logprobs(tokenizer: Any, row: Row, *, k: int) -> dict[str, Any]:
+def chat_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int) -> dict[str, Any]:
     content = []
-    for token, lp, alts in zip(row.tokens, row.logprobs, row.top, strict=True):
+    for token, lp, alts in zip(row.tokens, row.logprobs, row.top_logprobs, strict=True):
         entry = _chat_entry(tokenizer, token, lp)
         entry["top_logprobs"] = [_chat_entry(tokenizer, t, a) for t, a in alts[:k]]
         content.append(entry)
@@ -236,7 +236,7 @@ def _include_usage(body: CompletionBody | ChatBody) -> bool:
 
 
 def _envelope(
-    state: ServerState, gen: GenerateRequest, obj: str, choices: list, rows: list[Row]
+    state: ServerState, gen: GenerateRequest, obj: str, choices: list, rows: list[RowAccumulator]
 ) -> dict[str, Any]:
     return {
         "id": gen.request_id,
@@ -284,8 +284,7 @@ class Chunks:
         self.completion_tokens = 0
 
     def token(self, event: TokenEvent) -> dict[str, Any]:
-        row = Row()
-        row.add(event)
+        row = RowAccumulator().add(event)
         self.completion_tokens += len(row.tokens)
         tokenizer = self.state.tokenizer
         choice: dict[str, Any] = {"index": event.row}

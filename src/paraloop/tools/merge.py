@@ -43,8 +43,8 @@ def merge(base_model: Path, adapter: Path, output: Path, *, dequantize: bool = F
     from mlx.utils import tree_unflatten
     from mlx_lm.utils import dequantize_model, load, save
 
+    from paraloop.builders import check_out_dir, staged_out_dir
     from paraloop.lora import apply_adapter, load_adapter
-    from paraloop.models import check_out_dir, staged_out_dir
 
     check_out_dir(output)
     if not (base_model / "config.json").is_file():  # else mlx-lm would try the Hugging Face hub

@@ -1,9 +1,11 @@
-"""What a running `paraloop run` looks like from outside: the numbers /control/status, /metrics and the progress
-line read. Only the event loop writes it (actors update it between awaits), so it needs no lock."""
+"""The run's shared status: what /control/status, /metrics and the progress line read.
 
-import statistics
+Only the event loop writes it (actors update it between awaits), so it needs no lock. Numbers another part owns
+(the engine's swap pauses, the buffer's counts, the source's position) are read from that part when asked, never
+copied here.
+"""
+
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +14,7 @@ from paraloop.messages import AdapterSwapped, StepFinished
 
 
 @dataclass
-class RunState:
+class RunStatus:
     total_steps: int
     mode: str
     run_dir: str
@@ -28,7 +30,6 @@ class RunState:
     rejected_groups: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
-    swap_pauses_s: deque[float] = field(default_factory=lambda: deque(maxlen=256))
     history: list[dict[str, float]] = field(default_factory=list)
     queues: dict[str, Any] = field(default_factory=dict)  # name -> a memory object stream (for its depth)
     engine_stats: Callable[[], dict[str, float]] | None = None
@@ -46,7 +47,6 @@ class RunState:
 
     def record_swap(self, swapped: AdapterSwapped) -> None:
         self.serving_version = swapped.version
-        self.swap_pauses_s.append(swapped.pause_s)
 
     def queue_depths(self) -> dict[str, int]:
         depths = {}
@@ -58,7 +58,6 @@ class RunState:
     def snapshot(self) -> dict[str, Any]:
         """The JSON body of GET /control/status."""
         engine = self.engine_stats() if self.engine_stats else {}
-        pauses = list(self.swap_pauses_s)
         return {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -73,11 +72,7 @@ class RunState:
             "last_metrics": self.last_metrics,
             "tokens_per_s": engine.get("tokens_per_s", 0.0),
             "engine": engine,
-            "swap_pause_ms": {
-                "last": pauses[-1] * 1e3 if pauses else None,
-                "median": statistics.median(pauses) * 1e3 if pauses else None,
-                "count": len(pauses),
-            },
+            "swap_pause_ms": swap_pause_ms(engine),
             "skipped_steps": self.skipped_steps,
             "dropped_stale": self.dropped_stale,
             "rejected_groups": self.rejected_groups,
@@ -86,3 +81,13 @@ class RunState:
             "buffer": self.buffer_stats() if self.buffer_stats else {},
             "run_dir": self.run_dir,
         }
+
+
+def swap_pause_ms(engine: dict[str, float]) -> dict[str, float | int | None]:
+    """The engine's swap pauses in milliseconds: the last one, the median of the recent ones, and how many swaps."""
+    swaps = int(engine.get("swaps", 0))
+    return {
+        "last": engine["last_swap_pause_s"] * 1e3 if swaps else None,
+        "median": engine["median_swap_pause_s"] * 1e3 if swaps else None,
+        "count": swaps,
+    }

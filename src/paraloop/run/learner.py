@@ -7,7 +7,6 @@ snapshot, stop). It returns after `total_steps` or a stop, having written a fina
 """
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,76 +22,12 @@ from paraloop.messages import (
     SaveCheckpoint,
     StepFinished,
 )
-from paraloop.mlx_thread import MlxThread
-from paraloop.state import RunState
+from paraloop.run.buffer import too_stale
+from paraloop.run.control import LearnerControl
+from paraloop.run.mlx_thread import MlxThread
+from paraloop.run.status import RunStatus
 
 log = logging.getLogger("paraloop.learner")
-
-
-class ControlError(RuntimeError):
-    """A /control request that does not fit the run's state (answered 409)."""
-
-
-class LearnerControl:
-    """Pause / resume / single-step / stop, shared by /control and the signal handler."""
-
-    def __init__(self, state: RunState) -> None:
-        self.state = state
-        self._changed = anyio.Event()
-        self._permits = 0
-        self._step_waiters: list[ObjectSendStream[StepFinished]] = []
-        self._receive_scope: anyio.CancelScope | None = None
-        self.snapshot: Callable[[], Any] | None = None  # set by the learner: async () -> CheckpointWritten
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def pause(self) -> None:
-        self.state.paused = True
-        self._notify()
-
-    def resume(self) -> None:
-        self.state.paused = False
-        self._notify()
-
-    def stop(self) -> None:
-        """Finish the step in flight, write a final checkpoint, end the run."""
-        self.state.stopping = True
-        if self._receive_scope is not None and not self.state.learner_busy:
-            self._receive_scope.cancel()
-        self._notify()
-
-    async def step_once(self) -> StepFinished:
-        """While paused: run exactly one learner step and return its result."""
-        if not self.state.paused:
-            raise ControlError("the run is not paused: POST /control/pause first")
-        if self.state.stopping:
-            raise ControlError("the run is stopping")
-        send, receive = anyio.create_memory_object_stream[StepFinished](1)
-        self._step_waiters.append(send)
-        self._permits += 1
-        self._notify()
-        async with receive:
-            return await receive.receive()
-
-    async def wait_turn(self) -> bool:
-        """Return True when the learner may take its next step, False when the run is stopping."""
-        while True:
-            if self.state.stopping:
-                return False
-            if not self.state.paused:
-                return True
-            if self._permits:
-                self._permits -= 1
-                return True
-            await self._changed.wait()
-
-    def step_done(self, done: StepFinished) -> None:
-        waiters, self._step_waiters = self._step_waiters, []
-        for send in waiters:
-            send.send_nowait(done)
-            send.close()
 
 
 class Learner:
@@ -101,7 +36,7 @@ class Learner:
         trainer: Any,
         thread: MlxThread,
         *,
-        state: RunState,
+        status: RunStatus,
         control: LearnerControl,
         total_steps: int,
         checkpoint_interval: int,
@@ -116,7 +51,7 @@ class Learner:
     ) -> None:
         self.trainer = trainer
         self.thread = thread
-        self.state = state
+        self.status = status
         self.control = control
         self.total_steps = total_steps
         self.checkpoint_interval = checkpoint_interval
@@ -147,43 +82,40 @@ class Learner:
         log.info("learner finished at step %d (version %d)", self.trainer.step_count, self.trainer.version)
 
     async def _receive(self) -> RolloutBatch | None:
-        with anyio.CancelScope() as scope:
-            self.control._receive_scope = scope
+        """The next batch, or None at end of stream or when a stop cancelled the wait."""
+        with self.control.receiving():
             try:
                 return await self.batches.receive()
             except anyio.EndOfStream:
                 return None
-            finally:
-                self.control._receive_scope = None
-        return None  # cancelled by stop()
+        return None
 
     def _drop_stale(self, batch: RolloutBatch) -> RolloutBatch:
         """async mode: groups more than max_staleness versions behind are dropped (policy "drop") or kept for the
         trainer's capped importance weights (policy "cap"). Groups of unknown version (Atropos) are kept."""
         if self.max_staleness is None or self.stale_policy != "drop":
             return batch
-        current = self.trainer.version
-        fresh = [g for g in batch.groups if not g.versions or current - min(g.versions) <= self.max_staleness]
+        fresh = [g for g in batch.groups if not too_stale(g, self.trainer.version, self.max_staleness)]
         dropped = len(batch.groups) - len(fresh)
         if not dropped:
             return batch
-        self.state.dropped_stale += dropped
+        self.status.dropped_stale += dropped
         log.info("dropped %d rollout group(s) more than %d versions old", dropped, self.max_staleness)
         return msgspec.structs.replace(batch, groups=fresh, dropped_stale=batch.dropped_stale + dropped)
 
     async def _step(self, batch: RolloutBatch) -> None:
-        self.state.dropped_stale += batch.dropped_stale  # dropped upstream (the rollout buffer)
+        self.status.dropped_stale += batch.dropped_stale  # dropped upstream (the rollout buffer)
         batch = self._drop_stale(batch)
         if not batch.groups:
             if self.credits is not None:
                 await self.credits.send(self.trainer.version)
             return
-        self.state.learner_busy = True
+        self.status.learner_busy = True
         try:
             result = await self.thread.call(self.trainer.step, batch)
             adapter = None if result.skipped else await self.thread.call(self.trainer.adapter)
         finally:
-            self.state.learner_busy = False
+            self.status.learner_busy = False
         if batch.source_state is not None:
             self.source_state = batch.source_state
         step, version = self.trainer.step_count, self.trainer.version
@@ -193,7 +125,7 @@ class Learner:
             metrics["source_step"] = float(batch.source_step)
         done = StepFinished(step=step, version=version, metrics=metrics, skipped=result.skipped)
         if adapter is not None:
-            await self.published.send(AdapterPublished(version=version, step=step, arrays=adapter, metrics=metrics))
+            await self.published.send(AdapterPublished(version=version, arrays=adapter))
         elif self.credits is not None:
             await self.credits.send(version)  # nothing to swap: the next rollout may start now
         await self.finished.send(done)
@@ -214,7 +146,7 @@ class Learner:
                 adapter=adapter,
                 reference=reference,
                 optimizer_state=trainer_state["optimizer"],
-                trainer_state={"trainer": trainer_state["trainer"], "metrics": self.state.last_metrics,
+                trainer_state={"trainer": trainer_state["trainer"], "metrics": self.status.last_metrics,
                                "source_state": self.source_state},
                 reply=reply,
             )
@@ -222,7 +154,7 @@ class Learner:
 
     async def checkpoint_now(self, final: bool = False) -> CheckpointWritten | None:
         """Snapshot the trainer between steps and wait until the checkpoint is on disk."""
-        last = self.state.last_checkpoint
+        last = self.status.last_checkpoint
         if final and last and Path(last).name == step_dir_name(self.trainer.step_count):
             return None  # this step is already on disk
         send, receive = anyio.create_memory_object_stream[CheckpointWritten](1)

@@ -17,11 +17,16 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from paraloop.messages import RolloutBatch, ScoredGroup
+from paraloop.messages import PROMPT_MASK, RolloutBatch, ScoredGroup
 
 Priority = Literal["fifo", "abs_advantage"]
 StalePolicy = Literal["drop", "cap"]
-PROMPT_MASK = -100
+
+
+def too_stale(group: ScoredGroup, version: int, max_staleness: int | None) -> bool:
+    """The staleness rule: a group is too stale for the adapter `version` now training when its oldest token came
+    from more than `max_staleness` versions before it. Groups of unknown version (Atropos) never are."""
+    return max_staleness is not None and bool(group.versions) and version - min(group.versions) > max_staleness
 
 
 def signal(group: ScoredGroup) -> float:
@@ -60,10 +65,6 @@ class _Entry:
     @property
     def longest(self) -> int:
         return max((len(t) for t in self.group.tokens), default=0)
-
-    @property
-    def oldest_version(self) -> int | None:
-        return min(self.group.versions) if self.group.versions else None  # Atropos groups carry no versions
 
 
 class RolloutBuffer:
@@ -176,8 +177,7 @@ class RolloutBuffer:
         return len(stale)
 
     def _is_stale(self, entry: _Entry, version: int) -> bool:
-        oldest = entry.oldest_version
-        return self.max_staleness is not None and oldest is not None and version - oldest > self.max_staleness
+        return too_stale(entry.group, version, self.max_staleness)
 
     def ordered(self) -> list[_Entry]:
         """Groups in the order batches take them."""

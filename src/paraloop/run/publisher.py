@@ -7,10 +7,11 @@ new version. Returns when the learner closes its outbox.
 
 import logging
 
+import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from paraloop.messages import AdapterPublished
-from paraloop.state import RunState
+from paraloop.run.status import RunStatus
 
 log = logging.getLogger("paraloop.publisher")
 
@@ -19,16 +20,19 @@ async def run_publisher(
     inbox: ObjectReceiveStream[AdapterPublished],
     *,
     engine,
-    state: RunState,
+    status: RunStatus,
     credits: ObjectSendStream[int] | None,
     drain: bool,
 ) -> None:
     async with inbox:
         async for published in inbox:
             swapped = await engine.swap_adapter(published.arrays, published.version, drain=drain)
-            state.record_swap(swapped)
+            status.record_swap(swapped)
             log.debug("serving version %d (decode paused %.3f ms)", swapped.version, swapped.pause_s * 1e3)
             if credits is not None:
-                await credits.send(swapped.version)
+                try:
+                    await credits.send(swapped.version)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    credits = None  # the fetcher is done (the source ended or the learner stopped taking batches)
     if credits is not None:
         credits.close()

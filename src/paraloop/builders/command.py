@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from paraloop.models import check_out_dir
-from paraloop.models.tiny import LAYOUTS, QUANTIZE_BITS
+from paraloop.builders import check_out_dir
+from paraloop.builders.tiny import LAYOUTS, QUANTIZE_BITS
 
 
 class UsageError(Exception):
@@ -61,11 +61,11 @@ def main(argv: list[str]) -> int:
         check_out_dir(args.out)
         start = time.perf_counter()
         if args.kind == "tiny":
-            from paraloop.models.tiny import build_tiny_model
+            from paraloop.builders.tiny import build_tiny_model
 
             out = build_tiny_model(args.out, quantize_bits=args.quantize, layout=args.layout, seed=args.seed)
         else:
-            from paraloop.models.gguf import convert_smollm2
+            from paraloop.builders.gguf import convert_smollm2
 
             out = convert_smollm2(args.out, gguf_path=args.gguf, dequantize=args.dequantize)
     except (UsageError, OSError, ValueError) as e:

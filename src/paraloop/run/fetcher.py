@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from paraloop.buffer import RolloutBuffer
 from paraloop.messages import RolloutBatch
+from paraloop.run.buffer import RolloutBuffer
 
 log = logging.getLogger("paraloop.fetcher")
 

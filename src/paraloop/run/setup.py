@@ -1,0 +1,129 @@
+"""What `paraloop run` builds before its actors start: the model twins and trainer, and the rollout source.
+
+`build_models` runs on the learner's MLX thread (the arrays it makes belong to that thread's stream). Problems
+with what the user asked for (missing model, untrainable model, bad checkpoint) raise SetupError, which
+`paraloop run` prints as one line and exits 2.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from paraloop.config import Settings
+
+
+class SetupError(RuntimeError):
+    """A problem with what the user asked for (missing model, untrainable model, bad checkpoint)."""
+
+
+@dataclass
+class Models:
+    learner_model: Any
+    engine_model: Any
+    tokenizer: Any
+    adapter_config: dict[str, Any] | None
+    trainer: Any
+    resumed: Any  # checkpoint.Checkpoint | None
+
+
+def build_models(settings: Settings) -> Models:
+    """Load the model once; the learner and the engine get twins sharing its base weights. Runs on the learner's
+    MLX thread."""
+    import mlx.core as mx
+
+    from paraloop import checkpoint
+    from paraloop.learn.trainer import Trainer
+    from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_lora
+    from paraloop.model import load_model, twin
+
+    rl = settings.rl_training
+    if not settings.model.base_path:
+        raise SetupError("model.base_path is not set (TOML [model] base_path, or --model-path)")
+    try:
+        model, tokenizer, _, quantized = load_model(
+            settings.model.base_path,
+            compute=settings.model.compute,
+            trust_remote_code=settings.model.trust_remote_code,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise SetupError(f"cannot load model {settings.model.base_path}: {e}") from None
+
+    resumed = None
+    if settings.checkpoint.resume:
+        try:
+            resumed = checkpoint.read_checkpoint(checkpoint.find_checkpoint(settings.checkpoint.resume))
+        except (FileNotFoundError, checkpoint.CheckpointError) as e:
+            raise SetupError(f"cannot resume: {e}") from None
+
+    cfg = None
+    if rl.train_mode == "lora":
+        if resumed is not None:
+            if resumed.adapter_config.get("fine_tune_type", "lora") != "lora":
+                raise SetupError(f"{resumed.path} is a full-weight checkpoint: resume it with train_mode = 'full'")
+            cfg = resumed.adapter_config
+            attach_lora(model, cfg, seed=rl.seed)
+        elif settings.model.lora_path:
+            try:
+                cfg = apply_adapter(model, settings.model.lora_path, seed=rl.seed)
+            except (FileNotFoundError, ValueError) as e:
+                raise SetupError(str(e)) from None
+        elif settings.model.auto_init_lora:
+            cfg = adapter_config(rl.lora, model)
+            attach_lora(model, cfg, seed=rl.seed)
+        else:
+            raise SetupError(
+                "nothing to train: set model.auto_init_lora = true or model.lora_path"
+                + ("" if quantized else ", or rl_training.train_mode = 'full'")
+            )
+        mx.eval(adapter_arrays(model))
+    elif quantized:
+        raise SetupError(
+            "train_mode = 'full' needs a non-quantized model: quantized weights have no gradient "
+            "(QuantizedMatmul has no vjp for them); use train_mode = 'lora' on a quantized model"
+        )
+
+    engine_model = twin(model)  # same base arrays, own LoRA slots
+    engine_model.eval()
+    model.train()
+    trainer = Trainer(model, config=rl, adapter_config=cfg, version=0)
+    if resumed is not None:
+        if "trainer" not in resumed.trainer_state or resumed.optimizer_state is None:
+            raise SetupError(f"cannot resume from {resumed.path}: it has no trainer/optimizer state (an adapter-only "
+                             "checkpoint: start a new run from it with model.lora_path instead)")
+        trainer.load_state({"optimizer": resumed.optimizer_state, "trainer": resumed.trainer_state["trainer"]},
+                           resumed.adapter, resumed.reference)
+    return Models(model, engine_model, tokenizer, cfg, trainer, resumed)
+
+
+def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -> tuple[Any, Any]:
+    """The rollout source: (async iterator of RolloutBatch, status() -> dict). Each batch carries the source's
+    position (RolloutBatch.source_state), which checkpoints keep for an exact resume."""
+    rl = settings.rl_training
+    if rl.atropos.api_url:
+        from paraloop.atropos.client import AtroposClient
+
+        starting_step = rl.atropos.starting_step
+        if starting_step is None:
+            starting_step = resumed.step if resumed is not None else 0  # one Atropos step per learner step
+        client = AtroposClient(
+            rl.atropos,
+            batch_size=rl.batch_size,
+            token_budget=rl.token_budget,
+            total_steps=rl.total_steps,
+            checkpoint_dir=settings.checkpoint.dir,
+            starting_step=starting_step,
+            checkpoint_interval=settings.checkpoint.interval,
+        )
+        return client.batches(), client.status
+    from paraloop.envs.mock import MockEnvironment
+
+    env = MockEnvironment(
+        engine,
+        tokenizer,
+        config=rl.mock,
+        temperature=rl.temperature,
+        max_tokens=rl.mock.max_tokens or rl.max_tokens,
+        seed=rl.seed,
+    )
+    if resumed is not None and resumed.trainer_state.get("source_state"):
+        env.load_state(resumed.trainer_state["source_state"])
+    return env.batches(rl.batch_size), env.status
