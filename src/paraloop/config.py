@@ -6,6 +6,7 @@ and feeds docs/configuration.md (`paraloop config docs`).
 """
 
 import json
+import logging
 import os
 import tomllib
 from contextvars import ContextVar
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "PARALOOP_"
+log = logging.getLogger("paraloop.config")
 
 
 class Section(BaseModel):
@@ -41,9 +43,16 @@ class ServerConfig(Section):
 
 class ModelConfig(Section):
     base_path: str | None = None
-    """Model directory (mlx-lm format, quantized or not). CLI: --model-path."""
+    """Model directory (mlx-lm format, quantized or not), or a Hugging Face repo id such as
+    `mlx-community/Qwen3-14B-4bit`, found as mlx-lm finds it: the hub cache (HF_HOME), downloaded when missing unless
+    HF_HUB_OFFLINE=1. CLI: --model-path."""
+    revision: str | None = None
+    """Branch, tag or commit of a Hugging Face repo id in base_path (default: main); unused for a directory.
+    CLI: --revision."""
     lora_path: str | None = None
-    """Adapter to start from: an mlx-lm adapter dir (adapters.safetensors + adapter_config.json) or an adapter.npz."""
+    """Adapter to start from: an mlx-lm adapter dir (adapters.safetensors + adapter_config.json), an adapter file, or
+    a paraloop or predecessor checkpoint (a predecessor's adapter.npz without adapter_config.json takes its layout
+    from its arrays and its scale and dropout from rl_training.lora)."""
     auto_init_lora: bool = True
     """Attach fresh LoRA layers (rl_training.lora) when no lora_path is given."""
     compute: Literal["auto", "quantized", "dequantized"] = "auto"
@@ -66,11 +75,23 @@ class EngineConfig(Section):
     """`max_tokens` when a request gives none."""
     max_n: int = Field(64, ge=1)
     """Largest accepted `n` per request."""
-    diverse_mode: bool = True
-    """Accepted for compatibility with the predecessor: paraloop never collapses identical prompts, every completion
-    samples independently (reproducibly when the request gives a `seed`)."""
     seed: int = 0
     """Base seed of the engine's sampler for requests without a seed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _diverse_mode(cls, data: Any) -> Any:
+        """The predecessor's diverse_mode stopped its server from merging identical prompts into one sample;
+        paraloop never merges them, so the setting cannot change anything: accepted with a warning."""
+        if isinstance(data, dict) and "diverse_mode" in data:
+            data = dict(data)
+            value = data.pop("diverse_mode")
+            log.warning(
+                "--diverse-mode / engine.diverse_mode = %s has no effect: paraloop samples every completion "
+                "independently (identical prompts are never merged, which is what diverse mode turned on in the "
+                "predecessor); remove it", value,
+            )
+        return data
 
 
 class LoraConfig(Section):
@@ -204,6 +225,20 @@ class RLTrainingConfig(Section):
         if isinstance(data, dict) and "steps" in data:
             data = dict(data)
             data.setdefault("total_steps", data.pop("steps"))
+        atropos = data.get("atropos") if isinstance(data, dict) else None
+        if isinstance(atropos, dict) and "token_budget" in atropos:
+            # The predecessor's [rl_training.atropos] token_budget bounded the tokens trained at once, as paraloop's
+            # rl_training.token_budget does (per micro-batch; a larger batch is split, never cut).
+            atropos = dict(atropos)
+            value = atropos.pop("token_budget")
+            data = {**data, "atropos": atropos}
+            if "token_budget" not in data:
+                data["token_budget"] = value
+            elif data["token_budget"] != value:
+                log.warning(
+                    "rl_training.token_budget = %s and [rl_training.atropos] token_budget = %s (the predecessor's "
+                    "spelling) both given: using rl_training.token_budget", data["token_budget"], value,
+                )
         return data
 
 

@@ -33,7 +33,11 @@ Other environment variables: `PARALOOP_OPENBLAS=0` disables the OpenBLAS preload
 load); `PARALOOP_LOG=debug` sets the log level.
 
 The predecessor's spellings are accepted: `[rl_training] steps`, `checkpoint_interval`, `save_every_step`,
-`adapter_format`, `checkpoint_dir`, `atropos_url`, and `[rl_training.lora] target_modules`, `alpha`.
+`adapter_format`, `checkpoint_dir`, `atropos_url`, `[rl_training.lora] target_modules`, `alpha`, and
+`[rl_training.atropos] token_budget` (moved to `rl_training.token_budget`); `--diverse-mode` / `engine.diverse_mode`
+is accepted with a warning that it has no effect. What changed in meaning: `docs/migrating.md`.
+`paraloop run FILE --dry-run` checks a configuration against itself, the paths it names and the model's config.json
+without loading the model.
 """
 
 

@@ -12,8 +12,9 @@ from paraloop.config import ConfigError, Settings, load_config, set_dotted
 
 # flag -> (dotted config key, value parser, help)
 FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--model-path": ("model.base_path", str, "model directory"),
-    "--lora-path": ("model.lora_path", str, "adapter to start from (dir or adapter.npz)"),
+    "--model-path": ("model.base_path", str, "model directory or Hugging Face repo id"),
+    "--revision": ("model.revision", str, "branch, tag or commit of a Hugging Face repo id"),
+    "--lora-path": ("model.lora_path", str, "adapter to start from (adapter dir or file, or a checkpoint)"),
     "--auto-init-lora": ("model.auto_init_lora", "bool", "attach fresh LoRA layers when no adapter is given"),
     "--compute": ("model.compute", str, "auto | quantized | dequantized"),
     "--lora-rank": ("rl_training.lora.rank", int, "LoRA rank"),
@@ -49,7 +50,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--port": ("server.port", int, "HTTP port"),
     "--control-token": ("server.control_token", str, "bearer token for /control (and every route but /health)"),
     "--served-model-name": ("server.served_model_name", str, "model name reported by /v1/models"),
-    "--diverse-mode": ("engine.diverse_mode", "bool", "accepted for compatibility: samples are always independent"),
+    "--diverse-mode": ("engine.diverse_mode", "bool", "the predecessor's flag: no effect (samples are always independent)"),
 }
 
 

@@ -171,13 +171,32 @@ def load_adapter(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any] 
     return arrays, config
 
 
-def apply_adapter(model: nn.Module, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
-    """Attach LoRA as the adapter's config says (unless already attached) and load its arrays. Returns the config."""
+def apply_adapter(
+    model: nn.Module, path: str | Path, *, seed: int = 0, assume: LoraConfig | None = None
+) -> dict[str, Any]:
+    """Attach LoRA as the adapter's config says (unless already attached) and load its arrays. Returns the config.
+
+    An adapter without adapter_config.json (the predecessor's adapter.npz) needs `assume`: its layout is read from
+    its arrays, its scale and dropout come from `assume` (see paraloop.predecessor; the choice is logged).
+    """
     arrays, config = load_adapter(path)
     if config is None:
-        raise ValueError(f"{path}: no {CONFIG_NAME} next to the adapter weights (needed to know the LoRA layout)")
+        if assume is None:
+            raise ValueError(f"{path}: no {CONFIG_NAME} next to the adapter weights (needed to know the LoRA layout)")
+        from paraloop.predecessor import assumed_adapter_config
+
+        config = assumed_adapter_config(path, arrays, model, assume)
+    load_into(model, arrays, config, seed=seed, source=path)
+    return config
+
+
+def load_into(
+    model: nn.Module, arrays: dict[str, mx.array], config: dict[str, Any], *, seed: int = 0, source: Any = "adapter"
+) -> None:
+    """Attach LoRA as `config` says (unless already attached) and load `arrays` into it; `source` names them in
+    errors."""
     if config.get("fine_tune_type", "lora") != "lora":
-        raise ValueError(f"{path}: fine_tune_type {config.get('fine_tune_type')!r} is not supported (only lora)")
+        raise ValueError(f"{source}: fine_tune_type {config.get('fine_tune_type')!r} is not supported (only lora)")
     if not has_lora(model):
         attach_lora(model, config, seed=seed)
     slots = AdapterSlots(model)
@@ -185,4 +204,3 @@ def apply_adapter(model: nn.Module, path: str | Path, *, seed: int = 0) -> dict[
     slots.check(arrays)
     slots.swap(arrays)
     mx.eval(list(arrays.values()))
-    return config

@@ -1,4 +1,5 @@
-"""Load a model once, choose how its frozen base computes, and give each actor its own view of it.
+"""Find a model (a directory or a Hugging Face repo id), load it once, choose how its frozen base computes, and give
+each actor its own view of it.
 
 The engine and the learner each get a *twin*: a separate module tree whose base weights are the very same
 mx.arrays (no second copy). Each twin carries its own LoRA arrays, so the learner can trace gradients while the
@@ -6,6 +7,7 @@ engine decodes, and an adapter swap is a pointer change on the engine's twin.
 """
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,59 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import dequantize_model, load
 
 Compute = Literal["auto", "quantized", "dequantized"]
+log = logging.getLogger("paraloop.model")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model that is neither a model directory nor a Hugging Face repo id that resolves here; says which and why."""
+
+
+def resolve_model_path(path_or_repo: str | Path, *, revision: str | None = None) -> Path:
+    """The local directory of a model, found exactly as mlx-lm finds it (mlx_lm.utils._download): an existing path
+    is used as it is; anything else is a Hugging Face repo id, taken from the hub cache (HF_HOME, HF_HUB_CACHE) and
+    downloaded when missing, unless HF_HUB_OFFLINE=1. `revision` (a branch, tag or commit) applies to repo ids."""
+    text = str(path_or_repo)
+    if not text:
+        raise ModelNotFoundError("no model given (model.base_path, --model-path)")
+    path = Path(text) if Path(text).exists() else _from_hub(text, revision)
+    if not (path / "config.json").is_file():
+        where = path if str(path) == text else f"{text} ({path})"
+        raise ModelNotFoundError(f"not a model directory (no config.json): {where}")
+    if str(path) != text:
+        log.info("model %s%s: %s", text, f" at revision {revision}" if revision else "", path)
+    return path
+
+
+def _from_hub(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, errors
+    from mlx_lm.utils import _download
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        return Path(_download(repo, revision=revision))
+    except errors.HFValidationError:
+        raise ModelNotFoundError(
+            f"not a model directory: {repo} (no such directory, and not a Hugging Face repo id either)"
+        ) from None
+    except errors.IncompleteSnapshotError as e:
+        reason = f"its cached snapshot{at} is incomplete ({e}); run once with network access to complete it"
+    except errors.LocalEntryNotFoundError as e:
+        cache = constants.HF_HUB_CACHE
+        if constants.is_offline_mode():
+            reason = f"it is not in the Hugging Face cache {cache}{at}, and HF_HUB_OFFLINE=1 forbids downloading it"
+        else:
+            cause = e.__cause__ or e
+            reason = (f"it is not in the Hugging Face cache {cache}{at}, and the hub cannot be reached "
+                      f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})")
+    except errors.RevisionNotFoundError:
+        reason = f"the hub has no revision {revision!r} of it"
+    except errors.GatedRepoError:
+        reason = "it is gated: accept its terms on huggingface.co and log in (`hf auth login`)"
+    except errors.RepositoryNotFoundError:
+        reason = "the hub has no such repo (or it is private: log in with `hf auth login`)"
+    except errors.HfHubHTTPError as e:
+        reason = f"the hub answered: {str(e).splitlines()[0]}"
+    raise ModelNotFoundError(f"{repo}: no such directory, and as a Hugging Face repo id {reason}")
 
 
 def resolve_compute(compute: Compute) -> Literal["quantized", "dequantized"]:
@@ -41,12 +96,11 @@ def dequantize_base(model: nn.Module) -> nn.Module:
 
 
 def load_model(
-    path: str | Path, *, compute: Compute = "auto", trust_remote_code: bool = False
+    path: str | Path, *, compute: Compute = "auto", trust_remote_code: bool = False, revision: str | None = None
 ) -> tuple[nn.Module, Any, dict[str, Any], bool]:
-    """Load an mlx-lm model directory. Returns (model, tokenizer, config, was_quantized); the model is evaluated."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"not a model directory (no config.json): {path}")
+    """Load a model directory or Hugging Face repo id (`resolve_model_path`). Returns (model, tokenizer, config,
+    was_quantized); the model is evaluated."""
+    path = resolve_model_path(path, revision=revision)
     model, tokenizer, config = load(
         str(path), return_config=True, tokenizer_config={"trust_remote_code": trust_remote_code}
     )

@@ -1,9 +1,11 @@
 """`paraloop serve`: serve a model (and optionally a LoRA adapter) over the HTTP API, no training.
 
-In: --model-path (and --lora-path, --host, --port, --config, --compute, --set KEY=VALUE ...).
+In: --model-path, a model directory or a Hugging Face repo id (and --revision, --lora-path, --host, --port,
+--config, --compute, --set KEY=VALUE ...).
 Out: the engine and the HTTP server running in one anyio task group until SIGINT/SIGTERM, then a clean exit 0:
 new requests get 503, in-flight generations end (finish_reason "abort"), the socket closes. Bad input (missing
-model dir, unreadable adapter, bad config, port in use) is one `paraloop: error: ...` line on stderr and exit 2.
+model, a repo id not cached while offline, unreadable adapter, bad config, port in use) is one
+`paraloop: error: ...` line on stderr and exit 2.
 """
 
 import argparse
@@ -22,7 +24,8 @@ from paraloop.server import STATE, make_app, mark_shutting_down, serve_http
 
 log = logging.getLogger("paraloop.serve")
 
-SERVE_FLAGS = ("--model-path", "--lora-path", "--compute", "--host", "--port", "--control-token", "--served-model-name")
+SERVE_FLAGS = ("--model-path", "--revision", "--lora-path", "--compute", "--host", "--port", "--control-token",
+               "--served-model-name", "--diverse-mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +49,11 @@ def build_engine(settings: Settings) -> Engine:
         settings.model.base_path,
         compute=settings.model.compute,
         trust_remote_code=settings.model.trust_remote_code,
+        revision=settings.model.revision,
     )
     slots = None
-    if settings.model.lora_path:
-        apply_adapter(model, settings.model.lora_path, seed=settings.rl_training.seed)
+    if settings.model.lora_path:  # an adapter without adapter_config.json takes scale/dropout from rl_training.lora
+        apply_adapter(model, settings.model.lora_path, seed=settings.rl_training.seed, assume=settings.rl_training.lora)
         slots = AdapterSlots(model)
     return Engine.from_settings(model, tokenizer, settings, adapter=slots)
 

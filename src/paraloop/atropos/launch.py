@@ -220,10 +220,16 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
     if parts.hostname is None or parts.port is None:
         raise ValueError(f"rl_training.atropos.api_url {api_url!r} needs a host and a port")
     model_dir = settings.model.base_path
-    if not args.no_env_defaults and (not model_dir or not Path(model_dir).is_dir()):
-        raise ValueError(
-            f"model.base_path must be a local model directory (environments load its tokenizer offline), got {model_dir!r}"
-        )
+    if not args.no_env_defaults and not (model_dir and Path(model_dir).is_dir()):
+        from paraloop.model import ModelNotFoundError, resolve_model_path
+
+        # A Hugging Face repo id becomes its local snapshot, found as paraloop run finds it: environments load the
+        # tokenizer from there, offline.
+        try:
+            model_dir = str(resolve_model_path(model_dir or "", revision=settings.model.revision))
+        except ModelNotFoundError as e:
+            raise ValueError(f"model.base_path must be a local model directory or a Hugging Face repo id "
+                             f"(environments load its tokenizer): {e}") from None
     for script in args.env_script:
         if not Path(script).is_file():
             raise FileNotFoundError(f"--env-script {script}: no such file")
@@ -236,7 +242,7 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
         "--env.use_wandb", "false",
         "--env.total_steps", str(settings.rl_training.total_steps),
         "--openai.server_type", args.server_type,
-        "--openai.model_name", settings.server.served_model_name or Path(str(model_dir)).name,
+        "--openai.model_name", settings.server.served_model_name or Path(str(settings.model.base_path)).name,
         "--openai.tokenizer_name", str(model_dir),
         "--openai.api_key", settings.server.control_token or "x",
         *extra,

@@ -170,6 +170,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config_file", nargs="?", help="TOML configuration (same as --config)")
     add_config_flags(parser)
     parser.add_argument("--no-plot", action="store_true", help="do not write RUN_DIR/metrics.png at the end")
+    parser.add_argument("--dry-run", action="store_true", help="check the configuration, the paths it names and the "
+                        "model's config.json (resolving a Hugging Face id), then exit without loading the model")
     args = parser.parse_args(argv)
     try:
         settings = settings_from_args(args, config_path=args.config_file or args.config)
@@ -177,6 +179,20 @@ def main(argv: list[str]) -> int:
         print(f"paraloop: error: {e}", file=sys.stderr)
         return 2
     setup_logging()
+    from paraloop.run.preflight import preflight
+    from paraloop.run.setup import SetupError
+
+    try:
+        model_dir = preflight(settings)  # before anything loads: a mistake costs a second, not a model load
+    except SetupError as e:
+        print(f"paraloop: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # e.g. while a Hugging Face download runs
+        print("paraloop: interrupted", file=sys.stderr)
+        return 130
+    if args.dry_run:
+        print(f"configuration ok: model {settings.model.base_path} at {model_dir}")
+        return 0
     try:
         anyio.run(run_async, settings)
     except KeyboardInterrupt:

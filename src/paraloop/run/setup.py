@@ -5,10 +5,13 @@ with what the user asked for (missing model, untrainable model, bad checkpoint) 
 `paraloop run` prints as one line and exits 2.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from paraloop.config import Settings
+
+log = logging.getLogger("paraloop.run")
 
 
 class SetupError(RuntimeError):
@@ -33,7 +36,8 @@ def build_models(settings: Settings) -> Models:
     from paraloop import checkpoint
     from paraloop.learn.trainer import Trainer
     from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_lora
-    from paraloop.model import load_model, twin
+    from paraloop.model import ModelNotFoundError, load_model, twin
+    from paraloop.predecessor import assumed_adapter_config, read_for_resume
 
     rl = settings.rl_training
     if not settings.model.base_path:
@@ -43,14 +47,17 @@ def build_models(settings: Settings) -> Models:
             settings.model.base_path,
             compute=settings.model.compute,
             trust_remote_code=settings.model.trust_remote_code,
+            revision=settings.model.revision,
         )
+    except ModelNotFoundError as e:
+        raise SetupError(str(e)) from None
     except (FileNotFoundError, ValueError) as e:
         raise SetupError(f"cannot load model {settings.model.base_path}: {e}") from None
 
     resumed = None
     if settings.checkpoint.resume:
         try:
-            resumed = checkpoint.read_checkpoint(checkpoint.find_checkpoint(settings.checkpoint.resume))
+            resumed = read_for_resume(settings.checkpoint.resume)  # paraloop's, or the predecessor's step_N
         except (FileNotFoundError, checkpoint.CheckpointError) as e:
             raise SetupError(f"cannot resume: {e}") from None
 
@@ -59,11 +66,14 @@ def build_models(settings: Settings) -> Models:
         if resumed is not None:
             if resumed.adapter_config.get("fine_tune_type", "lora") != "lora":
                 raise SetupError(f"{resumed.path} is a full-weight checkpoint: resume it with train_mode = 'full'")
-            cfg = resumed.adapter_config
+            try:
+                cfg = resumed.adapter_config or assumed_adapter_config(resumed.path, resumed.adapter, model, rl.lora)
+            except ValueError as e:
+                raise SetupError(f"cannot resume from {resumed.path}: {e}") from None
             attach_lora(model, cfg, seed=rl.seed)
         elif settings.model.lora_path:
             try:
-                cfg = apply_adapter(model, settings.model.lora_path, seed=rl.seed)
+                cfg = apply_adapter(model, settings.model.lora_path, seed=rl.seed, assume=rl.lora)
             except (FileNotFoundError, ValueError) as e:
                 raise SetupError(str(e)) from None
         elif settings.model.auto_init_lora:
@@ -85,7 +95,15 @@ def build_models(settings: Settings) -> Models:
     engine_model.eval()
     model.train()
     trainer = Trainer(model, config=rl, adapter_config=cfg, version=0)
-    if resumed is not None:
+    if resumed is not None and resumed.trainer_state.get("predecessor"):
+        # The predecessor saved no optimizer state: continue at its step number (the learning-rate schedule too)
+        # with fresh AdamW moments, and the initial adapter as the KL reference.
+        state = trainer.state()
+        state["trainer"].update(step_count=resumed.step, version=resumed.step)
+        trainer.load_state(state, resumed.adapter, None)
+        log.warning("%s is a predecessor checkpoint (adapter only): resuming at step %d with a fresh optimizer "
+                    "(it saved no optimizer state)", resumed.path, resumed.step)
+    elif resumed is not None:
         if "trainer" not in resumed.trainer_state or resumed.optimizer_state is None:
             raise SetupError(f"cannot resume from {resumed.path}: it has no trainer/optimizer state (an adapter-only "
                              "checkpoint: start a new run from it with model.lora_path instead)")

@@ -43,7 +43,8 @@ def fail(error: BaseException | str) -> int:
 
 def resolve_adapter(path: str | Path) -> Path:
     """The adapter `path` points at: an adapter file (.safetensors / .npz), an adapter dir, a checkpoint step
-    dir (verified against its manifest), or a run dir / checkpoints dir (-> its latest checkpoint)."""
+    dir (verified against its manifest), or a run dir / checkpoints dir (-> its latest checkpoint, or, in the
+    predecessor's checkpoint dir, its highest step_N)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"adapter not found: {path}")
@@ -54,7 +55,9 @@ def resolve_adapter(path: str | Path) -> Path:
     if not (
         (path / SAFETENSORS_NAME).is_file() or (path / NPZ_NAME).is_file() or (path / TRAINER_STATE).exists()
     ):
-        path = find_checkpoint(path)
+        from paraloop.predecessor import find_predecessor_step
+
+        path = find_predecessor_step(path) or find_checkpoint(path)
     if (path / TRAINER_STATE).exists():
         verify_checkpoint(path)
     return path

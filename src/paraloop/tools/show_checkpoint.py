@@ -5,6 +5,8 @@
 DIR: a run dir, its checkpoints/ dir, or one step dir. Every checkpoint is checked against its manifest
 (sizes and sha256; --no-verify checks sizes only). A damaged checkpoint is listed with the file that is bad,
 and the command ends with one `paraloop: error: ...` line and exit code 2, as for a DIR with no checkpoint.
+The predecessor's step_N dirs (an adapter, no trainer state) are described as such: its step, the LoRA layout of
+its arrays, where the scale comes from, and its metadata files.
 """
 
 from pathlib import Path
@@ -82,9 +84,15 @@ def show_run(path: Path, *, verify: bool) -> list[str]:
     print(f"checkpoints in {ckdir}")
     if initial.is_dir():
         print(f"  {INITIAL_ADAPTER:16s} {human_size(dir_size(initial)):>10s}")
+    from paraloop.predecessor import find_predecessor_step, is_predecessor_step
+
+    latest = latest or find_predecessor_step(ckdir)
     problems = []
     for step_dir in steps:
         mark = "*" if step_dir == latest else " "
+        if is_predecessor_step(step_dir):
+            print(f"{mark} {step_dir.name:16s} {human_size(dir_size(step_dir)):>10s}  predecessor (adapter only)")
+            continue
         try:
             state = verify_checkpoint(step_dir, hashes=verify)
         except CheckpointError as e:
@@ -95,6 +103,8 @@ def show_run(path: Path, *, verify: bool) -> list[str]:
         metrics = format_metrics(state.get("metrics"))
         print(f"{mark} {step_dir.name:16s} {human_size(dir_size(step_dir)):>10s}  {version:>6s}  {metrics}")
     print(f"latest: {latest.name if latest else 'none'}")
+    if latest is not None and is_predecessor_step(latest):
+        print(f"  --resume {path} starts at its step with a fresh optimizer (`show-checkpoint {latest}` for more)")
     return problems
 
 
@@ -103,11 +113,16 @@ def main(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
     from paraloop.checkpoint import STEP_DIR, TRAINER_STATE
+    from paraloop.predecessor import describe, is_predecessor_step
 
     path: Path = args.dir
     try:
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: no such directory")
+        if is_predecessor_step(path):
+            print(f"checkpoint {path}")
+            print("\n".join(f"  {line}" for line in describe(path)))
+            return 0
         if (path / TRAINER_STATE).exists() or STEP_DIR.fullmatch(path.name):
             show_one(path, verify=not args.no_verify)
             return 0
