@@ -109,6 +109,24 @@ def test_the_predecessor_runs_own_adapter_config_wins_over_the_configuration(pre
     assert "initial_adapter/adapter_config.json" in caplog.text
 
 
+def test_a_run_starts_from_a_predecessor_step_given_as_lora_path(predecessor, tiny_model_path, tmp_path, caplog):
+    from paraloop.lora import load_adapter
+    from paraloop.run.main import main as run
+
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="paraloop.predecessor"):
+        code = run([str(TINY_CONFIG), "--model-path", str(tiny_model_path), "--run-dir", str(run_dir), "--port", "0",
+                    "--lora-path", str(predecessor / "step_1"), "--steps", "1", "--no-plot"])
+    assert code == 0 and "scale 10 and dropout 0 taken from rl_training.lora" in caplog.text
+    initial, config = load_adapter(run_dir / "checkpoints" / "initial_adapter")
+    assert config["lora_parameters"] == {"rank": 16, "scale": 10.0, "dropout": 0.0,
+                                         "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
+    start = np.load(predecessor / "step_1" / "adapter.npz")
+    for name in start.files:  # a new run (step 0 -> 1) from the predecessor's arrays, not from a fresh init
+        np.testing.assert_array_equal(np.array(initial[name]), start[name])
+    assert read_checkpoint(run_dir).step == 1
+
+
 @pytest.mark.slow
 def test_resume_from_a_predecessor_dir_continues_at_its_step_with_a_fresh_optimizer(
     predecessor, tiny_model_path, tmp_path, caplog

@@ -103,11 +103,15 @@ def model_problems(settings: Settings, model_dir: Path) -> list[str]:
     from mlx_lm.utils import _get_classes
 
     rl, lora = settings.rl_training, settings.rl_training.lora
+    file = model_dir / "config.json"
     try:
-        config = json.loads((model_dir / "config.json").read_text())
-        _get_classes(config)  # mlx-lm's own lookup of the architecture: ValueError when unsupported
+        config = json.loads(file.read_text())
+        if not isinstance(config, dict) or "model_type" not in config:
+            return [f"model.base_path: {file}: no model_type (not an mlx-lm or Hugging Face model config)"]
+        if "model_file" not in config:  # a custom architecture file is mlx-lm's to load (trust_remote_code)
+            _get_classes(config)  # mlx-lm's own lookup of the architecture: ValueError when unsupported
     except (OSError, ValueError) as e:
-        return [f"model.base_path: {model_dir / 'config.json'}: {e}"]
+        return [f"model.base_path: {file}: {e}"]
     problems = []
     quantized = "quantization" in config or "quantization_config" in config
     if rl.train_mode == "full" and quantized:
