@@ -175,3 +175,19 @@ def test_merge_fuses_a_predecessor_step_with_its_spellings(predecessor, tiny_mod
     arrays = dict(np.load(predecessor / "step_2" / "adapter.npz"))
     expected = reference_logits(tiny_model_path, arrays, scale=10.0)  # the predecessor's scale
     np.testing.assert_allclose(logits(fused, tokenizer), expected, atol=1e-4)
+
+
+def test_a_damaged_paraloop_checkpoint_is_never_taken_for_a_predecessor_one(tiny_model_path, tmp_path):
+    from test_tools import save_run, trained_model
+
+    from paraloop.checkpoint import CheckpointError
+    from paraloop.predecessor import is_predecessor_step, read_for_resume
+
+    model, _, config = trained_model(tiny_model_path)
+    step_dir = save_run(tmp_path / "run", model, config)
+    (step_dir / "trainer_state.json").unlink()  # damage: the adapter and optimizer files are still there
+    assert not is_predecessor_step(step_dir)
+    with pytest.raises(CheckpointError, match="trainer_state.json"):
+        read_for_resume(step_dir)
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        read_for_resume(tmp_path / "run")

@@ -20,6 +20,7 @@ import mlx.nn as nn
 
 from paraloop.checkpoint import (
     INITIAL_ADAPTER,
+    OPTIMIZER,
     STEP_DIR,
     TRAINER_STATE,
     Checkpoint,
@@ -39,12 +40,16 @@ log = logging.getLogger("paraloop.predecessor")
 
 
 def is_predecessor_step(path: str | Path) -> bool:
-    """A step_N dir holding adapter weights but no trainer_state.json (paraloop writes one into every step dir)."""
+    """A step_N dir (N without leading zeros) holding adapter weights and none of the files paraloop writes into
+    every step dir (trainer_state.json, optimizer.safetensors): a damaged paraloop checkpoint is never taken for one."""
     path = Path(path)
+    match = STEP_DIR.fullmatch(path.name)
     return (
         path.is_dir()
-        and STEP_DIR.fullmatch(path.name) is not None
+        and match is not None
+        and not match[1].startswith("0")
         and not (path / TRAINER_STATE).exists()
+        and not (path / OPTIMIZER).exists()
         and ((path / NPZ_NAME).is_file() or (path / SAFETENSORS_NAME).is_file())
     )
 
