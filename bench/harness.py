@@ -168,8 +168,15 @@ def ensure_models() -> tuple[Path, Path]:
     return MODEL_Q4, MODEL_F32
 
 
-def run_checked(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+def run_checked(cmd: list[str], *, timeout_s: float = 1800.0, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run to completion in its own process group, which is killed if we time out or are interrupted."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    finally:
+        kill_group(proc, grace_s=5)
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return done

@@ -27,7 +27,6 @@ RUN_API = VENV / "bin" / "run-api"
 pytestmark = [
     pytest.mark.atropos,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(not RUN_API.is_file(), reason=f"no Atropos venv at {VENV}: run scripts/setup-atropos-venv.sh"),
 ]
 
 

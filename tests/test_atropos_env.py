@@ -29,7 +29,6 @@ BATCH_SIZE, GROUP_SIZE, STEPS = 4, 2, 2
 pytestmark = [
     pytest.mark.atropos,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(not RUN_API.is_file(), reason=f"no Atropos venv at {VENV}: run scripts/setup-atropos-venv.sh"),
 ]
 
 
@@ -151,7 +150,6 @@ def test_a_real_environment_sends_what_the_inference_server_generated(tiny_model
 
 
 def test_a_real_environment_served_by_paraloop_serve(tiny_model_path, tmp_path):
-    pytest.importorskip("paraloop.serve", reason="needs paraloop serve")
     port = free_port()
 
     async def scenario():

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import procs
 from paraloop.atropos.launch import ProcessGroup, env_argv, make_plan, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
-needs_atropos = pytest.mark.skipif(
-    not (VENV / "bin" / "run-api").is_file(), reason=f"no Atropos venv at {VENV}: run scripts/setup-atropos-venv.sh"
-)
 
 
 def alive(pid: int) -> bool:
@@ -97,7 +95,7 @@ def plan_for(argv: list[str]):
     return make_plan(args, extra)
 
 
-@needs_atropos
+@pytest.mark.atropos
 def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
@@ -121,9 +119,9 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
 @pytest.mark.parametrize(
     "problem, expected",
     [
-        ("no api_url", "rl_training.atropos.api_url must be set"),
-        ("no model dir", "model.base_path must be a local model directory"),
-        ("no env script", "--env-script"),
+        pytest.param("no api_url", "rl_training.atropos.api_url must be set", marks=pytest.mark.atropos),
+        pytest.param("no model dir", "model.base_path must be a local model directory", marks=pytest.mark.atropos),
+        pytest.param("no env script", "--env-script", marks=pytest.mark.atropos),
         ("no venv", "scripts/setup-atropos-venv.sh"),
     ],
 )
@@ -140,8 +138,6 @@ def test_plan_errors_name_what_is_missing(tmp_path, monkeypatch, problem, expect
     if problem != "no env script":
         script.write_text("")
     venv = str(tmp_path / "no-venv") if problem == "no venv" else str(VENV)
-    if problem != "no venv" and not (VENV / "bin" / "run-api").is_file():
-        pytest.skip(f"no Atropos venv at {VENV}")
     with pytest.raises((ValueError, FileNotFoundError), match=expected.replace(".", r"\.")):
         plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", venv])
 
@@ -152,7 +148,6 @@ def test_parse_args_sends_everything_after_the_double_dash_to_environments():
     assert isinstance(args, argparse.Namespace) and args.server_type == "vllm"
 
 
-@needs_atropos
 @pytest.mark.atropos
 @pytest.mark.timeout(120)
 def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
@@ -165,14 +160,19 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     config = write_config(tmp_path / "c.toml", api_url=f"http://127.0.0.1:{port}", model_dir=model)
     sleeper_env = tmp_path / "env.py"
     sleeper_env.write_text("import time\ntime.sleep(120)\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "paraloop", "launch-atropos", "--config", str(config), "--env-script",
-         str(sleeper_env), "--atropos-venv", str(VENV), "--grace", "3", "--no-env-defaults"],
-        capture_output=True, text=True, timeout=100, cwd=tmp_path,
-    )
-    out = result.stdout
-    assert result.returncode != 0, out
-    pids = [int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines() if line.startswith("[launch] started")]
+    argv = [sys.executable, "-m", "paraloop", "launch-atropos", "--config", str(config), "--env-script",
+            str(sleeper_env), "--atropos-venv", str(VENV), "--grace", "3", "--no-env-defaults"]
+    proc = procs.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines = procs.Lines(proc.stdout)
+    try:
+        proc.wait(timeout=100)
+    finally:  # the launcher stops its children on SIGTERM; any it could not stop die with their groups
+        procs.kill_group(proc, grace_s=10)
+        out = lines.all()
+        pids = [int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines()
+                if line.startswith("[launch] started")]  # fmt: skip
+        procs.kill_groups(pids)
+    assert proc.returncode != 0, out
     assert len(pids) == 3, out  # run-api, paraloop run, the environment
     assert "[launch] paraloop exited with code" in out and "stopping every child" in out
     assert all(gone_soon(pid) for pid in pids)

@@ -1,6 +1,7 @@
 """End to end: `paraloop launch-atropos` runs the real run-api, a real environment (tests/atropos_env.py) and
 `paraloop run` on the tiny model; paraloop trains N steps from the environment's batches and everything stops."""
 
+import contextlib
 import json
 import os
 import signal
@@ -8,28 +9,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import procs
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
 ENV_SCRIPT = Path(__file__).with_name("atropos_env.py")
 
-try:
-    import paraloop.run.main  # noqa: F401
-
-    HAS_RUN = True
-except ImportError:
-    HAS_RUN = False
-
-pytestmark = [
-    pytest.mark.atropos,
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(not HAS_RUN, reason="needs paraloop run"),
-    pytest.mark.skipif(not (VENV / "bin" / "run-api").is_file(),
-                       reason=f"no Atropos venv at {VENV}: run scripts/setup-atropos-venv.sh"),
-]
+pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
 
 
 def free_port() -> int:
@@ -72,10 +63,27 @@ interval = 0
     return config
 
 
-def launch(config: Path) -> subprocess.Popen:
+@contextlib.contextmanager
+def launch(config: Path) -> Iterator[tuple[subprocess.Popen, procs.Lines]]:
+    """`paraloop launch-atropos` and its output. However the test ends, the launcher gets SIGTERM (it stops its
+    children) and then every child it reported starting is killed with its process group."""
     argv = [sys.executable, "-m", "paraloop", "launch-atropos", "--config", str(config), "--env-script",
             str(ENV_SCRIPT), "--atropos-venv", str(VENV), "--grace", "10", "--", "--env.group_size", "2"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent)
+    proc = procs.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent)
+    lines = procs.Lines(proc.stdout)
+    try:
+        yield proc, lines
+    finally:
+        procs.kill_group(proc, grace_s=20)
+        procs.kill_groups(started_pids(lines.text()))
+
+
+def finish(proc: subprocess.Popen, lines: procs.Lines, timeout: float) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"launch-atropos did not finish in {timeout} s:\n{lines.text()[-6000:]}") from None
+    return lines.all()
 
 
 def started_pids(out: str) -> list[int]:
@@ -100,8 +108,8 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def test_paraloop_trains_n_steps_from_a_real_environment(tiny_model_path, tmp_path):
-    proc = launch(write_config(tmp_path, tiny_model_path, steps=2))
-    out, _ = proc.communicate(timeout=240)
+    with launch(write_config(tmp_path, tiny_model_path, steps=2)) as (proc, lines):
+        out = finish(proc, lines, timeout=240)
     assert proc.returncode == 0, out[-6000:]
     steps = [m["step"] for m in metrics(tmp_path / "run") if "step" in m]
     assert steps[-1] == 2 and len(steps) >= 2, out[-3000:]
@@ -114,13 +122,13 @@ def test_paraloop_trains_n_steps_from_a_real_environment(tiny_model_path, tmp_pa
 
 
 def test_sigterm_stops_the_launcher_and_every_child(tiny_model_path, tmp_path):
-    proc = launch(write_config(tmp_path, tiny_model_path, steps=1000))
-    deadline = time.monotonic() + 200
-    while not metrics(tmp_path / "run"):  # training from the environment has begun
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-6000:] if proc.poll() else ""
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    with launch(write_config(tmp_path, tiny_model_path, steps=1000)) as (proc, lines):
+        deadline = time.monotonic() + 200
+        while not metrics(tmp_path / "run"):  # training from the environment has begun
+            assert proc.poll() is None and time.monotonic() < deadline, lines.text()[-6000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out = finish(proc, lines, timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, out[-6000:]
     pids = started_pids(out)
     assert len(pids) == 3 and all(gone_soon(pid) for pid in pids)

@@ -1,7 +1,6 @@
 """Checkpoint layout, exact round trip, exact optimizer resume, retention, clear errors on damaged ones."""
 
 import json
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,6 +11,8 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+
+import procs
 
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 from paraloop.checkpoint import (
@@ -180,9 +181,7 @@ def test_rewriting_a_step_replaces_it(tmp_path):
 
 
 def test_a_dead_writers_staged_dirs_are_removed_by_the_next_write(tmp_path):
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
+    dead = procs.run([sys.executable, "-c", "import os; print(os.getpid())"], timeout=60)
     pid = int(dead.stdout)
     ckdir = tmp_path / "checkpoints"
     ckdir.mkdir()

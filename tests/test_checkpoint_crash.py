@@ -10,6 +10,7 @@ from pathlib import Path
 
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 
+import procs
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
 KILLS = 15
@@ -76,7 +77,8 @@ class Writers:
     def _start(self, mode: str) -> subprocess.Popen:
         env = {**os.environ, "PARALOOP_OPENBLAS": "0"}  # no BLAS thread pool: the writers never multiply
         cmd = [sys.executable, "-c", WRITER, str(self.run), mode]
-        return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        # its own process group: the writers forked from the zygote die with it, whatever ends the test
+        return procs.spawn(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def start(self) -> int:
         if self.zygote is None:
@@ -104,9 +106,8 @@ class Writers:
 
     def close(self) -> None:
         for proc in (self.zygote, self.spawned):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                procs.kill_group(proc, grace_s=0)
 
 
 def staged(run: Path) -> list[str]:

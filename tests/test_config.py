@@ -1,12 +1,12 @@
 """Configuration: precedence CLI > environment > TOML > default, clear errors, every shipped file loads."""
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import procs
 from paraloop.config import ConfigError, Settings, load_config, to_toml
 from paraloop.config_command import render_docs
 from paraloop.flags import add_config_flags, overrides_from_args
@@ -122,9 +122,9 @@ def test_configuration_docs_are_current():
 
 def test_config_show_cli_errors_in_one_line(tmp_path):
     bad = write(tmp_path, "[rl_training]\nbogus = 1\n")
-    proc = subprocess.run([sys.executable, "-m", "paraloop", "config", "show", str(bad)], capture_output=True, text=True)
+    proc = procs.run([sys.executable, "-m", "paraloop", "config", "show", str(bad)], timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "rl_training.bogus" in proc.stderr
-    ok = subprocess.run([sys.executable, "-m", "paraloop", "config", "show", str(REPO / "configs/tiny.toml"),
-                         "--learning-rate", "0.5"], capture_output=True, text=True)
+    ok = procs.run([sys.executable, "-m", "paraloop", "config", "show", str(REPO / "configs/tiny.toml"),
+                    "--learning-rate", "0.5"], timeout=60)
     assert ok.returncode == 0 and "learning_rate = 0.5" in ok.stdout

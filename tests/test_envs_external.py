@@ -4,18 +4,16 @@ groups from the server's own token ids and log-probs, the same through /generate
 
 import json
 import os
-import queue
-import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+import procs
 from paraloop.envs.tasks import TINY_PROMPTS, Sample, capitals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,46 +21,27 @@ EXAMPLE = REPO / "examples" / "external_env.py"
 RUN_API = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos")) / "bin" / "run-api"
 DEADLINE_S = 90  # only bounds a hang
 
-pytestmark = pytest.mark.skipif(
-    not (REPO / "src" / "paraloop" / "serve.py").is_file(),
-    reason="needs `paraloop serve` (src/paraloop/serve.py)",
-)
-
-
 class Serve:
-    """A running `python -m paraloop serve --port 0`, its port read from the line it logs once serving."""
+    """A running `python -m paraloop serve --port 0` in its own process group, its URL read from the line it logs."""
 
-    def __init__(self, model: Path) -> None:
-        cmd = [sys.executable, "-m", "paraloop", "serve", "--port", "0", "--model-path", str(model)]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(
-            target=lambda: [lines.put(x) for x in self.proc.stderr] + [lines.put("")], daemon=True
-        ).start()
-        while True:
-            line = lines.get(timeout=DEADLINE_S)
-            assert line, "paraloop serve exited before serving"
-            if m := re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", line):
-                self.url = m.group(1)
-                return
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=DEADLINE_S)
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        lines = procs.Lines(proc.stderr)
+        self.url = lines.expect(r"serving .* on (http://127\.0\.0\.1:\d+)", timeout=DEADLINE_S).group(1)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
-    serve = Serve(tiny_model_path)
-    yield serve
-    serve.stop()
+    cmd = [sys.executable, "-m", "paraloop", "serve", "--port", "0", "--model-path", str(tiny_model_path)]
+    with procs.running(cmd, stderr=subprocess.PIPE, text=True) as proc:
+        yield Serve(proc)
 
 
 def run_example(server: Serve, model: Path, *args: str) -> list[dict]:
     cmd = [sys.executable, str(EXAMPLE), "--url", server.url, "--model-path", str(model),
            "--task", "paraloop.envs.tasks:capitals", "--groups", "2", "--group-size", "4", "--max-tokens", "6",
            "--seed", "3", *args]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S)
+    result = procs.run(cmd, timeout=DEADLINE_S)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("group ") == 2  # one log line per group
     return [json.loads(line) for line in result.stdout.splitlines()]
@@ -132,9 +111,9 @@ def test_an_unreachable_server_is_one_clear_error(tiny_model_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    result = subprocess.run(
+    result = procs.run(
         [sys.executable, str(EXAMPLE), "--url", f"http://127.0.0.1:{port}", "--model-path", str(tiny_model_path)],
-        capture_output=True, text=True, timeout=DEADLINE_S,
+        timeout=DEADLINE_S,
     )  # fmt: skip
     assert result.returncode == 1
     assert f"external_env: cannot reach http://127.0.0.1:{port}/generate" in result.stderr
@@ -148,17 +127,13 @@ def http(url: str, body: dict | None = None) -> dict:
 
 
 @pytest.mark.atropos
-@pytest.mark.skipif(
-    not RUN_API.is_file(), reason=f"no Atropos run-api at {RUN_API}: run scripts/setup-atropos-venv.sh"
-)
 def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_path, via_generate):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     api = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(RUN_API), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
+    with procs.running([str(RUN_API), "--host", "127.0.0.1", "--port", str(port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:  # fmt: skip
         deadline = time.monotonic() + DEADLINE_S
         while True:
             try:
@@ -178,7 +153,7 @@ def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_pat
         cmd = [sys.executable, str(EXAMPLE), "--url", server.url, "--model-path", str(tiny_model_path),
                "--task", "paraloop.envs.tasks:capitals", "--groups", "2", "--group-size", "4", "--max-tokens", "6",
                "--seed", "3", "--atropos-url", api]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S)
+        result = procs.run(cmd, timeout=DEADLINE_S)
         assert result.returncode == 0, result.stderr
         assert result.stdout == ""  # posted, not printed
         batch = http(api + "/batch")["batch"]
@@ -189,6 +164,3 @@ def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_pat
             assert got["tokens"] == want["tokens"] and got["masks"] == want["masks"]
             assert got["scores"] == want["scores"] and got["env_id"] == 0
             assert same_logprobs(got, want)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=DEADLINE_S)

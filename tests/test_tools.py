@@ -11,6 +11,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
+import procs
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 from paraloop.checkpoint import write_checkpoint, write_initial_adapter
 from paraloop.config import LoraConfig
@@ -24,9 +25,7 @@ PROMPT = (
 
 def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
     code = f"import sys; from paraloop.tools.{module} import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120
-    )
+    return procs.run([sys.executable, "-c", code, *map(str, args)], timeout=120)
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
