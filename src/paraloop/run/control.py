@@ -3,7 +3,8 @@
 GET  /control/status    step, versions, paused, queue depths, last metrics, tokens/s, swap pauses
 POST /control/pause     the learner stops taking batches (HTTP generation goes on)
 POST /control/resume
-POST /control/step      while paused: exactly one learner step; answers its metrics
+POST /control/step      while paused: exactly one learner step; answers its metrics (?timeout=S, default 600:
+                        504 when no rollout batch came in time, 409 when the run stops first)
 POST /control/snapshot  checkpoint now; answers its path
 POST /control/stop      finish the step in flight, write a final checkpoint, exit 0
 GET  /metrics           Prometheus text format
@@ -12,6 +13,8 @@ GET  /metrics           Prometheus text format
 steps. The bearer token (server.control_token) is enforced by the app's gate middleware for every route but /health.
 """
 
+import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,9 +28,16 @@ from paraloop.messages import StepFinished
 from paraloop.run.status import RunStatus
 from paraloop.server.errors import APIError
 
+STEP_TIMEOUT_S = 600.0  # default wait of POST /control/step for its step (a rollout batch has to come first)
+MAX_STEP_TIMEOUT_S = 86400.0
+
 
 class ControlError(RuntimeError):
     """A /control request that does not fit the run's state (answered 409)."""
+
+
+class StepTimeout(RuntimeError):
+    """No step could be taken in time for POST /control/step (answered 504); nothing was changed."""
 
 
 class LearnerControl:
@@ -36,8 +46,11 @@ class LearnerControl:
     def __init__(self, status: RunStatus) -> None:
         self.status = status
         self._changed = anyio.Event()
-        self._permits = 0
-        self._step_waiters: list[ObjectSendStream[StepFinished]] = []
+        # POST /control/step requests: each waits for one step. `_pending` have not been granted yet; `_granted` is
+        # the one the learner's next step answers (it stays granted until a step is done, e.g. across a batch that
+        # was all stale).
+        self._pending: deque[ObjectSendStream[StepFinished]] = deque()
+        self._granted: ObjectSendStream[StepFinished] | None = None
         self._receive_scope: anyio.CancelScope | None = None
         self.snapshot: Callable[[], Any] | None = None  # set by the learner: async () -> CheckpointWritten
 
@@ -54,10 +67,16 @@ class LearnerControl:
         self._notify()
 
     def stop(self) -> None:
-        """Finish the step in flight, write a final checkpoint, end the run."""
+        """Finish the step in flight, write a final checkpoint, end the run. Single-step requests that no step will
+        answer end now (409); one whose step is being computed gets that step."""
         self.status.stopping = True
         if self._receive_scope is not None and not self.status.learner_busy:
             self._receive_scope.cancel()
+        while self._pending:
+            self._pending.popleft().close()
+        if self._granted is not None and not self.status.learner_busy:
+            self._granted.close()
+            self._granted = None
         self._notify()
 
     @contextmanager
@@ -70,40 +89,72 @@ class LearnerControl:
             finally:
                 self._receive_scope = None
 
-    async def step_once(self) -> StepFinished:
-        """While paused: run exactly one learner step and return its result."""
+    async def step_once(self, timeout: float = STEP_TIMEOUT_S) -> StepFinished:  # noqa: ASYNC109 - a request's own bound
+        """While paused: run exactly one learner step and return its result.
+
+        The step needs a rollout batch: when none comes within `timeout` seconds the request is withdrawn (no step
+        is taken later on its behalf) and StepTimeout is raised. A step already being computed is waited for."""
         if not self.status.paused:
             raise ControlError("the run is not paused: POST /control/pause first")
         if self.status.stopping:
             raise ControlError("the run is stopping")
         send, receive = anyio.create_memory_object_stream[StepFinished](1)
-        self._step_waiters.append(send)
-        self._permits += 1
+        self._pending.append(send)
         self._notify()
         async with receive:
-            return await receive.receive()
+            try:
+                with anyio.move_on_after(timeout):
+                    return await receive.receive()
+                if send in self._pending or (self._granted is send and not self.status.learner_busy):
+                    self._withdraw(send)
+                    raise StepTimeout(f"no rollout batch arrived within {timeout:g} s: no step was taken "
+                                      "(see /control/status: source, queues)")
+                return await receive.receive()  # the learner is computing this step: its result comes
+            except anyio.EndOfStream:
+                raise ControlError("the run is stopping: no step was taken") from None
+
+    def _withdraw(self, send: ObjectSendStream[StepFinished]) -> None:
+        if send in self._pending:
+            self._pending.remove(send)
+        if self._granted is send:
+            self._granted = None
+        send.close()
 
     async def wait_turn(self) -> bool:
         """Return True when the learner may take its next step, False when the run is stopping."""
         while True:
             if self.status.stopping:
                 return False
-            if not self.status.paused:
-                return True
-            if self._permits:
-                self._permits -= 1
+            if self._granted is None and self._pending:
+                self._granted = self._pending.popleft()  # the next step answers this request
+            if not self.status.paused or self._granted is not None:
                 return True
             await self._changed.wait()
 
     def step_done(self, done: StepFinished) -> None:
-        waiters, self._step_waiters = self._step_waiters, []
-        for send in waiters:
-            send.send_nowait(done)
-            send.close()
+        """A step finished: it answers the single-step request it was granted to, if any."""
+        granted, self._granted = self._granted, None
+        if granted is not None:
+            granted.send_nowait(done)
+            granted.close()
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
+
+
+def step_timeout(raw: str | None) -> float:
+    """The `timeout` query parameter of POST /control/step: seconds, 0 < t <= 86400 (400 naming it otherwise)."""
+    if raw is None:
+        return STEP_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_STEP_TIMEOUT_S:  # NaN fails too
+        raise APIError(400, f"timeout: expected seconds in (0, {MAX_STEP_TIMEOUT_S:g}], got {raw[:40]!r}",
+                       param="timeout", code="invalid_value")
+    return value
 
 
 def control_routes(status: RunStatus, control: LearnerControl) -> list[web.RouteDef]:
@@ -119,10 +170,13 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
         return _json({"paused": False, "step": status.step})
 
     async def step(request: web.Request) -> web.Response:
+        timeout = step_timeout(request.query.get("timeout"))
         try:
-            done = await control.step_once()
+            done = await control.step_once(timeout)
         except ControlError as e:
             raise APIError(409, str(e), code="conflict") from None
+        except StepTimeout as e:
+            raise APIError(504, str(e), param="timeout", code="step_timeout") from None
         return _json({"step": done.step, "adapter_version": done.version, "skipped": done.skipped,
                       "metrics": done.metrics})
 

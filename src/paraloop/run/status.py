@@ -27,7 +27,6 @@ class RunStatus:
     learner_busy: bool = False
     skipped_steps: int = 0
     dropped_stale: int = 0
-    rejected_groups: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -47,6 +46,13 @@ class RunStatus:
 
     def record_swap(self, swapped: AdapterSwapped) -> None:
         self.serving_version = swapped.version
+
+    @property
+    def rejected_groups(self) -> int:
+        """Rollout groups the source rejected as malformed. The source owns the count (the Atropos client counts
+        them per environment; the mock environment makes none), so it is read from there, never copied."""
+        source = self.source_status() if self.source_status else {}
+        return int(source.get("groups_rejected", 0))
 
     def queue_depths(self) -> dict[str, int]:
         depths = {}

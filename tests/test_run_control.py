@@ -1,0 +1,222 @@
+"""/control's state machine and routes, driven over real HTTP with a scripted learner: single steps (and their
+timeout), pause racing a step in flight, stop waking waiters, the 409s of /control/snapshot, and the run status
+that /control/status and /metrics read (rejected_groups included)."""
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from paraloop.atropos.client import AtroposClient
+from paraloop.config import AtroposConfig, Settings
+from paraloop.messages import CheckpointWritten, StepFinished
+from paraloop.run.control import LearnerControl, control_routes, prometheus_text
+from paraloop.run.status import RunStatus
+from paraloop.server.app import make_app, start_http
+
+DEADLINE_S = 20
+
+
+class ScriptedLearner:
+    """The learner's side of LearnerControl, one step per batch the test hands it (the real loop: receive a
+    batch, wait for its turn, step, report)."""
+
+    def __init__(self, control: LearnerControl) -> None:
+        self.control = control
+        self.send, self.batches = anyio.create_memory_object_stream[int](8)
+        self.steps = 0
+        self.stepping = anyio.Event()  # set while a step "computes"; the test ends it with finish_step
+        self._finish = anyio.Event()
+
+    async def run(self, *, hold_steps: bool = False) -> None:
+        async for _ in self.batches:
+            if not await self.control.wait_turn():
+                return
+            self.control.status.learner_busy = True
+            if hold_steps:
+                self.stepping.set()
+                await self._finish.wait()
+                self.stepping, self._finish = anyio.Event(), anyio.Event()
+            self.steps += 1
+            self.control.status.learner_busy = False
+            self.control.step_done(StepFinished(step=self.steps, version=self.steps, metrics={"loss": 0.5}))
+
+    def finish_step(self) -> None:
+        self._finish.set()
+
+
+@asynccontextmanager
+async def control_server(*, hold_steps: bool = False) -> AsyncIterator[tuple[Any, LearnerControl, ScriptedLearner]]:
+    status = RunStatus(total_steps=100, mode="sync", run_dir="runs/x")
+    control = LearnerControl(status)
+    learner = ScriptedLearner(control)
+    app = make_app(None, settings=Settings(), extra_routes=control_routes(status, control))
+    runner, port = await start_http(app, "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http, anyio.create_task_group() as tg:
+            tg.start_soon(lambda: learner.run(hold_steps=hold_steps))
+            yield http, control, learner
+            tg.cancel_scope.cancel()
+    finally:
+        await runner.cleanup()
+
+
+async def post(http: aiohttp.ClientSession, path: str) -> tuple[int, dict]:
+    async with http.post(path) as resp:
+        return resp.status, await resp.json()
+
+
+def scenario(fn: Callable[..., Awaitable[None]], **server: Any) -> None:
+    async def main() -> None:
+        with anyio.fail_after(DEADLINE_S):
+            async with control_server(**server) as (http, control, learner):
+                await fn(http, control, learner)
+
+    anyio.run(main)
+
+
+async def held(control: LearnerControl, within: float = 0.2) -> bool:
+    """True when the learner's gate stays shut (wait_turn does not return) for `within` seconds."""
+    with anyio.move_on_after(within):
+        await control.wait_turn()
+        return False
+    return True
+
+
+def test_a_single_step_waits_for_a_batch_and_answers_its_metrics():
+    async def run(http, control, learner):
+        assert (await post(http, "/control/step"))[0] == 409  # not paused
+        control.pause()
+        answers = []
+
+        async def step():
+            answers.append(await post(http, "/control/step?timeout=10"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(step)
+            await anyio.sleep(0.05)  # the request waits: no batch yet (either order gives one step)
+            await learner.send.send(1)
+        status, body = answers[-1]
+        assert status == 200 and body == {"step": 1, "adapter_version": 1, "skipped": False, "metrics": {"loss": 0.5}}
+        await learner.send.send(2)  # paused again: this batch is held, no second step
+        assert await held(control) and learner.steps == 1
+
+    scenario(run)
+
+
+def test_a_single_step_without_rollouts_times_out_504_and_leaves_nothing_behind():
+    async def run(http, control, learner):
+        control.pause()
+        status, body = await post(http, "/control/step?timeout=0.2")
+        assert status == 504
+        assert body["error"]["code"] == "step_timeout" and body["error"]["param"] == "timeout"
+        assert body["error"]["type"] == "timeout_error" and "no step was taken" in body["error"]["message"]
+        await learner.send.send(1)  # a batch after the timeout: the withdrawn request takes no step
+        assert await held(control) and learner.steps == 0
+
+    scenario(run)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "nan", "inf", "1e9"])
+def test_a_bad_step_timeout_is_400_naming_it(value):
+    async def run(http, control, learner):
+        control.pause()
+        status, body = await post(http, f"/control/step?timeout={value}")
+        assert status == 400 and body["error"]["param"] == "timeout", body
+
+    scenario(run)
+
+
+def test_a_step_in_flight_at_pause_does_not_answer_a_later_single_step():
+    async def run(http, control, learner):
+        await learner.send.send(1)
+        await learner.stepping.wait()  # step 1 computes, started before the pause
+        control.pause()
+        answers = []
+
+        async def step():
+            answers.append(await post(http, "/control/step?timeout=10"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(step)
+            await anyio.sleep(0.05)
+            learner.finish_step()  # step 1 ends: it was not asked for
+            await anyio.sleep(0.05)
+            assert not answers, "the step in flight answered a single-step request made after it began"
+            await learner.send.send(2)
+            await learner.stepping.wait()
+            learner.finish_step()
+        assert answers == [(200, {"step": 2, "adapter_version": 2, "skipped": False, "metrics": {"loss": 0.5}})]
+
+    scenario(run, hold_steps=True)
+
+
+def test_stop_answers_a_waiting_single_step_409_at_once():
+    async def run(http, control, learner):
+        control.pause()
+        answers = []
+
+        async def step():
+            answers.append(await post(http, "/control/step"))  # the default timeout: 600 s
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(step)
+            await anyio.sleep(0.05)
+            control.stop()
+        status, body = answers[0]
+        assert status == 409 and "stopping" in body["error"]["message"]
+        assert not await control.wait_turn()  # and the learner is told to stop
+
+    scenario(run)
+
+
+def test_snapshot_answers_409_when_no_learner_runs_or_the_run_stops():
+    async def run(http, control, learner):
+        status, body = await post(http, "/control/snapshot")  # the learner has not registered yet
+        assert status == 409 and body["error"]["message"] == "the learner is not running"
+
+        async def written() -> CheckpointWritten | None:
+            return CheckpointWritten(step=3, path="runs/x/checkpoints/step_000003")
+
+        control.snapshot = written
+        assert await post(http, "/control/snapshot") == (200, {"step": 3, "path": "runs/x/checkpoints/step_000003"})
+
+        async def shutting_down() -> None:
+            return None  # what checkpoint_now answers once the checkpointer has closed
+
+        control.snapshot = shutting_down
+        status, body = await post(http, "/control/snapshot")
+        assert status == 409 and "final checkpoint" in body["error"]["message"]
+        control.snapshot = written
+        control.stop()
+        status, body = await post(http, "/control/snapshot")
+        assert status == 409 and body["error"]["code"] == "conflict"
+
+    scenario(run)
+
+
+def wire_group(**changes: Any) -> dict:
+    group = {"tokens": [[11, 12, 13, 40], [11, 12, 13, 50, 51]], "masks": [[-100, -100, -100, 40],
+             [-100, -100, -100, 50, 51]], "scores": [1.0, 0.0], "env_id": 3}  # fmt: skip
+    group.update(changes)
+    return group
+
+
+def test_rejected_groups_counts_what_the_atropos_client_rejects():
+    async def main() -> dict:
+        # nothing listens on port 9: the client's /status call after the batch fails fast and is only logged
+        client = AtroposClient(AtroposConfig(api_url="http://127.0.0.1:9"), batch_size=4, token_budget=512,
+                               total_steps=2, checkpoint_dir="runs/x")  # fmt: skip
+        ragged = wire_group(masks=[[-100, -100, -100, 40]])  # one mask row for two sequences
+        batch = await client._translate([wire_group(), ragged, wire_group(scores=[float("nan"), 1.0])])
+        assert batch is not None and len(batch.groups) == 1
+        return client
+
+    client = anyio.run(main)
+    status = RunStatus(total_steps=2, mode="sync", run_dir="runs/x", source_status=client.status)
+    assert status.snapshot()["rejected_groups"] == 2
+    assert "paraloop_rejected_groups 2.0" in prometheus_text(status).splitlines()
+    assert status.snapshot()["source"]["per_env"]["3"]["rejected"] == 2
