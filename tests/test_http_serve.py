@@ -2,46 +2,54 @@
 
 import http.client
 import json
-import queue
+import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
+import time
 
 import pytest
 
 from paraloop.serve import main
+from procs import Lines, kill_group, spawn
 
 DEADLINE_S = 60  # generous: only bounds a hang, never asserted on
 
 
 class Serve:
-    """A running `python -m paraloop serve ...`, its bound port read from the log line it prints."""
+    """A running `python -m paraloop serve ...` in its own process group, its port read from the line it logs."""
 
-    def __init__(self, *args: str) -> None:
-        cmd = [sys.executable, "-m", "paraloop", "serve", "--port", "0", *args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        while True:
-            line = self.lines.get(timeout=DEADLINE_S)
-            assert line, "paraloop serve exited before serving"
-            if m := re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line):
-                self.port = int(m.group(1))
-                return
+    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int = 0) -> None:
+        cmd = [sys.executable, "-m", "paraloop", "serve", "--port", str(port), *args]
+        self.proc = spawn(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        self.lines = Lines(self.proc.stderr)
+        self.port = port
 
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put("")
+    def wait_serving(self) -> "Serve":
+        m = self.lines.expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=DEADLINE_S)
+        self.port = int(m.group(1))
+        return self
+
+    def __enter__(self) -> "Serve":
+        try:
+            return self.wait_serving() if self.port == 0 else self
+        except BaseException:
+            kill_group(self.proc)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        kill_group(self.proc)  # a no-op after a clean stop; the whole group otherwise
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
-        conn.request(method, path, body=json.dumps(body) if body is not None else None)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
+        try:
+            conn.request(method, path, body=json.dumps(body) if body is not None else None)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
 
     def stop(self, sig: int) -> int:
         self.proc.send_signal(sig)
@@ -50,28 +58,29 @@ class Serve:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_answers_until_a_signal_then_exits_0(tiny_model_path, sig):
-    server = Serve("--model-path", str(tiny_model_path), "--served-model-name", "tiny")
-    try:
+    with Serve("--model-path", str(tiny_model_path), "--served-model-name", "tiny") as server:
         assert server.request("GET", "/health") == (200, {"status": "ok", "adapter_version": 0})
         status, body = server.request("GET", "/v1/models")
         assert status == 200 and body["data"][0]["id"] == "tiny"
         status, body = server.request("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2})
         assert status == 200 and body["usage"]["completion_tokens"] >= 1
-    finally:
         assert server.stop(sig) == 0
 
 
 def test_a_stream_in_flight_at_shutdown_ends_with_abort_and_exit_0(tiny_model_path):
-    server = Serve("--model-path", str(tiny_model_path))
     body = json.dumps(
         {"prompt": "x", "n": 2, "max_tokens": 4000, "ignore_eos": True, "stream": True}
     ).encode()
-    with socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S) as sock:
+    with Serve("--model-path", str(tiny_model_path)) as server, socket.create_connection(
+        ("127.0.0.1", server.port), timeout=DEADLINE_S
+    ) as sock:
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
         sock.sendall(head.encode() + body)
         received = b""
         while b"data: {" not in received:  # generating
-            received += sock.recv(65536)
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection before streaming: {received!r}"
+            received += chunk
         assert server.stop(signal.SIGTERM) == 0
         while chunk := sock.recv(65536):
             received += chunk
@@ -80,24 +89,71 @@ def test_a_stream_in_flight_at_shutdown_ends_with_abort_and_exit_0(tiny_model_pa
     assert sorted(f for f in finishes if f) == ["abort", "abort"]
 
 
-def test_serve_loads_an_adapter(tiny_model_path, tmp_path):
+def greedy_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:
+    """log-softmax of the model's logits at each generated position, for the tokens given (temperature 1)."""
+    import mlx.core as mx
+
+    logits = model(mx.array(prompt + tokens[:-1])[None])[0].astype(mx.float32)[len(prompt) - 1 :]
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logp[mx.arange(len(tokens)), mx.array(tokens)].tolist()
+
+
+def test_serve_answers_with_the_adapter_it_was_given(tiny_model_path, tmp_path):
     import mlx.core as mx
 
     from paraloop.config import LoraConfig
-    from paraloop.lora import adapter_arrays, adapter_config, attach_lora, save_adapter
+    from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_lora, save_adapter
     from paraloop.model import load_model
 
     model, _, _, _ = load_model(tiny_model_path)
-    config = adapter_config(LoraConfig(rank=4, num_layers=2), model)
+    config = adapter_config(LoraConfig(rank=4, num_layers=2, keys="all"), model)
     attach_lora(model, config, seed=1)
-    arrays = {k: mx.ones_like(v) * 0.01 for k, v in adapter_arrays(model).items()}
+    # a strong random adapter: its answers differ clearly from the base model's
+    arrays = {k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.2
+              for i, (k, v) in enumerate(sorted(adapter_arrays(model).items()))}  # fmt: skip
     save_adapter(tmp_path / "adapter", arrays, config)
-    server = Serve("--model-path", str(tiny_model_path), "--lora-path", str(tmp_path / "adapter"))
-    try:
-        status, body = server.request("POST", "/generate", {"prompt": "Hello", "max_tokens": 2})
-        assert status == 200 and body["adapter_version"] == 0
-    finally:
+    prompt = [5, 6, 7, 8]
+    with Serve("--model-path", str(tiny_model_path), "--lora-path", str(tmp_path / "adapter")) as server:
+        status, body = server.request("POST", "/v1/completions", {
+            "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True})  # fmt: skip
+        assert status == 200 and body["adapter_version"] == 0, body
         assert server.stop(signal.SIGTERM) == 0
+    tokens, served = body["choices"][0]["token_ids"], body["choices"][0]["token_logprobs"]
+
+    base, _, _, _ = load_model(tiny_model_path)
+    adapted, _, _, _ = load_model(tiny_model_path)
+    apply_adapter(adapted, tmp_path / "adapter")
+    assert served == pytest.approx(greedy_logprobs(adapted, prompt, tokens), abs=2e-3)
+    without = greedy_logprobs(base, prompt, tokens)
+    assert max(abs(a - b) for a, b in zip(served, without, strict=True)) > 0.05, "the adapter changed nothing"
+    # greedy: each served token is the adapted model's argmax at its position
+    logits = adapted(mx.array(prompt + tokens[:-1])[None])[0][len(prompt) - 1 :]
+    assert mx.argmax(logits, axis=-1).tolist() == tokens
+
+
+def test_paraloop_log_sets_the_level_of_serve(tiny_model_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with Serve("--model-path", str(tiny_model_path), port=port, env={"PARALOOP_LOG": "warning"}) as server:
+        wait_health(server)
+        assert server.request("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2})[0] == 200
+        assert server.stop(signal.SIGTERM) == 0
+    logged = server.lines.text()
+    assert "serving" not in logged and " INFO " not in logged, logged  # INFO is the default level
+
+
+def wait_health(server: Serve) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        try:
+            if server.request("GET", "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert server.proc.poll() is None, f"paraloop serve exited: {server.lines.text()[-2000:]}"
+        assert time.monotonic() < deadline, "paraloop serve did not answer /health in time"
+        time.sleep(0.1)
 
 
 def one_error_line(capsys, *argv: str) -> str:

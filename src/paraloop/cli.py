@@ -38,8 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"paraloop: error: unknown command {name!r} (try `paraloop --help`)", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    from paraloop.logs import setup_logging
+
+    setup_logging()  # PARALOOP_LOG, the same for every verb
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except ImportError as e:
+        if "libmlx" not in str(e):
+            raise
+        print(f"paraloop: error: MLX has no backend installed ({e}). On Linux install one: "
+              "pip install 'paraloop[cpu]', or 'paraloop[cuda12]' / 'paraloop[cuda13]' for NVIDIA GPUs",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

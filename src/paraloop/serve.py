@@ -81,7 +81,6 @@ async def serve(engine: Engine, settings: Settings) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="paraloop: %(message)s", stream=sys.stderr)
     try:
         settings = settings_from(args)
     except ConfigError as e:

@@ -29,12 +29,6 @@ log = logging.getLogger("paraloop.run")
 OUTBOX_SIZE = 1  # one batch waits while the learner steps: bounded staleness in async mode
 
 
-def setup_logging() -> None:
-    level = os.environ.get("PARALOOP_LOG", "info").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
 async def watch_signals(control: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
     """First SIGINT/SIGTERM: graceful stop (final checkpoint, exit 0). A second one: stop at once."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -178,7 +172,6 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"paraloop: error: {e}", file=sys.stderr)
         return 2
-    setup_logging()
     from paraloop.run.preflight import preflight
     from paraloop.run.setup import SetupError
 
@@ -216,5 +209,7 @@ def main(argv: list[str]) -> int:
 
             print(f"wrote {plot_run(settings.checkpoint.dir)}", file=sys.stderr)
         except ImportError:
-            log.info("matplotlib not installed: no plot (pip install 'paraloop[plot]')")
+            print("paraloop: no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        except (OSError, ValueError) as e:  # the run itself succeeded: say why there is no picture, exit 0
+            print(f"paraloop: no plot: {e}", file=sys.stderr)
     return 0

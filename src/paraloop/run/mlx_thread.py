@@ -32,4 +32,7 @@ class MlxThread:
         return result
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Join the thread. Calls are shielded, so it is idle by the time its actor is done; a thread still alive
+        with its MLX stream when the process exits can abort it ("terminate called without an active exception",
+        ml-explore/mlx#3126)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
