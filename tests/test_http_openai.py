@@ -4,7 +4,7 @@ import openai
 import pytest
 
 from http_harness import running_server
-from paraloop.lora import adapter_arrays
+from paraloop.lora import AdapterSlots, adapter_arrays
 from paraloop.server import STATE
 
 MESSAGES = [{"role": "user", "content": "What is 2 plus 3?"}]
@@ -132,29 +132,62 @@ def test_streaming_completions_match_the_plain_answer_for_a_seed(client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_a_live_adapter_swap_shows_in_the_versions_of_the_tokens(tiny_model_path):
+def test_a_live_adapter_swap_changes_the_policy_between_two_tokens(tiny_model_path):
+    """Every token's logprob is the one the adapter version it is tagged with gives: version 0 (the initial
+    adapter) up to the swap, then version 1 (a random adapter that moves the logprobs far)."""
     import mlx.core as mx  # here, not at the top: paraloop's OpenBLAS preload must come first
+    from mlx_lm.models.cache import make_prompt_cache
 
+    prompt = [5, 6]
     with running_server(tiny_model_path, lora=True) as s:
+        initial = dict(adapter_arrays(s.model))
+        swapped = {k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.2
+                   for i, (k, v) in enumerate(sorted(initial.items()))}  # fmt: skip
+        mx.eval(swapped)
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         stream = client.completions.create(
-            model="m", prompt=[5, 6], n=2, max_tokens=4000, stream=True, extra_body=NO_EOS
+            model="m", prompt=prompt, n=2, max_tokens=4000, stream=True, extra_body=NO_EOS
         )
-        versions: dict[int, list[int]] = {0: [], 1: []}
+        rows: dict[int, list[tuple[int, float, int]]] = {0: [], 1: []}  # (token, logprob, version)
         for chunk in stream:
             [choice] = chunk.choices
-            versions[choice.index] += choice.model_extra["adapter_versions"]
+            extra = choice.model_extra
+            [version] = extra["adapter_versions"]  # one token per chunk
+            rows[choice.index] += [(t, lp, version) for t, lp in zip(extra["token_ids"], extra["token_logprobs"],
+                                                                      strict=True)]  # fmt: skip
             if s.engine.version == 0:  # swap once generation is under way; returns when applied
-                arrays = {k: mx.zeros_like(v) for k, v in adapter_arrays(s.model).items()}
-                mx.eval(arrays)
-                s.portal.call(s.engine.swap_adapter, arrays, 1)
-            if all(1 in v for v in versions.values()):
+                s.portal.call(s.engine.swap_adapter, swapped, 1)
+            if all(any(v == 1 for *_, v in row) for row in rows.values()):
                 break
         stream.close()
         client.close()
-        for row in versions.values():  # version 0 up to the swap, version 1 after it, never back
-            assert row[0] == 0 and row[-1] == 1 and row == sorted(row)
         assert s.get("/health").json()["adapter_version"] == 1
+    slots = AdapterSlots(s.model)  # the server is gone: its model is ours to run
+    arrays = {0: initial, 1: swapped}
+
+    def replay(row: list[tuple[int, float, int]], versions: list[int]) -> list[float]:
+        """Decode the row again one token at a time, step i under adapter versions[i]. The swap is live, so keys
+        and values cached before it stay those of version 0, as in the engine."""
+        cache = make_prompt_cache(s.model)
+        slots.swap(initial)
+        s.model(mx.array(prompt[:-1])[None], cache=cache)
+        inputs = [prompt[-1]] + [t for t, *_ in row[:-1]]
+        out = []
+        for (token, *_), fed, version in zip(row, inputs, versions, strict=True):
+            slots.swap(arrays[version])
+            logits = s.model(mx.array([[fed]]), cache=cache)[0, -1].astype(mx.float32)
+            out.append((logits - mx.logsumexp(logits))[token].item())
+        return out
+
+    moved = []
+    for row in rows.values():
+        versions = [v for *_, v in row]
+        assert versions[0] == 0 and versions[-1] == 1 and versions == sorted(versions)  # 0 up to the swap, never back
+        served = [lp for _, lp, _ in row]
+        assert served == pytest.approx(replay(row, versions), abs=2e-3)
+        unswapped = replay(row, [0] * len(row))
+        moved += [abs(a - b) for a, b, v in zip(served, unswapped, versions, strict=True) if v == 1]
+    assert max(moved) > 0.05, "the swapped adapter changed nothing"
 
 
 def test_models_and_health(server, client):

@@ -1,7 +1,10 @@
 """`paraloop run` end to end on the tiny model: it learns, checkpoints, obeys /control, swaps under load, fails loudly."""
 
+import asyncio
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,21 +12,38 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import pytest
+
+import procs
+from doc_tables import documented_keys
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
 
 
-def paraloop_run(model: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path", str(model),
-           "--run-dir", str(run_dir), "--port", "0", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+def run_cmd(model: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path", str(model),
+            "--run-dir", str(run_dir), "--port", "0", *extra]  # fmt: skip
+
+
+RUN_ENV = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
+
+
+@contextlib.contextmanager
+def paraloop_run(model: Path, run_dir: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    """`paraloop run` in its own process group, killed with everything it started when the block is left."""
+    with procs.running(run_cmd(model, run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env=RUN_ENV) as proc:  # fmt: skip
+        yield proc
+
+
+def run_to_end(model: Path, run_dir: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return procs.run(run_cmd(model, run_dir, *extra), timeout=timeout, env=RUN_ENV)
 
 
 def wait_for_server(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> str:
@@ -55,11 +75,25 @@ def call(url: str, method: str = "GET", body: dict | None = None, token: str | N
         return e.code, json.loads(e.read() or b"{}")
 
 
+def text(url: str, token: str | None = None) -> str:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.read().decode()
+
+
+def wait_status(base: str, token: str | None, predicate: Callable[[dict], bool], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while not predicate(status := call(f"{base}/control/status", token=token)[1]):
+        assert time.monotonic() < deadline, f"status never matched: {status}"
+        time.sleep(0.05)
+    return status
+
+
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        procs.kill_group(proc)
         out, err = proc.communicate()
         raise AssertionError(f"paraloop run did not finish in {timeout}s: {err[-3000:]}") from None
     return proc.returncode, out, err
@@ -71,77 +105,87 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def test_run_learns_checkpoints_and_exits_zero(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = paraloop_run(tiny_model_path, run_dir, "--steps", "24", "--checkpoint-interval", "10")
-    code, _, err = finish(proc)
-    assert code == 0, err[-3000:]
+    done = run_to_end(tiny_model_path, run_dir, "--steps", "24", "--checkpoint-interval", "10", "--keep-last", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 25))
     assert [r["version"] for r in rows] == list(range(1, 25)), "every step publishes the next adapter version"
     first = sum(r["reward_mean"] for r in rows[:4]) / 4
     last = sum(r["reward_mean"] for r in rows[-4:]) / 4
     assert last > first + 0.15, f"reward did not rise: first steps {first:.3f}, last steps {last:.3f}"
+    documented = documented_keys("metrics.md", "metrics.jsonl")
+    for row in rows:  # docs/metrics.md names every key; only Atropos's source_step is missing from a mock run
+        assert set(row) <= documented, f"undocumented metrics.jsonl keys: {set(row) - documented}"
+        assert documented - set(row) == {"source_step"}, documented - set(row)
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert ckpts == ["step_000010", "step_000020", "step_000024"]
+    assert ckpts == ["step_000020", "step_000024"], "--keep-last 2 keeps the newest two"
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000024"
     assert (run_dir / "checkpoints" / "initial_adapter" / "adapters.safetensors").is_file()
-    assert (run_dir / "metrics.png").is_file()
-    assert "reward_mean" in err  # the closing table
+    assert (run_dir / "metrics.png").read_bytes().startswith(b"\x89PNG")
+    assert f"wrote {run_dir / 'metrics.png'}" in done.stderr
+    assert "reward_mean" in done.stderr  # the closing table
 
 
 def test_control_api_pause_step_snapshot_stop_and_auth(tiny_model_path, tmp_path):
-    from paraloop.checkpoint import read_checkpoint
+    from paraloop.checkpoint import latest_checkpoint, read_checkpoint
 
     run_dir, token = tmp_path / "run", "s3cret"
-    proc = paraloop_run(tiny_model_path, run_dir, "--steps", "1000", "--control-token", token)
-    try:
+    with paraloop_run(tiny_model_path, run_dir, "--steps", "1000", "--control-token", token) as proc:
         base = wait_for_server(proc, run_dir)
         assert call(f"{base}/control/status")[0] == 401
         assert call(f"{base}/control/pause", "POST", token="wrong")[0] == 401
+        assert call(f"{base}/control/step", "POST", token=token)[0] == 409, "single steps only while paused"
         assert call(f"{base}/control/pause", "POST", token=token)[0] == 200
-        time.sleep(1.0)  # a step in flight when pausing may still finish
-        step = call(f"{base}/control/status", token=token)[1]["step"]
-        status, body = call(f"{base}/v1/completions", "POST", {"prompt": "hello", "max_tokens": 4}, token=token)
-        assert status == 200 and body["choices"][0]["text"] is not None, "generation goes on while paused"
-        time.sleep(1.5)
-        paused = call(f"{base}/control/status", token=token)[1]
-        assert paused["paused"] is True and paused["step"] == step, "no learner step while paused"
-        status, stepped = call(f"{base}/control/step", "POST", token=token)
-        assert status == 200 and stepped["step"] == step + 1 and "loss" in stepped["metrics"]
-        time.sleep(1.0)
-        assert call(f"{base}/control/status", token=token)[1]["step"] == step + 1, "exactly one step"
+        status, body = call(f"{base}/v1/completions", "POST", {"prompt": "hello", "max_tokens": 4, "ignore_eos": True},
+                            token=token)  # fmt: skip
+        assert status == 200 and len(body["choices"][0]["token_ids"]) == 4, "generation goes on while paused"
+        status, one = call(f"{base}/control/step", "POST", token=token)
+        assert status == 200 and "loss" in one["metrics"] and one["adapter_version"] == one["step"]
+        status, two = call(f"{base}/control/step", "POST", token=token)
+        assert status == 200 and two["step"] == one["step"] + 1, "each single step is exactly one step"
+
+        state = wait_status(base, token, lambda s: s["step"] == two["step"] and not s["learner_busy"])
+        assert state["paused"] is True and state["stopping"] is False and state["mode"] == "sync"
+        assert set(state) == documented_keys("metrics.md", "GET /control/status"), "docs/metrics.md lists every field"
+        assert set(state["engine"]) == documented_keys("metrics.md", "engine")
+        assert set(state["buffer"]) == documented_keys("metrics.md", "buffer")
+        assert set(state["queues"]) == {"rollouts", "publish", "checkpoints", "metrics"}
+        assert state["run_dir"] == str(run_dir) and state["uptime_s"] > 0 and state["rejected_groups"] == 0
+        assert state["last_metrics"]["reward_mean"] == two["metrics"]["reward_mean"]
+        assert state["source"]["source"] == "mock" and state["source"]["groups"] > 0
+
+        metrics = text(f"{base}/metrics", token=token)
+        families = set(re.findall(r"^(paraloop_\w+)", metrics, re.M))
+        assert families == documented_keys("metrics.md", "GET /metrics"), "docs/metrics.md lists every metric"
+        assert f"paraloop_step {float(two['step'])}" in metrics.splitlines()
+        assert "paraloop_paused 1.0" in metrics.splitlines()
+        assert f'paraloop_metric{{name="loss"}} {float(two["metrics"]["loss"])}' in metrics.splitlines()
+
         status, snap = call(f"{base}/control/snapshot", "POST", token=token)
         assert status == 200
         checkpoint = read_checkpoint(snap["path"])
-        assert checkpoint.step == step + 1 and checkpoint.adapter
-        assert call(f"{base}/control/resume", "POST", token=token)[0] == 200
-        assert call(f"{base}/control/step", "POST", token=token)[0] == 409, "single steps only while paused"
+        assert checkpoint.step == two["step"] and checkpoint.adapter
         assert call(f"{base}/control/stop", "POST", token=token)[0] == 200
         code, _, err = finish(proc)
-        assert code == 0, err[-3000:]
-        assert (run_dir / "checkpoints" / "latest").is_file()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, err[-3000:]
+    # Paused through the snapshot and the stop: no step after the second single step, and none was lost.
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, two["step"] + 1))
+    assert read_checkpoint(latest_checkpoint(run_dir)).step == two["step"]
 
 
 def test_sigterm_writes_final_checkpoint_and_exits_zero(tiny_model_path, tmp_path):
     from paraloop.checkpoint import latest_checkpoint, read_checkpoint
 
     run_dir = tmp_path / "run"
-    proc = paraloop_run(tiny_model_path, run_dir, "--steps", "1000", "--checkpoint-interval", "0")
-    try:
+    with paraloop_run(tiny_model_path, run_dir, "--steps", "1000", "--checkpoint-interval", "0") as proc:
         base = wait_for_server(proc, run_dir)
-        deadline = time.time() + 60
-        while call(f"{base}/control/status")[1]["step"] < 2 and time.time() < deadline:
-            time.sleep(0.2)
+        wait_status(base, None, lambda s: s["step"] >= 2, timeout=60)
         proc.send_signal(signal.SIGTERM)
         code, _, err = finish(proc)
-        assert code == 0, err[-3000:]
-        final = read_checkpoint(latest_checkpoint(run_dir))
-        assert final.step >= 2 and final.step == read_metrics(run_dir)[-1]["step"]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, err[-3000:]
+    final = read_checkpoint(latest_checkpoint(run_dir))
+    assert final.step >= 2 and final.step == read_metrics(run_dir)[-1]["step"]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -149,10 +193,9 @@ def test_swaps_under_load_fail_no_request(tiny_model_path, tmp_path, mode):
     """32 HTTP clients keep generating through 20 adapter swaps: no failure, versions monotone per client, and in
     sync mode no response mixes versions."""
     run_dir = tmp_path / "run"
-    proc = paraloop_run(tiny_model_path, run_dir, "--steps", "20", "--mode", mode, "--checkpoint-interval", "0")
     failures, mixed, seen = [], [], {i: [] for i in range(32)}
     stop = threading.Event()
-    try:
+    with paraloop_run(tiny_model_path, run_dir, "--steps", "20", "--mode", mode, "--checkpoint-interval", "0") as proc:
         base = wait_for_server(proc, run_dir)
 
         def training() -> bool:  # errors after the last step are the server shutting down, not failures
@@ -180,8 +223,10 @@ def test_swaps_under_load_fail_no_request(tiny_model_path, tmp_path, mode):
         with ThreadPoolExecutor(32) as pool:
             for i in range(32):
                 pool.submit(client, i)
-            code, _, err = finish(proc, timeout=300)
-            stop.set()
+            try:
+                code, _, err = finish(proc, timeout=300)
+            finally:
+                stop.set()  # the clients end before the pool is joined, however the run ended
         assert code == 0, err[-3000:]
         assert not failures, failures[:3]
         assert read_metrics(run_dir)[-1]["version"] == 20
@@ -190,10 +235,6 @@ def test_swaps_under_load_fail_no_request(tiny_model_path, tmp_path, mode):
         assert max(max(v) for v in seen.values() if v) >= 10, "clients did not live through the swaps"
         if mode == "sync":
             assert not mixed, f"sync mode mixed versions in a response: {mixed[:3]}"
-    finally:
-        stop.set()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_failing_actor_ends_the_run_with_its_error(tiny_model_path, tmp_path, monkeypatch, capsys):
@@ -214,21 +255,82 @@ def test_failing_actor_ends_the_run_with_its_error(tiny_model_path, tmp_path, mo
     assert "injected learner failure" in capsys.readouterr().err
 
 
+class Late:
+    """An actor inbox whose every message arrives `delay_s` late (wraps a memory object receive stream)."""
+
+    def __init__(self, inbox, delay_s: float) -> None:
+        self.inbox, self.delay_s = inbox, delay_s
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.inbox.aclose()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.inbox.__anext__()
+        await anyio.sleep(self.delay_s)
+        return item
+
+
+@pytest.mark.parametrize("end", ["total_steps", "stop"])
+def test_the_last_metrics_line_is_written_however_the_run_ends(tiny_model_path, tmp_path, monkeypatch, end):
+    """The monitor lags the learner (each StepFinished reaches it 0.3 s late): the run still waits for it, so
+    metrics.jsonl ends with the last step, whether the run reached total_steps or was stopped."""
+    from paraloop.run import main as run
+    from paraloop.run import monitor
+
+    original = monitor.run_monitor
+    monkeypatch.setattr(monitor, "run_monitor", lambda inbox, **kw: original(Late(inbox, 0.3), **kw))
+    stop_at = None
+    if end == "stop":
+        from paraloop.learn.trainer import Trainer
+        from paraloop.run.control import LearnerControl
+
+        controls = []
+        init = LearnerControl.__init__
+
+        def recorded(self, status):
+            init(self, status)
+            controls.append((self, asyncio.get_running_loop()))
+
+        monkeypatch.setattr(LearnerControl, "__init__", recorded)
+        step = Trainer.step
+
+        def step_then_stop(self, batch):  # runs on the learner's thread: a stop arrives while step 2 computes
+            result = step(self, batch)
+            if self.step_count == 2:
+                control, loop = controls[0]
+                loop.call_soon_threadsafe(control.stop)
+            return result
+
+        monkeypatch.setattr(Trainer, "step", step_then_stop)
+        stop_at = 2
+    run_dir = tmp_path / "run"
+    code = run.main([str(TINY_CONFIG), "--model-path", str(tiny_model_path), "--run-dir", str(run_dir),
+                     "--port", "0", "--steps", "3", "--checkpoint-interval", "0", "--no-plot"])  # fmt: skip
+    assert code == 0
+    last = stop_at or 3
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 1))
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path",
-                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    proc = procs.run([sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path",
+                      str(tmp_path / "missing")], timeout=60)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "paraloop", "run", str(tmp_path / "nope.toml")],
-                          capture_output=True, text=True, timeout=60)
+    proc = procs.run([sys.executable, "-m", "paraloop", "run", str(tmp_path / "nope.toml")], timeout=60)
     assert proc.returncode == 2 and "not found" in proc.stderr
 
 
 def test_a_new_run_never_overwrites_an_earlier_runs_checkpoints(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    code, _, err = finish(paraloop_run(tiny_model_path, run_dir, "--steps", "1", "--no-plot"))
-    assert code == 0, err[-3000:]
+    done = run_to_end(tiny_model_path, run_dir, "--steps", "1", "--no-plot")
+    assert done.returncode == 0, done.stderr[-3000:]
     before = (run_dir / "checkpoints" / "step_000001" / "trainer_state.json").read_text()
-    code, _, err = finish(paraloop_run(tiny_model_path, run_dir, "--steps", "1", "--no-plot"))
-    assert code == 2 and "--resume" in err
+    done = run_to_end(tiny_model_path, run_dir, "--steps", "1", "--no-plot")
+    assert done.returncode == 2 and "--resume" in done.stderr
     assert (run_dir / "checkpoints" / "step_000001" / "trainer_state.json").read_text() == before

@@ -1,0 +1,141 @@
+"""`paraloop run --resume` against Atropos, end to end on the tiny model with the real run-api: the resumed run
+registers with the learner step of its checkpoint as `starting_step` (so environments and run-api's step continue
+from there), trains the remaining steps, and reports the groups it rejects in /control/status and /metrics."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import procs
+from conftest import ATROPOS_VENV
+from paraloop.checkpoint import read_checkpoint
+from test_run import RUN_ENV, finish, read_metrics, wait_for_server
+
+pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
+DEADLINE_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None) -> object:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=DEADLINE_S) as response:
+        text = response.read().decode()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def until(predicate: Callable[[], object], what: str) -> object:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        try:
+            if value := predicate():
+                return value
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.1)
+
+
+@contextmanager
+def run_api() -> Iterator[str]:
+    port = free_port()
+    with procs.running([str(ATROPOS_VENV / "bin" / "run-api"), "--host", "127.0.0.1", "--port", str(port)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        until(lambda: http(url + "/status"), "run-api to answer")
+        yield url
+
+
+@contextmanager
+def paraloop_run(model: Path, run_dir: Path, api_url: str, *extra: str) -> Iterator[subprocess.Popen]:
+    config = run_dir.parent / "atropos.toml"
+    config.write_text(f"""
+[model]
+base_path = "{model}"
+[rl_training]
+learning_rate = 1e-3
+batch_size = 4                 # two groups of two
+token_budget = 4096
+kl_beta = 0.0
+[rl_training.lora]
+rank = 4
+num_layers = 2
+[rl_training.atropos]
+api_url = "{api_url}"
+poll_interval = 0.1
+max_backoff = 1.0
+max_token_len = 512
+[checkpoint]
+dir = "{run_dir}"
+save_every_step = true
+""")
+    cmd = [sys.executable, "-m", "paraloop", "run", str(config), "--port", "0", "--no-plot", *extra]
+    with procs.running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RUN_ENV) as proc:
+        yield proc
+
+
+def group(tag: int, **changes) -> dict:
+    body = {"tokens": [[tag, 5, 6, 7], [tag, 5, 8]], "masks": [[-100, -100, 6, 7], [-100, -100, 8]],
+            "scores": [1.0, 0.0], "inference_logprobs": [[1.0, 1.0, -0.5, -0.25], [1.0, 1.0, -2.0]]}  # fmt: skip
+    return {**body, **changes}
+
+
+def register_env(api: str) -> dict:
+    """Register an environment once paraloop has registered as the trainer; the answer tells the env's start."""
+    body = {"max_token_length": 512, "desired_name": "test", "weight": 1.0, "group_size": 2}
+    # run-api opens to environments after the trainer's first GET /batch ("wait for trainer to start" before)
+    return until(lambda: (a := http(api + "/register-env", body))["status"] == "success" and a, "registration")
+
+
+def test_a_resumed_run_registers_at_its_learner_step_and_reports_rejected_groups(tiny_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    with run_api() as api, paraloop_run(tiny_model_path, run_dir, api, "--steps", "2") as proc:
+        env = register_env(api)
+        assert env["starting_step"] == 0
+        for tag in (1, 2, 3, 4):  # two batches
+            http(api + "/scored_data", {**group(tag), "env_id": env["env_id"]})
+        code, _, err = finish(proc, timeout=DEADLINE_S)
+    assert code == 0, err[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
+
+    # Everything restarted (a fresh run-api too): the resumed run continues from the checkpoint's learner step.
+    with run_api() as api, paraloop_run(tiny_model_path, run_dir, api, "--steps", "4", "--resume",
+                                        str(run_dir)) as proc:  # fmt: skip
+        base = wait_for_server(proc, run_dir)
+        env = register_env(api)
+        assert env["starting_step"] == 2, "environments are told the resumed step"
+        assert http(api + "/status")["current_step"] == 2
+        ragged = group(90, masks=[[-100, -100, 6], [-100, -100, 8]])  # a mask row shorter than its tokens
+        for body in (ragged, group(5)):  # run-api's batch 3: one malformed group, one good one
+            http(api + "/scored_data", {**body, "env_id": env["env_id"]})
+        # The good group is 2 sequences, half a learner batch: the run waits for more, reporting the rejection.
+        status = until(lambda: (s := http(base + "/control/status"))["rejected_groups"] and s, "the rejection")
+        assert status["rejected_groups"] == 1 and status["source"]["per_env"][str(env["env_id"])]["rejected"] == 1
+        assert status["step"] == 2
+        assert "paraloop_rejected_groups 1.0" in http(base + "/metrics").splitlines()
+        for tag in (6, 7):  # batch 4, the last of the 4 steps: the source ends and the buffer is drained
+            http(api + "/scored_data", {**group(tag), "env_id": env["env_id"]})
+        code, _, err = finish(proc, timeout=DEADLINE_S)
+    assert code == 0, err[-3000:]
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # step 3: groups 5 and 6; step 4: group 7, what was left when the source ended after run-api's step 4
+    assert [r["sequences"] for r in rows] == [4, 4, 4, 2]
+    assert [r["source_step"] for r in rows[2:]] == [4, 4], "run-api's step went on from the resumed step 2"
+    assert read_checkpoint(run_dir).step == 4
