@@ -135,7 +135,8 @@ class AtroposConfig(Section):
     max_token_len: int = Field(4096, ge=1)
     """Longest sequence environments may send (sent to /register)."""
     starting_step: int | None = None
-    """Override the step sent to /register (default: 0, or the resumed checkpoint's Atropos step)."""
+    """Override the step sent to /register as starting_step (default: 0, or on --resume the checkpoint's learner
+    step: one Atropos step per learner step)."""
 
 
 class MockEnvConfig(Section):
@@ -150,6 +151,9 @@ class MockEnvConfig(Section):
     concurrency: int = Field(4, ge=1)
     """Prompts in flight at once when the engine cannot admit a whole batch together (paraloop's engine can:
     there every group of a batch starts in the same decode step, which makes seeded runs repeatable)."""
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra variables for the tokenizer's chat template when prompts are built, e.g. `{enable_thinking = false}`
+    for Qwen3, whose template starts a <think> block by default (docs/models.md)."""
 
 
 class RLTrainingConfig(Section):
@@ -204,7 +208,8 @@ class RLTrainingConfig(Section):
     temperature: float = Field(1.0, gt=0)
     """Rollout temperature of the mock environment (Atropos groups carry their own)."""
     seed: int = 0
-    """Seed for LoRA init, dropout, sampling and buffer order."""
+    """Seed of the LoRA initialisation, of dropout (drawn from (seed, step)) and of the mock environment's prompts
+    and sampling (from (seed, group index)). The rollout buffer's order does not depend on it."""
     mode: Literal["sync", "async"] = "sync"
     """sync: rollouts wait while the learner steps (strictly on-policy). async: generation may overlap training;
     on the CPU backend it barely does (MLX throttles in-flight work process-wide; docs/benchmarks.md), so keep sync
@@ -252,7 +257,8 @@ class CheckpointConfig(Section):
     adapter_format: Literal["safetensors", "npz", "both"] = "safetensors"
     """Adapter file format: mlx-lm's adapters.safetensors, the predecessor's adapter.npz, or both. CLI: --adapter-format."""
     keep_last: int | None = Field(None, ge=1)
-    """Keep only the newest N step checkpoints (None: keep all)."""
+    """Keep only the newest N step checkpoints, and always the one `latest` names (None: keep all; initial_adapter
+    is never pruned). CLI: --keep-last."""
     resume: str | None = None
     """Run directory or checkpoint to resume from. CLI: --resume."""
 

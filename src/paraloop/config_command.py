@@ -30,7 +30,7 @@ paraloop run configs/tiny.toml --set rl_training.lora.keys='"all"'   # any key, 
 
 Nested sections use `__` in environment variables: `[rl_training.lora] rank` is `PARALOOP_RL_TRAINING__LORA__RANK`.
 Other environment variables: `PARALOOP_OPENBLAS=0` disables the OpenBLAS preload on Linux (or names the library to
-load); `PARALOOP_LOG=debug` sets the log level.
+load); `PARALOOP_LOG` sets the log level of every command (`debug`, `info` (default), `warning`, `error`).
 
 The predecessor's spellings are accepted: `[rl_training] steps`, `checkpoint_interval`, `save_every_step`,
 `adapter_format`, `checkpoint_dir`, `atropos_url`, `[rl_training.lora] target_modules`, `alpha`, and
@@ -79,7 +79,8 @@ def render_docs() -> str:
 
     for name, field in Settings.model_fields.items():
         section(name, field.annotation)
-    parts.append("\nOther flags of `paraloop run`: `--config FILE`, `--set KEY=VALUE` (repeatable).\n")
+    parts.append("\nOther flags of `paraloop run`: `--config FILE`, `--set KEY=VALUE` (repeatable), `--no-plot` (do not "
+                 "write RUN_DIR/metrics.png at the end).\n")
     return "\n".join(parts)
 
 

@@ -41,9 +41,10 @@ class Gate(Protocol):
     async def wait(self) -> Any: ...
 
 
-def prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    """The chat template with the generation prompt, as token ids (what the engine prefills)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def prompt_ids(tokenizer: Any, messages: Messages, **template_kwargs: Any) -> list[int]:
+    """The chat template with the generation prompt, as token ids (what the engine prefills). `template_kwargs` are
+    the template's own variables (rl_training.mock.chat_template_kwargs, e.g. enable_thinking=False for Qwen3)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding from some tokenizers
         ids = ids["input_ids"]
     return [int(t) for t in ids]
@@ -140,7 +141,7 @@ class MockEnvironment:
         messages = self.task.prompt(rng)
         request = GenerateRequest(
             request_id=f"mock-{self.seed}-{index}",
-            prompt_tokens=prompt_ids(self.tokenizer, messages),
+            prompt_tokens=prompt_ids(self.tokenizer, messages, **self.config.chat_template_kwargs),
             n=self.config.group_size,
             params=SamplingParams(
                 temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63)

@@ -9,6 +9,7 @@ The predecessor's step_N dirs (an adapter, no trainer state) are described as su
 its arrays, where the scale comes from, and its metadata files.
 """
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,11 @@ def show_one(path: Path, *, verify: bool) -> None:
 
     state = verify_checkpoint(path, hashes=verify)
     print(f"checkpoint {path}")
-    for key in ("step", "version", "atropos_step", "written_at", "paraloop_version", "adapter_format"):
+    for key in ("step", "version", "written_at", "paraloop_version", "adapter_format"):
         if key in state:
             print(f"  {key}: {state[key]}")
+    if state.get("source_state"):  # where the rollout source stands (the mock environment's next prompt group)
+        print(f"  source_state: {json.dumps(state['source_state'], sort_keys=True)}")
     print(f"  metrics: {format_metrics(state.get('metrics')) or '-'}")
     print("  files:")
     for name, entry in state["files"].items():
