@@ -290,6 +290,7 @@ class Engine:
             "last_swap_pause_s": pauses[-1] if pauses else 0.0,
             "median_swap_pause_s": w.median_pause(),
             "version": float(w.version),
+            "swap_waiting": float(w.swap_waiting),  # 1 while a drain swap holds new rows (sync mode)
         }
 
     # --- events from the engine thread ----------------------------------------------------------------------------

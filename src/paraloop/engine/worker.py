@@ -131,6 +131,7 @@ class Worker:
         self._window_tokens = 0
         self._pauses: deque[float] = deque(maxlen=256)  # the most recent swap pauses (for their median)
         self._draining: Swap | None = None  # a drain swap waiting for the running rows to finish
+        self._unread: list[Any] = []  # commands taken from the inbox after a Stop
 
         # Read from other threads (plain values, replaced whole).
         self.requests_served = 0
@@ -152,6 +153,11 @@ class Worker:
 
     def swap_pauses(self) -> list[float]:
         return list(self._pauses)
+
+    @property
+    def swap_waiting(self) -> bool:
+        """A drain swap is holding new rows until the running ones finish."""
+        return self._draining is not None
 
     # --- the thread ---------------------------------------------------------------------------------------------
 
@@ -180,8 +186,12 @@ class Worker:
 
     def _loop(self) -> None:
         while True:
-            for command in self._take(block=not self._rows and not self._waiting):
+            # Sleep on the inbox only with nothing to do: a drain swap whose rows just finished is work too (left
+            # parked while the loop slept, it would wait for a command that may never come).
+            commands = self._take(block=self._idle())
+            for i, command in enumerate(commands):
                 if isinstance(command, Stop):
+                    self._unread = commands[i + 1 :]  # taken with the Stop: answered by _abort_all
                     return
                 self._apply(command)
             if self._draining is not None and not self._rows:
@@ -190,6 +200,9 @@ class Worker:
             self._admit()
             if self._rows:
                 self._step()
+
+    def _idle(self) -> bool:
+        return not self._rows and not self._waiting and self._draining is None
 
     def _take(self, *, block: bool) -> list[Any]:
         commands = [self._inbox.get()] if block else []  # idle: sleep until a command arrives
@@ -389,12 +402,11 @@ class Worker:
             )
             by_handle.setdefault(row.handle, []).append(event)
         self._rows.clear()
+        if self._draining is not None:
+            self._draining.reply(RuntimeError("the engine stopped before the adapter swap was applied"))
+            self._draining = None
         waiting = list(self._waiting)
-        while True:
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+        for command in [*self._unread, *self._take(block=False)]:
             if isinstance(command, Insert):
                 waiting.extend(command.handles)
             elif isinstance(command, Cancel) and command.handle in waiting:
