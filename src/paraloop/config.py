@@ -36,7 +36,9 @@ class ServerConfig(Section):
     control_token: str | None = None
     """Bearer token required by /control routes (and every route when set). Env: PARALOOP_SERVER__CONTROL_TOKEN."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    """Largest accepted request body; larger ones are answered 413."""
+    """Largest accepted request body; larger ones are answered 413 before they are read whole."""
+    max_json_depth: int = Field(32, ge=4, le=256)
+    """Deepest nesting of arrays and objects accepted in a request body (deeper: HTTP 400)."""
     served_model_name: str | None = None
     """Name reported by /v1/models (default: the model directory's name). Any name is accepted in requests."""
 
@@ -75,6 +77,19 @@ class EngineConfig(Section):
     """`max_tokens` when a request gives none."""
     max_n: int = Field(64, ge=1)
     """Largest accepted `n` per request."""
+    max_kv_tokens: int = Field(1_048_576, ge=1)
+    """KV-cache tokens the engine admits at once, summed over the requests waiting or running; a request costs
+    n x (prompt + max_tokens). One that could never fit: HTTP 400; one that does not fit now: HTTP 429 with
+    Retry-After. The cache takes 2 x layers x kv_heads x head_dim x bytes per token (SmolLM2-135M in float32:
+    46 KB), so size this to the memory you can give it."""
+    max_top_logprobs: int = Field(20, ge=0)
+    """Largest accepted `top_logprobs` (chat) / `logprobs` (completions, /generate)."""
+    max_stop_strings: int = Field(16, ge=0)
+    """Most stop strings per request."""
+    max_stop_string_chars: int = Field(256, ge=1)
+    """Longest accepted stop string, in characters."""
+    max_stop_token_ids: int = Field(64, ge=0)
+    """Most `stop_token_ids` per request."""
     seed: int = 0
     """Base seed of the engine's sampler for requests without a seed."""
 

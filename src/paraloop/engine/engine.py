@@ -21,65 +21,15 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from paraloop.config import EngineConfig, Settings
+from paraloop.engine.admission import Admission, validate
 from paraloop.engine.worker import NO_TOKEN, Cancel, Handle, Insert, Stop, Swap, Worker
 from paraloop.lora import AdapterSlots
 from paraloop.messages import AdapterSwapped, Completion, GenerateRequest, TokenEvent
-
-MAX_TOP_LOGPROBS = 20  # as OpenAI and vLLM
-
-
-class EngineBusy(Exception):
-    """The admission queue is full (HTTP 429)."""
-
-
-class RequestError(ValueError):
-    """A request field is invalid (HTTP 400). `field` names it, e.g. "params.top_p"."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def vocab_size(model: nn.Module, tokenizer: Any) -> int:
     args = getattr(model, "args", None)
     return int(getattr(args, "vocab_size", 0) or len(tokenizer))
-
-
-def validate(request: GenerateRequest, *, config: EngineConfig, vocab: int) -> None:
-    """Raise RequestError naming the first invalid field."""
-    p = request.params
-    if not request.prompt_tokens:
-        raise RequestError("prompt", "the prompt is empty")
-    if len(request.prompt_tokens) > config.max_prompt_tokens:
-        raise RequestError(
-            "prompt",
-            f"{len(request.prompt_tokens)} tokens, more than max_prompt_tokens={config.max_prompt_tokens}",
-        )
-    bad = [t for t in request.prompt_tokens if not 0 <= t < vocab]
-    if bad:
-        raise RequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-    if not 1 <= request.n <= config.max_n:
-        raise RequestError("n", f"must be between 1 and {config.max_n}, got {request.n}")
-    if not 1 <= p.max_tokens <= config.max_tokens_limit:
-        raise RequestError(
-            "max_tokens", f"must be between 1 and {config.max_tokens_limit}, got {p.max_tokens}"
-        )
-    if not p.temperature >= 0 or math.isinf(p.temperature):  # also rejects NaN
-        raise RequestError("temperature", f"must be >= 0, got {p.temperature}")
-    if not 0 < p.top_p <= 1:
-        raise RequestError("top_p", f"must be in (0, 1], got {p.top_p}")
-    if p.top_k < 0:
-        raise RequestError("top_k", f"must be >= 0 (0: off), got {p.top_k}")
-    if not 0 <= p.min_p < 1:
-        raise RequestError("min_p", f"must be in [0, 1), got {p.min_p}")
-    if not 0 <= p.top_logprobs <= MAX_TOP_LOGPROBS:
-        raise RequestError("top_logprobs", f"must be between 0 and {MAX_TOP_LOGPROBS}, got {p.top_logprobs}")
-    bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
-    if bad:
-        raise RequestError("stop_token_ids", f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-    if any(not s for s in p.stop):
-        raise RequestError("stop", "stop strings must not be empty")
 
 
 class Engine:
@@ -106,7 +56,7 @@ class Engine:
         self._adapter = adapter
         self._vocab = vocab_size(model, tokenizer)
         self._promised_version = version  # highest version accepted by swap_adapter (applied or in flight)
-        self._admitted = 0  # requests waiting or running
+        self._admission = Admission(max_requests=max_queue, max_kv_tokens=config.max_kv_tokens)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = Worker(
             model,
@@ -172,18 +122,20 @@ class Engine:
                     # The thread is past its last MLX call; joining lets its stream go before the process exits.
                     await anyio.to_thread.run_sync(thread.join)
 
+    def check(self, request: GenerateRequest) -> None:
+        """Raise RequestError naming the first field that keeps `request` from ever running here."""
+        validate(request, config=self.config, vocab=self._vocab)
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """TokenEvents of all rows as they are generated; each row's last event has a finish_reason.
 
         Raises RequestError or EngineBusy before the first event. Leaving the iteration early (aclose,
         cancellation) removes the request's rows from the batch.
         """
-        validate(request, config=self.config, vocab=self._vocab)
-        if self._admitted >= self.max_queue:
-            raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting or running)")
+        self.check(request)
+        cost = self._admission.admit(request)
         send, receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
         handle = Handle(request=request, send=send)
-        self._admitted += 1
         try:
             if not self._worker.post(Insert((handle,))):  # the engine has stopped
                 for i in range(request.n):
@@ -201,7 +153,7 @@ class Engine:
                     for event in events:
                         yield event
         finally:
-            self._admitted -= 1
+            self._admission.release(1, cost)
             if not handle.done:
                 self._worker.post(Cancel(handle))
             send.close()
@@ -216,16 +168,15 @@ class Engine:
 
         Their rows then share every decode step in a fixed arrangement, so seeded requests give the same tokens
         run after run (continuous batching would otherwise let thread timing decide who joins which step): this
-        is what makes a resumed mock-environment run repeat an uninterrupted one exactly.
+        is what makes a resumed mock-environment run repeat an uninterrupted one exactly. Waits while the engine
+        is full (new HTTP requests are refused meanwhile); raises RequestError if the batch could never fit.
         """
         for request in requests:
-            validate(request, config=self.config, vocab=self._vocab)
-        if self._admitted + len(requests) > self.max_queue:
-            raise EngineBusy(f"the engine queue is full ({self.max_queue} requests waiting or running)")
+            self.check(request)
+        cost = await self._admission.admit_batch(requests)
         streams = [anyio.create_memory_object_stream[list[TokenEvent]](math.inf) for _ in requests]
         handles = tuple(Handle(request=r, send=send) for r, (send, _) in zip(requests, streams, strict=True))
         results: list[list[Completion]] = [[] for _ in requests]
-        self._admitted += len(requests)
         try:
             if not self._worker.post(Insert(handles)):
                 raise RuntimeError("the engine has stopped")
@@ -238,7 +189,7 @@ class Engine:
                 for i in range(len(requests)):
                     tg.start_soon(gather, i)
         finally:
-            self._admitted -= len(requests)
+            self._admission.release(len(requests), cost)
             for handle, (send, _) in zip(handles, streams, strict=True):
                 if not handle.done:
                     self._worker.post(Cancel(handle))
@@ -279,8 +230,9 @@ class Engine:
         w = self._worker
         pauses = w.swap_pauses()
         return {
-            "queue_depth": float(self._admitted),  # requests waiting or running (bounded by max_queue)
-            "waiting_requests": float(max(self._admitted - w.active_requests, 0)),
+            "queue_depth": float(self._admission.requests),  # requests waiting or running (bounded by max_queue)
+            "kv_tokens_admitted": float(self._admission.kv_tokens),  # their n x (prompt + max_tokens)
+            "waiting_requests": float(max(self._admission.requests - w.active_requests, 0)),
             "active_requests": float(w.active_requests),
             "active_rows": float(w.active_rows),
             "requests_served": float(w.requests_served),
@@ -359,8 +311,9 @@ class RowAccumulator:
 
 
 async def collect(events: AsyncIterator[TokenEvent], n: int) -> list[Completion]:
-    """Collect a request's TokenEvents into one Completion per row (abort markers carry no token)."""
-    rows = [RowAccumulator() for _ in range(n)]
+    """Collect a request's TokenEvents into one Completion per row (abort markers carry no token). Rows are made
+    as their events arrive: `n` is only trusted once the engine has validated the request (at the first event)."""
+    rows: dict[int, RowAccumulator] = {}
     async for event in events:
-        rows[event.row].add(event)
-    return [r.completion(i) for i, r in enumerate(rows)]
+        (rows.get(event.row) or rows.setdefault(event.row, RowAccumulator())).add(event)
+    return [rows.get(i, RowAccumulator()).completion(i) for i in range(n)]

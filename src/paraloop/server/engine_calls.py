@@ -55,13 +55,13 @@ async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, st
 
 async def collect(engine: Any, prepared: Prepared) -> list[RowAccumulator]:
     """Run a request to the end. A row aborted by the engine (shutting down) makes the whole answer a 503."""
-    rows = [RowAccumulator() for _ in range(prepared.request.n)]
+    got: dict[int, RowAccumulator] = {}  # rows as their events arrive: nothing is made per row before admission
     async with open_generation(engine, prepared.request) as events:
         event = await first_event(events, fields=prepared.fields)
-        if event is not None:
-            rows[event.row].add(event)
-            async for event in events:
-                rows[event.row].add(event)
+        while event is not None:
+            (got.get(event.row) or got.setdefault(event.row, RowAccumulator())).add(event)
+            event = await anext(events, None)
+    rows = [got.get(i, RowAccumulator()) for i in range(prepared.request.n)]
     if any(r.finish_reason == "abort" for r in rows):
         raise APIError(503, "the server is shutting down; the request was aborted", code="aborted")
     return rows

@@ -16,6 +16,7 @@ import msgspec
 from aiohttp import web
 
 from paraloop.engine import RowAccumulator
+from paraloop.engine.admission import check_sizes
 from paraloop.messages import GenerateRequest
 from paraloop.server.engine_calls import (
     Prepared,
@@ -25,20 +26,23 @@ from paraloop.server.engine_calls import (
     open_generation,
 )
 from paraloop.server.errors import bad_request, log
+from paraloop.server.limits import request_errors
 from paraloop.server.openai_routes import encode_prompt, json_response
-from paraloop.server.schemas import GenerateBody, decode, prompt_tokens_of, sampling_params
+from paraloop.server.schemas import GenerateBody, PromptObject, decode, prompt_tokens_of, sampling_params
 from paraloop.server.state import STATE, ServerState
 
 
-def prompt_of(prompt: Any) -> str | list[int]:
-    """vLLM prompt shapes: a string, {"prompt_token_ids": [...]}, {"prompt": "..."}, or a list of token ids."""
-    if isinstance(prompt, dict):
-        if set(prompt) == {"prompt_token_ids"}:
-            return prompt_tokens_of(prompt["prompt_token_ids"], field="prompt.prompt_token_ids", text=False)
-        if set(prompt) == {"prompt"}:
-            return prompt_tokens_of(prompt["prompt"], field="prompt.prompt")
-        raise bad_request("prompt", 'expected {"prompt_token_ids": [...]} or {"prompt": "..."}')
-    return prompt_tokens_of(prompt, field="prompt")
+def prompt_of(prompt: str | PromptObject | list[Any]) -> tuple[str | list[int], str]:
+    """vLLM prompt shapes: a string, {"prompt_token_ids": [...]}, {"prompt": "..."}, or a list of token ids.
+    Returns the prompt and the field that held it (for messages)."""
+    if isinstance(prompt, PromptObject):
+        if (prompt.prompt_token_ids is None) == (prompt.prompt is None):
+            raise bad_request("prompt", 'expected {"prompt_token_ids": [...]} or {"prompt": "..."}')
+        if prompt.prompt_token_ids is not None:
+            field = "prompt.prompt_token_ids"
+            return prompt_tokens_of(prompt.prompt_token_ids, field=field, text=False), field
+        return prompt_tokens_of(prompt.prompt, field="prompt.prompt"), "prompt.prompt"
+    return prompt_tokens_of(prompt, field="prompt"), "prompt"
 
 
 def generate_request(state: ServerState, body: GenerateBody) -> Prepared:
@@ -46,15 +50,19 @@ def generate_request(state: ServerState, body: GenerateBody) -> Prepared:
         raise bad_request(
             "prompt_logprobs", "not supported (the engine reports logprobs of generated tokens only)"
         )
-    tokens = encode_prompt(state.tokenizer, prompt_of(body.prompt))
-    params = sampling_params(
-        body, engine=state.settings.engine, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0
-    )
+    config = state.settings.engine
+    params = sampling_params(body, engine=config, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0)
+    prompt, prompt_field = prompt_of(body.prompt)
+    fields = {"prompt": prompt_field, "top_logprobs": "logprobs"}
+    with request_errors(fields):
+        check_sizes(n=body.n or 1, params=params, config=config)
+    tokens = encode_prompt(state.tokenizer, prompt, field=prompt_field, config=config)
     request = GenerateRequest(
         request_id=f"gen-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params
     )
-    prompt_field = f"prompt.{next(iter(body.prompt))}" if isinstance(body.prompt, dict) else "prompt"
-    return Prepared(request, fields={"prompt": prompt_field, "top_logprobs": "logprobs"})
+    with request_errors(fields):
+        state.engine.check(request)
+    return Prepared(request, fields=fields)
 
 
 def token_logprobs(row: RowAccumulator) -> list[list[dict[str, float]]]:
@@ -69,7 +77,7 @@ def token_logprobs(row: RowAccumulator) -> list[list[dict[str, float]]]:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = decode(await request.read(), GenerateBody)
+    body = decode(await request.read(), GenerateBody, max_depth=state.settings.server.max_json_depth)
     prepared = generate_request(state, body)
     gen = prepared.request
     prompt_text = body.prompt if isinstance(body.prompt, str) else state.tokenizer.decode(gen.prompt_tokens)

@@ -15,7 +15,9 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from paraloop.config import EngineConfig
 from paraloop.engine import RowAccumulator
+from paraloop.engine.admission import check_sizes
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.engine_calls import (
     Prepared,
@@ -25,6 +27,7 @@ from paraloop.server.engine_calls import (
     open_generation,
 )
 from paraloop.server.errors import bad_request, error_body, log
+from paraloop.server.limits import check_chat_size, check_text, check_token_count, request_errors
 from paraloop.server.schemas import (
     ChatBody,
     ChatMessage,
@@ -40,9 +43,14 @@ def json_response(payload: Any, *, status: int = 200) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
 
 
-def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
-    """A text prompt is encoded with the tokenizer's special tokens (BOS where the model has one), as vLLM does."""
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+def encode_prompt(tokenizer: Any, prompt: str | list[int], *, field: str, config: EngineConfig) -> list[int]:
+    """A text prompt is encoded with the tokenizer's special tokens (BOS where the model has one), as vLLM does;
+    its length is bounded first, so the tokenizer never runs on more text than could fit."""
+    if isinstance(prompt, str):
+        check_text(len(prompt), field=field, config=config)
+        return tokenizer.encode(prompt)
+    check_token_count(len(prompt), field=field, config=config)
+    return prompt
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -111,14 +119,19 @@ def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
         raise bad_request("suffix", "not supported")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise bad_request("best_of", "not supported (only best_of == n)")
-    tokens = encode_prompt(state.tokenizer, prompt_tokens_of(body.prompt, field="prompt"))
-    params = sampling_params(
-        body, engine=state.settings.engine, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0
+    config, fields = state.settings.engine, {"top_logprobs": "logprobs"}
+    params = sampling_params(body, engine=config, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0)
+    with request_errors(fields):
+        check_sizes(n=body.n or 1, params=params, config=config)
+    tokens = encode_prompt(
+        state.tokenizer, prompt_tokens_of(body.prompt, field="prompt"), field="prompt", config=config
     )
     request = GenerateRequest(
         request_id=f"cmpl-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params
     )
-    return Prepared(request, fields={"top_logprobs": "logprobs"})
+    with request_errors(fields):
+        state.engine.check(request)
+    return Prepared(request, fields=fields)
 
 
 def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
@@ -145,9 +158,11 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 )
 
 
-def chat_prompt(tokenizer: Any, body: ChatBody) -> list[int]:
-    """The chat template applied by the tokenizer, then encoded without adding special tokens a second time."""
+def chat_prompt(tokenizer: Any, body: ChatBody, *, config: EngineConfig) -> list[int]:
+    """The chat template applied by the tokenizer, then encoded without adding special tokens a second time.
+    The messages' size is bounded before the template renders them, and the rendered text before it is encoded."""
     messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
+    check_chat_size(len(messages), sum(len(m["content"]) for m in messages), config=config)
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(body.chat_template_kwargs or {}))
     if reserved:
         raise bad_request("chat_template_kwargs", f"{', '.join(reserved)} cannot be set here")
@@ -163,6 +178,7 @@ def chat_prompt(tokenizer: Any, body: ChatBody) -> list[int]:
         )
     except Exception as e:  # a template's raise_exception() (e.g. roles out of order) is the client's input
         raise bad_request("messages", f"the chat template rejected the messages: {e}") from None
+    check_text(len(text), field="messages", config=config)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -174,14 +190,19 @@ def chat_request(state: ServerState, body: ChatBody) -> Prepared:
     limit_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
     max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     k = (body.top_logprobs or 0) if body.logprobs else 0
-    params = sampling_params(body, engine=state.settings.engine, max_tokens=max_tokens, top_logprobs=k)
+    config, fields = state.settings.engine, {"prompt": "messages", "max_tokens": limit_field}
+    params = sampling_params(body, engine=config, max_tokens=max_tokens, top_logprobs=k)
+    with request_errors(fields):
+        check_sizes(n=body.n or 1, params=params, config=config)
     request = GenerateRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        prompt_tokens=chat_prompt(state.tokenizer, body),
+        prompt_tokens=chat_prompt(state.tokenizer, body, config=config),
         n=body.n or 1,
         params=params,
     )
-    return Prepared(request, fields={"prompt": "messages", "max_tokens": limit_field})
+    with request_errors(fields):
+        state.engine.check(request)
+    return Prepared(request, fields=fields)
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -189,7 +210,7 @@ def chat_request(state: ServerState, body: ChatBody) -> Prepared:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = decode(await request.read(), CompletionBody)
+    body = decode(await request.read(), CompletionBody, max_depth=state.settings.server.max_json_depth)
     prepared = completion_request(state, body)
     k = body.logprobs
     if body.stream:
@@ -211,7 +232,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    body = decode(await request.read(), ChatBody)
+    body = decode(await request.read(), ChatBody, max_depth=state.settings.server.max_json_depth)
     prepared = chat_request(state, body)
     k = (body.top_logprobs or 0) if body.logprobs else None
     if body.stream:

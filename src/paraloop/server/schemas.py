@@ -16,13 +16,17 @@ from paraloop.config import EngineConfig
 from paraloop.messages import SamplingParams
 from paraloop.server.errors import APIError, bad_request
 
-MAX_TOP_LOGPROBS = 20
+INT64 = (-(2**63), 2**63 - 1)  # every integer field is bounded: JSON integers are otherwise unbounded
 
+Int = Annotated[int, Meta(ge=INT64[0], le=INT64[1])]
+Count = Annotated[int, Meta(ge=1, le=INT64[1])]  # n, max_tokens: the engine's limits apply on top
+NonNegInt = Annotated[int, Meta(ge=0, le=INT64[1])]
+TokenId = Annotated[int, Meta(ge=0, le=INT64[1])]  # the vocabulary is checked by the engine
 NonNegFloat = Annotated[float, Meta(ge=0)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 TopP = Annotated[float, Meta(gt=0, le=1)]
-Positive = Annotated[int, Meta(ge=1)]
-TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+Seed = Int
+TokenIds = list[TokenId]
 
 
 class Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -31,16 +35,16 @@ class Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class Sampling(Body, kw_only=True):
     model: str | None = None  # any name is accepted: one model is served
-    n: Positive | None = None
-    max_tokens: Positive | None = None
+    n: Count | None = None
+    max_tokens: Count | None = None
     temperature: NonNegFloat | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, Meta(ge=-1)] | None = None  # 0 or -1 (vLLM): off
+    top_k: Annotated[int, Meta(ge=-1, le=INT64[1])] | None = None  # 0 or -1 (vLLM): off
     min_p: Probability | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: TokenIds | None = None
     ignore_eos: bool | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool | None = None
     frequency_penalty: float | None = None  # accepted only at the neutral value
     presence_penalty: float | None = None
@@ -56,15 +60,21 @@ class OpenAISampling(Sampling, kw_only=True):
     user: str | None = None  # accepted, not used
 
 
+# One prompt: text, token ids, or a batch of one of either (["text"], [[ids]]); checked by `prompt_tokens_of`.
+Prompt = str | list[TokenId | str | TokenIds]
+
+
 class CompletionBody(OpenAISampling, kw_only=True):
-    prompt: Any  # str | list[int] (one prompt); checked by `prompt_of`
-    logprobs: TopLogprobs | None = None
+    prompt: Prompt
+    logprobs: NonNegInt | None = None
     echo: bool | None = None
-    best_of: Positive | None = None
+    best_of: Count | None = None
     suffix: str | None = None
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
+    """A content part; only {"type": "text", "text": ...} is supported (others are refused, never fetched)."""
+
     type: str
     text: str | None = None
 
@@ -79,20 +89,27 @@ class ChatMessage(Body, kw_only=True):
 
 class ChatBody(OpenAISampling, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
-    max_completion_tokens: Positive | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool | None = None
-    top_logprobs: TopLogprobs | None = None
+    top_logprobs: NonNegInt | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
 
 
+class PromptObject(Body, kw_only=True):
+    """vLLM's prompt object: exactly one of the two fields."""
+
+    prompt_token_ids: TokenIds | None = None
+    prompt: str | None = None
+
+
 class GenerateBody(Sampling, kw_only=True):
     """vLLM's /generate: the prompt plus SamplingParams fields at the top level."""
 
-    prompt: Any  # str | {"prompt_token_ids": [...]} | list[int]
-    logprobs: TopLogprobs | None = None
-    prompt_logprobs: int | None = None  # not supported (400 when set)
+    prompt: str | PromptObject | list[TokenId | str | TokenIds]
+    logprobs: NonNegInt | None = None
+    prompt_logprobs: Int | None = None  # not supported (400 when set)
 
 
 B = TypeVar("B", bound=Body)
@@ -100,16 +117,50 @@ _AT = re.compile(r" - at `\$(.*)`$")
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]+)`")
 
 
-def decode(body: bytes, kind: type[B]) -> B:
-    """Decode a JSON body into `kind`, or raise a 400 naming the offending field."""
+def decode(body: bytes, kind: type[B], *, max_depth: int) -> B:
+    """Decode a JSON body into `kind`, or raise a 400 naming the offending field. Free-form fields (`Any`) are
+    bounded like the rest: nesting at most `max_depth` deep, integers within int64, finite numbers."""
     if not body.strip():
         raise bad_request(None, "request body is empty (expected a JSON object)")
     try:
-        return msgspec.json.decode(body, type=kind)
+        decoded = msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as e:
         raise _validation_error(str(e)) from None
     except msgspec.DecodeError as e:
         raise APIError(400, f"invalid JSON: {e}", code="invalid_json") from None
+    except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
+        raise APIError(400, f"invalid JSON: the body is not valid UTF-8 ({e.reason} at byte {e.start})",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"invalid JSON: nested more than {max_depth} levels deep", code="invalid_json") from None
+    for path, value, depth in free_form_fields(decoded):
+        check_free_form(value, field=path, depth=depth, max_depth=max_depth)
+    return decoded
+
+
+def free_form_fields(body: Body) -> list[tuple[str, Any, int]]:
+    """(path, value, nesting depth of the value) of each free-form field a body holds."""
+    out: list[tuple[str, Any, int]] = []
+    if isinstance(body, ChatBody):
+        if body.chat_template_kwargs is not None:
+            out.append(("chat_template_kwargs", body.chat_template_kwargs, 2))
+        for i, message in enumerate(body.messages):
+            for j, call in enumerate(message.tool_calls or ()):
+                out.append((f"messages[{i}].tool_calls[{j}]", call, 4))
+    return out
+
+
+def check_free_form(value: Any, *, field: str, depth: int, max_depth: int) -> None:
+    """Walk a decoded JSON value without recursion: 400 naming the field for deep nesting or a huge integer."""
+    stack = [(value, depth)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            if level > max_depth:
+                raise bad_request(field, f"nested more than {max_depth} levels deep (server.max_json_depth)")
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+        elif type(item) is int and not INT64[0] <= item <= INT64[1]:
+            raise bad_request(field, "an integer outside the 64-bit range")
 
 
 def _validation_error(text: str) -> APIError:
