@@ -18,6 +18,7 @@ from paraloop.config import Settings
 from paraloop.server.errors import APIError, error_middleware
 from paraloop.server.generate_route import generate
 from paraloop.server.openai_routes import chat_completions, completions, json_response
+from paraloop.server.openapi import body_middleware, openapi
 from paraloop.server.state import STATE, ServerState, served_model_name
 
 OPEN_ROUTES = frozenset({"/health"})  # answer without the bearer token (Atropos polls it every second)
@@ -59,7 +60,8 @@ def make_app(
 ) -> web.Application:
     """The HTTP API over `engine`. `extra_routes` (e.g. /control, /metrics) read `request.app[STATE]`."""
     app = web.Application(
-        client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware, gate_middleware]
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[error_middleware, gate_middleware, body_middleware],
     )
     app[STATE] = ServerState(engine=engine, settings=settings, model_name=served_model_name(settings))
     app.router.add_routes(
@@ -69,6 +71,7 @@ def make_app(
             web.post("/v1/completions", completions),
             web.post("/v1/chat/completions", chat_completions),
             web.post("/generate", generate),
+            web.get("/openapi.json", openapi, allow_head=False),
             *(extra_routes or ()),
         ]
     )

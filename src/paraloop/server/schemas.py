@@ -146,7 +146,7 @@ def free_form_fields(body: Body) -> list[tuple[str, Any, int]]:
             out.append(("chat_template_kwargs", body.chat_template_kwargs, 2))
         for i, message in enumerate(body.messages):
             for j, call in enumerate(message.tool_calls or ()):
-                out.append((f"messages[{i}].tool_calls[{j}]", call, 4))
+                out.append((f"messages[{i}].tool_calls[{j}]", call, 5))
     return out
 
 

@@ -16,6 +16,7 @@ class ServerState:
     settings: Settings
     model_name: str
     shutting_down: bool = False
+    openapi: bytes | None = None  # /openapi.json, built on first request (the routes are all added by then)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
