@@ -37,6 +37,8 @@ class ServerConfig(Section):
     """Bearer token required by /control routes (and every route when set). Env: PARALOOP_SERVER__CONTROL_TOKEN."""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """Largest accepted request body; larger ones are answered 413 before they are read whole."""
+    body_timeout_s: float = Field(30.0, gt=0)
+    """Seconds a client may take to send a request body once its headers arrived (slower: HTTP 408)."""
     max_json_depth: int = Field(32, ge=4, le=256)
     """Deepest nesting of arrays and objects accepted in a request body (deeper: HTTP 400)."""
     served_model_name: str | None = None

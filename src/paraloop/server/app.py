@@ -7,11 +7,13 @@ lets in-flight handlers answer, and cleans up. `mark_shutting_down(app)` makes e
 """
 
 import hmac
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 import anyio
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from anyio.abc import TaskStatus
 
 from paraloop.config import Settings
@@ -23,6 +25,19 @@ from paraloop.server.state import STATE, ServerState, served_model_name
 
 OPEN_ROUTES = frozenset({"/health"})  # answer without the bearer token (Atropos polls it every second)
 SHUTDOWN_GRACE_S = 5.0
+
+
+class MalformedHTTPFilter(logging.Filter):
+    """aiohttp answers malformed HTTP (bad framing, oversized headers) with a 400 and logs a traceback for each: a
+    client sending them in a loop would fill the log. The client got its answer; nothing is left to report."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
+
+
+_server_log = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, MalformedHTTPFilter) for f in _server_log.filters):
+    _server_log.addFilter(MalformedHTTPFilter())
 
 
 @web.middleware

@@ -8,6 +8,7 @@ no body, and `body_middleware` holds it to that: nothing, or an empty JSON objec
 
 from typing import Any
 
+import anyio
 import msgspec
 from aiohttp import web
 
@@ -64,6 +65,7 @@ ERRORS = {
     "401": "server.control_token is set and the bearer token is missing or wrong",
     "404": "Unknown route",
     "405": "Wrong method (see the Allow header)",
+    "408": "The body did not arrive within server.body_timeout_s",
     "413": "Body larger than server.max_body_bytes",
     "415": "Content-Type is not application/json",
     "429": "The engine is full (requests or KV-cache tokens); retry after Retry-After seconds",
@@ -223,23 +225,28 @@ class NoBody(Body):
 
 @web.middleware
 async def body_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """POST routes: a JSON content type; a route without a documented body gets none (or an empty object)."""
+    """POST routes: a JSON content type, the whole body within server.body_timeout_s (read here, once: handlers get
+    aiohttp's cached copy), and a route without a documented body gets none (or an empty object)."""
     info = request.match_info
     if request.method != "POST" or info.http_exception is not None or info.route.resource is None:
         return await handler(request)
+    takes_body = info.route.resource.canonical in BODIES
     if not request.body_exists:
-        if info.route.resource.canonical in BODIES:
+        if takes_body:
             raise bad_request(None, "request body is empty (expected a JSON object)")
         return await handler(request)
     check_content_type(request)
-    if info.route.resource.canonical not in BODIES:
+    server = request.app[STATE].settings.server
+    with anyio.move_on_after(server.body_timeout_s) as scope:
         body = await request.read()
-        if body.strip():
-            try:
-                decode(body, NoBody, max_depth=request.app[STATE].settings.server.max_json_depth)
-            except APIError as e:
-                if e.param:
-                    raise bad_request(e.param, "this route takes no request body (send none, or {})") from None
-                raise
+    if scope.cancelled_caught:
+        raise APIError(408, f"the request body did not arrive within {server.body_timeout_s} s "
+                       "(server.body_timeout_s)", code="timeout")
+    if not takes_body and body.strip():
+        try:
+            decode(body, NoBody, max_depth=server.max_json_depth)
+        except APIError as e:
+            if e.param:
+                raise bad_request(e.param, "this route takes no request body (send none, or {})") from None
+            raise
     return await handler(request)
-

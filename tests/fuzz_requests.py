@@ -1,0 +1,188 @@
+"""Hypothesis strategies for HTTP requests to paraloop, generated from its own /openapi.json.
+
+`requests(doc)` draws one `FuzzRequest`: a body the document describes (which the server may still refuse on a
+value, e.g. a token id outside the vocabulary), or one broken on purpose: wrong types, unknown and missing fields,
+integers and floats beyond any range, deep nesting, huge arrays, invalid UTF-8, malformed bytes, wrong methods,
+content types and paths.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import strategies as st
+
+METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+NO_RANDOM_CALL = {"/control/stop", "/control/resume", "/control/step"}  # end, unpause or train: called once, at the end
+BIG_NUMBERS = ["1" + "0" * 30, "-1" + "0" * 30, "1" + "0" * 4400, "9223372036854775808", "-9223372036854775809",
+               "1e400", "-1e400", "1e-400", "2147483648", "4294967296"]
+
+
+@dataclass
+class FuzzRequest:
+    kind: str  # how it was made (for the report)
+    method: str
+    path: str
+    body: bytes | None = None
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+
+
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10,
+)
+
+
+def from_schema(schema: dict[str, Any], components: dict[str, Any], refs: dict | None = None) -> st.SearchStrategy[Any]:
+    """Values valid under the (msgspec-generated) JSON schema subset the document uses, kept small. Build once:
+    each referenced schema becomes one strategy, shared."""
+    refs = {} if refs is None else refs
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        if name not in refs:
+            refs[name] = None
+            refs[name] = from_schema(components[name], components, refs)
+        return st.deferred(lambda: refs[name])
+    if "anyOf" in schema:
+        return st.one_of([from_schema(s, components, refs) for s in schema["anyOf"]])
+    if "enum" in schema:
+        return st.sampled_from(schema["enum"])
+    kind = schema.get("type")
+    if kind == "integer":
+        low, high = schema.get("minimum"), schema.get("maximum")
+        small = st.integers(min_value=low if low is not None else -5, max_value=min(high or 1200, 1200))
+        return small | st.integers(min_value=low, max_value=high) if high is None or high > 1200 else small
+    if kind == "number":
+        low = schema.get("minimum", schema.get("exclusiveMinimum"))
+        return st.floats(min_value=low, max_value=schema.get("maximum"), allow_nan=False, allow_infinity=False,
+                         exclude_min="exclusiveMinimum" in schema)
+    if kind == "string":
+        return st.text(min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 24), 24))
+    if kind == "boolean":
+        return st.booleans()
+    if kind == "null":
+        return st.none()
+    if kind == "array":
+        items = from_schema(schema.get("items", {}), components, refs)
+        return st.lists(items, min_size=schema.get("minItems", 0), max_size=min(schema.get("maxItems", 4), 4))
+    if kind == "object" and "properties" in schema:
+        required = set(schema.get("required", []))
+        props = {k: from_schema(v, components, refs) for k, v in schema["properties"].items()}
+        return st.fixed_dictionaries(
+            {k: v for k, v in props.items() if k in required},
+            optional={k: v for k, v in props.items() if k not in required},
+        )
+    if kind == "object":
+        return st.dictionaries(st.text(max_size=6), json_values, max_size=3)
+    return json_values  # {}: any JSON
+
+
+def body_schemas(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for path, ops in doc["paths"].items():
+        body = ops.get("post", {}).get("requestBody")
+        if body:
+            out[path] = body["content"]["application/json"]["schema"]
+    return out
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def mutated(draw: st.DrawFn, bodies: st.SearchStrategy[dict[str, Any]]) -> tuple[str, bytes]:
+    """A documented body, broken in one way."""
+    body = draw(bodies)
+    how = draw(st.sampled_from(["wrong_type", "unknown_field", "drop_field", "big_number", "deep", "huge_array",
+                                "bad_utf8", "truncated", "not_object"]))
+    keys = sorted(body)
+    key = draw(st.sampled_from(keys)) if keys else "prompt"
+    if how == "wrong_type":
+        return how, encode({**body, key: draw(json_values)})
+    if how == "unknown_field":
+        return how, encode({**body, draw(st.text(min_size=1, max_size=10)): draw(json_values)})
+    if how == "drop_field":
+        return how, encode({k: v for k, v in body.items() if k != key})
+    if how == "big_number":
+        return how, encode({**body, key: "@@"}).replace(b'"@@"', draw(st.sampled_from(BIG_NUMBERS)).encode())
+    if how == "deep":
+        depth = draw(st.sampled_from([33, 300, 3000, 300_000]))
+        opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+        return how, encode({**body, key: "@@"}).replace(b'"@@"', (opener * depth + "1" + closer * depth).encode())
+    if how == "huge_array":
+        size = draw(st.sampled_from([9000, 100_000, 400_000]))
+        item = draw(st.sampled_from([b"5", b'"x"', b"[]", b"{}"]))
+        return how, encode({**body, key: "@@"}).replace(b'"@@"', b"[" + (item + b",") * (size - 1) + item + b"]")
+    if how == "bad_utf8":
+        bad = draw(st.sampled_from([b"\xff", b"\xc3(", b"\xed\xa0\x80", b"\xf0\x28\x8c\x28", b"\x80"]))
+        return how, encode({**body, key: "@@"}).replace(b'"@@"', b'"a' + bad + b'b"')
+    if how == "truncated":
+        raw = encode(body)
+        return how, raw[: draw(st.integers(0, max(len(raw) - 1, 0)))]
+    return how, encode(draw(st.lists(json_values, max_size=3) | json_scalars))
+
+
+def well_formed() -> st.SearchStrategy[FuzzRequest]:
+    """A few requests every server must answer 200: small, valid, streaming or not."""
+    sampling = st.fixed_dictionaries(
+        {"max_tokens": st.integers(1, 4)},
+        optional={"n": st.integers(1, 3), "temperature": st.floats(0, 2), "top_p": st.floats(0.1, 1),
+                  "top_k": st.integers(0, 50), "seed": st.integers(0, 2**32), "stream": st.booleans(),
+                  "stop": st.lists(st.text(min_size=1, max_size=5), max_size=2), "ignore_eos": st.booleans()},
+    )
+    text = st.sampled_from(["Hello", "The capital of France is", "1 2 3", "é ü ✓ 漢字", "a\nb"])
+    completion = st.builds(lambda s, p: ("/v1/completions", {**s, "prompt": p}), sampling, text)
+    chat = st.builds(lambda s, p: ("/v1/chat/completions", {**s, "messages": [{"role": "user", "content": p}]}),
+                     sampling, text)
+    gen = st.builds(lambda s, ids: ("/generate", {**s, "prompt": {"prompt_token_ids": ids}}), sampling,
+                    st.lists(st.integers(1, 900), min_size=1, max_size=8))
+    gets = st.sampled_from([("/health", None), ("/v1/models", None), ("/openapi.json", None),
+                            ("/control/status", None), ("/metrics", None)])
+    return st.one_of(completion, chat, gen, gets).map(
+        lambda pb: FuzzRequest("well_formed", "POST" if pb[1] is not None else "GET", pb[0],
+                               encode(pb[1]) if pb[1] is not None else None)
+    )
+
+
+def requests(doc: dict[str, Any]) -> st.SearchStrategy[FuzzRequest]:
+    components = doc["components"]["schemas"]
+    schemas = body_schemas(doc)
+    ops = sorted((path, method.upper()) for path, methods in doc["paths"].items() for method in methods)
+
+    refs: dict[str, Any] = {}
+    valid = {path: from_schema(schema, components, refs) for path, schema in sorted(schemas.items())}
+    by_schema = st.one_of([
+        bodies.map(lambda body, path=path: FuzzRequest("by_schema", "POST", path, encode(body)))
+        for path, bodies in valid.items()
+    ])
+    broken = st.one_of([
+        mutated(bodies).map(lambda made, path=path: FuzzRequest(made[0], "POST", path, made[1]))
+        for path, bodies in valid.items()
+    ])
+    no_body = st.sampled_from([(p, m) for p, m in ops if (p, m) not in {(s, "POST") for s in schemas}]).flatmap(
+        lambda op: st.one_of(st.none(), st.just(b"{}"), st.binary(max_size=40), json_values.map(encode)).map(
+            lambda body: FuzzRequest("no_body_route", op[1], op[0], body)
+        )
+    ).filter(lambda r: not (r.method == "POST" and r.path in NO_RANDOM_CALL and r.body in (None, b"{}")))
+    wrong_method = st.tuples(st.sampled_from([p for p, _ in ops]), st.sampled_from(METHODS)).filter(
+        lambda pm: pm not in set(ops) and not (pm[1] == "HEAD")
+    ).map(lambda pm: FuzzRequest("wrong_method", pm[1], pm[0], b"{}"))
+    content_type = st.tuples(
+        st.sampled_from(sorted(schemas)),
+        st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                         "application/xml", "application/json; charset=latin-1", "", "*/*"]),
+    ).map(lambda pc: FuzzRequest("content_type", "POST", pc[0], b'{"prompt": "x"}', {"Content-Type": pc[1]}))
+    garbage = st.tuples(st.sampled_from(sorted(schemas)), st.binary(max_size=300)).map(
+        lambda pb: FuzzRequest("malformed_bytes", "POST", pb[0], pb[1])
+    )
+    unknown_path = st.tuples(st.sampled_from(METHODS), st.from_regex(r"/[a-z0-9/._%-]{0,30}", fullmatch=True)).filter(
+        lambda mp: mp[1].rstrip("/") not in {p for p, _ in ops}
+    ).map(lambda mp: FuzzRequest("unknown_path", mp[0], mp[1], None))
+    weighted = [(well_formed(), 1), (by_schema, 4), (broken, 8), (no_body, 2), (wrong_method, 1), (content_type, 1),
+                (garbage, 1), (unknown_path, 1)]
+    choices = [strategy for strategy, weight in weighted for _ in range(weight)]
+    return st.sampled_from(range(len(choices))).flatmap(lambda i: choices[i])
