@@ -1,8 +1,11 @@
-"""A client that hangs up mid-generation frees its rows in the engine (streaming or not).
+"""A client that hangs up mid-generation frees its rows in the engine at once (streaming or not): an SSE reader
+that goes away, an environment that disconnects in the middle of a plain request.
 
 The requests ask for far more tokens than the engine can generate before `IDLE_WITHIN_S` (minutes of decoding even
-on a fast machine), so the engine is idle in time only if the hang-up ended them.
+on a fast machine), so the engine is idle in time only if the hang-up ended them; once idle, no decode step runs.
 """
+
+import time
 
 import openai
 import pytest
@@ -24,7 +27,10 @@ def hang_up_and_check_freed(server, sock) -> None:
     sock.close()
     stats = server.wait_idle(deadline_s=IDLE_WITHIN_S)
     assert stats["active_rows"] == 0 and stats["queue_depth"] == 0, f"rows still decoding after the hang-up: {stats}"
+    assert stats["kv_tokens_admitted"] == 0
     assert stats["generated_tokens"] - at_hang_up < N * MAX_TOKENS // 10  # stopped early, did not run on
+    time.sleep(0.3)
+    assert server.engine.stats()["generated_tokens"] == stats["generated_tokens"], "decoding went on"
 
 
 @pytest.mark.parametrize(
