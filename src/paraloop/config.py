@@ -427,6 +427,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         _toml_tree.reset(token)
 
 
+SECRETS = (("server", "control_token"),)
+REDACTED = "<redacted>"
+
+
+def public_dump(settings: Settings) -> dict[str, Any]:
+    """The resolved settings as JSON data with secrets replaced: what may be written to disk (checkpoints)."""
+    data = settings.model_dump(mode="json")
+    for section, key in SECRETS:
+        if data[section].get(key) is not None:
+            data[section][key] = REDACTED
+    return data
+
+
 def to_toml(settings: Settings) -> str:
     """Render resolved settings as TOML (None values are commented out)."""
     lines: list[str] = []

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from paraloop.config import ConfigError, Settings
+from paraloop.config import ConfigError, Settings, public_dump
 from paraloop.flags import add_config_flags, settings_from_args
 
 log = logging.getLogger("paraloop.run")
@@ -107,7 +107,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
         )
         app = make_app(engine, settings=settings, extra_routes=control_routes(status, control))
-        config_dump = settings.model_dump(mode="json")
+        config_dump = public_dump(settings)  # written into every checkpoint: no control_token there
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             port = await tg.start(serve_http, app, settings.server.host, settings.server.port)
