@@ -119,3 +119,23 @@ def test_an_engine_batch_that_could_never_fit_is_refused_at_once(tiny_model_path
             await engine.complete_many([req(10, 50), req(10, 50)])
 
     serve(engine, body)
+
+
+def test_a_temperature_too_small_to_divide_by_samples_greedily_and_one_too_large_is_refused(tiny_model_path):
+    engine = engine_with(tiny_model_path)
+
+    def at(temperature: float) -> GenerateRequest:
+        return GenerateRequest(request_id="t", prompt_tokens=[5, 6, 7], n=2,
+                               params=SamplingParams(max_tokens=8, ignore_eos=True, temperature=temperature))
+
+    async def body(engine: Engine, tg) -> None:
+        greedy = (await engine.complete(at(0.0)))[0]
+        for tiny in (5e-324, 1e-40, 1e-6):
+            for row in await engine.complete(at(tiny)):
+                assert row.tokens == greedy.tokens and row.logprobs == greedy.logprobs  # finite, at T = 1
+        for bad in (100.5, 1e39, float("inf"), float("nan")):
+            with pytest.raises(RequestError) as err:
+                await engine.complete(at(bad))
+            assert err.value.field == "temperature"
+
+    serve(engine, body)

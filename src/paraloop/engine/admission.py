@@ -6,12 +6,12 @@ it is checked before anything is built for its rows: n x (prompt + max_tokens) K
 can ever hold. Lives on the event loop (no locks); waiters are woken by every release.
 """
 
-import math
 from collections.abc import Sequence
 
 import anyio
 
 from paraloop.config import EngineConfig
+from paraloop.engine.sampling import MAX_TEMPERATURE
 from paraloop.messages import GenerateRequest, SamplingParams
 
 
@@ -92,8 +92,8 @@ def validate(request: GenerateRequest, *, config: EngineConfig, vocab: int) -> N
     bad = [t for t in request.prompt_tokens if not 0 <= t < vocab]
     if bad:
         raise RequestError("prompt", f"token id {_short(bad[0])} is outside the vocabulary [0, {vocab})")
-    if not p.temperature >= 0 or math.isinf(p.temperature):  # also rejects NaN
-        raise RequestError("temperature", f"must be >= 0, got {p.temperature}")
+    if not 0 <= p.temperature <= MAX_TEMPERATURE:  # also rejects NaN
+        raise RequestError("temperature", f"must be between 0 and {MAX_TEMPERATURE:g}, got {p.temperature}")
     if not 0 < p.top_p <= 1:
         raise RequestError("top_p", f"must be in (0, 1], got {p.top_p}")
     if p.top_k < 0:

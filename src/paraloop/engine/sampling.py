@@ -14,6 +14,13 @@ import numpy as np
 from paraloop.messages import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (engine seed, counter) over 64 bits
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily, as vLLM does (1/T would overflow float32 soon after)
+MAX_TEMPERATURE = 100.0  # above this every distribution is uniform to float32 precision, and 1e39 overflows it
+
+
+def effective_temperature(temperature: float) -> float:
+    """The temperature a row samples at: 0 (greedy) for anything below GREEDY_BELOW."""
+    return 0.0 if temperature < GREEDY_BELOW else temperature
 
 
 def row_keys(*, n: int, seed: int | None, engine_seed: int, counter: int) -> list[mx.array]:
@@ -61,7 +68,7 @@ class RowSampler:
     """
 
     def __init__(self, params: SamplingParams, key: mx.array) -> None:
-        self.temperature = params.temperature
+        self.temperature = effective_temperature(params.temperature)
         self.top_k = params.top_k
         self.top_p = params.top_p
         self.min_p = params.min_p

@@ -28,7 +28,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 
 from paraloop.config import EngineConfig
 from paraloop.engine.prefill import fork_cache, prefill
-from paraloop.engine.sampling import RowSampler, greedy, row_keys, token_logprobs
+from paraloop.engine.sampling import RowSampler, effective_temperature, greedy, row_keys, token_logprobs
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
 from paraloop.messages import GenerateRequest, SamplingParams, TokenEvent
@@ -292,7 +292,7 @@ class Worker:
             self._rows[uid] = Row(
                 handle=handle,
                 index=index,
-                temperature=params.temperature,
+                temperature=effective_temperature(params.temperature),
                 top_logprobs=params.top_logprobs,
                 detok=IncrementalDetokenizer(self.tokenizer, prompt),
                 stops=StopStrings(params.stop),
@@ -304,7 +304,7 @@ class Worker:
         """One sampler per row. Greedy rows, and rows without a seed that sample alike, share one object:
         when every row of the batch shares it, BatchGenerator samples the batch in one call instead of one per
         row. Seeded rows get their own key, so their samples do not depend on what else is in the batch."""
-        if params.temperature == 0:
+        if effective_temperature(params.temperature) == 0:
             return [greedy] * n
         if params.seed is not None:
             return [

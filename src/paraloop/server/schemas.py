@@ -13,6 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from paraloop.config import EngineConfig
+from paraloop.engine.sampling import MAX_TEMPERATURE
 from paraloop.messages import SamplingParams
 from paraloop.server.errors import APIError, bad_request
 
@@ -22,7 +23,7 @@ Int = Annotated[int, Meta(ge=INT64[0], le=INT64[1])]
 Count = Annotated[int, Meta(ge=1, le=INT64[1])]  # n, max_tokens: the engine's limits apply on top
 NonNegInt = Annotated[int, Meta(ge=0, le=INT64[1])]
 TokenId = Annotated[int, Meta(ge=0, le=INT64[1])]  # the vocabulary is checked by the engine
-NonNegFloat = Annotated[float, Meta(ge=0)]
+Temperature = Annotated[float, Meta(ge=0, le=MAX_TEMPERATURE)]  # under 1e-5: greedy
 Probability = Annotated[float, Meta(ge=0, le=1)]
 TopP = Annotated[float, Meta(gt=0, le=1)]
 Seed = Int
@@ -37,7 +38,7 @@ class Sampling(Body, kw_only=True):
     model: str | None = None  # any name is accepted: one model is served
     n: Count | None = None
     max_tokens: Count | None = None
-    temperature: NonNegFloat | None = None
+    temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: Annotated[int, Meta(ge=-1, le=INT64[1])] | None = None  # 0 or -1 (vLLM): off
     min_p: Probability | None = None
