@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from http_harness import running_server
+from paraloop.run.control import LearnerControl, control_routes
+from paraloop.run.status import RunStatus
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "tok-8c1f9e0d4b7a"
@@ -200,3 +202,24 @@ def test_no_request_schema_has_a_path_field(tiny_model_path):
         names |= set(schema.get("properties", {}))
     suspicious = [n for n in names if re.search(r"path|file|dir|url|uri|lora|adapter|checkpoint|image|audio", n)]
     assert suspicious == [], suspicious
+
+
+def test_a_browser_page_of_another_origin_cannot_drive_a_server_without_a_token(tiny_model_path):
+    """Without a token, any page the user visits could POST /control/stop or /v1/completions to 127.0.0.1 as a
+    "simple" request (no preflight), or rebind its own DNS name to 127.0.0.1: the Origin header gives it away."""
+    status = RunStatus(total_steps=1, mode="sync", run_dir="unused")
+    control = LearnerControl(status)
+    with running_server(tiny_model_path, extra_routes=control_routes(status, control),
+                        overrides={"server": {"allowed_origins": ["https://dash.example"]}}) as server:
+        evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+        for path in ("/control/stop", "/control/pause", "/v1/completions"):
+            reply = server.post(path, {"prompt": "x"} if path.startswith("/v1") else {}, headers=evil)
+            assert reply.status_code == 403 and reply.json()["error"]["code"] == "forbidden_origin", path
+        rebound = {"Origin": "http://evil.example:8000", "Host": "evil.example:8000"}
+        assert server.post("/control/stop", {}, headers=rebound).status_code == 403
+        assert status.stopping is False
+        same = {"Origin": f"http://127.0.0.1:{server.port}"}  # a page this server itself serves
+        assert server.post("/control/pause", {}, headers=same).status_code == 200
+        assert server.post("/control/resume", {}, headers={"Origin": "https://dash.example"}).status_code == 200
+        assert server.get("/health", headers=evil).status_code == 200
+        assert server.post("/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200  # no Origin

@@ -39,6 +39,9 @@ class ServerConfig(Section):
     """Largest accepted request body; larger ones are answered 413 before they are read whole."""
     body_timeout_s: float = Field(30.0, gt=0)
     """Seconds a client may take to send a request body once its headers arrived (slower: HTTP 408)."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Web origins (e.g. "https://my-dashboard.example") whose pages may call the API. A request with any other
+    Origin header, which only browsers send, is answered 403: a page you visit cannot drive a local server."""
     max_json_depth: int = Field(32, ge=4, le=256)
     """Deepest nesting of arrays and objects accepted in a request body (deeper: HTTP 400)."""
     served_model_name: str | None = None

@@ -8,6 +8,7 @@ lets in-flight handlers answer, and cleans up. `mark_shutting_down(app)` makes e
 
 import hmac
 import logging
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,10 +43,15 @@ if not any(isinstance(f, MalformedHTTPFilter) for f in _server_log.filters):
 
 @web.middleware
 async def gate_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Refuse early: 503 while shutting down, 401 without the bearer token (when server.control_token is set)."""
+    """Refuse early: 503 while shutting down, 403 for a browser page's request (an Origin header not allowed), 401
+    without the bearer token (when server.control_token is set)."""
     state = request.app[STATE]
     if state.shutting_down:
         raise APIError(503, "the server is shutting down", code="shutting_down")
+    origin = request.headers.get("Origin")
+    if origin is not None and request.path not in OPEN_ROUTES and not origin_allowed(request, origin, state):
+        raise APIError(403, f"requests from web pages of origin {origin!r} are refused (server.allowed_origins)",
+                       code="forbidden_origin")
     token = state.settings.server.control_token
     if token and request.path not in OPEN_ROUTES:
         given = request.headers.get("Authorization", "")
@@ -57,6 +63,19 @@ async def gate_middleware(request: web.Request, handler: Any) -> web.StreamRespo
                 headers={"WWW-Authenticate": "Bearer"},
             )
     return await handler(request)
+
+
+LOOPBACK_HOSTS = re.compile(r"(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?")
+
+
+def origin_allowed(request: web.Request, origin: str, state: ServerState) -> bool:
+    """Only browsers send Origin. Without a token, a page on any site the user visits (or one that rebinds its DNS to
+    127.0.0.1) could otherwise send simple requests here, such as POST /control/stop, without a preflight. Allowed:
+    server.allowed_origins, and a page served from this server on a loopback address. With a token the page would
+    also need the token, which browsers only send cross-origin after a CORS preflight paraloop never grants."""
+    if origin in state.settings.server.allowed_origins or state.settings.server.control_token:
+        return True
+    return origin == f"{request.scheme}://{request.host}" and LOOPBACK_HOSTS.fullmatch(request.host) is not None
 
 
 async def health(request: web.Request) -> web.Response:

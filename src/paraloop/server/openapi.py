@@ -67,7 +67,8 @@ ERRORS = {
     "405": "Wrong method (see the Allow header)",
     "408": "The body did not arrive within server.body_timeout_s",
     "413": "Body larger than server.max_body_bytes",
-    "415": "Content-Type is not application/json",
+    "403": "The request carries an Origin (a browser page) not in server.allowed_origins",
+    "415": "Content-Type is not JSON",
     "429": "The engine is full (requests or KV-cache tokens); retry after Retry-After seconds",
     "503": "The server is shutting down",
 }
@@ -203,18 +204,20 @@ async def openapi(request: web.Request) -> web.Response:
 # --- holding routes to their documented bodies ----------------------------------------------------------------------
 
 
-JSON_TYPES = ("application/json",)
+# JSON, and the types clients put on a body given without one (curl -d and urllib: form-urlencoded; fetch: text/plain).
+# Browsers may send these cross-origin without a preflight: the gate refuses any request with a foreign Origin.
+JSON_TYPES = ("application/json", "application/x-www-form-urlencoded", "text/plain")
 
 
 def check_content_type(request: web.Request) -> None:
-    """A JSON body, or no Content-Type at all; anything else is a 415 before a byte is read."""
+    """A JSON body (or one sent with a client's default type); anything else is a 415 before a byte is read."""
     if "Content-Type" not in request.headers:
         return
     mime = request.content_type
     if not (mime in JSON_TYPES or (mime.startswith("application/") and mime.endswith("+json"))):
         raise APIError(415, f"Content-Type {mime!r} is not supported: send application/json",
                        code="unsupported_media_type")
-    if request.charset not in (None, "utf-8", "utf8"):
+    if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
         raise APIError(415, f"charset {request.charset!r} is not supported: JSON bodies are UTF-8",
                        code="unsupported_media_type")
 
