@@ -54,6 +54,13 @@ def test_every_route_the_app_serves_is_documented_and_nothing_else(server, doc):
             assert op["summary"] == SUMMARIES[path] and {"200", "400", "429"} <= set(op["responses"])
 
 
+def test_query_parameters_are_documented(server, doc):
+    [timeout] = doc["paths"]["/control/step"]["post"]["parameters"]
+    assert timeout["name"] == "timeout" and timeout["in"] == "query"
+    reply = server.post("/control/step?timeout=-1", {})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "timeout"
+
+
 def test_every_reference_resolves(doc):
     text = json.dumps(doc)
     names = set(doc["components"]["schemas"])

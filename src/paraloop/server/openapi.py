@@ -42,6 +42,14 @@ SUMMARIES = {
     "/metrics": "Prometheus text format",
 }
 
+QUERY = {
+    "/control/step": [{
+        "name": "timeout", "in": "query", "required": False,
+        "description": "Seconds to wait for a rollout batch; none by then: 504 and no step is taken later",
+        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400, "default": 600},
+    }],
+}
+
 STREAM_TYPES = {"/v1/completions": "text/event-stream", "/v1/chat/completions": "text/event-stream",
                 "/generate": "application/x-ndjson"}
 TEXT_ROUTES = {"/metrics": "text/plain"}
@@ -103,6 +111,8 @@ def build(app: web.Application, settings: Settings) -> dict[str, Any]:
             "operationId": f"{method.lower()}_{path.strip('/').replace('/', '_').replace('.', '_') or 'root'}",
             "responses": {"200": _ok(path)} | {code: error | {"description": text} for code, text in ERRORS.items()},
         }
+        if path in QUERY:
+            op["parameters"] = QUERY[path]
         if path in BODIES and method == "POST":
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[path]}}}
         elif method == "POST":
