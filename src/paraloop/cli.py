@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()  # PARALOOP_LOG, the same for every verb
     try:
         module = importlib.import_module(COMMANDS[name][0])
-        return int(module.main(rest) or 0)
+        try:
+            return int(module.main(rest) or 0)
+        finally:
+            if "mlx.core" in sys.modules:  # the main thread's streams too (ml-explore/mlx#3126)
+                from paraloop.run.mlx_thread import end_mlx_thread
+
+                end_mlx_thread()
     except ImportError as e:
         if "libmlx" not in str(e):
             raise

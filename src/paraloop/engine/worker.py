@@ -183,6 +183,9 @@ class Worker:
                 gen.close()
                 # Let the last asynchronously evaluated step finish before this thread (and its stream) ends.
                 mx.synchronize(gen.stream)
+            # A thread's MLX streams must be destroyed by the thread itself before the process exits, or MLX's own
+            # late cleanup can abort it ("terminate called without an active exception", ml-explore/mlx#3126).
+            mx.clear_streams()
 
     def _loop(self) -> None:
         while True:

@@ -32,7 +32,17 @@ class MlxThread:
         return result
 
     def close(self) -> None:
-        """Join the thread. Calls are shielded, so it is idle by the time its actor is done; a thread still alive
-        with its MLX stream when the process exits can abort it ("terminate called without an active exception",
-        ml-explore/mlx#3126)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Destroy the thread's MLX streams on the thread itself, then join it. Calls are shielded, so it is idle by
+        the time its actor is done. A thread's streams left for MLX's own exit-time cleanup can abort the process
+        ("terminate called without an active exception", ml-explore/mlx#3126: call `mx.clear_streams()` at the end
+        of every thread that used MLX)."""
+        self._pool.submit(end_mlx_thread)
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+
+def end_mlx_thread() -> None:
+    """Finish the calling thread's MLX work and destroy its streams (before the thread or the process ends)."""
+    import mlx.core as mx
+
+    mx.synchronize()
+    mx.clear_streams()

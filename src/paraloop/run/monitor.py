@@ -53,8 +53,9 @@ def summary_table(history: list[dict[str, float]]) -> str:
 
 
 async def run_monitor(
-    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, run_dir: Path, out: TextIO = sys.stderr
+    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, run_dir: Path, out: TextIO | None = None
 ) -> None:
+    out = out or sys.stderr  # looked up now, not at import: whoever owns stderr then (a test's capture) may close it
     interactive = out.isatty()
     path = run_dir / "metrics.jsonl"
     async with inbox:
