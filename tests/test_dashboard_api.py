@@ -192,3 +192,25 @@ def test_dashboard_command_refuses_bad_input(tmp_path, capsys, monkeypatch):
     run = str(make_run(tmp_path, "a", 1))
     assert main([run, "--host", "0.0.0.0"]) == 2 and "--token" in capsys.readouterr().err
     assert main([run, "--port", "70000"]) == 2 and "--port" in capsys.readouterr().err
+
+
+def test_a_resumed_live_run_shows_the_steps_before_the_resume_point(tmp_path):
+    from collections import deque
+
+    from paraloop.dashboard.sources import LiveRun
+    from paraloop.messages import StepFinished
+    from paraloop.run.status import RunStatus
+
+    write_rows(tmp_path / "metrics.jsonl", range(1, 6))  # the earlier process got to step 5, checkpointed at 3
+    (tmp_path / "rollouts.jsonl").write_text(
+        "".join(json.dumps({"step": s, "samples": [{"reward": s}]}) + "\n" for s in (2, 3, 4)))
+    status = RunStatus(total_steps=10, mode="sync", run_dir=str(tmp_path), step=3, rollouts=deque(maxlen=3))
+    live = LiveRun(status, {}, name="r", resumed_at=3, rollout_steps=3)
+    for step in (4, 5):
+        status.record_step(StepFinished(step=step, version=step, metrics={"reward_mean": 1.0}))
+    status.rollouts.append({"step": 4, "samples": [{"reward": 40}]})
+    rows = live.metrics(0, -1, None)["rows"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[3]["reward_mean"] == 1.0, "this run's steps win"
+    assert [r["step"] for r in live.metrics(0, 3, None)["rows"]] == [4, 5]
+    steps = live.rollouts(0, -1)["steps"]
+    assert [e["step"] for e in steps] == [2, 3, 4] and steps[-1]["samples"][0]["reward"] == 40

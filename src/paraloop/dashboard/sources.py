@@ -58,14 +58,25 @@ def run_state(snapshot: dict[str, Any]) -> str:
 
 
 class LiveRun:
-    """`paraloop run`'s own status: curves from its in-memory history, samples from its rollout ring."""
+    """`paraloop run`'s own status: curves from its in-memory history, samples from its rollout ring. A resumed run
+    also shows the steps before the resume point, read once from its files."""
 
     mode = "run"
 
-    def __init__(self, status: Any, config: dict[str, Any], *, name: str) -> None:
+    def __init__(self, status: Any, config: dict[str, Any], *, name: str, resumed_at: int | None = None,
+                 rollout_steps: int = 20) -> None:
         self._status = status
         self._config = config
         self._name = name
+        self._past: list[dict[str, Any]] = []
+        self._past_rollouts: list[dict[str, Any]] = []
+        if resumed_at is not None:
+            run_dir = Path(status.run_dir)
+            earlier = MetricsFile(run_dir / "metrics.jsonl")
+            earlier.refresh()
+            self._past = [r for r in earlier.history if r["step"] <= resumed_at]
+            self._past_rollouts = [e for e in read_rollout_tail(run_dir / "rollouts.jsonl", rollout_steps)
+                                   if e["step"] <= resumed_at]
 
     def info(self) -> dict[str, Any]:
         return {"mode": self.mode, "controls": True, "runs": [
@@ -77,7 +88,10 @@ class LiveRun:
 
     def metrics(self, run: int, since: int, rev: int | None) -> dict[str, Any]:
         self._check(run)
-        rows, more = rows_after(self._status.history, since)
+        rows, more = rows_after(self._past, since)
+        if not more and len(rows) < MAX_ROWS:
+            now, more = rows_after(self._status.history, since)
+            rows, more = rows + now[: MAX_ROWS - len(rows)], more or len(rows) + len(now) > MAX_ROWS
         return {"run": run, "rev": 0, "reset": False, "rows": rows, "more": more, "note": None}
 
     def status(self) -> dict[str, Any]:
@@ -86,7 +100,8 @@ class LiveRun:
 
     def rollouts(self, run: int, since: int) -> dict[str, Any]:
         self._check(run)
-        return {"run": run, "steps": [e for e in self._status.rollouts if e["step"] > since]}
+        entries = [*self._past_rollouts, *self._status.rollouts][-(self._status.rollouts.maxlen or 20):]
+        return {"run": run, "steps": [e for e in entries if e["step"] > since]}
 
 
 class ServeView:

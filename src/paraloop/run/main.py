@@ -123,7 +123,9 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
         )
         config_dump = public_dump(settings)  # no control_token: checkpoints, the dashboard and W&B show this
-        live = LiveRun(status, config_dump, name=run_dir.resolve().name)  # noqa: ASYNC240 - once, at start
+        live = LiveRun(status, config_dump, name=run_dir.resolve().name,  # noqa: ASYNC240 - once, at start
+                       resumed_at=trainer.step_count if models.resumed is not None else None,
+                       rollout_steps=settings.logging.rollout_steps)
         token_required = bool(settings.server.control_token)
         app = make_app(engine, settings=settings, extra_routes=[
             *control_routes(status, control), *dashboard_routes(live, token_required=token_required)])

@@ -62,14 +62,18 @@ def render(tokenizer: Any, group: ScoredGroup, row: int, max_tokens: int) -> dic
     if pieces:
         pieces[-1] += detok.flush()
     lps: list[float | None] = []
-    for i in range(start, start + len(completion)):
+    untrained = []  # completion positions the loss skips (multi-turn environments mask some)
+    for n, i in enumerate(range(start, start + len(completion))):
         trained = i < len(mask) and mask[i] != PROMPT_MASK
         lps.append(float(logprobs[i]) if trained and logprobs and i < len(logprobs) else None)
+        if not trained:
+            untrained.append(n)
     return {
         "prompt": tokenizer.decode(prompt[-max_tokens:], skip_special_tokens=False),
         "prompt_truncated": prompt_cut,
         "tokens": pieces,
         "logprobs": lps,
+        "untrained": untrained,
         "completion_truncated": len(tokens) - start > max_tokens,
     }
 

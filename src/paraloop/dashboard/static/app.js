@@ -533,16 +533,17 @@
       el("summary", { text: `Prompt: ${promptTail.length >= 140 ? "…" : ""}${promptTail}` }),
       el("pre", { text: (s.prompt_truncated ? "[…] " : "") + s.prompt }));
     const completion = el("div", { class: "completion" });
+    const untrained = new Set(s.untrained || []);
     s.tokens.forEach((text, i) => {
       const lp = s.logprobs[i];
       const shown = text.replace(/\n/g, "↵\n");
-      const span = el("span", { class: lp == null ? "tok untrained" : "tok", text: shown });
+      const span = el("span", { class: untrained.has(i) ? "tok untrained" : "tok", text: shown });
       if (lp != null) {
         const color = tokenColor(lp);
         if (color) span.style.background = color;
         span.title = `${JSON.stringify(text)}  logprob ${lp.toFixed(3)}  p ${Math.exp(lp).toFixed(3)}`;
       } else {
-        span.title = `${JSON.stringify(text)}  (not trained)`;
+        span.title = `${JSON.stringify(text)}  ${untrained.has(i) ? "(not trained)" : "(no log-prob sent)"}`;
       }
       completion.append(span);
     });
