@@ -275,7 +275,8 @@
       const first = series[0].values;
       let last = null;
       for (let i = first.length - 1; i >= 0; i--) if (isNum(first[i])) { last = first[i]; break; }
-      this.lastNode.textContent = last == null ? "" : fmt(last, this.spec.unit);
+      // the newest value of the first series (one run's; with several runs the legend tells them apart)
+      this.lastNode.textContent = last == null || series.length > 1 && S.runs.length > 1 ? "" : fmt(last, this.spec.unit);
     }
 
     yRange(min, max) {
@@ -474,9 +475,9 @@
       return el("tr", {},
         el("td", {}, el("span", { class: "swatch" }), run.name),
         el("td", { text: String(run.rows.length) }),
-        el("td", { text: fmt(last.reward_mean) }),
-        el("td", { text: rewards.length ? fmt(Math.max(...rewards)) : "–" }),
-        el("td", { text: fmt(last.loss) }),
+        el("td", { text: isNum(last.reward_mean) ? last.reward_mean.toFixed(3) : "–" }),
+        el("td", { text: rewards.length ? Math.max(...rewards).toFixed(3) : "–" }),
+        el("td", { text: isNum(last.loss) ? last.loss.toPrecision(3) : "–" }),
         el("td", { class: "path", text: run.run_dir || "" }));
     });
     $("runs-table").replaceChildren(head, ...rows);
