@@ -77,8 +77,9 @@ def run_gauges(status: RunStatus, done: StepFinished) -> dict[str, Any]:
 
 async def run_monitor(
     inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, reporters: list[Reporter],
-    out: TextIO = sys.stderr,
+    out: TextIO | None = None,
 ) -> None:
+    out = out or sys.stderr  # looked up per run, never bound at import (tests and callers swap sys.stderr)
     interactive = out.isatty()
     try:
         async with inbox:

@@ -86,6 +86,7 @@
     else s = v.toExponential(1);
     return unit && unit !== "bytes" ? `${s} ${unit}` : s;
   }
+  const fmtRate = (v) => (isNum(v) && Math.abs(v) < 100 ? v.toFixed(1) : fmt(v));
   function fmtBytes(v) {
     if (!isNum(v)) return "–";
     const units = ["B", "KB", "MB", "GB", "TB"];
@@ -163,7 +164,8 @@
     const ticks = { stroke: "#2b3140", width: 1 };
     const font = "11px system-ui, sans-serif";
     return [
-      { stroke: "#8b93a5", grid, ticks, font },
+      // steps are whole numbers: no 2.5 ticks (uPlot picks the first increment that fits)
+      { stroke: "#8b93a5", grid, ticks, font, incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1e3, 2e3, 2.5e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5, 5e5, 1e6] },
       { stroke: "#8b93a5", grid, ticks, font,
         values: (u, vals, axis, space, incr) => tickLabels(vals, incr, unit),
         size: (u, values) => 18 + 6.6 * Math.max(3, ...(values || []).map((v) => String(v).length)) },
@@ -248,6 +250,8 @@
         this.signature = signature;
         const all = () => [...series.flatMap((s) => s.values), ...bands.flatMap((b) => [...b.lo, ...b.hi])];
         this.allValues = all;
+        const axes = axisOpts(this.spec.unit);
+        if (this.time) delete axes[0].incrs;
         const opts = {
           width: this.width(),
           height: 190,
@@ -257,7 +261,7 @@
             x: { time: this.time },
             y: { range: (u, min, max) => this.yRange(min, max) },
           },
-          axes: axisOpts(this.spec.unit),
+          axes,
           series: [
             { label: this.time ? "time" : "step", value: (u, v) => (v == null ? "–" : this.time ? new Date(v * 1000).toLocaleTimeString() : v) },
             ...series.map((s) => ({
@@ -428,8 +432,8 @@
       cards.push(kpi("Reward", isNum(m.reward_mean) ? m.reward_mean.toFixed(3) : "–",
         isNum(m.reward_std) ? `± ${m.reward_std.toFixed(3)} std` : "", "reward"));
       cards.push(kpi("Adapter", `v${st.adapter_version}`, `serving v${st.serving_version}`, "adapter"));
-      cards.push(kpi("Generation", `${fmt(st.tokens_per_s)} tok/s`, `${fmt((st.engine || {}).active_rows)} rows decoding`, "generation"));
-      cards.push(kpi("Learner", `${fmt(m.tokens_per_s)} tok/s`, isNum(m.step_time_s) ? `${fmt(m.step_time_s)} s per step` : "", "learner"));
+      cards.push(kpi("Generation", `${fmtRate(st.tokens_per_s)} tok/s`, `${fmt((st.engine || {}).active_rows)} rows decoding`, "generation"));
+      cards.push(kpi("Learner", `${fmtRate(m.tokens_per_s)} tok/s`, isNum(m.step_time_s) ? `${fmt(m.step_time_s)} s per step` : "", "learner"));
       const pause = st.swap_pause_ms || {};
       cards.push(kpi("Swap pause", isNum(pause.last) ? `${fmt(pause.last)} ms` : "–",
         isNum(pause.median) ? `median ${fmt(pause.median)} ms · ${pause.count} swaps` : "no swap yet", "swap"));
@@ -452,7 +456,7 @@
       const e = st.engine || {};
       const mem = st.memory || {};
       cards.push(kpi("Serving", `v${st.serving_version}`, "adapter version", "serving"));
-      cards.push(kpi("Generation", `${fmt(st.tokens_per_s)} tok/s`, `${fmt(e.generated_tokens)} tokens so far`, "generation"));
+      cards.push(kpi("Generation", `${fmtRate(st.tokens_per_s)} tok/s`, `${fmt(e.generated_tokens)} tokens so far`, "generation"));
       cards.push(kpi("Requests", fmt(e.requests_served), `${fmt(e.queue_depth)} in the engine now`, "requests"));
       cards.push(kpi("Decoding rows", fmt(e.active_rows), `${fmt(e.waiting_requests)} waiting`, "rows"));
       cards.push(kpi("Memory", fmtBytes(mem.rss_bytes ?? mem.peak_rss_bytes), isNum(mem.mlx_active_bytes) ? `MLX ${fmtBytes(mem.mlx_active_bytes)}` : "", "memory"));
@@ -529,7 +533,9 @@
       el("span", { class: "chip", text: `group ${s.group}` }),
       el("span", { class: "chip", text: s.rollout_version != null ? `rollout v${s.rollout_version} → v${s.adapter_version}` : `trained into v${s.adapter_version}` }),
     ];
-    const promptTail = s.prompt.replace(/<\|[^|>]{1,40}\|>/g, " ").replace(/\s+/g, " ").trim().slice(-140);
+    // the summary shows the last turn of a chat prompt (special tokens and the role name dropped)
+    const turns = s.prompt.split(/<\|[^|>]{1,40}\|>/).map((t) => t.replace(/^\s*(system|user|assistant)\b/, "").trim()).filter(Boolean);
+    const promptTail = (turns.length ? turns[turns.length - 1] : s.prompt).replace(/\s+/g, " ").slice(-140);
     const prompt = el("details", { class: "prompt" },
       el("summary", { text: `Prompt: ${promptTail.length >= 140 ? "…" : ""}${promptTail}` }),
       el("pre", { text: (s.prompt_truncated ? "[…] " : "") + s.prompt }));
