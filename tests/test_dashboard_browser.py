@@ -25,7 +25,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 TOKEN = "dashboard-s3cret"
 WAIT_MS = 60_000
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,8 @@ def write_run(run: Path, rewards: list[float]) -> None:
                                 "entropy": 2.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "ratio_min": 0.9,
                                 "ratio_max": 1.1, "tokens_per_s": 500.0, "generation_tokens_per_s": 900.0,
                                 "step_time_s": 0.5, "swap_pause_ms": 0.2, "queue_rollouts": 0,
-                                "rss_bytes": 2e8, "skipped": False, "swap_pause_note": None}) + "\n")
+                                "rss_bytes": 2e8, "adv_mean": 0.01 * i, "skipped": False,
+                                "swap_pause_note": None}) + "\n")
     sample = {"step": len(rewards), "adapter_version": len(rewards), "rollout_version": len(rewards) - 1, "group": 0,
               "row": 0, "reward": 1.0, "advantage": 0.8, "prompt": "<|im_start|>user\nName a fruit.<|im_end|>\n",
               "prompt_truncated": False, "tokens": [" Ban", "ana", "\n"], "logprobs": [-0.05, -2.0, -6.0],
@@ -187,6 +188,8 @@ def test_compare_two_finished_runs(browser, tmp_path):
         assert page.locator(".sample .tok").nth(2).get_attribute("style"), "an unlikely token is coloured"
         assert page.locator(".sample .tok").first.get_attribute("style") is None, "a likely token is not"
         expect(page.locator("#controls")).to_be_hidden()
+        page.click("#more-panel > summary")  # every other number a step records
+        expect(page.locator('[data-chart="m-adv_mean"]')).to_have_attribute("data-points", "6")
         assert view.errors == [], view.errors
     finally:
         view.close()

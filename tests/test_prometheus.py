@@ -36,6 +36,7 @@ def test_routes_are_timed_and_tokens_counted_in_each_apps_own_registry(tiny_mode
         assert streamed.status_code == 200
         assert one.post("/v1/completions", {"prompt": "x", "max_tokens": -1}).status_code == 400
         assert one.get("/no/such/path").status_code == 404
+        assert one.request("PROPFIND", "/no/such/dav").status_code == 404
         reply = one.get("/metrics")
         assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
         page = samples(reply.text)
@@ -43,6 +44,9 @@ def test_routes_are_timed_and_tokens_counted_in_each_apps_own_registry(tiny_mode
         assert value(page, "paraloop_http_requests_total", route=route, method="POST", status="200") == 2
         assert value(page, "paraloop_http_requests_total", route=route, method="POST", status="400") == 1
         assert value(page, "paraloop_http_requests_total", route="unmatched", method="GET", status="404") == 1
+        assert not [labels for name, labels in page if ("method", "PROPFIND") in labels], "labels stay bounded"
+        assert sum(v for (name, labels), v in page.items() if name == "paraloop_http_requests_total"
+                   and ("method", "other") in labels) == 1
         assert value(page, "paraloop_http_request_duration_seconds_count", route=route, method="POST") == 3
         assert value(page, "paraloop_http_time_to_first_token_seconds_count", route=route) == 2, "not the 400"
         assert value(page, "paraloop_http_time_to_first_token_seconds_count", route="/v1/chat/completions") == 1
