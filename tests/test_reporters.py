@@ -156,13 +156,14 @@ def test_report_to_accepts_only_known_loggers(tmp_path):
         settings_for(tmp_path, "jsonl", "mlflow")
 
 
-def test_paraloop_run_names_the_missing_extra_and_exits_2(tmp_path, monkeypatch, capsys):
+def test_paraloop_run_names_the_missing_extra_and_exits_2(tiny_model_path, tmp_path, monkeypatch, capsys):
     from paraloop.run import main as run_main
 
     real = reporters.importlib.util.find_spec
     monkeypatch.setattr(reporters.importlib.util, "find_spec",
                         lambda name: None if name == "tensorboardX" else real(name))
-    code = run_main.main(["--model-path", str(tmp_path / "no-model-needed"), "--run-dir", str(tmp_path / "run"),
+    code = run_main.main(["--model-path", str(tiny_model_path), "--run-dir", str(tmp_path / "run"),
                           "--set", 'logging.report_to=["jsonl", "tensorboard"]', "--no-plot"])
     assert code == 2
     assert "pip install 'paraloop[tensorboard]'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists(), "stopped before loading the model"
