@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_run import call, finish, paraloop_run, wait_for_server
+import procs
+from test_run import call, finish, paraloop_run, wait_for_server
 
 CHROMIUM = os.environ.get("PARALOOP_CHROMIUM") or "/usr/bin/chromium"  # the Makefile's `browser` target installs it
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -77,69 +78,71 @@ def settled_step(base: str, deadline_s: float = 60) -> int:
 
 
 def test_live_run_token_curves_rollouts_and_controls(browser, tiny_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    with paraloop_run(tiny_model_path, run_dir, "--steps", "1000", "--checkpoint-interval", "0",
+                      "--control-token", TOKEN) as proc:
+        view = Page(browser)
+        try:
+            live_session(view, proc, run_dir)
+        finally:
+            view.close()
+
+
+def live_session(view: "Page", proc: subprocess.Popen, run_dir: Path) -> None:
     from playwright.sync_api import expect
 
-    run_dir = tmp_path / "run"
-    proc = paraloop_run(tiny_model_path, run_dir, "--steps", "1000", "--checkpoint-interval", "0",
-                        "--control-token", TOKEN)
-    view = Page(browser)
     page = view.page
-    try:
-        base = wait_for_server(proc, run_dir)
-        page.goto(f"{base}/dashboard")
-        expect(page.locator("#token-dialog")).to_be_visible()
-        page.wait_for_load_state("load")
-        assert view.errors == [], "the page loads with no console errors"
+    base = wait_for_server(proc, run_dir)
+    page.goto(f"{base}/dashboard")
+    expect(page.locator("#token-dialog")).to_be_visible()
+    page.wait_for_load_state("load")
+    assert view.errors == [], "the page loads with no console errors"
 
-        page.fill("#token-input", "wrong-token")
-        page.click("#token-ok")
-        expect(page.locator("#token-msg")).to_have_class("error")
-        expect(page.locator("#token-msg")).to_contain_text("refused")
-        assert view.errors and all("401" in e for e in view.errors), view.errors
-        assert call(f"{base}/control/status", token=TOKEN)[1]["paused"] is False, "a refused token changed nothing"
-        view.errors.clear()
+    page.fill("#token-input", "wrong-token")
+    page.click("#token-ok")
+    expect(page.locator("#token-msg")).to_have_class("error")
+    expect(page.locator("#token-msg")).to_contain_text("refused")
+    assert view.errors and all("401" in e for e in view.errors), view.errors
+    assert call(f"{base}/control/status", token=TOKEN)[1]["paused"] is False, "a refused token changed nothing"
+    view.errors.clear()
 
-        page.fill("#token-input", TOKEN)
-        page.click("#token-ok")
-        badge = page.locator("#state-badge")
-        expect(badge).to_have_text("training")
-        expect(page.locator(".sample .tok").first).to_be_visible()  # a rollout, token by token
-        assert page.locator(".sample").count() >= 1
-        expect(page.locator('[data-kpi="adapter"] .value')).to_have_text(re.compile(r"v\d+"))
+    page.fill("#token-input", TOKEN)
+    page.click("#token-ok")
+    badge = page.locator("#state-badge")
+    expect(badge).to_have_text("training")
+    expect(page.locator(".sample .tok").first).to_be_visible()  # a rollout, token by token
+    assert page.locator(".sample").count() >= 1
+    expect(page.locator('[data-kpi="adapter"] .value')).to_have_text(re.compile(r"v\d+"))
 
-        page.click("button[data-action=pause]")
-        expect(badge).to_have_text("paused")
-        assert call(f"{base}/control/status", token=TOKEN)[1]["paused"] is True
-        step = settled_step(base)
-        expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", str(step))
-        page.click("button[data-action=step]")
-        expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", str(step + 1))
-        expect(page.locator('[data-chart="loss"]')).to_have_attribute("data-points", str(step + 1))
-        expect(page.locator(".toast.ok").last).to_contain_text(f"Step {step + 1} done")
-        assert call(f"{base}/control/status", token=TOKEN)[1]["step"] == step + 1, "exactly one step"
+    page.click("button[data-action=pause]")
+    expect(badge).to_have_text("paused")
+    assert call(f"{base}/control/status", token=TOKEN)[1]["paused"] is True
+    step = settled_step(base)
+    expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", str(step))
+    page.click("button[data-action=step]")
+    expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", str(step + 1))
+    expect(page.locator('[data-chart="loss"]')).to_have_attribute("data-points", str(step + 1))
+    expect(page.locator(".toast.ok").last).to_contain_text(f"Step {step + 1} done")
+    assert call(f"{base}/control/status", token=TOKEN)[1]["step"] == step + 1, "exactly one step"
 
-        page.click("button[data-action=resume]")
-        expect(badge).to_have_text("training")
-        assert call(f"{base}/control/status", token=TOKEN)[1]["paused"] is False
-        expect(page.locator('[data-chart="reward"]')).not_to_have_attribute("data-points", str(step + 1))
+    page.click("button[data-action=resume]")
+    expect(badge).to_have_text("training")
+    assert call(f"{base}/control/status", token=TOKEN)[1]["paused"] is False
+    expect(page.locator('[data-chart="reward"]')).not_to_have_attribute("data-points", str(step + 1))
 
-        page.click("#config-panel > summary")
-        expect(page.locator("#config")).to_contain_text("control_token")
-        expect(page.locator("#config")).to_contain_text('"(set)"')
-        expect(page.locator("#config")).not_to_contain_text(TOKEN)
+    page.click("#config-panel > summary")
+    expect(page.locator("#config")).to_contain_text("control_token")
+    expect(page.locator("#config")).to_contain_text('"(set)"')
+    expect(page.locator("#config")).not_to_contain_text(TOKEN)
 
-        page.click("button[data-action=stop]")
-        page.click("#confirm-ok")
-        code, _, err = finish(proc)
-        assert code == 0, err[-3000:]
-        expect(badge).to_have_attribute("data-state", "disconnected")
-        assert not [u for u in view.urls if TOKEN in u], "the token never goes into a URL"
-        assert TOKEN not in err, "nor into the log"
-        assert [e for e in view.errors if "ERR_CONNECTION_REFUSED" not in e] == [], view.errors
-    finally:
-        view.close()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    page.click("button[data-action=stop]")
+    page.click("#confirm-ok")
+    code, _, err = finish(proc)
+    assert code == 0, err[-3000:]
+    expect(badge).to_have_attribute("data-state", "disconnected")
+    assert not [u for u in view.urls if TOKEN in u], "the token never goes into a URL"
+    assert TOKEN not in err, "nor into the log"
+    assert [e for e in view.errors if "ERR_CONNECTION_REFUSED" not in e] == [], view.errors
 
 
 def write_run(run: Path, rewards: list[float]) -> None:
@@ -164,72 +167,54 @@ def test_compare_two_finished_runs(browser, tmp_path):
 
     write_run(tmp_path / "lr-1e-4", [0.1, 0.3, 0.5, 0.7])
     write_run(tmp_path / "lr-1e-5", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35])
-    proc = subprocess.Popen([sys.executable, "-m", "paraloop", "dashboard", str(tmp_path / "lr-1e-4"),
-                             str(tmp_path / "lr-1e-5"), "--port", "0"], stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    view = Page(browser)
-    page = view.page
-    try:
-        url = None
-        for line in proc.stderr:  # the first line names the URL
-            if m := re.search(r"(http://\S+/dashboard)", line):
-                url = m.group(1)
-                break
-        assert url, "paraloop dashboard printed no URL"
-        page.goto(url)
-        expect(page.locator("#state-badge")).to_have_text("compare")
-        expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", "6")
-        legend = page.locator('[data-chart="reward"] .u-legend')
-        expect(legend).to_contain_text("lr-1e-4")
-        expect(legend).to_contain_text("lr-1e-5")
-        expect(page.locator("#runs-table tr")).to_have_count(3)
-        expect(page.locator("#rollout-run")).to_be_visible()
-        expect(page.locator(".sample .tok")).to_have_count(3)
-        assert page.locator(".sample .tok").nth(2).get_attribute("style"), "an unlikely token is coloured"
-        assert page.locator(".sample .tok").first.get_attribute("style") is None, "a likely token is not"
-        expect(page.locator("#controls")).to_be_hidden()
-        page.click("#more-panel > summary")  # every other number a step records
-        expect(page.locator('[data-chart="m-adv_mean"]')).to_have_attribute("data-points", "6")
-        assert view.errors == [], view.errors
-    finally:
-        view.close()
-        os.killpg(proc.pid, signal.SIGTERM)
+    cmd = [sys.executable, "-m", "paraloop", "dashboard", str(tmp_path / "lr-1e-4"), str(tmp_path / "lr-1e-5"),
+           "--port", "0"]
+    with procs.running(cmd, stderr=subprocess.PIPE, text=True) as proc:
+        url = procs.Lines(proc.stderr).expect(r"(http://\S+/dashboard)", timeout=60).group(1)
+        view = Page(browser)
         try:
-            assert proc.wait(timeout=30) == 0
+            page = view.page
+            page.goto(url)
+            expect(page.locator("#state-badge")).to_have_text("compare")
+            expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", "6")
+            legend = page.locator('[data-chart="reward"] .u-legend')
+            expect(legend).to_contain_text("lr-1e-4")
+            expect(legend).to_contain_text("lr-1e-5")
+            expect(page.locator("#runs-table tr")).to_have_count(3)
+            expect(page.locator("#rollout-run")).to_be_visible()
+            expect(page.locator(".sample .tok")).to_have_count(3)
+            assert page.locator(".sample .tok").nth(2).get_attribute("style"), "an unlikely token is coloured"
+            assert page.locator(".sample .tok").first.get_attribute("style") is None, "a likely token is not"
+            expect(page.locator("#controls")).to_be_hidden()
+            page.click("#more-panel > summary")  # every other number a step records
+            expect(page.locator('[data-chart="m-adv_mean"]')).to_have_attribute("data-points", "6")
+            assert view.errors == [], view.errors
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            view.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, "SIGTERM stops paraloop dashboard cleanly"
 
 
 def test_serve_has_a_read_only_view(browser, tiny_model_path):
     from playwright.sync_api import expect
 
-    proc = subprocess.Popen([sys.executable, "-m", "paraloop", "serve", "--model-path", str(tiny_model_path),
-                             "--port", "0"], stderr=subprocess.PIPE, text=True, start_new_session=True)
-    view = Page(browser)
-    page = view.page
-    try:
-        port = None
-        for line in proc.stderr:
-            if m := re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-                break
-        assert port, "paraloop serve did not start"
+    cmd = [sys.executable, "-m", "paraloop", "serve", "--model-path", str(tiny_model_path), "--port", "0"]
+    with procs.running(cmd, stderr=subprocess.PIPE, text=True) as proc:
+        port = procs.Lines(proc.stderr).expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=120).group(1)
         base = f"http://127.0.0.1:{port}"
-        page.goto(f"{base}/dashboard")
-        expect(page.locator("#state-badge")).to_have_text("serving")
-        status, _ = call(f"{base}/v1/completions", "POST", {"prompt": "hi", "max_tokens": 4})
-        assert status == 200
-        expect(page.locator('[data-kpi="requests"] .value')).to_have_text("1")
-        page.wait_for_function("Number(document.querySelector('[data-chart=\"s-tps\"]').dataset.points) >= 2")
-        expect(page.locator("#controls")).to_be_hidden()
-        expect(page.locator("#rollouts-panel")).to_be_hidden()
-        assert view.errors == [], view.errors
-    finally:
-        view.close()
-        os.killpg(proc.pid, signal.SIGTERM)
+        view = Page(browser)
         try:
-            assert proc.wait(timeout=30) == 0
+            page = view.page
+            page.goto(f"{base}/dashboard")
+            expect(page.locator("#state-badge")).to_have_text("serving")
+            status, _ = call(f"{base}/v1/completions", "POST", {"prompt": "hi", "max_tokens": 4})
+            assert status == 200
+            expect(page.locator('[data-kpi="requests"] .value')).to_have_text("1")
+            page.wait_for_function("Number(document.querySelector('[data-chart=\"s-tps\"]').dataset.points) >= 2")
+            expect(page.locator("#controls")).to_be_hidden()
+            expect(page.locator("#rollouts-panel")).to_be_hidden()
+            assert view.errors == [], view.errors
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            view.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

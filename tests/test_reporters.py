@@ -3,13 +3,12 @@ and the rollout samples; a missing package stops the run before it starts; a fai
 
 import json
 import os
-import signal
 import struct
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import procs
 import pytest
 
 from paraloop.config import load_config
@@ -97,15 +96,9 @@ WANDB_SCRIPT = textwrap.dedent("""
 def test_wandb_offline_run_holds_the_metrics_and_a_rollouts_table(tmp_path):
     env = {**os.environ, "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
     env.pop("WANDB_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-c", WANDB_SCRIPT, str(tmp_path), json.dumps(SAMPLE)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # W&B starts its own service: the group goes with the test
-    try:
-        _, err = proc.communicate(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, err[-3000:]
+    # W&B starts a service process of its own: the whole process group goes with the test
+    done = procs.run([sys.executable, "-c", WANDB_SCRIPT, str(tmp_path), json.dumps(SAMPLE)], timeout=90, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     run_id = (tmp_path / "wandb-run-id").read_text().strip()
     [run_dir] = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
     record = (run_dir / f"run-{run_id}.wandb").read_bytes()

@@ -91,7 +91,6 @@ def main(argv: list[str]) -> int:
         return fail("--rollout-steps must be 1..1000")
     if args.host not in LOOPBACK and not args.host.startswith("127.") and not token:
         return fail(f"--host {args.host} is not a loopback address: give --token so others cannot read the runs")
-    logging.basicConfig(level=logging.INFO, format="paraloop: %(message)s", stream=sys.stderr)
     for d in empty:
         log.warning("%s has no metrics.jsonl (yet): its curves stay empty until it does", d)
     error = anyio.run(serve, make_files_app(dirs, token=token, rollout_steps=args.rollout_steps), args.host, args.port)
