@@ -154,7 +154,7 @@ def test_files_api_answers_two_runs_and_bounds_its_parameters(tmp_path):
         assert b'content="none"' in body, "no token: the page does not ask for one"
         info = json.loads(get(f"{base}/dashboard/api/info")[2])
         assert info["mode"] == "files" and [r["name"] for r in info["runs"]] == ["a", "b"]
-        assert info["runs"][0]["config"]["server"]["control_token"] == "(set)", "a run's token is never shown"
+        assert info["runs"][0]["config"]["server"]["control_token"] == "<redacted>", "a run's token is never shown"
         assert info["runs"][1]["config"]["rl_training"]["learning_rate"] == 0.001
         page = json.loads(get(f"{base}/dashboard/api/metrics?run=1&since=2")[2])
         assert [r["step"] for r in page["rows"]] == [3, 4, 5]

@@ -132,7 +132,7 @@ def live_session(view: "Page", proc: subprocess.Popen, run_dir: Path) -> None:
 
     page.click("#config-panel > summary")
     expect(page.locator("#config")).to_contain_text("control_token")
-    expect(page.locator("#config")).to_contain_text('"(set)"')
+    expect(page.locator("#config")).to_contain_text('"<redacted>"')
     expect(page.locator("#config")).not_to_contain_text(TOKEN)
 
     page.click("button[data-action=stop]")

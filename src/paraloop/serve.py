@@ -15,7 +15,7 @@ import sys
 
 import anyio
 
-from paraloop.config import ConfigError, Settings
+from paraloop.config import ConfigError, Settings, public_dump
 from paraloop.engine import Engine
 from paraloop.flags import add_config_flags, settings_from_args
 from paraloop.lora import AdapterSlots, apply_adapter
@@ -62,9 +62,8 @@ def build_engine(settings: Settings) -> Engine:
 async def serve(engine: Engine, settings: Settings) -> str | None:
     """Run the engine and the HTTP app until SIGINT/SIGTERM. Returns an error message if the port cannot be bound."""
     from paraloop.dashboard import ServeView, dashboard_routes
-    from paraloop.run.reporters import public_config
 
-    view = ServeView(engine, public_config(settings), name=served_model_name(settings))
+    view = ServeView(engine, public_dump(settings), name=served_model_name(settings))
     routes = dashboard_routes(view, token_required=bool(settings.server.control_token))
     app = make_app(engine, settings=settings, extra_routes=routes)
     host, port = settings.server.host, settings.server.port

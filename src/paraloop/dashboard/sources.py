@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paraloop.config import REDACTED
 from paraloop.server.metrics import process_memory
 
 log = logging.getLogger("paraloop.dashboard")
@@ -240,7 +241,7 @@ def read_config(run_dir: Path) -> dict[str, Any] | None:
         if isinstance(config, dict):
             server = config.get("server")
             if isinstance(server, dict) and server.get("control_token"):
-                server["control_token"] = "(set)"
+                server["control_token"] = REDACTED  # an older run's checkpoint may hold it
             return config
     return None
 

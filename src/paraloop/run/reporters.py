@@ -17,7 +17,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Protocol
 
-from paraloop.config import Settings
+from paraloop.config import Settings, public_dump
 
 log = logging.getLogger("paraloop.reporters")
 
@@ -117,7 +117,7 @@ class WandbReporter:
         self._wandb = wandb
         self._run = wandb.init(
             project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name or run_dir.resolve().name,
-            id=run_id, resume="allow", dir=str(run_dir), mode=cfg.wandb_mode, config=public_config(settings),
+            id=run_id, resume="allow", dir=str(run_dir), mode=cfg.wandb_mode, config=public_dump(settings),
             settings=wandb.Settings(console="off", quiet=True),
         )
         id_file.write_text(run_id + "\n")
@@ -133,14 +133,6 @@ class WandbReporter:
 
     def close(self) -> None:
         self._run.finish()
-
-
-def public_config(settings: Settings) -> dict[str, Any]:
-    """The resolved configuration with secrets blanked: what the dashboard and the loggers may show."""
-    tree = settings.model_dump(mode="json")
-    if tree["server"].get("control_token"):
-        tree["server"]["control_token"] = "(set)"
-    return tree
 
 
 def open_reporters(settings: Settings, run_dir: Path) -> list[Reporter]:
