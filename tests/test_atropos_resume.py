@@ -128,7 +128,7 @@ def test_a_resumed_run_registers_at_its_learner_step_and_reports_rejected_groups
         status = until(lambda: (s := http(base + "/control/status"))["rejected_groups"] and s, "the rejection")
         assert status["rejected_groups"] == 1 and status["source"]["per_env"][str(env["env_id"])]["rejected"] == 1
         assert status["step"] == 2
-        assert "paraloop_rejected_groups 1.0" in http(base + "/metrics").splitlines()
+        assert "paraloop_rejected_groups_total 1.0" in http(base + "/metrics").splitlines()
         for tag in (6, 7):  # batch 4, the last of the 4 steps: the source ends and the buffer is drained
             http(api + "/scored_data", {**group(tag), "env_id": env["env_id"]})
         code, _, err = finish(proc, timeout=DEADLINE_S)

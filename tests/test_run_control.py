@@ -13,9 +13,10 @@ import pytest
 from paraloop.atropos.client import AtroposClient
 from paraloop.config import AtroposConfig, Settings
 from paraloop.messages import CheckpointWritten, StepFinished
-from paraloop.run.control import LearnerControl, control_routes, prometheus_text
+from paraloop.run.control import LearnerControl, control_routes, run_families
 from paraloop.run.status import RunStatus
 from paraloop.server.app import make_app, start_http
+from paraloop.server.metrics import Metrics
 
 DEADLINE_S = 20
 
@@ -218,5 +219,7 @@ def test_rejected_groups_counts_what_the_atropos_client_rejects():
     client = anyio.run(main)
     status = RunStatus(total_steps=2, mode="sync", run_dir="runs/x", source_status=client.status)
     assert status.snapshot()["rejected_groups"] == 2
-    assert "paraloop_rejected_groups 2.0" in prometheus_text(status).splitlines()
+    metrics = Metrics()
+    metrics.add_collector(lambda: run_families(status))
+    assert "paraloop_rejected_groups_total 2.0" in metrics.text().decode().splitlines()
     assert status.snapshot()["source"]["per_env"]["3"]["rejected"] == 2

@@ -283,6 +283,27 @@ class CheckpointConfig(Section):
     """Run directory or checkpoint to resume from. CLI: --resume."""
 
 
+class LoggingConfig(Section):
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = Field(default_factory=lambda: ["jsonl"])
+    """Where step metrics and rollout samples go, same names everywhere: `jsonl` (RUN_DIR/metrics.jsonl and
+    rollouts.jsonl, read by `paraloop plot` and `paraloop dashboard`), `tensorboard` (RUN_DIR/tensorboard, needs
+    `paraloop[tensorboard]`), `wandb` (needs `paraloop[wandb]`; honours WANDB_MODE, e.g. offline)."""
+    rollout_samples: int = Field(4, ge=0, le=64)
+    """Rollouts kept per learner step for the dashboard and the loggers (the best and worst of the first groups)."""
+    rollout_steps: int = Field(20, ge=1, le=1000)
+    """Learner steps whose samples the live dashboard keeps in memory (older ones stay in rollouts.jsonl)."""
+    max_sample_tokens: int = Field(512, ge=16, le=65536)
+    """Longest prompt or completion kept per sample, in tokens (the rest is cut and marked)."""
+    wandb_project: str = "paraloop"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); default: the logged-in user's."""
+    wandb_run_name: str | None = None
+    """W&B run name (default: the run directory's name)."""
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """W&B mode; unset: the WANDB_MODE environment variable, else online."""
+
+
 class Settings(BaseSettings):
     """The whole resolved configuration of one paraloop process."""
 
@@ -295,6 +316,7 @@ class Settings(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     rl_training: RLTrainingConfig = Field(default_factory=RLTrainingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,12 +15,13 @@ import sys
 
 import anyio
 
-from paraloop.config import ConfigError, Settings
+from paraloop.config import ConfigError, Settings, public_dump
 from paraloop.engine import Engine
 from paraloop.flags import add_config_flags, settings_from_args
 from paraloop.lora import AdapterSlots, apply_adapter
 from paraloop.model import load_model
 from paraloop.server import STATE, make_app, mark_shutting_down, serve_http
+from paraloop.server.state import served_model_name
 
 log = logging.getLogger("paraloop.serve")
 
@@ -60,7 +61,11 @@ def build_engine(settings: Settings) -> Engine:
 
 async def serve(engine: Engine, settings: Settings) -> str | None:
     """Run the engine and the HTTP app until SIGINT/SIGTERM. Returns an error message if the port cannot be bound."""
-    app = make_app(engine, settings=settings)
+    from paraloop.dashboard import ServeView, dashboard_routes
+
+    view = ServeView(engine, public_dump(settings), name=served_model_name(settings))
+    routes = dashboard_routes(view, token_required=bool(settings.server.control_token))
+    app = make_app(engine, settings=settings, extra_routes=routes)
     host, port = settings.server.host, settings.server.port
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
@@ -70,7 +75,7 @@ async def serve(engine: Engine, settings: Settings) -> str | None:
             except OSError as e:  # the port is taken or the host does not resolve
                 tg.cancel_scope.cancel()
                 return f"cannot listen on {host}:{port}: {e}"
-            log.info("serving %s on http://%s:%d", app[STATE].model_name, host, port)
+            log.info("serving %s on http://%s:%d (dashboard: /dashboard)", app[STATE].model_name, host, port)
             async for signum in signals:
                 log.info("%s received: stopping", signal.Signals(signum).name)
                 mark_shutting_down(app)

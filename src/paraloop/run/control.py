@@ -1,4 +1,4 @@
-"""/control: the learner's control state machine and the REST routes that drive it, plus Prometheus /metrics.
+"""/control: the learner's control state machine and the REST routes that drive it, and the run's Prometheus gauges.
 
 GET  /control/status    step, versions, paused, queue depths, last metrics, tokens/s, swap pauses
 POST /control/pause     the learner stops taking batches (HTTP generation goes on)
@@ -7,8 +7,8 @@ POST /control/step      while paused: exactly one learner step; answers its metr
                         504 when no rollout batch came in time, 409 when the run stops first)
 POST /control/snapshot  checkpoint now; answers its path
 POST /control/stop      finish the step in flight, write a final checkpoint, exit 0
-GET  /metrics           Prometheus text format
 
+`run_families(status)` is the run's part of Prometheus GET /metrics (server/metrics.py serves it).
 `LearnerControl` is the state machine: the routes and the signal handler change it, the learner waits on it between
 steps. The bearer token (server.control_token) is enforced by the app's gate middleware for every route but /health.
 """
@@ -23,6 +23,7 @@ import anyio
 import msgspec
 from aiohttp import web
 from anyio.abc import ObjectSendStream
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from paraloop.messages import StepFinished
 from paraloop.run.status import RunStatus
@@ -192,10 +193,6 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
         control.stop()
         return _json({"stopping": True, "step": status.step})
 
-    async def metrics(request: web.Request) -> web.Response:
-        return web.Response(text=prometheus_text(status), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
-
     return [
         web.get("/control/status", get_status, allow_head=False),
         web.post("/control/pause", pause),
@@ -203,40 +200,33 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
         web.post("/control/step", step),
         web.post("/control/snapshot", snapshot),
         web.post("/control/stop", stop),
-        web.get("/metrics", metrics, allow_head=False),
     ]
 
 
-def prometheus_text(status: RunStatus) -> str:
-    """Gauges in the Prometheus exposition format (version 0.0.4)."""
+def run_families(status: RunStatus) -> Iterator[Metric]:
+    """The run's state for Prometheus (read at scrape time; the app's collector calls it)."""
     snap = status.snapshot()
-    lines: list[str] = []
-    described: set[str] = set()
-
-    def gauge(name: str, value: Any, help_: str, labels: str = "") -> None:
-        if value is None:
-            return
-        if name not in described:
-            described.add(name)
-            lines.append(f"# HELP paraloop_{name} {help_}")
-            lines.append(f"# TYPE paraloop_{name} gauge")
-        lines.append(f"paraloop_{name}{labels} {float(value)}")
-
-    gauge("step", snap["step"], "learner steps done")
-    gauge("adapter_version", snap["adapter_version"], "newest adapter version")
-    gauge("serving_version", snap["serving_version"], "adapter version the engine serves")
-    gauge("paused", int(snap["paused"]), "1 while /control/pause holds the learner")
-    gauge("skipped_steps", snap["skipped_steps"], "steps skipped for a non-finite loss or gradient")
-    gauge("dropped_stale", snap["dropped_stale"], "rollout groups dropped as too stale")
-    gauge("rejected_groups", snap["rejected_groups"], "malformed rollout groups rejected")
-    gauge("tokens_per_s", snap["tokens_per_s"], "engine decode tokens per second")
-    gauge("swap_pause_ms", snap["swap_pause_ms"]["last"], "decode pause of the last adapter swap")
+    gauges = {
+        "step": ("paraloop_step", "learner steps done"),
+        "total_steps": ("paraloop_total_steps", "learner steps the run will take"),
+        "adapter_version": ("paraloop_adapter_version", "newest adapter version"),
+    }
+    for key, (name, help_) in gauges.items():
+        yield GaugeMetricFamily(name, help_, value=snap[key])
+    yield GaugeMetricFamily("paraloop_paused", "1 while /control/pause holds the learner", value=int(snap["paused"]))
+    counters = {
+        "skipped_steps": ("paraloop_skipped_steps", "steps skipped for a non-finite loss or gradient"),
+        "dropped_stale": ("paraloop_dropped_stale", "rollout groups dropped as too stale"),
+        "rejected_groups": ("paraloop_rejected_groups", "malformed rollout groups rejected"),
+    }
+    for key, (name, help_) in counters.items():
+        yield CounterMetricFamily(name, help_, value=snap[key])
+    queues = GaugeMetricFamily("paraloop_queue_depth", "messages waiting in an actor inbox", labels=["queue"])
     for name, depth in snap["queues"].items():
-        gauge("queue_depth", depth, "messages waiting in an actor inbox", f'{{queue="{name}"}}')
+        queues.add_metric([name], depth)
+    yield queues
+    last = GaugeMetricFamily("paraloop_metric", "the last learner step's metrics", labels=["name"])
     for key, value in snap["last_metrics"].items():
-        if isinstance(value, (int, float)):
-            gauge("metric", value, "last learner step metrics", f'{{name="{key}"}}')
-    for key, value in snap["engine"].items():
-        if isinstance(value, (int, float)):
-            gauge("engine", value, "engine statistics", f'{{name="{key}"}}')
-    return "\n".join(lines) + "\n"
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            last.add_metric([key], value)
+    yield last

@@ -119,6 +119,7 @@ class Learner:
         if batch.source_state is not None:
             self.source_state = batch.source_state
         step, version = self.trainer.step_count, self.trainer.version
+        self.status.record_rollouts(batch, step, version)  # before StepFinished: the monitor logs them with it
         metrics = dict(result.metrics)
         metrics["dropped_stale"] = float(batch.dropped_stale)
         if batch.source_step is not None:

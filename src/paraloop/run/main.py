@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections import deque
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -46,20 +47,25 @@ async def watch_signals(control: Any, *, task_status: Any = anyio.TASK_STATUS_IG
 async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     """Run until total_steps, /control/stop or a signal. `ready(port)` is called once HTTP serves."""
     from paraloop import checkpoint
+    from paraloop.dashboard import LiveRun, dashboard_routes
     from paraloop.engine import Engine
+    from paraloop.learn.algorithms import get_algorithm
     from paraloop.lora import AdapterSlots
     from paraloop.messages import AdapterPublished, RolloutBatch, SaveCheckpoint, StepFinished
     from paraloop.run.buffer import RolloutBuffer
     from paraloop.run.checkpointer import run_checkpointer
-    from paraloop.run.control import LearnerControl, control_routes
+    from paraloop.run.control import LearnerControl, control_routes, run_families
     from paraloop.run.fetcher import run_fetcher
     from paraloop.run.learner import Learner
     from paraloop.run.mlx_thread import MlxThread
     from paraloop.run.monitor import run_monitor, summary_table
     from paraloop.run.publisher import run_publisher
+    from paraloop.run.reporters import MissingExtra, close_all, open_reporters
+    from paraloop.run.samples import rollout_samples
     from paraloop.run.setup import SetupError, build_models, make_source
     from paraloop.run.status import RunStatus
     from paraloop.server.app import make_app, serve_http
+    from paraloop.server.metrics import METRICS
 
     rl = settings.rl_training
     run_dir = Path(settings.checkpoint.dir)
@@ -70,6 +76,10 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             "or give another --run-dir (nothing is overwritten)"
         )
     thread = MlxThread("paraloop-learner")
+    try:
+        reporters = open_reporters(settings, run_dir)
+    except MissingExtra as e:
+        raise SetupError(str(e)) from None
     try:
         models = await thread.call(build_models, settings)
         trainer = models.trainer
@@ -86,7 +96,13 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             models.engine_model, models.tokenizer, settings, adapter=slots, version=trainer.version
         )
         status = RunStatus(total_steps=rl.total_steps, mode=rl.mode, run_dir=str(run_dir), step=trainer.step_count,
-                         version=trainer.version, serving_version=trainer.version, engine_stats=engine.stats)
+                         version=trainer.version, serving_version=trainer.version, engine_stats=engine.stats,
+                         rollouts=deque(maxlen=settings.logging.rollout_steps))
+        if settings.logging.rollout_samples:
+            advantages = partial(get_algorithm(rl.algorithm).advantages, scale=rl.scale_rewards, eps=rl.advantage_eps)
+            status.sampler = lambda batch, step, version: rollout_samples(
+                batch, models.tokenizer, step=step, version=version, k=settings.logging.rollout_samples,
+                advantages=advantages, max_tokens=settings.logging.max_sample_tokens)
         control = LearnerControl(status)
         batches_send, batches_recv = anyio.create_memory_object_stream[RolloutBatch](OUTBOX_SIZE)
         published_send, published_recv = anyio.create_memory_object_stream[AdapterPublished](1)
@@ -106,14 +122,22 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             credits=credits_send.clone() if credits_send else None,
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
         )
-        app = make_app(engine, settings=settings, extra_routes=control_routes(status, control))
-        config_dump = public_dump(settings)  # written into every checkpoint: no control_token there
+        config_dump = public_dump(settings)  # no control_token: checkpoints, the dashboard and W&B show this
+        live = LiveRun(status, config_dump, name=run_dir.resolve().name,  # noqa: ASYNC240 - once, at start
+                       resumed_at=trainer.step_count if models.resumed is not None else None,
+                       rollout_steps=settings.logging.rollout_steps)
+        token_required = bool(settings.server.control_token)
+        app = make_app(engine, settings=settings, extra_routes=[
+            *control_routes(status, control), *dashboard_routes(live, token_required=token_required)])
+        app[METRICS].add_collector(partial(run_families, status))
+        status.prometheus = app[METRICS]
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             port = await tg.start(serve_http, app, settings.server.host, settings.server.port)
             status.http_port = port
             (run_dir / "server.json").write_text(json.dumps({"host": settings.server.host, "port": port, "pid": os.getpid()}))
-            log.info("serving on http://%s:%d (adapter version %d)", settings.server.host, port, trainer.version)
+            log.info("serving on http://%s:%d (adapter version %d); dashboard: http://%s:%d/dashboard",
+                     settings.server.host, port, trainer.version, settings.server.host, port)
             if ready is not None:
                 ready(port)
             if threading_main():
@@ -131,7 +155,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
                 training.start_soon(learner.run)
                 training.start_soon(partial(run_publisher, published_recv, engine=engine, status=status,
                                             credits=credits_send, drain=sync))
-                training.start_soon(partial(run_monitor, finished_recv, status=status, run_dir=run_dir))
+                training.start_soon(partial(run_monitor, finished_recv, status=status, reporters=reporters))
                 training.start_soon(partial(
                     run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=models.adapter_config,
                     adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
@@ -140,6 +164,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             tg.cancel_scope.cancel()
     finally:
         thread.close()
+        close_all(reporters)  # the monitor closed them unless it never ran; closing twice is harmless
     if status.history:
         print("\n" + summary_table(status.history), file=sys.stderr)
     return {"step": status.step, "version": status.version, "last_checkpoint": status.last_checkpoint,
@@ -203,7 +228,7 @@ def main(argv: list[str]) -> int:
         log.exception("run failed", exc_info=err)
         print(f"paraloop: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    if not args.no_plot:
+    if not args.no_plot and (Path(settings.checkpoint.dir) / "metrics.jsonl").is_file():
         try:
             from paraloop.plot import plot_run
 

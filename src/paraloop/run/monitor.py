@@ -1,21 +1,26 @@
-"""The monitor actor: StepFinished in; metrics.jsonl, the progress line and the run's status out.
+"""The monitor actor: StepFinished in; the run's status, the loggers (metrics.jsonl, TensorBoard, W&B) and the
+progress line out.
 
-One JSON line per learner step goes to RUN_DIR/metrics.jsonl (appended, so a resumed run continues the file).
-On a terminal the progress line redraws in place; elsewhere (CI, logs) it prints one line per step.
+Each step becomes one row: the learner's metrics plus what the rest of the run looked like when it finished
+(generation tokens/s, swap pause, queue depths, memory), under the same names in every logger and the dashboard.
+On a terminal the progress line redraws in place; elsewhere (CI, logs) it prints one line per step. It returns at
+end of stream, after closing the loggers.
 """
 
-import json
 import sys
 import time
-from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
+import anyio
 from anyio.abc import ObjectReceiveStream
 
 from paraloop.messages import StepFinished
+from paraloop.run.reporters import Reporter, close_all, log_all
 from paraloop.run.status import RunStatus, swap_pause_ms
+from paraloop.server.metrics import process_memory
 
 TABLE_COLUMNS = ("step", "reward_mean", "reward_std", "loss", "kl", "entropy", "clip_fraction", "step_time_s")
+CLOSE_TIMEOUT_S = 60  # W&B may flush for a while; never longer than this
 
 
 def progress_line(status: RunStatus, done: StepFinished) -> str:
@@ -52,30 +57,40 @@ def summary_table(history: list[dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def run_gauges(status: RunStatus, done: StepFinished) -> dict[str, Any]:
+    """What the rest of the run looked like when the step finished (added to the step's row)."""
+    engine = status.engine_stats() if status.engine_stats else {}
+    row: dict[str, Any] = {
+        "version": done.version,
+        "time": time.time(),
+        "skipped": done.skipped,
+        "swap_pause_ms": swap_pause_ms(engine)["last"],
+        "serving_version": status.serving_version,
+        "generation_tokens_per_s": engine.get("tokens_per_s", 0.0),
+        "engine_requests": engine.get("queue_depth", 0.0),
+    }
+    for name, depth in status.queue_depths().items():
+        row[f"queue_{name}"] = depth
+    row.update(process_memory())
+    return row
+
+
 async def run_monitor(
-    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, run_dir: Path, out: TextIO | None = None
+    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, reporters: list[Reporter],
+    out: TextIO | None = None,
 ) -> None:
-    out = out or sys.stderr  # looked up now, not at import: whoever owns stderr then (a test's capture) may close it
+    out = out or sys.stderr  # looked up per run, never bound at import (tests and callers swap sys.stderr)
     interactive = out.isatty()
-    path = run_dir / "metrics.jsonl"
-    async with inbox:
-        with path.open("a") as jsonl:
+    try:
+        async with inbox:
             async for done in inbox:
-                status.record_step(done)
-                engine = status.engine_stats() if status.engine_stats else {}
-                record = {
-                    "step": done.step,
-                    "version": done.version,
-                    "time": time.time(),
-                    "skipped": done.skipped,
-                    **done.metrics,
-                    "swap_pause_ms": swap_pause_ms(engine)["last"],
-                    "serving_version": status.serving_version,
-                }
-                jsonl.write(json.dumps(record) + "\n")
-                jsonl.flush()
+                row = status.record_step(done, run_gauges(status, done))
+                log_all(reporters, row, status.samples_of(done.step))
                 line = progress_line(status, done)
                 out.write(f"\r\x1b[2K{line}" if interactive else line + "\n")
                 out.flush()
+    finally:
+        with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await anyio.to_thread.run_sync(close_all, reporters, abandon_on_cancel=True)
     if interactive:
         out.write("\n")

@@ -2,15 +2,17 @@
 
 Only the event loop writes it (actors update it between awaits), so it needs no lock. Numbers another part owns
 (the engine's swap pauses, the buffer's counts, the source's position) are read from that part when asked, never
-copied here.
+copied here. The dashboard's rollouts are a bounded ring (the last `rollout_steps` steps, a few samples each); the
+full record of every step is RUN_DIR/metrics.jsonl and rollouts.jsonl.
 """
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from paraloop.messages import AdapterSwapped, StepFinished
+from paraloop.messages import AdapterSwapped, RolloutBatch, StepFinished
 
 
 @dataclass
@@ -35,17 +37,41 @@ class RunStatus:
     source_status: Callable[[], dict[str, Any]] | None = None
     buffer_stats: Callable[[], dict[str, int]] | None = None
     http_port: int | None = None
+    rollouts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))  # {"step", "samples"}
+    sampler: Callable[[RolloutBatch, int, int], list[dict[str, Any]]] | None = None  # (batch, step, version)
+    prometheus: Any = None  # server.metrics.Metrics: observes step times and swap pauses
 
-    def record_step(self, done: StepFinished) -> None:
+    def record_step(self, done: StepFinished, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record a finished step; returns its history row (the step's metrics plus `extra`, as metrics.jsonl)."""
         self.step = done.step
         self.version = max(self.version, done.version)
         self.last_metrics = dict(done.metrics)
         if done.skipped:
             self.skipped_steps += 1
-        self.history.append({"step": done.step, **done.metrics})
+        row = {"step": done.step, **done.metrics, **(extra or {})}
+        self.history.append(row)
+        if self.prometheus is not None and "step_time_s" in done.metrics:
+            self.prometheus.step_time.observe(done.metrics["step_time_s"])
+        return row
 
     def record_swap(self, swapped: AdapterSwapped) -> None:
         self.serving_version = swapped.version
+        if self.prometheus is not None:
+            self.prometheus.swap_pause.observe(swapped.pause_s)
+
+    def record_rollouts(self, batch: RolloutBatch, step: int, version: int) -> None:
+        """Keep a few readable samples of the batch that step `step` trained (the oldest step falls out)."""
+        if self.sampler is None:
+            return
+        samples = self.sampler(batch, step, version)
+        if samples:
+            self.rollouts.append({"step": step, "samples": samples})
+
+    def samples_of(self, step: int) -> list[dict[str, Any]]:
+        for entry in reversed(self.rollouts):
+            if entry["step"] == step:
+                return entry["samples"]
+        return []
 
     @property
     def rejected_groups(self) -> int:

@@ -20,11 +20,13 @@ from anyio.abc import TaskStatus
 from paraloop.config import Settings
 from paraloop.server.errors import APIError, error_middleware
 from paraloop.server.generate_route import generate
+from paraloop.server.metrics import METRICS, Metrics, engine_families, metrics_middleware, metrics_route
 from paraloop.server.openai_routes import chat_completions, completions, json_response
 from paraloop.server.openapi import body_middleware, openapi
 from paraloop.server.state import STATE, ServerState, served_model_name
 
 OPEN_ROUTES = frozenset({"/health"})  # answer without the bearer token (Atropos polls it every second)
+OPEN_PREFIXES = ("/dashboard/static/",)  # the dashboard's page and files hold no data; its API needs the token
 SHUTDOWN_GRACE_S = 5.0
 
 
@@ -53,7 +55,7 @@ async def gate_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         raise APIError(403, f"requests from web pages of origin {origin!r} are refused (server.allowed_origins)",
                        code="forbidden_origin")
     token = state.settings.server.control_token
-    if token and request.path not in OPEN_ROUTES:
+    if token and not is_open(request.path):
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             raise APIError(
@@ -78,6 +80,10 @@ def origin_allowed(request: web.Request, origin: str, state: ServerState) -> boo
     return origin == f"{request.scheme}://{request.host}" and LOOPBACK_HOSTS.fullmatch(request.host) is not None
 
 
+def is_open(path: str) -> bool:
+    return path in OPEN_ROUTES or path == "/dashboard" or path.startswith(OPEN_PREFIXES)
+
+
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return json_response({"status": "ok", "adapter_version": state.engine.version})
@@ -92,12 +98,15 @@ async def models(request: web.Request) -> web.Response:
 def make_app(
     engine: Any, *, settings: Settings, extra_routes: Iterable[web.AbstractRouteDef] | None = None
 ) -> web.Application:
-    """The HTTP API over `engine`. `extra_routes` (e.g. /control, /metrics) read `request.app[STATE]`."""
+    """The HTTP API over `engine`. `extra_routes` (e.g. /control) read `request.app[STATE]`."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[error_middleware, gate_middleware, body_middleware],
+        middlewares=[metrics_middleware, error_middleware, gate_middleware, body_middleware],
     )
     app[STATE] = ServerState(engine=engine, settings=settings, model_name=served_model_name(settings))
+    app[METRICS] = Metrics()
+    if hasattr(engine, "stats"):
+        app[METRICS].add_collector(lambda: engine_families(engine.stats()))
     app.router.add_routes(
         [
             web.get("/health", health, allow_head=True),
@@ -106,6 +115,7 @@ def make_app(
             web.post("/v1/chat/completions", chat_completions),
             web.post("/generate", generate),
             web.get("/openapi.json", openapi, allow_head=False),
+            web.get("/metrics", metrics_route, allow_head=False),
             *(extra_routes or ()),
         ]
     )

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from paraloop.engine import EngineBusy, RequestError, RowAccumulator
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.errors import APIError, bad_request
+from paraloop.server.metrics import first_token
 
 RETRY_AFTER_S = 1
 
@@ -39,7 +40,9 @@ async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, st
     """Pull the first event, where the engine refuses a request: EngineBusy -> 429, RequestError -> 400 naming the
     HTTP field (`fields` maps engine field names such as "prompt" to the route's own, e.g. "messages")."""
     try:
-        return await anext(events)
+        event = await anext(events)
+        first_token()
+        return event
     except StopAsyncIteration:
         return None
     except EngineBusy as e:
