@@ -1,3 +1,3 @@
-from paraloop.cli import main
+from paraloop.cli import entry
 
-raise SystemExit(main())
+entry()

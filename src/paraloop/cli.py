@@ -44,13 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()  # PARALOOP_LOG, the same for every verb
     try:
         module = importlib.import_module(COMMANDS[name][0])
-        try:
-            return int(module.main(rest) or 0)
-        finally:
-            if "mlx.core" in sys.modules:  # the main thread's streams too (ml-explore/mlx#3126)
-                from paraloop.run.mlx_thread import end_mlx_thread
-
-                end_mlx_thread()
+        return int(module.main(rest) or 0)
     except ImportError as e:
         if "libmlx" not in str(e):
             raise
@@ -60,5 +54,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `paraloop` executable: `main`, then the main thread's MLX streams are destroyed before the process exits
+    (left to MLX's exit-time cleanup they can abort it, ml-explore/mlx#3126). Only here: `main` is also called
+    in-process (tests), where the thread goes on using MLX afterwards."""
+    code = main()
+    if "mlx.core" in sys.modules:
+        from paraloop.run.mlx_thread import end_mlx_thread
+
+        end_mlx_thread()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
