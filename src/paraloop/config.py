@@ -97,6 +97,11 @@ class EngineConfig(Section):
     """Most `stop_token_ids` per request."""
     seed: int = 0
     """Base seed of the engine's sampler for requests without a seed."""
+    prefix_cache_mb: int = Field(512, ge=0)
+    """Memory for the prefix cache, in MiB: the KV caches of prompt prefixes and of finished rows (prompt +
+    completion), reused by later requests that start with them (a shared system prompt, the next turn of a
+    conversation) under the same adapter version; an adapter swap retires them. Least recently used entries go
+    first. 0 turns it off (the rows of one `n > 1` request still share one prefill)."""
 
     @model_validator(mode="before")
     @classmethod
