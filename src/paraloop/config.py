@@ -168,11 +168,18 @@ class MockEnvConfig(Section):
     task: str = "paraloop.envs.tasks:one_word"
     """Reward task as `module:function` returning a Task. Built in: `one_word` and `short_description`
     (SmolLM2-135M-Instruct learns them in minutes on a CPU; the reward needs a correct word, not just the format)
-    and `capitals` (for the tiny random test model, at temperature <= 0.25)."""
+    and `capitals` (for the tiny random test model, at temperature <= 0.25); multi-turn:
+    `paraloop.envs.calculator:calculator` (a calculator tool called in `<tool_call>` blocks)."""
     group_size: int = Field(8, ge=1)
     """Completions per prompt (one n=group_size request)."""
     max_tokens: int | None = None
     """Rollout length cap; default rl_training.max_tokens."""
+    max_turns: int = Field(4, ge=1)
+    """Most model turns per episode of a multi-turn task (one with `respond`, e.g.
+    `paraloop.envs.calculator:calculator`); the task may end an episode sooner. Single-turn tasks ignore it."""
+    max_episode_tokens: int = Field(2048, ge=16)
+    """Longest multi-turn episode, in tokens (prompt, turns and the environment's messages): an episode ends
+    before a turn whose prompt + max_tokens would pass it."""
     concurrency: int = Field(4, ge=1)
     """Prompts in flight at once when the engine cannot admit a whole batch together (paraloop's engine can:
     there every group of a batch starts in the same decode step, which makes seeded runs repeatable)."""
