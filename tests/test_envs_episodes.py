@@ -205,7 +205,7 @@ def test_episodes_end_at_max_turns_or_before_passing_max_episode_tokens(tiny):
                               config=MockEnvConfig(task=CALCULATOR, group_size=2, max_turns=max_turns,
                                                    max_episode_tokens=max_length))  # fmt: skip
         group = anyio.run(env.group)
-        assert [sum(1 for a, b in zip(m, m[1:]) if a == PROMPT_MASK and b != PROMPT_MASK) for m in group.masks] == turns
+        assert [len(turn_ends(m)) + 1 for m in group.masks] == turns
         later = engine.requests[1:]  # the first turn is always played
         assert len(later) == 2 * (turns[0] - 1)
         assert all(len(r.prompt_tokens) + r.params.max_tokens <= max_length for r in later)
@@ -245,7 +245,7 @@ def test_on_the_engine_later_turns_prefill_only_the_new_text_and_logprobs_match_
     # sequence so far (the previous turn's cached prompt + completion): only the environment's text is prefilled.
     prompt_lengths = [next(i for i, m in enumerate(g.masks[0]) if m != PROMPT_MASK) for g in batch.groups]
     heads = [g.tokens[0][: n - 1] for g, n in zip(batch.groups, prompt_lengths, strict=True)]
-    shared = next((i for i, (a, b) in enumerate(zip(*heads)) if a != b), min(map(len, heads)))
+    shared = next((i for i, (a, b) in enumerate(zip(*heads, strict=False)) if a != b), min(map(len, heads)))
     assert stats["prefix_cache_tokens_saved"] == shared + sum(sum(turn_ends(m)) for m in masks)
 
     collated = collate(batch)
