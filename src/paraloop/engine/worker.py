@@ -28,10 +28,11 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
+from mlx_lm.generate import StopSequences, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from paraloop.config import EngineConfig
+from paraloop.engine.cpu_decode import NumpySampler, RowLogprobs, make_generator, row_generators
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, CacheKey, PrefixCache, supports
 from paraloop.engine.sampling import RowSampler, effective_temperature, greedy, row_keys, token_logprobs
@@ -145,7 +146,8 @@ class Worker:
         self._uids: dict[Handle, list[int]] = {}
         self._left: dict[Handle, int] = {}  # rows not finished yet, per request
         self._keys_made = 0
-        self._shared: dict[tuple[float, float, int, float], RowSampler] = {}
+        self._shared: dict[tuple[float, float, int, float, int], Any] = {}
+        self._numpy = config.sampler == "numpy" or (config.sampler == "auto" and mx.default_device() == mx.cpu)
         self._last_step_version = version
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0
@@ -191,8 +193,9 @@ class Worker:
         try:
             with mx.stream(generation_stream):
                 self._prefix = self._make_prefix_cache()
-                self.gen = BatchGenerator(
+                self.gen = make_generator(
                     self.model,
+                    numpy_sampling=self._numpy,
                     completion_batch_size=self.batch_size,
                     prefill_batch_size=min(self.config.prefill_batch_size, self.batch_size),
                     prefill_step_size=self.config.prefill_step_size,
@@ -429,19 +432,35 @@ class Worker:
         """One sampler per row. Greedy rows, and rows without a seed that sample alike, share one object:
         when every row of the batch shares it, BatchGenerator samples the batch in one call instead of one per
         row. Seeded rows get their own key, so their samples do not depend on what else is in the batch."""
+        if self._numpy:
+            return self._numpy_samplers(params, n)
         if effective_temperature(params.temperature) == 0:
             return [greedy] * n
         if params.seed is not None:
             return [
                 RowSampler(params, key) for key in row_keys(n=n, seed=params.seed, engine_seed=0, counter=0)
             ]
-        setting = (params.temperature, params.top_p, params.top_k, params.min_p)
+        setting = (params.temperature, params.top_p, params.top_k, params.min_p, 0)
         if setting not in self._shared:
             if len(self._shared) >= MAX_SHARED_SAMPLERS:
                 self._shared.clear()  # rows already inserted keep theirs; new rows get fresh ones
             key = row_keys(n=1, seed=None, engine_seed=self.config.seed, counter=self._keys_made)[0]
             self._keys_made += 1
             self._shared[setting] = RowSampler(params, key)
+        return [self._shared[setting]] * n
+
+    def _numpy_samplers(self, params: SamplingParams, n: int) -> list[NumpySampler]:
+        """As _samplers, for the NumPy path: seeded rows get a PRNG each, unseeded rows of one setting share one
+        (its draws then depend on the batch's order, as a shared MLX sampler's do)."""
+        if params.seed is not None:
+            return [NumpySampler(params, g) for g in row_generators(n=n, seed=params.seed, engine_seed=0, counter=0)]
+        setting = (params.temperature, params.top_p, params.top_k, params.min_p, params.top_logprobs)
+        if setting not in self._shared:
+            if len(self._shared) >= MAX_SHARED_SAMPLERS:
+                self._shared.clear()
+            rng = row_generators(n=1, seed=None, engine_seed=self.config.seed, counter=self._keys_made)[0]
+            self._keys_made += 1
+            self._shared[setting] = NumpySampler(params, rng)
         return [self._shared[setting]] * n
 
     def _step(self) -> None:
@@ -460,12 +479,7 @@ class Worker:
 
     def _emit(self, responses: list[Any], version: int) -> None:
         rows = [self._rows[r.uid] for r in responses]
-        tokens = [r.token for r in responses]
-        top_k = max(row.top_logprobs for row in rows)
-        # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
-        chosen_l, ids_l, vals_l = token_logprobs(
-            [np.asarray(r.logprobs) for r in responses], tokens, [row.temperature for row in rows], top_k
-        )
+        chosen_l, tops = self._token_logprobs(responses, rows)
 
         out: dict[Handle, Pending] = {}
         stopped_by_text: dict[int, Row] = {}
@@ -480,9 +494,7 @@ class Worker:
                     stopped_by_text[response.uid] = row
                 elif finish == "length":
                     text += row.text_at_end()
-            top = None
-            if row.top_logprobs and ids_l is not None and vals_l is not None:
-                top = list(zip(ids_l[i][: row.top_logprobs], vals_l[i][: row.top_logprobs], strict=True))
+            top = tops[i][: row.top_logprobs] if row.top_logprobs and tops[i] is not None else None
             pending = out.get(row.handle) or out.setdefault(row.handle, Pending(self._left[row.handle]))
             pending.events.append(
                 TokenEvent(
@@ -507,6 +519,21 @@ class Worker:
         batch = [(handle, p.events, self._settle(handle, p.rows_left)) for handle, p in out.items()]
         self._count_active()
         self.deliver(batch)
+
+    @staticmethod
+    def _token_logprobs(responses: list[Any], rows: list[Row]) -> tuple[list[float], list[Any]]:
+        """Each response's token log-prob and its top alternatives (or None per row)."""
+        if responses and isinstance(responses[0].logprobs, RowLogprobs):  # the NumPy path computed them
+            return [r.logprobs.chosen for r in responses], [r.logprobs.top for r in responses]
+        top_k = max(row.top_logprobs for row in rows)
+        # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
+        chosen, ids, vals = token_logprobs(
+            [np.asarray(r.logprobs) for r in responses], [r.token for r in responses],
+            [row.temperature for row in rows], top_k,
+        )  # fmt: skip
+        if ids is None or vals is None:
+            return chosen, [None] * len(responses)
+        return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)]
 
     def _settle(self, handle: Handle, rows_left: int) -> bool:
         """Record how many rows of `handle` remain; True when none do."""
