@@ -1,6 +1,9 @@
-"""The CPU decode step's sampling in NumPy (engine.sampler = "numpy", the CPU default) against NumPy float64, and
-the engine on both paths ("numpy", and mlx-lm's "mlx" that Metal and CUDA use): greedy rows agree, recorded
-log-probs equal a full forward pass, seeded rows repeat whatever shares the batch."""
+"""The CPU decode step (engine.decode = "cpu", the CPU default): its sampling in NumPy and its arithmetic exp and
+swiglu against NumPy float64; the engine on both paths ("cpu", and "mlx-lm" that Metal and CUDA use): greedy rows
+agree, recorded log-probs equal a full forward pass of the model as the learner computes it, seeded rows repeat
+whatever shares the batch."""
+
+import threading
 
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 
@@ -13,6 +16,7 @@ from test_engine import reference_logprobs, request
 
 from paraloop.config import EngineConfig
 from paraloop.engine import Engine
+from paraloop.engine import cpu_kernels
 from paraloop.engine.cpu_decode import NumpySampler, filter_row, row_generators, sample_rows
 from paraloop.engine.sampling import filter_logits
 from paraloop.messages import Completion, SamplingParams
@@ -78,12 +82,50 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_shares_the_batch():
     assert len(set(unseeded)) == 3
 
 
+def test_the_arithmetic_exp_and_swiglu_match_float64():
+    x = np.concatenate([np.linspace(-87, 87, 20001), RNG.normal(0, 3, 20000)]).astype(np.float32)
+    got = np.array(cpu_kernels.exp(mx.array(x)))
+    assert np.abs(got / np.exp(x.astype(np.float64)) - 1).max() < 5e-7
+    gate, up = RNG.normal(0, 3, (32, 1536)).astype(np.float32), RNG.normal(0, 1, (32, 1536)).astype(np.float32)
+    expected = gate.astype(np.float64) / (1 + np.exp(-gate.astype(np.float64))) * up
+    got = np.array(cpu_kernels.swiglu(mx.array(gate), mx.array(up)))
+    assert np.abs(got - expected).max() <= 4e-7 * np.abs(expected).max()
+    assert np.isfinite(np.array(cpu_kernels.swiglu(mx.array([-200.0, 200.0]), mx.array([1.0, 1.0])))).all()
+
+
+def test_the_engine_thread_alone_uses_the_arithmetic_swiglu():
+    from mlx_lm.models import activations, llama
+
+    gate = mx.array(RNG.normal(0, 3, (4, 64)).astype(np.float32))
+    up = mx.ones_like(gate)
+    fast, own = np.array(cpu_kernels.swiglu(gate, up)), np.array(activations.swiglu(gate, up))
+    assert not np.array_equal(fast, own) and np.allclose(fast, own, rtol=1e-6, atol=1e-7)
+
+    def in_a_thread(install: bool) -> np.ndarray:
+        seen = []
+
+        def body() -> None:
+            if install:
+                assert cpu_kernels.use_on_this_thread() > 0
+            seen.append(np.array(llama.swiglu(gate, up)))  # what a llama MLP calls on this thread
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        thread.join()
+        return seen[0]
+
+    assert np.array_equal(in_a_thread(True), fast)  # the engine's thread
+    assert np.array_equal(in_a_thread(False), own)  # any other thread (the learner's) keeps mlx-lm's
+    assert np.array_equal(np.array(llama.swiglu(gate, up)), own)
+    assert llama.swiglu.original is activations.swiglu  # mlx-lm's module itself is left as it was
+
+
 # --- the engine on both paths ---------------------------------------------------------------------------------------
 
 
-def serve_on(path, sampler_kind: str, specs: list) -> list[list[Completion]]:
+def serve_on(path, decode: str, specs: list) -> list[list[Completion]]:
     model, tokenizer, _, _ = load_model(path)
-    engine = Engine(model, tokenizer, config=EngineConfig(sampler=sampler_kind, max_n=8, prefix_cache_mb=0))
+    engine = Engine(model, tokenizer, config=EngineConfig(decode=decode, max_n=8, prefix_cache_mb=0))
 
     async def main() -> list[list[Completion]]:
         async with anyio.create_task_group() as tg:
@@ -103,13 +145,13 @@ def test_both_sampling_paths_record_the_models_logprobs_and_agree_on_greedy_rows
     specs = [request(prompt_a, temperature=0, max_tokens=12, ignore_eos=True, top_logprobs=3),
              request(prompt_b, n=2, temperature=0.7, top_p=0.95, max_tokens=12, ignore_eos=True, seed=5),
              request(prompt_a, n=2, temperature=1.3, max_tokens=12, ignore_eos=True)]  # fmt: skip
-    results = {kind: serve_on(tiny_model_path, kind, specs) for kind in ("numpy", "mlx")}
-    assert results["numpy"][0][0].tokens == results["mlx"][0][0].tokens  # greedy
+    results = {kind: serve_on(tiny_model_path, kind, specs) for kind in ("cpu", "mlx-lm")}
+    assert results["cpu"][0][0].tokens == results["mlx-lm"][0][0].tokens  # greedy
     for kind, groups in results.items():
         for spec, rows in zip(specs, groups, strict=True):
             for row in rows:
                 expected = reference_logprobs(model, spec.prompt_tokens, row.tokens, spec.params.temperature)
                 assert max(abs(a - b) for a, b in zip(row.logprobs, expected, strict=True)) < 1e-4, kind
         assert groups[1][0].tokens != groups[1][1].tokens
-    again = serve_on(tiny_model_path, "numpy", specs[1:2])  # a seeded request alone: the same rows
-    assert [r.tokens for r in again[0]] == [r.tokens for r in results["numpy"][1]]
+    again = serve_on(tiny_model_path, "cpu", specs[1:2])  # a seeded request alone: the same rows
+    assert [r.tokens for r in again[0]] == [r.tokens for r in results["cpu"][1]]

@@ -97,10 +97,12 @@ class EngineConfig(Section):
     """Most `stop_token_ids` per request."""
     seed: int = 0
     """Base seed of the engine's sampler for requests without a seed."""
-    sampler: Literal["auto", "numpy", "mlx"] = "auto"
-    """Where a decode step samples its tokens and computes their log-probs. `numpy`: the logits are evaluated and
-    every row sampled in NumPy (vectorised exp; the CPU backend's default, where MLX's exp runs one element at a
-    time). `mlx`: mlx-lm's lazy, pipelined sampling in MLX (the default on Metal and CUDA)."""
+    decode: Literal["auto", "cpu", "mlx-lm"] = "auto"
+    """The decode step. `cpu`: made for the CPU backend, where MLX computes exp and random bits one element at a
+    time: the logits are evaluated and every row sampled in NumPy (vectorised; the log-probs come out with the
+    tokens), and the MLP's swiglu uses an exp built from arithmetic that MLX fuses and vectorises. `mlx-lm`:
+    mlx-lm's own step (lazy, double-buffered sampling in MLX). `auto`: `cpu` on the CPU backend, `mlx-lm` on Metal
+    and CUDA."""
     prefix_cache_mb: int = Field(512, ge=0)
     """Memory for the prefix cache, in MiB: the KV caches of prompt prefixes and of finished rows (prompt +
     completion), reused by later requests that start with them (a shared system prompt, the next turn of a

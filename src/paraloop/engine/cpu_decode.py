@@ -5,7 +5,7 @@ are vectorised. For a batch of 32 rows over SmolLM2's 49,152-token vocabulary, m
 cost as much as a fifth of the whole step; the same work in NumPy costs a few milliseconds (docs/benchmarks.md).
 So on the CPU a decode step evaluates the logits and samples every row here: one vectorised exp pass over the
 batch gives every row's log-normaliser (the log-probs the learner needs) and its sampling weights. Metal and CUDA
-keep mlx-lm's lazy, pipelined path (`engine.sampler = "mlx"`).
+keep mlx-lm's lazy, pipelined path (`engine.decode = "mlx-lm"`); cpu_kernels.py speeds up the forward itself.
 
 In: the (rows, vocab) float32 logits of one step and one NumpySampler per row. Out: each row's next token and a
 RowLogprobs (its log-prob under log_softmax(logits / T) and the top alternatives), which the BatchGenerator hands

@@ -32,6 +32,7 @@ from mlx_lm.generate import StopSequences, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from paraloop.config import EngineConfig
+from paraloop.engine import cpu_kernels
 from paraloop.engine.cpu_decode import NumpySampler, RowLogprobs, make_generator, row_generators
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, CacheKey, PrefixCache, supports
@@ -147,7 +148,7 @@ class Worker:
         self._left: dict[Handle, int] = {}  # rows not finished yet, per request
         self._keys_made = 0
         self._shared: dict[tuple[float, float, int, float, int], Any] = {}
-        self._numpy = config.sampler == "numpy" or (config.sampler == "auto" and mx.default_device() == mx.cpu)
+        self._numpy = config.decode == "cpu" or (config.decode == "auto" and mx.default_device() == mx.cpu)
         self._last_step_version = version
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0
@@ -192,6 +193,8 @@ class Worker:
     def main(self, on_ready: Callable[[], None]) -> None:
         try:
             with mx.stream(generation_stream):
+                if self._numpy:
+                    cpu_kernels.use_on_this_thread()
                 self._prefix = self._make_prefix_cache()
                 self.gen = make_generator(
                     self.model,
