@@ -155,3 +155,15 @@ def test_both_sampling_paths_record_the_models_logprobs_and_agree_on_greedy_rows
         assert groups[1][0].tokens != groups[1][1].tokens
     again = serve_on(tiny_model_path, "cpu", specs[1:2])  # a seeded request alone: the same rows
     assert [r.tokens for r in again[0]] == [r.tokens for r in results["cpu"][1]]
+
+
+def test_the_two_level_draw_never_picks_a_token_without_weight():
+    from paraloop.engine.cpu_decode import _draw
+
+    weights = np.zeros(3000, np.float32)
+    weights[[5, 1023, 1024, 2999]] = [1.0, 2.0, 3.0, 4.0]  # block edges and the ragged last block
+    picks = [_draw(weights, u) for u in np.linspace(0.0, 1.0, 2001, endpoint=False)]
+    assert set(picks) == {5, 1023, 1024, 2999}
+    counts = np.array([picks.count(t) for t in (5, 1023, 1024, 2999)]) / len(picks)
+    assert np.abs(counts - np.array([1, 2, 3, 4]) / 10).max() < 0.002
+    assert _draw(weights, np.nextafter(1.0, 0.0)) == 2999

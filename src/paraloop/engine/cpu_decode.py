@@ -24,6 +24,7 @@ from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBat
 from paraloop.messages import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
+_BLOCK = 1024  # tokens per block of the two-level inverse-CDF draw
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +91,7 @@ def sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.nd
         w = weights[i]
         if s.filtered:
             w = np.where(filter_row(scaled[i], top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
-        cdf = np.cumsum(w, dtype=np.float64)
-        tokens[i] = int(np.searchsorted(cdf, s.rng.random() * cdf[-1], side="right"))
+        tokens[i] = _draw(w, s.rng.random())
     rows = np.arange(len(samplers))
     chosen = (scaled[rows, tokens] - lse).tolist()
     out = []
@@ -104,6 +104,24 @@ def sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.nd
             top = list(zip(ids.tolist(), (scaled[i][ids] - lse[i]).astype(np.float64).tolist(), strict=True))
         out.append(RowLogprobs(chosen[i], top))
     return tokens, out
+
+
+def _draw(weights: np.ndarray, u: float) -> int:
+    """The token whose cumulative weight first exceeds u * total (inverse-CDF sampling). Block sums in float64
+    pick the block, then only that block is cumulated: one pass over the row instead of a float64 cumsum of it."""
+    blocks = -(-weights.shape[0] // _BLOCK)
+    padded = np.zeros(blocks * _BLOCK, np.float32)
+    padded[: weights.shape[0]] = weights
+    sums = np.cumsum(padded.reshape(blocks, _BLOCK).sum(axis=1, dtype=np.float64))
+    target = u * sums[-1]
+    block = min(int(np.searchsorted(sums, target, side="right")), blocks - 1)
+    part = padded[block * _BLOCK : (block + 1) * _BLOCK]
+    inside = np.cumsum(part, dtype=np.float64)
+    before = sums[block - 1] if block else 0.0
+    index = int(np.searchsorted(inside, target - before, side="right"))
+    if index >= _BLOCK or part[index] == 0:  # rounding put the target at the block's very end
+        index = int(np.flatnonzero(part)[-1])
+    return block * _BLOCK + index
 
 
 class NumpyGenerationBatch(GenerationBatch):
