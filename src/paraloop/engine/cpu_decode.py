@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
 
+from paraloop.engine.sampling import effective_temperature
 from paraloop.messages import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -39,7 +40,7 @@ class NumpySampler:
     """One row's (or, unseeded, a setting's) sampling parameters and PRNG, for `sample_rows`."""
 
     def __init__(self, params: SamplingParams, rng: np.random.Generator) -> None:
-        self.temperature = params.temperature
+        self.temperature = effective_temperature(params.temperature)  # under GREEDY_BELOW: greedy
         self.top_k, self.top_p, self.min_p = params.top_k, params.top_p, params.min_p
         self.top_logprobs = params.top_logprobs
         self.filtered = params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0

@@ -13,7 +13,8 @@ the forward pass that sampled it (the call before the one that returns it). The 
 
 Shared prefill (sharing.py): a request starts from the longest prefix of its prompt in the prefix cache
 (prefix_cache.py, entries of the serving adapter version only); its first row prefills the rest, and its other
-rows, and other requests waiting for the same prefix, start from that row's prompt KV once it is computed.
+rows, and other requests waiting for the same prefix, start from that row's prompt KV once it is computed. On the
+CPU backend the decode step samples in NumPy (cpu_decode.py) and the MLP uses a vectorised exp (cpu_kernels.py).
 """
 
 import queue
@@ -27,22 +28,21 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.generate import StopSequences, generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 
 from paraloop.config import EngineConfig
 from paraloop.engine import cpu_kernels
-from paraloop.engine.cpu_decode import NumpySampler, RowLogprobs, make_generator, row_generators
+from paraloop.engine.cpu_decode import make_generator
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, CacheKey, PrefixCache, supports
-from paraloop.engine.sampling import RowSampler, effective_temperature, greedy, row_keys, token_logprobs
+from paraloop.engine.sampling import RowSamplers, effective_temperature, step_logprobs
+from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
-from paraloop.messages import GenerateRequest, SamplingParams, TokenEvent
+from paraloop.messages import GenerateRequest, TokenEvent
 
 NO_TOKEN = -1  # the token id of an "abort" event, which carries no generated token
-MAX_SHARED_SAMPLERS = 64  # distinct unseeded sampling settings kept for sharing
 RATE_WINDOW_S = 10.0  # decode tokens/s is measured over the steps of the last this-many seconds
 
 
@@ -98,20 +98,6 @@ class Row:
 
 
 @dataclass(eq=False)
-class Leader:
-    """The first row of a request, prefilling the part of its prompt that was not cached. When that is done, its
-    prompt KV starts the request's other `rows` and goes into the prefix cache; `held` requests (whose prompts
-    share much of it) are admitted again and find it there."""
-
-    handle: Handle
-    tokens: list[int]  # the prompt but its last token: what the row's cache holds once prefilled
-    epoch: int
-    rows: list[int]  # the request's other row indices, started from this row's prompt KV
-    samplers: list[Any]  # every row's sampler, by row index
-    held: list[Handle] = field(default_factory=list)
-
-
-@dataclass(eq=False)
 class Pending:
     rows_left: int
     events: list[TokenEvent] = field(default_factory=list)
@@ -146,9 +132,8 @@ class Worker:
         self._rows: dict[int, Row] = {}  # BatchGenerator uid -> row
         self._uids: dict[Handle, list[int]] = {}
         self._left: dict[Handle, int] = {}  # rows not finished yet, per request
-        self._keys_made = 0
-        self._shared: dict[tuple[float, float, int, float, int], Any] = {}
         self._numpy = config.decode == "cpu" or (config.decode == "auto" and mx.default_device() == mx.cpu)
+        self._samplers = RowSamplers(numpy=self._numpy, engine_seed=config.seed)
         self._last_step_version = version
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0
@@ -337,7 +322,7 @@ class Worker:
         cached, cache = 0, None
         if self._prefix is not None and head:
             match = self._prefix.lookup(self._key, head)
-            leader = self._sharing_leader(head, match.length)
+            leader = waiting_for(list(self._leaders.values()), head, match.length, epoch=self._epoch)
             if leader is not None:
                 leader.held.append(handle)
                 self._held[handle] = leader
@@ -352,18 +337,6 @@ class Worker:
         if n > 1 or self._prefix is not None:
             self._leaders[uid] = Leader(handle, head, self._epoch, list(range(1, n)), samplers)
             self._planned += n - 1
-
-    def _sharing_leader(self, head: list[int], cached: int) -> Leader | None:
-        """A leader of this epoch whose prompt KV would cover at least half of what `head` has left to prefill."""
-        best, best_shared = None, 0
-        for leader in self._leaders.values():
-            if leader.epoch != self._epoch:
-                continue  # its KV will not be cached: nothing to wait for
-            shared = _common_prefix(head, leader.tokens)
-            if shared > best_shared:
-                best, best_shared = leader, shared
-        gain = best_shared - cached
-        return best if best is not None and gain > 0 and gain >= (len(head) - cached) // 2 else None
 
     def _prefilled(self, uid: int) -> None:
         """A leader's prompt is in its KV cache: cache it, start its request's other rows and re-admit the
@@ -431,41 +404,6 @@ class Worker:
         self._left.setdefault(handle, request.n)
         return uids
 
-    def _samplers(self, params: SamplingParams, n: int) -> list[Any]:
-        """One sampler per row. Greedy rows, and rows without a seed that sample alike, share one object:
-        when every row of the batch shares it, BatchGenerator samples the batch in one call instead of one per
-        row. Seeded rows get their own key, so their samples do not depend on what else is in the batch."""
-        if self._numpy:
-            return self._numpy_samplers(params, n)
-        if effective_temperature(params.temperature) == 0:
-            return [greedy] * n
-        if params.seed is not None:
-            return [
-                RowSampler(params, key) for key in row_keys(n=n, seed=params.seed, engine_seed=0, counter=0)
-            ]
-        setting = (params.temperature, params.top_p, params.top_k, params.min_p, 0)
-        if setting not in self._shared:
-            if len(self._shared) >= MAX_SHARED_SAMPLERS:
-                self._shared.clear()  # rows already inserted keep theirs; new rows get fresh ones
-            key = row_keys(n=1, seed=None, engine_seed=self.config.seed, counter=self._keys_made)[0]
-            self._keys_made += 1
-            self._shared[setting] = RowSampler(params, key)
-        return [self._shared[setting]] * n
-
-    def _numpy_samplers(self, params: SamplingParams, n: int) -> list[NumpySampler]:
-        """As _samplers, for the NumPy path: seeded rows get a PRNG each, unseeded rows of one setting share one
-        (its draws then depend on the batch's order, as a shared MLX sampler's do)."""
-        if params.seed is not None:
-            return [NumpySampler(params, g) for g in row_generators(n=n, seed=params.seed, engine_seed=0, counter=0)]
-        setting = (params.temperature, params.top_p, params.top_k, params.min_p, params.top_logprobs)
-        if setting not in self._shared:
-            if len(self._shared) >= MAX_SHARED_SAMPLERS:
-                self._shared.clear()
-            rng = row_generators(n=1, seed=None, engine_seed=self.config.seed, counter=self._keys_made)[0]
-            self._keys_made += 1
-            self._shared[setting] = NumpySampler(params, rng)
-        return [self._shared[setting]] * n
-
     def _step(self) -> None:
         start = time.perf_counter()
         version = self.version
@@ -482,7 +420,7 @@ class Worker:
 
     def _emit(self, responses: list[Any], version: int) -> None:
         rows = [self._rows[r.uid] for r in responses]
-        chosen_l, tops = self._token_logprobs(responses, rows)
+        chosen_l, tops = step_logprobs(responses, [r.temperature for r in rows], [r.top_logprobs for r in rows])
 
         out: dict[Handle, Pending] = {}
         stopped_by_text: dict[int, Row] = {}
@@ -522,21 +460,6 @@ class Worker:
         batch = [(handle, p.events, self._settle(handle, p.rows_left)) for handle, p in out.items()]
         self._count_active()
         self.deliver(batch)
-
-    @staticmethod
-    def _token_logprobs(responses: list[Any], rows: list[Row]) -> tuple[list[float], list[Any]]:
-        """Each response's token log-prob and its top alternatives (or None per row)."""
-        if responses and isinstance(responses[0].logprobs, RowLogprobs):  # the NumPy path computed them
-            return [r.logprobs.chosen for r in responses], [r.logprobs.top for r in responses]
-        top_k = max(row.top_logprobs for row in rows)
-        # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
-        chosen, ids, vals = token_logprobs(
-            [np.asarray(r.logprobs) for r in responses], [r.token for r in responses],
-            [row.temperature for row in rows], top_k,
-        )  # fmt: skip
-        if ids is None or vals is None:
-            return chosen, [None] * len(responses)
-        return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)]
 
     def _settle(self, handle: Handle, rows_left: int) -> bool:
         """Record how many rows of `handle` remain; True when none do."""
@@ -628,10 +551,3 @@ class Worker:
         pauses = self.swap_pauses()
         return statistics.median(pauses) if pauses else 0.0
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    return next(i for i in range(n) if a[i] != b[i])
