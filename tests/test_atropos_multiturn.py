@@ -2,61 +2,33 @@
 the previous turn's exact ids plus new ones (so paraloop's prefix cache serves the earlier turns), the sampled turns
 stay trained and the inserted text masked, and every sampled token's logprob is the model's own."""
 
-import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from paraloop.atropos.launch import ProcessGroup, wait_http
+from procs import Lines, run, running
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
-ENV_PYTHON = VENV / "bin" / "python"
 SCRIPT = Path(__file__).with_name("atropos_multiturn.py")
 TURNS = 3
 
-pytestmark = [
-    pytest.mark.atropos,
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(not ENV_PYTHON.is_file(), reason=f"no Atropos venv at {VENV}: run scripts/setup-atropos-venv.sh"),
-]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.atropos, pytest.mark.timeout(240)]  # conftest: fails without the Atropos venv
 
 
 def test_managed_server_turns_extend_the_previous_turns_ids_and_mask_only_the_inserted_text(tiny_model_path):
-    port = free_port()
-
-    async def scenario() -> list[dict]:
-        async with ProcessGroup(grace=10) as procs:
-            server = await procs.start("serve", [sys.executable, "-m", "paraloop", "serve", "--model-path",
-                                                 str(tiny_model_path), "--host", "127.0.0.1", "--port", str(port)])
-            async with asyncio.timeout(180):
-                await wait_http(f"http://127.0.0.1:{port}/health", proc=server)
-                env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-                proc = await asyncio.create_subprocess_exec(
-                    str(ENV_PYTHON), str(SCRIPT), str(tiny_model_path), str(port), str(TURNS),
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env, start_new_session=True,
-                )
-                try:
-                    out, err = await proc.communicate()
-                finally:
-                    if proc.returncode is None:
-                        os.killpg(proc.pid, 9)
-                        await proc.wait()
-            assert proc.returncode == 0, err.decode()[-3000:]
-            return json.loads(out.decode().strip().splitlines()[-1])
-
-    nodes = asyncio.run(scenario())
+    serve = [sys.executable, "-m", "paraloop", "serve", "--model-path", str(tiny_model_path), "--host", "127.0.0.1",
+             "--port", "0"]  # fmt: skip
+    with running(serve, stderr=subprocess.PIPE, text=True) as server:
+        port = Lines(server.stderr).expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=120).group(1)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+        done = run([str(VENV / "bin" / "python"), str(SCRIPT), str(tiny_model_path), port, str(TURNS)],
+                   timeout=120, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    nodes = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(nodes) == TURNS
     for before, after in zip(nodes, nodes[1:], strict=False):
         n = len(before["tokens"])

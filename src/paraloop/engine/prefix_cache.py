@@ -226,6 +226,7 @@ class PrefixCache:
     # --- statistics -------------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
+        """Hit rate (cached over prefill-able prompt tokens), tokens saved, memory and counts."""
         return {
             "prefix_cache_hit_rate": self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0,
             "prefix_cache_tokens_saved": float(self.cached_tokens),
@@ -238,3 +239,6 @@ class PrefixCache:
             "prefix_cache_stored_tokens": float(self.stored_tokens),
             "prefix_cache_evictions": float(self.evictions),
         }
+
+
+STATS_OFF = {key: 0.0 for key in PrefixCache(max_bytes=1).stats()}  # what the engine reports with the cache off

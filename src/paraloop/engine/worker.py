@@ -35,7 +35,7 @@ from paraloop.config import EngineConfig
 from paraloop.engine import cpu_kernels
 from paraloop.engine.cpu_decode import make_generator
 from paraloop.engine.prefill import fork_cache
-from paraloop.engine.prefix_cache import BASE_ADAPTER, CacheKey, PrefixCache, supports
+from paraloop.engine.prefix_cache import BASE_ADAPTER, STATS_OFF, CacheKey, PrefixCache, supports
 from paraloop.engine.sampling import RowSamplers, effective_temperature, step_logprobs
 from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
@@ -541,11 +541,7 @@ class Worker:
 
     def prefix_cache_stats(self) -> dict[str, float]:
         """Hit rate, tokens saved and memory of the prefix cache (zeros while it is off)."""
-        cache = self._prefix
-        if cache is None:
-            return {"prefix_cache_hit_rate": 0.0, "prefix_cache_tokens_saved": 0.0, "prefix_cache_bytes": 0.0,
-                    "prefix_cache_max_bytes": 0.0}  # fmt: skip
-        return cache.stats()
+        return dict(STATS_OFF) if self._prefix is None else self._prefix.stats()
 
     def median_pause(self) -> float:
         pauses = self.swap_pauses()

@@ -59,21 +59,26 @@ class Episode:
         self.versions += completion.versions
 
 
-def render(tokenizer: Any, messages: Messages, *, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer: Any, messages: Messages, *, generation_prompt: bool, **template_kwargs: Any) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **template_kwargs
+    )
 
 
-def continuation_ids(tokenizer: Any, messages: Messages, turn: Sample, reply: Messages, *, eos: set[int]) -> list[int]:
+def continuation_ids(
+    tokenizer: Any, messages: Messages, turn: Sample, reply: Messages, *, eos: set[int], **template_kwargs: Any
+) -> list[int]:
     """The ids the environment appends after a sampled `turn` (whose prompt was `messages`): what the chat template
     puts after the assistant's content (its end-of-turn marker, unless the model sampled it as its EOS token), the
-    `reply` messages, and the next generation prompt. Only this new text is tokenised."""
+    `reply` messages, and the next generation prompt. Only this new text is tokenised. `template_kwargs` are the
+    template's own variables, as for the first prompt (rl_training.mock.chat_template_kwargs)."""
     tokens = list(turn.tokens)
     sampled_eos = turn.finish_reason == "stop" and bool(tokens) and tokens[-1] in eos
     content = tokenizer.decode(tokens[:-1] if sampled_eos else tokens, skip_special_tokens=False)
     assistant = {"role": "assistant", "content": content}
-    before = render(tokenizer, messages, generation_prompt=True)
-    closed = render(tokenizer, [*messages, assistant], generation_prompt=False)
-    after = render(tokenizer, [*messages, assistant, *reply], generation_prompt=True)
+    before = render(tokenizer, messages, generation_prompt=True, **template_kwargs)
+    closed = render(tokenizer, [*messages, assistant], generation_prompt=False, **template_kwargs)
+    after = render(tokenizer, [*messages, assistant, *reply], generation_prompt=True, **template_kwargs)
     if not closed.startswith(before + content) or not after.startswith(closed):
         raise TemplateError(
             "the chat template does not render a conversation as the prefix of its continuation (does it rewrite "
@@ -98,6 +103,7 @@ async def play(
     sample_of: Callable[[Messages, Completion, int], Sample],
     max_turns: int,
     max_length: int,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> None:
     """Play turns 2..max_turns of every episode; all episodes' next turns go to `complete` together.
 
@@ -117,7 +123,8 @@ async def play(
                 episode.done = True
                 continue
             messages = [*episode.messages, {"role": "assistant", "content": episode.sample.text}, *reply]
-            inserted = continuation_ids(tokenizer, episode.messages, episode.sample, reply, eos=eos)
+            inserted = continuation_ids(tokenizer, episode.messages, episode.sample, reply, eos=eos,
+                                        **(template_kwargs or {}))  # fmt: skip
             pending.append((episode, messages, inserted))
         requests = [request_for(e, e.tokens + inserted, turn) for e, _, inserted in pending]
         keep = [len(r.prompt_tokens) + r.params.max_tokens <= max_length for r in requests]

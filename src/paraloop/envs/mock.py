@@ -214,7 +214,8 @@ class MockEnvironment:
 
         await play([e for group in groups for e in group], task=self.task, tokenizer=self.tokenizer, eos=self._eos,
                    complete=complete, request_for=request_for, sample_of=self._sample,
-                   max_turns=self.config.max_turns, max_length=self.config.max_episode_tokens)  # fmt: skip
+                   max_turns=self.config.max_turns, max_length=self.config.max_episode_tokens,
+                   template_kwargs=self.config.chat_template_kwargs)  # fmt: skip
         out = []
         for episodes in groups:
             scores = [self._score(e.sample) for e in episodes]
