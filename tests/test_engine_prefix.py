@@ -337,3 +337,19 @@ def test_stopping_the_engine_aborts_rows_waiting_for_a_leader_and_held_requests(
     anyio.run(main)
     assert [len(got[0]), len(got[1])] == [3, 2]  # a leader with two rows waiting, and a held request
     assert all(c.finish_reason == "abort" and not c.tokens for group in got.values() for c in group)
+
+
+def test_a_drain_swap_waiting_for_the_last_row_applies_when_it_finishes(tiny_model_path):
+    """The swap must not wait for another command once the rows it waited for are done (an idle engine would
+    sleep on its inbox with the swap parked)."""
+    engine, model, _ = make(tiny_model_path)
+    prompt = conversation(engine.tokenizer)[1][0]
+
+    async def body(engine: Engine) -> Any:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: engine.complete(request(prompt, **GREEDY)))
+            await wait_until(lambda: engine.stats()["active_rows"] > 0)
+            swapped = await engine.swap_adapter(changed_adapter(model, seed=5), version=1, drain=True)
+        return swapped
+
+    assert serve(engine, body, deadline=60).version == 1
