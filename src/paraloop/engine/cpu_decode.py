@@ -3,6 +3,8 @@
 Why: MLX's CPU kernels compute exp, log and the random bits of `categorical` one element at a time, while NumPy's
 are vectorised. For a batch of 32 rows over SmolLM2's 49,152-token vocabulary, mlx-lm's log_softmax + categorical
 cost as much as a fifth of the whole step; the same work in NumPy costs a few milliseconds (docs/benchmarks.md).
+(mx.compile does not change that: it fuses elementwise ops into one loop, but the exp, log and random bits in it
+stay MLX's element-at-a-time functions, and the log-sum-exp reduction is not fused at all.)
 So on the CPU a decode step evaluates the logits and samples every row here: one vectorised exp pass over the
 batch gives every row's log-normaliser (the log-probs the learner needs) and its sampling weights. Metal and CUDA
 keep mlx-lm's lazy, pipelined path (`engine.decode = "mlx-lm"`); cpu_kernels.py speeds up the forward itself.
@@ -165,6 +167,11 @@ class NumpyPromptBatch(PromptProcessingBatch):
 def make_generator(model: nn.Module, *, numpy_sampling: bool, **kwargs: Any) -> BatchGenerator:
     """mlx-lm's BatchGenerator; with numpy_sampling, its prompt and generation batches sample in NumPy."""
     gen = BatchGenerator(model, **kwargs)
+    if numpy_sampling and not (hasattr(gen, "_prompt_batch") and hasattr(gen, "_generation_batch")):
+        raise RuntimeError(
+            "this mlx-lm's BatchGenerator has no _prompt_batch/_generation_batch (its internals changed): "
+            'set engine.decode = "mlx-lm" to use its own decode step'
+        )
     if numpy_sampling:
         gen._prompt_batch = NumpyPromptBatch.empty(model, gen.sampler, prefill_step_size=gen.prefill_step_size)
         gen._generation_batch = NumpyGenerationBatch.empty(model, gen.sampler)
