@@ -417,11 +417,6 @@ class Worker:
         if responses:
             self._emit(responses, produced_by)
             self._measure(start, len(responses))
-        if self._draining is not None and not self._rows:
-            # The rows a drain swap waited for are done: swap now, before the loop sleeps on an empty inbox (it
-            # would wait there for a command that may never come).
-            swap, self._draining = self._draining, None
-            self._swap(swap)
 
     def _emit(self, responses: list[Any], version: int) -> None:
         rows = [self._rows[r.uid] for r in responses]
