@@ -18,8 +18,7 @@ from paraloop.engine import Engine
 from paraloop.lora import AdapterSlots, adapter_config, attach_lora
 from paraloop.messages import Completion
 from paraloop.model import load_model
-from paraloop.run.control import prometheus_text
-from paraloop.run.status import RunStatus
+from paraloop.server.metrics import Metrics, engine_families
 
 GREEDY = dict(temperature=0, max_tokens=10, ignore_eos=True)
 TOL = 1e-5  # a prefix cached from another prompt is the same KV, but the rest is prefilled at another shape
@@ -174,9 +173,11 @@ def test_requests_for_one_prompt_prefill_it_once_and_report_it(tiny_model_path):
         ref = reference_logprobs(model, prompt, c.tokens, 1.0)
         assert max(abs(a - b) for a, b in zip(c.logprobs, ref, strict=True)) < 1e-4
 
-    text = prometheus_text(RunStatus(total_steps=1, mode="sync", run_dir="-", engine_stats=lambda: stats))
-    assert 'paraloop_engine{name="prefix_cache_hit_rate"}' in text
-    assert f'paraloop_engine{{name="prefix_cache_tokens_saved"}} {6 * (len(prompt) - 1)}.0' in text
+    metrics = Metrics()  # what GET /metrics serves, in paraloop run and paraloop serve
+    metrics.add_collector(lambda: engine_families(stats))
+    text = metrics.text().decode()
+    assert f"paraloop_prefix_cache_hit_rate {stats['prefix_cache_hit_rate']}" in text
+    assert f"paraloop_prefix_cache_tokens_saved_total {6 * (len(prompt) - 1)}.0" in text
 
 
 def test_the_next_turn_of_a_conversation_prefills_only_what_was_added(tiny_model_path):
