@@ -167,3 +167,17 @@ def test_the_two_level_draw_never_picks_a_token_without_weight():
     counts = np.array([picks.count(t) for t in (5, 1023, 1024, 2999)]) / len(picks)
     assert np.abs(counts - np.array([1, 2, 3, 4]) / 10).max() < 0.002
     assert _draw(weights, np.nextafter(1.0, 0.0)) == 2999
+
+
+def test_extreme_filters_and_non_finite_logits_still_give_a_token():
+    top = int(np.argmax(LOGITS[0]))
+    for tiny in (1e-323, 1e-45, 1e-9):  # a denormal top_p is 0 in float32: the most likely token still survives
+        assert np.flatnonzero(filter_row(LOGITS[0], top_k=0, top_p=tiny, min_p=0.0)).tolist() == [top]
+        kept = np.isfinite(np.array(filter_logits(mx.array(LOGITS[:1]), top_k=0, top_p=tiny, min_p=0.0)))[0]
+        assert np.flatnonzero(kept).tolist() == [top]
+        assert sample_rows(LOGITS[:1], [sampler(temperature=1.0, top_p=tiny)])[0][0] == top
+    bad = LOGITS[:2].copy()
+    bad[0, 3], bad[1, :] = np.inf, np.nan
+    tokens, _ = sample_rows(bad, [sampler(temperature=1.0), sampler(1, temperature=1.0)])
+    assert tokens.tolist() == [3, 0]
+

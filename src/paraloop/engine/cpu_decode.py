@@ -68,9 +68,10 @@ def filter_row(z: np.ndarray, *, top_k: int, top_p: float, min_p: float) -> np.n
         p = np.exp(masked - masked.max())
         p /= p.sum()
         order = np.argsort(-p, kind="stable")
-        before = np.cumsum(p[order]) - p[order]  # mass of the more likely tokens
+        before = np.cumsum(p[order], dtype=np.float64) - p[order]  # mass of the more likely tokens
         nucleus = np.zeros(vocab, bool)
         nucleus[order[before < top_p]] = True
+        nucleus[order[0]] = True  # the most likely token always survives (whatever top_p's float rounding)
         keep &= nucleus
     if min_p > 0.0:
         masked = np.where(keep, z, -np.inf)
@@ -80,7 +81,12 @@ def filter_row(z: np.ndarray, *, top_k: int, top_p: float, min_p: float) -> np.n
 
 def sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.ndarray, list[RowLogprobs]]:
     """One token per row of `logits` (rows, vocab) and its RowLogprobs; greedy rows (T = 0) take the argmax and
-    report log-probs at T = 1."""
+    report log-probs at T = 1. A row of non-finite logits gets its argmax (NaN log-probs), never an exception."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _sample_rows(logits, samplers)
+
+
+def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.ndarray, list[RowLogprobs]]:
     temps = np.array([s.temperature or 1.0 for s in samplers], np.float32)
     scaled = logits if (temps == 1.0).all() else logits / temps[:, None]
     peak = scaled.max(axis=1, keepdims=True)
@@ -94,6 +100,10 @@ def sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.nd
         w = weights[i]
         if s.filtered:
             w = np.where(filter_row(scaled[i], top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
+        total = float(w.sum(dtype=np.float64))
+        if not (np.isfinite(total) and total > 0):  # non-finite logits: take the argmax rather than fail the step
+            tokens[i] = int(np.nanargmax(scaled[i])) if not np.isnan(scaled[i]).all() else 0
+            continue
         tokens[i] = _draw(w, s.rng.random())
     rows = np.arange(len(samplers))
     chosen = (scaled[rows, tokens] - lse).tolist()

@@ -53,7 +53,8 @@ def filter_logits(logits: mx.array, *, top_k: int, top_p: float, min_p: float) -
         sorted_probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
         # Keep a token when the mass strictly before it is below top_p (the most likely token always survives).
         before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep_sorted = before < top_p
+        # The first sorted token is kept even when top_p underflows in float32 (a denormal top_p compares as 0).
+        keep_sorted = (before < top_p) | (mx.arange(logits.shape[-1]) == 0)
         keep = mx.put_along_axis(mx.zeros(logits.shape, dtype=mx.bool_), order, keep_sorted, axis=-1)
         logits = mx.where(keep, logits, neg_inf)
     if min_p > 0.0:
