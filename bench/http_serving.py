@@ -6,10 +6,12 @@ paraloop serves the 4-bit model, which it dequantizes to float32 on the CPU (mod
 servers run side by side and each concurrency level is measured on all three in turn, so load from other
 processes falls on all of them alike. Before measuring, each server answers a greedy question (the sanity check,
 recorded in the JSON) and a warm-up burst. paraloop and the float32 mlx_lm.server, whose race is close, are measured
-three times per level (fresh prompts each round) and compared on summed tokens over summed time. Two diagnostic
-lines say where a gap comes from: at 32 clients, mlx_lm.server with its prompt cache off (`--prompt-cache-size 0`:
-it no longer reuses the KV cache of the shared chat-template prefix, which paraloop has no cache for), and the
-engine in-process against mlx-lm's bare BatchGenerator (same prompts, no HTTP on either side).
+three times per level (fresh prompts each round) and compared on summed tokens over summed time. Every prompt
+starts with the same chat-template prefix (SmolLM2's default system prompt, then "Write a long story about"), which
+both servers cache: at 32 clients paraloop must reach 1.2x mlx_lm.server with its prompt cache on. Diagnostic lines
+say where the difference comes from: at 32 clients each server with its cache off (mlx_lm.server's
+`--prompt-cache-size 0`, paraloop's `engine.prefix_cache_mb = 0`), and the engine in-process against mlx-lm's bare
+BatchGenerator (same prompts, no HTTP on either side).
 """
 
 import time
@@ -34,11 +36,11 @@ def levels(quick: bool) -> list[tuple[int, int, int]]:
 def rounds(kind: str, quick: bool) -> int:
     """Repeats per level: the close race (paraloop vs float32 mlx_lm) three times; the 4-bit server, ~10x slower
     on this CPU, once."""
-    return 1 if quick or kind == "mlx_lm_q4" else 3
+    return 1 if quick or kind in ("mlx_lm_q4", "paraloop_nocache") else 3
 
 
 def kinds_at(clients: int) -> list[str]:
-    """The servers measured at a level; at 32 clients also mlx_lm.server without its prompt cache (diagnostic)."""
+    """The servers measured at a level; at 32 clients also both servers without their prompt cache (diagnostic)."""
     return list(servers.KINDS) + (list(servers.DIAGNOSTIC_KINDS) if clients == 32 else [])
 
 
@@ -130,7 +132,7 @@ def run(ctx: Context) -> list[Line]:
         best = max(("mlx_lm_q4", "mlx_lm_f32"), key=lambda k: by_kind[k].tokens_per_s)
         for kind in [k for k in kinds_at(clients) if k != "paraloop"]:
             theirs = by_kind[kind]
-            target = ">= 1.0" if clients == 32 and kind == best else None
+            target = ">= 1.2" if clients == 32 and kind == best else None
             failed = ours.failed + theirs.failed
             note = f"{failed} failed requests" if failed else ""
             if insane:

@@ -1,7 +1,8 @@
 """The HTTP servers under comparison and a closed-loop load generator for them.
 
-Servers: `paraloop serve` (model.compute=auto: the 4-bit model dequantized to float32 on the CPU) and mlx-lm's own
-server (`mlx_lm.server`) on the 4-bit model and on the float32 copy. Both processes get the same OpenBLAS: mlx_lm's
+Servers: `paraloop serve` (model.compute=auto: the 4-bit model dequantized to float32 on the CPU; also with its
+prefix cache off, `engine.prefix_cache_mb=0`, for diagnostics) and mlx-lm's own server (`mlx_lm.server`) on the
+4-bit model and on the float32 copy (also with its prompt cache off). Both processes get the same OpenBLAS: mlx_lm's
 server is started after `import paraloop`, which preloads it. Each server runs in its own process group on
 127.0.0.1 and is reused by the benchmarks of one run (see `server`), then killed by the harness.
 
@@ -26,7 +27,10 @@ KINDS = {
     "mlx_lm_q4": "mlx_lm.server, 4-bit model",
     "mlx_lm_f32": "mlx_lm.server, float32 copy",
 }
-DIAGNOSTIC_KINDS = {"mlx_lm_f32_nocache": "mlx_lm.server, float32 copy, prompt cache off"}
+DIAGNOSTIC_KINDS = {
+    "mlx_lm_f32_nocache": "mlx_lm.server, float32 copy, prompt cache off",
+    "paraloop_nocache": "paraloop serve, prefix cache off",
+}
 MLX_LM_SERVER = "import paraloop; from mlx_lm.server import main; main()"  # the OpenBLAS preload, then mlx_lm
 START_TIMEOUT_S = 180
 TOPICS = (
@@ -45,7 +49,7 @@ class Server:
 
     @property
     def is_paraloop(self) -> bool:
-        return self.kind == "paraloop"
+        return self.kind.startswith("paraloop")
 
     def no_eos(self) -> dict[str, Any]:
         """Body fields that keep the server decoding until max_tokens."""
@@ -67,15 +71,17 @@ def server(ctx: Context, kind: str) -> Server:
     if running is not None and any(c.name == kind and c.alive() for c in ctx.children):
         return running
     port = free_port()
-    if kind == "paraloop":
+    if kind.startswith("paraloop"):
         model = ctx.model_q4
         cmd = python_cmd("-m", "paraloop", "serve", "--model-path", str(model), "--host", "127.0.0.1",
                          "--port", str(port), "--set", "server.batch_size=32", "--set", "engine.max_n=64")  # fmt: skip
+        if kind.endswith("_nocache"):
+            cmd += ["--set", "engine.prefix_cache_mb=0"]
     else:
         model = ctx.model_q4 if kind == "mlx_lm_q4" else ctx.model_f32
         cmd = python_cmd("-c", MLX_LM_SERVER, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
                          "--decode-concurrency", "32", "--prompt-concurrency", "8", "--log-level", "WARNING")  # fmt: skip
-        if kind.endswith("_nocache"):  # no reuse of cached prompt prefixes (paraloop has none)
+        if kind.endswith("_nocache"):  # no reuse of cached prompt prefixes
             cmd += ["--prompt-cache-size", "0"]
     child = ctx.spawn(kind, cmd)
     url = f"http://127.0.0.1:{port}"

@@ -5,8 +5,19 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 # isort: split
 import mlx.core as mx
 
-from paraloop.engine.prefill import fork_cache, prefill
+from mlx_lm.models.cache import make_prompt_cache
+
+from paraloop.engine.prefill import fork_cache
 from paraloop.model import load_model
+
+
+def prefill(model, tokens: list[int], *, step: int) -> list:
+    """The prompt's KV cache, computed `step` tokens per forward pass."""
+    cache = make_prompt_cache(model)
+    for start in range(0, len(tokens), step):
+        model(mx.array(tokens[start : start + step])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
 
 
 def test_forked_caches_hold_the_prompt_and_do_not_share_arrays(tiny_model_path):

@@ -97,6 +97,17 @@ class EngineConfig(Section):
     """Most `stop_token_ids` per request."""
     seed: int = 0
     """Base seed of the engine's sampler for requests without a seed."""
+    decode: Literal["auto", "cpu", "mlx-lm"] = "auto"
+    """The decode step. `cpu`: made for the CPU backend, where MLX computes exp and random bits one element at a
+    time: the logits are evaluated and every row sampled in NumPy (vectorised; the log-probs come out with the
+    tokens), and the MLP's swiglu uses an exp built from arithmetic that MLX fuses and vectorises. `mlx-lm`:
+    mlx-lm's own step (lazy, double-buffered sampling in MLX). `auto`: `cpu` on the CPU backend, `mlx-lm` on Metal
+    and CUDA."""
+    prefix_cache_mb: int = Field(512, ge=0)
+    """Memory for the prefix cache, in MiB: the KV caches of prompt prefixes and of finished rows (prompt +
+    completion), reused by later requests that start with them (a shared system prompt, the next turn of a
+    conversation) under the same adapter version; an adapter swap retires them. Least recently used entries go
+    first. 0 turns it off (the rows of one `n > 1` request still share one prefill)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -163,11 +174,18 @@ class MockEnvConfig(Section):
     task: str = "paraloop.envs.tasks:one_word"
     """Reward task as `module:function` returning a Task. Built in: `one_word` and `short_description`
     (SmolLM2-135M-Instruct learns them in minutes on a CPU; the reward needs a correct word, not just the format)
-    and `capitals` (for the tiny random test model, at temperature <= 0.25)."""
+    and `capitals` (for the tiny random test model, at temperature <= 0.25); multi-turn:
+    `paraloop.envs.calculator:calculator` (a calculator tool called in `<tool_call>` blocks)."""
     group_size: int = Field(8, ge=1)
     """Completions per prompt (one n=group_size request)."""
     max_tokens: int | None = None
     """Rollout length cap; default rl_training.max_tokens."""
+    max_turns: int = Field(4, ge=1)
+    """Most model turns per episode of a multi-turn task (one with `respond`, e.g.
+    `paraloop.envs.calculator:calculator`); the task may end an episode sooner. Single-turn tasks ignore it."""
+    max_episode_tokens: int = Field(2048, ge=16)
+    """Longest multi-turn episode, in tokens (prompt, turns and the environment's messages): an episode ends
+    before a turn whose prompt + max_tokens would pass it."""
     concurrency: int = Field(4, ge=1)
     """Prompts in flight at once when the engine cannot admit a whole batch together (paraloop's engine can:
     there every group of a batch starts in the same decode step, which makes seeded runs repeatable)."""

@@ -243,6 +243,7 @@ class Engine:
             "median_swap_pause_s": w.median_pause(),
             "version": float(w.version),
             "swap_waiting": float(w.swap_waiting),  # 1 while a drain swap holds new rows (sync mode)
+            **w.prefix_cache_stats(),
         }
 
     # --- events from the engine thread ----------------------------------------------------------------------------

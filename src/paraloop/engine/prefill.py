@@ -1,25 +1,13 @@
-"""Prefill a prompt once and fork its KV cache, so the n rows of one request decode from a single prefill.
+"""Copies of a prompt's KV cache, so the rows that start from one prefill never write into each other.
 
-In: the model and the prompt's tokens (all but the last, which each row feeds as its first decode input).
-Out: an evaluated prompt cache, and independent copies of it for BatchGenerator.insert(caches=...).
-Runs on the engine thread.
+In: a prompt cache (one entry per layer), e.g. a leader row's prompt KV or a prefix-cache match. Out: independent
+copies of it for BatchGenerator.insert(caches=...). Runs on the engine thread.
 """
 
 import copy
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-
-def prefill(model: nn.Module, tokens: list[int], *, step: int) -> list[Any]:
-    """Run `tokens` through the model in chunks of `step`; return the evaluated cache."""
-    cache = make_prompt_cache(model)
-    for start in range(0, len(tokens), step):
-        model(mx.array(tokens[start : start + step])[None], cache=cache)
-        mx.eval([c.state for c in cache])
-    return cache
+from mlx_lm.models.cache import KVCache
 
 
 def fork_cache(cache: list[Any]) -> list[Any]:

@@ -8,6 +8,8 @@ learner needs, log_softmax(logits / T), in one batched computation.
 Filters follow vLLM's order: temperature, then top-k, top-p and min-p on the tempered distribution.
 """
 
+from typing import Any
+
 import mlx.core as mx
 import numpy as np
 
@@ -21,6 +23,7 @@ MAX_TEMPERATURE = 100.0  # above this every distribution is uniform to float32 p
 def effective_temperature(temperature: float) -> float:
     """The temperature a row samples at: 0 (greedy) for anything below GREEDY_BELOW."""
     return 0.0 if temperature < GREEDY_BELOW else temperature
+MAX_SHARED_SAMPLERS = 64  # distinct unseeded sampling settings kept for sharing
 
 
 def row_keys(*, n: int, seed: int | None, engine_seed: int, counter: int) -> list[mx.array]:
@@ -50,7 +53,8 @@ def filter_logits(logits: mx.array, *, top_k: int, top_p: float, min_p: float) -
         sorted_probs = mx.exp(mx.take_along_axis(logprobs, order, axis=-1))
         # Keep a token when the mass strictly before it is below top_p (the most likely token always survives).
         before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep_sorted = before < top_p
+        # The first sorted token is kept even when top_p underflows in float32 (a denormal top_p compares as 0).
+        keep_sorted = (before < top_p) | (mx.arange(logits.shape[-1]) == 0)
         keep = mx.put_along_axis(mx.zeros(logits.shape, dtype=mx.bool_), order, keep_sorted, axis=-1)
         logits = mx.where(keep, logits, neg_inf)
     if min_p > 0.0:
@@ -113,3 +117,59 @@ def token_logprobs(
     if top_k <= 0:
         return chosen, None, None
     return chosen, ids, vals
+
+
+class RowSamplers:
+    """Makes the samplers of a request's rows: MLX ones for mlx-lm's decode step, NumPy ones for the CPU step.
+
+    Greedy rows, and rows without a seed that sample alike, share one object: when every row of the batch shares
+    it, mlx-lm samples the batch in one call instead of one per row (a shared sampler's draws depend on the
+    batch's order). Seeded rows get their own key, so their samples do not depend on what else is in the batch.
+    """
+
+    def __init__(self, *, numpy: bool, engine_seed: int) -> None:
+        self.numpy = numpy
+        self.engine_seed = engine_seed
+        self._made = 0  # keys made for unseeded settings
+        self._shared: dict[tuple, Any] = {}
+
+    def __call__(self, params: SamplingParams, n: int) -> list[Any]:
+        from paraloop.engine.cpu_decode import NumpySampler, row_generators  # it imports this module
+
+        if not self.numpy and effective_temperature(params.temperature) == 0:
+            return [greedy] * n
+        if params.seed is not None:
+            if self.numpy:
+                generators = row_generators(n=n, seed=params.seed, engine_seed=0, counter=0)
+                return [NumpySampler(params, g) for g in generators]
+            return [RowSampler(params, k) for k in row_keys(n=n, seed=params.seed, engine_seed=0, counter=0)]
+        setting = (params.temperature, params.top_p, params.top_k, params.min_p,
+                   params.top_logprobs if self.numpy else 0)  # fmt: skip
+        if setting not in self._shared:
+            if len(self._shared) >= MAX_SHARED_SAMPLERS:
+                self._shared.clear()  # rows already inserted keep theirs; new rows get fresh ones
+            if self.numpy:
+                rng = row_generators(n=1, seed=None, engine_seed=self.engine_seed, counter=self._made)[0]
+                self._shared[setting] = NumpySampler(params, rng)
+            else:
+                key = row_keys(n=1, seed=None, engine_seed=self.engine_seed, counter=self._made)[0]
+                self._shared[setting] = RowSampler(params, key)
+            self._made += 1
+        return [self._shared[setting]] * n
+
+
+def step_logprobs(
+    responses: list[Any], temperatures: list[float], top_logprobs: list[int]
+) -> tuple[list[float], list[list[tuple[int, float]] | None]]:
+    """Each response's token log-prob and its top alternatives (None where not asked), from what a decode step
+    handed back: RowLogprobs on the CPU path, full (vocab,) log-softmax rows on mlx-lm's."""
+    from paraloop.engine.cpu_decode import RowLogprobs  # it imports this module
+
+    if responses and isinstance(responses[0].logprobs, RowLogprobs):
+        return [r.logprobs.chosen for r in responses], [r.logprobs.top for r in responses]
+    # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
+    chosen, ids, vals = token_logprobs([np.asarray(r.logprobs) for r in responses], [r.token for r in responses],
+                                       temperatures, max(top_logprobs, default=0))  # fmt: skip
+    if ids is None or vals is None:
+        return chosen, [None] * len(responses)
+    return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)]

@@ -10,6 +10,11 @@ All MLX work happens here: since mlx 0.31.2 streams are thread-local, and the ge
 Versions: a swap lands between two `BatchGenerator.next()` calls, and each token is labelled with the version of
 the forward pass that sampled it (the call before the one that returns it). The KV entries a row already holds
 (its prompt, earlier tokens) stay as the older adapter computed them; the learner recomputes logprobs anyway.
+
+Shared prefill (sharing.py): a request starts from the longest prefix of its prompt in the prefix cache
+(prefix_cache.py, entries of the serving adapter version only); its first row prefills the rest, and its other
+rows, and other requests waiting for the same prefix, start from that row's prompt KV once it is computed. On the
+CPU backend the decode step samples in NumPy (cpu_decode.py) and the MLP uses a vectorised exp (cpu_kernels.py).
 """
 
 import queue
@@ -23,18 +28,21 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
-from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
+from mlx_lm.generate import StopSequences, generation_stream
+from mlx_lm.models.cache import make_prompt_cache
 
 from paraloop.config import EngineConfig
-from paraloop.engine.prefill import fork_cache, prefill
-from paraloop.engine.sampling import RowSampler, effective_temperature, greedy, row_keys, token_logprobs
+from paraloop.engine import cpu_kernels
+from paraloop.engine.cpu_decode import make_generator
+from paraloop.engine.prefill import fork_cache
+from paraloop.engine.prefix_cache import BASE_ADAPTER, STATS_OFF, CacheKey, PrefixCache, supports
+from paraloop.engine.sampling import RowSamplers, effective_temperature, step_logprobs
+from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
-from paraloop.messages import GenerateRequest, SamplingParams, TokenEvent
+from paraloop.messages import GenerateRequest, TokenEvent
 
 NO_TOKEN = -1  # the token id of an "abort" event, which carries no generated token
-MAX_SHARED_SAMPLERS = 64  # distinct unseeded sampling settings kept for sharing
 RATE_WINDOW_S = 10.0  # decode tokens/s is measured over the steps of the last this-many seconds
 
 
@@ -81,6 +89,7 @@ class Row:
     top_logprobs: int
     detok: IncrementalDetokenizer
     stops: StopStrings
+    epoch: int  # adapter epoch of the oldest KV the row holds (its cache is reusable only while it is current)
 
     def text_at_end(self) -> str:
         """Pending text once the row ends other than by a stop string (held-back text was not a stop string)."""
@@ -123,8 +132,8 @@ class Worker:
         self._rows: dict[int, Row] = {}  # BatchGenerator uid -> row
         self._uids: dict[Handle, list[int]] = {}
         self._left: dict[Handle, int] = {}  # rows not finished yet, per request
-        self._keys_made = 0
-        self._shared: dict[tuple[float, float, int, float], RowSampler] = {}
+        self._numpy = config.decode == "cpu" or (config.decode == "auto" and mx.default_device() == mx.cpu)
+        self._samplers = RowSamplers(numpy=self._numpy, engine_seed=config.seed)
         self._last_step_version = version
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0
@@ -132,6 +141,11 @@ class Worker:
         self._pauses: deque[float] = deque(maxlen=256)  # the most recent swap pauses (for their median)
         self._draining: Swap | None = None  # a drain swap waiting for the running rows to finish
         self._unread: list[Any] = []  # commands taken from the inbox after a Stop
+        self._epoch = 0  # advances with every adapter swap: KV made in an older epoch is never reused
+        self._prefix: PrefixCache | None = None  # made in main() when enabled and the model's cache kind allows
+        self._leaders: dict[int, Leader] = {}  # uid of a prefilling first row -> its request's sharing state
+        self._held: dict[Handle, Leader] = {}  # requests waiting for a leader's prompt KV
+        self._planned = 0  # rows of started requests not yet inserted (waiting for their leader)
 
         # Read from other threads (plain values, replaced whole).
         self.requests_served = 0
@@ -164,8 +178,12 @@ class Worker:
     def main(self, on_ready: Callable[[], None]) -> None:
         try:
             with mx.stream(generation_stream):
-                self.gen = BatchGenerator(
+                if self._numpy:
+                    cpu_kernels.use_on_this_thread()
+                self._prefix = self._make_prefix_cache()
+                self.gen = make_generator(
                     self.model,
+                    numpy_sampling=self._numpy,
                     completion_batch_size=self.batch_size,
                     prefill_batch_size=min(self.config.prefill_batch_size, self.batch_size),
                     prefill_step_size=self.config.prefill_step_size,
@@ -247,51 +265,132 @@ class Worker:
             return
         self.adapter.swap(command.arrays)
         self.version = command.version
+        self._epoch += 1
+        if self._prefix is not None:
+            self._prefix.retire(BASE_ADAPTER)  # O(1): the older trees become unreachable now ...
         pause = time.perf_counter() - start
         self._pauses.append(pause)
         self.swaps += 1
         command.reply(pause)
+        if self._prefix is not None:
+            self._prefix.release_retired()  # ... and are freed after the pause
 
     def _cancel(self, handle: Handle) -> None:
         if handle in self._waiting:
             self._waiting.remove(handle)
             return
-        uids = [u for u in self._uids.pop(handle, []) if u in self._rows]
-        if uids:
-            self.gen.remove(uids)
-            for uid in uids:
+        if handle in self._held:
+            self._held.pop(handle).held.remove(handle)
+            return
+        uids = self._uids.pop(handle, [])
+        running = [u for u in uids if u in self._rows]
+        if running:
+            self.gen.remove(running)
+            for uid in running:
                 del self._rows[uid]
+        for uid in uids:
+            self._drop_leader(uid)
         self._left.pop(handle, None)
         self._count_active()
 
     def _admit(self) -> None:
         # A request joins while the batch has room; its extra rows wait inside the generator's own queue.
         # While a drain swap waits, new requests wait too: they will start on the new version.
-        while self._draining is None and self._waiting and len(self._rows) < self.batch_size:
-            self._insert(self._waiting.popleft())
+        while self._draining is None and self._waiting and len(self._rows) + self._planned < self.batch_size:
+            self._start(self._waiting.popleft())
         self._count_active()
 
-    def _insert(self, handle: Handle) -> None:
-        request, params = handle.request, handle.request.params
+    # --- shared prefill -----------------------------------------------------------------------------------------
+
+    def _make_prefix_cache(self) -> PrefixCache | None:
+        if self.config.prefix_cache_mb <= 0 or not supports(make_prompt_cache(self.model)):
+            return None
+        return PrefixCache(max_bytes=self.config.prefix_cache_mb * 2**20)
+
+    @property
+    def _key(self) -> CacheKey:
+        return (BASE_ADAPTER, self.version)
+
+    def _start(self, handle: Handle) -> None:
+        """Start a request from the longest cached prefix of its prompt: all rows at once when nothing is left to
+        prefill, else its first row (a Leader) now and the others once that row's prompt KV exists. A request
+        whose prompt shares much with a leader's still prefilling waits for it (held) instead of computing the
+        same KV again."""
+        request = handle.request
         prompt, n = request.prompt_tokens, request.n
+        head = prompt[:-1]  # the last prompt token is the first decode step's input
+        cached, cache = 0, None
+        if self._prefix is not None and head:
+            match = self._prefix.lookup(self._key, head)
+            leader = waiting_for(list(self._leaders.values()), head, match.length, epoch=self._epoch)
+            if leader is not None:
+                leader.held.append(handle)
+                self._held[handle] = leader
+                return
+            self._prefix.record(prompt_tokens=len(head), cached_tokens=match.length)
+            cached, cache = match.length, PrefixCache.kv(match) or None
+        samplers = self._samplers(request.params, n)
+        if cached == len(head):
+            self._insert_rows(handle, list(range(n)), samplers, cache, start=cached, epoch=self._epoch)
+            return
+        (uid,) = self._insert_rows(handle, [0], samplers, cache, start=cached, epoch=self._epoch)
+        if n > 1 or self._prefix is not None:
+            self._leaders[uid] = Leader(handle, head, self._epoch, list(range(1, n)), samplers)
+            self._planned += n - 1
+
+    def _prefilled(self, uid: int) -> None:
+        """A leader's prompt is in its KV cache: cache it, start its request's other rows and re-admit the
+        requests held for it (first in line, in their order)."""
+        leader = self._leaders.pop(uid, None)
+        if leader is None:
+            return
+        cache, tokens = self.gen.extract_cache([uid])[uid]
+        tokens = list(tokens)
+        if self._prefix is not None and leader.epoch == self._epoch:
+            self._prefix.insert(self._key, tokens, cache)
+        if leader.rows:
+            self._planned -= len(leader.rows)
+            self._insert_rows(leader.handle, leader.rows, leader.samplers, cache, start=len(tokens),
+                              epoch=leader.epoch)  # fmt: skip
+        self._release(leader)
+
+    def _drop_leader(self, uid: int) -> None:
+        leader = self._leaders.pop(uid, None)
+        if leader is not None:
+            self._planned -= len(leader.rows)
+            self._release(leader)
+
+    def _release(self, leader: Leader) -> None:
+        for handle in reversed(leader.held):
+            del self._held[handle]
+            self._waiting.appendleft(handle)
+        leader.held.clear()
+
+    def _store(self, row: Row, cache: list[Any] | None, tokens: list[int] | None) -> None:
+        """Keep a finished row's KV (prompt + completion) for the next turn of its conversation."""
+        if self._prefix is not None and cache and tokens and row.epoch == self._epoch:
+            self._prefix.insert(self._key, list(tokens), cache)
+
+    def _insert_rows(
+        self, handle: Handle, rows: list[int], samplers: list[Any], cache: list[Any] | None, *, start: int, epoch: int
+    ) -> list[int]:
+        """Insert `rows` of a request into the generator, each from its own copy of `cache` (the KV of the
+        prompt's first `start` tokens; None when start is 0); returns their uids."""
+        request, params = handle.request, handle.request.params
+        prompt = request.prompt_tokens
         stop_ids = [] if params.ignore_eos else list(self.eos_ids)
         stop_ids += [t for t in params.stop_token_ids if t not in stop_ids]
         stop_sequences = StopSequences([[t] for t in stop_ids] or None)
-        if n > 1 and len(prompt) > 1:
-            # Prefill the prompt once; each row decodes from its own copy of the cache.
-            cache = prefill(self.model, prompt[:-1], step=self.config.prefill_step_size)
-            prompts, caches = [prompt[-1:]] * n, [fork_cache(cache) for _ in range(n)]
-        else:
-            prompts, caches = [prompt] * n, None
-        samplers = self._samplers(params, n)
+        k = len(rows)
         uids = self.gen.insert(
-            prompts,
-            max_tokens=[params.max_tokens] * n,
-            caches=caches,
-            samplers=samplers,
-            stop_sequences=[stop_sequences] * n,
+            [prompt[start:]] * k,
+            max_tokens=[params.max_tokens] * k,
+            caches=[fork_cache(cache) for _ in rows] if cache else None,
+            all_tokens=[list(prompt[:start]) for _ in rows],  # one list per row: the generator appends to it
+            samplers=[samplers[i] for i in rows],
+            stop_sequences=[stop_sequences] * k,
         )
-        for index, uid in enumerate(uids):
+        for index, uid in zip(rows, uids, strict=True):
             self._rows[uid] = Row(
                 handle=handle,
                 index=index,
@@ -299,33 +398,19 @@ class Worker:
                 top_logprobs=params.top_logprobs,
                 detok=IncrementalDetokenizer(self.tokenizer, prompt),
                 stops=StopStrings(params.stop),
+                epoch=epoch,
             )
-        self._uids[handle] = uids
-        self._left[handle] = n
-
-    def _samplers(self, params: SamplingParams, n: int) -> list[Any]:
-        """One sampler per row. Greedy rows, and rows without a seed that sample alike, share one object:
-        when every row of the batch shares it, BatchGenerator samples the batch in one call instead of one per
-        row. Seeded rows get their own key, so their samples do not depend on what else is in the batch."""
-        if effective_temperature(params.temperature) == 0:
-            return [greedy] * n
-        if params.seed is not None:
-            return [
-                RowSampler(params, key) for key in row_keys(n=n, seed=params.seed, engine_seed=0, counter=0)
-            ]
-        setting = (params.temperature, params.top_p, params.top_k, params.min_p)
-        if setting not in self._shared:
-            if len(self._shared) >= MAX_SHARED_SAMPLERS:
-                self._shared.clear()  # rows already inserted keep theirs; new rows get fresh ones
-            key = row_keys(n=1, seed=None, engine_seed=self.config.seed, counter=self._keys_made)[0]
-            self._keys_made += 1
-            self._shared[setting] = RowSampler(params, key)
-        return [self._shared[setting]] * n
+        self._uids.setdefault(handle, []).extend(uids)
+        self._left.setdefault(handle, request.n)
+        return uids
 
     def _step(self) -> None:
         start = time.perf_counter()
         version = self.version
-        _, responses = self.gen.next()
+        prompt_responses, responses = self.gen.next()
+        for p in prompt_responses:
+            if p.end_of_segment and not p.end_of_prompt:  # a leader's prompt (all but its last token) is done
+                self._prefilled(p.uid)
         # BatchGenerator returns each token one call late (it samples step k+1 while step k is read back), so
         # every token returned now came from the forward pass issued during the previous call.
         produced_by, self._last_step_version = self._last_step_version, version
@@ -335,15 +420,10 @@ class Worker:
 
     def _emit(self, responses: list[Any], version: int) -> None:
         rows = [self._rows[r.uid] for r in responses]
-        tokens = [r.token for r in responses]
-        top_k = max(row.top_logprobs for row in rows)
-        # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
-        chosen_l, ids_l, vals_l = token_logprobs(
-            [np.asarray(r.logprobs) for r in responses], tokens, [row.temperature for row in rows], top_k
-        )
+        chosen_l, tops = step_logprobs(responses, [r.temperature for r in rows], [r.top_logprobs for r in rows])
 
         out: dict[Handle, Pending] = {}
-        stopped_by_text = []
+        stopped_by_text: dict[int, Row] = {}
         for i, (response, row) in enumerate(zip(responses, rows, strict=True)):
             finish = response.finish_reason
             if finish == "stop":  # an EOS or stop token: kept in tokens and logprobs, never in the text
@@ -352,12 +432,10 @@ class Worker:
                 text = row.stops.feed(row.detok.add(response.token))
                 if row.stops.stopped:
                     finish = "stop"
-                    stopped_by_text.append(response.uid)
+                    stopped_by_text[response.uid] = row
                 elif finish == "length":
                     text += row.text_at_end()
-            top = None
-            if row.top_logprobs and ids_l is not None and vals_l is not None:
-                top = list(zip(ids_l[i][: row.top_logprobs], vals_l[i][: row.top_logprobs], strict=True))
+            top = tops[i][: row.top_logprobs] if row.top_logprobs and tops[i] is not None else None
             pending = out.get(row.handle) or out.setdefault(row.handle, Pending(self._left[row.handle]))
             pending.events.append(
                 TokenEvent(
@@ -373,8 +451,11 @@ class Worker:
             if finish is not None:
                 del self._rows[response.uid]
                 pending.rows_left -= 1
+                self._store(row, response.prompt_cache, response.all_tokens)
         if stopped_by_text:
-            self.gen.remove(stopped_by_text)
+            kept = self.gen.remove(list(stopped_by_text), return_prompt_caches=self._prefix is not None)
+            for uid, (cache, tokens) in kept.items():
+                self._store(stopped_by_text[uid], cache, tokens)
         self.generated_tokens += len(responses)
         batch = [(handle, p.events, self._settle(handle, p.rows_left)) for handle, p in out.items()]
         self._count_active()
@@ -408,6 +489,15 @@ class Worker:
         if self._draining is not None:
             self._draining.reply(RuntimeError("the engine stopped before the adapter swap was applied"))
             self._draining = None
+        for leader in self._leaders.values():  # rows waiting for their leader's prompt
+            by_handle.setdefault(leader.handle, []).extend(
+                TokenEvent(row=i, token=NO_TOKEN, logprob=0.0, version=self.version, text="", finish_reason="abort")
+                for i in leader.rows
+            )
+        self._leaders.clear()
+        self._planned = 0
+        self._waiting.extend(self._held)
+        self._held.clear()
         waiting = list(self._waiting)
         for command in [*self._unread, *self._take(block=False)]:
             if isinstance(command, Insert):
@@ -449,6 +539,11 @@ class Worker:
             self._window_tokens -= count
         self.tokens_per_s = self._window_tokens / self._window_busy if self._window_busy > 0 else 0.0
 
+    def prefix_cache_stats(self) -> dict[str, float]:
+        """Hit rate, tokens saved and memory of the prefix cache (zeros while it is off)."""
+        return dict(STATS_OFF) if self._prefix is None else self._prefix.stats()
+
     def median_pause(self) -> float:
         pauses = self.swap_pauses()
         return statistics.median(pauses) if pauses else 0.0
+

@@ -8,6 +8,11 @@ ids (the EOS token included when it stopped there) with masks -100 over the prom
 prompt and the engine's log-probs over the completion. Completions are never decoded and re-tokenised (the
 predecessor did, which trained on tokens the policy never sampled).
 
+Multi-turn tasks (a Task with `respond`, e.g. `calculator`): the first turn is the same n=group_size request;
+each row then plays its own later turns (episodes.py), every row's next turn of the whole batch admitted together,
+and a sequence is the whole episode by token ids (prompt, turns, the environment's replies), trained only on the
+sampled tokens.
+
 Pacing belongs to the caller: `batch()` generates one learner batch when awaited and nothing in between, so a
 sync-mode runtime (generate, train, swap, generate) stays strictly on-policy; `batches()` repeats it forever,
 optionally waiting on a gate before each batch. Deterministic given the seed: group i's prompt and sampling seed
@@ -22,8 +27,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 
 from paraloop.config import MockEnvConfig
+from paraloop.envs.episodes import PROMPT_LOGPROB, Episode, play
 from paraloop.envs.tasks import Messages, Sample, Task, load_task
 from paraloop.messages import (
     PROMPT_MASK,
@@ -34,7 +41,7 @@ from paraloop.messages import (
     ScoredGroup,
 )
 
-PROMPT_LOGPROB = 1.0  # Atropos: inference_logprobs placeholder at prompt positions
+__all__ = ["PROMPT_LOGPROB", "MockEnvironment", "make_sample", "prompt_ids", "scored_group"]
 
 
 class Gate(Protocol):
@@ -57,7 +64,9 @@ def eos_ids(tokenizer: Any) -> set[int]:
     return set(ids)
 
 
-def make_sample(messages: Messages, completion: Completion, *, tokenizer: Any, eos: set[int]) -> Sample:
+def make_sample(
+    messages: Messages, completion: Completion, *, tokenizer: Any, eos: set[int], turn: int = 1
+) -> Sample:
     """A completion as the reward sees it; `pieces` leave out a final EOS token, as the text does."""
     text_tokens = completion.tokens
     if completion.finish_reason == "stop" and text_tokens and text_tokens[-1] in eos:
@@ -68,6 +77,7 @@ def make_sample(messages: Messages, completion: Completion, *, tokenizer: Any, e
         finish_reason=completion.finish_reason,
         tokens=list(completion.tokens),
         pieces=[tokenizer.decode([t]) for t in text_tokens],
+        turn=turn,
     )
 
 
@@ -125,6 +135,7 @@ class MockEnvironment:
         self._next_group = 0
         self._sequences = 0
         self._recent_rewards: deque[float] = deque(maxlen=256)
+        self._recent_turns: deque[int] = deque(maxlen=256)
 
     # --- one group ------------------------------------------------------------------------------------------------
 
@@ -133,8 +144,7 @@ class MockEnvironment:
         if index is None:
             index = self._next_group
             self._next_group += 1
-        messages, request = self._request(index)
-        return self._scored(messages, request, await self.engine.complete(request))
+        return (await self._rollout([self._request(index)]))[0]
 
     def _request(self, index: int) -> tuple[Messages, GenerateRequest]:
         rng = random.Random(f"{self.seed}/{index}")  # str seeds hash deterministically (not PYTHONHASHSEED)
@@ -149,26 +159,93 @@ class MockEnvironment:
         )
         return messages, request
 
+    async def _rollout(self, built: list[tuple[Messages, GenerateRequest]]) -> list[ScoredGroup]:
+        """Sample and score the groups of `built` (one request per group, in this order)."""
+        results = await self._complete([request for _, request in built])
+        for (_, request), completions in zip(built, results, strict=True):
+            if any(c.finish_reason == "abort" for c in completions):
+                raise RuntimeError(f"the engine aborted rollout request {request.request_id} (is it stopping?)")
+        if self.task.respond is None:
+            return [self._scored(m, r, c) for (m, r), c in zip(built, results, strict=True)]
+        return await self._episodes(built, results)
+
+    async def _complete(self, requests: list[GenerateRequest]) -> list[list[Completion]]:
+        """Every request's rows. With an engine that has `complete_many`, all requests are admitted in the same
+        decode step (a fixed arrangement: a seeded run repeats exactly); otherwise `concurrency` are in flight."""
+        if hasattr(self.engine, "complete_many"):
+            return await self.engine.complete_many(requests)
+        out: list[list[Completion]] = [[] for _ in requests]
+        limiter = anyio.CapacityLimiter(self.config.concurrency)
+
+        async def fill(slot: int) -> None:
+            async with limiter:
+                out[slot] = await self.engine.complete(requests[slot])
+
+        async with anyio.create_task_group() as tg:
+            for slot in range(len(requests)):
+                tg.start_soon(fill, slot)
+        return out
+
     def _scored(self, messages: Messages, request: GenerateRequest, completions: list[Completion]) -> ScoredGroup:
-        if any(c.finish_reason == "abort" for c in completions):
-            raise RuntimeError(f"the engine aborted rollout request {request.request_id} (is it stopping?)")
-        scores = [self._score(messages, c) for c in completions]
+        scores = [self._score(self._sample(messages, c, 1)) for c in completions]
         self._sequences += len(completions)
         self._recent_rewards.extend(scores)
-        version = int(getattr(self.engine, "version", 0))
-        return scored_group(
-            request.prompt_tokens, completions, scores, temperature=self.temperature, serving_version=version
-        )
+        return scored_group(request.prompt_tokens, completions, scores, temperature=self.temperature,
+                            serving_version=self._serving_version())  # fmt: skip
 
-    def _score(self, messages: Messages, completion: Completion) -> float:
-        sample = make_sample(messages, completion, tokenizer=self.tokenizer, eos=self._eos)
+    async def _episodes(
+        self, built: list[tuple[Messages, GenerateRequest]], results: list[list[Completion]]
+    ) -> list[ScoredGroup]:
+        """Play every row's later turns (episodes.py); one group of whole episodes per request."""
+        groups = [
+            [Episode.first(m, r.prompt_tokens, c, self._sample(m, c, 1)) for c in completions]
+            for (m, r), completions in zip(built, results, strict=True)
+        ]
+        origin = {id(e): (r, row) for (_, r), group in zip(built, groups, strict=True) for row, e in enumerate(group)}
+
+        def request_for(episode: Episode, prompt: list[int], turn: int) -> GenerateRequest:
+            first, row = origin[id(episode)]
+            seed = random.Random(f"{first.params.seed}/{row}/{turn}").getrandbits(63)
+            return GenerateRequest(request_id=f"{first.request_id}-{row}-turn{turn}", prompt_tokens=prompt,
+                                   params=msgspec.structs.replace(first.params, seed=seed))  # fmt: skip
+
+        async def complete(requests: list[GenerateRequest]) -> list[Completion]:
+            return [rows[0] for rows in await self._complete(requests)]
+
+        await play([e for group in groups for e in group], task=self.task, tokenizer=self.tokenizer, eos=self._eos,
+                   complete=complete, request_for=request_for, sample_of=self._sample,
+                   max_turns=self.config.max_turns, max_length=self.config.max_episode_tokens,
+                   template_kwargs=self.config.chat_template_kwargs)  # fmt: skip
+        out = []
+        for episodes in groups:
+            scores = [self._score(e.sample) for e in episodes]
+            self._sequences += len(episodes)
+            self._recent_rewards.extend(scores)
+            self._recent_turns.extend(e.sample.turn for e in episodes)
+            out.append(ScoredGroup(
+                tokens=[e.tokens for e in episodes],
+                masks=[e.masks for e in episodes],
+                scores=scores,
+                inference_logprobs=[e.logprobs for e in episodes],
+                generation_params={"temperature": self.temperature},
+                versions=[min(e.versions, default=self._serving_version()) for e in episodes],
+            ))  # fmt: skip
+        return out
+
+    def _serving_version(self) -> int:
+        return int(getattr(self.engine, "version", 0))
+
+    def _sample(self, messages: Messages, completion: Completion, turn: int) -> Sample:
+        return make_sample(messages, completion, tokenizer=self.tokenizer, eos=self._eos, turn=turn)
+
+    def _score(self, sample: Sample) -> float:
         try:
             score = float(self.task.reward(sample))
         except Exception as e:
             raise RuntimeError(f"task {self.config.task!r}: the reward function raised {e!r}") from e
         if not math.isfinite(score):
             raise ValueError(
-                f"task {self.config.task!r}: the reward function returned {score} for {completion.text!r}"
+                f"task {self.config.task!r}: the reward function returned {score} for {sample.text!r}"
             )
         return score
 
@@ -194,23 +271,7 @@ class MockEnvironment:
         count = self.groups_per_batch(batch_size)
         first = self._next_group  # indices fixed up front: prompts and seeds do not depend on scheduling
         self._next_group += count
-        built = [self._request(first + slot) for slot in range(count)]
-        if hasattr(self.engine, "complete_many"):
-            results = await self.engine.complete_many([request for _, request in built])
-            groups = [self._scored(m, r, c) for (m, r), c in zip(built, results, strict=True)]
-        else:
-            filled: list[ScoredGroup | None] = [None] * count
-            limiter = anyio.CapacityLimiter(self.config.concurrency)
-
-            async def fill(slot: int) -> None:
-                async with limiter:
-                    messages, request = built[slot]
-                    filled[slot] = self._scored(messages, request, await self.engine.complete(request))
-
-            async with anyio.create_task_group() as tg:
-                for slot in range(count):
-                    tg.start_soon(fill, slot)
-            groups = [g for g in filled if g is not None]
+        groups = await self._rollout([self._request(first + slot) for slot in range(count)])
         return RolloutBatch(
             groups=groups,
             source="mock",
@@ -235,6 +296,7 @@ class MockEnvironment:
             "groups": self._next_group,
             "sequences": self._sequences,
             "mean_reward_recent": statistics.fmean(rewards) if rewards else None,
+            **({"mean_turns_recent": statistics.fmean(self._recent_turns)} if self._recent_turns else {}),
         }
 
     def state(self) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Reward tasks for the mock environment: what to ask, and how to score an answer.
 
 In: a spec "module:function" (`rl_training.mock.task`). Out: a `Task` whose `prompt(rng)` draws one chat prompt
-(a list of messages) and whose `reward(sample)` scores one completion in [0, 1]. The function is called without
-arguments and returns the Task (a module attribute that already is a Task works too), so a user task is a plain
-function in any importable module:
+(a list of messages) and whose `reward(sample)` scores one completion in [0, 1]. A multi-turn task also has
+`respond(sample)`: the environment's messages after each model turn (a tool result, a hint), or None to end the
+episode; its reward scores the last turn, whose `sample.prompt` holds the whole conversation before it
+(envs/episodes.py plays the turns). The function is called without arguments and returns the Task (a module
+attribute that already is a Task works too), so a user task is a plain function in any importable module:
 
     def my_task() -> Task:
         return Task(name="yes", prompt=lambda rng: [{"role": "user", "content": "Say yes."}],
@@ -15,6 +17,8 @@ Built in:
 - `short_description` (SmolLM2-135M-Instruct): "Describe {topic} in at most five words." 0.5 for stopping with EOS
   after 1-5 words, 1 when one of them is also a word of the topic's list.
 - `capitals` (the tests' tiny random model): the fraction of completion tokens with a capital letter.
+- `calculator` (multi-turn, envs/calculator.py): arithmetic with a calculator tool called in a `<tool_call>` block;
+  the environment answers each call with a `tool` message; full reward for the right final answer.
 
 Format-only rewards get hacked at 135M (the policy collapses to one random word), so the SmolLM2 tasks give the
 format only half the reward and the other half for content checked against word lists embedded here (small, fixed,
@@ -43,6 +47,7 @@ class Sample:
     pieces: list[str] = field(
         default_factory=list
     )  # each text token decoded on its own (the final EOS left out)
+    turn: int = 1  # which model turn of a multi-turn episode this is
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Task:
     prompt: Callable[[random.Random], Messages]  # one chat prompt per call, drawn from rng
     reward: Callable[[Sample], float]  # in [0, 1]
     description: str = ""
+    respond: Callable[[Sample], Messages | None] | None = None  # multi-turn: the environment's reply, None: done
 
 
 def load_task(spec: str) -> Task:
@@ -311,4 +317,5 @@ BUILTIN_TASKS = (  # for docs and --help
     "paraloop.envs.tasks:one_word",
     "paraloop.envs.tasks:short_description",
     "paraloop.envs.tasks:capitals",
+    "paraloop.envs.calculator:calculator",
 )
