@@ -32,6 +32,7 @@ from paraloop.engine.sampling import RowSampler, effective_temperature, greedy, 
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
 from paraloop.messages import GenerateRequest, SamplingParams, TokenEvent
+from paraloop.model import Float32Logits
 
 NO_TOKEN = -1  # the token id of an "abort" event, which carries no generated token
 MAX_SHARED_SAMPLERS = 64  # distinct unseeded sampling settings kept for sharing
@@ -165,7 +166,7 @@ class Worker:
         try:
             with mx.stream(generation_stream):
                 self.gen = BatchGenerator(
-                    self.model,
+                    Float32Logits(self.model),  # a bfloat16 model's logits would not reach NumPy
                     completion_batch_size=self.batch_size,
                     prefill_batch_size=min(self.config.prefill_batch_size, self.batch_size),
                     prefill_step_size=self.config.prefill_step_size,
