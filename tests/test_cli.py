@@ -58,7 +58,7 @@ def test_mlx_without_a_backend_is_one_error_line_naming_the_extras(monkeypatch, 
     assert cli.main(["run", "configs/tiny.toml"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("paraloop: error: MLX has no backend installed")
-    assert "paraloop[cpu]" in err and "paraloop[cuda12]" in err
+    assert "pip install 'mlx[cpu]'" in err and "'mlx[cuda12]'" in err and "-e '.[cpu]'" in err
 
 
 def test_other_import_errors_are_not_hidden(monkeypatch):

@@ -1,5 +1,8 @@
 """The engine actor on the tiny model: per-request sampling inside one batch, exact logprobs and versions,
-n > 1 from one prefill, live adapter swaps, cancellation, admission and validation."""
+n > 1 from one prefill, live adapter swaps, cancellation, admission and validation.
+
+What depends on how the base computes (batching, n, logprobs, swaps) runs on the tiny 4-bit model once per
+`compute` path (compute_paths.py); the rest (admission, cancellation, validation) on the float32 model."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,15 +20,17 @@ from paraloop.engine import NO_TOKEN, Engine, EngineBusy, RequestError
 from paraloop.lora import AdapterSlots, adapter_arrays, adapter_config, attach_lora
 from paraloop.messages import Completion, GenerateRequest, SamplingParams
 from paraloop.model import load_model
+from compute_paths import LOGPROB_TOL
 
-TOL = 1e-4  # float32: engine logprobs (KV-cached, batched) vs one full forward pass
 
 
-def make_engine(path, *, lora: bool = True, wrap=None, eos_ids=None, **kwargs) -> tuple[Engine, nn.Module]:
+def make_engine(
+    path, *, compute: str = "auto", lora: bool = True, wrap=None, eos_ids=None, **kwargs
+) -> tuple[Engine, nn.Module]:
     """An engine on a fresh load of the tiny model (with a rank-4 all-linear LoRA unless lora=False).
     Returns (engine, the model with LoRA); `wrap` wraps the model the engine serves; `eos_ids` replaces the
     tokenizer's EOS ids."""
-    model, tokenizer, _, _ = load_model(path)
+    model, tokenizer, _, _ = load_model(path, compute=compute)
     if eos_ids is not None:
         tokenizer.eos_token_ids = eos_ids
     slots = None
@@ -69,7 +74,7 @@ def reference_logprobs(
     model: nn.Module, prompt: list[int], completion: list[int], temperature: float
 ) -> list[float]:
     """log_softmax(logits / T)[token] of each completion token from one full forward over prompt + completion."""
-    logits = model(mx.array(prompt + completion)[None])[0, len(prompt) - 1 : -1]
+    logits = model(mx.array(prompt + completion)[None])[0, len(prompt) - 1 : -1].astype(mx.float32)
     scaled = logits / (temperature or 1.0)
     scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
     return mx.take_along_axis(scaled, mx.array(completion)[:, None], axis=-1)[:, 0].tolist()
@@ -85,8 +90,8 @@ def prompts(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(t) for t in texts]
 
 
-def test_concurrent_requests_each_keep_their_own_sampling(tiny_model_path):
-    engine, _ = make_engine(tiny_model_path)
+def test_concurrent_requests_each_keep_their_own_sampling(tiny_q4_model_path, compute):
+    engine, _ = make_engine(tiny_q4_model_path, compute=compute)
     prompt_a, prompt_b, *_ = prompts(engine.tokenizer)
 
     async def body(engine: Engine) -> None:
@@ -133,8 +138,8 @@ def test_concurrent_requests_each_keep_their_own_sampling(tiny_model_path):
     serve(engine, body)
 
 
-def test_logprobs_equal_a_full_forward_pass_at_the_request_temperature(tiny_model_path):
-    engine, model = make_engine(tiny_model_path)
+def test_logprobs_equal_a_full_forward_pass_at_the_request_temperature(tiny_q4_model_path, compute):
+    engine, model = make_engine(tiny_q4_model_path, compute=compute)
     prompt_a, prompt_b, *_ = prompts(engine.tokenizer)
     cases = [(prompt_a, 0.0, 1), (prompt_a, 0.7, 2), (prompt_b, 1.3, 1)]
 
@@ -155,14 +160,14 @@ def test_logprobs_equal_a_full_forward_pass_at_the_request_temperature(tiny_mode
     for (prompt, temperature, _), completions in zip(cases, results, strict=True):
         for c in completions:
             expected = reference_logprobs(model, prompt, c.tokens, temperature)
-            assert max(abs(a - b) for a, b in zip(c.logprobs, expected, strict=True)) < TOL
+            assert max(abs(a - b) for a, b in zip(c.logprobs, expected, strict=True)) < LOGPROB_TOL[compute]
             if temperature == 0:  # greedy picks the argmax and reports its T = 1 logprob
                 logits = model(mx.array(prompt + c.tokens)[None])[0, len(prompt) - 1 : -1]
                 assert c.tokens == mx.argmax(logits, axis=-1).tolist()
 
 
-def test_top_logprobs_are_the_most_likely_alternatives_of_the_same_distribution(tiny_model_path):
-    engine, model = make_engine(tiny_model_path)
+def test_top_logprobs_are_the_most_likely_alternatives_of_the_same_distribution(tiny_q4_model_path, compute):
+    engine, model = make_engine(tiny_q4_model_path, compute=compute)
     prompt = prompts(engine.tokenizer)[0]
 
     async def body(engine: Engine) -> list:
@@ -176,11 +181,11 @@ def test_top_logprobs_are_the_most_likely_alternatives_of_the_same_distribution(
     for event, row in zip(events, logprobs, strict=True):
         best = sorted(range(len(row)), key=lambda t: -row[t])[:5]
         assert [t for t, _ in event.top_logprobs] == best
-        assert max(abs(lp - row[t]) for t, lp in event.top_logprobs) < TOL
+        assert max(abs(lp - row[t]) for t, lp in event.top_logprobs) < LOGPROB_TOL[compute]
 
 
-def test_greedy_output_is_the_same_alone_and_batched_with_prompts_of_other_lengths(tiny_model_path):
-    engine, _ = make_engine(tiny_model_path)
+def test_greedy_output_is_the_same_alone_and_batched_with_prompts_of_other_lengths(tiny_q4_model_path, compute):
+    engine, _ = make_engine(tiny_q4_model_path, compute=compute)
     all_prompts = prompts(engine.tokenizer)
     greedy = dict(temperature=0, max_tokens=16, ignore_eos=True)
 
@@ -201,8 +206,8 @@ def test_greedy_output_is_the_same_alone_and_batched_with_prompts_of_other_lengt
     assert together == alone
 
 
-def test_a_seed_makes_samples_reproducible_whatever_shares_the_batch(tiny_model_path):
-    engine, _ = make_engine(tiny_model_path)
+def test_a_seed_makes_samples_reproducible_whatever_shares_the_batch(tiny_q4_model_path, compute):
+    engine, _ = make_engine(tiny_q4_model_path, compute=compute)
     prompt_a, prompt_b, *_ = prompts(engine.tokenizer)
     seeded = request(prompt_a, n=2, temperature=1.0, top_p=0.95, max_tokens=20, ignore_eos=True, seed=1234)
 
@@ -258,8 +263,8 @@ class ForwardLog(nn.Module):
         return self.inner(inputs, cache=cache)
 
 
-def test_n_rows_share_one_prefill_and_sample_independently(tiny_model_path):
-    engine, model = make_engine(tiny_model_path, wrap=ForwardLog)
+def test_n_rows_share_one_prefill_and_sample_independently(tiny_q4_model_path, compute):
+    engine, model = make_engine(tiny_q4_model_path, compute=compute, wrap=ForwardLog)
     log = engine._worker.model  # the ForwardLog the engine serves
     prompt = prompts(engine.tokenizer)[3]
 
@@ -277,12 +282,12 @@ def test_n_rows_share_one_prefill_and_sample_independently(tiny_model_path):
                 abs(a - b)
                 for a, b in zip(r.logprobs, reference_logprobs(model, prompt, r.tokens, 1.0), strict=True)
             )
-            < TOL
+            < LOGPROB_TOL[compute]
         )
 
 
-def test_more_rows_than_the_batch_width_wait_for_a_free_slot(tiny_model_path):
-    engine, model = make_engine(tiny_model_path, batch_size=2)
+def test_more_rows_than_the_batch_width_wait_for_a_free_slot(tiny_q4_model_path, compute):
+    engine, model = make_engine(tiny_q4_model_path, compute=compute, batch_size=2)
     prompt_a, prompt_b, *_ = prompts(engine.tokenizer)
     specs = [
         request(prompt_a, n=5, temperature=1.0, max_tokens=6, ignore_eos=True),
@@ -305,7 +310,7 @@ def test_more_rows_than_the_batch_width_wait_for_a_free_slot(tiny_model_path):
         assert [len(r.tokens) for r in rows] == [spec.params.max_tokens] * spec.n
         for r in rows:
             expected = reference_logprobs(model, spec.prompt_tokens, r.tokens, spec.params.temperature)
-            assert max(abs(a - b) for a, b in zip(r.logprobs, expected, strict=True)) < TOL
+            assert max(abs(a - b) for a, b in zip(r.logprobs, expected, strict=True)) < LOGPROB_TOL[compute]
 
 
 def changed_adapter(model: nn.Module, seed: int) -> dict[str, mx.array]:
@@ -319,8 +324,8 @@ def changed_adapter(model: nn.Module, seed: int) -> dict[str, mx.array]:
     return arrays
 
 
-def test_an_adapter_swap_applies_between_steps_and_versions_the_tokens(tiny_model_path):
-    engine, model = make_engine(tiny_model_path)
+def test_an_adapter_swap_applies_between_steps_and_versions_the_tokens(tiny_q4_model_path, compute):
+    engine, model = make_engine(tiny_q4_model_path, compute=compute)
     prompt = prompts(engine.tokenizer)[0]
     old = dict(adapter_arrays(model))
     new = changed_adapter(model, seed=7)
@@ -350,7 +355,7 @@ def test_an_adapter_swap_applies_between_steps_and_versions_the_tokens(tiny_mode
         AdapterSlots(model).swap(old)
         expected = reference_logprobs(model, prompt, tokens[: first_new + 1], 1.0)
         got = [e.logprob for e in mine[: first_new + 1]]
-        assert max(abs(a - b) for a, b in zip(got[:first_new], expected[:first_new], strict=True)) < TOL
+        assert max(abs(a - b) for a, b in zip(got[:first_new], expected[:first_new], strict=True)) < LOGPROB_TOL[compute]
         # The first token labelled 1 did not come from the old adapter's forward pass.
         assert abs(got[first_new] - expected[first_new]) > 1e-3
 

@@ -1,4 +1,7 @@
-"""The Trainer on the tiny model: what trains, micro-batching, old/reference policies, skips, exact resume, learning."""
+"""The Trainer on the tiny model: what trains, micro-batching, old/reference policies, skips, exact resume, learning.
+
+What goes through the base model's forward and backward (the LoRA step, micro-batching, the old-policy forward,
+exact resume) runs on the tiny 4-bit model once per `compute` path (compute_paths.py); the rest on float32."""
 
 import json
 import logging
@@ -17,12 +20,20 @@ from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.optim import clip_by_norm, global_norm, learning_rate_at
 from paraloop.lora import adapter_config
 from paraloop.messages import RolloutBatch, ScoredGroup
-from paraloop.model import load_model, twin
+from paraloop.model import is_quantized, load_model, twin
 
 
 @pytest.fixture(scope="module")
 def base(tiny_model_path):
     model, _, _, _ = load_model(tiny_model_path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def q4_base(tiny_q4_model_path, compute):
+    """The tiny 4-bit model loaded for one compute path: QuantizedLinear layers, or their float32 expansion."""
+    model, _, _, quantized = load_model(tiny_q4_model_path, compute=compute)
+    assert quantized and is_quantized(model) == (compute == "quantized")
     return model
 
 
@@ -80,10 +91,10 @@ def arrays_np(arrays: dict) -> dict[str, np.ndarray]:
 # --- what trains ---------------------------------------------------------------------------------------------------
 
 
-def test_step_trains_only_the_lora_arrays(base):
-    trainer = make_trainer(base)
+def test_step_trains_only_the_lora_arrays(q4_base):
+    trainer = make_trainer(q4_base)
     before = arrays_np(trainer.adapter())
-    embed = base.model.embed_tokens.weight
+    embed = q4_base.model.embed_tokens.weight
     result = trainer.step(random_batch(0))
     assert not result.skipped and (result.step, result.version) == (1, 1)
     after = trainer.adapter()
@@ -133,14 +144,14 @@ def test_full_mode_with_kl_needs_a_reference(base):
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("inference", [False, True])
-def test_micro_batched_gradient_equals_the_full_batch_gradient(base, aggregation, inference):
+def test_micro_batched_gradient_equals_the_full_batch_gradient(q4_base, aggregation, inference):
     options = {"loss_aggregation": aggregation, "kl_beta": 0.1, "entropy_weight": 0.01}
     batch = random_batch(3, inference=inference)
     assert (
         len(collate(batch).lengths) * collate(batch).lengths.max() > 64
     )  # the small budget really splits it
-    loss_full, full = make_trainer(base, token_budget=65536, **options).gradients(batch)
-    loss_micro, micro = make_trainer(base, token_budget=64, **options).gradients(batch)
+    loss_full, full = make_trainer(q4_base, token_budget=65536, **options).gradients(batch)
+    loss_micro, micro = make_trainer(q4_base, token_budget=64, **options).gradients(batch)
     assert loss_micro == pytest.approx(loss_full, rel=1e-5, abs=1e-7)
     scale = max(float(np.abs(np.array(g)).max()) for g in full.values())
     for name, g in full.items():
@@ -192,19 +203,19 @@ def test_importance_weights_are_capped(base):
     assert result.metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # the ratio is against the old policy
 
 
-def test_ratio_is_against_the_inference_logprobs_when_given(base):
-    trainer = make_trainer(base)
+def test_ratio_is_against_the_inference_logprobs_when_given(q4_base):
+    trainer = make_trainer(q4_base)
     batch = with_logprobs(random_batch(9), trainer, field="inference_logprobs", shift=-0.1)
     result = trainer.step(batch)
     assert result.metrics["ratio_mean"] == pytest.approx(np.exp(0.1), rel=1e-4)
     assert result.metrics["importance_weight_mean"] == 1.0
 
 
-def test_old_policy_forward_runs_without_dropout(base):
+def test_old_policy_forward_runs_without_dropout(q4_base):
     """Without inference log-probs the old policy is one eval-mode forward: the same as giving those log-probs."""
     options = {"lora": {"dropout": 0.5}, "update_epochs": 2}
-    computed = make_trainer(base, **options)
-    given = make_trainer(base, **options)
+    computed = make_trainer(q4_base, **options)
+    given = make_trainer(q4_base, **options)
     batch = random_batch(10)
     computed.step(batch)
     given.step(with_logprobs(batch, given, field="inference_logprobs"))
@@ -238,8 +249,8 @@ def test_algorithm_is_chosen_by_name(base):
 # --- skipped steps ----------------------------------------------------------------------------------------------------
 
 
-def test_non_finite_loss_skips_the_step(base, caplog):
-    trainer = make_trainer(base)
+def test_non_finite_loss_skips_the_step(q4_base, caplog):
+    trainer = make_trainer(q4_base)
     trainer.step(random_batch(12))
     adapter = arrays_np(trainer.adapter())
     optimizer = {k: np.array(v) for k, v in trainer.state()["optimizer"].items()}
@@ -289,7 +300,7 @@ def test_gradient_clipping_bounds_the_global_norm():
 # --- resume ------------------------------------------------------------------------------------------------------------
 
 
-def test_resume_continues_bitwise_identically(base, tiny_model_path, tmp_path):
+def test_resume_continues_bitwise_identically(q4_base, tiny_q4_model_path, compute, tmp_path):
     options = {
         "lora": {"dropout": 0.1},
         "kl_beta": 0.05,
@@ -301,11 +312,11 @@ def test_resume_continues_bitwise_identically(base, tiny_model_path, tmp_path):
         "token_budget": 64,
     }
     batches = [random_batch(20 + i, inference=i % 2 == 1) for i in range(4)]
-    straight = make_trainer(base, **options)
+    straight = make_trainer(q4_base, **options)
     for b in batches:
         straight.step(b)
 
-    first = make_trainer(base, **options)
+    first = make_trainer(q4_base, **options)
     for b in batches[:2]:
         first.step(b)
     state = first.state()
@@ -317,7 +328,7 @@ def test_resume_continues_bitwise_identically(base, tiny_model_path, tmp_path):
         "trainer": json.loads(json.dumps(state["trainer"])),
     }
 
-    fresh, _, _, _ = load_model(tiny_model_path)
+    fresh, _, _, _ = load_model(tiny_q4_model_path, compute=compute)
     resumed = make_trainer(fresh, **options)
     resumed.load_state(
         saved,

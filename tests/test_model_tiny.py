@@ -132,6 +132,8 @@ def test_build_rejects_bad_arguments_and_a_non_empty_out_dir(tmp_path):
         build_tiny_model(tmp_path / "a", layout="gpt2")
     with pytest.raises(ValueError, match="quantize_bits"):
         build_tiny_model(tmp_path / "b", quantize_bits=7)
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        build_tiny_model(tmp_path / "c", dtype="float64")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not empty"):
@@ -150,16 +152,27 @@ def test_model_tiny_command_writes_a_quantized_llama(tmp_path):
     assert config["model_type"] == "llama" and config["quantization"]["bits"] == 4
 
 
+def test_model_tiny_command_writes_a_bfloat16_4bit_model_like_mlx_communitys(tmp_path):
+    result = run_model_command("tiny", str(tmp_path / "m"), "--quantize", "4", "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["quantization"]["bits"] == 4
+    weights = mx.load(str(tmp_path / "m" / "model.safetensors"))
+    assert {str(v.dtype) for v in weights.values()} == {"mlx.core.uint32", "mlx.core.bfloat16"}
+    assert weights["model.layers.0.self_attn.q_proj.scales"].dtype == mx.bfloat16
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["tiny", "{out}", "--layout", "gpt2"], "--layout"),
         (["tiny", "{out}", "--quantize", "7"], "--quantize"),
+        (["tiny", "{out}", "--dtype", "float64"], "--dtype"),
         (["tiny", "{existing}"], "not empty"),
         (["tiny"], "required: out"),
         (["resnet", "{out}"], "invalid choice: 'resnet'"),
     ],
-    ids=["bad-layout", "bad-bits", "out-exists", "no-out", "unknown-kind"],
+    ids=["bad-layout", "bad-bits", "bad-dtype", "out-exists", "no-out", "unknown-kind"],
 )
 def test_model_command_bad_input_is_one_error_line_and_exit_code_2(tmp_path, args, message):
     (tmp_path / "existing").mkdir()

@@ -1,4 +1,5 @@
-"""Exact resume: a run stopped at step k and resumed reaches the same adapter at step n as an uninterrupted run."""
+"""Exact resume: a run stopped at step k and resumed reaches the same adapter at step n as an uninterrupted run
+(on the tiny 4-bit model, once per compute path: both must be deterministic)."""
 
 import json
 import os
@@ -20,11 +21,12 @@ def run(model: Path, run_dir: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_stopped_and_resumed_run_matches_uninterrupted_run(tiny_model_path, tmp_path):
+def test_stopped_and_resumed_run_matches_uninterrupted_run(tiny_q4_model_path, compute, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run(tiny_model_path, straight, "--steps", "6", "--set", "rl_training.lora.dropout=0.1")
-    run(tiny_model_path, split, "--steps", "3", "--set", "rl_training.lora.dropout=0.1")
-    run(tiny_model_path, split, "--steps", "6", "--set", "rl_training.lora.dropout=0.1", "--resume", str(split))
+    common = ("--set", "rl_training.lora.dropout=0.1", "--compute", compute)
+    run(tiny_q4_model_path, straight, "--steps", "6", *common)
+    run(tiny_q4_model_path, split, "--steps", "3", *common)
+    run(tiny_q4_model_path, split, "--steps", "6", *common, "--resume", str(split))
 
     a = read_checkpoint(straight / "checkpoints" / "step_000006")
     b = read_checkpoint(split / "checkpoints" / "step_000006")

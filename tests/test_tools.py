@@ -12,10 +12,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
 import procs
+from compute_paths import LOGPROB_TOL
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 from paraloop.checkpoint import write_checkpoint, write_initial_adapter
 from paraloop.config import LoraConfig
 from paraloop.lora import adapter_arrays, adapter_config, attach_lora, load_adapter
+from paraloop.model import is_quantized, load_model
 from paraloop.tools import convert_adapter, merge, show_checkpoint
 
 PROMPT = (
@@ -36,9 +38,10 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
         assert fragment in stderr, stderr
 
 
-def trained_model(model_path: Path, *, seed: int = 0):
-    """Base + a LoRA adapter with non-zero B (as after training), in eval mode: (model, tokenizer, config)."""
-    model, tokenizer = mlx_lm.load(str(model_path))
+def trained_model(model_path: Path, *, seed: int = 0, compute: str = "quantized"):
+    """Base + a LoRA adapter with non-zero B (as after training), in eval mode: (model, tokenizer, config).
+    A quantized base keeps its quantized layers unless compute = "dequantized" (as mlx_lm.load does)."""
+    model, tokenizer, _, _ = load_model(model_path, compute=compute)
     config = adapter_config(
         LoraConfig(rank=4, num_layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]),
         model,
@@ -110,27 +113,33 @@ def test_merge_of_a_float_base_gives_the_same_model_as_base_plus_adapter(tiny_mo
     assert greedy(merged, merged_tokenizer) == greedy(model, tokenizer)
 
 
-def test_merge_of_a_4bit_base_requantizes_unless_dequantize(tiny_model_path, tiny_q4_model_path, tmp_path):
-    model, tokenizer, config = trained_model(tiny_q4_model_path)
+def test_merge_of_a_4bit_base_requantizes_unless_dequantize(tiny_model_path, tiny_q4_model_path, compute, tmp_path):
+    """The adapter was trained and served on `compute`; the merged model is loaded back the same way."""
+
+    def load(path: Path):
+        return load_model(path, compute=compute)[0]
+
+    model, tokenizer, config = trained_model(tiny_q4_model_path, compute=compute)
     step_dir = save_run(tmp_path / "run", model, config)
     expected = logits(model, tokenizer)
-    base, _ = mlx_lm.load(str(tiny_q4_model_path))
+    base = load(tiny_q4_model_path)
     adapter_effect = rms(expected - logits(base, tokenizer))
-    f32_base, _ = mlx_lm.load(str(tiny_model_path))
-    quantization_error = rms(logits(base, tokenizer) - logits(f32_base, tokenizer))
+    quantization_error = rms(logits(base, tokenizer) - logits(load(tiny_model_path), tokenizer))
 
     assert merge_cli(tiny_q4_model_path, step_dir, tmp_path / "q4") == 0
-    requantized, _ = mlx_lm.load(str(tmp_path / "q4"))
+    requantized = load(tmp_path / "q4")
     assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"]["bits"] == 4
+    assert is_quantized(requantized) == (compute == "quantized")
     got = logits(requantized, tokenizer)
     # requantizing W + dW costs about what quantizing W did, far less than what the adapter changes
     assert rms(got - expected) < quantization_error and rms(got - expected) < 0.25 * adapter_effect
     assert (got.argmax(-1) == expected.argmax(-1)).mean().item() >= 0.75
 
     assert merge_cli(tiny_q4_model_path, step_dir, tmp_path / "f32", "--dequantize") == 0
-    dequantized, _ = mlx_lm.load(str(tmp_path / "f32"))
+    dequantized = load(tmp_path / "f32")
     assert "quantization" not in json.loads((tmp_path / "f32" / "config.json").read_text())
-    assert mx.allclose(logits(dequantized, tokenizer), expected, atol=1e-4).item()
+    # W + dW in float32 is what the served model computed, on either path (compute_paths.py: LOGPROB_TOL)
+    assert mx.allclose(logits(dequantized, tokenizer), expected, atol=LOGPROB_TOL[compute]).item()
 
 
 def test_merge_accepts_an_npz_adapter_dir(tiny_model_path, tmp_path):

@@ -40,17 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"paraloop: error: unknown command {name!r} (try `paraloop --help`)", file=sys.stderr)
         return 2
     from paraloop.logs import setup_logging
+    from paraloop.mlx_install import import_error_message, install_problem
 
     setup_logging()  # PARALOOP_LOG, the same for every verb
+    problem = install_problem()
+    if problem:
+        print(f"paraloop: warning: {problem}", file=sys.stderr)
     try:
         module = importlib.import_module(COMMANDS[name][0])
         return int(module.main(rest) or 0)
     except ImportError as e:
-        if "libmlx" not in str(e):
+        message = import_error_message(e)
+        if message is None:
             raise
-        print(f"paraloop: error: MLX has no backend installed ({e}). On Linux install one: "
-              "pip install 'paraloop[cpu]', or 'paraloop[cuda12]' / 'paraloop[cuda13]' for NVIDIA GPUs",
-              file=sys.stderr)
+        print(f"paraloop: error: {message}", file=sys.stderr)
         return 2
 
 

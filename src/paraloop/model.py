@@ -72,6 +72,15 @@ def _from_hub(repo: str, revision: str | None) -> Path:
     raise ModelNotFoundError(f"{repo}: no such directory, and as a Hugging Face repo id {reason}")
 
 
+def backend_name() -> str:
+    """Where MLX computes by default: "cpu", "metal" or "cuda"."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    if mx.metal.is_available():
+        return "metal"
+    return "cuda" if mx.cuda.is_available() else "gpu"
+
+
 def resolve_compute(compute: Compute) -> Literal["quantized", "dequantized"]:
     """`auto`: dequantize on the CPU backend (4-bit matmul there is ~10-50x slower than float32 sgemm with
     OpenBLAS); keep the quantized kernels on Metal and CUDA, where they are the fast path."""
@@ -105,8 +114,19 @@ def load_model(
         str(path), return_config=True, tokenizer_config={"trust_remote_code": trust_remote_code}
     )
     quantized = is_quantized(model)
-    if quantized and resolve_compute(compute) == "dequantized":
+    floats = "/".join(sorted({str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
+                              if mx.issubdtype(v.dtype, mx.floating)}))
+    if quantized:
+        bits = (config.get("quantization") or {}).get("bits", "?")
+        stored = f"{bits}-bit quantized weights ({floats} scales and norms)"
+    else:
+        stored = f"{floats} weights"
+    if resolve_compute(compute) == "dequantized" and (quantized or floats != "float32"):
         dequantize_base(model)
+        how = "expanded to float32 at load"
+    else:
+        how = "kept quantized: MLX's quantized kernels" if quantized else "computed as stored"
+    log.info("model %s: %s, %s (compute = %s, backend %s)", path, stored, how, compute, backend_name())
     model.eval()
     return model, tokenizer, config, quantized
 
@@ -131,6 +151,25 @@ def twin(module: nn.Module) -> nn.Module:
     for key, value in module.items():
         new[key] = clone(value)
     return new
+
+
+class Float32Logits:
+    """A model whose logits come out as float32, for the engine's BatchGenerator.
+
+    Half-precision models (the bfloat16 4-bit models most users run with quantized compute on Metal and CUDA) give
+    bfloat16 logits: NumPy cannot read them (the engine's token log-probs), and a log-softmax in bfloat16 keeps
+    about 3 significant digits, far from the learner's float32 log-probs of the same logits. Casting the (rows,
+    vocab) logits of a decode step costs nothing next to the forward pass; float32 logits pass through unchanged.
+    Everything else (layers, make_cache, args) is the wrapped model's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, inputs: mx.array, cache: Any = None) -> mx.array:
+        return self.model(inputs, cache=cache).astype(mx.float32)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
 
 
 def parameter_bytes(model: nn.Module) -> int:

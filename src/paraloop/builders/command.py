@@ -1,6 +1,6 @@
 """`paraloop model`: write an offline model dir.
 
-    paraloop model tiny OUT [--quantize BITS] [--layout qwen3|llama] [--seed N]
+    paraloop model tiny OUT [--quantize BITS] [--dtype float32|bfloat16|float16] [--layout qwen3|llama] [--seed N]
     paraloop model smollm2 OUT [--gguf PATH] [--dequantize]
 
 `main(argv)` takes the arguments after `model` and returns the exit code: 0 on success, 2 with one
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from paraloop.builders import check_out_dir
-from paraloop.builders.tiny import LAYOUTS, QUANTIZE_BITS
+from paraloop.builders.tiny import DTYPES, LAYOUTS, QUANTIZE_BITS
 
 
 class UsageError(Exception):
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BITS",
         help="store mlx-lm's affine quantization with BITS bits, group size 64 (e.g. 4)",
     )
+    tiny.add_argument(
+        "--dtype", choices=DTYPES, default="float32",
+        help="weight dtype (default: float32; bfloat16 is how most published MLX models are stored)",
+    )
     tiny.add_argument("--layout", choices=LAYOUTS, default="qwen3", help="architecture (default: qwen3)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
 
@@ -63,7 +67,9 @@ def main(argv: list[str]) -> int:
         if args.kind == "tiny":
             from paraloop.builders.tiny import build_tiny_model
 
-            out = build_tiny_model(args.out, quantize_bits=args.quantize, layout=args.layout, seed=args.seed)
+            out = build_tiny_model(
+                args.out, quantize_bits=args.quantize, layout=args.layout, seed=args.seed, dtype=args.dtype
+            )
         else:
             from paraloop.builders.gguf import convert_smollm2
 

@@ -1,7 +1,7 @@
 """A tiny deterministic random-weight model dir for tests and benchmarks, built offline in about a second.
 
-In: an output dir, a layout ("qwen3" or "llama"), a seed, optionally a bit width for mlx-lm's affine
-quantization (group size 64). Out: a dir with config.json, model.safetensors and Hugging Face tokenizer
+In: an output dir, a layout ("qwen3" or "llama"), a seed, a dtype (float32; bfloat16 or float16 as most published
+MLX models are), optionally a bit width for mlx-lm's affine quantization (group size 64). Out: a dir with config.json, model.safetensors and Hugging Face tokenizer
 files that `mlx_lm.load` and `transformers.AutoTokenizer` both accept. The tokenizer is a byte-level BPE
 trained here on an embedded English + arithmetic corpus, with ChatML special tokens and chat template.
 Same arguments, same bytes: weights come from NumPy's seeded generator, the BPE trainer is deterministic.
@@ -22,6 +22,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 VOCAB_SIZE = 1024  # including the special tokens
 LAYOUTS = ("qwen3", "llama")
 QUANTIZE_BITS = (2, 3, 4, 5, 6, 8)  # mlx affine modes
+DTYPES = ("float32", "bfloat16", "float16")
 GROUP_SIZE = 64
 
 DIMS: dict[str, Any] = {
@@ -104,14 +105,14 @@ def train_tokenizer() -> Any:
     return tok
 
 
-def model_config(*, layout: str, vocab_size: int) -> dict[str, Any]:
+def model_config(*, layout: str, vocab_size: int, dtype: str = "float32") -> dict[str, Any]:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     return {
         "model_type": layout,
         "architectures": ["Qwen3ForCausalLM" if layout == "qwen3" else "LlamaForCausalLM"],
         "vocab_size": vocab_size,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "eos_token_id": SPECIAL_TOKENS.index("<|im_end|>"),
         **DIMS,
     }
@@ -133,17 +134,26 @@ def random_weights(model: Any, *, seed: int) -> dict[str, Any]:
 
 
 def build_tiny_model(
-    out_dir: Path | str, *, quantize_bits: int | None = None, layout: str = "qwen3", seed: int = 0
+    out_dir: Path | str,
+    *,
+    quantize_bits: int | None = None,
+    layout: str = "qwen3",
+    seed: int = 0,
+    dtype: str = "float32",
 ) -> Path:
     """Write the tiny model to `out_dir` (absent or empty) and return its path.
 
-    `quantize_bits` (e.g. 4) stores mlx-lm's affine quantization, group size 64, of the same float32 weights.
+    `dtype` rounds the float32 weights (bfloat16: the layout of mlx-community's models); `quantize_bits` (e.g. 4)
+    then stores mlx-lm's affine quantization, group size 64, with scales and biases in that dtype.
     """
     if quantize_bits is not None and quantize_bits not in QUANTIZE_BITS:
         raise ValueError(f"quantize_bits must be one of {QUANTIZE_BITS} or None, got {quantize_bits!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tokenizer = train_tokenizer()
-    config = model_config(layout=layout, vocab_size=tokenizer.get_vocab_size())
+    config = model_config(layout=layout, vocab_size=tokenizer.get_vocab_size(), dtype=dtype)
 
+    import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import quantize_model
 
@@ -151,6 +161,9 @@ def build_tiny_model(
     model = arch.Model(arch.ModelArgs.from_dict(config))
     weights = random_weights(model, seed=seed)
     model.load_weights(list(weights.items()))
+    if dtype != "float32":
+        model.set_dtype(getattr(mx, dtype))
+        weights = dict(tree_flatten(model.parameters()))
     if quantize_bits is not None:
         with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints bits per weight
             model, config = quantize_model(model, config, GROUP_SIZE, quantize_bits)

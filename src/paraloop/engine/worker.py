@@ -41,6 +41,7 @@ from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
 from paraloop.messages import GenerateRequest, TokenEvent
+from paraloop.model import Float32Logits
 
 NO_TOKEN = -1  # the token id of an "abort" event, which carries no generated token
 RATE_WINDOW_S = 10.0  # decode tokens/s is measured over the steps of the last this-many seconds
@@ -182,7 +183,7 @@ class Worker:
                     cpu_kernels.use_on_this_thread()
                 self._prefix = self._make_prefix_cache()
                 self.gen = make_generator(
-                    self.model,
+                    Float32Logits(self.model),  # a bfloat16 model's logits would not reach NumPy
                     numpy_sampling=self._numpy,
                     completion_batch_size=self.batch_size,
                     prefill_batch_size=min(self.config.prefill_batch_size, self.batch_size),

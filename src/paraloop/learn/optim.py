@@ -33,7 +33,7 @@ def select_trainable(model: nn.Module, train_mode: str) -> None:
         if is_quantized(model):
             raise ValueError(
                 "train_mode = 'full' needs a non-quantized model: quantized weights have no gradient "
-                "(use train_mode = 'lora', or model.compute = 'dequantized')"
+                "(use train_mode = 'lora', or a float model)"
             )
         model.unfreeze()
     else:
