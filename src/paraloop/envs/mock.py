@@ -78,17 +78,20 @@ def scored_group(
     *,
     temperature: float,
     serving_version: int = 0,
+    max_tokens: int | None = None,
 ) -> ScoredGroup:
     """One Atropos ScoredDataGroup from a prompt's ids and its sampled completions (the engine's own ids).
 
-    A row's version is the oldest among its tokens (`serving_version` for a row without tokens)."""
+    A row's version is the oldest among its tokens (`serving_version` for a row without tokens); its
+    `overrides[i]["finish_reason"]` says why it ended, so the learner knows truncated rows for sure."""
     prompt = list(prompt)
     return ScoredGroup(
         tokens=[prompt + c.tokens for c in completions],
         masks=[[PROMPT_MASK] * len(prompt) + c.tokens for c in completions],
         scores=[float(s) for s in scores],
         inference_logprobs=[[PROMPT_LOGPROB] * len(prompt) + c.logprobs for c in completions],
-        generation_params={"temperature": temperature},
+        generation_params={"temperature": temperature} | ({"max_tokens": max_tokens} if max_tokens else {}),
+        overrides=[{"finish_reason": c.finish_reason} for c in completions],
         versions=[min(c.versions, default=serving_version) for c in completions],
     )
 
@@ -157,7 +160,12 @@ class MockEnvironment:
         self._recent_rewards.extend(scores)
         version = int(getattr(self.engine, "version", 0))
         return scored_group(
-            request.prompt_tokens, completions, scores, temperature=self.temperature, serving_version=version
+            request.prompt_tokens,
+            completions,
+            scores,
+            temperature=self.temperature,
+            serving_version=version,
+            max_tokens=self.max_tokens,
         )
 
     def _score(self, messages: Messages, completion: Completion) -> float:
