@@ -123,6 +123,7 @@ class RolloutBatch(Msg):
     source_step: int | None = None  # the Atropos server's step, when known
     dropped_stale: int = 0
     source_state: dict[str, Any] | None = None  # where the source stands after this batch (saved for resume)
+    metrics: dict[str, float] = {}  # how the batch was formed (dynamic sampling), merged into the step's metrics
 
 
 # --- learner, checkpoints, control -----------------------------------------------------------------------------------

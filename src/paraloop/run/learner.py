@@ -121,6 +121,7 @@ class Learner:
         step, version = self.trainer.step_count, self.trainer.version
         metrics = dict(result.metrics)
         metrics["dropped_stale"] = float(batch.dropped_stale)
+        metrics.update(batch.metrics)  # how the batch was formed (dynamic sampling)
         if batch.source_step is not None:
             metrics["source_step"] = float(batch.source_step)
         done = StepFinished(step=step, version=version, metrics=metrics, skipped=result.skipped)

@@ -121,10 +121,12 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             buffer = RolloutBuffer(
                 batch_size=rl.batch_size, priority=rl.buffer_priority,
                 max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
+                drop_zero_signal=rl.dynamic_sampling,
             )
             status.buffer_stats = buffer.stats
             tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer, version=lambda: trainer.version,
-                                  credits=credits_recv))
+                                  credits=credits_recv,
+                                  max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else None))
             # The finite part: the learner and everything downstream of it end by end-of-stream, in turn, so the
             # last swap, checkpoint and metrics line are done before the rest (engine, HTTP, fetcher) is cancelled.
             async with anyio.create_task_group() as training:
