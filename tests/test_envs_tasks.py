@@ -190,3 +190,7 @@ def test_a_task_module_in_the_current_directory_loads_without_pythonpath(tmp_pat
     (tmp_path / "broken_tasks.py").write_text("import no_such_dependency_here\n")
     with pytest.raises(ValueError, match="no_such_dependency_here"):
         load_task("broken_tasks:anything")
+
+
+def no_eval_split() -> Task:  # for test_eval: a task without held-out prompts
+    return Task(name="bare", prompt=lambda rng: [{"role": "user", "content": "Hi."}], reward=lambda s: 1.0)

@@ -1,10 +1,13 @@
-"""The monitor actor: StepFinished in; metrics.jsonl, the progress line and the run's status out.
+"""The monitor actor: StepFinished and EvalFinished in; metrics.jsonl, the progress line and the run's status out.
 
-One JSON line per learner step goes to RUN_DIR/metrics.jsonl (appended, so a resumed run continues the file).
-On a terminal the progress line redraws in place; elsewhere (CI, logs) it prints one line per step.
+One JSON line per learner step goes to RUN_DIR/metrics.jsonl (appended, so a resumed run continues the file), and
+one per held-out evaluation, marked `"kind": "eval"`. On a terminal the progress line redraws in place; elsewhere
+(CI, logs) it prints one line per step. A step whose train/inference mismatch exceeds the threshold is logged as a
+warning and shown in the status' alerts until a step is back under it.
 """
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -12,8 +15,12 @@ from typing import TextIO
 
 from anyio.abc import ObjectReceiveStream
 
-from paraloop.messages import StepFinished
+from paraloop.atropos.evals import AtroposEvals
+from paraloop.learn.mismatch import mismatch_alarm
+from paraloop.messages import EvalFinished, StepFinished
 from paraloop.run.status import RunStatus, swap_pause_ms
+
+log = logging.getLogger("paraloop.monitor")
 
 TABLE_COLUMNS = ("step", "reward_mean", "reward_std", "loss", "kl", "entropy", "clip_fraction", "step_time_s")
 
@@ -34,6 +41,8 @@ def progress_line(status: RunStatus, done: StepFinished) -> str:
     ]
     if done.skipped:
         parts.append("SKIPPED (non-finite)")
+    if "mismatch" in status.alerts:
+        parts.append(f"MISMATCH {m.get('mismatch_abs_mean', float('nan')):.3g} nats")
     if status.paused:
         parts.append("paused")
     return " | ".join(parts)
@@ -52,16 +61,64 @@ def summary_table(history: list[dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def eval_line(record: dict) -> str:
+    keys = [k for k in record if k == "reward_mean" or k.startswith("pass@")]
+    if not keys:  # an Atropos environment's own metrics
+        keys = [k for k, v in record.items() if k not in ("step", "version", "task") and isinstance(v, float)][:4]
+    numbers = " | ".join(f"{k} {record[k]:.3f}" for k in keys)
+    took = f" | {record['time_s']:.1f} s" if "time_s" in record else ""
+    return f"eval v{record['version']} ({record['task']}) | {numbers}{took}"
+
+
+def eval_table(evals: list[dict]) -> str:
+    """The built-in held-out evaluations of a run as a plain-text table (the first row: the starting adapter)."""
+    evals = [e for e in evals if "prompts" in e]
+    if not evals:
+        return ""
+    keys = ["step", "version", "reward_mean"] + [k for k in evals[0] if k.startswith("pass@")]
+    header = " ".join(f"{c:>13}" for c in keys)
+    rows = [f"held-out eval ({evals[0]['task']}, {int(evals[0]['prompts'])} prompts x "
+            f"{int(evals[0]['samples'])} samples)", header, "-" * len(header)]
+    for record in evals:
+        rows.append(" ".join(f"{int(record[c]):>13d}" if c in ("step", "version") else f"{record.get(c, float('nan')):>13.4f}"
+                             for c in keys))
+    return "\n".join(rows)
+
+
 async def run_monitor(
-    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, run_dir: Path, out: TextIO | None = None
+    inbox: ObjectReceiveStream[StepFinished | EvalFinished],
+    *,
+    status: RunStatus,
+    run_dir: Path,
+    out: TextIO | None = None,
+    mismatch_threshold: float = 0.0,
+    atropos_evals: AtroposEvals | None = None,
 ) -> None:
     out = out or sys.stderr  # looked up now, not at import: whoever owns stderr then (a test's capture) may close it
     interactive = out.isatty()
     path = run_dir / "metrics.jsonl"
+
+    def write_eval(done: EvalFinished) -> None:
+        record = status.record_eval(done)
+        jsonl.write(json.dumps({"kind": "eval", "time": time.time(), **record}) + "\n")
+        jsonl.flush()
+        out.write(("\r\x1b[2K" if interactive else "") + eval_line(record) + "\n")
+        out.flush()
+
     async with inbox:
         with path.open("a") as jsonl:
             async for done in inbox:
+                if isinstance(done, EvalFinished):
+                    write_eval(done)
+                    continue
                 status.record_step(done)
+                alarm = mismatch_alarm(done.metrics, mismatch_threshold)
+                if alarm is not None:
+                    if "mismatch" not in status.alerts:
+                        log.warning("step %d: %s", done.step, alarm)
+                    status.alerts["mismatch"] = f"step {done.step}: {alarm}"
+                elif "mismatch_abs_mean" in done.metrics:
+                    status.alerts.pop("mismatch", None)
                 engine = status.engine_stats() if status.engine_stats else {}
                 record = {
                     "step": done.step,
@@ -77,5 +134,8 @@ async def run_monitor(
                 line = progress_line(status, done)
                 out.write(f"\r\x1b[2K{line}" if interactive else line + "\n")
                 out.flush()
+                for env, metrics in atropos_evals.new() if atropos_evals is not None else []:
+                    write_eval(EvalFinished(step=done.step, version=done.version, task=f"atropos:{env}",
+                                            metrics=metrics))
     if interactive:
         out.write("\n")
