@@ -10,6 +10,7 @@ import anyio
 
 from paraloop.atropos.evals import AtroposEvals
 from paraloop.messages import EvalFinished, StepFinished
+from paraloop.run.control import prometheus_text
 from paraloop.run.monitor import eval_table, run_monitor
 from paraloop.run.status import RunStatus
 
@@ -44,13 +45,18 @@ def step(n: int, gap: float | None) -> StepFinished:
 
 
 def test_a_mismatch_over_the_threshold_warns_once_and_is_an_alert_until_it_clears(tmp_path, caplog):
-    seen = []
+    seen, gauges = [], []
+
+    def look(message, status):
+        seen.append("mismatch" in status.alerts)
+        gauges.append('paraloop_alert{topic="mismatch"} 1.0' in prometheus_text(status))
+
     with caplog.at_level(logging.WARNING, logger="paraloop.monitor"):
         status, lines, out = monitor(
-            tmp_path, [step(1, 1e-6), step(2, 0.08), step(3, 0.09), step(4, None), step(5, 2e-6)],
-            between=lambda message, status: seen.append("mismatch" in status.alerts),
+            tmp_path, [step(1, 1e-6), step(2, 0.08), step(3, 0.09), step(4, None), step(5, 2e-6)], between=look
         )
     assert seen == [False, True, True, True, False], "a step without the metric leaves the alert as it is"
+    assert gauges == seen
     assert caplog.text.count("train/inference mismatch") == 1 and "mismatch_threshold = 0.01" in caplog.text
     assert "MISMATCH 0.08 nats" in out
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
@@ -67,6 +73,7 @@ def test_evaluations_are_lines_of_their_own_in_the_status_and_the_table(tmp_path
     snapshot = status.snapshot()
     assert snapshot["eval"]["first"]["reward_mean"] == 0.25 and snapshot["eval"]["last"]["pass@4"] == 0.5
     assert "eval v1 (one_word) | reward_mean 0.750 | pass@1 0.625 | pass@4 0.500 | 1.5 s" in out
+    assert 'paraloop_eval{name="reward_mean"} 0.75' in prometheus_text(status)
     table = eval_table(status.evals)
     assert "held-out eval (one_word, 8 prompts x 4 samples)" in table and "0.7500" in table
 

@@ -239,4 +239,9 @@ def prometheus_text(status: RunStatus) -> str:
     for key, value in snap["engine"].items():
         if isinstance(value, (int, float)):
             gauge("engine", value, "engine statistics", f'{{name="{key}"}}')
+    for key, value in snap["eval"].get("last", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            gauge("eval", value, "last held-out evaluation", f'{{name="{key}"}}')
+    for topic in snap["alerts"]:
+        gauge("alert", 1, "1 while something needs attention (see /control/status alerts)", f'{{topic="{topic}"}}')
     return "\n".join(lines) + "\n"
