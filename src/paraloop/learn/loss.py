@@ -180,6 +180,21 @@ def importance_weights(
     return mx.where(mask, weight, one), mx.where(mask, ratio, one)
 
 
+def importance_stats(weight: mx.array, ratio: mx.array, rollout_mask: mx.array) -> dict[str, mx.array]:
+    """Additive statistics of `importance_weights`' raw ratios over the rollout's trained tokens, and how many
+    tokens truncation or masking changed."""
+    rollout_mask = rollout_mask.astype(mx.bool_)
+    big = mx.array(np.finfo(np.float32).max)
+    frm = rollout_mask.astype(mx.float32)
+    return {
+        "importance_ratio_sum": mx.sum(ratio * frm),
+        "importance_ratio_min": mx.min(mx.where(rollout_mask, ratio, big)),
+        "importance_ratio_max": mx.max(mx.where(rollout_mask, ratio, -big)),
+        "importance_changed": mx.sum(((weight != ratio) & rollout_mask).astype(mx.float32)),
+        "importance_tokens": mx.sum(frm),
+    }
+
+
 def rollout_mismatch(
     learner_logp: mx.array, rollout_logp: mx.array, *, rollout_mask: mx.array, fresh_mask: mx.array
 ) -> dict[str, mx.array]:

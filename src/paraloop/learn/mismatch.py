@@ -3,8 +3,8 @@
 The engine records the log-prob of every token it samples and the adapter version that sampled it; the learner
 recomputes the same log-probs. For rows sampled by the adapter version the learner holds, the two must agree up
 to float rounding: a gap is a bug or a numerics problem (a wrong temperature, a stale cache, a precision loss),
-never policy change. loss.rollout_mismatch computes the sums; this module picks the rows and turns sums into
-metrics. Pure NumPy.
+never policy change. loss.rollout_mismatch computes the sums; this module picks the rows and turns sums (and the
+rollout correction's, loss.importance_stats) into metrics. Pure NumPy.
 """
 
 import numpy as np
@@ -45,6 +45,19 @@ def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:
         out["rollout_ratio_max"] = sums["rollout_ratio_max"]
         out["rollout_ratio_outside"] = sums["rollout_ratio_outside"] / sums["rollout_tokens"]
     return out
+
+
+def importance_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Per-step rollout-correction metrics from loss.importance_stats (summed over micro-batches): the raw ratios
+    before truncation or masking, and the fraction of tokens whose weight differs from its ratio."""
+    if sums.get("importance_tokens", 0.0) <= 0:
+        return {}
+    return {
+        "importance_ratio_mean": sums["importance_ratio_sum"] / sums["importance_tokens"],
+        "importance_ratio_min": sums["importance_ratio_min"],
+        "importance_ratio_max": sums["importance_ratio_max"],
+        "importance_changed_fraction": sums["importance_changed"] / sums["importance_tokens"],
+    }
 
 
 def combine(parts: list[dict[str, float]]) -> dict[str, float]:

@@ -29,11 +29,18 @@ from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.loss import (
     LossSettings,
     aggregation_weights,
+    importance_stats,
     importance_weights,
     policy_loss,
     rollout_mismatch,
 )
-from paraloop.learn.mismatch import combine, mismatch_metrics, row_versions, staleness_metrics
+from paraloop.learn.mismatch import (
+    combine,
+    importance_metrics,
+    mismatch_metrics,
+    row_versions,
+    staleness_metrics,
+)
 from paraloop.learn.optim import (
     add_trees,
     clip_by_norm,
@@ -310,9 +317,10 @@ class Trainer:
     def _old_and_reference(self, tb: TokenBatch, micros: list[MicroBatch]) -> None:
         """Old-policy and reference log-probs, once per batch, no grad, eval mode (no dropout).
 
-        Old policy: the inference log-probs when given; else one forward of the current adapter. With
-        importance_cap, the forward is the old policy and the inference log-probs are the behaviour policy:
-        weight min(exp(old - inference), cap). Reference: given ref_logprobs win; else the reference adapter.
+        Old policy: the inference log-probs when given; else one forward of the current adapter. With rollout
+        correction (importance_cap / importance_min), the forward is the old policy and the inference log-probs are
+        the behaviour policy: weights from loss.importance_weights. The same forward, when it runs, measures the
+        train/inference mismatch. Reference: given ref_logprobs win; else the reference adapter.
         """
         cfg = self.config
         correct = self.importance_correction
@@ -377,14 +385,20 @@ class Trainer:
             mb.extras["fresh"] = fresh[rows]
         return versions
 
-    def _mismatch(self, learner_logp: mx.array, mb: MicroBatch) -> dict[str, float]:
+    @staticmethod
+    def _rollout_mismatch(learner_logp: mx.array, mb: MicroBatch) -> dict[str, mx.array]:
+        """loss.rollout_mismatch on the micro-batch's trained tokens: of rows with engine log-probs, and of those
+        the current adapter version sampled."""
         trained = mb.mask.astype(mx.bool_)
-        stats = rollout_mismatch(
+        return rollout_mismatch(
             learner_logp,
             mx.array(mb.extras["inference"]),
             rollout_mask=trained & mx.array(mb.extras["has_inference"])[:, None],
             fresh_mask=trained & mx.array(mb.extras["fresh"])[:, None],
         )
+
+    def _mismatch(self, learner_logp: mx.array, mb: MicroBatch) -> dict[str, float]:
+        stats = self._rollout_mismatch(learner_logp, mb)
         mx.eval(stats)
         return {k: v.item() for k, v in stats.items()}
 
@@ -392,12 +406,7 @@ class Trainer:
         """Without dropout the gradient forward IS the eval-mode forward: measure the mismatch on its first epoch."""
         if mb.mismatch is not None or self._dropout or not mb.extras["has_inference"].any():
             return {}
-        return rollout_mismatch(
-            logp,
-            mx.array(mb.extras["inference"]),
-            rollout_mask=mb.mask.astype(mx.bool_) & mx.array(mb.extras["has_inference"])[:, None],
-            fresh_mask=mb.mask.astype(mx.bool_) & mx.array(mb.extras["fresh"])[:, None],
-        )
+        return self._rollout_mismatch(logp, mb)
 
     def _correct(self, mb: MicroBatch, old: mx.array, inference: mx.array, rollout_mask: mx.array) -> None:
         """Rollout correction: importance weights pi_old / pi_rollout, with the raw ratios' statistics."""
@@ -406,30 +415,18 @@ class Trainer:
             old, inference, rollout_mask, level=cfg.importance_level, mode=cfg.importance_mode,
             low=cfg.importance_min, high=self.importance_cap,
         )  # fmt: skip
-        big = mx.array(np.finfo(np.float32).max)
-        frm = rollout_mask.astype(mx.float32)
-        stats = {
-            "importance_ratio_sum": mx.sum(ratio * frm),
-            "importance_ratio_min": mx.min(mx.where(rollout_mask, ratio, big)),
-            "importance_ratio_max": mx.max(mx.where(rollout_mask, ratio, -big)),
-            "importance_changed": mx.sum(((weight != ratio) & rollout_mask).astype(mx.float32)),
-            "importance_tokens": mx.sum(frm),
-        }
+        stats = importance_stats(weight, ratio, rollout_mask)
         mx.eval(weight, stats)
         mb.importance_weight = weight
         mb.importance = {k: v.item() for k, v in stats.items()}
 
-    def _rollout_metrics(self, micros: list[MicroBatch]) -> dict[str, float]:
+    @staticmethod
+    def _rollout_metrics(micros: list[MicroBatch]) -> dict[str, float]:
         """The step's mismatch and rollout-correction metrics, from every micro-batch's statistics."""
-        mismatch = combine([mb.mismatch for mb in micros if mb.mismatch])
-        out = mismatch_metrics(mismatch)
-        imp = combine([mb.importance for mb in micros if mb.importance])
-        if imp.get("importance_tokens", 0.0) > 0:
-            out["importance_ratio_mean"] = imp["importance_ratio_sum"] / imp["importance_tokens"]
-            out["importance_ratio_min"] = imp["importance_ratio_min"]
-            out["importance_ratio_max"] = imp["importance_ratio_max"]
-            out["importance_changed_fraction"] = imp["importance_changed"] / imp["importance_tokens"]
-        return out
+        return {
+            **mismatch_metrics(combine([mb.mismatch for mb in micros if mb.mismatch])),
+            **importance_metrics(combine([mb.importance for mb in micros if mb.importance])),
+        }
 
     def _update_reference(self) -> None:
         ema = self.config.ref_ema
