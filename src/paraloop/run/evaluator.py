@@ -55,7 +55,7 @@ class Evaluator:
             return
         self.evaluated = version
         self.status.alerts.pop("eval", None)
-        log.info("eval v%d: %s", version, ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline_keys(result.metrics)))
+        log.debug("eval v%d: %s", version, ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline_keys(result.metrics)))
         await self.results.send(
             EvalFinished(step=self.step(), version=version, task=self.plan.task.name, metrics=result.metrics)
         )
