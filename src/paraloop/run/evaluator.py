@@ -55,7 +55,8 @@ class Evaluator:
             return
         self.evaluated = version
         self.status.alerts.pop("eval", None)
-        log.debug("eval v%d: %s", version, ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline_keys(result.metrics)))
+        headline = ", ".join(f"{k} {result.metrics[k]:.4f}" for k in headline_keys(result.metrics))
+        log.debug("eval v%d: %s", version, headline)
         await self.results.send(
             EvalFinished(step=self.step(), version=version, task=self.plan.task.name, metrics=result.metrics)
         )
