@@ -177,11 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter to evaluate: a run dir (latest checkpoint), a checkpoint dir, or an "
                                      "adapter dir / adapter.npz")
     # dest eval_*: never mistaken for the run flags of the same name (--task is rl_training.mock.task there)
-    p.add_argument("--task", dest="eval_task", help="task as module:function or file.py:function [eval.task]")
-    p.add_argument("--prompts", dest="eval_prompts", type=int, help="first N prompts of the eval split [eval.prompts]")
-    p.add_argument("--samples", dest="eval_samples", type=int, help="completions per prompt [eval.samples]")
-    p.add_argument("--temperature", dest="eval_temperature", type=float, help="0: greedy [eval.temperature]")
-    p.add_argument("--max-tokens", type=int, dest="eval_max_tokens", help="generation cap [eval.max_tokens]")
+    p.add_argument("--task", dest="eval_task", metavar="TASK", help="task as module:function or file.py:function [eval.task]")
+    p.add_argument("--prompts", dest="eval_prompts", metavar="N", type=int, help="first N prompts of the eval split [eval.prompts]")
+    p.add_argument("--samples", dest="eval_samples", metavar="K", type=int, help="completions per prompt [eval.samples]")
+    p.add_argument("--temperature", dest="eval_temperature", metavar="T", type=float, help="0: greedy [eval.temperature]")
+    p.add_argument("--max-tokens", type=int, dest="eval_max_tokens", metavar="N", help="generation cap [eval.max_tokens]")
     p.add_argument("--no-base", action="store_true", help="evaluate only the adapter, not the base model too")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--output", help="directory for every sample, as base.jsonl and adapter.jsonl")
@@ -249,7 +249,7 @@ async def compare(settings: Settings, adapter: str | None, *, base: bool) -> tup
                 await engine.swap_adapter(zeros, 1)
             results["base"] = await evaluate(engine, tokenizer, plan)
         tg.cancel_scope.cancel()
-    return plan, dict(sorted(results.items()))  # base first
+    return plan, {name: results[name] for name in ("base", "adapter") if name in results}
 
 
 def main(argv: list[str] | None = None) -> int:

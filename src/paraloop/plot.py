@@ -53,14 +53,16 @@ def _eval_panel(ax, evals: list[dict]) -> None:
         ax.text(0.5, 0.5, "no evaluation\n([eval] every_steps)", ha="center", va="center", transform=ax.transAxes)
         return
     xs = [e["step"] for e in evals]
-    keys = ["reward_mean"] + [k for k in evals[-1] if k.startswith("pass@")][:2]
+    passes = [k for k in evals[-1] if k.startswith("pass@")]
+    keys = ["reward_mean", *passes[:1], *passes[1:][-1:]]  # reward, pass@1 and the largest k
     for key in keys:
         ax.plot(xs, [e.get(key) for e in evals], marker="o", markersize=4, label=key)
     first, last = evals[0], evals[-1]
-    ax.annotate(f"{first['reward_mean']:.2f}", (first["step"], first["reward_mean"]), textcoords="offset points",
-                xytext=(4, -12))
-    ax.annotate(f"{last['reward_mean']:.2f}", (last["step"], last["reward_mean"]), textcoords="offset points",
-                xytext=(-10, 6))
+    ax.annotate(f"start {first['reward_mean']:.2f}", (first["step"], first["reward_mean"]),
+                textcoords="offset points", xytext=(6, 4), fontsize=8)
+    if len(evals) > 1:
+        ax.annotate(f"end {last['reward_mean']:.2f}", (last["step"], last["reward_mean"]),
+                    textcoords="offset points", xytext=(-40, 8), fontsize=8)
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"held-out eval: {first.get('task', '')}")
