@@ -16,6 +16,7 @@ from paraloop.config import ConfigError, load_config
 from paraloop.evaluation import eval_plan, pass_at_k
 from paraloop.messages import EvalFinished
 from paraloop.run.evaluator import Evaluator
+from paraloop.run.preflight import settings_problems
 from paraloop.run.status import RunStatus
 
 EVAL_FLAGS = ("--set", "eval.every_steps=2", "--set", "eval.samples=2", "--set", "eval.temperature=0.15")
@@ -34,13 +35,11 @@ def test_the_plan_comes_from_the_eval_section():
     assert plan.task.name == "capitals" and len(plan.prompts) == 3 and plan.max_tokens == 8  # rl_training's cap
     with pytest.raises(ValueError, match="samples > 1 needs temperature > 0"):
         load_config(TINY_CONFIG, {"eval": {"samples": 4}})
-    no_split = load_config(TINY_CONFIG, {"eval": {"task": "test_envs_tasks:no_eval_split"}})
+    no_split = load_config(TINY_CONFIG, {"eval": {"every_steps": 2, "task": "test_envs_tasks:no_eval_split"}})
     with pytest.raises(ConfigError, match="has no eval split"):
         eval_plan(no_split)
-
-
-class FakePlanEngine:
-    """Stands in for evaluation.evaluate's engine: records which versions were evaluated, in order."""
+    assert any("has no eval split" in p for p in settings_problems(no_split)), "paraloop run --dry-run says so"
+    assert not any("eval" in p for p in settings_problems(load_config(TINY_CONFIG)))
 
 
 def test_the_evaluator_evaluates_due_versions_forwards_credits_and_ends_with_the_last(monkeypatch):

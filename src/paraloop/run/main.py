@@ -76,7 +76,10 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     if settings.eval.every_steps and (settings.eval.task or not rl.atropos.api_url):
         from paraloop.evaluation import eval_plan
 
-        plan = eval_plan(settings)  # before the model loads: a bad eval task fails fast
+        try:
+            plan = eval_plan(settings)  # before the model loads (preflight has checked it already)
+        except ConfigError as e:
+            raise SetupError(str(e)) from None
     thread = MlxThread("paraloop-learner")
     try:
         models = await thread.call(build_models, settings)
