@@ -116,7 +116,7 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     assert argv[-2:] == ["--env.group_size", "4"]  # the user's flags come last, so they win
 
 
-@needs_atropos
+@pytest.mark.atropos
 def test_eval_every_steps_becomes_the_environments_own_evaluation_cadence(tmp_path):
     """atroposlib calls an environment's evaluate() every steps_per_eval API steps; its evaluate_log writes into
     data_dir_to_save_evals, one dir per script under RUN_DIR/atropos_evals, where paraloop run reads it back."""
