@@ -2,15 +2,14 @@
 `paraloop run` whose in-training evaluations equal a standalone `paraloop eval` of its checkpoints."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
-from test_run import TINY_CONFIG, finish, paraloop_run, read_metrics
+
+import procs
+from test_run import RUN_ENV, TINY_CONFIG, read_metrics, run_to_end
 
 from paraloop.config import ConfigError, load_config
 from paraloop.evaluation import eval_plan, pass_at_k
@@ -95,7 +94,7 @@ def test_the_evaluator_evaluates_due_versions_forwards_credits_and_ends_with_the
 def eval_cli(model: Path, adapter: Path, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "paraloop", "eval", "--config", str(TINY_CONFIG), "--model-path", str(model),
            "--adapter", str(adapter), "--json", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, start_new_session=True)
+    proc = procs.run(cmd, timeout=180, env=RUN_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 
@@ -103,14 +102,10 @@ def eval_cli(model: Path, adapter: Path, *extra: str) -> dict:
 @pytest.mark.slow
 def test_evaluation_during_a_run_matches_a_standalone_paraloop_eval(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = paraloop_run(tiny_model_path, run_dir, "--steps", "4", "--checkpoint-interval", "2",
-                        "--set", "rl_training.dynamic_sampling=true", *EVAL_FLAGS)
-    try:
-        code, _, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert code == 0, err[-3000:]
+    done = run_to_end(tiny_model_path, run_dir, "--steps", "4", "--checkpoint-interval", "2",
+                      "--set", "rl_training.dynamic_sampling=true", *EVAL_FLAGS)  # fmt: skip
+    err = done.stderr
+    assert done.returncode == 0, err[-3000:]
     lines = read_metrics(run_dir)
     evals = {r["version"]: r for r in lines if r.get("kind") == "eval"}
     steps = [r for r in lines if r.get("kind") != "eval"]

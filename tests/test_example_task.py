@@ -4,13 +4,12 @@
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import procs
 from paraloop.envs.tasks import Sample, load_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,15 +40,8 @@ def test_paraloop_run_trains_and_evaluates_a_task_from_the_current_directory(tin
     cmd = [str(script), "run", str(REPO / "configs" / "tiny.toml"), "--model-path", str(tiny_model_path),
            "--run-dir", str(run_dir), "--port", "0", "--steps", "2", "--no-plot", "--task", "arithmetic_task:arithmetic",
            "--set", "eval.every_steps=2", "--set", "eval.prompts=4"]
-    proc = subprocess.Popen(cmd, cwd=EXAMPLES, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
+    done = procs.run(cmd, timeout=180, cwd=EXAMPLES, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [line for line in lines if line.get("kind") == "eval"]
     assert [e["version"] for e in evals] == [0, 2] and {e["task"] for e in evals} == {"arithmetic"}
