@@ -116,6 +116,26 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     assert argv[-2:] == ["--env.group_size", "4"]  # the user's flags come last, so they win
 
 
+@pytest.mark.atropos
+def test_eval_every_steps_becomes_the_environments_own_evaluation_cadence(tmp_path):
+    """atroposlib calls an environment's evaluate() every steps_per_eval API steps; its evaluate_log writes into
+    data_dir_to_save_evals, one dir per script under RUN_DIR/atropos_evals, where paraloop run reads it back."""
+    model = tmp_path / "model"
+    model.mkdir()
+    config = write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model)
+    script = tmp_path / "gsm8k_server.py"
+    script.write_text("")
+    plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
+                     "--set", "eval.every_steps=5", "--", "--env.steps_per_eval", "7"])
+    argv = env_argv(plan, str(script), 8123)
+    flags = list(zip(argv[4::2], argv[5::2], strict=True))
+    assert ("--env.steps_per_eval", "5") in flags and flags[-1] == ("--env.steps_per_eval", "7"), "the user's wins"
+    assert dict(flags)["--env.data_dir_to_save_evals"] == str(tmp_path / "run" / "atropos_evals" / "gsm8k_server")
+    plain = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV)])
+    argv = env_argv(plain, str(script), 8123)
+    assert "--env.steps_per_eval" not in argv and "--env.data_dir_to_save_evals" not in argv
+
+
 @pytest.mark.parametrize(
     "problem, expected",
     [

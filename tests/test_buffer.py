@@ -176,3 +176,28 @@ def test_put_batch_keeps_the_source_and_upstream_stale_counts():
 def test_bad_settings_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RolloutBuffer(**kwargs)
+
+
+# --- dynamic sampling ------------------------------------------------------------------------------------------------
+
+
+def test_zero_signal_groups_wait_in_a_bounded_reserve_and_fill_only_when_asked():
+    buffer = RolloutBuffer(batch_size=4, drop_zero_signal=True)
+    for scores in ([1, 1], [0, 0], [2, 2], [0, 1]):
+        buffer.put(group(scores))
+    assert buffer.take() is None, "one group with signal cannot fill the batch"
+    batch = buffer.take(fill=True)
+    assert scores_of(batch) == [[0, 1], [1, 1]], "signal first, then the oldest reserved group that fits"
+    assert batch.metrics == {"zero_signal_groups": 3.0, "filled_zero_signal": 1.0}
+    assert buffer.stats()["filled_zero_signal"] == 1 and buffer.stats()["dropped_zero_signal"] == 3
+    for _ in range(10):  # the reserve keeps at most one batch's worth, newest
+        buffer.put(group([3, 3]))
+    assert len(buffer._reserve) == 4
+    assert buffer.take(fill=True).metrics == {"zero_signal_groups": 10.0, "filled_zero_signal": 2.0}
+
+
+def test_reserved_groups_go_stale_like_queued_ones():
+    buffer = RolloutBuffer(batch_size=2, drop_zero_signal=True, max_staleness=1)
+    buffer.put(group([1, 1], version=0))
+    buffer.put(group([2, 2], version=3))
+    assert scores_of(buffer.take(version=3, fill=True)) == [[2, 2]]

@@ -124,7 +124,8 @@ def test_a_group_is_one_request_on_the_chat_template_and_keeps_the_engines_own_i
             -0.25 * (j + 1) for j in range(len(tokens))
         ]
     assert group.versions == [3, 3, 3, 3]  # the oldest version among each row's tokens (3, 4, 3, ...)
-    assert group.generation_params == {"temperature": 0.7}
+    assert group.generation_params == {"temperature": 0.7, "max_tokens": 6}
+    assert [o["finish_reason"] for o in group.overrides] == ["stop", "length", "length", "stop"]
     # capitals: fraction of text tokens with a capital letter, the final EOS not being text
     assert group.scores == [0.5, 0.0, 1.0, 0.0]
 

@@ -148,3 +148,49 @@ def test_capitals_is_the_fraction_of_tokens_with_a_capital_letter():
     assert reward(sample("Say something.", "ABC", pieces=["ABC"])) == 1.0
     assert reward(sample("Say something.", "abc", pieces=["a", "bc"])) == 0.0
     assert reward(sample("Say something.", "", pieces=[])) == 0.0
+
+
+# --- eval splits and user tasks -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", BUILTIN_TASKS)
+def test_every_builtin_task_has_a_held_out_eval_split(spec):
+    task = load_task(spec)
+    held_out = [p[-1]["content"] for p in task.eval_prompts]
+    assert len(held_out) >= 8 and len(set(held_out)) == len(held_out)
+    rng = random.Random(0)
+    trained = {task.prompt(rng)[-1]["content"] for _ in range(2000)}
+    assert trained.isdisjoint(held_out), "training never draws an eval prompt"
+
+
+def test_held_out_prompts_are_scored_like_training_ones():
+    assert one_word().reward(sample("Name an insect. Answer with one word only.", "Bee.")) == 1.0
+    assert one_word().reward(sample("Name a piece of furniture. Answer with one word only.", "Banana")) == 0.5
+    assert short_description().reward(sample("Describe the desert in at most five words.", "Hot and dry.")) == 1.0
+    assert short_description().reward(sample("Describe a river in at most five words.", "A river.")) == 0.5
+
+
+def test_a_task_module_in_the_current_directory_loads_without_pythonpath(tmp_path, monkeypatch):
+    """A console script puts its own bin/ on sys.path, not the current directory: the task must load anyway."""
+    (tmp_path / "my_cwd_tasks.py").write_text(
+        "from paraloop.envs.tasks import Task\n"
+        "def hello():\n"
+        "    return Task(name='hello', prompt=lambda rng: [{'role': 'user', 'content': 'Hi.'}], reward=lambda s: 1.0)\n"
+    )
+    (tmp_path / "pkg_here").mkdir()
+    (tmp_path / "pkg_here" / "__init__.py").write_text("")
+    (tmp_path / "pkg_here" / "tasks.py").write_text("from my_cwd_tasks import hello as again\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert load_task("my_cwd_tasks:hello").name == "hello"
+    assert load_task("pkg_here.tasks:again").name == "hello"
+    assert load_task(str(tmp_path / "my_cwd_tasks.py") + ":hello").name == "hello"
+    with pytest.raises(ValueError, match="cannot import module 'still_missing'"):
+        load_task("still_missing:hello")
+    (tmp_path / "broken_tasks.py").write_text("import no_such_dependency_here\n")
+    with pytest.raises(ValueError, match="no_such_dependency_here"):
+        load_task("broken_tasks:anything")
+
+
+def no_eval_split() -> Task:  # for test_eval: a task without held-out prompts
+    return Task(name="bare", prompt=lambda rng: [{"role": "user", "content": "Hi."}], reward=lambda s: 1.0)

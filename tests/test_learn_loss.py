@@ -15,10 +15,17 @@ from paraloop.learn.advantages import group_advantages, token_advantages
 from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.batch import collate
 from paraloop.learn.logprobs import token_logprobs
-from paraloop.learn.loss import LossSettings, aggregation_weights, policy_loss
+from paraloop.learn.loss import (
+    LossSettings,
+    aggregation_weights,
+    importance_weights,
+    policy_loss,
+    rollout_mismatch,
+)
 from paraloop.messages import RolloutBatch, ScoredGroup
 
 B, T, V = 4, 6, 11
+NORM = 9  # Dr. GRPO's constant: more than any row's trained tokens, and more than the padded width T
 
 
 # --- the independent NumPy reference ----------------------------------------------------------------------------
@@ -42,17 +49,41 @@ def np_aggregate(token_loss, mask, mode):
         return (token_loss * mask).sum() / n.sum()
     if mode == "seq-mean-token-mean":
         return np.mean([(token_loss[i] * mask[i]).sum() / n[i] for i in np.flatnonzero(active)])
-    return np.mean([(token_loss[i] * mask[i]).sum() / n.max() for i in np.flatnonzero(active)])
+    return np.mean([(token_loss[i] * mask[i]).sum() / NORM for i in np.flatnonzero(active)])
 
 
-def np_loss(logits, inp, opt):
+def np_ppo(ratio, adv, opt):
+    eps_high = opt.get("clip_ratio_high") or opt.get("clip_ratio", 0.2)
+    clipped = np.clip(ratio, 1 - opt.get("clip_ratio", 0.2), 1 + eps_high)
+    return -np.minimum(ratio * adv, clipped * adv)
+
+
+def np_importance(old, rollout, mask, level, mode, low, high):
+    """(weights, raw ratios) written from the definitions: per token, or the product over a row's tokens."""
+    d = np.where(mask, old - rollout, 0.0)
+    if level == "sequence":
+        d = np.repeat(d.sum(1, keepdims=True), d.shape[1], axis=1)
+    ratio = np.exp(np.clip(d, -20, 20))
+    lo, hi = (low if low is not None else 0.0), (high if high is not None else np.inf)
+    weight = np.clip(ratio, lo, hi) if mode == "truncate" else np.where((ratio >= lo) & (ratio <= hi), ratio, 0.0)
+    return np.where(mask, weight, 1.0), np.where(mask, ratio, 1.0)
+
+
+def np_loss(logits, inp, opt, frozen_logp=None):
+    """The loss in float64. `frozen_logp`: the log-probs that stop-gradient terms read (default: these ones)."""
     logp, entropy = np_logprobs(logits, inp["targets"], inp["temperature"])
-    adv = inp["advantages"]
-    if opt.get("algorithm", "grpo") == "grpo":
-        ratio = np.exp(logp - inp["old_logp"])
-        eps_high = opt.get("clip_ratio_high") or opt.get("clip_ratio", 0.2)
-        clipped = np.clip(ratio, 1 - opt.get("clip_ratio", 0.2), 1 + eps_high)
-        pg = -np.minimum(ratio * adv, clipped * adv)
+    frozen = logp if frozen_logp is None else frozen_logp
+    adv, mask = inp["advantages"], inp["mask"]
+    algorithm = opt.get("algorithm", "grpo")
+    log_ratio = np.where(mask, logp - inp["old_logp"], 0.0)
+    if algorithm == "grpo":
+        pg = np_ppo(np.exp(log_ratio), adv, opt)
+    elif algorithm == "gspo":  # s_i = exp(mean of the row's trained log-ratios), one per sequence
+        per_row = log_ratio.sum(1) / np.maximum(mask.sum(1), 1)
+        pg = np_ppo(np.repeat(np.exp(per_row)[:, None], T, axis=1), adv, opt)
+    elif algorithm == "cispo":  # the clipped weight is a constant (stop-gradient): logits enter through log p only
+        frozen_ratio = np.exp(np.where(mask, frozen - inp["old_logp"], 0.0))
+        pg = -np.minimum(frozen_ratio, opt.get("cispo_clip_max", 5.0)) * adv * logp
     else:
         pg = -adv * logp
     if "importance_weight" in inp:
@@ -68,12 +99,13 @@ def np_loss(logits, inp, opt):
 
 
 def np_grad(logits, inp, opt, h=1e-6):
+    frozen, _ = np_logprobs(logits, inp["targets"], inp["temperature"])
     g = np.zeros_like(logits)
     for idx in np.ndindex(logits.shape):
         up, down = logits.copy(), logits.copy()
         up[idx] += h
         down[idx] -= h
-        g[idx] = (np_loss(up, inp, opt) - np_loss(down, inp, opt)) / (2 * h)
+        g[idx] = (np_loss(up, inp, opt, frozen) - np_loss(down, inp, opt, frozen)) / (2 * h)
     return g
 
 
@@ -87,8 +119,16 @@ def mx_loss(logits, inp, opt):
         kl_beta=opt.get("kl_beta", 0.0),
         kl_estimator=opt.get("kl_estimator", "k3"),
         entropy_weight=opt.get("entropy_weight", 0.0),
+        cispo_clip_max=opt.get("cispo_clip_max", 5.0),
     )
-    weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"))
+    weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
+    if "importance" in opt:  # rollout correction: the learner's old policy against the engine's log-probs
+        level, mode, low, high = opt["importance"]
+        iw, _ = importance_weights(
+            mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32),
+            mx.array(inp["mask"]), level=level, mode=mode, low=low, high=high,
+        )  # fmt: skip
+        inp = {**inp, "importance_weight": np.array(iw)}
 
     def f(x):
         logp, entropy = token_logprobs(x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32))
@@ -131,6 +171,7 @@ def random_inputs(seed: int) -> tuple[np.ndarray, dict]:
         "old_logp": logp + rng.normal(0, 0.3, size=(B, T)),
         "ref_logp": logp + rng.normal(0, 0.5, size=(B, T)),
     }
+    inp["rollout_logp"] = inp["old_logp"] + rng.normal(0, 0.3, size=(B, T))  # the engine's numerics differ a bit
     return logits, inp
 
 
@@ -154,6 +195,18 @@ OPTIONS = [
         "importance_weight": True,
         "aggregation": "seq-mean-token-sum-norm",
     },
+    {"algorithm": "gspo"},
+    {"algorithm": "gspo", "clip_ratio": 0.03, "clip_ratio_high": 0.05, "aggregation": "seq-mean-token-mean"},
+    {"algorithm": "gspo", "aggregation": "seq-mean-token-sum-norm", "kl_beta": 0.1, "kl_estimator": "k3"},
+    {"algorithm": "cispo"},
+    {"algorithm": "cispo", "cispo_clip_max": 1.1, "aggregation": "seq-mean-token-mean"},
+    {"algorithm": "cispo", "cispo_clip_max": 1.1, "importance": ("sequence", "mask", 0.5, 2.0)},
+    {"importance": ("token", "truncate", None, 1.2)},
+    {"importance": ("token", "truncate", 0.8, 1.25)},
+    {"importance": ("token", "mask", 0.8, 1.25)},
+    {"importance": ("sequence", "truncate", 0.5, 2.0)},
+    {"importance": ("sequence", "mask", None, 1.5), "aggregation": "seq-mean-token-mean"},
+    {"algorithm": "gspo", "importance": ("token", "mask", None, 1.3), "clip_ratio": 0.03},
 ]
 
 
@@ -165,6 +218,8 @@ def test_loss_and_gradient_match_float64_numpy(opt, seed):
     logits, inp = random_inputs(seed)
     if opt.get("importance_weight"):
         inp["importance_weight"] = np.minimum(np.exp(np.random.default_rng(seed).normal(0, 0.5, (B, T))), 2.0)
+    if "importance" in opt:
+        inp["importance_weight"], _ = np_importance(inp["old_logp"], inp["rollout_logp"], inp["mask"], *opt["importance"])
     value, grad = mx_loss(logits, inp, opt)
     expected = np_loss(logits, inp, opt)
     np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
@@ -177,6 +232,88 @@ def test_some_random_ratios_are_clipped():
     logp, _ = np_logprobs(logits, inp["targets"], inp["temperature"])
     ratio = np.exp(logp - inp["old_logp"])[inp["mask"]]
     assert ((ratio < 0.8) | (ratio > 1.2)).any() and ((ratio > 0.8) & (ratio < 1.2)).any()
+
+
+def test_gspo_and_cispo_options_reach_their_clipped_branches():
+    """Guards the float64 test: GSPO clips whole sequences, CISPO caps weights, at the options used above."""
+    for seed in (0, 1):
+        logits, inp = random_inputs(seed)
+        logp, _ = np_logprobs(logits, inp["targets"], inp["temperature"])
+        mask = inp["mask"]
+        log_ratio = np.where(mask, logp - inp["old_logp"], 0.0)
+        seq = np.exp(log_ratio.sum(1) / np.maximum(mask.sum(1), 1))[mask.any(1)]
+        assert ((seq > 0.8) & (seq < 1.2)).any(), "PPO's clip range leaves some sequences unclipped"
+        assert ((seq < 0.97) | (seq > 1.05)).any(), "the tight GSPO option clips some sequences"
+        token = np.exp(log_ratio)[mask]
+        assert (token > 1.1).any() and (token < 1.1).any()
+
+
+def test_gspo_clips_a_sequence_as_a_whole():
+    logits, inp = random_inputs(0)
+    opt = {"algorithm": "gspo", "clip_ratio": 0.03, "clip_ratio_high": 0.05}
+    settings = LossSettings(clip_ratio=0.03, clip_ratio_high=0.05)
+    logp, _ = token_logprobs(mx.array(logits, mx.float32), mx.array(inp["targets"]), mx.array(inp["temperature"]))
+    mask = mx.array(inp["mask"])
+    _, clipped = get_algorithm("gspo").token_loss(
+        logp, mx.array(inp["old_logp"], mx.float32), mx.array(inp["advantages"], mx.float32), mask, settings
+    )
+    clipped = np.array(clipped)
+    for row in np.flatnonzero(inp["mask"].any(1)):
+        sign = np.sign(inp["advantages"][row][inp["mask"][row]])  # the clip branch depends on A's sign per token
+        flags = clipped[row][inp["mask"][row]]
+        assert len(set(zip(sign, flags, strict=True))) <= 2, "one ratio per sequence: tokens of a sign agree"
+    assert mx_loss(logits, inp, opt)[0] == pytest.approx(np_loss(logits, inp, opt), rel=1e-5)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_importance_weights_and_raw_ratios_match_numpy(level, mode):
+    _, inp = random_inputs(7)
+    low, high = 0.8, 1.25
+    weight, ratio = importance_weights(
+        mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32), mx.array(inp["mask"]),
+        level=level, mode=mode, low=low, high=high,
+    )  # fmt: skip
+    np_weight, np_ratio = np_importance(inp["old_logp"], inp["rollout_logp"], inp["mask"], level, mode, low, high)
+    np.testing.assert_allclose(np.array(ratio), np_ratio, rtol=1e-5)
+    np.testing.assert_allclose(np.array(weight), np_weight, rtol=1e-5)
+    trained = inp["mask"]
+    outside = ((np_ratio < low) | (np_ratio > high)) & trained
+    assert outside.any() and (~outside & trained).any(), "the bounds are exercised from both sides"
+    if mode == "mask":
+        assert np.all(np.array(weight)[outside] == 0)
+    else:
+        assert np.array(weight)[trained].min() >= low - 1e-6 and np.array(weight)[trained].max() <= high + 1e-6
+    assert np.all(np.array(weight)[~trained] == 1.0)
+    if level == "sequence":  # one ratio per row, on all its trained tokens
+        for row in np.flatnonzero(trained.any(1)):
+            assert np.ptp(np.array(ratio)[row][trained[row]]) < 1e-6
+
+
+def test_sequence_ratios_never_overflow():
+    old = mx.zeros((1, 64))
+    rollout = mx.full((1, 64), -5.0)  # a product of 64 ratios of e^5
+    weight, ratio = importance_weights(old, rollout, mx.ones((1, 64), mx.bool_), level="sequence", mode="mask",
+                                       low=None, high=3.0)
+    assert np.isfinite(np.array(ratio)).all() and np.all(np.array(weight) == 0)
+
+
+def test_rollout_mismatch_matches_numpy():
+    _, inp = random_inputs(8)
+    learner, engine, mask = inp["old_logp"], inp["rollout_logp"], inp["mask"]
+    fresh = mask & np.array([True, False, True, True])[:, None]  # row 1 came from an older adapter version
+    stats = {k: v.item() for k, v in rollout_mismatch(
+        mx.array(learner, mx.float32), mx.array(engine, mx.float32), rollout_mask=mx.array(mask),
+        fresh_mask=mx.array(fresh),
+    ).items()}  # fmt: skip
+    diff, ratio = np.abs(learner - engine)[fresh], np.exp(learner - engine)[mask]
+    assert stats["mismatch_abs_sum"] == pytest.approx(diff.sum(), rel=1e-5)
+    assert stats["mismatch_abs_max"] == pytest.approx(diff.max(), rel=1e-5)
+    assert stats["mismatch_tokens"] == fresh.sum() and stats["rollout_tokens"] == mask.sum()
+    assert stats["rollout_ratio_sum"] == pytest.approx(ratio.sum(), rel=1e-5)
+    assert stats["rollout_ratio_min"] == pytest.approx(ratio.min(), rel=1e-5)
+    assert stats["rollout_ratio_max"] == pytest.approx(ratio.max(), rel=1e-5)
+    assert stats["rollout_ratio_outside"] == ((ratio < 0.8) | (ratio > 1.25)).sum() > 0
 
 
 def test_logprobs_and_entropy_use_the_temperature_scaled_distribution():
@@ -221,9 +358,27 @@ def test_aggregation_weights_normalise_over_the_whole_batch():
     np.testing.assert_allclose(aggregation_weights(mask, "token-mean").sum(), 1.0)
     w = aggregation_weights(mask, "seq-mean-token-mean")
     np.testing.assert_allclose(w.sum(1), [0.5, 0.5, 0.0])
-    w = aggregation_weights(mask, "seq-mean-token-sum-norm")  # Dr. GRPO: sum / (4 tokens * 2 sequences)
+    w = aggregation_weights(mask, "seq-mean-token-sum-norm", norm_length=4)  # Dr. GRPO: sum / (4 * 2 sequences)
     np.testing.assert_allclose(w[0, 0], 1 / 8)
     np.testing.assert_allclose(w.sum(1), [2 / 8, 4 / 8, 0.0])
+
+
+def test_dr_grpo_divides_by_a_constant_not_the_longest_row():
+    """A row's weight is 1 / (norm_length * sequences), whatever the longest row of its batch: here no row fills
+    the padded width (6) and the longest has 3 trained tokens."""
+    mask = np.zeros((3, 6), bool)
+    mask[0, 1:3] = True
+    mask[1, 2:5] = True
+    mask[2, :1] = True
+    w = aggregation_weights(mask, "seq-mean-token-sum-norm", norm_length=24)
+    np.testing.assert_allclose(w[mask], 1 / (24 * 3))
+    assert np.all(w[~mask] == 0)
+    longer = np.zeros((4, 6), bool)
+    longer[:3] = mask
+    longer[3, :] = True  # a longer answer joins the batch: the others keep their per-token weight up to the row count
+    np.testing.assert_allclose(aggregation_weights(longer, "seq-mean-token-sum-norm", norm_length=24)[:3][mask], 1 / 96)
+    with pytest.raises(ValueError, match="norm_length"):
+        aggregation_weights(mask, "seq-mean-token-sum-norm")
 
 
 # --- advantages --------------------------------------------------------------------------------------------------

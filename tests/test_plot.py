@@ -37,3 +37,15 @@ def test_plot_errors_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(row(1, 0.5)) + "\n{not json\n")
     assert main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"paraloop: error: {tmp_path / 'metrics.jsonl'}:2: not JSON\n"
+
+
+def test_eval_lines_are_their_own_panel_and_never_a_training_step(tmp_path):
+    from paraloop.plot import plot_run, read_evals
+
+    run_dir = tmp_path / "run"
+    evals = [{"kind": "eval", "step": s, "version": s, "task": "one_word", "reward_mean": r, "pass@1": r / 2,
+              "pass@4": r} for s, r in ((0, 0.1), (2, 0.5))]  # fmt: skip
+    write_metrics(run_dir, [evals[0], row(1, 0.2), row(2, 0.3), evals[1], {**row(2, 0.3), "mismatch_abs_mean": 0.0}])
+    assert [(r["step"], r["reward_mean"]) for r in read_metrics(run_dir)] == [(1, 0.2), (2, 0.3)]
+    assert [(e["version"], e["reward_mean"]) for e in read_evals(run_dir)] == [(0, 0.1), (2, 0.5)]
+    assert plot_run(run_dir).read_bytes().startswith(b"\x89PNG")

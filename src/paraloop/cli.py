@@ -11,6 +11,7 @@ COMMANDS = {
     "merge": ("paraloop.tools.merge", "fuse an adapter into its base model"),
     "convert-adapter": ("paraloop.tools.convert_adapter", "convert an adapter between npz and safetensors"),
     "show-checkpoint": ("paraloop.tools.show_checkpoint", "summarise a run's checkpoints"),
+    "eval": ("paraloop.evaluation", "evaluate a model and an adapter on a task's held-out prompts, side by side"),
     "plot": ("paraloop.plot", "plot a run's metrics to PNG"),
     "dashboard": ("paraloop.dashboard.command", "serve the run dashboard from runs' files, to compare them"),
     "launch-atropos": ("paraloop.atropos.launch", "start the Atropos API, an environment and `paraloop run` together"),

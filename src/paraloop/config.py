@@ -195,8 +195,10 @@ class MockEnvConfig(Section):
 
 
 class RLTrainingConfig(Section):
-    algorithm: Literal["grpo", "reinforce"] = "grpo"
-    """Policy-gradient objective. CLI: --algorithm."""
+    algorithm: Literal["grpo", "gspo", "cispo", "reinforce"] = "grpo"
+    """Policy-gradient objective: grpo (PPO clip per token), gspo (PPO clip per sequence on the length-normalised
+    sequence ratio), cispo (clipped stop-gradient importance weight times log-prob), reinforce (-A log p).
+    docs/training.md has the math. CLI: --algorithm."""
     train_mode: Literal["lora", "full"] = "lora"
     """Train LoRA adapters (default) or every weight of a non-quantized model."""
     learning_rate: float = Field(1e-5, gt=0)
@@ -219,8 +221,18 @@ class RLTrainingConfig(Section):
     """PPO clip epsilon (lower side, and upper side unless clip_ratio_high). CLI: --clip-ratio."""
     clip_ratio_high: float | None = Field(None, ge=0)
     """Upper clip epsilon (DAPO clip-higher)."""
+    cispo_clip_max: float = Field(5.0, gt=0)
+    """cispo: upper bound of the stop-gradient importance weight, 1 + eps_high (ScaleRL and TRL recommend 5.0)."""
     importance_cap: float | None = Field(None, gt=0)
-    """Truncated importance weight cap on pi_old/pi_rollout for stale rollouts (None: off)."""
+    """Rollout correction: upper bound on the importance ratio pi_old/pi_rollout (learner over engine log-probs).
+    Setting it (or importance_min) turns the correction on: the learner then computes pi_old itself (one forward
+    more per step). None: off (pi_old is the engine's log-probs)."""
+    importance_min: float | None = Field(None, ge=0)
+    """Rollout correction: lower bound on the importance ratio (None: none)."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """Rollout correction ratio per token, or per sequence (the product of its token ratios, on all its tokens)."""
+    importance_mode: Literal["truncate", "mask"] = "truncate"
+    """truncate (TIS): clip the ratio into [importance_min, importance_cap]; mask (MIS): weight 0 outside it."""
     max_tokens: int = Field(256, ge=1)
     """Rollout generation cap for the mock environment. CLI: --max-tokens."""
     token_budget: int = Field(8192, ge=64)
@@ -232,7 +244,24 @@ class RLTrainingConfig(Section):
     advantage_eps: float = Field(1e-4, gt=0)
     """eps in the advantage denominator."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How token losses become one number (seq-mean-token-sum-norm is Dr. GRPO)."""
+    """How token losses become one number (seq-mean-token-sum-norm is Dr. GRPO: token sums over a constant)."""
+    loss_norm_length: int | None = Field(None, ge=1)
+    """The constant seq-mean-token-sum-norm divides each sequence's token sum by (default: max_tokens)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose scores are all equal (no signal) and keep drawing rollouts until the
+    batch is full."""
+    dynamic_sampling_max_draws: int = Field(8, ge=1)
+    """Most rollout batches drawn for one learner batch; after that the batch is filled with zero-signal groups."""
+    overlong_buffer: int = Field(0, ge=0)
+    """DAPO overlong shaping: the last N tokens before a completion's max_tokens ramp a penalty from 0 to
+    -overlong_penalty (0: off)."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """Penalty added to the score of a completion that reaches max_tokens (with overlong_buffer > 0)."""
+    mask_truncated: bool = False
+    """Leave completions cut off at max_tokens out of the loss (DAPO overlong filtering)."""
+    mismatch_threshold: float = Field(0.01, ge=0)
+    """Warn (log and /control/status) when the mean |engine - learner| log-prob of tokens sampled by the adapter
+    version being trained exceeds this many nats (0: never)."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     warmup_steps: int = Field(0, ge=0)
@@ -284,6 +313,43 @@ class RLTrainingConfig(Section):
                 )
         return data
 
+    @model_validator(mode="after")
+    def _importance_bounds(self) -> "RLTrainingConfig":
+        stale_cap = self.mode == "async" and self.stale_policy == "cap"
+        custom = self.importance_level != "token" or self.importance_mode != "truncate"
+        if custom and self.importance_cap is None and self.importance_min is None and not stale_cap:
+            raise ValueError(
+                "importance_level / importance_mode act only with a bound: set importance_cap and/or importance_min"
+            )
+        return self
+
+
+class EvalConfig(Section):
+    every_steps: int = Field(0, ge=0)
+    """Evaluate the adapter on the task's held-out prompts before training, whenever its version reaches a multiple
+    of N, and at the end (0: never). Training waits while it runs."""
+    task: str | None = None
+    """Task whose eval split is evaluated, as `module:function` or `path/to/file.py:function` (default:
+    rl_training.mock.task). Every built-in task has an eval split disjoint from its training prompts."""
+    prompts: int | None = Field(None, ge=1)
+    """Evaluate the first N prompts of the eval split (None: all of them)."""
+    samples: int = Field(1, ge=1)
+    """Completions per prompt (k): pass@1 is their mean, pass@k (k = 2, 4, ... samples) the unbiased estimate."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature (0: greedy; samples > 1 needs a temperature > 0)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Generation cap (default: the rollouts' cap, rl_training.mock.max_tokens or rl_training.max_tokens)."""
+    pass_threshold: float = 1.0
+    """A completion passes when its reward is at least this."""
+    seed: int = 0
+    """Seed of the eval samples (each prompt's request gets its own seed derived from it)."""
+
+    @model_validator(mode="after")
+    def _sampled(self) -> "EvalConfig":
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 needs temperature > 0 (greedy completions of a prompt are all the same)")
+        return self
+
 
 class CheckpointConfig(Section):
     dir: str = "runs/latest"
@@ -333,6 +399,7 @@ class Settings(BaseSettings):
     model: ModelConfig = Field(default_factory=ModelConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     rl_training: RLTrainingConfig = Field(default_factory=RLTrainingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

@@ -21,7 +21,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--lora-layers": ("rl_training.lora.num_layers", int, "blocks with LoRA, counted from the last (-1: all)"),
     "--lora-dropout": ("rl_training.lora.dropout", float, "LoRA dropout while training"),
     "--lora-scale": ("rl_training.lora.scale", float, "LoRA scale"),
-    "--algorithm": ("rl_training.algorithm", str, "grpo | reinforce"),
+    "--algorithm": ("rl_training.algorithm", str, "grpo | gspo | cispo | reinforce"),
     "--steps": ("rl_training.total_steps", int, "learner steps"),
     "--batch-size": ("rl_training.batch_size", int, "sequences per learner step"),
     "--learning-rate": ("rl_training.learning_rate", float, "AdamW learning rate"),

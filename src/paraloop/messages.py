@@ -4,6 +4,7 @@
     rollout fetcher --RolloutBatch--> learner --AdapterPublished--> publisher --> engine.swap_adapter --AdapterSwapped
                                       learner --SaveCheckpoint--> checkpointer --CheckpointWritten--> learner
                                       learner --StepFinished--> monitor
+                          publisher --version--> evaluator --EvalFinished--> monitor
 
 /control does not send messages: it changes the learner's control state machine (`run/control.py`), which the
 learner waits on between steps. The engine's own thread commands (Insert, Cancel, Swap, Stop) stay private to
@@ -123,6 +124,7 @@ class RolloutBatch(Msg):
     source_step: int | None = None  # the Atropos server's step, when known
     dropped_stale: int = 0
     source_state: dict[str, Any] | None = None  # where the source stands after this batch (saved for resume)
+    metrics: dict[str, float] = {}  # how the batch was formed (dynamic sampling), merged into the step's metrics
 
 
 # --- learner, checkpoints, control -----------------------------------------------------------------------------------
@@ -135,6 +137,15 @@ class StepFinished(Msg):
     version: int
     metrics: dict[str, float]
     skipped: bool = False
+
+
+class EvalFinished(Msg):
+    """evaluator -> monitor: the held-out evaluation of one adapter version (evaluation.py's metrics)."""
+
+    step: int
+    version: int
+    task: str
+    metrics: dict[str, float]
 
 
 class SaveCheckpoint(Msg):

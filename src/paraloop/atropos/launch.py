@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from paraloop.atropos.evals import EVAL_DIR
+
 # Defaults for every child; a variable already set in the launcher's environment wins (HF_HUB_OFFLINE=0 lets an
 # environment download its data set, e.g. GSM8K, on first use).
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
@@ -206,6 +208,7 @@ class Plan:
     server_host: str
     server_port: int  # 0: read it from server_json once `paraloop run` serves
     server_json: Path
+    eval_dir: Path | None = None  # [eval]: each environment's evaluate_log writes under eval_dir/<script>
 
 
 def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
@@ -245,6 +248,8 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
         "--openai.model_name", settings.server.served_model_name or Path(str(settings.model.base_path)).name,
         "--openai.tokenizer_name", str(model_dir),
         "--openai.api_key", settings.server.control_token or "x",
+        # [eval] every_steps: atroposlib runs each environment's own evaluate() on that cadence of API steps
+        *(["--env.steps_per_eval", str(settings.eval.every_steps)] if settings.eval.every_steps else []),
         *extra,
     ]  # fmt: skip
     host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
@@ -252,6 +257,8 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
         api_url=api_url, run_api=run_api, trainer=trainer, env_python=env_python, env_scripts=list(args.env_script),
         env_flags=env_flags, server_host=host, server_port=settings.server.port,
         server_json=Path(settings.checkpoint.dir) / "server.json",
+        eval_dir=Path(settings.checkpoint.dir) / EVAL_DIR if settings.eval.every_steps and not args.no_env_defaults
+        else None,
     )
 
 
@@ -262,6 +269,8 @@ def env_argv(plan: Plan, script: str, port: int, *, defaults: bool = True) -> li
     """`python env_shim.py script serve ...`: every BaseEnv's CLI, pointed at run-api and at paraloop's /generate
     (through env_shim.py, so environments with a single server config honour --openai.base_url too)."""
     base_url = ["--openai.base_url", f"http://{plan.server_host}:{port}/v1"] if defaults else []
+    if defaults and plan.eval_dir is not None:  # read back by paraloop run (atropos/evals.py)
+        base_url += ["--env.data_dir_to_save_evals", str(plan.eval_dir.resolve() / Path(script).stem)]
     return [plan.env_python, str(ENV_SHIM), script, "serve", *base_url, *plan.env_flags]
 
 

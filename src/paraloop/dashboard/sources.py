@@ -177,7 +177,9 @@ class MetricsFile:
             try:
                 row = json.loads(line)
                 step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
+                if row.get("kind", "train") != "train":  # a held-out evaluation's row: not a step
+                    continue
+            except (ValueError, KeyError, TypeError, AttributeError):
                 self.note = f"{self.path.name}: skipped a line that is not a metrics row (near byte {self.offset})"
                 log.debug("bad line %d in %s", n, self.path)
                 continue

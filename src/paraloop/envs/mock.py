@@ -88,17 +88,20 @@ def scored_group(
     *,
     temperature: float,
     serving_version: int = 0,
+    max_tokens: int | None = None,
 ) -> ScoredGroup:
     """One Atropos ScoredDataGroup from a prompt's ids and its sampled completions (the engine's own ids).
 
-    A row's version is the oldest among its tokens (`serving_version` for a row without tokens)."""
+    A row's version is the oldest among its tokens (`serving_version` for a row without tokens); its
+    `overrides[i]["finish_reason"]` says why it ended, so the learner knows truncated rows for sure."""
     prompt = list(prompt)
     return ScoredGroup(
         tokens=[prompt + c.tokens for c in completions],
         masks=[[PROMPT_MASK] * len(prompt) + c.tokens for c in completions],
         scores=[float(s) for s in scores],
         inference_logprobs=[[PROMPT_LOGPROB] * len(prompt) + c.logprobs for c in completions],
-        generation_params={"temperature": temperature},
+        generation_params={"temperature": temperature} | ({"max_tokens": max_tokens} if max_tokens else {}),
+        overrides=[{"finish_reason": c.finish_reason} for c in completions],
         versions=[min(c.versions, default=serving_version) for c in completions],
     )
 
@@ -191,7 +194,7 @@ class MockEnvironment:
         self._sequences += len(completions)
         self._recent_rewards.extend(scores)
         return scored_group(request.prompt_tokens, completions, scores, temperature=self.temperature,
-                            serving_version=self._serving_version())  # fmt: skip
+                            serving_version=self._serving_version(), max_tokens=self.max_tokens)  # fmt: skip
 
     async def _episodes(
         self, built: list[tuple[Messages, GenerateRequest]], results: list[list[Completion]]
@@ -227,7 +230,8 @@ class MockEnvironment:
                 masks=[e.masks for e in episodes],
                 scores=scores,
                 inference_logprobs=[e.logprobs for e in episodes],
-                generation_params={"temperature": self.temperature},
+                generation_params={"temperature": self.temperature, "max_tokens": self.max_tokens},
+                overrides=[{"finish_reason": e.sample.finish_reason} for e in episodes],  # the last turn's
                 versions=[min(e.versions, default=self._serving_version()) for e in episodes],
             ))  # fmt: skip
         return out

@@ -1,17 +1,22 @@
 """Reward tasks for the mock environment: what to ask, and how to score an answer.
 
-In: a spec "module:function" (`rl_training.mock.task`). Out: a `Task` whose `prompt(rng)` draws one chat prompt
-(a list of messages) and whose `reward(sample)` scores one completion in [0, 1]. A multi-turn task also has
-`respond(sample)`: the environment's messages after each model turn (a tool result, a hint), or None to end the
-episode; its reward scores the last turn, whose `sample.prompt` holds the whole conversation before it
+In: a spec "module:function" or "path/to/file.py:function" (`rl_training.mock.task`, `eval.task`). Out: a `Task`
+whose `prompt(rng)` draws one chat prompt (a list of messages) for training, whose `eval_prompts` are held-out
+prompts that `prompt` never draws, and whose `reward(sample)` scores one completion in [0, 1]. A multi-turn task
+also has `respond(sample)`: the environment's messages after each model turn (a tool result, a hint), or None to
+end the episode; its reward scores the last turn, whose `sample.prompt` holds the whole conversation before it
 (envs/episodes.py plays the turns). The function is called without arguments and returns the Task (a module
-attribute that already is a Task works too), so a user task is a plain function in any importable module:
+attribute that already is a Task works too), so a user task is a plain function in any module
+(examples/arithmetic_task.py is a worked one):
 
     def my_task() -> Task:
         return Task(name="yes", prompt=lambda rng: [{"role": "user", "content": "Say yes."}],
                     reward=lambda s: float(s.finish_reason == "stop" and s.text.strip().lower() == "yes"))
 
-Built in:
+A module is found on sys.path, or else in the current directory (as `python -m` would find it: a console script
+like `paraloop` does not put the current directory on sys.path), or by its file path.
+
+Built in (each evaluates on categories, topics or prompts it never trains on):
 - `one_word` (SmolLM2-135M-Instruct): "Name a {category}. Answer with one word only." 0.5 for stopping with EOS
   after exactly one word, 1 when that word is also in the category's list.
 - `short_description` (SmolLM2-135M-Instruct): "Describe {topic} in at most five words." 0.5 for stopping with EOS
@@ -26,10 +31,15 @@ easy to read in a diff): a policy that only learned the format plateaus at 0.5, 
 """
 
 import importlib
+import importlib.util
+import os
 import random
 import string
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 
 Messages = list[dict[str, str]]
 
@@ -57,16 +67,55 @@ class Task:
     reward: Callable[[Sample], float]  # in [0, 1]
     description: str = ""
     respond: Callable[[Sample], Messages | None] | None = None  # multi-turn: the environment's reply, None: done
+    eval_prompts: Sequence[Messages] = ()  # held-out prompts (`prompt` never draws them), in a fixed order
+
+
+def _import_file(path: Path) -> ModuleType:
+    name = f"paraloop_task_{path.stem}_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _import(module_name: str) -> ModuleType:
+    """A module by name, else from the current directory (what `python -m` allows), or a .py file by path."""
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        path = Path(module_name).expanduser()
+        if not path.is_file():
+            raise ImportError(f"no such file: {path}")
+        return _import_file(path)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        here = Path.cwd()
+        missing_is_the_module = e.name is not None and module_name.startswith(e.name)
+        if not missing_is_the_module or not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+            raise
+        sys.path.append(str(here))  # appended: never shadows an installed module of the same name
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
 
 
 def load_task(spec: str) -> Task:
-    """Resolve "package.module:function" to a Task; ValueError naming the spec when it cannot be."""
-    module_name, sep, attr = spec.partition(":")
+    """Resolve "package.module:function" (or "path/to/file.py:function") to a Task; ValueError naming the spec
+    when it cannot be."""
+    module_name, sep, attr = spec.rpartition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"task {spec!r}: expected 'module:function', e.g. 'paraloop.envs.tasks:one_word'")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
+        module = _import(module_name)
+    except Exception as e:  # ImportError, or whatever the user's module raised while importing
         raise ValueError(f"task {spec!r}: cannot import module {module_name!r}: {e}") from e
     obj = getattr(module, attr, None)
     if obj is None:
@@ -168,17 +217,54 @@ CATEGORIES: dict[str, frozenset[str]] = {
 }
 
 
+# Held out: one_word never trains on these categories; its eval split asks for them.
+EVAL_CATEGORIES: dict[str, frozenset[str]] = {
+    name: frozenset(members.split())
+    for name, members in {
+        "insect": "ant bee bumblebee honeybee beetle butterfly moth fly mosquito wasp hornet ladybug ladybird "
+        "grasshopper cricket cockroach termite dragonfly damselfly flea louse lice caterpillar firefly locust aphid "
+        "mantis cicada weevil earwig gnat midge katydid",
+        "drink": "water tea coffee milk juice lemonade soda cola beer wine whiskey whisky vodka rum gin cocoa "
+        "smoothie milkshake champagne cider kombucha espresso latte cappuccino brandy tequila sake punch eggnog "
+        "mocha chai lassi kefir",
+        "piece of furniture": "chair table sofa couch bed desk shelf shelves bookshelf cabinet dresser wardrobe "
+        "stool bench armchair ottoman cupboard bookcase nightstand recliner futon sideboard chest drawer drawers "
+        "cot crib hammock loveseat divan",
+        "shape": "circle square triangle rectangle oval pentagon hexagon octagon heptagon diamond star heart "
+        "sphere cube cone cylinder pyramid rhombus trapezoid ellipse parallelogram crescent prism polygon",
+        "body part": "hand arm leg foot feet head eye ear nose mouth finger toe knee elbow shoulder neck heart "
+        "brain lung liver stomach back chest hip wrist ankle lip tongue tooth teeth skin hair thumb face chin "
+        "cheek forehead eyebrow kidney spine",
+        "dessert": "cake pie cookie brownie pudding cupcake tart cheesecake donut doughnut muffin pastry mousse "
+        "custard sorbet gelato fudge macaron eclair tiramisu trifle cobbler crumble parfait flan souffle baklava "
+        "cannoli strudel",
+        "planet": "mercury venus earth mars jupiter saturn uranus neptune pluto",
+        "profession": "doctor teacher nurse lawyer engineer chef farmer pilot firefighter dentist accountant "
+        "architect artist baker banker butcher carpenter cashier electrician journalist judge librarian mechanic "
+        "musician painter pharmacist photographer plumber programmer scientist secretary singer soldier surgeon "
+        "tailor veterinarian waiter writer actor athlete cook driver",
+        "piece of clothing": "shirt pants trousers jeans dress skirt jacket coat sweater hat cap scarf glove "
+        "gloves sock socks shoe shoes boot boots shorts hoodie blouse vest tie belt suit",
+        "kitchen utensil": "spoon fork knife spatula whisk ladle tongs pan pot peeler grater colander sieve "
+        "strainer skillet wok cleaver",
+    }.items()
+}
+
+
+def _one_word_content(category: str) -> str:
+    return f"Name {_article(category)} {category}. Answer with one word only."
+
+
 def _one_word_prompt(rng: random.Random) -> Messages:
-    category = rng.choice(sorted(CATEGORIES))
-    content = f"Name {_article(category)} {category}. Answer with one word only."
-    return [{"role": "user", "content": content}]
+    return [{"role": "user", "content": _one_word_content(rng.choice(sorted(CATEGORIES)))}]
 
 
-def _category_of(prompt: Messages) -> str:
+def _category_of(prompt: Messages) -> frozenset[str]:
     content = prompt[-1]["content"]
-    for category in CATEGORIES:
-        if content.startswith(f"Name {_article(category)} {category}."):
-            return category
+    for lists in (CATEGORIES, EVAL_CATEGORIES):
+        for category, members in lists.items():
+            if content.startswith(f"Name {_article(category)} {category}."):
+                return members
     raise ValueError(f"not a one_word prompt: {content!r}")
 
 
@@ -190,7 +276,7 @@ def one_word_reward(sample: Sample) -> float:
         answer = answer[1:]
     if sample.finish_reason != "stop" or len(answer) != 1:
         return 0.0
-    return 1.0 if in_list(answer[0], CATEGORIES[_category_of(sample.prompt)]) else 0.5
+    return 1.0 if in_list(answer[0], _category_of(sample.prompt)) else 0.5
 
 
 def one_word() -> Task:
@@ -199,6 +285,7 @@ def one_word() -> Task:
         prompt=_one_word_prompt,
         reward=one_word_reward,
         description="Name a member of a category in one word; full reward only for a word of the category's list.",
+        eval_prompts=tuple([{"role": "user", "content": _one_word_content(c)}] for c in EVAL_CATEGORIES),
     )
 
 
@@ -243,16 +330,44 @@ TOPICS: dict[str, frozenset[str]] = {
 }
 
 
+# Held out: short_description never trains on these topics; its eval split asks for them.
+EVAL_TOPICS: dict[str, frozenset[str]] = {
+    name: frozenset(members.split())
+    for name, members in {
+        "a river": "flowing water wet long winding fast slow blue cold clear fish banks current stream calm "
+        "rushing deep wide muddy peaceful",
+        "a garden": "green flowers plants trees grass colorful colourful beautiful peaceful quiet fresh "
+        "blooming lush bees vegetables soil sunny",
+        "the desert": "hot dry sandy sand vast empty barren arid dunes sun cactus harsh endless lonely "
+        "golden dusty",
+        "a train": "fast long loud noisy metal railway rails tracks carriages passengers engine steam speedy "
+        "moving travel station",
+        "chocolate": "sweet brown dark delicious rich creamy tasty smooth sugary milk bitter cocoa treat "
+        "dessert yummy melting",
+        "a storm": "dark loud windy rain rainy thunder lightning wild violent stormy wet powerful heavy "
+        "clouds scary fierce",
+        "the night": "dark quiet black calm cold stars starry moon moonlit peaceful silent still sleepy "
+        "mysterious late",
+        "an island": "tropical sandy sand beach palm palms small remote isolated sunny ocean sea surrounded "
+        "paradise green",
+    }.items()
+}
+
+
+def _description_content(topic: str) -> str:
+    return f"Describe {topic} in at most five words."
+
+
 def _description_prompt(rng: random.Random) -> Messages:
-    topic = rng.choice(sorted(TOPICS))
-    return [{"role": "user", "content": f"Describe {topic} in at most five words."}]
+    return [{"role": "user", "content": _description_content(rng.choice(sorted(TOPICS)))}]
 
 
-def _topic_of(prompt: Messages) -> str:
+def _topic_of(prompt: Messages) -> tuple[str, frozenset[str]]:
     content = prompt[-1]["content"]
-    for topic in TOPICS:
-        if content == f"Describe {topic} in at most five words.":
-            return topic
+    for lists in (TOPICS, EVAL_TOPICS):
+        for topic, members in lists.items():
+            if content == _description_content(topic):
+                return topic, members
     raise ValueError(f"not a short_description prompt: {content!r}")
 
 
@@ -262,8 +377,8 @@ def short_description_reward(sample: Sample) -> float:
     answer = words(sample.text)
     if sample.finish_reason != "stop" or not 1 <= len(answer) <= 5:
         return 0.0
-    topic = _topic_of(sample.prompt)
-    related = TOPICS[topic] - set(words(topic))
+    topic, members = _topic_of(sample.prompt)
+    related = members - set(words(topic))
     return 1.0 if any(in_list(w, related) for w in answer) else 0.5
 
 
@@ -273,6 +388,7 @@ def short_description() -> Task:
         prompt=_description_prompt,
         reward=short_description_reward,
         description="Describe a topic in at most five words; full reward only for words related to the topic.",
+        eval_prompts=tuple([{"role": "user", "content": _description_content(t)}] for t in EVAL_TOPICS),
     )
 
 
@@ -287,6 +403,18 @@ TINY_PROMPTS = (
     "What did the children count?",
     "Tell me a story.",
     "Where is Paris?",
+)
+
+
+TINY_EVAL_PROMPTS = (  # held out from TINY_PROMPTS
+    "Name a city.",
+    "What time is it?",
+    "Describe a painting.",
+    "Tell me about London.",
+    "Count the stars.",
+    "What is your name?",
+    "Describe the harbour.",
+    "Write a title.",
 )
 
 
@@ -310,6 +438,7 @@ def capitals() -> Task:
         prompt=_tiny_prompt,
         reward=capitals_reward,
         description="Use tokens with capital letters (for the tiny test model).",
+        eval_prompts=tuple([{"role": "user", "content": p}] for p in TINY_EVAL_PROMPTS),
     )
 
 

@@ -1,10 +1,12 @@
 """Policy-gradient algorithms by name: how scores become advantages and how a token's loss is formed.
 
 An Algorithm is a pair of pure functions plus one flag; the trainer looks it up by `rl_training.algorithm` and
-never branches on the name, so a new variant (PPO-style, CISPO, ...) is one `register(Algorithm(...))` here.
-KL, entropy, importance weights and aggregation are shared by all algorithms and live in loss.py.
+never branches on the name, so a new variant is one `register(Algorithm(...))` here. KL, entropy, importance
+weights (rollout correction) and aggregation are shared by all algorithms and live in loss.py, with the math.
 
     grpo       advantages (r - group mean) / (std + eps) per scale_rewards; clipped-ratio surrogate (PPO clip)
+    gspo       GRPO's advantages; the PPO clip on each sequence's length-normalised ratio (GSPO)
+    cispo      GRPO's advantages; -sg(min(ratio, cispo_clip_max)) A log p (CISPO: clipped IS weight, no zeroed tokens)
     reinforce  advantages r - group mean (a plain baseline, never std-scaled); token loss -A * log p, no ratio
 """
 
@@ -15,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from paraloop.learn.advantages import Scale, group_advantages
-from paraloop.learn.loss import LossSettings, TokenLoss, clipped_surrogate
+from paraloop.learn.loss import LossSettings, TokenLoss, cispo_surrogate, clipped_surrogate, gspo_surrogate
 
 # (scores (N,), group index (N,), *, scale, eps) -> per-sequence advantages (N,) float64
 Advantages = Callable[..., np.ndarray]
@@ -35,9 +37,9 @@ def reinforce_advantages(scores: np.ndarray, group: np.ndarray, *, scale: Scale,
 
 
 def reinforce_token_loss(
-    logp: mx.array, old_logp: mx.array, advantages: mx.array, settings: LossSettings
+    logp: mx.array, old_logp: mx.array, advantages: mx.array, mask: mx.array, settings: LossSettings
 ) -> tuple[mx.array, mx.array]:
-    del old_logp, settings
+    del old_logp, mask, settings
     return -advantages * logp, mx.zeros_like(logp)
 
 
@@ -57,4 +59,6 @@ def get_algorithm(name: str) -> Algorithm:
 
 
 register(Algorithm("grpo", group_advantages, clipped_surrogate, uses_old_policy=True))
+register(Algorithm("gspo", group_advantages, gspo_surrogate, uses_old_policy=True))
+register(Algorithm("cispo", group_advantages, cispo_surrogate, uses_old_policy=True))
 register(Algorithm("reinforce", reinforce_advantages, reinforce_token_loss, uses_old_policy=False))

@@ -13,7 +13,7 @@ counts a skipped step.
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlx.core as mx
@@ -26,7 +26,21 @@ from paraloop.learn.advantages import token_advantages
 from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.batch import TokenBatch, collate, plan_micro_batches
 from paraloop.learn.logprobs import forward_logprobs
-from paraloop.learn.loss import LossSettings, aggregation_weights, policy_loss
+from paraloop.learn.loss import (
+    LossSettings,
+    aggregation_weights,
+    importance_stats,
+    importance_weights,
+    policy_loss,
+    rollout_mismatch,
+)
+from paraloop.learn.mismatch import (
+    combine,
+    importance_metrics,
+    mismatch_metrics,
+    row_versions,
+    staleness_metrics,
+)
 from paraloop.learn.optim import (
     add_trees,
     clip_by_norm,
@@ -35,12 +49,17 @@ from paraloop.learn.optim import (
     make_optimizer,
     select_trainable,
 )
+from paraloop.learn.shaping import shape_rows
 from paraloop.lora import AdapterSlots, adapter_arrays, attach_lora, has_lora
 from paraloop.messages import RolloutBatch
 
 logger = logging.getLogger("paraloop.learn")
 
 SUM_STATS = ("pg_loss", "kl", "entropy", "clipped", "ratio_sum", "tokens", "importance_weight_sum")
+MISMATCH_STATS = (
+    "mismatch_abs_sum", "mismatch_abs_max", "mismatch_tokens", "rollout_ratio_sum", "rollout_ratio_min",
+    "rollout_ratio_max", "rollout_ratio_outside", "rollout_tokens",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,8 @@ class MicroBatch:
     ref_logp: mx.array | None = None
     importance_weight: mx.array | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    mismatch: dict[str, float] | None = None  # rollout_mismatch statistics, once measured
+    importance: dict[str, float] | None = None  # raw importance-ratio statistics (rollout correction)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -89,6 +110,7 @@ class Trainer:
             kl_beta=config.kl_beta,
             kl_estimator=config.kl_estimator,
             entropy_weight=config.entropy_weight,
+            cispo_clip_max=config.cispo_clip_max,
         )
         lora = config.train_mode == "lora"
         if lora and not has_lora(model):
@@ -109,6 +131,10 @@ class Trainer:
         # stale_policy = "cap" keeps stale async rollouts with capped weights: 2.0 unless importance_cap says otherwise
         stale_cap = config.mode == "async" and config.stale_policy == "cap"
         self.importance_cap = config.importance_cap or (2.0 if stale_cap else None)
+        self.importance_correction = self.importance_cap is not None or config.importance_min is not None
+        # With LoRA dropout the gradient forward is not the policy's own log-probs: measure the mismatch on an
+        # eval-mode forward instead (without dropout the first epoch's forward is exactly that, for free).
+        self._dropout = has_dropout(model)
         self.optimizer = make_optimizer(config)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
         self.step_count, self.version, self.skipped_steps = 0, version, 0
@@ -187,7 +213,8 @@ class Trainer:
                 self.model.update(params_before)
                 self.optimizer.state = optimizer_before
                 bad = "loss" if not np.isfinite(epochs[-1]["loss"]) else "gradient"
-                return self._skip({**base, **self._epoch_metrics(epochs)}, start, f"non-finite {bad}")
+                metrics = {**base, **self._epoch_metrics(epochs), **self._rollout_metrics(micros)}
+                return self._skip(metrics, start, f"non-finite {bad}")
             self.optimizer.learning_rate = lr
             self.optimizer.update(self.model, clip_by_norm(grads, norm, cfg.max_grad_norm))
             mx.eval(self.model.trainable_parameters(), self.optimizer.state)
@@ -195,7 +222,10 @@ class Trainer:
         self.step_count += 1
         self.version += 1
         return StepResult(
-            self._finish({**base, **self._epoch_metrics(epochs)}, start), False, self.step_count, self.version
+            self._finish({**base, **self._epoch_metrics(epochs), **self._rollout_metrics(micros)}, start),
+            False,
+            self.step_count,
+            self.version,
         )
 
     def gradients(self, batch: RolloutBatch) -> tuple[float, dict[str, mx.array]]:
@@ -210,7 +240,7 @@ class Trainer:
 
     def _loss(self, mb: MicroBatch) -> tuple[mx.array, dict[str, mx.array]]:
         logp, entropy = forward_logprobs(self.model, mb.input_ids, mb.targets, mb.temperature)
-        return policy_loss(
+        loss, stats = policy_loss(
             logp,
             entropy,
             mask=mb.mask,
@@ -222,21 +252,28 @@ class Trainer:
             token_loss=self.algorithm.token_loss,
             settings=self.settings,
         )
+        return loss, {**stats, **self._mismatch_in_loss(logp, mb)}
 
     def _prepare(self, batch: RolloutBatch) -> tuple[list[MicroBatch], dict[str, float]]:
         """Collate, advantages, micro-batches with their old-policy and reference log-probs; seeds dropout."""
         cfg = self.config
         tb = collate(batch)
+        raw_scores = tb.scores
+        tb, shaping = self._shape(batch, tb)
         seq_adv = self.algorithm.advantages(
             tb.scores, tb.group, scale=cfg.scale_rewards, eps=cfg.advantage_eps
         )
         adv = token_advantages(tb, seq_adv)
-        weights = aggregation_weights(tb.mask, cfg.loss_aggregation)
+        weights = aggregation_weights(
+            tb.mask, cfg.loss_aggregation, norm_length=cfg.loss_norm_length or cfg.max_tokens
+        )
         plan = plan_micro_batches(np.where(tb.mask.any(axis=1), tb.lengths, 0), token_budget=cfg.token_budget)
         mx.random.seed(step_seed(cfg.seed, self.step_count))
         micros = [self._micro_batch(tb, rows, adv, weights) for rows in plan]
+        versions = self._mark_fresh(batch, tb, plan, micros)
         self._old_and_reference(tb, micros)
-        return micros, self._batch_metrics(tb, adv)
+        metrics = self._batch_metrics(replace(tb, scores=raw_scores), adv)
+        return micros, {**metrics, **shaping, **staleness_metrics(versions, self.version)}
 
     def _accumulate(self, micros: list[MicroBatch]) -> tuple[mx.array, dict[str, float], dict]:
         """Sum losses and gradients over micro-batches (the weights make the sum the full-batch value)."""
@@ -252,6 +289,8 @@ class Trainer:
                 for k in SUM_STATS:
                     sums[k] += stats[k].item()
                 lo, hi = min(lo, stats["ratio_min"].item()), max(hi, stats["ratio_max"].item())
+                if "mismatch_tokens" in stats:  # measured on this (first) epoch's forward: keep it
+                    mb.mismatch = {k: stats[k].item() for k in MISMATCH_STATS}
         finally:
             self.model.eval()
         return loss, {**sums, "ratio_min": lo, "ratio_max": hi}, grads
@@ -278,15 +317,18 @@ class Trainer:
     def _old_and_reference(self, tb: TokenBatch, micros: list[MicroBatch]) -> None:
         """Old-policy and reference log-probs, once per batch, no grad, eval mode (no dropout).
 
-        Old policy: the inference log-probs when given; else one forward of the current adapter. With
-        importance_cap, the forward is the old policy and the inference log-probs are the behaviour policy:
-        weight min(exp(old - inference), cap). Reference: given ref_logprobs win; else the reference adapter.
+        Old policy: the inference log-probs when given; else one forward of the current adapter. With rollout
+        correction (importance_cap / importance_min), the forward is the old policy and the inference log-probs are
+        the behaviour policy: weights from loss.importance_weights. The same forward, when it runs, measures the
+        train/inference mismatch. Reference: given ref_logprobs win; else the reference adapter.
         """
         cfg = self.config
-        cap = self.importance_cap
+        correct = self.importance_correction
         any_inf, all_inf = bool(tb.has_inference.any()), bool(tb.has_inference.all())
-        need_old = (not all_inf and (self.algorithm.uses_old_policy or any_inf)) or (
-            cap is not None and any_inf
+        need_old = (
+            (not all_inf and (self.algorithm.uses_old_policy or any_inf))
+            or (correct and any_inf)
+            or (self._dropout and any_inf)  # the mismatch check needs the eval-mode log-probs
         )
         need_ref = cfg.kl_beta > 0 and not bool(tb.has_ref.all())
         self.model.eval()
@@ -297,12 +339,13 @@ class Trainer:
                 old, _ = forward_logprobs(
                     self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=False
                 )
-                if cap is None:
+                if any_inf:
+                    mb.mismatch = self._mismatch(old, mb)
+                if not correct:
                     mb.old_logp = mx.where(has_inf, inference, old)
                 else:
                     mb.old_logp = old
-                    weight = mx.minimum(mx.exp(old - inference), cap)
-                    mb.importance_weight = mx.where(has_inf & mb.mask, weight, 1.0)
+                    self._correct(mb, old, inference, has_inf & mb.mask)
             elif all_inf:
                 mb.old_logp = inference
             if cfg.kl_beta > 0:
@@ -320,6 +363,70 @@ class Trainer:
                     mx.eval(mb.ref_logp)
             finally:
                 self._slots.swap(policy)
+
+    # --- shaping, rollout correction and the mismatch check ------------------------------------------------------
+
+    def _shape(self, batch: RolloutBatch, tb: TokenBatch) -> tuple[TokenBatch, dict[str, float]]:
+        """Overlong penalty on the scores and truncated rows out of the mask (each only when configured)."""
+        cfg = self.config
+        scores, mask, metrics = shape_rows(
+            batch, tb, default_max_tokens=cfg.max_tokens, buffer=cfg.overlong_buffer,
+            factor=cfg.overlong_penalty, mask_truncated=cfg.mask_truncated,
+        )  # fmt: skip
+        return replace(tb, scores=scores, mask=mask), metrics
+
+    def _mark_fresh(
+        self, batch: RolloutBatch, tb: TokenBatch, plan: list[np.ndarray], micros: list[MicroBatch]
+    ) -> np.ndarray:
+        """Each micro-batch learns which of its rows the current adapter version sampled; returns row versions."""
+        versions = row_versions(batch)
+        fresh = tb.has_inference & (versions == self.version)
+        for rows, mb in zip(plan, micros, strict=True):
+            mb.extras["fresh"] = fresh[rows]
+        return versions
+
+    @staticmethod
+    def _rollout_mismatch(learner_logp: mx.array, mb: MicroBatch) -> dict[str, mx.array]:
+        """loss.rollout_mismatch on the micro-batch's trained tokens: of rows with engine log-probs, and of those
+        the current adapter version sampled."""
+        trained = mb.mask.astype(mx.bool_)
+        return rollout_mismatch(
+            learner_logp,
+            mx.array(mb.extras["inference"]),
+            rollout_mask=trained & mx.array(mb.extras["has_inference"])[:, None],
+            fresh_mask=trained & mx.array(mb.extras["fresh"])[:, None],
+        )
+
+    def _mismatch(self, learner_logp: mx.array, mb: MicroBatch) -> dict[str, float]:
+        stats = self._rollout_mismatch(learner_logp, mb)
+        mx.eval(stats)
+        return {k: v.item() for k, v in stats.items()}
+
+    def _mismatch_in_loss(self, logp: mx.array, mb: MicroBatch) -> dict[str, mx.array]:
+        """Without dropout the gradient forward IS the eval-mode forward: measure the mismatch on its first epoch."""
+        if mb.mismatch is not None or self._dropout or not mb.extras["has_inference"].any():
+            return {}
+        return self._rollout_mismatch(logp, mb)
+
+    def _correct(self, mb: MicroBatch, old: mx.array, inference: mx.array, rollout_mask: mx.array) -> None:
+        """Rollout correction: importance weights pi_old / pi_rollout, with the raw ratios' statistics."""
+        cfg = self.config
+        weight, ratio = importance_weights(
+            old, inference, rollout_mask, level=cfg.importance_level, mode=cfg.importance_mode,
+            low=cfg.importance_min, high=self.importance_cap,
+        )  # fmt: skip
+        stats = importance_stats(weight, ratio, rollout_mask)
+        mx.eval(weight, stats)
+        mb.importance_weight = weight
+        mb.importance = {k: v.item() for k, v in stats.items()}
+
+    @staticmethod
+    def _rollout_metrics(micros: list[MicroBatch]) -> dict[str, float]:
+        """The step's mismatch and rollout-correction metrics, from every micro-batch's statistics."""
+        return {
+            **mismatch_metrics(combine([mb.mismatch for mb in micros if mb.mismatch])),
+            **importance_metrics(combine([mb.importance for mb in micros if mb.importance])),
+        }
 
     def _update_reference(self) -> None:
         ema = self.config.ref_ema

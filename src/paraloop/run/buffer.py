@@ -8,12 +8,18 @@ groups whose oldest token is more than `max_staleness` versions older are droppe
 in the next batch's `dropped_stale`) or kept and counted as capped (`"cap"`: the learner caps their importance
 weights). Bounded: past `max_groups` the oldest group is dropped and counted.
 
+Dynamic sampling (DAPO, `drop_zero_signal`): a group whose scores are all equal carries no GRPO signal and is
+held back in a small reserve (the newest ones, at most one batch's worth) instead of the queue; the caller keeps
+drawing rollouts, and once it gives up (`take(fill=True)`) the batch is completed from that reserve. Each batch
+reports in `metrics` how many zero-signal groups were held back for it and how many filled it.
+
 A plain synchronous class: the runtime owns it from one task, so it needs no lock; the same puts and takes give
 the same batches.
 """
 
 import itertools
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +109,8 @@ class RolloutBuffer:
         self._entries: dict[int, _Entry] = {}  # by arrival; dicts keep insertion (= arrival) order
         self._arrivals = itertools.count()
         self._stale_since_take = 0
+        self._reserve: deque[_Entry] = deque(maxlen=batch_size)  # zero-signal groups, newest kept
+        self._zero_since_take = 0
         self._counts = dict.fromkeys(
             (
                 "received",
@@ -112,6 +120,7 @@ class RolloutBuffer:
                 "capped_stale",
                 "dropped_overflow",
                 "dropped_zero_signal",
+                "filled_zero_signal",
             ),
             0,
         )
@@ -137,7 +146,8 @@ class RolloutBuffer:
         source_step: int | None = None,
         source_state: dict | None = None,
     ) -> bool:
-        """Hold `group`; False when it was dropped for carrying no signal. Past max_groups the oldest goes."""
+        """Hold `group`; False when it was set aside for carrying no signal (dynamic sampling: into the reserve).
+        Past max_groups the oldest goes."""
         if len(group.tokens) > self.batch_size:
             raise ValueError(
                 f"a group of {len(group.tokens)} sequences can never fit a batch of {self.batch_size} "
@@ -145,11 +155,14 @@ class RolloutBuffer:
             )
         self._counts["received"] += 1
         priority = signal(group)
+        arrival = next(self._arrivals)
+        entry = _Entry(arrival, group, priority, source, source_step, source_state)
         if self.drop_zero_signal and priority == 0.0:
             self._counts["dropped_zero_signal"] += 1
+            self._zero_since_take += 1
+            self._reserve.append(entry)
             return False
-        arrival = next(self._arrivals)
-        self._entries[arrival] = _Entry(arrival, group, priority, source, source_step, source_state)
+        self._entries[arrival] = entry
         while len(self._entries) > self.max_groups:
             del self._entries[next(iter(self._entries))]
             self._counts["dropped_overflow"] += 1
@@ -186,18 +199,22 @@ class RolloutBuffer:
             entries.sort(key=lambda e: (-e.priority, e.arrival))
         return entries
 
-    def take(self, *, version: int | None = None, partial: bool = False) -> RolloutBatch | None:
+    def take(self, *, version: int | None = None, partial: bool = False, fill: bool = False) -> RolloutBatch | None:
         """The next learner batch, or None while the held groups cannot fill one (they stay).
 
         `version`: the adapter version now training (None: no staleness check). `partial`: return whatever fits
-        instead of None (e.g. to drain at the end of a run).
+        instead of None (e.g. to drain at the end of a run). `fill`: complete the batch with reserved zero-signal
+        groups (dynamic sampling gave up drawing).
         """
         if version is not None:
             self.prune(version)
+            while self._reserve and self._is_stale(self._reserve[0], version) and self.stale_policy == "drop":
+                self._reserve.popleft()
         chosen: list[_Entry] = []
         rows = longest = 0
         over_budget = False
-        for entry in self.ordered():
+        candidates = self.ordered() + (list(self._reserve) if fill else [])
+        for entry in candidates:
             if rows + entry.sequences > self.batch_size:
                 continue  # a smaller group later in the order may still fit exactly
             new_longest = max(longest, entry.longest)
@@ -212,15 +229,21 @@ class RolloutBuffer:
         budget_full = over_budget or (
             self.max_batch_tokens is not None and rows * longest >= self.max_batch_tokens
         )
-        if not chosen or (rows < self.batch_size and not budget_full and not partial):
+        if not chosen or (rows < self.batch_size and not budget_full and not partial and not fill):
             return None
+        reserved = {e.arrival for e in chosen if e.arrival not in self._entries}
         for entry in chosen:
-            del self._entries[entry.arrival]
+            self._entries.pop(entry.arrival, None)
+        if reserved:
+            self._reserve = deque((e for e in self._reserve if e.arrival not in reserved), maxlen=self.batch_size)
+        filled = len(reserved)
+        self._counts["filled_zero_signal"] += filled
         if version is not None:  # only "cap" leaves stale groups to take
             self._counts["capped_stale"] += sum(self._is_stale(e, version) for e in chosen)
         self._counts["taken"] += len(chosen)
         self._counts["batches"] += 1
         dropped, self._stale_since_take = self._stale_since_take, 0
+        zero, self._zero_since_take = self._zero_since_take, 0
         steps = [e.source_step for e in chosen if e.source_step is not None]
         return RolloutBatch(
             groups=[e.group for e in chosen],
@@ -229,4 +252,7 @@ class RolloutBuffer:
             dropped_stale=dropped,
             # The source's position after the newest group taken: exact for fifo batches (resume starts after them).
             source_state=max(chosen, key=lambda e: e.arrival).source_state,
+            metrics={"zero_signal_groups": float(zero), "filled_zero_signal": float(filled)}
+            if self.drop_zero_signal
+            else {},
         )

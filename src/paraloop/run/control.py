@@ -230,3 +230,13 @@ def run_families(status: RunStatus) -> Iterator[Metric]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             last.add_metric([key], value)
     yield last
+    evaluation = GaugeMetricFamily("paraloop_eval", "the last held-out evaluation", labels=["name"])
+    for key, value in snap["eval"].get("last", {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            evaluation.add_metric([key], value)
+    yield evaluation
+    alerts = GaugeMetricFamily("paraloop_alert", "1 while something needs attention (see /control/status alerts)",
+                               labels=["topic"])
+    for topic in snap["alerts"]:
+        alerts.add_metric([topic], 1)
+    yield alerts

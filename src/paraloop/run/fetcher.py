@@ -8,12 +8,17 @@ split), drops groups too stale for the adapter now training, and orders by prior
 In sync mode the fetcher asks the source for the next batch only after a credit: the publisher sends one when the
 previous step's adapter is serving (strictly on-policy). In async mode it keeps generating while the learner steps,
 held back only by the bounded outbox. Returns when the learner stops listening or the source ends.
+
+Dynamic sampling (`max_draws`, with a buffer that sets zero-signal groups aside): the fetcher keeps drawing source
+batches until the learner batch is full of groups with signal; after `max_draws` draws it completes the batch with
+zero-signal groups instead of drawing forever. The batch's metrics say how many draws it took.
 """
 
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import anyio
+import msgspec
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from paraloop.messages import RolloutBatch
@@ -29,6 +34,7 @@ async def run_fetcher(
     buffer: RolloutBuffer,
     version: Callable[[], int],
     credits: ObjectReceiveStream[int] | None,
+    max_draws: int | None = None,
 ) -> None:
     lookahead = buffer.batch_size if buffer.priority != "fifo" else 0
     async with out:
@@ -41,18 +47,24 @@ async def run_fetcher(
                     except anyio.EndOfStream:
                         return  # the learner is done
                 first = False
-                batch = None
+                batch, draws = None, 0
                 while batch is None:
                     if buffer.sequences < buffer.batch_size + lookahead or len(buffer) == 0:
                         try:
                             buffer.put_batch(await anext(source))
+                            draws += 1
                         except StopAsyncIteration:
                             log.info("rollout source ended")
                             batch = buffer.take(version=version(), partial=True)
                             if batch is not None and batch.groups:
                                 await out.send(batch)
                             return
-                    batch = buffer.take(version=version())
+                    batch = buffer.take(version=version(), fill=max_draws is not None and draws >= max_draws)
+                if max_draws is not None:
+                    batch = msgspec.structs.replace(batch, metrics={**batch.metrics, "sampling_draws": float(draws)})
+                    if batch.metrics.get("filled_zero_signal"):
+                        log.warning("dynamic sampling: %d draws did not fill the batch with signal; %d zero-signal "
+                                    "group(s) fill it", draws, int(batch.metrics["filled_zero_signal"]))
                 await out.send(batch)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return  # the learner finished while we were sending

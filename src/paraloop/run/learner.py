@@ -122,6 +122,7 @@ class Learner:
         self.status.record_rollouts(batch, step, version)  # before StepFinished: the monitor logs them with it
         metrics = dict(result.metrics)
         metrics["dropped_stale"] = float(batch.dropped_stale)
+        metrics.update(batch.metrics)  # how the batch was formed (dynamic sampling)
         if batch.source_step is not None:
             metrics["source_step"] = float(batch.source_step)
         done = StepFinished(step=step, version=version, metrics=metrics, skipped=result.skipped)

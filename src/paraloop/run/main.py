@@ -3,6 +3,7 @@
     rollout source --RolloutBatch--> learner --AdapterPublished--> publisher --swap--> engine <--HTTP-- environments
     (mock env / Atropos)             learner --SaveCheckpoint--> checkpointer
                                      learner --StepFinished--> monitor (metrics.jsonl, progress line)
+                                   publisher --version--> evaluator --EvalFinished--> monitor  ([eval] every_steps)
 
 Every actor runs in one anyio task group; the learner and checkpointer form the finite part: when they are done
 (total steps, /control/stop, SIGINT/SIGTERM) the rest is cancelled. An actor that raises cancels the group and the
@@ -47,18 +48,20 @@ async def watch_signals(control: Any, *, task_status: Any = anyio.TASK_STATUS_IG
 async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     """Run until total_steps, /control/stop or a signal. `ready(port)` is called once HTTP serves."""
     from paraloop import checkpoint
+    from paraloop.atropos.evals import EVAL_DIR, AtroposEvals
     from paraloop.dashboard import LiveRun, dashboard_routes
     from paraloop.engine import Engine
     from paraloop.learn.algorithms import get_algorithm
     from paraloop.lora import AdapterSlots
-    from paraloop.messages import AdapterPublished, RolloutBatch, SaveCheckpoint, StepFinished
+    from paraloop.messages import AdapterPublished, EvalFinished, RolloutBatch, SaveCheckpoint, StepFinished
     from paraloop.run.buffer import RolloutBuffer
     from paraloop.run.checkpointer import run_checkpointer
     from paraloop.run.control import LearnerControl, control_routes, run_families
+    from paraloop.run.evaluator import Evaluator
     from paraloop.run.fetcher import run_fetcher
     from paraloop.run.learner import Learner
     from paraloop.run.mlx_thread import MlxThread
-    from paraloop.run.monitor import run_monitor, summary_table
+    from paraloop.run.monitor import eval_table, run_monitor, summary_table
     from paraloop.run.publisher import run_publisher
     from paraloop.run.reporters import MissingExtra, close_all, open_reporters
     from paraloop.run.samples import rollout_samples
@@ -75,6 +78,14 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             f"{run_dir} already holds checkpoints of an earlier run: continue it with --resume {run_dir}, "
             "or give another --run-dir (nothing is overwritten)"
         )
+    plan = None
+    if settings.eval.every_steps and (settings.eval.task or not rl.atropos.api_url):
+        from paraloop.evaluation import eval_plan
+
+        try:
+            plan = eval_plan(settings)  # before the model loads (preflight has checked it already)
+        except ConfigError as e:
+            raise SetupError(str(e)) from None
     thread = MlxThread("paraloop-learner")
     try:
         reporters = open_reporters(settings, run_dir)
@@ -107,9 +118,13 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
         batches_send, batches_recv = anyio.create_memory_object_stream[RolloutBatch](OUTBOX_SIZE)
         published_send, published_recv = anyio.create_memory_object_stream[AdapterPublished](1)
         ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](2)
-        finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished](64)
+        finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished | EvalFinished](64)
         sync = rl.mode == "sync"
         credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if sync else (None, None)
+        # With evaluation, versions pass through the evaluator first (in sync mode it forwards the credits).
+        versions_send, versions_recv = anyio.create_memory_object_stream[int](1) if plan else (None, None)
+        publisher_credits = versions_send if plan else credits_send
+        learner_credits = publisher_credits.clone() if sync else None
         status.queues = {"rollouts": batches_send, "publish": published_send, "checkpoints": ckpt_send,
                         "metrics": finished_send}
 
@@ -119,9 +134,14 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             trainer, thread, status=status, control=control, total_steps=rl.total_steps,
             checkpoint_interval=settings.checkpoint.interval, save_every_step=settings.checkpoint.save_every_step,
             batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
-            credits=credits_send.clone() if credits_send else None,
+            credits=learner_credits,
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
         )
+        evaluator = None
+        if plan is not None:
+            evaluator = Evaluator(engine, models.tokenizer, plan, every=settings.eval.every_steps, status=status,
+                                  step=lambda: trainer.step_count, total_steps=rl.total_steps,
+                                  results=finished_send.clone())
         config_dump = public_dump(settings)  # no control_token: checkpoints, the dashboard and W&B show this
         live = LiveRun(status, config_dump, name=run_dir.resolve().name,  # noqa: ASYNC240 - once, at start
                        resumed_at=trainer.step_count if models.resumed is not None else None,
@@ -142,20 +162,31 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
                 ready(port)
             if threading_main():
                 await tg.start(watch_signals, control)
+            # Sync mode is strictly on-policy: groups that dynamic sampling drew beyond a batch are dropped at the
+            # next version, never trained on by the one after.
+            sync_staleness = 0 if rl.dynamic_sampling else None
             buffer = RolloutBuffer(
                 batch_size=rl.batch_size, priority=rl.buffer_priority,
-                max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
+                max_staleness=rl.max_staleness if rl.mode == "async" else sync_staleness,
+                stale_policy=rl.stale_policy if rl.mode == "async" else "drop", drop_zero_signal=rl.dynamic_sampling,
             )
             status.buffer_stats = buffer.stats
+            if evaluator is not None and models.resumed is None:
+                await evaluator.evaluate_now(trainer.version)  # the starting adapter, before any rollout
             tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer, version=lambda: trainer.version,
-                                  credits=credits_recv))
+                                  credits=credits_recv,
+                                  max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else None))
             # The finite part: the learner and everything downstream of it end by end-of-stream, in turn, so the
             # last swap, checkpoint and metrics line are done before the rest (engine, HTTP, fetcher) is cancelled.
             async with anyio.create_task_group() as training:
                 training.start_soon(learner.run)
                 training.start_soon(partial(run_publisher, published_recv, engine=engine, status=status,
-                                            credits=credits_send, drain=sync))
-                training.start_soon(partial(run_monitor, finished_recv, status=status, reporters=reporters))
+                                            credits=publisher_credits, drain=sync))
+                if evaluator is not None:
+                    training.start_soon(evaluator.run, versions_recv, credits_send)
+                atropos_evals = AtroposEvals(run_dir / EVAL_DIR) if rl.atropos.api_url else None
+                training.start_soon(partial(run_monitor, finished_recv, status=status, reporters=reporters,
+                                            mismatch_threshold=rl.mismatch_threshold, atropos_evals=atropos_evals))
                 training.start_soon(partial(
                     run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=models.adapter_config,
                     adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
@@ -167,6 +198,8 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
         close_all(reporters)  # the monitor closed them unless it never ran; closing twice is harmless
     if status.history:
         print("\n" + summary_table(status.history), file=sys.stderr)
+    if eval_table(status.evals):
+        print("\n" + eval_table(status.evals), file=sys.stderr)
     return {"step": status.step, "version": status.version, "last_checkpoint": status.last_checkpoint,
             "history": status.history}
 

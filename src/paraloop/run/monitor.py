@@ -1,12 +1,15 @@
-"""The monitor actor: StepFinished in; the run's status, the loggers (metrics.jsonl, TensorBoard, W&B) and the
-progress line out.
+"""The monitor actor: StepFinished and EvalFinished in; the run's status, the loggers (metrics.jsonl, TensorBoard,
+W&B) and the progress line out.
 
 Each step becomes one row: the learner's metrics plus what the rest of the run looked like when it finished
 (generation tokens/s, swap pause, queue depths, memory), under the same names in every logger and the dashboard.
-On a terminal the progress line redraws in place; elsewhere (CI, logs) it prints one line per step. It returns at
-end of stream, after closing the loggers.
+Each held-out evaluation becomes one row marked `"kind": "eval"`. On a terminal the progress line redraws in place;
+elsewhere (CI, logs) it prints one line per step. A step whose train/inference mismatch exceeds the threshold is
+logged as a warning and shown in the status' alerts until a step is back under it. It returns at end of stream,
+after closing the loggers.
 """
 
+import logging
 import sys
 import time
 from typing import Any, TextIO
@@ -14,10 +17,14 @@ from typing import Any, TextIO
 import anyio
 from anyio.abc import ObjectReceiveStream
 
-from paraloop.messages import StepFinished
+from paraloop.atropos.evals import AtroposEvals
+from paraloop.learn.mismatch import mismatch_alarm
+from paraloop.messages import EvalFinished, StepFinished
 from paraloop.run.reporters import Reporter, close_all, log_all
 from paraloop.run.status import RunStatus, swap_pause_ms
 from paraloop.server.metrics import process_memory
+
+log = logging.getLogger("paraloop.monitor")
 
 TABLE_COLUMNS = ("step", "reward_mean", "reward_std", "loss", "kl", "entropy", "clip_fraction", "step_time_s")
 CLOSE_TIMEOUT_S = 60  # W&B may flush for a while; never longer than this
@@ -39,6 +46,8 @@ def progress_line(status: RunStatus, done: StepFinished) -> str:
     ]
     if done.skipped:
         parts.append("SKIPPED (non-finite)")
+    if "mismatch" in status.alerts:
+        parts.append(f"MISMATCH {m.get('mismatch_abs_mean', float('nan')):.3g} nats")
     if status.paused:
         parts.append("paused")
     return " | ".join(parts)
@@ -75,20 +84,69 @@ def run_gauges(status: RunStatus, done: StepFinished) -> dict[str, Any]:
     return row
 
 
+def eval_line(record: dict) -> str:
+    keys = [k for k in record if k == "reward_mean" or k.startswith("pass@")]
+    if not keys:  # an Atropos environment's own metrics
+        keys = [k for k, v in record.items() if k not in ("step", "version", "task") and isinstance(v, float)][:4]
+    numbers = " | ".join(f"{k} {record[k]:.3f}" for k in keys)
+    took = f" | {record['time_s']:.1f} s" if "time_s" in record else ""
+    return f"eval v{record['version']} ({record['task']}) | {numbers}{took}"
+
+
+def eval_table(evals: list[dict]) -> str:
+    """The built-in held-out evaluations of a run as a plain-text table (the first row: the starting adapter)."""
+    evals = [e for e in evals if "prompts" in e]
+    if not evals:
+        return ""
+    keys = ["step", "version", "reward_mean"] + [k for k in evals[0] if k.startswith("pass@")]
+    header = " ".join(f"{c:>13}" for c in keys)
+    rows = [f"held-out eval ({evals[0]['task']}, {int(evals[0]['prompts'])} prompts x "
+            f"{int(evals[0]['samples'])} samples)", header, "-" * len(header)]
+    for record in evals:
+        rows.append(" ".join(f"{int(record[c]):>13d}" if c in ("step", "version") else f"{record.get(c, float('nan')):>13.4f}"
+                             for c in keys))
+    return "\n".join(rows)
+
+
 async def run_monitor(
-    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, reporters: list[Reporter],
+    inbox: ObjectReceiveStream[StepFinished | EvalFinished],
+    *,
+    status: RunStatus,
+    reporters: list[Reporter],
     out: TextIO | None = None,
+    mismatch_threshold: float = 0.0,
+    atropos_evals: AtroposEvals | None = None,
 ) -> None:
     out = out or sys.stderr  # looked up per run, never bound at import (tests and callers swap sys.stderr)
     interactive = out.isatty()
+
+    def write_eval(done: EvalFinished) -> None:
+        record = status.record_eval(done)
+        log_all(reporters, {"kind": "eval", "time": time.time(), **record}, [])
+        out.write(("\r\x1b[2K" if interactive else "") + eval_line(record) + "\n")
+        out.flush()
+
     try:
         async with inbox:
             async for done in inbox:
+                if isinstance(done, EvalFinished):
+                    write_eval(done)
+                    continue
+                alarm = mismatch_alarm(done.metrics, mismatch_threshold)
+                if alarm is not None:
+                    if "mismatch" not in status.alerts:
+                        log.warning("step %d: %s", done.step, alarm)
+                    status.alerts["mismatch"] = f"step {done.step}: {alarm}"
+                elif "mismatch_abs_mean" in done.metrics:
+                    status.alerts.pop("mismatch", None)
                 row = status.record_step(done, run_gauges(status, done))
                 log_all(reporters, row, status.samples_of(done.step))
                 line = progress_line(status, done)
                 out.write(f"\r\x1b[2K{line}" if interactive else line + "\n")
                 out.flush()
+                for env, metrics in atropos_evals.new() if atropos_evals is not None else []:
+                    write_eval(EvalFinished(step=done.step, version=done.version, task=f"atropos:{env}",
+                                            metrics=metrics))
     finally:
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await anyio.to_thread.run_sync(close_all, reporters, abandon_on_cancel=True)

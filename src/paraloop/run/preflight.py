@@ -56,7 +56,22 @@ def settings_problems(settings: Settings) -> list[str]:
                         "(paraloop never holds a second copy of the model): set rl_training.kl_beta = 0")
     if not rl.atropos.api_url:
         problems += mock_problems(settings)
+    problems += eval_problems(settings)
     return problems
+
+
+def eval_problems(settings: Settings) -> list[str]:
+    """[eval]: the task's held-out split and the engine's limits, when the built-in evaluation will run."""
+    if not settings.eval.every_steps or (settings.rl_training.atropos.api_url and not settings.eval.task):
+        return []
+    from paraloop.config import ConfigError
+    from paraloop.evaluation import eval_plan
+
+    try:
+        eval_plan(settings)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def mock_problems(settings: Settings) -> list[str]:

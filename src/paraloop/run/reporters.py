@@ -1,7 +1,7 @@
 """Where each step's metrics and rollout samples go: `[logging] report_to = ["jsonl", "tensorboard", "wandb"]`.
 
 In: one row per learner step (the step's metrics plus the run's gauges, the same names everywhere) and that step's
-rollout samples (run/samples.py). Out: RUN_DIR/metrics.jsonl + rollouts.jsonl (jsonl), TensorBoard event files in
+rollout samples (run/samples.py). Out: RUN_DIR/metrics.jsonl + rollouts.jsonl (jsonl; held-out evaluations are rows marked `"kind": "eval"`), TensorBoard event files in
 RUN_DIR/tensorboard (scalars, samples as a text table), a W&B run (scalars, samples as a wandb.Table; WANDB_MODE
 or logging.wandb_mode=offline keeps everything on the machine). The monitor calls `log` per step and `close` once.
 
@@ -38,10 +38,14 @@ class MissingExtra(RuntimeError):
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The row's numbers (booleans and None left out): what TensorBoard and W&B plot."""
+    """The row's numbers (booleans and None left out): what TensorBoard and W&B plot. A held-out evaluation's
+    (`"kind": "eval"`) are named eval/TASK/KEY, apart from the training curves of the same name."""
+    evaluation = row.get("kind") == "eval"
+    prefix = f"eval/{row.get('task', '')}/" if evaluation else ""
+    skip = ("step", "time", "version") if evaluation else ("step", "time")
     return {
-        k: float(v) for k, v in row.items()
-        if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        prefix + k: float(v) for k, v in row.items()
+        if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from paraloop.messages import AdapterSwapped, RolloutBatch, StepFinished
+from paraloop.messages import AdapterSwapped, EvalFinished, RolloutBatch, StepFinished
 
 
 @dataclass
@@ -32,6 +32,8 @@ class RunStatus:
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # held-out evaluations, oldest first
+    alerts: dict[str, str] = field(default_factory=dict)  # what needs a human's attention (mismatch, eval), by topic
     queues: dict[str, Any] = field(default_factory=dict)  # name -> a memory object stream (for its depth)
     engine_stats: Callable[[], dict[str, float]] | None = None
     source_status: Callable[[], dict[str, Any]] | None = None
@@ -53,6 +55,11 @@ class RunStatus:
         if self.prometheus is not None and "step_time_s" in done.metrics:
             self.prometheus.step_time.observe(done.metrics["step_time_s"])
         return row
+
+    def record_eval(self, done: EvalFinished) -> dict[str, Any]:
+        record = {"step": done.step, "version": done.version, "task": done.task, **done.metrics}
+        self.evals.append(record)
+        return record
 
     def record_swap(self, swapped: AdapterSwapped) -> None:
         self.serving_version = swapped.version
@@ -111,6 +118,8 @@ class RunStatus:
             "last_checkpoint": self.last_checkpoint,
             "source": self.source_status() if self.source_status else {},
             "buffer": self.buffer_stats() if self.buffer_stats else {},
+            "eval": {"first": self.evals[0], "last": self.evals[-1]} if self.evals else {},
+            "alerts": dict(self.alerts),
             "run_dir": self.run_dir,
         }
 
