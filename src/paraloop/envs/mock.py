@@ -11,7 +11,9 @@ predecessor did, which trained on tokens the policy never sampled).
 Pacing belongs to the caller: `batch()` generates one learner batch when awaited and nothing in between, so a
 sync-mode runtime (generate, train, swap, generate) stays strictly on-policy; `batches()` repeats it forever,
 optionally waiting on a gate before each batch. Deterministic given the seed: group i's prompt and sampling seed
-derive from (seed, i), and `state()` / `load_state()` carry i across a resume.
+derive from (seed, i), and `state()` / `load_state()` carry i across a resume. One rank of a distributed run
+(`share=(rank, size)`) generates only its contiguous part of each batch's groups; the ranks' parts in rank order
+are the batch one process would generate.
 """
 
 import math
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 import anyio
 
 from paraloop.config import MockEnvConfig
+from paraloop.distributed import chunk
 from paraloop.envs.tasks import Messages, Sample, Task, load_task
 from paraloop.messages import (
     PROMPT_MASK,
@@ -105,6 +108,7 @@ class MockEnvironment:
         temperature: float,
         max_tokens: int,
         seed: int = 0,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"rl_training.temperature must be > 0 for rollouts, got {temperature}")
@@ -120,6 +124,7 @@ class MockEnvironment:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.seed = seed
+        self.share = share  # (rank, size): this rank generates its chunk of each batch's groups
         self._eos = eos_ids(tokenizer)
         # Index of the next group: its prompt and sampling seed derive from (seed, index).
         self._next_group = 0
@@ -194,12 +199,12 @@ class MockEnvironment:
         count = self.groups_per_batch(batch_size)
         first = self._next_group  # indices fixed up front: prompts and seeds do not depend on scheduling
         self._next_group += count
-        built = [self._request(first + slot) for slot in range(count)]
+        built = [self._request(first + slot) for slot in chunk(count, *self.share)]
         if hasattr(self.engine, "complete_many"):
             results = await self.engine.complete_many([request for _, request in built])
             groups = [self._scored(m, r, c) for (m, r), c in zip(built, results, strict=True)]
         else:
-            filled: list[ScoredGroup | None] = [None] * count
+            filled: list[ScoredGroup | None] = [None] * len(built)
             limiter = anyio.CapacityLimiter(self.config.concurrency)
 
             async def fill(slot: int) -> None:
@@ -208,7 +213,7 @@ class MockEnvironment:
                     filled[slot] = self._scored(messages, request, await self.engine.complete(request))
 
             async with anyio.create_task_group() as tg:
-                for slot in range(count):
+                for slot in range(len(built)):
                     tg.start_soon(fill, slot)
             groups = [g for g in filled if g is not None]
         return RolloutBatch(

@@ -120,6 +120,24 @@ class LearnerControl:
             self._granted = None
         send.close()
 
+    # --- for the step boundary of a distributed run (run/ranks.py), which cannot block in wait_turn ---------------
+
+    def may_step(self) -> bool:
+        """Whether the learner may take a step now: not paused, or a single-step permit waits."""
+        return not self.status.paused or self._permits > 0
+
+    def take_turn(self) -> None:
+        """The learner takes a step now: while paused, it uses a single-step permit."""
+        if self.status.paused and self._permits:
+            self._permits -= 1
+
+    async def changed(self) -> None:
+        """Return at the next pause, resume, step, stop or `wake`."""
+        await self._changed.wait()
+
+    def wake(self) -> None:
+        self._notify()
+
     async def wait_turn(self) -> bool:
         """Return True when the learner may take its next step, False when the run is stopping."""
         while True:

@@ -46,9 +46,12 @@ async def watch_signals(control: Any, *, task_status: Any = anyio.TASK_STATUS_IG
 async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     """Run until total_steps, /control/stop or a signal. `ready(port)` is called once HTTP serves."""
     from paraloop import checkpoint
+    from paraloop.distributed import launch_rank
     from paraloop.engine import Engine
     from paraloop.lora import AdapterSlots
     from paraloop.messages import AdapterPublished, RolloutBatch, SaveCheckpoint, StepFinished
+    from paraloop.run import peers
+    from paraloop.run import ranks as ranked
     from paraloop.run.buffer import RolloutBuffer
     from paraloop.run.checkpointer import run_checkpointer
     from paraloop.run.control import LearnerControl, control_routes
@@ -57,27 +60,31 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     from paraloop.run.mlx_thread import MlxThread
     from paraloop.run.monitor import run_monitor, summary_table
     from paraloop.run.publisher import run_publisher
-    from paraloop.run.setup import SetupError, build_models, make_source
+    from paraloop.run.setup import SetupError, make_source
     from paraloop.run.status import RunStatus
     from paraloop.server.app import make_app, serve_http
 
     rl = settings.rl_training
     run_dir = Path(settings.checkpoint.dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
-    if not settings.checkpoint.resume and checkpoint.list_checkpoints(run_dir):
+    if not settings.checkpoint.resume and launch_rank() == 0 and checkpoint.list_checkpoints(run_dir):
         raise SetupError(
             f"{run_dir} already holds checkpoints of an earlier run: continue it with --resume {run_dir}, "
             "or give another --run-dir (nothing is overwritten)"
         )
     thread = MlxThread("paraloop-learner")
     try:
-        models = await thread.call(build_models, settings)
+        ranks, watcher = await ranked.join(settings, thread)  # (None, None) unless launched as one of several ranks
+        follower = ranks is not None and not ranks.is_root
+        models = await ranked.build(settings, thread, ranks, watcher)
         trainer = models.trainer
         names = list(trainer.adapter()) if rl.train_mode == "full" else None  # full mode swaps every weight
         slots = AdapterSlots(models.engine_model, names=names)
-        if models.resumed is not None:
-            slots.swap(models.resumed.adapter)
-            log.info("resumed from %s at step %d (version %d)", models.resumed.path, trainer.step_count, trainer.version)
+        if models.resumed is not None or follower:
+            slots.swap(trainer.adapter())
+            if models.resumed is not None:
+                log.info("resumed from %s at step %d (version %d)", models.resumed.path, trainer.step_count,
+                         trainer.version)
         elif models.adapter_config is not None:
             await thread.call(checkpoint.write_initial_adapter, run_dir, trainer.adapter(), models.adapter_config,
                               settings.checkpoint.adapter_format)
@@ -93,11 +100,20 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
         ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](2)
         finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished](64)
         sync = rl.mode == "sync"
-        credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if sync else (None, None)
+        source = ranked.has_source(settings, ranks)  # a rank of a distributed run may have no rollouts to make
+        credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if sync and source else (None, None)
         status.queues = {"rollouts": batches_send, "publish": published_send, "checkpoints": ckpt_send,
                         "metrics": finished_send}
 
-        source, status.source_status = make_source(settings, engine, models.tokenizer, models.resumed)
+        if source:
+            source, status.source_status = make_source(settings, engine, models.tokenizer, models.resumed,
+                                                       share=(ranks.rank, ranks.size) if ranks else (0, 1))
+        coordinator = None
+        if ranks is not None:
+            coordinator = ranked.Coordinator(ranks, thread, status, control, source=bool(source),
+                                             checksum_interval=settings.distributed.checksum_interval, run_dir=run_dir)
+            watcher.done = lambda: coordinator.done
+            status.ranks_status = watcher.status
 
         learner = Learner(
             trainer, thread, status=status, control=control, total_steps=rl.total_steps,
@@ -105,42 +121,62 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
             credits=credits_send.clone() if credits_send else None,
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
+            ranks=coordinator,
         )
-        app = make_app(engine, settings=settings, extra_routes=control_routes(status, control))
+        routes = [] if follower else control_routes(status, control)
+        if ranks is not None:  # /ranks (heartbeats); a follower's /control answers 409 naming rank 0
+            routes += peers.rank_routes(watcher, status, follower_of=(lambda: watcher.peers[0]["url"]) if follower
+                                        else None)
+        app = make_app(engine, settings=settings, extra_routes=routes)
         config_dump = public_dump(settings)  # written into every checkpoint: no control_token there
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
-            port = await tg.start(serve_http, app, settings.server.host, settings.server.port)
+            port = await tg.start(serve_http, app, settings.server.host,
+                                  peers.bound_port(settings, ranks.rank) if ranks else settings.server.port)
             status.http_port = port
-            (run_dir / "server.json").write_text(json.dumps({"host": settings.server.host, "port": port, "pid": os.getpid()}))
+            if not follower:
+                (run_dir / "server.json").write_text(json.dumps({"host": settings.server.host, "port": port, "pid": os.getpid()}))
+            if ranks is not None:
+                host = peers.advertise_host(settings, ranks.rank)
+                watcher.set_peers(await peers.exchange_addresses(ranks, thread, host, port))
+                coordinator.info = {"url": f"http://{host}:{port}", "pid": os.getpid(),
+                                    "peers": [p["url"] for p in [*watcher.peers]]}
+                coordinator.write_rank_file()
+                await tg.start(watcher.run)
+                await coordinator.compare(trainer, trainer.step_count)  # every rank starts from rank 0's state
             log.info("serving on http://%s:%d (adapter version %d)", settings.server.host, port, trainer.version)
             if ready is not None:
                 ready(port)
             if threading_main():
                 await tg.start(watch_signals, control)
             buffer = RolloutBuffer(
-                batch_size=rl.batch_size, priority=rl.buffer_priority,
+                batch_size=ranked.local_batch_size(settings, ranks), priority=rl.buffer_priority,
                 max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
             )
             status.buffer_stats = buffer.stats
-            tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer, version=lambda: trainer.version,
-                                  credits=credits_recv))
+            if source:
+                tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer,
+                                      version=lambda: trainer.version, credits=credits_recv))
             # The finite part: the learner and everything downstream of it end by end-of-stream, in turn, so the
             # last swap, checkpoint and metrics line are done before the rest (engine, HTTP, fetcher) is cancelled.
             async with anyio.create_task_group() as training:
                 training.start_soon(learner.run)
                 training.start_soon(partial(run_publisher, published_recv, engine=engine, status=status,
                                             credits=credits_send, drain=sync))
-                training.start_soon(partial(run_monitor, finished_recv, status=status, run_dir=run_dir))
-                training.start_soon(partial(
-                    run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=models.adapter_config,
-                    adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
-                    config=config_dump, status=status,
-                ))
+                if follower:  # rank 0 alone writes metrics and checkpoints
+                    ckpt_recv.close()
+                    training.start_soon(partial(ranked.follow, finished_recv, status=status))
+                else:
+                    training.start_soon(partial(run_monitor, finished_recv, status=status, run_dir=run_dir))
+                    training.start_soon(partial(
+                        run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=models.adapter_config,
+                        adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
+                        config=config_dump, status=status,
+                    ))
             tg.cancel_scope.cancel()
     finally:
         thread.close()
-    if status.history:
+    if status.history and not follower:
         print("\n" + summary_table(status.history), file=sys.stderr)
     return {"step": status.step, "version": status.version, "last_checkpoint": status.last_checkpoint,
             "history": status.history}

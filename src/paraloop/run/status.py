@@ -35,6 +35,7 @@ class RunStatus:
     source_status: Callable[[], dict[str, Any]] | None = None
     buffer_stats: Callable[[], dict[str, int]] | None = None
     http_port: int | None = None
+    ranks_status: Callable[[], dict[str, Any]] | None = None  # a distributed run: this rank and its peers
 
     def record_step(self, done: StepFinished) -> None:
         self.step = done.step
@@ -86,6 +87,7 @@ class RunStatus:
             "source": self.source_status() if self.source_status else {},
             "buffer": self.buffer_stats() if self.buffer_stats else {},
             "run_dir": self.run_dir,
+            **({"ranks": self.ranks_status()} if self.ranks_status else {}),
         }
 
 
