@@ -12,6 +12,7 @@ COMMANDS = {
     "convert-adapter": ("paraloop.tools.convert_adapter", "convert an adapter between npz and safetensors"),
     "show-checkpoint": ("paraloop.tools.show_checkpoint", "summarise a run's checkpoints"),
     "plot": ("paraloop.plot", "plot a run's metrics to PNG"),
+    "launch": ("paraloop.run.launch", "start `paraloop run` as the ranks of one distributed run (here or over ssh)"),
     "launch-atropos": ("paraloop.atropos.launch", "start the Atropos API, an environment and `paraloop run` together"),
 }
 

@@ -170,6 +170,7 @@ class Coordinator:
     held: RolloutBatch | None = None  # this rank's part of the next batch, once it came
     ended: bool = False  # the local source ended
     verified: dict[str, Any] = field(default_factory=dict)  # the last checksum comparison
+    started: dict[str, Any] = field(default_factory=dict)  # the first: every rank holds rank 0's start state
     _snapshots: list[Any] = field(default_factory=list)  # rank 0: /control/snapshot requests waiting for a tick
     done: bool = False  # every rank has passed `end`: a rank going away is no longer a fault
 
@@ -267,6 +268,7 @@ class Coordinator:
         differ, values = await self.thread.call(self.ranks.differing, f"{adapter}:{optimizer}", "compare")
         self.verified = {"step": step, "adapter_sha256": adapter, "optimizer_sha256": optimizer,
                          "at": time.time()}
+        self.started = self.started or self.verified
         self.write_rank_file()
         if differ:
             raise RanksDiverged(
@@ -291,7 +293,7 @@ class Coordinator:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**self.info, "rank": self.ranks.rank, "size": self.ranks.size,
-                                   "step": self.status.step, "verified": self.verified}))
+                                   "step": self.status.step, "started": self.started, "verified": self.verified}))
         tmp.replace(path)
 
 
