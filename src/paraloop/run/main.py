@@ -212,7 +212,10 @@ def main(argv: list[str]) -> int:
     from paraloop.run.setup import SetupError
 
     try:
-        model_dir = preflight(settings)  # before anything loads: a mistake costs a second, not a model load
+        from paraloop.distributed import launch_rank
+
+        # before anything loads: a mistake costs a second, not a model load
+        model_dir = preflight(settings, follower=launch_rank() > 0)
     except SetupError as e:
         print(f"paraloop: error: {e}", file=sys.stderr)
         return 2
