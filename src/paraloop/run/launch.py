@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -61,13 +62,12 @@ def read_hosts(args: argparse.Namespace) -> list[Host]:
 
 
 def free_ports(count: int) -> int:
-    """A first port such that `count` consecutive ports are free here (ranks on one machine share it)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            first = s.getsockname()[1]
-        if first + count >= 65535:
-            continue
+    """A first port such that `count` consecutive ports are free here (ranks on one machine share it). Taken below
+    Linux's ephemeral range (32768-60999), where outgoing connections would take a port between this check and the
+    ranks binding it."""
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - count)
         try:
             for port in range(first, first + count):
                 with socket.socket() as s:

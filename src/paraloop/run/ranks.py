@@ -288,12 +288,16 @@ class Coordinator:
         self.done = True
 
     def write_rank_file(self) -> None:
-        """RUN_DIR/ranks/rank_<r>.json: where this rank serves and the checksums it last compared."""
+        """RUN_DIR/ranks/rank_<r>.json: where this rank serves, what its engine served, and the checksums it
+        compared first and last."""
         path = self.run_dir / "ranks" / f"rank_{self.ranks.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
+        engine = self.status.engine_stats() if self.status.engine_stats else {}
+        served = {k: engine[k] for k in ("requests_served", "generated_tokens") if k in engine}
         tmp.write_text(json.dumps({**self.info, "rank": self.ranks.rank, "size": self.ranks.size,
-                                   "step": self.status.step, "started": self.started, "verified": self.verified}))
+                                   "step": self.status.step, "engine": served, "started": self.started,
+                                   "verified": self.verified}))
         tmp.replace(path)
 
 
