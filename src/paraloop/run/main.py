@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
         log.exception("run failed", exc_info=err)
         print(f"paraloop: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    if not args.no_plot:
+    if not args.no_plot and launch_rank() == 0:  # rank 0 alone writes metrics.jsonl
         try:
             from paraloop.plot import plot_run
 

@@ -55,12 +55,22 @@ async def connect(backend: str, thread: Any, wait_s: float, *, exit_: Callable[[
         exit_(1, f"error: rank {launch_rank()}: the other ranks did not join within {wait_s:.0f} s "
                  "(distributed.connect_timeout); are they all started, with the same hostfile?")
 
+    def join() -> Ranks:
+        # The ring's connecting side gives up after ~30 s (its listening side waits for ever): a rank 0 still busy
+        # before joining (e.g. downloading the model) is waited for, up to wait_s, by trying again.
+        until = time.monotonic() + wait_s
+        while True:
+            try:
+                return Ranks.connect(backend)
+            except RuntimeError as e:
+                if time.monotonic() + 1 >= until:
+                    raise PeerLost(f"rank {launch_rank()}: cannot join the other ranks ({backend} backend): {e}") from None
+                log.info("rank %d: the other ranks are not there yet (%s): trying again", launch_rank(), e)
+                time.sleep(1)
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(deadline)
-        try:
-            ranks = await thread.call(Ranks.connect, backend)
-        except RuntimeError as e:
-            raise PeerLost(f"rank {launch_rank()}: cannot join the other ranks ({backend} backend): {e}") from None
+        ranks = await thread.call(join)
         tg.cancel_scope.cancel()
     log.info("rank %d of %d joined (%s backend)", ranks.rank, ranks.size, backend)
     return ranks

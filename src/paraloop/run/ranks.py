@@ -30,7 +30,7 @@ import anyio
 import msgspec
 import numpy as np
 
-from paraloop.distributed import Ranks, RanksDiverged, chunk, digest, pack_tree, unpack_tree
+from paraloop.distributed import PeerLost, Ranks, RanksDiverged, chunk, digest, pack_tree, unpack_tree
 from paraloop.messages import RolloutBatch
 
 log = logging.getLogger("paraloop.ranks")
@@ -121,7 +121,12 @@ class StartReceiver:
 
     def receive(self) -> dict[str, Any]:
         if self.payload is None:
-            self.payload = msgspec.msgpack.decode(self.ranks.broadcast(None, "start"))
+            try:
+                blob = self.ranks.broadcast(None, "start")
+            except PeerLost as e:
+                raise PeerLost(f"rank {self.ranks.rank}: rank 0 sent no start state (did it fail to start? see its "
+                               f"output): {e}") from None
+            self.payload = msgspec.msgpack.decode(blob)
             ours = self.settings.rl_training.model_dump(mode="json")
             differ = sorted(k for k in ours.keys() | self.payload["rl_training"].keys()
                             if k not in LOCAL_KEYS and ours.get(k) != self.payload["rl_training"].get(k))
