@@ -123,13 +123,13 @@ class LearnerControl:
     # --- for the step boundary of a distributed run (run/ranks.py), which cannot block in wait_turn ---------------
 
     def may_step(self) -> bool:
-        """Whether the learner may take a step now: not paused, or a single-step permit waits."""
-        return not self.status.paused or self._permits > 0
+        """Whether the learner may take a step now: not paused, or a single-step request waits (as wait_turn)."""
+        return not self.status.stopping and (not self.status.paused or self._granted is not None or bool(self._pending))
 
     def take_turn(self) -> None:
-        """The learner takes a step now: while paused, it uses a single-step permit."""
-        if self.status.paused and self._permits:
-            self._permits -= 1
+        """The learner takes a step now: the next single-step request waiting is the one it answers."""
+        if self._granted is None and self._pending:
+            self._granted = self._pending.popleft()
 
     async def changed(self) -> None:
         """Return at the next pause, resume, step, stop or `wake`."""

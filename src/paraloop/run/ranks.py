@@ -237,7 +237,7 @@ class Coordinator:
                 await self._snapshot(learner, step)
                 continue
             if decision == TRAIN:
-                if self.is_root and table[0, PAUSED]:
+                if self.is_root:
                     self.control.take_turn()
                 part, self.held = self.held, None
                 blob = msgspec.msgpack.encode(part) if part is not None else b""
