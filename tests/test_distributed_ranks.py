@@ -198,3 +198,16 @@ def test_launch_reads_mlx_hostfiles_and_starts_remote_ranks_over_ssh(tmp_path):
     with pytest.raises(SystemExit, match="at least 2 ranks"):
         launch.read_hosts(argparse.Namespace(hostfile=None, hosts="127.0.0.1", n=1))
     assert launch.exit_code(-9) == 137 and launch.exit_code(2) == 2
+
+
+def test_the_benchmarks_scaling_arithmetic():
+    from bench.distributed import allreduce_s, scaling
+
+    # a ring all-reduce sends and receives 2 (N-1)/N of the bytes per rank, in 2 (N-1) latency-bound rounds
+    assert allreduce_s(1.1e9, 2, 1.1e9, 0.0) == pytest.approx(1.0)
+    assert allreduce_s(1.1e9, 4, 1.1e9, 0.0) == pytest.approx(1.5)
+    assert allreduce_s(0, 4, 1.1e9, 1e-3) == pytest.approx(6e-3)
+    expected = scaling(10.0, 10.4e6, 12e3)
+    two = expected["10 Gb Ethernet (ring over TCP), 2 machines"]
+    assert two["step_s"] == pytest.approx(5.0 + two["all_reduce_s"]) and 1.9 < two["speedup"] < 2.0
+    assert two["step_s_at_5_percent"] == pytest.approx(19 * two["all_reduce_s"])
