@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 LOCAL = ("127.0.0.1", "localhost")
 
@@ -42,7 +43,7 @@ class Host:
 def read_hosts(args: argparse.Namespace) -> list[Host]:
     if args.hostfile:
         try:
-            data = json.loads(open(args.hostfile).read())
+            data = json.loads(Path(args.hostfile).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"paraloop launch: error: cannot read hostfile {args.hostfile}: {e}") from None
         entries = data.get("hosts", []) if isinstance(data, dict) else data

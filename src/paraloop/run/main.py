@@ -125,8 +125,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
         )
         routes = [] if follower else control_routes(status, control)
         if ranks is not None:  # /ranks (heartbeats); a follower's /control answers 409 naming rank 0
-            routes += peers.rank_routes(watcher, status, follower_of=(lambda: watcher.peers[0]["url"]) if follower
-                                        else None)
+            routes += peers.rank_routes(watcher, status, follower=follower)
         app = make_app(engine, settings=settings, extra_routes=routes)
         config_dump = public_dump(settings)  # written into every checkpoint: no control_token there
         async with anyio.create_task_group() as tg:

@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -83,7 +84,7 @@ def advertise_host(settings: Any, rank: int) -> str:
     if settings.server.host not in WILDCARDS:
         return settings.server.host
     with contextlib.suppress(OSError, ValueError, KeyError, IndexError, TypeError):
-        hosts = json.loads(open(os.environ["MLX_HOSTFILE"]).read())  # the ring backend's [["ip:port", ...], ...]
+        hosts = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())  # the ring's [["ip:port", ...], ...]
         return hosts[rank][0].rsplit(":", 1)[0]
     return socket.getfqdn()
 
@@ -128,6 +129,9 @@ class Watcher:
         now = time.monotonic()
         self.peers = [p for p in peers if p["rank"] != self.ranks.rank]
         self.last_ok = {p["rank"]: now for p in self.peers}
+
+    def url_of(self, rank: int) -> str:
+        return next((p["url"] for p in self.peers if p["rank"] == rank), f"rank {rank} (its address is not known yet)")
 
     def describe(self, rank: int) -> str:
         url = next((p["url"] for p in self.peers if p["rank"] == rank), None)
@@ -205,7 +209,7 @@ def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
 
 
-def rank_routes(watcher: Watcher, status: Any, *, follower_of: Callable[[], str] | None) -> list[web.RouteDef]:
+def rank_routes(watcher: Watcher, status: Any, *, follower: bool) -> list[web.RouteDef]:
     """GET /ranks (the heartbeat: this rank and what it sees of the others). On a follower rank, GET
     /control/status reads its own status and POST /control/* answers 409 naming rank 0, which drives the run."""
     from paraloop.server.errors import APIError
@@ -214,7 +218,7 @@ def rank_routes(watcher: Watcher, status: Any, *, follower_of: Callable[[], str]
         return _json({**watcher.status(), "step": status.step, "paused": status.paused})
 
     routes = [web.get("/ranks", ranks, allow_head=False)]
-    if follower_of is None:
+    if not follower:
         return routes
 
     async def get_status(request: web.Request) -> web.Response:
@@ -222,7 +226,7 @@ def rank_routes(watcher: Watcher, status: Any, *, follower_of: Callable[[], str]
 
     async def refuse(request: web.Request) -> web.Response:
         raise APIError(409, f"this is rank {watcher.ranks.rank} of a distributed run: /control is rank 0's, at "
-                       f"{follower_of()}", code="conflict")
+                       f"{watcher.url_of(0)}", code="conflict")
 
     return routes + [web.get("/control/status", get_status, allow_head=False),
                      web.post("/control/{action}", refuse)]

@@ -40,8 +40,6 @@ TICK_S = 0.05  # the longest a waiting rank goes without a tick (a step starts a
 STEP, READY, STOPPING, ENDED, PAUSED, MAY_STEP, SNAPSHOT = range(7)
 FIELDS = 7
 WAIT, TRAIN, STOP, SNAP = "wait", "step", "stop", "snapshot"
-# rl_training keys that may differ between ranks (nothing else may: the ranks must compute the same update)
-LOCAL_KEYS = frozenset()
 
 
 def decide(table: np.ndarray) -> str:
@@ -128,8 +126,8 @@ class StartReceiver:
                                f"output): {e}") from None
             self.payload = msgspec.msgpack.decode(blob)
             ours = self.settings.rl_training.model_dump(mode="json")
-            differ = sorted(k for k in ours.keys() | self.payload["rl_training"].keys()
-                            if k not in LOCAL_KEYS and ours.get(k) != self.payload["rl_training"].get(k))
+            theirs = self.payload["rl_training"]  # all of it must agree: the ranks compute one update
+            differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             if differ:
                 from paraloop.run.setup import SetupError
 
