@@ -4,9 +4,10 @@
 - `paraloop launch -n 2` trains with identical adapters on both ranks; a 1-rank checkpoint resumes on 2 ranks and
   the 2-rank one on 1, each rank starting bitwise from rank 0's checkpoint;
 - /control on rank 0 pauses and single-steps both ranks; a follower's /control answers 409 naming rank 0;
-- a rank that dies, or freezes, ends the other with exit 1 and its name, within the stated bound.
+- a rank that dies, or freezes, ends the other with exit 1 and its name, within the stated bound;
+- from Atropos: rank 0 fetches the batches both ranks train, and the environment generates from both ranks.
 
-Every process runs in its own process group (a launcher and its ranks share one), killed when a test fails.
+Every process runs in its own process group (a launcher and its ranks share one), killed when a test ends.
 """
 
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import procs
 from paraloop.checkpoint import read_checkpoint
 from paraloop.distributed import digest
 from test_run import call, read_metrics
@@ -39,16 +41,13 @@ def ring_hostfile(path: Path, ranks: int = 2) -> Path:
     return path
 
 
-def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **env},
-                            start_new_session=True, cwd=REPO)
+def start(cmd: list[str], cwd: Path = REPO, **env: str) -> subprocess.Popen:
+    return procs.spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**ENV, **env}, cwd=cwd)
 
 
-def kill(*procs: subprocess.Popen) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+def kill(*children: subprocess.Popen) -> None:
+    for child in children:
+        procs.kill_group(child, grace_s=1.0)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
@@ -75,11 +74,11 @@ def rank(r: int, hostfile: Path, model: Path, run_dir: Path, *extra: str) -> sub
                  MLX_HOSTFILE=str(hostfile))
 
 
-def rank_files(run_dir: Path, procs: list[subprocess.Popen], count: int = 2, timeout: float = 120) -> list[dict]:
+def rank_files(run_dir: Path, children: list[subprocess.Popen], count: int = 2, timeout: float = 120) -> list[dict]:
     deadline = time.time() + timeout
     paths = [run_dir / "ranks" / f"rank_{r}.json" for r in range(count)]
     while time.time() < deadline:
-        for p in procs:
+        for p in children:
             if p.poll() is not None:
                 raise AssertionError(f"exited early ({p.returncode}): {p.stderr.read()[-3000:]}")
         if all(p.is_file() for p in paths):
@@ -114,14 +113,12 @@ def test_ring_trainer_equals_one_process_on_the_same_batches(tiny_model_path, tm
 
     hostfile = ring_hostfile(tmp_path / "hosts.json")
     cmd = [sys.executable, "distributed_trainer_script.py", str(tiny_model_path), *CASES]
-    procs = [subprocess.Popen(cmd, cwd=REPO / "tests", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**ENV, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)},
-                              start_new_session=True) for r in range(2)]
+    ranks = [start(cmd, REPO / "tests", MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)) for r in range(2)]
     try:
-        outs = [p.communicate(timeout=240) for p in procs]
+        outs = [p.communicate(timeout=240) for p in ranks]
     finally:
-        kill(*procs)
-    for p, (_, err) in zip(procs, outs, strict=True):
+        kill(*ranks)
+    for p, (_, err) in zip(ranks, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     lines = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
     assert [line["case"] for line in lines[0]] == [line["case"] for line in lines[1]] == list(CASES)
@@ -200,13 +197,13 @@ def test_a_lost_rank_ends_the_other_naming_it(tiny_model_path, tmp_path, fault):
     run_dir, hostfile = tmp_path / "run", ring_hostfile(tmp_path / "hosts.json")
     extra = ("--steps", "1000", "--checkpoint-interval", "2", "--set", "distributed.peer_timeout=3",
              "--set", "distributed.heartbeat_interval=0.5")
-    procs = [rank(r, hostfile, tiny_model_path, run_dir, *extra) for r in range(2)]
+    ranks = [rank(r, hostfile, tiny_model_path, run_dir, *extra) for r in range(2)]
     try:
-        files = rank_files(run_dir, procs)
+        files = rank_files(run_dir, ranks)
         wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), what="a checkpoint")
         lost = time.time()
         os.kill(files[1]["pid"], signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-        code, err = finish(procs[0], timeout=FAULT_BOUND_S + 30)
+        code, err = finish(ranks[0], timeout=FAULT_BOUND_S + 30)
         took = time.time() - lost
         assert code == 1, err[-3000:]
         assert took < FAULT_BOUND_S, f"rank 0 took {took:.1f} s to end"
@@ -215,4 +212,68 @@ def test_a_lost_rank_ends_the_other_naming_it(tiny_model_path, tmp_path, fault):
         assert ("heartbeat" in message) == (fault == "frozen"), message
         read_checkpoint(run_dir)  # the newest complete checkpoint stands
     finally:
-        kill(*procs)
+        kill(*ranks)
+
+
+ATROPOS_VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
+
+
+@pytest.mark.atropos
+@pytest.mark.skipif(not (ATROPOS_VENV / "bin" / "run-api").is_file(), reason="no Atropos venv (make atropos-venv)")
+def test_atropos_batches_come_to_rank_0_and_both_ranks_serve_and_train(tiny_model_path, tmp_path):
+    """run-api, a real environment (tests/atropos_env.py) configured with both ranks' /generate as its servers,
+    and two ranks: rank 0 alone registers and fetches, both train every batch, both engines serve generations."""
+    from paraloop.run.launch import free_ports
+
+    api, http = free_ports(1), free_ports(2)
+    run_dir, hostfile, steps = tmp_path / "run", ring_hostfile(tmp_path / "hosts.json"), 3
+    config = tmp_path / "atropos.toml"
+    config.write_text(f"""
+[server]
+port = {http}
+[model]
+base_path = "{tiny_model_path}"
+[rl_training]
+learning_rate = 1e-3
+batch_size = 4
+total_steps = {steps}
+kl_beta = 0.0
+[rl_training.lora]
+rank = 4
+num_layers = 2
+[rl_training.atropos]
+api_url = "http://127.0.0.1:{api}"
+poll_interval = 0.2
+max_backoff = 2.0
+max_token_len = 512
+[checkpoint]
+dir = "{run_dir}"
+interval = 0
+[distributed]
+checksum_interval = 1
+""")
+    server = {"server_type": "vllm", "model_name": "paraloop", "api_key": "x", "tokenizer_name": str(tiny_model_path),
+              "timeout": 120, "num_max_requests_at_once": 8}
+    env_config = tmp_path / "env.yaml"  # JSON is YAML: a list of two servers, which atroposlib balances over
+    env_config.write_text(json.dumps({
+        "env": {"rollout_server_url": f"http://127.0.0.1:{api}", "tokenizer_name": str(tiny_model_path),
+                "use_wandb": False, "group_size": 2, "total_steps": 1000},
+        "openai": [{**server, "base_url": f"http://127.0.0.1:{http + r}/v1"} for r in range(2)],
+    }))
+    children = [start([str(ATROPOS_VENV / "bin" / "run-api"), "--host", "127.0.0.1", "--port", str(api)])]
+    try:
+        children += [start([sys.executable, "-m", "paraloop", "run", str(config), "--no-plot"], MLX_RANK=str(r),
+                           MLX_HOSTFILE=str(hostfile)) for r in range(2)]
+        rank_files(run_dir, children[1:])
+        children.append(start([str(ATROPOS_VENV / "bin" / "python"), str(REPO / "tests" / "atropos_env.py"), "serve",
+                               "--config", str(env_config)], HF_HUB_OFFLINE="1", WANDB_MODE="disabled"))
+        for r in (1, 2):
+            code, err = finish(children[r], timeout=240)
+            assert code == 0, err[-3000:]
+    finally:
+        kill(*children)
+    files = [json.loads((run_dir / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
+    assert [f["verified"]["step"] for f in files] == [steps, steps]
+    assert files[0]["verified"]["adapter_sha256"] == files[1]["verified"]["adapter_sha256"]
+    assert all(f["engine"]["requests_served"] > 0 for f in files), [f["engine"] for f in files]
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, steps + 1))

@@ -70,6 +70,8 @@ def train_on_ranks(base, config, batches, size: int):  # noqa: F811
         except BaseException as e:  # noqa: BLE001 - reported below, and the other ranks let go
             errors.append(e)
             shared["barrier"].abort()
+        finally:
+            mx.clear_streams()  # this thread's MLX streams go with it (else the process may abort at exit: mlx#3395)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
     for t in threads:
