@@ -13,6 +13,7 @@ COMMANDS = {
     "show-checkpoint": ("paraloop.tools.show_checkpoint", "summarise a run's checkpoints"),
     "eval": ("paraloop.evaluation", "evaluate a model and an adapter on a task's held-out prompts, side by side"),
     "plot": ("paraloop.plot", "plot a run's metrics to PNG"),
+    "launch": ("paraloop.run.launch", "start `paraloop run` as the ranks of one distributed run (here or over ssh)"),
     "dashboard": ("paraloop.dashboard.command", "serve the run dashboard from runs' files, to compare them"),
     "launch-atropos": ("paraloop.atropos.launch", "start the Atropos API, an environment and `paraloop run` together"),
 }

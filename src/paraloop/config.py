@@ -388,6 +388,30 @@ class LoggingConfig(Section):
     """W&B mode; unset: the WANDB_MODE environment variable, else online."""
 
 
+class DistributedConfig(Section):
+    """One run over several processes (docs/distributed.md); used only when a launcher (`paraloop launch`,
+    mlx.launch, mpirun) starts paraloop as one rank of several."""
+
+    backend: Literal["any", "ring", "jaccl", "nccl", "mpi"] = "any"
+    """mx.distributed backend: `ring` (TCP, e.g. Ethernet), `jaccl` (RDMA over Thunderbolt 5), `nccl` (CUDA),
+    `mpi`, or `any` (the first that the launcher's environment sets up)."""
+    checksum_interval: int = Field(10, ge=0)
+    """Compare every rank's adapter and optimizer checksum every N learner steps (and at every checkpoint); a
+    difference ends the run naming the ranks. 0: only at checkpoints."""
+    connect_timeout: float = Field(120.0, gt=0)
+    """Seconds to wait for every rank to join at start before exiting with an error."""
+    collective_timeout: float = Field(600.0, gt=0)
+    """Longest wait for the other ranks in one collective (a step's gradient sum, the start state from rank 0,
+    a checkpoint) before the run ends; covers ranks that are alive but stuck."""
+    heartbeat_interval: float = Field(1.0, gt=0)
+    """Seconds between heartbeats to every other rank (GET /ranks on its HTTP port)."""
+    peer_timeout: float = Field(30.0, gt=0)
+    """A rank that answers no heartbeat for this long is lost: the run ends on every rank with an error naming it."""
+    advertise_host: str | None = None
+    """Address the other ranks reach this rank's HTTP server at (default: server.host, or this rank's address in
+    the ring hostfile when server.host is a wildcard such as 0.0.0.0)."""
+
+
 class Settings(BaseSettings):
     """The whole resolved configuration of one paraloop process."""
 
@@ -402,6 +426,7 @@ class Settings(BaseSettings):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @model_validator(mode="before")
     @classmethod

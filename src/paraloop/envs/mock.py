@@ -16,7 +16,9 @@ sampled tokens.
 Pacing belongs to the caller: `batch()` generates one learner batch when awaited and nothing in between, so a
 sync-mode runtime (generate, train, swap, generate) stays strictly on-policy; `batches()` repeats it forever,
 optionally waiting on a gate before each batch. Deterministic given the seed: group i's prompt and sampling seed
-derive from (seed, i), and `state()` / `load_state()` carry i across a resume.
+derive from (seed, i), and `state()` / `load_state()` carry i across a resume. One rank of a distributed run
+(`share=(rank, size)`) generates only its contiguous part of each batch's groups; the ranks' parts in rank order
+are the batch one process would generate.
 """
 
 import math
@@ -30,6 +32,7 @@ import anyio
 import msgspec
 
 from paraloop.config import MockEnvConfig
+from paraloop.distributed import chunk
 from paraloop.envs.episodes import PROMPT_LOGPROB, Episode, play
 from paraloop.envs.tasks import Messages, Sample, Task, load_task
 from paraloop.messages import (
@@ -118,6 +121,7 @@ class MockEnvironment:
         temperature: float,
         max_tokens: int,
         seed: int = 0,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         if not temperature > 0:
             raise ValueError(f"rl_training.temperature must be > 0 for rollouts, got {temperature}")
@@ -133,6 +137,7 @@ class MockEnvironment:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.seed = seed
+        self.share = share  # (rank, size): this rank generates its chunk of each batch's groups
         self._eos = eos_ids(tokenizer)
         # Index of the next group: its prompt and sampling seed derive from (seed, index).
         self._next_group = 0
@@ -275,7 +280,7 @@ class MockEnvironment:
         count = self.groups_per_batch(batch_size)
         first = self._next_group  # indices fixed up front: prompts and seeds do not depend on scheduling
         self._next_group += count
-        groups = await self._rollout([self._request(first + slot) for slot in range(count)])
+        groups = await self._rollout([self._request(first + slot) for slot in chunk(count, *self.share)])
         return RolloutBatch(
             groups=groups,
             source="mock",

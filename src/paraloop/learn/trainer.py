@@ -22,6 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from paraloop.config import RLTrainingConfig
+from paraloop.distributed import Single
 from paraloop.learn.advantages import token_advantages
 from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.batch import TokenBatch, collate, plan_micro_batches
@@ -88,10 +89,12 @@ class MicroBatch:
     importance: dict[str, float] | None = None  # raw importance-ratio statistics (rollout correction)
 
 
-def step_seed(seed: int, step: int) -> int:
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
     """The mx.random seed of a learner step: a function of (seed, step) only, so a resumed run draws the same
-    dropout masks. mx.random state is thread-local, so this never disturbs the engine's sampling."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+    dropout masks (and of the rank, so ranks draw different masks for their rows). mx.random state is
+    thread-local, so this never disturbs the engine's sampling."""
+    entropy = [seed, step] if rank == 0 else [seed, step, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def has_dropout(model: nn.Module) -> bool:
@@ -138,6 +141,9 @@ class Trainer:
         self.optimizer = make_optimizer(config)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
         self.step_count, self.version, self.skipped_steps = 0, version, 0
+        # Data parallelism (distributed.Ranks): every rank prepares the whole batch (advantages, weights), trains
+        # its share of the rows and has gradients and statistics summed, so every rank makes the same update.
+        self.reducer: Any = Single()
 
     # --- public API ------------------------------------------------------------------------------------------------
 
@@ -198,7 +204,7 @@ class Trainer:
         lr = learning_rate_at(self.step_count, cfg)
         micros, base = self._prepare(batch)
         base["lr"] = lr
-        if not micros:
+        if not base["trained_tokens"]:  # of the whole batch: a rank's share may be empty while others train
             return self._skip(base, start, "the batch has no trained tokens")
 
         params_before = self.model.trainable_parameters()
@@ -230,8 +236,8 @@ class Trainer:
 
     def gradients(self, batch: RolloutBatch) -> tuple[float, dict[str, mx.array]]:
         """(loss, flat gradients) of the first epoch of `step(batch)`, without updating anything (diagnostics)."""
-        micros, _ = self._prepare(batch)
-        if not micros:
+        micros, base = self._prepare(batch)
+        if not base["trained_tokens"]:
             raise ValueError("the batch has no trained tokens")
         loss, _, grads = self._accumulate(micros)
         return loss.item(), dict(tree_flatten(grads))
@@ -267,8 +273,10 @@ class Trainer:
         weights = aggregation_weights(
             tb.mask, cfg.loss_aggregation, norm_length=cfg.loss_norm_length or cfg.max_tokens
         )
-        plan = plan_micro_batches(np.where(tb.mask.any(axis=1), tb.lengths, 0), token_budget=cfg.token_budget)
-        mx.random.seed(step_seed(cfg.seed, self.step_count))
+        trained = np.where(tb.mask.any(axis=1), tb.lengths, 0)
+        mine = self.reducer.share(trained)  # every row on one process; this rank's by tokens on several
+        plan = plan_micro_batches(np.where(mine, trained, 0), token_budget=cfg.token_budget)
+        mx.random.seed(step_seed(cfg.seed, self.step_count, self.reducer.rank))
         micros = [self._micro_batch(tb, rows, adv, weights) for rows in plan]
         versions = self._mark_fresh(batch, tb, plan, micros)
         self._old_and_reference(tb, micros)
@@ -276,7 +284,8 @@ class Trainer:
         return micros, {**metrics, **shaping, **staleness_metrics(versions, self.version)}
 
     def _accumulate(self, micros: list[MicroBatch]) -> tuple[mx.array, dict[str, float], dict]:
-        """Sum losses and gradients over micro-batches (the weights make the sum the full-batch value)."""
+        """Sum losses and gradients over micro-batches (the weights make the sum the full-batch value), and over
+        ranks through the reducer (a rank without rows adds zeros)."""
         grads, loss = None, mx.array(0.0)
         sums = dict.fromkeys(SUM_STATS, 0.0)
         lo, hi = np.inf, -np.inf
@@ -293,7 +302,12 @@ class Trainer:
                     mb.mismatch = {k: stats[k].item() for k in MISMATCH_STATS}
         finally:
             self.model.eval()
-        return loss, {**sums, "ratio_min": lo, "ratio_max": hi}, grads
+        if grads is None:
+            grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        grads, sums, mins, maxs = self.reducer.reduce(
+            grads, {"loss": loss.item(), **sums}, {"ratio_min": lo}, {"ratio_max": hi}
+        )
+        return mx.array(sums.pop("loss")), {**sums, **mins, **maxs}, grads
 
     def _micro_batch(
         self, tb: TokenBatch, rows: np.ndarray, adv: np.ndarray, weights: np.ndarray

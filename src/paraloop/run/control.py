@@ -121,6 +121,24 @@ class LearnerControl:
             self._granted = None
         send.close()
 
+    # --- for the step boundary of a distributed run (run/ranks.py), which cannot block in wait_turn ---------------
+
+    def may_step(self) -> bool:
+        """Whether the learner may take a step now: not paused, or a single-step request waits (as wait_turn)."""
+        return not self.status.stopping and (not self.status.paused or self._granted is not None or bool(self._pending))
+
+    def take_turn(self) -> None:
+        """The learner takes a step now: the next single-step request waiting is the one it answers."""
+        if self._granted is None and self._pending:
+            self._granted = self._pending.popleft()
+
+    async def changed(self) -> None:
+        """Return at the next pause, resume, step, stop or `wake`."""
+        await self._changed.wait()
+
+    def wake(self) -> None:
+        self._notify()
+
     async def wait_turn(self) -> bool:
         """Return True when the learner may take its next step, False when the run is stopping."""
         while True:

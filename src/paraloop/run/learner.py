@@ -48,6 +48,7 @@ class Learner:
         credits: ObjectSendStream[int] | None,
         max_staleness: int | None = None,
         stale_policy: str = "drop",
+        ranks: Any = None,
     ) -> None:
         self.trainer = trainer
         self.thread = thread
@@ -64,19 +65,28 @@ class Learner:
         self.source_state: dict[str, Any] | None = None  # the rollout source's position after the last batch trained
         self.max_staleness = max_staleness
         self.stale_policy = stale_policy
-        control.snapshot = self.checkpoint_now
+        self.ranks = ranks  # run/ranks.Coordinator in a distributed run: the ranks decide each step together
+        control.snapshot = self.checkpoint_now if ranks is None else ranks.request_snapshot
 
     async def run(self) -> None:
         async with self.published, self.checkpoints, self.finished, self.batches:
             while self.trainer.step_count < self.total_steps:
-                batch = await self._receive()
-                # Gate after receiving: a pause that came while we waited for the batch holds it, untrained.
-                if batch is None or not await self.control.wait_turn():
-                    break
+                if self.ranks is not None:
+                    batch = await self.ranks.next_batch(self, self.trainer.step_count)
+                    if batch is None:
+                        break
+                else:
+                    batch = await self._receive()
+                    # Gate after receiving: a pause that came while we waited for the batch holds it, untrained.
+                    if batch is None or not await self.control.wait_turn():
+                        break
                 await self._step(batch)
             # Graceful end (steps done, /control/stop or a signal): the last state goes to disk before we return.
             # On an error elsewhere we are cancelled instead, and the newest periodic checkpoint stands.
-            await self.checkpoint_now(final=True)
+            if self.ranks is not None:
+                await self.ranks.end(self, self.trainer.step_count)
+            else:
+                await self.checkpoint_now(final=True)
             if self.credits is not None:
                 self.credits.close()
         log.info("learner finished at step %d (version %d)", self.trainer.step_count, self.trainer.version)
@@ -132,9 +142,12 @@ class Learner:
             await self.credits.send(version)  # nothing to swap: the next rollout may start now
         await self.finished.send(done)
         self.control.step_done(done)
-        if self.save_every_step or (self.checkpoint_interval and step % self.checkpoint_interval == 0):
-            if step < self.total_steps:  # the final checkpoint is written on the way out
-                await self._send_checkpoint(reply=None)
+        due = self.save_every_step or bool(self.checkpoint_interval and step % self.checkpoint_interval == 0)
+        if self.ranks is not None:
+            await self.ranks.after_step(self.trainer, step, due)
+            due = due and self.ranks.is_root  # rank 0 alone writes checkpoints
+        if due and step < self.total_steps:  # the final checkpoint is written on the way out
+            await self._send_checkpoint(reply=None)
 
     async def _send_checkpoint(self, reply: ObjectSendStream[CheckpointWritten] | None) -> None:
         def snapshot() -> tuple[dict, dict | None, dict]:

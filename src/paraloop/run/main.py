@@ -50,10 +50,13 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     from paraloop import checkpoint
     from paraloop.atropos.evals import EVAL_DIR, AtroposEvals
     from paraloop.dashboard import LiveRun, dashboard_routes
+    from paraloop.distributed import launch_rank
     from paraloop.engine import Engine
     from paraloop.learn.algorithms import get_algorithm
     from paraloop.lora import AdapterSlots
     from paraloop.messages import AdapterPublished, EvalFinished, RolloutBatch, SaveCheckpoint, StepFinished
+    from paraloop.run import peers
+    from paraloop.run import ranks as ranked
     from paraloop.run.buffer import RolloutBuffer
     from paraloop.run.checkpointer import run_checkpointer
     from paraloop.run.control import LearnerControl, control_routes, run_families
@@ -65,7 +68,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     from paraloop.run.publisher import run_publisher
     from paraloop.run.reporters import MissingExtra, close_all, open_reporters
     from paraloop.run.samples import rollout_samples
-    from paraloop.run.setup import SetupError, build_models, make_source
+    from paraloop.run.setup import SetupError, make_source
     from paraloop.run.status import RunStatus
     from paraloop.server.app import make_app, serve_http
     from paraloop.server.metrics import METRICS
@@ -73,7 +76,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     rl = settings.rl_training
     run_dir = Path(settings.checkpoint.dir)
     run_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
-    if not settings.checkpoint.resume and checkpoint.list_checkpoints(run_dir):
+    if not settings.checkpoint.resume and launch_rank() == 0 and checkpoint.list_checkpoints(run_dir):
         raise SetupError(
             f"{run_dir} already holds checkpoints of an earlier run: continue it with --resume {run_dir}, "
             "or give another --run-dir (nothing is overwritten)"
@@ -88,17 +91,23 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             raise SetupError(str(e)) from None
     thread = MlxThread("paraloop-learner")
     try:
-        reporters = open_reporters(settings, run_dir)
+        reporters = open_reporters(settings, run_dir) if launch_rank() == 0 else []  # rank 0 alone writes metrics
     except MissingExtra as e:
         raise SetupError(str(e)) from None
     try:
-        models = await thread.call(build_models, settings)
+        ranks, watcher = await ranked.join(settings, thread)  # (None, None) unless launched as one of several ranks
+        follower = ranks is not None and not ranks.is_root
+        if follower:
+            plan = None  # rank 0 alone evaluates
+        models = await ranked.build(settings, thread, ranks, watcher)
         trainer = models.trainer
         names = list(trainer.adapter()) if rl.train_mode == "full" else None  # full mode swaps every weight
         slots = AdapterSlots(models.engine_model, names=names)
-        if models.resumed is not None:
-            slots.swap(models.resumed.adapter)
-            log.info("resumed from %s at step %d (version %d)", models.resumed.path, trainer.step_count, trainer.version)
+        if models.resumed is not None or follower:
+            slots.swap(trainer.adapter())
+            if models.resumed is not None:
+                log.info("resumed from %s at step %d (version %d)", models.resumed.path, trainer.step_count,
+                         trainer.version)
         elif models.adapter_config is not None:
             await thread.call(checkpoint.write_initial_adapter, run_dir, trainer.adapter(), models.adapter_config,
                               settings.checkpoint.adapter_format)
@@ -120,15 +129,24 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
         ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](2)
         finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished | EvalFinished](64)
         sync = rl.mode == "sync"
-        credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if sync else (None, None)
+        source = ranked.has_source(settings, ranks)  # a rank of a distributed run may have no rollouts to make
+        credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if sync and source else (None, None)
         # With evaluation, versions pass through the evaluator first (in sync mode it forwards the credits).
         versions_send, versions_recv = anyio.create_memory_object_stream[int](1) if plan else (None, None)
         publisher_credits = versions_send if plan else credits_send
-        learner_credits = publisher_credits.clone() if sync else None
+        learner_credits = publisher_credits.clone() if sync and publisher_credits is not None else None
         status.queues = {"rollouts": batches_send, "publish": published_send, "checkpoints": ckpt_send,
                         "metrics": finished_send}
 
-        source, status.source_status = make_source(settings, engine, models.tokenizer, models.resumed)
+        if source:
+            source, status.source_status = make_source(settings, engine, models.tokenizer, models.resumed,
+                                                       share=(ranks.rank, ranks.size) if ranks else (0, 1))
+        coordinator = None
+        if ranks is not None:
+            coordinator = ranked.Coordinator(ranks, thread, status, control, source=bool(source),
+                                             checksum_interval=settings.distributed.checksum_interval, run_dir=run_dir)
+            watcher.done = lambda: coordinator.done
+            status.ranks_status = watcher.status
 
         learner = Learner(
             trainer, thread, status=status, control=control, total_steps=rl.total_steps,
@@ -136,6 +154,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
             credits=learner_credits,
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
+            ranks=coordinator,
         )
         evaluator = None
         if plan is not None:
@@ -147,17 +166,30 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
                        resumed_at=trainer.step_count if models.resumed is not None else None,
                        rollout_steps=settings.logging.rollout_steps)
         token_required = bool(settings.server.control_token)
-        app = make_app(engine, settings=settings, extra_routes=[
-            *control_routes(status, control), *dashboard_routes(live, token_required=token_required)])
+        routes = [] if follower else [*control_routes(status, control),
+                                      *dashboard_routes(live, token_required=token_required)]
+        if ranks is not None:  # /ranks (heartbeats); a follower's /control answers 409 naming rank 0
+            routes += peers.rank_routes(watcher, status, follower=follower)
+        app = make_app(engine, settings=settings, extra_routes=routes)
         app[METRICS].add_collector(partial(run_families, status))
         status.prometheus = app[METRICS]
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
-            port = await tg.start(serve_http, app, settings.server.host, settings.server.port)
+            port = await tg.start(serve_http, app, settings.server.host,
+                                  peers.bound_port(settings, ranks.rank) if ranks else settings.server.port)
             status.http_port = port
-            (run_dir / "server.json").write_text(json.dumps({"host": settings.server.host, "port": port, "pid": os.getpid()}))
-            log.info("serving on http://%s:%d (adapter version %d); dashboard: http://%s:%d/dashboard",
-                     settings.server.host, port, trainer.version, settings.server.host, port)
+            if not follower:
+                (run_dir / "server.json").write_text(json.dumps({"host": settings.server.host, "port": port, "pid": os.getpid()}))
+            if ranks is not None:
+                host = peers.advertise_host(settings, ranks.rank)
+                watcher.set_peers(await peers.exchange_addresses(ranks, thread, host, port))
+                coordinator.info = {"url": f"http://{host}:{port}", "pid": os.getpid(),
+                                    "peers": [p["url"] for p in [*watcher.peers]]}
+                coordinator.write_rank_file()
+                await tg.start(watcher.run)
+                await coordinator.compare(trainer, trainer.step_count)  # every rank starts from rank 0's state
+            log.info("serving on http://%s:%d (adapter version %d)%s", settings.server.host, port, trainer.version,
+                     "" if follower else f"; dashboard: http://{settings.server.host}:{port}/dashboard")
             if ready is not None:
                 ready(port)
             if threading_main():
@@ -166,16 +198,17 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
             # next version, never trained on by the one after.
             sync_staleness = 0 if rl.dynamic_sampling else None
             buffer = RolloutBuffer(
-                batch_size=rl.batch_size, priority=rl.buffer_priority,
+                batch_size=ranked.local_batch_size(settings, ranks), priority=rl.buffer_priority,
                 max_staleness=rl.max_staleness if rl.mode == "async" else sync_staleness,
                 stale_policy=rl.stale_policy if rl.mode == "async" else "drop", drop_zero_signal=rl.dynamic_sampling,
             )
             status.buffer_stats = buffer.stats
             if evaluator is not None and models.resumed is None:
                 await evaluator.evaluate_now(trainer.version)  # the starting adapter, before any rollout
-            tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer, version=lambda: trainer.version,
-                                  credits=credits_recv,
-                                  max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else None))
+            if source:
+                tg.start_soon(partial(run_fetcher, source, batches_send, buffer=buffer,
+                                      version=lambda: trainer.version, credits=credits_recv,
+                                      max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else None))
             # The finite part: the learner and everything downstream of it end by end-of-stream, in turn, so the
             # last swap, checkpoint and metrics line are done before the rest (engine, HTTP, fetcher) is cancelled.
             async with anyio.create_task_group() as training:
@@ -184,19 +217,24 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
                                             credits=publisher_credits, drain=sync))
                 if evaluator is not None:
                     training.start_soon(evaluator.run, versions_recv, credits_send)
-                atropos_evals = AtroposEvals(run_dir / EVAL_DIR) if rl.atropos.api_url else None
-                training.start_soon(partial(run_monitor, finished_recv, status=status, reporters=reporters,
-                                            mismatch_threshold=rl.mismatch_threshold, atropos_evals=atropos_evals))
-                training.start_soon(partial(
-                    run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=models.adapter_config,
-                    adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
-                    config=config_dump, status=status,
-                ))
+                if follower:  # rank 0 alone writes metrics and checkpoints
+                    ckpt_recv.close()
+                    training.start_soon(partial(ranked.follow, finished_recv, status=status))
+                else:
+                    atropos_evals = AtroposEvals(run_dir / EVAL_DIR) if rl.atropos.api_url else None
+                    training.start_soon(partial(run_monitor, finished_recv, status=status, reporters=reporters,
+                                                mismatch_threshold=rl.mismatch_threshold,
+                                                atropos_evals=atropos_evals))
+                    training.start_soon(partial(
+                        run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=models.adapter_config,
+                        adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
+                        config=config_dump, status=status,
+                    ))
             tg.cancel_scope.cancel()
     finally:
         thread.close()
         close_all(reporters)  # the monitor closed them unless it never ran; closing twice is harmless
-    if status.history:
+    if status.history and not follower:
         print("\n" + summary_table(status.history), file=sys.stderr)
     if eval_table(status.evals):
         print("\n" + eval_table(status.evals), file=sys.stderr)
@@ -234,7 +272,10 @@ def main(argv: list[str]) -> int:
     from paraloop.run.setup import SetupError
 
     try:
-        model_dir = preflight(settings)  # before anything loads: a mistake costs a second, not a model load
+        from paraloop.distributed import launch_rank
+
+        # before anything loads: a mistake costs a second, not a model load
+        model_dir = preflight(settings, follower=launch_rank() > 0)
     except SetupError as e:
         print(f"paraloop: error: {e}", file=sys.stderr)
         return 2
@@ -261,7 +302,7 @@ def main(argv: list[str]) -> int:
         log.exception("run failed", exc_info=err)
         print(f"paraloop: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    if not args.no_plot and (Path(settings.checkpoint.dir) / "metrics.jsonl").is_file():
+    if not args.no_plot and launch_rank() == 0 and (Path(settings.checkpoint.dir) / "metrics.jsonl").is_file():
         try:
             from paraloop.plot import plot_run
 

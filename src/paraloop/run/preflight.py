@@ -17,9 +17,11 @@ from paraloop.run.setup import SetupError
 log = logging.getLogger("paraloop.run")
 
 
-def preflight(settings: Settings) -> Path:
-    """Check the configuration, the paths it names and the model's config.json; return the model directory."""
-    problems = settings_problems(settings)
+def preflight(settings: Settings, *, follower: bool = False) -> Path:
+    """Check the configuration, the paths it names and the model's config.json; return the model directory.
+    `follower`: a rank > 0 of a distributed run, which takes the checkpoint or adapter to start from from rank 0
+    (so their paths need not exist on its machine)."""
+    problems = settings_problems(settings, follower=follower)
     if problems:
         raise SetupError("; ".join(problems))
     model_dir = resolve_model(settings)
@@ -29,7 +31,7 @@ def preflight(settings: Settings) -> Path:
     return model_dir
 
 
-def settings_problems(settings: Settings) -> list[str]:
+def settings_problems(settings: Settings, *, follower: bool = False) -> list[str]:
     """Contradictions between keys, and the files the keys name; the model is not looked at."""
     rl, model, ckpt = settings.rl_training, settings.model, settings.checkpoint
     problems = []
@@ -42,11 +44,13 @@ def settings_problems(settings: Settings) -> list[str]:
         )
     from paraloop.checkpoint import list_checkpoints
 
-    if not ckpt.resume and list_checkpoints(ckpt.dir):  # run_async checks this again; here it is found by --dry-run
+    if follower:
+        pass  # the run dir's checkpoints, resume and lora_path are rank 0's
+    elif not ckpt.resume and list_checkpoints(ckpt.dir):  # run_async checks this again; here it is found by --dry-run
         problems.append(f"checkpoint.dir: {ckpt.dir} already holds checkpoints of an earlier run: continue it with "
                         f"--resume {ckpt.dir}, or give another --run-dir (nothing is overwritten)")
     for key, value in (("checkpoint.resume", ckpt.resume), ("model.lora_path", model.lora_path)):
-        if value and not Path(value).exists():
+        if value and not follower and not Path(value).exists():
             problems.append(f"{key}: {value}: no such file or directory")
     if rl.train_mode == "lora" and not (ckpt.resume or model.lora_path or model.auto_init_lora):
         problems.append("nothing to train: set model.auto_init_lora = true or model.lora_path "

@@ -6,6 +6,7 @@ with what the user asked for (missing model, untrainable model, bad checkpoint) 
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +29,10 @@ class Models:
     resumed: Any  # checkpoint.Checkpoint | None
 
 
-def build_models(settings: Settings) -> Models:
+def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None] | None = None) -> Models:
     """Load the model once; the learner and the engine get twins sharing its base weights. Runs on the learner's
-    MLX thread."""
+    MLX thread. `adapter_layout`: a follower rank of a distributed run takes its adapter layout from rank 0 (called
+    once the model is loaded, so the ranks load in parallel) instead of reading resume or lora_path itself."""
     import mlx.core as mx
 
     from paraloop import checkpoint
@@ -55,7 +57,7 @@ def build_models(settings: Settings) -> Models:
         raise SetupError(f"cannot load model {settings.model.base_path}: {e}") from None
 
     resumed = None
-    if settings.checkpoint.resume:
+    if settings.checkpoint.resume and adapter_layout is None:
         try:
             resumed = read_for_resume(settings.checkpoint.resume)  # paraloop's, or the predecessor's step_N
         except (FileNotFoundError, checkpoint.CheckpointError) as e:
@@ -63,7 +65,10 @@ def build_models(settings: Settings) -> Models:
 
     cfg = None
     if rl.train_mode == "lora":
-        if resumed is not None:
+        if adapter_layout is not None:
+            cfg = adapter_layout()
+            attach_lora(model, cfg, seed=rl.seed)
+        elif resumed is not None:
             if resumed.adapter_config.get("fine_tune_type", "lora") != "lora":
                 raise SetupError(f"{resumed.path} is a full-weight checkpoint: resume it with train_mode = 'full'")
             try:
@@ -112,9 +117,12 @@ def build_models(settings: Settings) -> Models:
     return Models(model, engine_model, tokenizer, cfg, trainer, resumed)
 
 
-def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -> tuple[Any, Any]:
+def make_source(
+    settings: Settings, engine: Any, tokenizer: Any, resumed: Any, *, share: tuple[int, int] = (0, 1)
+) -> tuple[Any, Any]:
     """The rollout source: (async iterator of RolloutBatch, status() -> dict). Each batch carries the source's
-    position (RolloutBatch.source_state), which checkpoints keep for an exact resume."""
+    position (RolloutBatch.source_state), which checkpoints keep for an exact resume. `share` (rank, size): the
+    mock environment of one rank of a distributed run generates its part of each batch."""
     rl = settings.rl_training
     if rl.atropos.api_url:
         from paraloop.atropos.client import AtroposClient
@@ -141,6 +149,7 @@ def make_source(settings: Settings, engine: Any, tokenizer: Any, resumed: Any) -
         temperature=rl.temperature,
         max_tokens=rl.mock.max_tokens or rl.max_tokens,
         seed=rl.seed,
+        share=share,
     )
     if resumed is not None and resumed.trainer_state.get("source_state"):
         env.load_state(resumed.trainer_state["source_state"])

@@ -42,6 +42,7 @@ class RunStatus:
     rollouts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))  # {"step", "samples"}
     sampler: Callable[[RolloutBatch, int, int], list[dict[str, Any]]] | None = None  # (batch, step, version)
     prometheus: Any = None  # server.metrics.Metrics: observes step times and swap pauses
+    ranks_status: Callable[[], dict[str, Any]] | None = None  # a distributed run: this rank and its peers
 
     def record_step(self, done: StepFinished, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Record a finished step; returns its history row (the step's metrics plus `extra`, as metrics.jsonl)."""
@@ -121,6 +122,7 @@ class RunStatus:
             "eval": {"first": self.evals[0], "last": self.evals[-1]} if self.evals else {},
             "alerts": dict(self.alerts),
             "run_dir": self.run_dir,
+            **({"ranks": self.ranks_status()} if self.ranks_status else {}),
         }
 
 

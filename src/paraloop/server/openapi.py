@@ -40,6 +40,8 @@ SUMMARIES = {
     "/control/snapshot": "Write a checkpoint now; answers its path",
     "/control/stop": "Finish the step in flight, write a final checkpoint, end the run",
     "/metrics": "Prometheus text format",
+    "/ranks": "A distributed run's heartbeat: this rank, its collectives, and what it sees of the other ranks",
+    "/control/{action}": "On a rank other than 0 of a distributed run: 409 naming rank 0, which drives the run",
 }
 
 QUERY = {
