@@ -123,6 +123,7 @@ class RolloutBatch(Msg):
     source_step: int | None = None  # the Atropos server's step, when known
     dropped_stale: int = 0
     source_state: dict[str, Any] | None = None  # where the source stands after this batch (saved for resume)
+    consumes: list[tuple[int, int, int]] = []  # journal ids (entry, index, entry's groups) this batch trains or drops
 
 
 # --- learner, checkpoints, control -----------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ class SaveCheckpoint(Msg):
 
 
 class CheckpointWritten(Msg):
-    """checkpointer -> learner (the SaveCheckpoint's reply): the checkpoint is on disk."""
+    """checkpointer -> learner (the SaveCheckpoint's reply): the checkpoint is on disk, or why it is not yet."""
 
     step: int
     path: str
+    error: str | None = None  # the write failed (the checkpointer retries it); path is then ""

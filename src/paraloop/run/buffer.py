@@ -8,6 +8,10 @@ groups whose oldest token is more than `max_staleness` versions older are droppe
 in the next batch's `dropped_stale`) or kept and counted as capped (`"cap"`: the learner caps their importance
 weights). Bounded: past `max_groups` the oldest group is dropped and counted.
 
+Journal ids (run/journal.py): a group put with an id keeps it; each batch taken lists in `consumes` the ids of
+its groups and of every group dropped since the previous batch, so the learner can mark exactly those consumed.
+Groups put back from the journal by a resumed run (`replayed=True`) come before every other group, in any order.
+
 A plain synchronous class: the runtime owns it from one task, so it needs no lock; the same puts and takes give
 the same batches.
 """
@@ -57,6 +61,8 @@ class _Entry:
     source: str
     source_step: int | None
     source_state: dict | None = None
+    journal_id: tuple[int, int, int] | None = None
+    replayed: bool = False
 
     @property
     def sequences(self) -> int:
@@ -103,6 +109,7 @@ class RolloutBuffer:
         self._entries: dict[int, _Entry] = {}  # by arrival; dicts keep insertion (= arrival) order
         self._arrivals = itertools.count()
         self._stale_since_take = 0
+        self._dropped_ids: list[tuple[int, int, int]] = []  # journal ids dropped since the last take
         self._counts = dict.fromkeys(
             (
                 "received",
@@ -136,8 +143,11 @@ class RolloutBuffer:
         source: str = "mock",
         source_step: int | None = None,
         source_state: dict | None = None,
+        journal_id: tuple[int, int, int] | None = None,
+        replayed: bool = False,
     ) -> bool:
-        """Hold `group`; False when it was dropped for carrying no signal. Past max_groups the oldest goes."""
+        """Hold `group`; False when it was dropped for carrying no signal. Past max_groups the oldest goes.
+        `journal_id`: the group's id in the run's journal; `replayed`: put back by a resumed run (taken first)."""
         if len(group.tokens) > self.batch_size:
             raise ValueError(
                 f"a group of {len(group.tokens)} sequences can never fit a batch of {self.batch_size} "
@@ -147,21 +157,30 @@ class RolloutBuffer:
         priority = signal(group)
         if self.drop_zero_signal and priority == 0.0:
             self._counts["dropped_zero_signal"] += 1
+            self._dropped(journal_id)
             return False
         arrival = next(self._arrivals)
-        self._entries[arrival] = _Entry(arrival, group, priority, source, source_step, source_state)
+        self._entries[arrival] = _Entry(
+            arrival, group, priority, source, source_step, source_state, journal_id, replayed
+        )
         while len(self._entries) > self.max_groups:
-            del self._entries[next(iter(self._entries))]
+            self._dropped(self._entries.pop(next(iter(self._entries))).journal_id)
             self._counts["dropped_overflow"] += 1
         return True
 
-    def put_batch(self, batch: RolloutBatch) -> int:
-        """Hold every group of `batch`; returns how many were kept."""
+    def put_batch(self, batch: RolloutBatch, *, journal_seq: int | None = None) -> int:
+        """Hold every group of `batch` (journal entry `journal_seq`, if journaled); returns how many were kept."""
         self._stale_since_take += batch.dropped_stale  # drops upstream still reach the learner's metrics
+        count = len(batch.groups)
         return sum(
-            self.put(g, source=batch.source, source_step=batch.source_step, source_state=batch.source_state)
-            for g in batch.groups
+            self.put(g, source=batch.source, source_step=batch.source_step, source_state=batch.source_state,
+                     journal_id=None if journal_seq is None else (journal_seq, i, count))
+            for i, g in enumerate(batch.groups)
         )
+
+    def _dropped(self, journal_id: tuple[int, int, int] | None) -> None:
+        if journal_id is not None:
+            self._dropped_ids.append(journal_id)
 
     # --- out --------------------------------------------------------------------------------------------------------
 
@@ -171,7 +190,7 @@ class RolloutBuffer:
             return 0
         stale = [e.arrival for e in self._entries.values() if self._is_stale(e, version)]
         for arrival in stale:
-            del self._entries[arrival]
+            self._dropped(self._entries.pop(arrival).journal_id)
         self._counts["dropped_stale"] += len(stale)
         self._stale_since_take += len(stale)
         return len(stale)
@@ -184,7 +203,7 @@ class RolloutBuffer:
         entries = list(self._entries.values())
         if self.priority == "abs_advantage":
             entries.sort(key=lambda e: (-e.priority, e.arrival))
-        return entries
+        return sorted(entries, key=lambda e: not e.replayed)  # stable: replayed groups first, each kind in order
 
     def take(self, *, version: int | None = None, partial: bool = False) -> RolloutBatch | None:
         """The next learner batch, or None while the held groups cannot fill one (they stay).
@@ -221,6 +240,8 @@ class RolloutBuffer:
         self._counts["taken"] += len(chosen)
         self._counts["batches"] += 1
         dropped, self._stale_since_take = self._stale_since_take, 0
+        consumes, self._dropped_ids = self._dropped_ids, []
+        consumes += [e.journal_id for e in chosen if e.journal_id is not None]
         steps = [e.source_step for e in chosen if e.source_step is not None]
         return RolloutBatch(
             groups=[e.group for e in chosen],
@@ -229,4 +250,5 @@ class RolloutBuffer:
             dropped_stale=dropped,
             # The source's position after the newest group taken: exact for fifo batches (resume starts after them).
             source_state=max(chosen, key=lambda e: e.arrival).source_state,
+            consumes=consumes,
         )

@@ -52,6 +52,7 @@ class LearnerControl:
         self._pending: deque[ObjectSendStream[StepFinished]] = deque()
         self._granted: ObjectSendStream[StepFinished] | None = None
         self._receive_scope: anyio.CancelScope | None = None
+        self._finished = False
         self.snapshot: Callable[[], Any] | None = None  # set by the learner: async () -> CheckpointWritten
 
     def _notify(self) -> None:
@@ -84,6 +85,8 @@ class LearnerControl:
         """The learner waits for its next batch inside this scope: a stop cancels the wait (never a step)."""
         with anyio.CancelScope() as scope:
             self._receive_scope = scope
+            if self.status.stopping:
+                scope.cancel()
             try:
                 yield scope
             finally:
@@ -96,7 +99,7 @@ class LearnerControl:
         is taken later on its behalf) and StepTimeout is raised. A step already being computed is waited for."""
         if not self.status.paused:
             raise ControlError("the run is not paused: POST /control/pause first")
-        if self.status.stopping:
+        if self.status.stopping or self._finished:
             raise ControlError("the run is stopping")
         send, receive = anyio.create_memory_object_stream[StepFinished](1)
         self._pending.append(send)
@@ -137,6 +140,15 @@ class LearnerControl:
         if granted is not None:
             granted.send_nowait(done)
             granted.close()
+
+    def finished(self) -> None:
+        """The learner has returned: a /control/step still waiting is answered 409, none is accepted after."""
+        self._finished = True
+        while self._pending:
+            self._pending.popleft().close()
+        if self._granted is not None:
+            self._granted.close()
+            self._granted = None
 
 
 def _json(payload: Any, status: int = 200) -> web.Response:

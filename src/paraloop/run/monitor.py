@@ -1,10 +1,14 @@
 """The monitor actor: StepFinished in; metrics.jsonl, the progress line and the run's status out.
 
 One JSON line per learner step goes to RUN_DIR/metrics.jsonl (appended, so a resumed run continues the file).
-On a terminal the progress line redraws in place; elsewhere (CI, logs) it prints one line per step.
+On a terminal the progress line redraws in place; elsewhere (CI, logs) it prints one line per step. A line that
+cannot be written (disk full) waits in memory (up to MAX_UNWRITTEN lines) and goes out with the next step's; the
+run goes on, and status.metrics_error says why.
 """
 
+import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -14,6 +18,10 @@ from anyio.abc import ObjectReceiveStream
 
 from paraloop.messages import StepFinished
 from paraloop.run.status import RunStatus, swap_pause_ms
+
+log = logging.getLogger("paraloop.monitor")
+
+MAX_UNWRITTEN = 100_000
 
 TABLE_COLUMNS = ("step", "reward_mean", "reward_std", "loss", "kl", "entropy", "clip_fraction", "step_time_s")
 
@@ -57,24 +65,48 @@ async def run_monitor(
 ) -> None:
     interactive = out.isatty()
     path = run_dir / "metrics.jsonl"
+    unwritten: list[str] = []
     async with inbox:
-        with path.open("a") as jsonl:
-            async for done in inbox:
-                status.record_step(done)
-                engine = status.engine_stats() if status.engine_stats else {}
-                record = {
-                    "step": done.step,
-                    "version": done.version,
-                    "time": time.time(),
-                    "skipped": done.skipped,
-                    **done.metrics,
-                    "swap_pause_ms": swap_pause_ms(engine)["last"],
-                    "serving_version": status.serving_version,
-                }
-                jsonl.write(json.dumps(record) + "\n")
-                jsonl.flush()
-                line = progress_line(status, done)
-                out.write(f"\r\x1b[2K{line}" if interactive else line + "\n")
-                out.flush()
+        async for done in inbox:
+            status.record_step(done)
+            engine = status.engine_stats() if status.engine_stats else {}
+            record = {
+                "step": done.step,
+                "version": done.version,
+                "time": time.time(),
+                "skipped": done.skipped,
+                **done.metrics,
+                "swap_pause_ms": swap_pause_ms(engine)["last"],
+                "serving_version": status.serving_version,
+            }
+            unwritten.append(json.dumps(record) + "\n")
+            _write_lines(path, unwritten, status)
+            line = progress_line(status, done)
+            out.write(f"\r\x1b[2K{line}" if interactive else line + "\n")
+            out.flush()
     if interactive:
         out.write("\n")
+
+
+def _write_lines(path: Path, lines: list[str], status: RunStatus) -> None:
+    """Append `lines` to metrics.jsonl and empty the list; on an OSError keep them for the next step."""
+    try:
+        with path.open("ab") as jsonl:
+            start = jsonl.tell()
+            try:
+                jsonl.write("".join(lines).encode())
+                jsonl.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    jsonl.truncate(start)  # no half line: they are all written again next time
+                raise
+    except OSError as e:
+        if status.metrics_error is None:
+            log.error("could not write %s (%s): metric lines wait in memory and the run goes on", path, e)
+        status.metrics_error = f"{type(e).__name__}: {e} ({len(lines)} line(s) waiting)"
+        del lines[:-MAX_UNWRITTEN]
+        return
+    if status.metrics_error is not None:
+        log.warning("%s written again", path)
+        status.metrics_error = None
+    lines.clear()

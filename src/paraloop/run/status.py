@@ -35,6 +35,16 @@ class RunStatus:
     source_status: Callable[[], dict[str, Any]] | None = None
     buffer_stats: Callable[[], dict[str, int]] | None = None
     http_port: int | None = None
+    # Liveness (run/watchdog.py): when each part began what it is doing now (time.monotonic), and what is stalled.
+    learner_busy_since: float | None = None  # inside a learner step's compute
+    slowest_step_s: float = 0.0  # the slowest learner step's compute so far
+    swap_pending_since: float | None = None  # the publisher handed the engine an adapter it has not applied yet
+    checkpoint_writing_since: float | None = None
+    slowest_write_s: float = 0.0  # the slowest checkpoint write so far
+    stalled: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> {"reason", "since", "for_s"}
+    checkpoint_error: dict[str, Any] | None = None  # the failing write the checkpointer retries, if any
+    metrics_error: str | None = None  # metrics.jsonl could not be written (the lines wait in memory)
+    journal_stats: Callable[[], dict[str, Any]] | None = None
 
     def record_step(self, done: StepFinished) -> None:
         self.step = done.step
@@ -83,6 +93,10 @@ class RunStatus:
             "dropped_stale": self.dropped_stale,
             "rejected_groups": self.rejected_groups,
             "last_checkpoint": self.last_checkpoint,
+            "checkpoint_error": self.checkpoint_error,
+            "metrics_error": self.metrics_error,
+            "stalled": self.stalled,
+            "journal": self.journal_stats() if self.journal_stats else None,
             "source": self.source_status() if self.source_status else {},
             "buffer": self.buffer_stats() if self.buffer_stats else {},
             "run_dir": self.run_dir,
