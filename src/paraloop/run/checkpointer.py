@@ -8,8 +8,8 @@ A write that fails (disk full, directory read-only: an OSError) leaves nothing p
 stages it), is answered with the error when someone waits for it (/control/snapshot), is shown in
 status.checkpoint_error and the log, and is tried again after a backoff (1 s doubling to a minute) or as soon as a
 newer snapshot arrives, which supersedes it: the run keeps serving and training meanwhile. Returns when its inbox
-closes (the learner is done) and the last write is on disk; if that one still fails after `final_attempts`, it
-raises CheckpointFailed (the run exits 1, saying what is not saved).
+closes (the learner is done) and the last write is on disk; if that one still fails after FINAL_ATTEMPTS more
+tries (about half a minute), it raises CheckpointFailed (the run exits 1, saying what is not saved).
 """
 
 import json
@@ -50,10 +50,11 @@ async def run_checkpointer(
     config: dict[str, Any],
     status: RunStatus,
     journal: Journal | None = None,
-    write: Callable[..., Path] = checkpoint.write_checkpoint,
-    backoff: tuple[float, float] = (FIRST_BACKOFF_S, MAX_BACKOFF_S),
-    final_attempts: int = FINAL_ATTEMPTS,
+    write: Callable[..., Path] | None = None,
 ) -> None:
+    """`write`: checkpoint.write_checkpoint unless a test gives its own."""
+    write = write or checkpoint.write_checkpoint
+    backoff = (FIRST_BACKOFF_S, MAX_BACKOFF_S)
     thread = MlxThread("paraloop-checkpointer")
     failures = 0
 
@@ -115,7 +116,7 @@ async def run_checkpointer(
                                  pending.step)
                     request = request or pending
                 pending = None if await attempt(request) else _without_reply(request)
-        for _ in range(final_attempts if pending is not None else 0):
+        for _ in range(FINAL_ATTEMPTS if pending is not None else 0):
             await anyio.sleep(delay())
             if await attempt(pending):
                 pending = None

@@ -198,6 +198,9 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
         written = await control.snapshot()
         if written is None:
             raise APIError(409, "the run is shutting down; the final checkpoint is being written", code="conflict")
+        if written.error is not None:
+            raise APIError(503, f"checkpoint step {written.step} could not be written ({written.error}); the "
+                           "checkpointer retries it", code="checkpoint_failed")
         return _json({"step": written.step, "path": written.path})
 
     async def stop(request: web.Request) -> web.Response:

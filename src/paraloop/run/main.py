@@ -218,8 +218,8 @@ async def run_actors(
                 log.error("final checkpoint before ending the stalled run: %s", written.path)
 
     async with anyio.create_task_group() as tg:
-        await tg.start(engine.run)
-        port = await tg.start(serve_http, app, settings.server.host, settings.server.port)
+        await tg.start(engine.run, name="engine")
+        port = await tg.start(serve_http, app, settings.server.host, settings.server.port, name="http")
         status.http_port = port
         server_info = {"host": settings.server.host, "port": port, "pid": os.getpid()}
         (run_dir / "server.json").write_text(json.dumps(server_info))  # noqa: ASYNC240 - a few bytes, once
@@ -227,27 +227,27 @@ async def run_actors(
         if ready is not None:
             ready(port)
         if signals and threading_main():
-            await tg.start(partial(watch_signals, control, hard_exit=hard_exit))
-        await tg.start(partial(watchdog.run, on_timeout=end_stalled, hard_exit=hard_exit))
+            await tg.start(partial(watch_signals, control, hard_exit=hard_exit), name="signals")
+        await tg.start(partial(watchdog.run, on_timeout=end_stalled, hard_exit=hard_exit), name="watchdog")
         buffer = RolloutBuffer(
             batch_size=rl.batch_size, priority=rl.buffer_priority,
             max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
         )
         status.buffer_stats = buffer.stats
         tg.start_soon(partial(run_fetcher, parts.source, batches_send, buffer=buffer, version=lambda: trainer.version,
-                              credits=credits_recv, journal=parts.journal, replay=parts.replay))
+                              credits=credits_recv, journal=parts.journal, replay=parts.replay), name="fetcher")
         # The finite part: the learner and everything downstream of it end by end-of-stream, in turn, so the
         # last swap, checkpoint and metrics line are done before the rest (engine, HTTP, fetcher) is cancelled.
         async with anyio.create_task_group() as training:
-            training.start_soon(learner.run)
+            training.start_soon(learner.run, name="learner")
             training.start_soon(partial(run_publisher, published_recv, engine=engine, status=status,
-                                        credits=credits_send, drain=sync))
-            training.start_soon(partial(run_monitor, finished_recv, status=status, run_dir=run_dir))
+                                        credits=credits_send, drain=sync), name="publisher")
+            training.start_soon(partial(run_monitor, finished_recv, status=status, run_dir=run_dir), name="monitor")
             training.start_soon(partial(
                 run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=parts.adapter_config,
                 adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
                 config=public_dump(settings), status=status, journal=parts.journal,  # no control_token in it
-            ))
+            ), name="checkpointer")
         tg.cancel_scope.cancel()
     return status
 

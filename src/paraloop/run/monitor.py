@@ -61,9 +61,10 @@ def summary_table(history: list[dict[str, float]]) -> str:
 
 
 async def run_monitor(
-    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, run_dir: Path, out: TextIO = sys.stderr
+    inbox: ObjectReceiveStream[StepFinished], *, status: RunStatus, run_dir: Path, out: TextIO | None = None
 ) -> None:
-    interactive = out.isatty()
+    out = out or sys.stderr  # looked up now: tests and daemons replace sys.stderr
+    interactive = _isatty(out)
     path = run_dir / "metrics.jsonl"
     unwritten: list[str] = []
     async with inbox:
@@ -82,10 +83,25 @@ async def run_monitor(
             unwritten.append(json.dumps(record) + "\n")
             _write_lines(path, unwritten, status)
             line = progress_line(status, done)
-            out.write(f"\r\x1b[2K{line}" if interactive else line + "\n")
-            out.flush()
+            _say(out, f"\r\x1b[2K{line}" if interactive else line + "\n")
     if interactive:
-        out.write("\n")
+        _say(out, "\n")
+
+
+def _isatty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+def _say(out: TextIO, text: str) -> None:
+    """The progress line; a terminal that went away (closed, a broken pipe) must not end a training run."""
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _write_lines(path: Path, lines: list[str], status: RunStatus) -> None:

@@ -63,8 +63,21 @@ def thread_stacks() -> str:
         tasks = set()
     for task in sorted(tasks, key=lambda t: t.get_name()):
         out.write(f"--- asyncio task {task.get_name()}\n")
-        task.print_stack(limit=12, file=out)
+        out.write("".join(traceback.format_list(_await_chain(task.get_coro()))))
     return out.getvalue()
+
+
+def _await_chain(coro: Any) -> list[traceback.FrameSummary]:
+    """Where a suspended coroutine waits, outermost first: its frame, then the frame of what it awaits, and so
+    on (Task.get_stack gives only the outermost one)."""
+    summaries = []
+    for _ in range(64):  # a bound on the chain, not expected to bind
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            break
+        summaries.append(traceback.FrameSummary(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+    return summaries
 
 
 class Watchdog:
