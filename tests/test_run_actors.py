@@ -477,3 +477,46 @@ def test_a_checkpoint_requested_while_one_is_being_written_is_written_after_it(t
         assert read_checkpoint(tmp_path).step == 2 and status.last_checkpoint == written.path
 
     run(scenario)
+
+
+def test_a_read_only_checkpoint_directory_is_reported_retried_and_leaves_nothing_partial(tmp_path, monkeypatch, caplog):
+    """Read-only, injected in-process at the rename that publishes a checkpoint (chmod does not stop root)."""
+    import errno
+    import os
+
+    import paraloop.checkpoint as ckpt
+
+    real_rename = os.rename
+    read_only = [True]
+
+    def rename(src, dst):
+        if read_only[0]:
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr("paraloop.run.checkpointer.FIRST_BACKOFF_S", 0.05)
+
+    async def scenario():
+        status = RunStatus(total_steps=10, mode="sync", run_dir=str(tmp_path))
+        send, receive = anyio.create_memory_object_stream[SaveCheckpoint](2)
+        reply_send, reply_receive = anyio.create_memory_object_stream[CheckpointWritten](1)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: run_checkpointer(receive, run_dir=str(tmp_path), adapter_config=LORA_CONFIG,
+                                                   adapter_format="safetensors", keep_last=None, config={},
+                                                   status=status))
+            await send.send(snapshot(3, reply=reply_send))
+            async with reply_receive:
+                failed = await reply_receive.receive()
+            assert failed.error and "Read-only" in failed.error and failed.path == ""
+            await until(lambda: status.checkpoint_error and status.checkpoint_error["failures"] >= 2, "retries")
+            leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+            assert leftovers == [], f"a failed write leaves nothing: {leftovers}"
+            read_only[0] = False
+            await until(lambda: status.checkpoint_error is None, "the retried write")
+            send.close()
+        assert read_checkpoint(tmp_path).step == 3 and status.last_checkpoint.endswith("step_000003")
+
+    with caplog.at_level("ERROR", logger="paraloop.checkpointer"):
+        run(scenario)
+    assert sum("could not be written" in r.getMessage() for r in caplog.records) == 1, "logged once per streak"

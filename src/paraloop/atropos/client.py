@@ -145,9 +145,12 @@ class AtroposClient:
             try:
                 answer = await self._request("POST", "/register", json=self.registration())
                 uuid = answer.get("uuid") if isinstance(answer, dict) else None
-                if not isinstance(uuid, int):
-                    raise AtroposError(f"{self.url}/register answered without an integer uuid: {answer!r}")
-                first = await self._request("GET", "/batch")
+                if not isinstance(uuid, int):  # a proxy's error page, a server mid-restart: try again
+                    raise Unavailable(f"POST /register answered without an integer uuid: {answer!r:.200}")
+                try:
+                    first = await self._request("GET", "/batch", limit=self.max_batch_bytes)
+                except TooLarge as e:
+                    first = self._lost_too_large(e)
                 info = await self._request("GET", "/info")
                 break
             except Unavailable as e:
@@ -188,11 +191,8 @@ class AtroposClient:
         try:
             answer = await self._request("GET", "/batch", limit=self.max_batch_bytes)
         except TooLarge as e:
-            self._stats["batches_lost"] += 1
-            logger.error("run-api answered /batch with more than max_response_bytes (%s): not read, so its batch "
-                         "is lost", e)
             await self._failed(e)
-            return None
+            return self._lost_too_large(e)
         except Unavailable as e:
             await self._failed(e)
             if e.status is not None:
@@ -270,6 +270,11 @@ class AtroposClient:
             "cannot be encoded as JSON by run-api; check the environment's scores and logprobs",
             error,
         )
+
+    def _lost_too_large(self, error: "TooLarge") -> None:
+        self._stats["batches_lost"] += 1
+        logger.error("run-api answered /batch with more than max_response_bytes (%s): not read, so its batch is "
+                     "lost", error)
 
     def _lost_registration(self, why: str) -> None:
         logger.warning("Atropos API %s forgot this trainer (%s): registering again at step %d", self.url, why,

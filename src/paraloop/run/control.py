@@ -246,6 +246,10 @@ def prometheus_text(status: RunStatus) -> str:
     gauge("rejected_groups", snap["rejected_groups"], "malformed rollout groups rejected")
     gauge("tokens_per_s", snap["tokens_per_s"], "engine decode tokens per second")
     gauge("swap_pause_ms", snap["swap_pause_ms"]["last"], "decode pause of the last adapter swap")
+    for part in snap["stalled"]:
+        gauge("stalled", 1, "1 while the watchdog sees this part stalled", f'{{part="{part}"}}')
+    gauge("checkpoint_failures", (snap["checkpoint_error"] or {}).get("failures", 0),
+          "failed attempts of the checkpoint being retried (0: none failing)")
     for name, depth in snap["queues"].items():
         gauge("queue_depth", depth, "messages waiting in an actor inbox", f'{{queue="{name}"}}')
     for key, value in snap["last_metrics"].items():
