@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import procs
 import pytest
 from test_run import TINY_CONFIG, call, read_metrics, wait_for_server
 
@@ -34,10 +35,9 @@ needs_run_api = pytest.mark.skipif(not RUN_API.is_file(), reason=f"no Atropos ve
 
 
 def start(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A process in its own session (its own process group), output to files read on failure."""
-    return subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PARALOOP_LOG": "info", "PYTHONUNBUFFERED": "1", **(env or {})},
-                            start_new_session=True)
+    """A process in its own session (its own process group); its (short) output is read when it ends."""
+    return procs.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                       env={**os.environ, "PARALOOP_LOG": "info", "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 @contextlib.contextmanager
@@ -46,9 +46,7 @@ def owned(proc: subprocess.Popen):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        procs.kill_group(proc, grace_s=0)
 
 
 def paraloop(run_dir: Path, model: Path, *extra: str, config: Path = TINY_CONFIG,
@@ -61,7 +59,7 @@ def exited(proc: subprocess.Popen, within: float) -> tuple[int, str]:
     try:
         _, err = proc.communicate(timeout=within)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        procs.kill_group(proc, grace_s=0)
         _, err = proc.communicate()
         raise AssertionError(f"still running after {within} s: {err[-3000:]}") from None
     return proc.returncode, err
@@ -149,7 +147,7 @@ def run_api(port: int) -> subprocess.Popen:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
             return proc
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            procs.kill_group(proc, grace_s=0)
             raise AssertionError(f"run-api did not start: {proc.communicate()[1][-2000:]}")
         time.sleep(0.1)
 

@@ -26,6 +26,7 @@ from anyio.abc import ObjectSendStream
 
 from paraloop.messages import StepFinished
 from paraloop.run.status import RunStatus
+from paraloop.run.watchdog import WATCHED_PARTS
 from paraloop.server.errors import APIError
 
 STEP_TIMEOUT_S = 600.0  # default wait of POST /control/step for its step (a rollout batch has to come first)
@@ -246,8 +247,9 @@ def prometheus_text(status: RunStatus) -> str:
     gauge("rejected_groups", snap["rejected_groups"], "malformed rollout groups rejected")
     gauge("tokens_per_s", snap["tokens_per_s"], "engine decode tokens per second")
     gauge("swap_pause_ms", snap["swap_pause_ms"]["last"], "decode pause of the last adapter swap")
-    for part in snap["stalled"]:
-        gauge("stalled", 1, "1 while the watchdog sees this part stalled", f'{{part="{part}"}}')
+    for part in WATCHED_PARTS:
+        gauge("stalled", int(part in snap["stalled"]), "1 while the watchdog sees this part stalled",
+              f'{{part="{part}"}}')
     gauge("checkpoint_failures", (snap["checkpoint_error"] or {}).get("failures", 0),
           "failed attempts of the checkpoint being retried (0: none failing)")
     for name, depth in snap["queues"].items():

@@ -38,6 +38,7 @@ from paraloop.run.status import RunStatus
 log = logging.getLogger("paraloop.watchdog")
 
 MAX_TICK_S = 1.0
+WATCHED_PARTS = ("engine", "learner", "checkpointer")
 STUCK_THREADS = ("learner", "checkpointer")  # parts that are a thread inside a shielded call
 
 
