@@ -99,6 +99,9 @@ class Engine:
             try:
                 self._worker.main(lambda: loop.call_soon_threadsafe(ready.set))
             finally:
+                # This thread's MLX streams go now, while Python runs: left to the thread's exit, their teardown
+                # can abort the process ("terminate called without an active exception", ml-explore/mlx#3126).
+                mx.clear_streams()
                 with contextlib.suppress(RuntimeError):  # the loop is gone if run() gave up waiting
                     loop.call_soon_threadsafe(ready.set)
                     loop.call_soon_threadsafe(exited.set)

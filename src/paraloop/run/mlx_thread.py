@@ -7,6 +7,7 @@ so a loop of compute-only calls still stops promptly.
 """
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,16 @@ class MlxThread:
         return result
 
     def close(self) -> None:
-        """Join the thread. Calls are shielded, so it is idle by the time its actor is done; a thread still alive
-        with its MLX stream when the process exits can abort it ("terminate called without an active exception",
-        ml-explore/mlx#3126)."""
+        """Destroy the thread's MLX streams on it, then join it. Calls are shielded, so it is idle by the time its
+        actor is done. A thread whose streams are left to its exit (or to the process's) can abort the process
+        ("terminate called without an active exception", ml-explore/mlx#3126): MLX asks threads to call
+        clear_streams before they end."""
+        with contextlib.suppress(RuntimeError):  # closed already
+            self._pool.submit(_clear_streams).result()
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _clear_streams() -> None:
+    import mlx.core as mx
+
+    mx.clear_streams()
