@@ -49,6 +49,7 @@ FORMAT_VERSION = 1
 ADAPTER_FORMATS = ("safetensors", "npz", "both")
 STEP_DIR = re.compile(r"step_(\d+)")
 STAGED = re.compile(r"\.(tmp|trash)-.+-(\d+)")  # .tmp-step_000050-1234, .trash-initial_adapter-1234
+MLX_IO_ERROR = re.compile(r"unable to write|failed to open|unable to open|could not open", re.IGNORECASE)
 LEAVES_KEY = "paraloop_json_leaves"  # safetensors metadata: the optimizer state's non-array leaves, as JSON
 FULL_FINE_TUNE = {"fine_tune_type": "full"}  # mlx-lm's adapter_config.json for full weights
 log = logging.getLogger("paraloop.checkpoint")
@@ -253,7 +254,10 @@ def write_checkpoint(
     path = _write_dir(ckdir, name, fill)
     _write_latest(ckdir, name)
     if keep_last is not None:
-        prune(ckdir, keep_last)
+        try:
+            prune(ckdir, keep_last)
+        except OSError as e:  # the checkpoint is written; old ones stay until a later prune succeeds
+            log.warning("could not prune old checkpoints in %s: %s", ckdir, e)
     return path
 
 
@@ -309,7 +313,14 @@ def _write_dir(ckdir: Path, name: str, fill: Callable[[Path], Any]) -> Path:
     tmp.mkdir()
     final = ckdir / name
     try:
-        fill(tmp)
+        try:
+            fill(tmp)
+        except RuntimeError as e:
+            # mlx reports a failed file operation as RuntimeError ("[write] Unable to write 8 bytes to file." on a
+            # full disk, "[save_safetensors] Failed to open file ..."): an OSError to the caller, like Python's.
+            if not MLX_IO_ERROR.search(str(e)):
+                raise
+            raise OSError(f"writing {tmp}: {e}") from e
         for file in tmp.iterdir():
             _fsync_file(file)
         _fsync_dir(tmp)
@@ -330,11 +341,15 @@ def _write_dir(ckdir: Path, name: str, fill: Callable[[Path], Any]) -> Path:
 
 def _write_latest(ckdir: Path, name: str) -> None:
     tmp = ckdir / f".tmp-latest-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        _fsync(f.fileno())
-    os.replace(tmp, ckdir / LATEST)
+    try:
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            _fsync(f.fileno())
+        os.replace(tmp, ckdir / LATEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(ckdir)
 
 
@@ -342,7 +357,7 @@ def _remove_stale(ckdir: Path) -> None:
     """Remove .tmp-* / .trash-* left by processes that died mid-write (their pid is in the name)."""
     for entry in _entries(ckdir):
         match = STAGED.fullmatch(entry.name)
-        if not match or _pid_alive(int(match[2])):
+        if not match or pid_alive(int(match[2])):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -350,7 +365,7 @@ def _remove_stale(ckdir: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # ours from an earlier failed write (a failed write removes its own, but be sure)
     try:

@@ -166,8 +166,12 @@ class AtroposConfig(Section):
     max_token_len: int = Field(4096, ge=1)
     """Longest sequence environments may send (sent to /register)."""
     starting_step: int | None = None
-    """Override the step sent to /register as starting_step (default: 0, or on --resume the checkpoint's learner
-    step: one Atropos step per learner step)."""
+    """Override the step sent to /register as starting_step (default: 0, or on --resume the newest batch fetched
+    before the restart: one Atropos step per batch fetched, see docs/checkpoints.md "No lost batch")."""
+    max_response_bytes: int | None = Field(None, ge=1024)
+    """Largest run-api answer read, in bytes (default: 128 bytes per token of a full batch, batch_size x
+    max_token_len, and at least 16 MiB). A larger /batch answer is not read, so that garbage cannot exhaust memory:
+    its batch is counted lost (run-api has already handed it out)."""
 
 
 class MockEnvConfig(Section):
@@ -412,6 +416,23 @@ class DistributedConfig(Section):
     the ring hostfile when server.host is a wildcard such as 0.0.0.0)."""
 
 
+class WatchdogConfig(Section):
+    engine_stall_s: float | None = Field(120.0, gt=0)
+    """The engine is stalled when it has work (rows decoding, requests waiting, an adapter swap waiting) and no
+    decode step, finished request or swap for this long. A decode step takes milliseconds to a few seconds even on
+    large models; a long prompt's prefill can take tens of seconds on a CPU. None: not watched."""
+    learner_stall_s: float | None = Field(900.0, gt=0)
+    """A learner step (or a checkpoint write) is stalled when it has run this long and more than
+    learner_stall_factor times the slowest step so far: a step on a large model can take minutes. None: not watched."""
+    learner_stall_factor: float = Field(10.0, ge=1)
+    """See learner_stall_s: a step slower than this many times the slowest finished step (and than learner_stall_s)
+    is stalled."""
+    stall_timeout: float | None = Field(None, gt=0)
+    """Opt-in: when a part has made no progress for this long (counted from its last progress, so at least its
+    stall time), end the run: a final checkpoint when the learner can still take one, then exit code 3.
+    None: a stall is only reported (/health 503, /control/status, the log)."""
+
+
 class Settings(BaseSettings):
     """The whole resolved configuration of one paraloop process."""
 
@@ -427,6 +448,7 @@ class Settings(BaseSettings):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -125,6 +125,7 @@ class RolloutBatch(Msg):
     dropped_stale: int = 0
     source_state: dict[str, Any] | None = None  # where the source stands after this batch (saved for resume)
     metrics: dict[str, float] = {}  # how the batch was formed (dynamic sampling), merged into the step's metrics
+    consumes: list[tuple[int, int, int]] = []  # journal ids (entry, index, entry's groups) this batch trains or drops
 
 
 # --- learner, checkpoints, control -----------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ class SaveCheckpoint(Msg):
 
 
 class CheckpointWritten(Msg):
-    """checkpointer -> learner (the SaveCheckpoint's reply): the checkpoint is on disk."""
+    """checkpointer -> learner (the SaveCheckpoint's reply): the checkpoint is on disk, or why it is not yet."""
 
     step: int
     path: str
+    error: str | None = None  # the write failed (the checkpointer retries it); path is then ""

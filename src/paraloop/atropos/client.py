@@ -17,6 +17,11 @@ Protocol facts this relies on (atroposlib 0.4.0 run-api, see docs/atropos.md):
   here as a lost batch.
 Network errors never escape: the client waits (exponential backoff up to max_backoff) and retries. Only a 4xx
 answer to /register (an incompatible server) raises AtroposError.
+
+Answers are untrusted input: a body is read only up to max_response_bytes (a larger one is refused before it is
+read), decoded by msgspec (deep nesting is a decode error, not a crash), and a group whose token ids fall outside
+the model's vocabulary is rejected like any other malformed group. Each batch's source_state records our step
+(`atropos_step`), from which a resumed run's client counts on.
 """
 
 import asyncio
@@ -27,12 +32,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from paraloop.atropos.translate import translate_batch
 from paraloop.config import AtroposConfig
 from paraloop.messages import RolloutBatch
 
 logger = logging.getLogger("paraloop.atropos")
+
+SMALL_ANSWER_BYTES = 1 << 20  # /register, /info, /status answer a few fields
+MIN_BATCH_BYTES = 16 << 20
+BYTES_PER_TOKEN = 128  # a token's id, mask, logprobs and advantage as JSON take well under this
+READ_CHUNK = 1 << 16
 
 
 class AtroposError(RuntimeError):
@@ -62,6 +73,7 @@ class AtroposClient:
         starting_step: int = 0,
         checkpoint_interval: int = 0,
         request_timeout: float = 60.0,
+        vocab_size: int | None = None,
     ) -> None:
         if not config.api_url:
             raise ValueError("rl_training.atropos.api_url is not set: the Atropos client needs run-api's URL")
@@ -74,6 +86,10 @@ class AtroposClient:
         self.checkpoint_dir = str(checkpoint_dir)
         self.checkpoint_interval = checkpoint_interval
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self.vocab_size = vocab_size
+        self.max_batch_bytes = config.max_response_bytes or max(
+            MIN_BATCH_BYTES, BYTES_PER_TOKEN * batch_size * self.max_token_len
+        )
         self.uuid: int | None = None
         self._registered = False
         self._pending: list[Any] = []  # a batch that register()'s first /batch already returned
@@ -129,9 +145,12 @@ class AtroposClient:
             try:
                 answer = await self._request("POST", "/register", json=self.registration())
                 uuid = answer.get("uuid") if isinstance(answer, dict) else None
-                if not isinstance(uuid, int):
-                    raise AtroposError(f"{self.url}/register answered without an integer uuid: {answer!r}")
-                first = await self._request("GET", "/batch")
+                if not isinstance(uuid, int):  # a proxy's error page, a server mid-restart: try again
+                    raise Unavailable(f"POST /register answered without an integer uuid: {answer!r:.200}")
+                try:
+                    first = await self._request("GET", "/batch", limit=self.max_batch_bytes)
+                except TooLarge as e:
+                    first = self._lost_too_large(e)
                 info = await self._request("GET", "/info")
                 break
             except Unavailable as e:
@@ -170,7 +189,10 @@ class AtroposClient:
         """One GET /batch: the batch, or None after waiting (empty queue, error, lost registration)."""
         self._stats["state"] = "waiting for batch"
         try:
-            answer = await self._request("GET", "/batch")
+            answer = await self._request("GET", "/batch", limit=self.max_batch_bytes)
+        except TooLarge as e:
+            await self._failed(e)
+            return self._lost_too_large(e)
         except Unavailable as e:
             await self._failed(e)
             if e.status is not None:
@@ -190,6 +212,8 @@ class AtroposClient:
 
     async def _translate(self, raw: Any) -> RolloutBatch | None:
         groups, rejected = translate_batch(raw)
+        if self.vocab_size is not None:
+            groups, rejected = self._in_vocab(groups, rejected)
         self._stats["batches_received"] += 1
         self._stats["groups_received"] += len(groups)
         self._stats["groups_rejected"] += len(rejected)
@@ -205,7 +229,22 @@ class AtroposClient:
             return None
         self._own_step += 1
         self._stats["server_step"] = await self._server_step()
-        return RolloutBatch(groups=groups, source="atropos", source_step=self._stats["server_step"])
+        return RolloutBatch(groups=groups, source="atropos", source_step=self._stats["server_step"],
+                            source_state={"atropos_step": self._own_step})
+
+    def _in_vocab(self, groups: list[Any], rejected: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Reject groups holding a token id the model does not have (the learner would index past its
+        embedding)."""
+        kept = []
+        for group in groups:
+            bad = next((t for row in group.tokens for t in row if not 0 <= t < self.vocab_size), None)
+            if bad is None:
+                kept.append(group)
+                continue
+            why = f"token id {bad} is outside the model's vocabulary [0, {self.vocab_size})"
+            logger.warning("rejected a group of a batch (env_id %s): %s", group.env_id, why)
+            rejected.append((group.env_id, why))
+        return kept, rejected
 
     async def _server_step(self) -> int | None:
         try:
@@ -232,6 +271,11 @@ class AtroposClient:
             error,
         )
 
+    def _lost_too_large(self, error: "TooLarge") -> None:
+        self._stats["batches_lost"] += 1
+        logger.error("run-api answered /batch with more than max_response_bytes (%s): not read, so its batch is "
+                     "lost", error)
+
     def _lost_registration(self, why: str) -> None:
         logger.warning("Atropos API %s forgot this trainer (%s): registering again at step %d", self.url, why,
                        self._own_step)
@@ -240,7 +284,7 @@ class AtroposClient:
 
     # --- HTTP and retries -----------------------------------------------------------------------------------------------
 
-    async def _request(self, method: str, path: str, *, json: Any = None) -> Any:
+    async def _request(self, method: str, path: str, *, json: Any = None, limit: int = SMALL_ANSWER_BYTES) -> Any:
         # A session per request: at one poll a second its cost is nothing, and no session outlives its task however
         # the iteration ends (cancelled, abandoned, finished), so there is nothing to close.
         try:
@@ -250,11 +294,12 @@ class AtroposClient:
                 if resp.status >= 500:
                     raise Unavailable(f"{method} {path} answered HTTP {resp.status}", status=resp.status)
                 if resp.status >= 400:
-                    text = (await resp.text())[:500]
+                    text = (await resp.content.read(500)).decode(errors="replace")
                     raise AtroposError(f"{method} {self.url}{path} answered HTTP {resp.status}: {text}")
-                return await resp.json(content_type=None)
-        except (TimeoutError, aiohttp.ClientError, ValueError) as e:  # ValueError: a body that is not JSON
-            raise Unavailable(f"{method} {path}: {type(e).__name__}: {e}".rstrip(": ")) from None
+                body = await _read_bounded(resp, limit, f"{method} {path}")
+            return msgspec.json.decode(body)
+        except (TimeoutError, aiohttp.ClientError, ValueError, RecursionError) as e:  # not JSON, or nested too deep
+            raise Unavailable(f"{method} {path}: {type(e).__name__}: {e}"[:500].rstrip(": ")) from None
 
     async def _failed(self, error: Unavailable) -> None:
         """Record a failure and wait: poll_interval * 2**k, capped at max_backoff."""
@@ -278,3 +323,21 @@ class AtroposClient:
 
 def _env_key(env_id: int | None) -> str:
     return "none" if env_id is None else str(env_id)
+
+
+class TooLarge(Unavailable):
+    """An answer larger than the client reads (max_response_bytes)."""
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The body, refused (TooLarge) as soon as it is known to exceed `limit`: before reading when the server says
+    its length, else once `limit` bytes have arrived."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise TooLarge(f"{what}: {resp.content_length} bytes, more than {limit}", status=resp.status)
+    chunks, size = [], 0
+    while chunk := await resp.content.read(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"{what}: more than {limit} bytes", status=resp.status)
+        chunks.append(chunk)
+    return b"".join(chunks)

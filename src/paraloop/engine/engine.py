@@ -98,7 +98,7 @@ class Engine:
         def main() -> None:
             try:
                 self._worker.main(lambda: loop.call_soon_threadsafe(ready.set))
-            finally:
+            finally:  # Worker.main has destroyed this thread's MLX streams (ml-explore/mlx#3126)
                 with contextlib.suppress(RuntimeError):  # the loop is gone if run() gave up waiting
                     loop.call_soon_threadsafe(ready.set)
                     loop.call_soon_threadsafe(exited.set)

@@ -13,6 +13,10 @@ held back in a small reserve (the newest ones, at most one batch's worth) instea
 drawing rollouts, and once it gives up (`take(fill=True)`) the batch is completed from that reserve. Each batch
 reports in `metrics` how many zero-signal groups were held back for it and how many filled it.
 
+Journal ids (run/journal.py): a group put with an id keeps it; each batch taken lists in `consumes` the ids of
+its groups and of every group dropped since the previous batch (a reserved zero-signal group only once it leaves
+the reserve), so the learner can mark exactly those consumed. Groups put back from the journal by a resumed run (`replayed=True`) come before every other group, in any order.
+
 A plain synchronous class: the runtime owns it from one task, so it needs no lock; the same puts and takes give
 the same batches.
 """
@@ -63,6 +67,8 @@ class _Entry:
     source: str
     source_step: int | None
     source_state: dict | None = None
+    journal_id: tuple[int, int, int] | None = None
+    replayed: bool = False
 
     @property
     def sequences(self) -> int:
@@ -111,6 +117,7 @@ class RolloutBuffer:
         self._stale_since_take = 0
         self._reserve: deque[_Entry] = deque(maxlen=batch_size)  # zero-signal groups, newest kept
         self._zero_since_take = 0
+        self._dropped_ids: list[tuple[int, int, int]] = []  # journal ids dropped since the last take
         self._counts = dict.fromkeys(
             (
                 "received",
@@ -145,9 +152,12 @@ class RolloutBuffer:
         source: str = "mock",
         source_step: int | None = None,
         source_state: dict | None = None,
+        journal_id: tuple[int, int, int] | None = None,
+        replayed: bool = False,
     ) -> bool:
         """Hold `group`; False when it was set aside for carrying no signal (dynamic sampling: into the reserve).
-        Past max_groups the oldest goes."""
+        Past max_groups the oldest goes. `journal_id`: the group's id in the run's journal; `replayed`: put back by
+        a resumed run (taken first)."""
         if len(group.tokens) > self.batch_size:
             raise ValueError(
                 f"a group of {len(group.tokens)} sequences can never fit a batch of {self.batch_size} "
@@ -156,25 +166,33 @@ class RolloutBuffer:
         self._counts["received"] += 1
         priority = signal(group)
         arrival = next(self._arrivals)
-        entry = _Entry(arrival, group, priority, source, source_step, source_state)
+        entry = _Entry(arrival, group, priority, source, source_step, source_state, journal_id, replayed)
         if self.drop_zero_signal and priority == 0.0:
             self._counts["dropped_zero_signal"] += 1
             self._zero_since_take += 1
+            if len(self._reserve) == self._reserve.maxlen:  # the oldest reserved group makes room
+                self._dropped(self._reserve.popleft().journal_id)
             self._reserve.append(entry)
             return False
         self._entries[arrival] = entry
         while len(self._entries) > self.max_groups:
-            del self._entries[next(iter(self._entries))]
+            self._dropped(self._entries.pop(next(iter(self._entries))).journal_id)
             self._counts["dropped_overflow"] += 1
         return True
 
-    def put_batch(self, batch: RolloutBatch) -> int:
-        """Hold every group of `batch`; returns how many were kept."""
+    def put_batch(self, batch: RolloutBatch, *, journal_seq: int | None = None) -> int:
+        """Hold every group of `batch` (journal entry `journal_seq`, if journaled); returns how many were kept."""
         self._stale_since_take += batch.dropped_stale  # drops upstream still reach the learner's metrics
+        count = len(batch.groups)
         return sum(
-            self.put(g, source=batch.source, source_step=batch.source_step, source_state=batch.source_state)
-            for g in batch.groups
+            self.put(g, source=batch.source, source_step=batch.source_step, source_state=batch.source_state,
+                     journal_id=None if journal_seq is None else (journal_seq, i, count))
+            for i, g in enumerate(batch.groups)
         )
+
+    def _dropped(self, journal_id: tuple[int, int, int] | None) -> None:
+        if journal_id is not None:
+            self._dropped_ids.append(journal_id)
 
     # --- out --------------------------------------------------------------------------------------------------------
 
@@ -184,7 +202,7 @@ class RolloutBuffer:
             return 0
         stale = [e.arrival for e in self._entries.values() if self._is_stale(e, version)]
         for arrival in stale:
-            del self._entries[arrival]
+            self._dropped(self._entries.pop(arrival).journal_id)
         self._counts["dropped_stale"] += len(stale)
         self._stale_since_take += len(stale)
         return len(stale)
@@ -197,7 +215,7 @@ class RolloutBuffer:
         entries = list(self._entries.values())
         if self.priority == "abs_advantage":
             entries.sort(key=lambda e: (-e.priority, e.arrival))
-        return entries
+        return sorted(entries, key=lambda e: not e.replayed)  # stable: replayed groups first, each kind in order
 
     def take(self, *, version: int | None = None, partial: bool = False, fill: bool = False) -> RolloutBatch | None:
         """The next learner batch, or None while the held groups cannot fill one (they stay).
@@ -209,7 +227,7 @@ class RolloutBuffer:
         if version is not None:
             self.prune(version)
             while self._reserve and self._is_stale(self._reserve[0], version) and self.stale_policy == "drop":
-                self._reserve.popleft()
+                self._dropped(self._reserve.popleft().journal_id)
         chosen: list[_Entry] = []
         rows = longest = 0
         over_budget = False
@@ -244,6 +262,8 @@ class RolloutBuffer:
         self._counts["batches"] += 1
         dropped, self._stale_since_take = self._stale_since_take, 0
         zero, self._zero_since_take = self._zero_since_take, 0
+        consumes, self._dropped_ids = self._dropped_ids, []
+        consumes += [e.journal_id for e in chosen if e.journal_id is not None]
         steps = [e.source_step for e in chosen if e.source_step is not None]
         return RolloutBatch(
             groups=[e.group for e in chosen],
@@ -255,4 +275,5 @@ class RolloutBuffer:
             metrics={"zero_signal_groups": float(zero), "filled_zero_signal": float(filled)}
             if self.drop_zero_signal
             else {},
+            consumes=consumes,
         )

@@ -27,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from paraloop.messages import StepFinished
 from paraloop.run.status import RunStatus
+from paraloop.run.watchdog import WATCHED_PARTS
 from paraloop.server.errors import APIError
 
 STEP_TIMEOUT_S = 600.0  # default wait of POST /control/step for its step (a rollout batch has to come first)
@@ -53,6 +54,7 @@ class LearnerControl:
         self._pending: deque[ObjectSendStream[StepFinished]] = deque()
         self._granted: ObjectSendStream[StepFinished] | None = None
         self._receive_scope: anyio.CancelScope | None = None
+        self._finished = False
         self.snapshot: Callable[[], Any] | None = None  # set by the learner: async () -> CheckpointWritten
 
     def _notify(self) -> None:
@@ -85,6 +87,8 @@ class LearnerControl:
         """The learner waits for its next batch inside this scope: a stop cancels the wait (never a step)."""
         with anyio.CancelScope() as scope:
             self._receive_scope = scope
+            if self.status.stopping:
+                scope.cancel()
             try:
                 yield scope
             finally:
@@ -97,7 +101,7 @@ class LearnerControl:
         is taken later on its behalf) and StepTimeout is raised. A step already being computed is waited for."""
         if not self.status.paused:
             raise ControlError("the run is not paused: POST /control/pause first")
-        if self.status.stopping:
+        if self.status.stopping or self._finished:
             raise ControlError("the run is stopping")
         send, receive = anyio.create_memory_object_stream[StepFinished](1)
         self._pending.append(send)
@@ -157,6 +161,15 @@ class LearnerControl:
             granted.send_nowait(done)
             granted.close()
 
+    def finished(self) -> None:
+        """The learner has returned: a /control/step still waiting is answered 409, none is accepted after."""
+        self._finished = True
+        while self._pending:
+            self._pending.popleft().close()
+        if self._granted is not None:
+            self._granted.close()
+            self._granted = None
+
 
 def _json(payload: Any, status: int = 200) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
@@ -205,6 +218,9 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
         written = await control.snapshot()
         if written is None:
             raise APIError(409, "the run is shutting down; the final checkpoint is being written", code="conflict")
+        if written.error is not None:
+            raise APIError(503, f"checkpoint step {written.step} could not be written ({written.error}); the "
+                           "checkpointer retries it", code="checkpoint_failed")
         return _json({"step": written.step, "path": written.path})
 
     async def stop(request: web.Request) -> web.Response:
@@ -240,6 +256,13 @@ def run_families(status: RunStatus) -> Iterator[Metric]:
     for key, (name, help_) in counters.items():
         yield CounterMetricFamily(name, help_, value=snap[key])
     queues = GaugeMetricFamily("paraloop_queue_depth", "messages waiting in an actor inbox", labels=["queue"])
+    stalled = GaugeMetricFamily("paraloop_stalled", "1 while the watchdog sees this part stalled", labels=["part"])
+    for part in WATCHED_PARTS:
+        stalled.add_metric([part], int(part in snap["stalled"]))
+    yield stalled
+    yield GaugeMetricFamily("paraloop_checkpoint_failures",
+                            "failed attempts of the checkpoint being retried (0: none failing)",
+                            value=(snap["checkpoint_error"] or {}).get("failures", 0))
     for name, depth in snap["queues"].items():
         queues.add_metric([name], depth)
     yield queues

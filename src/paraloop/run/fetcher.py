@@ -5,6 +5,11 @@ Their groups go into the RolloutBuffer, which forms learner batches (exactly bat
 split), drops groups too stale for the adapter now training, and orders by priority when configured (with
 `abs_advantage` it looks one source batch ahead, so there is a choice).
 
+With a journal (sources that cannot send a batch again: Atropos), each fetched batch is written to it before it
+enters the buffer, and a resumed run's unconsumed groups (`replay`) go into the buffer before anything is fetched
+(run/journal.py). A batch the journal cannot take (disk full, read-only) is still trained: it is only not safe
+from a crash, which status and the log say.
+
 In sync mode the fetcher asks the source for the next batch only after a credit: the publisher sends one when the
 previous step's adapter is serving (strictly on-policy). In async mode it keeps generating while the learner steps,
 held back only by the bounded outbox. Returns when the learner stops listening or the source ends.
@@ -15,7 +20,7 @@ zero-signal groups instead of drawing forever. The batch's metrics say how many 
 """
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import anyio
 import msgspec
@@ -23,6 +28,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from paraloop.messages import RolloutBatch
 from paraloop.run.buffer import RolloutBuffer
+from paraloop.run.journal import Journal, Replay
 
 log = logging.getLogger("paraloop.fetcher")
 
@@ -35,8 +41,19 @@ async def run_fetcher(
     version: Callable[[], int],
     credits: ObjectReceiveStream[int] | None,
     max_draws: int | None = None,
+    journal: Journal | None = None,
+    replay: Sequence[Replay] = (),
 ) -> None:
     lookahead = buffer.batch_size if buffer.priority != "fifo" else 0
+    for entry in replay:
+        count = len(entry.batch.groups)
+        for index in entry.indices:
+            buffer.put(entry.batch.groups[index], source=entry.batch.source, source_step=entry.batch.source_step,
+                       source_state=entry.batch.source_state, journal_id=(entry.seq, index, count), replayed=True)
+    if replay and journal is not None:
+        journal.counts["replayed_groups"] += sum(len(e.indices) for e in replay)
+        log.info("replaying %d journaled group(s) fetched before the restart and not in its checkpoint",
+                 journal.counts["replayed_groups"])
     async with out:
         try:
             first = True
@@ -51,7 +68,7 @@ async def run_fetcher(
                 while batch is None:
                     if buffer.sequences < buffer.batch_size + lookahead or len(buffer) == 0:
                         try:
-                            buffer.put_batch(await anext(source))
+                            fetched = await anext(source)
                             draws += 1
                         except StopAsyncIteration:
                             log.info("rollout source ended")
@@ -59,6 +76,7 @@ async def run_fetcher(
                             if batch is not None and batch.groups:
                                 await out.send(batch)
                             return
+                        buffer.put_batch(fetched, journal_seq=await _journal(journal, fetched))
                     batch = buffer.take(version=version(), fill=max_draws is not None and draws >= max_draws)
                 if max_draws is not None:
                     batch = msgspec.structs.replace(batch, metrics={**batch.metrics, "sampling_draws": float(draws)})
@@ -71,3 +89,17 @@ async def run_fetcher(
         finally:
             if credits is not None:
                 credits.close()
+
+
+async def _journal(journal: Journal | None, batch: RolloutBatch) -> int | None:
+    """Write `batch` to the journal before it is used; its entry number, or None (no journal, or it failed)."""
+    if journal is None:
+        return None
+    try:
+        # Shielded: a batch popped from the source is on disk or known not to be, never half way.
+        with anyio.CancelScope(shield=True):
+            return await anyio.to_thread.run_sync(journal.append, batch)
+    except OSError as e:
+        log.error("could not journal a fetched batch (%s): training it anyway, but a crash before the next "
+                  "checkpoint would lose it", e)
+        return None

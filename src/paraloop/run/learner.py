@@ -4,9 +4,14 @@ Inbox: `batches` (from the rollout fetcher). Each batch is one GRPO step on the 
 adapter (evaluated arrays, shared by reference) goes to the publisher, step metrics to the monitor, and checkpoint
 snapshots to the checkpointer on schedule. /control drives it through `LearnerControl` (pause, single step,
 snapshot, stop). It returns after `total_steps` or a stop, having written a final checkpoint.
+
+What a checkpoint keeps besides the trainer (the source's position, the journal groups consumed) changes together
+with the trainer's step under one lock, so a snapshot taken while a step runs is of one step or the next, never a
+mix of the two.
 """
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ from paraloop.messages import (
 )
 from paraloop.run.buffer import too_stale
 from paraloop.run.control import LearnerControl
+from paraloop.run.journal import Consumed
 from paraloop.run.mlx_thread import MlxThread
 from paraloop.run.status import RunStatus
 
@@ -49,6 +55,7 @@ class Learner:
         max_staleness: int | None = None,
         stale_policy: str = "drop",
         ranks: Any = None,
+        consumed: Consumed | None = None,
     ) -> None:
         self.trainer = trainer
         self.thread = thread
@@ -66,29 +73,36 @@ class Learner:
         self.max_staleness = max_staleness
         self.stale_policy = stale_policy
         self.ranks = ranks  # run/ranks.Coordinator in a distributed run: the ranks decide each step together
+        self.consumed = consumed  # journal groups trained or dropped so far (None: the source keeps no journal)
+        self._state = anyio.Lock()  # the trainer and what checkpoints keep with it change together
         control.snapshot = self.checkpoint_now if ranks is None else ranks.request_snapshot
 
     async def run(self) -> None:
-        async with self.published, self.checkpoints, self.finished, self.batches:
-            while self.trainer.step_count < self.total_steps:
-                if self.ranks is not None:
-                    batch = await self.ranks.next_batch(self, self.trainer.step_count)
-                    if batch is None:
-                        break
-                else:
+        try:
+            async with self.published, self.checkpoints, self.finished, self.batches:
+                # A distributed run's ranks stop together: the coordinator's next_batch answers None for all.
+                while self.trainer.step_count < self.total_steps and (self.ranks is not None or not self.status.stopping):
+                    if self.ranks is not None:
+                        batch = await self.ranks.next_batch(self, self.trainer.step_count)
+                        if batch is None:
+                            break
+                        await self._step(batch)
+                        continue
                     batch = await self._receive()
                     # Gate after receiving: a pause that came while we waited for the batch holds it, untrained.
                     if batch is None or not await self.control.wait_turn():
                         break
-                await self._step(batch)
-            # Graceful end (steps done, /control/stop or a signal): the last state goes to disk before we return.
-            # On an error elsewhere we are cancelled instead, and the newest periodic checkpoint stands.
-            if self.ranks is not None:
-                await self.ranks.end(self, self.trainer.step_count)
-            else:
-                await self.checkpoint_now(final=True)
-            if self.credits is not None:
-                self.credits.close()
+                    await self._step(batch)
+                # Graceful end (steps done, /control/stop or a signal): the last state goes to disk before we
+                # return. On an error elsewhere we are cancelled instead, and the newest checkpoint stands.
+                if self.ranks is not None:
+                    await self.ranks.end(self, self.trainer.step_count)
+                else:
+                    await self.checkpoint_now(final=True)
+                if self.credits is not None:
+                    self.credits.close()
+        finally:
+            self.control.finished()  # a /control/step still waiting gets its answer
         log.info("learner finished at step %d (version %d)", self.trainer.step_count, self.trainer.version)
 
     async def _receive(self) -> RolloutBatch | None:
@@ -99,6 +113,26 @@ class Learner:
             except anyio.EndOfStream:
                 return None
         return None
+
+    async def _train(self, batch: RolloutBatch) -> tuple[Any, dict | None]:
+        """One optimizer step on the learner's thread, and what checkpoints keep with it."""
+        async with self._state:
+            self.status.learner_busy, self.status.learner_busy_since = True, time.monotonic()
+            try:
+                result = await self.thread.call(self.trainer.step, batch)
+                adapter = None if result.skipped else await self.thread.call(self.trainer.adapter)
+            finally:
+                took = time.monotonic() - self.status.learner_busy_since
+                self.status.slowest_step_s = max(self.status.slowest_step_s, took)
+                self.status.learner_busy, self.status.learner_busy_since = False, None
+            self._record(batch)
+        return result, adapter
+
+    def _record(self, batch: RolloutBatch) -> None:
+        if batch.source_state is not None:
+            self.source_state = batch.source_state
+        if self.consumed is not None:
+            self.consumed.add(batch.consumes)
 
     def _drop_stale(self, batch: RolloutBatch) -> RolloutBatch:
         """async mode: groups more than max_staleness versions behind are dropped (policy "drop") or kept for the
@@ -113,21 +147,17 @@ class Learner:
         log.info("dropped %d rollout group(s) more than %d versions old", dropped, self.max_staleness)
         return msgspec.structs.replace(batch, groups=fresh, dropped_stale=batch.dropped_stale + dropped)
 
-    async def _step(self, batch: RolloutBatch) -> None:
+    async def _step(self, batch: RolloutBatch) -> bool:
+        """Train on `batch`; False when nothing was left to train (every group too stale)."""
         self.status.dropped_stale += batch.dropped_stale  # dropped upstream (the rollout buffer)
         batch = self._drop_stale(batch)
         if not batch.groups:
+            async with self._state:
+                self._record(batch)  # its groups are consumed: dropped
             if self.credits is not None:
                 await self.credits.send(self.trainer.version)
-            return
-        self.status.learner_busy = True
-        try:
-            result = await self.thread.call(self.trainer.step, batch)
-            adapter = None if result.skipped else await self.thread.call(self.trainer.adapter)
-        finally:
-            self.status.learner_busy = False
-        if batch.source_state is not None:
-            self.source_state = batch.source_state
+            return False
+        result, adapter = await self._train(batch)
         step, version = self.trainer.step_count, self.trainer.version
         self.status.record_rollouts(batch, step, version)  # before StepFinished: the monitor logs them with it
         metrics = dict(result.metrics)
@@ -148,24 +178,28 @@ class Learner:
             due = due and self.ranks.is_root  # rank 0 alone writes checkpoints
         if due and step < self.total_steps:  # the final checkpoint is written on the way out
             await self._send_checkpoint(reply=None)
+        return True
 
     async def _send_checkpoint(self, reply: ObjectSendStream[CheckpointWritten] | None) -> None:
         def snapshot() -> tuple[dict, dict | None, dict]:
             return self.trainer.adapter(), self.trainer.reference(), self.trainer.state()
 
-        adapter, reference, trainer_state = await self.thread.call(snapshot)
-        await self.checkpoints.send(
-            SaveCheckpoint(
+        async with self._state:
+            adapter, reference, trainer_state = await self.thread.call(snapshot)
+            kept = {"trainer": trainer_state["trainer"], "metrics": self.status.last_metrics,
+                    "source_state": self.source_state}
+            if self.consumed is not None:
+                kept["journal"] = self.consumed.to_json()
+            request = SaveCheckpoint(
                 step=self.trainer.step_count,
                 version=self.trainer.version,
                 adapter=adapter,
                 reference=reference,
                 optimizer_state=trainer_state["optimizer"],
-                trainer_state={"trainer": trainer_state["trainer"], "metrics": self.status.last_metrics,
-                               "source_state": self.source_state},
+                trainer_state=kept,
                 reply=reply,
             )
-        )
+        await self.checkpoints.send(request)
 
     async def checkpoint_now(self, final: bool = False) -> CheckpointWritten | None:
         """Snapshot the trainer between steps and wait until the checkpoint is on disk."""

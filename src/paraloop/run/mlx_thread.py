@@ -7,6 +7,7 @@ so a loop of compute-only calls still stops promptly.
 """
 
 import asyncio
+import contextlib
 import contextvars
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,8 +37,9 @@ class MlxThread:
         the time its actor is done. A thread's streams left for MLX's own exit-time cleanup can abort the process
         ("terminate called without an active exception", ml-explore/mlx#3126: call `mx.clear_streams()` at the end
         of every thread that used MLX)."""
-        self._pool.submit(end_mlx_thread)
-        self._pool.shutdown(wait=True, cancel_futures=False)
+        with contextlib.suppress(RuntimeError):  # closed already
+            self._pool.submit(end_mlx_thread).result()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def end_mlx_thread() -> None:

@@ -5,8 +5,9 @@ Each step becomes one row: the learner's metrics plus what the rest of the run l
 (generation tokens/s, swap pause, queue depths, memory), under the same names in every logger and the dashboard.
 Each held-out evaluation becomes one row marked `"kind": "eval"`. On a terminal the progress line redraws in place;
 elsewhere (CI, logs) it prints one line per step. A step whose train/inference mismatch exceeds the threshold is
-logged as a warning and shown in the status' alerts until a step is back under it. It returns at end of stream,
-after closing the loggers.
+logged as a warning and shown in the status' alerts until a step is back under it. A terminal that went away
+or a metrics.jsonl that cannot be written (run/reporters.py keeps its lines) never ends the run. It returns at end
+of stream, after closing the loggers.
 """
 
 import logging
@@ -20,7 +21,7 @@ from anyio.abc import ObjectReceiveStream
 from paraloop.atropos.evals import AtroposEvals
 from paraloop.learn.mismatch import mismatch_alarm
 from paraloop.messages import EvalFinished, StepFinished
-from paraloop.run.reporters import Reporter, close_all, log_all
+from paraloop.run.reporters import JsonlReporter, Reporter, close_all, log_all
 from paraloop.run.status import RunStatus, swap_pause_ms
 from paraloop.server.metrics import process_memory
 
@@ -118,13 +119,12 @@ async def run_monitor(
     atropos_evals: AtroposEvals | None = None,
 ) -> None:
     out = out or sys.stderr  # looked up per run, never bound at import (tests and callers swap sys.stderr)
-    interactive = out.isatty()
+    interactive = _isatty(out)
 
     def write_eval(done: EvalFinished) -> None:
         record = status.record_eval(done)
         log_all(reporters, {"kind": "eval", "time": time.time(), **record}, [])
-        out.write(("\r\x1b[2K" if interactive else "") + eval_line(record) + "\n")
-        out.flush()
+        _say(out, ("\r\x1b[2K" if interactive else "") + eval_line(record) + "\n")
 
     try:
         async with inbox:
@@ -141,9 +141,9 @@ async def run_monitor(
                     status.alerts.pop("mismatch", None)
                 row = status.record_step(done, run_gauges(status, done))
                 log_all(reporters, row, status.samples_of(done.step))
+                status.metrics_error = next((r.error for r in reporters if isinstance(r, JsonlReporter)), None)
                 line = progress_line(status, done)
-                out.write(f"\r\x1b[2K{line}" if interactive else line + "\n")
-                out.flush()
+                _say(out, f"\r\x1b[2K{line}" if interactive else line + "\n")
                 for env, metrics in atropos_evals.new() if atropos_evals is not None else []:
                     write_eval(EvalFinished(step=done.step, version=done.version, task=f"atropos:{env}",
                                             metrics=metrics))
@@ -151,4 +151,21 @@ async def run_monitor(
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await anyio.to_thread.run_sync(close_all, reporters, abandon_on_cancel=True)
     if interactive:
-        out.write("\n")
+        _say(out, "\n")
+
+
+def _isatty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (OSError, ValueError):
+        return False
+
+
+def _say(out: TextIO, text: str) -> None:
+    """The progress line; a terminal that went away (closed, a broken pipe) must not end a training run."""
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):
+        pass
+

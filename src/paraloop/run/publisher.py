@@ -2,10 +2,12 @@
 
 The engine takes the arrays between two decode steps (a pointer swap: no lock, no disk, no copy) and reports the
 pause it took. In sync mode each swap also gives the rollout fetcher its next credit, so the next rollout starts on the
-new version. Returns when the learner closes its outbox.
+new version. Returns when the learner closes its outbox. While the engine holds a swap it has not applied,
+`status.swap_pending_since` says since when (the watchdog's sign that the engine has work).
 """
 
 import logging
+import time
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
@@ -26,7 +28,11 @@ async def run_publisher(
 ) -> None:
     async with inbox:
         async for published in inbox:
-            swapped = await engine.swap_adapter(published.arrays, published.version, drain=drain)
+            status.swap_pending_since = time.monotonic()
+            try:
+                swapped = await engine.swap_adapter(published.arrays, published.version, drain=drain)
+            finally:
+                status.swap_pending_since = None
             status.record_swap(swapped)
             log.debug("serving version %d (decode paused %.3f ms)", swapped.version, swapped.pause_s * 1e3)
             if credits is not None:

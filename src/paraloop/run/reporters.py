@@ -7,9 +7,11 @@ or logging.wandb_mode=offline keeps everything on the machine). The monitor call
 
 TensorBoard and W&B are optional extras: asking for one that is not installed stops the run before it starts.
 Once running, an error in one of them (a full disk, a lost network) is logged once and that logger is dropped:
-the run and metrics.jsonl go on. An error writing metrics.jsonl ends the run, as it is the run's own record.
+the run and metrics.jsonl go on. metrics.jsonl is the run's own record: lines that cannot be written wait in
+memory and are written once they can (status `metrics_error` meanwhile).
 """
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -21,6 +23,7 @@ from paraloop.config import Settings, public_dump
 
 log = logging.getLogger("paraloop.reporters")
 
+MAX_UNWRITTEN = 100_000  # lines per file kept in memory while it cannot be written
 SAMPLE_COLUMNS = ("step", "group", "reward", "advantage", "prompt", "completion")
 
 
@@ -54,23 +57,55 @@ def completion_text(sample: dict[str, Any]) -> str:
 
 
 class JsonlReporter:
+    """RUN_DIR/metrics.jsonl and rollouts.jsonl, appended (a resumed run continues both). A line that cannot be
+    written (disk full, a read-only directory) waits in memory, up to MAX_UNWRITTEN lines per file, and goes out with
+    the next step's; meanwhile `error` says why. The run goes on: its checkpoints hold what it learned."""
+
     name, essential = "jsonl", True
 
     def __init__(self, run_dir: Path) -> None:
-        # appended, so a resumed run continues both files
-        self._metrics = (run_dir / "metrics.jsonl").open("a")
-        self._rollouts = (run_dir / "rollouts.jsonl").open("a")
+        self._waiting: dict[Path, list[str]] = {run_dir / "metrics.jsonl": [], run_dir / "rollouts.jsonl": []}
+        self.error: str | None = None
 
     def log(self, row: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        metrics, rollouts = self._waiting.values()
+        metrics.append(json.dumps(row) + "\n")
         if samples:
-            self._rollouts.write(json.dumps({"step": row["step"], "samples": samples}) + "\n")
-            self._rollouts.flush()
+            rollouts.append(json.dumps({"step": row["step"], "samples": samples}) + "\n")
+        errors = [e for path, lines in self._waiting.items() if (e := _append(path, lines)) is not None]
+        if errors and self.error is None:
+            log.error("could not write %s: lines wait in memory and the run goes on", errors[0])
+        elif not errors and self.error is not None:
+            log.warning("metrics.jsonl and rollouts.jsonl written again")
+        waiting = sum(map(len, self._waiting.values()))
+        self.error = f"{errors[0]} ({waiting} line(s) waiting)" if errors else None
 
     def close(self) -> None:
-        self._metrics.close()
-        self._rollouts.close()
+        for path, lines in self._waiting.items():
+            if lines and _append(path, lines) is not None:
+                log.error("%d line(s) of %s could not be written before the end", len(lines), path)
+
+
+def _append(path: Path, lines: list[str]) -> str | None:
+    """Append `lines` to `path` and empty the list; on an OSError keep them (the newest MAX_UNWRITTEN) and say why.
+    Opened per write: a file moved or a directory made writable again is picked up at the next step."""
+    if not lines:
+        return None
+    try:
+        with path.open("ab") as f:
+            start = f.tell()
+            try:
+                f.write("".join(lines).encode())
+                f.flush()
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)  # no half line: they are all written again next time
+                raise
+    except OSError as e:
+        del lines[:-MAX_UNWRITTEN]
+        return f"{path}: {type(e).__name__}: {e}"
+    lines.clear()
+    return None
 
 
 def _markdown_cell(text: str) -> str:

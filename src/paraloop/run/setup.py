@@ -118,26 +118,33 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
 
 
 def make_source(
-    settings: Settings, engine: Any, tokenizer: Any, resumed: Any, *, share: tuple[int, int] = (0, 1)
+    settings: Settings,
+    engine: Any,
+    tokenizer: Any,
+    resumed: Any,
+    *,
+    share: tuple[int, int] = (0, 1),
+    replay: list[Any] = (),
+    vocab: int | None = None,
 ) -> tuple[Any, Any]:
     """The rollout source: (async iterator of RolloutBatch, status() -> dict). Each batch carries the source's
     position (RolloutBatch.source_state), which checkpoints keep for an exact resume. `share` (rank, size): the
-    mock environment of one rank of a distributed run generates its part of each batch."""
+    mock environment of one rank of a distributed run generates its part of each batch. `replay`: the journaled
+    batches a resumed Atropos run trains first (run/journal.py); `vocab`: the model's vocabulary size (an Atropos
+    group with a token id outside it is rejected)."""
     rl = settings.rl_training
     if rl.atropos.api_url:
         from paraloop.atropos.client import AtroposClient
 
-        starting_step = rl.atropos.starting_step
-        if starting_step is None:
-            starting_step = resumed.step if resumed is not None else 0  # one Atropos step per learner step
         client = AtroposClient(
             rl.atropos,
             batch_size=rl.batch_size,
             token_budget=rl.token_budget,
             total_steps=rl.total_steps,
             checkpoint_dir=settings.checkpoint.dir,
-            starting_step=starting_step,
+            starting_step=atropos_step(resumed, replay),
             checkpoint_interval=settings.checkpoint.interval,
+            vocab_size=vocab,
         )
         return client.batches(), client.status
     from paraloop.envs.mock import MockEnvironment
@@ -154,3 +161,13 @@ def make_source(
     if resumed is not None and resumed.trainer_state.get("source_state"):
         env.load_state(resumed.trainer_state["source_state"])
     return env.batches(rl.batch_size), env.status
+
+
+def atropos_step(resumed: Any, replay: list[Any]) -> int:
+    """Where a resumed run's Atropos client counts from: one Atropos step per batch fetched, so the newest batch
+    fetched before the restart (its checkpoint's, or a journaled one it had not trained yet)."""
+    if resumed is None:
+        return 0
+    steps = [resumed.step, (resumed.trainer_state.get("source_state") or {}).get("atropos_step", 0)]
+    steps += [(r.batch.source_state or {}).get("atropos_step", 0) for r in replay]
+    return max(s for s in steps if isinstance(s, int))

@@ -43,6 +43,16 @@ class RunStatus:
     sampler: Callable[[RolloutBatch, int, int], list[dict[str, Any]]] | None = None  # (batch, step, version)
     prometheus: Any = None  # server.metrics.Metrics: observes step times and swap pauses
     ranks_status: Callable[[], dict[str, Any]] | None = None  # a distributed run: this rank and its peers
+    # Liveness (run/watchdog.py): when each part began what it is doing now (time.monotonic), and what is stalled.
+    learner_busy_since: float | None = None  # inside a learner step's compute
+    slowest_step_s: float = 0.0  # the slowest learner step's compute so far
+    swap_pending_since: float | None = None  # the publisher handed the engine an adapter it has not applied yet
+    checkpoint_writing_since: float | None = None
+    slowest_write_s: float = 0.0  # the slowest checkpoint write so far
+    stalled: dict[str, dict[str, Any]] = field(default_factory=dict)  # part -> {"reason", "since", "for_s"}
+    checkpoint_error: dict[str, Any] | None = None  # the failing write the checkpointer retries, if any
+    metrics_error: str | None = None  # metrics.jsonl could not be written (the lines wait in memory)
+    journal_stats: Callable[[], dict[str, Any]] | None = None
 
     def record_step(self, done: StepFinished, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Record a finished step; returns its history row (the step's metrics plus `extra`, as metrics.jsonl)."""
@@ -117,6 +127,10 @@ class RunStatus:
             "dropped_stale": self.dropped_stale,
             "rejected_groups": self.rejected_groups,
             "last_checkpoint": self.last_checkpoint,
+            "checkpoint_error": self.checkpoint_error,
+            "metrics_error": self.metrics_error,
+            "stalled": self.stalled,
+            "journal": self.journal_stats() if self.journal_stats else None,
             "source": self.source_status() if self.source_status else {},
             "buffer": self.buffer_stats() if self.buffer_stats else {},
             "eval": {"first": self.evals[0], "last": self.evals[-1]} if self.evals else {},

@@ -9,7 +9,7 @@ lets in-flight handlers answer, and cleans up. `mark_shutting_down(app)` makes e
 import hmac
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import anyio
@@ -25,6 +25,7 @@ from paraloop.server.openai_routes import chat_completions, completions, json_re
 from paraloop.server.openapi import body_middleware, openapi
 from paraloop.server.state import STATE, ServerState, served_model_name
 
+STALLED = web.AppKey("paraloop_stalled", Callable[[], dict[str, str]])  # part -> why (`paraloop run`'s watchdog)
 OPEN_ROUTES = frozenset({"/health"})  # answer without the bearer token (Atropos polls it every second)
 OPEN_PREFIXES = ("/dashboard/static/",)  # the dashboard's page and files hold no data; its API needs the token
 SHUTDOWN_GRACE_S = 5.0
@@ -86,6 +87,10 @@ def is_open(path: str) -> bool:
 
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    stalled = request.app[STALLED]()
+    if stalled:
+        raise APIError(503, "stalled: " + "; ".join(f"{part}: {why}" for part, why in stalled.items()),
+                       code="stalled")
     return json_response({"status": "ok", "adapter_version": state.engine.version})
 
 
@@ -96,9 +101,14 @@ async def models(request: web.Request) -> web.Response:
 
 
 def make_app(
-    engine: Any, *, settings: Settings, extra_routes: Iterable[web.AbstractRouteDef] | None = None
+    engine: Any,
+    *,
+    settings: Settings,
+    extra_routes: Iterable[web.AbstractRouteDef] | None = None,
+    stalled: Callable[[], dict[str, str]] | None = None,
 ) -> web.Application:
-    """The HTTP API over `engine`. `extra_routes` (e.g. /control) read `request.app[STATE]`."""
+    """The HTTP API over `engine`. `extra_routes` (e.g. /control, /metrics) read `request.app[STATE]`. `stalled()`
+    names the parts of a run that make no progress: /health answers 503 while there is one."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[metrics_middleware, error_middleware, gate_middleware, body_middleware],
@@ -107,6 +117,7 @@ def make_app(
     app[METRICS] = Metrics()
     if hasattr(engine, "stats"):
         app[METRICS].add_collector(lambda: engine_families(engine.stats()))
+    app[STALLED] = stalled or dict
     app.router.add_routes(
         [
             web.get("/health", health, allow_head=True),
