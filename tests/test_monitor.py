@@ -10,9 +10,17 @@ import anyio
 
 from paraloop.atropos.evals import AtroposEvals
 from paraloop.messages import EvalFinished, StepFinished
-from paraloop.run.control import prometheus_text
+from paraloop.run.control import run_families
 from paraloop.run.monitor import eval_table, run_monitor
+from paraloop.run.reporters import JsonlReporter
 from paraloop.run.status import RunStatus
+from paraloop.server.metrics import Metrics
+
+
+def prometheus_text(status: RunStatus) -> str:
+    metrics = Metrics()
+    metrics.add_collector(lambda: run_families(status))
+    return metrics.text().decode()
 
 
 def monitor(tmp_path, messages, *, atropos_evals=None, between=None) -> tuple[RunStatus, list[dict], str]:
@@ -23,7 +31,7 @@ def monitor(tmp_path, messages, *, atropos_evals=None, between=None) -> tuple[Ru
         send, receive = anyio.create_memory_object_stream[StepFinished | EvalFinished](10)
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: run_monitor(receive, status=status, run_dir=tmp_path, out=out,
+                tg.start_soon(lambda: run_monitor(receive, status=status, reporters=[JsonlReporter(tmp_path)], out=out,
                                                   mismatch_threshold=0.01, atropos_evals=atropos_evals))
                 async with send:
                     for message in messages:

@@ -129,6 +129,10 @@ class Broken:
         self.closed = True
 
 
+class BrokenEssential(Broken):
+    name, essential = "essential", True
+
+
 def test_a_failing_optional_logger_is_dropped_and_an_essential_one_ends_the_run(tmp_path, caplog):
     jsonl, broken = JsonlReporter(tmp_path), Broken()
     active = [broken, jsonl]
@@ -138,8 +142,27 @@ def test_a_failing_optional_logger_is_dropped_and_an_essential_one_ends_the_run(
     assert "broken logging failed at step 3" in caplog.text
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2, "the run's own record goes on"
     jsonl.close()
-    with pytest.raises(ValueError):  # writing to a closed file: the essential logger's error propagates
-        log_all([jsonl], ROW, [])
+    with pytest.raises(OSError, match="disk full"):
+        log_all([BrokenEssential()], ROW, [])
+
+
+def test_metrics_lines_that_cannot_be_written_wait_and_go_out_once_they_can(tmp_path, caplog):
+    """metrics.jsonl never ends a run: while it cannot be written (here: a directory in its place) its lines wait
+    in memory and `error` says why; the next step that can write writes them all, in order, once."""
+    jsonl = JsonlReporter(tmp_path)
+    jsonl.log({**ROW, "step": 1}, [])
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    jsonl.log({**ROW, "step": 2}, [])
+    jsonl.log({**ROW, "step": 3}, [])
+    assert jsonl.error is not None and "2 line(s) waiting" in jsonl.error
+    assert caplog.text.count("could not write") == 1, "said once, not per step"
+    (tmp_path / "metrics.jsonl").rmdir()
+    jsonl.log({**ROW, "step": 4}, [])
+    assert jsonl.error is None
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 3, 4]
+    jsonl.close()
 
 
 def test_report_to_accepts_only_known_loggers(tmp_path):
