@@ -4,11 +4,15 @@ In: the learner's model twin (LoRA attached, or attached here from adapter_confi
 RolloutBatches. Out: StepResult metrics, the evaluated adapter arrays (`adapter()`), the reference adapter, and a
 resumable `state()`. Used from ONE thread (the learner actor's MLX thread); nothing here is async or does I/O.
 
-Per step: collate + validate -> advantages -> micro-batch plan (token_budget) -> old-policy and reference
+Per step: collate + validate -> advantages -> micro-batch plan (memory target and token_budget, learn/memory.py)
+-> old-policy and reference
 log-probs, no grad and without dropout (the reference is the SAME model with the reference adapter arrays swapped
 in, never a second copy) -> for each epoch: accumulate gradients over micro-batches in train mode (LoRA dropout
 on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter and optimizer state and
 counts a skipped step.
+
+Log-probs go through the LM head in chunks (learn/logprobs.py) and long micro-batches checkpoint their blocks
+(learn/checkpointing.py), so a step's memory is bounded by its micro-batch, never by (tokens x vocabulary).
 """
 
 import logging
@@ -24,9 +28,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from paraloop.config import RLTrainingConfig
 from paraloop.learn.advantages import token_advantages
 from paraloop.learn.algorithms import get_algorithm
-from paraloop.learn.batch import TokenBatch, collate, plan_micro_batches
+from paraloop.learn.batch import TokenBatch, collate
+from paraloop.learn.checkpointing import BlockCheckpointing
+from paraloop.learn.head import logits_head
 from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.loss import LossSettings, aggregation_weights, policy_loss
+from paraloop.learn.memory import GiB, MemoryPlanner, PeakMeter, Plan
 from paraloop.learn.optim import (
     add_trees,
     clip_by_norm,
@@ -65,6 +72,9 @@ class MicroBatch:
     ref_logp: mx.array | None = None
     importance_weight: mx.array | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+    positions: np.ndarray | None = None  # flat (row * w + t) indices of the trained positions: only they are scored
+    checkpoint: bool = False  # run the trained blocks under activation checkpointing
+    plan: Plan | None = None
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -111,6 +121,11 @@ class Trainer:
         self.importance_cap = config.importance_cap or (2.0 if stale_cap else None)
         self.optimizer = make_optimizer(config)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
+        self.head = logits_head(model) if config.logits_chunk_tokens != 0 else None  # None: full logits
+        self.blocks = BlockCheckpointing(model)
+        gradient_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        self.memory = MemoryPlanner(config, gradient_bytes=gradient_bytes, checkpointing_available=self.blocks.available)
+        self.peak = PeakMeter()
         self.step_count, self.version, self.skipped_steps = 0, version, 0
 
     # --- public API ------------------------------------------------------------------------------------------------
@@ -168,6 +183,7 @@ class Trainer:
     def step(self, batch: RolloutBatch) -> StepResult:
         """One learner step: every epoch over every micro-batch, everything evaluated on return."""
         start = time.perf_counter()
+        self.peak.start()
         cfg = self.config
         lr = learning_rate_at(self.step_count, cfg)
         micros, base = self._prepare(batch)
@@ -209,7 +225,7 @@ class Trainer:
     # --- internals -------------------------------------------------------------------------------------------------
 
     def _loss(self, mb: MicroBatch) -> tuple[mx.array, dict[str, mx.array]]:
-        logp, entropy = forward_logprobs(self.model, mb.input_ids, mb.targets, mb.temperature)
+        logp, entropy = self._logprobs(mb, entropy_grad=self.config.entropy_weight != 0)
         return policy_loss(
             logp,
             entropy,
@@ -232,11 +248,14 @@ class Trainer:
         )
         adv = token_advantages(tb, seq_adv)
         weights = aggregation_weights(tb.mask, cfg.loss_aggregation)
-        plan = plan_micro_batches(np.where(tb.mask.any(axis=1), tb.lengths, 0), token_budget=cfg.token_budget)
+        plans = self.memory.plan(np.where(tb.mask.any(axis=1), tb.lengths, 0), self._probe)
         mx.random.seed(step_seed(cfg.seed, self.step_count))
-        micros = [self._micro_batch(tb, rows, adv, weights) for rows in plan]
+        micros = [self._micro_batch(tb, plan, adv, weights) for plan in plans]
         self._old_and_reference(tb, micros)
-        return micros, self._batch_metrics(tb, adv)
+        metrics = self._batch_metrics(tb, adv)
+        metrics["micro_batches"] = float(len(micros))
+        metrics["checkpointed_micro_batches"] = float(sum(mb.checkpoint for mb in micros))
+        return micros, metrics
 
     def _accumulate(self, micros: list[MicroBatch]) -> tuple[mx.array, dict[str, float], dict]:
         """Sum losses and gradients over micro-batches (the weights make the sum the full-batch value)."""
@@ -246,9 +265,13 @@ class Trainer:
         self.model.train()  # LoRA dropout on for the gradient forward only
         try:
             for mb in micros:
-                (mb_loss, stats), mb_grads = self._value_and_grad(mb)
-                grads, loss = add_trees(grads, mb_grads), loss + mb_loss
-                mx.eval(grads, loss, stats)
+                with self.peak.measure() as used:
+                    with self.blocks.enabled(mb.checkpoint):
+                        (mb_loss, stats), mb_grads = self._value_and_grad(mb)
+                    grads, loss = add_trees(grads, mb_grads), loss + mb_loss
+                    mx.eval(grads, loss, stats)
+                if mb.plan is not None:
+                    self.memory.observe(mb.plan, used())
                 for k in SUM_STATS:
                     sums[k] += stats[k].item()
                 lo, hi = min(lo, stats["ratio_min"].item()), max(hi, stats["ratio_max"].item())
@@ -256,9 +279,8 @@ class Trainer:
             self.model.eval()
         return loss, {**sums, "ratio_min": lo, "ratio_max": hi}, grads
 
-    def _micro_batch(
-        self, tb: TokenBatch, rows: np.ndarray, adv: np.ndarray, weights: np.ndarray
-    ) -> MicroBatch:
+    def _micro_batch(self, tb: TokenBatch, plan: Plan, adv: np.ndarray, weights: np.ndarray) -> MicroBatch:
+        rows = plan.rows
         w = int(tb.lengths[rows].max())
         return MicroBatch(
             input_ids=mx.array(tb.input_ids[rows, :w]),
@@ -273,7 +295,39 @@ class Trainer:
                 "ref": tb.ref_logprobs[rows, :w],
                 "has_ref": tb.has_ref[rows],
             },
+            positions=np.flatnonzero(tb.mask[rows, :w]),
+            checkpoint=plan.checkpoint,
+            plan=plan,
         )
+
+    def _logprobs(self, mb: MicroBatch, *, with_entropy: bool = True, entropy_grad: bool = True):
+        return forward_logprobs(
+            self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=with_entropy, head=self.head,
+            chunk_tokens=self.config.logits_chunk_tokens, positions=mb.positions, entropy_grad=entropy_grad,
+        )  # fmt: skip
+
+    def _probe(self, rows: int, width: int, checkpoint: bool) -> int:
+        """Bytes one gradient pass over (rows, width) synthetic tokens adds at its peak (the memory planner's
+        calibration). Train mode like the real pass; the step's dropout seed is drawn after planning."""
+        shape = (rows, width)
+        mb = MicroBatch(
+            input_ids=mx.zeros(shape, mx.int32), targets=mx.zeros(shape, mx.int32),
+            temperature=mx.ones((rows,)), mask=mx.ones(shape, mx.bool_),
+            weights=mx.full(shape, 1.0 / (rows * width)), advantages=mx.ones(shape),
+            ref_logp=mx.zeros(shape) if self.config.kl_beta > 0 else None,
+            positions=np.arange(rows * width), checkpoint=checkpoint,
+        )  # fmt: skip
+        mx.eval(mb.input_ids, mb.targets, mb.temperature, mb.mask, mb.weights, mb.advantages, mb.ref_logp)
+        self.model.train()
+        try:
+            with self.peak.measure() as used:
+                with self.blocks.enabled(checkpoint):
+                    out = self._value_and_grad(mb)
+                mx.eval(out)
+                del out
+        finally:
+            self.model.eval()
+        return used()
 
     def _old_and_reference(self, tb: TokenBatch, micros: list[MicroBatch]) -> None:
         """Old-policy and reference log-probs, once per batch, no grad, eval mode (no dropout).
@@ -294,9 +348,7 @@ class Trainer:
             has_inf = mx.array(mb.extras["has_inference"])[:, None]
             inference = mx.array(mb.extras["inference"])
             if need_old:
-                old, _ = forward_logprobs(
-                    self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=False
-                )
+                old, _ = self._logprobs(mb, with_entropy=False)
                 if cap is None:
                     mb.old_logp = mx.where(has_inf, inference, old)
                 else:
@@ -313,9 +365,7 @@ class Trainer:
             self._slots.swap(self._reference)
             try:
                 for mb in micros:
-                    ref, _ = forward_logprobs(
-                        self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=False
-                    )
+                    ref, _ = self._logprobs(mb, with_entropy=False)
                     mb.ref_logp = mx.where(mx.array(mb.extras["has_ref"])[:, None], mb.ref_logp, ref)
                     mx.eval(mb.ref_logp)
             finally:
@@ -366,6 +416,9 @@ class Trainer:
         metrics.update(
             step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed, skipped_steps=self.skipped_steps
         )
+        metrics["peak_memory_gb"] = self.peak.read() / GiB  # MLX's peak during the step, everything held included
+        if self.memory.target is not None:
+            metrics["memory_target_gb"] = self.memory.target / GiB
         return metrics
 
     def _skip(self, metrics: dict[str, float], start: float, why: str) -> StepResult:
