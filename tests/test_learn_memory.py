@@ -16,7 +16,15 @@ from test_learn_trainer import make_config, make_trainer, random_batch
 
 from paraloop.config import RLTrainingConfig
 from paraloop.learn.batch import collate
-from paraloop.learn.memory import MARGIN, MemoryPlanner, PeakMeter, SequenceTooLong, machine_memory, memory_target
+from paraloop.learn.memory import (
+    MARGIN,
+    MemoryPlanner,
+    MemoryTargetError,
+    PeakMeter,
+    SequenceTooLong,
+    machine_memory,
+    memory_target,
+)
 from paraloop.messages import RolloutBatch, ScoredGroup
 
 MiB = 2**20
@@ -103,7 +111,7 @@ def test_auto_checkpoints_a_row_that_would_not_fit_otherwise():
     target = 0.1  # GiB: 2000 tokens fit only with checkpointing (cost / 4)
     assert GRADIENT * 2 + MARGIN * (probe.cost(1, 2000, False) - GRADIENT) > target * 2**30
     assert GRADIENT * 2 + MARGIN * (probe.cost(1, 2000, True) - GRADIENT) < target * 2**30
-    memory = planner(target, activation_checkpointing="auto", checkpoint_min_tokens=100_000)
+    memory = planner(target, activation_checkpointing="auto", checkpoint_min_length=100_000)
     plans = memory.plan(np.array([2000, 100, 90]), probe, held=0)
     assert plans[0].checkpoint and plans[0].width == 2000
     assert not plans[-1].checkpoint  # short rows stay on the cheaper path
@@ -112,7 +120,7 @@ def test_auto_checkpoints_a_row_that_would_not_fit_otherwise():
 
 
 def test_checkpointing_follows_the_length_threshold():
-    memory = planner(64.0, activation_checkpointing="auto", checkpoint_min_tokens=1000, token_budget=1200)
+    memory = planner(64.0, activation_checkpointing="auto", checkpoint_min_length=512, token_budget=1200)
     plans = memory.plan(np.array([600, 520, 100, 90]), FakeProbe(), held=0)
     assert [(p.width, p.checkpoint) for p in plans] == [(600, True), (100, False)]
     always = planner(64.0, activation_checkpointing="always").plan(np.array([10]), FakeProbe(), held=0)
@@ -121,12 +129,12 @@ def test_checkpointing_follows_the_length_threshold():
 
 def test_auto_calibrates_the_plain_path_only_below_the_threshold():
     probe = FakeProbe()
-    memory = planner(8.0, activation_checkpointing="auto", checkpoint_min_tokens=1024, token_budget=2000)
+    memory = planner(8.0, activation_checkpointing="auto", checkpoint_min_length=1024, token_budget=2000)
     plans = memory.plan(np.array([2000, 300, 200]), probe, held=0)
     assert [(p.width, len(p.rows), p.checkpoint) for p in plans] == [(2000, 1, True), (300, 2, False)]
     plain = [w for _, w, c in probe.calls if not c]
     checkpointed = [w for _, w, c in probe.calls if c]
-    assert plain == [64, 256] and checkpointed == [64, 256, 1024]  # plain rows never exceed 1024 tokens
+    assert plain == [64, 256] and checkpointed == [64, 256, 1024]  # plain rows are shorter than 1024 tokens
 
 
 def test_a_micro_batch_that_used_more_than_predicted_raises_the_model():
@@ -248,3 +256,11 @@ def test_memory_settings_are_in_step_metrics_of_a_default_trainer(base, caplog):
     assert result.metrics["memory_target_gb"] == pytest.approx(memory_target(make_config()) / 2**30)
     assert result.metrics["micro_batches"] == 1 and result.metrics["peak_memory_gb"] > 0
     assert collate(random_batch(0)).rows == 8
+
+
+def test_full_training_that_cannot_take_an_optimizer_step_is_a_clear_error():
+    config = RLTrainingConfig(max_memory_gb=1.0, train_mode="full", kl_beta=0.0)
+    memory = MemoryPlanner(config, gradient_bytes=200 * MiB, checkpointing_available=True)
+    with pytest.raises(MemoryTargetError, match=r"optimizer step needs about 1\.3.*train_mode = 'lora'"):
+        memory.plan(np.array([10]), FakeProbe(), held=0, optimizer_ready=False)  # 7 x 200 MiB
+    assert memory.plan(np.array([10]), FakeProbe(), held=0, optimizer_ready=True)  # 5 x 200 MiB fits

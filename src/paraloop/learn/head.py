@@ -126,14 +126,17 @@ def logits_head(model: nn.Module) -> LogitsHead | None:
         scale = mx.maximum(mx.max(mx.abs(full)), 1.0)
         error = (mx.max(mx.abs(full - split)) / scale).item()
     except Exception as e:  # noqa: BLE001  (any failure of the split means: use the full path)
-        logger.info("chunked log-probs off for %s: the body/head split failed (%s); the learner computes full logits",
-                    name, e)  # fmt: skip
+        logger.info(
+            "chunked log-probs off for %s: the body/head split failed (%s); the learner computes full logits", name, e
+        )
         return None
     finally:
         model.train(training)
     if not error <= PROBE_TOLERANCE:
-        logger.info("chunked log-probs off for %s: head(body(x)) differs from model(x) by %.2g (relative); it "
-                    "applies something this split does not know, so the learner computes full logits", name, error)  # fmt: skip
+        logger.info(
+            "chunked log-probs off for %s: head(body(x)) differs from model(x) by %.2g (relative); it applies "
+            "something this split does not know, so the learner computes full logits", name, error,
+        )  # fmt: skip
         return None
     return head
 

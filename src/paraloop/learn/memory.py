@@ -42,7 +42,11 @@ MAX_PROBE = 4096
 Probe = Callable[[int, int, bool], int]  # (rows, width, checkpoint) -> bytes added at the peak
 
 
-class SequenceTooLong(ValueError):
+class MemoryTargetError(ValueError):
+    """The learner cannot work within the memory target; the message names the setting to change."""
+
+
+class SequenceTooLong(MemoryTargetError):
     """A row that cannot be trained within the memory target even as a micro-batch of its own."""
 
 
@@ -132,22 +136,27 @@ class MemoryPlanner:
 
     def checkpoint_for(self, rows: int, width: int) -> bool:
         """Whether a micro-batch of `rows` rows, the longest `width` long, checkpoints its blocks by the settings
-        alone (auto: from checkpoint_min_tokens padded tokens; the memory target may add rows that need it)."""
+        alone (auto: rows of checkpoint_min_length tokens or more; the memory target may add rows that need it)."""
         mode = self.config.activation_checkpointing
         if not self.checkpointing_available or mode == "never":
             return False
-        return mode == "always" or rows * width >= self.config.checkpoint_min_tokens
+        return mode == "always" or width >= self.config.checkpoint_min_length
 
-    def plan(self, lengths: np.ndarray, probe: Probe, *, held: int | None = None) -> list[Plan]:
+    def plan(
+        self, lengths: np.ndarray, probe: Probe, *, held: int | None = None, optimizer_ready: bool = True
+    ) -> list[Plan]:
         """Micro-batches for rows of `lengths` (0: nothing to train, left out), longest rows first. `held`: bytes
-        already in use (default: MLX's active memory now)."""
+        already in use (default: MLX's active memory now); optimizer_ready False: AdamW's moments are still to be
+        allocated (the first step)."""
         lengths = np.asarray(lengths)
         longest = int(lengths.max(initial=0))
         if self.target is None or longest == 0:
             plans = plan_micro_batches(lengths, token_budget=self.config.token_budget)
             return [self._plan(rows, int(lengths[rows].max()), self.checkpoint_for) for rows in plans]
         held = mx.get_active_memory() if held is None else held
-        available = self.target - held - self.gradient_bytes
+        self._check_update(held, optimizer_ready)
+        # the accumulated gradient, and the new sum while it is formed, beside each pass's own
+        available = self.target - held - 2 * self.gradient_bytes
         mode = self._modes(lengths, available, probe)
         plans = plan_micro_batches(
             lengths, token_budget=self.config.token_budget,
@@ -167,8 +176,8 @@ class MemoryPlanner:
 
     def _modes(self, lengths: np.ndarray, available: float, probe: Probe) -> Callable[[int, int], bool]:
         """Calibrate the cost models this batch needs; return (rows, width) -> checkpoint mode. In auto mode a row
-        that would not fit alone without checkpointing is checkpointed even below checkpoint_min_tokens."""
-        longest, total = int(lengths.max()), int(lengths.sum())
+        that would not fit alone without checkpointing is checkpointed even below checkpoint_min_length."""
+        longest = int(lengths.max())
         setting = self.config.activation_checkpointing
         if not self.checkpointing_available or setting == "never":
             self._calibrate(False, longest, available, probe)
@@ -176,42 +185,47 @@ class MemoryPlanner:
         if setting == "always":
             self._calibrate(True, longest, available, probe)
             return lambda rows, width: True
-        threshold = self.config.checkpoint_min_tokens
-        plain_up_to = min(longest, threshold)  # rows at least this long always checkpoint
+        threshold = self.config.checkpoint_min_length
+        plain_up_to = min(longest, threshold - 1)  # longer rows always checkpoint
         self._calibrate(False, plain_up_to, available, probe)
-        if total >= threshold or not self._fits(1, plain_up_to, False, available):
+        if longest >= threshold or not self._fits(1, plain_up_to, False, available):
             self._calibrate(True, longest, available, probe)
 
         def mode(rows: int, width: int) -> bool:
-            return rows * width >= threshold or not self._fits(1, width, False, available)
+            return width >= threshold or not self._fits(1, width, False, available)
 
         return mode
 
     def _fits(self, rows: int, width: int, checkpoint: bool, available: float) -> bool:
         return MARGIN * self.costs[checkpoint](rows, width) <= available
 
+    def _check_update(self, held: int, optimizer_ready: bool) -> None:
+        """The optimizer step holds the gradient, its clipped copy, new weights and two new AdamW moments beside the
+        old ones (plus the moments themselves on the first step): tiny for LoRA, 5-7x the model in full training."""
+        need = held + self.gradient_bytes * (5 if optimizer_ready else 7)
+        if need > self.target:
+            raise MemoryTargetError(
+                f"the optimizer step needs about {need / GiB:.2f} GiB ({self.gradient_bytes / GiB:.2f} GiB of "
+                f"trainable weights, {held / GiB:.2f} GiB held), more than the {self.target / GiB:.2f} GiB memory "
+                f"target: raise rl_training.max_memory_gb (or max_memory_fraction), or train LoRA adapters "
+                f"(rl_training.train_mode = 'lora')"
+            )
+
     # --- measuring ----------------------------------------------------------------------------------------------
 
     def _calibrate(self, checkpoint: bool, longest: int, available: float, probe: Probe) -> None:
-        """Probe one-row gradient passes of growing width until the fit covers `longest` (or a probe would not
-        fit: then the fit extrapolates, and the plan raises if even one row is predicted not to fit)."""
+        """Probe one-row gradient passes of growing width until the fit covers `longest`. A probe the fit so far
+        predicts would not fit is not run: the plan then extrapolates (at most EXTRAPOLATE times the longest probe)
+        and raises SequenceTooLong before anything that long is allocated."""
         cost = self.costs[checkpoint]
         goal = min(longest, MAX_PROBE)
         while cost.probed_width * EXTRAPOLATE < longest and cost.probed_width < goal:
             width = min(goal, FIRST_PROBE if not cost.points else cost.probed_width * PROBE_GROWTH)
             if cost.points and not self._fits(1, width, checkpoint, available):
-                width = self._widest_fitting(cost, checkpoint, available, lo=cost.probed_width, hi=width)
-                if width <= cost.probed_width:
-                    return
+                return
             cost.add(1, width, probe(1, width, checkpoint))
             logger.debug("memory probe: 1 x %d tokens, checkpointing %s: %.1f MiB",
                          width, "on" if checkpoint else "off", cost.points[-1][2] / 2**20)  # fmt: skip
-
-    def _widest_fitting(self, cost: Cost, checkpoint: bool, available: float, *, lo: int, hi: int) -> int:
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self._fits(1, mid, checkpoint, available) else (lo, mid)
-        return lo
 
     def observe(self, plan: Plan, used: int) -> None:
         """A real micro-batch's measured bytes over the memory before it; raise the model if it was low."""
@@ -235,7 +249,7 @@ class MemoryPlanner:
         return SequenceTooLong(
             f"a sequence of {width} tokens needs about {need / GiB:.2f} GiB for its gradient pass, but only "
             f"{max(0.0, available) / GiB:.2f} GiB of the {self.target / GiB:.2f} GiB memory target are free "
-            f"({held / GiB:.2f} GiB already held: weights, optimizer state, caches). Raise "
+            f"({held / GiB:.2f} GiB already held: weights, optimizer state, caches, gradients). Raise "
             f"rl_training.max_memory_gb (or max_memory_fraction){hint}, or cap the sequence length "
             f"(rl_training.max_tokens, the environment's max_token_len)"
         )

@@ -5,11 +5,10 @@ RolloutBatches. Out: StepResult metrics, the evaluated adapter arrays (`adapter(
 resumable `state()`. Used from ONE thread (the learner actor's MLX thread); nothing here is async or does I/O.
 
 Per step: collate + validate -> advantages -> micro-batch plan (memory target and token_budget, learn/memory.py)
--> old-policy and reference
-log-probs, no grad and without dropout (the reference is the SAME model with the reference adapter arrays swapped
-in, never a second copy) -> for each epoch: accumulate gradients over micro-batches in train mode (LoRA dropout
-on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter and optimizer state and
-counts a skipped step.
+-> old-policy and reference log-probs, no grad and without dropout (the reference is the SAME model with the
+reference adapter arrays swapped in, never a second copy) -> for each epoch: accumulate gradients over micro-batches
+in train mode (LoRA dropout on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter
+and optimizer state and counts a skipped step.
 
 Log-probs go through the LM head in chunks (learn/logprobs.py) and long micro-batches checkpoint their blocks
 (learn/checkpointing.py), so a step's memory is bounded by its micro-batch, never by (tokens x vocabulary).
@@ -72,7 +71,7 @@ class MicroBatch:
     ref_logp: mx.array | None = None
     importance_weight: mx.array | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
-    positions: np.ndarray | None = None  # flat (row * w + t) indices of the trained positions: only they are scored
+    positions: np.ndarray | None = None  # flat (row * w + t) indices of trained positions, the only ones scored
     checkpoint: bool = False  # run the trained blocks under activation checkpointing
     plan: Plan | None = None
 
@@ -124,8 +123,16 @@ class Trainer:
         self.head = logits_head(model) if config.logits_chunk_tokens != 0 else None  # None: full logits
         self.blocks = BlockCheckpointing(model)
         gradient_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
-        self.memory = MemoryPlanner(config, gradient_bytes=gradient_bytes, checkpointing_available=self.blocks.available)
+        self.memory = MemoryPlanner(
+            config, gradient_bytes=gradient_bytes, checkpointing_available=self.blocks.available
+        )
         self.peak = PeakMeter()
+        target = "none" if self.memory.target is None else f"{self.memory.target / GiB:.1f} GiB"
+        logger.info(
+            "learner memory: target %s, LM head %s, activation checkpointing %s", target,
+            "in chunks" if self.head is not None else "full logits",
+            config.activation_checkpointing if self.blocks.available else "unavailable",
+        )  # fmt: skip
         self.step_count, self.version, self.skipped_steps = 0, version, 0
 
     # --- public API ------------------------------------------------------------------------------------------------
@@ -214,6 +221,11 @@ class Trainer:
             self._finish({**base, **self._epoch_metrics(epochs)}, start), False, self.step_count, self.version
         )
 
+    def check_length(self, length: int) -> None:
+        """Raise SequenceTooLong now if a sequence of `length` tokens could not train within the memory target
+        (measuring what the memory model needs for it), instead of at the step that brings one."""
+        self.memory.plan(np.array([max(1, length - 1)]), self._probe)
+
     def gradients(self, batch: RolloutBatch) -> tuple[float, dict[str, mx.array]]:
         """(loss, flat gradients) of the first epoch of `step(batch)`, without updating anything (diagnostics)."""
         micros, _ = self._prepare(batch)
@@ -248,7 +260,9 @@ class Trainer:
         )
         adv = token_advantages(tb, seq_adv)
         weights = aggregation_weights(tb.mask, cfg.loss_aggregation)
-        plans = self.memory.plan(np.where(tb.mask.any(axis=1), tb.lengths, 0), self._probe)
+        moments = len(tree_flatten(self.optimizer.state)) > 2  # more than step and learning_rate: AdamW has run
+        lengths = np.where(tb.mask.any(axis=1), tb.lengths, 0)
+        plans = self.memory.plan(lengths, self._probe, optimizer_ready=moments)
         mx.random.seed(step_seed(cfg.seed, self.step_count))
         micros = [self._micro_batch(tb, plan, adv, weights) for plan in plans]
         self._old_and_reference(tb, micros)
@@ -416,7 +430,7 @@ class Trainer:
         metrics.update(
             step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed, skipped_steps=self.skipped_steps
         )
-        metrics["peak_memory_gb"] = self.peak.read() / GiB  # MLX's peak during the step, everything held included
+        metrics["peak_memory_gb"] = self.peak.read() / GiB  # MLX's peak in the step, everything held included
         if self.memory.target is not None:
             metrics["memory_target_gb"] = self.memory.target / GiB
         return metrics
