@@ -5,7 +5,8 @@ blocks for SmolLM2, all blocks of the tiny model) on the same 8 x 128 tokens (4 
 quarters of each row trained. paraloop: `Trainer.step` on a RolloutBatch carrying the rollout log-probs (as engine
 rollouts do, so no extra old-policy forward) with kl_beta = 0 (the demo's setting). mlx-lm: its own trainer's
 step, compiled the way `mlx_lm.tuner.trainer.train` compiles it (`default_loss`, value_and_grad, AdamW update).
-After one SFT warm-up step (the compile), steps alternate ABBA; the line is the ratio of median tokens/s.
+After one SFT warm-up step (the compile) and the GRPO learner's memory calibration (its one-row probes, once per
+run), steps alternate ABBA; the line is the ratio of median tokens/s.
 Memory: MLX's peak per step (mx.reset_peak_memory before each), and this process's peak RSS for context.
 """
 
@@ -109,8 +110,9 @@ def measure(
     grpo = lambda: trainer.step(batch)  # noqa: E731
     sft_run = lambda: sft(ids, lengths)  # noqa: E731
     warm = {
-        "sft_s (compiles)": timed(sft_run)[0]
-    }  # paraloop's first step showed no warm-up cost worth a step
+        "sft_s (compiles)": timed(sft_run)[0],
+        "grpo_calibration_s": timed(lambda: trainer.check_length(length))[0],  # the memory planner's probes
+    }  # paraloop's first step showed no other warm-up cost worth a step
     times = {"grpo": [], "sft": []}
     peaks = {"grpo": 0, "sft": 0}
     for i in range(steps):  # ABBA order, so a drift in machine load falls on both alike

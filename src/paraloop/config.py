@@ -190,6 +190,8 @@ class MockEnvConfig(Section):
     max_episode_tokens: int = Field(2048, ge=16)
     """Longest multi-turn episode, in tokens (prompt, turns and the environment's messages): an episode ends
     before a turn whose prompt + max_tokens would pass it."""
+    ignore_eos: bool = False
+    """Generate exactly max_tokens per completion, past any EOS (length tests and memory benchmarks)."""
     concurrency: int = Field(4, ge=1)
     """Prompts in flight at once when the engine cannot admit a whole batch together (paraloop's engine can:
     there every group of a batch starts in the same decode step, which makes seeded runs repeatable)."""
@@ -240,9 +242,27 @@ class RLTrainingConfig(Section):
     max_tokens: int = Field(256, ge=1)
     """Rollout generation cap for the mock environment. CLI: --max-tokens."""
     token_budget: int = Field(8192, ge=64)
-    """Most tokens (padded rows x longest row) in one micro-batch; larger batches accumulate gradients. Bounds the
-    learner's memory: the logits alone take token_budget x vocab x 4 bytes (SmolLM2: 1.6 GB at 8192).
-    CLI: --token-budget."""
+    """Most tokens (padded rows x longest row) in one micro-batch; larger batches accumulate gradients. An upper
+    bound on top of the memory target below, which usually decides. CLI: --token-budget."""
+    max_memory_gb: float | None = Field(None, gt=0)
+    """MLX memory target of a learner step, in GiB: weights, optimizer state and caches already held plus the
+    step's activations. Micro-batches are sized from measured per-token costs to stay within it, and a sequence
+    too long to fit even alone is an error before anything is allocated. Overrides max_memory_fraction.
+    See docs/memory.md. CLI: --max-memory-gb."""
+    max_memory_fraction: float | None = Field(0.8, gt=0, le=1)
+    """Memory target as a fraction of the device's memory (Metal: its recommended working set; CPU: physical
+    memory) when max_memory_gb is unset. None: no memory target, only token_budget."""
+    logits_chunk_tokens: int | None = Field(None, ge=0)
+    """Tokens whose logits the learner computes at once (the LM head runs chunk by chunk and recomputes each
+    chunk in the backward pass, so (tokens x vocab) logits never exist). None: automatic, 16 MiB of float32
+    logits per chunk; 0: the full-logits path."""
+    activation_checkpointing: Literal["auto", "always", "never"] = "auto"
+    """Recompute each trained transformer block in the backward pass instead of keeping its activations: 3-6x less
+    learner memory for ~20-25% more compute (docs/memory.md). auto: for micro-batches whose longest row has at
+    least checkpoint_min_length tokens, and for any row that would not fit the memory target otherwise."""
+    checkpoint_min_length: int = Field(1024, ge=1)
+    """Row length (tokens) from which activation_checkpointing = "auto" checkpoints: where attention makes
+    activations grow with the square of the length (SmolLM2, one row: 1.7 GB at 1024 tokens, 0.43 GB checkpointed)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: (r - group mean) / (std + eps) with std of the group, of the batch, or no division."""
     advantage_eps: float = Field(1e-4, gt=0)

@@ -33,6 +33,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--clip-ratio": ("rl_training.clip_ratio", float, "PPO clip epsilon"),
     "--max-tokens": ("rl_training.max_tokens", int, "rollout generation cap"),
     "--token-budget": ("rl_training.token_budget", int, "most tokens per micro-batch"),
+    "--max-memory-gb": ("rl_training.max_memory_gb", float, "learner memory target (GiB)"),
     "--mode": ("rl_training.mode", str, "sync | async"),
     "--max-staleness": ("rl_training.max_staleness", int, "async: most versions a rollout may lag"),
     "--seed": ("rl_training.seed", int, "random seed"),

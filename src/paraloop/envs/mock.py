@@ -162,7 +162,8 @@ class MockEnvironment:
             prompt_tokens=prompt_ids(self.tokenizer, messages, **self.config.chat_template_kwargs),
             n=self.config.group_size,
             params=SamplingParams(
-                temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63)
+                temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63),
+                ignore_eos=self.config.ignore_eos,
             ),
         )
         return messages, request

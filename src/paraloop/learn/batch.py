@@ -11,6 +11,7 @@ target token). Rows are right-padded (a causal model never looks right, so paddi
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,11 +172,14 @@ def collate(batch: RolloutBatch) -> TokenBatch:
     )
 
 
-def plan_micro_batches(lengths: np.ndarray, *, token_budget: int) -> list[np.ndarray]:
-    """Group row indices so each micro-batch's padded size (rows * its longest row) stays within token_budget.
+def plan_micro_batches(
+    lengths: np.ndarray, *, token_budget: int, fits: Callable[[int, int], bool] | None = None
+) -> list[np.ndarray]:
+    """Group row indices so each micro-batch's padded size (rows * its longest row) stays within token_budget
+    and, when given, `fits(rows, longest row)` holds (the memory planner's test, learn/memory.py).
 
     Rows are sorted longest first, so each micro-batch holds rows of similar length (little padding). A row longer
-    than the budget gets a micro-batch of its own. Rows of length 0 are left out (nothing to compute).
+    than the budget (or not fitting) gets a micro-batch of its own. Rows of length 0 are left out (nothing to compute).
     """
     order = np.argsort(-np.asarray(lengths), kind="stable")
     plans: list[list[int]] = []
@@ -184,7 +188,8 @@ def plan_micro_batches(lengths: np.ndarray, *, token_budget: int) -> list[np.nda
         length = int(lengths[row])
         if length == 0:
             continue
-        if plans and (len(plans[-1]) + 1) * width <= token_budget:
+        n = len(plans[-1]) + 1 if plans else 0
+        if plans and n * width <= token_budget and (fits is None or fits(n, width)):
             plans[-1].append(int(row))
         else:
             plans.append([int(row)])

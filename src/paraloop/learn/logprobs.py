@@ -1,13 +1,32 @@
-"""Token log-probabilities and entropies from logits, and the model forward that produces them.
+"""Token log-probabilities and entropies: from logits, or from a model's hidden states a chunk of tokens at a time.
 
 In: logits (B, T, V) or a model and input ids (B, T), targets (B, T), per-row temperatures (B,). Out: float32
 log p(target) (B, T) of the temperature-scaled distribution softmax(logits / T) - the distribution the rollout
 was sampled from - and that distribution's entropy (B, T). Vectorised: logsumexp-based log-softmax in float32 and
 a take_along_axis gather; no one-hot tensors, no per-token Python loops.
+
+The chunked path never holds (B, T, V): the final hidden states go through the LM head `chunk_tokens` tokens at a
+time (a custom function whose backward recomputes each chunk's logits and applies the analytic gradient of
+log-softmax and entropy), so the head's memory is one chunk's logits and a few arrays of that size. It equals the
+full path to float32 rounding (the same operations, summed in a different order: ~1e-6 relative on log-probs and
+gradients; tests/test_learn_logprobs.py states the tolerances). With `positions` only those flattened (row, token)
+positions are scored (the trained ones); the others read 0, which the loss never weights.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from paraloop.learn.head import LogitsHead
+
+CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk when the size is automatic (MLX keeps a few chunks in flight)
+MIN_CHUNK_TOKENS = 16
+
+
+def auto_chunk_tokens(vocab: int) -> int:
+    """Tokens per chunk so one chunk's float32 logits take CHUNK_BYTES (SmolLM2's 49k vocabulary: 85 tokens)."""
+    return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * max(1, vocab)))
 
 
 def token_logprobs(
@@ -31,6 +50,150 @@ def forward_logprobs(
     temperature: mx.array,
     *,
     with_entropy: bool = True,
+    head: LogitsHead | None = None,
+    chunk_tokens: int | None = None,
+    positions: np.ndarray | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[mx.array, mx.array | None]:
-    """Run the model on (B, T) right-padded ids and score each next token."""
-    return token_logprobs(model(input_ids), targets, temperature, with_entropy=with_entropy)
+    """Run the model on (B, T) right-padded ids and score each next token.
+
+    head None: the full path, model(ids) -> (B, T, V) logits. Otherwise the chunked path through `head` (see the
+    module docstring), `chunk_tokens` per chunk (None: automatic), scoring only the flat `positions` when given.
+    entropy_grad False promises the caller never differentiates the entropy (its weight is 0), saving a pass.
+    """
+    if head is None:
+        return token_logprobs(model(input_ids), targets, temperature, with_entropy=with_entropy)
+    hidden = head.hidden(model, input_ids)
+    return chunked_logprobs(
+        model, head, hidden, targets, temperature, chunk_tokens=chunk_tokens, positions=positions,
+        with_entropy=with_entropy, entropy_grad=entropy_grad,
+    )  # fmt: skip
+
+
+def chunked_logprobs(
+    model: nn.Module,
+    head: LogitsHead,
+    hidden: mx.array,
+    targets: mx.array,
+    temperature: mx.array,
+    *,
+    chunk_tokens: int | None = None,
+    positions: np.ndarray | None = None,
+    with_entropy: bool = True,
+    entropy_grad: bool = True,
+) -> tuple[mx.array, mx.array | None]:
+    """(B, T) log-probs (and entropies) from (B, T, D) hidden states through `head`, one chunk of tokens at a time."""
+    b, t, d = hidden.shape
+    flat = hidden.reshape(b * t, d)
+    tgt = targets.reshape(-1)
+    inv_t = mx.broadcast_to((1.0 / temperature.astype(mx.float32))[:, None], (b, t)).reshape(-1)
+    if positions is not None:
+        index = mx.array(np.asarray(positions, np.int32))
+        flat, tgt, inv_t = flat[index], tgt[index], inv_t[index]
+    n = int(flat.shape[0])
+    if n == 0:
+        zeros = mx.zeros((b, t), mx.float32)
+        return zeros, (zeros if with_entropy else None)
+    module = head.module(model)
+    chunk = chunk_tokens or auto_chunk_tokens(_vocab_of(module))
+    scores = _scores_function(
+        head, module, tgt, inv_t, chunk, with_entropy, entropy_grad and with_entropy, flat.dtype
+    )
+    outs = scores(flat, module.trainable_parameters())
+    logp, entropy = outs[0], (outs[1] if with_entropy else None)
+    if positions is not None:
+        back = np.full(b * t, n, np.int32)  # position -> its score, or the trailing 0 when not scored
+        back[np.asarray(positions)] = np.arange(n, dtype=np.int32)
+        back = mx.array(back)
+        pad = mx.zeros((1,), mx.float32)
+        logp = mx.concatenate([logp, pad])[back]
+        entropy = None if entropy is None else mx.concatenate([entropy, pad])[back]
+    return logp.reshape(b, t), (None if entropy is None else entropy.reshape(b, t))
+
+
+def _vocab_of(module: nn.Module) -> int:
+    """Rows of the head's weight: the vocabulary for a Linear, an Embedding and their quantized forms alike."""
+    weight = module.get("weight")
+    return int(weight.shape[0]) if isinstance(weight, mx.array) and weight.ndim == 2 else 32768
+
+
+def _scores_function(
+    head: LogitsHead,
+    module: nn.Module,
+    targets: mx.array,
+    inv_t: mx.array,
+    chunk: int,
+    with_entropy: bool,
+    entropy_grad: bool,
+    dtype: mx.Dtype,
+):
+    """A custom function (x (N, D), head params) -> (logp (N,), entropy (N,)) with a chunk-recomputing backward."""
+    project = head.projection(module)
+    transform = head.transform
+    n = int(targets.shape[0])
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)]
+    # A linear head (no bias, no softcap) in float32: 1/T and the logit scale fold into the (chunk, D) input
+    # instead of a pass over (chunk, V) logits, forward and backward.
+    fold = transform.softcap is None and "bias" not in module and dtype == mx.float32
+    fold_scale = (inv_t * transform.scale)[:, None] if fold else None
+
+    def logits_of(x: mx.array, s: int, e: int) -> tuple[mx.array, mx.array]:
+        """(the projection's input, float32 z = logits / T) of one chunk."""
+        if fold:
+            a = x * fold_scale[s:e]
+            return a, project(a)
+        return x, transform(project(x)).astype(mx.float32) * inv_t[s:e, None]
+
+    @mx.custom_function
+    def scores(x: mx.array, params: dict) -> tuple[mx.array, ...]:
+        if params:
+            module.update(params)
+        logps, entropies = [], []
+        for s, e in spans:
+            # Chain the chunks: each starts after the previous one's results, so MLX evaluates them one at a time
+            # (independent branches would otherwise be scheduled side by side, every chunk's logits alive at once).
+            xc = mx.depends(x[s:e], logps[-1:] + entropies[-1:]) if logps else x[s:e]
+            _, z = logits_of(xc, s, e)
+            lse = mx.logsumexp(z, axis=-1)
+            logps.append(mx.take_along_axis(z, targets[s:e, None], axis=-1)[:, 0] - lse)
+            if with_entropy:  # H = -sum p log p = lse - sum p z
+                entropies.append(lse - mx.sum(mx.softmax(z, axis=-1, precise=True) * z, axis=-1))
+        out = (mx.concatenate(logps),)
+        return (*out, mx.concatenate(entropies)) if with_entropy else out
+
+    @scores.vjp
+    def scores_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple[mx.array, dict]:
+        x, params = primals
+        g_logp = cotangents[0]
+        flat = tree_flatten(params)
+        names, values = [k for k, _ in flat], [v for _, v in flat]
+
+        def projection(a: mx.array, *p: mx.array) -> mx.array:
+            if p:
+                module.update(tree_unflatten(list(zip(names, p, strict=True))))
+            return project(a)
+
+        dxs, dparams = [], None
+        for s, e in spans:
+            xc = mx.depends(x[s:e], [dxs[-1], *dparams]) if dxs else x[s:e]
+            a, z = logits_of(xc, s, e)  # recomputed: the forward kept nothing of size V
+            g = g_logp[s:e, None]
+            if entropy_grad:  # dH/dz_k = -p_k (log p_k + H)
+                logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
+                dz = -mx.exp(logq) * (g + cotangents[1][s:e, None] * (logq + outputs[1][s:e, None]))
+            else:
+                dz = mx.softmax(z, axis=-1, precise=True) * -g
+            idx = targets[s:e, None]  # d log p_t / dz_k = [k = t] - p_k
+            dz = mx.put_along_axis(dz, idx, mx.take_along_axis(dz, idx, axis=-1) + g, axis=-1)
+            if fold:
+                draw = dz
+            else:
+                y = transform(project(a))
+                draw = transform.backward(y, (dz * inv_t[s:e, None]).astype(y.dtype))
+            # The projection's vjp never reads its output, so (lazily) this recomputation of it never runs.
+            _, (da, *dp) = mx.vjp(projection, [a, *values], [draw])
+            dxs.append(da * fold_scale[s:e] if fold else da)
+            dparams = dp if dparams is None else [u + v for u, v in zip(dparams, dp, strict=True)]
+        return mx.concatenate(dxs), tree_unflatten(list(zip(names, dparams or [], strict=True)))
+
+    return scores

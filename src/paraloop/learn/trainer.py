@@ -4,11 +4,14 @@ In: the learner's model twin (LoRA attached, or attached here from adapter_confi
 RolloutBatches. Out: StepResult metrics, the evaluated adapter arrays (`adapter()`), the reference adapter, and a
 resumable `state()`. Used from ONE thread (the learner actor's MLX thread); nothing here is async or does I/O.
 
-Per step: collate + validate -> advantages -> micro-batch plan (token_budget) -> old-policy and reference
-log-probs, no grad and without dropout (the reference is the SAME model with the reference adapter arrays swapped
-in, never a second copy) -> for each epoch: accumulate gradients over micro-batches in train mode (LoRA dropout
-on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter and optimizer state and
-counts a skipped step.
+Per step: collate + validate -> advantages -> micro-batch plan (memory target and token_budget, learn/memory.py)
+-> old-policy and reference log-probs, no grad and without dropout (the reference is the SAME model with the
+reference adapter arrays swapped in, never a second copy) -> for each epoch: accumulate gradients over micro-batches
+in train mode (LoRA dropout on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter
+and optimizer state and counts a skipped step.
+
+Log-probs go through the LM head in chunks (learn/logprobs.py) and long micro-batches checkpoint their blocks
+(learn/checkpointing.py), so a step's memory is bounded by its micro-batch, never by (tokens x vocabulary).
 """
 
 import logging
@@ -25,7 +28,9 @@ from paraloop.config import RLTrainingConfig
 from paraloop.distributed import Single
 from paraloop.learn.advantages import token_advantages
 from paraloop.learn.algorithms import get_algorithm
-from paraloop.learn.batch import TokenBatch, collate, plan_micro_batches
+from paraloop.learn.batch import TokenBatch, collate
+from paraloop.learn.checkpointing import BlockCheckpointing
+from paraloop.learn.head import logits_head
 from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.loss import (
     LossSettings,
@@ -42,6 +47,7 @@ from paraloop.learn.mismatch import (
     row_versions,
     staleness_metrics,
 )
+from paraloop.learn.memory import GiB, MemoryPlanner, PeakMeter, Plan
 from paraloop.learn.optim import (
     add_trees,
     clip_by_norm,
@@ -87,6 +93,9 @@ class MicroBatch:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     mismatch: dict[str, float] | None = None  # rollout_mismatch statistics, once measured
     importance: dict[str, float] | None = None  # raw importance-ratio statistics (rollout correction)
+    positions: np.ndarray | None = None  # flat (row * w + t) indices of trained positions, the only ones scored
+    checkpoint: bool = False  # run the trained blocks under activation checkpointing
+    plan: Plan | None = None
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -140,6 +149,19 @@ class Trainer:
         self._dropout = has_dropout(model)
         self.optimizer = make_optimizer(config)
         self._value_and_grad = nn.value_and_grad(model, self._loss)
+        self.head = logits_head(model) if config.logits_chunk_tokens != 0 else None  # None: full logits
+        self.blocks = BlockCheckpointing(model)
+        gradient_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+        self.memory = MemoryPlanner(
+            config, gradient_bytes=gradient_bytes, checkpointing_available=self.blocks.available
+        )
+        self.peak = PeakMeter()
+        target = "none" if self.memory.target is None else f"{self.memory.target / GiB:.1f} GiB"
+        logger.info(
+            "learner memory: target %s, LM head %s, activation checkpointing %s", target,
+            "in chunks" if self.head is not None else "full logits",
+            config.activation_checkpointing if self.blocks.available else "unavailable",
+        )  # fmt: skip
         self.step_count, self.version, self.skipped_steps = 0, version, 0
         # Data parallelism (distributed.Ranks): every rank prepares the whole batch (advantages, weights), trains
         # its share of the rows and has gradients and statistics summed, so every rank makes the same update.
@@ -200,6 +222,7 @@ class Trainer:
     def step(self, batch: RolloutBatch) -> StepResult:
         """One learner step: every epoch over every micro-batch, everything evaluated on return."""
         start = time.perf_counter()
+        self.peak.start()
         cfg = self.config
         lr = learning_rate_at(self.step_count, cfg)
         micros, base = self._prepare(batch)
@@ -234,6 +257,11 @@ class Trainer:
             self.version,
         )
 
+    def check_length(self, length: int) -> None:
+        """Raise SequenceTooLong now if a sequence of `length` tokens could not train within the memory target
+        (measuring what the memory model needs for it), instead of at the step that brings one."""
+        self.memory.plan(np.array([max(1, length - 1)]), self._probe)
+
     def gradients(self, batch: RolloutBatch) -> tuple[float, dict[str, mx.array]]:
         """(loss, flat gradients) of the first epoch of `step(batch)`, without updating anything (diagnostics)."""
         micros, base = self._prepare(batch)
@@ -245,7 +273,7 @@ class Trainer:
     # --- internals -------------------------------------------------------------------------------------------------
 
     def _loss(self, mb: MicroBatch) -> tuple[mx.array, dict[str, mx.array]]:
-        logp, entropy = forward_logprobs(self.model, mb.input_ids, mb.targets, mb.temperature)
+        logp, entropy = self._logprobs(mb, entropy_grad=self.config.entropy_weight != 0)
         loss, stats = policy_loss(
             logp,
             entropy,
@@ -273,14 +301,17 @@ class Trainer:
         weights = aggregation_weights(
             tb.mask, cfg.loss_aggregation, norm_length=cfg.loss_norm_length or cfg.max_tokens
         )
+        moments = len(tree_flatten(self.optimizer.state)) > 2  # more than step and learning_rate: AdamW has run
         trained = np.where(tb.mask.any(axis=1), tb.lengths, 0)
         mine = self.reducer.share(trained)  # every row on one process; this rank's by tokens on several
-        plan = plan_micro_batches(np.where(mine, trained, 0), token_budget=cfg.token_budget)
+        plans = self.memory.plan(np.where(mine, trained, 0), self._probe, optimizer_ready=moments)
         mx.random.seed(step_seed(cfg.seed, self.step_count, self.reducer.rank))
-        micros = [self._micro_batch(tb, rows, adv, weights) for rows in plan]
-        versions = self._mark_fresh(batch, tb, plan, micros)
+        micros = [self._micro_batch(tb, plan, adv, weights) for plan in plans]
+        versions = self._mark_fresh(batch, tb, [plan.rows for plan in plans], micros)
         self._old_and_reference(tb, micros)
         metrics = self._batch_metrics(replace(tb, scores=raw_scores), adv)
+        metrics["micro_batches"] = float(len(micros))
+        metrics["checkpointed_micro_batches"] = float(sum(mb.checkpoint for mb in micros))
         return micros, {**metrics, **shaping, **staleness_metrics(versions, self.version)}
 
     def _accumulate(self, micros: list[MicroBatch]) -> tuple[mx.array, dict[str, float], dict]:
@@ -292,9 +323,13 @@ class Trainer:
         self.model.train()  # LoRA dropout on for the gradient forward only
         try:
             for mb in micros:
-                (mb_loss, stats), mb_grads = self._value_and_grad(mb)
-                grads, loss = add_trees(grads, mb_grads), loss + mb_loss
-                mx.eval(grads, loss, stats)
+                with self.peak.measure() as used:
+                    with self.blocks.enabled(mb.checkpoint):
+                        (mb_loss, stats), mb_grads = self._value_and_grad(mb)
+                    grads, loss = add_trees(grads, mb_grads), loss + mb_loss
+                    mx.eval(grads, loss, stats)
+                if mb.plan is not None:
+                    self.memory.observe(mb.plan, used())
                 for k in SUM_STATS:
                     sums[k] += stats[k].item()
                 lo, hi = min(lo, stats["ratio_min"].item()), max(hi, stats["ratio_max"].item())
@@ -309,9 +344,8 @@ class Trainer:
         )
         return mx.array(sums.pop("loss")), {**sums, **mins, **maxs}, grads
 
-    def _micro_batch(
-        self, tb: TokenBatch, rows: np.ndarray, adv: np.ndarray, weights: np.ndarray
-    ) -> MicroBatch:
+    def _micro_batch(self, tb: TokenBatch, plan: Plan, adv: np.ndarray, weights: np.ndarray) -> MicroBatch:
+        rows = plan.rows
         w = int(tb.lengths[rows].max())
         return MicroBatch(
             input_ids=mx.array(tb.input_ids[rows, :w]),
@@ -326,7 +360,39 @@ class Trainer:
                 "ref": tb.ref_logprobs[rows, :w],
                 "has_ref": tb.has_ref[rows],
             },
+            positions=np.flatnonzero(tb.mask[rows, :w]),
+            checkpoint=plan.checkpoint,
+            plan=plan,
         )
+
+    def _logprobs(self, mb: MicroBatch, *, with_entropy: bool = True, entropy_grad: bool = True):
+        return forward_logprobs(
+            self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=with_entropy, head=self.head,
+            chunk_tokens=self.config.logits_chunk_tokens, positions=mb.positions, entropy_grad=entropy_grad,
+        )  # fmt: skip
+
+    def _probe(self, rows: int, width: int, checkpoint: bool) -> int:
+        """Bytes one gradient pass over (rows, width) synthetic tokens adds at its peak (the memory planner's
+        calibration). Train mode like the real pass; the step's dropout seed is drawn after planning."""
+        shape = (rows, width)
+        mb = MicroBatch(
+            input_ids=mx.zeros(shape, mx.int32), targets=mx.zeros(shape, mx.int32),
+            temperature=mx.ones((rows,)), mask=mx.ones(shape, mx.bool_),
+            weights=mx.full(shape, 1.0 / (rows * width)), advantages=mx.ones(shape),
+            ref_logp=mx.zeros(shape) if self.config.kl_beta > 0 else None,
+            positions=np.arange(rows * width), checkpoint=checkpoint,
+        )  # fmt: skip
+        mx.eval(mb.input_ids, mb.targets, mb.temperature, mb.mask, mb.weights, mb.advantages, mb.ref_logp)
+        self.model.train()
+        try:
+            with self.peak.measure() as used:
+                with self.blocks.enabled(checkpoint):
+                    out = self._value_and_grad(mb)
+                mx.eval(out)
+                del out
+        finally:
+            self.model.eval()
+        return used()
 
     def _old_and_reference(self, tb: TokenBatch, micros: list[MicroBatch]) -> None:
         """Old-policy and reference log-probs, once per batch, no grad, eval mode (no dropout).
@@ -350,9 +416,7 @@ class Trainer:
             has_inf = mx.array(mb.extras["has_inference"])[:, None]
             inference = mx.array(mb.extras["inference"])
             if need_old:
-                old, _ = forward_logprobs(
-                    self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=False
-                )
+                old, _ = self._logprobs(mb, with_entropy=False)
                 if any_inf:
                     mb.mismatch = self._mismatch(old, mb)
                 if not correct:
@@ -370,9 +434,7 @@ class Trainer:
             self._slots.swap(self._reference)
             try:
                 for mb in micros:
-                    ref, _ = forward_logprobs(
-                        self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=False
-                    )
+                    ref, _ = self._logprobs(mb, with_entropy=False)
                     mb.ref_logp = mx.where(mx.array(mb.extras["has_ref"])[:, None], mb.ref_logp, ref)
                     mx.eval(mb.ref_logp)
             finally:
@@ -487,6 +549,9 @@ class Trainer:
         metrics.update(
             step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed, skipped_steps=self.skipped_steps
         )
+        metrics["peak_memory_gb"] = self.peak.read() / GiB  # MLX's peak in the step, everything held included
+        if self.memory.target is not None:
+            metrics["memory_target_gb"] = self.memory.target / GiB
         return metrics
 
     def _skip(self, metrics: dict[str, float], start: float, why: str) -> StepResult:

@@ -1,0 +1,286 @@
+"""Memory-aware micro-batches: how many rows of which length one gradient pass may take within a memory target.
+
+In: `rl_training` (max_memory_gb or max_memory_fraction of the machine, token_budget, activation_checkpointing),
+each step's row lengths, and a probe that runs one gradient pass of (rows, width) synthetic tokens and returns the
+bytes it added at its peak. Out: micro-batch plans (row indices, and whether that micro-batch checkpoints its
+blocks), or `SequenceTooLong` - raised before anything big is allocated - when one row cannot fit even alone.
+
+Cost model, per checkpointing mode, fitted to measurements: a gradient pass over b rows of w positions adds
+    fixed + b * w * (per_token + per_token_position * w)
+bytes at its peak over the memory held before it (per_token: activations, the head's chunk, LoRA and dropout
+arrays; per_token_position: attention scores, which grow with the row length). It is measured, not derived, so it
+holds for whatever the backend does (CPU, Metal, CUDA; quantized or not): one-row probes at growing widths (64, 256,
+1024, ...; each only when the previous fit predicts it fits) the first time a length regime is seen, and every real
+micro-batch's own peak afterwards, which can only raise the model (a ratchet). Planned peaks carry a 20% margin.
+
+A plan is feasible when: memory held at the start of the step + one accumulated gradient + margin * cost(b, w)
+stays within the target. MLX's peak (mx.get_peak_memory, also on the CPU backend) is what is measured and capped;
+the process adds its Python runtime (a few hundred MB) outside it.
+"""
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from paraloop.config import RLTrainingConfig
+from paraloop.learn.batch import plan_micro_batches
+
+logger = logging.getLogger("paraloop.learn")
+
+GiB = 2**30
+MARGIN = 1.2
+FIRST_PROBE = 64  # positions of the first calibration probe
+PROBE_GROWTH = 4  # each further probe is this many times longer
+EXTRAPOLATE = 4  # rows up to this many times the longest probe are planned from the fit; longer ones re-probe
+MAX_PROBE = 4096
+
+Probe = Callable[[int, int, bool], int]  # (rows, width, checkpoint) -> bytes added at the peak
+
+
+class MemoryTargetError(ValueError):
+    """The learner cannot work within the memory target; the message names the setting to change."""
+
+
+class SequenceTooLong(MemoryTargetError):
+    """A row that cannot be trained within the memory target even as a micro-batch of its own."""
+
+
+def machine_memory() -> int | None:
+    """Bytes of memory the default device can use: Metal's recommended working set (or its memory size), CUDA's
+    device memory, or the machine's physical memory for the CPU backend. None when unknown."""
+    info = mx.device_info()
+    for key in ("max_recommended_working_set_size", "memory_size", "total_memory"):
+        value = info.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def memory_target(config: RLTrainingConfig) -> int | None:
+    """The MLX memory target in bytes: max_memory_gb when set, else max_memory_fraction of the machine, else None."""
+    if config.max_memory_gb is not None:
+        return int(config.max_memory_gb * GiB)
+    if config.max_memory_fraction is None:
+        return None
+    total = machine_memory()
+    return None if total is None else int(config.max_memory_fraction * total)
+
+
+@dataclass
+class Cost:
+    """Bytes a gradient pass over b rows x w positions adds at its peak: fixed + b w (per_token + per_pos w)."""
+
+    fixed: float
+    points: list[tuple[int, int, int]] = field(default_factory=list)  # (rows, width, bytes) measured
+    per_token: float = 0.0
+    per_token_position: float = 0.0
+    floor: float = 1.0  # the fit scaled up until it promises no less than any probe
+    correction: float = 1.0  # raised when a real micro-batch used more than predicted
+
+    @property
+    def probed_width(self) -> int:
+        return max((w for _, w, _ in self.points), default=0)
+
+    def variable(self, rows: int, width: int) -> float:
+        return rows * width * (self.per_token + self.per_token_position * width)
+
+    def __call__(self, rows: int, width: int) -> float:
+        return self.fixed + max(self.floor, self.correction) * self.variable(rows, width)
+
+    def add(self, rows: int, width: int, used: int) -> None:
+        self.points.append((rows, width, int(used)))
+        self._fit()
+
+    def _fit(self) -> None:
+        """Least squares of (used - fixed) / tokens = per_token + per_token_position * width, both >= 0."""
+        widths = np.array([w for _, w, _ in self.points], np.float64)
+        per = np.array([max(0.0, u - self.fixed) / (r * w) for r, w, u in self.points], np.float64)
+        slope, intercept = 0.0, float(per.max())
+        if len(set(widths.tolist())) >= 2:
+            slope, intercept = (float(v) for v in np.polyfit(widths, per, 1))
+            if slope < 0:  # measurement noise: no measurable growth with length
+                slope, intercept = 0.0, float(per.max())
+            elif intercept < 0:
+                slope, intercept = float((per / widths).max()), 0.0
+        self.per_token, self.per_token_position = intercept, slope
+        ratios = [(u - self.fixed) / v for r, w, u in self.points if (v := self.variable(r, w)) > 0]
+        self.floor = max([1.0, *ratios])
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: np.ndarray  # row indices of the batch
+    checkpoint: bool  # run this micro-batch's trained blocks under activation checkpointing
+    width: int
+
+
+class MemoryPlanner:
+    """Plans micro-batches within rl_training's memory target; see the module docstring."""
+
+    def __init__(self, config: RLTrainingConfig, *, gradient_bytes: int, checkpointing_available: bool) -> None:
+        self.config = config
+        self.target = memory_target(config)
+        self.gradient_bytes = gradient_bytes
+        self.checkpointing_available = checkpointing_available
+        self.costs = {mode: Cost(fixed=float(gradient_bytes)) for mode in (False, True)}
+
+    # --- planning -----------------------------------------------------------------------------------------------
+
+    def checkpoint_for(self, rows: int, width: int) -> bool:
+        """Whether a micro-batch of `rows` rows, the longest `width` long, checkpoints its blocks by the settings
+        alone (auto: rows of checkpoint_min_length tokens or more; the memory target may add rows that need it)."""
+        mode = self.config.activation_checkpointing
+        if not self.checkpointing_available or mode == "never":
+            return False
+        return mode == "always" or width >= self.config.checkpoint_min_length
+
+    def plan(
+        self, lengths: np.ndarray, probe: Probe, *, held: int | None = None, optimizer_ready: bool = True
+    ) -> list[Plan]:
+        """Micro-batches for rows of `lengths` (0: nothing to train, left out), longest rows first. `held`: bytes
+        already in use (default: MLX's active memory now); optimizer_ready False: AdamW's moments are still to be
+        allocated (the first step)."""
+        lengths = np.asarray(lengths)
+        longest = int(lengths.max(initial=0))
+        if self.target is None or longest == 0:
+            plans = plan_micro_batches(lengths, token_budget=self.config.token_budget)
+            return [self._plan(rows, int(lengths[rows].max()), self.checkpoint_for) for rows in plans]
+        held = mx.get_active_memory() if held is None else held
+        self._check_update(held, optimizer_ready)
+        # the accumulated gradient, and the new sum while it is formed, beside each pass's own
+        available = self.target - held - 2 * self.gradient_bytes
+        mode = self._modes(lengths, available, probe)
+        plans = plan_micro_batches(
+            lengths, token_budget=self.config.token_budget,
+            fits=lambda rows, width: self._fits(rows, width, mode(rows, width), available),
+        )  # fmt: skip
+        out = []
+        for rows in plans:
+            plan = self._plan(rows, int(lengths[rows].max()), mode)
+            if not self._fits(1, plan.width, mode(1, plan.width), available):
+                raise self._too_long(plan.width, mode(1, plan.width), available)
+            out.append(plan)
+        return out
+
+    @staticmethod
+    def _plan(rows: np.ndarray, width: int, mode: Callable[[int, int], bool]) -> Plan:
+        return Plan(rows=rows, checkpoint=mode(len(rows), width), width=width)
+
+    def _modes(self, lengths: np.ndarray, available: float, probe: Probe) -> Callable[[int, int], bool]:
+        """Calibrate the cost models this batch needs; return (rows, width) -> checkpoint mode. In auto mode a row
+        that would not fit alone without checkpointing is checkpointed even below checkpoint_min_length."""
+        longest = int(lengths.max())
+        setting = self.config.activation_checkpointing
+        if not self.checkpointing_available or setting == "never":
+            self._calibrate(False, longest, available, probe)
+            return lambda rows, width: False
+        if setting == "always":
+            self._calibrate(True, longest, available, probe)
+            return lambda rows, width: True
+        threshold = self.config.checkpoint_min_length
+        plain_up_to = min(longest, threshold - 1)  # longer rows always checkpoint
+        self._calibrate(False, plain_up_to, available, probe)
+        if longest >= threshold or not self._fits(1, plain_up_to, False, available):
+            self._calibrate(True, longest, available, probe)
+
+        def mode(rows: int, width: int) -> bool:
+            return width >= threshold or not self._fits(1, width, False, available)
+
+        return mode
+
+    def _fits(self, rows: int, width: int, checkpoint: bool, available: float) -> bool:
+        return MARGIN * self.costs[checkpoint](rows, width) <= available
+
+    def _check_update(self, held: int, optimizer_ready: bool) -> None:
+        """The optimizer step holds the gradient, its clipped copy, new weights and two new AdamW moments beside the
+        old ones (plus the moments themselves on the first step): tiny for LoRA, 5-7x the model in full training."""
+        need = held + self.gradient_bytes * (5 if optimizer_ready else 7)
+        if need > self.target:
+            raise MemoryTargetError(
+                f"the optimizer step needs about {need / GiB:.2f} GiB ({self.gradient_bytes / GiB:.2f} GiB of "
+                f"trainable weights, {held / GiB:.2f} GiB held), more than the {self.target / GiB:.2f} GiB memory "
+                f"target: raise rl_training.max_memory_gb (or max_memory_fraction), or train LoRA adapters "
+                f"(rl_training.train_mode = 'lora')"
+            )
+
+    # --- measuring ----------------------------------------------------------------------------------------------
+
+    def _calibrate(self, checkpoint: bool, longest: int, available: float, probe: Probe) -> None:
+        """Probe one-row gradient passes of growing width until the fit covers `longest`. A probe the fit so far
+        predicts would not fit is not run: the plan then extrapolates (at most EXTRAPOLATE times the longest probe)
+        and raises SequenceTooLong before anything that long is allocated."""
+        cost = self.costs[checkpoint]
+        goal = min(longest, MAX_PROBE)
+        while cost.probed_width * EXTRAPOLATE < longest and cost.probed_width < goal:
+            width = min(goal, FIRST_PROBE if not cost.points else cost.probed_width * PROBE_GROWTH)
+            if cost.points and not self._fits(1, width, checkpoint, available):
+                return
+            cost.add(1, width, probe(1, width, checkpoint))
+            logger.debug("memory probe: 1 x %d tokens, checkpointing %s: %.1f MiB",
+                         width, "on" if checkpoint else "off", cost.points[-1][2] / 2**20)  # fmt: skip
+
+    def observe(self, plan: Plan, used: int) -> None:
+        """A real micro-batch's measured bytes over the memory before it; raise the model if it was low."""
+        if self.target is None:
+            return
+        cost = self.costs[plan.checkpoint]
+        predicted = cost(len(plan.rows), plan.width)
+        variable = cost.variable(len(plan.rows), plan.width)
+        if used > predicted and variable > 0:
+            cost.correction = max(cost.correction, (used - cost.fixed) / variable)
+            logger.info("memory model raised by %.0f%% after a %d x %d micro-batch used %.1f MiB",
+                        (used / predicted - 1) * 100, len(plan.rows), plan.width, used / 2**20)  # fmt: skip
+
+    def _too_long(self, width: int, checkpoint: bool, available: float) -> SequenceTooLong:
+        need = MARGIN * self.costs[checkpoint](1, width)
+        held = self.target - available
+        hint = (
+            "" if checkpoint or not self.checkpointing_available
+            else ", set rl_training.activation_checkpointing = 'auto' or 'always'"
+        )
+        return SequenceTooLong(
+            f"a sequence of {width} tokens needs about {need / GiB:.2f} GiB for its gradient pass, but only "
+            f"{max(0.0, available) / GiB:.2f} GiB of the {self.target / GiB:.2f} GiB memory target are free "
+            f"({held / GiB:.2f} GiB already held: weights, optimizer state, caches, gradients). Raise "
+            f"rl_training.max_memory_gb (or max_memory_fraction){hint}, or cap the sequence length "
+            f"(rl_training.max_tokens, the environment's max_token_len)"
+        )
+
+
+class PeakMeter:
+    """MLX's peak memory over a learner step, across the per-micro-batch resets that measure each pass.
+
+    mx.reset_peak_memory is process-wide: an engine generating in the same process (async mode) counts too.
+    """
+
+    def __init__(self) -> None:
+        self._peak = 0
+
+    def start(self) -> None:
+        self._peak = 0
+        mx.reset_peak_memory()
+
+    def read(self) -> int:
+        return max(self._peak, mx.get_peak_memory())
+
+    @contextmanager
+    def measure(self) -> Iterator[Callable[[], int]]:
+        """`with meter.measure() as used:` ... `used()`: bytes the block added at its peak over what was held."""
+        self._peak = self.read()
+        before = mx.get_active_memory()
+        mx.reset_peak_memory()
+        result: list[int] = []
+        try:
+            yield lambda: result[0]
+        finally:
+            peak = mx.get_peak_memory()
+            self._peak = max(self._peak, peak)
+            result.append(max(0, peak - before))
