@@ -40,6 +40,7 @@ from paraloop.learn.loss import (
     policy_loss,
     rollout_mismatch,
 )
+from paraloop.learn.memory import GiB, MemoryPlanner, PeakMeter, Plan
 from paraloop.learn.mismatch import (
     combine,
     importance_metrics,
@@ -47,7 +48,6 @@ from paraloop.learn.mismatch import (
     row_versions,
     staleness_metrics,
 )
-from paraloop.learn.memory import GiB, MemoryPlanner, PeakMeter, Plan
 from paraloop.learn.optim import (
     add_trees,
     clip_by_norm,
