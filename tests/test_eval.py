@@ -125,3 +125,25 @@ def test_evaluation_during_a_run_matches_a_standalone_paraloop_eval(tiny_model_p
     assert standalone["adapter"] != standalone["base"]
     mid = eval_cli(tiny_model_path, run_dir / "checkpoints" / "step_000002", "--no-base", *flags)
     assert mid["adapter"]["reward_mean"] == evals[2]["reward_mean"] and "base" not in mid
+
+
+def test_a_multi_turn_task_is_evaluated_on_whole_episodes(tiny_model_path):
+    """The calculator task's held-out questions: each sample plays its episode (tool result, then its answer) and
+    the last turn is scored; a sample that answers at once is one turn."""
+    from test_envs_episodes import ScriptedEngine, call
+
+    from paraloop.envs import calculator
+    from paraloop.evaluation import evaluate
+    from paraloop.model import load_model
+
+    _, tokenizer, _, _ = load_model(tiny_model_path)
+    settings = load_config(TINY_CONFIG, {"eval": {"every_steps": 1, "task": "paraloop.envs.calculator:calculator",
+                                                  "prompts": 2, "samples": 2, "temperature": 1.0}})
+    plan = eval_plan(settings)
+    question = calculator._QUESTION.match(plan.prompts[0][-1]["content"]).group(1)
+    right = calculator.show(calculator.evaluate(question))
+    script = [[f"Let me compute. {call(question)}", f"Answer: {right}"], ["Answer: 1"]]  # by sample
+    result = anyio.run(evaluate, ScriptedEngine(tokenizer, script), tokenizer, plan)
+    first = [s for s in result.samples if s["prompt"] == 0]
+    assert [(s["turns"], s["reward"]) for s in first] == [(2, 1.0), (1, 0.25)]
+    assert result.metrics["turns_mean"] == 1.5 and result.metrics["prompts"] == 2

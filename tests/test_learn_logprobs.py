@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_learn_loss import OPTIONS, B, T, V, np_grad, np_loss, random_inputs
+from test_learn_loss import NORM, OPTIONS, B, T, V, np_grad, np_loss, random_inputs
 
 from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.head import IDENTITY, LogitsHead, Transform, logits_head
@@ -55,7 +55,7 @@ def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, p
     model = HeadOnly(weight, tied=tied)
     head = LogitsHead(tied=tied, transform=transform)
     module = head.module(model)
-    w = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"))
+    w = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
     flat = np.flatnonzero(inp["mask"]) if positions else None
 
     def f(h, params):

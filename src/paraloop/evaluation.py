@@ -3,7 +3,9 @@
 In: an Engine serving some adapter, its tokenizer and an EvalPlan (`eval_plan(settings)`: the task's eval split, k
 samples per prompt, temperature, max_tokens, pass threshold, seed). Out: an EvalResult with reward_mean, pass@1
 (the mean over every sample of reward >= pass_threshold) and pass@k for k = 2, 4, ... samples (the unbiased
-estimator of Chen et al. 2021, arXiv 2107.03374), plus every sample for inspection.
+estimator of Chen et al. 2021, arXiv 2107.03374), plus every sample for inspection. A multi-turn task (one with
+`respond`) plays each sample's episode as training does (envs/episodes.py, rl_training.mock.max_turns and
+max_episode_tokens) and scores its last turn; `turns_mean` says how long the episodes were.
 
 Every prompt's request is seeded from (seed, prompt index) and all of them are admitted in one decode step
 (`Engine.complete_many`), so the same adapter, engine settings and plan give the same completions: `paraloop run`'s
@@ -27,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from paraloop.config import ConfigError, Settings
+from paraloop.envs.episodes import Episode, play
 from paraloop.envs.mock import eos_ids, make_sample, prompt_ids
-from paraloop.envs.tasks import Messages, Task, load_task
+from paraloop.envs.tasks import Messages, Sample, Task, load_task
 from paraloop.messages import Completion, GenerateRequest, SamplingParams
 
 
@@ -42,6 +45,9 @@ class EvalPlan:
     max_tokens: int
     pass_threshold: float
     seed: int
+    max_turns: int = 1  # a multi-turn task's episodes (rl_training.mock.max_turns)
+    max_episode_tokens: int = 2048
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         sampling = "greedy" if self.temperature == 0 else f"temperature {self.temperature:g}"
@@ -78,7 +84,9 @@ def eval_plan(settings: Settings) -> EvalPlan:
     max_tokens = ev.max_tokens or rl.mock.max_tokens or rl.max_tokens
     if max_tokens > settings.engine.max_tokens_limit:
         raise ConfigError(f"eval.max_tokens: {max_tokens} is above engine.max_tokens_limit")
-    return EvalPlan(spec, task, prompts, ev.samples, ev.temperature, max_tokens, ev.pass_threshold, ev.seed)
+    return EvalPlan(spec, task, prompts, ev.samples, ev.temperature, max_tokens, ev.pass_threshold, ev.seed,
+                    max_turns=rl.mock.max_turns, max_episode_tokens=rl.mock.max_episode_tokens,
+                    template_kwargs=dict(rl.mock.chat_template_kwargs))
 
 
 def eval_requests(plan: EvalPlan, tokenizer: Any) -> list[GenerateRequest]:
@@ -99,21 +107,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def score(plan: EvalPlan, tokenizer: Any, results: list[list[Completion]], elapsed: float) -> EvalResult:
+def score(
+    plan: EvalPlan,
+    tokenizer: Any,
+    results: list[list[Completion]],
+    elapsed: float,
+    finals: list[list[Sample]] | None = None,
+) -> EvalResult:
+    """Metrics of every prompt's completions; `finals`: a multi-turn task's last turn of each (what is scored)."""
     eos = eos_ids(tokenizer)
-    samples, passed, rewards = [], [], []
+    samples, passed, rewards, turns = [], [], [], []
     for i, (messages, completions) in enumerate(zip(plan.prompts, results, strict=True)):
         row = []
         for j, completion in enumerate(completions):
             if completion.finish_reason == "abort":
                 raise RuntimeError("the engine aborted an evaluation request (is it stopping?)")
-            reward = float(plan.task.reward(make_sample(messages, completion, tokenizer=tokenizer, eos=eos)))
+            final = finals[i][j] if finals is not None else make_sample(messages, completion, tokenizer=tokenizer,
+                                                                          eos=eos)
+            turns.append(final.turn)
+            reward = float(plan.task.reward(final))
             if not math.isfinite(reward):
                 raise ValueError(f"task {plan.task_spec!r}: the reward function returned {reward}")
             rewards.append(reward)
             row.append(reward >= plan.pass_threshold)
-            samples.append({"prompt": i, "sample": j, "content": messages[-1]["content"], "text": completion.text,
-                            "reward": reward, "finish_reason": completion.finish_reason,
+            samples.append({"prompt": i, "sample": j, "content": messages[-1]["content"], "text": final.text,
+                            "reward": reward, "finish_reason": final.finish_reason, "turns": final.turn,
                             "tokens": len(completion.tokens)})
         passed.append(sum(row))
     n = plan.samples
@@ -132,6 +150,7 @@ def score(plan: EvalPlan, tokenizer: Any, results: list[list[Completion]], elaps
         completion_tokens_mean=sum(s["tokens"] for s in samples) / len(samples),
         prompts=float(len(plan.prompts)),
         samples=float(n),
+        **({"turns_mean": sum(turns) / len(turns)} if plan.task.respond is not None else {}),
         time_s=elapsed,
     )
     return EvalResult(metrics, samples)
@@ -140,8 +159,42 @@ def score(plan: EvalPlan, tokenizer: Any, results: list[list[Completion]], elaps
 async def evaluate(engine: Any, tokenizer: Any, plan: EvalPlan) -> EvalResult:
     """Run the plan through `engine` (every request admitted together) and score it."""
     start = time.perf_counter()
-    results = await engine.complete_many(eval_requests(plan, tokenizer))
-    return score(plan, tokenizer, results, time.perf_counter() - start)
+    requests = eval_requests(plan, tokenizer)
+    results = await engine.complete_many(requests)
+    finals = None
+    if plan.task.respond is not None:
+        finals = await play_episodes(engine, tokenizer, plan, requests, results)
+    return score(plan, tokenizer, results, time.perf_counter() - start, finals)
+
+
+async def play_episodes(
+    engine: Any, tokenizer: Any, plan: EvalPlan, requests: list[GenerateRequest], results: list[list[Completion]]
+) -> list[list[Sample]]:
+    """A multi-turn task's later turns for every sample (seeded from the sample and the turn); the last turns."""
+    eos = eos_ids(tokenizer)
+
+    def sample_of(messages: Messages, completion: Completion, turn: int) -> Sample:
+        return make_sample(messages, completion, tokenizer=tokenizer, eos=eos, turn=turn)
+
+    groups = [
+        [Episode.first(m, r.prompt_tokens, c, sample_of(m, c, 1)) for c in completions]
+        for m, r, completions in zip(plan.prompts, requests, results, strict=True)
+    ]
+    origin = {id(e): (i, j) for i, group in enumerate(groups) for j, e in enumerate(group)}
+
+    def request_for(episode: Episode, prompt: list[int], turn: int) -> GenerateRequest:
+        i, j = origin[id(episode)]
+        seed = random.Random(f"eval/{plan.seed}/{i}/{j}/{turn}").getrandbits(63)
+        params = SamplingParams(temperature=plan.temperature, max_tokens=plan.max_tokens, seed=seed)
+        return GenerateRequest(request_id=f"eval-{plan.seed}-{i}-{j}-turn{turn}", prompt_tokens=prompt, params=params)
+
+    async def complete(batch: list[GenerateRequest]) -> list[Completion]:
+        return [rows[0] for rows in await engine.complete_many(batch)]
+
+    await play([e for group in groups for e in group], task=plan.task, tokenizer=tokenizer, eos=eos,
+               complete=complete, request_for=request_for, sample_of=sample_of, max_turns=plan.max_turns,
+               max_length=plan.max_episode_tokens, template_kwargs=plan.template_kwargs)  # fmt: skip
+    return [[e.sample for e in group] for group in groups]
 
 
 HEADLINE = ("reward_mean", "pass@1")

@@ -25,6 +25,7 @@ SYSTEM = (
 )
 REMINDER = 'Call the calculator with <tool_call>...</tool_call> or give your final answer as "Answer: <number>".'
 SHAPES = ("{a} * {b} + {c}", "{a} * {b} - {c}", "({a} + {b}) * {c}", "{a} * {c} + {b} * {c}")
+EVAL_SHAPE = "{a} * ({b} - {c})"  # held out: the eval split's questions only
 MAX_EXPRESSION = 64  # characters: a call with a longer expression is answered with an error
 MAX_VALUE = 1e12
 
@@ -118,11 +119,20 @@ def reward(sample: Sample) -> float:
     return 1.0 if abs(answer - evaluate(found.group(1))) < 1e-6 else 0.25
 
 
+def _held_out() -> list[Messages]:
+    """16 questions of a shape training never draws (a product of a difference), fixed numbers."""
+    rng = random.Random("calculator/eval")
+    questions = [EVAL_SHAPE.format(a=rng.randint(11, 99), b=rng.randint(50, 99), c=rng.randint(2, 49))
+                 for _ in range(16)]  # fmt: skip
+    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {q}?"}] for q in questions]
+
+
 def calculator() -> Task:
     return Task(
         name="calculator",
         prompt=_prompt,
         reward=reward,
         respond=respond,
+        eval_prompts=_held_out(),
         description="Multi-turn: arithmetic with a calculator tool; full reward only for the right final answer.",
     )

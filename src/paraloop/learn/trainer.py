@@ -480,7 +480,8 @@ class Trainer:
 
     def _mismatch_in_loss(self, logp: mx.array, mb: MicroBatch) -> dict[str, mx.array]:
         """Without dropout the gradient forward IS the eval-mode forward: measure the mismatch on its first epoch."""
-        if mb.mismatch is not None or self._dropout or not mb.extras["has_inference"].any():
+        has_inference = mb.extras.get("has_inference")  # a memory probe's micro-batch has none
+        if mb.mismatch is not None or self._dropout or has_inference is None or not has_inference.any():
             return {}
         return self._rollout_mismatch(logp, mb)
 
