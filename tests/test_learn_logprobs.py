@@ -16,12 +16,12 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_learn_loss import NORM, OPTIONS, B, T, V, np_grad, np_loss, random_inputs
+from test_learn_loss import NORM, OPTIONS, B, T, V, loss_settings, np_grad, np_loss, random_inputs, with_importance
 
 from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.head import IDENTITY, LogitsHead, Transform, logits_head
 from paraloop.learn.logprobs import auto_chunk_tokens, chunked_logprobs, forward_logprobs
-from paraloop.learn.loss import LossSettings, aggregation_weights, policy_loss
+from paraloop.learn.loss import aggregation_weights, policy_loss
 
 D = 5
 
@@ -38,16 +38,6 @@ class HeadOnly(nn.Module):
         else:
             self.lm_head = nn.Linear(D, V, bias=False)
             self.lm_head.weight = mx.array(weight, mx.float32)
-
-
-def settings_of(opt: dict) -> LossSettings:
-    return LossSettings(
-        clip_ratio=opt.get("clip_ratio", 0.2),
-        clip_ratio_high=opt.get("clip_ratio_high"),
-        kl_beta=opt.get("kl_beta", 0.0),
-        kl_estimator=opt.get("kl_estimator", "k3"),
-        entropy_weight=opt.get("entropy_weight", 0.0),
-    )
 
 
 def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, positions=True):
@@ -76,7 +66,7 @@ def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, p
                 mx.array(inp["importance_weight"], mx.float32) if "importance_weight" in inp else None
             ),
             token_loss=get_algorithm(opt.get("algorithm", "grpo")).token_loss,
-            settings=settings_of(opt),
+            settings=loss_settings(opt),
         )
         return loss
 
@@ -107,6 +97,7 @@ def test_every_loss_option_through_the_chunked_head_matches_float64_numpy(opt):
     hidden, weight, logits, inp = inputs_with_hidden(0)
     if opt.get("importance_weight"):
         inp["importance_weight"] = np.minimum(np.exp(np.random.default_rng(0).normal(0, 0.5, (B, T))), 2.0)
+    inp = with_importance(inp, opt)
     # 24 positions (18 trained) in chunks of 5: uneven chunks, chunk borders inside rows
     value, dh, dw = chunked_loss(hidden, weight, inp, opt, chunk=5, tied=False)
     np.testing.assert_allclose(value, np_loss(logits, inp, opt), rtol=1e-5, atol=1e-6)

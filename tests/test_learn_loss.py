@@ -112,8 +112,8 @@ def np_grad(logits, inp, opt, h=1e-6):
 # --- the MLX side -----------------------------------------------------------------------------------------------
 
 
-def mx_loss(logits, inp, opt):
-    settings = LossSettings(
+def loss_settings(opt: dict) -> LossSettings:
+    return LossSettings(
         clip_ratio=opt.get("clip_ratio", 0.2),
         clip_ratio_high=opt.get("clip_ratio_high"),
         kl_beta=opt.get("kl_beta", 0.0),
@@ -121,14 +121,24 @@ def mx_loss(logits, inp, opt):
         entropy_weight=opt.get("entropy_weight", 0.0),
         cispo_clip_max=opt.get("cispo_clip_max", 5.0),
     )
+
+
+def with_importance(inp: dict, opt: dict) -> dict:
+    """Rollout correction (opt "importance"): the learner's old policy against the engine's log-probs."""
+    if "importance" not in opt:
+        return inp
+    level, mode, low, high = opt["importance"]
+    iw, _ = importance_weights(
+        mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32),
+        mx.array(inp["mask"]), level=level, mode=mode, low=low, high=high,
+    )  # fmt: skip
+    return {**inp, "importance_weight": np.array(iw)}
+
+
+def mx_loss(logits, inp, opt):
+    settings = loss_settings(opt)
     weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
-    if "importance" in opt:  # rollout correction: the learner's old policy against the engine's log-probs
-        level, mode, low, high = opt["importance"]
-        iw, _ = importance_weights(
-            mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32),
-            mx.array(inp["mask"]), level=level, mode=mode, low=low, high=high,
-        )  # fmt: skip
-        inp = {**inp, "importance_weight": np.array(iw)}
+    inp = with_importance(inp, opt)
 
     def f(x):
         logp, entropy = token_logprobs(x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32))
