@@ -167,6 +167,8 @@ def test_control_on_rank_0_pauses_and_steps_both_ranks(tiny_model_path, tmp_path
                         and s, what="both ranks paused at one step")
         time.sleep(1.0)
         assert status(r0)["step"] == status(r1)["step"] == step and status(r1)["paused"] is True
+        ranks = status(r0)["ranks"]  # rank 0's view of the group, as docs/metrics.md describes it
+        assert (ranks["rank"], ranks["size"]) == (0, 2) and list(ranks["peers"]) == ["1"] and ranks["collectives"] > 0
         code, body = call(f"{r1}/control/step", "POST")
         assert code == 409 and r0 in body["error"]["message"], "a follower's /control names rank 0"
         code, stepped = call(f"{r0}/control/step", "POST")
