@@ -142,6 +142,21 @@ class Single:
         return grads, sums, mins, maxs
 
 
+def keep_clear_cache_out_of_collectives() -> None:
+    """Make mx.clear_cache a no-op in this process.
+
+    clear_cache first synchronizes every CPU stream, including the one where a collective waits for its peers, and
+    it holds the GIL while it waits. mlx-lm's BatchGenerator calls it every so many decode steps on the engine
+    thread; called while the learner's collective waits for a rank that hangs, it freezes the whole process (the
+    event loop cannot take the GIL), so the watcher that would end the run never runs. Skipping it only leaves freed
+    buffers in MLX's cache, which MLX's cache limit bounds (`mx.set_cache_limit`)."""
+    mx.clear_cache = _no_clear_cache
+
+
+def _no_clear_cache() -> None:
+    """mx.clear_cache in a distributed run (see keep_clear_cache_out_of_collectives)."""
+
+
 class Ranks:
     """This process's place in the group and its collectives; see the module docstring."""
 
@@ -160,7 +175,10 @@ class Ranks:
     @classmethod
     def connect(cls, backend: str = "any") -> "Ranks":
         """Join the group the launcher described (blocks until every rank has joined: run it under a deadline)."""
-        return cls(mx.distributed.init(strict=True, backend=backend))
+        ranks = cls(mx.distributed.init(strict=True, backend=backend))
+        if ranks.size > 1:
+            keep_clear_cache_out_of_collectives()
+        return ranks
 
     @property
     def is_root(self) -> bool:
