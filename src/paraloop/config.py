@@ -45,7 +45,28 @@ class ServerConfig(Section):
     max_json_depth: int = Field(32, ge=4, le=256)
     """Deepest nesting of arrays and objects accepted in a request body (deeper: HTTP 400)."""
     served_model_name: str | None = None
-    """Name reported by /v1/models (default: the model directory's name). Any name is accepted in requests."""
+    """The model's id in /v1/models and in requests' `model` field (default: the model directory's name); it
+    selects the default adapter: the policy when one is served, else the base model (docs/api.md, Adapters)."""
+    lora_modules: dict[str, str] = Field(default_factory=dict)
+    """Named LoRA adapters served from the start beside the policy, name -> path (an mlx-lm adapter dir or file);
+    a request selects one with `"model": NAME`. CLI: --lora-modules NAME=PATH ..."""
+    lora_dirs: list[str] = Field(default_factory=list)
+    """Directories POST /v1/load_lora_adapter may load adapters from (a path elsewhere, symlinks resolved, is
+    refused with 403). Empty: loading at run time is off."""
+    max_loras: int = Field(8, ge=0, le=1024)
+    """Most named adapters loaded at once (from lora_modules, over HTTP, and a run's checkpoints named by
+    requests, which are evicted least recently used first)."""
+    max_lora_rank: int = Field(64, ge=1, le=4096)
+    """Highest LoRA rank of a named adapter (bounds the memory an adapter file may take before it is read)."""
+    checkpoint_adapters: bool = True
+    """`paraloop run`: serve the run's own checkpoints by name (`"model": "policy@step_000040"`), loaded the first
+    time a request names one (counted in max_loras)."""
+
+    @model_validator(mode="after")
+    def _lora_modules_fit(self) -> "ServerConfig":
+        if len(self.lora_modules) > self.max_loras:
+            raise ValueError(f"{len(self.lora_modules)} lora_modules, more than max_loras = {self.max_loras}")
+        return self
 
 
 class ModelConfig(Section):

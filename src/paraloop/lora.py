@@ -6,7 +6,10 @@ load with `mlx_lm.load(model, adapter_path=...)` and adapters trained by `mlx_lm
 
 import json
 import os
+import re
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,10 @@ ADAPTER_LEAVES = ("lora_a", "lora_b")
 SAFETENSORS_NAME = "adapters.safetensors"
 NPZ_NAME = "adapter.npz"
 CONFIG_NAME = "adapter_config.json"
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes
+ADAPTER_NAME = re.compile(r"(?:.+\.)?layers\.(\d+)\.(.+)\.(lora_a|lora_b)")  # mlx-lm's LoRA array names
+
+Target = tuple[int, str]  # a linear layer: (block index, module path inside the block), e.g. (3, "self_attn.q_proj")
 
 
 def linear_keys(model: nn.Module) -> list[str]:
@@ -134,31 +141,34 @@ def save_adapter(
     return written
 
 
+def adapter_files(path: str | Path) -> tuple[Path, Path | None]:
+    """(weights file, adapter_config.json or None) of an adapter: a directory (adapters.safetensors or
+    adapter.npz, + adapter_config.json) or a weights file (its config beside it)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter not found: {path}")
+    if not path.is_dir():
+        config = path.parent / CONFIG_NAME
+        return path, config if config.is_file() else None
+    config = path / CONFIG_NAME
+    for name in (SAFETENSORS_NAME, NPZ_NAME):
+        if (path / name).is_file():
+            return path / name, config if config.is_file() else None
+    raise FileNotFoundError(f"{path}: no {SAFETENSORS_NAME} or {NPZ_NAME}")
+
+
 def load_adapter(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any] | None]:
     """Read an adapter: a directory (adapters.safetensors or adapter.npz, + adapter_config.json) or a file.
 
     Returns (arrays, adapter_config or None when the source has none).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"adapter not found: {path}")
+    file, config_file = adapter_files(path)
     config = None
-    if path.is_dir():
-        if (path / CONFIG_NAME).is_file():
-            try:
-                config = json.loads((path / CONFIG_NAME).read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path / CONFIG_NAME}: invalid JSON: {e}") from None
-        for name in (SAFETENSORS_NAME, NPZ_NAME):
-            if (path / name).is_file():
-                file = path / name
-                break
-        else:
-            raise FileNotFoundError(f"{path}: no {SAFETENSORS_NAME} or {NPZ_NAME}")
-    else:
-        file = path
-        if (path.parent / CONFIG_NAME).is_file():
-            config = json.loads((path.parent / CONFIG_NAME).read_text())
+    if config_file is not None:
+        try:
+            config = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{config_file}: invalid JSON: {e}") from None
     try:
         if file.suffix == ".npz":
             with np.load(file) as data:
@@ -204,3 +214,92 @@ def load_into(
     slots.check(arrays)
     slots.swap(arrays)
     mx.eval(list(arrays.values()))
+
+
+def parse_name(name: str) -> tuple[Target, str] | None:
+    """"model.layers.3.self_attn.q_proj.lora_a" -> ((3, "self_attn.q_proj"), "lora_a"); None if not a LoRA array."""
+    match = ADAPTER_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return (int(match[1]), match[2]), match[3]
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """An adapter read for serving beside others: its arrays by layer, float32 and evaluated."""
+
+    arrays: dict[Target, tuple[mx.array, mx.array]]  # layer -> (A (in, r), B (r, out))
+    scale: float
+    rank: int  # the largest of its layers' ranks
+    nbytes: int
+
+
+def read_for_serving(path: str | Path, targets: dict[Target, tuple[int, int]], *, max_rank: int) -> ServedAdapter:
+    """Read and check an mlx-lm LoRA adapter against a model's linear layers (`targets`: layer -> (in, out)).
+
+    Bounded before anything is allocated: a weights file larger than the model's every layer at `max_rank` could
+    hold, or a config over MAX_CONFIG_BYTES, is refused unread. ValueError names what does not fit: another
+    fine-tune type (DoRA, full weights), a layer the model does not have, a shape or a rank over `max_rank`.
+    Adapters of any rank and of any subset of the layers are accepted. The arrays are evaluated here, so the
+    calling thread may end (and destroy its MLX streams) once this returns.
+    """
+    file, config_file = adapter_files(path)
+    limit = 4 * max_rank * sum(i + o for i, o in targets.values()) + MAX_CONFIG_BYTES  # float32 A and B, + header
+    size = _unpacked_size(file)
+    if size > limit:
+        raise ValueError(f"{file}: {size} bytes, more than an adapter of rank <= {max_rank} on this model can hold "
+                         f"({limit} bytes)")
+    if config_file is None:
+        raise ValueError(f"{path}: no {CONFIG_NAME} beside the weights (needed for the adapter's scale)")
+    if config_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_file}: larger than {MAX_CONFIG_BYTES} bytes")
+    arrays, config = load_adapter(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    kind = config.get("fine_tune_type", "lora")
+    if kind != "lora":
+        raise ValueError(f"{path}: fine_tune_type {kind!r} cannot be served per row (only lora)")
+    params = config.get("lora_parameters")
+    scale = params.get("scale") if isinstance(params, dict) else None
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not np.isfinite(scale):
+        raise ValueError(f"{config_file}: lora_parameters.scale is missing or not a number")
+    pairs: dict[Target, dict[str, mx.array]] = {}
+    for name, array in arrays.items():
+        parsed = parse_name(name)
+        if parsed is None:
+            raise ValueError(f"{path}: {name!r} is not a LoRA array (model.layers.N.<module>.lora_a|lora_b)")
+        target, leaf = parsed
+        if target not in targets:
+            raise ValueError(f"{path}: {name} targets a layer this model does not have (block {target[0]}, "
+                             f"{target[1]!r})")
+        pairs.setdefault(target, {})[leaf] = array
+    if not pairs:
+        raise ValueError(f"{path}: no LoRA arrays")
+    out: dict[Target, tuple[mx.array, mx.array]] = {}
+    for target, leaves in pairs.items():
+        where = f"{path}: block {target[0]} {target[1]}"
+        if leaves.keys() != {"lora_a", "lora_b"}:
+            raise ValueError(f"{where}: has {sorted(leaves)}, needs both lora_a and lora_b")
+        a, b = leaves["lora_a"], leaves["lora_b"]
+        fan_in, fan_out = targets[target]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != fan_in or b.shape[1] != fan_out or a.shape[1] != b.shape[0]:
+            raise ValueError(f"{where}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} do not fit a "
+                             f"({fan_in} -> {fan_out}) layer (expected ({fan_in}, r) and (r, {fan_out}))")
+        if not 1 <= a.shape[1] <= max_rank:
+            raise ValueError(f"{where}: rank {a.shape[1]} is over server.max_lora_rank = {max_rank}")
+        out[target] = (a.astype(mx.float32), b.astype(mx.float32))
+    mx.eval([x for pair in out.values() for x in pair])
+    nbytes = sum(a.nbytes + b.nbytes for a, b in out.values())
+    return ServedAdapter(out, float(scale), max(a.shape[1] for a, _ in out.values()), nbytes)
+
+
+def _unpacked_size(file: Path) -> int:
+    """Bytes a weights file takes once read: its size, or for an .npz (a zip, maybe compressed) the sum of its
+    members' sizes as its directory declares them (zipfile never reads past a member's declared size)."""
+    if file.suffix != ".npz":
+        return file.stat().st_size
+    try:
+        with zipfile.ZipFile(file) as z:
+            return sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{file}: cannot read adapter ({e})") from None

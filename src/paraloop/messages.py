@@ -52,6 +52,7 @@ class GenerateRequest(Msg):
     prompt_tokens: list[int]
     n: int = 1
     params: SamplingParams = SamplingParams()
+    adapter: str | None = None  # "policy", "base", a named adapter; None: the policy if served, else the base model
 
 
 class TokenEvent(Msg, gc=False):
@@ -65,6 +66,7 @@ class TokenEvent(Msg, gc=False):
     text: str  # the text this token adds (may be "" while a multi-byte character or a stop string is pending)
     finish_reason: Literal["stop", "length", "abort"] | None = None
     top_logprobs: list[tuple[int, float]] | None = None
+    adapter: str = "policy"  # the adapter that produced it: "policy", "base" or a named adapter
 
 
 class Completion(Msg):
@@ -77,6 +79,7 @@ class Completion(Msg):
     text: str
     finish_reason: str  # "stop" | "length" | "abort"
     top_logprobs: list[list[tuple[int, float]]] = []  # per token, when the request asked for alternatives
+    adapter: str = "policy"  # the adapter that produced every token of the row
 
 
 class AdapterPublished(Msg):

@@ -21,8 +21,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.generate import BatchGenerator, GenerationBatch, PromptProcessingBatch
+from mlx_lm.generate import BatchGenerator
 
+from paraloop.engine.batches import RoutedGenerationBatch, RoutedPromptBatch, routed
 from paraloop.engine.sampling import effective_temperature
 from paraloop.messages import SamplingParams
 
@@ -137,7 +138,7 @@ def _draw(weights: np.ndarray, u: float) -> int:
     return block * _BLOCK + index
 
 
-class NumpyGenerationBatch(GenerationBatch):
+class NumpyGenerationBatch(RoutedGenerationBatch):
     """mlx-lm's GenerationBatch with the sampling step in NumPy: the logits are evaluated every step (MLX's own
     path samples lazily and overlaps the next step with reading this one; on the CPU that overlap is worth less
     than the sampling costs)."""
@@ -148,7 +149,8 @@ class NumpyGenerationBatch(GenerationBatch):
         self._current_tokens = self._next_tokens
         self._current_logprobs = self._next_logprobs
         inputs = self._current_tokens
-        logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
+        with routed(self):
+            logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         mx.eval(logits)
         tokens, self._next_logprobs = sample_rows(np.asarray(logits), self.samplers)
         self._next_tokens = mx.array(tokens)
@@ -158,31 +160,24 @@ class NumpyGenerationBatch(GenerationBatch):
         return inputs, self._current_logprobs
 
 
-class NumpyPromptBatch(PromptProcessingBatch):
+class NumpyPromptBatch(RoutedPromptBatch):
     """Hands finished prompts to a NumpyGenerationBatch (split() keeps this class: it copies `self.__class__`)."""
 
-    def generate(self, tokens: list[list[int]]) -> GenerationBatch:
-        # PromptProcessingBatch.generate, building our batch class instead of mlx-lm's.
-        if any(len(t) > 1 for t in tokens):
-            self.prompt([t[:-1] for t in tokens])
-        generation = NumpyGenerationBatch(
-            self.model, self.uids, mx.array([t[-1] for t in tokens]), self.prompt_cache, self.tokens, self.samplers,
-            self.fallback_sampler, self.logits_processors, self.stop_sequences, self.max_tokens,
-        )  # fmt: skip
-        self.uids, self.prompt_cache, self.tokens, self.samplers = [], [], [], []
-        self.logits_processors, self.max_tokens = [], []
-        return generation
+    generation_class = NumpyGenerationBatch
 
 
 def make_generator(model: nn.Module, *, numpy_sampling: bool, **kwargs: Any) -> BatchGenerator:
-    """mlx-lm's BatchGenerator; with numpy_sampling, its prompt and generation batches sample in NumPy."""
+    """mlx-lm's BatchGenerator whose batches route each forward pass's rows to their adapters (batches.py); with
+    numpy_sampling, they also sample in NumPy."""
     gen = BatchGenerator(model, **kwargs)
-    if numpy_sampling and not (hasattr(gen, "_prompt_batch") and hasattr(gen, "_generation_batch")):
+    if not (hasattr(gen, "_prompt_batch") and hasattr(gen, "_generation_batch")):
         raise RuntimeError(
-            "this mlx-lm's BatchGenerator has no _prompt_batch/_generation_batch (its internals changed): "
-            'set engine.decode = "mlx-lm" to use its own decode step'
+            "this mlx-lm's BatchGenerator has no _prompt_batch/_generation_batch (its internals changed): paraloop "
+            "needs them to route rows to their adapters and to sample in NumPy"
         )
-    if numpy_sampling:
-        gen._prompt_batch = NumpyPromptBatch.empty(model, gen.sampler, prefill_step_size=gen.prefill_step_size)
-        gen._generation_batch = NumpyGenerationBatch.empty(model, gen.sampler)
+    prompt_class, generation_class = (
+        (NumpyPromptBatch, NumpyGenerationBatch) if numpy_sampling else (RoutedPromptBatch, RoutedGenerationBatch)
+    )
+    gen._prompt_batch = prompt_class.empty(model, gen.sampler, prefill_step_size=gen.prefill_step_size)
+    gen._generation_batch = generation_class.empty(model, gen.sampler)
     return gen

@@ -1,7 +1,8 @@
 """The inference engine actor: admission, validation and the asyncio face of the engine thread (worker.py).
 
-In: GenerateRequests (`generate` / `complete`) and adapter versions (`swap_adapter`). Out: TokenEvents per
-generated token, AdapterSwapped per applied swap. `run()` owns the engine thread: it signals readiness with
+In: GenerateRequests (`generate` / `complete`), adapter versions (`swap_adapter`) and named adapters to serve
+beside the policy (`adapters.load` / `adapters.unload`, adapters.py; each request names its own). Out: TokenEvents
+per generated token, AdapterSwapped per applied swap. `run()` owns the engine thread: it signals readiness with
 `task_status.started()`, raises if the thread fails, and when cancelled stops the thread, which ends unfinished
 rows with finish_reason "abort" (such events carry token NO_TOKEN = -1 and are not part of the completion).
 
@@ -12,8 +13,9 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,9 +23,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from paraloop.config import EngineConfig, Settings
+from paraloop.engine.adapters import Adapter, Adapters
 from paraloop.engine.admission import Admission, validate
-from paraloop.engine.worker import NO_TOKEN, Cancel, Handle, Insert, Stop, Swap, Worker
-from paraloop.lora import AdapterSlots
+from paraloop.engine.lora_rows import RowAdapters
+from paraloop.engine.worker import NO_TOKEN, Cancel, Handle, Insert, Install, Stop, Swap, Uninstall, Worker
+from paraloop.lora import AdapterSlots, has_lora
 from paraloop.messages import AdapterSwapped, Completion, GenerateRequest, TokenEvent
 
 
@@ -45,7 +49,13 @@ class Engine:
         max_queue: int = 256,
         adapter: AdapterSlots | None = None,
         version: int = 0,
+        max_loras: int = 8,
+        max_lora_rank: int = 64,
+        find_adapter: Callable[[str], Path | None] | None = None,
     ) -> None:
+        """`adapter`: the policy's slots (None: the bare base model is the default). Named adapters (at most
+        `max_loras`, of rank <= `max_lora_rank`) can be served beside it unless the policy is full weights (no LoRA
+        layers); `find_adapter(name)` is where a checkpoint name (`policy@step_000040`) is found on disk."""
         if batch_size < 1 or max_queue < 1:
             raise ValueError(f"batch_size and max_queue must be >= 1, got {batch_size} and {max_queue}")
         # Lazily initialised arrays (fresh LoRA) would otherwise be evaluated on the engine thread's stream.
@@ -54,6 +64,12 @@ class Engine:
         self.config = config
         self.max_queue = max_queue
         self._adapter = adapter
+        lora = adapter is None or has_lora(model)  # a full-weight policy leaves no base model to add adapters to
+        routes = RowAdapters(model) if lora else None
+        self.adapters = Adapters(
+            policy=adapter is not None, lora=lora, targets=routes.targets if routes else {}, max_loras=max_loras,
+            max_rank=max_lora_rank, install=self._install, uninstall=self._uninstall, find=find_adapter,
+        )  # fmt: skip
         self._vocab = vocab_size(model, tokenizer)
         self._promised_version = version  # highest version accepted by swap_adapter (applied or in flight)
         self._admission = Admission(max_requests=max_queue, max_kv_tokens=config.max_kv_tokens)
@@ -66,11 +82,19 @@ class Engine:
             adapter=adapter,
             version=version,
             deliver=self._deliver_from_thread,
+            routes=routes,
         )
 
     @classmethod
     def from_settings(
-        cls, model: nn.Module, tokenizer: Any, settings: Settings, *, adapter: AdapterSlots | None, version: int = 0
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        settings: Settings,
+        *,
+        adapter: AdapterSlots | None,
+        version: int = 0,
+        find_adapter: Callable[[str], Path | None] | None = None,
     ) -> "Engine":
         """The engine as `paraloop run` and `paraloop serve` configure it ([engine] and [server] sections)."""
         return cls(
@@ -81,6 +105,9 @@ class Engine:
             max_queue=settings.server.max_concurrent_requests,
             adapter=adapter,
             version=version,
+            max_loras=settings.server.max_loras,
+            max_lora_rank=settings.server.max_lora_rank,
+            find_adapter=find_adapter,
         )
 
     @property
@@ -129,24 +156,24 @@ class Engine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]:
         """TokenEvents of all rows as they are generated; each row's last event has a finish_reason.
 
-        Raises RequestError or EngineBusy before the first event. Leaving the iteration early (aclose,
-        cancellation) removes the request's rows from the batch.
+        Raises RequestError, EngineBusy, or for `request.adapter` AdapterNotFound / AdapterError (adapters.py)
+        before the first event. Leaving the iteration early (aclose, cancellation) removes the request's rows from
+        the batch.
         """
         self.check(request)
-        cost = self._admission.admit(request)
+        adapter = await self.adapters.acquire(request.adapter)
+        try:
+            cost = self._admission.admit(request)
+        except BaseException:
+            self.adapters.release(adapter)
+            raise
         send, receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
-        handle = Handle(request=request, send=send)
+        handle = Handle(request=request, send=send, adapter=adapter)
         try:
             if not self._worker.post(Insert((handle,))):  # the engine has stopped
                 for i in range(request.n):
-                    yield TokenEvent(
-                        row=i,
-                        token=NO_TOKEN,
-                        logprob=0.0,
-                        version=self.version,
-                        text="",
-                        finish_reason="abort",
-                    )
+                    yield TokenEvent(row=i, token=NO_TOKEN, logprob=0.0, version=self.version, text="",
+                                     finish_reason="abort", adapter=adapter.name)  # fmt: skip
                 return
             async with receive:
                 async for events in receive:
@@ -157,6 +184,7 @@ class Engine:
             if not handle.done:
                 self._worker.post(Cancel(handle))
             send.close()
+            self.adapters.release(adapter)  # after the Cancel: an uninstall it allows comes later in the inbox
 
     async def complete(self, request: GenerateRequest) -> list[Completion]:
         """Generate and collect every row (ordered by row)."""
@@ -173,9 +201,18 @@ class Engine:
         """
         for request in requests:
             self.check(request)
-        cost = await self._admission.admit_batch(requests)
+        adapters: list[Adapter] = []
+        try:
+            for request in requests:
+                adapters.append(await self.adapters.acquire(request.adapter))
+            cost = await self._admission.admit_batch(requests)
+        except BaseException:
+            for adapter in adapters:
+                self.adapters.release(adapter)
+            raise
         streams = [anyio.create_memory_object_stream[list[TokenEvent]](math.inf) for _ in requests]
-        handles = tuple(Handle(request=r, send=send) for r, (send, _) in zip(requests, streams, strict=True))
+        handles = tuple(Handle(request=r, send=send, adapter=a)
+                        for r, (send, _), a in zip(requests, streams, adapters, strict=True))  # fmt: skip
         results: list[list[Completion]] = [[] for _ in requests]
         try:
             if not self._worker.post(Insert(handles)):
@@ -194,6 +231,7 @@ class Engine:
                 if not handle.done:
                     self._worker.post(Cancel(handle))
                 send.close()
+                self.adapters.release(handle.adapter)
         return results
 
     async def swap_adapter(self, arrays: dict[str, mx.array], version: int, *, drain: bool = False) -> AdapterSwapped:
@@ -226,6 +264,26 @@ class Engine:
             raise result[0]
         return AdapterSwapped(version=version, pause_s=result[0])
 
+    async def _install(self, adapter: Adapter) -> float:
+        """Hand a loaded adapter to the engine thread; returns once rows can use it (the decode pause it took)."""
+        loop = asyncio.get_running_loop()
+        installed = anyio.Event()
+        result: list[float | Exception] = []
+
+        def reply(outcome: float | Exception) -> None:  # on the engine thread
+            result.append(outcome)
+            loop.call_soon_threadsafe(installed.set)
+
+        if not self._worker.post(Install(adapter, reply)):
+            raise RuntimeError("the engine has stopped")
+        await installed.wait()
+        if isinstance(result[0], Exception):
+            raise result[0]
+        return result[0]
+
+    def _uninstall(self, adapter: Adapter) -> None:
+        self._worker.post(Uninstall(adapter))  # a stopped engine frees everything anyway
+
     def stats(self) -> dict[str, float]:
         w = self._worker
         pauses = w.swap_pauses()
@@ -243,6 +301,8 @@ class Engine:
             "median_swap_pause_s": w.median_pause(),
             "version": float(w.version),
             "swap_waiting": float(w.swap_waiting),  # 1 while a drain swap holds new rows (sync mode)
+            "adapters_loaded": float(len(self.adapters.loaded())),  # named adapters served beside the policy
+            "adapter_bytes": float(self.adapters.nbytes()),  # ... and the memory their arrays take
             **w.prefix_cache_stats(),
         }
 
@@ -283,8 +343,10 @@ class RowAccumulator:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     finish_reason: str = "abort"  # until the row's last event says otherwise
+    adapter: str | None = None  # the adapter that produced the row (every event of a row names the same one)
 
     def add(self, event: TokenEvent) -> "RowAccumulator":
+        self.adapter = event.adapter
         if event.token != NO_TOKEN:  # an "abort" event carries no token
             self.tokens.append(event.token)
             self.logprobs.append(event.logprob)
@@ -308,6 +370,7 @@ class RowAccumulator:
             text=self.text,
             finish_reason=self.finish_reason,
             top_logprobs=self.top_logprobs,
+            adapter=self.adapter or "policy",
         )
 
 

@@ -15,7 +15,8 @@ class Leader:
 
     handle: Any  # the request (worker.Handle)
     tokens: list[int]  # the prompt but its last token: what the row's cache holds once prefilled
-    epoch: int  # the adapter epoch it prefills under: its KV is cached only if no swap came in between
+    adapter: Any  # the adapter it prefills with (adapters.Adapter): only requests for the same one wait for it
+    epoch: int  # the policy epoch it prefills under: its KV is cached only if no swap came in between
     rows: list[int]  # the request's other row indices, started from this row's prompt KV
     samplers: list[Any]  # every row's sampler, by row index
     held: list[Any] = field(default_factory=list)  # other requests waiting for its prompt KV
@@ -29,13 +30,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
-def waiting_for(leaders: list[Leader], head: list[int], cached: int, *, epoch: int) -> Leader | None:
-    """The leader of this epoch whose prompt KV would cover the most of `head` beyond its `cached` tokens, if that
-    is at least half of what `head` has left to prefill (less is not worth the wait: prefilling it alongside the
-    leader costs about as much). Leaders of an older epoch are skipped: their KV will not be cached."""
+def waiting_for(
+    leaders: list[Leader], head: list[int], cached: int, *, adapter: Any, epoch: int
+) -> Leader | None:
+    """The leader of this adapter and epoch whose prompt KV would cover the most of `head` beyond its `cached`
+    tokens, if that is at least half of what `head` has left to prefill (less is not worth the wait: prefilling it
+    alongside the leader costs about as much). Leaders of another adapter, or of an older epoch, are skipped: their
+    KV is not this request's (or will not be cached)."""
     best, best_shared = None, 0
     for leader in leaders:
-        if leader.epoch == epoch:
+        if leader.adapter is adapter and leader.epoch == epoch:
             shared = common_prefix(head, leader.tokens)
             if shared > best_shared:
                 best, best_shared = leader, shared

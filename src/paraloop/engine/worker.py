@@ -17,6 +17,7 @@ rows, and other requests waiting for the same prefix, start from that row's prom
 CPU backend the decode step samples in NumPy (cpu_decode.py) and the MLP uses a vectorised exp (cpu_kernels.py).
 """
 
+import itertools
 import queue
 import statistics
 import threading
@@ -33,7 +34,10 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from paraloop.config import EngineConfig
 from paraloop.engine import cpu_kernels
+from paraloop.engine.adapters import Adapter
+from paraloop.engine.batches import Routed
 from paraloop.engine.cpu_decode import make_generator
+from paraloop.engine.lora_rows import FIRST_NAMED, RowAdapters
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, STATS_OFF, CacheKey, PrefixCache, supports
 from paraloop.engine.sampling import RowSamplers, effective_temperature, step_logprobs
@@ -41,7 +45,6 @@ from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
 from paraloop.messages import GenerateRequest, TokenEvent
-from paraloop.model import Float32Logits
 
 NO_TOKEN = -1  # the token id of an "abort" event, which carries no generated token
 RATE_WINDOW_S = 10.0  # decode tokens/s is measured over the steps of the last this-many seconds
@@ -53,6 +56,7 @@ class Handle:
 
     request: GenerateRequest
     send: Any  # asyncio side: the request's event stream (only touched on the event loop)
+    adapter: Adapter  # what its rows use: the policy, the base model or a named adapter (held until it ends)
     done: bool = False  # asyncio side: the last event was delivered
 
 
@@ -76,6 +80,17 @@ class Swap:
     drain: bool = False  # sync mode: hold new rows, let running rows finish, then swap (no row mixes versions)
 
 
+@dataclass(eq=False)
+class Install:
+    adapter: Adapter  # read and checked (adapters.py): its arrays are evaluated
+    reply: Callable[[float | Exception], None]  # called on this thread: the pause in seconds, or why it failed
+
+
+@dataclass(eq=False)
+class Uninstall:
+    adapter: Adapter  # no request holds it any more (its rows' Cancels, if any, came first)
+
+
 class Stop:
     pass
 
@@ -90,7 +105,11 @@ class Row:
     top_logprobs: int
     detok: IncrementalDetokenizer
     stops: StopStrings
-    epoch: int  # adapter epoch of the oldest KV the row holds (its cache is reusable only while it is current)
+    epoch: int  # policy epoch of the oldest KV a policy row holds (its cache is reusable only while it is current)
+
+    @property
+    def adapter(self) -> Adapter:
+        return self.handle.adapter
 
     def text_at_end(self) -> str:
         """Pending text once the row ends other than by a stop string (held-back text was not a stop string)."""
@@ -115,6 +134,7 @@ class Worker:
         adapter: AdapterSlots | None,
         version: int,
         deliver: Callable[[list[tuple[Handle, list[TokenEvent], bool]]], None],
+        routes: RowAdapters | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -122,6 +142,7 @@ class Worker:
         self.batch_size = batch_size
         self.adapter = adapter
         self.version = version
+        self.routes = routes  # the model's routed LoRA layers (None: only the policy is served)
         self.deliver = deliver
         self.eos_ids = sorted(tokenizer.eos_token_ids)
         self.error: BaseException | None = None
@@ -147,6 +168,8 @@ class Worker:
         self._leaders: dict[int, Leader] = {}  # uid of a prefilling first row -> its request's sharing state
         self._held: dict[Handle, Leader] = {}  # requests waiting for a leader's prompt KV
         self._planned = 0  # rows of started requests not yet inserted (waiting for their leader)
+        self._positions: set[int] = set()  # stack positions of the installed named adapters
+        self._policy_rows = 0  # rows using the policy (a drain swap waits for these alone)
 
         # Read from other threads (plain values, replaced whole).
         self.requests_served = 0
@@ -183,7 +206,7 @@ class Worker:
                     cpu_kernels.use_on_this_thread()
                 self._prefix = self._make_prefix_cache()
                 self.gen = make_generator(
-                    Float32Logits(self.model),  # a bfloat16 model's logits would not reach NumPy
+                    Routed(self.model, self._position_of),  # float32 logits, each row routed to its adapter
                     numpy_sampling=self._numpy,
                     completion_batch_size=self.batch_size,
                     prefill_batch_size=min(self.config.prefill_batch_size, self.batch_size),
@@ -216,7 +239,7 @@ class Worker:
                     self._unread = commands[i + 1 :]  # taken with the Stop: answered by _abort_all
                     return
                 self._apply(command)
-            if self._draining is not None and not self._rows:
+            if self._draining is not None and not self._policy_rows:
                 swap, self._draining = self._draining, None
                 self._swap(swap)
             self._admit()
@@ -225,6 +248,11 @@ class Worker:
 
     def _idle(self) -> bool:
         return not self._rows and not self._waiting and self._draining is None
+
+    def _position_of(self, uid: int) -> int:
+        position = self._rows[uid].adapter.position
+        assert position is not None, "a row's adapter is installed until the row ends"
+        return position
 
     def _take(self, *, block: bool) -> list[Any]:
         commands = [self._inbox.get()] if block else []  # idle: sleep until a command arrives
@@ -243,10 +271,15 @@ class Worker:
             if self._draining is not None:  # a newer version supersedes the one still draining
                 self._draining.reply(self._draining_superseded(command.version))
                 self._draining = None
-            if command.drain and self._rows:
+            if command.drain and self._policy_rows:
                 self._draining = command
                 return
             self._swap(command)
+        elif isinstance(command, Install):
+            self._install(command)
+        elif isinstance(command, Uninstall):
+            command.adapter.dropping = True
+            self._free(command.adapter)
         else:
             raise TypeError(f"unknown engine command {command!r}")
 
@@ -276,6 +309,41 @@ class Worker:
         if self._prefix is not None:
             self._prefix.release_retired()  # ... and are freed after the pause
 
+    # --- named adapters ----------------------------------------------------------------------------------------------
+
+    def _install(self, command: Install) -> None:
+        """Give a loaded adapter the lowest free stack position; rows may use it from the next forward pass."""
+        start = time.perf_counter()
+        adapter = command.adapter
+        if self.routes is None or adapter.served is None:
+            command.reply(RuntimeError(f"adapter {adapter.name!r} cannot be installed in this engine"))
+            return
+        position = next(p for p in itertools.count(FIRST_NAMED) if p not in self._positions)
+        self.routes.install(position, adapter.served.arrays, adapter.served.scale)
+        self._positions.add(position)
+        adapter.position = position
+        command.reply(time.perf_counter() - start)
+
+    def _free(self, adapter: Adapter) -> None:
+        """Free an unloaded adapter once no row uses it (its requests ended: normally at once)."""
+        if not adapter.dropping or adapter.rows or adapter.position is None or self.routes is None:
+            return
+        self.routes.remove(adapter.position)
+        self._positions.discard(adapter.position)
+        adapter.position = None
+        if self._prefix is not None:
+            self._prefix.retire(adapter.identity)
+            self._prefix.release_retired()
+
+    def _ended(self, uid: int) -> Row:
+        """Forget a row that finished or was removed from the generator."""
+        row = self._rows.pop(uid)
+        row.adapter.rows -= 1
+        self._policy_rows -= row.adapter.policy
+        if row.adapter.dropping:
+            self._free(row.adapter)
+        return row
+
     def _cancel(self, handle: Handle) -> None:
         if handle in self._waiting:
             self._waiting.remove(handle)
@@ -288,7 +356,7 @@ class Worker:
         if running:
             self.gen.remove(running)
             for uid in running:
-                del self._rows[uid]
+                self._ended(uid)
         for uid in uids:
             self._drop_leader(uid)
         self._left.pop(handle, None)
@@ -308,22 +376,30 @@ class Worker:
             return None
         return PrefixCache(max_bytes=self.config.prefix_cache_mb * 2**20)
 
-    @property
-    def _key(self) -> CacheKey:
-        return (BASE_ADAPTER, self.version)
+    def _key(self, adapter: Adapter) -> CacheKey:
+        """The prefix cache's key for KV computed under `adapter` now."""
+        return (adapter.identity, self.version if adapter.policy else adapter.version)
+
+    def _epoch_of(self, adapter: Adapter) -> int:
+        """Only the policy changes in place (a swap); KV of other adapters stays valid while they are served."""
+        return self._epoch if adapter.policy else 0
+
+    def _current(self, adapter: Adapter, epoch: int) -> bool:
+        return epoch == self._epoch_of(adapter)
 
     def _start(self, handle: Handle) -> None:
         """Start a request from the longest cached prefix of its prompt: all rows at once when nothing is left to
         prefill, else its first row (a Leader) now and the others once that row's prompt KV exists. A request
         whose prompt shares much with a leader's still prefilling waits for it (held) instead of computing the
         same KV again."""
-        request = handle.request
+        request, adapter = handle.request, handle.adapter
         prompt, n = request.prompt_tokens, request.n
         head = prompt[:-1]  # the last prompt token is the first decode step's input
         cached, cache = 0, None
+        epoch = self._epoch_of(adapter)
         if self._prefix is not None and head:
-            match = self._prefix.lookup(self._key, head)
-            leader = waiting_for(list(self._leaders.values()), head, match.length, epoch=self._epoch)
+            match = self._prefix.lookup(self._key(adapter), head)
+            leader = waiting_for(list(self._leaders.values()), head, match.length, adapter=adapter, epoch=epoch)
             if leader is not None:
                 leader.held.append(handle)
                 self._held[handle] = leader
@@ -332,11 +408,11 @@ class Worker:
             cached, cache = match.length, PrefixCache.kv(match) or None
         samplers = self._samplers(request.params, n)
         if cached == len(head):
-            self._insert_rows(handle, list(range(n)), samplers, cache, start=cached, epoch=self._epoch)
+            self._insert_rows(handle, list(range(n)), samplers, cache, start=cached, epoch=epoch)
             return
-        (uid,) = self._insert_rows(handle, [0], samplers, cache, start=cached, epoch=self._epoch)
+        (uid,) = self._insert_rows(handle, [0], samplers, cache, start=cached, epoch=epoch)
         if n > 1 or self._prefix is not None:
-            self._leaders[uid] = Leader(handle, head, self._epoch, list(range(1, n)), samplers)
+            self._leaders[uid] = Leader(handle, head, adapter, epoch, list(range(1, n)), samplers)
             self._planned += n - 1
 
     def _prefilled(self, uid: int) -> None:
@@ -347,8 +423,8 @@ class Worker:
             return
         cache, tokens = self.gen.extract_cache([uid])[uid]
         tokens = list(tokens)
-        if self._prefix is not None and leader.epoch == self._epoch:
-            self._prefix.insert(self._key, tokens, cache)
+        if self._prefix is not None and self._current(leader.adapter, leader.epoch):
+            self._prefix.insert(self._key(leader.adapter), tokens, cache)
         if leader.rows:
             self._planned -= len(leader.rows)
             self._insert_rows(leader.handle, leader.rows, leader.samplers, cache, start=len(tokens),
@@ -369,8 +445,8 @@ class Worker:
 
     def _store(self, row: Row, cache: list[Any] | None, tokens: list[int] | None) -> None:
         """Keep a finished row's KV (prompt + completion) for the next turn of its conversation."""
-        if self._prefix is not None and cache and tokens and row.epoch == self._epoch:
-            self._prefix.insert(self._key, list(tokens), cache)
+        if self._prefix is not None and cache and tokens and self._current(row.adapter, row.epoch):
+            self._prefix.insert(self._key(row.adapter), list(tokens), cache)
 
     def _insert_rows(
         self, handle: Handle, rows: list[int], samplers: list[Any], cache: list[Any] | None, *, start: int, epoch: int
@@ -401,6 +477,8 @@ class Worker:
                 stops=StopStrings(params.stop),
                 epoch=epoch,
             )
+        handle.adapter.rows += k
+        self._policy_rows += k * handle.adapter.policy
         self._uids.setdefault(handle, []).extend(uids)
         self._left.setdefault(handle, request.n)
         return uids
@@ -438,19 +516,21 @@ class Worker:
                     text += row.text_at_end()
             top = tops[i][: row.top_logprobs] if row.top_logprobs and tops[i] is not None else None
             pending = out.get(row.handle) or out.setdefault(row.handle, Pending(self._left[row.handle]))
+            adapter = row.adapter
             pending.events.append(
                 TokenEvent(
                     row=row.index,
                     token=response.token,
                     logprob=chosen_l[i],
-                    version=version,
+                    version=version if adapter.policy else adapter.version,
                     text=text,
                     finish_reason=finish,
                     top_logprobs=top,
+                    adapter=adapter.name,
                 )
             )
             if finish is not None:
-                del self._rows[response.uid]
+                self._ended(response.uid)
                 pending.rows_left -= 1
                 self._store(row, response.prompt_cache, response.all_tokens)
         if stopped_by_text:
@@ -474,27 +554,16 @@ class Worker:
 
     def _abort_all(self) -> None:
         """End every request still known to the worker (and any left in the inbox) with "abort" events."""
-        batch = []
         by_handle: dict[Handle, list[TokenEvent]] = {}
         for row in self._rows.values():
-            event = TokenEvent(
-                row=row.index,
-                token=NO_TOKEN,
-                logprob=0.0,
-                version=self.version,
-                text=row.text_at_end(),
-                finish_reason="abort",
-            )
-            by_handle.setdefault(row.handle, []).append(event)
-        self._rows.clear()
+            by_handle.setdefault(row.handle, []).append(self._abort_event(row.handle, row.index, row.text_at_end()))
+        for uid in list(self._rows):
+            self._ended(uid)
         if self._draining is not None:
             self._draining.reply(RuntimeError("the engine stopped before the adapter swap was applied"))
             self._draining = None
         for leader in self._leaders.values():  # rows waiting for their leader's prompt
-            by_handle.setdefault(leader.handle, []).extend(
-                TokenEvent(row=i, token=NO_TOKEN, logprob=0.0, version=self.version, text="", finish_reason="abort")
-                for i in leader.rows
-            )
+            by_handle.setdefault(leader.handle, []).extend(self._abort_event(leader.handle, i) for i in leader.rows)
         self._leaders.clear()
         self._planned = 0
         self._waiting.extend(self._held)
@@ -507,21 +576,23 @@ class Worker:
                 waiting.remove(command.handle)
             elif isinstance(command, Swap):
                 command.reply(RuntimeError("the engine stopped before the adapter swap was applied"))
+            elif isinstance(command, Install):
+                command.reply(RuntimeError(f"the engine stopped before adapter {command.adapter.name!r} was loaded"))
         for handle in waiting:
-            by_handle[handle] = [
-                TokenEvent(
-                    row=i, token=NO_TOKEN, logprob=0.0, version=self.version, text="", finish_reason="abort"
-                )
-                for i in range(handle.request.n)
-            ]
+            by_handle[handle] = [self._abort_event(handle, i) for i in range(handle.request.n)]
         self._waiting.clear()
-        for handle, events in by_handle.items():
-            batch.append((handle, events, True))
+        batch = [(handle, events, True) for handle, events in by_handle.items()]
         self._left.clear()
         self._uids.clear()
         self._count_active()
         if batch:
             self.deliver(batch)
+
+    def _abort_event(self, handle: Handle, row: int, text: str = "") -> TokenEvent:
+        adapter = handle.adapter
+        version = self.version if adapter.policy else adapter.version
+        return TokenEvent(row=row, token=NO_TOKEN, logprob=0.0, version=version, text=text, finish_reason="abort",
+                          adapter=adapter.name)  # fmt: skip
 
     # --- statistics ---------------------------------------------------------------------------------------------
 
