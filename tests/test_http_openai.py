@@ -13,7 +13,7 @@ NO_EOS = {"ignore_eos": True}  # every completion runs to max_tokens: lengths an
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
-    with running_server(tiny_model_path) as s:
+    with running_server(tiny_model_path, overrides={"server": {"served_model_name": "m"}}) as s:
         yield s
 
 
@@ -32,7 +32,7 @@ def chat_prompt_tokens(server, messages) -> list[int]:
 
 
 def test_chat_completion_applies_the_chat_template_and_counts_tokens(server, client):
-    r = client.chat.completions.create(model="anything", messages=MESSAGES, max_tokens=6, extra_body=NO_EOS)
+    r = client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=6, extra_body=NO_EOS)
     [choice] = r.choices
     assert r.object == "chat.completion" and r.model == server.app[STATE].model_name
     assert choice.message.role == "assistant" and choice.finish_reason == "length"
@@ -140,7 +140,7 @@ def test_a_live_adapter_swap_changes_the_policy_between_two_tokens(tiny_model_pa
     from mlx_lm.models.cache import make_prompt_cache
 
     prompt = [5, 6]
-    with running_server(tiny_model_path, lora=True) as s:
+    with running_server(tiny_model_path, lora=True, overrides={"server": {"served_model_name": "m"}}) as s:
         initial = dict(adapter_arrays(s.model))
         swapped = {k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.2
                    for i, (k, v) in enumerate(sorted(initial.items()))}  # fmt: skip
@@ -192,7 +192,7 @@ def test_a_live_adapter_swap_changes_the_policy_between_two_tokens(tiny_model_pa
 
 
 def test_models_and_health(server, client):
-    [card] = client.models.list().data
-    assert card.id == server.settings.model.base_path.rstrip("/").rsplit("/", 1)[-1]
+    served, base = client.models.list().data  # the served model (its default adapter), and the bare base model
+    assert (served.id, base.id) == ("m", "base") and base.model_extra["parent"] == "m"
     health = server.get("/health")
     assert health.status_code == 200 and health.json() == {"status": "ok", "adapter_version": 0}

@@ -14,12 +14,14 @@ EXPECTED = {
     ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/generate", "post"), ("/v1/models", "get"),
     ("/health", "get"), ("/openapi.json", "get"), ("/control/status", "get"), ("/control/pause", "post"),
     ("/control/resume", "post"), ("/control/step", "post"), ("/control/snapshot", "post"), ("/control/stop", "post"),
-    ("/metrics", "get"),
+    ("/metrics", "get"), ("/v1/load_lora_adapter", "post"), ("/v1/unload_lora_adapter", "post"),
 }
 MINIMAL = {
     "/v1/completions": {"prompt": "hi", "max_tokens": 1},
     "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
     "/generate": {"prompt": {"prompt_token_ids": [5, 6]}, "max_tokens": 1},
+    "/v1/load_lora_adapter": {"lora_name": "x", "lora_path": "/nonexistent"},
+    "/v1/unload_lora_adapter": {"lora_name": "x"},
 }
 
 

@@ -115,6 +115,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return None
 
 
+def step_dir_of(run_dir: str | Path, name: str) -> Path | None:
+    """The run's checkpoint dir `name` ("step_000040" or "initial_adapter"), if it is there."""
+    if not (STEP_DIR.fullmatch(name) or name == INITIAL_ADAPTER):
+        return None
+    path = checkpoints_dir(run_dir) / name
+    return path if path.is_dir() else None
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A step dir from a step dir, a run dir or its checkpoints/ dir (-> latest). Raises CheckpointError."""
     path = Path(path)

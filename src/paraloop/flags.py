@@ -52,6 +52,9 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--control-token": ("server.control_token", str, "bearer token for /control (and every route but /health)"),
     "--served-model-name": ("server.served_model_name", str, "model name reported by /v1/models"),
     "--diverse-mode": ("engine.diverse_mode", "bool", "the predecessor's flag: no effect (samples are always independent)"),
+    "--lora-modules": ("server.lora_modules", "name=path", "named adapters served beside the policy (vLLM's flag)"),
+    "--max-loras": ("server.max_loras", int, "most named adapters loaded at once"),
+    "--max-lora-rank": ("server.max_lora_rank", int, "highest rank of a named adapter"),
 }
 
 
@@ -64,6 +67,13 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def parse_name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def add_config_flags(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
     """Add `--config`, `--set` and the override flags (all, or only the flags named in `only`)."""
     parser.add_argument("--config", help="TOML configuration file")
@@ -74,6 +84,9 @@ def add_config_flags(parser: argparse.ArgumentParser, *, only: tuple[str, ...] |
         if kind == "bool":
             group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                                metavar="BOOL", help=f"{help_} [{key}]")
+        elif kind == "name=path":
+            group.add_argument(flag, type=parse_name_path, nargs="+", action="extend", default=argparse.SUPPRESS,
+                               metavar="NAME=PATH", help=f"{help_} [{key}]")
         else:
             group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{help_} [{key}]")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -87,7 +100,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for flag, (key, _, _) in FLAGS.items():
         dest = flag.lstrip("-").replace("-", "_")
         if dest in given:
-            tree = set_dotted(tree, key, given[dest])
+            value = given[dest]
+            tree = set_dotted(tree, key, dict(value) if FLAGS[flag][1] == "name=path" else value)
     for item in given.get("set") or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

@@ -1,7 +1,7 @@
 """`paraloop serve`: serve a model (and optionally a LoRA adapter) over the HTTP API, no training.
 
-In: --model-path, a model directory or a Hugging Face repo id (and --revision, --lora-path, --host, --port,
---config, --compute, --set KEY=VALUE ...).
+In: --model-path, a model directory or a Hugging Face repo id (and --revision, --lora-path, --lora-modules
+NAME=PATH ..., --host, --port, --config, --compute, --set KEY=VALUE ...).
 Out: the engine and the HTTP server running in one anyio task group until SIGINT/SIGTERM, then a clean exit 0:
 new requests get 503, in-flight generations end (finish_reason "abort"), the socket closes. Bad input (missing
 model, a repo id not cached while offline, unreadable adapter, bad config, port in use) is one
@@ -17,6 +17,7 @@ import anyio
 
 from paraloop.config import ConfigError, Settings, public_dump
 from paraloop.engine import Engine
+from paraloop.engine.adapters import load_modules
 from paraloop.flags import add_config_flags, settings_from_args
 from paraloop.lora import AdapterSlots, apply_adapter
 from paraloop.model import load_model
@@ -26,7 +27,7 @@ from paraloop.server.state import served_model_name
 log = logging.getLogger("paraloop.serve")
 
 SERVE_FLAGS = ("--model-path", "--revision", "--lora-path", "--compute", "--host", "--port", "--control-token",
-               "--served-model-name", "--diverse-mode")
+               "--served-model-name", "--diverse-mode", "--lora-modules", "--max-loras", "--max-lora-rank")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +71,11 @@ async def serve(engine: Engine, settings: Settings) -> str | None:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
+            try:
+                await load_modules(engine.adapters, settings.server.lora_modules)
+            except ValueError as e:
+                tg.cancel_scope.cancel()
+                return str(e)
             try:
                 port = await tg.start(serve_http, app, host, port)
             except OSError as e:  # the port is taken or the host does not resolve

@@ -99,6 +99,7 @@ class Adapters:
         uninstall: Callable[[Adapter], None],
         find: Callable[[str], Path | None] | None = None,
     ) -> None:
+        """`find("step_000040")`: the checkpoint dir a name "policy@step_000040" loads, or None (not served)."""
         from paraloop.engine.lora_rows import BASE as BASE_POSITION
         from paraloop.engine.lora_rows import POLICY as POLICY_POSITION
 
@@ -144,9 +145,10 @@ class Adapters:
             return self._hold(self.base)
         adapter = self._named.get(name)
         if adapter is None:
-            path = self._find(name) if self._find is not None and CHECKPOINT.fullmatch(name) else None
+            checkpoint = CHECKPOINT.fullmatch(name)
+            path = self._find(checkpoint[1]) if self._find is not None and checkpoint else None
             if path is None:
-                raise AdapterNotFound(f"no adapter named {name!r} (served: {', '.join(self.names())})")
+                raise AdapterNotFound(f"{name!r} names no served model or adapter (GET /v1/models lists them)")
             adapter = self._reserve(name, path, on_demand=True, field="model")
             self._hold(adapter)
             with anyio.CancelScope(shield=True):  # others may be waiting for this load: it always finishes
@@ -304,3 +306,15 @@ async def on_own_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
     if not ok:
         raise value
     return value
+
+
+async def load_modules(adapters: Adapters, modules: dict[str, str]) -> None:
+    """server.lora_modules (name -> path), loaded as the engine starts: the operator's own paths, so not held to
+    server.lora_dirs. Raises ValueError naming the key of the first that cannot be served."""
+    for name, path in modules.items():
+        try:
+            await adapters.load(name, path)
+        except AdapterError as e:
+            raise ValueError(f"server.lora_modules.{name}: {e.message}") from None
+        except EngineBusy as e:
+            raise ValueError(f"server.lora_modules.{name}: {e}") from None

@@ -55,7 +55,7 @@ class Engine:
     ) -> None:
         """`adapter`: the policy's slots (None: the bare base model is the default). Named adapters (at most
         `max_loras`, of rank <= `max_lora_rank`) can be served beside it unless the policy is full weights (no LoRA
-        layers); `find_adapter(name)` is where a checkpoint name (`policy@step_000040`) is found on disk."""
+        layers); `find_adapter("step_000040")` is the checkpoint dir a request naming `policy@step_000040` loads."""
         if batch_size < 1 or max_queue < 1:
             raise ValueError(f"batch_size and max_queue must be >= 1, got {batch_size} and {max_queue}")
         # Lazily initialised arrays (fresh LoRA) would otherwise be evaluated on the engine thread's stream.

@@ -120,8 +120,11 @@ async def build_parts(settings: Settings, thread: Any) -> Parts:
     elif models.adapter_config is not None:
         await thread.call(checkpoint.write_initial_adapter, run_dir, trainer.adapter(), models.adapter_config,
                           settings.checkpoint.adapter_format)
+    find = None
+    if settings.server.checkpoint_adapters and rl.train_mode == "lora":
+        find = partial(checkpoint.step_dir_of, run_dir)  # "policy@step_000040" is served from it
     engine = Engine.from_settings(models.engine_model, models.tokenizer, settings, adapter=slots,
-                                  version=trainer.version)
+                                  version=trainer.version, find_adapter=find)
     parts = Parts(trainer=trainer, thread=thread, engine=engine, source=None, source_status=dict,
                   adapter_config=models.adapter_config, tokenizer=models.tokenizer,
                   resumed=models.resumed is not None, ranks=ranks, watcher=watcher)
@@ -206,6 +209,7 @@ async def run_actors(
     (evaluation.eval_plan; None: none). `reporters`: where metrics go (default: those `[logging]` names)."""
     from paraloop.atropos.evals import EVAL_DIR, AtroposEvals
     from paraloop.dashboard import LiveRun, dashboard_routes
+    from paraloop.engine.adapters import load_modules
     from paraloop.learn.algorithms import get_algorithm
     from paraloop.messages import AdapterPublished, EvalFinished, RolloutBatch, SaveCheckpoint, StepFinished
     from paraloop.run import peers
@@ -304,6 +308,10 @@ async def run_actors(
 
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run, name="engine")
+        try:
+            await load_modules(engine.adapters, settings.server.lora_modules)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
         port = await tg.start(serve_http, app, settings.server.host,
                               peers.bound_port(settings, ranks.rank) if ranks else settings.server.port, name="http")
         status.http_port = port

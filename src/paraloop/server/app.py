@@ -18,6 +18,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from anyio.abc import TaskStatus
 
 from paraloop.config import Settings
+from paraloop.server import adapter_routes
 from paraloop.server.errors import APIError, error_middleware
 from paraloop.server.generate_route import generate
 from paraloop.server.metrics import METRICS, Metrics, engine_families, metrics_middleware, metrics_route
@@ -94,12 +95,6 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "adapter_version": state.engine.version})
 
 
-async def models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "paraloop"}
-    return json_response({"object": "list", "data": [card]})
-
-
 def make_app(
     engine: Any,
     *,
@@ -121,7 +116,8 @@ def make_app(
     app.router.add_routes(
         [
             web.get("/health", health, allow_head=True),
-            web.get("/v1/models", models, allow_head=False),
+            web.get("/v1/models", adapter_routes.models, allow_head=False),
+            *adapter_routes.ROUTES,
             web.post("/v1/completions", completions),
             web.post("/v1/chat/completions", chat_completions),
             web.post("/generate", generate),

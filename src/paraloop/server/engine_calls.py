@@ -11,6 +11,7 @@ from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any, NamedTuple
 
 from paraloop.engine import EngineBusy, RequestError, RowAccumulator
+from paraloop.engine.adapters import AdapterError, AdapterNotFound
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.errors import APIError, bad_request
 from paraloop.server.metrics import first_token
@@ -23,6 +24,7 @@ class Prepared(NamedTuple):
 
     request: GenerateRequest
     fields: dict[str, str]
+    model: str = ""  # the model id the request named (echoed in the response), or the served name
 
 
 def distinct_versions(versions: list[int]) -> list[int]:
@@ -38,7 +40,8 @@ def open_generation(
 
 async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, str]) -> TokenEvent | None:
     """Pull the first event, where the engine refuses a request: EngineBusy -> 429, RequestError -> 400 naming the
-    HTTP field (`fields` maps engine field names such as "prompt" to the route's own, e.g. "messages")."""
+    HTTP field (`fields` maps engine field names such as "prompt" to the route's own, e.g. "messages"), a `model`
+    that names no adapter -> 404, an adapter that cannot be loaded -> 400."""
     try:
         event = await anext(events)
         first_token()
@@ -54,6 +57,10 @@ async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, st
         ) from None
     except RequestError as e:
         raise bad_request(fields.get(e.field, e.field), e.message) from None
+    except AdapterNotFound as e:
+        raise APIError(404, f"model: {e}", param="model", code="model_not_found") from None
+    except AdapterError as e:
+        raise bad_request("model", e.message) from None
 
 
 async def collect(engine: Any, prepared: Prepared) -> list[RowAccumulator]:

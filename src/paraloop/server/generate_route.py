@@ -3,7 +3,8 @@
 In: {"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, "n", "max_tokens", "temperature", "top_p", "stop", ...}
 (or "prompt": "<text>", encoded with the tokenizer's special tokens; never a chat template).
 Out: {"text": [...], "prompt": str, "prompt_token_ids": [...], "token_ids": [[...]], "finish_reasons": [...],
-"logprobs": [[[{"<token_id>": logprob, ...}] per token] per completion], "adapter_version", "adapter_versions"}.
+"logprobs": [[[{"<token_id>": logprob, ...}] per token] per completion], "adapter", "adapter_version",
+"adapter_versions"}. `model`, when given, selects the adapter as in the OpenAI routes.
 Each logprobs entry is a one-element list holding a dict whose FIRST key is the sampled token (Atropos reads
 `list(item[0].items())[0]`), followed by the top-`logprobs` alternatives. With "stream": true the answer is
 vLLM's newline-delimited JSON, one {"text": [prompt + text so far, ...]} line per generated token.
@@ -58,11 +59,12 @@ def generate_request(state: ServerState, body: GenerateBody) -> Prepared:
         check_sizes(n=body.n or 1, params=params, config=config)
     tokens = encode_prompt(state.tokenizer, prompt, field=prompt_field, config=config)
     request = GenerateRequest(
-        request_id=f"gen-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params
+        request_id=f"gen-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params,
+        adapter=state.adapter_of(body.model),
     )
     with request_errors(fields):
         state.engine.check(request)
-    return Prepared(request, fields=fields)
+    return Prepared(request, fields=fields, model=body.model or state.model_name)
 
 
 def token_logprobs(row: RowAccumulator) -> list[list[dict[str, float]]]:
@@ -93,6 +95,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             "token_ids": [row.tokens for row in rows],
             "finish_reasons": [row.finish_reason for row in rows],
             "logprobs": [token_logprobs(row) for row in rows],
+            "adapter": next((row.adapter for row in rows if row.adapter), None),
             "adapter_version": oldest[0] if oldest else state.engine.version,
             "adapter_versions": [distinct_versions(row.versions) for row in rows],
         }

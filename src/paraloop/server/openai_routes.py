@@ -3,8 +3,10 @@
 In: an OpenAI request body. Out: an OpenAI response whose standard fields are exactly standard (the official
 `openai` client parses them), plus paraloop's extras on every choice and stream chunk:
 `token_ids` (generated ids), `token_logprobs` (per-token logprob of the sampled token under the distribution it
-was sampled from, as the engine recorded it) and `adapter_versions` (adapter versions that produced the tokens,
-usually one); the response carries `adapter_version` (the oldest of them) and `adapter_versions`.
+was sampled from, as the engine recorded it), `adapter` (the adapter that produced them: "policy", "base" or a
+named adapter) and `adapter_versions` (adapter versions that produced the tokens, usually one); the response
+carries `adapter`, `adapter_version` (the oldest of them) and `adapter_versions`. `model` selects the adapter
+(ServerState.adapter_of) and is echoed as given.
 Usage counts tokens: the prompt once, completion tokens summed over choices.
 """
 
@@ -69,6 +71,7 @@ def extras(row: RowAccumulator) -> dict[str, Any]:
     return {
         "token_ids": row.tokens,
         "token_logprobs": row.logprobs,
+        "adapter": row.adapter,
         "adapter_versions": distinct_versions(row.versions),
     }
 
@@ -76,6 +79,7 @@ def extras(row: RowAccumulator) -> dict[str, Any]:
 def top_level_versions(rows: list[RowAccumulator], current: int) -> dict[str, Any]:
     distinct = distinct_versions([v for row in rows for v in row.versions])
     return {
+        "adapter": next((row.adapter for row in rows if row.adapter), None),
         "adapter_version": distinct[0] if distinct else current,
         "adapter_versions": distinct or [current],
     }
@@ -127,11 +131,12 @@ def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
         state.tokenizer, prompt_tokens_of(body.prompt, field="prompt"), field="prompt", config=config
     )
     request = GenerateRequest(
-        request_id=f"cmpl-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params
+        request_id=f"cmpl-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params,
+        adapter=state.adapter_of(body.model),
     )
     with request_errors(fields):
         state.engine.check(request)
-    return Prepared(request, fields=fields)
+    return Prepared(request, fields=fields, model=body.model or state.model_name)
 
 
 def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
@@ -199,10 +204,11 @@ def chat_request(state: ServerState, body: ChatBody) -> Prepared:
         prompt_tokens=chat_prompt(state.tokenizer, body, config=config),
         n=body.n or 1,
         params=params,
+        adapter=state.adapter_of(body.model),
     )
     with request_errors(fields):
         state.engine.check(request)
-    return Prepared(request, fields=fields)
+    return Prepared(request, fields=fields, model=body.model or state.model_name)
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -214,7 +220,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prepared = completion_request(state, body)
     k = body.logprobs
     if body.stream:
-        chunks = Chunks(state, prepared.request, chat=False, logprobs=k, include_usage=_include_usage(body))
+        chunks = Chunks(state, prepared, chat=False, logprobs=k, include_usage=_include_usage(body))
         return await stream(request, state, prepared, chunks)
     rows = await collect(state.engine, prepared)
     choices = [
@@ -227,7 +233,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         }
         for i, row in enumerate(rows)
     ]
-    return json_response(_envelope(state, prepared.request, "text_completion", choices, rows))
+    return json_response(_envelope(state, prepared, "text_completion", choices, rows))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -236,7 +242,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prepared = chat_request(state, body)
     k = (body.top_logprobs or 0) if body.logprobs else None
     if body.stream:
-        chunks = Chunks(state, prepared.request, chat=True, logprobs=k, include_usage=_include_usage(body))
+        chunks = Chunks(state, prepared, chat=True, logprobs=k, include_usage=_include_usage(body))
         return await stream(request, state, prepared, chunks)
     rows = await collect(state.engine, prepared)
     choices = [
@@ -249,7 +255,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         }
         for i, row in enumerate(rows)
     ]
-    return json_response(_envelope(state, prepared.request, "chat.completion", choices, rows))
+    return json_response(_envelope(state, prepared, "chat.completion", choices, rows))
 
 
 def _include_usage(body: CompletionBody | ChatBody) -> bool:
@@ -257,13 +263,14 @@ def _include_usage(body: CompletionBody | ChatBody) -> bool:
 
 
 def _envelope(
-    state: ServerState, gen: GenerateRequest, obj: str, choices: list, rows: list[RowAccumulator]
+    state: ServerState, prepared: Prepared, obj: str, choices: list, rows: list[RowAccumulator]
 ) -> dict[str, Any]:
+    gen = prepared.request
     return {
         "id": gen.request_id,
         "object": obj,
         "created": int(time.time()),
-        "model": state.model_name,
+        "model": prepared.model,
         "choices": choices,
         "usage": usage(len(gen.prompt_tokens), sum(len(r.tokens) for r in rows)),
         "system_fingerprint": None,
@@ -281,12 +288,13 @@ class Chunks:
     def __init__(
         self,
         state: ServerState,
-        gen: GenerateRequest,
+        prepared: Prepared,
         *,
         chat: bool,
         logprobs: int | None,
         include_usage: bool,
     ):
+        gen = prepared.request
         self.state, self.gen, self.chat, self.k, self.include_usage = (
             state,
             gen,
@@ -298,7 +306,7 @@ class Chunks:
             "id": gen.request_id,
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()),
-            "model": state.model_name,
+            "model": prepared.model,
         }
         self.started: set[int] = set()
         self.offsets: dict[int, int] = {}

@@ -13,6 +13,7 @@ import msgspec
 from aiohttp import web
 
 from paraloop.config import Settings
+from paraloop.server.adapter_routes import LoadLoraBody, UnloadLoraBody
 from paraloop.server.errors import APIError, bad_request
 from paraloop.server.limits import max_prompt_chars
 from paraloop.server.schemas import Body, ChatBody, CompletionBody, GenerateBody, decode
@@ -24,13 +25,17 @@ BODIES: dict[str, type[Body]] = {
     "/v1/completions": CompletionBody,
     "/v1/chat/completions": ChatBody,
     "/generate": GenerateBody,
+    "/v1/load_lora_adapter": LoadLoraBody,
+    "/v1/unload_lora_adapter": UnloadLoraBody,
 }
 
 SUMMARIES = {
     "/v1/completions": "OpenAI completions (text or token-id prompt); JSON, or SSE with stream=true",
     "/v1/chat/completions": "OpenAI chat completions (the tokenizer's chat template); JSON, or SSE with stream=true",
     "/generate": "vLLM-style generation as Atropos's vllm server type calls it; JSON, or NDJSON with stream=true",
-    "/v1/models": "The served model",
+    "/v1/models": "The served model and every adapter a request's `model` may name (policy, base, named)",
+    "/v1/load_lora_adapter": "Load a LoRA adapter from server.lora_dirs under a name (vLLM's route)",
+    "/v1/unload_lora_adapter": "Stop serving a named adapter; requests using it finish first (vLLM's route)",
     "/health": "Liveness and the adapter version now serving (never needs the token)",
     "/openapi.json": "This document",
     "/control/status": "The run's state: step, versions, paused, queues, metrics, engine statistics",
@@ -73,11 +78,12 @@ class ErrorResponse(msgspec.Struct):
 ERRORS = {
     "400": "Invalid JSON, a wrong type or value, an unknown field, or a limit exceeded (`param` names the field)",
     "401": "server.control_token is set and the bearer token is missing or wrong",
-    "404": "Unknown route",
+    "404": "Unknown route, or a `model` / `lora_name` that names no served adapter",
     "405": "Wrong method (see the Allow header)",
     "408": "The body did not arrive within server.body_timeout_s",
     "413": "Body larger than server.max_body_bytes",
-    "403": "The request carries an Origin (a browser page) not in server.allowed_origins",
+    "403": "The request carries an Origin (a browser page) not in server.allowed_origins, or an adapter path lies "
+           "outside server.lora_dirs",
     "415": "Content-Type is not JSON",
     "429": "The engine is full (requests or KV-cache tokens); retry after Retry-After seconds",
     "503": "The server is shutting down",

@@ -35,7 +35,7 @@ class Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Sampling(Body, kw_only=True):
-    model: str | None = None  # any name is accepted: one model is served
+    model: str | None = None  # the served name (default adapter), "policy", "base" or a named adapter
     n: Count | None = None
     max_tokens: Count | None = None
     temperature: Temperature | None = None

@@ -23,6 +23,12 @@ class ServerState:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def adapter_of(self, model: str | None) -> str | None:
+        """The engine adapter a request's `model` names: the served model's own name (or none) selects the default
+        (the policy when one is served, else the base model); any other id is an adapter's ("policy", "base", a
+        named adapter, a checkpoint), which the engine resolves (unknown: 404)."""
+        return None if model is None or model == self.model_name else model
+
 
 STATE = web.AppKey("paraloop_state", ServerState)
 
