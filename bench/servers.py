@@ -14,6 +14,7 @@ mlx_lm.server turns off batching for requests with a `seed`, so the load never s
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,13 +189,15 @@ async def _closed_loop(url: str, bodies: list[list[dict[str, Any]]], timeout_s: 
 
 
 def closed_loop(srv: Server, *, clients: int, per_client: int, max_tokens: int, n: int | None = None,
-                same_prompt: bool = False, first: int = 0, prefix: str = "", timeout_s: float = 600) -> LoadResult:  # fmt: skip
+                same_prompt: bool = False, first: int = 0, prefix: str = "", timeout_s: float = 600,
+                extra: Callable[[int], dict[str, Any]] | None = None) -> LoadResult:  # fmt: skip
     """`clients` concurrent clients, each sending `per_client` chat requests in a row; prompts are numbered from
-    `first` (distinct prompts per round keep mlx_lm.server's prompt cache from replaying a previous round)."""
+    `first` (distinct prompts per round keep mlx_lm.server's prompt cache from replaying a previous round).
+    `extra(client)`: more body fields for that client's requests (e.g. which adapter)."""
     bodies = [
         [
             story_body(srv, first if same_prompt else first + c * per_client + i, max_tokens=max_tokens, n=n,
-                       prefix=prefix)
+                       prefix=prefix) | (extra(c) if extra else {})
             for i in range(per_client)
         ]
         for c in range(clients)

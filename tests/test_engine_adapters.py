@@ -19,11 +19,12 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import save_config
 
+from adapter_files import random_adapter
 from compute_paths import LOGPROB_TOL
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine, EngineBusy
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
-from paraloop.lora import AdapterSlots, adapter_arrays, adapter_config, apply_adapter, attach_lora, save_adapter
+from paraloop.lora import AdapterSlots, apply_adapter
 from paraloop.messages import Completion, GenerateRequest, SamplingParams
 from paraloop.model import load_model
 
@@ -39,18 +40,6 @@ SHAPES = {
     "last2": LoraConfig(rank=2, keys="all", num_layers=1, scale=4.0),
 }
 POLICY = LoraConfig(rank=4, keys="all", num_layers=-1, scale=2.0)
-
-
-def random_adapter(path: Path, model_path: Path, cfg: LoraConfig, seed: int) -> Path:
-    """An adapter dir with non-zero A and B (a fresh LoRA's B is zero: it would change nothing)."""
-    model, _, _, _ = load_model(model_path)
-    config = adapter_config(cfg, model)
-    attach_lora(model, config, seed=seed)
-    mx.random.seed(seed + 1000)
-    arrays = {k: mx.random.normal(v.shape) * (v.shape[0] ** -0.5 if k.endswith("lora_a") else 0.3)
-              for k, v in adapter_arrays(model).items()}  # fmt: skip
-    save_adapter(path, arrays, config)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,7 @@ class Adapter:
     version: int = 0  # a checkpoint's version (from its trainer_state.json); 0 for other named adapters
     on_demand: bool = False  # a checkpoint a request named: evicted when room is needed
     identity: str = ""  # unique per load: the prefix cache keys KV by it
+    install_s: float = 0.0  # how long decoding paused to take it
     created: int = field(default_factory=lambda: int(time.time()))
     # Event loop.
     users: int = 0  # requests holding it (and loads waiting for it)
@@ -242,7 +243,7 @@ class Adapters:
             adapter.served = await on_own_thread(read_for_serving, adapter.path, self.targets,
                                                  max_rank=self.max_rank)  # fmt: skip
             adapter.version = checkpoint_version(Path(adapter.path))
-            await self._install(adapter)
+            adapter.install_s = await self._install(adapter)
         except (OSError, ValueError) as e:
             adapter.error = AdapterError("model" if adapter.on_demand else "lora_path", str(e))
         except Exception as e:  # the engine stopped: still a clean refusal for the waiting requests

@@ -44,9 +44,11 @@ def card(state: ServerState, model_id: str, *, parent: str | None = None, root: 
 
 
 def adapter_card(state: ServerState, adapter: Adapter) -> dict[str, Any]:
-    root = adapter.path or (state.settings.model.lora_path if adapter.policy else None)
+    served = {"policy": state.settings.model.lora_path, "base": state.settings.model.base_path}
+    root = adapter.path or served.get(adapter.kind)
+    version = state.engine.version if adapter.policy else adapter.version
     return card(state, adapter.name, parent=state.model_name, root=root,
-                created=adapter.created) | {"adapter_version": adapter.version}  # fmt: skip
+                created=adapter.created) | {"adapter_version": version}  # fmt: skip
 
 
 async def models(request: web.Request) -> web.Response:

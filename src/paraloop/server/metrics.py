@@ -157,6 +157,8 @@ def engine_families(stats: dict[str, float]) -> Iterator[Metric]:
         "prefix_cache_max_bytes": ("paraloop_prefix_cache_max_bytes", "the prefix cache's bound (engine.prefix_cache_mb)"),
         "prefix_cache_entries": ("paraloop_prefix_cache_entries", "cached KV segments (radix tree nodes)"),
         "prefix_cache_stored_tokens": ("paraloop_prefix_cache_stored_tokens", "tokens the cached KV segments hold"),
+        "adapters_loaded": ("paraloop_adapters_loaded", "named LoRA adapters served beside the policy"),
+        "adapter_bytes": ("paraloop_adapter_bytes", "memory the named adapters' arrays take"),
     }  # fmt: skip
     for key, (name, help_) in gauges.items():
         if key in stats:
