@@ -174,6 +174,14 @@ def test_control_api_pause_step_snapshot_stop_and_auth(tiny_model_path, tmp_path
         assert status == 200
         checkpoint = read_checkpoint(snap["path"])
         assert checkpoint.step == two["step"] and checkpoint.adapter
+        # The run's checkpoints are served by name, loaded when first asked for (docs/api.md, Adapters).
+        name, ask = f"policy@{Path(snap['path']).name}", {"prompt": "hello", "max_tokens": 4, "temperature": 0}
+        wait_status(base, token, lambda s: s["serving_version"] == two["step"])
+        status, old = call(f"{base}/v1/completions", "POST", {**ask, "model": name}, token=token)
+        assert status == 200 and old["adapter"] == name and old["adapter_versions"] == [checkpoint.version]
+        _, now = call(f"{base}/v1/completions", "POST", {**ask, "model": "policy"}, token=token)
+        assert now["choices"][0]["token_ids"] == old["choices"][0]["token_ids"], "paused: the policy is the snapshot"
+        assert name in [card["id"] for card in call(f"{base}/v1/models", token=token)[1]["data"]]
         assert call(f"{base}/control/stop", "POST", token=token)[0] == 200
         code, _, err = finish(proc)
     assert code == 0, err[-3000:]

@@ -308,10 +308,11 @@ async def run_actors(
 
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run, name="engine")
-        try:
-            await load_modules(engine.adapters, settings.server.lora_modules)
-        except ValueError as e:
-            raise SetupError(str(e)) from None
+        if settings.server.lora_modules:
+            try:
+                await load_modules(engine.adapters, settings.server.lora_modules)
+            except ValueError as e:
+                raise SetupError(str(e)) from None
         port = await tg.start(serve_http, app, settings.server.host,
                               peers.bound_port(settings, ranks.rank) if ranks else settings.server.port, name="http")
         status.http_port = port
