@@ -9,6 +9,7 @@ import pytest
 from adapter_files import random_adapter
 from http_harness import running_server
 from paraloop.config import LoraConfig
+from paraloop.flags import settings_from_args
 from paraloop.serve import main
 from test_http_serve import Serve
 
@@ -158,3 +159,19 @@ def test_paraloop_serve_serves_lora_modules_from_the_start(tiny_model_path, dirs
     assert main(["--port", "0", "--model-path", str(tiny_model_path), "--lora-modules", "x=/no/such/adapter"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("paraloop: error: server.lora_modules.x: ") and "/no/such/adapter" in line
+
+
+def test_lora_modules_are_parsed_bounded_and_checked_before_a_model_loads(tmp_path):
+    from paraloop.config import ConfigError, load_config
+    from paraloop.serve import build_parser
+    from paraloop.run.preflight import settings_problems
+
+    args = build_parser().parse_args(["--lora-modules", f"a={tmp_path}", "b=/no/such", "--max-loras", "2"])
+    settings = settings_from_args(args)
+    assert settings.server.lora_modules == {"a": str(tmp_path), "b": "/no/such"}
+    problems = settings_problems(settings)
+    assert [p for p in problems if "lora_modules" in p] == ["server.lora_modules.b: /no/such: no such file or directory"]
+    with pytest.raises(ConfigError, match="more than max_loras"):
+        load_config(None, {"server": {"lora_modules": {"a": "x", "b": "y"}, "max_loras": 1}})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--lora-modules", "no-equals-sign"])

@@ -49,9 +49,14 @@ def settings_problems(settings: Settings, *, follower: bool = False) -> list[str
     elif not ckpt.resume and list_checkpoints(ckpt.dir):  # run_async checks this again; here it is found by --dry-run
         problems.append(f"checkpoint.dir: {ckpt.dir} already holds checkpoints of an earlier run: continue it with "
                         f"--resume {ckpt.dir}, or give another --run-dir (nothing is overwritten)")
-    for key, value in (("checkpoint.resume", ckpt.resume), ("model.lora_path", model.lora_path)):
+    paths = [("checkpoint.resume", ckpt.resume), ("model.lora_path", model.lora_path),
+             *((f"server.lora_modules.{name}", path) for name, path in settings.server.lora_modules.items())]
+    for key, value in paths:
         if value and not follower and not Path(value).exists():
             problems.append(f"{key}: {value}: no such file or directory")
+    if settings.server.lora_modules and rl.train_mode == "full":
+        problems.append("server.lora_modules: named LoRA adapters are served beside a LoRA policy only; this run "
+                        "trains every weight (rl_training.train_mode = 'full')")
     if rl.train_mode == "lora" and not (ckpt.resume or model.lora_path or model.auto_init_lora):
         problems.append("nothing to train: set model.auto_init_lora = true or model.lora_path "
                         "(or rl_training.train_mode = 'full' on a non-quantized model)")
