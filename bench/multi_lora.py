@@ -23,7 +23,7 @@ from bench import servers
 from bench.harness import Context, Line, free_port, python_cmd, wait_until
 
 NAME = "multilora"
-TITLE = "10. Many adapters in one batch (SmolLM2-135M, 32 streams, 4 adapters)"
+TITLE = "12. Many adapters in one batch (SmolLM2-135M, 32 streams, 4 adapters)"
 BUDGET_S = 360
 STREAMS = 32
 ADAPTERS = 4
@@ -57,7 +57,7 @@ def plain_layers(model: Any) -> Iterator[None]:
 
     from paraloop.engine.lora_rows import RoutedLoRALinear
 
-    layers = [m for _, m in model.named_modules() if isinstance(m, RoutedLoRALinear)]
+    layers = [m for _, m in model.named_modules() if isinstance(m, RoutedLoRALinear) and m.adapters.policy]
     for layer in layers:
         layer.__class__ = LoRALinear
     try:

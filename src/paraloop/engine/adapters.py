@@ -152,8 +152,12 @@ class Adapters:
                 raise AdapterNotFound(f"{name!r} names no served model or adapter (GET /v1/models lists them)")
             adapter = self._reserve(name, path, on_demand=True, field="model")
             self._hold(adapter)
-            with anyio.CancelScope(shield=True):  # others may be waiting for this load: it always finishes
-                await self._fill(adapter)
+            try:
+                with anyio.CancelScope(shield=True):  # others may be waiting for this load: it always finishes
+                    await self._fill(adapter)
+            except BaseException:
+                self.release(adapter)
+                raise
             return adapter
         self._hold(adapter)
         try:

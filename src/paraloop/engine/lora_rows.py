@@ -201,9 +201,9 @@ class RowAdapters:
             lora = [key for key, m in block.named_modules() if isinstance(m, LoRALinear)]
             for key, module in block.named_modules():
                 if isinstance(module, LoRALinear):
-                    if not isinstance(module, RoutedLoRALinear):
-                        module.__class__ = RoutedLoRALinear  # same object, routed behaviour (see its docstring)
-                        module.adapters = LayerAdapters(self.layout, policy=True)
+                    policy = not isinstance(module, RoutedLoRALinear) or module.adapters.policy
+                    module.__class__ = RoutedLoRALinear  # same object, routed behaviour (see its docstring)
+                    module.adapters = LayerAdapters(self.layout, policy=policy)  # an earlier engine's are gone
                     self.targets[(i, key)] = linear_dims(module)
                 elif isinstance(module, (nn.Linear, nn.QuantizedLinear)) and not any(
                     key.startswith(f"{k}.") for k in lora

@@ -1,6 +1,7 @@
 """The engine thread: one mlx-lm BatchGenerator, continuous batching, adapter swaps between decode steps.
 
-In: commands through a thread-safe inbox (Insert, Cancel, Swap, Stop) from the asyncio side (engine.py).
+In: commands through a thread-safe inbox (Insert, Cancel, Swap, Install, Uninstall, Stop) from the asyncio side
+(engine.py).
 Out: TokenEvents, handed to `deliver(batch)` once per decode step as [(handle, events, finished)]; `deliver` runs
 on this thread and must only schedule work elsewhere. The thread blocks on the inbox while no row is active and
 stops on Stop (or when a step raises), ending every unfinished row with finish_reason "abort".
@@ -10,6 +11,10 @@ All MLX work happens here: since mlx 0.31.2 streams are thread-local, and the ge
 Versions: a swap lands between two `BatchGenerator.next()` calls, and each token is labelled with the version of
 the forward pass that sampled it (the call before the one that returns it). The KV entries a row already holds
 (its prompt, earlier tokens) stay as the older adapter computed them; the learner recomputes logprobs anyway.
+
+Adapters: every request names its adapter (adapters.Adapter: the policy, the base model, or a named adapter that
+Install put at a stack position of the routed LoRA layers, lora_rows.py); each forward pass routes its rows to theirs
+(batches.py). A named adapter is freed (Uninstall) only once no row uses it; KV is cached per adapter.
 
 Shared prefill (sharing.py): a request starts from the longest prefix of its prompt in the prefix cache
 (prefix_cache.py, entries of the serving adapter version only); its first row prefills the rest, and its other
@@ -385,6 +390,9 @@ class Worker:
         return self._epoch if adapter.policy else 0
 
     def _current(self, adapter: Adapter, epoch: int) -> bool:
+        """KV made under `adapter` in `epoch` still serves it (a freed named adapter's never does)."""
+        if adapter.kind == "lora" and adapter.position is None:
+            return False
         return epoch == self._epoch_of(adapter)
 
     def _start(self, handle: Handle) -> None:
