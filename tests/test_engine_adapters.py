@@ -51,9 +51,10 @@ def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def make_engine(model_path: Path, policy: Path | None, *, decode: str = "cpu", **kwargs: Any) -> Engine:
+def make_engine(model_path: Path, policy: Path | None, *, decode: str = "cpu", compute: str = "auto",
+                **kwargs: Any) -> Engine:  # fmt: skip
     """An engine whose policy is the adapter at `policy` (None: the bare base model)."""
-    model, tokenizer, _, _ = load_model(model_path)
+    model, tokenizer, _, _ = load_model(model_path, compute=compute)
     slots = None
     if policy is not None:
         apply_adapter(model, policy)
@@ -74,7 +75,7 @@ def serve(engine: Engine, body, *, deadline: float = 60) -> Any:
     return anyio.run(main)
 
 
-def request(tokens: list[int], adapter: str | None, *, rid: str = "r", **params: Any) -> GenerateRequest:
+def ask(tokens: list[int], adapter: str | None, *, rid: str = "r", **params: Any) -> GenerateRequest:
     params = {"temperature": 0, "max_tokens": 10, "ignore_eos": True, **params}
     return GenerateRequest(request_id=rid, prompt_tokens=tokens, adapter=adapter, params=SamplingParams(**params))
 
@@ -87,14 +88,18 @@ def mixed_specs(tokenizer) -> list[tuple[str | None, dict[str, Any]]]:
     return [spec for pair in zip(greedy, seeded, strict=True) for spec in pair]
 
 
-@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("decode, model, compute", [
+    ("cpu", "tiny_model_path", "auto"), ("mlx-lm", "tiny_model_path", "auto"),
+    ("cpu", "tiny_q4_model_path", "quantized"),  # MLX's quantized kernels under the LoRA terms (Metal, CUDA)
+])  # fmt: skip
 def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_engine_gives_it(
-    tiny_model_path, adapters, decode
+    request, adapters, decode, model, compute
 ):
     """Four named adapters (two ranks, three layer sets), the policy and the base model in one batch: every row's
     tokens and log-probs equal, bit for bit, those of an engine serving only that adapter (as its policy, or no
     adapter at all for the base), fed the same batch of prompts."""
-    engine = make_engine(tiny_model_path, adapters["policy"], decode=decode)
+    model_path = request.getfixturevalue(model)
+    engine = make_engine(model_path, adapters["policy"], decode=decode, compute=compute)
     tokens = [engine.tokenizer.encode(t) for t in TEXTS]  # distinct prompts: no prefill is shared
     specs = mixed_specs(engine.tokenizer)
 
@@ -102,15 +107,15 @@ def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_en
         for name in SHAPES:
             await engine.adapters.load(name, adapters[name])
         out = await engine.complete_many(
-            [request(tokens[i], name, rid=str(i), **p) for i, (name, p) in enumerate(specs)])
+            [ask(tokens[i], name, rid=str(i), **p) for i, (name, p) in enumerate(specs)])
         return [rows[0] for rows in out]
 
     got = serve(engine, mixed)
     for name in [*SHAPES, "base", "policy"]:
-        alone = make_engine(tiny_model_path, None if name == "base" else adapters[name], decode=decode)
+        alone = make_engine(model_path, None if name == "base" else adapters[name], decode=decode, compute=compute)
 
         async def single(engine: Engine) -> list[Completion]:
-            out = await engine.complete_many([request(tokens[i], None, rid=str(i), **p) for i, (_, p) in enumerate(specs)])
+            out = await engine.complete_many([ask(tokens[i], None, rid=str(i), **p) for i, (_, p) in enumerate(specs)])
             return [rows[0] for rows in out]
 
         want = serve(alone, single)
@@ -122,10 +127,11 @@ def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_en
     assert len({tuple(c.tokens) for c in got}) > len(specs) // 2  # the adapters really differ
 
 
-def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_others(tiny_model_path, adapters):
+@pytest.mark.parametrize("decode", DECODES)
+def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_others(tiny_model_path, adapters, decode):
     """A row of one adapter finishes while rows of others go on, and a row of a third adapter joins mid-decode:
     every row still gets its single-adapter tokens (greedy) and log-probs."""
-    engine = make_engine(tiny_model_path, adapters["policy"], decode="mlx-lm")
+    engine = make_engine(tiny_model_path, adapters["policy"], decode=decode)
     prompt_long, prompt_short, prompt_late = (engine.tokenizer.encode(t) for t in TEXTS[:3])
 
     async def body(engine: Engine) -> dict[str, Completion]:
@@ -136,7 +142,7 @@ def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_other
 
         async def long() -> None:
             rows: list[Any] = []
-            async for event in engine.generate(request(prompt_long, "all4", max_tokens=40)):
+            async for event in engine.generate(ask(prompt_long, "all4", max_tokens=40)):
                 rows.append(event)
                 if len(rows) == 12:  # mid-decode, after the short row of another adapter has finished
                     assert short_done.is_set()
@@ -145,11 +151,11 @@ def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_other
                                      versions=[e.version for e in rows], text="", finish_reason="length")
 
         async def short() -> None:
-            out["short"] = (await engine.complete(request(prompt_short, "qv4", max_tokens=4)))[0]
+            out["short"] = (await engine.complete(ask(prompt_short, "qv4", max_tokens=4)))[0]
             short_done.set()
 
         async def late() -> None:
-            out["late"] = (await engine.complete(request(prompt_late, "all8", max_tokens=8)))[0]
+            out["late"] = (await engine.complete(ask(prompt_late, "all8", max_tokens=8)))[0]
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(long)
@@ -159,8 +165,8 @@ def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_other
     got = serve(engine, body)
     for key, name, prompt, max_tokens in (("long", "all4", prompt_long, 40), ("short", "qv4", prompt_short, 4),
                                           ("late", "all8", prompt_late, 8)):  # fmt: skip
-        alone = make_engine(tiny_model_path, adapters[name], decode="mlx-lm")
-        want = serve(alone, lambda e, p=prompt, m=max_tokens: e.complete(request(p, None, max_tokens=m)))[0]
+        alone = make_engine(tiny_model_path, adapters[name], decode=decode)
+        want = serve(alone, lambda e, p=prompt, m=max_tokens: e.complete(ask(p, None, max_tokens=m)))[0]
         assert got[key].tokens == want.tokens, key
         assert max(abs(a - b) for a, b in zip(got[key].logprobs, want.logprobs, strict=True)) < LOGPROB_TOL["dequantized"]
 
@@ -174,26 +180,26 @@ def test_unloading_and_loading_while_rows_run_leaves_them_undisturbed(tiny_model
     async def body(engine: Engine) -> tuple[Completion, Completion]:
         await engine.adapters.load("all4", adapters["all4"])
         events: list[Any] = []
-        async for event in engine.generate(request(prompt, "all4", max_tokens=30)):
+        async for event in engine.generate(ask(prompt, "all4", max_tokens=30)):
             events.append(event)
             if len(events) == 5:
                 engine.adapters.unload("all4")
                 with pytest.raises(AdapterNotFound):
-                    await engine.complete(request(prompt, "all4"))
+                    await engine.complete(ask(prompt, "all4"))
                 await engine.adapters.load("qv4", adapters["qv4"])
                 assert engine.stats()["adapters_loaded"] == 1  # qv4; all4's arrays stay until its row ends
-        await engine.complete(request(prompt, "qv4", max_tokens=1))  # the inbox has passed the Uninstall by now
+        await engine.complete(ask(prompt, "qv4", max_tokens=1))  # the inbox has passed the Uninstall by now
         assert engine._worker._positions == {3}  # noqa: SLF001
         got = Completion(row=0, tokens=[e.token for e in events], logprobs=[e.logprob for e in events],
                          versions=[e.version for e in events], text="", finish_reason="length")
         # The same name can be loaded again (another load: the prefix cache never mixes the two).
         await engine.adapters.load("all4", adapters["all4"])
-        again = (await engine.complete(request(prompt, "all4", max_tokens=30)))[0]
+        again = (await engine.complete(ask(prompt, "all4", max_tokens=30)))[0]
         return got, again
 
     got, again = serve(engine, body)
     want = serve(make_engine(tiny_model_path, adapters["all4"]),
-                 lambda e: e.complete(request(prompt, None, max_tokens=30)))[0]  # fmt: skip
+                 lambda e: e.complete(ask(prompt, None, max_tokens=30)))[0]  # fmt: skip
     assert got.tokens == want.tokens == again.tokens
     assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < LOGPROB_TOL["dequantized"]
 
@@ -211,25 +217,25 @@ def test_checkpoints_load_on_demand_are_bounded_and_evicted_least_recently_used(
 
     async def body(engine: Engine) -> None:
         with pytest.raises(AdapterNotFound):
-            await engine.complete(request(prompt, "policy@step_000009"))
-        held = engine.generate(request(prompt, "policy@step_000001", max_tokens=200))
+            await engine.complete(ask(prompt, "policy@step_000009"))
+        held = engine.generate(ask(prompt, "policy@step_000001", max_tokens=200))
         first = await anext(held)  # step 1 loaded, and held by a running request
         assert (first.adapter, first.version) == ("policy@step_000001", 10)  # the checkpoint's adapter version
-        await engine.complete(request(prompt, "policy@step_000002", max_tokens=2))
-        await engine.complete(request(prompt, "policy@step_000003", max_tokens=2))  # evicts step 2, not step 1
+        await engine.complete(ask(prompt, "policy@step_000002", max_tokens=2))
+        await engine.complete(ask(prompt, "policy@step_000003", max_tokens=2))  # evicts step 2, not step 1
         assert [a.name for a in engine.adapters.loaded()] == ["policy@step_000001", "policy@step_000003"]
-        other = engine.generate(request(prompt, "policy@step_000003", max_tokens=200))
+        other = engine.generate(ask(prompt, "policy@step_000003", max_tokens=200))
         await anext(other)
         with pytest.raises(EngineBusy):  # both slots hold adapters in use
-            await engine.complete(request(prompt, "policy@step_000002", max_tokens=2))
+            await engine.complete(ask(prompt, "policy@step_000002", max_tokens=2))
         await held.aclose()
         await other.aclose()
-        got = (await engine.complete(request(prompt, "policy@step_000002", max_tokens=6)))[0]  # room again
+        got = (await engine.complete(ask(prompt, "policy@step_000002", max_tokens=6)))[0]  # room again
         assert got.adapter == "policy@step_000002"
         return got
 
     got = serve(engine, body)
-    want = serve(make_engine(tiny_model_path, adapters["qv4"]), lambda e: e.complete(request(prompt, None, max_tokens=6)))[0]
+    want = serve(make_engine(tiny_model_path, adapters["qv4"]), lambda e: e.complete(ask(prompt, None, max_tokens=6)))[0]
     assert got.tokens == want.tokens
 
 
@@ -241,7 +247,7 @@ def test_the_prefix_cache_reuses_kv_only_under_the_adapter_that_made_it(tiny_mod
         await engine.adapters.load("all4", adapters["all4"])
         out = []
         for adapter, hits in (("all4", 0), ("base", 0), ("policy", 0), ("all4", 1), ("base", 2)):
-            out.append((await engine.complete(request(prompt, adapter)))[0])
+            out.append((await engine.complete(ask(prompt, adapter)))[0])
             assert engine.stats()["prefix_cache_hits"] == hits, adapter
         return out
 
@@ -275,7 +281,7 @@ def test_an_adapter_trained_by_mlx_lm_is_served_as_mlx_lm_loads_it(tiny_model_pa
 
     async def body(engine: Engine) -> Completion:
         await engine.adapters.load("trained", path)
-        return (await engine.complete(request(prompt, "trained", max_tokens=8)))[0]
+        return (await engine.complete(ask(prompt, "trained", max_tokens=8)))[0]
 
     got = serve(engine, body)
     model, _ = mlx_lm_load(str(tiny_model_path), adapter_path=str(path))
