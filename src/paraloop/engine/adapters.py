@@ -244,9 +244,7 @@ class Adapters:
         """Read, check and install `adapter`; on failure, forget it and raise AdapterError (naming the path)."""
         assert adapter.ready is not None
         try:
-            adapter.served = await on_own_thread(read_for_serving, adapter.path, self.targets,
-                                                 max_rank=self.max_rank)  # fmt: skip
-            adapter.version = checkpoint_version(Path(adapter.path))
+            adapter.served, adapter.version = await on_own_thread(self._read, Path(adapter.path))
             adapter.install_s = await self._install(adapter)
         except (OSError, ValueError) as e:
             adapter.error = AdapterError("model" if adapter.on_demand else "lora_path", str(e))
@@ -259,6 +257,10 @@ class Adapters:
         if adapter.error is not None:
             raise adapter.error
         self._free_if_unused(adapter)  # unloaded while it was loading
+
+    def _read(self, path: Path) -> tuple[ServedAdapter, int]:
+        """On the loading thread: the adapter's arrays, checked against the model, and its version."""
+        return read_for_serving(path, self.targets, max_rank=self.max_rank), checkpoint_version(path)
 
     def _drop(self, adapter: Adapter) -> None:
         if self._named.get(adapter.name) is adapter:

@@ -53,7 +53,8 @@ class Engine:
         max_lora_rank: int = 64,
         find_adapter: Callable[[str], Path | None] | None = None,
     ) -> None:
-        """`adapter`: the policy's slots (None: the bare base model is the default). Named adapters (at most
+        """`adapter`: the policy's slots (None: the model's own LoRA layers, if any, are a policy that is never
+        swapped; a model without them serves the bare base model by default). Named adapters (at most
         `max_loras`, of rank <= `max_lora_rank`) can be served beside it unless the policy is full weights (no LoRA
         layers); `find_adapter("step_000040")` is the checkpoint dir a request naming `policy@step_000040` loads."""
         if batch_size < 1 or max_queue < 1:
@@ -67,7 +68,8 @@ class Engine:
         lora = adapter is None or has_lora(model)  # a full-weight policy leaves no base model to add adapters to
         routes = RowAdapters(model) if lora else None
         self.adapters = Adapters(
-            policy=adapter is not None, lora=lora, targets=routes.targets if routes else {}, max_loras=max_loras,
+            policy=adapter is not None or has_lora(model),  # LoRA layers without slots: a policy never swapped
+            lora=lora, targets=routes.targets if routes else {}, max_loras=max_loras,
             max_rank=max_lora_rank, install=self._install, uninstall=self._uninstall, find=find_adapter,
         )  # fmt: skip
         self._vocab = vocab_size(model, tokenizer)
