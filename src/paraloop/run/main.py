@@ -16,7 +16,6 @@ input, 3 stalled past stall_timeout, 130 a second SIGINT/SIGTERM or an interrupt
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import anyio
 
 from paraloop.config import ConfigError, Settings, public_dump
 from paraloop.flags import add_config_flags, settings_from_args
+from paraloop.logs import hard_exit
 from paraloop.run.setup import SetupError
 
 log = logging.getLogger("paraloop.run")
@@ -60,18 +60,6 @@ async def watch_signals(
                 # user asked not to wait for it. The newest checkpoint on disk stands (a half-written one is a
                 # hidden .tmp dir that the next write removes); fetched batches are in the journal.
                 hard_exit(130, f"second {signal.Signals(signum).name}: exiting now, without a final checkpoint")
-
-
-def hard_exit(code: int, message: str) -> None:
-    """End the process now, skipping the orderly shutdown (a second signal; a thread that will never return, which
-    could be neither cancelled nor joined). Says why first."""
-    log.error(message)
-    print(f"paraloop: {message}", file=sys.stderr)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    logging.shutdown()
-    os._exit(code)
 
 
 @dataclass

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,21 +29,11 @@ import msgspec
 from aiohttp import web
 
 from paraloop.distributed import PeerLost, Ranks
+from paraloop.logs import hard_exit
 
 log = logging.getLogger("paraloop.peers")
 
 WILDCARDS = ("", "0.0.0.0", "::", "[::]")
-
-
-def hard_exit(code: int, message: str) -> None:
-    """End the process now: a thread blocked in a collective can be neither cancelled nor joined. Says why first."""
-    log.error(message)
-    print(f"paraloop: {message}", file=sys.stderr)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    logging.shutdown()
-    os._exit(code)
 
 
 async def connect(backend: str, thread: Any, wait_s: float, *, exit_: Callable[[int, str], Any] = hard_exit) -> Ranks:
