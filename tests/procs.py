@@ -59,13 +59,20 @@ def run(cmd: Sequence[str], *, timeout: float, **kwargs: Any) -> subprocess.Comp
     """subprocess.run(cmd, capture_output=True, text=True) whose whole process group dies on a timeout or an error.
     A timeout fails the test (AssertionError with the end of stderr)."""
     with running(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            out, err = proc.communicate()
-            raise AssertionError(f"{' '.join(map(str, cmd))} did not finish in {timeout} s:\n{err[-3000:]}") from None
+        out, err = communicate(proc, timeout=timeout)
         return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+
+
+def communicate(proc: subprocess.Popen, *, timeout: float) -> tuple[Any, Any]:
+    """proc.communicate(timeout); on a timeout its process group is killed and the test fails (AssertionError with
+    the end of stderr)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        _, err = proc.communicate()
+        cmd = proc.args if isinstance(proc.args, str) else " ".join(map(str, proc.args))
+        raise AssertionError(f"{cmd} did not finish in {timeout} s:\n{(err or '')[-3000:]}") from None
 
 
 class Lines:

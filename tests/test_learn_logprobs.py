@@ -16,12 +16,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_learn_loss import NORM, OPTIONS, B, T, V, loss_settings, np_grad, np_loss, random_inputs, with_importance
+from test_learn_loss import NORM, OPTIONS, B, T, V, mx_policy_loss, np_grad, np_loss, random_inputs, with_importance
 
-from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.head import IDENTITY, LogitsHead, Transform, logits_head
 from paraloop.learn.logprobs import auto_chunk_tokens, chunked_logprobs, forward_logprobs
-from paraloop.learn.loss import aggregation_weights, policy_loss
+from paraloop.learn.loss import aggregation_weights
 
 D = 5
 
@@ -54,21 +53,7 @@ def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, p
             model, head, h, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32),
             chunk_tokens=chunk, positions=flat, entropy_grad=opt.get("entropy_weight", 0.0) != 0,
         )  # fmt: skip
-        loss, _ = policy_loss(
-            logp,
-            entropy,
-            mask=mx.array(inp["mask"]),
-            weights=mx.array(w),
-            advantages=mx.array(inp["advantages"], mx.float32),
-            old_logp=mx.array(inp["old_logp"], mx.float32),
-            ref_logp=mx.array(inp["ref_logp"], mx.float32),
-            importance_weight=(
-                mx.array(inp["importance_weight"], mx.float32) if "importance_weight" in inp else None
-            ),
-            token_loss=get_algorithm(opt.get("algorithm", "grpo")).token_loss,
-            settings=loss_settings(opt),
-        )
-        return loss
+        return mx_policy_loss(logp, entropy, inp, w, opt)
 
     params = {"weight": module.weight}
     value, (dh, dp) = mx.value_and_grad(f, argnums=(0, 1))(mx.array(hidden, mx.float32), params)

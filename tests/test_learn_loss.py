@@ -135,28 +135,30 @@ def with_importance(inp: dict, opt: dict) -> dict:
     return {**inp, "importance_weight": np.array(iw)}
 
 
+def mx_policy_loss(logp, entropy, inp: dict, weights: np.ndarray, opt: dict) -> mx.array:
+    """paraloop's policy_loss on MLX log-probs, with the inputs and option `opt` of the float64 reference."""
+    loss, _ = policy_loss(
+        logp,
+        entropy,
+        mask=mx.array(inp["mask"]),
+        weights=mx.array(weights),
+        advantages=mx.array(inp["advantages"], mx.float32),
+        old_logp=mx.array(inp["old_logp"], mx.float32),
+        ref_logp=mx.array(inp["ref_logp"], mx.float32),
+        importance_weight=mx.array(inp["importance_weight"], mx.float32) if "importance_weight" in inp else None,
+        token_loss=get_algorithm(opt.get("algorithm", "grpo")).token_loss,
+        settings=loss_settings(opt),
+    )
+    return loss
+
+
 def mx_loss(logits, inp, opt):
-    settings = loss_settings(opt)
     weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
     inp = with_importance(inp, opt)
 
     def f(x):
         logp, entropy = token_logprobs(x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32))
-        loss, _ = policy_loss(
-            logp,
-            entropy,
-            mask=mx.array(inp["mask"]),
-            weights=mx.array(weights),
-            advantages=mx.array(inp["advantages"], mx.float32),
-            old_logp=mx.array(inp["old_logp"], mx.float32),
-            ref_logp=mx.array(inp["ref_logp"], mx.float32),
-            importance_weight=(
-                mx.array(inp["importance_weight"], mx.float32) if "importance_weight" in inp else None
-            ),
-            token_loss=get_algorithm(opt.get("algorithm", "grpo")).token_loss,
-            settings=settings,
-        )
-        return loss
+        return mx_policy_loss(logp, entropy, inp, weights, opt)
 
     value, grad = mx.value_and_grad(f)(mx.array(logits, mx.float32))
     return value.item(), np.array(grad, np.float64)
