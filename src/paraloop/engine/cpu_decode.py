@@ -23,7 +23,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import BatchGenerator
 
-from paraloop.engine.batches import RoutedGenerationBatch, RoutedPromptBatch, routed
+from paraloop.engine.batches import (
+    RoutedGenerationBatch,
+    RoutedPromptBatch,
+    fit_cache_growth,
+    generation_left,
+    routed,
+)
 from paraloop.engine.sampling import effective_temperature
 from paraloop.messages import SamplingParams
 
@@ -149,6 +155,7 @@ class NumpyGenerationBatch(RoutedGenerationBatch):
         self._current_tokens = self._next_tokens
         self._current_logprobs = self._next_logprobs
         inputs = self._current_tokens
+        fit_cache_growth(self.prompt_cache, 1, generation_left(self))
         with routed(self):
             logits = self.model(inputs[:, None], cache=self.prompt_cache)[:, -1, :]
         mx.eval(logits)

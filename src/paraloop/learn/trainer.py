@@ -40,7 +40,7 @@ from paraloop.learn.loss import (
     policy_loss,
     rollout_mismatch,
 )
-from paraloop.learn.memory import GiB, MemoryPlanner, PeakMeter, Plan
+from paraloop.learn.memory import GiB, MemoryPlanner, PeakMeter, Plan, return_freed_memory
 from paraloop.learn.mismatch import (
     combine,
     importance_metrics,
@@ -221,6 +221,13 @@ class Trainer:
 
     def step(self, batch: RolloutBatch) -> StepResult:
         """One learner step: every epoch over every micro-batch, everything evaluated on return."""
+        return_freed_memory()  # what generation freed, before the step's activations are allocated ...
+        try:
+            return self._step(batch)
+        finally:
+            return_freed_memory()  # ... and what they freed, before the engine generates again
+
+    def _step(self, batch: RolloutBatch) -> StepResult:
         start = time.perf_counter()
         self.peak.start()
         cfg = self.config
