@@ -58,8 +58,8 @@ def return_freed_memory() -> None:
 
     On the CPU backend MLX's buffers come from malloc, and glibc keeps what is freed in the heap of the thread that
     freed it: the engine's generation buffers stayed resident while the learner's activations took new memory in
-    another thread's heap, so the process held both. Trimming around each learner step costs well under a
-    millisecond here. Elsewhere (macOS, other C libraries) it does nothing."""
+    another thread's heap, so the process held both. Trimming around each learner step costs 3-12 ms in the
+    benchmark's run, next to steps of seconds. Elsewhere (macOS, other C libraries) it does nothing."""
     if _libc is not None:
         _libc.malloc_trim(0)
 
