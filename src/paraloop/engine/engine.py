@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,38 +250,35 @@ class Engine:
         if version < self._promised_version:
             raise ValueError(f"adapter version {version} is older than version {self._promised_version}")
         self._adapter.check(arrays)
-        loop = asyncio.get_running_loop()
-        applied = anyio.Event()
-        result: list[float | Exception] = []
-
-        def reply(outcome: float | Exception) -> None:  # on the engine thread
-            result.append(outcome)
-            loop.call_soon_threadsafe(applied.set)
-
-        if not self._worker.post(Swap(arrays=arrays, version=version, reply=reply, drain=drain)):
-            raise RuntimeError("the engine has stopped")
+        applied = self._post(lambda reply: Swap(arrays=arrays, version=version, reply=reply, drain=drain))
         self._promised_version = version
-        await applied.wait()
-        if isinstance(result[0], Exception):
-            raise result[0]
-        return AdapterSwapped(version=version, pause_s=result[0])
+        return AdapterSwapped(version=version, pause_s=await applied())
 
     async def _install(self, adapter: Adapter) -> float:
         """Hand a loaded adapter to the engine thread; returns once rows can use it (the decode pause it took)."""
+        return await self._post(lambda reply: Install(adapter, reply))()
+
+    def _post(self, command: Callable[[Callable[[float | Exception], None]], Any]) -> Callable[[], Awaitable[float]]:
+        """Post `command(reply)` to the engine thread now (RuntimeError if the engine has stopped); the returned
+        coroutine function waits for the reply: the decode pause it took, or the error it raised there."""
         loop = asyncio.get_running_loop()
-        installed = anyio.Event()
+        done = anyio.Event()
         result: list[float | Exception] = []
 
         def reply(outcome: float | Exception) -> None:  # on the engine thread
             result.append(outcome)
-            loop.call_soon_threadsafe(installed.set)
+            loop.call_soon_threadsafe(done.set)
 
-        if not self._worker.post(Install(adapter, reply)):
+        if not self._worker.post(command(reply)):
             raise RuntimeError("the engine has stopped")
-        await installed.wait()
-        if isinstance(result[0], Exception):
-            raise result[0]
-        return result[0]
+
+        async def wait() -> float:
+            await done.wait()
+            if isinstance(result[0], Exception):
+                raise result[0]
+            return result[0]
+
+        return wait
 
     def _uninstall(self, adapter: Adapter) -> None:
         self._worker.post(Uninstall(adapter))  # a stopped engine frees everything anyway
