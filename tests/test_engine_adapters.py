@@ -6,6 +6,7 @@ On the tiny float32 model, both decode steps (`cpu`: NumPy sampling; `mlx-lm`: i
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import save_config
 
+import test_engine
 from adapter_files import random_adapter
 from compute_paths import LOGPROB_TOL
 from paraloop.config import EngineConfig, LoraConfig
@@ -63,16 +65,7 @@ def make_engine(model_path: Path, policy: Path | None, *, decode: str = "cpu", c
     return Engine(model, tokenizer, config=config, adapter=slots, **kwargs)
 
 
-def serve(engine: Engine, body, *, deadline: float = 60) -> Any:
-    async def main() -> Any:
-        async with anyio.create_task_group() as tg:
-            await tg.start(engine.run)
-            with anyio.fail_after(deadline):
-                result = await body(engine)
-            tg.cancel_scope.cancel()
-        return result
-
-    return anyio.run(main)
+serve = partial(test_engine.serve, deadline=60)
 
 
 def ask(tokens: list[int], adapter: str | None, *, rid: str = "r", **params: Any) -> GenerateRequest:
