@@ -87,11 +87,9 @@ class RoutedPromptBatch(PromptProcessingBatch):
             return super().split(indices)
         indices = sorted(indices)
         keep = sorted(set(range(len(self.uids))) - set(indices))
-        caches, moved = self.prompt_cache, [copy.copy(c) for c in self.prompt_cache]
-        self.prompt_cache = []
-        new_batch = self._copy()  # copies the row lists; the (empty) cache list costs nothing
-        new_batch.prompt_cache = moved
-        self.prompt_cache = caches
+        caches, self.prompt_cache = self.prompt_cache, []
+        new_batch = self._copy()  # copies the row lists; the cache list it deep-copies is empty now
+        self.prompt_cache, new_batch.prompt_cache = caches, [copy.copy(c) for c in caches]
         if keep:  # `filter` gives each side its own gathered arrays, so no array is shared afterwards
             new_batch.filter(indices)
             self.filter(keep)
