@@ -143,7 +143,8 @@ def _run(ctx: Context, run_dir: Path, mode: str, *, steps: int, token_budget: in
             "startup_s": ready_at - start, "train_wall_s": metrics[-1]["time"] - ready_epoch,  # serving -> last step
             "peak_rss": peak, "ready_rss": ready_rss,
             "step_time_s": [m.get("step_time_s") for m in metrics],
-            "train_tokens_per_s": statistics.median(m.get("tokens_per_s", 0.0) for m in metrics[1:] or metrics), "reward_mean": [m.get("reward_mean") for m in metrics],
+            "train_tokens_per_s": statistics.median(m.get("tokens_per_s", 0.0) for m in metrics[1:] or metrics),
+            "reward_mean": [m.get("reward_mean") for m in metrics],
             "samples": samples}  # fmt: skip
 
 
