@@ -280,10 +280,16 @@ class RLTrainingConfig(Section):
     activation_checkpointing: Literal["auto", "always", "never"] = "auto"
     """Recompute each trained transformer block in the backward pass instead of keeping its activations: 3-6x less
     learner memory for ~20-25% more compute (docs/memory.md). auto: for micro-batches whose longest row has at
-    least checkpoint_min_length tokens, and for any row that would not fit the memory target otherwise."""
+    least checkpoint_min_length tokens, and for any micro-batch that would not fit the memory target or the
+    activation budget (activation_memory_ratio) otherwise."""
     checkpoint_min_length: int = Field(1024, ge=1)
     """Row length (tokens) from which activation_checkpointing = "auto" checkpoints: where attention makes
     activations grow with the square of the length (SmolLM2, one row: 1.7 GB at 1024 tokens, 0.43 GB checkpointed)."""
+    activation_memory_ratio: float | None = Field(0.1, gt=0)
+    """Most memory one micro-batch's activations may take, as a ratio to the model's weight bytes (at least 32 MiB).
+    Keeps the learner from spending the memory target on big micro-batches of short rows, which would double a
+    small model's process for little speed; a single row is always allowed. None: only the memory target and
+    token_budget bound micro-batches. See docs/memory.md."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: (r - group mean) / (std + eps) with std of the group, of the batch, or no division."""
     advantage_eps: float = Field(1e-4, gt=0)

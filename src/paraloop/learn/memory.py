@@ -1,25 +1,37 @@
 """Memory-aware micro-batches: how many rows of which length one gradient pass may take within a memory target.
 
-In: `rl_training` (max_memory_gb or max_memory_fraction of the machine, token_budget, activation_checkpointing),
-each step's row lengths, and a probe that runs one gradient pass of (rows, width) synthetic tokens and returns the
+In: `rl_training` (max_memory_gb or max_memory_fraction of the machine, activation_memory_ratio, token_budget,
+activation_checkpointing), the model's weight and gradient bytes, each step's row lengths, and a probe that runs one gradient pass of (rows, width) synthetic tokens and returns the
 bytes it added at its peak. Out: micro-batch plans (row indices, and whether that micro-batch checkpoints its
 blocks), or `SequenceTooLong` - raised before anything big is allocated - when one row cannot fit even alone.
 
-Cost model, per checkpointing mode, fitted to measurements: a gradient pass over b rows of w positions adds
-    fixed + b * w * (per_token + per_token_position * w)
-bytes at its peak over the memory held before it (per_token: activations, the head's chunk, LoRA and dropout
-arrays; per_token_position: attention scores, which grow with the row length). It is measured, not derived, so it
-holds for whatever the backend does (CPU, Metal, CUDA; quantized or not): one-row probes at growing widths (64, 256,
-1024, ...; each only when the previous fit predicts it fits) the first time a length regime is seen, and every real
-micro-batch's own peak afterwards, which can only raise the model (a ratchet). Planned peaks carry a 20% margin.
+Cost model, per checkpointing mode, fitted to measurements: a gradient pass over b rows of w positions, p of them
+scored (the trained positions, which alone go through the LM head), adds
+    fixed + b * w * (per_token + per_token_position * w) + per_scored * p
+bytes at its peak over the memory held before it (per_token: block activations, LoRA and dropout arrays;
+per_token_position: attention scores, which grow with the row length; per_scored: the head's logits and their
+gradient, ~0.25 MiB a position for SmolLM2's 49k vocabulary, more than its blocks checkpointed). It is measured, not
+derived, so it holds for whatever the backend does (CPU, Metal, CUDA; quantized or not): one-row probes at growing
+widths (64, 256, 1024, ...; each only when the previous fit predicts it fits; the first also with a single scored
+position, which separates per_scored) the first time a length regime is seen, and every real micro-batch's own peak
+afterwards, which can only raise the model (a ratchet). Planned peaks carry a 20% margin. RL rows score only their
+completion: a batch's plans assume each row scores as many positions as its most-scored row (at most its length).
 
 A plan is feasible when: memory held at the start of the step + one accumulated gradient + margin * cost(b, w)
 stays within the target. MLX's peak (mx.get_peak_memory, also on the CPU backend) is what is measured and capped;
 the process adds its Python runtime (a few hundred MB) outside it.
+
+Within the target, a micro-batch's activations (its cost above the gradient) stay within an activation budget:
+activation_memory_ratio x the model's weight bytes, at least MIN_ACTIVATION_BUDGET. The target is what the machine
+allows; the budget keeps the learner from spending it on short rows, where a big micro-batch buys little speed but
+would double the process (SmolLM2's demo batch: +0.8 GB beside 0.5 GB of weights). In auto mode a micro-batch that
+would exceed it plain is checkpointed (bigger micro-batches rather than more of them); a single row is always
+allowed (only the target can refuse a row).
 """
 
 import ctypes
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -41,8 +53,9 @@ FIRST_PROBE = 64  # positions of the first calibration probe
 PROBE_GROWTH = 4  # each further probe is this many times longer
 EXTRAPOLATE = 4  # rows up to this many times the longest probe are planned from the fit; longer ones re-probe
 MAX_PROBE = 4096
+MIN_ACTIVATION_BUDGET = 32 * 2**20  # below this, splitting saves less than the process's own runtime varies
 
-Probe = Callable[[int, int, bool], int]  # (rows, width, checkpoint) -> bytes added at the peak
+Probe = Callable[[int, int, bool, int], int]  # (rows, width, checkpoint, scored per row) -> bytes added at the peak
 
 
 class MemoryTargetError(ValueError):
@@ -101,44 +114,72 @@ def memory_target(config: RLTrainingConfig) -> int | None:
     return None if total is None else int(config.max_memory_fraction * total)
 
 
+def activation_budget(config: RLTrainingConfig, weight_bytes: int) -> int | None:
+    """Bytes one micro-batch's activations may take: activation_memory_ratio x the weights, at least
+    MIN_ACTIVATION_BUDGET; None when the ratio is unset."""
+    if config.activation_memory_ratio is None:
+        return None
+    return max(MIN_ACTIVATION_BUDGET, int(config.activation_memory_ratio * weight_bytes))
+
+
 @dataclass
 class Cost:
-    """Bytes a gradient pass over b rows x w positions adds at its peak: fixed + b w (per_token + per_pos w)."""
+    """Bytes a gradient pass over b rows x w positions, p of them scored, adds at its peak:
+    fixed + b w (per_token + per_token_position w) + per_scored p."""
 
     fixed: float
-    points: list[tuple[int, int, int]] = field(default_factory=list)  # (rows, width, bytes) measured
+    points: list[tuple[int, int, int, int]] = field(default_factory=list)  # (rows, width, scored, bytes) measured
     per_token: float = 0.0
     per_token_position: float = 0.0
+    per_scored: float = 0.0
     floor: float = 1.0  # the fit scaled up until it promises no less than any probe
     correction: float = 1.0  # raised when a real micro-batch used more than predicted
 
     @property
     def probed_width(self) -> int:
-        return max((w for _, w, _ in self.points), default=0)
+        return max((w for _, w, _, _ in self.points), default=0)
 
-    def variable(self, rows: int, width: int) -> float:
-        return rows * width * (self.per_token + self.per_token_position * width)
+    def variable(self, rows: int, width: int, scored: int) -> float:
+        return rows * width * (self.per_token + self.per_token_position * width) + self.per_scored * scored
 
-    def __call__(self, rows: int, width: int) -> float:
-        return self.fixed + max(self.floor, self.correction) * self.variable(rows, width)
+    def activations(self, rows: int, width: int, scored: int, *, corrected: bool = True) -> float:
+        """The predicted bytes above the fixed part (the gradient): activations, the head's logits, LoRA arrays.
+        corrected: raised by what real micro-batches used, for the memory target's safety; the activation budget
+        takes the probes' fit alone, since in async mode a micro-batch's peak also holds what the engine allocated
+        meanwhile (MLX's peak is process-wide), which would shrink micro-batches for nothing of the learner's."""
+        scale = max(self.floor, self.correction) if corrected else self.floor
+        return scale * self.variable(rows, width, scored)
 
-    def add(self, rows: int, width: int, used: int) -> None:
-        self.points.append((rows, width, int(used)))
+    def __call__(self, rows: int, width: int, scored: int) -> float:
+        return self.fixed + self.activations(rows, width, scored)
+
+    def add(self, rows: int, width: int, scored: int, used: int) -> None:
+        self.points.append((rows, width, scored, int(used)))
         self._fit()
 
     def _fit(self) -> None:
-        """Least squares of (used - fixed) / tokens = per_token + per_token_position * width, both >= 0."""
-        widths = np.array([w for _, w, _ in self.points], np.float64)
-        per = np.array([max(0.0, u - self.fixed) / (r * w) for r, w, u in self.points], np.float64)
-        slope, intercept = 0.0, float(per.max())
-        if len(set(widths.tolist())) >= 2:
-            slope, intercept = (float(v) for v in np.polyfit(widths, per, 1))
-            if slope < 0:  # measurement noise: no measurable growth with length
-                slope, intercept = 0.0, float(per.max())
-            elif intercept < 0:
-                slope, intercept = float((per / widths).max()), 0.0
-        self.per_token, self.per_token_position = intercept, slope
-        ratios = [(u - self.fixed) / v for r, w, u in self.points if (v := self.variable(r, w)) > 0]
+        """Least squares of (used - fixed) / tokens = per_token + per_token_position * width + per_scored * scored /
+        tokens, every coefficient >= 0: the best fit over the subsets of the three terms whose solution has no
+        negative coefficient and which the points determine. Ties go to the earlier subset, per_token first: a
+        term the probes cannot tell apart from it is charged to every position, the conservative choice."""
+        tokens = np.array([r * w for r, w, _, _ in self.points], np.float64)
+        features = np.array([[1.0, w, p / (r * w)] for r, w, p, _ in self.points], np.float64)
+        target = np.array([max(0.0, u - self.fixed) for *_, u in self.points], np.float64) / tokens
+        best, best_error = np.array([target.max(), 0.0, 0.0]), math.inf
+        tie = 1e-9 * float(np.sum(target**2))  # errors closer than this are equal (rounding)
+        for terms in ([0], [2], [0, 1], [0, 2], [1, 2], [0, 1, 2], [1]):
+            x = features[:, terms]
+            if np.linalg.matrix_rank(x) < len(terms):
+                continue
+            solution = np.linalg.lstsq(x, target, rcond=None)[0]
+            if (solution < -1e-9 * np.abs(solution).max()).any():  # below rounding: a term that is truly 0
+                continue
+            error = float(np.sum((x @ solution - target) ** 2))
+            if error < best_error - tie:
+                best, best_error = np.zeros(3), error
+                best[terms] = np.maximum(solution, 0.0)
+        self.per_token, self.per_token_position, self.per_scored = (float(v) for v in best)
+        ratios = [(u - self.fixed) / v for r, w, p, u in self.points if (v := self.variable(r, w, p)) > 0]
         self.floor = max([1.0, *ratios])
 
 
@@ -147,14 +188,28 @@ class Plan:
     rows: np.ndarray  # row indices of the batch
     checkpoint: bool  # run this micro-batch's trained blocks under activation checkpointing
     width: int
+    scored: int = 0  # positions the LM head scores (the rows' trained positions)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """(rows, width) -> (rows, width, scored positions) for a batch whose rows score at most `most_scored` each."""
+
+    most_scored: int
+
+    def __call__(self, rows: int, width: int) -> tuple[int, int, int]:
+        return rows, width, rows * min(width, self.most_scored)
 
 
 class MemoryPlanner:
-    """Plans micro-batches within rl_training's memory target; see the module docstring."""
+    """Plans micro-batches within rl_training's memory target and activation budget; see the module docstring."""
 
-    def __init__(self, config: RLTrainingConfig, *, gradient_bytes: int, checkpointing_available: bool) -> None:
+    def __init__(
+        self, config: RLTrainingConfig, *, gradient_bytes: int, weight_bytes: int, checkpointing_available: bool
+    ) -> None:
         self.config = config
         self.target = memory_target(config)
+        self.activation_budget = activation_budget(config, weight_bytes)
         self.gradient_bytes = gradient_bytes
         self.checkpointing_available = checkpointing_available
         self.costs = {mode: Cost(fixed=float(gradient_bytes)) for mode in (False, True)}
@@ -170,40 +225,56 @@ class MemoryPlanner:
         return mode == "always" or width >= self.config.checkpoint_min_length
 
     def plan(
-        self, lengths: np.ndarray, probe: Probe, *, held: int | None = None, optimizer_ready: bool = True
+        self,
+        lengths: np.ndarray,
+        probe: Probe,
+        *,
+        scored: np.ndarray | None = None,
+        held: int | None = None,
+        optimizer_ready: bool = True,
     ) -> list[Plan]:
-        """Micro-batches for rows of `lengths` (0: nothing to train, left out), longest rows first. `held`: bytes
-        already in use (default: MLX's active memory now); optimizer_ready False: AdamW's moments are still to be
-        allocated (the first step)."""
+        """Micro-batches for rows of `lengths` (0: nothing to train, left out), longest rows first. `scored`: each
+        row's trained positions (default: all of them). `held`: bytes already in use (default: MLX's active memory
+        now); optimizer_ready False: AdamW's moments are still to be allocated (the first step)."""
         lengths = np.asarray(lengths)
+        scored = lengths if scored is None else np.minimum(np.asarray(scored), lengths)
         longest = int(lengths.max(initial=0))
-        if self.target is None or longest == 0:
+        if (self.target is None and self.activation_budget is None) or longest == 0:
             plans = plan_micro_batches(lengths, token_budget=self.config.token_budget)
-            return [self._plan(rows, int(lengths[rows].max()), self.checkpoint_for) for rows in plans]
-        held = mx.get_active_memory() if held is None else held
-        self._check_update(held, optimizer_ready)
-        # the accumulated gradient, and the new sum while it is formed, beside each pass's own
-        available = self.target - held - 2 * self.gradient_bytes
-        mode = self._modes(lengths, available, probe)
+            return [self._plan(rows, lengths, scored, self.checkpoint_for) for rows in plans]
+        available = math.inf
+        if self.target is not None:
+            held = mx.get_active_memory() if held is None else held
+            self._check_update(held, optimizer_ready)
+            # the accumulated gradient, and the new sum while it is formed, beside each pass's own
+            available = self.target - held - 2 * self.gradient_bytes
+        shape = Shape(int(scored.max()))
+        mode = self._modes(lengths, shape, available, probe)
         plans = plan_micro_batches(
             lengths, token_budget=self.config.token_budget,
-            fits=lambda rows, width: self._fits(rows, width, mode(rows, width), available),
+            fits=lambda rows, width: self._fits(shape(rows, width), m := mode(rows, width), available)
+            and self._within_budget(shape(rows, width), m),
         )  # fmt: skip
         out = []
         for rows in plans:
-            plan = self._plan(rows, int(lengths[rows].max()), mode)
-            if not self._fits(1, plan.width, mode(1, plan.width), available):
-                raise self._too_long(plan.width, mode(1, plan.width), available)
+            plan = self._plan(rows, lengths, scored, mode)
+            alone = shape(1, plan.width)
+            if not self._fits(alone, mode(1, plan.width), available):
+                raise self._too_long(alone, mode(1, plan.width), available)
             out.append(plan)
         return out
 
     @staticmethod
-    def _plan(rows: np.ndarray, width: int, mode: Callable[[int, int], bool]) -> Plan:
-        return Plan(rows=rows, checkpoint=mode(len(rows), width), width=width)
+    def _plan(rows: np.ndarray, lengths: np.ndarray, scored: np.ndarray, mode: Callable[[int, int], bool]) -> Plan:
+        width = int(lengths[rows].max())
+        return Plan(rows=rows, checkpoint=mode(len(rows), width), width=width, scored=int(scored[rows].sum()))
 
-    def _modes(self, lengths: np.ndarray, available: float, probe: Probe) -> Callable[[int, int], bool]:
-        """Calibrate the cost models this batch needs; return (rows, width) -> checkpoint mode. In auto mode a row
-        that would not fit alone without checkpointing is checkpointed even below checkpoint_min_length."""
+    def _modes(
+        self, lengths: np.ndarray, shape: Shape, available: float, probe: Probe
+    ) -> Callable[[int, int], bool]:
+        """Calibrate the cost models this batch needs; return (rows, width) -> checkpoint mode. In auto mode a
+        micro-batch that would not fit the target or the activation budget without checkpointing is checkpointed
+        even below checkpoint_min_length."""
         longest = int(lengths.max())
         setting = self.config.activation_checkpointing
         if not self.checkpointing_available or setting == "never":
@@ -213,18 +284,23 @@ class MemoryPlanner:
             self._calibrate(True, longest, available, probe)
             return lambda rows, width: True
         threshold = self.config.checkpoint_min_length
-        plain_up_to = min(longest, threshold - 1)  # longer rows always checkpoint
-        self._calibrate(False, plain_up_to, available, probe)
-        if longest >= threshold or not self._fits(1, plain_up_to, False, available):
-            self._calibrate(True, longest, available, probe)
+        self._calibrate(False, min(longest, threshold - 1), available, probe)  # longer rows always checkpoint
+        self._calibrate(True, longest, available, probe)
 
         def mode(rows: int, width: int) -> bool:
-            return width >= threshold or not self._fits(1, width, False, available)
+            plain = self._fits(shape(rows, width), False, available) and self._within_budget(shape(rows, width), False)
+            return width >= threshold or not plain
 
         return mode
 
-    def _fits(self, rows: int, width: int, checkpoint: bool, available: float) -> bool:
-        return MARGIN * self.costs[checkpoint](rows, width) <= available
+    def _fits(self, shape: tuple[int, int, int], checkpoint: bool, available: float) -> bool:
+        return MARGIN * self.costs[checkpoint](*shape) <= available
+
+    def _within_budget(self, shape: tuple[int, int, int], checkpoint: bool) -> bool:
+        """The activation budget is a soft bound (it costs speed, not a crash, when the fit is a little low): no
+        margin, and the probes' fit without the real micro-batches' correction (see Cost.activations)."""
+        budget = self.activation_budget
+        return budget is None or self.costs[checkpoint].activations(*shape, corrected=False) <= budget
 
     def _check_update(self, held: int, optimizer_ready: bool) -> None:
         """The optimizer step holds the gradient, its clipped copy, new weights and two new AdamW moments beside the
@@ -241,33 +317,37 @@ class MemoryPlanner:
     # --- measuring ----------------------------------------------------------------------------------------------
 
     def _calibrate(self, checkpoint: bool, longest: int, available: float, probe: Probe) -> None:
-        """Probe one-row gradient passes of growing width until the fit covers `longest`. A probe the fit so far
-        predicts would not fit is not run: the plan then extrapolates (at most EXTRAPOLATE times the longest probe)
-        and raises SequenceTooLong before anything that long is allocated."""
+        """Probe one-row gradient passes of growing width, every position scored, until the fit covers `longest`;
+        the first width also with one scored position. A probe the fit so far predicts would not fit is not run:
+        the plan then extrapolates (at most EXTRAPOLATE times the longest probe) and raises SequenceTooLong before
+        anything that long is allocated."""
         cost = self.costs[checkpoint]
         goal = min(longest, MAX_PROBE)
         while cost.probed_width * EXTRAPOLATE < longest and cost.probed_width < goal:
             width = min(goal, FIRST_PROBE if not cost.points else cost.probed_width * PROBE_GROWTH)
-            if cost.points and not self._fits(1, width, checkpoint, available):
+            if cost.points and not self._fits((1, width, width), checkpoint, available):
                 return
-            cost.add(1, width, probe(1, width, checkpoint))
-            logger.debug("memory probe: 1 x %d tokens, checkpointing %s: %.1f MiB",
-                         width, "on" if checkpoint else "off", cost.points[-1][2] / 2**20)  # fmt: skip
+            for scored in (width, 1) if not cost.points and width > 1 else (width,):
+                cost.add(1, width, scored, probe(1, width, checkpoint, scored))
+                logger.debug("memory probe: 1 x %d tokens (%d scored), checkpointing %s: %.1f MiB", width, scored,
+                             "on" if checkpoint else "off", cost.points[-1][3] / 2**20)  # fmt: skip
 
     def observe(self, plan: Plan, used: int) -> None:
         """A real micro-batch's measured bytes over the memory before it; raise the model if it was low."""
         if self.target is None:
             return
         cost = self.costs[plan.checkpoint]
-        predicted = cost(len(plan.rows), plan.width)
-        variable = cost.variable(len(plan.rows), plan.width)
+        shape = (len(plan.rows), plan.width, plan.scored)
+        predicted, variable = cost(*shape), cost.variable(*shape)
         if used > predicted and variable > 0:
             cost.correction = max(cost.correction, (used - cost.fixed) / variable)
-            logger.info("memory model raised by %.0f%% after a %d x %d micro-batch used %.1f MiB",
-                        (used / predicted - 1) * 100, len(plan.rows), plan.width, used / 2**20)  # fmt: skip
+            level = logging.INFO if used > MARGIN * predicted else logging.DEBUG  # beyond the margin: news
+            logger.log(level, "memory model raised by %.0f%% after a %d x %d micro-batch used %.1f MiB",
+                       (used / predicted - 1) * 100, len(plan.rows), plan.width, used / 2**20)  # fmt: skip
 
-    def _too_long(self, width: int, checkpoint: bool, available: float) -> SequenceTooLong:
-        need = MARGIN * self.costs[checkpoint](1, width)
+    def _too_long(self, shape: tuple[int, int, int], checkpoint: bool, available: float) -> SequenceTooLong:
+        width = shape[1]
+        need = MARGIN * self.costs[checkpoint](*shape)
         held = self.target - available
         hint = (
             "" if checkpoint or not self.checkpointing_available

@@ -151,14 +151,18 @@ class Trainer:
         self._value_and_grad = nn.value_and_grad(model, self._loss)
         self.head = logits_head(model) if config.logits_chunk_tokens != 0 else None  # None: full logits
         self.blocks = BlockCheckpointing(model)
-        gradient_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
         self.memory = MemoryPlanner(
-            config, gradient_bytes=gradient_bytes, checkpointing_available=self.blocks.available
+            config,
+            gradient_bytes=sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters())),
+            weight_bytes=sum(v.nbytes for _, v in tree_flatten(model.parameters())),
+            checkpointing_available=self.blocks.available,
         )
         self.peak = PeakMeter()
-        target = "none" if self.memory.target is None else f"{self.memory.target / GiB:.1f} GiB"
+        target, budget = self.memory.target, self.memory.activation_budget
         logger.info(
-            "learner memory: target %s, LM head %s, activation checkpointing %s", target,
+            "learner memory: target %s, activations per micro-batch %s, LM head %s, activation checkpointing %s",
+            "none" if target is None else f"{target / GiB:.1f} GiB",
+            "unbounded" if budget is None else f"<= {budget / 2**20:.0f} MiB",
             "in chunks" if self.head is not None else "full logits",
             config.activation_checkpointing if self.blocks.available else "unavailable",
         )  # fmt: skip
@@ -311,7 +315,9 @@ class Trainer:
         moments = len(tree_flatten(self.optimizer.state)) > 2  # more than step and learning_rate: AdamW has run
         trained = np.where(tb.mask.any(axis=1), tb.lengths, 0)
         mine = self.reducer.share(trained)  # every row on one process; this rank's by tokens on several
-        plans = self.memory.plan(np.where(mine, trained, 0), self._probe, optimizer_ready=moments)
+        plans = self.memory.plan(
+            np.where(mine, trained, 0), self._probe, scored=tb.mask.sum(axis=1), optimizer_ready=moments
+        )
         mx.random.seed(step_seed(cfg.seed, self.step_count, self.reducer.rank))
         micros = [self._micro_batch(tb, plan, adv, weights) for plan in plans]
         versions = self._mark_fresh(batch, tb, [plan.rows for plan in plans], micros)
@@ -378,16 +384,23 @@ class Trainer:
             chunk_tokens=self.config.logits_chunk_tokens, positions=mb.positions, entropy_grad=entropy_grad,
         )  # fmt: skip
 
-    def _probe(self, rows: int, width: int, checkpoint: bool) -> int:
-        """Bytes one gradient pass over (rows, width) synthetic tokens adds at its peak (the memory planner's
-        calibration). Train mode like the real pass; the step's dropout seed is drawn after planning."""
+    def _probe(self, rows: int, width: int, checkpoint: bool, scored: int) -> int:
+        """Bytes one gradient pass over (rows, width) synthetic tokens, the last `scored` of each row trained, adds
+        at its peak (the memory planner's calibration): the smaller of two passes, since MLX's peak is process-wide
+        and an engine generating in the same process (async mode) may allocate during one of them. Train mode like
+        the real pass; the step's dropout seed is drawn after planning."""
+        return min(self._probe_once(rows, width, checkpoint, scored) for _ in range(2))
+
+    def _probe_once(self, rows: int, width: int, checkpoint: bool, scored: int) -> int:
         shape = (rows, width)
+        mask = np.zeros(shape, bool)
+        mask[:, width - scored :] = True
         mb = MicroBatch(
             input_ids=mx.zeros(shape, mx.int32), targets=mx.zeros(shape, mx.int32),
-            temperature=mx.ones((rows,)), mask=mx.ones(shape, mx.bool_),
-            weights=mx.full(shape, 1.0 / (rows * width)), advantages=mx.ones(shape),
+            temperature=mx.ones((rows,)), mask=mx.array(mask),
+            weights=mx.array(mask / mask.sum(), mx.float32), advantages=mx.ones(shape),
             ref_logp=mx.zeros(shape) if self.config.kl_beta > 0 else None,
-            positions=np.arange(rows * width), checkpoint=checkpoint,
+            positions=np.flatnonzero(mask), checkpoint=checkpoint,
         )  # fmt: skip
         mx.eval(mb.input_ids, mb.targets, mb.temperature, mb.mask, mb.weights, mb.advantages, mb.ref_logp)
         self.model.train()
