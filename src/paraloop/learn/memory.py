@@ -1,23 +1,24 @@
 """Memory-aware micro-batches: how many rows of which length one gradient pass may take within a memory target.
 
 In: `rl_training` (max_memory_gb or max_memory_fraction of the machine, activation_memory_ratio, token_budget,
-activation_checkpointing), the model's weight and gradient bytes, each step's row lengths, and a probe that runs one gradient pass of (rows, width) synthetic tokens and returns the
-bytes it added at its peak. Out: micro-batch plans (row indices, and whether that micro-batch checkpoints its
-blocks), or `SequenceTooLong` - raised before anything big is allocated - when one row cannot fit even alone.
+activation_checkpointing), the model's weight and gradient bytes, each step's row lengths and trained positions,
+and a probe that runs one gradient pass of (rows, width) synthetic tokens and returns the bytes it added at its
+peak. Out: micro-batch plans (row indices, and whether that micro-batch checkpoints its blocks), or
+`SequenceTooLong` - raised before anything big is allocated - when one row cannot fit even alone.
 
 Cost model, per checkpointing mode, fitted to measurements: a gradient pass over b rows of w positions, p of them
 scored (the trained positions, which alone go through the LM head), adds
     fixed + b * w * (per_token + per_token_position * w) + per_scored * p
 bytes at its peak over the memory held before it (per_token: block activations, LoRA and dropout arrays;
 per_token_position: attention scores, which grow with the row length; per_scored: the head's logits and their
-gradient, ~0.25 MiB a position for SmolLM2's 49k vocabulary, more than its blocks checkpointed). It is measured, not
+gradient, ~0.27 MiB a position for SmolLM2's 49k vocabulary, more than its blocks checkpointed). It is measured, not
 derived, so it holds for whatever the backend does (CPU, Metal, CUDA; quantized or not): one-row probes at growing
 widths (64, 256, 1024, ...; each only when the previous fit predicts it fits; the first also with a single scored
 position, which separates per_scored) the first time a length regime is seen, and every real micro-batch's own peak
 afterwards, which can only raise the model (a ratchet). Planned peaks carry a 20% margin. RL rows score only their
 completion: a batch's plans assume each row scores as many positions as its most-scored row (at most its length).
 
-A plan is feasible when: memory held at the start of the step + one accumulated gradient + margin * cost(b, w)
+A plan is feasible when: memory held at the start of the step + one accumulated gradient + margin * cost(b, w, p)
 stays within the target. MLX's peak (mx.get_peak_memory, also on the CPU backend) is what is measured and capped;
 the process adds its Python runtime (a few hundred MB) outside it.
 
