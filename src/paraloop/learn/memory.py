@@ -253,8 +253,7 @@ class MemoryPlanner:
         mode = self._modes(lengths, shape, available, probe)
         plans = plan_micro_batches(
             lengths, token_budget=self.config.token_budget,
-            fits=lambda rows, width: self._fits(shape(rows, width), m := mode(rows, width), available)
-            and self._within_budget(shape(rows, width), m),
+            fits=lambda rows, width: self._allowed(shape(rows, width), mode(rows, width), available),
         )  # fmt: skip
         out = []
         for rows in plans:
@@ -289,13 +288,18 @@ class MemoryPlanner:
         self._calibrate(True, longest, available, probe)
 
         def mode(rows: int, width: int) -> bool:
-            plain = self._fits(shape(rows, width), False, available) and self._within_budget(shape(rows, width), False)
-            return width >= threshold or not plain
+            return width >= threshold or not self._allowed(shape(rows, width), False, available)
 
         return mode
 
     def _fits(self, shape: tuple[int, int, int], checkpoint: bool, available: float) -> bool:
         return MARGIN * self.costs[checkpoint](*shape) <= available
+
+    def _allowed(self, shape: tuple[int, int, int], checkpoint: bool, available: float) -> bool:
+        """Within the memory left and the activation budget: what a micro-batch must be to take one more row, and
+        to run without checkpointing in auto mode. A single row beyond the budget still trains (plan() refuses only
+        what exceeds the memory left)."""
+        return self._fits(shape, checkpoint, available) and self._within_budget(shape, checkpoint)
 
     def _within_budget(self, shape: tuple[int, int, int], checkpoint: bool) -> bool:
         """The activation budget is a soft bound (it costs speed, not a crash, when the fit is a little low): no
