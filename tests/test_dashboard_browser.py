@@ -69,7 +69,7 @@ def settled_step(base: str, deadline_s: float = 60) -> int:
     end, last, same = time.time() + deadline_s, -1, 0
     while time.time() < end:
         status = call(f"{base}/control/status", token=TOKEN)[1]
-        same = same + 1 if status["step"] == last and not status["learner_busy"] else 0
+        same = same + 1 if status["step"] == last and status["learner_held"] else 0
         last = status["step"]
         if same >= 3:
             return last

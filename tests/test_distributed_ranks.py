@@ -14,8 +14,9 @@ from aiohttp import web
 
 from paraloop.config import load_config
 from paraloop.distributed import InFlight, PeerLost, RanksDiverged, chunk
-from paraloop.messages import RolloutBatch, ScoredGroup
+from paraloop.messages import RolloutBatch, ScoredGroup, StepFinished
 from paraloop.run import launch
+from paraloop.run.control import LearnerControl
 from paraloop.run.peers import Watcher
 from paraloop.run.ranks import (
     ENDED,
@@ -26,6 +27,7 @@ from paraloop.run.ranks import (
     SNAPSHOT,
     STEP,
     STOPPING,
+    Coordinator,
     StartReceiver,
     decide,
     has_source,
@@ -33,6 +35,7 @@ from paraloop.run.ranks import (
     merge,
 )
 from paraloop.run.setup import SetupError
+from paraloop.run.status import RunStatus
 
 
 def table(*rows: dict[int, int], step: int = 3) -> np.ndarray:
@@ -57,6 +60,60 @@ def test_the_ranks_step_only_when_every_part_is_there_and_rank_0_allows():
     rows[1, STEP] = 4
     with pytest.raises(RanksDiverged, match=r"different learner steps: \[3, 4\]"):
         decide(rows)
+
+
+class TickingRanks:
+    """Rank 0's collectives for Coordinator.next_batch: every tick answers rank 0's row beside a ready rank 1
+    (`on_tick` runs while a tick is in flight); a gather answers rank 1's part."""
+
+    rank, size, is_root = 0, 2, True
+
+    def __init__(self, on_tick):
+        self.on_tick, self.ticks = on_tick, 0
+
+    def table(self, row, name):
+        self.ticks += 1
+        self.on_tick(self.ticks)
+        other = np.zeros(FIELDS, np.int64)
+        other[STEP], other[READY] = row[STEP], 1
+        return np.stack([row, other])
+
+    def gather(self, blob, name):
+        return [blob, msgspec.msgpack.encode(RolloutBatch(groups=[group(1.0)], source="mock"))]
+
+
+class CallingThread:
+    async def call(self, fn, *args):
+        return fn(*args)
+
+
+def test_the_pause_holds_only_after_a_tick_that_saw_it(tmp_path):
+    """A tick under way when the pause comes still decides a step (every rank computed it from the same table):
+    status.learner_held turns true only at the first tick whose row carried the pause."""
+    status = RunStatus(total_steps=10, mode="sync", run_dir=str(tmp_path))
+    control = LearnerControl(status)
+    seen = {}
+
+    def on_tick(n):
+        if n == 1:
+            control.pause()  # after rank 0 built its row: this tick was decided without the pause
+        seen[n] = status.learner_held
+        if n == 3:
+            control.stop()
+
+    coordinator = Coordinator(TickingRanks(on_tick), CallingThread(), status, control, source=False,
+                              checksum_interval=0, run_dir=tmp_path)
+
+    async def main():
+        with anyio.fail_after(10):
+            batch = await coordinator.next_batch(None, 3)
+            assert batch is not None and not status.learner_held, "the step decided before the pause is taken"
+            control.step_done(StepFinished(step=4, version=4, metrics={}))
+            assert await coordinator.next_batch(None, 4) is None
+
+    anyio.run(main)
+    # seen[n]: what /control/status said while tick n was in flight, i.e. after tick n - 1's decision
+    assert seen == {1: False, 2: False, 3: True, 4: True}, "held from the first tick whose row carried the pause"
 
 
 def group(score: float) -> ScoredGroup:

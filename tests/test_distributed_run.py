@@ -159,8 +159,8 @@ def test_control_on_rank_0_pauses_and_steps_both_ranks(tiny_model_path, tmp_path
         wait_for(lambda: status(r0)["step"] >= 1, what="a first step")
         assert call(f"{r0}/control/pause", "POST")[0] == 200
         # a step already decided when the pause came may finish; then both ranks hold still, at the same step
-        step = wait_for(lambda: (s := status(r0)["step"]) == status(r1)["step"] and not status(r0)["learner_busy"]
-                        and s, what="both ranks paused at one step")
+        step = wait_for(lambda: status(r0)["learner_held"] and (s := status(r0)["step"]) == status(r1)["step"] and s,
+                        what="both ranks paused at one step")
         time.sleep(1.0)
         assert status(r0)["step"] == status(r1)["step"] == step and status(r1)["paused"] is True
         ranks = status(r0)["ranks"]  # rank 0's view of the group, as docs/metrics.md describes it

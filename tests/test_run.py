@@ -152,7 +152,7 @@ def test_control_api_pause_step_snapshot_stop_and_auth(tiny_model_path, tmp_path
         status, two = call(f"{base}/control/step", "POST", token=token)
         assert status == 200 and two["step"] == one["step"] + 1, "each single step is exactly one step"
 
-        state = wait_status(base, token, lambda s: s["step"] == two["step"] and not s["learner_busy"])
+        state = wait_status(base, token, lambda s: s["step"] == two["step"] and s["learner_held"])
         assert state["paused"] is True and state["stopping"] is False and state["mode"] == "sync"
         # every field is documented; `ranks` appears only in a distributed run (tests/test_distributed_run.py)
         assert set(state) | {"ranks"} == documented_keys("metrics.md", "GET /control/status")

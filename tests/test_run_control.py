@@ -32,10 +32,11 @@ class ScriptedLearner:
         self.stepping = anyio.Event()  # set while a step "computes"; the test ends it with finish_step
         self._finish = anyio.Event()
 
-    async def run(self, *, hold_steps: bool = False) -> None:
+    async def run(self, *, hold_steps: bool = False, before_compute_s: float = 0.0) -> None:
         async for _ in self.batches:
             if not await self.control.wait_turn():
                 return
+            await anyio.sleep(before_compute_s)  # a turn taken before the compute (the trainer's lock, a gather)
             self.control.status.learner_busy = True
             if hold_steps:
                 self.stepping.set()
@@ -50,7 +51,8 @@ class ScriptedLearner:
 
 
 @asynccontextmanager
-async def control_server(*, hold_steps: bool = False) -> AsyncIterator[tuple[Any, LearnerControl, ScriptedLearner]]:
+async def control_server(*, hold_steps: bool = False,
+                         before_compute_s: float = 0.0) -> AsyncIterator[tuple[Any, LearnerControl, ScriptedLearner]]:
     status = RunStatus(total_steps=100, mode="sync", run_dir="runs/x")
     control = LearnerControl(status)
     learner = ScriptedLearner(control)
@@ -58,7 +60,7 @@ async def control_server(*, hold_steps: bool = False) -> AsyncIterator[tuple[Any
     runner, port = await start_http(app, "127.0.0.1", 0)
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http, anyio.create_task_group() as tg:
-            tg.start_soon(lambda: learner.run(hold_steps=hold_steps))
+            tg.start_soon(lambda: learner.run(hold_steps=hold_steps, before_compute_s=before_compute_s))
             yield http, control, learner
             tg.cancel_scope.cancel()
     finally:
@@ -153,6 +155,58 @@ def test_a_step_in_flight_at_pause_does_not_answer_a_later_single_step():
         assert answers == [(200, {"step": 2, "adapter_version": 2, "skipped": False, "metrics": {"loss": 0.5}})]
 
     scenario(run, hold_steps=True)
+
+
+def test_the_pause_holds_once_no_step_is_decided_or_computing():
+    async def run(http, control, learner):
+        await learner.send.send(1)
+        await learner.stepping.wait()
+        control.pause()  # step 1 computes: the pause has not taken hold yet
+        assert control.status.paused and not control.status.learner_held
+        learner.finish_step()
+        await anyio.sleep(0.05)
+        assert control.status.learner_held and learner.steps == 1
+        answers = []
+
+        async def step():
+            answers.append(await post(http, "/control/step?timeout=10"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(step)
+            await learner.send.send(2)
+            await learner.stepping.wait()
+            assert not control.status.learner_held, "a single step computes"
+            learner.finish_step()
+        assert answers[0][0] == 200 and control.status.learner_held
+        assert (await post(http, "/control/resume"))[0] == 200 and not control.status.learner_held
+        assert (await post(http, "/control/pause"))[0] == 200 and control.status.learner_held, "no batch waits"
+
+    scenario(run, hold_steps=True)
+
+
+@pytest.mark.parametrize("ending", ["timeout", "stop"])
+def test_a_single_step_the_learner_took_is_answered_even_before_it_computes(ending):
+    """The learner took the turn (its trainer lock or a distributed run's gather comes before the compute): the
+    step will be taken, so neither the request's timeout nor a stop withdraws it."""
+
+    async def run(http, control, learner):
+        control.pause()
+        answers = []
+
+        async def step():
+            answers.append(await post(http, "/control/step?timeout=0.3"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(step)
+            await anyio.sleep(0.05)
+            await learner.send.send(1)  # the turn is taken now; the compute starts 0.6 s later
+            await anyio.sleep(0.1)
+            if ending == "stop":
+                control.stop()
+        assert learner.steps == 1
+        assert answers == [(200, {"step": 1, "adapter_version": 1, "skipped": False, "metrics": {"loss": 0.5}})]
+
+    scenario(run, before_compute_s=0.6)
 
 
 def test_stop_answers_a_waiting_single_step_409_at_once():

@@ -54,19 +54,31 @@ class LearnerControl:
         self._pending: deque[ObjectSendStream[StepFinished]] = deque()
         self._granted: ObjectSendStream[StepFinished] | None = None
         self._receive_scope: anyio.CancelScope | None = None
+        self._decided = False  # the learner has taken its turn: a step is being decided, gathered or computed
         self._finished = False
+        # A distributed run decides steps at ticks (run/ranks.py), where a tick already under way when a pause
+        # comes may still decide a step: the coordinator then sets status.learner_held itself, after each tick.
+        self.at_ticks = False
         self.snapshot: Callable[[], Any] | None = None  # set by the learner: async () -> CheckpointWritten
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = anyio.Event()
 
+    def _settle(self) -> None:
+        """status.learner_held: the pause has taken hold, no step is decided or computing and none will start
+        before /control/resume or /control/step."""
+        if not self.at_ticks:
+            self.status.learner_held = self.status.paused and not self._decided
+
     def pause(self) -> None:
         self.status.paused = True
+        self._settle()
         self._notify()
 
     def resume(self) -> None:
         self.status.paused = False
+        self._settle()
         self._notify()
 
     def stop(self) -> None:
@@ -77,7 +89,7 @@ class LearnerControl:
             self._receive_scope.cancel()
         while self._pending:
             self._pending.popleft().close()
-        if self._granted is not None and not self.status.learner_busy:
+        if self._granted is not None and not self._decided:
             self._granted.close()
             self._granted = None
         self._notify()
@@ -110,11 +122,11 @@ class LearnerControl:
             try:
                 with anyio.move_on_after(timeout):
                     return await receive.receive()
-                if send in self._pending or (self._granted is send and not self.status.learner_busy):
+                if send in self._pending or (self._granted is send and not self._decided):
                     self._withdraw(send)
                     raise StepTimeout(f"no rollout batch arrived within {timeout:g} s: no step was taken "
                                       "(see /control/status: source, queues)")
-                return await receive.receive()  # the learner is computing this step: its result comes
+                return await receive.receive()  # the learner took this step: its result comes
             except anyio.EndOfStream:
                 raise ControlError("the run is stopping: no step was taken") from None
 
@@ -132,9 +144,12 @@ class LearnerControl:
         return not self.status.stopping and (not self.status.paused or self._granted is not None or bool(self._pending))
 
     def take_turn(self) -> None:
-        """The learner takes a step now: the next single-step request waiting is the one it answers."""
+        """The learner takes a step now: the next single-step request waiting is the one it answers, and from
+        here on the step is not withdrawn (a timeout or a stop waits for its result)."""
         if self._granted is None and self._pending:
             self._granted = self._pending.popleft()
+        self._decided = True
+        self._settle()
 
     async def changed(self) -> None:
         """Return at the next pause, resume, step, stop or `wake`."""
@@ -148,22 +163,30 @@ class LearnerControl:
         while True:
             if self.status.stopping:
                 return False
-            if self._granted is None and self._pending:
-                self._granted = self._pending.popleft()  # the next step answers this request
-            if not self.status.paused or self._granted is not None:
+            if not self.status.paused or self._granted is not None or self._pending:
+                self.take_turn()
                 return True
             await self._changed.wait()
 
     def step_done(self, done: StepFinished) -> None:
         """A step finished: it answers the single-step request it was granted to, if any."""
         granted, self._granted = self._granted, None
+        self._decided = False
+        self._settle()
         if granted is not None:
             granted.send_nowait(done)
             granted.close()
 
+    def no_step(self) -> None:
+        """The turn trained nothing (every group of the batch was too stale): a granted single-step request waits
+        for the next batch, and may time out again."""
+        self._decided = False
+        self._settle()
+
     def finished(self) -> None:
         """The learner has returned: a /control/step still waiting is answered 409, none is accepted after."""
         self._finished = True
+        self._decided = False
         while self._pending:
             self._pending.popleft().close()
         if self._granted is not None:

@@ -152,6 +152,7 @@ class Learner:
         self.status.dropped_stale += batch.dropped_stale  # dropped upstream (the rollout buffer)
         batch = self._drop_stale(batch)
         if not batch.groups:
+            self.control.no_step()
             async with self._state:
                 self._record(batch)  # its groups are consumed: dropped
             if self.credits is not None:

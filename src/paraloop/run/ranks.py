@@ -177,6 +177,9 @@ class Coordinator:
     _snapshots: list[Any] = field(default_factory=list)  # rank 0: /control/snapshot requests waiting for a tick
     done: bool = False  # every rank has passed `end`: a rank going away is no longer a fault
 
+    def __post_init__(self) -> None:
+        self.control.at_ticks = True  # the ticks say when the pause holds (next_batch)
+
     @property
     def is_root(self) -> bool:
         return self.ranks.is_root
@@ -228,6 +231,9 @@ class Coordinator:
             decision = decide(table)
             if not self.is_root:
                 self.status.paused = bool(table[0, PAUSED])
+            # held once a tick that saw rank 0's pause (and no single-step permit) decided no step: a tick already
+            # under way when the pause came may still decide one
+            self.status.learner_held = decision != TRAIN and bool(table[0, PAUSED]) and not table[0, MAY_STEP]
             if decision == STOP:
                 self.status.stopping = True
                 return None
@@ -243,6 +249,7 @@ class Coordinator:
                 batch = merge([msgspec.msgpack.decode(b, type=RolloutBatch) for b in blobs if b])
                 if batch is not None:
                     return batch
+                self.control.no_step()
                 log.warning("no rank had rollouts for step %d", step + 1)  # cannot happen with a source on rank 0
 
     async def _snapshot(self, learner: Any, step: int) -> None:

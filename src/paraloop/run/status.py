@@ -27,6 +27,7 @@ class RunStatus:
     paused: bool = False
     stopping: bool = False
     learner_busy: bool = False
+    learner_held: bool = False  # the pause has taken hold: no step is decided or computing (run/control.py)
     skipped_steps: int = 0
     dropped_stale: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
@@ -116,6 +117,7 @@ class RunStatus:
             "paused": self.paused,
             "stopping": self.stopping,
             "learner_busy": self.learner_busy,
+            "learner_held": self.learner_held,
             "mode": self.mode,
             "uptime_s": round(time.time() - self.started_at, 3),
             "queues": self.queue_depths(),
