@@ -96,6 +96,32 @@ def test_metrics_file_is_read_incrementally_and_a_rewritten_step_bumps_rev(tmp_p
     assert [r["step"] for r in f.history] == [1]
 
 
+def write_eval(path: Path, step: int, task: str = "mock:arithmetic", reward: float = 0.5) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps({"kind": "eval", "time": 1.0, "step": step, "version": step, "task": task,
+                            "reward_mean": reward, "pass@1": reward / 2}) + "\n")
+
+
+def test_held_out_evaluations_are_kept_apart_from_the_steps_one_per_step_and_task(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    write_eval(path, 0, reward=0.1)  # the starting adapter, before step 1
+    write_rows(path, [1, 2])
+    write_eval(path, 2, reward=0.4)
+    write_eval(path, 2, task="gsm8k", reward=0.2)
+    f = MetricsFile(path)
+    f.refresh()
+    assert [r["step"] for r in f.history] == [1, 2] and "kind" not in f.history[1], "an evaluation is not a step"
+    assert [(e["step"], e["task"], e["reward_mean"]) for e in f.evals] == [
+        (0, "mock:arithmetic", 0.1), (2, "gsm8k", 0.2), (2, "mock:arithmetic", 0.4)]
+    write_eval(path, 2, reward=0.6)  # a resumed run evaluated step 2 again: the newest wins
+    f.refresh()
+    assert [e["reward_mean"] for e in f.evals if e["task"] == "mock:arithmetic"] == [0.1, 0.6]
+    path.write_text("")
+    write_rows(path, [1])
+    f.refresh()
+    assert f.evals == [], "a new run's file: the old evaluations are gone"
+
+
 def test_rollout_tail_keeps_the_last_steps_and_skips_junk(tmp_path):
     path = tmp_path / "rollouts.jsonl"
     lines = [json.dumps({"step": s, "samples": [{"reward": s}]}) for s in range(1, 30)]
@@ -147,6 +173,7 @@ def make_run(root: Path, name: str, steps: int, token: str | None = None) -> Pat
 
 def test_files_api_answers_two_runs_and_bounds_its_parameters(tmp_path):
     a, b = make_run(tmp_path, "a", 3, token="s3cret"), make_run(tmp_path, "b", 5)
+    write_eval(a / "metrics.jsonl", 0)
     with files_app([a, b]) as base:
         status, headers, body = get(f"{base}/dashboard")
         assert status == 200 and headers["Content-Type"].startswith("text/html")
@@ -160,11 +187,16 @@ def test_files_api_answers_two_runs_and_bounds_its_parameters(tmp_path):
         assert [r["step"] for r in page["rows"]] == [3, 4, 5]
         assert json.loads(get(f"{base}/dashboard/api/rollouts?run=1")[2])["steps"][0]["step"] == 5
         assert json.loads(get(f"{base}/dashboard/api/status")[2]) is None
-        for query, param in (("run=7", "run"), ("run=-1", "run"), ("since=abc", "since"), ("since=-2", "since"),
-                             ("rev=x", "rev")):
-            status, _, body = get(f"{base}/dashboard/api/metrics?{query}")
+        evals = json.loads(get(f"{base}/dashboard/api/evals?run=0")[2])
+        assert evals == {"run": 0, "more": False, "evals": [
+            {"step": 0, "version": 0, "task": "mock:arithmetic", "reward_mean": 0.5, "pass@1": 0.25}]}
+        assert json.loads(get(f"{base}/dashboard/api/evals?run=1")[2])["evals"] == []
+        for route, query, param in (("metrics", "run=7", "run"), ("metrics", "run=-1", "run"),
+                                    ("metrics", "since=abc", "since"), ("metrics", "since=-2", "since"),
+                                    ("metrics", "rev=x", "rev"), ("evals", "run=2", "run"), ("evals", "run=1e999", "run")):
+            status, _, body = get(f"{base}/dashboard/api/{route}?{query}")
             error = json.loads(body)["error"]
-            assert status == 400 and error["param"] == param, (query, error)
+            assert status == 400 and error["param"] == param, (route, query, error)
         status, _, body = get(f"{base}/dashboard/static/vendor/uPlot.iife.min.js")
         assert status == 200 and b"uPlot" in body
         for bad in ("../routes.py", "..%2Froutes.py", "vendor/../../sources.py", "nope.js"):
@@ -198,10 +230,12 @@ def test_a_resumed_live_run_shows_the_steps_before_the_resume_point(tmp_path):
     from collections import deque
 
     from paraloop.dashboard.sources import LiveRun
-    from paraloop.messages import StepFinished
+    from paraloop.messages import EvalFinished, StepFinished
     from paraloop.run.status import RunStatus
 
     write_rows(tmp_path / "metrics.jsonl", range(1, 6))  # the earlier process got to step 5, checkpointed at 3
+    for step in (0, 2, 4):
+        write_eval(tmp_path / "metrics.jsonl", step, reward=step / 10)
     (tmp_path / "rollouts.jsonl").write_text(
         "".join(json.dumps({"step": s, "samples": [{"reward": s}]}) + "\n" for s in (2, 3, 4)))
     status = RunStatus(total_steps=10, mode="sync", run_dir=str(tmp_path), step=3, rollouts=deque(maxlen=3))
@@ -214,3 +248,6 @@ def test_a_resumed_live_run_shows_the_steps_before_the_resume_point(tmp_path):
     assert [r["step"] for r in live.metrics(0, 3, None)["rows"]] == [4, 5]
     steps = live.rollouts(0, -1)["steps"]
     assert [e["step"] for e in steps] == [2, 3, 4] and steps[-1]["samples"][0]["reward"] == 40
+    status.record_eval(EvalFinished(step=4, version=4, task="mock:arithmetic", metrics={"reward_mean": 0.9}))
+    evals = live.evals(0)["evals"]
+    assert [(e["step"], e["reward_mean"]) for e in evals] == [(0, 0.0), (2, 0.2), (4, 0.9)], "this run's step 4"

@@ -145,9 +145,13 @@ def live_session(view: "Page", proc: subprocess.Popen, run_dir: Path) -> None:
     assert [e for e in view.errors if "ERR_CONNECTION_REFUSED" not in e] == [], view.errors
 
 
-def write_run(run: Path, rewards: list[float]) -> None:
+def write_run(run: Path, rewards: list[float], eval_every: int = 2) -> None:
     run.mkdir(parents=True)
     with (run / "metrics.jsonl").open("w") as f:
+        for step in range(0, len(rewards) + 1, eval_every):  # held-out evaluations, from the starting adapter on
+            f.write(json.dumps({"kind": "eval", "step": step, "version": step, "task": "mock:arithmetic",
+                                "reward_mean": 0.1 * step, "pass@1": 0.05 * step, "pass@4": 0.1 * step,
+                                "time_s": 3.0}) + "\n")
         for i, r in enumerate(rewards, 1):
             f.write(json.dumps({"step": i, "reward_mean": r, "reward_std": 0.1, "loss": 1 - r, "kl": 0.01 * i,
                                 "entropy": 2.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "ratio_min": 0.9,
@@ -166,7 +170,7 @@ def test_compare_two_finished_runs(browser, tmp_path):
     from playwright.sync_api import expect
 
     write_run(tmp_path / "lr-1e-4", [0.1, 0.3, 0.5, 0.7])
-    write_run(tmp_path / "lr-1e-5", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35])
+    write_run(tmp_path / "lr-1e-5", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35], eval_every=3)
     cmd = [sys.executable, "-m", "paraloop", "dashboard", str(tmp_path / "lr-1e-4"), str(tmp_path / "lr-1e-5"),
            "--port", "0"]
     with procs.running(cmd, stderr=subprocess.PIPE, text=True) as proc:
@@ -177,6 +181,10 @@ def test_compare_two_finished_runs(browser, tmp_path):
             page.goto(url)
             expect(page.locator("#state-badge")).to_have_text("compare")
             expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", "6")
+            evals = page.locator('[data-chart="eval"]')  # steps 0, 2, 4 and 0, 3, 6: five distinct steps
+            expect(evals).to_have_attribute("data-points", "5")
+            expect(evals.locator(".u-legend")).to_contain_text("lr-1e-4 · pass@4")
+            expect(evals.locator(".u-legend")).not_to_contain_text("time_s")
             legend = page.locator('[data-chart="reward"] .u-legend')
             expect(legend).to_contain_text("lr-1e-4")
             expect(legend).to_contain_text("lr-1e-5")

@@ -12,6 +12,7 @@ import procs
 from test_run import RUN_ENV, TINY_CONFIG, read_metrics, run_to_end
 
 from paraloop.config import ConfigError, load_config
+from paraloop.dashboard.sources import RunFiles
 from paraloop.evaluation import eval_plan, pass_at_k
 from paraloop.messages import EvalFinished
 from paraloop.run.evaluator import Evaluator
@@ -116,6 +117,8 @@ def test_evaluation_during_a_run_matches_a_standalone_paraloop_eval(tiny_model_p
         assert row["sampling_draws"] >= 1 and "zero_signal_groups" in row
     assert evals[0]["prompts"] == 8 and evals[0]["samples"] == 2 and "pass@2" in evals[0]
     assert "held-out eval (capitals, 8 prompts x 2 samples)" in err
+    shown = RunFiles([run_dir]).evals(0)["evals"]  # what `paraloop dashboard RUN_DIR` charts
+    assert [(e["step"], e["reward_mean"]) for e in shown] == [(v, evals[v]["reward_mean"]) for v in (0, 2, 4)]
 
     flags = [flag for pair in zip(EVAL_FLAGS[::2], EVAL_FLAGS[1::2], strict=True) for flag in pair]
     standalone = eval_cli(tiny_model_path, run_dir / "checkpoints" / "step_000004", *flags)

@@ -4,6 +4,7 @@ GET /dashboard                    the page (static HTML; it holds no data, so it
 GET /dashboard/static/NAME        its scripts, styles and the vendored uPlot (an allowlist, never a path)
 GET /dashboard/api/info           mode (run | serve | files), whether /control is there, the runs and their config
 GET /dashboard/api/metrics        ?run=0&since=STEP&rev=REV: step rows after STEP (bounded per answer)
+GET /dashboard/api/evals          ?run=0: the held-out evaluations (step, task, reward_mean, pass@k, ...)
 GET /dashboard/api/status         the live state (/control/status plus memory), null for files
 GET /dashboard/api/rollouts       ?run=0&since=STEP: the last steps' samples after STEP
 
@@ -85,6 +86,9 @@ def dashboard_routes(source: Any, *, token_required: bool) -> list[web.RouteDef]
         rev = int_param(request, "rev", None, lo=0)
         return answer(source.metrics, run, since, rev)
 
+    async def evals(request: web.Request) -> web.Response:
+        return answer(source.evals, int_param(request, "run", 0, lo=0, hi=1000))
+
     async def status(request: web.Request) -> web.Response:
         return answer(source.status)
 
@@ -98,6 +102,7 @@ def dashboard_routes(source: Any, *, token_required: bool) -> list[web.RouteDef]
         web.get("/dashboard/static/{name:.+}", static, allow_head=False),
         web.get("/dashboard/api/info", info, allow_head=False),
         web.get("/dashboard/api/metrics", metrics, allow_head=False),
+        web.get("/dashboard/api/evals", evals, allow_head=False),
         web.get("/dashboard/api/status", status, allow_head=False),
         web.get("/dashboard/api/rollouts", rollouts, allow_head=False),
     ]

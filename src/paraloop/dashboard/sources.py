@@ -1,8 +1,8 @@
 """What the dashboard shows, from wherever it lives: a live run, a serving process, or finished runs' files.
 
-Every source answers the same four questions (the JSON of /dashboard/api/*): `info()` (mode, runs, their
-configuration), `metrics(run, since, rev)` (step rows after `since`), `status()` (the live state, or None) and
-`rollouts(run, since)` (the last steps' samples). A live run reads RunStatus (the history and the rollout ring it
+Every source answers the same five questions (the JSON of /dashboard/api/*): `info()` (mode, runs, their
+configuration), `metrics(run, since, rev)` (step rows after `since`), `evals(run)` (the held-out evaluations),
+`status()` (the live state, or None) and `rollouts(run, since)` (the last steps' samples). A live run reads RunStatus (the history and the rollout ring it
 already keeps); files are read incrementally and bounded, since a run may still be writing them.
 """
 
@@ -21,6 +21,7 @@ from paraloop.server.metrics import process_memory
 log = logging.getLogger("paraloop.dashboard")
 
 MAX_ROWS = 5000  # rows per /metrics answer: a long history arrives in a few bounded answers
+MAX_EVALS = 2000  # held-out evaluations per /evals answer: the newest (one per task and eval_interval steps)
 MAX_LINE_BYTES = 1 << 20  # a metrics line longer than this is not paraloop's: skipped
 MAX_READ_BYTES = 64 << 20  # read per poll from a growing metrics.jsonl
 MAX_FILE_BYTES = 1 << 30  # metrics.jsonl beyond this is not read further (the dashboard says so)
@@ -48,6 +49,12 @@ def rows_after(history: list[dict[str, Any]], since: int) -> tuple[list[dict[str
     return rows, lo + MAX_ROWS < len(history)
 
 
+def eval_answer(run: int, evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The newest MAX_EVALS evaluations, oldest first: each {"step", "task", "version", metric: value, ...}."""
+    rows = [{k: v for k, v in e.items() if k not in ("kind", "time")} for e in evals[-MAX_EVALS:]]
+    return {"run": run, "evals": rows, "more": len(evals) > MAX_EVALS}
+
+
 def run_state(snapshot: dict[str, Any]) -> str:
     if snapshot.get("stopping"):
         return "stopping"
@@ -70,12 +77,14 @@ class LiveRun:
         self._config = config
         self._name = name
         self._past: list[dict[str, Any]] = []
+        self._past_evals: list[dict[str, Any]] = []
         self._past_rollouts: list[dict[str, Any]] = []
         if resumed_at is not None:
             run_dir = Path(status.run_dir)
             earlier = MetricsFile(run_dir / "metrics.jsonl")
             earlier.refresh()
             self._past = [r for r in earlier.history if r["step"] <= resumed_at]
+            self._past_evals = [e for e in earlier.evals if e["step"] <= resumed_at]
             self._past_rollouts = [e for e in read_rollout_tail(run_dir / "rollouts.jsonl", rollout_steps)
                                    if e["step"] <= resumed_at]
 
@@ -94,6 +103,10 @@ class LiveRun:
             now, more = rows_after(self._status.history, since)
             rows, more = rows + now[: MAX_ROWS - len(rows)], more or len(rows) + len(now) > MAX_ROWS
         return {"run": run, "rev": 0, "reset": False, "rows": rows, "more": more, "note": None}
+
+    def evals(self, run: int) -> dict[str, Any]:
+        self._check(run)
+        return eval_answer(run, [*self._past_evals, *self._status.evals])
 
     def status(self) -> dict[str, Any]:
         snap = self._status.snapshot()
@@ -125,6 +138,11 @@ class ServeView:
             raise SourceError("run", f"no run {run}")
         return {"run": run, "rev": 0, "reset": False, "rows": [], "more": False, "note": None}
 
+    def evals(self, run: int) -> dict[str, Any]:
+        if run != 0:
+            raise SourceError("run", f"no run {run}")
+        return eval_answer(run, [])
+
     def status(self) -> dict[str, Any]:
         engine = self._engine.stats()
         return {"state": "serving", "engine": engine, "tokens_per_s": engine.get("tokens_per_s", 0.0),
@@ -138,13 +156,16 @@ class ServeView:
 @dataclass
 class MetricsFile:
     """RUN_DIR/metrics.jsonl read incrementally: new complete lines only, each bounded; a step written again (a
-    resumed run) replaces the earlier row and bumps `rev`, so clients reload."""
+    resumed run) replaces the earlier row and bumps `rev`, so clients reload. Held-out evaluations (rows marked
+    `"kind": "eval"`) are kept apart, one per step and task, the newest winning."""
 
     path: Path
     offset: int = 0
     rev: int = 0
     by_step: dict[int, dict[str, Any]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    by_eval: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    evals: list[dict[str, Any]] = field(default_factory=list)
     note: str | None = None
     _identity: tuple[int, int] | None = None
 
@@ -156,7 +177,7 @@ class MetricsFile:
             return
         identity = (st.st_dev, st.st_ino)
         if identity != self._identity or st.st_size < self.offset:  # replaced or truncated: read anew
-            self._identity, self.offset, self.by_step, self.rev = identity, 0, {}, self.rev + 1
+            self._identity, self.offset, self.by_step, self.by_eval, self.rev = identity, 0, {}, {}, self.rev + 1
             self.note = None
         if st.st_size == self.offset:
             return
@@ -177,20 +198,24 @@ class MetricsFile:
             try:
                 row = json.loads(line)
                 step = int(row["step"])
-                if row.get("kind", "train") != "train":  # a held-out evaluation's row: not a step
-                    continue
+                kind = row.get("kind", "train")
+                task = str(row.get("task", "")) if kind == "eval" else None
             except (ValueError, KeyError, TypeError, AttributeError):
                 self.note = f"{self.path.name}: skipped a line that is not a metrics row (near byte {self.offset})"
                 log.debug("bad line %d in %s", n, self.path)
                 continue
-            replaced |= step in self.by_step
-            self.by_step[step] = row
+            if kind == "train":
+                replaced |= step in self.by_step
+                self.by_step[step] = row
+            elif task is not None:
+                self.by_eval[step, task] = {**row, "step": step}
         self.offset += end
         if end == 0 and len(chunk) >= MAX_LINE_BYTES:  # one endless line: skip past it
             self.offset += len(chunk)
         if replaced:
             self.rev += 1
         self.history = [self.by_step[s] for s in sorted(self.by_step)]
+        self.evals = [self.by_eval[k] for k in sorted(self.by_eval)]
 
 
 def read_rollout_tail(path: Path, keep: int) -> list[dict[str, Any]]:
@@ -275,6 +300,11 @@ class RunFiles:
         reset = rev is not None and rev != f.rev
         rows, more = rows_after(f.history, -1 if reset else since)
         return {"run": run, "rev": f.rev, "reset": reset, "rows": rows, "more": more, "note": f.note}
+
+    def evals(self, run: int) -> dict[str, Any]:
+        f = self._file(run)
+        f.refresh()
+        return eval_answer(run, f.evals)
 
     def status(self) -> None:
         return None

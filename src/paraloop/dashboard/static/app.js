@@ -15,7 +15,9 @@
   // Charts per step; `keys` are metrics.jsonl names, `match` picks keys by name (metrics other parts may add).
   const CHARTS = [
     { id: "reward", title: "Reward", keys: ["reward_mean"], spread: "reward_std", labels: { reward_mean: "mean (± std)" } },
-    { id: "eval", title: "Eval reward", match: (k) => k.startsWith("eval") && k.includes("reward"), optional: true },
+    // held-out evaluations ([eval]), from /api/evals: one point per evaluated step, a series per task and metric
+    { id: "eval", title: "Held-out evaluation", evals: true, match: (k) => /(^|· )(reward_mean|pass@\d+)$/.test(k),
+      first: (k) => k.endsWith("reward_mean"), optional: true },
     { id: "loss", title: "Loss", keys: ["loss", "pg_loss"] },
     { id: "kl", title: "KL to reference", keys: ["kl"] },
     { id: "entropy", title: "Entropy", keys: ["entropy"] },
@@ -305,7 +307,8 @@
   // ---------- metrics -> series ----------
   function keysOf(spec, knownKeys) {
     if (spec.keys) return spec.keys.filter((k) => knownKeys.has(k));
-    return [...knownKeys].filter(spec.match).sort();
+    const first = spec.first || (() => false); // these keys lead (the chart's headline value is the first's)
+    return [...knownKeys].filter(spec.match).sort((a, b) => first(b) - first(a) || (a < b ? -1 : a > b ? 1 : 0));
   }
 
   function columns(rows, xs, key) {
@@ -359,16 +362,39 @@
     return { series, bands };
   }
 
+  // A run's evaluations as step rows: {step, "reward_mean": .., "pass@1": ..}, keys prefixed "task · " when the
+  // run evaluates more than one task.
+  function evalRows(run) {
+    const tasks = new Set(run.evals.map((e) => e.task));
+    const byStep = new Map();
+    for (const e of run.evals) {
+      const row = byStep.get(e.step) || { step: e.step };
+      for (const [k, v] of Object.entries(e)) {
+        if (isNum(v) && !NOT_PLOTTED.has(k)) row[tasks.size > 1 ? `${e.task} · ${k}` : k] = v;
+      }
+      byStep.set(e.step, row);
+    }
+    return [...byStep.values()].sort((a, b) => a.step - b.step);
+  }
+
   function drawStepCharts() {
     const runs = S.runs;
     const xs = unionSteps(runs);
     const keys = knownKeys(runs);
+    const evalRuns = runs.map((run) => ({ ...run, rows: evalRows(run) }));
     const charted = new Set();
     for (const spec of CHARTS) {
       let view = S.charts.get(spec.id);
       if (!view) {
         view = new ChartView(spec, $("charts"));
         S.charts.set(spec.id, view);
+      }
+      if (spec.evals) {
+        const evalXs = unionSteps(evalRuns);
+        const { series } = seriesFor(spec, evalRuns, evalXs, knownKeys(evalRuns));
+        view.node.hidden = !series.length;
+        if (!view.node.hidden) view.update(evalXs, series, []);
+        continue;
       }
       const { series, bands } = seriesFor(spec, runs, xs, keys);
       keysOf(spec, keys).forEach((k) => charted.add(k));
@@ -624,7 +650,7 @@
   async function loadInfo() {
     S.info = await api(`${API}/info`);
     S.mode = S.info.mode;
-    S.runs = S.info.runs.map((r) => ({ ...r, rows: [], since: -1, rev: null, note: null, rollouts: new Map(), rolloutSince: -1 }));
+    S.runs = S.info.runs.map((r) => ({ ...r, rows: [], since: -1, rev: null, note: null, evals: [], rollouts: new Map(), rolloutSince: -1 }));
     const title = S.mode === "files" ? S.runs.map((r) => r.name).join("  vs  ") : (S.runs[0].run_dir || S.runs[0].name);
     $("run-title").textContent = title;
     document.title = `paraloop · ${S.runs.map((r) => r.name).join(" vs ")}`;
@@ -652,6 +678,10 @@
     }
   }
 
+  async function pollEvals(run) { // few (one per task every eval.every_steps): the whole list each time
+    run.evals = (await api(`${API}/evals?run=${run.id}`)).evals;
+  }
+
   async function pollRollouts(run) {
     const page = await api(`${API}/rollouts?run=${run.id}&since=${run.rolloutSince}`);
     for (const entry of page.steps) {
@@ -674,6 +704,7 @@
       if (S.mode === "run") S.status = await api(`${API}/status`);
       for (const run of S.runs) {
         await pollMetrics(run);
+        await pollEvals(run);
         await pollRollouts(run);
       }
       if (S.mode === "run") setState(S.status.state);
