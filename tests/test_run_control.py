@@ -72,6 +72,11 @@ async def post(http: aiohttp.ClientSession, path: str) -> tuple[int, dict]:
         return resp.status, await resp.json()
 
 
+async def single_step(http: aiohttp.ClientSession, answers: list, query: str = "?timeout=10") -> None:
+    """POST /control/step (started in a task group): its (status, body) goes to `answers`."""
+    answers.append(await post(http, f"/control/step{query}"))
+
+
 def scenario(fn: Callable[..., Awaitable[None]], **server: Any) -> None:
     async def main() -> None:
         with anyio.fail_after(DEADLINE_S):
@@ -95,11 +100,8 @@ def test_a_single_step_waits_for_a_batch_and_answers_its_metrics():
         control.pause()
         answers = []
 
-        async def step():
-            answers.append(await post(http, "/control/step?timeout=10"))
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(step)
+            tg.start_soon(single_step, http, answers)
             await anyio.sleep(0.05)  # the request waits: no batch yet (either order gives one step)
             await learner.send.send(1)
         status, body = answers[-1]
@@ -140,11 +142,8 @@ def test_a_step_in_flight_at_pause_does_not_answer_a_later_single_step():
         control.pause()
         answers = []
 
-        async def step():
-            answers.append(await post(http, "/control/step?timeout=10"))
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(step)
+            tg.start_soon(single_step, http, answers)
             await anyio.sleep(0.05)
             learner.finish_step()  # step 1 ends: it was not asked for
             await anyio.sleep(0.05)
@@ -168,11 +167,8 @@ def test_the_pause_holds_once_no_step_is_decided_or_computing():
         assert control.status.learner_held and learner.steps == 1
         answers = []
 
-        async def step():
-            answers.append(await post(http, "/control/step?timeout=10"))
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(step)
+            tg.start_soon(single_step, http, answers)
             await learner.send.send(2)
             await learner.stepping.wait()
             assert not control.status.learner_held, "a single step computes"
@@ -193,11 +189,8 @@ def test_a_single_step_the_learner_took_is_answered_even_before_it_computes(endi
         control.pause()
         answers = []
 
-        async def step():
-            answers.append(await post(http, "/control/step?timeout=0.3"))
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(step)
+            tg.start_soon(single_step, http, answers, "?timeout=0.3")
             await anyio.sleep(0.05)
             await learner.send.send(1)  # the turn is taken now; the compute starts 0.6 s later
             await anyio.sleep(0.1)
@@ -214,11 +207,8 @@ def test_stop_answers_a_waiting_single_step_409_at_once():
         control.pause()
         answers = []
 
-        async def step():
-            answers.append(await post(http, "/control/step"))  # the default timeout: 600 s
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(step)
+            tg.start_soon(single_step, http, answers, "")  # the default timeout: 600 s
             await anyio.sleep(0.05)
             control.stop()
         status, body = answers[0]
