@@ -193,7 +193,8 @@ def test_files_api_answers_two_runs_and_bounds_its_parameters(tmp_path):
         assert json.loads(get(f"{base}/dashboard/api/evals?run=1")[2])["evals"] == []
         for route, query, param in (("metrics", "run=7", "run"), ("metrics", "run=-1", "run"),
                                     ("metrics", "since=abc", "since"), ("metrics", "since=-2", "since"),
-                                    ("metrics", "rev=x", "rev"), ("evals", "run=2", "run"), ("evals", "run=1e999", "run")):
+                                    ("metrics", "rev=x", "rev"), ("evals", "run=2", "run"),
+                                    ("evals", "run=1e999", "run")):
             status, _, body = get(f"{base}/dashboard/api/{route}?{query}")
             error = json.loads(body)["error"]
             assert status == 400 and error["param"] == param, (route, query, error)

@@ -2,8 +2,9 @@
 
 Every source answers the same five questions (the JSON of /dashboard/api/*): `info()` (mode, runs, their
 configuration), `metrics(run, since, rev)` (step rows after `since`), `evals(run)` (the held-out evaluations),
-`status()` (the live state, or None) and `rollouts(run, since)` (the last steps' samples). A live run reads RunStatus (the history and the rollout ring it
-already keeps); files are read incrementally and bounded, since a run may still be writing them.
+`status()` (the live state, or None) and `rollouts(run, since)` (the last steps' samples). A live run reads
+RunStatus (the history, evaluations and rollout ring it already keeps); files are read incrementally and bounded,
+since a run may still be writing them.
 """
 
 import json
