@@ -12,7 +12,7 @@ import pytest
 from anyio.from_thread import start_blocking_portal
 
 from paraloop.dashboard.command import make_files_app
-from paraloop.dashboard.sources import MAX_ROWS, MetricsFile, RunFiles, read_rollout_tail
+from paraloop.dashboard.sources import MAX_ROWS, MetricsFile, RunFiles, read_rollout_tail, run_state
 from paraloop.learn.advantages import group_advantages
 from paraloop.messages import PROMPT_MASK, RolloutBatch, ScoredGroup
 from paraloop.run.samples import rollout_samples
@@ -120,6 +120,13 @@ def test_held_out_evaluations_are_kept_apart_from_the_steps_one_per_step_and_tas
     write_rows(path, [1])
     f.refresh()
     assert f.evals == [], "a new run's file: the old evaluations are gone"
+
+
+def test_the_run_state_says_pausing_until_the_pause_holds():
+    assert run_state({"step": 3, "total_steps": 10}) == "training"
+    assert run_state({"step": 3, "total_steps": 10, "paused": True, "learner_held": False}) == "pausing"
+    assert run_state({"step": 4, "total_steps": 10, "paused": True, "learner_held": True}) == "paused"
+    assert run_state({"step": 4, "total_steps": 10, "paused": True, "stopping": True}) == "stopping"
 
 
 def test_rollout_tail_keeps_the_last_steps_and_skips_junk(tmp_path):

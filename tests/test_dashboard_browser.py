@@ -115,7 +115,8 @@ def live_session(view: "Page", proc: subprocess.Popen, run_dir: Path) -> None:
     expect(page.locator('[data-kpi="adapter"] .value')).to_have_text(re.compile(r"v\d+"))
 
     page.click("button[data-action=pause]")
-    expect(badge).to_have_text("paused")
+    expect(badge).to_have_text(re.compile("^paus(ing|ed)$"))  # "pausing" until the step in flight is done
+    expect(badge).to_have_text("paused", timeout=60_000)
     assert call(f"{base}/control/status", token=TOKEN)[1]["paused"] is True
     step = settled_step(base)
     expect(page.locator('[data-chart="reward"]')).to_have_attribute("data-points", str(step))

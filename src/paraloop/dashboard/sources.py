@@ -59,8 +59,8 @@ def eval_answer(run: int, evals: list[dict[str, Any]]) -> dict[str, Any]:
 def run_state(snapshot: dict[str, Any]) -> str:
     if snapshot.get("stopping"):
         return "stopping"
-    if snapshot.get("paused"):
-        return "paused"
+    if snapshot.get("paused"):  # "pausing" while a step decided before the pause finishes
+        return "paused" if snapshot.get("learner_held") else "pausing"
     if snapshot.get("step", 0) >= snapshot.get("total_steps", 1):
         return "finishing"
     return "training"

@@ -533,8 +533,8 @@
     const state = st ? st.state : "disconnected";
     const enable = {
       pause: state === "training" || state === "finishing",
-      resume: state === "paused",
-      step: state === "paused",
+      resume: state === "paused" || state === "pausing",
+      step: state === "paused" || state === "pausing",
       snapshot: state !== "stopping" && state !== "disconnected",
       stop: state !== "stopping" && state !== "disconnected",
     };
