@@ -56,6 +56,12 @@ def eval_answer(run: int, evals: list[dict[str, Any]]) -> dict[str, Any]:
     return {"run": run, "evals": rows, "more": len(evals) > MAX_EVALS}
 
 
+def check_single_run(run: int) -> None:
+    """A live run's or a serving process's dashboard has one run: 0."""
+    if run != 0:
+        raise SourceError("run", f"no run {run}: this process has one run (0)")
+
+
 def run_state(snapshot: dict[str, Any]) -> str:
     if snapshot.get("stopping"):
         return "stopping"
@@ -93,12 +99,8 @@ class LiveRun:
         return {"mode": self.mode, "controls": True, "runs": [
             {"id": 0, "name": self._name, "run_dir": self._status.run_dir, "config": self._config}]}
 
-    def _check(self, run: int) -> None:
-        if run != 0:
-            raise SourceError("run", f"no run {run}: this process has one run (0)")
-
     def metrics(self, run: int, since: int, rev: int | None) -> dict[str, Any]:
-        self._check(run)
+        check_single_run(run)
         rows, more = rows_after(self._past, since)
         if not more and len(rows) < MAX_ROWS:
             now, more = rows_after(self._status.history, since)
@@ -106,7 +108,7 @@ class LiveRun:
         return {"run": run, "rev": 0, "reset": False, "rows": rows, "more": more, "note": None}
 
     def evals(self, run: int) -> dict[str, Any]:
-        self._check(run)
+        check_single_run(run)
         return eval_answer(run, [*self._past_evals, *self._status.evals])
 
     def status(self) -> dict[str, Any]:
@@ -114,7 +116,7 @@ class LiveRun:
         return {**snap, "state": run_state(snap), "memory": process_memory(), "time": time.time()}
 
     def rollouts(self, run: int, since: int) -> dict[str, Any]:
-        self._check(run)
+        check_single_run(run)
         entries = [*self._past_rollouts, *self._status.rollouts][-(self._status.rollouts.maxlen or 20):]
         return {"run": run, "steps": [e for e in entries if e["step"] > since]}
 
@@ -135,13 +137,11 @@ class ServeView:
                 "runs": [{"id": 0, "name": self._name, "run_dir": None, "config": self._config}]}
 
     def metrics(self, run: int, since: int, rev: int | None) -> dict[str, Any]:
-        if run != 0:
-            raise SourceError("run", f"no run {run}")
+        check_single_run(run)
         return {"run": run, "rev": 0, "reset": False, "rows": [], "more": False, "note": None}
 
     def evals(self, run: int) -> dict[str, Any]:
-        if run != 0:
-            raise SourceError("run", f"no run {run}")
+        check_single_run(run)
         return eval_answer(run, [])
 
     def status(self) -> dict[str, Any]:
