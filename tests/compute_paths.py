@@ -29,6 +29,9 @@ logits ~20). Measured here: 1.4e-6 (both kernels mostly round to the same bfloat
 learner both take the log-softmax in float32, so paraloop adds no rounding of its own.
 """
 
+import json
+import os
+
 COMPUTES = ("dequantized", "quantized")
 
 # |engine log-prob - one full forward's log-prob|, per token.
@@ -39,3 +42,32 @@ PARITY_TOL = {"dequantized": 2e-4, "quantized": 2e-4, "quantized-bfloat16": 1e-2
 CACHE_TOL = {"dequantized": 1e-5, "quantized": 1e-5}
 # Logits of the quantized and the dequantized path on the same 4-bit weights (same function, two kernels).
 SAME_FUNCTION_TOL = 1e-5
+# A row of a mixed-adapter batch (gathered per-row LoRA matrices) against a single-adapter engine (plain matmul).
+ADAPTER_ROWS_TOL = 1e-5
+# Cached prefix + the rest prefilled at another shape, against a fresh prefill of the whole prompt.
+PREFIX_TOL = 1e-5
+
+_worst: dict[str, float] = {}
+
+
+def assert_within(what: str, gap: float, tol: float) -> None:
+    """Assert `gap <= tol`, remembering the largest gap seen per comparison: with PARALOOP_TOLERANCE_REPORT=FILE the
+    session writes them there (`scripts/measure-tolerances.sh` runs the numerics tests under each OpenBLAS kernel)."""
+    _worst[what] = max(_worst.get(what, 0.0), float(gap))
+    assert gap <= tol, f"{what}: {gap:.3g} > {tol:.3g}"
+
+
+def max_gap(a, b) -> float:
+    """The largest |a - b| over two equally long sequences of numbers (or arrays)."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def write_tolerance_report() -> None:
+    path = os.environ.get("PARALOOP_TOLERANCE_REPORT")
+    if path and _worst:
+        with open(path, "w") as f:
+            json.dump(dict(sorted(_worst.items())), f, indent=1)

@@ -22,7 +22,7 @@ from paraloop.learn import Trainer
 from paraloop.lora import AdapterSlots, adapter_config, apply_adapter, save_adapter
 from paraloop.model import is_quantized, load_model, twin
 from paraloop.tools import convert_adapter
-from compute_paths import LOGPROB_TOL, SAME_FUNCTION_TOL
+from compute_paths import LOGPROB_TOL, SAME_FUNCTION_TOL, assert_within, max_gap
 from test_engine import make_engine, prompts, reference_logprobs, request, serve
 from test_learn_trainer import random_batch
 
@@ -62,7 +62,8 @@ def test_both_paths_compute_the_same_logits_and_lora_gradients(tiny_q4_model_pat
         logits[compute] = model(ids)
         _, grad = nn.value_and_grad(model, loss)(model)
         grads[compute] = dict(tree_flatten(grad))
-    assert mx.abs(logits["quantized"] - logits["dequantized"]).max().item() < SAME_FUNCTION_TOL
+    assert_within("quantized vs dequantized logits", max_gap(logits["quantized"], logits["dequantized"]),
+                  SAME_FUNCTION_TOL)
     assert grads["quantized"].keys() == grads["dequantized"].keys() and grads["quantized"]
     for name, g in grads["quantized"].items():
         scale = float(mx.abs(grads["dequantized"][name]).max().item()) or 1.0
@@ -86,7 +87,7 @@ def test_an_adapter_trained_on_one_path_serves_on_the_other_in_either_format(
         out[compute] = model(ids)
     base, _, _, _ = load_model(tiny_q4_model_path, compute=served_on)
     assert mx.abs(out[served_on] - base(ids)).max().item() > 1e-3, "the adapter changes the output"
-    assert mx.abs(out[served_on] - out[trained_on]).max().item() < SAME_FUNCTION_TOL
+    assert_within("quantized vs dequantized logits", max_gap(out[served_on], out[trained_on]), SAME_FUNCTION_TOL)
 
 
 def test_a_bfloat16_4bit_model_serves_float32_logprobs_on_quantized_kernels(tiny_q4_bf16_model_path):
@@ -105,7 +106,7 @@ def test_a_bfloat16_4bit_model_serves_float32_logprobs_on_quantized_kernels(tiny
         for row in rows:
             assert row.finish_reason == "length" and len(row.tokens) == 8
             expected = reference_logprobs(model, spec.prompt_tokens, row.tokens, spec.params.temperature)
-            assert max(abs(a - b) for a, b in zip(row.logprobs, expected, strict=True)) < BF16_LOGPROB_TOL
+            assert_within("bfloat16 engine vs float32 forward", max_gap(row.logprobs, expected), BF16_LOGPROB_TOL)
             if spec.params.top_logprobs:
                 assert all(len(top) == 3 and top[0][1] >= top[-1][1] for top in row.top_logprobs)
 
@@ -134,7 +135,7 @@ def test_a_bfloat16_4bit_model_trains_float32_lora_and_the_engine_swaps_it_in(ti
     row = serve(engine, body)
     assert row.versions == [1] * 6 and row.finish_reason == "length"
     expected = reference_logprobs(model, prompt, row.tokens, 1.0)  # the learner's twin holds the same adapter
-    assert max(abs(a - b) for a, b in zip(row.logprobs, expected, strict=True)) < BF16_LOGPROB_TOL
+    assert_within("bfloat16 engine vs float32 forward", max_gap(row.logprobs, expected), BF16_LOGPROB_TOL)
 
 
 def test_dequantized_compute_expands_half_precision_weights_to_float32(tmp_path, caplog):

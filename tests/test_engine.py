@@ -20,7 +20,7 @@ from paraloop.engine import NO_TOKEN, Engine, EngineBusy, RequestError
 from paraloop.lora import AdapterSlots, adapter_arrays, adapter_config, attach_lora
 from paraloop.messages import Completion, GenerateRequest, SamplingParams
 from paraloop.model import load_model
-from compute_paths import LOGPROB_TOL
+from compute_paths import LOGPROB_TOL, assert_within, max_gap
 
 
 
@@ -160,7 +160,7 @@ def test_logprobs_equal_a_full_forward_pass_at_the_request_temperature(tiny_q4_m
     for (prompt, temperature, _), completions in zip(cases, results, strict=True):
         for c in completions:
             expected = reference_logprobs(model, prompt, c.tokens, temperature)
-            assert max(abs(a - b) for a, b in zip(c.logprobs, expected, strict=True)) < LOGPROB_TOL[compute]
+            assert_within("engine vs one full forward", max_gap(c.logprobs, expected), LOGPROB_TOL[compute])
             if temperature == 0:  # greedy picks the argmax and reports its T = 1 logprob
                 logits = model(mx.array(prompt + c.tokens)[None])[0, len(prompt) - 1 : -1]
                 assert c.tokens == mx.argmax(logits, axis=-1).tolist()
@@ -310,7 +310,7 @@ def test_more_rows_than_the_batch_width_wait_for_a_free_slot(tiny_q4_model_path,
         assert [len(r.tokens) for r in rows] == [spec.params.max_tokens] * spec.n
         for r in rows:
             expected = reference_logprobs(model, spec.prompt_tokens, r.tokens, spec.params.temperature)
-            assert max(abs(a - b) for a, b in zip(r.logprobs, expected, strict=True)) < LOGPROB_TOL[compute]
+            assert_within("engine vs one full forward", max_gap(r.logprobs, expected), LOGPROB_TOL[compute])
 
 
 def changed_adapter(model: nn.Module, seed: int) -> dict[str, mx.array]:
@@ -355,7 +355,7 @@ def test_an_adapter_swap_applies_between_steps_and_versions_the_tokens(tiny_q4_m
         AdapterSlots(model).swap(old)
         expected = reference_logprobs(model, prompt, tokens[: first_new + 1], 1.0)
         got = [e.logprob for e in mine[: first_new + 1]]
-        assert max(abs(a - b) for a, b in zip(got[:first_new], expected[:first_new], strict=True)) < LOGPROB_TOL[compute]
+        assert_within("engine vs one full forward", max_gap(got[:first_new], expected[:first_new]), LOGPROB_TOL[compute])
         # The first token labelled 1 did not come from the old adapter's forward pass.
         assert abs(got[first_new] - expected[first_new]) > 1e-3
 

@@ -22,7 +22,7 @@ from mlx_lm.utils import save_config
 
 import test_engine
 from adapter_files import random_adapter
-from compute_paths import LOGPROB_TOL
+from compute_paths import ADAPTER_ROWS_TOL, LOGPROB_TOL, assert_within, max_gap
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine, EngineBusy
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
@@ -89,8 +89,13 @@ def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_en
     request, adapters, decode, model, compute
 ):
     """Four named adapters (two ranks, three layer sets), the policy and the base model in one batch: every row's
-    tokens and log-probs equal, bit for bit, those of an engine serving only that adapter (as its policy, or no
-    adapter at all for the base), fed the same batch of prompts."""
+    tokens equal those of an engine serving only that adapter (as its policy, or no adapter at all for the base),
+    fed the same batch of prompts, and its log-probs agree within ADAPTER_ROWS_TOL.
+
+    Not bitwise: a mixed batch adds each row's LoRA term through gathered per-row matrices, a single-adapter engine
+    through one plain matmul, and BLAS kernels group those sums differently (equal on OpenBLAS's Zen kernel, last
+    float32 bits apart on Haswell). The seeded rows' tokens stay equal: a token changes only if a uniform draw falls
+    within ~1e-6 of a boundary of the cumulative distribution."""
     model_path = request.getfixturevalue(model)
     engine = make_engine(model_path, adapters["policy"], decode=decode, compute=compute)
     tokens = [engine.tokenizer.encode(t) for t in TEXTS]  # distinct prompts: no prefill is shared
@@ -104,6 +109,7 @@ def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_en
         return [rows[0] for rows in out]
 
     got = serve(engine, mixed)
+    worst = 0.0
     for name in [*SHAPES, "base", "policy"]:
         alone = make_engine(model_path, None if name == "base" else adapters[name], decode=decode, compute=compute)
 
@@ -116,7 +122,8 @@ def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_en
             if adapter == name:
                 assert got[i].adapter == name
                 assert got[i].tokens == want[i].tokens, (name, i)
-                assert got[i].logprobs == want[i].logprobs, (name, i)
+                worst = max(worst, max_gap(got[i].logprobs, want[i].logprobs))
+    assert_within("mixed-adapter row vs single-adapter engine", worst, ADAPTER_ROWS_TOL)
     assert len({tuple(c.tokens) for c in got}) > len(specs) // 2  # the adapters really differ
 
 
@@ -161,7 +168,8 @@ def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_other
         alone = make_engine(tiny_model_path, adapters[name], decode=decode)
         want = serve(alone, lambda e, p=prompt, m=max_tokens: e.complete(ask(p, None, max_tokens=m)))[0]
         assert got[key].tokens == want.tokens, key
-        assert max(abs(a - b) for a, b in zip(got[key].logprobs, want.logprobs, strict=True)) < LOGPROB_TOL["dequantized"]
+        assert_within("mixed-adapter row vs single-adapter engine", max_gap(got[key].logprobs, want.logprobs),
+                      ADAPTER_ROWS_TOL)
 
 
 def test_unloading_and_loading_while_rows_run_leaves_them_undisturbed(tiny_model_path, adapters):
@@ -194,7 +202,7 @@ def test_unloading_and_loading_while_rows_run_leaves_them_undisturbed(tiny_model
     want = serve(make_engine(tiny_model_path, adapters["all4"]),
                  lambda e: e.complete(ask(prompt, None, max_tokens=30)))[0]  # fmt: skip
     assert got.tokens == want.tokens == again.tokens
-    assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < LOGPROB_TOL["dequantized"]
+    assert_within("mixed-adapter row vs single-adapter engine", max_gap(got.logprobs, want.logprobs), ADAPTER_ROWS_TOL)
 
 
 def test_checkpoints_load_on_demand_are_bounded_and_evicted_least_recently_used(tiny_model_path, adapters, tmp_path):
@@ -282,7 +290,7 @@ def test_an_adapter_trained_by_mlx_lm_is_served_as_mlx_lm_loads_it(tiny_model_pa
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     assert got.tokens == mx.argmax(logprobs, axis=-1).tolist()
     chosen = mx.take_along_axis(logprobs, mx.array(got.tokens)[:, None], axis=-1)[:, 0].tolist()
-    assert max(abs(a - b) for a, b in zip(got.logprobs, chosen, strict=True)) < LOGPROB_TOL["dequantized"]
+    assert_within("adapter row vs its own forward", max_gap(got.logprobs, chosen), LOGPROB_TOL["dequantized"])
 
 
 def test_adapters_that_cannot_be_served_are_refused_naming_why(tiny_model_path, adapters, tmp_path):

@@ -11,6 +11,7 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 import anyio
 import mlx.core as mx
 import mlx.nn as nn
+from compute_paths import PREFIX_TOL, assert_within, max_gap
 from test_engine import changed_adapter, reference_logprobs, request, serve, wait_until
 
 from paraloop.config import EngineConfig, LoraConfig
@@ -21,7 +22,6 @@ from paraloop.model import load_model
 from paraloop.server.metrics import Metrics, engine_families
 
 GREEDY = dict(temperature=0, max_tokens=10, ignore_eos=True)
-TOL = 1e-5  # a prefix cached from another prompt is the same KV, but the rest is prefilled at another shape
 
 
 class Gate(nn.Module):
@@ -141,10 +141,10 @@ def test_greedy_output_is_the_same_alone_batched_and_from_a_cached_prefix(tiny_m
     partial, together, batched, stats = serve(engine, body)
     for got, want in [*zip(partial, reference, strict=True), *zip(together, reference, strict=True)]:
         assert got.tokens == want.tokens
-        assert max(abs(a - b) for a, b in zip(got.logprobs, want.logprobs, strict=True)) < TOL
+        assert_within("cached prefix vs fresh prefill", max_gap(got.logprobs, want.logprobs), PREFIX_TOL)
     for p, got in zip(prompts, batched, strict=True):  # against one full forward pass of the model
         ref = reference_logprobs(model, p + [9, 10, 11], got.tokens, 1.0)
-        assert max(abs(a - b) for a, b in zip(got.logprobs, ref, strict=True)) < 1e-4
+        assert_within("engine vs one full forward", max_gap(got.logprobs, ref), 1e-4)
     assert stats["prefix_cache_lookups"] == 13 and stats["prefix_cache_hits"] == 12
     # The system part, then the whole prompt but its last token, then the prompt (a finished row's first part).
     saved = sum(len(system) + (len(p) - 1) + len(p) for p in prompts)
@@ -171,7 +171,7 @@ def test_requests_for_one_prompt_prefill_it_once_and_report_it(tiny_model_path):
     assert len({tuple(c.tokens) for c in rows}) == len(rows)  # every row samples on its own
     for c in rows:
         ref = reference_logprobs(model, prompt, c.tokens, 1.0)
-        assert max(abs(a - b) for a, b in zip(c.logprobs, ref, strict=True)) < 1e-4
+        assert_within("engine vs one full forward", max_gap(c.logprobs, ref), 1e-4)
 
     metrics = Metrics()  # what GET /metrics serves, in paraloop run and paraloop serve
     metrics.add_collector(lambda: engine_families(stats))
@@ -200,7 +200,7 @@ def test_the_next_turn_of_a_conversation_prefills_only_what_was_added(tiny_model
     assert stats["prefix_cache_tokens_saved"] == sum(len(p) - added for p in prompts[1:])
     for p, turn in zip(prompts, turns, strict=True):
         ref = reference_logprobs(model, p, turn.tokens, 1.0)
-        assert max(abs(a - b) for a, b in zip(turn.logprobs, ref, strict=True)) < 1e-4
+        assert_within("engine vs one full forward", max_gap(turn.logprobs, ref), 1e-4)
 
 
 def test_memory_stays_within_the_configured_bound(tiny_model_path):
@@ -280,7 +280,7 @@ def test_cancelling_a_leader_during_its_prefill_lets_the_requests_held_for_it_ru
     stats = serve(engine, main)
     assert len(held) == 1 and held[0].finish_reason == "length" and len(held[0].tokens) == 10
     ref = reference_logprobs(model, prompt, held[0].tokens, 1.0)
-    assert max(abs(a - b) for a, b in zip(held[0].logprobs, ref, strict=True)) < 1e-4
+    assert_within("engine vs one full forward", max_gap(held[0].logprobs, ref), 1e-4)
     # The leader's half-done prefill was dropped: the held request prefilled the prompt itself, nothing cached.
     assert stats["prefix_cache_lookups"] == 2 and stats["prefix_cache_tokens_saved"] == 0
     assert [s[1] for s in prompt_forwards(gate)] == [16, 16, 16, 16, 16, 11]
@@ -310,7 +310,7 @@ def test_requests_held_for_a_leader_start_on_the_new_version_after_a_drain_swap(
     assert stats["prefix_cache_tokens_saved"] == 0  # the held request did not start from version 0's entry
     AdapterSlots(model).swap(new)
     ref = reference_logprobs(model, prompt, out[1].tokens, 1.0)
-    assert max(abs(a - b) for a, b in zip(out[1].logprobs, ref, strict=True)) < 1e-4
+    assert_within("engine vs one full forward", max_gap(out[1].logprobs, ref), 1e-4)
 
 
 def test_stopping_the_engine_aborts_rows_waiting_for_a_leader_and_held_requests(tiny_model_path):

@@ -16,7 +16,7 @@ from paraloop.learn.trainer import Trainer
 from paraloop.lora import adapter_arrays, adapter_config, attach_lora
 from paraloop.messages import GenerateRequest, RolloutBatch, SamplingParams
 from paraloop.model import load_model, twin
-from compute_paths import PARITY_TOL
+from compute_paths import PARITY_TOL, assert_within
 
 
 def engine_rollouts(engine_model, tokenizer, requests):
@@ -72,11 +72,11 @@ def learner_engine_gap(model_path, compute: str, temperature: float) -> float:
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_learner_logprobs_match_engine_recorded_logprobs(tiny_q4_model_path, compute, temperature):
     gap = learner_engine_gap(tiny_q4_model_path, compute, temperature)
-    assert gap < PARITY_TOL[compute], f"max |learner - engine| = {gap:.2e}"
+    assert_within(f"learner vs engine ({compute})", gap, PARITY_TOL[compute])
 
 
 def test_a_bfloat16_model_on_quantized_kernels_agrees_to_bfloat16_precision(tiny_q4_bf16_model_path):
     """The Mac default: a bfloat16 4-bit model computing in bfloat16. The engine's logits reach float32 before the
     log-softmax, as the learner's do, so the gap is the bfloat16 rounding of two differently grouped forwards."""
     gap = learner_engine_gap(tiny_q4_bf16_model_path, "quantized", 1.0)
-    assert gap < PARITY_TOL["quantized-bfloat16"], f"max |learner - engine| = {gap:.2e}"
+    assert_within("learner vs engine (bfloat16)", gap, PARITY_TOL["quantized-bfloat16"])

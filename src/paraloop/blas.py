@@ -1,8 +1,8 @@
 """Load Debian's OpenBLAS into the process before MLX is imported (Linux CPU only).
 
 MLX's Linux CPU wheel links a reference BLAS (~3 GFLOP/s float32 matmul on a 2-core Zen3).
-Loading OpenBLAS with RTLD_GLOBAL first makes MLX's `sgemm` resolve to it (~40x faster,
-bitwise-equal results). Nothing happens on macOS (Accelerate) or when MLX is already imported.
+Loading OpenBLAS with RTLD_GLOBAL first makes MLX's `sgemm` resolve to it (~40x faster; the same float32
+products up to rounding: each BLAS kernel sums in its own order). Nothing happens on macOS (Accelerate) or when MLX is already imported.
 Set PARALOOP_OPENBLAS=0 to switch it off, or PARALOOP_OPENBLAS=/path/to/libopenblas.so to choose the library.
 """
 
