@@ -30,7 +30,7 @@ NUMERICS = {
     "test_compute_paths", "test_engine", "test_engine_adapters", "test_engine_admission", "test_engine_cpu_decode",
     "test_engine_kv_memory", "test_engine_prefill", "test_engine_prefix", "test_engine_sampling",
     "test_learner_engine_agreement", "test_learn_logprobs", "test_learn_loss", "test_learn_memory",
-    "test_learn_trainer", "test_learn_variants", "test_distributed_trainer", "test_resume", "test_tools",
+    "test_learn_trainer", "test_learn_variants", "test_distributed_trainer", "test_tools",
     "test_checkpoint_mlx_lm", "test_predecessor", "test_model_resolution",
 }  # fmt: skip
 
