@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from paraloop.config_paths import absolute_paths, resolve_toml_paths
+
 ENV_PREFIX = "PARALOOP_"
 log = logging.getLogger("paraloop.config")
 
@@ -615,11 +617,12 @@ def _describe(err: Any, toml: dict, overrides: dict, path: str | None) -> str:
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Resolve the configuration: CLI overrides > environment (PARALOOP_SECTION__KEY) > TOML > defaults.
+    The TOML file's relative paths are relative to its directory (config_paths.py); the others to the current one.
 
     `overrides` is a nested dict holding only what the user gave on the command line,
     e.g. {"rl_training": {"learning_rate": 1e-4}}. Raises ConfigError naming the key and where it came from.
     """
-    toml = read_toml(path) if path is not None else {}
+    toml = resolve_toml_paths(read_toml(path), path) if path is not None else {}
     overrides = overrides or {}
     token = _toml_tree.set(toml)
     try:
@@ -644,8 +647,8 @@ def public_dump(settings: Settings) -> dict[str, Any]:
     return data
 
 
-def to_toml(settings: Settings) -> str:
-    """Render resolved settings as TOML (None values are commented out)."""
+def to_toml(settings: Settings, *, absolute: bool = False) -> str:
+    """Render resolved settings as TOML (None values are commented out; `absolute`: relative paths made absolute)."""
     lines: list[str] = []
 
     def emit(prefix: str, tree: dict[str, Any]) -> None:
@@ -658,7 +661,8 @@ def to_toml(settings: Settings) -> str:
         for k, v in tables.items():
             emit(f"{prefix}.{k}" if prefix else k, v)
 
-    emit("", settings.model_dump(mode="json"))
+    data = settings.model_dump(mode="json")
+    emit("", absolute_paths(data) if absolute else data)
     return "\n".join(lines).lstrip() + "\n"
 
 

@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         except ConfigError as e:
             print(f"paraloop: error: {e}", file=sys.stderr)
             return 2
-        sys.stdout.write(to_toml(settings))
+        sys.stdout.write(to_toml(settings, absolute=True))  # relative paths would change meaning where it is saved
         return 0
     text = render_docs()
     if args.check:
