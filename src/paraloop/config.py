@@ -75,7 +75,7 @@ class ModelConfig(Section):
     base_path: str | None = None
     """Model directory (mlx-lm format, quantized or not), or a Hugging Face repo id such as
     `mlx-community/Qwen3-14B-4bit`, found as mlx-lm finds it: the hub cache (HF_HOME), downloaded when missing unless
-    HF_HUB_OFFLINE=1. CLI: --model-path."""
+    HF_HUB_OFFLINE=1. In a TOML file relative to the file's directory. CLI: --model-path."""
     revision: str | None = None
     """Branch, tag or commit of a Hugging Face repo id in base_path (default: main); unused for a directory.
     CLI: --revision."""
@@ -406,7 +406,8 @@ class EvalConfig(Section):
 
 class CheckpointConfig(Section):
     dir: str = "runs/latest"
-    """Run directory: checkpoints/, metrics.jsonl, plots. CLI: --checkpoint-dir (alias --run-dir)."""
+    """Run directory: checkpoints/, metrics.jsonl, plots; in a TOML file relative to the file's directory.
+    CLI: --run-dir (alias --checkpoint-dir)."""
     interval: int = Field(50, ge=0)
     """Write a checkpoint every N learner steps (0: only the final one). CLI: --checkpoint-interval."""
     save_every_step: bool = False

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="paraloop eval",
         description="Evaluate a model and an adapter on a task's held-out prompts, side by side.",
     )
-    p.add_argument("--adapter", help="adapter to evaluate: a run dir (latest checkpoint), a checkpoint dir, or an "
+    p.add_argument("--adapter", "--adapter-path", "--lora-path", dest="adapter", help="adapter to evaluate: a run dir (latest checkpoint), a checkpoint dir, or an "
                                      "adapter dir / adapter.npz")
     # dest eval_*: never mistaken for the run flags of the same name (--task is rl_training.mock.task there)
     p.add_argument("--task", dest="eval_task", metavar="TASK", help="task as module:function or file.py:function [eval.task]")
