@@ -215,6 +215,7 @@ def after_make_demo(tmp_path_factory, tiny_model_path) -> Path:
     return root
 
 
+@pytest.mark.slow  # every page's commands: seconds each, a few minutes in all
 @pytest.mark.parametrize("page", PAGES)
 def test_every_command_block_of_the_page_runs(page, tiny_model_path, after_make_demo, tmp_path):
     runnable = [b for b in blocks(page) if b.skip is None and b.commands]
