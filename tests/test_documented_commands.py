@@ -246,7 +246,8 @@ def test_every_skipped_block_says_why_and_pages_have_blocks_that_run():
     assert all(reason.strip() for _, _, reason in skipped), skipped
     pages_run = {page for page in PAGES if any(b.skip is None and b.commands for b in blocks(page))}
     must_run = {"README.md", "docs/tasks.md", "docs/training.md", "docs/models.md", "docs/resume.md",
-                "docs/checkpoints.md", "docs/api.md", "docs/configuration.md", "examples/README.md"}  # fmt: skip
+                "docs/checkpoints.md", "docs/api.md", "docs/configuration.md", "docs/observability.md",
+                "examples/README.md"}  # fmt: skip
     assert must_run <= pages_run, must_run - pages_run
 
 
