@@ -20,7 +20,8 @@ What is substituted, and nothing else:
 
 A server (a `paraloop serve` or `paraloop dashboard` line, or any line ending in `&`) is started in its own process
 group, probed until it answers HTTP, left running for the page's next lines and killed (the whole group) at the next
-server line or at the end of the page. Each page runs in a copy of configs/ and examples/ under tmp_path.
+server line or at the end of the page. Each page runs in a copy of configs/ and examples/ under tmp_path; two pages
+run at a time.
 """
 
 import math
@@ -34,6 +35,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,34 +203,27 @@ def page_env(tmp: Path, port: int) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def after_make_demo(tmp_path_factory, tiny_model_path) -> Path:
+def make_demo(root: Path, tiny: Path, tmp: Path) -> Path:
     """A checkout where `make demo` has run: models/smollm2 (the tiny model) and runs/demo, trained by
     configs/demo.toml as the Makefile runs it (2 steps)."""
-    root = tmp_path_factory.mktemp("after-make-demo")
     for name in ("configs", "examples"):
         shutil.copytree(REPO / name, root / name)
-    shutil.copytree(tiny_model_path, root / "models" / "smollm2")
-    tmp = tmp_path_factory.mktemp("demo-bin")
-    shell = Shell(root, page_env(tmp, free_port()), tmp / "log.txt")
-    shell.run("paraloop run configs/demo.toml", ".", "Makefile's demo target")
+    shutil.copytree(tiny, root / "models" / "smollm2")
+    tmp.mkdir()
+    Shell(root, page_env(tmp, free_port()), tmp / "log.txt").run("paraloop run configs/demo.toml", ".", "make demo")
     return root
 
 
-@pytest.mark.slow  # every page's commands: seconds each, a few minutes in all
-@pytest.mark.parametrize("page", PAGES)
-def test_every_command_block_of_the_page_runs(page, tiny_model_path, after_make_demo, tmp_path):
-    runnable = [b for b in blocks(page) if b.skip is None and b.commands]
-    if not runnable:
-        pytest.skip(f"{page}: no runnable command block")
-    root = tmp_path / "repo"
-    if page == "README.md":  # a fresh clone
+def run_page(page: str, *, start: Path | None, tiny: Path, tmp: Path) -> str | None:
+    """Run the page's blocks in a copy of `start` (None: a fresh clone); None, or why the page failed."""
+    root = tmp / "repo"
+    if start is None:
         for name in ("configs", "examples"):
             shutil.copytree(REPO / name, root / name)
     else:
-        shutil.copytree(after_make_demo, root, symlinks=True)
+        shutil.copytree(start, root, symlinks=True)
     port = free_port()
-    shell = Shell(root, page_env(tmp_path, port), tmp_path / "log.txt")
+    shell = Shell(root, page_env(tmp, port), tmp / "log.txt")
     try:
         for block in blocks(page):
             if block.save_as:
@@ -236,9 +231,40 @@ def test_every_command_block_of_the_page_runs(page, tiny_model_path, after_make_
             if block.skip is not None:
                 continue
             for command in block.commands:
-                shell.run(as_run_here(command, tiny=tiny_model_path, port=port), block.cwd, f"{page}:{block.line}")
+                shell.run(as_run_here(command, tiny=tiny, port=port), block.cwd, f"{page}:{block.line}")
+    except BaseException as e:  # noqa: BLE001 - pytest.fail's Failed too: reported by the page's own test
+        return f"{type(e).__name__}: {e}"
     finally:
         shell.stop_server()
+    return None
+
+
+def runnable_pages() -> list[str]:
+    """The pages with a block to run, those with the most commands first (they set how long the pool takes)."""
+    count = {page: sum(len(b.commands) for b in blocks(page) if b.skip is None) for page in PAGES}
+    return sorted((page for page in PAGES if count[page]), key=lambda page: -count[page])
+
+
+@pytest.fixture(scope="module")
+def page_results(tiny_model_path, tmp_path_factory) -> dict[str, str | None]:
+    """Every page run, two at a time (most of a command's time is one core importing MLX and loading a model):
+    README.md from a fresh clone beside `make demo`, then the others from where `make demo` ends."""
+    tmp = tmp_path_factory.mktemp("pages")
+    pages = runnable_pages()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        fresh = pool.submit(run_page, "README.md", start=None, tiny=tiny_model_path, tmp=tmp / "README")
+        demo = make_demo(tmp / "after-make-demo", tiny_model_path, tmp / "make-demo")
+        futures = {page: pool.submit(run_page, page, start=demo, tiny=tiny_model_path, tmp=tmp / page.replace("/", "-"))
+                   for page in pages if page != "README.md"}  # fmt: skip
+        return {"README.md": fresh.result(), **{page: f.result() for page, f in futures.items()}}
+
+
+@pytest.mark.slow  # every page's commands: seconds each, a few minutes in all
+@pytest.mark.parametrize("page", PAGES)
+def test_every_command_block_of_the_page_runs(page, page_results):
+    if page not in runnable_pages():
+        pytest.skip(f"{page}: no runnable command block")
+    assert page_results[page] is None, page_results[page]
 
 
 def test_every_skipped_block_says_why_and_pages_have_blocks_that_run():
