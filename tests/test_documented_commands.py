@@ -4,9 +4,11 @@ What runs: each ```bash, ```sh or ```console fence (in a console fence, the `$ `
 (`\\` continues a line, `# ...` comments are dropped), in page order, from the repository root or from the
 directory a `<!-- run in: DIR -->` comment right above the fence names. A block that cannot run offline on a CPU
 in seconds carries `<!-- not run: REASON -->` right above its fence instead; the reason is required and
-`test_every_skipped_block_says_why` lists them. Pages are independent: README.md starts from a fresh clone (after
-the install its install block describes); every other page starts where `make demo` ends (models/smollm2 built,
-runs/demo trained).
+`test_every_skipped_block_says_why_and_pages_have_blocks_that_run` holds them to it. A fence of another language is
+not run (```toml, ```python, output), except that a block under `<!-- save as: PATH -->` is written to PATH when the
+page reaches it (docs/tasks.md's my_task.py). Pages are independent: README.md starts from a fresh clone (after the
+install its install block describes); every other page starts where `make demo` ends (models/smollm2 built,
+runs/demo trained). Commands run offline (HF_HUB_OFFLINE=1), `paraloop` and `python` being this interpreter.
 
 What is substituted, and nothing else:
 - the model: `paraloop model smollm2 DIR` builds the tiny test model instead (`paraloop model tiny DIR`), the Hugging
