@@ -56,3 +56,18 @@ def test_the_adapter_flag_has_one_spelling_and_both_aliases(verb, capsys):
     values = {vars(parser.parse_args([*required, flag, "a/b"]))["adapter"] for flag in
               ("--adapter", "--adapter-path", "--lora-path")}  # fmt: skip
     assert {str(v) for v in values} == {"a/b"}
+
+
+def test_an_adapter_flag_given_a_run_dir_means_its_newest_checkpoint(tmp_path):
+    """`--adapter runs/demo` names the run's newest checkpoint to run and serve as to eval and merge."""
+    import mlx.core as mx
+
+    from paraloop.checkpoint import write_checkpoint
+    from paraloop.lora import adapter_location
+
+    adapter = {"layers.0.self_attn.q_proj.lora_a": mx.zeros((4, 2))}
+    for step in (1, 2):
+        last = write_checkpoint(tmp_path / "run", step=step, version=step, adapter=adapter, adapter_config={})
+    assert adapter_location(tmp_path / "run") == last == adapter_location(tmp_path / "run" / "checkpoints")
+    assert adapter_location(last) == last  # an adapter dir as it is
+    assert adapter_location(tmp_path / "empty") == tmp_path / "empty"  # nothing there: the loader says so
