@@ -80,9 +80,10 @@ class ModelConfig(Section):
     """Branch, tag or commit of a Hugging Face repo id in base_path (default: main); unused for a directory.
     CLI: --revision."""
     lora_path: str | None = None
-    """Adapter to start from: an mlx-lm adapter dir (adapters.safetensors + adapter_config.json), an adapter file, or
-    a paraloop or predecessor checkpoint (a predecessor's adapter.npz without adapter_config.json takes its layout
-    from its arrays and its scale and dropout from rl_training.lora)."""
+    """Adapter to start from (run) or to serve (serve): an mlx-lm adapter dir (adapters.safetensors +
+    adapter_config.json), an adapter file, a paraloop or predecessor checkpoint, or a run dir (its newest checkpoint).
+    A predecessor's adapter.npz without adapter_config.json takes its layout from its arrays and its scale and
+    dropout from rl_training.lora. CLI: --adapter (also --adapter-path, --lora-path)."""
     auto_init_lora: bool = True
     """Attach fresh LoRA layers (rl_training.lora) when no lora_path is given."""
     compute: Literal["auto", "quantized", "dequantized"] = "auto"

@@ -31,7 +31,8 @@ paraloop run configs/demo.toml --run-dir runs/rank8 --lora-rank 8   # the same f
 
 Nested sections use `__` in environment variables: `[rl_training.lora] rank` is `PARALOOP_RL_TRAINING__LORA__RANK`.
 Other environment variables: `PARALOOP_OPENBLAS=0` disables the OpenBLAS preload on Linux (or names the library to
-load); `PARALOOP_LOG` sets the log level of every command (`debug`, `info` (default), `warning`, `error`).
+load; the first log line of `paraloop run` and `serve` names the BLAS in use); `PARALOOP_LOG` sets the log level of
+every command (`debug`, `info` (default), `warning`, `error`).
 
 **Relative paths.** In a TOML file, a relative path is relative to the file's directory, so a configuration means
 the same from any working directory: configs/demo.toml says `base_path = "../models/smollm2"` and
