@@ -1,12 +1,13 @@
 """A reward task of your own for paraloop's built-in environment: small sums, answered with the number alone.
 
     cd examples                                              # the task is found in the current directory
-    paraloop run ../configs/demo.toml --task arithmetic_task:arithmetic --set eval.every_steps=10
-    paraloop eval --model-path ../models/smollm2 --adapter ../runs/demo --task arithmetic_task:arithmetic
+    paraloop run ../configs/demo.toml --task arithmetic_task:arithmetic --run-dir ../runs/arithmetic
+    paraloop eval --model-path ../models/smollm2 --adapter ../runs/arithmetic --task arithmetic_task:arithmetic
 
 `task = "arithmetic_task:arithmetic"` (in [rl_training.mock], or [eval] for evaluation only) imports this module
 from the current directory even though the `paraloop` console script does not put it on sys.path; from anywhere
-else give the file's path, `task = "examples/arithmetic_task.py:arithmetic"`, or install your package.
+else give the file's path (`--task examples/arithmetic_task.py:arithmetic`; in a TOML file, relative to that file),
+or install your package.
 
 A Task is four things (paraloop.envs.tasks):
 - `prompt(rng)`: one training prompt, a list of chat messages, drawn from the seeded `rng` (reproducible runs);

@@ -1,4 +1,5 @@
-"""The dashboard in a real browser: Debian's Chromium driven by Playwright (no browser download).
+"""The dashboard in a real browser: Chromium or Chrome driven by Playwright (no browser download; where it is found,
+or why the tests are skipped: tests/chromium.py, PARALOOP_CHROMIUM).
 
 One browser for the module. A tiny-model `paraloop run` with a control token: the page asks for the token, refuses a
 wrong one, then shows curves that gain a point after a learner step, the latest rollouts, and drives pause / step /
@@ -7,7 +8,6 @@ but the refusal of the wrong token.
 """
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 import procs
+from chromium import find_chromium
 from test_run import call, finish, paraloop_run, wait_for_server
 
-CHROMIUM = os.environ.get("PARALOOP_CHROMIUM") or "/usr/bin/chromium"  # the Makefile's `browser` target installs it
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "dashboard-s3cret"
@@ -31,12 +31,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (or set PARALOOP_CHROMIUM)")
+    executable, why = find_chromium()
+    if executable is None:
+        pytest.skip(why)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, timeout=60_000)
+        browser = p.chromium.launch(executable_path=executable, args=FLAGS, timeout=60_000)
         try:
             yield browser
         finally:

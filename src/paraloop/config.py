@@ -16,6 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from paraloop.config_paths import absolute_paths, resolve_toml_paths
+
 ENV_PREFIX = "PARALOOP_"
 log = logging.getLogger("paraloop.config")
 
@@ -73,14 +75,15 @@ class ModelConfig(Section):
     base_path: str | None = None
     """Model directory (mlx-lm format, quantized or not), or a Hugging Face repo id such as
     `mlx-community/Qwen3-14B-4bit`, found as mlx-lm finds it: the hub cache (HF_HOME), downloaded when missing unless
-    HF_HUB_OFFLINE=1. CLI: --model-path."""
+    HF_HUB_OFFLINE=1. In a TOML file relative to the file's directory. CLI: --model-path."""
     revision: str | None = None
     """Branch, tag or commit of a Hugging Face repo id in base_path (default: main); unused for a directory.
     CLI: --revision."""
     lora_path: str | None = None
-    """Adapter to start from: an mlx-lm adapter dir (adapters.safetensors + adapter_config.json), an adapter file, or
-    a paraloop or predecessor checkpoint (a predecessor's adapter.npz without adapter_config.json takes its layout
-    from its arrays and its scale and dropout from rl_training.lora)."""
+    """Adapter to start from (run) or to serve (serve): an mlx-lm adapter dir (adapters.safetensors +
+    adapter_config.json), an adapter file, a paraloop or predecessor checkpoint, or a run dir (its newest checkpoint).
+    A predecessor's adapter.npz without adapter_config.json takes its layout from its arrays and its scale and
+    dropout from rl_training.lora. CLI: --adapter (also --adapter-path, --lora-path)."""
     auto_init_lora: bool = True
     """Attach fresh LoRA layers (rl_training.lora) when no lora_path is given."""
     compute: Literal["auto", "quantized", "dequantized"] = "auto"
@@ -404,7 +407,8 @@ class EvalConfig(Section):
 
 class CheckpointConfig(Section):
     dir: str = "runs/latest"
-    """Run directory: checkpoints/, metrics.jsonl, plots. CLI: --checkpoint-dir (alias --run-dir)."""
+    """Run directory: checkpoints/, metrics.jsonl, plots; in a TOML file relative to the file's directory.
+    CLI: --run-dir (alias --checkpoint-dir)."""
     interval: int = Field(50, ge=0)
     """Write a checkpoint every N learner steps (0: only the final one). CLI: --checkpoint-interval."""
     save_every_step: bool = False
@@ -615,11 +619,12 @@ def _describe(err: Any, toml: dict, overrides: dict, path: str | None) -> str:
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Resolve the configuration: CLI overrides > environment (PARALOOP_SECTION__KEY) > TOML > defaults.
+    The TOML file's relative paths are relative to its directory (config_paths.py); the others to the current one.
 
     `overrides` is a nested dict holding only what the user gave on the command line,
     e.g. {"rl_training": {"learning_rate": 1e-4}}. Raises ConfigError naming the key and where it came from.
     """
-    toml = read_toml(path) if path is not None else {}
+    toml = resolve_toml_paths(read_toml(path), path) if path is not None else {}
     overrides = overrides or {}
     token = _toml_tree.set(toml)
     try:
@@ -644,8 +649,8 @@ def public_dump(settings: Settings) -> dict[str, Any]:
     return data
 
 
-def to_toml(settings: Settings) -> str:
-    """Render resolved settings as TOML (None values are commented out)."""
+def to_toml(settings: Settings, *, absolute: bool = False) -> str:
+    """Render resolved settings as TOML (None values are commented out; `absolute`: relative paths made absolute)."""
     lines: list[str] = []
 
     def emit(prefix: str, tree: dict[str, Any]) -> None:
@@ -658,7 +663,8 @@ def to_toml(settings: Settings) -> str:
         for k, v in tables.items():
             emit(f"{prefix}.{k}" if prefix else k, v)
 
-    emit("", settings.model_dump(mode="json"))
+    data = settings.model_dump(mode="json")
+    emit("", absolute_paths(data) if absolute else data)
     return "\n".join(lines).lstrip() + "\n"
 
 

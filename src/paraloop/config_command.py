@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from paraloop.config import ENV_PREFIX, ConfigError, Settings, to_toml
-from paraloop.flags import FLAGS, add_config_flags, settings_from_args
+from paraloop.flags import ALIASES, FLAGS, add_config_flags, settings_from_args
 
 DOCS_PATH = Path("docs/configuration.md")
 
@@ -24,13 +24,26 @@ where it came from (file, variable or flag).
 
 ```bash
 paraloop config show configs/demo.toml --learning-rate 1e-4     # the resolved configuration, as TOML
-PARALOOP_RL_TRAINING__LORA__RANK=8 paraloop run configs/tiny.toml
-paraloop run configs/tiny.toml --set rl_training.lora.keys='"all"'   # any key, value parsed as JSON when it can be
+PARALOOP_RL_TRAINING__LORA__RANK=8 paraloop config show configs/demo.toml
+paraloop config show configs/demo.toml --set rl_training.lora.keys='["self_attn.q_proj"]'   # any key; JSON values
+paraloop run configs/demo.toml --run-dir runs/rank8 --lora-rank 8   # the same flags and variables for every verb
 ```
 
 Nested sections use `__` in environment variables: `[rl_training.lora] rank` is `PARALOOP_RL_TRAINING__LORA__RANK`.
 Other environment variables: `PARALOOP_OPENBLAS=0` disables the OpenBLAS preload on Linux (or names the library to
-load); `PARALOOP_LOG` sets the log level of every command (`debug`, `info` (default), `warning`, `error`).
+load; the first log line of `paraloop run` and `serve` names the BLAS in use); `PARALOOP_LOG` sets the log level of
+every command (`debug`, `info` (default), `warning`, `error`).
+
+**Relative paths.** In a TOML file, a relative path is relative to the file's directory, so a configuration means
+the same from any working directory: configs/demo.toml says `base_path = "../models/smollm2"` and
+`dir = "../runs/demo"`, and `cd examples && paraloop run ../configs/demo.toml` finds the repository's models/ and
+runs/. This holds for `model.base_path`, `model.lora_path`, `server.lora_modules`, `server.lora_dirs`,
+`checkpoint.dir`, `checkpoint.resume` and the file form of a task (`rl_training.mock.task`, `eval.task`:
+`path/to/file.py:function`; a `module:function` is imported as it is). `model.base_path` is also a Hugging Face repo
+id: a value such as `mlx-community/Qwen3-14B-4bit` that names nothing next to the file stays a repo id (write
+`./org/name` for a directory). Flags and environment variables are typed in a shell: their relative paths are
+relative to the current directory, as with any command. `paraloop config show` prints the paths absolute, so its
+output loads the same wherever it is saved.
 
 The predecessor's spellings are accepted: `[rl_training] steps`, `checkpoint_interval`, `save_every_step`,
 `adapter_format`, `checkpoint_dir`, `atropos_url`, `[rl_training.lora] target_modules`, `alpha`, and
@@ -52,7 +65,7 @@ def _type_name(annotation: typing.Any) -> str:
 def _flags_by_key() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for flag, (key, _, _) in FLAGS.items():
-        out.setdefault(key, []).append(f"`{flag}`")
+        out.setdefault(key, []).extend(f"`{name}`" for name in (flag, *ALIASES.get(flag, ())))
     return out
 
 
@@ -100,7 +113,7 @@ def main(argv: list[str]) -> int:
         except ConfigError as e:
             print(f"paraloop: error: {e}", file=sys.stderr)
             return 2
-        sys.stdout.write(to_toml(settings))
+        sys.stdout.write(to_toml(settings, absolute=True))  # relative paths would change meaning where it is saved
         return 0
     text = render_docs()
     if args.check:

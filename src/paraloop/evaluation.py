@@ -227,14 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="paraloop eval",
         description="Evaluate a model and an adapter on a task's held-out prompts, side by side.",
     )
-    p.add_argument("--adapter", help="adapter to evaluate: a run dir (latest checkpoint), a checkpoint dir, or an "
-                                     "adapter dir / adapter.npz")
+    p.add_argument("--adapter", "--adapter-path", "--lora-path", dest="adapter",
+                   help="adapter to evaluate: a run dir (latest checkpoint), a checkpoint dir, or an adapter dir / "
+                        "adapter.npz")
     # dest eval_*: never mistaken for the run flags of the same name (--task is rl_training.mock.task there)
-    p.add_argument("--task", dest="eval_task", metavar="TASK", help="task as module:function or file.py:function [eval.task]")
-    p.add_argument("--prompts", dest="eval_prompts", metavar="N", type=int, help="first N prompts of the eval split [eval.prompts]")
-    p.add_argument("--samples", dest="eval_samples", metavar="K", type=int, help="completions per prompt [eval.samples]")
-    p.add_argument("--temperature", dest="eval_temperature", metavar="T", type=float, help="0: greedy [eval.temperature]")
-    p.add_argument("--max-tokens", type=int, dest="eval_max_tokens", metavar="N", help="generation cap [eval.max_tokens]")
+    from paraloop.flags import flag_help
+
+    p.add_argument("--task", dest="eval_task", metavar="TASK",
+                   help=flag_help("eval.task", "task as module:function or file.py:function (unset: rl_training.mock.task)"))
+    p.add_argument("--prompts", dest="eval_prompts", metavar="N", type=int,
+                   help=flag_help("eval.prompts", "first N prompts of the eval split (unset: all)"))
+    p.add_argument("--samples", dest="eval_samples", metavar="K", type=int,
+                   help=flag_help("eval.samples", "completions per prompt"))
+    p.add_argument("--temperature", dest="eval_temperature", metavar="T", type=float,
+                   help=flag_help("eval.temperature", "0: greedy"))
+    p.add_argument("--max-tokens", type=int, dest="eval_max_tokens", metavar="N",
+                   help=flag_help("eval.max_tokens", "generation cap (unset: the rollouts' cap)"))
     p.add_argument("--no-base", action="store_true", help="evaluate only the adapter, not the base model too")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--output", help="directory for every sample, as base.jsonl and adapter.jsonl")

@@ -6,7 +6,8 @@ silently beat a TOML value, the predecessor's bug. `--set section.key=value` rea
 
 import argparse
 import json
-from typing import Any
+import typing
+from typing import Any, Literal
 
 from paraloop.config import ConfigError, Settings, load_config, set_dotted
 
@@ -14,27 +15,28 @@ from paraloop.config import ConfigError, Settings, load_config, set_dotted
 FLAGS: dict[str, tuple[str, Any, str]] = {
     "--model-path": ("model.base_path", str, "model directory or Hugging Face repo id"),
     "--revision": ("model.revision", str, "branch, tag or commit of a Hugging Face repo id"),
-    "--lora-path": ("model.lora_path", str, "adapter to start from (adapter dir or file, or a checkpoint)"),
+    "--adapter": ("model.lora_path", str, "adapter to start from (run) or serve (serve): an adapter dir or file, a "
+                  "checkpoint, or a run dir"),
     "--auto-init-lora": ("model.auto_init_lora", "bool", "attach fresh LoRA layers when no adapter is given"),
-    "--compute": ("model.compute", str, "auto | quantized | dequantized"),
+    "--compute": ("model.compute", str, "how the frozen base computes (auto: float32 on the CPU, 4-bit kernels on Metal/CUDA)"),
     "--lora-rank": ("rl_training.lora.rank", int, "LoRA rank"),
     "--lora-layers": ("rl_training.lora.num_layers", int, "blocks with LoRA, counted from the last (-1: all)"),
     "--lora-dropout": ("rl_training.lora.dropout", float, "LoRA dropout while training"),
     "--lora-scale": ("rl_training.lora.scale", float, "LoRA scale"),
-    "--algorithm": ("rl_training.algorithm", str, "grpo | gspo | cispo | reinforce"),
+    "--algorithm": ("rl_training.algorithm", str, "policy-gradient algorithm (docs/training.md)"),
     "--steps": ("rl_training.total_steps", int, "learner steps"),
     "--batch-size": ("rl_training.batch_size", int, "sequences per learner step"),
     "--learning-rate": ("rl_training.learning_rate", float, "AdamW learning rate"),
     "--update-epochs": ("rl_training.update_epochs", int, "optimizer passes per batch"),
     "--kl-beta": ("rl_training.kl_beta", float, "KL penalty weight"),
-    "--kl-estimator": ("rl_training.kl_estimator", str, "k3 | mse | abs"),
+    "--kl-estimator": ("rl_training.kl_estimator", str, "KL estimator"),
     "--ref-ema": ("rl_training.ref_ema", float, "reference adapter EMA (1.0: frozen)"),
     "--entropy-weight": ("rl_training.entropy_weight", float, "entropy bonus weight"),
     "--clip-ratio": ("rl_training.clip_ratio", float, "PPO clip epsilon"),
     "--max-tokens": ("rl_training.max_tokens", int, "rollout generation cap"),
     "--token-budget": ("rl_training.token_budget", int, "most tokens per micro-batch"),
     "--max-memory-gb": ("rl_training.max_memory_gb", float, "learner memory target (GiB)"),
-    "--mode": ("rl_training.mode", str, "sync | async"),
+    "--mode": ("rl_training.mode", str, "sync: generation waits for the learner; async: it overlaps"),
     "--max-staleness": ("rl_training.max_staleness", int, "async: most versions a rollout may lag"),
     "--seed": ("rl_training.seed", int, "random seed"),
     "--task": ("rl_training.mock.task", str, "mock environment task, module:function"),
@@ -44,7 +46,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--run-dir": ("checkpoint.dir", str, "run directory (same as --checkpoint-dir)"),
     "--checkpoint-interval": ("checkpoint.interval", int, "checkpoint every N steps"),
     "--save-every-step": ("checkpoint.save_every_step", "bool", "checkpoint after every step"),
-    "--adapter-format": ("checkpoint.adapter_format", str, "safetensors | npz | both"),
+    "--adapter-format": ("checkpoint.adapter_format", str, "adapter files written in checkpoints"),
     "--keep-last": ("checkpoint.keep_last", int, "keep the newest N checkpoints"),
     "--resume": ("checkpoint.resume", str, "run directory or checkpoint to resume from"),
     "--host": ("server.host", str, "HTTP bind address"),
@@ -56,6 +58,12 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--max-loras": ("server.max_loras", int, "most named adapters loaded at once"),
     "--max-lora-rank": ("server.max_lora_rank", int, "highest rank of a named adapter"),
 }
+
+
+# Other spellings of a flag, accepted everywhere the flag is: the predecessor's and mlx-lm's names for an adapter.
+ALIASES: dict[str, tuple[str, ...]] = {"--adapter": ("--adapter-path", "--lora-path")}
+SEE_ALSO = ("every key, its default and its environment variable: `paraloop config show [FILE]` (the resolved values) "
+            "and docs/configuration.md. Precedence: flag > PARALOOP_SECTION__KEY > TOML file > default.")
 
 
 def parse_bool(text: str) -> bool:
@@ -74,21 +82,46 @@ def parse_name_path(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _field(key: str) -> Any:
+    """The pydantic field of a dotted key, for its default and allowed values."""
+    model: Any = Settings
+    *sections, leaf = key.split(".")
+    for name in sections:
+        model = model.model_fields[name].annotation
+    return model.model_fields[leaf]
+
+
+def flag_help(key: str, help_: str) -> str:
+    """The flag's help with its key, its default and, for a choice, the allowed values (argparse %-escaped)."""
+    try:
+        field = _field(key)
+    except KeyError:  # a predecessor's key accepted and dropped with a warning (engine.diverse_mode)
+        return f"{help_} [{key}]".replace("%", "%%")
+    default = field.get_default(call_default_factory=True)
+    choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is Literal else ()
+    allowed = f"; one of {', '.join(map(str, choices))}" if choices else ""
+    shown = "unset" if default is None or default == {} or default == [] else repr(default)
+    return f"{help_} [{key}; default {shown}{allowed}]".replace("%", "%%")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
-    """Add `--config`, `--set` and the override flags (all, or only the flags named in `only`)."""
-    parser.add_argument("--config", help="TOML configuration file")
+    """Add `--config`, `--set` and the override flags (all, or only the flags named in `only`), each with its key,
+    default and allowed values in its help, and a pointer to `paraloop config show` in the parser's epilog."""
+    parser.add_argument("--config", help="TOML configuration file (its relative paths are relative to the file)")
     group = parser.add_argument_group("configuration overrides (beat the environment and the TOML file)")
     for flag, (key, kind, help_) in FLAGS.items():
         if only and flag not in only:
             continue
+        names, dest, text = (flag, *ALIASES.get(flag, ())), flag.lstrip("-").replace("-", "_"), flag_help(key, help_)
         if kind == "bool":
-            group.add_argument(flag, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                               metavar="BOOL", help=f"{help_} [{key}]")
+            group.add_argument(*names, dest=dest, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                               metavar="BOOL", help=text)
         elif kind == "name=path":
-            group.add_argument(flag, type=parse_name_path, nargs="+", action="extend", default=argparse.SUPPRESS,
-                               metavar="NAME=PATH", help=f"{help_} [{key}]")
+            group.add_argument(*names, dest=dest, type=parse_name_path, nargs="+", action="extend",
+                               default=argparse.SUPPRESS, metavar="NAME=PATH", help=text)
         else:
-            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=f"{help_} [{key}]")
+            group.add_argument(*names, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
+    parser.epilog = SEE_ALSO
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any key, e.g. --set rl_training.lora.keys='[\"self_attn.q_proj\"]'")
 

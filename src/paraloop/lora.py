@@ -181,6 +181,20 @@ def load_adapter(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any] 
     return arrays, config
 
 
+def adapter_location(path: str | Path) -> Path:
+    """`path` as given when it is an adapter file or holds adapter weights; a run dir or its checkpoints/ dir: its
+    newest checkpoint, so `--adapter runs/demo` means the same to run and serve as to eval and merge."""
+    given = Path(path)
+    if not given.is_dir() or any((given / name).is_file() for name in (SAFETENSORS_NAME, NPZ_NAME)):
+        return given
+    from paraloop import checkpoint
+
+    try:
+        return checkpoint.find_checkpoint(given)
+    except checkpoint.CheckpointError:
+        return given  # not a run either: load_adapter says what is missing
+
+
 def apply_adapter(
     model: nn.Module, path: str | Path, *, seed: int = 0, assume: LoraConfig | None = None
 ) -> dict[str, Any]:
@@ -189,6 +203,7 @@ def apply_adapter(
     An adapter without adapter_config.json (the predecessor's adapter.npz) needs `assume`: its layout is read from
     its arrays, its scale and dropout come from `assume` (see paraloop.predecessor; the choice is logged).
     """
+    path = adapter_location(path)
     arrays, config = load_adapter(path)
     if config is None:
         if assume is None:

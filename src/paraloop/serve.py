@@ -26,7 +26,7 @@ from paraloop.server.state import served_model_name
 
 log = logging.getLogger("paraloop.serve")
 
-SERVE_FLAGS = ("--model-path", "--revision", "--lora-path", "--compute", "--host", "--port", "--control-token",
+SERVE_FLAGS = ("--model-path", "--revision", "--adapter", "--compute", "--host", "--port", "--control-token",
                "--served-model-name", "--diverse-mode", "--lora-modules", "--max-loras", "--max-lora-rank")
 
 
@@ -92,6 +92,9 @@ async def serve(engine: Engine, settings: Settings) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from paraloop.blas import log_blas
+
+    log_blas()  # the first line: a CPU server without OpenBLAS is ~40x slower
     try:
         settings = settings_from(args)
     except ConfigError as e:

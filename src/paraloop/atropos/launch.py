@@ -292,9 +292,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "masks and logprobs come from the server), openai = /v1/chat/completions")
     p.add_argument("--no-env-defaults", action="store_true",
                    help="pass environment scripts only the arguments after `--`")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping (default 10)")
     p.add_argument("--start-timeout", type=float, default=600.0,
-                   help="seconds to wait for run-api, and for `paraloop run` to serve (loading a model)")
+                   help="seconds to wait for run-api, and for `paraloop run` to serve (loading a model; default 600)")
     return p.parse_args(ours), extra
 
 

@@ -384,6 +384,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="check the configuration, the paths it names and the "
                         "model's config.json (resolving a Hugging Face id), then exit without loading the model")
     args = parser.parse_args(argv)
+    from paraloop.blas import SLOW, log_blas
+
+    slow_blas = log_blas()  # the first line: a CPU run without OpenBLAS is ~40x slower, said before anything else
     try:
         settings = settings_from_args(args, config_path=args.config_file or args.config)
     except ConfigError as e:
@@ -435,4 +438,6 @@ def main(argv: list[str]) -> int:
             print("paraloop: no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         except (OSError, ValueError) as e:  # the run itself succeeded: say why there is no picture, exit 0
             print(f"paraloop: no plot: {e}", file=sys.stderr)
+    if slow_blas:  # again at the end, under the tables, where a demo's user looks
+        print(f"paraloop: warning: this run was slow for want of OpenBLAS: {SLOW}", file=sys.stderr)
     return 0

@@ -35,6 +35,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--revision", help="branch, tag or commit when M is a Hugging Face repo id")
     parser.add_argument(
         "--adapter",
+        "--adapter-path",
         "--lora-path",
         dest="adapter",
         required=True,
