@@ -29,7 +29,7 @@ from paraloop.run.fetcher import run_fetcher
 from paraloop.run.journal import Consumed
 from paraloop.run.learner import Learner
 from paraloop.run.main import error_of
-from paraloop.run.mlx_thread import MlxThread
+from paraloop.mlx_thread import MlxThread
 from paraloop.run.publisher import run_publisher
 from paraloop.run.status import RunStatus
 

@@ -10,7 +10,6 @@
     monitor.py       actor: metrics.jsonl and the progress line
     control.py       /control: the learner's pause/step/stop state machine and its routes, /metrics
     status.py        the run's shared status, read by /control/status, /metrics and the progress line
-    mlx_thread.py    one dedicated thread per computing actor (MLX streams are thread-local)
 
 Each actor is one file: one inbox, one loop, returning at end of stream.
 """

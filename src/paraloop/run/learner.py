@@ -27,10 +27,10 @@ from paraloop.messages import (
     SaveCheckpoint,
     StepFinished,
 )
+from paraloop.mlx_thread import MlxThread
 from paraloop.run.buffer import too_stale
 from paraloop.run.control import LearnerControl
 from paraloop.run.journal import Consumed
-from paraloop.run.mlx_thread import MlxThread
 from paraloop.run.status import RunStatus
 
 log = logging.getLogger("paraloop.learner")

@@ -139,7 +139,7 @@ async def run_async(settings: Settings, *, ready: Any = None) -> dict[str, Any]:
     """Run until total_steps, /control/stop or a signal. `ready(port)` is called once HTTP serves."""
     from paraloop import checkpoint
     from paraloop.distributed import launch_rank
-    from paraloop.run.mlx_thread import MlxThread
+    from paraloop.mlx_thread import MlxThread
     from paraloop.run.monitor import eval_table, summary_table
     from paraloop.run.reporters import MissingExtra, close_all, open_reporters
 
