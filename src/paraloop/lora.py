@@ -181,21 +181,15 @@ def load_adapter(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any] 
     return arrays, config
 
 
-def apply_adapter(
-    model: nn.Module, path: str | Path, *, seed: int = 0, assume: LoraConfig | None = None
-) -> dict[str, Any]:
+def apply_adapter(model: nn.Module, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
     """Attach LoRA as the adapter's config says (unless already attached) and load its arrays. Returns the config.
 
-    An adapter without adapter_config.json (the predecessor's adapter.npz) needs `assume`: its layout is read from
-    its arrays, its scale and dropout come from `assume` (see paraloop.predecessor; the choice is logged).
+    An adapter without adapter_config.json (the predecessor's adapter.npz) is refused here: its callers that accept
+    one use `paraloop.predecessor.apply_adapter_assuming`, which is given the configuration to assume.
     """
     arrays, config = load_adapter(path)
     if config is None:
-        if assume is None:
-            raise ValueError(f"{path}: no {CONFIG_NAME} next to the adapter weights (needed to know the LoRA layout)")
-        from paraloop.predecessor import assumed_adapter_config
-
-        config = assumed_adapter_config(path, arrays, model, assume)
+        raise ValueError(f"{path}: no {CONFIG_NAME} next to the adapter weights (needed to know the LoRA layout)")
     load_into(model, arrays, config, seed=seed, source=path)
     return config
 

@@ -37,9 +37,9 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
 
     from paraloop import checkpoint
     from paraloop.learn.trainer import Trainer
-    from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_lora
+    from paraloop.lora import adapter_arrays, adapter_config, attach_lora
     from paraloop.model import ModelNotFoundError, load_model, twin
-    from paraloop.predecessor import assumed_adapter_config, read_for_resume
+    from paraloop.predecessor import apply_adapter_assuming, assumed_adapter_config, read_for_resume
 
     rl = settings.rl_training
     if not settings.model.base_path:
@@ -78,7 +78,7 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
             attach_lora(model, cfg, seed=rl.seed)
         elif settings.model.lora_path:
             try:
-                cfg = apply_adapter(model, settings.model.lora_path, seed=rl.seed, assume=rl.lora)
+                cfg = apply_adapter_assuming(model, settings.model.lora_path, seed=rl.seed, assume=rl.lora)
             except (FileNotFoundError, ValueError) as e:
                 raise SetupError(str(e)) from None
         elif settings.model.auto_init_lora:
