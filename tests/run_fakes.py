@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from paraloop.config import Settings
 from paraloop.messages import AdapterSwapped, RolloutBatch, ScoredGroup
-from paraloop.run.main import Parts
+from paraloop.run.wiring import Parts
 
 LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 1,
                "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": ["q_proj"]}}
