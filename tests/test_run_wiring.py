@@ -9,7 +9,8 @@ import time
 import aiohttp
 import anyio
 import pytest
-from run_fakes import FakeEngine, FakeTrainer, FeedSource, batch, parts, settings, until
+from run_fakes import FakeEngine, FakeTrainer, FeedSource, batch, parts, settings
+from support import until
 
 from paraloop import checkpoint
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
