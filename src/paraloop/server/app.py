@@ -22,8 +22,9 @@ from paraloop.server import adapter_routes
 from paraloop.server.errors import APIError, error_middleware
 from paraloop.server.generate_route import generate
 from paraloop.server.metrics import METRICS, Metrics, engine_families, metrics_middleware, metrics_route
-from paraloop.server.openai_routes import chat_completions, completions, json_response
+from paraloop.server.openai_routes import chat_completions, completions
 from paraloop.server.openapi import body_middleware, openapi
+from paraloop.server.responses import json_response
 from paraloop.server.state import STATE, ServedEngine, ServerState, served_model_name
 
 STALLED = web.AppKey("paraloop_stalled", Callable[[], dict[str, str]])  # part -> why (`paraloop run`'s watchdog)

@@ -14,6 +14,7 @@ from paraloop.engine import EngineBusy, RequestError, RowAccumulator
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.errors import APIError, bad_request
+from paraloop.server.limits import request_error
 from paraloop.server.metrics import first_token
 from paraloop.server.state import ServedEngine
 
@@ -57,7 +58,7 @@ async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, st
             headers={"Retry-After": str(RETRY_AFTER_S)},
         ) from None
     except RequestError as e:
-        raise bad_request(fields.get(e.field, e.field), e.message) from None
+        raise request_error(e, fields) from None
     except AdapterNotFound as e:
         raise APIError(404, f"model: {e}", param="model", code="model_not_found") from None
     except AdapterError as e:
