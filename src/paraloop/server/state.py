@@ -4,9 +4,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiohttp import web
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from paraloop.config import Settings
 from paraloop.engine.adapters import Adapters
@@ -16,7 +17,7 @@ from paraloop.messages import GenerateRequest, TokenEvent
 class ServedEngine(Protocol):
     """The engine as the HTTP routes see it: engine.Engine (tests and the run's fakes pass their own)."""
 
-    tokenizer: Any  # mlx-lm's TokenizerWrapper
+    tokenizer: TokenizerWrapper
     adapters: Adapters  # the policy, the base model and named adapters, by name
 
     @property
@@ -39,7 +40,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> TokenizerWrapper:
         return self.engine.tokenizer
 
     def adapter_of(self, model: str | None) -> str | None:
