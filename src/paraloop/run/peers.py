@@ -27,7 +27,7 @@ import aiohttp
 import anyio
 from aiohttp import web
 
-from paraloop.distributed import PeerLost, Ranks
+from paraloop.distributed import PeerLost, Ranks, launch_rank
 from paraloop.logs import hard_exit
 from paraloop.server.errors import APIError
 from paraloop.server.responses import json_response
@@ -39,8 +39,6 @@ WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 async def connect(backend: str, thread: Any, wait_s: float, *, exit_: Callable[[int, str], Any] = hard_exit) -> Ranks:
     """Join the group the launcher described, on the learner's thread; exit when the others do not come."""
-    from paraloop.distributed import launch_rank
-
     async def deadline() -> None:
         await anyio.sleep(wait_s)
         exit_(1, f"error: rank {launch_rank()}: the other ranks did not join within {wait_s:.0f} s "
