@@ -14,21 +14,17 @@ import anyio
 import mlx.core as mx
 
 from paraloop.config import Settings
-from paraloop.messages import AdapterSwapped, RolloutBatch, ScoredGroup
-from paraloop.run.main import Parts
+from support import group
+
+from paraloop.messages import AdapterSwapped, RolloutBatch
+from paraloop.run.wiring import Parts
 
 LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 1,
                "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": ["q_proj"]}}
 
 
-def group(tag: int, n: int = 2, score: float | None = None) -> ScoredGroup:
-    """A valid group of `n` sequences whose first token is `tag` (so tests can tell groups apart)."""
-    scores = [float(i) if score is None else score for i in range(n)]
-    return ScoredGroup(tokens=[[tag, 5, 6]] * n, masks=[[-100, 5, 6]] * n, scores=scores)
-
-
 def batch(*tags: int, source: str = "atropos", **kw: Any) -> RolloutBatch:
-    return RolloutBatch(groups=[group(t) for t in tags], source=source, **kw)
+    return RolloutBatch(groups=[group(tag=t) for t in tags], source=source, **kw)
 
 
 def tags(b: RolloutBatch) -> list[int]:
@@ -168,11 +164,3 @@ def settings(run_dir: Any, **sections: dict[str, Any]) -> Settings:
 def parts(trainer: FakeTrainer, engine: FakeEngine, source: FeedSource, **kw: Any) -> Parts:
     return Parts(trainer=trainer, thread=kw.pop("thread", InlineThread()), engine=engine, source=source,
                  source_status=source.status, adapter_config=LORA_CONFIG, **kw)
-
-
-async def until(predicate: Any, what: str, *, within: float = 10.0, every: float = 0.01) -> None:
-    deadline = anyio.current_time() + within
-    while not predicate():
-        if anyio.current_time() > deadline:
-            raise AssertionError(f"gave up waiting for {what} after {within} s")
-        await anyio.sleep(every)

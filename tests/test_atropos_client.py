@@ -9,12 +9,12 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+
+from support import free_port, until
 
 from paraloop.atropos.client import AtroposClient
 from paraloop.atropos.launch import ProcessGroup, start_run_api
@@ -28,12 +28,6 @@ pytestmark = [
     pytest.mark.atropos,
     pytest.mark.timeout(120),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.asynccontextmanager
@@ -79,13 +73,6 @@ async def register_env(url: str) -> int:
                                                "group_size": 2})
     assert answer["status"] == "success", answer
     return answer["env_id"]
-
-
-async def until(predicate, what: str, *, within: float = 20.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def take(client: AtroposClient, n: int, *, within: float = 30.0) -> list:

@@ -9,12 +9,13 @@ server's logprobs on generated positions, scores and env_id arrive, and batches 
 import asyncio
 import os
 import random
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+
+from support import free_port
 
 from paraloop.atropos.client import AtroposClient
 from paraloop.atropos.launch import ENV_SHIM, ProcessGroup, start_run_api, wait_http
@@ -30,12 +31,6 @@ pytestmark = [
     pytest.mark.atropos,
     pytest.mark.timeout(240),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class GenerateStub:

@@ -3,12 +3,10 @@ registers with the learner step of its checkpoint as `starting_step` (so environ
 from there), trains the remaining steps, and reports the groups it rejects in /control/status and /metrics."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,16 +15,11 @@ import pytest
 import procs
 from conftest import ATROPOS_VENV
 from paraloop.checkpoint import read_checkpoint
+from support import free_port, until_blocking
 from test_run import RUN_ENV, finish, read_metrics, wait_for_server
 
 pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
 DEADLINE_S = 90
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(url: str, body: dict | None = None) -> object:
@@ -40,25 +33,13 @@ def http(url: str, body: dict | None = None) -> object:
         return text
 
 
-def until(predicate: Callable[[], object], what: str) -> object:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        try:
-            if value := predicate():
-                return value
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.1)
-
-
 @contextmanager
 def run_api() -> Iterator[str]:
     port = free_port()
     with procs.running([str(ATROPOS_VENV / "bin" / "run-api"), "--host", "127.0.0.1", "--port", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        until(lambda: http(url + "/status"), "run-api to answer")
+        until_blocking(lambda: http(url + "/status"), "run-api to answer", within=DEADLINE_S, ignoring=(OSError,))
         yield url
 
 
@@ -100,7 +81,8 @@ def register_env(api: str) -> dict:
     """Register an environment once paraloop has registered as the trainer; the answer tells the env's start."""
     body = {"max_token_length": 512, "desired_name": "test", "weight": 1.0, "group_size": 2}
     # run-api opens to environments after the trainer's first GET /batch ("wait for trainer to start" before)
-    return until(lambda: (a := http(api + "/register-env", body))["status"] == "success" and a, "registration")
+    return until_blocking(lambda: (a := http(api + "/register-env", body))["status"] == "success" and a, "registration",
+                          within=DEADLINE_S, ignoring=(OSError,))
 
 
 def test_a_resumed_run_registers_at_its_learner_step_and_reports_rejected_groups(tiny_model_path, tmp_path):
@@ -125,7 +107,8 @@ def test_a_resumed_run_registers_at_its_learner_step_and_reports_rejected_groups
         for body in (ragged, group(5)):  # run-api's batch 3: one malformed group, one good one
             http(api + "/scored_data", {**body, "env_id": env["env_id"]})
         # The good group is 2 sequences, half a learner batch: the run waits for more, reporting the rejection.
-        status = until(lambda: (s := http(base + "/control/status"))["rejected_groups"] and s, "the rejection")
+        status = until_blocking(lambda: (s := http(base + "/control/status"))["rejected_groups"] and s, "the rejection",
+                                within=DEADLINE_S, ignoring=(OSError,))
         assert status["rejected_groups"] == 1 and status["source"]["per_env"][str(env["env_id"])]["rejected"] == 1
         assert status["step"] == 2
         assert "paraloop_rejected_groups_total 1.0" in http(base + "/metrics").splitlines()

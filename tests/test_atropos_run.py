@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ from pathlib import Path
 import pytest
 
 import procs
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
 ENV_SCRIPT = Path(__file__).with_name("atropos_env.py")
 
 pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(tmp_path: Path, model: Path, *, steps: int) -> Path:

@@ -14,7 +14,9 @@ from aiohttp import web
 
 from paraloop.config import load_config
 from paraloop.distributed import InFlight, PeerLost, RanksDiverged, chunk
-from paraloop.messages import RolloutBatch, ScoredGroup, StepFinished
+from support import group
+
+from paraloop.messages import RolloutBatch, StepFinished
 from paraloop.run import launch
 from paraloop.run.control import LearnerControl
 from paraloop.run.peers import Watcher
@@ -79,7 +81,7 @@ class TickingRanks:
         return np.stack([row, other])
 
     def gather(self, blob, name):
-        return [blob, msgspec.msgpack.encode(RolloutBatch(groups=[group(1.0)], source="mock"))]
+        return [blob, msgspec.msgpack.encode(RolloutBatch(groups=[group([1.0])], source="mock"))]
 
 
 class CallingThread:
@@ -116,13 +118,9 @@ def test_the_pause_holds_only_after_a_tick_that_saw_it(tmp_path):
     assert seen == {1: False, 2: False, 3: True, 4: True}, "held from the first tick whose row carried the pause"
 
 
-def group(score: float) -> ScoredGroup:
-    return ScoredGroup(tokens=[[1, 2, 3]], masks=[[-100, 2, 3]], scores=[score])
-
-
 def test_the_parts_merge_in_rank_order_as_one_batch():
-    parts = [RolloutBatch(groups=[group(0), group(1)], source="mock", dropped_stale=1, source_state={"next_group": 8}),
-             RolloutBatch(groups=[group(2)], source="mock", dropped_stale=2, source_state={"next_group": 8},
+    parts = [RolloutBatch(groups=[group([0]), group([1])], source="mock", dropped_stale=1, source_state={"next_group": 8}),
+             RolloutBatch(groups=[group([2])], source="mock", dropped_stale=2, source_state={"next_group": 8},
                           source_step=5)]
     wire = [msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=RolloutBatch) for p in parts]
     batch = merge(wire)

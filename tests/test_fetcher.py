@@ -3,13 +3,11 @@ after max_draws (filling with zero-signal groups), and says in the batch's metri
 
 import anyio
 
-from paraloop.messages import RolloutBatch, ScoredGroup
+from support import group
+
+from paraloop.messages import RolloutBatch
 from paraloop.run.buffer import RolloutBuffer
 from paraloop.run.fetcher import run_fetcher
-
-
-def group(scores: list[float]) -> ScoredGroup:
-    return ScoredGroup(tokens=[[1, 2, 3]] * len(scores), masks=[[-100, 2, 3]] * len(scores), scores=scores)
 
 
 async def source_of(batches: list[list[list[float]]]):

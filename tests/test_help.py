@@ -63,7 +63,7 @@ def test_an_adapter_flag_given_a_run_dir_means_its_newest_checkpoint(tmp_path):
     import mlx.core as mx
 
     from paraloop.checkpoint import write_checkpoint
-    from paraloop.lora import adapter_location
+    from paraloop.checkpoint import adapter_location
 
     adapter = {"layers.0.self_attn.q_proj.lora_a": mx.zeros((4, 2))}
     for step in (1, 2):

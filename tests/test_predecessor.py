@@ -16,6 +16,7 @@ from paraloop.checkpoint import read_checkpoint
 from paraloop.config import LoraConfig, load_config
 from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_lora
 from paraloop.model import load_model
+from paraloop.predecessor import apply_adapter_assuming
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
@@ -86,7 +87,7 @@ def test_lora_path_takes_the_layout_from_the_arrays_and_the_scale_from_the_confi
     assert "scale 4 and dropout 0.05 taken from rl_training.lora" in assumed
 
     model, tokenizer, _, _ = load_model(tiny_model_path)
-    config = apply_adapter(model, predecessor / "step_2", assume=settings.rl_training.lora)
+    config = apply_adapter_assuming(model, predecessor / "step_2", assume=settings.rl_training.lora)
     assert config["num_layers"] == 4 and config["lora_parameters"]["rank"] == 16
     assert config["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
     model.eval()
@@ -104,7 +105,7 @@ def test_the_predecessor_runs_own_adapter_config_wins_over_the_configuration(pre
     (predecessor / "initial_adapter" / "adapter_config.json").write_text(json.dumps(recorded))
     model, _, _, _ = load_model(tiny_model_path)
     with caplog.at_level(logging.WARNING, logger="paraloop.predecessor"):
-        config = apply_adapter(model, predecessor / "step_2" / "adapter.npz", assume=LoraConfig(scale=4.0))
+        config = apply_adapter_assuming(model, predecessor / "step_2" / "adapter.npz", assume=LoraConfig(scale=4.0))
     assert config["lora_parameters"]["scale"] == 2.5 and config["lora_parameters"]["dropout"] == 0.1
     assert "initial_adapter/adapter_config.json" in caplog.text
 

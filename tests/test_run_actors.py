@@ -11,7 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
-from run_fakes import FakeEngine, FakeTrainer, FeedSource, InlineThread, LORA_CONFIG, batch, group, tags, until
+from run_fakes import FakeEngine, FakeTrainer, FeedSource, InlineThread, LORA_CONFIG, batch, tags
+from support import group, until
 
 from paraloop.checkpoint import read_checkpoint, write_checkpoint
 from paraloop.messages import (
@@ -29,7 +30,7 @@ from paraloop.run.fetcher import run_fetcher
 from paraloop.run.journal import Consumed
 from paraloop.run.learner import Learner
 from paraloop.run.main import error_of
-from paraloop.run.mlx_thread import MlxThread
+from paraloop.mlx_thread import MlxThread
 from paraloop.run.publisher import run_publisher
 from paraloop.run.status import RunStatus
 
@@ -415,7 +416,7 @@ def test_the_sync_credit_loop_fetches_each_batch_only_once_the_previous_adapter_
 def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_once():
     buffer = RolloutBuffer(batch_size=4, priority="abs_advantage")
     source_batches = [
-        RolloutBatch(groups=[group(10 * b + i, score=None if i % 2 else 1.0) for i in range(3)], source="atropos")
+        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), tag=10 * b + i) for i in range(3)], source="atropos")
         for b in range(4)
     ]
     consumed = []
@@ -431,9 +432,9 @@ def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_
 
 def test_replayed_groups_are_taken_before_anything_fetched_later():
     buffer = RolloutBuffer(batch_size=2, priority="abs_advantage")
-    buffer.put(group(1, score=0.0), journal_id=(7, 0, 1), replayed=True)  # no signal, yet first
-    buffer.put(group(2), journal_id=(8, 0, 1))
-    buffer.put(group(3), journal_id=(9, 0, 1), replayed=True)
+    buffer.put(group((0.0, 0.0), tag=1), journal_id=(7, 0, 1), replayed=True)  # no signal, yet first
+    buffer.put(group(tag=2), journal_id=(8, 0, 1))
+    buffer.put(group(tag=3), journal_id=(9, 0, 1), replayed=True)
     assert tags(buffer.take()) == [3]  # two replayed groups of 2 sequences: one per batch
     assert tags(buffer.take()) == [1]
     assert tags(buffer.take()) == [2]

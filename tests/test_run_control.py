@@ -10,6 +10,8 @@ import aiohttp
 import anyio
 import pytest
 
+from support import until
+
 from paraloop.atropos.client import AtroposClient
 from paraloop.config import AtroposConfig, Settings
 from paraloop.messages import CheckpointWritten, StepFinished
@@ -102,7 +104,7 @@ def test_a_single_step_waits_for_a_batch_and_answers_its_metrics():
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(single_step, http, answers)
-            await anyio.sleep(0.05)  # the request waits: no batch yet (either order gives one step)
+            await until(control.may_step, "the single-step request to wait")  # no batch yet
             await learner.send.send(1)
         status, body = answers[-1]
         assert status == 200 and body == {"step": 1, "adapter_version": 1, "skipped": False, "metrics": {"loss": 0.5}}
@@ -144,10 +146,11 @@ def test_a_step_in_flight_at_pause_does_not_answer_a_later_single_step():
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(single_step, http, answers)
-            await anyio.sleep(0.05)
+            await until(control.may_step, "the single-step request to wait")
             learner.finish_step()  # step 1 ends: it was not asked for
-            await anyio.sleep(0.05)
-            assert not answers, "the step in flight answered a single-step request made after it began"
+            await until(lambda: learner.steps == 1, "step 1 to end")
+            assert control.may_step() and not answers, ("the step in flight answered a single-step request made "
+                                                        "after it began")
             await learner.send.send(2)
             await learner.stepping.wait()
             learner.finish_step()
@@ -163,8 +166,8 @@ def test_the_pause_holds_once_no_step_is_decided_or_computing():
         control.pause()  # step 1 computes: the pause has not taken hold yet
         assert control.status.paused and not control.status.learner_held
         learner.finish_step()
-        await anyio.sleep(0.05)
-        assert control.status.learner_held and learner.steps == 1
+        await until(lambda: control.status.learner_held, "the pause to hold")
+        assert learner.steps == 1
         answers = []
 
         async with anyio.create_task_group() as tg:
@@ -191,9 +194,9 @@ def test_a_single_step_the_learner_took_is_answered_even_before_it_computes(endi
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(single_step, http, answers, "?timeout=0.3")
-            await anyio.sleep(0.05)
+            await until(control.may_step, "the single-step request to wait")
             await learner.send.send(1)  # the turn is taken now; the compute starts 0.6 s later
-            await anyio.sleep(0.1)
+            await until(lambda: not control.status.learner_held, "the learner to take its turn")
             if ending == "stop":
                 control.stop()
         assert learner.steps == 1
@@ -209,7 +212,7 @@ def test_stop_answers_a_waiting_single_step_409_at_once():
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(single_step, http, answers, "")  # the default timeout: 600 s
-            await anyio.sleep(0.05)
+            await until(control.may_step, "the single-step request to wait")
             control.stop()
         status, body = answers[0]
         assert status == 409 and "stopping" in body["error"]["message"]

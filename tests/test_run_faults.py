@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import procs
 import pytest
+from support import free_port
 from test_run import TINY_CONFIG, call, read_metrics, wait_for_server
 
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
@@ -131,12 +131,6 @@ def test_a_stuck_learner_is_reported_then_stall_timeout_ends_the_run_with_exit_3
 
 
 # --- Atropos -------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_api(port: int) -> subprocess.Popen:

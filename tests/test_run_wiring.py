@@ -1,4 +1,4 @@
-"""The run as `paraloop run` wires it (run.main.run_actors), on fakes: the hang of issue #11 is seen by the
+"""The run as `paraloop run` wires it (run.wiring.run_actors), on fakes: the hang of issue #11 is seen by the
 watchdog (and how fast), stall_timeout ends the run with a final checkpoint, an actor that raises ends the run
 with its error, and a checkpoint directory that cannot be written does not stop training."""
 
@@ -9,12 +9,14 @@ import time
 import aiohttp
 import anyio
 import pytest
-from run_fakes import FakeEngine, FakeTrainer, FeedSource, batch, parts, settings, until
+from run_fakes import FakeEngine, FakeTrainer, FeedSource, batch, parts, settings
+from support import until
 
 from paraloop import checkpoint
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from paraloop.run.checkpointer import CheckpointFailed
-from paraloop.run.main import error_of, run_actors
+from paraloop.run.main import error_of
+from paraloop.run.wiring import run_actors
 from paraloop.run.watchdog import RunStalled
 
 DEADLINE = 30

@@ -123,6 +123,18 @@ def step_dir_of(run_dir: str | Path, name: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def adapter_location(path: str | Path) -> Path:
+    """`path` as given when it is an adapter file or holds adapter weights; a run dir or its checkpoints/ dir: its
+    newest checkpoint, so `--adapter runs/demo` means the same to run and serve as to eval and merge."""
+    given = Path(path)
+    if not given.is_dir() or any((given / name).is_file() for name in (SAFETENSORS_NAME, NPZ_NAME)):
+        return given
+    try:
+        return find_checkpoint(given)
+    except CheckpointError:
+        return given  # not a run either: loading it says what is missing
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A step dir from a step dir, a run dir or its checkpoints/ dir (-> latest). Raises CheckpointError."""
     path = Path(path)

@@ -65,7 +65,7 @@ def entry() -> None:
     in-process (tests), where the thread goes on using MLX afterwards."""
     code = main()
     if "mlx.core" in sys.modules:
-        from paraloop.run.mlx_thread import end_mlx_thread
+        from paraloop.mlx_thread import end_mlx_thread
 
         end_mlx_thread()
     sys.exit(code)

@@ -181,36 +181,15 @@ def load_adapter(path: str | Path) -> tuple[dict[str, mx.array], dict[str, Any] 
     return arrays, config
 
 
-def adapter_location(path: str | Path) -> Path:
-    """`path` as given when it is an adapter file or holds adapter weights; a run dir or its checkpoints/ dir: its
-    newest checkpoint, so `--adapter runs/demo` means the same to run and serve as to eval and merge."""
-    given = Path(path)
-    if not given.is_dir() or any((given / name).is_file() for name in (SAFETENSORS_NAME, NPZ_NAME)):
-        return given
-    from paraloop import checkpoint
-
-    try:
-        return checkpoint.find_checkpoint(given)
-    except checkpoint.CheckpointError:
-        return given  # not a run either: load_adapter says what is missing
-
-
-def apply_adapter(
-    model: nn.Module, path: str | Path, *, seed: int = 0, assume: LoraConfig | None = None
-) -> dict[str, Any]:
+def apply_adapter(model: nn.Module, path: str | Path, *, seed: int = 0) -> dict[str, Any]:
     """Attach LoRA as the adapter's config says (unless already attached) and load its arrays. Returns the config.
 
-    An adapter without adapter_config.json (the predecessor's adapter.npz) needs `assume`: its layout is read from
-    its arrays, its scale and dropout come from `assume` (see paraloop.predecessor; the choice is logged).
+    An adapter without adapter_config.json (the predecessor's adapter.npz) is refused here: its callers that accept
+    one use `paraloop.predecessor.apply_adapter_assuming`, which is given the configuration to assume.
     """
-    path = adapter_location(path)
     arrays, config = load_adapter(path)
     if config is None:
-        if assume is None:
-            raise ValueError(f"{path}: no {CONFIG_NAME} next to the adapter weights (needed to know the LoRA layout)")
-        from paraloop.predecessor import assumed_adapter_config
-
-        config = assumed_adapter_config(path, arrays, model, assume)
+        raise ValueError(f"{path}: no {CONFIG_NAME} next to the adapter weights (needed to know the LoRA layout)")
     load_into(model, arrays, config, seed=seed, source=path)
     return config
 

@@ -170,11 +170,3 @@ class Float32Logits:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
-
-
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes held by distinct arrays of the model (shared arrays counted once)."""
-    seen: dict[int, int] = {}
-    for _, v in tree_flatten(model.parameters()):
-        seen[id(v)] = v.nbytes
-    return sum(seen.values())

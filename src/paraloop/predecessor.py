@@ -25,13 +25,14 @@ from paraloop.checkpoint import (
     TRAINER_STATE,
     Checkpoint,
     CheckpointError,
+    adapter_location,
     find_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     read_checkpoint,
 )
 from paraloop.config import LoraConfig
-from paraloop.lora import CONFIG_NAME, NPZ_NAME, SAFETENSORS_NAME, load_adapter
+from paraloop.lora import CONFIG_NAME, NPZ_NAME, SAFETENSORS_NAME, load_adapter, load_into
 
 METADATA = "metadata.json"  # CHECKPOINT_DIR/metadata.json: step, created_at, config, adapter_path
 STEP_METADATA = "adapter.json"  # step_N/adapter.json: step and the hyperparameters of the run
@@ -121,6 +122,20 @@ def assumed_adapter_config(
         "num_layers": num_layers,
         "lora_parameters": {"rank": rank, "scale": scale, "dropout": dropout, "keys": list(keys)},
     }
+
+
+def apply_adapter_assuming(
+    model: nn.Module, path: str | Path, *, assume: LoraConfig, seed: int = 0
+) -> dict[str, Any]:
+    """`lora.apply_adapter` that also takes the predecessor's adapters: one without adapter_config.json gets its
+    layout from its arrays and its scale and dropout from `assume` (`assumed_adapter_config`; the choice is logged).
+    Returns the config. A run dir means its newest checkpoint (`checkpoint.adapter_location`)."""
+    path = adapter_location(path)
+    arrays, config = load_adapter(path)
+    if config is None:
+        config = assumed_adapter_config(path, arrays, model, assume)
+    load_into(model, arrays, config, seed=seed, source=path)
+    return config
 
 
 def lora_layout(arrays: dict[str, Any], *, num_blocks: int | None = None) -> tuple[int, int, tuple[str, ...]]:

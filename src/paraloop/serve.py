@@ -19,8 +19,9 @@ from paraloop.config import ConfigError, Settings, public_dump
 from paraloop.engine import Engine
 from paraloop.engine.adapters import load_modules
 from paraloop.flags import add_config_flags, settings_from_args
-from paraloop.lora import AdapterSlots, apply_adapter
+from paraloop.lora import AdapterSlots
 from paraloop.model import load_model
+from paraloop.predecessor import apply_adapter_assuming
 from paraloop.server import STATE, make_app, mark_shutting_down, serve_http
 from paraloop.server.state import served_model_name
 
@@ -55,7 +56,9 @@ def build_engine(settings: Settings) -> Engine:
     )
     slots = None
     if settings.model.lora_path:  # an adapter without adapter_config.json takes scale/dropout from rl_training.lora
-        apply_adapter(model, settings.model.lora_path, seed=settings.rl_training.seed, assume=settings.rl_training.lora)
+        apply_adapter_assuming(
+            model, settings.model.lora_path, seed=settings.rl_training.seed, assume=settings.rl_training.lora
+        )
         slots = AdapterSlots(model)
     return Engine.from_settings(model, tokenizer, settings, adapter=slots)
 

@@ -15,11 +15,11 @@ the process open at shutdown. The API sits behind the app's bearer-token gate li
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from paraloop.dashboard.sources import SourceError
 from paraloop.server.errors import APIError, bad_request
+from paraloop.server.responses import json_response
 
 STATIC = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain",
@@ -51,8 +51,7 @@ def int_param(request: web.Request, name: str, default: int | None, *, lo: int, 
 
 
 def _json(payload: Any) -> web.Response:
-    return web.Response(body=msgspec.json.encode(payload), content_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+    return json_response(payload, headers={"Cache-Control": "no-store"})
 
 
 def dashboard_routes(source: Any, *, token_required: bool) -> list[web.RouteDef]:

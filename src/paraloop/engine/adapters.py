@@ -31,6 +31,7 @@ import anyio
 from paraloop.engine.admission import EngineBusy
 from paraloop.engine.prefix_cache import BASE_ADAPTER
 from paraloop.lora import ServedAdapter, Target, read_for_serving
+from paraloop.mlx_thread import end_mlx_thread
 
 POLICY = "policy"  # the adapter being trained (or given with --lora-path), swapped live
 BASE = "base"  # the base model with no adapter
@@ -291,8 +292,6 @@ async def on_own_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> An
     """fn(*args, **kwargs) on a new thread, which destroys its MLX streams when done (a thread's streams must go
     before the thread does, ml-explore/mlx#3126); the event loop and the engine thread go on meanwhile. What fn
     returns must be evaluated: MLX streams are thread-local."""
-    from paraloop.run.mlx_thread import end_mlx_thread
-
     loop = asyncio.get_running_loop()
     done = anyio.Event()
     out: list[tuple[bool, Any]] = []

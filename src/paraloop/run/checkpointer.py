@@ -25,8 +25,8 @@ from anyio.abc import ObjectReceiveStream
 
 from paraloop import checkpoint
 from paraloop.messages import CheckpointWritten, SaveCheckpoint
+from paraloop.mlx_thread import MlxThread
 from paraloop.run.journal import Consumed, Journal
-from paraloop.run.mlx_thread import MlxThread
 from paraloop.run.status import RunStatus
 
 log = logging.getLogger("paraloop.checkpointer")

@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
-import msgspec
 from aiohttp import web
 from anyio.abc import ObjectSendStream
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -29,6 +28,7 @@ from paraloop.messages import StepFinished
 from paraloop.run.status import RunStatus
 from paraloop.run.watchdog import WATCHED_PARTS
 from paraloop.server.errors import APIError
+from paraloop.server.responses import json_response
 
 STEP_TIMEOUT_S = 600.0  # default wait of POST /control/step for its step (a rollout batch has to come first)
 MAX_STEP_TIMEOUT_S = 86400.0
@@ -194,10 +194,6 @@ class LearnerControl:
             self._granted = None
 
 
-def _json(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
-
-
 def step_timeout(raw: str | None) -> float:
     """The `timeout` query parameter of POST /control/step: seconds, 0 < t <= 86400 (400 naming it otherwise)."""
     if raw is None:
@@ -214,15 +210,15 @@ def step_timeout(raw: str | None) -> float:
 
 def control_routes(status: RunStatus, control: LearnerControl) -> list[web.RouteDef]:
     async def get_status(request: web.Request) -> web.Response:
-        return _json(status.snapshot())
+        return json_response(status.snapshot())
 
     async def pause(request: web.Request) -> web.Response:
         control.pause()
-        return _json({"paused": True, "step": status.step})
+        return json_response({"paused": True, "step": status.step})
 
     async def resume(request: web.Request) -> web.Response:
         control.resume()
-        return _json({"paused": False, "step": status.step})
+        return json_response({"paused": False, "step": status.step})
 
     async def step(request: web.Request) -> web.Response:
         timeout = step_timeout(request.query.get("timeout"))
@@ -232,7 +228,7 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
             raise APIError(409, str(e), code="conflict") from None
         except StepTimeout as e:
             raise APIError(504, str(e), param="timeout", code="step_timeout") from None
-        return _json({"step": done.step, "adapter_version": done.version, "skipped": done.skipped,
+        return json_response({"step": done.step, "adapter_version": done.version, "skipped": done.skipped,
                       "metrics": done.metrics})
 
     async def snapshot(request: web.Request) -> web.Response:
@@ -244,11 +240,11 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
         if written.error is not None:
             raise APIError(503, f"checkpoint step {written.step} could not be written ({written.error}); the "
                            "checkpointer retries it", code="checkpoint_failed")
-        return _json({"step": written.step, "path": written.path})
+        return json_response({"step": written.step, "path": written.path})
 
     async def stop(request: web.Request) -> web.Response:
         control.stop()
-        return _json({"stopping": True, "step": status.step})
+        return json_response({"stopping": True, "step": status.step})
 
     return [
         web.get("/control/status", get_status, allow_head=False),

@@ -13,9 +13,10 @@ mix of the two.
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import mlx.core as mx
 import msgspec
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
@@ -27,20 +28,44 @@ from paraloop.messages import (
     SaveCheckpoint,
     StepFinished,
 )
+from paraloop.mlx_thread import ComputeThread
 from paraloop.run.buffer import too_stale
 from paraloop.run.control import LearnerControl
 from paraloop.run.journal import Consumed
-from paraloop.run.mlx_thread import MlxThread
+from paraloop.run.ranks import Coordinator
 from paraloop.run.status import RunStatus
 
 log = logging.getLogger("paraloop.learner")
 
 
+class StepOutcome(Protocol):
+    """What one trainer step reports (learn.trainer.StepResult)."""
+
+    metrics: dict[str, float]
+    skipped: bool
+
+
+class Trainable(Protocol):
+    """What the learner steps and checkpoints: learn.trainer.Trainer (tests: run_fakes.FakeTrainer). Called on the
+    learner's thread only."""
+
+    step_count: int  # steps done
+    version: int  # the adapter version after them
+
+    def step(self, batch: RolloutBatch) -> StepOutcome: ...
+
+    def adapter(self) -> dict[str, mx.array]: ...  # evaluated: it leaves the thread
+
+    def reference(self) -> dict[str, mx.array] | None: ...  # the KL reference (None: none)
+
+    def state(self) -> dict[str, Any]: ...  # {"optimizer": arrays, "trainer": JSON}
+
+
 class Learner:
     def __init__(
         self,
-        trainer: Any,
-        thread: MlxThread,
+        trainer: Trainable,
+        thread: ComputeThread,
         *,
         status: RunStatus,
         control: LearnerControl,
@@ -54,7 +79,7 @@ class Learner:
         credits: ObjectSendStream[int] | None,
         max_staleness: int | None = None,
         stale_policy: str = "drop",
-        ranks: Any = None,
+        ranks: Coordinator | None = None,
         consumed: Consumed | None = None,
     ) -> None:
         self.trainer = trainer
@@ -114,7 +139,7 @@ class Learner:
                 return None
         return None
 
-    async def _train(self, batch: RolloutBatch) -> tuple[Any, dict | None]:
+    async def _train(self, batch: RolloutBatch) -> tuple[StepOutcome, dict[str, mx.array] | None]:
         """One optimizer step on the learner's thread, and what checkpoints keep with it."""
         async with self._state:
             self.status.learner_busy, self.status.learner_busy_since = True, time.monotonic()

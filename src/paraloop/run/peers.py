@@ -25,11 +25,12 @@ from typing import Any
 
 import aiohttp
 import anyio
-import msgspec
 from aiohttp import web
 
-from paraloop.distributed import PeerLost, Ranks
+from paraloop.distributed import PeerLost, Ranks, launch_rank
 from paraloop.logs import hard_exit
+from paraloop.server.errors import APIError
+from paraloop.server.responses import json_response
 
 log = logging.getLogger("paraloop.peers")
 
@@ -38,8 +39,6 @@ WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 async def connect(backend: str, thread: Any, wait_s: float, *, exit_: Callable[[int, str], Any] = hard_exit) -> Ranks:
     """Join the group the launcher described, on the learner's thread; exit when the others do not come."""
-    from paraloop.distributed import launch_rank
-
     async def deadline() -> None:
         await anyio.sleep(wait_s)
         exit_(1, f"error: rank {launch_rank()}: the other ranks did not join within {wait_s:.0f} s "
@@ -194,24 +193,18 @@ class Watcher:
         raise PeerLost(reason)
 
 
-def _json(payload: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
-
-
 def rank_routes(watcher: Watcher, status: Any, *, follower: bool) -> list[web.RouteDef]:
     """GET /ranks (the heartbeat: this rank and what it sees of the others). On a follower rank, GET
     /control/status reads its own status and POST /control/* answers 409 naming rank 0, which drives the run."""
-    from paraloop.server.errors import APIError
-
     async def ranks(request: web.Request) -> web.Response:
-        return _json({**watcher.status(), "step": status.step, "paused": status.paused})
+        return json_response({**watcher.status(), "step": status.step, "paused": status.paused})
 
     routes = [web.get("/ranks", ranks, allow_head=False)]
     if not follower:
         return routes
 
     async def get_status(request: web.Request) -> web.Response:
-        return _json(status.snapshot())
+        return json_response(status.snapshot())
 
     async def refuse(request: web.Request) -> web.Response:
         raise APIError(409, f"this is rank {watcher.ranks.rank} of a distributed run: /control is rank 0's, at "

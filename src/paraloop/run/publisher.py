@@ -8,20 +8,27 @@ new version. Returns when the learner closes its outbox. While the engine holds 
 
 import logging
 import time
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
-from paraloop.messages import AdapterPublished
+from paraloop.messages import AdapterPublished, AdapterSwapped
 from paraloop.run.status import RunStatus
 
 log = logging.getLogger("paraloop.publisher")
 
 
+class Swapping(Protocol):
+    """The engine as the publisher sees it: engine.Engine (tests: run_fakes.FakeEngine)."""
+
+    async def swap_adapter(self, arrays: dict[str, Any], version: int, *, drain: bool = False) -> AdapterSwapped: ...
+
+
 async def run_publisher(
     inbox: ObjectReceiveStream[AdapterPublished],
     *,
-    engine,
+    engine: Swapping,
     status: RunStatus,
     credits: ObjectSendStream[int] | None,
     drain: bool,

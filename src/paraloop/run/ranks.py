@@ -30,8 +30,22 @@ import anyio
 import msgspec
 import numpy as np
 
-from paraloop.distributed import PeerLost, Ranks, RanksDiverged, chunk, digest, pack_tree, unpack_tree
+from paraloop.checkpoint import Checkpoint
+from paraloop.config import Settings
+from paraloop.distributed import (
+    PeerLost,
+    Ranks,
+    RanksDiverged,
+    chunk,
+    digest,
+    launched,
+    pack_tree,
+    unpack_tree,
+)
 from paraloop.messages import RolloutBatch
+from paraloop.mlx_thread import ComputeThread
+from paraloop.run.peers import Watcher, connect
+from paraloop.run.setup import Models, SetupError, build_models
 
 log = logging.getLogger("paraloop.ranks")
 
@@ -129,8 +143,6 @@ class StartReceiver:
             theirs = self.payload["rl_training"]  # all of it must agree: the ranks compute one update
             differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             if differ:
-                from paraloop.run.setup import SetupError
-
                 raise SetupError(f"rank {self.ranks.rank}: rl_training differs from rank 0's in {', '.join(differ)} "
                                  "(every rank must run the same configuration)")
         return self.payload
@@ -140,8 +152,6 @@ class StartReceiver:
 
     def apply(self, models: Any) -> None:
         """Load rank 0's state into this rank's trainer; `models.resumed` describes rank 0's checkpoint, if any."""
-        from paraloop.checkpoint import Checkpoint
-
         p = self.receive()
         adapter = unpack_tree(p["adapter"])
         reference = unpack_tree(p["reference"]) if p["reference"] is not None else None
@@ -314,11 +324,8 @@ class Coordinator:
 # --- what `paraloop run` calls ----------------------------------------------------------------------------------
 
 
-async def join(settings: Any, thread: Any) -> tuple[Ranks | None, Any]:
+async def join(settings: Settings, thread: ComputeThread) -> tuple[Ranks | None, Watcher | None]:
     """(Ranks, Watcher) when a launcher started this process as one rank of several, else (None, None)."""
-    from paraloop.distributed import launched
-    from paraloop.run.peers import Watcher, connect
-
     if not launched():
         return None, None
     ranks = await connect(settings.distributed.backend, thread, settings.distributed.connect_timeout)
@@ -327,11 +334,9 @@ async def join(settings: Any, thread: Any) -> tuple[Ranks | None, Any]:
     return ranks, Watcher(ranks, settings.distributed, token=settings.server.control_token, done=lambda: False)
 
 
-async def build(settings: Any, thread: Any, ranks: Ranks | None, watcher: Any) -> Any:
+async def build(settings: Settings, thread: ComputeThread, ranks: Ranks | None, watcher: Watcher | None) -> Models:
     """setup.build_models on every rank; then rank 0's start state goes to the others (which read neither
     --resume nor lora_path themselves), under the watcher's deadline."""
-    from paraloop.run.setup import build_models
-
     if ranks is None:
         return await thread.call(build_models, settings)
     async with anyio.create_task_group() as tg:

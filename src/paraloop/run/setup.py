@@ -3,14 +3,29 @@
 `build_models` runs on the learner's MLX thread (the arrays it makes belong to that thread's stream). Problems
 with what the user asked for (missing model, untrainable model, bad checkpoint) raise SetupError, which
 `paraloop run` prints as one line and exits 2.
+
+Its imports of MLX, mlx-lm and the trainer are inside the functions (and for types only, under TYPE_CHECKING):
+the command line imports this module for SetupError before anything loads (run/preflight.py, --dry-run).
 """
 
+from __future__ import annotations
+
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from paraloop.config import Settings
+
+if TYPE_CHECKING:
+    import mlx.nn as nn
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    from paraloop.checkpoint import Checkpoint
+    from paraloop.engine import Engine
+    from paraloop.learn.trainer import Trainer
+    from paraloop.messages import RolloutBatch
+    from paraloop.run.journal import Replay
 
 log = logging.getLogger("paraloop.run")
 
@@ -21,12 +36,14 @@ class SetupError(RuntimeError):
 
 @dataclass
 class Models:
-    learner_model: Any
-    engine_model: Any
-    tokenizer: Any
+    """The model loaded once: the learner's twin (trained by `trainer`) and the engine's, sharing base weights."""
+
+    learner_model: nn.Module
+    engine_model: nn.Module
+    tokenizer: TokenizerWrapper
     adapter_config: dict[str, Any] | None
-    trainer: Any
-    resumed: Any  # checkpoint.Checkpoint | None
+    trainer: Trainer
+    resumed: Checkpoint | None  # the checkpoint resumed from (paraloop's or the predecessor's)
 
 
 def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None] | None = None) -> Models:
@@ -37,9 +54,9 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
 
     from paraloop import checkpoint
     from paraloop.learn.trainer import Trainer
-    from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_lora
+    from paraloop.lora import adapter_arrays, adapter_config, attach_lora
     from paraloop.model import ModelNotFoundError, load_model, twin
-    from paraloop.predecessor import assumed_adapter_config, read_for_resume
+    from paraloop.predecessor import apply_adapter_assuming, assumed_adapter_config, read_for_resume
 
     rl = settings.rl_training
     if not settings.model.base_path:
@@ -78,7 +95,7 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
             attach_lora(model, cfg, seed=rl.seed)
         elif settings.model.lora_path:
             try:
-                cfg = apply_adapter(model, settings.model.lora_path, seed=rl.seed, assume=rl.lora)
+                cfg = apply_adapter_assuming(model, settings.model.lora_path, seed=rl.seed, assume=rl.lora)
             except (FileNotFoundError, ValueError) as e:
                 raise SetupError(str(e)) from None
         elif settings.model.auto_init_lora:
@@ -119,14 +136,14 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
 
 def make_source(
     settings: Settings,
-    engine: Any,
-    tokenizer: Any,
-    resumed: Any,
+    engine: Engine,
+    tokenizer: TokenizerWrapper,
+    resumed: Checkpoint | None,
     *,
     share: tuple[int, int] = (0, 1),
-    replay: list[Any] = (),
+    replay: list[Replay] = (),
     vocab: int | None = None,
-) -> tuple[Any, Any]:
+) -> tuple[AsyncIterator[RolloutBatch], Callable[[], dict[str, Any]]]:
     """The rollout source: (async iterator of RolloutBatch, status() -> dict). Each batch carries the source's
     position (RolloutBatch.source_state), which checkpoints keep for an exact resume. `share` (rank, size): the
     mock environment of one rank of a distributed run generates its part of each batch. `replay`: the journaled
@@ -163,7 +180,7 @@ def make_source(
     return env.batches(rl.batch_size), env.status
 
 
-def atropos_step(resumed: Any, replay: list[Any]) -> int:
+def atropos_step(resumed: Checkpoint | None, replay: list[Replay]) -> int:
     """Where a resumed run's Atropos client counts from: one Atropos step per batch fetched, so the newest batch
     fetched before the restart (its checkpoint's, or a journaled one it had not trained yet)."""
     if resumed is None:

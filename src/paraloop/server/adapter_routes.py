@@ -19,7 +19,7 @@ from paraloop.engine import EngineBusy
 from paraloop.engine.adapters import Adapter, AdapterError, AdapterNotFound
 from paraloop.lora import adapter_files
 from paraloop.server.errors import APIError, bad_request
-from paraloop.server.openai_routes import json_response
+from paraloop.server.responses import json_response
 from paraloop.server.schemas import Body, decode
 from paraloop.server.state import STATE, ServerState
 

@@ -22,9 +22,10 @@ from paraloop.server import adapter_routes
 from paraloop.server.errors import APIError, error_middleware
 from paraloop.server.generate_route import generate
 from paraloop.server.metrics import METRICS, Metrics, engine_families, metrics_middleware, metrics_route
-from paraloop.server.openai_routes import chat_completions, completions, json_response
+from paraloop.server.openai_routes import chat_completions, completions
 from paraloop.server.openapi import body_middleware, openapi
-from paraloop.server.state import STATE, ServerState, served_model_name
+from paraloop.server.responses import json_response
+from paraloop.server.state import STATE, ServedEngine, ServerState, served_model_name
 
 STALLED = web.AppKey("paraloop_stalled", Callable[[], dict[str, str]])  # part -> why (`paraloop run`'s watchdog)
 OPEN_ROUTES = frozenset({"/health"})  # answer without the bearer token (Atropos polls it every second)
@@ -96,20 +97,22 @@ async def health(request: web.Request) -> web.Response:
 
 
 def make_app(
-    engine: Any,
+    engine: ServedEngine,
     *,
     settings: Settings,
     extra_routes: Iterable[web.AbstractRouteDef] | None = None,
     stalled: Callable[[], dict[str, str]] | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The HTTP API over `engine`. `extra_routes` (e.g. /control, /metrics) read `request.app[STATE]`. `stalled()`
-    names the parts of a run that make no progress: /health answers 503 while there is one."""
+    names the parts of a run that make no progress: /health answers 503 while there is one. `metrics`: the
+    Prometheus registry /metrics serves (a run's status observes into it from the start; default: a new one)."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[metrics_middleware, error_middleware, gate_middleware, body_middleware],
     )
     app[STATE] = ServerState(engine=engine, settings=settings, model_name=served_model_name(settings))
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics if metrics is not None else Metrics()
     if hasattr(engine, "stats"):
         app[METRICS].add_collector(lambda: engine_families(engine.stats()))
     app[STALLED] = stalled or dict

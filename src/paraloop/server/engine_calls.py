@@ -8,13 +8,15 @@ the engine's iterator via `aclosing`, which frees the request's rows in the engi
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, aclosing
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from paraloop.engine import EngineBusy, RequestError, RowAccumulator
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.errors import APIError, bad_request
+from paraloop.server.limits import request_error
 from paraloop.server.metrics import first_token
+from paraloop.server.state import ServedEngine
 
 RETRY_AFTER_S = 1
 
@@ -32,7 +34,7 @@ def distinct_versions(versions: list[int]) -> list[int]:
 
 
 def open_generation(
-    engine: Any, request: GenerateRequest
+    engine: ServedEngine, request: GenerateRequest
 ) -> AbstractAsyncContextManager[AsyncIterator[TokenEvent]]:
     """`async with open_generation(...) as events:` closes the engine iterator however the block is left."""
     return aclosing(engine.generate(request))
@@ -56,14 +58,14 @@ async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, st
             headers={"Retry-After": str(RETRY_AFTER_S)},
         ) from None
     except RequestError as e:
-        raise bad_request(fields.get(e.field, e.field), e.message) from None
+        raise request_error(e, fields) from None
     except AdapterNotFound as e:
         raise APIError(404, f"model: {e}", param="model", code="model_not_found") from None
     except AdapterError as e:
         raise bad_request("model", e.message) from None
 
 
-async def collect(engine: Any, prepared: Prepared) -> list[RowAccumulator]:
+async def collect(engine: ServedEngine, prepared: Prepared) -> list[RowAccumulator]:
     """Run a request to the end. A row aborted by the engine (shutting down) makes the whole answer a 503."""
     got: dict[int, RowAccumulator] = {}  # rows as their events arrive: nothing is made per row before admission
     async with open_generation(engine, prepared.request) as events:

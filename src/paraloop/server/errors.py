@@ -8,8 +8,9 @@ its traceback while the server keeps serving.
 import logging
 from typing import Any
 
-import msgspec
 from aiohttp import web
+
+from paraloop.server.responses import json_response
 
 log = logging.getLogger("paraloop.server")
 
@@ -61,8 +62,8 @@ def error_body(
 
 
 def error_response(err: APIError) -> web.Response:
-    body = msgspec.json.encode(error_body(err.status, err.message, param=err.param, code=err.code))
-    return web.Response(status=err.status, body=body, content_type="application/json", headers=err.headers)
+    body = error_body(err.status, err.message, param=err.param, code=err.code)
+    return json_response(body, status=err.status, headers=err.headers)
 
 
 def from_http_exception(exc: web.HTTPException) -> APIError:

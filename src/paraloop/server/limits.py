@@ -9,20 +9,25 @@ from contextlib import contextmanager
 
 from paraloop.config import EngineConfig
 from paraloop.engine import RequestError
-from paraloop.server.errors import bad_request
+from paraloop.server.errors import APIError, bad_request
 
 CHARS_PER_TOKEN = 64
 """Text longer than this many characters per allowed prompt token cannot fit engine.max_prompt_tokens (no
 tokenizer has longer tokens in practice), so it is refused before the tokenizer runs on it."""
 
 
+def request_error(e: RequestError, fields: Mapping[str, str]) -> APIError:
+    """The engine's RequestError as a 400 naming the route's field (`fields` maps engine names to the route's)."""
+    return bad_request(fields.get(e.field, e.field), e.message)
+
+
 @contextmanager
 def request_errors(fields: Mapping[str, str]) -> Iterator[None]:
-    """The engine's RequestError as a 400 naming the route's field (`fields` maps engine names to the route's)."""
+    """`request_error` for whatever the block raises."""
     try:
         yield
     except RequestError as e:
-        raise bad_request(fields.get(e.field, e.field), e.message) from None
+        raise request_error(e, fields) from None
 
 
 def max_prompt_chars(config: EngineConfig) -> int:

@@ -1,18 +1,38 @@
 """What every handler reads from the app: the engine, the settings, the served name, the shutdown flag."""
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from aiohttp import web
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from paraloop.config import Settings
+from paraloop.engine.adapters import Adapters
+from paraloop.messages import GenerateRequest, TokenEvent
+
+
+class ServedEngine(Protocol):
+    """The engine as the HTTP routes see it: engine.Engine (tests and the run's fakes pass their own)."""
+
+    tokenizer: TokenizerWrapper
+    adapters: Adapters  # the policy, the base model and named adapters, by name
+
+    @property
+    def version(self) -> int: ...  # the policy's adapter version being served
+
+    def check(self, request: GenerateRequest) -> None: ...  # raises RequestError (400) before any work
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]: ...
+
+    def stats(self) -> dict[str, float]: ...
 
 
 @dataclass
 class ServerState:
-    engine: Any  # paraloop.engine.Engine (typed loosely so tests and the runtime can pass their own)
+    engine: ServedEngine
     settings: Settings
     model_name: str
     shutting_down: bool = False
@@ -20,7 +40,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> TokenizerWrapper:
         return self.engine.tokenizer
 
     def adapter_of(self, model: str | None) -> str | None:

@@ -11,12 +11,20 @@ import contextlib
 import contextvars
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
 
 T = TypeVar("T")
+
+
+class ComputeThread(Protocol):
+    """Where an actor's MLX work runs: an MlxThread (tests: run_fakes.InlineThread, on the event loop)."""
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+    def close(self) -> None: ...
 
 
 class MlxThread:
