@@ -1,12 +1,12 @@
 """Memory-aware micro-batches: how many rows of which length one gradient pass may take within a memory target.
 
 In: `rl_training` (max_memory_gb or max_memory_fraction of the machine, token_budget, activation_checkpointing,
-checkpoint_min_length), the model's weight and gradient bytes, each step's row lengths and trained positions,
+checkpoint_min_length), the model's gradient bytes, each step's row lengths and trained positions,
 and a probe that runs one gradient pass of (rows, width) synthetic tokens and returns the bytes it added at its
-peak. Out: micro-batch plans (row indices, and whether that micro-batch checkpoints its blocks), or
+peak. Out: micro-batch plans (row indices, and the Mode of that micro-batch: checkpointed blocks, kept logits), or
 `SequenceTooLong` - raised before anything big is allocated - when one row cannot fit even alone.
 
-Cost model, per checkpointing mode, fitted to measurements: a gradient pass over b rows of w positions, p of them
+Cost model, per Mode, fitted to measurements: a gradient pass over b rows of w positions, p of them
 scored (the trained positions, which alone go through the LM head), adds
     fixed + b * w * (per_token + per_token_position * w) + per_scored * p
 bytes at its peak over the memory held before it (per_token: block activations, LoRA and dropout arrays;
@@ -23,10 +23,13 @@ stays within the target. MLX's peak (mx.get_peak_memory, also on the CPU backend
 the process adds its Python runtime (a few hundred MB) outside it.
 
 Speed first: micro-batches take as many rows as the target and token_budget allow, since one pass over many rows
-runs the same matmuls with more work each (no per-pass overhead repeated). In auto mode a micro-batch is
-checkpointed only when one row of its width would not fit the target plain: checkpointing costs a fifth more
-compute, so memory is traded for speed only as far as the target demands. A user who wants a smaller process sets
-max_memory_gb; the metrics say what it cost (micro_batches, checkpointed_micro_batches, peak_memory_gb).
+runs the same matmuls with more work each (no per-pass overhead repeated). Each micro-batch runs in the fastest
+Mode of a ladder in which one row of its width fits the target: plain blocks with the LM head's logits kept for the
+backward; logits recomputed (one head matmul more per trained token); checkpointed blocks (one forward of the
+trained blocks more), logits kept, then recomputed. So memory is traded for speed only as far as the target
+demands, and a slower mode is probed only when some row needs it. A user who wants a smaller process sets
+max_memory_gb; the metrics say what it cost (micro_batches, checkpointed_micro_batches, kept_logits_micro_batches,
+peak_memory_gb).
 """
 
 import ctypes
