@@ -263,7 +263,7 @@ def long_batch(rows: int, length: int, seed: int = 0) -> RolloutBatch:
     return RolloutBatch(groups=[group], source="test")
 
 
-def test_trainer_splits_by_memory_reports_its_peak_and_matches_one_micro_batch(base):
+def test_trainer_splits_by_memory_reports_its_peak_and_matches_one_micro_batch(base, caplog):
     batch = long_batch(6, 192)
     options = {"kl_beta": 0.1, "entropy_weight": 0.01, "activation_checkpointing": "never"}
     loss_one, one = make_trainer(base, max_memory_fraction=None, **options).gradients(batch)
@@ -274,9 +274,12 @@ def test_trainer_splits_by_memory_reports_its_peak_and_matches_one_micro_batch(b
     scale = max(float(np.abs(np.array(g)).max()) for g in one.values())
     for name, g in one.items():
         np.testing.assert_allclose(np.array(split[name]), np.array(g), atol=1e-5 * scale, err_msg=name)
-    result = small.step(batch)
+    with caplog.at_level(logging.INFO, logger="paraloop.learn"):
+        result = small.step(batch)
     assert result.metrics["micro_batches"] > 1
     assert 0 < result.metrics["peak_memory_gb"] <= result.metrics["memory_target_gb"]
+    split = f"learner step in {result.metrics['micro_batches']:.0f} micro-batch(es)"
+    assert split in caplog.text and f"MLX peak {result.metrics['peak_memory_gb']:.2f} GiB" in caplog.text
 
 
 def test_trainer_raises_before_training_a_row_that_cannot_fit(base, caplog):

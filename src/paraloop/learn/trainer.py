@@ -164,7 +164,7 @@ class Trainer:
         )
         self.peak = PeakMeter()
         self.phases = Phases()
-        self._split: tuple[int, int] | None = None  # (micro-batches, checkpointed) of the last step, for the log
+        self._split: tuple[int, ...] | None = None  # the last step's split (micro-batches, ...), for the log
         target = self.memory.target
         logger.info(
             "learner memory: target %s (micro-batches as large as it and token_budget %d allow), LM head %s, "
@@ -243,6 +243,7 @@ class Trainer:
             with self.phases("trim"):
                 return_freed_memory()  # ... and what they freed, before the engine generates again
         self._finish(result.metrics, start)
+        self._log_split(result.metrics)
         return result
 
     def _step(self, batch: RolloutBatch) -> StepResult:
@@ -353,16 +354,18 @@ class Trainer:
         metrics["micro_batches"] = float(len(micros))
         metrics["checkpointed_micro_batches"] = float(sum(mb.checkpoint for mb in micros))
         metrics["kept_logits_micro_batches"] = float(sum(mb.keep_logits for mb in micros))
-        self._log_split(len(micros), sum(mb.checkpoint for mb in micros))
         return micros, {**metrics, **shaping, **staleness_metrics(versions, self.version)}
 
-    def _log_split(self, micro_batches: int, checkpointed: int) -> None:
-        """Say when the memory target changes how a step is split (the speed a tight target costs), once per change."""
-        split = (micro_batches, checkpointed)
-        if split != self._split and (micro_batches > 1 or checkpointed):
+    def _log_split(self, metrics: dict[str, float]) -> None:
+        """Say when the memory target changes how a step is split (the speed a tight target costs), with the
+        step's peak, once per change of the split."""
+        split = tuple(int(metrics.get(k, 0)) for k in ("micro_batches", "checkpointed_micro_batches",
+                                                      "kept_logits_micro_batches"))  # fmt: skip
+        if split != self._split and split[0] and (split[0] > 1 or split[1] or split[2] < split[0]):
             logger.info(
-                "learner step in %d micro-batch(es), %d checkpointed (memory target %s, token_budget %d)",
-                micro_batches, checkpointed,
+                "learner step in %d micro-batch(es), %d checkpointed, %d with kept logits: MLX peak %.2f GiB "
+                "(memory target %s, token_budget %d)",
+                *split, metrics.get("peak_memory_gb", 0.0),
                 "none" if self.memory.target is None else f"{self.memory.target / GiB:.2f} GiB",
                 self.config.token_budget,
             )  # fmt: skip
