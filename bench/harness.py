@@ -109,6 +109,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def blas_kernel() -> str:
+    """The OpenBLAS kernel this CPU runs (openblas_get_corename: Zen, Haswell, SkylakeX, Cooperlake, ...; set by
+    OPENBLAS_CORETYPE when given), or '-' without OpenBLAS. Timings of the matmul-bound lines depend on it."""
+    import paraloop  # noqa: F401  (the preload)
+    from paraloop.blas import openblas_path
+
+    path = openblas_path()
+    if path is None:
+        return "-"
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL(path)
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        return lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        return "?"
+
+
 def blas_in_use() -> str:
     """Which BLAS MLX's matmuls call in this process (paraloop preloads OpenBLAS on Linux)."""
     import paraloop  # noqa: F401  (the preload)
@@ -151,6 +170,7 @@ def machine() -> dict[str, Any]:
         "mlx_lm": version_of("mlx-lm"),
         "paraloop": version_of("paraloop"),
         "blas": blas_in_use(),
+        "blas_kernel": blas_kernel(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }

@@ -139,7 +139,7 @@ def largest_length(
         {"max_memory_gb": target_gb}
         if after
         else {"logits_chunk_tokens": 0, "activation_checkpointing": "never", "max_memory_fraction": None,
-              "activation_memory_ratio": None, "token_budget": 64}
+              "token_budget": 64}
     )  # fmt: skip
     learner = trainer(model, lora, cfg, **settings)
     tried: dict[int, float | str] = {}

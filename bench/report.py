@@ -50,6 +50,7 @@ def machine_text(machine: dict[str, Any]) -> str:
             f"- mlx {machine['mlx']}, mlx-lm {machine['mlx_lm']}, paraloop {machine['paraloop']}, "
             f"Python {machine['python']}",
             f"- BLAS: {machine['blas']}",
+            f"- OpenBLAS kernel: **{machine.get('blas_kernel', 'not recorded')}** (openblas_get_corename)",
         ]
     )
 
@@ -61,7 +62,8 @@ def block(records: list[dict[str, Any]]) -> str:
     latest = max(records, key=lambda r: r["machine"]["date"])
     every = [line for rec in records for line in lines_of(rec)]
     runs = [
-        f"- `{r['bench']}` ({r['title']}): {r['machine']['date']}, {r['elapsed_s']:.0f} s (budget {r['budget_s']} s), "
+        f"- `{r['bench']}` ({r['title']}): {r['machine']['date']}, OpenBLAS kernel "
+        f"{r['machine'].get('blas_kernel', 'not recorded')}, {r['elapsed_s']:.0f} s (budget {r['budget_s']} s), "
         f"load average {r['machine']['load_average_at_start'][0]:.1f} before / {r['load_average_after'][0]:.1f} after"
         + (f", **error**: {r['error'].splitlines()[0]}" if r["error"] else "")
         for r in records

@@ -39,8 +39,9 @@ class HeadOnly(nn.Module):
             self.lm_head.weight = mx.array(weight, mx.float32)
 
 
-def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, positions=True):
-    """(loss, d loss / d hidden, d loss / d weight) through the chunked head, in float32."""
+def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, positions=True, keep=False):
+    """(loss, d loss / d hidden, d loss / d weight) through the chunked head, in float32; keep: the backward reads
+    the forward's logits instead of recomputing them."""
     model = HeadOnly(weight, tied=tied)
     head = LogitsHead(tied=tied, transform=transform)
     module = head.module(model)
@@ -51,7 +52,7 @@ def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, p
         module.update(params)
         logp, entropy = chunked_logprobs(
             model, head, h, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32),
-            chunk_tokens=chunk, positions=flat, entropy_grad=opt.get("entropy_weight", 0.0) != 0,
+            chunk_tokens=chunk, positions=flat, entropy_grad=opt.get("entropy_weight", 0.0) != 0, keep_logits=keep,
         )  # fmt: skip
         return mx_policy_loss(logp, entropy, inp, w, opt)
 
@@ -75,20 +76,35 @@ def inputs_with_hidden(seed: int):
     return hidden, weight, logits, inp
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
 @pytest.mark.parametrize(
     "opt", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
 )
-def test_every_loss_option_through_the_chunked_head_matches_float64_numpy(opt):
+def test_every_loss_option_through_the_chunked_head_matches_float64_numpy(opt, keep):
     hidden, weight, logits, inp = inputs_with_hidden(0)
     if opt.get("importance_weight"):
         inp["importance_weight"] = np.minimum(np.exp(np.random.default_rng(0).normal(0, 0.5, (B, T))), 2.0)
     inp = with_importance(inp, opt)
     # 24 positions (18 trained) in chunks of 5: uneven chunks, chunk borders inside rows
-    value, dh, dw = chunked_loss(hidden, weight, inp, opt, chunk=5, tied=False)
+    value, dh, dw = chunked_loss(hidden, weight, inp, opt, chunk=5, tied=False, keep=keep)
     np.testing.assert_allclose(value, np_loss(logits, inp, opt), rtol=1e-5, atol=1e-6)
     g = np_grad(logits, inp, opt)  # d loss / d logits (B, T, V), float64
     np.testing.assert_allclose(dh, g @ weight, rtol=1e-3, atol=2e-6)
     np.testing.assert_allclose(dw, np.einsum("btv,btd->vd", g, hidden), rtol=1e-3, atol=2e-6)
+
+
+@pytest.mark.parametrize("entropy_weight", [0.0, 0.03])
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("transform", [IDENTITY, Transform(softcap=3.0, scale=0.5)], ids=["linear", "softcap"])
+def test_kept_logits_give_the_recomputed_results_bit_for_bit(entropy_weight, tied, transform):
+    # the same operations on the same values, only read back instead of computed again: equal bits
+    hidden, weight, _, inp = inputs_with_hidden(2)
+    opt = {"kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": entropy_weight}
+    recomputed = chunked_loss(hidden, weight, inp, opt, chunk=7, tied=tied, transform=transform)
+    kept = chunked_loss(hidden, weight, inp, opt, chunk=7, tied=tied, transform=transform, keep=True)
+    assert kept[0] == recomputed[0]
+    for a, b in zip(kept[1:], recomputed[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])

@@ -223,6 +223,35 @@ def test_old_policy_forward_runs_without_dropout(q4_base):
         np.testing.assert_allclose(np.array(value), np.array(given.adapter()[name]), atol=5e-5)
 
 
+@pytest.mark.parametrize("given_rows", ["none", "half"])
+def test_an_on_policy_step_reads_its_own_forward_as_the_old_policy(q4_base, given_rows):
+    """One epoch without dropout: rows without engine log-probs take the gradient forward's own log-probs (detached)
+    as the old policy - no separate forward - and train as if the learner's log-probs had been given (ratio 1)."""
+    options = {"kl_beta": 0.0}
+    own, given = make_trainer(q4_base, **options), make_trainer(q4_base, **options)
+    batch = random_batch(14)
+    full = with_logprobs(batch, given, field="inference_logprobs")
+    if given_rows == "half":  # the first group's rows carry them, the second group's do not
+        batch = RolloutBatch(groups=[full.groups[0], batch.groups[1]], source="test")
+    forwards = []
+    logprobs = own._logprobs
+    own._logprobs = lambda mb, **kw: forwards.append(kw) or logprobs(mb, **kw)
+    result = own.step(batch)
+    assert all(kw.get("with_entropy", True) for kw in forwards)  # only gradient passes (old/reference: no entropy)
+    assert result.metrics["ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert result.metrics["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    given.step(full)
+    for name, value in own.adapter().items():
+        np.testing.assert_allclose(np.array(value), np.array(given.adapter()[name]), atol=1e-6, err_msg=name)
+    # over two epochs the second one's model has moved: the old policy is a forward of its own
+    forwards.clear()
+    two = make_trainer(q4_base, update_epochs=2, **options)
+    logprobs2 = two._logprobs
+    two._logprobs = lambda mb, **kw: forwards.append(kw) or logprobs2(mb, **kw)
+    two.step(random_batch(14))
+    assert any(kw.get("with_entropy") is False for kw in forwards)
+
+
 def test_second_epoch_moves_the_ratio(base):
     result = make_trainer(base, update_epochs=3, learning_rate=1e-2).step(random_batch(11))
     assert result.metrics["epochs"] == 3

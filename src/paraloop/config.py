@@ -267,32 +267,30 @@ class RLTrainingConfig(Section):
     """Rollout generation cap for the mock environment. CLI: --max-tokens."""
     token_budget: int = Field(8192, ge=64)
     """Most tokens (padded rows x longest row) in one micro-batch; larger batches accumulate gradients. An upper
-    bound on top of the memory target below, which usually decides. CLI: --token-budget."""
+    bound on top of the memory target below. CLI: --token-budget."""
     max_memory_gb: float | None = Field(None, gt=0)
     """MLX memory target of a learner step, in GiB: weights, optimizer state and caches already held plus the
-    step's activations. Micro-batches are sized from measured per-token costs to stay within it, and a sequence
-    too long to fit even alone is an error before anything is allocated. Overrides max_memory_fraction.
-    See docs/memory.md. CLI: --max-memory-gb."""
+    step's activations. Set it to bound the process (a Mac shared with other work): micro-batches, sized from
+    measured per-token costs, get smaller and blocks are checkpointed as far as it requires, trading speed for
+    memory; a sequence too long to fit even alone is an error before anything is allocated. Overrides
+    max_memory_fraction. See docs/memory.md. CLI: --max-memory-gb."""
     max_memory_fraction: float | None = Field(0.8, gt=0, le=1)
     """Memory target as a fraction of the device's memory (Metal: its recommended working set; CPU: physical
-    memory) when max_memory_gb is unset. None: no memory target, only token_budget."""
+    memory, and never more than the process holds plus what the system has available) when max_memory_gb is
+    unset. The default spends memory on speed: micro-batches as large as this and token_budget allow. None: no
+    memory target, only token_budget."""
     logits_chunk_tokens: int | None = Field(None, ge=0)
     """Tokens whose logits the learner computes at once (the LM head runs chunk by chunk and recomputes each
     chunk in the backward pass, so (tokens x vocab) logits never exist). None: automatic, 16 MiB of float32
     logits per chunk; 0: the full-logits path."""
     activation_checkpointing: Literal["auto", "always", "never"] = "auto"
     """Recompute each trained transformer block in the backward pass instead of keeping its activations: 3-6x less
-    learner memory for ~20-25% more compute (docs/memory.md). auto: for micro-batches whose longest row has at
-    least checkpoint_min_length tokens, and for any micro-batch that would not fit the memory target or the
-    activation budget (activation_memory_ratio) otherwise."""
+    learner memory for ~20-25% more compute (docs/memory.md). auto: for micro-batches whose rows would not fit the
+    memory target one at a time otherwise; with no memory target, for rows of checkpoint_min_length tokens or more."""
     checkpoint_min_length: int = Field(1024, ge=1)
-    """Row length (tokens) from which activation_checkpointing = "auto" checkpoints: where attention makes
-    activations grow with the square of the length (SmolLM2, one row: 1.7 GB at 1024 tokens, 0.43 GB checkpointed)."""
-    activation_memory_ratio: float | None = Field(0.1, gt=0)
-    """Most memory one micro-batch's activations may take, as a ratio to the model's weight bytes (at least 32 MiB).
-    Keeps the learner from spending the memory target on big micro-batches of short rows, which would double a
-    small model's process for little speed; a single row is always allowed. None: only the memory target and
-    token_budget bound micro-batches. See docs/memory.md."""
+    """Without a memory target (max_memory_fraction = None), the row length (tokens) from which
+    activation_checkpointing = "auto" checkpoints: where attention makes activations grow with the square of the
+    length (SmolLM2, one row: 1.7 GB at 1024 tokens, 0.43 GB checkpointed). With a target, the target decides."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Advantage scaling: (r - group mean) / (std + eps) with std of the group, of the batch, or no division."""
     advantage_eps: float = Field(1e-4, gt=0)
@@ -351,6 +349,14 @@ class RLTrainingConfig(Section):
         if isinstance(data, dict) and "steps" in data:
             data = dict(data)
             data.setdefault("total_steps", data.pop("steps"))
+        if isinstance(data, dict) and "activation_memory_ratio" in data:
+            data = dict(data)
+            value = data.pop("activation_memory_ratio")
+            log.warning(
+                "rl_training.activation_memory_ratio = %s is no longer used and is ignored: micro-batches now grow to "
+                "the memory target, which is what bounds memory; set rl_training.max_memory_gb to the most the run "
+                "may take (see docs/memory.md)", value,
+            )  # fmt: skip
         atropos = data.get("atropos") if isinstance(data, dict) else None
         if isinstance(atropos, dict) and "token_budget" in atropos:
             # The predecessor's [rl_training.atropos] token_budget bounded the tokens trained at once, as paraloop's

@@ -10,7 +10,10 @@ time (a custom function whose backward recomputes each chunk's logits and applie
 log-softmax and entropy), so the head's memory is one chunk's logits and a few arrays of that size. It equals the
 full path to float32 rounding (the same operations, summed in a different order: ~1e-6 relative on log-probs and
 gradients; tests/test_learn_logprobs.py states the tolerances). With `positions` only those flattened (row, token)
-positions are scored (the trained ones); the others read 0, which the loss never weights.
+positions are scored (the trained ones); the others read 0, which the loss never weights. With `keep_logits` the
+forward keeps every chunk's log-softmax for the backward instead of recomputing the chunk (one head matmul fewer
+per scored token, for (scored tokens x vocab) float32 bytes held until the backward): what the learner does when
+its memory target allows (learn/memory.py); the results are the same operations on the same values, bit for bit.
 """
 
 import mlx.core as mx
@@ -54,19 +57,21 @@ def forward_logprobs(
     chunk_tokens: int | None = None,
     positions: np.ndarray | None = None,
     entropy_grad: bool = True,
+    keep_logits: bool = False,
 ) -> tuple[mx.array, mx.array | None]:
     """Run the model on (B, T) right-padded ids and score each next token.
 
     head None: the full path, model(ids) -> (B, T, V) logits. Otherwise the chunked path through `head` (see the
     module docstring), `chunk_tokens` per chunk (None: automatic), scoring only the flat `positions` when given.
     entropy_grad False promises the caller never differentiates the entropy (its weight is 0), saving a pass.
+    keep_logits: the chunked backward reads the forward's log-softmax instead of recomputing it (faster, more memory).
     """
     if head is None:
         return token_logprobs(model(input_ids), targets, temperature, with_entropy=with_entropy)
     hidden = head.hidden(model, input_ids)
     return chunked_logprobs(
         model, head, hidden, targets, temperature, chunk_tokens=chunk_tokens, positions=positions,
-        with_entropy=with_entropy, entropy_grad=entropy_grad,
+        with_entropy=with_entropy, entropy_grad=entropy_grad, keep_logits=keep_logits,
     )  # fmt: skip
 
 
@@ -81,6 +86,7 @@ def chunked_logprobs(
     positions: np.ndarray | None = None,
     with_entropy: bool = True,
     entropy_grad: bool = True,
+    keep_logits: bool = False,
 ) -> tuple[mx.array, mx.array | None]:
     """(B, T) log-probs (and entropies) from (B, T, D) hidden states through `head`, one chunk of tokens at a time."""
     b, t, d = hidden.shape
@@ -97,7 +103,7 @@ def chunked_logprobs(
     module = head.module(model)
     chunk = chunk_tokens or auto_chunk_tokens(_vocab_of(module))
     scores = _scores_function(
-        head, module, tgt, inv_t, chunk, with_entropy, entropy_grad and with_entropy, flat.dtype
+        head, module, tgt, inv_t, chunk, with_entropy, entropy_grad and with_entropy, flat.dtype, keep_logits
     )
     outs = scores(flat, module.trainable_parameters())
     logp, entropy = outs[0], (outs[1] if with_entropy else None)
@@ -126,8 +132,10 @@ def _scores_function(
     with_entropy: bool,
     entropy_grad: bool,
     dtype: mx.Dtype,
+    keep: bool = False,
 ):
-    """A custom function (x (N, D), head params) -> (logp (N,), entropy (N,)) with a chunk-recomputing backward."""
+    """A custom function (x (N, D), head params) -> (logp (N,), entropy (N,)) with a chunk-recomputing backward;
+    keep: it also returns each chunk's float32 logits z (chunk, V), which the backward reads instead of recomputing."""
     project = head.projection(module)
     transform = head.transform
     n = int(targets.shape[0])
@@ -148,7 +156,7 @@ def _scores_function(
     def scores(x: mx.array, params: dict) -> tuple[mx.array, ...]:
         if params:
             module.update(params)
-        logps, entropies = [], []
+        logps, entropies, kept = [], [], []
         for s, e in spans:
             # Chain the chunks: each starts after the previous one's results, so MLX evaluates them one at a time
             # (independent branches would otherwise be scheduled side by side, every chunk's logits alive at once).
@@ -158,8 +166,11 @@ def _scores_function(
             logps.append(mx.take_along_axis(z, targets[s:e, None], axis=-1)[:, 0] - lse)
             if with_entropy:  # H = -sum p log p = lse - sum p z
                 entropies.append(lse - mx.sum(mx.softmax(z, axis=-1, precise=True) * z, axis=-1))
+            if keep:
+                kept.append(z)
         out = (mx.concatenate(logps),)
-        return (*out, mx.concatenate(entropies)) if with_entropy else out
+        out = (*out, mx.concatenate(entropies)) if with_entropy else out
+        return (*out, *kept)
 
     @scores.vjp
     def scores_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple[mx.array, dict]:
@@ -173,10 +184,14 @@ def _scores_function(
                 module.update(tree_unflatten(list(zip(names, p, strict=True))))
             return project(a)
 
+        kept = outputs[(2 if with_entropy else 1) :]
         dxs, dparams = [], None
-        for s, e in spans:
+        for i, (s, e) in enumerate(spans):
             xc = mx.depends(x[s:e], [dxs[-1], *dparams]) if dxs else x[s:e]
-            a, z = logits_of(xc, s, e)  # recomputed: the forward kept nothing of size V
+            if keep:  # the forward's logits: no matmul of size V here (a is the (chunk, D) input alone)
+                a, z = (xc * fold_scale[s:e] if fold else xc), kept[i]
+            else:
+                a, z = logits_of(xc, s, e)  # recomputed: the forward kept nothing of size V
             g = g_logp[s:e, None]
             if entropy_grad:  # dH/dz_k = -p_k (log p_k + H)
                 logq = z - mx.logsumexp(z, axis=-1, keepdims=True)

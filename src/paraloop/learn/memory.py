@@ -1,12 +1,12 @@
 """Memory-aware micro-batches: how many rows of which length one gradient pass may take within a memory target.
 
-In: `rl_training` (max_memory_gb or max_memory_fraction of the machine, activation_memory_ratio, token_budget,
-activation_checkpointing), the model's weight and gradient bytes, each step's row lengths and trained positions,
+In: `rl_training` (max_memory_gb or max_memory_fraction of the machine, token_budget, activation_checkpointing,
+checkpoint_min_length), the model's gradient bytes, each step's row lengths and trained positions,
 and a probe that runs one gradient pass of (rows, width) synthetic tokens and returns the bytes it added at its
-peak. Out: micro-batch plans (row indices, and whether that micro-batch checkpoints its blocks), or
+peak. Out: micro-batch plans (row indices, and the Mode of that micro-batch: checkpointed blocks, kept logits), or
 `SequenceTooLong` - raised before anything big is allocated - when one row cannot fit even alone.
 
-Cost model, per checkpointing mode, fitted to measurements: a gradient pass over b rows of w positions, p of them
+Cost model, per Mode, fitted to measurements: a gradient pass over b rows of w positions, p of them
 scored (the trained positions, which alone go through the LM head), adds
     fixed + b * w * (per_token + per_token_position * w) + per_scored * p
 bytes at its peak over the memory held before it (per_token: block activations, LoRA and dropout arrays;
@@ -22,12 +22,14 @@ A plan is feasible when: memory held at the start of the step + one accumulated 
 stays within the target. MLX's peak (mx.get_peak_memory, also on the CPU backend) is what is measured and capped;
 the process adds its Python runtime (a few hundred MB) outside it.
 
-Within the target, a micro-batch's activations (its cost above the gradient) stay within an activation budget:
-activation_memory_ratio x the model's weight bytes, at least MIN_ACTIVATION_BUDGET. The target is what the machine
-allows; the budget keeps the learner from spending it on short rows, where a big micro-batch buys little speed but
-would double the process (SmolLM2's demo batch: +0.8 GB beside 0.5 GB of weights). In auto mode a micro-batch that
-would exceed it plain is checkpointed (bigger micro-batches rather than more of them); a single row is always
-allowed (only the target can refuse a row).
+Speed first: micro-batches take as many rows as the target and token_budget allow, since one pass over many rows
+runs the same matmuls with more work each (no per-pass overhead repeated). Each micro-batch runs in the fastest
+Mode of a ladder in which one row of its width fits the target: plain blocks with the LM head's logits kept for the
+backward; logits recomputed (one head matmul more per trained token); checkpointed blocks (one forward of the
+trained blocks more), logits kept, then recomputed. So memory is traded for speed only as far as the target
+demands, and a slower mode is probed only when some row needs it. A user who wants a smaller process sets
+max_memory_gb; the metrics say what it cost (micro_batches, checkpointed_micro_batches, kept_logits_micro_batches,
+peak_memory_gb).
 """
 
 import ctypes
@@ -54,9 +56,9 @@ FIRST_PROBE = 64  # positions of the first calibration probe
 PROBE_GROWTH = 4  # each further probe is this many times longer
 EXTRAPOLATE = 4  # rows up to this many times the longest probe are planned from the fit; longer ones re-probe
 MAX_PROBE = 4096
-MIN_ACTIVATION_BUDGET = 32 * 2**20  # below this, splitting saves less than the process's own runtime varies
 
-Probe = Callable[[int, int, bool, int], int]  # (rows, width, checkpoint, scored per row) -> bytes added at the peak
+# (rows, width, mode, scored per row) -> bytes added at the peak
+Probe = Callable[[int, int, "Mode", int], int]
 
 
 class MemoryTargetError(ValueError):
@@ -105,6 +107,21 @@ def machine_memory() -> int | None:
         return None
 
 
+def system_available() -> int | None:
+    """Bytes the system can still hand out without swapping (Linux's MemAvailable), for the CPU backend, whose
+    memory is the machine's, shared with every other process. None elsewhere (Metal's working set is the bound)."""
+    if sys.platform != "linux" or mx.default_device().type != mx.DeviceType.cpu:
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def memory_target(config: RLTrainingConfig) -> int | None:
     """The MLX memory target in bytes: max_memory_gb when set, else max_memory_fraction of the machine, else None."""
     if config.max_memory_gb is not None:
@@ -113,14 +130,6 @@ def memory_target(config: RLTrainingConfig) -> int | None:
         return None
     total = machine_memory()
     return None if total is None else int(config.max_memory_fraction * total)
-
-
-def activation_budget(config: RLTrainingConfig, weight_bytes: int) -> int | None:
-    """Bytes one micro-batch's activations may take: activation_memory_ratio x the weights, at least
-    MIN_ACTIVATION_BUDGET; None when the ratio is unset."""
-    if config.activation_memory_ratio is None:
-        return None
-    return max(MIN_ACTIVATION_BUDGET, int(config.activation_memory_ratio * weight_bytes))
 
 
 @dataclass
@@ -143,13 +152,11 @@ class Cost:
     def variable(self, rows: int, width: int, scored: int) -> float:
         return rows * width * (self.per_token + self.per_token_position * width) + self.per_scored * scored
 
-    def activations(self, rows: int, width: int, scored: int, *, corrected: bool = True) -> float:
-        """The predicted bytes above the fixed part (the gradient): activations, the head's logits, LoRA arrays.
-        corrected: raised by what real micro-batches used, for the memory target's safety; the activation budget
-        takes the probes' fit alone, since in async mode a micro-batch's peak also holds what the engine allocated
-        meanwhile (MLX's peak is process-wide), which would shrink micro-batches for nothing of the learner's."""
-        scale = max(self.floor, self.correction) if corrected else self.floor
-        return scale * self.variable(rows, width, scored)
+    def activations(self, rows: int, width: int, scored: int) -> float:
+        """The predicted bytes above the fixed part (the gradient): activations, the head's logits, LoRA arrays;
+        raised by what real micro-batches used (in async mode that includes what the engine allocated meanwhile,
+        since MLX's peak is process-wide: a safe side to err on)."""
+        return max(self.floor, self.correction) * self.variable(rows, width, scored)
 
     def __call__(self, rows: int, width: int, scored: int) -> float:
         return self.fixed + self.activations(rows, width, scored)
@@ -185,11 +192,28 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class Mode:
+    """How one gradient pass trades compute for memory: checkpointed blocks (the backward recomputes each trained
+    block), and kept logits (the LM head's backward reads the forward's chunk logits instead of recomputing them)."""
+
+    checkpoint: bool = False
+    keep_logits: bool = False
+
+    def __str__(self) -> str:
+        return f"checkpointing {'on' if self.checkpoint else 'off'}, logits {'kept' if self.keep_logits else 'recomputed'}"
+
+
+@dataclass(frozen=True)
 class Plan:
     rows: np.ndarray  # row indices of the batch
     checkpoint: bool  # run this micro-batch's trained blocks under activation checkpointing
     width: int
     scored: int = 0  # positions the LM head scores (the rows' trained positions)
+    keep_logits: bool = False  # the LM head keeps its logits for the backward (no recomputation)
+
+    @property
+    def mode(self) -> Mode:
+        return Mode(self.checkpoint, self.keep_logits)
 
 
 @dataclass(frozen=True)
@@ -203,27 +227,47 @@ class Shape:
 
 
 class MemoryPlanner:
-    """Plans micro-batches within rl_training's memory target and activation budget; see the module docstring."""
+    """Plans micro-batches within rl_training's memory target; see the module docstring.
+
+    keep_logits_available: the learner's LM head runs in chunks and can keep their logits (learn/logprobs.py)."""
 
     def __init__(
-        self, config: RLTrainingConfig, *, gradient_bytes: int, weight_bytes: int, checkpointing_available: bool
+        self,
+        config: RLTrainingConfig,
+        *,
+        gradient_bytes: int,
+        checkpointing_available: bool,
+        keep_logits_available: bool = False,
     ) -> None:
         self.config = config
-        self.target = memory_target(config)
-        self.activation_budget = activation_budget(config, weight_bytes)
+        self.configured = memory_target(config)
+        self.target = self.configured  # this step's: max_memory_fraction's never beyond what the system has free
         self.gradient_bytes = gradient_bytes
         self.checkpointing_available = checkpointing_available
-        self.costs = {mode: Cost(fixed=float(gradient_bytes)) for mode in (False, True)}
+        self.ladder = self._ladder(keep_logits_available)
+        self.costs = {mode: Cost(fixed=float(gradient_bytes)) for mode in self.ladder}
+
+    def _ladder(self, keep_logits: bool) -> list[Mode]:
+        """The modes a micro-batch may run in, fastest (and hungriest) first: each one further down spends compute
+        to save memory."""
+        setting = self.config.activation_checkpointing
+        if not self.checkpointing_available or setting == "never":
+            blocks = [False]
+        else:
+            blocks = [True] if setting == "always" else [False, True]
+        heads = [True, False] if keep_logits else [False]
+        return [Mode(c, k) for c in blocks for k in heads]
 
     # --- planning -----------------------------------------------------------------------------------------------
 
-    def checkpoint_for(self, rows: int, width: int) -> bool:
-        """Whether a micro-batch of `rows` rows, the longest `width` long, checkpoints its blocks by the settings
-        alone (auto: rows of checkpoint_min_length tokens or more; the memory target may add rows that need it)."""
-        mode = self.config.activation_checkpointing
-        if not self.checkpointing_available or mode == "never":
-            return False
-        return mode == "always" or width >= self.config.checkpoint_min_length
+    def checkpoint_for(self, rows: int, width: int) -> Mode:
+        """The mode of a micro-batch of `rows` rows, the longest `width` long, without a memory target (auto:
+        checkpointed from checkpoint_min_length tokens, the only guard left when nothing is measured; logits
+        recomputed, since nothing bounds what keeping them would take)."""
+        setting = self.config.activation_checkpointing
+        if not self.checkpointing_available or setting == "never":
+            return Mode(False)
+        return Mode(setting == "always" or width >= self.config.checkpoint_min_length)
 
     def plan(
         self,
@@ -240,72 +284,64 @@ class MemoryPlanner:
         lengths = np.asarray(lengths)
         scored = lengths if scored is None else np.minimum(np.asarray(scored), lengths)
         longest = int(lengths.max(initial=0))
-        if (self.target is None and self.activation_budget is None) or longest == 0:
+        if self.configured is None or longest == 0:
             plans = plan_micro_batches(lengths, token_budget=self.config.token_budget)
             return [self._plan(rows, lengths, scored, self.checkpoint_for) for rows in plans]
-        available = math.inf
-        if self.target is not None:
-            held = mx.get_active_memory() if held is None else held
-            self._check_update(held, optimizer_ready)
-            # the accumulated gradient, and the new sum while it is formed, beside each pass's own
-            available = self.target - held - 2 * self.gradient_bytes
+        held = mx.get_active_memory() if held is None else held
+        self.target = self._target_now(held)
+        self._check_update(held, optimizer_ready)
+        # the accumulated gradient, and the new sum while it is formed, beside each pass's own
+        available = self.target - held - 2 * self.gradient_bytes
         shape = Shape(int(scored.max()))
         mode = self._modes(lengths, shape, available, probe)
         plans = plan_micro_batches(
             lengths, token_budget=self.config.token_budget,
-            fits=lambda rows, width: self._allowed(shape(rows, width), mode(rows, width), available),
+            fits=lambda rows, width: self._fits(shape(rows, width), mode(rows, width), available),
         )  # fmt: skip
         out = []
         for rows in plans:
             plan = self._plan(rows, lengths, scored, mode)
             alone = shape(1, plan.width)
-            if not self._fits(alone, mode(1, plan.width), available):
-                raise self._too_long(alone, mode(1, plan.width), available)
+            if not self._fits(alone, plan.mode, available):
+                raise self._too_long(alone, plan.mode, available)
             out.append(plan)
         return out
 
     @staticmethod
-    def _plan(rows: np.ndarray, lengths: np.ndarray, scored: np.ndarray, mode: Callable[[int, int], bool]) -> Plan:
+    def _plan(rows: np.ndarray, lengths: np.ndarray, scored: np.ndarray, mode: Callable[[int, int], Mode]) -> Plan:
         width = int(lengths[rows].max())
-        return Plan(rows=rows, checkpoint=mode(len(rows), width), width=width, scored=int(scored[rows].sum()))
+        m = mode(len(rows), width)
+        return Plan(rows=rows, checkpoint=m.checkpoint, width=width, scored=int(scored[rows].sum()),
+                    keep_logits=m.keep_logits)  # fmt: skip
 
-    def _modes(
-        self, lengths: np.ndarray, shape: Shape, available: float, probe: Probe
-    ) -> Callable[[int, int], bool]:
-        """Calibrate the cost models this batch needs; return (rows, width) -> checkpoint mode. In auto mode a
-        micro-batch that would not fit the target or the activation budget without checkpointing is checkpointed
-        even below checkpoint_min_length."""
+    def _modes(self, lengths: np.ndarray, shape: Shape, available: float, probe: Probe) -> Callable[[int, int], Mode]:
+        """Calibrate the cost models this batch needs; return (rows, width) -> mode: the fastest mode of the ladder
+        in which one row of that width fits the target. So memory is traded for speed only as far as the target
+        requires: rows that fit the fastest mode make micro-batches of it (more of them when the target is tight),
+        never slower ones of more rows; each slower mode is measured only when some row needs it."""
         longest = int(lengths.max())
-        setting = self.config.activation_checkpointing
-        if not self.checkpointing_available or setting == "never":
-            self._calibrate(False, longest, available, probe)
-            return lambda rows, width: False
-        if setting == "always":
-            self._calibrate(True, longest, available, probe)
-            return lambda rows, width: True
-        threshold = self.config.checkpoint_min_length
-        self._calibrate(False, min(longest, threshold - 1), available, probe)  # longer rows always checkpoint
-        self._calibrate(True, longest, available, probe)
+        calibrated = []
+        for m in self.ladder:
+            self._calibrate(m, longest, available, probe)
+            calibrated.append(m)
+            if self._fits(shape(1, longest), m, available):
+                break
 
-        def mode(rows: int, width: int) -> bool:
-            return width >= threshold or not self._allowed(shape(rows, width), False, available)
+        def mode(rows: int, width: int) -> Mode:
+            return next((m for m in calibrated if self._fits(shape(1, width), m, available)), calibrated[-1])
 
         return mode
 
-    def _fits(self, shape: tuple[int, int, int], checkpoint: bool, available: float) -> bool:
-        return MARGIN * self.costs[checkpoint](*shape) <= available
+    def _fits(self, shape: tuple[int, int, int], mode: Mode, available: float) -> bool:
+        return MARGIN * self.costs[mode](*shape) <= available
 
-    def _allowed(self, shape: tuple[int, int, int], checkpoint: bool, available: float) -> bool:
-        """Within the memory left and the activation budget: what a micro-batch must be to take one more row, and
-        to run without checkpointing in auto mode. A single row beyond the budget still trains (plan() refuses only
-        what exceeds the memory left)."""
-        return self._fits(shape, checkpoint, available) and self._within_budget(shape, checkpoint)
-
-    def _within_budget(self, shape: tuple[int, int, int], checkpoint: bool) -> bool:
-        """The activation budget is a soft bound (it costs speed, not a crash, when the fit is a little low): no
-        margin, and the probes' fit without the real micro-batches' correction (see Cost.activations)."""
-        budget = self.activation_budget
-        return budget is None or self.costs[checkpoint].activations(*shape, corrected=False) <= budget
+    def _target_now(self, held: int) -> int:
+        """max_memory_gb as set; max_memory_fraction of the machine, but on the CPU backend never more than what
+        this process holds plus what the system has available now (other programs share the memory)."""
+        if self.config.max_memory_gb is not None:
+            return self.configured
+        free = system_available()
+        return self.configured if free is None else min(self.configured, held + free)
 
     def _check_update(self, held: int, optimizer_ready: bool) -> None:
         """The optimizer step holds the gradient, its clipped copy, new weights and two new AdamW moments beside the
@@ -321,27 +357,27 @@ class MemoryPlanner:
 
     # --- measuring ----------------------------------------------------------------------------------------------
 
-    def _calibrate(self, checkpoint: bool, longest: int, available: float, probe: Probe) -> None:
+    def _calibrate(self, mode: Mode, longest: int, available: float, probe: Probe) -> None:
         """Probe one-row gradient passes of growing width, every position scored, until the fit covers `longest`;
         the first width also with one scored position. A probe the fit so far predicts would not fit is not run:
         the plan then extrapolates (at most EXTRAPOLATE times the longest probe) and raises SequenceTooLong before
         anything that long is allocated."""
-        cost = self.costs[checkpoint]
+        cost = self.costs[mode]
         goal = min(longest, MAX_PROBE)
         while cost.probed_width * EXTRAPOLATE < longest and cost.probed_width < goal:
             width = min(goal, FIRST_PROBE if not cost.points else cost.probed_width * PROBE_GROWTH)
-            if cost.points and not self._fits((1, width, width), checkpoint, available):
+            if cost.points and not self._fits((1, width, width), mode, available):
                 return
             for scored in (width, 1) if not cost.points and width > 1 else (width,):
-                cost.add(1, width, scored, probe(1, width, checkpoint, scored))
-                logger.debug("memory probe: 1 x %d tokens (%d scored), checkpointing %s: %.1f MiB", width, scored,
-                             "on" if checkpoint else "off", cost.points[-1][3] / 2**20)  # fmt: skip
+                cost.add(1, width, scored, probe(1, width, mode, scored))
+                logger.debug("memory probe: 1 x %d tokens (%d scored), %s: %.1f MiB", width, scored, mode,
+                             cost.points[-1][3] / 2**20)  # fmt: skip
 
     def observe(self, plan: Plan, used: int) -> None:
         """A real micro-batch's measured bytes over the memory before it; raise the model if it was low."""
         if self.target is None:
             return
-        cost = self.costs[plan.checkpoint]
+        cost = self.costs[plan.mode]
         shape = (len(plan.rows), plan.width, plan.scored)
         predicted, variable = cost(*shape), cost.variable(*shape)
         if used > predicted and variable > 0:
@@ -350,12 +386,12 @@ class MemoryPlanner:
             logger.log(level, "memory model raised by %.0f%% after a %d x %d micro-batch used %.1f MiB",
                        (used / predicted - 1) * 100, len(plan.rows), plan.width, used / 2**20)  # fmt: skip
 
-    def _too_long(self, shape: tuple[int, int, int], checkpoint: bool, available: float) -> SequenceTooLong:
+    def _too_long(self, shape: tuple[int, int, int], mode: Mode, available: float) -> SequenceTooLong:
         width = shape[1]
-        need = MARGIN * self.costs[checkpoint](*shape)
+        need = MARGIN * self.costs[mode](*shape)
         held = self.target - available
         hint = (
-            "" if checkpoint or not self.checkpointing_available
+            "" if mode.checkpoint or not self.checkpointing_available
             else ", set rl_training.activation_checkpointing = 'auto' or 'always'"
         )
         return SequenceTooLong(

@@ -10,8 +10,10 @@ reference adapter arrays swapped in, never a second copy) -> for each epoch: acc
 in train mode (LoRA dropout on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter
 and optimizer state and counts a skipped step.
 
-Log-probs go through the LM head in chunks (learn/logprobs.py) and long micro-batches checkpoint their blocks
-(learn/checkpointing.py), so a step's memory is bounded by its micro-batch, never by (tokens x vocabulary).
+Micro-batches are as large as the memory target and token_budget allow (learn/memory.py); log-probs go through the
+LM head in chunks (learn/logprobs.py), whose logits are kept for the backward while the target allows, and blocks
+are checkpointed (learn/checkpointing.py) only for rows that would not fit it otherwise. Each step's metrics say how
+the batch was split and where its time went (time_*_s, learn/timing.py).
 """
 
 import logging
@@ -40,7 +42,7 @@ from paraloop.learn.loss import (
     policy_loss,
     rollout_mismatch,
 )
-from paraloop.learn.memory import GiB, MemoryPlanner, PeakMeter, Plan, return_freed_memory
+from paraloop.learn.memory import GiB, MemoryPlanner, Mode, PeakMeter, Plan, return_freed_memory
 from paraloop.learn.mismatch import (
     combine,
     importance_metrics,
@@ -57,6 +59,7 @@ from paraloop.learn.optim import (
     select_trainable,
 )
 from paraloop.learn.shaping import shape_rows
+from paraloop.learn.timing import Phases
 from paraloop.lora import AdapterSlots, adapter_arrays, attach_lora, has_lora
 from paraloop.messages import RolloutBatch
 
@@ -88,6 +91,7 @@ class MicroBatch:
     weights: mx.array
     advantages: mx.array
     old_logp: mx.array | None = None  # None: on-policy, the current log-probs detached
+    current_rows: mx.array | None = None  # (b, 1): rows whose old policy is the current one, among old_logp's
     ref_logp: mx.array | None = None
     importance_weight: mx.array | None = None
     extras: dict[str, np.ndarray] = field(default_factory=dict)
@@ -95,6 +99,7 @@ class MicroBatch:
     importance: dict[str, float] | None = None  # raw importance-ratio statistics (rollout correction)
     positions: np.ndarray | None = None  # flat (row * w + t) indices of trained positions, the only ones scored
     checkpoint: bool = False  # run the trained blocks under activation checkpointing
+    keep_logits: bool = False  # the LM head's backward reads the forward's logits (memory for speed)
     plan: Plan | None = None
 
 
@@ -154,15 +159,18 @@ class Trainer:
         self.memory = MemoryPlanner(
             config,
             gradient_bytes=sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters())),
-            weight_bytes=sum(v.nbytes for _, v in tree_flatten(model.parameters())),
             checkpointing_available=self.blocks.available,
+            keep_logits_available=self.head is not None,
         )
         self.peak = PeakMeter()
-        target, budget = self.memory.target, self.memory.activation_budget
+        self.phases = Phases()
+        self._split: tuple[int, ...] | None = None  # the last step's split (micro-batches, ...), for the log
+        target = self.memory.target
         logger.info(
-            "learner memory: target %s, activations per micro-batch %s, LM head %s, activation checkpointing %s",
+            "learner memory: target %s (micro-batches as large as it and token_budget %d allow), LM head %s, "
+            "activation checkpointing %s",
             "none" if target is None else f"{target / GiB:.1f} GiB",
-            "unbounded" if budget is None else f"<= {budget / 2**20:.0f} MiB",
+            config.token_budget,
             "in chunks" if self.head is not None else "full logits",
             config.activation_checkpointing if self.blocks.available else "unavailable",
         )  # fmt: skip
@@ -225,48 +233,54 @@ class Trainer:
 
     def step(self, batch: RolloutBatch) -> StepResult:
         """One learner step: every epoch over every micro-batch, everything evaluated on return."""
-        return_freed_memory()  # what generation freed, before the step's activations are allocated ...
+        start = time.perf_counter()
+        self.phases.start()
+        with self.phases("trim"):
+            return_freed_memory()  # what generation freed, before the step's activations are allocated ...
         try:
-            return self._step(batch)
+            result = self._step(batch)
         finally:
-            return_freed_memory()  # ... and what they freed, before the engine generates again
+            with self.phases("trim"):
+                return_freed_memory()  # ... and what they freed, before the engine generates again
+        self._finish(result.metrics, start)
+        self._log_split(result.metrics)
+        return result
 
     def _step(self, batch: RolloutBatch) -> StepResult:
-        start = time.perf_counter()
         self.peak.start()
         cfg = self.config
         lr = learning_rate_at(self.step_count, cfg)
         micros, base = self._prepare(batch)
         base["lr"] = lr
         if not base["trained_tokens"]:  # of the whole batch: a rank's share may be empty while others train
-            return self._skip(base, start, "the batch has no trained tokens")
+            return self._skip(base, "the batch has no trained tokens")
 
         params_before = self.model.trainable_parameters()
         optimizer_before = tree_map(lambda x: x, self.optimizer.state)
         epochs = []
         for _ in range(cfg.update_epochs):
-            loss, stats, grads = self._accumulate(micros)
-            norm = global_norm(grads)
-            mx.eval(norm)
+            with self.phases("gradient"):
+                loss, stats, grads = self._accumulate(micros)
+            with self.phases("optimizer"):
+                norm = global_norm(grads)
+                mx.eval(norm)
             epochs.append({"loss": loss.item(), "grad_norm": norm.item(), **stats})
             if not (np.isfinite(epochs[-1]["loss"]) and np.isfinite(epochs[-1]["grad_norm"])):
                 self.model.update(params_before)
                 self.optimizer.state = optimizer_before
                 bad = "loss" if not np.isfinite(epochs[-1]["loss"]) else "gradient"
                 metrics = {**base, **self._epoch_metrics(epochs), **self._rollout_metrics(micros)}
-                return self._skip(metrics, start, f"non-finite {bad}")
-            self.optimizer.learning_rate = lr
-            self.optimizer.update(self.model, clip_by_norm(grads, norm, cfg.max_grad_norm))
-            mx.eval(self.model.trainable_parameters(), self.optimizer.state)
-        self._update_reference()
+                return self._skip(metrics, f"non-finite {bad}")
+            with self.phases("optimizer"):
+                self.optimizer.learning_rate = lr
+                self.optimizer.update(self.model, clip_by_norm(grads, norm, cfg.max_grad_norm))
+                mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+        with self.phases("optimizer"):
+            self._update_reference()
         self.step_count += 1
         self.version += 1
-        return StepResult(
-            self._finish({**base, **self._epoch_metrics(epochs), **self._rollout_metrics(micros)}, start),
-            False,
-            self.step_count,
-            self.version,
-        )
+        metrics = {**base, **self._epoch_metrics(epochs), **self._rollout_metrics(micros)}
+        return StepResult(metrics, False, self.step_count, self.version)
 
     def check_length(self, length: int) -> None:
         """Raise SequenceTooLong now if a sequence of `length` tokens could not train within the memory target
@@ -284,20 +298,32 @@ class Trainer:
     # --- internals -------------------------------------------------------------------------------------------------
 
     def _loss(self, mb: MicroBatch) -> tuple[mx.array, dict[str, mx.array]]:
-        logp, entropy = self._logprobs(mb, entropy_grad=self.config.entropy_weight != 0)
+        logp, entropy = self._logprobs(
+            mb, entropy_grad=self.config.entropy_weight != 0, keep_logits=mb.keep_logits
+        )
         loss, stats = policy_loss(
             logp,
             entropy,
             mask=mb.mask,
             weights=mb.weights,
             advantages=mb.advantages,
-            old_logp=mb.old_logp if mb.old_logp is not None else mx.stop_gradient(logp),
+            old_logp=self._old_logp(logp, mb),
             ref_logp=mb.ref_logp,
             importance_weight=mb.importance_weight,
             token_loss=self.algorithm.token_loss,
             settings=self.settings,
         )
         return loss, {**stats, **self._mismatch_in_loss(logp, mb)}
+
+    @staticmethod
+    def _old_logp(logp: mx.array, mb: MicroBatch) -> mx.array:
+        """The old policy's log-probs: given (the engine's, or an old-policy forward's), or - for rows sampled by
+        the current adapter, on the one epoch of a step without dropout - the gradient forward's own, detached:
+        the same model on the same tokens, so the same values a separate forward would compute."""
+        current = mx.stop_gradient(logp)
+        if mb.old_logp is None:
+            return current
+        return mb.old_logp if mb.current_rows is None else mx.where(mb.current_rows, current, mb.old_logp)
 
     def _prepare(self, batch: RolloutBatch) -> tuple[list[MicroBatch], dict[str, float]]:
         """Collate, advantages, micro-batches with their old-policy and reference log-probs; seeds dropout."""
@@ -315,17 +341,35 @@ class Trainer:
         moments = len(tree_flatten(self.optimizer.state)) > 2  # more than step and learning_rate: AdamW has run
         trained = np.where(tb.mask.any(axis=1), tb.lengths, 0)
         mine = self.reducer.share(trained)  # every row on one process; this rank's by tokens on several
-        plans = self.memory.plan(
-            np.where(mine, trained, 0), self._probe, scored=tb.mask.sum(axis=1), optimizer_ready=moments
-        )
+        with self.phases("plan"):  # the memory probes included, when a new length regime calls for them
+            plans = self.memory.plan(
+                np.where(mine, trained, 0), self._probe, scored=tb.mask.sum(axis=1), optimizer_ready=moments
+            )
         mx.random.seed(step_seed(cfg.seed, self.step_count, self.reducer.rank))
         micros = [self._micro_batch(tb, plan, adv, weights) for plan in plans]
         versions = self._mark_fresh(batch, tb, [plan.rows for plan in plans], micros)
-        self._old_and_reference(tb, micros)
+        with self.phases("old_policy"):
+            self._old_and_reference(tb, micros)
         metrics = self._batch_metrics(replace(tb, scores=raw_scores), adv)
         metrics["micro_batches"] = float(len(micros))
         metrics["checkpointed_micro_batches"] = float(sum(mb.checkpoint for mb in micros))
+        metrics["kept_logits_micro_batches"] = float(sum(mb.keep_logits for mb in micros))
         return micros, {**metrics, **shaping, **staleness_metrics(versions, self.version)}
+
+    def _log_split(self, metrics: dict[str, float]) -> None:
+        """Say when the memory target changes how a step is split (the speed a tight target costs), with the
+        step's peak, once per change of the split."""
+        split = tuple(int(metrics.get(k, 0)) for k in ("micro_batches", "checkpointed_micro_batches",
+                                                      "kept_logits_micro_batches"))  # fmt: skip
+        if split != self._split and split[0] and (split[0] > 1 or split[1] or split[2] < split[0]):
+            logger.info(
+                "learner step in %d micro-batch(es), %d checkpointed, %d with kept logits: MLX peak %.2f GiB "
+                "(memory target %s, token_budget %d)",
+                *split, metrics.get("peak_memory_gb", 0.0),
+                "none" if self.memory.target is None else f"{self.memory.target / GiB:.2f} GiB",
+                self.config.token_budget,
+            )  # fmt: skip
+        self._split = split
 
     def _accumulate(self, micros: list[MicroBatch]) -> tuple[mx.array, dict[str, float], dict]:
         """Sum losses and gradients over micro-batches (the weights make the sum the full-batch value), and over
@@ -375,23 +419,27 @@ class Trainer:
             },
             positions=np.flatnonzero(tb.mask[rows, :w]),
             checkpoint=plan.checkpoint,
+            keep_logits=plan.keep_logits,
             plan=plan,
         )
 
-    def _logprobs(self, mb: MicroBatch, *, with_entropy: bool = True, entropy_grad: bool = True):
+    def _logprobs(
+        self, mb: MicroBatch, *, with_entropy: bool = True, entropy_grad: bool = True, keep_logits: bool = False
+    ):
         return forward_logprobs(
             self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=with_entropy, head=self.head,
             chunk_tokens=self.config.logits_chunk_tokens, positions=mb.positions, entropy_grad=entropy_grad,
+            keep_logits=keep_logits,
         )  # fmt: skip
 
-    def _probe(self, rows: int, width: int, checkpoint: bool, scored: int) -> int:
+    def _probe(self, rows: int, width: int, mode: Mode, scored: int) -> int:
         """Bytes one gradient pass over (rows, width) synthetic tokens, the last `scored` of each row trained, adds
         at its peak (the memory planner's calibration): the smaller of two passes, since MLX's peak is process-wide
         and an engine generating in the same process (async mode) may allocate during one of them. Train mode like
         the real pass; the step's dropout seed is drawn after planning."""
-        return min(self._probe_once(rows, width, checkpoint, scored) for _ in range(2))
+        return min(self._probe_once(rows, width, mode, scored) for _ in range(2))
 
-    def _probe_once(self, rows: int, width: int, checkpoint: bool, scored: int) -> int:
+    def _probe_once(self, rows: int, width: int, mode: Mode, scored: int) -> int:
         shape = (rows, width)
         mask = np.zeros(shape, bool)
         mask[:, width - scored :] = True
@@ -400,13 +448,13 @@ class Trainer:
             temperature=mx.ones((rows,)), mask=mx.array(mask),
             weights=mx.array(mask / mask.sum(), mx.float32), advantages=mx.ones(shape),
             ref_logp=mx.zeros(shape) if self.config.kl_beta > 0 else None,
-            positions=np.flatnonzero(mask), checkpoint=checkpoint,
+            positions=np.flatnonzero(mask), checkpoint=mode.checkpoint, keep_logits=mode.keep_logits,
         )  # fmt: skip
         mx.eval(mb.input_ids, mb.targets, mb.temperature, mb.mask, mb.weights, mb.advantages, mb.ref_logp)
         self.model.train()
         try:
             with self.peak.measure() as used:
-                with self.blocks.enabled(checkpoint):
+                with self.blocks.enabled(mode.checkpoint):
                     out = self._value_and_grad(mb)
                 mx.eval(out)
                 del out
@@ -417,16 +465,20 @@ class Trainer:
     def _old_and_reference(self, tb: TokenBatch, micros: list[MicroBatch]) -> None:
         """Old-policy and reference log-probs, once per batch, no grad, eval mode (no dropout).
 
-        Old policy: the inference log-probs when given; else one forward of the current adapter. With rollout
-        correction (importance_cap / importance_min), the forward is the old policy and the inference log-probs are
-        the behaviour policy: weights from loss.importance_weights. The same forward, when it runs, measures the
-        train/inference mismatch. Reference: given ref_logprobs win; else the reference adapter.
+        Old policy: the inference log-probs when given; else the current adapter's. That needs a forward of its own
+        only when the gradient forward's log-probs are not them: with LoRA dropout, or over several update_epochs
+        (the second epoch's model has moved); on one epoch without dropout the loss reads its own forward, detached
+        (`_old_logp`). With rollout correction (importance_cap / importance_min), the forward is the old policy and
+        the inference log-probs are the behaviour policy: weights from loss.importance_weights. The same forward,
+        when it runs, measures the train/inference mismatch. Reference: given ref_logprobs win; else the reference
+        adapter.
         """
         cfg = self.config
         correct = self.importance_correction
         any_inf, all_inf = bool(tb.has_inference.any()), bool(tb.has_inference.all())
+        own_forward = cfg.update_epochs == 1 and not self._dropout  # the gradient forward is the old policy's
         need_old = (
-            (not all_inf and (self.algorithm.uses_old_policy or any_inf))
+            (not all_inf and self.algorithm.uses_old_policy and not own_forward)
             or (correct and any_inf)
             or (self._dropout and any_inf)  # the mismatch check needs the eval-mode log-probs
         )
@@ -444,8 +496,10 @@ class Trainer:
                 else:
                     mb.old_logp = old
                     self._correct(mb, old, inference, has_inf & mb.mask)
-            elif all_inf:
+            elif any_inf:
                 mb.old_logp = inference
+                if not all_inf:  # the other rows' old policy is the current one (own_forward)
+                    mb.current_rows = ~has_inf
             if cfg.kl_beta > 0:
                 mb.ref_logp = mx.array(mb.extras["ref"])
             mx.eval(mb.old_logp, mb.importance_weight, mb.ref_logp)
@@ -565,17 +619,17 @@ class Trainer:
             "epochs": float(len(epochs)),
         }
 
-    def _finish(self, metrics: dict[str, float], start: float) -> dict[str, float]:
+    def _finish(self, metrics: dict[str, float], start: float) -> None:
         elapsed = time.perf_counter() - start
         metrics.update(
             step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed, skipped_steps=self.skipped_steps
         )
+        metrics.update(self.phases.metrics(elapsed))
         metrics["peak_memory_gb"] = self.peak.read() / GiB  # MLX's peak in the step, everything held included
         if self.memory.target is not None:
             metrics["memory_target_gb"] = self.memory.target / GiB
-        return metrics
 
-    def _skip(self, metrics: dict[str, float], start: float, why: str) -> StepResult:
+    def _skip(self, metrics: dict[str, float], why: str) -> StepResult:
         self.skipped_steps += 1
         self.step_count += 1
         logger.warning(
@@ -584,4 +638,4 @@ class Trainer:
             why,
             self.skipped_steps,
         )
-        return StepResult(self._finish(metrics, start), True, self.step_count, self.version)
+        return StepResult(metrics, True, self.step_count, self.version)
