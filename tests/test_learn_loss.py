@@ -20,6 +20,7 @@ from paraloop.learn.loss import (
     aggregation_weights,
     importance_weights,
     policy_loss,
+    rejected_tokens,
     rollout_mismatch,
 )
 from paraloop.messages import RolloutBatch, ScoredGroup
@@ -59,14 +60,33 @@ def np_ppo(ratio, adv, opt):
 
 
 def np_importance(old, rollout, mask, level, mode, low, high):
-    """(weights, raw ratios) written from the definitions: per token, or the product over a row's tokens."""
+    """(weights, raw ratios) written from the definitions: per token, or the product over a row's tokens.
+    truncate (TIS) caps from above only; mask (MIS) keeps [low, high] with low = 1 / high when unset (verl)."""
     d = np.where(mask, old - rollout, 0.0)
     if level == "sequence":
         d = np.repeat(d.sum(1, keepdims=True), d.shape[1], axis=1)
     ratio = np.exp(np.clip(d, -20, 20))
-    lo, hi = (low if low is not None else 0.0), (high if high is not None else np.inf)
-    weight = np.clip(ratio, lo, hi) if mode == "truncate" else np.where((ratio >= lo) & (ratio <= hi), ratio, 0.0)
+    hi = high if high is not None else np.inf
+    if mode == "truncate":
+        assert low is None
+        weight = np.minimum(ratio, hi)
+    else:
+        lo = low if low is not None else (1.0 / high if high is not None else 0.0)
+        weight = np.where((ratio >= lo) & (ratio <= hi), ratio, 0.0)
     return np.where(mask, weight, 1.0), np.where(mask, ratio, 1.0)
+
+
+def np_corrected(inp: dict, opt: dict) -> dict:
+    """The reference's inputs under rollout correction: the weights, and for mask mode the rejected tokens out of
+    the response mask (so out of every denominator and of the KL and entropy terms, as verl's rollout_rs)."""
+    if "importance" not in opt:
+        return inp
+    level, mode, low, high = opt["importance"]
+    weight, _ = np_importance(inp["old_logp"], inp["rollout_logp"], inp["mask"], level, mode, low, high)
+    out = {**inp, "importance_weight": weight}
+    if mode == "mask":
+        out["mask"] = inp["mask"] & (weight != 0)
+    return out
 
 
 def np_loss(logits, inp, opt, frozen_logp=None):
@@ -124,7 +144,8 @@ def loss_settings(opt: dict) -> LossSettings:
 
 
 def with_importance(inp: dict, opt: dict) -> dict:
-    """Rollout correction (opt "importance"): the learner's old policy against the engine's log-probs."""
+    """Rollout correction (opt "importance"): the learner's old policy against the engine's log-probs; mask mode
+    takes rejected tokens out of the mask, as the trainer does."""
     if "importance" not in opt:
         return inp
     level, mode, low, high = opt["importance"]
@@ -132,7 +153,10 @@ def with_importance(inp: dict, opt: dict) -> dict:
         mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32),
         mx.array(inp["mask"]), level=level, mode=mode, low=low, high=high,
     )  # fmt: skip
-    return {**inp, "importance_weight": np.array(iw)}
+    out = {**inp, "importance_weight": np.array(iw)}
+    if mode == "mask":
+        out["mask"] = inp["mask"] & ~np.array(rejected_tokens(iw, mx.array(inp["mask"])))
+    return out
 
 
 def mx_policy_loss(logp, entropy, inp: dict, weights: np.ndarray, opt: dict) -> mx.array:
@@ -153,8 +177,8 @@ def mx_policy_loss(logp, entropy, inp: dict, weights: np.ndarray, opt: dict) -> 
 
 
 def mx_loss(logits, inp, opt):
-    weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
     inp = with_importance(inp, opt)
+    weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
 
     def f(x):
         logp, entropy = token_logprobs(x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32))
@@ -214,9 +238,12 @@ OPTIONS = [
     {"algorithm": "cispo", "cispo_clip_max": 1.1, "aggregation": "seq-mean-token-mean"},
     {"algorithm": "cispo", "cispo_clip_max": 1.1, "importance": ("sequence", "mask", 0.5, 2.0)},
     {"importance": ("token", "truncate", None, 1.2)},
-    {"importance": ("token", "truncate", 0.8, 1.25)},
+    {"importance": ("token", "truncate", None, 1.05)},
     {"importance": ("token", "mask", 0.8, 1.25)},
-    {"importance": ("sequence", "truncate", 0.5, 2.0)},
+    {"importance": ("sequence", "truncate", None, 2.0)},
+    {"importance": ("token", "mask", None, 1.25), "kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.01},
+    {"importance": ("sequence", "mask", None, 2.0), "aggregation": "seq-mean-token-sum-norm", "kl_beta": 0.1,
+     "kl_estimator": "mse"},
     {"importance": ("sequence", "mask", None, 1.5), "aggregation": "seq-mean-token-mean"},
     {"algorithm": "gspo", "importance": ("token", "mask", None, 1.3), "clip_ratio": 0.03},
 ]
@@ -230,12 +257,11 @@ def test_loss_and_gradient_match_float64_numpy(opt, seed):
     logits, inp = random_inputs(seed)
     if opt.get("importance_weight"):
         inp["importance_weight"] = np.minimum(np.exp(np.random.default_rng(seed).normal(0, 0.5, (B, T))), 2.0)
-    if "importance" in opt:
-        inp["importance_weight"], _ = np_importance(inp["old_logp"], inp["rollout_logp"], inp["mask"], *opt["importance"])
     value, grad = mx_loss(logits, inp, opt)
-    expected = np_loss(logits, inp, opt)
+    reference = np_corrected(inp, opt)
+    expected = np_loss(logits, reference, opt)
     np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(grad, np_grad(logits, inp, opt), rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(grad, np_grad(logits, reference, opt), rtol=1e-3, atol=2e-6)
 
 
 def test_some_random_ratios_are_clipped():
@@ -281,7 +307,7 @@ def test_gspo_clips_a_sequence_as_a_whole():
 @pytest.mark.parametrize("mode", ["truncate", "mask"])
 def test_importance_weights_and_raw_ratios_match_numpy(level, mode):
     _, inp = random_inputs(7)
-    low, high = 0.8, 1.25
+    low, high = (None if mode == "truncate" else 0.8), 1.25
     weight, ratio = importance_weights(
         mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32), mx.array(inp["mask"]),
         level=level, mode=mode, low=low, high=high,
@@ -290,16 +316,30 @@ def test_importance_weights_and_raw_ratios_match_numpy(level, mode):
     np.testing.assert_allclose(np.array(ratio), np_ratio, rtol=1e-5)
     np.testing.assert_allclose(np.array(weight), np_weight, rtol=1e-5)
     trained = inp["mask"]
-    outside = ((np_ratio < low) | (np_ratio > high)) & trained
+    outside = ((np_ratio < 0.8) | (np_ratio > high)) & trained
     assert outside.any() and (~outside & trained).any(), "the bounds are exercised from both sides"
     if mode == "mask":
         assert np.all(np.array(weight)[outside] == 0)
-    else:
-        assert np.array(weight)[trained].min() >= low - 1e-6 and np.array(weight)[trained].max() <= high + 1e-6
+    else:  # TIS caps from above only: a ratio below 0.8 keeps its value
+        below = (np_ratio <= high) & trained
+        assert np.allclose(np.array(weight)[below], np_ratio[below], rtol=1e-5)
+        assert level == "sequence" or (np_ratio[trained] < 0.8).any(), "some token ratios lie below 0.8"
+        assert np.array(weight)[trained].max() <= high + 1e-6
     assert np.all(np.array(weight)[~trained] == 1.0)
     if level == "sequence":  # one ratio per row, on all its trained tokens
         for row in np.flatnonzero(trained.any(1)):
             assert np.ptp(np.array(ratio)[row][trained[row]]) < 1e-6
+
+
+def test_truncation_has_no_lower_bound_and_mask_defaults_its_lower_bound_to_one_over_the_cap():
+    old, rollout = mx.zeros((1, 4)), mx.array([[0.0, -0.1, 0.5, 0.9]])  # ratios 1, e^0.1, e^-0.5, e^-0.9
+    mask = mx.ones((1, 4), mx.bool_)
+    with pytest.raises(ValueError, match="caps from above"):
+        importance_weights(old, rollout, mask, level="token", mode="truncate", low=0.5, high=2.0)
+    weight, ratio = importance_weights(old, rollout, mask, level="token", mode="mask", low=None, high=2.0)
+    keep = [1.0, np.exp(0.1), np.exp(-0.5), 0.0]  # e^-0.9 = 0.41 < 1/2: rejected; e^-0.5 = 0.61 kept
+    np.testing.assert_allclose(np.array(weight)[0], keep, rtol=1e-6)
+    assert np.array(rejected_tokens(weight, mask)).tolist() == [[False, False, False, True]]
 
 
 def test_sequence_ratios_never_overflow():

@@ -255,11 +255,13 @@ class RLTrainingConfig(Section):
     Setting it (or importance_min) turns the correction on: the learner then computes pi_old itself (one forward
     more per step). None: off (pi_old is the engine's log-probs)."""
     importance_min: float | None = Field(None, ge=0)
-    """Rollout correction: lower bound on the importance ratio (None: none)."""
+    """Rollout correction, importance_mode = "mask" only: lower bound on the importance ratio (None: 1 /
+    importance_cap, verl's default; no bound without a cap). Truncation caps from above only."""
     importance_level: Literal["token", "sequence"] = "token"
     """Rollout correction ratio per token, or per sequence (the product of its token ratios, on all its tokens)."""
     importance_mode: Literal["truncate", "mask"] = "truncate"
-    """truncate (TIS): clip the ratio into [importance_min, importance_cap]; mask (MIS): weight 0 outside it."""
+    """truncate (TIS): the weight is min(ratio, importance_cap); mask (MIS): the ratio inside [importance_min,
+    importance_cap], and tokens outside are removed from the loss (its denominators, KL and entropy included)."""
     max_tokens: int = Field(256, ge=1)
     """Rollout generation cap for the mock environment. CLI: --max-tokens."""
     token_budget: int = Field(8192, ge=64)
@@ -295,9 +297,12 @@ class RLTrainingConfig(Section):
     advantage_eps: float = Field(1e-4, gt=0)
     """eps in the advantage denominator."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How token losses become one number (seq-mean-token-sum-norm is Dr. GRPO: token sums over a constant)."""
+    """How token losses become one number (seq-mean-token-sum-norm is Dr. GRPO: token sums over a constant).
+    Unset with algorithm = "gspo": seq-mean-token-mean, the GSPO paper's objective (token-mean weights each
+    sequence by its length)."""
     loss_norm_length: int | None = Field(None, ge=1)
-    """The constant seq-mean-token-sum-norm divides each sequence's token sum by (default: max_tokens)."""
+    """The constant seq-mean-token-sum-norm divides each sequence's token sum by (default: the generation cap,
+    mock.max_tokens for the mock environment, else max_tokens; logged at start-up)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose scores are all equal (no signal) and keep drawing rollouts until the
     batch is full."""
@@ -348,6 +353,8 @@ class RLTrainingConfig(Section):
         if isinstance(data, dict) and "steps" in data:
             data = dict(data)
             data.setdefault("total_steps", data.pop("steps"))
+        if isinstance(data, dict) and data.get("algorithm") == "gspo" and data.get("loss_aggregation") is None:
+            data = {**data, "loss_aggregation": "seq-mean-token-mean"}  # the GSPO paper's objective, unless set
         atropos = data.get("atropos") if isinstance(data, dict) else None
         if isinstance(atropos, dict) and "token_budget" in atropos:
             # The predecessor's [rl_training.atropos] token_budget bounded the tokens trained at once, as paraloop's
@@ -371,6 +378,11 @@ class RLTrainingConfig(Section):
         if custom and self.importance_cap is None and self.importance_min is None and not stale_cap:
             raise ValueError(
                 "importance_level / importance_mode act only with a bound: set importance_cap and/or importance_min"
+            )
+        if self.importance_min is not None and self.importance_mode == "truncate":
+            raise ValueError(
+                "importance_min is the lower bound of importance_mode = 'mask' (verl's rollout_rs); truncation "
+                "(TIS) caps from above only: set importance_mode = 'mask' or leave importance_min unset"
             )
         return self
 
