@@ -303,6 +303,36 @@ def test_gspo_clips_a_sequence_as_a_whole():
     assert mx_loss(logits, inp, opt)[0] == pytest.approx(np_loss(logits, inp, opt), rel=1e-5)
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_gspo_spreads_a_rows_weighted_advantage_sum_evenly_over_its_tokens(aggregation):
+    """What GSPO computes when advantages and rollout weights vary within a row (docs/training.md): d loss / d
+    log pi(y_i,t') = -s_i [sum_t w_t iw_t A_t u_t] / |y_i| for every trained t', in float64 from the definition."""
+    _, inp = random_inputs(3)
+    rng = np.random.default_rng(3)
+    shift = np.array([0.03, 0.0, 0.0, -0.002])[:, None]  # row 0's ratio is clipped, rows 1 and 3 stay inside
+    logp = inp["old_logp"] + shift + rng.normal(0, 0.002, size=(B, T))
+    iw = np.exp(rng.normal(0, 0.5, size=(B, T)))
+    opt = {"algorithm": "gspo", "clip_ratio": 0.005, "clip_ratio_high": 0.01, "aggregation": aggregation}
+    weights = aggregation_weights(inp["mask"], aggregation)
+
+    def f(lp):
+        return mx_policy_loss(lp, None, {**inp, "importance_weight": iw}, weights, opt)
+
+    grad = np.array(mx.grad(f)(mx.array(logp, mx.float32)), np.float64)
+    mask, adv = inp["mask"], inp["advantages"]
+    clipped_rows = 0
+    for i in np.flatnonzero(mask.any(1)):
+        n = mask[i].sum()
+        s = np.exp((logp[i] - inp["old_logp"][i])[mask[i]].sum() / n)
+        a = adv[i][mask[i]]
+        unclipped = s * a <= np.clip(s, 1 - 0.005, 1 + 0.01) * a  # min picks the unclipped term
+        clipped_rows += not unclipped.all()
+        expected = -s * (weights[i][mask[i]] * iw[i][mask[i]] * a * unclipped).sum() / n
+        np.testing.assert_allclose(grad[i][mask[i]], expected, rtol=1e-4, atol=1e-7)
+        assert np.all(grad[i][~mask[i]] == 0)
+    assert 0 < clipped_rows < mask.any(1).sum(), "both branches of the clip are exercised"
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("mode", ["truncate", "mask"])
 def test_importance_weights_and_raw_ratios_match_numpy(level, mode):
