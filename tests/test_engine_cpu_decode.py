@@ -18,7 +18,7 @@ from paraloop.config import EngineConfig
 from paraloop.engine import Engine
 from paraloop.engine import cpu_kernels
 from paraloop.engine.cpu_decode import NumpySampler, filter_row, row_generators, sample_rows
-from paraloop.engine.sampling import filter_logits
+from paraloop.engine.sampling import FILTERED_LOGPROB, filter_logits
 from paraloop.messages import Completion, SamplingParams
 from paraloop.model import load_model
 
@@ -54,17 +54,23 @@ def test_rows_are_drawn_from_the_tempered_filtered_distribution():
     assert np.abs(np.bincount(draws, minlength=3)[:3] / len(draws) - tempered).max() < 0.03
 
 
-def test_recorded_logprobs_are_log_softmax_at_each_rows_temperature_before_filters():
-    rows = [sampler(temperature=0.0, top_logprobs=4), sampler(1, temperature=0.7, top_p=0.9, top_logprobs=4),
+def test_recorded_logprobs_are_of_the_distribution_each_row_sampled_from():
+    """log_softmax(logits / T), renormalised over the kept set of a filtered row, whose size is recorded; an
+    alternative outside the kept set reads FILTERED_LOGPROB (vLLM's stand-in for -inf)."""
+    rows = [sampler(temperature=0.0, top_logprobs=4), sampler(1, temperature=0.7, top_p=0.5, top_logprobs=8),
             sampler(2, temperature=1.5, top_logprobs=2)]  # fmt: skip
     tokens, logprobs = sample_rows(LOGITS, rows)
     assert tokens[0] == np.argmax(LOGITS[0])  # greedy: the argmax, reported at T = 1
     for i, (t, lp) in enumerate(zip([1.0, 0.7, 1.5], logprobs, strict=True)):
         expected = log_softmax64(LOGITS[i] / t)
+        keep = filter_row(LOGITS[i] / t, top_k=0, top_p=0.5, min_p=0.0) if i == 1 else np.ones(50, bool)
+        assert lp.kept == (int(keep.sum()) if i == 1 else 0)
+        ranked = np.argsort(-expected)[: rows[i].top_logprobs]  # the ranking is the full distribution's
+        expected = np.where(keep, expected - np.log(np.exp(expected[keep]).sum()), FILTERED_LOGPROB)
         assert abs(lp.chosen - expected[tokens[i]]) < 1e-5
-        k = rows[i].top_logprobs
-        assert [tok for tok, _ in lp.top] == np.argsort(-expected)[:k].tolist()
-        assert np.abs(np.array([v for _, v in lp.top]) - np.sort(expected)[::-1][:k]).max() < 1e-5
+        assert [tok for tok, _ in lp.top] == ranked.tolist()
+        assert np.abs(np.array([v for _, v in lp.top]) - expected[ranked]).max() < 1e-5
+    assert 1 < logprobs[1].kept < 8, "the top_p row keeps fewer tokens than it lists alternatives"
     assert sample_rows(LOGITS[:1], [sampler(temperature=1.0)])[1][0].top is None
 
 
@@ -150,8 +156,9 @@ def test_both_sampling_paths_record_the_models_logprobs_and_agree_on_greedy_rows
     for kind, groups in results.items():
         for spec, rows in zip(specs, groups, strict=True):
             for row in rows:
-                expected = reference_logprobs(model, spec.prompt_tokens, row.tokens, spec.params.temperature)
+                expected = reference_logprobs(model, spec.prompt_tokens, row.tokens, spec.params.temperature, row.kept)
                 assert max(abs(a - b) for a, b in zip(row.logprobs, expected, strict=True)) < 1e-4, kind
+                assert all(row.kept) == (spec.params.top_p < 1), kind  # the top_p rows record their kept sets
         assert groups[1][0].tokens != groups[1][1].tokens
     again = serve_on(tiny_model_path, "cpu", specs[1:2])  # a seeded request alone: the same rows
     assert [r.tokens for r in again[0]] == [r.tokens for r in results["cpu"][1]]

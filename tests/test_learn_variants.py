@@ -250,6 +250,16 @@ def test_mask_truncated_and_overlong_penalty_in_a_step(base):
 @pytest.fixture(scope="module")
 def engine_run(tiny_model_path):
     """A LoRA'd tiny model, its engine twin, and seeded engine completions at temperature 0.7 (version 0)."""
+    return run_engine(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def filtered_run(tiny_model_path):
+    """The same, sampled with top_p = 0.8 and top_k = 20: every token from a kept set the engine records."""
+    return run_engine(tiny_model_path, top_p=0.8, top_k=20)
+
+
+def run_engine(tiny_model_path, **filters):
     model, tokenizer, _, _ = load_model(tiny_model_path)
     cfg = adapter_config(LoraConfig(rank=4, num_layers=2, dropout=0.0), model)
     attach_lora(model, cfg, seed=0)
@@ -258,7 +268,7 @@ def engine_run(tiny_model_path):
     prompts = [tokenizer.encode(text) for text in ("The river runs", "Count to three:")]
     requests = [
         GenerateRequest(request_id=f"r{i}", prompt_tokens=p, n=4,
-                        params=SamplingParams(temperature=0.7, max_tokens=8, seed=i))
+                        params=SamplingParams(temperature=0.7, max_tokens=8, seed=i, **filters))
         for i, p in enumerate(prompts)
     ]  # fmt: skip
 
@@ -310,6 +320,27 @@ def test_mismatch_is_zero_for_the_engines_rollouts_and_large_at_a_wrong_temperat
     assert wrong["mismatch_abs_max"] > 0.1
     alarm = mismatch_alarm(wrong, 0.01)
     assert alarm is not None and "mismatch_threshold" in alarm
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_sampling_mask_replay_closes_the_gap_that_top_p_and_top_k_open(filtered_run, chunked):
+    """Rollouts sampled with top_p / top_k carry their kept-set sizes: the learner scores each token over the same
+    set and agrees with the engine to rounding. Without the record (an environment that drops it) it scores the
+    full vocabulary and every ratio is off by the kept set's missing mass."""
+    model, cfg, requests, results = filtered_run
+    batch = rollouts(requests, results, temperature=0.7)
+    assert all(g.sampling_kept is not None for g in batch.groups)
+    kept = np.array([k for g in batch.groups for row, mask in zip(g.sampling_kept, g.masks, strict=True)
+                     for k, m in zip(row, mask, strict=True) if m != -100])  # fmt: skip
+    assert kept.size == 64 and (kept >= 1).all() and (kept <= 20).all()
+    options = {} if chunked else {"logits_chunk_tokens": 0}
+    replayed = learner(model, cfg, **options).step(batch).metrics
+    assert replayed["mismatch_abs_mean"] < 1e-4 and replayed["mismatch_abs_max"] < 1e-3
+    assert replayed["rollout_ratio_outside"] == 0
+    stripped = RolloutBatch(groups=[msgspec.structs.replace(g, sampling_kept=None) for g in batch.groups],
+                            source="mock")  # fmt: skip
+    full = learner(model, cfg, **options).step(stripped).metrics
+    assert full["mismatch_abs_mean"] > 0.1 and full["rollout_ratio_mean"] < 0.9
 
 
 def test_mismatch_compares_only_rows_of_the_learners_version(engine_run):

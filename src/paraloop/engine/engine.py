@@ -340,6 +340,7 @@ class RowAccumulator:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     finish_reason: str = "abort"  # until the row's last event says otherwise
     adapter: str | None = None  # the adapter that produced the row (every event of a row names the same one)
@@ -351,6 +352,7 @@ class RowAccumulator:
             self.logprobs.append(event.logprob)
             self.versions.append(event.version)
             self.top_logprobs.append(list(event.top_logprobs or []))
+            self.kept.append(event.kept)
         self.pieces.append(event.text)
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
@@ -370,6 +372,7 @@ class RowAccumulator:
             finish_reason=self.finish_reason,
             top_logprobs=self.top_logprobs,
             adapter=self.adapter or "policy",
+            kept=self.kept,
         )
 
 

@@ -11,6 +11,13 @@ log-softmax and entropy), so the head's memory is one chunk's logits and a few a
 full path to float32 rounding (the same operations, summed in a different order: ~1e-6 relative on log-probs and
 gradients; tests/test_learn_logprobs.py states the tolerances). With `positions` only those flattened (row, token)
 positions are scored (the trained ones); the others read 0, which the loss never weights.
+
+Sampling-mask replay: a position with `kept` = k > 0 was sampled by the engine from its top-k / top-p / min-p kept
+set, the k most likely tokens of the tempered distribution. Both paths then score it over the same set rebuilt
+from the learner's own logits: the k largest z = logits / T (ties at the k-th value included) plus the target
+itself (so a boundary token the learner ranks (k+1)-th by rounding still has a finite log-prob), i.e.
+log p = z_target - logsumexp_{kept}(z), and the entropy of that renormalised distribution; gradients flow to the
+kept logits only. kept = 0 (or None) is the full vocabulary, as before.
 """
 
 import mlx.core as mx
@@ -29,16 +36,33 @@ def auto_chunk_tokens(vocab: int) -> int:
     return max(MIN_CHUNK_TOKENS, CHUNK_BYTES // (4 * max(1, vocab)))
 
 
+def kept_set(z: mx.array, targets: mx.array, kept: mx.array) -> mx.array:
+    """(..., V) bool: each position's kept set, its `kept` largest z (ties included) and its target; every token
+    where kept is 0. z (..., V), targets and kept (...)."""
+    vocab = z.shape[-1]
+    k = mx.clip(kept.astype(mx.int32), 0, vocab)
+    index = mx.where(k > 0, vocab - k, 0)[..., None]
+    threshold = mx.stop_gradient(mx.take_along_axis(mx.sort(z, axis=-1), index, axis=-1))
+    return (z >= threshold) | (mx.arange(vocab) == targets[..., None])
+
+
 def token_logprobs(
-    logits: mx.array, targets: mx.array, temperature: mx.array, *, with_entropy: bool = True
+    logits: mx.array,
+    targets: mx.array,
+    temperature: mx.array,
+    *,
+    with_entropy: bool = True,
+    kept: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
-    """(log p(targets), entropy or None), both (B, T) float32."""
+    """(log p(targets), entropy or None), both (B, T) float32; over each position's kept set where `kept` (B, T)
+    says the engine sampled from one (see the module docstring)."""
     z = logits.astype(mx.float32) / temperature.astype(mx.float32)[:, None, None]
-    lse = mx.logsumexp(z, axis=-1)  # (B, T)
+    zk = z if kept is None else mx.where(kept_set(z, targets, kept), z, -mx.inf)
+    lse = mx.logsumexp(zk, axis=-1)  # (B, T)
     logp = mx.take_along_axis(z, targets[..., None], axis=-1).squeeze(-1) - lse
     if not with_entropy:
         return logp, None
-    probs = mx.exp(z - lse[..., None])
+    probs = mx.exp(zk - lse[..., None])  # 0 outside the kept set
     entropy = lse - mx.sum(probs * z, axis=-1)  # H = -sum p log p = lse - sum p z
     return logp, entropy
 
@@ -54,19 +78,21 @@ def forward_logprobs(
     chunk_tokens: int | None = None,
     positions: np.ndarray | None = None,
     entropy_grad: bool = True,
+    kept: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """Run the model on (B, T) right-padded ids and score each next token.
 
     head None: the full path, model(ids) -> (B, T, V) logits. Otherwise the chunked path through `head` (see the
     module docstring), `chunk_tokens` per chunk (None: automatic), scoring only the flat `positions` when given.
     entropy_grad False promises the caller never differentiates the entropy (its weight is 0), saving a pass.
+    kept (B, T): sampling-mask replay (module docstring); None: every position over the full vocabulary.
     """
     if head is None:
-        return token_logprobs(model(input_ids), targets, temperature, with_entropy=with_entropy)
+        return token_logprobs(model(input_ids), targets, temperature, with_entropy=with_entropy, kept=kept)
     hidden = head.hidden(model, input_ids)
     return chunked_logprobs(
         model, head, hidden, targets, temperature, chunk_tokens=chunk_tokens, positions=positions,
-        with_entropy=with_entropy, entropy_grad=entropy_grad,
+        with_entropy=with_entropy, entropy_grad=entropy_grad, kept=kept,
     )  # fmt: skip
 
 
@@ -81,15 +107,18 @@ def chunked_logprobs(
     positions: np.ndarray | None = None,
     with_entropy: bool = True,
     entropy_grad: bool = True,
+    kept: mx.array | None = None,
 ) -> tuple[mx.array, mx.array | None]:
     """(B, T) log-probs (and entropies) from (B, T, D) hidden states through `head`, one chunk of tokens at a time."""
     b, t, d = hidden.shape
     flat = hidden.reshape(b * t, d)
     tgt = targets.reshape(-1)
     inv_t = mx.broadcast_to((1.0 / temperature.astype(mx.float32))[:, None], (b, t)).reshape(-1)
+    flat_kept = None if kept is None else kept.reshape(-1)
     if positions is not None:
         index = mx.array(np.asarray(positions, np.int32))
         flat, tgt, inv_t = flat[index], tgt[index], inv_t[index]
+        flat_kept = None if flat_kept is None else flat_kept[index]
     n = int(flat.shape[0])
     if n == 0:
         zeros = mx.zeros((b, t), mx.float32)
@@ -97,7 +126,7 @@ def chunked_logprobs(
     module = head.module(model)
     chunk = chunk_tokens or auto_chunk_tokens(_vocab_of(module))
     scores = _scores_function(
-        head, module, tgt, inv_t, chunk, with_entropy, entropy_grad and with_entropy, flat.dtype
+        head, module, tgt, inv_t, chunk, with_entropy, entropy_grad and with_entropy, flat.dtype, flat_kept
     )
     outs = scores(flat, module.trainable_parameters())
     logp, entropy = outs[0], (outs[1] if with_entropy else None)
@@ -126,8 +155,10 @@ def _scores_function(
     with_entropy: bool,
     entropy_grad: bool,
     dtype: mx.Dtype,
+    kept: mx.array | None = None,
 ):
-    """A custom function (x (N, D), head params) -> (logp (N,), entropy (N,)) with a chunk-recomputing backward."""
+    """A custom function (x (N, D), head params) -> (logp (N,), entropy (N,)) with a chunk-recomputing backward.
+    `kept` (N,): score over each position's kept set (sampling-mask replay); None: the full vocabulary."""
     project = head.projection(module)
     transform = head.transform
     n = int(targets.shape[0])
@@ -144,6 +175,13 @@ def _scores_function(
             return a, project(a)
         return x, transform(project(x)).astype(mx.float32) * inv_t[s:e, None]
 
+    def restricted(z: mx.array, s: int, e: int) -> tuple[mx.array, mx.array | None]:
+        """(z with -inf outside the chunk's kept sets, the kept mask or None when every token is kept)."""
+        if kept is None:
+            return z, None
+        keep = kept_set(z, targets[s:e], kept[s:e])
+        return mx.where(keep, z, -mx.inf), keep
+
     @mx.custom_function
     def scores(x: mx.array, params: dict) -> tuple[mx.array, ...]:
         if params:
@@ -154,10 +192,11 @@ def _scores_function(
             # (independent branches would otherwise be scheduled side by side, every chunk's logits alive at once).
             xc = mx.depends(x[s:e], logps[-1:] + entropies[-1:]) if logps else x[s:e]
             _, z = logits_of(xc, s, e)
-            lse = mx.logsumexp(z, axis=-1)
+            zk, _ = restricted(z, s, e)
+            lse = mx.logsumexp(zk, axis=-1)
             logps.append(mx.take_along_axis(z, targets[s:e, None], axis=-1)[:, 0] - lse)
-            if with_entropy:  # H = -sum p log p = lse - sum p z
-                entropies.append(lse - mx.sum(mx.softmax(z, axis=-1, precise=True) * z, axis=-1))
+            if with_entropy:  # H = -sum p log p = lse - sum p z (p = 0 outside the kept set)
+                entropies.append(lse - mx.sum(mx.softmax(zk, axis=-1, precise=True) * z, axis=-1))
         out = (mx.concatenate(logps),)
         return (*out, mx.concatenate(entropies)) if with_entropy else out
 
@@ -177,12 +216,16 @@ def _scores_function(
         for s, e in spans:
             xc = mx.depends(x[s:e], [dxs[-1], *dparams]) if dxs else x[s:e]
             a, z = logits_of(xc, s, e)  # recomputed: the forward kept nothing of size V
+            zk, keep = restricted(z, s, e)
             g = g_logp[s:e, None]
-            if entropy_grad:  # dH/dz_k = -p_k (log p_k + H)
-                logq = z - mx.logsumexp(z, axis=-1, keepdims=True)
-                dz = -mx.exp(logq) * (g + cotangents[1][s:e, None] * (logq + outputs[1][s:e, None]))
+            if entropy_grad:  # dH/dz_k = -p_k (log p_k + H), 0 outside the kept set
+                logq = zk - mx.logsumexp(zk, axis=-1, keepdims=True)
+                q = mx.exp(logq)  # 0 outside the kept set
+                if keep is not None:
+                    logq = mx.where(keep, logq, 0.0)  # so that 0 * log q is 0 there, not 0 * -inf = NaN
+                dz = -q * (g + cotangents[1][s:e, None] * (logq + outputs[1][s:e, None]))
             else:
-                dz = mx.softmax(z, axis=-1, precise=True) * -g
+                dz = mx.softmax(zk, axis=-1, precise=True) * -g
             idx = targets[s:e, None]  # d log p_t / dz_k = [k = t] - p_k
             dz = mx.put_along_axis(dz, idx, mx.take_along_axis(dz, idx, axis=-1) + g, axis=-1)
             if fold:

@@ -397,6 +397,7 @@ class Trainer:
                 "has_inference": tb.has_inference[rows],
                 "ref": tb.ref_logprobs[rows, :w],
                 "has_ref": tb.has_ref[rows],
+                **({"kept": tb.kept[rows, :w]} if tb.kept is not None and tb.kept[rows].any() else {}),
             },
             positions=np.flatnonzero(tb.mask[rows, :w]),
             checkpoint=plan.checkpoint,
@@ -404,9 +405,13 @@ class Trainer:
         )
 
     def _logprobs(self, mb: MicroBatch, *, with_entropy: bool = True, entropy_grad: bool = True):
+        """The micro-batch's log-probs (and entropies); over each token's kept set where the engine recorded one
+        (sampling-mask replay, learn/logprobs.py), for the policy, old-policy and reference forwards alike."""
+        kept = mb.extras.get("kept")
         return forward_logprobs(
             self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=with_entropy, head=self.head,
             chunk_tokens=self.config.logits_chunk_tokens, positions=mb.positions, entropy_grad=entropy_grad,
+            kept=None if kept is None else mx.array(kept),
         )  # fmt: skip
 
     def _probe(self, rows: int, width: int, checkpoint: bool, scored: int) -> int:
