@@ -213,6 +213,12 @@ class MockEnvConfig(Section):
     before a turn whose prompt + max_tokens would pass it."""
     ignore_eos: bool = False
     """Generate exactly max_tokens per completion, past any EOS (length tests and memory benchmarks)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts (1: off). The learner replays each token's kept set (docs/training.md)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling of the rollouts (0: off)."""
+    min_p: float = Field(0.0, ge=0, le=1)
+    """Min-p sampling of the rollouts (0: off)."""
     concurrency: int = Field(4, ge=1)
     """Prompts in flight at once when the engine cannot admit a whole batch together (paraloop's engine can:
     there every group of a batch starts in the same decode step, which makes seeded runs repeatable)."""

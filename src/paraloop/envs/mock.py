@@ -168,7 +168,8 @@ class MockEnvironment:
             n=self.config.group_size,
             params=SamplingParams(
                 temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63),
-                ignore_eos=self.config.ignore_eos,
+                ignore_eos=self.config.ignore_eos, top_p=self.config.top_p, top_k=self.config.top_k,
+                min_p=self.config.min_p,
             ),
         )
         return messages, request
