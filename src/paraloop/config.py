@@ -189,6 +189,10 @@ class AtroposConfig(Section):
     starting_step: int | None = None
     """Override the step sent to /register as starting_step (default: 0, or on --resume the newest batch fetched
     before the restart: one Atropos step per batch fetched, see docs/checkpoints.md "No lost batch")."""
+    served_index: int = Field(65536, ge=0)
+    """Most policy completions the engine remembers by token ids (~200 bytes each), so that groups fetched back
+    from Atropos get the adapter version that generated them (staleness, max_staleness, the mismatch check) and
+    their kept sets (sampling-mask replay). 0: off (Atropos rows then have no version)."""
     max_response_bytes: int | None = Field(None, ge=1024)
     """Largest run-api answer read, in bytes (default: 128 bytes per token of a full batch, batch_size x
     max_token_len, and at least 16 MiB). A larger /batch answer is not read, so that garbage cannot exhaust memory:
@@ -344,7 +348,9 @@ class RLTrainingConfig(Section):
     on the CPU backend it barely does (MLX throttles in-flight work process-wide; docs/benchmarks.md), so keep sync
     there."""
     max_staleness: int = Field(1, ge=0)
-    """async mode: rollouts more than this many adapter versions old are handled by stale_policy."""
+    """Rollouts more than this many adapter versions old are handled by stale_policy: in async mode, and for
+    Atropos rollouts in both modes (an environment generates ahead; their versions come from the engine's index of
+    served completions, atropos.served_index)."""
     stale_policy: Literal["drop", "cap"] = "drop"
     """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
     buffer_priority: Literal["fifo", "abs_advantage"] = "fifo"
@@ -377,9 +383,14 @@ class RLTrainingConfig(Section):
                 )
         return data
 
+    @property
+    def staleness_applies(self) -> bool:
+        """max_staleness / stale_policy act: in async mode, and on Atropos rollouts in either mode."""
+        return self.mode == "async" or bool(self.atropos.api_url)
+
     @model_validator(mode="after")
     def _importance_bounds(self) -> "RLTrainingConfig":
-        stale_cap = self.mode == "async" and self.stale_policy == "cap"
+        stale_cap = self.staleness_applies and self.stale_policy == "cap"
         custom = self.importance_level != "token" or self.importance_mode != "truncate"
         if custom and self.importance_cap is None and self.importance_min is None and not stale_cap:
             raise ValueError(
