@@ -188,3 +188,19 @@ def test_extreme_filters_and_non_finite_logits_still_give_a_token():
     tokens, _ = sample_rows(bad, [sampler(temperature=1.0), sampler(1, temperature=1.0)])
     assert tokens.tolist() == [3, 0]
 
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95, 0.999])
+def test_the_partial_sort_nucleus_equals_a_full_sort_on_a_large_vocabulary(top_p):
+    """filter_row sorts only the most likely tokens, growing the set until it holds top_p's mass: the same
+    nucleus as sorting the whole row (vocabularies far above its first guess of 64 tokens)."""
+    z = np.random.default_rng(7).normal(0.0, 3.0, size=5000).astype(np.float32)
+    p = np.exp(z.astype(np.float64) - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    expected = np.zeros(z.shape, bool)
+    expected[order[before < top_p]] = True
+    got = filter_row(z, top_k=0, top_p=top_p, min_p=0.0)
+    assert got.sum() > 64 or top_p == 0.3
+    assert np.array_equal(got, expected)

@@ -28,6 +28,7 @@ def effective_temperature(temperature: float) -> float:
     """The temperature a row samples at: 0 (greedy) for anything below GREEDY_BELOW."""
     return 0.0 if temperature < GREEDY_BELOW else temperature
 MAX_SHARED_SAMPLERS = 64  # distinct unseeded sampling settings kept for sharing
+NUCLEUS_FIRST = 64  # filter_row's first guess at a top-p nucleus size (grown 8x until it holds top_p's mass)
 FILTERED_LOGPROB = -9999.0  # an alternative outside the kept set (probability 0): vLLM's JSON stand-in for -inf
 
 Filters = tuple[int, float, float]  # (top_k, top_p, min_p) of a row that samples with at least one of them
@@ -53,8 +54,17 @@ def filter_row(z: np.ndarray, *, top_k: int, top_p: float, min_p: float) -> np.n
         masked = np.where(keep, z, -np.inf)
         p = np.exp(masked - masked.max())
         p /= p.sum()
-        order = np.argsort(-p, kind="stable")
-        before = np.cumsum(p[order], dtype=np.float64) - p[order]  # mass of the more likely tokens
+        # Sort only the most likely `m` tokens, m growing until their mass reaches top_p (the nucleus is a prefix
+        # of the descending order): O(vocab) per row instead of a full sort, where nuclei are usually small.
+        m = min(vocab, NUCLEUS_FIRST)
+        while True:
+            top = np.argpartition(-p, m - 1)[:m] if m < vocab else np.arange(vocab)
+            order = top[np.argsort(-p[top], kind="stable")]
+            mass = np.cumsum(p[order], dtype=np.float64)
+            if m == vocab or mass[-1] >= top_p:
+                break
+            m = min(vocab, m * 8)
+        before = mass - p[order]  # mass of the more likely tokens
         nucleus = np.zeros(vocab, bool)
         nucleus[order[before < top_p]] = True
         nucleus[order[0]] = True  # the most likely token always survives (whatever top_p's float rounding)
