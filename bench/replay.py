@@ -12,7 +12,7 @@ fraction outside [0.9, 1.1] and the mean |log ratio|. An unfiltered run (top_p =
 from bench.harness import Context, Line
 
 NAME = "replay"
-TITLE = "12. Sampling-mask replay: rollout ratios outside [0.8, 1.25] at top_p / top_k"
+TITLE = "13. Sampling-mask replay: rollout ratios outside [0.8, 1.25] at top_p / top_k"
 BUDGET_S = 600
 GROUP, PROMPTS, MAX_TOKENS = 8, 8, 48
 QUESTIONS = [
