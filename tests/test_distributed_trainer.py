@@ -48,6 +48,15 @@ class ThreadRanks:
         return (grads, {k: sum(p[1][k] for p in parts) for k in sums},
                 {k: min(p[2][k] for p in parts) for k in mins}, {k: max(p[3][k] for p in parts) for k in maxs})
 
+    def table(self, row, name="table"):
+        """Every rank's int64 row, stacked (size, F), on every rank (Ranks.table)."""
+        barrier, slots = self.shared["barrier"], self.shared["slots"]
+        slots[self.rank] = np.asarray(row, np.int64).reshape(-1)
+        barrier.wait(timeout=DEADLINE_S)
+        out = np.stack(list(slots))
+        barrier.wait(timeout=DEADLINE_S)
+        return out
+
 
 def new_trainer(base, config) -> Trainer:  # noqa: F811
     model = twin(base)
@@ -98,20 +107,31 @@ CASES = {
     "kl-batch-scale-epochs": {"kl_beta": 0.1, "kl_estimator": "k3", "ref_ema": 0.9, "scale_rewards": "batch",
                               "update_epochs": 2, "entropy_weight": 0.01},
     "reinforce-clip-high": {"algorithm": "reinforce", "max_grad_norm": 0.05},
+    # Rows carry engine log-probs ~1 nat from the model's: the mask rejects some tokens on each rank, and the
+    # recomputed denominators count every rank's rejections.
+    "token-mask-seq-mean": {"importance_cap": 1.5, "importance_mode": "mask", "loss_aggregation": "seq-mean-token-mean",
+                            "inference": True},
 }
+
+
+# After 3 AdamW steps. The mask case rejects ~60% of the tokens: gradients sparser and smaller, whose normalised
+# AdamW update amplifies float32 rounding (measured 1.4e-5 on one element of 512; losses agree to 3e-7 relative).
+ADAPTER_ATOL = {"token-mask-seq-mean": 3e-5}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_and_three_ranks_make_the_single_process_update(base, case):  # noqa: F811
-    config = make_config(**{"kl_beta": 0.0, "token_budget": 64, **CASES[case]})
-    batches = [random_batch(seed, groups=3, size=4) for seed in (11, 12, 13)]
+    options = dict(CASES[case])
+    inference = options.pop("inference", False)
+    config = make_config(**{"kl_beta": 0.0, "token_budget": 64, **options})
+    batches = [random_batch(seed, groups=3, size=4, inference=inference) for seed in (11, 12, 13)]
     adapter, optimizer, metrics = single(base, config, batches)
     for size in (2, 3):
         ranks = train_on_ranks(base, config, batches, size)
         for rank, (r_adapter, r_optimizer, r_metrics, calls) in enumerate(ranks):
             assert calls == len(batches) * config.update_epochs, "one reduction per epoch"
             for name, value in adapter.items():
-                np.testing.assert_allclose(r_adapter[name], value, rtol=0, atol=1e-5,
+                np.testing.assert_allclose(r_adapter[name], value, rtol=0, atol=ADAPTER_ATOL.get(case, 1e-5),
                                            err_msg=f"{case}: {name} on rank {rank} of {size}")
             for name, value in optimizer.items():
                 np.testing.assert_allclose(r_optimizer[name], value, rtol=1e-4, atol=1e-6, err_msg=name)

@@ -13,6 +13,7 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 import anyio
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from paraloop.config import EngineConfig, LoraConfig
@@ -71,13 +72,19 @@ def request(prompt: list[int], *, n: int = 1, rid: str = "r", **params) -> Gener
 
 
 def reference_logprobs(
-    model: nn.Module, prompt: list[int], completion: list[int], temperature: float
+    model: nn.Module, prompt: list[int], completion: list[int], temperature: float, kept: list[int] | None = None
 ) -> list[float]:
-    """log_softmax(logits / T)[token] of each completion token from one full forward over prompt + completion."""
+    """log_softmax(logits / T)[token] of each completion token from one full forward over prompt + completion;
+    renormalised over the `kept[j]` most likely tokens where kept[j] > 0 (a top-k / top-p / min-p row)."""
     logits = model(mx.array(prompt + completion)[None])[0, len(prompt) - 1 : -1].astype(mx.float32)
-    scaled = logits / (temperature or 1.0)
-    scaled = scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
-    return mx.take_along_axis(scaled, mx.array(completion)[:, None], axis=-1)[:, 0].tolist()
+    scaled = np.array(logits / (temperature or 1.0), np.float64)
+    out = []
+    for j, token in enumerate(completion):
+        z = scaled[j]
+        k = kept[j] if kept else 0
+        support = np.sort(z)[::-1][:k] if k > 0 else z
+        out.append(float(z[token] - support.max() - np.log(np.exp(support - support.max()).sum())))
+    return out
 
 
 def prompts(tokenizer) -> list[list[int]]:

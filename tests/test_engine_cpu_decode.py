@@ -19,7 +19,7 @@ from paraloop.config import EngineConfig
 from paraloop.engine import Engine
 from paraloop.engine import cpu_kernels
 from paraloop.engine.cpu_decode import NumpySampler, filter_row, row_generators, sample_rows
-from paraloop.engine.sampling import filter_logits
+from paraloop.engine.sampling import FILTERED_LOGPROB, filter_logits
 from paraloop.messages import Completion, SamplingParams
 from paraloop.model import load_model
 
@@ -55,17 +55,23 @@ def test_rows_are_drawn_from_the_tempered_filtered_distribution():
     assert np.abs(np.bincount(draws, minlength=3)[:3] / len(draws) - tempered).max() < 0.03
 
 
-def test_recorded_logprobs_are_log_softmax_at_each_rows_temperature_before_filters():
-    rows = [sampler(temperature=0.0, top_logprobs=4), sampler(1, temperature=0.7, top_p=0.9, top_logprobs=4),
+def test_recorded_logprobs_are_of_the_distribution_each_row_sampled_from():
+    """log_softmax(logits / T), renormalised over the kept set of a filtered row, whose size is recorded; an
+    alternative outside the kept set reads FILTERED_LOGPROB (vLLM's stand-in for -inf)."""
+    rows = [sampler(temperature=0.0, top_logprobs=4), sampler(1, temperature=0.7, top_p=0.5, top_logprobs=8),
             sampler(2, temperature=1.5, top_logprobs=2)]  # fmt: skip
     tokens, logprobs = sample_rows(LOGITS, rows)
     assert tokens[0] == np.argmax(LOGITS[0])  # greedy: the argmax, reported at T = 1
     for i, (t, lp) in enumerate(zip([1.0, 0.7, 1.5], logprobs, strict=True)):
         expected = log_softmax64(LOGITS[i] / t)
+        keep = filter_row(LOGITS[i] / t, top_k=0, top_p=0.5, min_p=0.0) if i == 1 else np.ones(50, bool)
+        assert lp.kept == (int(keep.sum()) if i == 1 else 0)
+        ranked = np.argsort(-expected)[: rows[i].top_logprobs]  # the ranking is the full distribution's
+        expected = np.where(keep, expected - np.log(np.exp(expected[keep]).sum()), FILTERED_LOGPROB)
         assert abs(lp.chosen - expected[tokens[i]]) < 1e-5
-        k = rows[i].top_logprobs
-        assert [tok for tok, _ in lp.top] == np.argsort(-expected)[:k].tolist()
-        assert np.abs(np.array([v for _, v in lp.top]) - np.sort(expected)[::-1][:k]).max() < 1e-5
+        assert [tok for tok, _ in lp.top] == ranked.tolist()
+        assert np.abs(np.array([v for _, v in lp.top]) - expected[ranked]).max() < 1e-5
+    assert 1 < logprobs[1].kept < 8, "the top_p row keeps fewer tokens than it lists alternatives"
     assert sample_rows(LOGITS[:1], [sampler(temperature=1.0)])[1][0].top is None
 
 
@@ -151,8 +157,9 @@ def test_both_sampling_paths_record_the_models_logprobs_and_agree_on_greedy_rows
     for kind, groups in results.items():
         for spec, rows in zip(specs, groups, strict=True):
             for row in rows:
-                expected = reference_logprobs(model, spec.prompt_tokens, row.tokens, spec.params.temperature)
+                expected = reference_logprobs(model, spec.prompt_tokens, row.tokens, spec.params.temperature, row.kept)
                 assert_within(f"engine vs one full forward ({kind} decode)", max_gap(row.logprobs, expected), 1e-4)
+                assert all(row.kept) == (spec.params.top_p < 1), kind  # the top_p rows record their kept sets
         assert groups[1][0].tokens != groups[1][1].tokens
     again = serve_on(tiny_model_path, "cpu", specs[1:2])  # a seeded request alone: the same rows
     assert [r.tokens for r in again[0]] == [r.tokens for r in results["cpu"][1]]
@@ -182,3 +189,19 @@ def test_extreme_filters_and_non_finite_logits_still_give_a_token():
     tokens, _ = sample_rows(bad, [sampler(temperature=1.0), sampler(1, temperature=1.0)])
     assert tokens.tolist() == [3, 0]
 
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95, 0.999])
+def test_the_partial_sort_nucleus_equals_a_full_sort_on_a_large_vocabulary(top_p):
+    """filter_row sorts only the most likely tokens, growing the set until it holds top_p's mass: the same
+    nucleus as sorting the whole row (vocabularies far above its first guess of 64 tokens)."""
+    z = np.random.default_rng(7).normal(0.0, 3.0, size=5000).astype(np.float32)
+    p = np.exp(z.astype(np.float64) - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    expected = np.zeros(z.shape, bool)
+    expected[order[before < top_p]] = True
+    got = filter_row(z, top_k=0, top_p=top_p, min_p=0.0)
+    assert got.sum() > 64 or top_p == 0.3
+    assert np.array_equal(got, expected)

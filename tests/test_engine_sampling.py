@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from paraloop.engine.sampling import RowSampler, filter_logits, row_keys, token_logprobs
+from paraloop.engine.sampling import FILTERED_LOGPROB, RowSampler, filter_logits, row_keys, token_logprobs
 from paraloop.messages import SamplingParams
 
 RNG = np.random.default_rng(0)
@@ -81,10 +81,31 @@ def test_token_logprobs_are_log_softmax_at_each_rows_temperature():
     lp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))  # what BatchGenerator hands over (T = 1)
     tokens, temps = [3, 10, 49], [0.0, 0.7, 1.5]
     rows = list(lp.astype(np.float32))
-    chosen, top_ids, top_vals = token_logprobs(rows, tokens, temps, 4)
+    chosen, top_ids, top_vals, kept = token_logprobs(rows, tokens, temps, 4)
     for i, (token, t) in enumerate(zip(tokens, temps, strict=True)):
         expected = np.log(probs64(LOGITS[i] / (t or 1.0)))
         assert abs(chosen[i] - expected[token]) < 1e-5
         assert top_ids[i] == np.argsort(-expected)[:4].tolist()
         assert np.abs(np.array(top_vals[i]) - np.sort(expected)[::-1][:4]).max() < 1e-5
+    assert kept == [0, 0, 0]
     assert token_logprobs(rows, tokens, temps, 0)[1] is None
+
+
+@pytest.mark.parametrize("filters", [(5, 1.0, 0.0), (0, 0.8, 0.0), (0, 1.0, 0.2), (20, 0.8, 0.05)])
+def test_filtered_rows_report_the_kept_sets_distribution_and_its_size(filters):
+    """The MLX path's log-probs of a filtered row: renormalised over what filter_logits keeps, in float64."""
+    x = LOGITS.astype(np.float64)
+    lp = (x - np.log(np.exp(x).sum(axis=-1, keepdims=True))).astype(np.float32)
+    temps = [0.7, 1.0, 1.3]
+    top_k, top_p, min_p = filters
+    for i, t in enumerate(temps):
+        keep = np.isfinite(np.array(filter_logits(mx.array(LOGITS[i : i + 1] / t), top_k=top_k, top_p=top_p,
+                                                  min_p=min_p)))[0]  # fmt: skip
+        token = int(np.flatnonzero(keep)[-1])  # the least likely kept token
+        chosen, ids, vals, kept = token_logprobs([lp[i]], [token], [t], 3, [filters])
+        z = x[i] / t
+        expected = z[token] - np.log(np.exp(z[keep]).sum())
+        assert kept == [int(keep.sum())] and 0 < kept[0] < LOGITS.shape[1]
+        assert abs(chosen[0] - expected) < 1e-5
+        outside = [v for tok, v in zip(ids[0], vals[0], strict=True) if not keep[tok]]
+        assert all(v == FILTERED_LOGPROB for v in outside)

@@ -86,7 +86,8 @@ class FakeEngine:
 def env_on(
     engine: Any, tokenizer: Any, *, task: str = CAPITALS, group_size: int = 4, **kwargs
 ) -> MockEnvironment:
-    config = MockEnvConfig(task=task, group_size=group_size, concurrency=kwargs.pop("concurrency", 4))
+    filters = {k: kwargs.pop(k) for k in ("top_p", "top_k", "min_p") if k in kwargs}
+    config = MockEnvConfig(task=task, group_size=group_size, concurrency=kwargs.pop("concurrency", 4), **filters)
     options = {"temperature": 0.7, "max_tokens": 6, "seed": 1, **kwargs}
     return MockEnvironment(engine, tokenizer, config=config, **options)
 
@@ -307,6 +308,20 @@ def test_real_engine_rows_are_prompt_plus_sampled_ids_ending_in_eos_when_stopped
                 assert len(completion) == 6
                 ran_out += 1
     assert stopped > 0 and ran_out > 0
+
+
+def test_filtered_rollouts_carry_each_tokens_kept_set_size(tiny):
+    """mock.top_k / top_p reach the engine; every sampled token records its kept-set size (0 at the prompt), and
+    unfiltered groups carry none."""
+
+    async def body(engine: Engine) -> tuple[Any, Any]:
+        return (await env_on(engine, tiny[1], top_k=5, top_p=0.9).group(), await env_on(engine, tiny[1]).group())
+
+    filtered, plain = with_engine(tiny, body)
+    assert plain.sampling_kept is None and filtered.sampling_kept is not None
+    for kept, masks in zip(filtered.sampling_kept, filtered.masks, strict=True):
+        assert len(kept) == len(masks)
+        assert all((k == 0) if m == -100 else (1 <= k <= 5) for k, m in zip(kept, masks, strict=True))
 
 
 def test_real_engine_groups_are_reproducible_from_the_seed(tiny):

@@ -16,7 +16,19 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_learn_loss import NORM, OPTIONS, B, T, V, mx_policy_loss, np_grad, np_loss, random_inputs, with_importance
+from test_learn_loss import (
+    NORM,
+    OPTIONS,
+    B,
+    T,
+    V,
+    mx_policy_loss,
+    np_grad,
+    np_loss,
+    random_inputs,
+    replay_kept,
+    with_importance,
+)
 
 from paraloop.learn.head import IDENTITY, LogitsHead, Transform, logits_head
 from paraloop.learn.logprobs import auto_chunk_tokens, chunked_logprobs, forward_logprobs
@@ -47,12 +59,14 @@ def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, p
     module = head.module(model)
     w = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
     flat = np.flatnonzero(inp["mask"]) if positions else None
+    kept = mx.array(inp["kept"]) if "kept" in inp else None
 
     def f(h, params):
         module.update(params)
         logp, entropy = chunked_logprobs(
             model, head, h, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32),
             chunk_tokens=chunk, positions=flat, entropy_grad=opt.get("entropy_weight", 0.0) != 0, keep_logits=keep,
+            kept=kept,
         )  # fmt: skip
         return mx_policy_loss(logp, entropy, inp, w, opt)
 
@@ -73,6 +87,7 @@ def inputs_with_hidden(seed: int):
     logp, _ = np_logprobs(logits, inp["targets"], inp["temperature"])
     inp["old_logp"] = logp + rng.normal(0, 0.3, size=(B, T))
     inp["ref_logp"] = logp + rng.normal(0, 0.5, size=(B, T))
+    inp["rollout_logp"] = inp["old_logp"] + rng.normal(0, 0.3, size=(B, T))  # near the old policy, as there
     return hidden, weight, logits, inp
 
 
@@ -105,6 +120,23 @@ def test_kept_logits_give_the_recomputed_results_bit_for_bit(entropy_weight, tie
     assert kept[0] == recomputed[0]
     for a, b in zip(kept[1:], recomputed[1:], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("opt", [{}, {"kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.03},
+                                 {"algorithm": "gspo", "clip_ratio": 0.03, "entropy_weight": -0.02}],
+                         ids=["default", "kl-entropy", "gspo-entropy"])  # fmt: skip
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept-logits"])
+def test_sampling_mask_replay_through_the_chunked_head_matches_float64_numpy(opt, tied, keep):
+    """Kept-set scoring in the chunked forward and its analytic backward (entropy's included), with the backward
+    recomputing each chunk's logits or reading the forward's."""
+    hidden, weight, logits, inp = inputs_with_hidden(3)
+    inp["kept"] = replay_kept(inp, logits, 3)
+    value, dh, dw = chunked_loss(hidden, weight, inp, opt, chunk=5, tied=tied, keep=keep)
+    np.testing.assert_allclose(value, np_loss(logits, inp, opt), rtol=1e-5, atol=1e-6)
+    g = np_grad(logits, inp, opt)
+    np.testing.assert_allclose(dh, g @ weight, rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(dw, np.einsum("btv,btd->vd", g, hidden), rtol=1e-3, atol=2e-6)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])

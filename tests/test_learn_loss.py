@@ -20,6 +20,7 @@ from paraloop.learn.loss import (
     aggregation_weights,
     importance_weights,
     policy_loss,
+    rejected_tokens,
     rollout_mismatch,
 )
 from paraloop.messages import RolloutBatch, ScoredGroup
@@ -31,13 +32,21 @@ NORM = 9  # Dr. GRPO's constant: more than any row's trained tokens, and more th
 # --- the independent NumPy reference ----------------------------------------------------------------------------
 
 
-def np_logprobs(logits, targets, temperature):
+def np_logprobs(logits, targets, temperature, kept=None):
+    """log p(target) and entropy of softmax(logits / T); where kept[b, t] = k > 0, of the distribution
+    renormalised over the k largest logits (ties included) and the target (sampling-mask replay)."""
     z = logits / temperature[:, None, None]
-    zmax = z.max(-1, keepdims=True)
-    lse = (zmax + np.log(np.exp(z - zmax).sum(-1, keepdims=True)))[..., 0]
+    support = np.ones(z.shape, bool)
+    if kept is not None:
+        for b, t in zip(*np.nonzero(kept), strict=True):
+            kth = np.sort(z[b, t])[::-1][min(kept[b, t], z.shape[-1]) - 1]
+            support[b, t] = (z[b, t] >= kth) | (np.arange(z.shape[-1]) == targets[b, t])
+    zs = np.where(support, z, -np.inf)
+    zmax = zs.max(-1, keepdims=True)
+    lse = (zmax + np.log(np.exp(zs - zmax).sum(-1, keepdims=True)))[..., 0]
     logp = np.take_along_axis(z, targets[..., None], -1)[..., 0] - lse
-    p = np.exp(z - lse[..., None])
-    entropy = -(p * np.log(p)).sum(-1)
+    p = np.exp(zs - lse[..., None])
+    entropy = -np.where(support, p * (z - lse[..., None]), 0.0).sum(-1)
     return logp, entropy
 
 
@@ -59,19 +68,38 @@ def np_ppo(ratio, adv, opt):
 
 
 def np_importance(old, rollout, mask, level, mode, low, high):
-    """(weights, raw ratios) written from the definitions: per token, or the product over a row's tokens."""
+    """(weights, raw ratios) written from the definitions: per token, or the product over a row's tokens.
+    truncate (TIS) caps from above only; mask (MIS) keeps [low, high] with low = 1 / high when unset (verl)."""
     d = np.where(mask, old - rollout, 0.0)
     if level == "sequence":
         d = np.repeat(d.sum(1, keepdims=True), d.shape[1], axis=1)
     ratio = np.exp(np.clip(d, -20, 20))
-    lo, hi = (low if low is not None else 0.0), (high if high is not None else np.inf)
-    weight = np.clip(ratio, lo, hi) if mode == "truncate" else np.where((ratio >= lo) & (ratio <= hi), ratio, 0.0)
+    hi = high if high is not None else np.inf
+    if mode == "truncate":
+        assert low is None
+        weight = np.minimum(ratio, hi)
+    else:
+        lo = low if low is not None else (1.0 / high if high is not None else 0.0)
+        weight = np.where((ratio >= lo) & (ratio <= hi), ratio, 0.0)
     return np.where(mask, weight, 1.0), np.where(mask, ratio, 1.0)
+
+
+def np_corrected(inp: dict, opt: dict) -> dict:
+    """The reference's inputs under rollout correction: the weights, and for mask mode the rejected tokens out of
+    the response mask (so out of every denominator and of the KL and entropy terms, as verl's rollout_rs)."""
+    if "importance" not in opt:
+        return inp
+    level, mode, low, high = opt["importance"]
+    weight, _ = np_importance(inp["old_logp"], inp["rollout_logp"], inp["mask"], level, mode, low, high)
+    out = {**inp, "importance_weight": weight}
+    if mode == "mask":
+        out["mask"] = inp["mask"] & (weight != 0)
+    return out
 
 
 def np_loss(logits, inp, opt, frozen_logp=None):
     """The loss in float64. `frozen_logp`: the log-probs that stop-gradient terms read (default: these ones)."""
-    logp, entropy = np_logprobs(logits, inp["targets"], inp["temperature"])
+    logp, entropy = np_logprobs(logits, inp["targets"], inp["temperature"], inp.get("kept"))
     frozen = logp if frozen_logp is None else frozen_logp
     adv, mask = inp["advantages"], inp["mask"]
     algorithm = opt.get("algorithm", "grpo")
@@ -99,7 +127,7 @@ def np_loss(logits, inp, opt, frozen_logp=None):
 
 
 def np_grad(logits, inp, opt, h=1e-6):
-    frozen, _ = np_logprobs(logits, inp["targets"], inp["temperature"])
+    frozen, _ = np_logprobs(logits, inp["targets"], inp["temperature"], inp.get("kept"))
     g = np.zeros_like(logits)
     for idx in np.ndindex(logits.shape):
         up, down = logits.copy(), logits.copy()
@@ -124,7 +152,8 @@ def loss_settings(opt: dict) -> LossSettings:
 
 
 def with_importance(inp: dict, opt: dict) -> dict:
-    """Rollout correction (opt "importance"): the learner's old policy against the engine's log-probs."""
+    """Rollout correction (opt "importance"): the learner's old policy against the engine's log-probs; mask mode
+    takes rejected tokens out of the mask, as the trainer does."""
     if "importance" not in opt:
         return inp
     level, mode, low, high = opt["importance"]
@@ -132,7 +161,10 @@ def with_importance(inp: dict, opt: dict) -> dict:
         mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32),
         mx.array(inp["mask"]), level=level, mode=mode, low=low, high=high,
     )  # fmt: skip
-    return {**inp, "importance_weight": np.array(iw)}
+    out = {**inp, "importance_weight": np.array(iw)}
+    if mode == "mask":
+        out["mask"] = inp["mask"] & ~np.array(rejected_tokens(iw, mx.array(inp["mask"])))
+    return out
 
 
 def mx_policy_loss(logp, entropy, inp: dict, weights: np.ndarray, opt: dict) -> mx.array:
@@ -153,11 +185,15 @@ def mx_policy_loss(logp, entropy, inp: dict, weights: np.ndarray, opt: dict) -> 
 
 
 def mx_loss(logits, inp, opt):
-    weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
     inp = with_importance(inp, opt)
+    weights = aggregation_weights(inp["mask"], opt.get("aggregation", "token-mean"), norm_length=NORM)
+
+    kept = mx.array(inp["kept"]) if "kept" in inp else None
 
     def f(x):
-        logp, entropy = token_logprobs(x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32))
+        logp, entropy = token_logprobs(
+            x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32), kept=kept
+        )
         return mx_policy_loss(logp, entropy, inp, weights, opt)
 
     value, grad = mx.value_and_grad(f)(mx.array(logits, mx.float32))
@@ -214,9 +250,12 @@ OPTIONS = [
     {"algorithm": "cispo", "cispo_clip_max": 1.1, "aggregation": "seq-mean-token-mean"},
     {"algorithm": "cispo", "cispo_clip_max": 1.1, "importance": ("sequence", "mask", 0.5, 2.0)},
     {"importance": ("token", "truncate", None, 1.2)},
-    {"importance": ("token", "truncate", 0.8, 1.25)},
+    {"importance": ("token", "truncate", None, 1.05)},
     {"importance": ("token", "mask", 0.8, 1.25)},
-    {"importance": ("sequence", "truncate", 0.5, 2.0)},
+    {"importance": ("sequence", "truncate", None, 2.0)},
+    {"importance": ("token", "mask", None, 1.25), "kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.01},
+    {"importance": ("sequence", "mask", None, 2.0), "aggregation": "seq-mean-token-sum-norm", "kl_beta": 0.1,
+     "kl_estimator": "mse"},
     {"importance": ("sequence", "mask", None, 1.5), "aggregation": "seq-mean-token-mean"},
     {"algorithm": "gspo", "importance": ("token", "mask", None, 1.3), "clip_ratio": 0.03},
 ]
@@ -230,12 +269,57 @@ def test_loss_and_gradient_match_float64_numpy(opt, seed):
     logits, inp = random_inputs(seed)
     if opt.get("importance_weight"):
         inp["importance_weight"] = np.minimum(np.exp(np.random.default_rng(seed).normal(0, 0.5, (B, T))), 2.0)
-    if "importance" in opt:
-        inp["importance_weight"], _ = np_importance(inp["old_logp"], inp["rollout_logp"], inp["mask"], *opt["importance"])
     value, grad = mx_loss(logits, inp, opt)
-    expected = np_loss(logits, inp, opt)
+    reference = np_corrected(inp, opt)
+    expected = np_loss(logits, reference, opt)
     np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(grad, np_grad(logits, inp, opt), rtol=1e-3, atol=2e-6)
+    np.testing.assert_allclose(grad, np_grad(logits, reference, opt), rtol=1e-3, atol=2e-6)
+
+
+def replay_kept(inp: dict, logits: np.ndarray, seed: int) -> np.ndarray:
+    """(B, T) kept-set sizes: 0 (full vocabulary), 1, small sets, the whole vocabulary, and sets the target falls
+    just outside of (the learner ranks a boundary token one place lower than the engine did)."""
+    rng = np.random.default_rng(seed)
+    kept = rng.choice([0, 1, 2, 3, 5, V], size=(B, T))
+    z = logits / inp["temperature"][:, None, None]
+    rank = (z > np.take_along_axis(z, inp["targets"][..., None], -1)).sum(-1)  # 0: the most likely token
+    kept[0, 3] = max(1, rank[0, 3])  # the target is the (k+1)-th: outside the top k, kept anyway
+    kept[3, 1] = rank[3, 1] + 1  # the target is the k-th: the boundary token, inside
+    return kept
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [{}, {"kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.02}, {"algorithm": "gspo", "clip_ratio": 0.03},
+     {"algorithm": "cispo", "cispo_clip_max": 1.1, "aggregation": "seq-mean-token-mean", "entropy_weight": -0.01}],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampling_mask_replay_matches_float64_numpy(opt, seed):
+    """Tokens the engine sampled from a top-k / top-p / min-p kept set are scored over the same set: log-probs,
+    entropy, loss and gradient (which reaches only the kept logits) against the float64 reference."""
+    logits, inp = random_inputs(seed)
+    inp["kept"] = replay_kept(inp, logits, seed)
+    value, grad = mx_loss(logits, inp, opt)
+    np.testing.assert_allclose(value, np_loss(logits, inp, opt), rtol=1e-5, atol=1e-6)
+    expected = np_grad(logits, inp, opt)
+    np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=2e-6)
+    trimmed = (inp["kept"] > 0) & (inp["kept"] < V)
+    z = logits / inp["temperature"][:, None, None]
+    for b, t in zip(*np.nonzero(trimmed & inp["mask"]), strict=True):  # no gradient reaches a token never kept
+        kth = np.sort(z[b, t])[::-1][inp["kept"][b, t] - 1]
+        outside = (z[b, t] < kth) & (np.arange(V) != inp["targets"][b, t])
+        assert outside.any() and np.all(grad[b, t][outside] == 0)
+    logp, entropy = token_logprobs(mx.array(logits, mx.float32), mx.array(inp["targets"]),
+                                   mx.array(inp["temperature"], mx.float32), kept=mx.array(inp["kept"]))  # fmt: skip
+    np_logp, np_entropy = np_logprobs(logits, inp["targets"], inp["temperature"], inp["kept"])
+    np.testing.assert_allclose(np.array(logp), np_logp, rtol=1e-5, atol=1e-6)
+    # H = lse - sum p z in float32: cancellation leaves ~1e-6 absolute where H is small (measured 1.3e-6)
+    np.testing.assert_allclose(np.array(entropy), np_entropy, rtol=1e-5, atol=5e-6)
+    one = inp["kept"] == 1
+    assert one.any() and np.all(np.array(entropy)[one & (np_logp == 0)] == 0)
+    full, _ = np_logprobs(logits, inp["targets"], inp["temperature"])
+    assert np.all(np_logp[trimmed] >= full[trimmed] - 1e-12) and (np_logp[trimmed] > full[trimmed] + 1e-3).any()
 
 
 def test_some_random_ratios_are_clipped():
@@ -277,11 +361,41 @@ def test_gspo_clips_a_sequence_as_a_whole():
     assert mx_loss(logits, inp, opt)[0] == pytest.approx(np_loss(logits, inp, opt), rel=1e-5)
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+def test_gspo_spreads_a_rows_weighted_advantage_sum_evenly_over_its_tokens(aggregation):
+    """What GSPO computes when advantages and rollout weights vary within a row (docs/training.md): d loss / d
+    log pi(y_i,t') = -s_i [sum_t w_t iw_t A_t u_t] / |y_i| for every trained t', in float64 from the definition."""
+    _, inp = random_inputs(3)
+    rng = np.random.default_rng(3)
+    shift = np.array([0.03, 0.0, 0.0, -0.002])[:, None]  # row 0's ratio is clipped, rows 1 and 3 stay inside
+    logp = inp["old_logp"] + shift + rng.normal(0, 0.002, size=(B, T))
+    iw = np.exp(rng.normal(0, 0.5, size=(B, T)))
+    opt = {"algorithm": "gspo", "clip_ratio": 0.005, "clip_ratio_high": 0.01, "aggregation": aggregation}
+    weights = aggregation_weights(inp["mask"], aggregation)
+
+    def f(lp):
+        return mx_policy_loss(lp, None, {**inp, "importance_weight": iw}, weights, opt)
+
+    grad = np.array(mx.grad(f)(mx.array(logp, mx.float32)), np.float64)
+    mask, adv = inp["mask"], inp["advantages"]
+    clipped_rows = 0
+    for i in np.flatnonzero(mask.any(1)):
+        n = mask[i].sum()
+        s = np.exp((logp[i] - inp["old_logp"][i])[mask[i]].sum() / n)
+        a = adv[i][mask[i]]
+        unclipped = s * a <= np.clip(s, 1 - 0.005, 1 + 0.01) * a  # min picks the unclipped term
+        clipped_rows += not unclipped.all()
+        expected = -s * (weights[i][mask[i]] * iw[i][mask[i]] * a * unclipped).sum() / n
+        np.testing.assert_allclose(grad[i][mask[i]], expected, rtol=1e-4, atol=1e-7)
+        assert np.all(grad[i][~mask[i]] == 0)
+    assert 0 < clipped_rows < mask.any(1).sum(), "both branches of the clip are exercised"
+
+
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("mode", ["truncate", "mask"])
 def test_importance_weights_and_raw_ratios_match_numpy(level, mode):
     _, inp = random_inputs(7)
-    low, high = 0.8, 1.25
+    low, high = (None if mode == "truncate" else 0.8), 1.25
     weight, ratio = importance_weights(
         mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32), mx.array(inp["mask"]),
         level=level, mode=mode, low=low, high=high,
@@ -290,16 +404,30 @@ def test_importance_weights_and_raw_ratios_match_numpy(level, mode):
     np.testing.assert_allclose(np.array(ratio), np_ratio, rtol=1e-5)
     np.testing.assert_allclose(np.array(weight), np_weight, rtol=1e-5)
     trained = inp["mask"]
-    outside = ((np_ratio < low) | (np_ratio > high)) & trained
+    outside = ((np_ratio < 0.8) | (np_ratio > high)) & trained
     assert outside.any() and (~outside & trained).any(), "the bounds are exercised from both sides"
     if mode == "mask":
         assert np.all(np.array(weight)[outside] == 0)
-    else:
-        assert np.array(weight)[trained].min() >= low - 1e-6 and np.array(weight)[trained].max() <= high + 1e-6
+    else:  # TIS caps from above only: a ratio below 0.8 keeps its value
+        below = (np_ratio <= high) & trained
+        assert np.allclose(np.array(weight)[below], np_ratio[below], rtol=1e-5)
+        assert level == "sequence" or (np_ratio[trained] < 0.8).any(), "some token ratios lie below 0.8"
+        assert np.array(weight)[trained].max() <= high + 1e-6
     assert np.all(np.array(weight)[~trained] == 1.0)
     if level == "sequence":  # one ratio per row, on all its trained tokens
         for row in np.flatnonzero(trained.any(1)):
             assert np.ptp(np.array(ratio)[row][trained[row]]) < 1e-6
+
+
+def test_truncation_has_no_lower_bound_and_mask_defaults_its_lower_bound_to_one_over_the_cap():
+    old, rollout = mx.zeros((1, 4)), mx.array([[0.0, -0.1, 0.5, 0.9]])  # ratios 1, e^0.1, e^-0.5, e^-0.9
+    mask = mx.ones((1, 4), mx.bool_)
+    with pytest.raises(ValueError, match="caps from above"):
+        importance_weights(old, rollout, mask, level="token", mode="truncate", low=0.5, high=2.0)
+    weight, ratio = importance_weights(old, rollout, mask, level="token", mode="mask", low=None, high=2.0)
+    keep = [1.0, np.exp(0.1), np.exp(-0.5), 0.0]  # e^-0.9 = 0.41 < 1/2: rejected; e^-0.5 = 0.61 kept
+    np.testing.assert_allclose(np.array(weight)[0], keep, rtol=1e-6)
+    assert np.array(rejected_tokens(weight, mask)).tolist() == [[False, False, False, True]]
 
 
 def test_sequence_ratios_never_overflow():

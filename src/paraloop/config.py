@@ -192,6 +192,10 @@ class AtroposConfig(Section):
     starting_step: int | None = None
     """Override the step sent to /register as starting_step (default: 0, or on --resume the newest batch fetched
     before the restart: one Atropos step per batch fetched, see docs/checkpoints.md "No lost batch")."""
+    served_index: int = Field(65536, ge=0)
+    """Most policy completions the engine remembers by token ids (~200 bytes each), so that groups fetched back
+    from Atropos get the adapter version that generated them (staleness, max_staleness, the mismatch check) and
+    their kept sets (sampling-mask replay). 0: off (Atropos rows then have no version)."""
     max_response_bytes: int | None = Field(None, ge=1024)
     """Largest run-api answer read, in bytes (default: 128 bytes per token of a full batch, batch_size x
     max_token_len, and at least 16 MiB). A larger /batch answer is not read, so that garbage cannot exhaust memory:
@@ -216,6 +220,12 @@ class MockEnvConfig(Section):
     before a turn whose prompt + max_tokens would pass it."""
     ignore_eos: bool = False
     """Generate exactly max_tokens per completion, past any EOS (length tests and memory benchmarks)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts (1: off). The learner replays each token's kept set (docs/training.md)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling of the rollouts (0: off)."""
+    min_p: float = Field(0.0, ge=0, le=1)
+    """Min-p sampling of the rollouts (0: off)."""
     concurrency: int = Field(4, ge=1)
     """Prompts in flight at once when the engine cannot admit a whole batch together (paraloop's engine can:
     there every group of a batch starts in the same decode step, which makes seeded runs repeatable)."""
@@ -258,11 +268,13 @@ class RLTrainingConfig(Section):
     Setting it (or importance_min) turns the correction on: the learner then computes pi_old itself (one forward
     more per step). None: off (pi_old is the engine's log-probs)."""
     importance_min: float | None = Field(None, ge=0)
-    """Rollout correction: lower bound on the importance ratio (None: none)."""
+    """Rollout correction, importance_mode = "mask" only: lower bound on the importance ratio (None: 1 /
+    importance_cap, verl's default; no bound without a cap). Truncation caps from above only."""
     importance_level: Literal["token", "sequence"] = "token"
     """Rollout correction ratio per token, or per sequence (the product of its token ratios, on all its tokens)."""
     importance_mode: Literal["truncate", "mask"] = "truncate"
-    """truncate (TIS): clip the ratio into [importance_min, importance_cap]; mask (MIS): weight 0 outside it."""
+    """truncate (TIS): the weight is min(ratio, importance_cap); mask (MIS): the ratio inside [importance_min,
+    importance_cap], and tokens outside are removed from the loss (its denominators, KL and entropy included)."""
     max_tokens: int = Field(256, ge=1)
     """Rollout generation cap for the mock environment. CLI: --max-tokens."""
     token_budget: int = Field(8192, ge=64)
@@ -296,9 +308,12 @@ class RLTrainingConfig(Section):
     advantage_eps: float = Field(1e-4, gt=0)
     """eps in the advantage denominator."""
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How token losses become one number (seq-mean-token-sum-norm is Dr. GRPO: token sums over a constant)."""
+    """How token losses become one number (seq-mean-token-sum-norm is Dr. GRPO: token sums over a constant).
+    Unset with algorithm = "gspo": seq-mean-token-mean, the GSPO paper's objective (token-mean weights each
+    sequence by its length)."""
     loss_norm_length: int | None = Field(None, ge=1)
-    """The constant seq-mean-token-sum-norm divides each sequence's token sum by (default: max_tokens)."""
+    """The constant seq-mean-token-sum-norm divides each sequence's token sum by (default: the generation cap,
+    mock.max_tokens for the mock environment, else max_tokens; logged at start-up)."""
     dynamic_sampling: bool = False
     """DAPO dynamic sampling: drop groups whose scores are all equal (no signal) and keep drawing rollouts until the
     batch is full."""
@@ -334,7 +349,9 @@ class RLTrainingConfig(Section):
     on the CPU backend it barely does (MLX throttles in-flight work process-wide; docs/benchmarks.md), so keep sync
     there."""
     max_staleness: int = Field(1, ge=0)
-    """async mode: rollouts more than this many adapter versions old are handled by stale_policy."""
+    """Rollouts more than this many adapter versions old are handled by stale_policy: in async mode, and for
+    Atropos rollouts in both modes (an environment generates ahead; their versions come from the engine's index of
+    served completions, atropos.served_index)."""
     stale_policy: Literal["drop", "cap"] = "drop"
     """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
     buffer_priority: Literal["fifo", "abs_advantage"] = "fifo"
@@ -357,6 +374,8 @@ class RLTrainingConfig(Section):
                 "the memory target, which is what bounds memory; set rl_training.max_memory_gb to the most the run "
                 "may take (see docs/memory.md)", value,
             )  # fmt: skip
+        if isinstance(data, dict) and data.get("algorithm") == "gspo" and data.get("loss_aggregation") is None:
+            data = {**data, "loss_aggregation": "seq-mean-token-mean"}  # the GSPO paper's objective, unless set
         atropos = data.get("atropos") if isinstance(data, dict) else None
         if isinstance(atropos, dict) and "token_budget" in atropos:
             # The predecessor's [rl_training.atropos] token_budget bounded the tokens trained at once, as paraloop's
@@ -373,13 +392,23 @@ class RLTrainingConfig(Section):
                 )
         return data
 
+    @property
+    def staleness_applies(self) -> bool:
+        """max_staleness / stale_policy act: in async mode, and on Atropos rollouts in either mode."""
+        return self.mode == "async" or bool(self.atropos.api_url)
+
     @model_validator(mode="after")
     def _importance_bounds(self) -> "RLTrainingConfig":
-        stale_cap = self.mode == "async" and self.stale_policy == "cap"
+        stale_cap = self.staleness_applies and self.stale_policy == "cap"
         custom = self.importance_level != "token" or self.importance_mode != "truncate"
         if custom and self.importance_cap is None and self.importance_min is None and not stale_cap:
             raise ValueError(
                 "importance_level / importance_mode act only with a bound: set importance_cap and/or importance_min"
+            )
+        if self.importance_min is not None and self.importance_mode == "truncate":
+            raise ValueError(
+                "importance_min is the lower bound of importance_mode = 'mask' (verl's rollout_rs); truncation "
+                "(TIS) caps from above only: set importance_mode = 'mask' or leave importance_min unset"
             )
         return self
 

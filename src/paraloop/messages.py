@@ -61,12 +61,14 @@ class TokenEvent(Msg, gc=False):
 
     row: int
     token: int
-    logprob: float  # log-softmax(logits / T)[token]: the distribution it was sampled from (T=1 when greedy)
+    logprob: float  # log p(token) under the distribution it was sampled from: log_softmax(logits / T), over the
+    # kept set when top-k / top-p / min-p filtered it (T=1 when greedy)
     version: int  # adapter version whose forward pass produced this token
     text: str  # the text this token adds (may be "" while a multi-byte character or a stop string is pending)
     finish_reason: Literal["stop", "length", "abort"] | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     adapter: str = "policy"  # the adapter that produced it: "policy", "base" or a named adapter
+    kept: int = 0  # size of the kept set it was sampled from, the most likely tokens first (0: full vocabulary)
 
 
 class Completion(Msg):
@@ -80,6 +82,7 @@ class Completion(Msg):
     finish_reason: str  # "stop" | "length" | "abort"
     top_logprobs: list[list[tuple[int, float]]] = []  # per token, when the request asked for alternatives
     adapter: str = "policy"  # the adapter that produced every token of the row
+    kept: list[int] = []  # per token: the size of the kept set it was sampled from (0: full vocabulary)
 
 
 class AdapterPublished(Msg):
@@ -112,6 +115,10 @@ class ScoredGroup(Msg):
     advantages: list[list[float]] | None = None
     ref_logprobs: list[list[float]] | None = None
     inference_logprobs: list[list[float]] | None = None
+    # Per token: the size of the kept set (most likely tokens first) the engine sampled it from under top-k /
+    # top-p / min-p, 0 for the full vocabulary and at prompt positions. The learner scores such tokens over the
+    # same set (sampling-mask replay). A paraloop extension of the Atropos group; None: no filter recorded.
+    sampling_kept: list[list[int]] | None = None
     overrides: list[dict[str, Any]] | None = None
     generation_params: dict[str, Any] | None = None
     group_overrides: dict[str, Any] | None = None

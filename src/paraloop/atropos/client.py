@@ -74,7 +74,10 @@ class AtroposClient:
         checkpoint_interval: int = 0,
         request_timeout: float = 60.0,
         vocab_size: int | None = None,
+        served: Any = None,
     ) -> None:
+        """`served`: the engine's ServedIndex (engine/served.py), which gives fetched rows the adapter version (and
+        kept sets) the engine served them with; None: Atropos rows keep no version."""
         if not config.api_url:
             raise ValueError("rl_training.atropos.api_url is not set: the Atropos client needs run-api's URL")
         self.config = config
@@ -87,6 +90,7 @@ class AtroposClient:
         self.checkpoint_interval = checkpoint_interval
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
         self.vocab_size = vocab_size
+        self.served = served
         self.max_batch_bytes = config.max_response_bytes or max(
             MIN_BATCH_BYTES, BYTES_PER_TOKEN * batch_size * self.max_token_len
         )
@@ -108,6 +112,7 @@ class AtroposClient:
             "groups_received": 0,
             "groups_rejected": 0,
             "sequences_received": 0,
+            "sequences_version_known": 0,  # rows the served-completions index found (their adapter version)
         }
         self._per_env: dict[str, dict[str, int]] = defaultdict(lambda: {"groups": 0, "rejected": 0, "sequences": 0})
 
@@ -217,6 +222,8 @@ class AtroposClient:
         self._stats["batches_received"] += 1
         self._stats["groups_received"] += len(groups)
         self._stats["groups_rejected"] += len(rejected)
+        if self.served is not None:
+            groups = self._annotate(groups)
         for group in groups:
             env = self._per_env[_env_key(group.env_id)]
             env["groups"] += 1
@@ -231,6 +238,16 @@ class AtroposClient:
         self._stats["server_step"] = await self._server_step()
         return RolloutBatch(groups=groups, source="atropos", source_step=self._stats["server_step"],
                             source_state={"atropos_step": self._own_step})
+
+    def _annotate(self, groups: list[Any]) -> list[Any]:
+        """Versions (and kept sets) from the engine's index of the completions it served; a group any row of which
+        is not found keeps none."""
+        out = []
+        for group in groups:
+            annotated, known = self.served.annotate(group)
+            self._stats["sequences_version_known"] += known
+            out.append(annotated)
+        return out
 
     def _in_vocab(self, groups: list[Any], rejected: list[Any]) -> tuple[list[Any], list[Any]]:
         """Reject groups holding a token id the model does not have (the learner would index past its

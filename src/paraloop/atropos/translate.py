@@ -18,7 +18,7 @@ from paraloop.messages import PROMPT_MASK, ScoredGroup
 
 logger = logging.getLogger("paraloop.atropos")
 
-PER_TOKEN = ("advantages", "ref_logprobs", "inference_logprobs")
+PER_TOKEN = ("advantages", "ref_logprobs", "inference_logprobs", "sampling_kept")  # sampling_kept: a paraloop extension
 # Largest inference logprob accepted at a trained position: a real logprob is <= 0 (up to rounding). A 1.0 there is
 # a prompt placeholder where a sampled token's logprob belongs (ManagedServer pads short logprob lists with 1.0).
 MAX_TRAINED_LOGPROB = 1e-3

@@ -30,7 +30,7 @@ from paraloop.engine.batches import (
     generation_left,
     routed,
 )
-from paraloop.engine.sampling import effective_temperature
+from paraloop.engine.sampling import FILTERED_LOGPROB, effective_temperature, filter_row
 from paraloop.messages import SamplingParams
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -39,10 +39,12 @@ _BLOCK = 1024  # tokens per block of the two-level inverse-CDF draw
 
 @dataclass(frozen=True, slots=True)
 class RowLogprobs:
-    """What a row records for one sampled token: its log-prob and the `top` most likely alternatives."""
+    """What a row records for one sampled token: its log-prob and the `top` most likely alternatives (of the
+    distribution it sampled from), and the size of the kept set it was sampled from (0: the full vocabulary)."""
 
     chosen: float
     top: list[tuple[int, float]] | None = None
+    kept: int = 0
 
 
 class NumpySampler:
@@ -63,29 +65,6 @@ def row_generators(*, n: int, seed: int | None, engine_seed: int, counter: int) 
     return [np.random.Generator(np.random.PCG64([*base, row])) for row in range(n)]
 
 
-def filter_row(z: np.ndarray, *, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """The tokens top-k, top-p (nucleus) and min-p keep, as a bool mask over one row of tempered logits `z`
-    (vLLM's order, as engine.sampling.filter_logits)."""
-    vocab = z.shape[0]
-    keep = np.ones(vocab, bool)
-    if 0 < top_k < vocab:
-        keep &= z >= np.partition(z, vocab - top_k)[vocab - top_k]
-    if top_p < 1.0:
-        masked = np.where(keep, z, -np.inf)
-        p = np.exp(masked - masked.max())
-        p /= p.sum()
-        order = np.argsort(-p, kind="stable")
-        before = np.cumsum(p[order], dtype=np.float64) - p[order]  # mass of the more likely tokens
-        nucleus = np.zeros(vocab, bool)
-        nucleus[order[before < top_p]] = True
-        nucleus[order[0]] = True  # the most likely token always survives (whatever top_p's float rounding)
-        keep &= nucleus
-    if min_p > 0.0:
-        masked = np.where(keep, z, -np.inf)
-        keep &= z >= masked.max() + np.log(min_p)
-    return keep
-
-
 def sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.ndarray, list[RowLogprobs]]:
     """One token per row of `logits` (rows, vocab) and its RowLogprobs; greedy rows (T = 0) take the argmax and
     report log-probs at T = 1. A row of non-finite logits gets its argmax (NaN log-probs), never an exception."""
@@ -100,17 +79,22 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
     weights = np.exp(scaled - peak)  # one vectorised pass: normalisers and sampling weights of every row
     lse = peak[:, 0] + np.log(weights.sum(axis=1, dtype=np.float64)).astype(np.float32)
     tokens = np.empty(len(samplers), np.uint32)
+    keeps: list[np.ndarray | None] = [None] * len(samplers)
     for i, s in enumerate(samplers):
         if s.temperature == 0:
             tokens[i] = int(np.argmax(scaled[i]))
             continue
         w = weights[i]
         if s.filtered:
-            w = np.where(filter_row(scaled[i], top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
+            keeps[i] = filter_row(scaled[i], top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
+            w = np.where(keeps[i], w, 0.0)
         total = float(w.sum(dtype=np.float64))
         if not (np.isfinite(total) and total > 0):  # non-finite logits: take the argmax rather than fail the step
             tokens[i] = int(np.nanargmax(scaled[i])) if not np.isnan(scaled[i]).all() else 0
+            keeps[i] = None
             continue
+        if keeps[i] is not None:  # the kept set's normaliser: log-probs of the distribution sampled from
+            lse[i] = peak[i, 0] + np.float32(np.log(total))
         tokens[i] = _draw(w, s.rng.random())
     rows = np.arange(len(samplers))
     chosen = (scaled[rows, tokens] - lse).tolist()
@@ -121,8 +105,11 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
             k = s.top_logprobs
             ids = np.argpartition(-scaled[i], k - 1)[:k]
             ids = ids[np.argsort(-scaled[i][ids], kind="stable")]
-            top = list(zip(ids.tolist(), (scaled[i][ids] - lse[i]).astype(np.float64).tolist(), strict=True))
-        out.append(RowLogprobs(chosen[i], top))
+            values = (scaled[i][ids] - lse[i]).astype(np.float64)
+            if keeps[i] is not None:
+                values = np.where(keeps[i][ids], values, FILTERED_LOGPROB)
+            top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        out.append(RowLogprobs(chosen[i], top, int(keeps[i].sum()) if keeps[i] is not None else 0))
     return tokens, out
 
 

@@ -26,6 +26,7 @@ from paraloop.config import EngineConfig, Settings
 from paraloop.engine.adapters import Adapter, Adapters
 from paraloop.engine.admission import Admission, validate
 from paraloop.engine.lora_rows import RowAdapters
+from paraloop.engine.served import Recorder, ServedIndex
 from paraloop.engine.worker import NO_TOKEN, Cancel, Handle, Insert, Install, Stop, Swap, Uninstall, Worker
 from paraloop.lora import AdapterSlots, has_lora
 from paraloop.messages import AdapterSwapped, Completion, GenerateRequest, TokenEvent
@@ -64,6 +65,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.max_queue = max_queue
+        self.served: ServedIndex | None = None  # set by an Atropos run: the policy completions served, by ids
         self._adapter = adapter
         lora = adapter is None or has_lora(model)  # a full-weight policy leaves no base model to add adapters to
         routes = RowAdapters(model) if lora else None
@@ -171,6 +173,7 @@ class Engine:
             raise
         send, receive = anyio.create_memory_object_stream[list[TokenEvent]](math.inf)
         handle = Handle(request=request, send=send, adapter=adapter)
+        served = Recorder(self.served, request.prompt_tokens) if self.served is not None and adapter.policy else None
         try:
             if not self._worker.post(Insert((handle,))):  # the engine has stopped
                 for i in range(request.n):
@@ -180,6 +183,8 @@ class Engine:
             async with receive:
                 async for events in receive:
                     for event in events:
+                        if served is not None:
+                            served.add(event)
                         yield event
         finally:
             self._admission.release(1, cost)
@@ -340,6 +345,7 @@ class RowAccumulator:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     finish_reason: str = "abort"  # until the row's last event says otherwise
     adapter: str | None = None  # the adapter that produced the row (every event of a row names the same one)
@@ -351,6 +357,7 @@ class RowAccumulator:
             self.logprobs.append(event.logprob)
             self.versions.append(event.version)
             self.top_logprobs.append(list(event.top_logprobs or []))
+            self.kept.append(event.kept)
         self.pieces.append(event.text)
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
@@ -370,6 +377,7 @@ class RowAccumulator:
             finish_reason=self.finish_reason,
             top_logprobs=self.top_logprobs,
             adapter=self.adapter or "policy",
+            kept=self.kept,
         )
 
 

@@ -5,7 +5,11 @@ row's SamplingParams. Out: the sampled token id, drawn with the row's own PRNG k
 the same tokens whatever else shares the batch. `token_logprobs` turns a step's rows back into the numbers the
 learner needs, log_softmax(logits / T), in one batched computation.
 
-Filters follow vLLM's order: temperature, then top-k, top-p and min-p on the tempered distribution.
+Filters follow vLLM's order: temperature, then top-k, top-p and min-p on the tempered distribution. A filtered
+row's recorded log-probs are of the distribution it sampled from: log_softmax(logits / T) renormalised over the
+kept set (vLLM's processed log-probs), and each token records the kept set's size `kept` (0: the full
+vocabulary), which the learner needs to score it over the same set (sampling-mask replay, learn/logprobs.py). The
+kept set of every filter is a prefix of the tokens in descending-logit order, so its size describes it.
 """
 
 from typing import Any
@@ -24,6 +28,57 @@ def effective_temperature(temperature: float) -> float:
     """The temperature a row samples at: 0 (greedy) for anything below GREEDY_BELOW."""
     return 0.0 if temperature < GREEDY_BELOW else temperature
 MAX_SHARED_SAMPLERS = 64  # distinct unseeded sampling settings kept for sharing
+NUCLEUS_FIRST = 64  # filter_row's first guess at a top-p nucleus size (grown 8x until it holds top_p's mass)
+FILTERED_LOGPROB = -9999.0  # an alternative outside the kept set (probability 0): vLLM's JSON stand-in for -inf
+
+Filters = tuple[int, float, float]  # (top_k, top_p, min_p) of a row that samples with at least one of them
+
+
+def row_filters(params: SamplingParams) -> Filters | None:
+    """The filters a row samples with, or None (greedy rows and unfiltered ones sample the full vocabulary)."""
+    if effective_temperature(params.temperature) == 0:
+        return None
+    if params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0:
+        return (params.top_k, params.top_p, params.min_p)
+    return None
+
+
+def filter_row(z: np.ndarray, *, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """The tokens top-k, top-p (nucleus) and min-p keep, as a bool mask over one row of tempered logits `z`
+    (vLLM's order, as filter_logits)."""
+    vocab = z.shape[0]
+    keep = np.ones(vocab, bool)
+    if 0 < top_k < vocab:
+        keep &= z >= np.partition(z, vocab - top_k)[vocab - top_k]
+    if top_p < 1.0:
+        masked = np.where(keep, z, -np.inf)
+        p = np.exp(masked - masked.max())
+        p /= p.sum()
+        # Sort only the most likely `m` tokens, m growing until their mass reaches top_p (the nucleus is a prefix
+        # of the descending order): O(vocab) per row instead of a full sort, where nuclei are usually small.
+        m = min(vocab, NUCLEUS_FIRST)
+        while True:
+            top = np.argpartition(-p, m - 1)[:m] if m < vocab else np.arange(vocab)
+            order = top[np.argsort(-p[top], kind="stable")]
+            mass = np.cumsum(p[order], dtype=np.float64)
+            if m == vocab or mass[-1] >= top_p:
+                break
+            m = min(vocab, m * 8)
+        before = mass - p[order]  # mass of the more likely tokens
+        nucleus = np.zeros(vocab, bool)
+        nucleus[order[before < top_p]] = True
+        nucleus[order[0]] = True  # the most likely token always survives (whatever top_p's float rounding)
+        keep &= nucleus
+    if min_p > 0.0:
+        masked = np.where(keep, z, -np.inf)
+        keep &= z >= masked.max() + np.log(min_p)
+    return keep
+
+
+def kept_logsumexp(z: np.ndarray, keep: np.ndarray) -> float:
+    """log sum_{kept} exp(z), summed in float64: the normaliser of the distribution a filtered row samples from."""
+    peak = float(z[keep].max())
+    return peak + float(np.log(np.exp(z[keep] - peak).sum(dtype=np.float64)))
 
 
 def row_keys(*, n: int, seed: int | None, engine_seed: int, counter: int) -> list[mx.array]:
@@ -88,10 +143,16 @@ class RowSampler:
 
 
 def token_logprobs(
-    logprobs: list[np.ndarray], tokens: list[int], temperatures: list[float], top_k: int
-) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
+    logprobs: list[np.ndarray],
+    tokens: list[int],
+    temperatures: list[float],
+    top_k: int,
+    filters: list[Filters | None] | None = None,
+) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None, list[int]]:
     """log_softmax(logits / T) of each row's token, plus the `top_k` most likely alternatives of the same
-    distribution (ids and logprobs, most likely first; None when top_k is 0).
+    distribution (ids and logprobs, most likely first; None when top_k is 0), plus each row's kept-set size.
+    A row with `filters` reports the distribution it sampled from: renormalised over the tokens its filters keep
+    (alternatives outside them read FILTERED_LOGPROB), and the kept set's size; others report 0 (full vocabulary).
 
     `logprobs` are the rows' (vocab,) log-softmax at T = 1, as NumPy views of BatchGenerator's evaluated arrays;
     log_softmax(lp / T) == log_softmax(logits / T). A temperature of 0 (greedy) reports T = 1.
@@ -101,22 +162,31 @@ def token_logprobs(
     chosen: list[float] = []
     ids: list[list[int]] = []
     vals: list[list[float]] = []
-    for lp, token, t in zip(logprobs, tokens, temperatures, strict=True):
+    kept: list[int] = []
+    for i, (lp, token, t) in enumerate(zip(logprobs, tokens, temperatures, strict=True)):
         if t in (0.0, 1.0):
             scaled = lp  # already normalised at T = 1
         else:
             z = lp.astype(np.float32) / np.float32(t)
             peak = z.max()
             scaled = z - (peak + np.log(np.exp(z - peak).sum(dtype=np.float64)).astype(np.float32))
+        row_filter = filters[i] if filters is not None else None
+        keep = None
+        if row_filter is not None:
+            top_k_, top_p, min_p = row_filter
+            keep = filter_row(scaled, top_k=top_k_, top_p=top_p, min_p=min_p)
+            scaled = scaled - np.float32(kept_logsumexp(scaled, keep))
+        kept.append(int(keep.sum()) if keep is not None else 0)
         chosen.append(float(scaled[token]))
         if top_k > 0:
             top = np.argpartition(-scaled, top_k - 1)[:top_k]
             top = top[np.argsort(-scaled[top], kind="stable")]
             ids.append(top.tolist())
-            vals.append(scaled[top].astype(np.float64).tolist())
+            values = scaled[top].astype(np.float64)
+            vals.append((values if keep is None else np.where(keep[top], values, FILTERED_LOGPROB)).tolist())
     if top_k <= 0:
-        return chosen, None, None
-    return chosen, ids, vals
+        return chosen, None, None, kept
+    return chosen, ids, vals, kept
 
 
 class RowSamplers:
@@ -159,17 +229,20 @@ class RowSamplers:
 
 
 def step_logprobs(
-    responses: list[Any], temperatures: list[float], top_logprobs: list[int]
-) -> tuple[list[float], list[list[tuple[int, float]] | None]]:
-    """Each response's token log-prob and its top alternatives (None where not asked), from what a decode step
-    handed back: RowLogprobs on the CPU path, full (vocab,) log-softmax rows on mlx-lm's."""
+    responses: list[Any], temperatures: list[float], top_logprobs: list[int], filters: list[Filters | None]
+) -> tuple[list[float], list[list[tuple[int, float]] | None], list[int]]:
+    """Each response's token log-prob, its top alternatives (None where not asked) and its kept-set size (0: the
+    full vocabulary), from what a decode step handed back: RowLogprobs on the CPU path, full (vocab,)
+    log-softmax rows on mlx-lm's (whose filters are re-applied here, in NumPy, to the same float32 row)."""
     from paraloop.engine.cpu_decode import RowLogprobs  # it imports this module
 
     if responses and isinstance(responses[0].logprobs, RowLogprobs):
-        return [r.logprobs.chosen for r in responses], [r.logprobs.top for r in responses]
+        rows = [r.logprobs for r in responses]
+        return [r.chosen for r in rows], [r.top for r in rows], [r.kept for r in rows]
     # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
-    chosen, ids, vals = token_logprobs([np.asarray(r.logprobs) for r in responses], [r.token for r in responses],
-                                       temperatures, max(top_logprobs, default=0))  # fmt: skip
+    chosen, ids, vals, kept = token_logprobs([np.asarray(r.logprobs) for r in responses],
+                                             [r.token for r in responses], temperatures,
+                                             max(top_logprobs, default=0), filters)  # fmt: skip
     if ids is None or vals is None:
-        return chosen, [None] * len(responses)
-    return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)]
+        return chosen, [None] * len(responses), kept
+    return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)], kept

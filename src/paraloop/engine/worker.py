@@ -45,7 +45,7 @@ from paraloop.engine.cpu_decode import make_generator
 from paraloop.engine.lora_rows import FIRST_NAMED, RowAdapters
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, STATS_OFF, CacheKey, PrefixCache, supports
-from paraloop.engine.sampling import RowSamplers, effective_temperature, step_logprobs
+from paraloop.engine.sampling import Filters, RowSamplers, effective_temperature, row_filters, step_logprobs
 from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
@@ -111,6 +111,7 @@ class Row:
     detok: IncrementalDetokenizer
     stops: StopStrings
     epoch: int  # policy epoch of the oldest KV a policy row holds (its cache is reusable only while it is current)
+    filters: Filters | None = None  # top-k / top-p / min-p the row samples with (None: the full vocabulary)
 
     @property
     def adapter(self) -> Adapter:
@@ -484,6 +485,7 @@ class Worker:
                 detok=IncrementalDetokenizer(self.tokenizer, prompt),
                 stops=StopStrings(params.stop),
                 epoch=epoch,
+                filters=row_filters(params),
             )
         handle.adapter.rows += k
         self._policy_rows += k * handle.adapter.policy
@@ -507,7 +509,9 @@ class Worker:
 
     def _emit(self, responses: list[Any], version: int) -> None:
         rows = [self._rows[r.uid] for r in responses]
-        chosen_l, tops = step_logprobs(responses, [r.temperature for r in rows], [r.top_logprobs for r in rows])
+        chosen_l, tops, kept = step_logprobs(
+            responses, [r.temperature for r in rows], [r.top_logprobs for r in rows], [r.filters for r in rows]
+        )
 
         out: dict[Handle, Pending] = {}
         stopped_by_text: dict[int, Row] = {}
@@ -535,6 +539,7 @@ class Worker:
                     finish_reason=finish,
                     top_logprobs=top,
                     adapter=adapter.name,
+                    kept=kept[i],
                 )
             )
             if finish is not None:

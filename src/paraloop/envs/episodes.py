@@ -37,6 +37,7 @@ class Episode:
     masks: list[int]
     logprobs: list[float]
     versions: list[int]  # adapter version of every sampled token
+    kept: list[int]  # per position: the kept-set size a sampled token was drawn from (0: full vocabulary, prompt)
     done: bool = False
 
     @classmethod
@@ -48,6 +49,7 @@ class Episode:
             masks=[PROMPT_MASK] * len(prompt) + list(completion.tokens),
             logprobs=[PROMPT_LOGPROB] * len(prompt) + list(completion.logprobs),
             versions=list(completion.versions),
+            kept=[0] * len(prompt) + _kept(completion),
         )
 
     def add(self, messages: Messages, inserted: list[int], completion: Completion, sample: Sample) -> None:
@@ -57,6 +59,11 @@ class Episode:
         self.masks += [PROMPT_MASK] * len(inserted) + completion.tokens
         self.logprobs += [PROMPT_LOGPROB] * len(inserted) + completion.logprobs
         self.versions += completion.versions
+        self.kept += [0] * len(inserted) + _kept(completion)
+
+
+def _kept(completion: Completion) -> list[int]:
+    return list(completion.kept) or [0] * len(completion.tokens)
 
 
 def render(tokenizer: Any, messages: Messages, *, generation_prompt: bool, **template_kwargs: Any) -> str:

@@ -103,6 +103,11 @@ def scored_group(
         masks=[[PROMPT_MASK] * len(prompt) + c.tokens for c in completions],
         scores=[float(s) for s in scores],
         inference_logprobs=[[PROMPT_LOGPROB] * len(prompt) + c.logprobs for c in completions],
+        sampling_kept=(
+            [[0] * len(prompt) + (list(c.kept) or [0] * len(c.tokens)) for c in completions]
+            if any(any(c.kept) for c in completions)
+            else None
+        ),
         generation_params={"temperature": temperature} | ({"max_tokens": max_tokens} if max_tokens else {}),
         overrides=[{"finish_reason": c.finish_reason} for c in completions],
         versions=[min(c.versions, default=serving_version) for c in completions],
@@ -163,7 +168,8 @@ class MockEnvironment:
             n=self.config.group_size,
             params=SamplingParams(
                 temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63),
-                ignore_eos=self.config.ignore_eos,
+                ignore_eos=self.config.ignore_eos, top_p=self.config.top_p, top_k=self.config.top_k,
+                min_p=self.config.min_p,
             ),
         )
         return messages, request
@@ -236,6 +242,7 @@ class MockEnvironment:
                 masks=[e.masks for e in episodes],
                 scores=scores,
                 inference_logprobs=[e.logprobs for e in episodes],
+                sampling_kept=[e.kept for e in episodes] if any(any(e.kept) for e in episodes) else None,
                 generation_params={"temperature": self.temperature, "max_tokens": self.max_tokens},
                 overrides=[{"finish_reason": e.sample.finish_reason} for e in episodes],  # the last turn's
                 versions=[min(e.versions, default=self._serving_version()) for e in episodes],

@@ -2,7 +2,8 @@
 
 In: ScoredGroups whose `tokens` are whole sequences (prompt + completion), `masks` holding -100 at prompt positions
 and the token id at trained positions, optional per-token `advantages`, `inference_logprobs` (1.0 placeholders at
-prompt positions) and `ref_logprobs`, all the length of `tokens`. Out: a TokenBatch of shape (N, T), T = longest
+prompt positions), `ref_logprobs` and `sampling_kept` (kept-set sizes, 0 for the full vocabulary), all the length
+of `tokens`. Out: a TokenBatch of shape (N, T), T = longest
 sequence - 1, where position t feeds tokens[t] and predicts tokens[t + 1]: input_ids = tokens[:-1], targets =
 tokens[1:], a target is trained iff masks[1:] != -100, and per-token inputs are taken at [1:] (they describe the
 target token). Rows are right-padded (a causal model never looks right, so padding needs no attention mask).
@@ -38,6 +39,7 @@ class TokenBatch:
     has_inference: np.ndarray  # (N,) bool
     ref_logprobs: np.ndarray  # (N, T) float32: ref_logprobs[1:] where has_ref
     has_ref: np.ndarray  # (N,) bool
+    kept: np.ndarray | None = None  # (N, T) int32: sampling_kept[1:] at trained positions (0: full vocabulary)
 
     @property
     def rows(self) -> int:
@@ -62,6 +64,19 @@ def _check_per_token(name: str, rows: list[list[float]], group: ScoredGroup) -> 
         trained = np.asarray(mask) != PROMPT_MASK
         if not np.isfinite(values[trained]).all():
             raise ValueError(f"{name}[{i}] is not finite at a trained position")
+
+
+MAX_KEPT = 2**31 - 1  # a kept-set size is an int32 on the learner side (the learner caps it at its vocabulary)
+
+
+def _check_kept(rows: list[list[int]], group: ScoredGroup) -> None:
+    if len(rows) != len(group.tokens):
+        raise ValueError(f"sampling_kept has {len(rows)} sequences but tokens has {len(group.tokens)}")
+    for i, (row, tokens) in enumerate(zip(rows, group.tokens, strict=True)):
+        if len(row) != len(tokens):
+            raise ValueError(f"sampling_kept[{i}] has length {len(row)} but tokens[{i}] has length {len(tokens)}")
+        if row and not (0 <= min(row) and max(row) <= MAX_KEPT):
+            raise ValueError(f"sampling_kept[{i}] holds a size outside [0, {MAX_KEPT}]")
 
 
 def _temperature(value: Any, where: str) -> float | None:
@@ -115,6 +130,8 @@ def validate_group(group: ScoredGroup) -> None:
         _check_per_token("inference_logprobs", group.inference_logprobs, group)
     if group.ref_logprobs:
         _check_per_token("ref_logprobs", group.ref_logprobs, group)
+    if group.sampling_kept:
+        _check_kept(group.sampling_kept, group)
     if group.overrides is not None and len(group.overrides) != n:
         raise ValueError(f"ragged group: {len(group.overrides)} overrides for {n} token sequences")
     row_temperatures(group)
@@ -140,6 +157,7 @@ def collate(batch: RolloutBatch) -> TokenBatch:
     }
     has = {name: np.zeros(n, bool) for name in given}
     temperature, zero = np.ones(n, np.float32), np.zeros(n, bool)
+    kept = np.zeros((n, width), np.int32) if any(group.sampling_kept for group in batch.groups) else None
     temps = [row_temperatures(group) for group in batch.groups]
     for row, (g, i) in enumerate(seqs):
         group, length = batch.groups[g], lengths[row]
@@ -152,6 +170,8 @@ def collate(batch: RolloutBatch) -> TokenBatch:
             if values:
                 given[name][row, :length] = values[i][1:]
                 has[name][row] = True
+        if kept is not None and group.sampling_kept:
+            kept[row, :length] = group.sampling_kept[i][1:]
         temperature[row] = temps[g][i]
         zero[row] = bool(group.overrides and (group.overrides[i] or {}).get("set_advantage_to_zero"))
     return TokenBatch(
@@ -169,6 +189,7 @@ def collate(batch: RolloutBatch) -> TokenBatch:
         has_inference=has["inference_logprobs"],
         ref_logprobs=np.where(mask, given["ref_logprobs"], 0.0).astype(np.float32),
         has_ref=has["ref_logprobs"],
+        kept=None if kept is None else np.where(mask, kept, 0).astype(np.int32),
     )
 
 

@@ -54,7 +54,9 @@ class LossSettings:
 TokenLoss = Callable[[mx.array, mx.array, mx.array, mx.array, LossSettings], tuple[mx.array, mx.array]]
 
 
-def aggregation_weights(mask: np.ndarray, mode: Aggregation, *, norm_length: int | None = None) -> np.ndarray:
+def aggregation_weights(
+    mask: np.ndarray, mode: Aggregation, *, norm_length: int | None = None, row_tokens: np.ndarray | None = None
+) -> np.ndarray:
     """(N, T) float32 weights w with loss = sum(token_loss * w), for the whole batch.
 
     token-mean: every trained token counts the same (1 / all trained tokens).
@@ -64,9 +66,11 @@ def aggregation_weights(mask: np.ndarray, mode: Aggregation, *, norm_length: int
     max_completion_length), so a sequence's weight never depends on what else is in its batch and long answers are
     not down-weighted per token.
     Sequences without trained tokens get weight 0 and do not count in any denominator.
+    `row_tokens` (N,): each row's trained tokens when `mask` is not the whole story (data parallelism: a rank
+    knows which of ITS rows' tokens rollout-correction masking rejected, and only the counts of the others').
     """
     mask = np.asarray(mask, bool)
-    per_row = mask.sum(axis=1)
+    per_row = mask.sum(axis=1) if row_tokens is None else np.asarray(row_tokens, np.int64)
     rows = max(1, int((per_row > 0).sum()))
     if mode == "token-mean":
         w = mask / max(1, int(per_row.sum()))
@@ -120,10 +124,20 @@ def gspo_surrogate(
 ) -> tuple[mx.array, mx.array]:
     """GSPO: the PPO clip on the sequence ratio s_i = exp((1/|y_i|) sum_t (logp - old_logp)), one per row.
 
-    Its gradient is s_i A_i (1/|y_i|) sum_t grad log pi(y_i,t) per row, the GSPO paper's (eq. 7-10); with the
-    paper's seq-mean-token-mean aggregation it equals GSPO-token (verl) and TRL's importance_sampling_level =
-    "sequence". The paper clips at about 3e-4 / 4e-4 (clip_ratio / clip_ratio_high), not PPO's 0.2: a
-    length-normalised ratio moves much less than a token's."""
+    Every token t of row i gets the token loss -min(s_i A_t, clip(s_i) A_t) (times its importance weight iw_t and
+    aggregation weight w_t). Since s_i depends on all the row's tokens, the row's gradient is
+
+        s_i * [sum_t w_t iw_t A_t u_t] * (1/|y_i|) sum_t' grad log pi(y_i,t')      (u_t = 1 where unclipped)
+
+    i.e. the row's weighted advantage sum spread evenly over its tokens. With constant A and iw in the row and the
+    paper's seq-mean-token-mean aggregation (w_t = 1 / (|y_i| G)) that is s_i A_i (1/|y_i|) sum_t grad log pi /
+    G, the GSPO paper's (eq. 7-10), GSPO-token's (verl) and TRL's importance_sampling_level = "sequence". When A
+    or iw vary within a row (Atropos per-token advantages, token-level rollout correction), GSPO-token instead
+    gives token t the gradient s_i A_t iw_t grad log pi_t: the same total per row, distributed by token, not
+    evenly. Under token-mean aggregation each row's term is multiplied by |y_i| (TRL's/verl's sequence-level
+    form), so long rows weigh more; algorithm = "gspo" therefore defaults to seq-mean-token-mean. The paper clips
+    at about 3e-4 / 4e-4 (clip_ratio / clip_ratio_high), not PPO's 0.2: a length-normalised ratio moves much less
+    than a token's."""
     log_s = _row_mean(logp - old_logp, mask)  # (B, 1)
     ratio = mx.broadcast_to(mx.exp(log_s), logp.shape)
     return _ppo_clip(ratio, advantages, settings)
@@ -156,10 +170,13 @@ def importance_weights(
     recorded log-probs) differ by numerics and, for stale rollouts, by adapter versions. The raw ratio rho is per
     token (`token`), or per sequence (`sequence`): the product of the row's token ratios, exp(sum_t log rho_t),
     broadcast over its tokens (TRL vllm_importance_sampling_mode sequence_*, verl rollout_is=sequence).
-    `truncate` (TIS, Yao et al. 2025 "Your efficient RL framework secretly brings you off-policy RL training"):
-    w = clip(rho, low, high). `mask` (MIS, verl rollout rejection sampling / TRL *_mask): w = rho inside [low, high],
-    0 outside. An unset bound is no bound. Untrained positions get weight 1 and ratio 1. Log-ratios are bounded to
-    +-20 before exp (verl's safety bound), so neither output is ever inf.
+    `truncate` (TIS, Yao et al. 2025 "Your efficient RL framework secretly brings you off-policy RL training"; verl
+    rollout_is): w = min(rho, high), capped from above only (`low` must be None). `mask` (MIS, verl rollout_rs /
+    TRL *_mask): w = rho inside [low, high], 0 outside, with low = 1 / high when unset (verl's default) and no
+    upper bound when high is unset. The trainer removes masked tokens from the response mask (`rejected_tokens`):
+    out of every aggregation denominator and out of the KL and entropy terms, as verl does. Untrained positions
+    get weight 1 and ratio 1. Log-ratios are bounded to +-20 before exp (verl's safety bound), so neither output is
+    ever inf.
     """
     if level not in ("token", "sequence"):
         raise ValueError(f"importance_level must be token or sequence, not {level!r}")
@@ -170,14 +187,28 @@ def importance_weights(
     if level == "sequence":
         d = mx.broadcast_to(mx.sum(d, axis=1, keepdims=True), d.shape)
     ratio = mx.exp(mx.clip(d, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
-    lo = 0.0 if low is None else low
-    hi = float(np.exp(LOG_RATIO_BOUND)) if high is None else high
+    if mode == "truncate" and low is not None:
+        raise ValueError("importance_min bounds mode 'mask' only: truncation (TIS) caps from above")
+    lo, hi = importance_bounds(mode, low, high)
     if mode == "truncate":
-        weight = mx.clip(ratio, lo, hi)
+        weight = mx.minimum(ratio, hi)
     else:
         weight = mx.where((ratio >= lo) & (ratio <= hi), ratio, 0.0)
     one = mx.ones_like(ratio)
     return mx.where(mask, weight, one), mx.where(mask, ratio, one)
+
+
+def importance_bounds(mode: ImportanceMode, low: float | None, high: float | None) -> tuple[float, float]:
+    """The [low, high] `importance_weights` applies: mask's low defaults to 1 / high (verl rollout_rs); an unset
+    bound is none (0, or exp(LOG_RATIO_BOUND))."""
+    if mode == "mask" and low is None and high is not None:
+        low = 1.0 / high
+    return (0.0 if low is None else low), (float(np.exp(LOG_RATIO_BOUND)) if high is None else high)
+
+
+def rejected_tokens(weight: mx.array, mask: mx.array) -> mx.array:
+    """(B, T) bool: trained tokens that mask-mode rollout correction rejected (weight 0; a ratio is never 0)."""
+    return mask.astype(mx.bool_) & (weight == 0)
 
 
 def importance_stats(weight: mx.array, ratio: mx.array, rollout_mask: mx.array) -> dict[str, mx.array]:

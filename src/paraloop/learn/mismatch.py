@@ -24,12 +24,14 @@ def row_versions(batch: RolloutBatch) -> np.ndarray:
 
 
 def staleness_metrics(versions: np.ndarray, learner_version: int) -> dict[str, float]:
-    """How many adapter versions behind the learner each row's rollout is (rows of known version only)."""
+    """How many adapter versions behind the learner each row's rollout is (rows of known version only), and the
+    fraction of rows whose version is known (Atropos rows: those the engine's served index found)."""
     known = versions[versions != UNKNOWN]
     if not known.size:
-        return {}
+        return {"version_known_fraction": 0.0} if versions.size else {}
     lag = learner_version - known
-    return {"staleness_mean": float(lag.mean()), "staleness_max": float(lag.max())}
+    return {"staleness_mean": float(lag.mean()), "staleness_max": float(lag.max()),
+            "version_known_fraction": known.size / versions.size}  # fmt: skip
 
 
 def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:

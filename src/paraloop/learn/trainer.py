@@ -40,6 +40,7 @@ from paraloop.learn.loss import (
     importance_stats,
     importance_weights,
     policy_loss,
+    rejected_tokens,
     rollout_mismatch,
 )
 from paraloop.learn.memory import GiB, MemoryPlanner, Mode, PeakMeter, Plan, return_freed_memory
@@ -111,6 +112,20 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
+def norm_length(config: RLTrainingConfig) -> tuple[int, str]:
+    """Dr. GRPO's constant (seq-mean-token-sum-norm) and where it came from: loss_norm_length, else the real
+    generation cap where paraloop knows it (the mock environment's), else max_tokens."""
+    if config.loss_norm_length is not None:
+        return config.loss_norm_length, "rl_training.loss_norm_length"
+    if config.atropos.api_url is None:
+        key = "rl_training.mock.max_tokens" if config.mock.max_tokens else "rl_training.max_tokens"
+        return config.mock.max_tokens or config.max_tokens, f"{key}, the mock environment's generation cap"
+    return config.max_tokens, (
+        "rl_training.max_tokens; the Atropos environment's own cap is unknown to paraloop: set "
+        "rl_training.loss_norm_length to it"
+    )
+
+
 def has_dropout(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Dropout) and m._p_1 < 1 for _, m in model.named_modules())
 
@@ -146,9 +161,19 @@ class Trainer:
         self._slots = AdapterSlots(model) if lora else None
         self._reference = dict(adapter_arrays(model)) if lora and config.kl_beta > 0 else None
         # stale_policy = "cap" keeps stale async rollouts with capped weights: 2.0 unless importance_cap says otherwise
-        stale_cap = config.mode == "async" and config.stale_policy == "cap"
+        stale_cap = config.staleness_applies and config.stale_policy == "cap"
         self.importance_cap = config.importance_cap or (2.0 if stale_cap else None)
         self.importance_correction = self.importance_cap is not None or config.importance_min is not None
+        self.norm_length, source = norm_length(config)
+        if config.loss_aggregation == "seq-mean-token-sum-norm":
+            logger.info("loss aggregation seq-mean-token-sum-norm (Dr. GRPO): each sequence's token sum is divided "
+                        "by %d (%s)", self.norm_length, source)  # fmt: skip
+        if config.algorithm == "gspo" and config.loss_aggregation != "seq-mean-token-mean":
+            logger.warning(
+                "algorithm = 'gspo' with loss_aggregation = %r: each sequence's GSPO term is weighted by its "
+                "length (TRL's/verl's sequence-level form), not the GSPO paper's seq-mean-token-mean",
+                config.loss_aggregation,
+            )
         # With LoRA dropout the gradient forward is not the policy's own log-probs: measure the mismatch on an
         # eval-mode forward instead (without dropout the first epoch's forward is exactly that, for free).
         self._dropout = has_dropout(model)
@@ -335,9 +360,7 @@ class Trainer:
             tb.scores, tb.group, scale=cfg.scale_rewards, eps=cfg.advantage_eps
         )
         adv = token_advantages(tb, seq_adv)
-        weights = aggregation_weights(
-            tb.mask, cfg.loss_aggregation, norm_length=cfg.loss_norm_length or cfg.max_tokens
-        )
+        weights = aggregation_weights(tb.mask, cfg.loss_aggregation, norm_length=self.norm_length)
         moments = len(tree_flatten(self.optimizer.state)) > 2  # more than step and learning_rate: AdamW has run
         trained = np.where(tb.mask.any(axis=1), tb.lengths, 0)
         mine = self.reducer.share(trained)  # every row on one process; this rank's by tokens on several
@@ -350,6 +373,8 @@ class Trainer:
         versions = self._mark_fresh(batch, tb, [plan.rows for plan in plans], micros)
         with self.phases("old_policy"):
             self._old_and_reference(tb, micros)
+        if self.importance_correction and cfg.importance_mode == "mask":
+            self._drop_rejected(tb, [plan.rows for plan in plans], micros)
         metrics = self._batch_metrics(replace(tb, scores=raw_scores), adv)
         metrics["micro_batches"] = float(len(micros))
         metrics["checkpointed_micro_batches"] = float(sum(mb.checkpoint for mb in micros))
@@ -416,6 +441,7 @@ class Trainer:
                 "has_inference": tb.has_inference[rows],
                 "ref": tb.ref_logprobs[rows, :w],
                 "has_ref": tb.has_ref[rows],
+                **({"kept": tb.kept[rows, :w]} if tb.kept is not None and tb.kept[rows].any() else {}),
             },
             positions=np.flatnonzero(tb.mask[rows, :w]),
             checkpoint=plan.checkpoint,
@@ -426,10 +452,13 @@ class Trainer:
     def _logprobs(
         self, mb: MicroBatch, *, with_entropy: bool = True, entropy_grad: bool = True, keep_logits: bool = False
     ):
+        """The micro-batch's log-probs (and entropies); over each token's kept set where the engine recorded one
+        (sampling-mask replay, learn/logprobs.py), for the policy, old-policy and reference forwards alike."""
+        kept = mb.extras.get("kept")
         return forward_logprobs(
             self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=with_entropy, head=self.head,
             chunk_tokens=self.config.logits_chunk_tokens, positions=mb.positions, entropy_grad=entropy_grad,
-            keep_logits=keep_logits,
+            keep_logits=keep_logits, kept=None if kept is None else mx.array(kept),
         )  # fmt: skip
 
     def _probe(self, rows: int, width: int, mode: Mode, scored: int) -> int:
@@ -571,6 +600,26 @@ class Trainer:
         mb.importance_weight = weight
         mb.importance = {k: v.item() for k, v in stats.items()}
 
+    def _drop_rejected(self, tb: TokenBatch, plan: list[np.ndarray], micros: list[MicroBatch]) -> None:
+        """Mask-mode rollout correction removes rejected tokens from the response mask, as verl's rollout_rs does:
+        aggregation weights are recomputed over the kept tokens (every denominator, whole batch, every rank's
+        rejections counted), so rejected tokens carry no policy-gradient, KL or entropy term."""
+        kept = tb.mask.copy()
+        rejected = np.zeros(tb.rows, np.int64)
+        for rows, mb in zip(plan, micros, strict=True):
+            if mb.importance_weight is None:
+                continue
+            out = np.array(rejected_tokens(mb.importance_weight, mb.mask))
+            kept[rows, : out.shape[1]] &= ~out
+            rejected[rows] += out.sum(axis=1)
+        rejected = self.reducer.table(rejected, "rejected").sum(axis=0)  # rows are on one rank each
+        weights = aggregation_weights(
+            kept, self.config.loss_aggregation, norm_length=self.norm_length, row_tokens=tb.mask.sum(1) - rejected
+        )
+        for rows, mb in zip(plan, micros, strict=True):
+            w = int(mb.mask.shape[1])
+            mb.mask, mb.weights = mx.array(kept[rows, :w]), mx.array(weights[rows, :w])
+
     @staticmethod
     def _rollout_metrics(micros: list[MicroBatch]) -> dict[str, float]:
         """The step's mismatch and rollout-correction metrics, from every micro-batch's statistics."""
@@ -580,6 +629,8 @@ class Trainer:
         }
 
     def _update_reference(self) -> None:
+        """ref = ema ref + (1 - ema) policy, factor-wise on LoRA A and B (not the EMA of the delta B A): the
+        reference stays a rank-r adapter for the same slots. docs/training.md gives the measured difference."""
         ema = self.config.ref_ema
         if self._reference is None or ema >= 1.0:
             return

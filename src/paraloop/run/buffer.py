@@ -35,7 +35,8 @@ StalePolicy = Literal["drop", "cap"]
 
 def too_stale(group: ScoredGroup, version: int, max_staleness: int | None) -> bool:
     """The staleness rule: a group is too stale for the adapter `version` now training when its oldest token came
-    from more than `max_staleness` versions before it. Groups of unknown version (Atropos) never are."""
+    from more than `max_staleness` versions before it. Groups of unknown version (Atropos rows the engine's served
+    index did not find) never are."""
     return max_staleness is not None and bool(group.versions) and version - min(group.versions) > max_staleness
 
 

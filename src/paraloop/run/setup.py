@@ -152,6 +152,10 @@ def make_source(
     rl = settings.rl_training
     if rl.atropos.api_url:
         from paraloop.atropos.client import AtroposClient
+        from paraloop.engine.served import ServedIndex
+
+        if rl.atropos.served_index and engine is not None:  # the policy completions served, found again by ids
+            engine.served = ServedIndex(rl.atropos.served_index)
 
         client = AtroposClient(
             rl.atropos,
@@ -162,6 +166,7 @@ def make_source(
             starting_step=atropos_step(resumed, replay),
             checkpoint_interval=settings.checkpoint.interval,
             vocab_size=vocab,
+            served=getattr(engine, "served", None),
         )
         return client.batches(), client.status
     from paraloop.envs.mock import MockEnvironment

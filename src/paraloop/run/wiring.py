@@ -243,7 +243,7 @@ async def run_actors(
         checkpoint_interval=settings.checkpoint.interval, save_every_step=settings.checkpoint.save_every_step,
         batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
         credits=learner_credits,
-        max_staleness=rl.max_staleness if rl.mode == "async" else None, stale_policy=rl.stale_policy,
+        max_staleness=rl.max_staleness if rl.staleness_applies else None, stale_policy=rl.stale_policy,
         consumed=parts.consumed, ranks=coordinator,
     )
     evaluator = None
@@ -311,8 +311,8 @@ def rollout_buffer(settings: Settings, ranks: Ranks | None) -> RolloutBuffer:
     sync_staleness = 0 if rl.dynamic_sampling else None
     return RolloutBuffer(
         batch_size=ranked.local_batch_size(settings, ranks), priority=rl.buffer_priority,
-        max_staleness=rl.max_staleness if rl.mode == "async" else sync_staleness,
-        stale_policy=rl.stale_policy if rl.mode == "async" else "drop", drop_zero_signal=rl.dynamic_sampling,
+        max_staleness=rl.max_staleness if rl.staleness_applies else sync_staleness,
+        stale_policy=rl.stale_policy if rl.staleness_applies else "drop", drop_zero_signal=rl.dynamic_sampling,
     )
 
 

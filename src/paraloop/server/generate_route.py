@@ -4,7 +4,9 @@ In: {"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, "n", "max_tokens", "t
 (or "prompt": "<text>", encoded with the tokenizer's special tokens; never a chat template).
 Out: {"text": [...], "prompt": str, "prompt_token_ids": [...], "token_ids": [[...]], "finish_reasons": [...],
 "logprobs": [[[{"<token_id>": logprob, ...}] per token] per completion], "adapter", "adapter_version",
-"adapter_versions"}. `model`, when given, selects the adapter as in the OpenAI routes.
+"adapter_versions", "sampling_kept"}. `model`, when given, selects the adapter as in the OpenAI routes. A paraloop
+extension, `sampling_kept` holds per completion and token the size of the kept set top_k / top_p / min_p sampled
+the token from (0: the full vocabulary); the logprobs are of that kept set's renormalised distribution.
 Each logprobs entry is a one-element list holding a dict whose FIRST key is the sampled token (Atropos reads
 `list(item[0].items())[0]`), followed by the top-`logprobs` alternatives. With "stream": true the answer is
 vLLM's newline-delimited JSON, one {"text": [prompt + text so far, ...]} line per generated token.
@@ -98,6 +100,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             "adapter": next((row.adapter for row in rows if row.adapter), None),
             "adapter_version": oldest[0] if oldest else state.engine.version,
             "adapter_versions": [distinct_versions(row.versions) for row in rows],
+            "sampling_kept": [row.kept for row in rows],
         }
     )
 

@@ -24,7 +24,16 @@
     { id: "clip", title: "Clip fraction", keys: ["clip_fraction"] },
     { id: "ratio", title: "Train / inference ratio", keys: ["ratio_mean"], band: ["ratio_min", "ratio_max"],
       labels: { ratio_mean: "mean (min–max)" } },
-    { id: "mismatch", title: "Train / inference mismatch", match: (k) => k.includes("mismatch"), optional: true },
+    // magnitudes (nats), counts and fractions each on a chart of their own: on one axis ~1e-6 nats read as 0
+    // beside ~100 tokens
+    { id: "mismatch", title: "Train / inference mismatch (nats)", keys: ["mismatch_abs_mean", "mismatch_abs_max"],
+      labels: { mismatch_abs_mean: "mean |engine − learner|", mismatch_abs_max: "max" }, optional: true },
+    { id: "mismatch-tokens", title: "Mismatch: tokens compared", keys: ["mismatch_tokens"],
+      labels: { mismatch_tokens: "tokens at the learner's version" }, optional: true },
+    { id: "rollout-outside", title: "Rollout ratios outside [0.8, 1.25]", keys: ["rollout_ratio_outside"],
+      labels: { rollout_ratio_outside: "fraction of tokens" }, optional: true },
+    { id: "staleness", title: "Rollout staleness (adapter versions)", keys: ["staleness_mean", "staleness_max"],
+      labels: { staleness_mean: "mean", staleness_max: "max" }, optional: true },
     { id: "throughput", title: "Tokens / s", keys: ["tokens_per_s", "generation_tokens_per_s"],
       labels: { tokens_per_s: "learner", generation_tokens_per_s: "generation" } },
     { id: "steptime", title: "Learner step time", keys: ["step_time_s"], unit: "s" },
