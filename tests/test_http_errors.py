@@ -68,7 +68,7 @@ BAD_INPUTS = [
     (CHAT, {"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     (CHAT, {"messages": USER, "max_completion_tokens": 10**6}, "max_completion_tokens"),
     (CHAT, {"messages": USER, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
-    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function"),
     (CHAT, {"messages": USER, "chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
     (
         CHAT,

@@ -43,6 +43,7 @@ class SamplingParams(Msg):
     ignore_eos: bool = False
     seed: int | None = None  # makes the request's samples reproducible
     top_logprobs: int = 0  # how many alternatives to report per token (0: none)
+    grammar: Any = None  # engine/grammar.Grammar (compiled, by reference): rows sample only what it allows
 
 
 class GenerateRequest(Msg):

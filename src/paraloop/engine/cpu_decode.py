@@ -48,7 +48,8 @@ class RowLogprobs:
 class NumpySampler:
     """One row's (or, unseeded, a setting's) sampling parameters and PRNG, for `sample_rows`."""
 
-    def __init__(self, params: SamplingParams, rng: np.random.Generator) -> None:
+    def __init__(self, params: SamplingParams, rng: np.random.Generator, grammar: Any = None) -> None:
+        self.grammar = grammar  # engine/grammar.RowGrammar: the row samples only what it allows
         self.temperature = effective_temperature(params.temperature)  # under GREEDY_BELOW: greedy
         self.top_k, self.top_p, self.min_p = params.top_k, params.top_p, params.min_p
         self.top_logprobs = params.top_logprobs
@@ -101,17 +102,9 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
     lse = peak[:, 0] + np.log(weights.sum(axis=1, dtype=np.float64)).astype(np.float32)
     tokens = np.empty(len(samplers), np.uint32)
     for i, s in enumerate(samplers):
-        if s.temperature == 0:
-            tokens[i] = int(np.argmax(scaled[i]))
-            continue
-        w = weights[i]
-        if s.filtered:
-            w = np.where(filter_row(scaled[i], top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
-        total = float(w.sum(dtype=np.float64))
-        if not (np.isfinite(total) and total > 0):  # non-finite logits: take the argmax rather than fail the step
-            tokens[i] = int(np.nanargmax(scaled[i])) if not np.isnan(scaled[i]).all() else 0
-            continue
-        tokens[i] = _draw(w, s.rng.random())
+        tokens[i] = _sample_row(scaled[i], weights[i], s)
+        if s.grammar is not None:
+            s.grammar.advance(tokens[i])
     rows = np.arange(len(samplers))
     chosen = (scaled[rows, tokens] - lse).tolist()
     out = []
@@ -124,6 +117,23 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
             top = list(zip(ids.tolist(), (scaled[i][ids] - lse[i]).astype(np.float64).tolist(), strict=True))
         out.append(RowLogprobs(chosen[i], top))
     return tokens, out
+
+
+def _sample_row(z: np.ndarray, w: np.ndarray, s: NumpySampler) -> int:
+    """One row's token from its tempered logits `z` and weights `w`; a grammar's mask comes before the filters (as
+    vLLM applies logits processors first), so top-p keeps a nucleus of the tokens the grammar allows."""
+    if s.grammar is not None:
+        allowed = s.grammar.allowed(z.shape[0])
+        z = np.where(allowed, z, -np.inf)
+        w = np.where(allowed, w, 0.0)
+    if s.temperature == 0:
+        return int(np.argmax(z))
+    if s.filtered:
+        w = np.where(filter_row(z, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
+    total = float(w.sum(dtype=np.float64))
+    if not (np.isfinite(total) and total > 0):  # non-finite logits (or all allowed weights underflowed): argmax
+        return int(np.nanargmax(z)) if not np.isnan(z).all() else 0
+    return _draw(w, s.rng.random())
 
 
 def _draw(weights: np.ndarray, u: float) -> int:

@@ -160,7 +160,7 @@ class Worker:
         self._uids: dict[Handle, list[int]] = {}
         self._left: dict[Handle, int] = {}  # rows not finished yet, per request
         self._numpy = config.decode == "cpu" or (config.decode == "auto" and mx.default_device() == mx.cpu)
-        self._samplers = RowSamplers(numpy=self._numpy, engine_seed=config.seed)
+        self._samplers = RowSamplers(numpy=self._numpy, engine_seed=config.seed, eos=self.eos_ids)
         self._last_step_version = version
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0

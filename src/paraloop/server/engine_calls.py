@@ -25,6 +25,7 @@ class Prepared(NamedTuple):
     request: GenerateRequest
     fields: dict[str, str]
     model: str = ""  # the model id the request named (echoed in the response), or the served name
+    tools: Any = None  # chat: the request's tool_calls.ToolPlan (calls are parsed out of the text), or None
 
 
 def distinct_versions(versions: list[int]) -> list[int]:

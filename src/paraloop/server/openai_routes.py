@@ -10,6 +10,7 @@ carries `adapter`, `adapter_version` (the oldest of them) and `adapter_versions`
 Usage counts tokens: the prompt once, completion tokens summed over choices.
 """
 
+import json
 import time
 import uuid
 from typing import Any
@@ -21,6 +22,7 @@ from paraloop.config import EngineConfig
 from paraloop.engine import RowAccumulator
 from paraloop.engine.admission import check_sizes
 from paraloop.messages import GenerateRequest, TokenEvent
+from paraloop.server.chat_rules import check_messages, template_messages
 from paraloop.server.engine_calls import (
     Prepared,
     collect,
@@ -32,13 +34,23 @@ from paraloop.server.errors import bad_request, error_body, log
 from paraloop.server.limits import check_chat_size, check_text, check_token_count, request_errors
 from paraloop.server.schemas import (
     ChatBody,
-    ChatMessage,
     CompletionBody,
     decode,
     prompt_tokens_of,
     sampling_params,
 )
 from paraloop.server.state import STATE, ServerState
+from paraloop.server.structured import output_grammar
+from paraloop.server.tool_calls import (
+    ToolPlan,
+    ToolSplitter,
+    add_tool_prompt,
+    finish_reason,
+    split_calls,
+    template_knows_tools,
+    tool_dicts,
+    tool_plan,
+)
 
 
 def json_response(payload: Any, *, status: int = 200) -> web.Response:
@@ -139,35 +151,27 @@ def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
     return Prepared(request, fields=fields, model=body.model or state.model_name)
 
 
-def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
-    content: Any = message.content
-    if isinstance(content, list):  # content parts: only text is understood
-        texts = []
-        for j, part in enumerate(content):
-            if part.type != "text" or part.text is None:
-                raise bad_request(
-                    f"messages[{i}].content[{j}].type",
-                    f"only text content parts are supported, not {part.type!r}",
-                )
-            texts.append(part.text)
-        content = "".join(texts)
-    out: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
-    for key in ("name", "tool_calls", "tool_call_id"):
-        if getattr(message, key) is not None:
-            out[key] = getattr(message, key)
-    return out
-
-
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {"conversation", "tokenize", "add_generation_prompt", "continue_final_message"}
 )
 
 
-def chat_prompt(tokenizer: Any, body: ChatBody, *, config: EngineConfig) -> list[int]:
+def chat_prompt(tokenizer: Any, body: ChatBody, plan: ToolPlan | None, *, config: EngineConfig) -> list[int]:
     """The chat template applied by the tokenizer, then encoded without adding special tokens a second time.
-    The messages' size is bounded before the template renders them, and the rendered text before it is encoded."""
-    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-    check_chat_size(len(messages), sum(len(m["content"]) for m in messages), config=config)
+    The messages' size is bounded before the template renders them, and the rendered text before it is encoded.
+    Tools go to a template that renders them, else into the system message (tool_calls.add_tool_prompt)."""
+    check_messages(body.messages)
+    messages = template_messages(body.messages, template_knows_tools=template_knows_tools(tokenizer))
+    tool_kwargs: dict[str, Any] = {}
+    tool_chars = 0
+    if plan is not None:
+        tools = tool_dicts(plan.tools)
+        tool_chars = len(json.dumps(tools))
+        if plan.format.in_template:
+            tool_kwargs["tools"] = tools
+        else:
+            messages = add_tool_prompt(messages, plan.tools)
+    check_chat_size(len(messages), sum(len(m["content"]) for m in messages) + tool_chars, config=config)
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(body.chat_template_kwargs or {}))
     if reserved:
         raise bad_request("chat_template_kwargs", f"{', '.join(reserved)} cannot be set here")
@@ -179,6 +183,7 @@ def chat_prompt(tokenizer: Any, body: ChatBody, *, config: EngineConfig) -> list
             tokenize=False,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
+            **tool_kwargs,
             **(body.chat_template_kwargs or {}),
         )
     except Exception as e:  # a template's raise_exception() (e.g. roles out of order) is the client's input
@@ -199,16 +204,20 @@ def chat_request(state: ServerState, body: ChatBody) -> Prepared:
     params = sampling_params(body, engine=config, max_tokens=max_tokens, top_logprobs=k)
     with request_errors(fields):
         check_sizes(n=body.n or 1, params=params, config=config)
+    plan = tool_plan(body, state.tokenizer)
+    prompt = chat_prompt(state.tokenizer, body, plan, config=config)
+    grammar = output_grammar(body, plan, state.tokenizer, max_bytes=state.settings.server.max_schema_bytes)
     request = GenerateRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        prompt_tokens=chat_prompt(state.tokenizer, body, config=config),
+        prompt_tokens=prompt,
         n=body.n or 1,
-        params=params,
+        params=msgspec.structs.replace(params, grammar=grammar),
         adapter=state.adapter_of(body.model),
     )
     with request_errors(fields):
         state.engine.check(request)
-    return Prepared(request, fields=fields, model=body.model or state.model_name)
+    return Prepared(request, fields=fields, model=body.model or state.model_name,
+                    tools=plan if plan is not None and plan.parse else None)  # fmt: skip
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -245,17 +254,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         chunks = Chunks(state, prepared, chat=True, logprobs=k, include_usage=_include_usage(body))
         return await stream(request, state, prepared, chunks)
     rows = await collect(state.engine, prepared)
-    choices = [
-        {
+    choices = []
+    for i, row in enumerate(rows):
+        message, finish = chat_message(prepared, row)
+        choices.append({
             "index": i,
-            "message": {"role": "assistant", "content": row.text},
+            "message": message,
             "logprobs": chat_logprobs(state.tokenizer, row, k=k) if k is not None else None,
-            "finish_reason": row.finish_reason,
+            "finish_reason": finish,
             **extras(row),
-        }
-        for i, row in enumerate(rows)
-    ]
+            **constrained(prepared),
+        })  # fmt: skip
     return json_response(_envelope(state, prepared, "chat.completion", choices, rows))
+
+
+def chat_message(prepared: Prepared, row: RowAccumulator) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished row (its calls parsed out when tools are offered) and its finish."""
+    if prepared.tools is None:
+        return {"role": "assistant", "content": row.text}, row.finish_reason
+    content, calls = split_calls(prepared.tools, row.text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, finish_reason(prepared.tools, row.finish_reason, bool(calls))
+
+
+def constrained(prepared: Prepared) -> dict[str, Any]:
+    """Marks choices sampled within a grammar: their token_logprobs are of the unconstrained distribution."""
+    return {"constrained": True} if prepared.request.params.grammar is not None else {}
 
 
 def _include_usage(body: CompletionBody | ChatBody) -> bool:
@@ -311,18 +337,25 @@ class Chunks:
         self.started: set[int] = set()
         self.offsets: dict[int, int] = {}
         self.completion_tokens = 0
+        self.splitters: dict[int, ToolSplitter] = {}  # per choice, when tool calls are parsed out
+        self.plan: ToolPlan | None = prepared.tools
+        self.constrained = constrained(prepared)
 
     def token(self, event: TokenEvent) -> dict[str, Any]:
         row = RowAccumulator().add(event)
         self.completion_tokens += len(row.tokens)
         tokenizer = self.state.tokenizer
         choice: dict[str, Any] = {"index": event.row}
+        finish = event.finish_reason
         if self.chat:
             first = event.row not in self.started
             self.started.add(event.row)
-            choice["delta"] = (
-                {"role": "assistant", "content": event.text} if first else {"content": event.text}
-            )
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if self.plan is None:
+                delta["content"] = event.text
+            else:
+                finish = self._tool_delta(event, delta, first=first)
+            choice["delta"] = delta
             choice["logprobs"] = chat_logprobs(tokenizer, row, k=self.k) if self.k is not None else None
         else:
             choice["text"] = event.text
@@ -332,12 +365,29 @@ class Chunks:
                 self.offsets[event.row] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
             else:
                 choice["logprobs"] = None
-        choice["finish_reason"] = event.finish_reason
+        choice["finish_reason"] = finish
         return {
             **self.head,
-            "choices": [choice | extras(row)],
+            "choices": [choice | extras(row) | self.constrained],
             **({"usage": None} if self.include_usage else {}),
         }
+
+    def _tool_delta(self, event: TokenEvent, delta: dict[str, Any], *, first: bool) -> str | None:
+        """Content and completed calls of this token into `delta` (OpenAI's shape: calls carry their index);
+        returns the choice's finish_reason."""
+        assert self.plan is not None
+        splitter = self.splitters.get(event.row)
+        if splitter is None:
+            splitter = self.splitters[event.row] = ToolSplitter(self.plan, tool_dicts(self.plan.tools))
+        content, calls = splitter.feed(event.text)
+        if event.finish_reason is not None:
+            rest, more = splitter.finish()
+            content, calls = content + rest, calls + more
+        if content or (first and not calls):
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = calls
+        return finish_reason(self.plan, event.finish_reason, splitter.calls > 0)
 
     def usage(self) -> dict[str, Any]:
         return {
