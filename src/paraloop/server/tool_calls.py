@@ -146,6 +146,7 @@ class ToolSplitter:
     calls: int = 0
     _pending: str = ""
     _inside: bool = False
+    _space: str = ""  # whitespace held back: dropped if a call follows it, released with the next text otherwise
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """Content that can be released now, and the calls completed by `text`."""
@@ -156,10 +157,11 @@ class ToolSplitter:
                 at = buf.find(fmt.start)
                 if at < 0:
                     hold = held_prefix(buf, fmt.start)
-                    content.append(buf[: len(buf) - hold])
+                    content.append(self._text(buf[: len(buf) - hold]))
                     self._pending = buf[len(buf) - hold :]
                     break
-                content.append(buf[:at])
+                content.append(self._text(buf[:at]))
+                self._space = ""  # whitespace before a call separates calls: it is not content
                 buf, self._inside = buf[at + len(fmt.start) :], True
             if not fmt.end:  # the call runs to the end of the text
                 self._pending = buf
@@ -181,12 +183,24 @@ class ToolSplitter:
         """The end of the text: a call without its end marker is parsed as it stands (truncated ones fail)."""
         pending, self._pending = self._pending, ""
         if not self._inside:
-            return pending, []
+            text = self._text(pending)
+            return text + ("" if self.calls else self._space), []
         self._inside = False
         parsed = self._parse(pending)
         if parsed is None:
             return self.plan.format.start + pending, []
         return "", parsed
+
+    def _text(self, text: str) -> str:
+        """Content to release now: held whitespace goes out with the next text that is not whitespace."""
+        if not text:
+            return ""
+        body = text.rstrip()
+        if not body:
+            self._space += text
+            return ""
+        out, self._space = self._space + body, text[len(body) :]
+        return out
 
     def _parse(self, text: str) -> list[dict[str, Any]] | None:
         try:
@@ -221,7 +235,7 @@ def split_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, A
     content, calls = content + rest, calls + more
     for call in calls:
         del call["index"]
-    return (None if calls and not content.strip() else content), calls
+    return (None if calls and not content else content), calls
 
 
 def finish_reason(plan: ToolPlan, finish: str | None, made_calls: bool) -> str | None:
