@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import Any
 
+import anyio
 import msgspec
 from aiohttp import web
 
@@ -40,7 +41,7 @@ from paraloop.server.schemas import (
     sampling_params,
 )
 from paraloop.server.state import STATE, ServerState
-from paraloop.server.structured import output_grammar
+from paraloop.server.structured import compile_source, grammar_source
 from paraloop.server.tool_calls import (
     ToolPlan,
     ToolSplitter,
@@ -192,7 +193,7 @@ def chat_prompt(tokenizer: Any, body: ChatBody, plan: ToolPlan | None, *, config
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_request(state: ServerState, body: ChatBody) -> Prepared:
+async def chat_request(state: ServerState, body: ChatBody) -> Prepared:
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs", "requires logprobs=true")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -206,7 +207,8 @@ def chat_request(state: ServerState, body: ChatBody) -> Prepared:
         check_sizes(n=body.n or 1, params=params, config=config)
     plan = tool_plan(body, state.tokenizer)
     prompt = chat_prompt(state.tokenizer, body, plan, config=config)
-    grammar = output_grammar(body, plan, state.tokenizer, max_bytes=state.settings.server.max_schema_bytes)
+    source = grammar_source(body, plan, max_bytes=state.settings.server.max_schema_bytes)
+    grammar = None if source is None else await anyio.to_thread.run_sync(compile_source, source, state.tokenizer)
     request = GenerateRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
         prompt_tokens=prompt,
@@ -248,7 +250,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = decode(await request.read(), ChatBody, max_depth=state.settings.server.max_json_depth)
-    prepared = chat_request(state, body)
+    prepared = await chat_request(state, body)
     k = (body.top_logprobs or 0) if body.logprobs else None
     if body.stream:
         chunks = Chunks(state, prepared, chat=True, logprobs=k, include_usage=_include_usage(body))

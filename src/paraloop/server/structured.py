@@ -1,8 +1,8 @@
 """Constrained output for /v1/chat/completions: `response_format` (json_object, json_schema) and a required or
 named `tool_choice` as a grammar the engine's rows sample within.
 
-In: the decoded body, the tool plan (tool_calls.py), the tokenizer and [server] max_schema_bytes. Out: a compiled
-llguidance matcher for SamplingParams.grammar, or None; a 400 naming the field for a schema too large or using a
+In: the decoded body, the tool plan (tool_calls.py), the tokenizer and [server] max_schema_bytes. Out: the grammar's
+source (`grammar_source`), then compiled (`compile_source`) for SamplingParams.grammar; a 400 naming the field for a schema too large or using a
 feature llguidance does not implement (its message names the keyword, e.g. `Unimplemented keys: ["not"]`).
 
 JSON comes out compact (no optional whitespace). Schemas are bounded before compiling: size here, nesting by the
@@ -12,7 +12,7 @@ body decoder (server.max_json_depth), and the compile and every mask step by llg
 import json
 from typing import Any
 
-from paraloop.engine.grammar import GrammarError, compile_grammar, json_schema_grammar, lark_grammar
+from paraloop.engine.grammar import Grammar, GrammarError, compile_grammar, json_schema_grammar, lark_grammar
 from paraloop.server.errors import bad_request
 from paraloop.server.schemas import ChatBody, JsonObjectFormat, JsonSchemaFormat, Tool
 from paraloop.server.tool_calls import ToolPlan
@@ -66,16 +66,19 @@ def format_grammar(body: ChatBody, *, max_bytes: int) -> tuple[str, str] | None:
     return None
 
 
-def output_grammar(body: ChatBody, plan: ToolPlan | None, tokenizer: Any, *, max_bytes: int) -> Any:
-    """The compiled grammar the request's rows sample within, or None when the output is free."""
+def grammar_source(body: ChatBody, plan: ToolPlan | None, *, max_bytes: int) -> tuple[str, str] | None:
+    """(grammar, the field it comes from) the request's rows sample within, or None when the output is free."""
     if isinstance(body.response_format, (JsonObjectFormat, JsonSchemaFormat)) and plan is not None and plan.parse:
         raise bad_request("response_format", "cannot be combined with tools unless tool_choice is 'none'")
-    forced = plan is not None and plan.parse and plan.forced is not None
-    made = tool_grammar(plan, max_bytes=max_bytes) if forced and plan is not None else None
-    made = made or format_grammar(body, max_bytes=max_bytes)
-    if made is None:
-        return None
-    grammar, field = made
+    if plan is not None and plan.parse and plan.forced is not None:
+        return tool_grammar(plan, max_bytes=max_bytes)
+    return format_grammar(body, max_bytes=max_bytes)
+
+
+def compile_source(source: tuple[str, str], tokenizer: Any) -> Grammar:
+    """Compile (off the event loop: the first call also builds llguidance's view of the vocabulary, seconds for a
+    large one); 400 naming the field when llguidance refuses the schema."""
+    grammar, field = source
     try:
         return compile_grammar(grammar, tokenizer)
     except GrammarError as e:
