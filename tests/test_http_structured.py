@@ -189,6 +189,7 @@ def test_bad_response_formats_are_a_400_naming_the_field(server):
         "response_format.json_schema.name")
     assert refused(response_format({"type": "strin"}))["param"] == SCHEMA_FIELD
     assert refused(response_format({"$ref": "#/nowhere"}))["param"] == SCHEMA_FIELD
+    assert "no JSON value satisfies it" in refused(response_format({"$ref": "#"}))["message"]
     assert refused(response_format({"type": "string", "pattern": "(a"}))["param"] == SCHEMA_FIELD
     huge = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(8000)}}
     error = refused(response_format(huge))

@@ -120,20 +120,24 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
 
 
 def _sample_row(z: np.ndarray, w: np.ndarray, s: NumpySampler) -> int:
-    """One row's token from its tempered logits `z` and weights `w`; a grammar's mask comes before the filters (as
-    vLLM applies logits processors first), so top-p keeps a nucleus of the tokens the grammar allows."""
+    """One row's token from its tempered logits `z` and weights `w`. With a grammar, the row samples among the
+    tokens it allows (indexed, not masked: often a handful of a vocabulary's tokens), and the filters apply to those
+    (as vLLM applies logits processors first), so top-p keeps a nucleus of allowed tokens."""
+    ids = None
     if s.grammar is not None:
-        allowed = s.grammar.allowed(z.shape[0])
-        z = np.where(allowed, z, -np.inf)
-        w = np.where(allowed, w, 0.0)
+        ids = np.flatnonzero(s.grammar.allowed(z.shape[0]))
+        z, w = z[ids], w[ids]
     if s.temperature == 0:
-        return int(np.argmax(z))
-    if s.filtered:
-        w = np.where(filter_row(z, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
-    total = float(w.sum(dtype=np.float64))
-    if not (np.isfinite(total) and total > 0):  # non-finite logits (or all allowed weights underflowed): argmax
-        return int(np.nanargmax(z)) if not np.isnan(z).all() else 0
-    return _draw(w, s.rng.random())
+        token = int(np.argmax(z))
+    else:
+        if s.filtered:
+            w = np.where(filter_row(z, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
+        total = float(w.sum(dtype=np.float64))
+        if np.isfinite(total) and total > 0:
+            token = _draw(w, s.rng.random())
+        else:  # non-finite logits (or every allowed weight underflowed): the argmax rather than fail the step
+            token = int(np.nanargmax(z)) if not np.isnan(z).all() else 0
+    return token if ids is None else int(ids[token])
 
 
 def _draw(weights: np.ndarray, u: float) -> int:

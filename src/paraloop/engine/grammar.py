@@ -64,8 +64,13 @@ def compile_grammar(grammar: str, tokenizer: Any) -> Grammar:
     """The grammar compiled for `tokenizer`; GrammarError with llguidance's reason when it cannot be built."""
     llg_tokenizer = grammar_tokenizer(tokenizer)
     matcher = llguidance.LLMatcher(llg_tokenizer, grammar, log_level=0, limits=limits())
+    if not matcher.is_error():
+        matcher.compute_bitmask()  # the first mask builds the lexer lazily: a schema no value satisfies fails here
     if matcher.is_error():
-        raise GrammarError(matcher.get_error())
+        reason = matcher.get_error().replace("<non-verbose/>", "").strip()
+        if reason.startswith("NoExtension"):  # no token can start it: e.g. a $ref cycle with nothing in between
+            reason = f"no JSON value satisfies it ({reason})"
+        raise GrammarError(reason)
     return Grammar(matcher, llg_tokenizer.vocab_size)
 
 
