@@ -22,6 +22,7 @@ from aiohttp import web
 from paraloop.config import EngineConfig
 from paraloop.engine import RowAccumulator
 from paraloop.engine.admission import check_sizes
+from paraloop.engine.scoring import PromptLogprobs
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.chat_rules import check_messages, template_messages
 from paraloop.server.engine_calls import (
@@ -30,6 +31,7 @@ from paraloop.server.engine_calls import (
     distinct_versions,
     first_event,
     open_generation,
+    score,
 )
 from paraloop.server.errors import bad_request, error_body, log
 from paraloop.server.limits import check_chat_size, check_text, check_token_count, request_errors
@@ -130,16 +132,24 @@ def chat_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int) -> dict[str, A
 
 
 def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
-    if body.echo:
-        raise bad_request("echo", "not supported")
+    if body.echo and body.stream:
+        raise bad_request("echo", "not supported with stream")
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs", "not supported with stream")
     if body.suffix:
         raise bad_request("suffix", "not supported")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise bad_request("best_of", "not supported (only best_of == n)")
+    if body.max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
+        raise bad_request("max_tokens", "0 only scores the prompt: give echo or prompt_logprobs with it")
+    if body.max_tokens == 0 and body.stream:
+        raise bad_request("max_tokens", "0 (scoring the prompt only) cannot be streamed")
     config, fields = state.settings.engine, {"top_logprobs": "logprobs"}
-    params = sampling_params(body, engine=config, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0)
+    max_tokens = 1 if body.max_tokens == 0 else body.max_tokens  # checked and admitted as one token
+    params = sampling_params(body, engine=config, max_tokens=max_tokens, top_logprobs=body.logprobs or 0)
     with request_errors(fields):
         check_sizes(n=body.n or 1, params=params, config=config)
+    check_prompt_top(body.prompt_logprobs, config=config)
     tokens = encode_prompt(
         state.tokenizer, prompt_tokens_of(body.prompt, field="prompt"), field="prompt", config=config
     )
@@ -150,6 +160,41 @@ def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
     with request_errors(fields):
         state.engine.check(request)
     return Prepared(request, fields=fields, model=body.model or state.model_name)
+
+
+def check_prompt_top(top: int | None, *, config: EngineConfig) -> None:
+    if top is not None and top > config.max_top_logprobs:
+        raise bad_request("prompt_logprobs", f"{top} alternatives, more than engine.max_top_logprobs="
+                          f"{config.max_top_logprobs}")  # fmt: skip
+
+
+def vllm_prompt_logprobs(tokenizer: Any, tokens: list[int], scores: PromptLogprobs, *, k: int) -> list[Any]:
+    """vLLM's `prompt_logprobs`: None for the first token, then per token {id: {logprob, rank, decoded_token}},
+    the prompt's own token first, then the `k` most likely alternatives."""
+    out: list[Any] = [None]
+    for token, lp, rank, alts in zip(tokens[1:], scores.chosen, scores.ranks, scores.top, strict=True):
+        entry = {str(token): {"logprob": lp, "rank": rank, "decoded_token": token_text(tokenizer, token)}}
+        for i, (alt, alt_lp) in enumerate(alts[:k]):
+            entry.setdefault(str(alt), {"logprob": alt_lp, "rank": i + 1, "decoded_token": token_text(tokenizer, alt)})
+        out.append(entry)
+    return out
+
+
+def echoed_logprobs(
+    tokenizer: Any, tokens: list[int], scores: PromptLogprobs, row: RowAccumulator, *, k: int
+) -> dict[str, Any]:
+    """Legacy `logprobs` with echo: the prompt's tokens first (the first has no log-prob: null), then the row's."""
+    prompt = completion_logprobs(tokenizer, RowAccumulator(tokens=tokens[1:], logprobs=scores.chosen,
+                                                           top_logprobs=scores.top), k=k)  # fmt: skip
+    first = token_text(tokenizer, tokens[0])
+    generated = completion_logprobs(tokenizer, row, k=k, offset=len(first) + sum(map(len, prompt["tokens"])))
+    top = None if not k else [None, *prompt["top_logprobs"], *generated["top_logprobs"]]
+    return {
+        "tokens": [first, *prompt["tokens"], *generated["tokens"]],
+        "token_logprobs": [None, *prompt["token_logprobs"], *generated["token_logprobs"]],
+        "top_logprobs": top,
+        "text_offset": [0, *(o + len(first) for o in prompt["text_offset"]), *generated["text_offset"]],
+    }
 
 
 RESERVED_TEMPLATE_KWARGS = frozenset(
@@ -233,17 +278,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if body.stream:
         chunks = Chunks(state, prepared, chat=False, logprobs=k, include_usage=_include_usage(body))
         return await stream(request, state, prepared, chunks)
-    rows = await collect(state.engine, prepared)
-    choices = [
-        {
-            "index": i,
-            "text": row.text,
-            "logprobs": completion_logprobs(state.tokenizer, row, k=k) if k is not None else None,
-            "finish_reason": row.finish_reason,
-            **extras(row),
-        }
-        for i, row in enumerate(rows)
-    ]
+    gen = prepared.request
+    scores = None
+    if (body.echo and k is not None) or body.prompt_logprobs is not None:
+        scores = await score(state.engine, prepared, top=max(k or 0, body.prompt_logprobs or 0))
+    if body.max_tokens == 0:  # scoring only
+        rows = [RowAccumulator(finish_reason="length") for _ in range(gen.n)]
+    else:
+        rows = await collect(state.engine, prepared)
+    prompt_text = state.tokenizer.decode(gen.prompt_tokens) if body.echo else ""
+    choices = []
+    for i, row in enumerate(rows):
+        if k is None:
+            logprobs = None
+        elif body.echo:
+            assert scores is not None
+            logprobs = echoed_logprobs(state.tokenizer, gen.prompt_tokens, scores, row, k=k)
+        else:
+            logprobs = completion_logprobs(state.tokenizer, row, k=k)
+        choice = {"index": i, "text": prompt_text + row.text, "logprobs": logprobs,
+                  "finish_reason": row.finish_reason, **extras(row)}  # fmt: skip
+        if body.prompt_logprobs is not None and scores is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(state.tokenizer, gen.prompt_tokens, scores,
+                                                             k=body.prompt_logprobs)  # fmt: skip
+        choices.append(choice)
     return json_response(_envelope(state, prepared, "text_completion", choices, rows))
 
 

@@ -67,8 +67,10 @@ Prompt = str | list[TokenId | str | TokenIds]
 
 class CompletionBody(OpenAISampling, kw_only=True):
     prompt: Prompt
+    max_tokens: NonNegInt | None = None  # 0 with echo or prompt_logprobs: score the prompt, generate nothing
     logprobs: NonNegInt | None = None
     echo: bool | None = None
+    prompt_logprobs: NonNegInt | None = None  # vLLM's: log-probs of the prompt's tokens, with this many alternatives
     best_of: Count | None = None
     suffix: str | None = None
 
@@ -176,7 +178,7 @@ class GenerateBody(Sampling, kw_only=True):
 
     prompt: str | PromptObject | list[TokenId | str | TokenIds]
     logprobs: NonNegInt | None = None
-    prompt_logprobs: Int | None = None  # not supported (400 when set)
+    prompt_logprobs: NonNegInt | None = None  # vLLM's: log-probs of the prompt's tokens, with this many alternatives
 
 
 B = TypeVar("B", bound=Body)
