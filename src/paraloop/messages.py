@@ -62,7 +62,7 @@ class TokenEvent(Msg, gc=False):
 
     row: int
     token: int
-    logprob: float  # log-softmax(logits / T)[token]: the distribution it was sampled from (T=1 when greedy)
+    logprob: float  # log-softmax(logits / T)[token] over the whole vocabulary (T=1 when greedy; a grammar's mask not applied)
     version: int  # adapter version whose forward pass produced this token
     text: str  # the text this token adds (may be "" while a multi-byte character or a stop string is pending)
     finish_reason: Literal["stop", "length", "abort"] | None = None

@@ -29,7 +29,8 @@ from paraloop.server.engine_calls import (
 )
 from paraloop.server.errors import bad_request, log
 from paraloop.server.limits import request_errors
-from paraloop.server.openai_routes import check_prompt_top, encode_prompt, json_response, vllm_prompt_logprobs
+from paraloop.server.logprob_objects import check_prompt_top, vllm_prompt_logprobs
+from paraloop.server.openai_routes import encode_prompt, json_response
 from paraloop.server.schemas import GenerateBody, PromptObject, decode, prompt_tokens_of, sampling_params
 from paraloop.server.state import STATE, ServerState
 

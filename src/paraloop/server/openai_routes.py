@@ -5,8 +5,10 @@ In: an OpenAI request body. Out: an OpenAI response whose standard fields are ex
 `token_ids` (generated ids), `token_logprobs` (per-token logprob of the sampled token under the distribution it
 was sampled from, as the engine recorded it), `adapter` (the adapter that produced them: "policy", "base" or a
 named adapter) and `adapter_versions` (adapter versions that produced the tokens, usually one); the response
-carries `adapter`, `adapter_version` (the oldest of them) and `adapter_versions`. `model` selects the adapter
-(ServerState.adapter_of) and is echoed as given.
+carries `adapter`, `adapter_version` (the oldest of them) and `adapter_versions`; a chat choice sampled within a
+grammar (structured.py) also has `constrained: true`. `model` selects the adapter (ServerState.adapter_of) and is
+echoed as given. Chat: tools (tool_calls.py) and the message rules (chat_rules.py); completions: prompt log-probs
+(`echo`, `prompt_logprobs`, scored by the engine).
 Usage counts tokens: the prompt once, completion tokens summed over choices.
 """
 
@@ -22,7 +24,6 @@ from aiohttp import web
 from paraloop.config import EngineConfig
 from paraloop.engine import RowAccumulator
 from paraloop.engine.admission import check_sizes
-from paraloop.engine.scoring import PromptLogprobs
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.chat_rules import check_messages, template_messages
 from paraloop.server.engine_calls import (
@@ -35,6 +36,13 @@ from paraloop.server.engine_calls import (
 )
 from paraloop.server.errors import bad_request, error_body, log
 from paraloop.server.limits import check_chat_size, check_text, check_token_count, request_errors
+from paraloop.server.logprob_objects import (
+    chat_logprobs,
+    check_prompt_top,
+    completion_logprobs,
+    echoed_logprobs,
+    vllm_prompt_logprobs,
+)
 from paraloop.server.schemas import (
     ChatBody,
     CompletionBody,
@@ -78,10 +86,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def token_text(tokenizer: Any, token: int) -> str:
-    return tokenizer.decode([token])
-
-
 def extras(row: RowAccumulator) -> dict[str, Any]:
     return {
         "token_ids": row.tokens,
@@ -98,34 +102,6 @@ def top_level_versions(rows: list[RowAccumulator], current: int) -> dict[str, An
         "adapter_version": distinct[0] if distinct else current,
         "adapter_versions": distinct or [current],
     }
-
-
-# --- logprobs objects -------------------------------------------------------------------------------------------
-
-
-def completion_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int, offset: int = 0) -> dict[str, Any]:
-    """Legacy completions `logprobs`: tokens, token_logprobs, top_logprobs (None when k == 0), text_offset."""
-    texts = [token_text(tokenizer, t) for t in row.tokens]
-    offsets = []
-    for text in texts:
-        offsets.append(offset)
-        offset += len(text)
-    top = [{token_text(tokenizer, t): lp for t, lp in alts[:k]} for alts in row.top_logprobs] if k else None
-    return {"tokens": texts, "token_logprobs": row.logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def _chat_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
-    text = token_text(tokenizer, token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-
-def chat_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int) -> dict[str, Any]:
-    content = []
-    for token, lp, alts in zip(row.tokens, row.logprobs, row.top_logprobs, strict=True):
-        entry = _chat_entry(tokenizer, token, lp)
-        entry["top_logprobs"] = [_chat_entry(tokenizer, t, a) for t, a in alts[:k]]
-        content.append(entry)
-    return {"content": content, "refusal": None}
 
 
 # --- request -> engine request -------------------------------------------------------------------------------------
@@ -160,41 +136,6 @@ def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
     with request_errors(fields):
         state.engine.check(request)
     return Prepared(request, fields=fields, model=body.model or state.model_name)
-
-
-def check_prompt_top(top: int | None, *, config: EngineConfig) -> None:
-    if top is not None and top > config.max_top_logprobs:
-        raise bad_request("prompt_logprobs", f"{top} alternatives, more than engine.max_top_logprobs="
-                          f"{config.max_top_logprobs}")  # fmt: skip
-
-
-def vllm_prompt_logprobs(tokenizer: Any, tokens: list[int], scores: PromptLogprobs, *, k: int) -> list[Any]:
-    """vLLM's `prompt_logprobs`: None for the first token, then per token {id: {logprob, rank, decoded_token}},
-    the prompt's own token first, then the `k` most likely alternatives."""
-    out: list[Any] = [None]
-    for token, lp, rank, alts in zip(tokens[1:], scores.chosen, scores.ranks, scores.top, strict=True):
-        entry = {str(token): {"logprob": lp, "rank": rank, "decoded_token": token_text(tokenizer, token)}}
-        for i, (alt, alt_lp) in enumerate(alts[:k]):
-            entry.setdefault(str(alt), {"logprob": alt_lp, "rank": i + 1, "decoded_token": token_text(tokenizer, alt)})
-        out.append(entry)
-    return out
-
-
-def echoed_logprobs(
-    tokenizer: Any, tokens: list[int], scores: PromptLogprobs, row: RowAccumulator, *, k: int
-) -> dict[str, Any]:
-    """Legacy `logprobs` with echo: the prompt's tokens first (the first has no log-prob: null), then the row's."""
-    prompt = completion_logprobs(tokenizer, RowAccumulator(tokens=tokens[1:], logprobs=scores.chosen,
-                                                           top_logprobs=scores.top), k=k)  # fmt: skip
-    first = token_text(tokenizer, tokens[0])
-    generated = completion_logprobs(tokenizer, row, k=k, offset=len(first) + sum(map(len, prompt["tokens"])))
-    top = None if not k else [None, *prompt["top_logprobs"], *generated["top_logprobs"]]
-    return {
-        "tokens": [first, *prompt["tokens"], *generated["tokens"]],
-        "token_logprobs": [None, *prompt["token_logprobs"], *generated["token_logprobs"]],
-        "top_logprobs": top,
-        "text_offset": [0, *(o + len(first) for o in prompt["text_offset"]), *generated["text_offset"]],
-    }
 
 
 RESERVED_TEMPLATE_KWARGS = frozenset(
