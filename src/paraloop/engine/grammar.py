@@ -63,7 +63,10 @@ class Grammar:
 def compile_grammar(grammar: str, tokenizer: Any) -> Grammar:
     """The grammar compiled for `tokenizer`; GrammarError with llguidance's reason when it cannot be built."""
     llg_tokenizer = grammar_tokenizer(tokenizer)
-    matcher = llguidance.LLMatcher(llg_tokenizer, grammar, log_level=0, limits=limits())
+    try:
+        matcher = llguidance.LLMatcher(llg_tokenizer, grammar, log_level=0, limits=limits())
+    except (ValueError, RuntimeError) as e:  # llguidance reports grammar errors in-band; this is for anything else
+        raise GrammarError(str(e)) from None
     if not matcher.is_error():
         matcher.compute_bitmask()  # the first mask builds the lexer lazily: a schema no value satisfies fails here
     if matcher.is_error():
@@ -75,11 +78,17 @@ def compile_grammar(grammar: str, tokenizer: Any) -> Grammar:
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
-    return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)  # type: ignore[arg-type]
+    except (ValueError, RecursionError) as e:
+        raise GrammarError(str(e)) from None
 
 
 def lark_grammar(lark: str) -> str:
-    return llguidance.LLMatcher.grammar_from_lark(lark)
+    try:
+        return llguidance.LLMatcher.grammar_from_lark(lark)
+    except ValueError as e:  # e.g. a lone surrogate (JSON allows "\ud800"; UTF-8 does not)
+        raise GrammarError(str(e)) from None
 
 
 class RowGrammar:

@@ -74,7 +74,7 @@ def decoded_arguments(arguments: str) -> Any:
     """Arguments as templates expect them (a dict); text that is not a JSON object stays as it was sent."""
     try:
         value = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python's parser goes
         return arguments
     return value if isinstance(value, dict) else arguments
 

@@ -51,7 +51,10 @@ def tool_grammar(plan: ToolPlan, *, max_bytes: int) -> tuple[str, str]:
     start, end = plan.format.start, plan.format.end
     calls = 'call ("\\n" call)*' if plan.parallel else "call"
     lark = f"start: {calls}\ncall: {compact(start + chr(10))} %json {text} {compact(chr(10) + end)}\n"
-    return lark_grammar(lark), "tools"
+    try:
+        return lark_grammar(lark), "tools"
+    except GrammarError as e:
+        raise bad_request("tools", f"invalid parameters schema: {e}") from None
 
 
 def format_grammar(body: ChatBody, *, max_bytes: int) -> tuple[str, str] | None:
@@ -62,7 +65,10 @@ def format_grammar(body: ChatBody, *, max_bytes: int) -> tuple[str, str] | None:
         schema = ANY_OBJECT if fmt.json_schema.schema is None else fmt.json_schema.schema
         field = "response_format.json_schema.schema"
         check_size(compact(schema), field=field, max_bytes=max_bytes)
-        return json_schema_grammar(schema), field
+        try:
+            return json_schema_grammar(schema), field
+        except GrammarError as e:
+            raise bad_request(field, f"invalid JSON schema: {e}") from None
     return None
 
 

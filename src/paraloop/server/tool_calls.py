@@ -129,7 +129,7 @@ def tool_plan(body: ChatBody, tokenizer: Any) -> ToolPlan | None:
 
 def call_object(parsed: dict[str, Any], index: int) -> dict[str, Any]:
     arguments = parsed.get("arguments", {})
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False, default=str)
     call_id = parsed.get("id") if isinstance(parsed.get("id"), str) else f"call_{uuid.uuid4().hex[:24]}"
     return {"index": index, "id": call_id, "type": "function",
             "function": {"name": str(parsed.get("name", "")), "arguments": text}}  # fmt: skip
