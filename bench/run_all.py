@@ -23,7 +23,8 @@ from bench import report
 from bench.harness import RESULTS, ROOT, Context, Line, machine, table, write_json
 
 MODULES = ["http_serving", "multi_lora", "grpo_group", "multi_turn", "swap_pause", "learner", "paraloop_run",
-           "cpu_path", "decode_step", "distributed", "learner_memory", "replay"]  # benchmarks sharing servers stay next to each other
+           "cpu_path", "decode_step", "constrained", "distributed", "learner_memory",
+           "replay"]  # benchmarks sharing servers stay next to each other
 HARD_LIMIT_FACTOR = 3
 DOCS = ROOT / "docs" / "benchmarks.md"
 

@@ -150,12 +150,53 @@ def well_formed() -> st.SearchStrategy[FuzzRequest]:
                      sampling, text)
     gen = st.builds(lambda s, ids: ("/generate", {**s, "prompt": {"prompt_token_ids": ids}}), sampling,
                     st.lists(st.integers(1, 900), min_size=1, max_size=8))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer"}}}}}]
+    constrained = st.sampled_from([{"response_format": {"type": "json_object"}}, {"tools": tools},
+                                   {"tools": tools, "tool_choice": "required"}])
+    agents = st.builds(lambda s, c: ("/v1/chat/completions", {**s, **c, "ignore_eos": False,
+                                                              "messages": [{"role": "user", "content": "hi"}]}),
+                       sampling, constrained)
     gets = st.sampled_from([("/health", None), ("/v1/models", None), ("/openapi.json", None),
                             ("/control/status", None), ("/metrics", None)])
-    return st.one_of(completion, chat, gen, gets).map(
+    return st.one_of(completion, chat, gen, agents, gets).map(
         lambda pb: FuzzRequest("well_formed", "POST" if pb[1] is not None else "GET", pb[0],
                                encode(pb[1]) if pb[1] is not None else None)
     )
+
+
+HOSTILE_SCHEMAS = [
+    {"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+    {"type": "array", "minItems": 10**9, "items": {"type": "integer"}}, {"type": "string", "minLength": 10**9},
+    {"type": "string", "pattern": "(a*)*b"}, {"type": "string", "pattern": "[a-z]{1000}{1000}"},
+    {"type": "string", "pattern": "(a"}, {"type": "integer", "minimum": 5, "maximum": 1}, {"not": {}},
+    {"enum": list(range(5000))}, {"type": "string", "format": "nonsense"}, {"type": "integer", "multipleOf": 0},
+    {"anyOf": [{"type": "string", "pattern": f"^{i}[a-z]+$"} for i in range(500)]}, {"type": 5}, {"$ref": 5},
+    {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}},
+]
+
+
+def agent_bodies() -> st.SearchStrategy[FuzzRequest]:
+    """Chat bodies with hostile tools, tool_choice, response_format and tool histories: answered 200 or 4xx, in time
+    (a grammar that cannot start is refused; one that runs out of fuel ends its answer)."""
+    schema = st.sampled_from(HOSTILE_SCHEMAS) | st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+    tool = st.builds(lambda name, params: {"type": "function", "function": {"name": name, "parameters": params}},
+                     st.sampled_from(["f", "g", "bad name", ""]) | st.text(max_size=70), schema)
+    choice = st.sampled_from(["auto", "none", "required", "any", {"type": "function", "function": {"name": "f"}}])
+    call = st.fixed_dictionaries({"id": st.sampled_from(["c1", "c2"]), "type": st.just("function"), "function":
+                                  st.fixed_dictionaries({"name": st.just("f"), "arguments": st.text(max_size=20)})})
+    history = st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "tool", "system"])},
+        optional={"content": st.none() | st.text(max_size=8), "tool_calls": st.lists(call, max_size=2),
+                  "tool_call_id": st.sampled_from(["c1", "c2", "zz"])}), min_size=1, max_size=4)
+    fmt = st.one_of(st.just({"type": "json_object"}), st.just({"type": "text"}), schema.map(
+        lambda s: {"type": "json_schema", "json_schema": {"name": "s", "schema": s}}), json_values)
+    body = st.fixed_dictionaries(
+        {"messages": history | st.just([{"role": "user", "content": "hi"}]), "max_tokens": st.integers(1, 8)},
+        optional={"tools": st.lists(tool, max_size=3), "tool_choice": choice, "parallel_tool_calls": st.booleans(),
+                  "response_format": fmt, "stream": st.booleans(), "n": st.integers(1, 2), "seed": st.integers(0, 9)})
+    return body.map(lambda b: FuzzRequest("agents", "POST", "/v1/chat/completions", encode(b)))
 
 
 def requests(doc: dict[str, Any]) -> st.SearchStrategy[FuzzRequest]:
@@ -193,6 +234,6 @@ def requests(doc: dict[str, Any]) -> st.SearchStrategy[FuzzRequest]:
         lambda mp: mp[1].rstrip("/") not in {p for p, _ in ops}
     ).map(lambda mp: FuzzRequest("unknown_path", mp[0], mp[1], None))
     weighted = [(well_formed(), 1), (by_schema, 4), (broken, 8), (no_body, 2), (wrong_method, 1), (content_type, 1),
-                (garbage, 1), (unknown_path, 1)]
+                (garbage, 1), (unknown_path, 1), (agent_bodies(), 2)]
     choices = [strategy for strategy, weight in weighted for _ in range(weight)]
     return st.sampled_from(range(len(choices))).flatmap(lambda i: choices[i])

@@ -123,7 +123,9 @@ def test_streaming_generate_sends_cumulative_ndjson_lines(server):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"prompt": {"prompt_token_ids": [5]}, "prompt_logprobs": 1}, "prompt_logprobs"),
+        ({"prompt": {"prompt_token_ids": [5]}, "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt": {"prompt_token_ids": [5]}, "prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt": {"prompt_token_ids": [5]}, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         ({"prompt": {"prompt_token_ids": []}}, "prompt.prompt_token_ids"),
         ({"prompt": {"prompt_token_ids": [5, 99999]}}, "prompt.prompt_token_ids"),
         ({"prompt": {"token_ids": [5]}}, "prompt.token_ids"),

@@ -113,8 +113,12 @@ def test_deep_nesting_is_a_400(server, depth):
     raw = json.dumps({"messages": USER, "chat_template_kwargs": {"x": 0}}).replace("0}", nested + "}").encode()
     error = refused(server, CHAT, raw)
     assert "nested more than 8 levels" in error["message"]
-    calls = json.dumps({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"f": [[[[[[1]]]]]]}]}]})
-    assert refused(server, CHAT, calls.encode())["param"] == "messages[0].tool_calls[0]"
+    tools = json.dumps({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "a": [[[[[1]]]]]}}}]})
+    assert refused(server, CHAT, tools.encode())["param"] == "tools[0].function.parameters"
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"a": [[[[[1]]]]]}}}
+    fmt = json.dumps({"messages": USER, "response_format": schema})
+    assert refused(server, CHAT, fmt.encode())["param"] == "response_format.json_schema.schema"
     refused(server, "/v1/completions", ("[" * depth + "]" * depth).encode())  # not even an object
     assert_still_serving(server)
 

@@ -174,7 +174,8 @@ def probe_requests(probe: str) -> list[tuple[str, dict]]:
             {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": probe}}]}]}),
         ("/v1/chat/completions", {"max_tokens": 1, "messages": [
             {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "", "tool_calls": [{"id": probe, "function": {"name": probe}}]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": probe, "type": "function", "function": {"name": probe, "arguments": probe}}]},
             {"role": "tool", "content": probe, "tool_call_id": probe}]}),
         ("/generate", {"prompt": {"prompt": probe}, "model": probe, "max_tokens": 1}),
         ("/generate", {"prompt": probe, "lora_path": probe, "max_tokens": 1}),

@@ -46,6 +46,10 @@ class ServerConfig(Section):
     Origin header, which only browsers send, is answered 403: a page you visit cannot drive a local server."""
     max_json_depth: int = Field(32, ge=4, le=256)
     """Deepest nesting of arrays and objects accepted in a request body (deeper: HTTP 400)."""
+    max_schema_bytes: int = Field(64 * 1024, ge=256)
+    """Largest JSON schema compiled into a grammar for constrained output (`response_format`'s schema, or all tools'
+    parameters together for a required tool call), measured as compact JSON; larger: HTTP 400. The compiler's own
+    fuel limits (engine/grammar.py) bound the work a schema under this size can cause."""
     served_model_name: str | None = None
     """The model's id in /v1/models and in requests' `model` field (default: the model directory's name); it
     selects the default adapter: the policy when one is served, else the base model (docs/api.md, Adapters)."""

@@ -43,6 +43,7 @@ class SamplingParams(Msg):
     ignore_eos: bool = False
     seed: int | None = None  # makes the request's samples reproducible
     top_logprobs: int = 0  # how many alternatives to report per token (0: none)
+    grammar: Any = None  # engine/grammar.Grammar (compiled, by reference): rows sample only what it allows
 
 
 class GenerateRequest(Msg):
@@ -62,7 +63,7 @@ class TokenEvent(Msg, gc=False):
     row: int
     token: int
     logprob: float  # log p(token) under the distribution it was sampled from: log_softmax(logits / T), over the
-    # kept set when top-k / top-p / min-p filtered it (T=1 when greedy)
+    # kept set when top-k / top-p / min-p filtered it (T=1 when greedy); a grammar's mask is not applied
     version: int  # adapter version whose forward pass produced this token
     text: str  # the text this token adds (may be "" while a multi-byte character or a stop string is pending)
     finish_reason: Literal["stop", "length", "abort"] | None = None

@@ -103,6 +103,9 @@ def validate(request: GenerateRequest, *, config: EngineConfig, vocab: int) -> N
     bad = [t for t in p.stop_token_ids if not 0 <= t < vocab]
     if bad:
         raise RequestError("stop_token_ids", f"token id {_short(bad[0])} is outside the vocabulary [0, {vocab})")
+    if p.grammar is not None and p.ignore_eos:
+        raise RequestError("ignore_eos", "cannot be combined with constrained output (response_format, tool_choice): "
+                           "a complete answer allows only the end of the sequence")  # fmt: skip
 
 
 def _short(value: int) -> str:

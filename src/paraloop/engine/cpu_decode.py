@@ -50,7 +50,8 @@ class RowLogprobs:
 class NumpySampler:
     """One row's (or, unseeded, a setting's) sampling parameters and PRNG, for `sample_rows`."""
 
-    def __init__(self, params: SamplingParams, rng: np.random.Generator) -> None:
+    def __init__(self, params: SamplingParams, rng: np.random.Generator, grammar: Any = None) -> None:
+        self.grammar = grammar  # engine/grammar.RowGrammar: the row samples only what it allows
         self.temperature = effective_temperature(params.temperature)  # under GREEDY_BELOW: greedy
         self.top_k, self.top_p, self.min_p = params.top_k, params.top_p, params.min_p
         self.top_logprobs = params.top_logprobs
@@ -81,21 +82,11 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
     tokens = np.empty(len(samplers), np.uint32)
     keeps: list[np.ndarray | None] = [None] * len(samplers)
     for i, s in enumerate(samplers):
-        if s.temperature == 0:
-            tokens[i] = int(np.argmax(scaled[i]))
-            continue
-        w = weights[i]
-        if s.filtered:
-            keeps[i] = filter_row(scaled[i], top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
-            w = np.where(keeps[i], w, 0.0)
-        total = float(w.sum(dtype=np.float64))
-        if not (np.isfinite(total) and total > 0):  # non-finite logits: take the argmax rather than fail the step
-            tokens[i] = int(np.nanargmax(scaled[i])) if not np.isnan(scaled[i]).all() else 0
-            keeps[i] = None
-            continue
+        tokens[i], keeps[i], total = _sample_row(scaled[i], weights[i], s)
+        if s.grammar is not None:
+            s.grammar.advance(tokens[i])
         if keeps[i] is not None:  # the kept set's normaliser: log-probs of the distribution sampled from
             lse[i] = peak[i, 0] + np.float32(np.log(total))
-        tokens[i] = _draw(w, s.rng.random())
     rows = np.arange(len(samplers))
     chosen = (scaled[rows, tokens] - lse).tolist()
     out = []
@@ -111,6 +102,55 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
             top = list(zip(ids.tolist(), values.tolist(), strict=True))
         out.append(RowLogprobs(chosen[i], top, int(keeps[i].sum()) if keeps[i] is not None else 0))
     return tokens, out
+
+
+def _sample_row(z: np.ndarray, w: np.ndarray, s: NumpySampler) -> int:
+    """One row's token from its tempered logits `z` and weights `w`. With a grammar, the row samples among the
+    tokens it allows (indexed, not masked: often a handful of a vocabulary's tokens), and the filters apply to those
+    (as vLLM applies logits processors first), so top-p keeps a nucleus of allowed tokens."""
+    ids = None
+    if s.grammar is not None:
+        ids = np.flatnonzero(s.grammar.allowed(z.shape[0]))
+        z, w = z[ids], w[ids]
+    if s.temperature == 0:
+        token = int(np.argmax(z))
+    else:
+        if s.filtered:
+            w = np.where(filter_row(z, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
+        total = float(w.sum(dtype=np.float64))
+        if np.isfinite(total) and total > 0:
+            token = _draw(w, s.rng.random())
+        else:  # non-finite logits (or every allowed weight underflowed): the argmax rather than fail the step
+            token = int(np.nanargmax(z)) if not np.isnan(z).all() else 0
+    return token if ids is None else int(ids[token])
+
+
+def _sample_row(z: np.ndarray, w: np.ndarray, s: NumpySampler) -> tuple[int, np.ndarray | None, float]:
+    """One row's token from its tempered logits `z` and weights `w`, the kept set it was drawn from (a mask over the
+    vocabulary; None: all of it) and that set's total weight. With a grammar, the row samples among the tokens it
+    allows (indexed, not masked: often a handful of a vocabulary's tokens), and the filters apply to those (as vLLM
+    applies logits processors first), so top-p keeps a nucleus of allowed tokens; such a row records no kept set
+    (the learner cannot rebuild a grammar's mask), and its log-probs stay the unconstrained distribution's."""
+    ids = None
+    if s.grammar is not None:
+        ids = np.flatnonzero(s.grammar.allowed(z.shape[0]))
+        z, w = z[ids], w[ids]
+    keep, total = None, 0.0
+    if s.temperature == 0:
+        token = int(np.argmax(z))
+    else:
+        if s.filtered:
+            keep = filter_row(z, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
+            w = np.where(keep, w, 0.0)
+        total = float(w.sum(dtype=np.float64))
+        if np.isfinite(total) and total > 0:
+            token = _draw(w, s.rng.random())
+        else:  # non-finite logits (or every allowed weight underflowed): the argmax rather than fail the step
+            token = int(np.nanargmax(z)) if not np.isnan(z).all() else 0
+            keep = None
+    if ids is not None:
+        return int(ids[token]), None, 0.0
+    return token, keep, total
 
 
 def _draw(weights: np.ndarray, u: float) -> int:

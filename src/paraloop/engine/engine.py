@@ -26,8 +26,20 @@ from paraloop.config import EngineConfig, Settings
 from paraloop.engine.adapters import Adapter, Adapters
 from paraloop.engine.admission import Admission, validate
 from paraloop.engine.lora_rows import RowAdapters
+from paraloop.engine.scoring import PromptLogprobs
 from paraloop.engine.served import Recorder, ServedIndex
-from paraloop.engine.worker import NO_TOKEN, Cancel, Handle, Insert, Install, Stop, Swap, Uninstall, Worker
+from paraloop.engine.worker import (
+    NO_TOKEN,
+    Cancel,
+    Handle,
+    Insert,
+    Install,
+    Score,
+    Stop,
+    Swap,
+    Uninstall,
+    Worker,
+)
 from paraloop.lora import AdapterSlots, has_lora
 from paraloop.messages import AdapterSwapped, Completion, GenerateRequest, TokenEvent
 
@@ -240,6 +252,22 @@ class Engine:
                 send.close()
                 self.adapters.release(handle.adapter)
         return results
+
+    async def score(self, request: GenerateRequest) -> PromptLogprobs:
+        """The log-probs of `request.prompt_tokens` (positions 1..T-1) under its adapter, with
+        `params.top_logprobs` alternatives; admitted and bounded like a generation (EngineBusy, RequestError)."""
+        self.check(request)
+        adapter = await self.adapters.acquire(request.adapter)
+        try:
+            cost = self._admission.admit(request)
+            try:
+                scored = self._post(lambda reply: Score(list(request.prompt_tokens), adapter,
+                                                        request.params.top_logprobs, reply))  # fmt: skip
+                return await scored()
+            finally:
+                self._admission.release(1, cost)
+        finally:
+            self.adapters.release(adapter)
 
     async def swap_adapter(self, arrays: dict[str, mx.array], version: int, *, drain: bool = False) -> AdapterSwapped:
         """Serve `arrays` (evaluated; shared by reference) as adapter `version` from the next decode step on.

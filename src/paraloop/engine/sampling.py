@@ -189,6 +189,27 @@ def token_logprobs(
     return chosen, ids, vals, kept
 
 
+class GrammarSampler:
+    """A constrained row on mlx-lm's path: its logits masked by its grammar before the row's own sampler draws.
+
+    The token drawn stays lazy until the next call (mlx-lm evaluates a step while the next is being built), so the
+    grammar consumes it then; that `item()` waits for the previous step, the price of a mask that depends on it.
+    """
+
+    def __init__(self, params: SamplingParams, key: mx.array, grammar: Any) -> None:
+        self.inner = RowSampler(params, key)
+        self.grammar = grammar
+        self._drawn: mx.array | None = None
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self._drawn is not None:
+            self.grammar.advance(self._drawn.item())
+        allowed = mx.array(self.grammar.allowed(logprobs.shape[-1]))
+        masked = mx.where(allowed, logprobs, mx.array(-float("inf"), dtype=logprobs.dtype))
+        self._drawn = greedy(masked) if self.inner.temperature == 0 else self.inner(masked)
+        return self._drawn
+
+
 class RowSamplers:
     """Makes the samplers of a request's rows: MLX ones for mlx-lm's decode step, NumPy ones for the CPU step.
 
@@ -197,15 +218,18 @@ class RowSamplers:
     batch's order). Seeded rows get their own key, so their samples do not depend on what else is in the batch.
     """
 
-    def __init__(self, *, numpy: bool, engine_seed: int) -> None:
+    def __init__(self, *, numpy: bool, engine_seed: int, eos: list[int] | None = None) -> None:
         self.numpy = numpy
         self.engine_seed = engine_seed
+        self.eos = eos or []  # a failed grammar allows only these
         self._made = 0  # keys made for unseeded settings
         self._shared: dict[tuple, Any] = {}
 
     def __call__(self, params: SamplingParams, n: int) -> list[Any]:
         from paraloop.engine.cpu_decode import NumpySampler, row_generators  # it imports this module
 
+        if params.grammar is not None:
+            return self._constrained(params, n)
         if not self.numpy and effective_temperature(params.temperature) == 0:
             return [greedy] * n
         if params.seed is not None:
@@ -226,6 +250,21 @@ class RowSamplers:
                 self._shared[setting] = RowSampler(params, key)
             self._made += 1
         return [self._shared[setting]] * n
+
+    def _constrained(self, params: SamplingParams, n: int) -> list[Any]:
+        """Each row its own grammar state, hence its own sampler (seeded as any row; unseeded: the counter's)."""
+        from paraloop.engine.cpu_decode import NumpySampler, row_generators
+        from paraloop.engine.grammar import row_grammars
+
+        grammars = row_grammars(params.grammar, n, self.eos)
+        seed, counter = (params.seed, 0) if params.seed is not None else (None, self._made)
+        engine_seed = 0 if params.seed is not None else self.engine_seed
+        self._made += params.seed is None
+        if self.numpy:
+            generators = row_generators(n=n, seed=seed, engine_seed=engine_seed, counter=counter)
+            return [NumpySampler(params, g, grammar) for g, grammar in zip(generators, grammars, strict=True)]
+        keys = row_keys(n=n, seed=seed, engine_seed=engine_seed, counter=counter)
+        return [GrammarSampler(params, k, grammar) for k, grammar in zip(keys, grammars, strict=True)]
 
 
 def step_logprobs(

@@ -42,10 +42,11 @@ from paraloop.engine import cpu_kernels
 from paraloop.engine.adapters import Adapter
 from paraloop.engine.batches import Routed
 from paraloop.engine.cpu_decode import make_generator
-from paraloop.engine.lora_rows import FIRST_NAMED, RowAdapters
+from paraloop.engine.lora_rows import FIRST_NAMED, RowAdapters, selected
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, STATS_OFF, CacheKey, PrefixCache, supports
 from paraloop.engine.sampling import Filters, RowSamplers, effective_temperature, row_filters, step_logprobs
+from paraloop.engine.scoring import prompt_logprobs
 from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
 from paraloop.lora import AdapterSlots
@@ -89,6 +90,14 @@ class Swap:
 class Install:
     adapter: Adapter  # read and checked (adapters.py): its arrays are evaluated
     reply: Callable[[float | Exception], None]  # called on this thread: the pause in seconds, or why it failed
+
+
+@dataclass(eq=False)
+class Score:
+    tokens: list[int]  # a prompt: its log-probs under `adapter` (scoring.py)
+    adapter: Adapter
+    top: int
+    reply: Callable[[Any], None]  # called on this thread: the PromptLogprobs, or why it failed
 
 
 @dataclass(eq=False)
@@ -161,7 +170,7 @@ class Worker:
         self._uids: dict[Handle, list[int]] = {}
         self._left: dict[Handle, int] = {}  # rows not finished yet, per request
         self._numpy = config.decode == "cpu" or (config.decode == "auto" and mx.default_device() == mx.cpu)
-        self._samplers = RowSamplers(numpy=self._numpy, engine_seed=config.seed)
+        self._samplers = RowSamplers(numpy=self._numpy, engine_seed=config.seed, eos=self.eos_ids)
         self._last_step_version = version
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0
@@ -286,6 +295,8 @@ class Worker:
         elif isinstance(command, Uninstall):
             command.adapter.dropping = True
             self._free(command.adapter)
+        elif isinstance(command, Score):
+            self._score(command)
         else:
             raise TypeError(f"unknown engine command {command!r}")
 
@@ -314,6 +325,18 @@ class Worker:
         command.reply(pause)
         if self._prefix is not None:
             self._prefix.release_retired()  # ... and are freed after the pause
+
+    def _score(self, command: Score) -> None:
+        """A prompt's log-probs, between two decode steps, under the adapter the request holds."""
+        position = command.adapter.position
+        assert position is not None, "a held adapter is installed"
+        try:
+            with selected([position]):  # the generator's model: float32 logits, routed LoRA layers
+                result = prompt_logprobs(self.gen.model, command.tokens, top=command.top)
+        except Exception as e:  # reported to the request; the engine goes on
+            command.reply(e)
+            return
+        command.reply(result)
 
     # --- named adapters ----------------------------------------------------------------------------------------------
 
@@ -591,6 +614,8 @@ class Worker:
                 command.reply(RuntimeError("the engine stopped before the adapter swap was applied"))
             elif isinstance(command, Install):
                 command.reply(RuntimeError(f"the engine stopped before adapter {command.adapter.name!r} was loaded"))
+            elif isinstance(command, Score):
+                command.reply(RuntimeError("the engine stopped before the prompt was scored"))
         for handle in waiting:
             by_handle[handle] = [self._abort_event(handle, i) for i in range(handle.request.n)]
         self._waiting.clear()

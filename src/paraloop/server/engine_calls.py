@@ -6,12 +6,15 @@ Leaving early (the client went away, so aiohttp cancelled the handler; or a writ
 the engine's iterator via `aclosing`, which frees the request's rows in the engine.
 """
 
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, aclosing
-from typing import NamedTuple
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
+from typing import Any, NamedTuple
+
+import msgspec
 
 from paraloop.engine import EngineBusy, RequestError, RowAccumulator
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
+from paraloop.engine.scoring import PromptLogprobs
 from paraloop.messages import GenerateRequest, TokenEvent
 from paraloop.server.errors import APIError, bad_request
 from paraloop.server.limits import request_error
@@ -27,6 +30,7 @@ class Prepared(NamedTuple):
     request: GenerateRequest
     fields: dict[str, str]
     model: str = ""  # the model id the request named (echoed in the response), or the served name
+    tools: Any = None  # chat: the request's tool_calls.ToolPlan (calls are parsed out of the text), or None
 
 
 def distinct_versions(versions: list[int]) -> list[int]:
@@ -41,15 +45,31 @@ def open_generation(
 
 
 async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, str]) -> TokenEvent | None:
-    """Pull the first event, where the engine refuses a request: EngineBusy -> 429, RequestError -> 400 naming the
-    HTTP field (`fields` maps engine field names such as "prompt" to the route's own, e.g. "messages"), a `model`
-    that names no adapter -> 404, an adapter that cannot be loaded -> 400."""
+    """Pull the first event, where the engine refuses a request (`refusals`)."""
+    with refusals(fields):
+        try:
+            event = await anext(events)
+        except StopAsyncIteration:
+            return None
+    first_token()
+    return event
+
+
+async def score(engine: Any, prepared: Prepared, *, top: int) -> PromptLogprobs:
+    """The prompt's log-probs (engine.score), refusals answered as for a generation."""
+    request = prepared.request
+    request = msgspec.structs.replace(request, params=msgspec.structs.replace(request.params, top_logprobs=top))
+    with refusals(prepared.fields):
+        return await engine.score(request)
+
+
+@contextmanager
+def refusals(fields: dict[str, str]) -> Iterator[None]:
+    """The engine's refusals as HTTP errors: EngineBusy -> 429, RequestError -> 400 naming the HTTP field (`fields`
+    maps engine field names such as "prompt" to the route's own, e.g. "messages"), a `model` that names no adapter
+    -> 404, an adapter that cannot be loaded -> 400."""
     try:
-        event = await anext(events)
-        first_token()
-        return event
-    except StopAsyncIteration:
-        return None
+        yield
     except EngineBusy as e:
         raise APIError(
             429,

@@ -27,9 +27,11 @@ from paraloop.server.engine_calls import (
     distinct_versions,
     first_event,
     open_generation,
+    score,
 )
 from paraloop.server.errors import bad_request, log
 from paraloop.server.limits import request_errors
+from paraloop.server.logprob_objects import check_prompt_top, vllm_prompt_logprobs
 from paraloop.server.openai_routes import encode_prompt, json_response
 from paraloop.server.schemas import GenerateBody, PromptObject, decode, prompt_tokens_of, sampling_params
 from paraloop.server.state import STATE, ServerState
@@ -49,11 +51,10 @@ def prompt_of(prompt: str | PromptObject | list[Any]) -> tuple[str | list[int], 
 
 
 def generate_request(state: ServerState, body: GenerateBody) -> Prepared:
-    if body.prompt_logprobs is not None:
-        raise bad_request(
-            "prompt_logprobs", "not supported (the engine reports logprobs of generated tokens only)"
-        )
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs", "not supported with stream")
     config = state.settings.engine
+    check_prompt_top(body.prompt_logprobs, config=config)
     params = sampling_params(body, engine=config, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0)
     prompt, prompt_field = prompt_of(body.prompt)
     fields = {"prompt": prompt_field, "top_logprobs": "logprobs"}
@@ -87,8 +88,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
     prompt_text = body.prompt if isinstance(body.prompt, str) else state.tokenizer.decode(gen.prompt_tokens)
     if body.stream:
         return await stream_generate(request, state, prepared, prompt_text)
+    scores = None
+    if body.prompt_logprobs is not None:
+        scores = await score(state.engine, prepared, top=body.prompt_logprobs)
     rows = await collect(state.engine, prepared)
     oldest = distinct_versions([v for row in rows for v in row.versions])
+    prompt_logprobs = None if scores is None else vllm_prompt_logprobs(state.tokenizer, gen.prompt_tokens, scores,
+                                                                       k=body.prompt_logprobs or 0)  # fmt: skip
     return json_response(
         {
             "text": [row.text for row in rows],
@@ -101,6 +107,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             "adapter_version": oldest[0] if oldest else state.engine.version,
             "adapter_versions": [distinct_versions(row.versions) for row in rows],
             "sampling_kept": [row.kept for row in rows],
+            **({"prompt_logprobs": prompt_logprobs} if prompt_logprobs is not None else {}),
         }
     )
 

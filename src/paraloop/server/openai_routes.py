@@ -5,15 +5,19 @@ In: an OpenAI request body. Out: an OpenAI response whose standard fields are ex
 `token_ids` (generated ids), `token_logprobs` (per-token logprob of the sampled token under the distribution it
 was sampled from, as the engine recorded it), `adapter` (the adapter that produced them: "policy", "base" or a
 named adapter) and `adapter_versions` (adapter versions that produced the tokens, usually one); the response
-carries `adapter`, `adapter_version` (the oldest of them) and `adapter_versions`. `model` selects the adapter
-(ServerState.adapter_of) and is echoed as given.
+carries `adapter`, `adapter_version` (the oldest of them) and `adapter_versions`; a chat choice sampled within a
+grammar (structured.py) also has `constrained: true`. `model` selects the adapter (ServerState.adapter_of) and is
+echoed as given. Chat: tools (tool_calls.py) and the message rules (chat_rules.py); completions: prompt log-probs
+(`echo`, `prompt_logprobs`, scored by the engine).
 Usage counts tokens: the prompt once, completion tokens summed over choices.
 """
 
+import json
 import time
 import uuid
 from typing import Any
 
+import anyio
 import msgspec
 from aiohttp import web
 
@@ -21,24 +25,43 @@ from paraloop.config import EngineConfig
 from paraloop.engine import RowAccumulator
 from paraloop.engine.admission import check_sizes
 from paraloop.messages import GenerateRequest, TokenEvent
+from paraloop.server.chat_rules import check_messages, template_messages
 from paraloop.server.engine_calls import (
     Prepared,
     collect,
     distinct_versions,
     first_event,
     open_generation,
+    score,
 )
 from paraloop.server.errors import bad_request, error_body, log
 from paraloop.server.limits import check_chat_size, check_text, check_token_count, request_errors
+from paraloop.server.logprob_objects import (
+    chat_logprobs,
+    check_prompt_top,
+    completion_logprobs,
+    echoed_logprobs,
+    vllm_prompt_logprobs,
+)
 from paraloop.server.schemas import (
     ChatBody,
-    ChatMessage,
     CompletionBody,
     decode,
     prompt_tokens_of,
     sampling_params,
 )
 from paraloop.server.state import STATE, ServerState
+from paraloop.server.structured import compile_source, grammar_source
+from paraloop.server.tool_calls import (
+    ToolPlan,
+    ToolSplitter,
+    add_tool_prompt,
+    finish_reason,
+    split_calls,
+    template_knows_tools,
+    tool_dicts,
+    tool_plan,
+)
 
 
 def json_response(payload: Any, *, status: int = 200) -> web.Response:
@@ -63,10 +86,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def token_text(tokenizer: Any, token: int) -> str:
-    return tokenizer.decode([token])
-
-
 def extras(row: RowAccumulator) -> dict[str, Any]:
     return {
         "token_ids": row.tokens,
@@ -85,48 +104,28 @@ def top_level_versions(rows: list[RowAccumulator], current: int) -> dict[str, An
     }
 
 
-# --- logprobs objects -------------------------------------------------------------------------------------------
-
-
-def completion_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int, offset: int = 0) -> dict[str, Any]:
-    """Legacy completions `logprobs`: tokens, token_logprobs, top_logprobs (None when k == 0), text_offset."""
-    texts = [token_text(tokenizer, t) for t in row.tokens]
-    offsets = []
-    for text in texts:
-        offsets.append(offset)
-        offset += len(text)
-    top = [{token_text(tokenizer, t): lp for t, lp in alts[:k]} for alts in row.top_logprobs] if k else None
-    return {"tokens": texts, "token_logprobs": row.logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def _chat_entry(tokenizer: Any, token: int, logprob: float) -> dict[str, Any]:
-    text = token_text(tokenizer, token)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-
-
-def chat_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int) -> dict[str, Any]:
-    content = []
-    for token, lp, alts in zip(row.tokens, row.logprobs, row.top_logprobs, strict=True):
-        entry = _chat_entry(tokenizer, token, lp)
-        entry["top_logprobs"] = [_chat_entry(tokenizer, t, a) for t, a in alts[:k]]
-        content.append(entry)
-    return {"content": content, "refusal": None}
-
-
 # --- request -> engine request -------------------------------------------------------------------------------------
 
 
 def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
-    if body.echo:
-        raise bad_request("echo", "not supported")
+    if body.echo and body.stream:
+        raise bad_request("echo", "not supported with stream")
+    if body.prompt_logprobs is not None and body.stream:
+        raise bad_request("prompt_logprobs", "not supported with stream")
     if body.suffix:
         raise bad_request("suffix", "not supported")
     if body.best_of is not None and body.best_of != (body.n or 1):
         raise bad_request("best_of", "not supported (only best_of == n)")
+    if body.max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
+        raise bad_request("max_tokens", "0 only scores the prompt: give echo or prompt_logprobs with it")
+    if body.max_tokens == 0 and body.stream:
+        raise bad_request("max_tokens", "0 (scoring the prompt only) cannot be streamed")
     config, fields = state.settings.engine, {"top_logprobs": "logprobs"}
-    params = sampling_params(body, engine=config, max_tokens=body.max_tokens, top_logprobs=body.logprobs or 0)
+    max_tokens = 1 if body.max_tokens == 0 else body.max_tokens  # checked and admitted as one token
+    params = sampling_params(body, engine=config, max_tokens=max_tokens, top_logprobs=body.logprobs or 0)
     with request_errors(fields):
         check_sizes(n=body.n or 1, params=params, config=config)
+    check_prompt_top(body.prompt_logprobs, config=config)
     tokens = encode_prompt(
         state.tokenizer, prompt_tokens_of(body.prompt, field="prompt"), field="prompt", config=config
     )
@@ -139,35 +138,27 @@ def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
     return Prepared(request, fields=fields, model=body.model or state.model_name)
 
 
-def _message_dict(i: int, message: ChatMessage) -> dict[str, Any]:
-    content: Any = message.content
-    if isinstance(content, list):  # content parts: only text is understood
-        texts = []
-        for j, part in enumerate(content):
-            if part.type != "text" or part.text is None:
-                raise bad_request(
-                    f"messages[{i}].content[{j}].type",
-                    f"only text content parts are supported, not {part.type!r}",
-                )
-            texts.append(part.text)
-        content = "".join(texts)
-    out: dict[str, Any] = {"role": message.role, "content": content if content is not None else ""}
-    for key in ("name", "tool_calls", "tool_call_id"):
-        if getattr(message, key) is not None:
-            out[key] = getattr(message, key)
-    return out
-
-
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {"conversation", "tokenize", "add_generation_prompt", "continue_final_message"}
 )
 
 
-def chat_prompt(tokenizer: Any, body: ChatBody, *, config: EngineConfig) -> list[int]:
+def chat_prompt(tokenizer: Any, body: ChatBody, plan: ToolPlan | None, *, config: EngineConfig) -> list[int]:
     """The chat template applied by the tokenizer, then encoded without adding special tokens a second time.
-    The messages' size is bounded before the template renders them, and the rendered text before it is encoded."""
-    messages = [_message_dict(i, m) for i, m in enumerate(body.messages)]
-    check_chat_size(len(messages), sum(len(m["content"]) for m in messages), config=config)
+    The messages' size is bounded before the template renders them, and the rendered text before it is encoded.
+    Tools go to a template that renders them, else into the system message (tool_calls.add_tool_prompt)."""
+    check_messages(body.messages)
+    messages = template_messages(body.messages, template_knows_tools=template_knows_tools(tokenizer))
+    tool_kwargs: dict[str, Any] = {}
+    tool_chars = 0
+    if plan is not None:
+        tools = tool_dicts(plan.tools)
+        tool_chars = len(json.dumps(tools))
+        if plan.format.in_template:
+            tool_kwargs["tools"] = tools
+        else:
+            messages = add_tool_prompt(messages, plan.tools)
+    check_chat_size(len(messages), sum(len(m["content"]) for m in messages) + tool_chars, config=config)
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(body.chat_template_kwargs or {}))
     if reserved:
         raise bad_request("chat_template_kwargs", f"{', '.join(reserved)} cannot be set here")
@@ -179,6 +170,7 @@ def chat_prompt(tokenizer: Any, body: ChatBody, *, config: EngineConfig) -> list
             tokenize=False,
             add_generation_prompt=body.add_generation_prompt,
             continue_final_message=body.continue_final_message,
+            **tool_kwargs,
             **(body.chat_template_kwargs or {}),
         )
     except Exception as e:  # a template's raise_exception() (e.g. roles out of order) is the client's input
@@ -187,7 +179,7 @@ def chat_prompt(tokenizer: Any, body: ChatBody, *, config: EngineConfig) -> list
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_request(state: ServerState, body: ChatBody) -> Prepared:
+async def chat_request(state: ServerState, body: ChatBody) -> Prepared:
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs", "requires logprobs=true")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -199,16 +191,21 @@ def chat_request(state: ServerState, body: ChatBody) -> Prepared:
     params = sampling_params(body, engine=config, max_tokens=max_tokens, top_logprobs=k)
     with request_errors(fields):
         check_sizes(n=body.n or 1, params=params, config=config)
+    plan = tool_plan(body, state.tokenizer)
+    prompt = chat_prompt(state.tokenizer, body, plan, config=config)
+    source = grammar_source(body, plan, max_bytes=state.settings.server.max_schema_bytes)
+    grammar = None if source is None else await anyio.to_thread.run_sync(compile_source, source, state.tokenizer)
     request = GenerateRequest(
         request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        prompt_tokens=chat_prompt(state.tokenizer, body, config=config),
+        prompt_tokens=prompt,
         n=body.n or 1,
-        params=params,
+        params=msgspec.structs.replace(params, grammar=grammar),
         adapter=state.adapter_of(body.model),
     )
     with request_errors(fields):
         state.engine.check(request)
-    return Prepared(request, fields=fields, model=body.model or state.model_name)
+    return Prepared(request, fields=fields, model=body.model or state.model_name,
+                    tools=plan if plan is not None and plan.parse else None)  # fmt: skip
 
 
 # --- handlers --------------------------------------------------------------------------------------------------------
@@ -222,40 +219,70 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if body.stream:
         chunks = Chunks(state, prepared, chat=False, logprobs=k, include_usage=_include_usage(body))
         return await stream(request, state, prepared, chunks)
-    rows = await collect(state.engine, prepared)
-    choices = [
-        {
-            "index": i,
-            "text": row.text,
-            "logprobs": completion_logprobs(state.tokenizer, row, k=k) if k is not None else None,
-            "finish_reason": row.finish_reason,
-            **extras(row),
-        }
-        for i, row in enumerate(rows)
-    ]
+    gen = prepared.request
+    scores = None
+    if (body.echo and k is not None) or body.prompt_logprobs is not None:
+        scores = await score(state.engine, prepared, top=max(k or 0, body.prompt_logprobs or 0))
+    if body.max_tokens == 0:  # scoring only
+        rows = [RowAccumulator(finish_reason="length") for _ in range(gen.n)]
+    else:
+        rows = await collect(state.engine, prepared)
+    prompt_text = state.tokenizer.decode(gen.prompt_tokens) if body.echo else ""
+    choices = []
+    for i, row in enumerate(rows):
+        if k is None:
+            logprobs = None
+        elif body.echo:
+            assert scores is not None
+            logprobs = echoed_logprobs(state.tokenizer, gen.prompt_tokens, scores, row, k=k)
+        else:
+            logprobs = completion_logprobs(state.tokenizer, row, k=k)
+        choice = {"index": i, "text": prompt_text + row.text, "logprobs": logprobs,
+                  "finish_reason": row.finish_reason, **extras(row)}  # fmt: skip
+        if body.prompt_logprobs is not None and scores is not None:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(state.tokenizer, gen.prompt_tokens, scores,
+                                                             k=body.prompt_logprobs)  # fmt: skip
+        choices.append(choice)
     return json_response(_envelope(state, prepared, "text_completion", choices, rows))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     body = decode(await request.read(), ChatBody, max_depth=state.settings.server.max_json_depth)
-    prepared = chat_request(state, body)
+    prepared = await chat_request(state, body)
     k = (body.top_logprobs or 0) if body.logprobs else None
     if body.stream:
         chunks = Chunks(state, prepared, chat=True, logprobs=k, include_usage=_include_usage(body))
         return await stream(request, state, prepared, chunks)
     rows = await collect(state.engine, prepared)
-    choices = [
-        {
+    choices = []
+    for i, row in enumerate(rows):
+        message, finish = chat_message(prepared, row)
+        choices.append({
             "index": i,
-            "message": {"role": "assistant", "content": row.text},
+            "message": message,
             "logprobs": chat_logprobs(state.tokenizer, row, k=k) if k is not None else None,
-            "finish_reason": row.finish_reason,
+            "finish_reason": finish,
             **extras(row),
-        }
-        for i, row in enumerate(rows)
-    ]
+            **constrained(prepared),
+        })  # fmt: skip
     return json_response(_envelope(state, prepared, "chat.completion", choices, rows))
+
+
+def chat_message(prepared: Prepared, row: RowAccumulator) -> tuple[dict[str, Any], str | None]:
+    """The assistant message of a finished row (its calls parsed out when tools are offered) and its finish."""
+    if prepared.tools is None:
+        return {"role": "assistant", "content": row.text}, row.finish_reason
+    content, calls = split_calls(prepared.tools, row.text)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message, finish_reason(prepared.tools, row.finish_reason, bool(calls))
+
+
+def constrained(prepared: Prepared) -> dict[str, Any]:
+    """Marks choices sampled within a grammar: their token_logprobs are of the unconstrained distribution."""
+    return {"constrained": True} if prepared.request.params.grammar is not None else {}
 
 
 def _include_usage(body: CompletionBody | ChatBody) -> bool:
@@ -311,18 +338,25 @@ class Chunks:
         self.started: set[int] = set()
         self.offsets: dict[int, int] = {}
         self.completion_tokens = 0
+        self.splitters: dict[int, ToolSplitter] = {}  # per choice, when tool calls are parsed out
+        self.plan: ToolPlan | None = prepared.tools
+        self.constrained = constrained(prepared)
 
     def token(self, event: TokenEvent) -> dict[str, Any]:
         row = RowAccumulator().add(event)
         self.completion_tokens += len(row.tokens)
         tokenizer = self.state.tokenizer
         choice: dict[str, Any] = {"index": event.row}
+        finish = event.finish_reason
         if self.chat:
             first = event.row not in self.started
             self.started.add(event.row)
-            choice["delta"] = (
-                {"role": "assistant", "content": event.text} if first else {"content": event.text}
-            )
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if self.plan is None:
+                delta["content"] = event.text
+            else:
+                finish = self._tool_delta(event, delta, first=first)
+            choice["delta"] = delta
             choice["logprobs"] = chat_logprobs(tokenizer, row, k=self.k) if self.k is not None else None
         else:
             choice["text"] = event.text
@@ -332,12 +366,29 @@ class Chunks:
                 self.offsets[event.row] = offset + sum(len(t) for t in choice["logprobs"]["tokens"])
             else:
                 choice["logprobs"] = None
-        choice["finish_reason"] = event.finish_reason
+        choice["finish_reason"] = finish
         return {
             **self.head,
-            "choices": [choice | extras(row)],
+            "choices": [choice | extras(row) | self.constrained],
             **({"usage": None} if self.include_usage else {}),
         }
+
+    def _tool_delta(self, event: TokenEvent, delta: dict[str, Any], *, first: bool) -> str | None:
+        """Content and completed calls of this token into `delta` (OpenAI's shape: calls carry their index);
+        returns the choice's finish_reason."""
+        assert self.plan is not None
+        splitter = self.splitters.get(event.row)
+        if splitter is None:
+            splitter = self.splitters[event.row] = ToolSplitter(self.plan, tool_dicts(self.plan.tools))
+        content, calls = splitter.feed(event.text)
+        if event.finish_reason is not None:
+            rest, more = splitter.finish()
+            content, calls = content + rest, calls + more
+        if content or (first and not calls):
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = calls
+        return finish_reason(self.plan, event.finish_reason, splitter.calls > 0)
 
     def usage(self) -> dict[str, Any]:
         return {

@@ -67,8 +67,10 @@ Prompt = str | list[TokenId | str | TokenIds]
 
 class CompletionBody(OpenAISampling, kw_only=True):
     prompt: Prompt
+    max_tokens: NonNegInt | None = None  # 0 with echo or prompt_logprobs: score the prompt, generate nothing
     logprobs: NonNegInt | None = None
     echo: bool | None = None
+    prompt_logprobs: NonNegInt | None = None  # vLLM's: log-probs of the prompt's tokens, with this many alternatives
     best_of: Count | None = None
     suffix: str | None = None
 
@@ -80,12 +82,74 @@ class ContentPart(msgspec.Struct, kw_only=True):
     text: str | None = None
 
 
+class FunctionCall(Body, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(Body, kw_only=True):
+    """A call an assistant message made (OpenAI's shape; every field is required, as OpenAI requires it)."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Body, kw_only=True):
+    """One message; which fields each role needs is checked by chat_rules.check_messages, as OpenAI checks it."""
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    refusal: str | None = None  # an assistant message's refusal, as OpenAI returns it
+
+
+class FunctionDef(Body, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]  # OpenAI's rule
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema (checked when it is compiled into a grammar)
+    strict: bool | None = None
+
+
+class Tool(Body, kw_only=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Body, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Body, kw_only=True):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
+class TextFormat(Body, kw_only=True, tag_field="type", tag="text"):
+    pass
+
+
+class JsonObjectFormat(Body, kw_only=True, tag_field="type", tag="json_object"):
+    pass
+
+
+class JsonSchemaSpec(Body, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    schema: dict[str, Any] | None = None  # absent: any JSON object (OpenAI's default)
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(Body, kw_only=True, tag_field="type", tag="json_schema"):
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
 
 
 class ChatBody(OpenAISampling, kw_only=True):
@@ -96,6 +160,10 @@ class ChatBody(OpenAISampling, kw_only=True):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # e.g. {"enable_thinking": false} for Qwen3
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class PromptObject(Body, kw_only=True):
@@ -110,7 +178,7 @@ class GenerateBody(Sampling, kw_only=True):
 
     prompt: str | PromptObject | list[TokenId | str | TokenIds]
     logprobs: NonNegInt | None = None
-    prompt_logprobs: Int | None = None  # not supported (400 when set)
+    prompt_logprobs: NonNegInt | None = None  # vLLM's: log-probs of the prompt's tokens, with this many alternatives
 
 
 B = TypeVar("B", bound=Body)
@@ -145,9 +213,12 @@ def free_form_fields(body: Body) -> list[tuple[str, Any, int]]:
     if isinstance(body, ChatBody):
         if body.chat_template_kwargs is not None:
             out.append(("chat_template_kwargs", body.chat_template_kwargs, 2))
-        for i, message in enumerate(body.messages):
-            for j, call in enumerate(message.tool_calls or ()):
-                out.append((f"messages[{i}].tool_calls[{j}]", call, 5))
+        for i, tool in enumerate(body.tools or ()):
+            if tool.function.parameters is not None:
+                out.append((f"tools[{i}].function.parameters", tool.function.parameters, 4))
+        fmt = body.response_format
+        if isinstance(fmt, JsonSchemaFormat) and fmt.json_schema.schema is not None:
+            out.append(("response_format.json_schema.schema", fmt.json_schema.schema, 4))
     return out
 
 
