@@ -6,7 +6,9 @@ process for the module, on the tiny model with a sharpened output norm (`sharpen
 same tokens come from different kernels (a batched decode step vs one forward pass) and agree within 2e-4.
 """
 
+import contextlib
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -44,18 +46,28 @@ def sharpened(tiny_model_path: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def tinker_server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    state_dir = tmp_path_factory.mktemp("tinker-state")
-    tiny_model_path = sharpened(tiny_model_path, tmp_path_factory.mktemp("model") / "tiny-sharp")
+@contextlib.contextmanager
+def serving(model: Path, state_dir: Path) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """`paraloop tinker` as a child process (its own process group, killed on the way out)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PARALOOP_LOG": "info"}
-    cmd = [sys.executable, "-m", "paraloop", "tinker", "--model-path", str(tiny_model_path), "--port", "0",
+    cmd = [sys.executable, "-m", "paraloop", "tinker", "--model-path", str(model), "--port", "0",
            "--set", f"tinker.state_dir={state_dir}", "--set", "tinker.max_num_samples=16",
            "--set", "tinker.max_data=64", "--set", "tinker.max_clients=32"]  # fmt: skip
     with procs.running(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
         lines = procs.Lines(proc.stderr)
         port = lines.expect(r"Tinker API for .* on http://127\.0\.0\.1:(\d+)", timeout=120)[1]
-        yield Server(f"http://127.0.0.1:{port}", str(tiny_model_path), state_dir, lines)
+        yield Server(f"http://127.0.0.1:{port}", str(model), state_dir, lines), proc
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sharpened(tiny_model_path, tmp_path_factory.mktemp("model") / "tiny-sharp")
+
+
+@pytest.fixture(scope="module")
+def tinker_server(sharp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(sharp_model, tmp_path_factory.mktemp("tinker-state")) as (server, _):
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +198,32 @@ def test_save_and_load_continue_exactly(service: tinker.ServiceClient, tinker_se
     assert not np.array_equal(forward_logprobs(weights_only, SEQUENCES[2]), expected)
     step_dirs = list((tinker_server.state_dir / tc.model_id / "two-steps" / "checkpoints").glob("step_*"))
     assert [p.name for p in step_dirs] == ["step_000002"]
+
+
+def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -> None:
+    """save_state, then the server dies by SIGKILL mid-training; a new server on the same state directory resumes
+    the client from the checkpoint and its next steps reproduce the first server's bit for bit."""
+
+    def train(tc: tinker.TrainingClient, steps: int) -> None:
+        for _ in range(steps):
+            tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+
+    with serving(sharp_model, tmp_path) as (server, proc):
+        service = tinker.ServiceClient(base_url=server.url, api_key="tml-local")
+        tc = service.create_lora_training_client(base_model=server.model, rank=4).result()
+        train(tc, 2)
+        path = tc.save_state("before-kill").result().path
+        train(tc, 2)
+        expected = forward_logprobs(tc, SEQUENCES[0])
+        tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")  # in flight when it dies
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    with serving(sharp_model, tmp_path) as (server, _):
+        service = tinker.ServiceClient(base_url=server.url, api_key="tml-local")
+        resumed = service.create_training_client_from_state_with_optimizer(path).result()
+        train(resumed, 2)
+        np.testing.assert_array_equal(forward_logprobs(resumed, SEQUENCES[0]), expected)
 
 
 def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -> None:
