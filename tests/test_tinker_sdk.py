@@ -178,6 +178,29 @@ def test_two_clients_interleaved(service: tinker.ServiceClient, tinker_server: S
     assert len(rb.result().sequences) == 3
 
 
+def test_inflight_sampler_follows_its_trainer(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    """An inflight sampling client samples from its training client's latest inflight save; a snapshot client keeps
+    the weights it was made with."""
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    prompt, params = SEQUENCES[0][:3], types.SamplingParams(max_tokens=4, temperature=1.0, seed=5, stop=[])
+
+    def sampled_vs_learner(sampler: tinker.SamplingClient) -> float:
+        seq = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result()
+        full = prompt + seq.sequences[0].tokens
+        return float(np.abs(forward_logprobs(tc, full)[len(prompt) - 1:] - seq.sequences[0].logprobs).max())
+
+    inflight = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    assert sampled_vs_learner(inflight) < 2e-4
+    for _ in range(3):
+        tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+    assert sampled_vs_learner(snapshot) > 1e-2  # the snapshot is the old weights
+    assert sampled_vs_learner(inflight) > 1e-2  # no inflight save yet
+    tc.save_weights_and_get_sampling_client(kind="inflight").result()  # an inflight save: updates `inflight` too
+    assert sampled_vs_learner(inflight) < 2e-4  # the old client now samples the new weights
+
+
 def test_save_and_load_continue_exactly(service: tinker.ServiceClient, tinker_server: Server) -> None:
     def train(tc: tinker.TrainingClient, steps: int) -> None:
         for _ in range(steps):

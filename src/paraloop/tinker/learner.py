@@ -53,6 +53,7 @@ class TrainingModel:
     v: dict[str, mx.array] = field(default_factory=dict)
     step: int = 0  # optimizer steps taken
     version: int = 0  # sampler weights published
+    inflight: dict[str, mx.array] | None = None  # the latest inflight sampler save: what inflight samplers use
 
     def optimizer_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"step": self.step}

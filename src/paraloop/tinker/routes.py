@@ -234,9 +234,13 @@ async def save_for_sampler(request: web.Request) -> web.Response:
     name = get(body, "path", str, None)
     if name is not None and not NAME.fullmatch(name):
         raise bad_request("path", f"{name!r}: a name of letters, digits and ._- (up to 128)")
-    if get(body, "kind", str, "snapshot") != "snapshot":
-        raise bad_request("kind", "only 'snapshot' sampling clients are supported here (in-flight: docs/tinker.md)")
-    return future(request, lambda: state.save_for_sampler(model_id, name), ordered=True, model_id=model_id)
+    kind = get(body, "kind", str, "snapshot")
+    if kind not in ("snapshot", "inflight"):
+        raise bad_request("kind", f"{kind!r}: must be 'snapshot' or 'inflight'")
+    if kind == "inflight" and name is not None:
+        raise bad_request("path", "an inflight save has no name (it updates the client's inflight samplers)")
+    work = lambda: state.save_for_sampler(model_id, name, inflight=kind == "inflight")  # noqa: E731
+    return future(request, work, ordered=True, model_id=model_id)
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------

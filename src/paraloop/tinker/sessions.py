@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import mlx.core as mx
 
 from paraloop.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
@@ -41,6 +42,8 @@ class Sampler:
     model_path: str | None
     arrays: dict[str, mx.array] | None
     adapter: str | None = None  # the engine's name for it once installed
+    follows: str | None = None  # inflight: the training client whose latest inflight save it samples
+    installed: dict[str, mx.array] | None = None  # the arrays `adapter` holds
 
 
 class TinkerState:
@@ -62,6 +65,7 @@ class TinkerState:
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
         self._serial = itertools.count(1)
+        self._installing = anyio.Lock()
 
     # --- sessions and clients ----------------------------------------------------------------------------------------
 
@@ -186,27 +190,40 @@ class TinkerState:
             raise UserError(f"sampling_session_id: no sampling session {sampler_id!r}")
         return sampler
 
-    async def save_for_sampler(self, model_id: str, name: str | None) -> Result:
+    async def save_for_sampler(self, model_id: str, name: str | None, *, inflight: bool = False) -> Result:
+        """A snapshot sampler of the client's weights as of now (arrays are immutable: no copy), or (inflight) a
+        sampler that follows the client: every inflight save updates what all its inflight samplers use from their
+        next request on (Tinker's contract: a request runs on the weights saved when its client was made, or newer)."""
         tm = self.model(model_id)
         tm.version += 1
         path = f"tinker://{model_id}/sampler_weights/{name or tm.version}"
-        sampler_id = self.new_sampler(self.model_name, path, tm.arrays)  # the arrays as of now: immutable
+        sampler_id = self.new_sampler(self.model_name, path, tm.arrays)
+        if inflight:
+            tm.inflight = tm.arrays
+            self.samplers[sampler_id].follows = model_id
         await self._install(self.samplers[sampler_id])
         if name is not None:
             return Result(json={"type": "save_weights_for_sampler", "path": path})
         return Result(json={"type": "save_weights_for_sampler", "sampling_session_id": sampler_id})
 
     async def _install(self, sampler: Sampler) -> str | None:
-        """The engine's adapter name for the sampler's weights, installed from memory on first use."""
+        """The engine's adapter name for the sampler's weights, installed from memory on first use (again if the
+        engine evicted it to make room, or an inflight sampler's client saved newer weights)."""
+        if sampler.follows is not None and sampler.follows in self.models:
+            latest = self.models[sampler.follows].inflight
+            sampler.arrays = latest if latest is not None else sampler.arrays
         if sampler.arrays is None:
             return "base"
-        if sampler.adapter is None or sampler.adapter not in self.engine.adapters.names():
-            name = f"tinker:{sampler.sampler_id}"
-            try:
-                await self.engine.adapters.put(name, served(sampler.arrays))
-            except AdapterError as e:
-                raise UserError(str(e)) from None
-            sampler.adapter = name
+        async with self._installing:  # one install at a time: concurrent samples of a new sampler share it
+            if sampler.installed is not sampler.arrays or sampler.adapter not in self.engine.adapters.names():
+                name = f"tinker:{sampler.sampler_id}:{next(self._serial)}"
+                try:
+                    await self.engine.adapters.put(name, served(sampler.arrays))
+                except (AdapterError, EngineBusy) as e:
+                    raise UserError(str(e)) from None
+                old, sampler.adapter, sampler.installed = sampler.adapter, name, sampler.arrays
+                if old is not None and old in self.engine.adapters.names():
+                    self.engine.adapters.unload(old)  # rows using it finish on it; then it is freed
         return sampler.adapter
 
     def sampler_from_path(self, model_path: str) -> dict[str, mx.array]:
