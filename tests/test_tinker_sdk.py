@@ -251,6 +251,7 @@ def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -
 
 def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -> None:
     sampler = service.create_sampling_client(base_model=tinker_server.model).result()
+    assert len(sampler.get_tokenizer()) > 100  # offline: the sampler's base_model is the local directory
     prompt = types.ModelInput.from_ints([5, 6, 7])
     seeded = types.SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop=[])
     one = sampler.sample(prompt, num_samples=4, sampling_params=seeded).result()

@@ -253,7 +253,7 @@ async def create_sampling_session(request: web.Request) -> web.Response:
     state.check_base(base_model, "base_model")
     model_path = get(body, "model_path", str, None)
     arrays = state.sampler_from_path(model_path) if model_path else None
-    sampler_id = state.new_sampler(base_model, model_path, arrays)
+    sampler_id = state.new_sampler(model_path, arrays)
     return web.json_response({"type": "create_sampling_session", "sampling_session_id": sampler_id})
 
 

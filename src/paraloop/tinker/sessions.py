@@ -177,11 +177,12 @@ class TinkerState:
 
     # --- sampling ----------------------------------------------------------------------------------------------------
 
-    def new_sampler(self, base_model: str | None, model_path: str | None, arrays: dict[str, mx.array] | None) -> str:
+    def new_sampler(self, model_path: str | None, arrays: dict[str, mx.array] | None) -> str:
         while len(self.samplers) >= MAX_SAMPLERS:
             del self.samplers[next(iter(self.samplers))]
         sampler_id = f"sampler-{next(self._serial)}-{uuid.uuid4().hex[:8]}"
-        self.samplers[sampler_id] = Sampler(sampler_id, base_model or self.model_name, model_path, arrays)
+        # base_model is the local directory: SamplingClient.get_tokenizer() loads it with no hub
+        self.samplers[sampler_id] = Sampler(sampler_id, self.tokenizer_path, model_path, arrays)
         return sampler_id
 
     def sampler(self, sampler_id: str | None) -> Sampler:
@@ -197,7 +198,7 @@ class TinkerState:
         tm = self.model(model_id)
         tm.version += 1
         path = f"tinker://{model_id}/sampler_weights/{name or tm.version}"
-        sampler_id = self.new_sampler(self.model_name, path, tm.arrays)
+        sampler_id = self.new_sampler(path, tm.arrays)
         if inflight:
             tm.inflight = tm.arrays
             self.samplers[sampler_id].follows = model_id
