@@ -7,21 +7,22 @@ future until it has an answer; several polls of a finished future get the same a
 most 4 * max_pending finished ones (the oldest go first). A poll of an unfinished future waits up to `wait_s` for
 it, then answers try_again (the SDK polls again at once).
 
-Training work runs in submission order on one queue (the learner thread is one, and Tinker promises a client's
-calls run in the order it made them); sampling work runs concurrently (the engine batches it).
+Training work is keyed by its training client: one queue per client, each run in the order it was submitted (Tinker
+promises a client's calls run in the order it made them), the clients served round-robin, one call at a time (the
+learner thread is one): a client that submits a hundred chunks delays another's next call by one chunk, not a
+hundred. Sampling work (no key) runs concurrently: the engine batches it.
 """
 
 import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 log = logging.getLogger("paraloop.tinker")
 
@@ -62,23 +63,29 @@ class Futures:
         self._pending = 0
         self._ids = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
-        self._send: MemoryObjectSendStream[tuple[Future, Work]] | None = None
+        self._queues: OrderedDict[str, deque[tuple[Future, Work]]] = OrderedDict()  # non-empty, next client first
+        self._wake = anyio.Event()
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run submitted work until cancelled: training work in order, sampling work concurrently."""
-        send, receive = anyio.create_memory_object_stream[tuple[Future, Work]](self.max_pending)
-        async with anyio.create_task_group() as tg, send, receive:
-            self._tg, self._send = tg, send
+        """Run submitted work until cancelled: keyed work round-robin over the keys, the rest concurrently."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
             task_status.started()
-            await self._in_order(receive)
+            while True:
+                if not self._queues:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                key, queue = self._queues.popitem(last=False)
+                future, work = queue.popleft()
+                if queue:
+                    self._queues[key] = queue  # to the back: every other waiting client goes first
+                await self._settle(future, work)
 
-    async def _in_order(self, receive: MemoryObjectReceiveStream[tuple[Future, Work]]) -> None:
-        async for future, work in receive:
-            await self._settle(future, work)
-
-    def submit(self, work: Work, *, ordered: bool) -> str:
-        """Start `work`; returns its request id. Raises FuturesFull."""
-        assert self._tg is not None and self._send is not None, "Futures.run() is not running"
+    def submit(self, work: Work, *, key: str | None) -> str:
+        """Start `work` (key None: now, concurrently; else after the key's earlier work, round-robin with other
+        keys); returns its request id. Raises FuturesFull."""
+        assert self._tg is not None, "Futures.run() is not running"
         self._forget_old()
         if self._pending >= self.max_pending:
             raise FuturesFull(f"{self._pending} requests are unfinished (tinker.max_pending = {self.max_pending}); "
@@ -86,10 +93,11 @@ class Futures:
         request_id = f"req-{next(self._ids)}"
         future = self._futures[request_id] = Future()
         self._pending += 1
-        if ordered:
-            self._send.send_nowait((future, work))  # cannot block: the stream holds max_pending
-        else:
+        if key is None:
             self._tg.start_soon(self._settle, future, work)
+        else:
+            self._queues.setdefault(key, deque()).append((future, work))
+            self._wake.set()
         return request_id
 
     def resolved(self, result: Result) -> str:

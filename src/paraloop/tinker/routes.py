@@ -84,8 +84,9 @@ def get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: 
     return value
 
 
-def future(request: web.Request, work: Any, *, ordered: bool, **extra: Any) -> web.Response:
-    request_id = request.app[FUTURES].submit(work, ordered=ordered)
+def future(request: web.Request, work: Any, *, client: str, **extra: Any) -> web.Response:
+    """Submit training work of `client` (a model id): after its earlier calls, round-robin with other clients'."""
+    request_id = request.app[FUTURES].submit(work, key=client)
     return web.json_response({"request_id": request_id, **extra})
 
 
@@ -153,7 +154,7 @@ async def create_model(request: web.Request) -> web.Response:
     if optimizer.get("type", "adamw") != "adamw":
         raise bad_request("optimizer_config.type", "only adamw is supported here")
     model_id = state.new_model_id(get(body, "session_id", str), get(body, "model_seq_id", int))
-    return future(request, lambda: state.create_model(model_id, rank, seed), ordered=True, model_id=model_id)
+    return future(request, lambda: state.create_model(model_id, rank, seed), client=model_id, model_id=model_id)
 
 
 async def get_info(request: web.Request) -> web.Response:
@@ -178,7 +179,7 @@ async def forward_backward(request: web.Request) -> web.Response:
         check_data(fb.data, fb.loss_fn, vocab=state.vocab, max_tokens=limits["max_batch_tokens"])
     except ValueError as e:
         raise refused(e) from None
-    return future(request, lambda: state.forward_backward(fb, config), ordered=True, model_id=fb.model_id)
+    return future(request, lambda: state.forward_backward(fb, config), client=fb.model_id, model_id=fb.model_id)
 
 
 async def optim_step(request: web.Request) -> web.Response:
@@ -195,7 +196,7 @@ async def optim_step(request: web.Request) -> web.Response:
         if not math.isfinite(value) or value < 0 or (key.startswith("beta") and value >= 1):
             raise bad_request(f"adam_params.{key}", f"{value} is out of range")
         setattr(params, key, float(value))
-    return future(request, lambda: state.optim_step(model_id, params), ordered=True, model_id=model_id)
+    return future(request, lambda: state.optim_step(model_id, params), client=model_id, model_id=model_id)
 
 
 async def save_weights(request: web.Request) -> web.Response:
@@ -206,7 +207,7 @@ async def save_weights(request: web.Request) -> web.Response:
     name = get(body, "path", str, None) or f"step-{state.models[model_id].step}"
     if not NAME.fullmatch(name):
         raise bad_request("path", f"{name!r}: a name of letters, digits and ._- (up to 128)")
-    return future(request, lambda: state.save_state(model_id, name), ordered=True, model_id=model_id)
+    return future(request, lambda: state.save_state(model_id, name), client=model_id, model_id=model_id)
 
 
 async def load_weights(request: web.Request) -> web.Response:
@@ -218,12 +219,12 @@ async def load_weights(request: web.Request) -> web.Response:
     optimizer = get(body, "optimizer", bool, False)
     if model_id is not None:
         state.model(model_id)
-        work = lambda: state.load_state(model_id, path, optimizer=optimizer, new=False)  # noqa: E731
+        work, client = lambda: state.load_state(model_id, path, optimizer=optimizer, new=False), model_id  # noqa: E731
     else:  # create-via-load: the SDK names the new client SESSION_ID:train:N itself
         new_id = state.new_model_id(get(body, "session_id", str), get(body, "model_seq_id", int))
         state.check_base(get(body, "base_model", str, None), "base_model")
-        work = lambda: state.load_state(new_id, path, optimizer=optimizer, new=True)  # noqa: E731
-    return future(request, work, ordered=True)
+        work, client = lambda: state.load_state(new_id, path, optimizer=optimizer, new=True), new_id  # noqa: E731
+    return future(request, work, client=client)
 
 
 async def save_for_sampler(request: web.Request) -> web.Response:
@@ -240,7 +241,7 @@ async def save_for_sampler(request: web.Request) -> web.Response:
     if kind == "inflight" and name is not None:
         raise bad_request("path", "an inflight save has no name (it updates the client's inflight samplers)")
     work = lambda: state.save_for_sampler(model_id, name, inflight=kind == "inflight")  # noqa: E731
-    return future(request, work, ordered=True, model_id=model_id)
+    return future(request, work, client=model_id, model_id=model_id)
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ async def asample(request: web.Request) -> web.Response:
             raise bad_request(key, "not supported here (docs/tinker.md)")
     scored = bool(get(body, "prompt_logprobs", bool, False))
     work = lambda: state.sample(sampler_id, tokens, n, params, prompt_logprobs=scored)  # noqa: E731
-    request_id = request.app[FUTURES].submit(work, ordered=False)
+    request_id = request.app[FUTURES].submit(work, key=None)
     return web.json_response({"request_id": request_id, "sample_sequence_ids": [f"{request_id}.{i}"
                                                                                 for i in range(n)]})  # fmt: skip
 
