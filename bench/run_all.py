@@ -23,7 +23,7 @@ from bench import report
 from bench.harness import RESULTS, ROOT, Context, Line, machine, table, write_json
 
 MODULES = ["http_serving", "multi_lora", "grpo_group", "multi_turn", "swap_pause", "learner", "paraloop_run",
-           "cpu_path", "decode_step", "distributed", "learner_memory"]  # benchmarks sharing servers stay next to each other
+           "cpu_path", "decode_step", "distributed", "learner_memory", "tinker_sdk"]  # benchmarks sharing servers stay next to each other
 HARD_LIMIT_FACTOR = 3
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -82,7 +82,7 @@ def run_one(module, ctx: Context, facts: dict) -> tuple[dict, list[Line]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="run only these benchmarks (repeat or comma-separate): http, group, swap, learner, run, cpu, turns, decode, distributed, memory")  # fmt: skip
+                        help="run only these benchmarks (repeat or comma-separate): http, group, swap, learner, run, cpu, turns, decode, distributed, memory, multilora, tinker")  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run of a few minutes (results not kept in docs)"
     )

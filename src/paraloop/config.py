@@ -493,9 +493,9 @@ class TinkerConfig(Section):
     retention_s: float = Field(600.0, gt=0)
     """How long a finished future's result is kept for retrieve_future (a client that reconnects within it still
     gets its result); also at most max_pending * 4 finished results are kept, the oldest dropped first."""
-    poll_wait_s: float = Field(20.0, gt=0, le=40)
+    poll_wait_s: float = Field(30.0, gt=0, le=40)
     """retrieve_future holds an unfinished future this long before answering try_again (the SDK polls again at
-    once; its own timeout is 45 s)."""
+    once, logging a warning each time; its own timeout is 45 s)."""
     max_data: int = Field(1024, ge=1)
     """Datums in one forward_backward (the SDK splits bigger batches into chunks of its own)."""
     max_batch_tokens: int = Field(65536, ge=1)

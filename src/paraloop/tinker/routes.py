@@ -336,7 +336,8 @@ async def asample(request: web.Request) -> web.Response:
         if body.get(key) is not None:
             raise bad_request(key, "not supported here (docs/tinker.md)")
     scored = bool(get(body, "prompt_logprobs", bool, False))
-    work = lambda: state.sample(sampler_id, tokens, n, params, prompt_logprobs=scored)  # noqa: E731
+    generate = state.generate_request(tokens, n, params)
+    work = lambda: state.sample(sampler_id, generate, prompt_logprobs=scored)  # noqa: E731
     request_id = request.app[FUTURES].submit(work, key=None)
     return web.json_response({"request_id": request_id, "sample_sequence_ids": [f"{request_id}.{i}"
                                                                                 for i in range(n)]})  # fmt: skip

@@ -11,12 +11,14 @@ import itertools
 import re
 import shutil
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import mlx.core as mx
+import msgspec
 
 from paraloop.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from paraloop.engine import Engine
@@ -30,6 +32,7 @@ from paraloop.tinker.learner import AdamParams, Learner, TrainingModel, served
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a checkpoint's name
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")  # the SDK's own: SESSION_ID:train:N
+MAX_SESSIONS = 4096  # sessions remembered (a ServiceClient makes one); the oldest are forgotten first
 MAX_SAMPLERS = 1024  # sampling sessions remembered (each is a name and a reference to arrays already held)
 
 
@@ -61,7 +64,7 @@ class TinkerState:
         self.vocab = vocab
         self.max_context = max_context
         self.max_rank = max_rank
-        self.sessions: set[str] = set()
+        self.sessions: OrderedDict[str, None] = OrderedDict()  # the newest MAX_SESSIONS
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
         self._serial = itertools.count(1)
@@ -71,7 +74,9 @@ class TinkerState:
 
     def new_session(self) -> str:
         session_id = f"session-{uuid.uuid4().hex[:12]}"
-        self.sessions.add(session_id)
+        self.sessions[session_id] = None
+        while len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
         return session_id
 
     def base_names(self) -> set[str]:
@@ -222,9 +227,7 @@ class TinkerState:
                     await self.engine.adapters.put(name, served(sampler.arrays))
                 except (AdapterError, EngineBusy) as e:
                     raise UserError(str(e)) from None
-                old, sampler.adapter, sampler.installed = sampler.adapter, name, sampler.arrays
-                if old is not None and old in self.engine.adapters.names():
-                    self.engine.adapters.unload(old)  # rows using it finish on it; then it is freed
+                sampler.adapter, sampler.installed = name, sampler.arrays  # the old one: evicted once idle
         return sampler.adapter
 
     def sampler_from_path(self, model_path: str) -> dict[str, mx.array]:
@@ -238,18 +241,30 @@ class TinkerState:
         except (CheckpointError, OSError) as e:
             raise UserError(f"model_path: {model_path!r}: {e}") from None
 
-    async def sample(
-        self, sampler_id: str | None, tokens: list[int], n: int, params: SamplingParams, *, prompt_logprobs: bool
-    ) -> Result:
-        sampler = self.sampler(sampler_id)
-        adapter = await self._install(sampler)
+    def generate_request(self, tokens: list[int], n: int, params: SamplingParams) -> GenerateRequest:
+        """The engine request of a sample, checked (UserError naming the field) before any work starts."""
         request = GenerateRequest(request_id=f"tinker-{uuid.uuid4().hex[:12]}", prompt_tokens=tokens, n=n,
-                                  params=params, adapter=adapter)  # fmt: skip
+                                  params=params)  # fmt: skip
         try:
             self.engine.check(request)
-            rows = await self.engine.complete(request)
-        except (AdapterNotFound, EngineBusy, RequestError) as e:
-            raise UserError(str(e)) from None
+        except RequestError as e:  # the engine's names, as the SDK's request spells them
+            name = {"prompt": "prompt", "n": "num_samples", "stop_token_ids": "sampling_params.stop"}.get(
+                e.field, f"sampling_params.{e.field}")  # fmt: skip
+            raise UserError(f"{name}: {e.message}") from None
+        return request
+
+    async def sample(self, sampler_id: str | None, request: GenerateRequest, *, prompt_logprobs: bool) -> Result:
+        sampler = self.sampler(sampler_id)
+        tokens = request.prompt_tokens
+        for attempt in (1, 2):  # the engine may drop an idle adapter to make room between install and admission
+            try:
+                rows = await self.engine.complete(msgspec.structs.replace(request, adapter=await self._install(sampler)))
+                break
+            except AdapterNotFound as e:
+                if attempt == 2:
+                    raise UserError(str(e)) from None
+            except (EngineBusy, RequestError) as e:
+                raise UserError(str(e)) from None
         sequences = [(proto.LENGTH if r.finish_reason == "length" else proto.STOP, r.tokens, r.logprobs) for r in rows]
         scored = None
         if prompt_logprobs:
