@@ -13,6 +13,7 @@ appends it to --out as JSON.
 
 import argparse
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -39,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     task = load_task(args.task)
-    service = tinker.ServiceClient(base_url=args.url, api_key="tml-local")
+    # the key: TINKER_API_KEY (any tml-... key; the server's control token when it has one)
+    service = tinker.ServiceClient(base_url=args.url, api_key=os.environ.get("TINKER_API_KEY", "tml-local"))
     trainer = service.create_lora_training_client(base_model=args.base_model, rank=args.rank).result()
     tokenizer = trainer.get_tokenizer()
     params = types.SamplingParams(max_tokens=args.max_tokens, temperature=1.0)

@@ -7,6 +7,7 @@ same tokens come from different kernels (a batched decode step vs one forward pa
 """
 
 import contextlib
+import json
 import os
 import signal
 import shutil
@@ -52,7 +53,7 @@ def serving(model: Path, state_dir: Path) -> Iterator[tuple[Server, subprocess.P
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PARALOOP_LOG": "info"}
     cmd = [sys.executable, "-m", "paraloop", "tinker", "--model-path", str(model), "--port", "0",
            "--set", f"tinker.state_dir={state_dir}", "--set", "tinker.max_num_samples=16",
-           "--set", "tinker.max_data=64", "--set", "tinker.max_clients=32"]  # fmt: skip
+           "--set", "tinker.max_data=64", "--set", "tinker.max_clients=32", "--control-token", KEY]  # fmt: skip
     with procs.running(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
         lines = procs.Lines(proc.stderr)
         port = lines.expect(r"Tinker API for .* on http://127\.0\.0\.1:(\d+)", timeout=120)[1]
@@ -72,9 +73,10 @@ def tinker_server(sharp_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def service(tinker_server: Server) -> "tinker.ServiceClient":
-    return tinker.ServiceClient(base_url=tinker_server.url, api_key="tml-local")
+    return tinker.ServiceClient(base_url=tinker_server.url, api_key=KEY)
 
 
+KEY = "tml-test-token"  # the server's control token is the key (the SDK wants keys that start with tml-)
 SEQUENCES = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25, 26], [31, 32, 33, 34, 35, 36, 37]]
 
 
@@ -233,7 +235,7 @@ def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -
             tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
 
     with serving(sharp_model, tmp_path) as (server, proc):
-        service = tinker.ServiceClient(base_url=server.url, api_key="tml-local")
+        service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
         tc = service.create_lora_training_client(base_model=server.model, rank=4).result()
         train(tc, 2)
         path = tc.save_state("before-kill").result().path
@@ -243,10 +245,29 @@ def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     with serving(sharp_model, tmp_path) as (server, _):
-        service = tinker.ServiceClient(base_url=server.url, api_key="tml-local")
+        service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
         resumed = service.create_training_client_from_state_with_optimizer(path).result()
         train(resumed, 2)
         np.testing.assert_array_equal(forward_logprobs(resumed, SEQUENCES[0]), expected)
+
+
+def test_the_key_is_the_control_token(tinker_server: Server) -> None:
+    start = time.monotonic()
+    wrong = tinker.ServiceClient(base_url=tinker_server.url, api_key="tml-wrong")
+    with pytest.raises(tinker.AuthenticationError, match="X-API-Key"):
+        wrong.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    assert time.monotonic() - start < 15
+
+
+def test_the_example_rl_loop_runs(tinker_server: Server, tmp_path: Path) -> None:
+    """examples/tinker_rl.py, one step (its reward task is for SmolLM2: here it only has to run)."""
+    example = Path(__file__).parents[1] / "examples" / "tinker_rl.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TINKER_API_KEY": KEY}
+    out = procs.run([sys.executable, str(example), "--url", tinker_server.url, "--base-model", tinker_server.model,
+                     "--steps", "1", "--prompts", "2", "--group", "2", "--max-tokens", "4",
+                     "--out", str(tmp_path / "m.jsonl")], timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "m.jsonl").read_text())["step"] == 0
 
 
 def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -> None:
