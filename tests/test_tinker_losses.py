@@ -15,7 +15,7 @@ import pytest
 
 from paraloop.learn.logprobs import token_logprobs
 from paraloop.model import load_model, twin
-from paraloop.tinker.learner import AdamParams, Learner, TrainingModel, check_data
+from paraloop.tinker.learner import MICRO_TOKENS, AdamParams, Learner, TrainingModel, check_data, micro_batches
 from paraloop.tinker.losses import DEFAULTS, LOSSES, resolve_config
 from paraloop.tinker.proto import DatumIn
 
@@ -25,7 +25,7 @@ SEQS = [[3, 17, 42, 99, 7, 250, 31, 8, 64], [5, 6, 7, 300, 301, 2], [9, 10, 11, 
 @pytest.fixture(scope="module")
 def learner(tiny_model_path) -> Learner:
     model, _, _, _ = load_model(tiny_model_path)
-    return Learner(twin(model), max_tokens=4096)
+    return Learner(twin(model))
 
 
 def client(learner: Learner, seed: int = 0) -> TrainingModel:
@@ -180,3 +180,21 @@ def test_config_and_inputs_are_checked() -> None:
         check_data([datum], "cross_entropy", vocab=3, max_tokens=100)
     with pytest.raises(ValueError, match="more than tinker.max_batch_tokens = 1"):
         check_data([datum], "cross_entropy", vocab=10, max_tokens=1)
+
+
+def test_micro_batches_add_up_to_the_whole_batch(learner: Learner) -> None:
+    """A forward_backward split into micro-batches (one datum each here) gives the loss and gradient of the whole
+    batch: other shapes, so within float32 rounding (1e-5 relative), not bitwise."""
+    data = [DatumIn(np.array(s[:-1]), {"target_tokens": np.array(s[1:])}) for s in SEQS]
+    whole, split = client(learner), client(learner)
+    _, m_whole = learner.forward_backward(whole, data, "cross_entropy", {}, forward_only=False)
+    learner.micro_tokens = 8
+    try:
+        out, m_split = learner.forward_backward(split, data, "cross_entropy", {}, forward_only=False)
+    finally:
+        learner.micro_tokens = MICRO_TOKENS
+    assert [len(o["logprobs"]) for o in out] == [len(s) - 1 for s in SEQS]
+    assert m_split["loss:sum"] == pytest.approx(m_whole["loss:sum"], rel=1e-5)
+    for k, g in whole.grads.items():
+        np.testing.assert_allclose(np.array(split.grads[k]), np.array(g), rtol=1e-4, atol=1e-4 * float(mx.abs(g).max()))
+    assert [len(g) for g in micro_batches(data, 8)] == [1, 1, 1] and len(micro_batches(data, 64)) == 1

@@ -66,7 +66,7 @@ async def serve(
     thread = MlxThread("paraloop-tinker-learner")
     try:
         learner_twin = twin(loaded.model)  # before the engine wraps the base's linear layers for per-row adapters
-        learner = await thread.call(Learner, learner_twin, max_tokens=t.max_batch_tokens)
+        learner = await thread.call(Learner, learner_twin)
         engine = Engine.from_settings(loaded.model, loaded.tokenizer, settings, adapter=None)
         state = TinkerState(
             engine=engine, learner=learner, thread=thread, model_name=str(settings.model.base_path),

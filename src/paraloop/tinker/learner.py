@@ -16,7 +16,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.tuner.lora import LoRALinear
 
-from paraloop.learn.logprobs import token_logprobs
+from paraloop.learn.head import logits_head
+from paraloop.learn.logprobs import forward_logprobs
 from paraloop.lora import (
     AdapterSlots,
     ServedAdapter,
@@ -67,6 +68,7 @@ class TrainingModel:
         self.v = {k[2:]: a for k, a in state.items() if k.startswith("v.")}
 
 
+MICRO_TOKENS = 4096  # padded tokens per micro-batch of a forward_backward (activations for this many at once)
 ALPHA = 32.0  # LoRA scale = ALPHA / rank: the parametrisation Tinker describes ("LoRA Without Regret": alpha 32)
 
 
@@ -77,7 +79,7 @@ def lora_scale(rank: int) -> float:
 class Learner:
     """See the module docstring. `model` is a twin of the base with no LoRA yet; LoRA is attached here."""
 
-    def __init__(self, model: nn.Module, *, max_tokens: int) -> None:
+    def __init__(self, model: nn.Module, *, micro_tokens: int = MICRO_TOKENS) -> None:
         self.keys = linear_keys(model)
         self.config = {"fine_tune_type": "lora", "num_layers": len(model.layers),
                        "lora_parameters": {"rank": 1, "scale": ALPHA, "dropout": 0.0, "keys": self.keys}}  # fmt: skip
@@ -86,7 +88,8 @@ class Learner:
         model.freeze()
         self.model = model
         self.lora_layers = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
-        self.max_tokens = max_tokens
+        self.micro_tokens = micro_tokens
+        self.head = logits_head(model)  # log-probs a chunk of positions at a time: no (B, T, vocab) logits
         self.slots = AdapterSlots(model)
         self.shapes = {k: v.shape for k, v in adapter_arrays(model).items()}  # at rank 1: (in, 1) and (1, out)
 
@@ -140,15 +143,35 @@ class Learner:
     def forward_backward(
         self, tm: TrainingModel, data: list[DatumIn], loss_fn: str, config: dict[str, float], *, forward_only: bool
     ) -> tuple[list[dict[str, np.ndarray]], dict[str, float]]:
-        ids, targets, mask, inputs = self._batch(data)
-        loss_of = LOSSES[loss_fn]
-        ones = mx.ones((ids.shape[0],))
-
+        """The summed loss and each datum's outputs; unless forward_only, the gradient added to the client's. Datums
+        go through in micro-batches of at most `micro_tokens` padded tokens (the loss is a sum: the parts add up)."""
         self.use(tm.arrays)
+        loss_of = LOSSES[loss_fn]
+        total = 0.0  # summed in float64 over the micro-batches
+        logprobs: list[np.ndarray] = []
+        for part in micro_batches(data, self.micro_tokens):
+            loss, lp = self._part(tm, part, loss_of, config, forward_only=forward_only)
+            total += loss
+            logprobs += [lp[i, : len(d.tokens)].astype(np.float32) for i, d in enumerate(part)]
+        outputs = []
+        for d, lp in zip(data, logprobs, strict=True):
+            row = {"logprobs": lp}
+            if loss_fn == "cross_entropy":
+                w = d.inputs.get("weights", np.ones(len(d.tokens), np.float32))
+                row["elementwise_loss"] = (-lp * w).astype(np.float32)
+            outputs.append(row)
+        return outputs, {"loss:sum": total}
+
+    def _part(
+        self, tm: TrainingModel, part: list[DatumIn], loss_of: Any, config: dict[str, float], *, forward_only: bool
+    ) -> tuple[float, np.ndarray]:
+        """One micro-batch: its loss and (B, T) log-probs; its gradient added to the client's."""
+        ids, targets, mask, inputs = self._batch(part)
+        ones = mx.ones((ids.shape[0],))
 
         def objective(arrays: dict[str, mx.array]) -> tuple[mx.array, mx.array]:
             self.slots.swap(arrays)
-            lp, _ = token_logprobs(self.model(ids), targets, ones, with_entropy=False)
+            lp, _ = forward_logprobs(self.model, ids, targets, ones, with_entropy=False, head=self.head)
             return loss_of(lp, mask, inputs, config), lp
 
         if forward_only:
@@ -159,23 +182,15 @@ class Learner:
             tm.grads = grads if tm.grads is None else {k: tm.grads[k] + g for k, g in grads.items()}
             mx.eval(loss, lp, tm.grads)
         self.slots.swap(tm.arrays)  # no tracer left in the twin
-        lp_np = np.array(lp)
-        outputs = []
-        for i, d in enumerate(data):
-            row = {"logprobs": lp_np[i, : len(d.tokens)].astype(np.float32)}
-            if loss_fn == "cross_entropy":
-                w = d.inputs.get("weights", np.ones(len(d.tokens), np.float32))
-                row["elementwise_loss"] = (-row["logprobs"] * w).astype(np.float32)
-            outputs.append(row)
-        return outputs, {"loss:sum": float(loss.item())}
+        return float(loss.item()), np.array(lp)
 
     def prompt_logprobs(self, arrays: dict[str, mx.array] | None, tokens: list[int]) -> list[float]:
         """log p(token i | tokens before it) for i >= 1, NaN for the first (Tinker's prompt_logprobs); arrays None:
         the base model."""
         self.use(arrays if arrays is not None else self.zero_adapter())
         ids = mx.array([tokens[:-1]], dtype=mx.int32)
-        lp, _ = token_logprobs(self.model(ids), mx.array([tokens[1:]], dtype=mx.int32), mx.ones((1,)),
-                               with_entropy=False)  # fmt: skip
+        lp, _ = forward_logprobs(self.model, ids, mx.array([tokens[1:]], dtype=mx.int32), mx.ones((1,)),
+                                 with_entropy=False, head=self.head)  # fmt: skip
         return [math.nan, *np.array(lp[0]).tolist()]
 
     # --- the optimizer -----------------------------------------------------------------------------------------------
@@ -204,6 +219,22 @@ class Learner:
         tm.grads = None
         mx.eval(tm.arrays, tm.m, tm.v, norm)
         return {"grad_norm": float(norm.item())}
+
+
+def micro_batches(data: list[DatumIn], tokens: int) -> list[list[DatumIn]]:
+    """Consecutive datums grouped so that each group's padded size (count x longest) stays within `tokens` (a datum
+    longer than that is a group of its own)."""
+    groups: list[list[DatumIn]] = []
+    longest = 0
+    for d in data:
+        n = len(d.tokens)
+        if groups and (len(groups[-1]) + 1) * max(longest, n) <= tokens:
+            groups[-1].append(d)
+            longest = max(longest, n)
+        else:
+            groups.append([d])
+            longest = n
+    return groups
 
 
 def served(arrays: dict[str, mx.array]) -> ServedAdapter:
