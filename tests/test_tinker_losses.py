@@ -178,6 +178,9 @@ def test_config_and_inputs_are_checked() -> None:
         check_data([datum], "importance_sampling", vocab=10, max_tokens=100)
     with pytest.raises(ValueError, match=r"data\[0\]\.loss_fn_inputs\.target_tokens: token ids must be in \[0, 3\)"):
         check_data([datum], "cross_entropy", vocab=3, max_tokens=100)
+    floats = DatumIn(np.array([1, 2]), {"target_tokens": np.array([2.0, 3.0], np.float32)})
+    with pytest.raises(ValueError, match=r"data\[0\]\.loss_fn_inputs\.target_tokens: must be integer token ids"):
+        check_data([floats], "cross_entropy", vocab=10, max_tokens=100)
     with pytest.raises(ValueError, match="more than tinker.max_batch_tokens = 1"):
         check_data([datum], "cross_entropy", vocab=10, max_tokens=1)
 

@@ -284,6 +284,8 @@ def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -
     stopped = sampler.sample(prompt, num_samples=1, sampling_params=types.SamplingParams(
         max_tokens=5, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop=[first])).result()  # fmt: skip
     assert stopped.sequences[0].stop_reason == "stop" and stopped.sequences[0].tokens == [first]
+    huge = types.SamplingParams(max_tokens=2, seed=2**64 - 1, stop=[])  # any 64-bit seed
+    assert len(sampler.sample(prompt, num_samples=1, sampling_params=huge).result().sequences[0].tokens) == 2
     greedy = types.SamplingParams(max_tokens=3, temperature=0.0, stop=[])
     g = sampler.sample(prompt, num_samples=2, sampling_params=greedy).result()
     assert g.sequences[0].tokens == g.sequences[1].tokens

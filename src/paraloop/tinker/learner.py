@@ -268,6 +268,8 @@ def check_data(data: list[DatumIn], loss_fn: str, *, vocab: int, max_tokens: int
                 raise ValueError(f"data[{i}].loss_fn_inputs.{key}: {len(array)} values for {n} input tokens")
             if key != "target_tokens" and not np.isfinite(array).all():
                 raise ValueError(f"data[{i}].loss_fn_inputs.{key}: not finite")
+        if d.inputs["target_tokens"].dtype.kind not in "iu":
+            raise ValueError(f"data[{i}].loss_fn_inputs.target_tokens: must be integer token ids (int64)")
         for name, ids in (("model_input", d.tokens), ("loss_fn_inputs.target_tokens", d.inputs["target_tokens"])):
             if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise ValueError(f"data[{i}].{name}: token ids must be in [0, {vocab})")

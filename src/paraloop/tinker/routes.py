@@ -293,6 +293,8 @@ def sampling_params(raw: dict[str, Any]) -> SamplingParams:
     top_k = get(raw, "top_k", int, -1, where=w)
     max_tokens = get(raw, "max_tokens", int, None, where=w)
     seed = get(raw, "seed", int, None, where=w)
+    if seed is not None:
+        seed %= 2**63 - 1  # any 64-bit seed the SDK sends, folded as the hosted service folds it
     stop = raw.get("stop")
     if not 0 <= temperature <= 100 or not math.isfinite(temperature):
         raise bad_request(f"{w}temperature", "must be in [0, 100]")
