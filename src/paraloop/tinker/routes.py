@@ -7,6 +7,7 @@ BadRequestError at once; a 5xx it would retry for minutes); what can only fail l
 {"error", "category": "user"}, which the SDK raises as RequestFailedError.
 """
 
+import hmac
 import logging
 import math
 import re
@@ -36,8 +37,8 @@ FIELD = re.compile(r"[A-Za-z_][\w.\[\]]*")
 async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         token = request.app[TOKEN]
-        if token and request.headers.get("X-API-Key") != token:
-            raise APIError(401, "X-API-Key: the server's token is required (TINKER_API_KEY)")
+        if token and not hmac.compare_digest(request.headers.get("X-API-Key", "").encode(), token.encode()):
+            raise APIError(401, "X-API-Key: the server's token is required (TINKER_API_KEY)", param="X-API-Key")
         return await handler(request)
     except APIError as e:
         return error_response(e)
