@@ -24,7 +24,7 @@ from bench.harness import RESULTS, ROOT, Context, Line, machine, table, write_js
 
 MODULES = ["http_serving", "multi_lora", "grpo_group", "multi_turn", "swap_pause", "learner", "paraloop_run",
            "cpu_path", "decode_step", "constrained", "distributed", "learner_memory",
-           "replay"]  # benchmarks sharing servers stay next to each other
+           "replay", "tinker_sdk"]  # benchmarks sharing servers stay next to each other
 HARD_LIMIT_FACTOR = 3
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -83,7 +83,7 @@ def run_one(module, ctx: Context, facts: dict) -> tuple[dict, list[Line]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="run only these benchmarks (repeat or comma-separate): http, group, swap, learner, run, cpu, turns, decode, distributed, memory, replay")  # fmt: skip
+                        help="run only these benchmarks (repeat or comma-separate): http, group, swap, learner, run, cpu, turns, decode, constrained, distributed, memory, multilora, replay, tinker")  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run of a few minutes (results not kept in docs)"
     )

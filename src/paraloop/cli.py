@@ -15,6 +15,7 @@ COMMANDS = {
     "plot": ("paraloop.plot", "plot a run's metrics to PNG"),
     "launch": ("paraloop.run.launch", "start `paraloop run` as the ranks of one distributed run (here or over ssh)"),
     "dashboard": ("paraloop.dashboard.command", "serve the run dashboard from runs' files, to compare them"),
+    "tinker": ("paraloop.tinker.command", "serve the Tinker training API, so Tinker SDK programs run locally"),
     "launch-atropos": ("paraloop.atropos.launch", "start the Atropos API, an environment and `paraloop run` together"),
 }
 

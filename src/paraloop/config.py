@@ -523,6 +523,30 @@ class WatchdogConfig(Section):
     None: a stall is only reported (/health 503, /control/status, the log)."""
 
 
+class TinkerConfig(Section):
+    """`paraloop tinker`: the Tinker training API served locally (docs/tinker.md)."""
+
+    state_dir: str = "tinker-state"
+    """Where tinker:// checkpoints live: tinker://MODEL_ID/weights/NAME is STATE_DIR/MODEL_ID/NAME, an atomic
+    paraloop checkpoint."""
+    max_clients: int = Field(8, ge=1, le=1024)
+    """Training clients (LoRA adapters with optimizer state) held at once; creating one more is answered 429."""
+    max_pending: int = Field(256, ge=1, le=65536)
+    """Futures submitted and not yet finished; one more is answered 429 (the SDK backs off and retries)."""
+    retention_s: float = Field(600.0, gt=0)
+    """How long a finished future's result is kept for retrieve_future (a client that reconnects within it still
+    gets its result); also at most max_pending * 4 finished results are kept, the oldest dropped first."""
+    poll_wait_s: float = Field(30.0, gt=0, le=40)
+    """retrieve_future holds an unfinished future this long before answering try_again (the SDK polls again at
+    once, logging a warning each time; its own timeout is 45 s)."""
+    max_data: int = Field(1024, ge=1)
+    """Datums in one forward_backward (the SDK splits bigger batches into chunks of its own)."""
+    max_batch_tokens: int = Field(65536, ge=1)
+    """Input tokens in one forward_backward, summed over its datums."""
+    max_num_samples: int = Field(64, ge=1)
+    """num_samples of one sample request."""
+
+
 class Settings(BaseSettings):
     """The whole resolved configuration of one paraloop process."""
 
@@ -539,6 +563,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    tinker: TinkerConfig = Field(default_factory=TinkerConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -209,6 +209,29 @@ class Adapters:
             self.release(adapter)
         return adapter
 
+    async def put(self, name: str, served: ServedAdapter) -> Adapter:
+        """Serve arrays already in memory under `name` (no file is read): `paraloop tinker`'s sampler weights.
+        Evicted like a checkpoint a request named (least recently used first) when room is needed."""
+        if not self.lora:
+            raise AdapterError("model", "this engine serves full weights: LoRA adapters cannot be served beside them")
+        if name in self._named:
+            raise AdapterError("model", f"an adapter named {name!r} is already loaded")
+        adapter = self._reserve(name, "", on_demand=True, field="model")
+        adapter.served = served
+        self._hold(adapter)
+        try:
+            with anyio.CancelScope(shield=True):
+                adapter.install_s = await self._install(adapter)
+        except Exception as e:
+            adapter.error = e
+            del self._named[name]
+            raise
+        finally:
+            assert adapter.ready is not None
+            adapter.ready.set()
+            self.release(adapter)
+        return adapter
+
     def unload(self, name: str) -> Adapter:
         """Stop serving `name` now (new requests get 404); its arrays go once no request uses them."""
         adapter = self._named.get(name)

@@ -1,0 +1,272 @@
+"""The state of a local Tinker service: sessions, training clients (TrainingModel), sampling sessions.
+
+In: the operations the routes decode (create a training client, forward_backward, optim_step, save and load
+state, publish sampler weights, sample). Out: their results, as the futures' `Result`s. Training operations run one
+at a time on the learner thread, in the order they were submitted (futures.py); a sampler's weights are the
+client's arrays at the moment of the save, installed into the engine as a named adapter from memory (no file), so
+sampling from them starts between two decode steps while other rows keep decoding.
+"""
+
+import itertools
+import re
+import shutil
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import mlx.core as mx
+import msgspec
+
+from paraloop.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from paraloop.engine import Engine
+from paraloop.engine.adapters import AdapterError, AdapterNotFound
+from paraloop.engine.admission import EngineBusy, RequestError
+from paraloop.messages import GenerateRequest, SamplingParams
+from paraloop.run.mlx_thread import MlxThread
+from paraloop.tinker import proto
+from paraloop.tinker.futures import Result, UserError
+from paraloop.tinker.learner import AdamParams, Learner, TrainingModel, served
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a checkpoint's name
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,255}")  # the SDK's own: SESSION_ID:train:N
+MAX_SESSIONS = 4096  # sessions remembered (a ServiceClient makes one); the oldest are forgotten first
+MAX_SAMPLERS = 1024  # sampling sessions remembered (each is a name and a reference to arrays already held)
+
+
+@dataclass
+class Sampler:
+    """A sampling session: the base model (adapter None) or a client's weights as of one save."""
+
+    sampler_id: str
+    base_model: str
+    model_path: str | None
+    arrays: dict[str, mx.array] | None
+    adapter: str | None = None  # the engine's name for it once installed
+    follows: str | None = None  # inflight: the training client whose latest inflight save it samples
+    installed: dict[str, mx.array] | None = None  # the arrays `adapter` holds
+
+
+class TinkerState:
+    def __init__(
+        self, *, engine: Engine, learner: Learner, thread: MlxThread, model_name: str, tokenizer_path: str,
+        state_dir: Path, max_clients: int, vocab: int, max_context: int, max_rank: int,
+    ) -> None:  # fmt: skip
+        self.engine = engine
+        self.learner = learner
+        self.thread = thread
+        self.model_name = model_name
+        self.tokenizer_path = tokenizer_path
+        self.state_dir = state_dir
+        self.max_clients = max_clients
+        self.vocab = vocab
+        self.max_context = max_context
+        self.max_rank = max_rank
+        self.sessions: OrderedDict[str, None] = OrderedDict()  # the newest MAX_SESSIONS
+        self.models: dict[str, TrainingModel] = {}
+        self.samplers: dict[str, Sampler] = {}
+        self._serial = itertools.count(1)
+        self._installing = anyio.Lock()
+
+    # --- sessions and clients ----------------------------------------------------------------------------------------
+
+    def new_session(self) -> str:
+        session_id = f"session-{uuid.uuid4().hex[:12]}"
+        self.sessions[session_id] = None
+        while len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
+        return session_id
+
+    def base_names(self) -> set[str]:
+        return {self.model_name, self.tokenizer_path}
+
+    def check_base(self, base_model: str | None, field: str) -> None:
+        if base_model is not None and base_model not in self.base_names():
+            raise UserError(f"{field}: {base_model!r} is not served here (this server trains {self.model_name!r})")
+
+    def model(self, model_id: str) -> TrainingModel:
+        tm = self.models.get(model_id)
+        if tm is None:
+            raise UserError(f"model_id: no training client {model_id!r} (create_lora_training_client makes one)")
+        return tm
+
+    def new_model_id(self, session_id: str, seq: int) -> str:
+        """The id the SDK derives on its side too: SESSION_ID:train:N. UserError if it cannot be made."""
+        if session_id not in self.sessions:
+            raise UserError(f"session_id: no session {session_id!r}")
+        model_id = f"{session_id}:train:{seq}"
+        if model_id in self.models:
+            raise UserError(f"model_seq_id: {model_id!r} exists already")
+        if len(self.models) >= self.max_clients:
+            raise UserError(f"model_seq_id: {self.max_clients} training clients exist (tinker.max_clients)")
+        return model_id
+
+    async def create_model(self, model_id: str, rank: int, seed: int | None) -> Result:
+        arrays = await self.thread.call(self.learner.new_adapter, rank, seed if seed is not None else 0)
+        self.models[model_id] = TrainingModel(model_id, self.model_name, rank, arrays)
+        return Result(json={"model_id": model_id, "type": "create_model"})
+
+    def info(self, model_id: str) -> dict[str, Any]:
+        tm = self.model(model_id)
+        return {
+            "type": "get_info", "model_id": model_id, "is_lora": True, "lora_rank": tm.rank,
+            "model_name": self.model_name,
+            "model_data": {"arch": "lora", "model_name": self.model_name, "tokenizer_id": self.tokenizer_path},
+        }  # fmt: skip
+
+    # --- training ----------------------------------------------------------------------------------------------------
+
+    async def forward_backward(self, request: proto.ForwardBackwardIn, config: dict[str, float]) -> Result:
+        tm = self.model(request.model_id)
+        outputs, metrics = await self.thread.call(
+            self.learner.forward_backward, tm, request.data, request.loss_fn, config,
+            forward_only=request.forward_only,
+        )  # fmt: skip
+        return Result(proto=proto.encode_forward_backward_output(outputs, metrics))
+
+    async def optim_step(self, model_id: str, params: AdamParams) -> Result:
+        tm = self.model(model_id)
+        metrics = await self.thread.call(self.learner.optim_step, tm, params)
+        return Result(json={"type": "optim_step", "metrics": metrics})
+
+    # --- checkpoints -------------------------------------------------------------------------------------------------
+
+    def path_of(self, model_id: str, name: str) -> str:
+        return f"tinker://{model_id}/weights/{name}"
+
+    def resolve(self, path: str, field: str) -> Path:
+        """tinker://MODEL_ID/weights/NAME -> STATE_DIR/MODEL_ID/NAME (names checked: no escaping the directory)."""
+        parts = path.removeprefix("tinker://").split("/") if path.startswith("tinker://") else []
+        if len(parts) != 3 or parts[1] != "weights" or not MODEL_ID.fullmatch(parts[0]) or not NAME.fullmatch(parts[2]):
+            raise UserError(f"{field}: {path!r} is not a tinker://MODEL_ID/weights/NAME path of this server")
+        return self.state_dir / parts[0] / parts[2]
+
+    async def save_state(self, model_id: str, name: str) -> Result:
+        tm = self.model(model_id)
+        run_dir = self.state_dir / model_id / name
+        config = self.learner.adapter_config(tm.rank)
+        trainer_state = {"tinker": {"model_id": model_id, "base_model": tm.base_model, "rank": tm.rank}}
+        await self.thread.call(self._write, run_dir, tm, config, trainer_state)
+        return Result(json={"type": "save_weights", "path": self.path_of(model_id, name)})
+
+    @staticmethod
+    def _write(run_dir: Path, tm: TrainingModel, config: dict, trainer_state: dict) -> None:
+        if run_dir.exists():  # one name holds one state: replace it whole
+            shutil.rmtree(run_dir)
+        write_checkpoint(run_dir, step=tm.step, version=tm.step, adapter=tm.arrays, adapter_config=config,
+                         optimizer_state=tm.optimizer_state(), trainer_state=trainer_state)  # fmt: skip
+
+    async def load_state(self, model_id: str, path: str, *, optimizer: bool, new: bool) -> Result:
+        """Into an existing client, or (new) a new one made from the checkpoint."""
+        run_dir = self.resolve(path, "path")
+        try:
+            checkpoint = await self.thread.call(read_checkpoint, run_dir)
+        except (CheckpointError, OSError) as e:
+            raise UserError(f"path: {path!r}: {e}") from None
+        rank = int(checkpoint.adapter_config.get("lora_parameters", {}).get("rank", 0))
+        if set(checkpoint.adapter) != set(self.learner.shapes):
+            raise UserError(f"path: {path!r} holds an adapter of another layout than this model's")
+        if new:
+            self.models[model_id] = TrainingModel(model_id, self.model_name, rank, {})
+        tm = self.model(model_id)
+        tm.arrays, tm.rank, tm.grads = dict(checkpoint.adapter), rank, None
+        if optimizer:
+            if checkpoint.optimizer_state is None:
+                raise UserError(f"path: {path!r} has no optimizer state")
+            tm.load_optimizer_state(checkpoint.optimizer_state)
+        else:
+            tm.m, tm.v, tm.step = {}, {}, 0
+        return Result(json={"type": "load_weights", "path": path, "model_id": model_id})
+
+    # --- sampling ----------------------------------------------------------------------------------------------------
+
+    def new_sampler(self, model_path: str | None, arrays: dict[str, mx.array] | None) -> str:
+        while len(self.samplers) >= MAX_SAMPLERS:
+            del self.samplers[next(iter(self.samplers))]
+        sampler_id = f"sampler-{next(self._serial)}-{uuid.uuid4().hex[:8]}"
+        # base_model is the local directory: SamplingClient.get_tokenizer() loads it with no hub
+        self.samplers[sampler_id] = Sampler(sampler_id, self.tokenizer_path, model_path, arrays)
+        return sampler_id
+
+    def sampler(self, sampler_id: str | None) -> Sampler:
+        sampler = self.samplers.get(sampler_id or "")
+        if sampler is None:
+            raise UserError(f"sampling_session_id: no sampling session {sampler_id!r}")
+        return sampler
+
+    async def save_for_sampler(self, model_id: str, name: str | None, *, inflight: bool = False) -> Result:
+        """A snapshot sampler of the client's weights as of now (arrays are immutable: no copy), or (inflight) a
+        sampler that follows the client: every inflight save updates what all its inflight samplers use from their
+        next request on (Tinker's contract: a request runs on the weights saved when its client was made, or newer)."""
+        tm = self.model(model_id)
+        tm.version += 1
+        path = f"tinker://{model_id}/sampler_weights/{name or tm.version}"
+        sampler_id = self.new_sampler(path, tm.arrays)
+        if inflight:
+            tm.inflight = tm.arrays
+            self.samplers[sampler_id].follows = model_id
+        await self._install(self.samplers[sampler_id])
+        if name is not None:
+            return Result(json={"type": "save_weights_for_sampler", "path": path})
+        return Result(json={"type": "save_weights_for_sampler", "sampling_session_id": sampler_id})
+
+    async def _install(self, sampler: Sampler) -> str | None:
+        """The engine's adapter name for the sampler's weights, installed from memory on first use (again if the
+        engine evicted it to make room, or an inflight sampler's client saved newer weights)."""
+        if sampler.follows is not None and sampler.follows in self.models:
+            latest = self.models[sampler.follows].inflight
+            sampler.arrays = latest if latest is not None else sampler.arrays
+        if sampler.arrays is None:
+            return "base"
+        async with self._installing:  # one install at a time: concurrent samples of a new sampler share it
+            if sampler.installed is not sampler.arrays or sampler.adapter not in self.engine.adapters.names():
+                name = f"tinker:{sampler.sampler_id}:{next(self._serial)}"
+                try:
+                    await self.engine.adapters.put(name, served(sampler.arrays))
+                except (AdapterError, EngineBusy) as e:
+                    raise UserError(str(e)) from None
+                sampler.adapter, sampler.installed = name, sampler.arrays  # the old one: evicted once idle
+        return sampler.adapter
+
+    def sampler_from_path(self, model_path: str) -> dict[str, mx.array]:
+        """The arrays a create_sampling_client(model_path) samples: a sampler save of this process, or a state."""
+        for sampler in self.samplers.values():
+            if sampler.model_path == model_path and sampler.arrays is not None:
+                return sampler.arrays
+        run_dir = self.resolve(model_path, "model_path")
+        try:
+            return dict(read_checkpoint(run_dir).adapter)
+        except (CheckpointError, OSError) as e:
+            raise UserError(f"model_path: {model_path!r}: {e}") from None
+
+    def generate_request(self, tokens: list[int], n: int, params: SamplingParams) -> GenerateRequest:
+        """The engine request of a sample, checked (UserError naming the field) before any work starts."""
+        request = GenerateRequest(request_id=f"tinker-{uuid.uuid4().hex[:12]}", prompt_tokens=tokens, n=n,
+                                  params=params)  # fmt: skip
+        try:
+            self.engine.check(request)
+        except RequestError as e:  # the engine's names, as the SDK's request spells them
+            name = {"prompt": "prompt", "n": "num_samples", "stop_token_ids": "sampling_params.stop"}.get(
+                e.field, f"sampling_params.{e.field}")  # fmt: skip
+            raise UserError(f"{name}: {e.message}") from None
+        return request
+
+    async def sample(self, sampler_id: str | None, request: GenerateRequest, *, prompt_logprobs: bool) -> Result:
+        sampler = self.sampler(sampler_id)
+        tokens = request.prompt_tokens
+        for attempt in (1, 2):  # the engine may drop an idle adapter to make room between install and admission
+            try:
+                rows = await self.engine.complete(msgspec.structs.replace(request, adapter=await self._install(sampler)))
+                break
+            except AdapterNotFound as e:
+                if attempt == 2:
+                    raise UserError(str(e)) from None
+            except (EngineBusy, RequestError) as e:
+                raise UserError(str(e)) from None
+        sequences = [(proto.LENGTH if r.finish_reason == "length" else proto.STOP, r.tokens, r.logprobs) for r in rows]
+        scored = None
+        if prompt_logprobs:
+            scored = await self.thread.call(self.learner.prompt_logprobs, sampler.arrays, tokens)
+        return Result(proto=proto.encode_sample_response(sequences, scored))

@@ -1,0 +1,354 @@
+"""The official Tinker SDK (tinker 0.38) against `paraloop tinker` on the tiny model: the loops Tinker programs run.
+
+Each test drives the SDK's synchronous API, as a user's script would; the server is one `paraloop tinker` child
+process for the module, on the tiny model with a sharpened output norm (`sharpened`). What is compared bitwise is the same computation on the same shapes in the same order
+(a state saved and loaded, a client untouched by another's steps); the sampler's and the learner's log-probs of the
+same tokens come from different kernels (a batched decode step vs one forward pass) and agree within 2e-4.
+"""
+
+import contextlib
+import json
+import os
+import signal
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+
+from tests import procs
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@dataclass
+class Server:
+    url: str
+    model: str
+    state_dir: Path
+    log: procs.Lines
+
+
+def sharpened(tiny_model_path: Path, out: Path) -> Path:
+    """The tiny model with its final RMSNorm scale raised to 10: stock, its logits span ~0.2 and no adapter inside
+    the blocks could make a token set likely within a test's few RL steps (as in test_learn_trainer.py)."""
+    shutil.copytree(tiny_model_path, out)
+    weights = mx.load(str(out / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 10.0
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    return out
+
+
+@contextlib.contextmanager
+def serving(model: Path, state_dir: Path) -> Iterator[tuple[Server, subprocess.Popen]]:
+    """`paraloop tinker` as a child process (its own process group, killed on the way out)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PARALOOP_LOG": "info"}
+    cmd = [sys.executable, "-m", "paraloop", "tinker", "--model-path", str(model), "--port", "0",
+           "--set", f"tinker.state_dir={state_dir}", "--set", "tinker.max_num_samples=16",
+           "--set", "tinker.max_data=64", "--set", "tinker.max_clients=32", "--control-token", KEY]  # fmt: skip
+    with procs.running(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
+        lines = procs.Lines(proc.stderr)
+        port = lines.expect(r"Tinker API for .* on http://127\.0\.0\.1:(\d+)", timeout=120)[1]
+        yield Server(f"http://127.0.0.1:{port}", str(model), state_dir, lines), proc
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sharpened(tiny_model_path, tmp_path_factory.mktemp("model") / "tiny-sharp")
+
+
+@pytest.fixture(scope="module")
+def tinker_server(sharp_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serving(sharp_model, tmp_path_factory.mktemp("tinker-state")) as (server, _):
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(tinker_server: Server) -> "tinker.ServiceClient":
+    return tinker.ServiceClient(base_url=tinker_server.url, api_key=KEY)
+
+
+KEY = "tml-test-token"  # the server's control token is the key (the SDK wants keys that start with tml-)
+SEQUENCES = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25, 26], [31, 32, 33, 34, 35, 36, 37]]
+
+
+def sft_datum(ids: list[int]) -> types.Datum:
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                       loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})  # fmt: skip
+
+
+def forward_logprobs(tc: tinker.TrainingClient, ids: list[int]) -> np.ndarray:
+    out = tc.forward([sft_datum(ids)], "cross_entropy").result()
+    return out.loss_fn_outputs[0]["logprobs"].to_numpy()
+
+
+def test_supervised_loop_loss_falls(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=8).result()
+    assert tc.get_info().lora_rank == 8
+    tokenizer = tc.get_tokenizer()  # offline: the server names its local model directory
+    assert tokenizer.decode(tokenizer.encode("ab")).strip()
+    data = [sft_datum(s) for s in SEQUENCES]
+    losses = []
+    for _ in range(12):
+        fb = tc.forward_backward(data, "cross_entropy")
+        step = tc.optim_step(types.AdamParams(learning_rate=5e-3))
+        losses.append(fb.result().metrics["loss:sum"])
+        step.result()
+    assert losses[-1] < 0.75 * losses[0] and losses[-1] == min(losses), losses
+
+
+def reward(tokens: list[int], vocab_half: int) -> float:
+    """The test's task: emit low token ids (a reward the tiny random model can learn in a few steps)."""
+    return float(np.mean([t < vocab_half for t in tokens])) if tokens else 0.0
+
+
+def test_rl_loop_importance_sampling(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    """The cookbook's rl_loop shape: sample a group per prompt from the latest weights, advantages = reward - group
+    mean, importance_sampling forward_backward, optim_step, new sampling client."""
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=8).result()
+    vocab_half = len(tc.get_tokenizer()) // 2
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    params = types.SamplingParams(max_tokens=6, temperature=1.0, stop=[])
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    means = []
+    for step in range(10):
+        futures = [sampler.sample(types.ModelInput.from_ints(p), num_samples=8, sampling_params=params)
+                   for p in prompts]  # fmt: skip
+        data, rewards = [], []
+        for prompt, fut in zip(prompts, futures, strict=True):
+            seqs = fut.result().sequences
+            group = [reward(s.tokens, vocab_half) for s in seqs]
+            rewards += group
+            for seq, r in zip(seqs, group, strict=True):
+                full = prompt + seq.tokens
+                pad = len(prompt) - 1
+                data.append(types.Datum(
+                    model_input=types.ModelInput.from_ints(full[:-1]),
+                    loss_fn_inputs={"target_tokens": full[1:], "logprobs": [0.0] * pad + seq.logprobs,
+                                    "advantages": [0.0] * pad + [r - float(np.mean(group))] * len(seq.tokens)},
+                ))  # fmt: skip
+        if step == 0:  # on-policy: the learner scores the sampled tokens as the sampler did
+            out = tc.forward(data[:4], "importance_sampling").result()
+            for datum, row in zip(data[:4], out.loss_fn_outputs, strict=True):
+                pad = len(datum.loss_fn_inputs["target_tokens"].tolist()) - 6
+                sampled = datum.loss_fn_inputs["logprobs"].to_numpy()[pad:]
+                assert np.abs(row["logprobs"].to_numpy()[pad:] - sampled).max() < 2e-4
+        tc.forward_backward(data, "importance_sampling").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        means.append(float(np.mean(rewards)))
+    assert means[0] < 0.8 and np.mean(means[-3:]) > 0.9, means
+
+
+def test_two_clients_interleaved(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    a = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    b = service.create_lora_training_client(base_model=tinker_server.model, rank=8).result()
+    x, y = SEQUENCES[0], SEQUENCES[1]
+    b_before = forward_logprobs(b, x)
+    for _ in range(3):  # interleaved: A's step, B's forward_backward, B's step, A's forward_backward
+        a.forward_backward([sft_datum(x)], "cross_entropy")
+        b.forward_backward([sft_datum(y)], "cross_entropy")
+        a.optim_step(types.AdamParams(learning_rate=1e-2))
+        b.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert forward_logprobs(a, x).sum() > b_before.sum() + 1.0  # A learned x
+    b_forward = forward_logprobs(b, y)
+    c = service.create_lora_training_client(base_model=tinker_server.model, rank=8).result()
+    c_before = forward_logprobs(c, x)
+    for _ in range(2):
+        a.forward_backward([sft_datum(x)], "cross_entropy")
+        a.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    np.testing.assert_array_equal(forward_logprobs(c, x), c_before)  # A's steps never touch C
+    np.testing.assert_array_equal(forward_logprobs(b, y), b_forward)
+    # both samplers in one decode batch, each with its own adapter
+    sa, sb = a.save_weights_and_get_sampling_client().result(), b.save_weights_and_get_sampling_client().result()
+    la, lb = sa.compute_logprobs(types.ModelInput.from_ints(x)), sb.compute_logprobs(types.ModelInput.from_ints(y))
+    np.testing.assert_allclose(la.result()[1:], forward_logprobs(a, x), atol=2e-4)
+    np.testing.assert_allclose(lb.result()[1:], forward_logprobs(b, y), atol=2e-4)
+    params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=7)
+    ra = sa.sample(types.ModelInput.from_ints(x[:3]), num_samples=3, sampling_params=params)
+    rb = sb.sample(types.ModelInput.from_ints(x[:3]), num_samples=3, sampling_params=params)
+    alone = sa.sample(types.ModelInput.from_ints(x[:3]), num_samples=3, sampling_params=params).result()
+    assert [s.tokens for s in ra.result().sequences] == [s.tokens for s in alone.sequences]  # seeded rows repeat
+    assert len(rb.result().sequences) == 3
+
+
+def test_inflight_sampler_follows_its_trainer(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    """An inflight sampling client samples from its training client's latest inflight save; a snapshot client keeps
+    the weights it was made with."""
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    prompt, params = SEQUENCES[0][:3], types.SamplingParams(max_tokens=4, temperature=1.0, seed=5, stop=[])
+
+    def sampled_vs_learner(sampler: tinker.SamplingClient) -> float:
+        seq = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result()
+        full = prompt + seq.sequences[0].tokens
+        return float(np.abs(forward_logprobs(tc, full)[len(prompt) - 1:] - seq.sequences[0].logprobs).max())
+
+    inflight = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    snapshot = tc.save_weights_and_get_sampling_client().result()
+    assert sampled_vs_learner(inflight) < 2e-4
+    for _ in range(3):
+        tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+    assert sampled_vs_learner(snapshot) > 1e-2  # the snapshot is the old weights
+    assert sampled_vs_learner(inflight) > 1e-2  # no inflight save yet
+    tc.save_weights_and_get_sampling_client(kind="inflight").result()  # an inflight save: updates `inflight` too
+    assert sampled_vs_learner(inflight) < 2e-4  # the old client now samples the new weights
+
+
+def test_save_and_load_continue_exactly(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    def train(tc: tinker.TrainingClient, steps: int) -> None:
+        for _ in range(steps):
+            tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2, weight_decay=0.01)).result()
+
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    train(tc, 2)
+    saved = tc.save_state("two-steps").result()
+    assert saved.path.startswith("tinker://") and saved.path.endswith("/weights/two-steps")
+    train(tc, 2)
+    expected = forward_logprobs(tc, SEQUENCES[2])
+    resumed = service.create_training_client_from_state_with_optimizer(saved.path).result()
+    train(resumed, 2)
+    np.testing.assert_array_equal(forward_logprobs(resumed, SEQUENCES[2]), expected)
+    weights_only = service.create_training_client_from_state(saved.path).result()
+    train(weights_only, 2)  # fresh Adam moments: a different trajectory
+    assert not np.array_equal(forward_logprobs(weights_only, SEQUENCES[2]), expected)
+    step_dirs = list((tinker_server.state_dir / tc.model_id / "two-steps" / "checkpoints").glob("step_*"))
+    assert [p.name for p in step_dirs] == ["step_000002"]
+
+
+def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -> None:
+    """save_state, then the server dies by SIGKILL mid-training; a new server on the same state directory resumes
+    the client from the checkpoint and its next steps reproduce the first server's bit for bit."""
+
+    def train(tc: tinker.TrainingClient, steps: int) -> None:
+        for _ in range(steps):
+            tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+
+    with serving(sharp_model, tmp_path) as (server, proc):
+        service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+        tc = service.create_lora_training_client(base_model=server.model, rank=4).result()
+        train(tc, 2)
+        path = tc.save_state("before-kill").result().path
+        train(tc, 2)
+        expected = forward_logprobs(tc, SEQUENCES[0])
+        tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")  # in flight when it dies
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    with serving(sharp_model, tmp_path) as (server, _):
+        service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+        resumed = service.create_training_client_from_state_with_optimizer(path).result()
+        train(resumed, 2)
+        np.testing.assert_array_equal(forward_logprobs(resumed, SEQUENCES[0]), expected)
+
+
+def test_the_key_is_the_control_token(tinker_server: Server) -> None:
+    start = time.monotonic()
+    wrong = tinker.ServiceClient(base_url=tinker_server.url, api_key="tml-wrong")
+    with pytest.raises(tinker.AuthenticationError, match="X-API-Key"):
+        wrong.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    assert time.monotonic() - start < 15
+
+
+def test_the_example_rl_loop_runs(tinker_server: Server, tmp_path: Path) -> None:
+    """examples/tinker_rl.py, one step (its reward task is for SmolLM2: here it only has to run)."""
+    example = Path(__file__).parents[1] / "examples" / "tinker_rl.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TINKER_API_KEY": KEY}
+    out = procs.run([sys.executable, str(example), "--url", tinker_server.url, "--base-model", tinker_server.model,
+                     "--steps", "1", "--prompts", "2", "--group", "2", "--max-tokens", "4",
+                     "--out", str(tmp_path / "m.jsonl")], timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "m.jsonl").read_text())["step"] == 0
+
+
+def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    sampler = service.create_sampling_client(base_model=tinker_server.model).result()
+    assert len(sampler.get_tokenizer()) > 100  # offline: the sampler's base_model is the local directory
+    prompt = types.ModelInput.from_ints([5, 6, 7])
+    seeded = types.SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop=[])
+    one = sampler.sample(prompt, num_samples=4, sampling_params=seeded).result()
+    two = sampler.sample(prompt, num_samples=4, sampling_params=seeded).result()
+    assert [s.tokens for s in one.sequences] == [s.tokens for s in two.sequences]
+    assert all(len(s.tokens) == 5 and s.stop_reason == "length" and len(s.logprobs) == 5 for s in one.sequences)
+    assert len({s.sequence_id for s in one.sequences}) == 4
+    first = one.sequences[0].tokens[0]
+    stopped = sampler.sample(prompt, num_samples=1, sampling_params=types.SamplingParams(
+        max_tokens=5, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop=[first])).result()  # fmt: skip
+    assert stopped.sequences[0].stop_reason == "stop" and stopped.sequences[0].tokens == [first]
+    huge = types.SamplingParams(max_tokens=2, seed=2**64 - 1, stop=[])  # any 64-bit seed
+    assert len(sampler.sample(prompt, num_samples=1, sampling_params=huge).result().sequences[0].tokens) == 2
+    greedy = types.SamplingParams(max_tokens=3, temperature=0.0, stop=[])
+    g = sampler.sample(prompt, num_samples=2, sampling_params=greedy).result()
+    assert g.sequences[0].tokens == g.sequences[1].tokens
+
+
+def test_bad_inputs_are_answered_at_once(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    """4xx, raised by the SDK within seconds (a 5xx would be retried for minutes)."""
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    sampler = service.create_sampling_client(base_model=tinker_server.model).result()
+    vocab = len(tc.get_tokenizer())
+    short = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
+                        loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})  # fmt: skip
+    far = sft_datum([1, 2, vocab + 5])
+    rl_without_advantages = types.Datum(model_input=types.ModelInput.from_ints([1, 2]),
+                                        loss_fn_inputs={"target_tokens": [2, 3], "logprobs": [0.0, 0.0]})  # fmt: skip
+    cases = [
+        (lambda: tc.forward_backward([short], "cross_entropy").result(), "target_tokens"),
+        (lambda: tc.forward_backward([far], "cross_entropy").result(), "target_tokens"),
+        (lambda: tc.forward_backward([rl_without_advantages], "ppo").result(), "advantages"),
+        (lambda: tc.forward_backward([sft_datum([1, 2, 3])], "ppo",
+                                     loss_fn_config={"clip_low_threshold": 0.5, "nope": 1.0}).result(), "nope"),
+        (lambda: tc.optim_step(types.AdamParams(learning_rate=1e-3, beta1=1.5)).result(), "beta1"),
+        (lambda: sampler.sample(types.ModelInput.from_ints([1, 2]), num_samples=999,
+                                sampling_params=types.SamplingParams(max_tokens=2)).result(), "num_samples"),
+        (lambda: sampler.sample(types.ModelInput.from_ints([1, vocab]), num_samples=1,
+                                sampling_params=types.SamplingParams(max_tokens=2)).result(), "prompt"),
+        (lambda: service.create_lora_training_client(base_model="not/served", rank=4).result(), "base_model"),
+        (lambda: service.create_lora_training_client(base_model=tinker_server.model, rank=100000).result(), "rank"),
+        (lambda: service.create_training_client_from_state("tinker://x/weights/../../etc").result(), "path"),
+    ]  # fmt: skip
+    for call, field in cases:
+        start = time.monotonic()
+        with pytest.raises(Exception) as info:  # noqa: PT011 (the SDK's class differs by route: BadRequestError, ...)
+            call()
+        assert time.monotonic() - start < 15, field
+        assert field in str(info.value), (field, info.value)
+        assert isinstance(info.value, (tinker.BadRequestError, tinker.RequestFailedError, ValueError)), info.value
+    # the training client still works after refused requests
+    assert tc.forward_backward([sft_datum([1, 2, 3])], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+@pytest.mark.parametrize(("loss_fn", "config"), [
+    ("cross_entropy", None), ("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9}),
+    ("cispo", {"clip_high_threshold": 1.1}), ("dro", {"beta": 0.2}), ("gspo", None),
+])  # fmt: skip
+def test_every_loss_fn_through_the_sdk(service: tinker.ServiceClient, tinker_server: Server, loss_fn: str,
+                                       config: dict | None) -> None:  # fmt: skip
+    """loss:sum over the wire (protobuf both ways, loss_fn_config included) equals the float64 reference evaluated on
+    the target log-probs the same call returns (tests/test_tinker_losses.py checks the gradients)."""
+    from tests.test_tinker_losses import inputs_for, reference
+
+    from paraloop.tinker.losses import resolve_config
+
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    lps = [forward_logprobs(tc, s).astype(np.float64) for s in SEQUENCES]
+    xs = inputs_for(loss_fn, lps, np.random.default_rng(3))
+    data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
+                        loss_fn_inputs={"target_tokens": s[1:], **{k: v.tolist() for k, v in x.items()}})
+            for s, x in zip(SEQUENCES, xs, strict=True)]  # fmt: skip
+    out = tc.forward_backward(data, loss_fn, loss_fn_config=config).result()
+    got = [row["logprobs"].to_numpy().astype(np.float64) for row in out.loss_fn_outputs]
+    for g, lp in zip(got, lps, strict=True):  # one padded batch of 3 vs one datum alone: other shapes, ~2e-6 apart
+        np.testing.assert_allclose(g, lp, atol=2e-5)
+    resolved = resolve_config(loss_fn, config or {})
+    expected = sum(reference(loss_fn, lp, x, resolved)[0] for lp, x in zip(got, xs, strict=True))
+    assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5, abs=1e-5)
