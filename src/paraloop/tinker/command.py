@@ -22,8 +22,8 @@ from paraloop.config import ConfigError, Settings
 from paraloop.engine import Engine
 from paraloop.engine.engine import vocab_size
 from paraloop.flags import add_config_flags, settings_from_args
+from paraloop.mlx_thread import MlxThread
 from paraloop.model import load_model, resolve_model_path, twin
-from paraloop.run.mlx_thread import MlxThread
 from paraloop.server.app import start_http
 from paraloop.tinker.futures import Futures
 from paraloop.tinker.learner import Learner

@@ -25,7 +25,7 @@ from paraloop.engine import Engine
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
 from paraloop.engine.admission import EngineBusy, RequestError
 from paraloop.messages import GenerateRequest, SamplingParams
-from paraloop.run.mlx_thread import MlxThread
+from paraloop.mlx_thread import MlxThread
 from paraloop.tinker import proto
 from paraloop.tinker.futures import Result, UserError
 from paraloop.tinker.learner import AdamParams, Learner, TrainingModel, served
