@@ -63,3 +63,39 @@ def test_an_agents_sdk_agent_calls_a_tool_gets_its_result_and_finishes(tiny_mode
     for (name, args), item in zip(calls, made, strict=True):  # the SDK ran each call with the arguments sent
         assert (item.raw_item.name, json.loads(item.raw_item.arguments)) == (name, args)
     assert isinstance(result.final_output, str)  # the second turn ("auto") answered text: the run finished
+
+
+def test_an_agent_with_an_output_type_gets_its_structured_answer_after_a_tool_call(tiny_model_path):
+    """`output_type` beside tools: the SDK sends response_format (json_schema, strict) with the tools; the first turn
+    is a call (tool_choice "required"), the next ("auto") may call again or answer JSON the SDK parses into the type."""
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        value: int
+        ok: bool
+
+    ran: list[int] = []
+
+    @function_tool
+    def double(x: int) -> int:
+        """Double an integer."""
+        ran.append(x)
+        return 2 * x
+
+    set_tracing_disabled(True)
+    with Serve("--model-path", str(tiny_model_path), "--served-model-name", "tiny") as server:
+        async def run():
+            client = AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0)
+            agent = Agent(name="doubler", instructions="Use the tool, then answer.", tools=[double],
+                          output_type=Answer,
+                          model=OpenAIChatCompletionsModel(model="tiny", openai_client=client),
+                          model_settings=ModelSettings(tool_choice="required", max_tokens=200, temperature=0.8,
+                                                       parallel_tool_calls=False, extra_body={"seed": 4}))  # fmt: skip
+            with anyio.fail_after(DEADLINE_S):
+                result = await Runner.run(agent, "Double 21.", max_turns=12)
+            await client.close()
+            return result
+
+        result = anyio.run(run)
+    assert ran  # the required first turn called the tool
+    assert isinstance(result.final_output, Answer)  # a later turn answered JSON valid under the SDK's schema

@@ -41,44 +41,62 @@ def call_schema(tool: Tool) -> dict[str, Any]:
     }
 
 
-def tool_grammar(plan: ToolPlan, *, max_bytes: int) -> tuple[str, str]:
-    """(grammar, the field it came from): one call (or, with parallel_tool_calls, one or more) of the forced tool
-    or of any tool, in json_tools' format, and nothing else."""
-    tools = [t for t in plan.tools if plan.forced in ("required", t.function.name)]
+def tool_grammar(plan: ToolPlan, *, max_bytes: int, answer: tuple[dict[str, Any], str] | None = None) -> tuple[str, str]:
+    """(grammar, the field it came from): one call (or, with parallel_tool_calls, one or more) of the forced tool or
+    of any tool, in json_tools' format, and nothing else; with `answer` (a response_format schema and its field,
+    tool_choice "auto"), either those calls or a JSON answer valid under the schema (errors then name the schema's
+    field, llguidance's message the keyword)."""
+    tools = [t for t in plan.tools if plan.forced in (None, "required", t.function.name)]
     schema = {"anyOf": [call_schema(t) for t in tools], "x-guidance": {"whitespace_flexible": False}}
     text = compact(schema)
     check_size(text, field="tools", max_bytes=max_bytes)
     start, end = plan.format.start, plan.format.end
     calls = 'call ("\\n" call)*' if plan.parallel else "call"
     lark = f"start: {calls}\ncall: {compact(start + chr(10))} %json {text} {compact(chr(10) + end)}\n"
+    field = "tools"
+    if answer is not None:
+        answer_schema, field = answer
+        answer_text = compact({**answer_schema, "x-guidance": {"whitespace_flexible": False}})
+        check_size(answer_text, field=field, max_bytes=max_bytes)
+        lark = lark.replace("start: ", "start: answer | ", 1) + f"answer: %json {answer_text}\n"
     try:
-        return lark_grammar(lark), "tools"
+        return lark_grammar(lark), field
     except GrammarError as e:
-        raise bad_request("tools", f"invalid parameters schema: {e}") from None
+        raise bad_request(field, f"invalid schema: {e}") from None
 
 
-def format_grammar(body: ChatBody, *, max_bytes: int) -> tuple[str, str] | None:
+def format_schema(body: ChatBody, *, max_bytes: int) -> tuple[dict[str, Any], str] | None:
+    """The schema `response_format` asks for and its field, or None for free text."""
     fmt = body.response_format
     if isinstance(fmt, JsonObjectFormat):
-        return json_schema_grammar(ANY_OBJECT), "response_format"
+        return ANY_OBJECT, "response_format"
     if isinstance(fmt, JsonSchemaFormat):
         schema = ANY_OBJECT if fmt.json_schema.schema is None else fmt.json_schema.schema
         field = "response_format.json_schema.schema"
         check_size(compact(schema), field=field, max_bytes=max_bytes)
-        try:
-            return json_schema_grammar(schema), field
-        except GrammarError as e:
-            raise bad_request(field, f"invalid JSON schema: {e}") from None
+        return schema, field
     return None
 
 
 def grammar_source(body: ChatBody, plan: ToolPlan | None, *, max_bytes: int) -> tuple[str, str] | None:
     """(grammar, the field it comes from) the request's rows sample within, or None when the output is free."""
-    if isinstance(body.response_format, (JsonObjectFormat, JsonSchemaFormat)) and plan is not None and plan.parse:
-        raise bad_request("response_format", "cannot be combined with tools unless tool_choice is 'none'")
-    if plan is not None and plan.parse and plan.forced is not None:
-        return tool_grammar(plan, max_bytes=max_bytes)
-    return format_grammar(body, max_bytes=max_bytes)
+    answer = format_schema(body, max_bytes=max_bytes)
+    if plan is not None and plan.parse:
+        if plan.forced is not None:  # the answer is a call: response_format is for a later, text answer
+            return tool_grammar(plan, max_bytes=max_bytes)
+        if answer is None:
+            return None
+        if plan.format.name != "json_tools":
+            raise bad_request("response_format", "with tools it is enforced only in the json_tools call format; "
+                              f"this model writes calls as {plan.format.name}")  # fmt: skip
+        return tool_grammar(plan, max_bytes=max_bytes, answer=answer)
+    if answer is None:
+        return None
+    schema, field = answer
+    try:
+        return json_schema_grammar(schema), field
+    except GrammarError as e:
+        raise bad_request(field, f"invalid JSON schema: {e}") from None
 
 
 def compile_source(source: tuple[str, str], tokenizer: Any) -> Grammar:
