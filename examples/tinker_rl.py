@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8, help="samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=2.5e-4, help="the rate of the recorded run (docs/tinker.md)")
     parser.add_argument("--out", type=Path, default=Path("runs/tinker-rl/metrics.jsonl"))
     args = parser.parse_args()
 
