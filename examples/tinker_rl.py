@@ -4,9 +4,8 @@ Only the official `tinker` SDK talks to the server; paraloop is imported for the
 `one_word` task: "Name a {category}. Answer with one word only."), so the loop is what any Tinker program does:
 sample a group per prompt from the latest weights, advantages = reward - group mean, `importance_sampling`
 forward_backward, `optim_step`, a new sampling client. Each step prints one line (reward mean, loss, seconds) and
-appends it to --out as JSON.
+appends it to --out as JSON. From the repository root, with models/smollm2 built (`make demo` does it):
 
-    paraloop model smollm2 models/smollm2
     paraloop tinker --model-path models/smollm2 --port 8000 &
     python examples/tinker_rl.py --url http://127.0.0.1:8000 --base-model models/smollm2 --steps 20
 """

@@ -34,7 +34,8 @@ def main() -> None:
     ranks = Ranks.connect("ring")
     base, _, _, _ = load_model(sys.argv[1])
     for case in sys.argv[2:]:
-        config = make_config(**{"kl_beta": 0.0, "token_budget": 64, **CASES[case]})
+        options = {k: v for k, v in CASES[case].items() if k != "inference"}  # here every other step has them
+        config = make_config(**{"kl_beta": 0.0, "token_budget": 64, **options})
         trainer = new_trainer(base, config)
         trainer.reducer = ranks
         seq_before = ranks.seq
