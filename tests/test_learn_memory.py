@@ -359,7 +359,6 @@ def test_memory_settings_are_in_step_metrics_of_a_default_trainer(base, caplog):
     assert result.metrics["checkpointed_micro_batches"] == 0 and result.metrics["kept_logits_micro_batches"] == 1
     phases = [k for k in result.metrics if k.startswith("time_")]
     assert sum(result.metrics[k] for k in phases) == pytest.approx(result.metrics["step_time_s"], rel=1e-6)
-    assert result.metrics["time_old_policy_s"] < result.metrics["time_gradient_s"]
     assert collate(random_batch(0)).rows == 8
 
 

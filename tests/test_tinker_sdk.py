@@ -256,7 +256,7 @@ def test_the_key_is_the_control_token(tinker_server: Server) -> None:
     wrong = tinker.ServiceClient(base_url=tinker_server.url, api_key="tml-wrong")
     with pytest.raises(tinker.AuthenticationError, match="X-API-Key"):
         wrong.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
-    assert time.monotonic() - start < 15
+    assert time.monotonic() - start < 60  # answered, not retried: the SDK retries a 5xx for minutes
 
 
 def test_the_example_rl_loop_runs(tinker_server: Server, tmp_path: Path) -> None:
@@ -320,7 +320,7 @@ def test_bad_inputs_are_answered_at_once(service: tinker.ServiceClient, tinker_s
         start = time.monotonic()
         with pytest.raises(Exception) as info:  # noqa: PT011 (the SDK's class differs by route: BadRequestError, ...)
             call()
-        assert time.monotonic() - start < 15, field
+        assert time.monotonic() - start < 60, field
         assert field in str(info.value), (field, info.value)
         assert isinstance(info.value, (tinker.BadRequestError, tinker.RequestFailedError, ValueError)), info.value
     # the training client still works after refused requests
