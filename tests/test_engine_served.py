@@ -66,9 +66,10 @@ def test_the_index_is_bounded_and_forgets_the_oldest_first():
         ServedIndex(0)
 
 
-def test_staleness_applies_to_atropos_rollouts_in_both_modes():
+def test_atropos_rows_get_their_staleness_measured_and_the_policy_acts_in_async_mode():
     atropos = {"api_url": "http://localhost:8001"}
-    assert RLTrainingConfig(atropos=atropos).staleness_applies
+    assert not RLTrainingConfig(atropos=atropos).staleness_applies  # sync mode: reported, not acted on (yet)
+    assert RLTrainingConfig(atropos=atropos, mode="async").staleness_applies
     assert RLTrainingConfig(mode="async").staleness_applies and not RLTrainingConfig().staleness_applies
     index = ServedIndex(4)
     index.record([1], [10], [2], [0], stopped=False)

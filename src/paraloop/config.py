@@ -353,9 +353,9 @@ class RLTrainingConfig(Section):
     on the CPU backend it barely does (MLX throttles in-flight work process-wide; docs/benchmarks.md), so keep sync
     there."""
     max_staleness: int = Field(1, ge=0)
-    """Rollouts more than this many adapter versions old are handled by stale_policy: in async mode, and for
-    Atropos rollouts in both modes (an environment generates ahead; their versions come from the engine's index of
-    served completions, atropos.served_index)."""
+    """Rollouts more than this many adapter versions old are handled by stale_policy, in async mode. Atropos rows'
+    versions come from the engine's index of served completions (atropos.served_index), so their staleness is
+    reported in both modes; in sync mode it is not yet acted on (docs/architecture.md, Sync and async)."""
     stale_policy: Literal["drop", "cap"] = "drop"
     """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
     buffer_priority: Literal["fifo", "abs_advantage"] = "fifo"
@@ -398,8 +398,9 @@ class RLTrainingConfig(Section):
 
     @property
     def staleness_applies(self) -> bool:
-        """max_staleness / stale_policy act: in async mode, and on Atropos rollouts in either mode."""
-        return self.mode == "async" or bool(self.atropos.api_url)
+        """max_staleness / stale_policy act in async mode. Not yet on Atropos rollouts in sync mode: a distributed
+        sync run whose step lost every group to the policy ended early (tests/test_distributed_run.py)."""
+        return self.mode == "async"
 
     @model_validator(mode="after")
     def _importance_bounds(self) -> "RLTrainingConfig":
