@@ -15,132 +15,42 @@ run`'s when it ended first, 1 (or the child's code) when another child failed, 1
 """
 
 import argparse
-import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import anyio
 
 from paraloop.atropos.evals import EVAL_DIR
+from paraloop.children import Child, Children
 
 # Defaults for every child; a variable already set in the launcher's environment wins (HF_HUB_OFFLINE=0 lets an
 # environment download its data set, e.g. GSM8K, on first use).
 CHILD_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-LINE_LIMIT = 1 << 20  # environments print long rich tables; asyncio's default 64 KiB line limit is too small
 
 
-class ProcessGroup:
-    """Named child processes, each in its own process group (so its own children stop with it).
+class ProcessGroup(Children):
+    """The launcher's children (paraloop.children): each gets CHILD_ENV under the launcher's own environment, and
+    Python children write unbuffered, so their lines come out as they are printed."""
 
-    `async with ProcessGroup(grace=10) as procs:` stops whatever is still running on exit, even on cancellation.
-    """
-
-    def __init__(self, *, grace: float = 10.0, out: TextIO | None = None) -> None:
-        self.grace = grace
-        self.out = out or sys.stdout
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
-        self._pumps: dict[str, asyncio.Task] = {}
-        self._reported: set[str] = set()  # exits wait_any has returned already
-
-    async def __aenter__(self) -> "ProcessGroup":
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        stopping = asyncio.ensure_future(self.stop_all())
-        try:
-            await asyncio.shield(stopping)
-        except asyncio.CancelledError:
-            await stopping  # children are stopped before the cancellation goes on
-            raise
-
-    def say(self, name: str, line: str) -> None:
-        self.out.write(f"[{name}] {line.rstrip()}\n")
-        self.out.flush()
-
-    async def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
-        if name in self.procs and self.procs[name].returncode is None:
-            raise ValueError(f"a child named {name!r} is already running")
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**CHILD_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True,
-            limit=LINE_LIMIT,
-        )
-        self.say("launch", f"started {name} (pid {proc.pid}): {' '.join(argv)}")
-        self.procs[name] = proc
-        self._reported.discard(name)
-        self._pumps[name] = asyncio.ensure_future(self._pump(name, proc))
-        return proc
-
-    async def _pump(self, name: str, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        while True:
-            try:
-                line = await proc.stdout.readline()
-            except ValueError:  # a line longer than LINE_LIMIT: pass it on in pieces
-                line = await proc.stdout.read(LINE_LIMIT)
-            if not line:
-                return
-            self.say(name, line.decode(errors="replace"))
-
-    async def wait_any(self) -> tuple[str, int]:
-        """Wait until a child exits (its output fully read) and return its name and exit code; each exit once."""
-        waiting = {name: proc for name, proc in self.procs.items() if name not in self._reported}
-        if not waiting:
-            raise RuntimeError("no child left to wait for")
-        waits = {asyncio.ensure_future(proc.wait()): name for name, proc in waiting.items()}
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in waits:
-                task.cancel()
-        name = waits[next(iter(done))]
-        self._reported.add(name)
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pumps[name]
-        return name, self.procs[name].returncode or 0
-
-    async def stop(self, name: str) -> int | None:
-        """SIGTERM the child's process group, SIGKILL it after `grace` seconds; return the exit code."""
-        proc = self.procs[name]
-        if proc.returncode is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), self.grace)
-            except TimeoutError:
-                self.say("launch", f"{name} did not stop within {self.grace:g} s: SIGKILL")
-                _signal_group(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        # Leftovers of the group (e.g. a grandchild that ignored SIGTERM) go too.
-        _signal_group(proc.pid, signal.SIGKILL)
-        pump = self._pumps.get(name)
-        if pump is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(pump, 5)
-        return proc.returncode
-
-    async def stop_all(self) -> None:
-        await asyncio.gather(*(self.stop(name) for name in list(self.procs)))
+    async def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, **options: Any) -> Child:
+        """`env`: variables on top of the launcher's environment (not the whole of it, as for Children)."""
+        env = {**CHILD_ENV, **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        return await super().start(name, argv, env=env, **options)
 
 
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)  # start_new_session: the child's pid is its process group id
-
-
-async def wait_http(url: str, *, proc: asyncio.subprocess.Process | None = None) -> None:
-    """Poll GET url until it answers below 500 (bound it with asyncio.timeout); RuntimeError if `proc` exits first."""
+async def wait_http(url: str, *, proc: Child | None = None) -> None:
+    """Poll GET url until it answers below 500 (bound it with a deadline); RuntimeError if `proc` exits first."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while True:
             if proc is not None and proc.returncode is not None:
@@ -149,7 +59,7 @@ async def wait_http(url: str, *, proc: asyncio.subprocess.Process | None = None)
                 async with session.get(url) as resp:
                     if resp.status < 500:
                         return
-            await asyncio.sleep(0.2)
+            await anyio.sleep(0.2)
 
 
 async def start_run_api(procs: ProcessGroup, run_api: str, api_url: str) -> None:
@@ -162,16 +72,16 @@ async def start_run_api(procs: ProcessGroup, run_api: str, api_url: str) -> None
         raise RuntimeError(f"run-api {e}") from None
 
 
-async def wait_server_port(server_json: Path, proc: asyncio.subprocess.Process) -> int:
+async def wait_server_port(server_json: Path, proc: Child) -> int:
     """The port `paraloop run` bound (server.port = 0): it writes RUN_DIR/server.json with its pid once serving."""
     while True:
         if proc.returncode is not None:
             raise RuntimeError(f"paraloop run exited with code {proc.returncode} before it served")
         with contextlib.suppress(OSError, ValueError):
-            info = json.loads(await asyncio.to_thread(server_json.read_text))
+            info = json.loads(await anyio.to_thread.run_sync(server_json.read_text))
             if info.get("pid") == proc.pid:  # not a file left by an earlier run
                 return int(info["port"])
-        await asyncio.sleep(0.2)
+        await anyio.sleep(0.2)
 
 
 # --- the command --------------------------------------------------------------------------------------------------
@@ -299,24 +209,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 async def launch(plan: Plan, *, grace: float, start_timeout: float, env_defaults: bool = True) -> int:
-    stop = asyncio.Event()
-    received: list[int] = []
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (received.append(s), stop.set()))
-    async with ProcessGroup(grace=grace) as procs:
-        supervising = asyncio.ensure_future(supervise(procs, plan, start_timeout=start_timeout,
-                                                      env_defaults=env_defaults))
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({supervising, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if supervising.done():
-            return supervising.result()  # or raises what went wrong while starting
-        supervising.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await supervising
-        procs.say("launch", f"got signal {received[0]}: stopping every child")
-        return 128 + received[0]
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with ProcessGroup(grace=grace) as procs:
+            received: list[int] = []
+            with anyio.CancelScope() as supervising:
+                procs.start_soon(cancel_on_signal, signals, supervising, received)
+                return await supervise(procs, plan, start_timeout=start_timeout, env_defaults=env_defaults)
+            procs.say("launch", f"got signal {received[0]}: stopping every child")
+            return 128 + received[0]
+
+
+async def cancel_on_signal(signals: AsyncIterator[int], scope: anyio.CancelScope, received: list[int]) -> None:
+    async for sig in signals:
+        received.append(sig)
+        scope.cancel()
+        return
 
 
 async def supervise(procs: ProcessGroup, plan: Plan, *, start_timeout: float, env_defaults: bool) -> int:
@@ -333,12 +240,12 @@ async def supervise(procs: ProcessGroup, plan: Plan, *, start_timeout: float, en
 
 
 async def start_all(procs: ProcessGroup, plan: Plan, *, start_timeout: float, env_defaults: bool) -> None:
-    async with asyncio.timeout(start_timeout):
+    with anyio.fail_after(start_timeout):
         await start_run_api(procs, plan.run_api, plan.api_url)
     trainer = await procs.start("paraloop", plan.trainer)
     port = plan.server_port
     if port == 0 and plan.env_scripts:
-        async with asyncio.timeout(start_timeout):
+        with anyio.fail_after(start_timeout):
             port = await wait_server_port(plan.server_json, trainer)
         procs.say("launch", f"paraloop serves on port {port}")
     for i, script in enumerate(plan.env_scripts):
@@ -349,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         plan = make_plan(args, extra)
-        return asyncio.run(launch(plan, grace=args.grace, start_timeout=args.start_timeout,
-                                  env_defaults=not args.no_env_defaults))
+        return anyio.run(functools.partial(launch, plan, grace=args.grace, start_timeout=args.start_timeout,
+                                           env_defaults=not args.no_env_defaults))
     except (ValueError, OSError, TimeoutError, RuntimeError) as e:
         print(f"paraloop launch-atropos: error: {e}", file=sys.stderr)
         return 2

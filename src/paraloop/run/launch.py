@@ -12,20 +12,22 @@ launcher is passed on to each rank. JACCL, NCCL and MPI: use mlx.launch itself (
 """
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
-import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+import anyio
+
+from paraloop.children import Children
 
 LOCAL = ("127.0.0.1", "localhost")
 
@@ -99,10 +101,12 @@ def exit_code(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
 
-def pump(stream, out, prefix: str) -> None:
-    for line in iter(stream.readline, b""):
-        out.buffer.write(prefix.encode() + line)
-        out.buffer.flush()
+def prefixed(out: BinaryIO, prefix: str) -> Callable[[bytes], None]:
+    def write(line: bytes) -> None:
+        out.write(prefix.encode() + line)
+        out.flush()
+
+    return write
 
 
 def main(argv: list[str]) -> int:
@@ -129,54 +133,40 @@ def main(argv: list[str]) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="paraloop-ring-", delete=False) as f:
         f.write(ring)
     try:
-        return supervise(hosts, ring, f.name, args, command)
+        return anyio.run(supervise, hosts, ring, f.name, args, command)
     finally:
         os.unlink(f.name)
 
 
-def supervise(hosts: list[Host], ring: str, ring_path: str, args: argparse.Namespace, command: list[str]) -> int:
-    procs: list[subprocess.Popen] = []
-    for rank, host in enumerate(hosts):
-        env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": ring_path}
-        procs.append(subprocess.Popen(rank_command(rank, host, ring, args, command), env=env,
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    pumps = [threading.Thread(target=pump, args=(stream, out, f"[rank {rank}] "), daemon=True)
-             for rank, p in enumerate(procs) for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr))]
-    for t in pumps:
-        t.start()
+async def supervise(hosts: list[Host], ring: str, ring_path: str, args: argparse.Namespace,
+                    command: list[str]) -> int:
+    """Start every rank, forward signals to them, wait for them all; after a failure the others get --grace seconds
+    to end by themselves, then SIGTERM (SIGKILL 10 s later)."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with Children(grace=10.0, notices=False) as ranks:
+            ranks.start_soon(forward_signals, signals, ranks, hosts)
+            for rank, host in enumerate(hosts):
+                env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": ring_path}
+                # Ranks share the launcher's process group: Ctrl-C (and whoever kills the group) reaches them all.
+                await ranks.start(str(rank), rank_command(rank, host, ring, args, command), env=env, own_group=False,
+                                  stdout=prefixed(sys.stdout.buffer, f"[rank {rank}] "),
+                                  stderr=prefixed(sys.stderr.buffer, f"[rank {rank}] "))
+            code = 0
+            with anyio.CancelScope() as waiting:
+                while ranks.unreported():
+                    rank, returncode = await ranks.wait_any()
+                    if returncode != 0 and not code:
+                        code = exit_code(returncode)
+                        print(f"paraloop launch: rank {rank} exited with code {returncode}", file=sys.stderr)
+                        waiting.deadline = anyio.current_time() + args.grace
+            await ranks.stop_all()
+        return code
 
-    def forward(signum: int, frame: object) -> None:
-        for p in procs:  # Ctrl-C reached every local rank already (one process group): pass on SIGTERM only
-            if p.poll() is None and (signum == signal.SIGTERM or not hosts[procs.index(p)].local):
-                with contextlib.suppress(ProcessLookupError):
-                    p.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        failed_at, code = None, 0
-        while any(p.poll() is None for p in procs):
-            for rank, p in enumerate(procs):
-                if p.poll() not in (None, 0) and failed_at is None:
-                    failed_at, code = time.monotonic(), exit_code(p.returncode)
-                    print(f"paraloop launch: rank {rank} exited with code {p.returncode}", file=sys.stderr)
-            if failed_at is not None and time.monotonic() - failed_at > args.grace:
-                for p in procs:
-                    if p.poll() is None:
-                        p.terminate()
-                deadline = time.monotonic() + 10
-                while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            time.sleep(0.1)
-        for p in procs:
-            p.wait()
-        for t in pumps:
-            t.join(timeout=5)
-        codes = [exit_code(p.returncode) for p in procs]
-        return code or next((c for c in codes if c), 0)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+async def forward_signals(signals: AsyncIterator[int], ranks: Children, hosts: list[Host]) -> None:
+    """Ctrl-C reached every local rank already (one process group): pass on SIGTERM to all, SIGINT to remote ones."""
+    async for signum in signals:
+        for rank, host in enumerate(hosts):
+            child = ranks.children.get(str(rank))
+            if child is not None and (signum == signal.SIGTERM or not host.local):
+                child.signal(signum)
