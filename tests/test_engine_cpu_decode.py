@@ -18,8 +18,9 @@ from test_engine import reference_logprobs, request
 from paraloop.config import EngineConfig
 from paraloop.engine import Engine
 from paraloop.engine import cpu_kernels
-from paraloop.engine.cpu_decode import NumpySampler, filter_row, row_generators, sample_rows
-from paraloop.engine.sampling import FILTERED_LOGPROB, filter_logits
+from paraloop.engine.cpu_decode import NumpySampler, row_generators, sample_rows
+from paraloop.engine.filtering import FILTERED_LOGPROB, filter_row
+from paraloop.engine.sampling import filter_logits
 from paraloop.messages import Completion, SamplingParams
 from paraloop.model import load_model
 

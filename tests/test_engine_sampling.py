@@ -7,7 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from paraloop.engine.sampling import FILTERED_LOGPROB, RowSampler, filter_logits, row_keys, token_logprobs
+from paraloop.engine.filtering import FILTERED_LOGPROB
+from paraloop.engine.sampling import RowSampler, filter_logits, row_keys, token_logprobs
 from paraloop.messages import SamplingParams
 
 RNG = np.random.default_rng(0)

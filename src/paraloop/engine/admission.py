@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import anyio
 
 from paraloop.config import EngineConfig
-from paraloop.engine.sampling import MAX_TEMPERATURE
+from paraloop.engine.filtering import MAX_TEMPERATURE
 from paraloop.messages import GenerateRequest, SamplingParams
 
 

@@ -30,10 +30,9 @@ from paraloop.engine.batches import (
     generation_left,
     routed,
 )
-from paraloop.engine.sampling import FILTERED_LOGPROB, effective_temperature, filter_row
+from paraloop.engine.filtering import FILTERED_LOGPROB, effective_temperature, filter_row, unseeded_seed
 from paraloop.messages import SamplingParams
 
-_GOLDEN = 0x9E3779B97F4A7C15
 _BLOCK = 1024  # tokens per block of the two-level inverse-CDF draw
 
 
@@ -62,7 +61,7 @@ class NumpySampler:
 def row_generators(*, n: int, seed: int | None, engine_seed: int, counter: int) -> list[np.random.Generator]:
     """`n` independent PRNGs: from the request seed (row i always gets the same one), else from the engine seed
     and a counter the engine advances for every generator it makes."""
-    base = [seed % 2**64] if seed is not None else [(engine_seed * _GOLDEN + counter) % 2**64, 1]
+    base = [seed % 2**64] if seed is not None else [unseeded_seed(engine_seed, counter), 1]
     return [np.random.Generator(np.random.PCG64([*base, row])) for row in range(n)]
 
 
@@ -102,27 +101,6 @@ def _sample_rows(logits: np.ndarray, samplers: list[NumpySampler]) -> tuple[np.n
             top = list(zip(ids.tolist(), values.tolist(), strict=True))
         out.append(RowLogprobs(chosen[i], top, int(keeps[i].sum()) if keeps[i] is not None else 0))
     return tokens, out
-
-
-def _sample_row(z: np.ndarray, w: np.ndarray, s: NumpySampler) -> int:
-    """One row's token from its tempered logits `z` and weights `w`. With a grammar, the row samples among the
-    tokens it allows (indexed, not masked: often a handful of a vocabulary's tokens), and the filters apply to those
-    (as vLLM applies logits processors first), so top-p keeps a nucleus of allowed tokens."""
-    ids = None
-    if s.grammar is not None:
-        ids = np.flatnonzero(s.grammar.allowed(z.shape[0]))
-        z, w = z[ids], w[ids]
-    if s.temperature == 0:
-        token = int(np.argmax(z))
-    else:
-        if s.filtered:
-            w = np.where(filter_row(z, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p), w, 0.0)
-        total = float(w.sum(dtype=np.float64))
-        if np.isfinite(total) and total > 0:
-            token = _draw(w, s.rng.random())
-        else:  # non-finite logits (or every allowed weight underflowed): the argmax rather than fail the step
-            token = int(np.nanargmax(z)) if not np.isnan(z).all() else 0
-    return token if ids is None else int(ids[token])
 
 
 def _sample_row(z: np.ndarray, w: np.ndarray, s: NumpySampler) -> tuple[int, np.ndarray | None, float]:

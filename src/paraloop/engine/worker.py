@@ -42,10 +42,11 @@ from paraloop.engine import cpu_kernels
 from paraloop.engine.adapters import Adapter
 from paraloop.engine.batches import Routed
 from paraloop.engine.cpu_decode import make_generator
+from paraloop.engine.filtering import Filters, effective_temperature, row_filters
 from paraloop.engine.lora_rows import FIRST_NAMED, RowAdapters, selected
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, STATS_OFF, CacheKey, PrefixCache, supports
-from paraloop.engine.sampling import Filters, RowSamplers, effective_temperature, row_filters, step_logprobs
+from paraloop.engine.samplers import RowSamplers, step_logprobs
 from paraloop.engine.scoring import prompt_logprobs
 from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings

@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Meta
 
 from paraloop.config import EngineConfig
-from paraloop.engine.sampling import MAX_TEMPERATURE
+from paraloop.engine.filtering import MAX_TEMPERATURE
 from paraloop.messages import SamplingParams
 from paraloop.server.errors import APIError, bad_request
 
