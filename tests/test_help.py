@@ -71,3 +71,19 @@ def test_an_adapter_flag_given_a_run_dir_means_its_newest_checkpoint(tmp_path):
     assert adapter_location(tmp_path / "run") == last == adapter_location(tmp_path / "run" / "checkpoints")
     assert adapter_location(last) == last  # an adapter dir as it is
     assert adapter_location(tmp_path / "empty") == tmp_path / "empty"  # nothing there: the loader says so
+
+
+def test_eval_reads_an_adapter_flag_as_run_and_serve_do_and_refuses_what_holds_no_adapter(tmp_path):
+    import mlx.core as mx
+
+    from paraloop.checkpoint import write_checkpoint
+    from paraloop.evaluation import adapter_path
+
+    adapter = {"layers.0.self_attn.q_proj.lora_a": mx.zeros((4, 2))}
+    last = write_checkpoint(tmp_path / "run", step=3, version=3, adapter=adapter, adapter_config={})
+    assert adapter_path(str(tmp_path / "run")) == last == adapter_path(str(last))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no adapter weights and no complete checkpoint"):
+        adapter_path(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="no such file or directory"):
+        adapter_path(str(tmp_path / "missing"))

@@ -127,12 +127,17 @@ def adapter_location(path: str | Path) -> Path:
     """`path` as given when it is an adapter file or holds adapter weights; a run dir or its checkpoints/ dir: its
     newest checkpoint, so `--adapter runs/demo` means the same to run and serve as to eval and merge."""
     given = Path(path)
-    if not given.is_dir() or any((given / name).is_file() for name in (SAFETENSORS_NAME, NPZ_NAME)):
+    if not given.is_dir() or holds_adapter(given):
         return given
     try:
         return find_checkpoint(given)
     except CheckpointError:
         return given  # not a run either: loading it says what is missing
+
+
+def holds_adapter(path: Path) -> bool:
+    """An adapter file, or a dir with adapter weights in it."""
+    return path.is_file() or any((path / name).is_file() for name in (SAFETENSORS_NAME, NPZ_NAME))
 
 
 def find_checkpoint(path: str | Path) -> Path:

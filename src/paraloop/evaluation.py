@@ -268,17 +268,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def adapter_path(path: str) -> Path:
-    """An adapter dir or file as given, else the newest checkpoint of a run dir / checkpoints dir."""
+    """`--adapter` as run and serve read it (checkpoint.adapter_location: an adapter as given, a run or checkpoints
+    dir as its newest checkpoint), refused here before the model loads where that leaves the loader to refuse it."""
     from paraloop import checkpoint
-    from paraloop.lora import NPZ_NAME, SAFETENSORS_NAME
 
-    given = Path(path)
-    if given.is_file() or any((given / name).is_file() for name in (SAFETENSORS_NAME, NPZ_NAME)):
-        return given
-    try:
-        return checkpoint.find_checkpoint(given)
-    except checkpoint.CheckpointError as e:
-        raise ValueError(f"--adapter {path}: neither an adapter nor a run or checkpoint dir ({e})") from None
+    found = checkpoint.adapter_location(path)
+    if checkpoint.holds_adapter(found):
+        return found
+    reason = "no such file or directory" if not found.exists() else "no adapter weights and no complete checkpoint"
+    raise ValueError(f"--adapter {path}: neither an adapter nor a run or checkpoint dir ({reason})")
 
 
 async def compare(settings: Settings, adapter: str | None, *, base: bool) -> tuple[EvalPlan, dict[str, EvalResult]]:
