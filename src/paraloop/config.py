@@ -10,8 +10,9 @@ import logging
 import os
 import tomllib
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -20,6 +21,43 @@ from paraloop.config_paths import absolute_paths, resolve_toml_paths
 
 ENV_PREFIX = "PARALOOP_"
 log = logging.getLogger("paraloop.config")
+
+# Value sets of settings that code outside the config takes too (run/buffer.py checks its arguments against them).
+BufferPriority = Literal["fifo", "abs_advantage"]
+StalePolicy = Literal["drop", "cap"]
+
+
+def check_choice(name: str, value: object, choices: Any) -> None:
+    """ValueError naming `name` unless `value` is one of the Literal `choices`."""
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
+
+
+def without_ignored(data: Any, key: str, message: str) -> Any:
+    """`data` without `key`, logging `message % value` when it was there: a setting still accepted that no longer
+    changes anything (for a before-validator)."""
+    if isinstance(data, dict) and key in data:
+        data = dict(data)
+        log.warning(message, data.pop(key))
+    return data
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """The staleness policy a run acts on: rollouts more than `max_versions` adapter versions old are dropped
+    ("drop") or kept with capped importance weights ("cap"); `max_versions` None: none is acted on."""
+
+    max_versions: int | None = None
+    policy: StalePolicy = "drop"
+
+    @property
+    def drops(self) -> bool:
+        return self.max_versions is not None and self.policy == "drop"
+
+    @property
+    def caps(self) -> bool:
+        return self.max_versions is not None and self.policy == "cap"
 
 
 class Section(BaseModel):
@@ -142,15 +180,12 @@ class EngineConfig(Section):
     def _diverse_mode(cls, data: Any) -> Any:
         """The predecessor's diverse_mode stopped its server from merging identical prompts into one sample;
         paraloop never merges them, so the setting cannot change anything: accepted with a warning."""
-        if isinstance(data, dict) and "diverse_mode" in data:
-            data = dict(data)
-            value = data.pop("diverse_mode")
-            log.warning(
-                "--diverse-mode / engine.diverse_mode = %s has no effect: paraloop samples every completion "
-                "independently (identical prompts are never merged, which is what diverse mode turned on in the "
-                "predecessor); remove it", value,
-            )
-        return data
+        return without_ignored(
+            data, "diverse_mode",
+            "--diverse-mode / engine.diverse_mode = %s has no effect: paraloop samples every completion "
+            "independently (identical prompts are never merged, which is what diverse mode turned on in the "
+            "predecessor); remove it",
+        )
 
 
 class LoraConfig(Section):
@@ -356,9 +391,9 @@ class RLTrainingConfig(Section):
     """Rollouts more than this many adapter versions old are handled by stale_policy, in async mode. Atropos rows'
     versions come from the engine's index of served completions (atropos.served_index), so their staleness is
     reported in both modes; in sync mode it is not yet acted on (docs/architecture.md, Sync and async)."""
-    stale_policy: Literal["drop", "cap"] = "drop"
+    stale_policy: StalePolicy = "drop"
     """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
-    buffer_priority: Literal["fifo", "abs_advantage"] = "fifo"
+    buffer_priority: BufferPriority = "fifo"
     """Rollout buffer order: arrival, or groups with the largest mean |advantage| first."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     atropos: AtroposConfig = Field(default_factory=AtroposConfig)
@@ -370,14 +405,12 @@ class RLTrainingConfig(Section):
         if isinstance(data, dict) and "steps" in data:
             data = dict(data)
             data.setdefault("total_steps", data.pop("steps"))
-        if isinstance(data, dict) and "activation_memory_ratio" in data:
-            data = dict(data)
-            value = data.pop("activation_memory_ratio")
-            log.warning(
-                "rl_training.activation_memory_ratio = %s is no longer used and is ignored: micro-batches now grow to "
-                "the memory target, which is what bounds memory; set rl_training.max_memory_gb to the most the run "
-                "may take (see docs/memory.md)", value,
-            )  # fmt: skip
+        data = without_ignored(
+            data, "activation_memory_ratio",
+            "rl_training.activation_memory_ratio = %s is no longer used and is ignored: micro-batches now grow to "
+            "the memory target, which is what bounds memory; set rl_training.max_memory_gb to the most the run "
+            "may take (see docs/memory.md)",
+        )
         if isinstance(data, dict) and data.get("algorithm") == "gspo" and data.get("loss_aggregation") is None:
             data = {**data, "loss_aggregation": "seq-mean-token-mean"}  # the GSPO paper's objective, unless set
         atropos = data.get("atropos") if isinstance(data, dict) else None
@@ -397,16 +430,21 @@ class RLTrainingConfig(Section):
         return data
 
     @property
+    def staleness(self) -> Staleness:
+        """The staleness policy the run acts on: max_staleness / stale_policy in async mode, none in sync mode. Not
+        yet on Atropos rollouts in sync mode: a distributed sync run whose step lost every group to the policy
+        ended early (tests/test_distributed_run.py)."""
+        return Staleness(self.max_staleness, self.stale_policy) if self.mode == "async" else Staleness()
+
+    @property
     def staleness_applies(self) -> bool:
-        """max_staleness / stale_policy act in async mode. Not yet on Atropos rollouts in sync mode: a distributed
-        sync run whose step lost every group to the policy ended early (tests/test_distributed_run.py)."""
-        return self.mode == "async"
+        """Whether max_staleness / stale_policy act at all (async mode)."""
+        return self.staleness.max_versions is not None
 
     @model_validator(mode="after")
     def _importance_bounds(self) -> "RLTrainingConfig":
-        stale_cap = self.staleness_applies and self.stale_policy == "cap"
         custom = self.importance_level != "token" or self.importance_mode != "truncate"
-        if custom and self.importance_cap is None and self.importance_min is None and not stale_cap:
+        if custom and self.importance_cap is None and self.importance_min is None and not self.staleness.caps:
             raise ValueError(
                 "importance_level / importance_mode act only with a bound: set importance_cap and/or importance_min"
             )

@@ -161,8 +161,7 @@ class Trainer:
         self._slots = AdapterSlots(model) if lora else None
         self._reference = dict(adapter_arrays(model)) if lora and config.kl_beta > 0 else None
         # stale_policy = "cap" keeps stale async rollouts with capped weights: 2.0 unless importance_cap says otherwise
-        stale_cap = config.staleness_applies and config.stale_policy == "cap"
-        self.importance_cap = config.importance_cap or (2.0 if stale_cap else None)
+        self.importance_cap = config.importance_cap or (2.0 if config.staleness.caps else None)
         self.importance_correction = self.importance_cap is not None or config.importance_min is not None
         self.norm_length, source = norm_length(config)
         if config.loss_aggregation == "seq-mean-token-sum-norm":

@@ -25,12 +25,9 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
 
+from paraloop.config import BufferPriority, Staleness, StalePolicy, check_choice
 from paraloop.messages import PROMPT_MASK, RolloutBatch, ScoredGroup
-
-Priority = Literal["fifo", "abs_advantage"]
-StalePolicy = Literal["drop", "cap"]
 
 
 def too_stale(group: ScoredGroup, version: int, max_staleness: int | None) -> bool:
@@ -88,7 +85,7 @@ class RolloutBuffer:
         *,
         batch_size: int,
         max_batch_tokens: int | None = None,
-        priority: Priority = "fifo",
+        priority: BufferPriority = "fifo",
         max_staleness: int | None = None,
         stale_policy: StalePolicy = "drop",
         drop_zero_signal: bool = False,
@@ -98,19 +95,16 @@ class RolloutBuffer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
-        if priority not in ("fifo", "abs_advantage"):
-            raise ValueError(f"priority must be 'fifo' or 'abs_advantage', got {priority!r}")
+        check_choice("priority", priority, BufferPriority)
+        check_choice("stale_policy", stale_policy, StalePolicy)
         if max_staleness is not None and max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0 or None, got {max_staleness}")
-        if stale_policy not in ("drop", "cap"):
-            raise ValueError(f"stale_policy must be 'drop' or 'cap', got {stale_policy!r}")
         if max_groups < 1:
             raise ValueError(f"max_groups must be >= 1, got {max_groups}")
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.priority = priority
-        self.max_staleness = max_staleness
-        self.stale_policy = stale_policy
+        self.staleness = Staleness(max_staleness, stale_policy)
         self.drop_zero_signal = drop_zero_signal
         self.max_groups = max_groups
         self._entries: dict[int, _Entry] = {}  # by arrival; dicts keep insertion (= arrival) order
@@ -199,7 +193,7 @@ class RolloutBuffer:
 
     def prune(self, version: int) -> int:
         """Drop groups too stale for the adapter `version` now training (policy "drop"); returns how many."""
-        if self.max_staleness is None or self.stale_policy != "drop":
+        if not self.staleness.drops:
             return 0
         stale = [e.arrival for e in self._entries.values() if self._is_stale(e, version)]
         for arrival in stale:
@@ -209,7 +203,7 @@ class RolloutBuffer:
         return len(stale)
 
     def _is_stale(self, entry: _Entry, version: int) -> bool:
-        return too_stale(entry.group, version, self.max_staleness)
+        return too_stale(entry.group, version, self.staleness.max_versions)
 
     def ordered(self) -> list[_Entry]:
         """Groups in the order batches take them."""
@@ -227,7 +221,7 @@ class RolloutBuffer:
         """
         if version is not None:
             self.prune(version)
-            while self._reserve and self._is_stale(self._reserve[0], version) and self.stale_policy == "drop":
+            while self._reserve and self._is_stale(self._reserve[0], version) and self.staleness.drops:
                 self._dropped(self._reserve.popleft().journal_id)
         chosen: list[_Entry] = []
         rows = longest = 0

@@ -21,6 +21,7 @@ import msgspec
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from paraloop.checkpoint import step_dir_name
+from paraloop.config import Staleness, StalePolicy
 from paraloop.messages import (
     AdapterPublished,
     CheckpointWritten,
@@ -78,7 +79,7 @@ class Learner:
         finished: ObjectSendStream[StepFinished],
         credits: ObjectSendStream[int] | None,
         max_staleness: int | None = None,
-        stale_policy: str = "drop",
+        stale_policy: StalePolicy = "drop",
         ranks: Coordinator | None = None,
         consumed: Consumed | None = None,
     ) -> None:
@@ -95,8 +96,7 @@ class Learner:
         self.finished = finished
         self.credits = credits
         self.source_state: dict[str, Any] | None = None  # the rollout source's position after the last batch trained
-        self.max_staleness = max_staleness
-        self.stale_policy = stale_policy
+        self.staleness = Staleness(max_staleness, stale_policy)
         self.ranks = ranks  # run/ranks.Coordinator in a distributed run: the ranks decide each step together
         self.consumed = consumed  # journal groups trained or dropped so far (None: the source keeps no journal)
         self._state = anyio.Lock()  # the trainer and what checkpoints keep with it change together
@@ -162,14 +162,14 @@ class Learner:
     def _drop_stale(self, batch: RolloutBatch) -> RolloutBatch:
         """async mode: groups more than max_staleness versions behind are dropped (policy "drop") or kept for the
         trainer's capped importance weights (policy "cap"). Groups of unknown version (Atropos) are kept."""
-        if self.max_staleness is None or self.stale_policy != "drop":
+        if not self.staleness.drops:
             return batch
-        fresh = [g for g in batch.groups if not too_stale(g, self.trainer.version, self.max_staleness)]
+        fresh = [g for g in batch.groups if not too_stale(g, self.trainer.version, self.staleness.max_versions)]
         dropped = len(batch.groups) - len(fresh)
         if not dropped:
             return batch
         self.status.dropped_stale += dropped
-        log.info("dropped %d rollout group(s) more than %d versions old", dropped, self.max_staleness)
+        log.info("dropped %d rollout group(s) more than %d versions old", dropped, self.staleness.max_versions)
         return msgspec.structs.replace(batch, groups=fresh, dropped_stale=batch.dropped_stale + dropped)
 
     async def _step(self, batch: RolloutBatch) -> bool:

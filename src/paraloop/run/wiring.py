@@ -35,7 +35,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from paraloop import checkpoint
 from paraloop.atropos.evals import EVAL_DIR, AtroposEvals
-from paraloop.config import ConfigError, Settings, public_dump
+from paraloop.config import ConfigError, Settings, Staleness, public_dump
 from paraloop.dashboard import LiveRun, dashboard_routes
 from paraloop.distributed import Ranks, launch_rank
 from paraloop.engine import Engine
@@ -243,7 +243,7 @@ async def run_actors(
         checkpoint_interval=settings.checkpoint.interval, save_every_step=settings.checkpoint.save_every_step,
         batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
         credits=learner_credits,
-        max_staleness=rl.max_staleness if rl.staleness_applies else None, stale_policy=rl.stale_policy,
+        max_staleness=rl.staleness.max_versions, stale_policy=rl.staleness.policy,
         consumed=parts.consumed, ranks=coordinator,
     )
     evaluator = None
@@ -308,11 +308,12 @@ def rollout_buffer(settings: Settings, ranks: Ranks | None) -> RolloutBuffer:
     """The fetcher's buffer. Sync mode is strictly on-policy: groups that dynamic sampling drew beyond a batch are
     dropped at the next version, never trained on by the one after."""
     rl = settings.rl_training
-    sync_staleness = 0 if rl.dynamic_sampling else None
+    staleness = rl.staleness
+    if staleness.max_versions is None and rl.dynamic_sampling:
+        staleness = Staleness(0, "drop")
     return RolloutBuffer(
         batch_size=ranked.local_batch_size(settings, ranks), priority=rl.buffer_priority,
-        max_staleness=rl.max_staleness if rl.staleness_applies else sync_staleness,
-        stale_policy=rl.stale_policy if rl.staleness_applies else "drop", drop_zero_signal=rl.dynamic_sampling,
+        max_staleness=staleness.max_versions, stale_policy=staleness.policy, drop_zero_signal=rl.dynamic_sampling,
     )
 
 
