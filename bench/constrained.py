@@ -1,7 +1,7 @@
 """Constrained decoding: tokens/s of 32 streams sampling within a JSON-schema grammar over 32 free streams.
 
-In this process: the Engine on SmolLM2 (as decode_step.py runs it) decodes 32 rows past ~40-token chat prompts at
-temperature 1.0, once free (EOS off) and once with `response_format`'s grammar (engine/grammar.py: a JSON object
+In this process: the Engine on SmolLM2 (decode_step.py's loop, given the grammar) decodes 32 rows past ~40-token
+chat prompts at temperature 1.0, once free (EOS off) and once with `response_format`'s grammar (engine/grammar.py: a JSON object
 whose one string property must be 2,000-4,000 characters long, so no row ends early), alternating, on both decode
 paths (`engine.decode = "cpu"` and `"mlx-lm"`). A step is the median time between two consecutive tokens of one row
 after the prefill. Lines: constrained tokens/s over free tokens/s per path (target >= 0.85). The constrained rows
@@ -9,50 +9,15 @@ each have their own sampler (their own grammar state), the free rows share one (
 """
 
 import statistics
-import time
 
+from bench.decode_step import ROWS, engine_steps
 from bench.harness import Context, Line
 
 NAME = "constrained"
 TITLE = "14. Constrained decoding (JSON schema) at 32 streams over free decoding"
 BUDGET_S = 240
-ROWS = 32
 SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000, "maxLength": 4000}},
           "required": ["story"], "additionalProperties": False}  # fmt: skip
-
-
-def engine_steps(model, tokenizer, *, decode: str, grammar, steps: int) -> list[float]:
-    """Seconds between consecutive tokens of row 0 after the prefill."""
-    import anyio
-
-    from paraloop.config import EngineConfig
-    from paraloop.engine import Engine
-    from paraloop.messages import GenerateRequest, SamplingParams
-
-    engine = Engine(model, tokenizer, config=EngineConfig(decode=decode, prefix_cache_mb=0), batch_size=ROWS)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell a long story about topic {i}."}],
-                                             add_generation_prompt=True) for i in range(ROWS)]  # fmt: skip
-    stamps: list[float] = []
-
-    async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            await tg.start(engine.run)
-
-            async def row(i: int) -> None:
-                params = SamplingParams(temperature=1.0, max_tokens=steps, ignore_eos=grammar is None, grammar=grammar)
-                async for _ in engine.generate(GenerateRequest(request_id=str(i), prompt_tokens=prompts[i],
-                                                               params=params)):  # fmt: skip
-                    if i == 0:
-                        stamps.append(time.perf_counter())
-
-            async with anyio.create_task_group() as rows:
-                for i in range(ROWS):
-                    rows.start_soon(row, i)
-            tg.cancel_scope.cancel()
-
-    anyio.run(main)
-    skip = steps // 4
-    return [b - a for a, b in zip(stamps[skip:], stamps[skip + 1 :], strict=False)]
 
 
 def run(ctx: Context) -> list[Line]:
@@ -66,7 +31,8 @@ def run(ctx: Context) -> list[Line]:
     step: dict[tuple[str, bool], list[float]] = {(d, c): [] for d in ("cpu", "mlx-lm") for c in (False, True)}
     for _ in range(rounds):
         for decode, constrained in step:  # alternating: a slower stretch of the machine hits both kinds
-            got = engine_steps(model, tokenizer, decode=decode, grammar=grammar if constrained else None, steps=steps)
+            got, _ = engine_steps(model, tokenizer, decode=decode, grammar=grammar if constrained else None,
+                                  steps=steps, prompt="Tell a long story about topic {i}.")
             step[(decode, constrained)].append(statistics.median(got))
     best = {k: min(v) for k, v in step.items()}
     detail = {f"{d}/{'constrained' if c else 'free'}": v for (d, c), v in step.items()} | {"rows": ROWS}

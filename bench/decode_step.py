@@ -22,8 +22,11 @@ BUDGET_S = 150
 ROWS = 32
 
 
-def engine_steps(model, tokenizer, *, decode: str, steps: int) -> tuple[list[float], int]:
-    """Seconds between consecutive tokens of row 0 (after the prefill) and the context length reached."""
+def engine_steps(model, tokenizer, *, decode: str, steps: int, grammar=None,
+                 prompt: str = "Write a long story about topic {i}.") -> tuple[list[float], int]:
+    """Seconds between consecutive tokens of row 0 (after the prefill) and the context length reached. Each row
+    asks `prompt` (formatted with its index) at temperature 1.0; EOS is off, unless every row samples within
+    `grammar` (a compiled engine/grammar.py grammar: constrained.py), which must not let a row end early."""
     import anyio
 
     from paraloop.config import EngineConfig
@@ -31,7 +34,7 @@ def engine_steps(model, tokenizer, *, decode: str, steps: int) -> tuple[list[flo
     from paraloop.messages import GenerateRequest, SamplingParams
 
     engine = Engine(model, tokenizer, config=EngineConfig(decode=decode, prefix_cache_mb=0), batch_size=ROWS)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Write a long story about topic {i}."}],
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt.format(i=i)}],
                                              add_generation_prompt=True) for i in range(ROWS)]  # fmt: skip
     stamps: list[float] = []
 
@@ -40,7 +43,7 @@ def engine_steps(model, tokenizer, *, decode: str, steps: int) -> tuple[list[flo
             await tg.start(engine.run)
 
             async def row(i: int) -> None:
-                params = SamplingParams(temperature=1.0, max_tokens=steps, ignore_eos=True)
+                params = SamplingParams(temperature=1.0, max_tokens=steps, ignore_eos=grammar is None, grammar=grammar)
                 async for _ in engine.generate(GenerateRequest(request_id=str(i), prompt_tokens=prompts[i],
                                                                params=params)):  # fmt: skip
                     if i == 0:
