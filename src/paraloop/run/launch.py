@@ -154,10 +154,10 @@ async def supervise(hosts: list[Host], ring: str, ring_path: str, args: argparse
             code = 0
             with anyio.CancelScope() as waiting:
                 while ranks.unreported():
-                    rank, returncode = await ranks.wait_any()
+                    name, returncode = await ranks.wait_any()
                     if returncode != 0 and not code:
                         code = exit_code(returncode)
-                        print(f"paraloop launch: rank {rank} exited with code {returncode}", file=sys.stderr)
+                        print(f"paraloop launch: rank {name} exited with code {returncode}", file=sys.stderr)
                         waiting.deadline = anyio.current_time() + args.grace
             await ranks.stop_all()
         return code
