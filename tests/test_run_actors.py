@@ -20,7 +20,6 @@ from paraloop.messages import (
     CheckpointWritten,
     RolloutBatch,
     SaveCheckpoint,
-    ScoredGroup,
     StepFinished,
 )
 from paraloop.run.buffer import RolloutBuffer
@@ -222,8 +221,7 @@ def test_a_stop_during_a_step_ends_the_learner_after_it_without_waiting_for_anot
 def test_a_single_step_permit_spent_on_an_all_stale_batch_waits_for_the_next_batch(tmp_path):
     async def scenario():
         rig = Rig(tmp_path, trainer=FakeTrainer(step_count=5), max_staleness=0)
-        stale = RolloutBatch(groups=[ScoredGroup(tokens=[[1, 5, 6]] * 2, masks=[[-100, 5, 6]] * 2,
-                                                 scores=[0.0, 1.0], versions=[3, 3])], source="mock")
+        stale = RolloutBatch(groups=[group([0.0, 1.0], version=3)], source="mock")
         answers = []
 
         async def step() -> None:
@@ -416,7 +414,7 @@ def test_the_sync_credit_loop_fetches_each_batch_only_once_the_previous_adapter_
 def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_once():
     buffer = RolloutBuffer(batch_size=4, priority="abs_advantage")
     source_batches = [
-        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), tag=10 * b + i) for i in range(3)], source="atropos")
+        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), prompt=[10 * b + i]) for i in range(3)], source="atropos")
         for b in range(4)
     ]
     consumed = []
@@ -432,9 +430,9 @@ def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_
 
 def test_replayed_groups_are_taken_before_anything_fetched_later():
     buffer = RolloutBuffer(batch_size=2, priority="abs_advantage")
-    buffer.put(group((0.0, 0.0), tag=1), journal_id=(7, 0, 1), replayed=True)  # no signal, yet first
-    buffer.put(group(tag=2), journal_id=(8, 0, 1))
-    buffer.put(group(tag=3), journal_id=(9, 0, 1), replayed=True)
+    buffer.put(group([0.0, 0.0], prompt=[1]), journal_id=(7, 0, 1), replayed=True)  # no signal, yet first
+    buffer.put(group([0.0, 1.0], prompt=[2]), journal_id=(8, 0, 1))
+    buffer.put(group([0.0, 1.0], prompt=[3]), journal_id=(9, 0, 1), replayed=True)
     assert tags(buffer.take()) == [3]  # two replayed groups of 2 sequences: one per batch
     assert tags(buffer.take()) == [1]
     assert tags(buffer.take()) == [2]
