@@ -288,7 +288,7 @@ def test_a_snapshot_during_a_step_is_of_that_step_with_its_own_source_position(t
                 await until(lambda: rig.status.learner_busy, "the step to start")
                 written = []
                 tg.start_soon(lambda: _append(written, rig.control.snapshot()))
-                await anyio.sleep(0.05)  # the snapshot now waits behind the step
+                await wait_all_tasks_blocked()  # the snapshot now waits behind the step (for the learner's state)
                 HeldTrainer.release.set()
                 await until(lambda: written, "the snapshot")
                 rig.control.stop()
