@@ -250,7 +250,7 @@ def test_a_reset_api_is_registered_with_again(tmp_path):
             client = make_client(url, tmp_path, total_steps=1)
             await client.register()
             task = asyncio.ensure_future(take(client, 1))
-            await asyncio.sleep(0.2)
+            await until(lambda: client.status()["state"] == "waiting for batch", "the client to poll /batch")
             await call(url, "/reset_data")  # /batch now fails with 500 until a trainer registers again
             await until(lambda: client.status()["registrations"] == 2, "registering again")
             await call(url, "/scored_data", group(1, env_id=None))

@@ -4,7 +4,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import procs
+from support import free_port
 from paraloop.atropos.launch import ProcessGroup, env_argv, make_plan, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,9 +174,7 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     """`paraloop run` cannot load an empty model dir: it exits, and run-api and the environment are stopped."""
     model = tmp_path / "empty-model"
     model.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = write_config(tmp_path / "c.toml", api_url=f"http://127.0.0.1:{port}", model_dir=model)
     sleeper_env = tmp_path / "env.py"
     sleeper_env.write_text("import time\ntime.sleep(120)\n")

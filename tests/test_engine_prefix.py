@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from compute_paths import PREFIX_TOL, assert_within, max_gap
 from support import until
-from test_engine import changed_adapter, reference_logprobs, request, serve
+from test_engine import ForwardLog, changed_adapter, reference_logprobs, request, serve
 
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine
@@ -25,24 +25,14 @@ from paraloop.server.metrics import Metrics, engine_families
 GREEDY = dict(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-class Gate(nn.Module):
+class Gate(ForwardLog):
     """The served model, recording every forward's shape; once armed, the next prompt forward of `block_at` tokens
     or more waits until the test releases it (at most 60 s), so a test can act while a prefill is under way."""
 
     def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.shapes: list[tuple[int, ...]] = []
+        super().__init__(inner)
         self.block_at = 2
         self._next: tuple[threading.Event, threading.Event] | None = None
-
-    @property
-    def layers(self) -> list:
-        return self.inner.layers
-
-    @property
-    def args(self) -> Any:
-        return self.inner.args
 
     def arm(self) -> tuple[threading.Event, threading.Event]:
         """(reached, release) of the next blocking forward."""

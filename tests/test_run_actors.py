@@ -105,6 +105,11 @@ def run(scenario) -> None:
 # --- learner and /control -----------------------------------------------------------------------------------------
 
 
+async def single_step(rig: Rig, answers: list[int]) -> None:
+    """A single-step request (started in a task group): the step that answers it goes to `answers`."""
+    answers.append((await rig.control.step_once()).step)
+
+
 def test_a_pause_while_waiting_for_a_batch_holds_it_untrained_until_resume(tmp_path):
     async def scenario():
         rig = Rig(tmp_path)
@@ -223,14 +228,10 @@ def test_a_single_step_permit_spent_on_an_all_stale_batch_waits_for_the_next_bat
         rig = Rig(tmp_path, trainer=FakeTrainer(step_count=5), max_staleness=0)
         stale = RolloutBatch(groups=[group([0.0, 1.0], version=3)], source="mock")
         answers = []
-
-        async def step() -> None:
-            answers.append((await rig.control.step_once()).step)
-
         async with anyio.create_task_group() as tg:
             await tg.start(rig.run)
             rig.control.pause()
-            tg.start_soon(step)
+            tg.start_soon(single_step, rig, answers)
             await wait_all_tasks_blocked()
             await rig.batches.send(stale)
             await wait_all_tasks_blocked()
@@ -247,15 +248,11 @@ def test_two_single_steps_take_two_steps_each_answered_with_its_own(tmp_path):
     async def scenario():
         rig = Rig(tmp_path)
         answers = []
-
-        async def step() -> None:
-            answers.append((await rig.control.step_once()).step)
-
         async with anyio.create_task_group() as tg:
             await tg.start(rig.run)
             rig.control.pause()
-            tg.start_soon(step)
-            tg.start_soon(step)
+            tg.start_soon(single_step, rig, answers)
+            tg.start_soon(single_step, rig, answers)
             for tag in (1, 2, 3):
                 await wait_all_tasks_blocked()
                 with anyio.move_on_after(0.2):
