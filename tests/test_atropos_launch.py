@@ -95,13 +95,18 @@ def plan_for(argv: list[str]):
     return make_plan(args, extra)
 
 
-@pytest.mark.atropos
-def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
+def config_and_script(tmp_path: Path, script_name: str) -> tuple[Path, Path]:
+    """A config (run-api at :8555, an empty model dir `tmp_path/model`) and an empty environment script."""
     model = tmp_path / "model"
     model.mkdir()
-    config = write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model)
-    script = tmp_path / "env.py"
+    script = tmp_path / script_name
     script.write_text("")
+    return write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model), script
+
+
+@pytest.mark.atropos
+def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
+    config, script = config_and_script(tmp_path, "env.py")
     plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
                      "--set", "rl_training.total_steps=7", "--", "--env.group_size", "4"])
     assert plan.api_url == "http://127.0.0.1:8555" and plan.run_api == str(VENV / "bin" / "run-api")
@@ -111,7 +116,7 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     assert argv[2:4] == [str(script), "serve"]
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags["--openai.base_url"] == "http://127.0.0.1:8123/v1"
-    assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(model)
+    assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(tmp_path / "model")
     assert flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "7"
     assert argv[-2:] == ["--env.group_size", "4"]  # the user's flags come last, so they win
 
@@ -120,11 +125,7 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
 def test_eval_every_steps_becomes_the_environments_own_evaluation_cadence(tmp_path):
     """atroposlib calls an environment's evaluate() every steps_per_eval API steps; its evaluate_log writes into
     data_dir_to_save_evals, one dir per script under RUN_DIR/atropos_evals, where paraloop run reads it back."""
-    model = tmp_path / "model"
-    model.mkdir()
-    config = write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model)
-    script = tmp_path / "gsm8k_server.py"
-    script.write_text("")
+    config, script = config_and_script(tmp_path, "gsm8k_server.py")
     plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
                      "--set", "eval.every_steps=5", "--", "--env.steps_per_eval", "7"])
     argv = env_argv(plan, str(script), 8123)

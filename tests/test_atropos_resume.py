@@ -16,8 +16,8 @@ import procs
 from conftest import ATROPOS_VENV
 from paraloop.checkpoint import read_checkpoint
 import support
-from support import free_port, scored_data, until_blocking
-from test_run import RUN_ENV, finish, read_metrics, wait_for_server
+from support import free_port, scored_data, until_blocking, wait_for_server
+from test_run import RUN_ENV, finish, read_metrics
 
 pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
 DEADLINE_S = 90

@@ -446,6 +446,12 @@ def snapshot(step: int, reply=None) -> SaveCheckpoint:
                           reply=reply)
 
 
+def checkpointer(inbox, run_dir: Path, status: RunStatus, **options):
+    """The checkpointer on `inbox` (to start in a task group), writing safetensors adapters under `run_dir`."""
+    return partial(run_checkpointer, inbox, run_dir=str(run_dir), adapter_config=LORA_CONFIG,
+                   adapter_format="safetensors", keep_last=None, config={}, status=status, **options)
+
+
 def test_a_checkpoint_requested_while_one_is_being_written_is_written_after_it(tmp_path):
     release = threading.Event()
 
@@ -458,9 +464,7 @@ def test_a_checkpoint_requested_while_one_is_being_written_is_written_after_it(t
         send, receive = anyio.create_memory_object_stream[SaveCheckpoint](2)
         reply_send, reply_receive = anyio.create_memory_object_stream[CheckpointWritten](1)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_checkpointer(receive, run_dir=str(tmp_path), adapter_config=LORA_CONFIG,
-                                                   adapter_format="safetensors", keep_last=None, config={},
-                                                   status=status, write=slow_write))
+            tg.start_soon(checkpointer(receive, tmp_path, status, write=slow_write))
             await send.send(snapshot(1))  # periodic: nobody waits for it
             await until(lambda: status.checkpoint_writing_since is not None, "the first write")
             await send.send(snapshot(2, reply=reply_send))  # /control/snapshot while step 1 is written
@@ -498,9 +502,7 @@ def test_a_read_only_checkpoint_directory_is_reported_retried_and_leaves_nothing
         send, receive = anyio.create_memory_object_stream[SaveCheckpoint](2)
         reply_send, reply_receive = anyio.create_memory_object_stream[CheckpointWritten](1)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_checkpointer(receive, run_dir=str(tmp_path), adapter_config=LORA_CONFIG,
-                                                   adapter_format="safetensors", keep_last=None, config={},
-                                                   status=status))
+            tg.start_soon(checkpointer(receive, tmp_path, status))
             await send.send(snapshot(3, reply=reply_send))
             async with reply_receive:
                 failed = await reply_receive.receive()

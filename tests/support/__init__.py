@@ -1,13 +1,16 @@
-"""What many tests share: a free TCP port, waiting for a condition under a deadline, a rollout group (and its
-wire form).
+"""What many tests share: a free TCP port, waiting for a condition under a deadline, waiting for `paraloop run`
+to serve, a rollout group (and its wire form).
 
 Wait for the event that makes a check true (`until`), never for a fixed time: a sleep followed by a check that
 something did *not* happen passes vacuously on a machine too slow for the thing to have happened yet.
 """
 
+import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -50,6 +53,25 @@ def until_blocking(
         if time.monotonic() > deadline:
             raise AssertionError(f"gave up waiting for {what} after {within} s")
         time.sleep(every)
+
+
+def served_port(proc: subprocess.Popen, run_dir: Path, *, within: float = 120.0, log: Path | None = None) -> int:
+    """The port `paraloop run` (`proc`) serves on, once RUN_DIR/server.json names it; AssertionError if it exits
+    first, with the end of its output (its stderr pipe, else the `log` file it writes to)."""
+
+    def served() -> int | None:
+        if proc.poll() is not None:
+            err = proc.stderr.read()[-3000:] if proc.stderr else log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"paraloop run exited early ({proc.returncode}): {err}")
+        info = json.loads((run_dir / "server.json").read_text())  # absent or half-written: not yet
+        return int(info["port"]) if info.get("pid") == proc.pid else None
+
+    return until_blocking(served, "paraloop run to serve", within=within, ignoring=(OSError, ValueError))
+
+
+def wait_for_server(proc: subprocess.Popen, run_dir: Path, *, within: float = 120.0) -> str:
+    """`paraloop run`'s base URL, once it serves (`served_port`)."""
+    return f"http://127.0.0.1:{served_port(proc, run_dir, within=within)}"
 
 
 def group(scores: Sequence[float] | None = None, *, prompt: Sequence[int] = (1,), completion: Sequence[int] = (5, 6),
