@@ -19,21 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def gone_soon(pid: int, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
-
-
 STUBBORN = """
 import os, signal, subprocess, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -61,7 +46,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace_with_its_own_childre
     grandchild = int(out.getvalue().split("[stubborn] grandchild ")[1].split()[0])
     assert code == -9  # SIGKILL: it ignored SIGTERM
     assert "did not stop within 0.5 s: SIGKILL" in out.getvalue()
-    assert gone_soon(pid) and gone_soon(grandchild)
+    assert procs.gone_soon(pid, within=10) and procs.gone_soon(grandchild, within=10)
 
 
 @pytest.mark.timeout(60)
@@ -78,7 +63,7 @@ def test_each_exit_is_reported_once_with_prefixed_output_and_the_rest_stopped_on
     (name, code), sleeper = asyncio.run(scenario())
     assert (name, code) == ("quick", 3)
     assert "[quick] hello\n[quick] bye\n" in out.getvalue()
-    assert sleeper.returncode == -15 and not alive(sleeper.pid)  # stopped by SIGTERM when the group closed
+    assert sleeper.returncode == -15 and not procs.alive(sleeper.pid)  # stopped by SIGTERM when the group closed
 
 
 def write_config(path: Path, *, api_url: str | None, model_dir: Path, port: int = 8123) -> Path:
@@ -194,4 +179,4 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     assert proc.returncode != 0, out
     assert len(pids) == 3, out  # run-api, paraloop run, the environment
     assert "[launch] paraloop exited with code" in out and "stopping every child" in out
-    assert all(gone_soon(pid) for pid in pids)
+    assert all(procs.gone_soon(pid, within=10) for pid in pids)

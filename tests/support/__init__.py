@@ -77,8 +77,8 @@ def wait_for_server(proc: subprocess.Popen, run_dir: Path, *, within: float = 12
 def group(scores: Sequence[float] | None = None, *, prompt: Sequence[int] = (1,), completion: Sequence[int] = (5, 6),
           completions: Sequence[Sequence[int]] | None = None, logprobs: Sequence[Sequence[float]] | None = None,
           version: int | None = None, **fields: Any) -> ScoredGroup:
-    """A rollout group in Atropos' convention: each row is `prompt` (masked out of the loss) then a completion,
-    `completions[i]`, else `completion` in each of one row per score; scores 0.0 when only completions are given.
+    """A rollout group in Atropos' convention: each row is `prompt` (masked out of the loss), then its completion.
+    The rows: one per `completions` (scored 0.0 unless `scores` says), else one per score, each ending `completion`.
 
     `logprobs`: the completions' sampling log-probs (the prompt gets Atropos' 1.0 placeholders). `version`: the
     adapter version every row was sampled with (None: unknown, as from Atropos). `fields`: further ScoredGroup
