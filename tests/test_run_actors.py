@@ -411,7 +411,8 @@ def test_the_sync_credit_loop_fetches_each_batch_only_once_the_previous_adapter_
 def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_once():
     buffer = RolloutBuffer(batch_size=4, priority="abs_advantage")
     source_batches = [
-        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), prompt=[10 * b + i]) for i in range(3)], source="atropos")
+        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), prompt=[10 * b + i]) for i in range(3)],
+                     source="atropos")
         for b in range(4)
     ]
     consumed = []
