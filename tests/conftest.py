@@ -12,6 +12,7 @@ import inspect
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import paraloop  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 import pytest
@@ -80,6 +81,15 @@ def tiny_model_path() -> Path:
     from paraloop.builders.tiny import build_tiny_model
 
     return _cached("tiny-f32", lambda out: build_tiny_model(out))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path: Path) -> tuple[Any, Any]:
+    """The float32 tiny model and its tokenizer, loaded once per module (for tests that do not change it)."""
+    from paraloop.model import load_model
+
+    model, tokenizer, _, _ = load_model(tiny_model_path)
+    return model, tokenizer
 
 
 @pytest.fixture(scope="session")

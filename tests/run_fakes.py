@@ -24,7 +24,8 @@ LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 1,
 
 
 def batch(*tags: int, source: str = "atropos", **kw: Any) -> RolloutBatch:
-    return RolloutBatch(groups=[group(tag=t) for t in tags], source=source, **kw)
+    """One group scored [0, 1] per tag, the tag its prompt (so `tags` tells the groups apart)."""
+    return RolloutBatch(groups=[group([0.0, 1.0], prompt=[t]) for t in tags], source=source, **kw)
 
 
 def tags(b: RolloutBatch) -> list[int]:

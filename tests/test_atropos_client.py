@@ -14,7 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from support import free_port, until
+import support
+from support import free_port, scored_data, until
 
 from paraloop.atropos.client import AtroposClient
 from paraloop.atropos.launch import ProcessGroup, start_run_api
@@ -45,15 +46,9 @@ def make_client(url: str, tmp_path: Path, *, total_steps: int, starting_step: in
 
 
 def group(tag: int, *, env_id: int | None = 0, **changes) -> dict:
-    """A valid 2-sequence group; `tag` is its first token so tests can tell groups apart."""
-    body = {
-        "tokens": [[tag, 5, 6, 7], [tag, 5, 8]],
-        "masks": [[-100, -100, 6, 7], [-100, -100, 8]],
-        "scores": [1.0, 0.0],
-        "inference_logprobs": [[1.0, 1.0, -0.5, -0.25], [1.0, 1.0, -2.0]],
-        "env_id": env_id,
-    }
-    return {**body, **changes}
+    """A valid 2-sequence group as an environment posts it; `tag` is its first token so tests can tell groups apart."""
+    posted = support.group([1.0, 0.0], prompt=[tag, 5], completions=[[6, 7], [8]], logprobs=[[-0.5, -0.25], [-2.0]])
+    return scored_data(posted, env_id=env_id, **changes)
 
 
 async def call(url: str, path: str, body=None):
@@ -255,7 +250,7 @@ def test_a_reset_api_is_registered_with_again(tmp_path):
             client = make_client(url, tmp_path, total_steps=1)
             await client.register()
             task = asyncio.ensure_future(take(client, 1))
-            await asyncio.sleep(0.2)
+            await until(lambda: client.status()["state"] == "waiting for batch", "the client to poll /batch")
             await call(url, "/reset_data")  # /batch now fails with 500 until a trainer registers again
             await until(lambda: client.status()["registrations"] == 2, "registering again")
             await call(url, "/scored_data", group(1, env_id=None))

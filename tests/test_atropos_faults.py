@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import pytest
 from aiohttp import web
+import support
+from support import scored_data
 
 from paraloop.atropos.client import AtroposClient
 from paraloop.config import AtroposConfig
@@ -20,8 +22,8 @@ DEADLINE = 30
 
 
 def group(tag: int, **changes) -> dict:
-    body = {"tokens": [[tag, 5, 6], [tag, 5, 7]], "masks": [[-100, 5, 6], [-100, 5, 7]], "scores": [1.0, 0.0]}
-    return {**body, **changes}
+    """A valid 2-sequence group as run-api's /batch answers it; `tag` is its first token."""
+    return scored_data(support.group([1.0, 0.0], prompt=[tag], completions=[[5, 6], [5, 7]]), **changes)
 
 
 class FakeApi:

@@ -4,7 +4,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,25 +12,11 @@ from pathlib import Path
 import pytest
 
 import procs
+from support import free_port
 from paraloop.atropos.launch import ProcessGroup, env_argv, make_plan, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie waiting for its reaper counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def gone_soon(pid: int, within: float = 10.0) -> bool:
-    deadline = time.monotonic() + within
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not alive(pid)
 
 
 STUBBORN = """
@@ -61,7 +46,7 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_grace_with_its_own_childre
     grandchild = int(out.getvalue().split("[stubborn] grandchild ")[1].split()[0])
     assert code == -9  # SIGKILL: it ignored SIGTERM
     assert "did not stop within 0.5 s: SIGKILL" in out.getvalue()
-    assert gone_soon(pid) and gone_soon(grandchild)
+    assert procs.gone_soon(pid, within=10) and procs.gone_soon(grandchild, within=10)
 
 
 @pytest.mark.timeout(60)
@@ -78,7 +63,7 @@ def test_each_exit_is_reported_once_with_prefixed_output_and_the_rest_stopped_on
     (name, code), sleeper = asyncio.run(scenario())
     assert (name, code) == ("quick", 3)
     assert "[quick] hello\n[quick] bye\n" in out.getvalue()
-    assert sleeper.returncode == -15 and not alive(sleeper.pid)  # stopped by SIGTERM when the group closed
+    assert sleeper.returncode == -15 and not procs.alive(sleeper.pid)  # stopped by SIGTERM when the group closed
 
 
 def write_config(path: Path, *, api_url: str | None, model_dir: Path, port: int = 8123) -> Path:
@@ -95,13 +80,18 @@ def plan_for(argv: list[str]):
     return make_plan(args, extra)
 
 
-@pytest.mark.atropos
-def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
+def config_and_script(tmp_path: Path, script_name: str) -> tuple[Path, Path]:
+    """A config (run-api at :8555, an empty model dir `tmp_path/model`) and an empty environment script."""
     model = tmp_path / "model"
     model.mkdir()
-    config = write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model)
-    script = tmp_path / "env.py"
+    script = tmp_path / script_name
     script.write_text("")
+    return write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model), script
+
+
+@pytest.mark.atropos
+def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
+    config, script = config_and_script(tmp_path, "env.py")
     plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
                      "--set", "rl_training.total_steps=7", "--", "--env.group_size", "4"])
     assert plan.api_url == "http://127.0.0.1:8555" and plan.run_api == str(VENV / "bin" / "run-api")
@@ -111,7 +101,7 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     assert argv[2:4] == [str(script), "serve"]
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags["--openai.base_url"] == "http://127.0.0.1:8123/v1"
-    assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(model)
+    assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(tmp_path / "model")
     assert flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "7"
     assert argv[-2:] == ["--env.group_size", "4"]  # the user's flags come last, so they win
 
@@ -120,11 +110,7 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
 def test_eval_every_steps_becomes_the_environments_own_evaluation_cadence(tmp_path):
     """atroposlib calls an environment's evaluate() every steps_per_eval API steps; its evaluate_log writes into
     data_dir_to_save_evals, one dir per script under RUN_DIR/atropos_evals, where paraloop run reads it back."""
-    model = tmp_path / "model"
-    model.mkdir()
-    config = write_config(tmp_path / "c.toml", api_url="http://127.0.0.1:8555", model_dir=model)
-    script = tmp_path / "gsm8k_server.py"
-    script.write_text("")
+    config, script = config_and_script(tmp_path, "gsm8k_server.py")
     plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
                      "--set", "eval.every_steps=5", "--", "--env.steps_per_eval", "7"])
     argv = env_argv(plan, str(script), 8123)
@@ -174,9 +160,7 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     """`paraloop run` cannot load an empty model dir: it exits, and run-api and the environment are stopped."""
     model = tmp_path / "empty-model"
     model.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = write_config(tmp_path / "c.toml", api_url=f"http://127.0.0.1:{port}", model_dir=model)
     sleeper_env = tmp_path / "env.py"
     sleeper_env.write_text("import time\ntime.sleep(120)\n")
@@ -195,4 +179,4 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     assert proc.returncode != 0, out
     assert len(pids) == 3, out  # run-api, paraloop run, the environment
     assert "[launch] paraloop exited with code" in out and "stopping every child" in out
-    assert all(gone_soon(pid) for pid in pids)
+    assert all(procs.gone_soon(pid, within=10) for pid in pids)

@@ -15,8 +15,9 @@ import pytest
 import procs
 from conftest import ATROPOS_VENV
 from paraloop.checkpoint import read_checkpoint
-from support import free_port, until_blocking
-from test_run import RUN_ENV, finish, read_metrics, wait_for_server
+import support
+from support import free_port, scored_data, until_blocking, wait_for_server
+from test_run import RUN_ENV, finish, read_metrics
 
 pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
 DEADLINE_S = 90
@@ -72,9 +73,9 @@ save_every_step = true
 
 
 def group(tag: int, **changes) -> dict:
-    body = {"tokens": [[tag, 5, 6, 7], [tag, 5, 8]], "masks": [[-100, -100, 6, 7], [-100, -100, 8]],
-            "scores": [1.0, 0.0], "inference_logprobs": [[1.0, 1.0, -0.5, -0.25], [1.0, 1.0, -2.0]]}  # fmt: skip
-    return {**body, **changes}
+    """A valid 2-sequence group as an environment posts it; `tag` is its first token."""
+    posted = support.group([1.0, 0.0], prompt=[tag, 5], completions=[[6, 7], [8]], logprobs=[[-0.5, -0.25], [-2.0]])
+    return scored_data(posted, **changes)
 
 
 def register_env(api: str) -> dict:

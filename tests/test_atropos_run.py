@@ -84,18 +84,6 @@ def started_pids(out: str) -> list[int]:
     return [int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines() if line.startswith("[launch] started")]
 
 
-def gone_soon(pid: int, within: float = 15.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
@@ -112,7 +100,7 @@ def test_paraloop_trains_n_steps_from_a_real_environment(tiny_model_path, tmp_pa
     assert "registered with Atropos API" in out
     assert "[launch] paraloop exited with code 0: stopping every child" in out
     pids = started_pids(out)
-    assert len(pids) == 3 and all(gone_soon(pid) for pid in pids)
+    assert len(pids) == 3 and all(procs.gone_soon(pid) for pid in pids)
 
 
 def test_sigterm_stops_the_launcher_and_every_child(tiny_model_path, tmp_path):
@@ -125,4 +113,4 @@ def test_sigterm_stops_the_launcher_and_every_child(tiny_model_path, tmp_path):
         out = finish(proc, lines, timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, out[-6000:]
     pids = started_pids(out)
-    assert len(pids) == 3 and all(gone_soon(pid) for pid in pids)
+    assert len(pids) == 3 and all(procs.gone_soon(pid) for pid in pids)

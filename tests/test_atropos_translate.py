@@ -4,6 +4,7 @@ import logging
 import math
 
 import pytest
+import support
 
 from paraloop.atropos.translate import InvalidGroup, split_by_token_budget, to_scored_group, translate_batch
 from paraloop.messages import ScoredGroup
@@ -122,7 +123,8 @@ def test_translate_batch_of_the_wrong_shape_rejects_without_raising():
 
 
 def group_of(rows: int, length: int) -> ScoredGroup:
-    return ScoredGroup(tokens=[[1] * length] * rows, masks=[[1] * length] * rows, scores=[0.0] * rows)
+    """`rows` sequences of `length` tokens each, none of them prompt."""
+    return support.group(prompt=[], completions=[[1] * length] * rows)
 
 
 def test_split_by_token_budget_packs_in_order_and_never_splits_a_group():

@@ -2,23 +2,15 @@
 order, staleness dropped or kept for capping (and counted), a token budget, and a bounded size."""
 
 import pytest
+import support
 
 from paraloop.run.buffer import RolloutBuffer, signal
 from paraloop.messages import RolloutBatch, ScoredGroup
 
 
-def group(scores, *, version=None, length=4, advantages=None) -> ScoredGroup:
+def group(scores, *, length=4, **fields) -> ScoredGroup:
     """A group with one sequence per score: 2 prompt tokens, then completion tokens; `length` tokens in all."""
-    n = len(scores)
-    tokens = [[7] * length for _ in range(n)]
-    masks = [[-100, -100] + [7] * (length - 2) for _ in range(n)]
-    return ScoredGroup(
-        tokens=tokens,
-        masks=masks,
-        scores=list(map(float, scores)),
-        advantages=advantages,
-        versions=None if version is None else [version] * n,
-    )
+    return support.group(scores, prompt=[7, 7], completion=[7] * (length - 2), **fields)
 
 
 def scores_of(batch: RolloutBatch) -> list[list[float]]:

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from anyio.from_thread import start_blocking_portal
+import support
 
 from paraloop.dashboard.command import make_files_app
 from paraloop.dashboard.sources import MAX_ROWS, MetricsFile, RunFiles, read_rollout_tail, run_state
 from paraloop.learn.advantages import group_advantages
-from paraloop.messages import PROMPT_MASK, RolloutBatch, ScoredGroup
+from paraloop.messages import RolloutBatch, ScoredGroup
 from paraloop.run.samples import rollout_samples
 from paraloop.server.app import serve_http
 
@@ -27,12 +28,10 @@ class ByteTokenizer:
 
 
 def group(prompt: str, completions: list[str], scores: list[float], version: int = 4) -> ScoredGroup:
-    p = list(prompt.encode())
-    tokens = [p + list(c.encode()) for c in completions]
-    masks = [[PROMPT_MASK] * len(p) + list(c.encode()) for c in completions]
-    logprobs = [[1.0] * len(p) + [-0.1 * (i + 1) for i in range(len(c.encode()))] for c in completions]
-    return ScoredGroup(tokens=tokens, masks=masks, scores=scores, inference_logprobs=logprobs,
-                       versions=[version] * len(completions))
+    """The texts as byte tokens; a completion's i-th token was sampled with log-prob -0.1 (i + 1)."""
+    rows = [list(c.encode()) for c in completions]
+    return support.group(scores, prompt=list(prompt.encode()), completions=rows, version=version,
+                         logprobs=[[-0.1 * (i + 1) for i in range(len(row))] for row in rows])
 
 
 def test_samples_are_the_best_and_worst_of_each_group_with_grpo_advantages():

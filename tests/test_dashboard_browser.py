@@ -20,7 +20,8 @@ import pytest
 
 import procs
 from chromium import find_chromium
-from test_run import call, finish, paraloop_run, wait_for_server
+from support import wait_for_server
+from test_run import call, finish, paraloop_run
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]

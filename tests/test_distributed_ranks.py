@@ -14,7 +14,7 @@ from aiohttp import web
 
 from paraloop.config import load_config
 from paraloop.distributed import InFlight, PeerLost, RanksDiverged, chunk
-from support import group
+from support import group, until
 
 from paraloop.messages import RolloutBatch, StepFinished
 from paraloop.run import launch
@@ -206,7 +206,10 @@ def test_heartbeats_keep_a_live_peer_and_lose_a_silent_one():
 
 
 async def heartbeats() -> None:
+    asked: list[float] = []  # when the peer was pinged
+
     async def answer(request):
+        asked.append(time.monotonic())
         return web.json_response({"rank": 1, "collectives": 3})
 
     app = web.Application()
@@ -223,7 +226,7 @@ async def heartbeats() -> None:
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 await tg.start(w.run)
-                await anyio.sleep(1.0)  # twice peer_timeout: answered all along
+                await until(lambda: asked and asked[-1] - asked[0] > 1.0, "heartbeats answered for twice peer_timeout")
                 assert w.answers[1]["collectives"] == 3 and not w.errors
                 tg.cancel_scope.cancel()
         await runner.cleanup()  # the peer goes away: no answer for peer_timeout ends the run, naming it

@@ -23,11 +23,13 @@ import pytest
 import procs
 from paraloop.checkpoint import read_checkpoint
 from paraloop.distributed import digest
+from support import until_blocking
 from test_run import call, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
 ENV = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
+WAIT_S = 60  # for a state the run reaches on its own (a step, a checkpoint)
 FAULT_BOUND_S = 15  # a lost rank ends the others within this (peer_timeout 3 s here; a dead one at once)
 
 pytestmark = pytest.mark.slow
@@ -92,14 +94,13 @@ def status(url: str) -> dict:
     return body
 
 
-def wait_for(predicate, timeout: float = 60, what: str = "condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def meet_again(url: str, collectives: int = 10) -> None:
+    """Wait until the ranks have met in `collectives` more collectives. Paused, these are ticks, each of which could
+    decide a step; a step takes only a few (rollouts, reduce, compare) and a tick comes only after it ends, so a
+    step decided at any of them shows in the step counts by then."""
+    seen = status(url)["ranks"]["collectives"]
+    until_blocking(lambda: status(url)["ranks"]["collectives"] >= seen + collectives,
+                   f"{collectives} more collectives", within=WAIT_S)
 
 
 def test_ring_trainer_equals_one_process_on_the_same_batches(tiny_model_path, tmp_path):
@@ -156,12 +157,12 @@ def test_control_on_rank_0_pauses_and_steps_both_ranks(tiny_model_path, tmp_path
     proc = launch(tiny_model_path, run_dir, "--steps", "1000", "--checkpoint-interval", "0")
     try:
         r0, r1 = (f["url"] for f in rank_files(run_dir, [proc]))
-        wait_for(lambda: status(r0)["step"] >= 1, what="a first step")
+        until_blocking(lambda: status(r0)["step"] >= 1, "a first step", within=WAIT_S)
         assert call(f"{r0}/control/pause", "POST")[0] == 200
         # a step already decided when the pause came may finish; then both ranks hold still, at the same step
-        step = wait_for(lambda: status(r0)["learner_held"] and (s := status(r0)["step"]) == status(r1)["step"] and s,
-                        what="both ranks paused at one step")
-        time.sleep(1.0)
+        step = until_blocking(lambda: status(r0)["learner_held"] and (s := status(r0)["step"]) == status(r1)["step"] and s,
+                              "both ranks paused at one step", within=WAIT_S)
+        meet_again(r0)  # ticks that would each decide a step, were the pause not held
         assert status(r0)["step"] == status(r1)["step"] == step and status(r1)["paused"] is True
         ranks = status(r0)["ranks"]  # rank 0's view of the group, as docs/metrics.md describes it
         assert (ranks["rank"], ranks["size"]) == (0, 2) and list(ranks["peers"]) == ["1"] and ranks["collectives"] > 0
@@ -169,13 +170,13 @@ def test_control_on_rank_0_pauses_and_steps_both_ranks(tiny_model_path, tmp_path
         assert code == 409 and r0 in body["error"]["message"], "a follower's /control names rank 0"
         code, stepped = call(f"{r0}/control/step", "POST")
         assert code == 200 and stepped["step"] == step + 1
-        wait_for(lambda: status(r1)["step"] == step + 1, what="rank 1 to take the single step")
-        time.sleep(1.0)
+        until_blocking(lambda: status(r1)["step"] == step + 1, "rank 1 to take the single step", within=WAIT_S)
+        meet_again(r0)
         assert status(r0)["step"] == status(r1)["step"] == step + 1, "exactly one step, on both ranks"
         code, snap = call(f"{r0}/control/snapshot", "POST")
         assert code == 200 and read_checkpoint(snap["path"]).step == step + 1
         assert call(f"{r0}/control/resume", "POST")[0] == 200
-        wait_for(lambda: status(r1)["step"] > step + 2, what="both ranks to go on")
+        until_blocking(lambda: status(r1)["step"] > step + 2, "both ranks to go on", within=WAIT_S)
         assert call(f"{r0}/control/stop", "POST")[0] == 200
         code, err = finish(proc)
         assert code == 0, err[-3000:]
@@ -198,7 +199,7 @@ def test_a_lost_rank_ends_the_other_naming_it(tiny_model_path, tmp_path, fault):
     ranks = [rank(r, hostfile, tiny_model_path, run_dir, *extra) for r in range(2)]
     try:
         files = rank_files(run_dir, ranks)
-        wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), what="a checkpoint")
+        until_blocking(lambda: (run_dir / "checkpoints" / "latest").is_file(), "a checkpoint", within=WAIT_S)
         lost = time.time()
         os.kill(files[1]["pid"], signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
         code, err = finish(ranks[0], timeout=FAULT_BOUND_S + 30)

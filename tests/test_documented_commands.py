@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 import pytest
 
 import procs
+from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")), "examples/README.md"]
@@ -100,12 +100,6 @@ def commands_of(body: str, language: str) -> list[str]:
             out.append(line.strip())
     assert not pending, f"an unfinished command: {pending!r}"
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_run_here(command: str, *, tiny: Path, port: int) -> str:

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from support import until
 
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import NO_TOKEN, Engine, EngineBusy, RequestError
@@ -22,7 +23,6 @@ from paraloop.lora import AdapterSlots, adapter_arrays, adapter_config, attach_l
 from paraloop.messages import Completion, GenerateRequest, SamplingParams
 from paraloop.model import load_model
 from compute_paths import LOGPROB_TOL, assert_within, max_gap
-
 
 
 def make_engine(
@@ -57,14 +57,6 @@ def serve(engine: Engine, body: Callable[[Engine], Awaitable[Any]], *, deadline:
         return result
 
     return anyio.run(main)
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll engine stats (the test's deadline bounds the wait)."""
-    while True:
-        if predicate():
-            return
-        await anyio.sleep(0.01)
 
 
 def request(prompt: list[int], *, n: int = 1, rid: str = "r", **params) -> GenerateRequest:
@@ -407,7 +399,7 @@ def test_leaving_the_iteration_frees_the_rows(tiny_model_path):
             break
         assert engine.stats()["active_rows"] == 3
         await events.aclose()
-        await wait_until(lambda: engine.stats()["active_rows"] == 0)
+        await until(lambda: engine.stats()["active_rows"] == 0, "no row decoding")
 
         # A consumer task that is cancelled frees its rows too.
         async def consume(started: anyio.Event) -> None:
@@ -420,7 +412,7 @@ def test_leaving_the_iteration_frees_the_rows(tiny_model_path):
             await started.wait()
             assert engine.stats()["active_rows"] == 3
             tg.cancel_scope.cancel()
-        await wait_until(lambda: engine.stats()["active_rows"] == 0)
+        await until(lambda: engine.stats()["active_rows"] == 0, "no row decoding")
         assert engine.stats()["queue_depth"] == 0
 
     serve(engine, body)
@@ -463,7 +455,7 @@ def test_stopping_the_engine_aborts_unfinished_rows(tiny_model_path):
             async with anyio.create_task_group() as tg:
                 await tg.start(run_engine)
                 tg.start_soon(consume)
-                await wait_until(lambda: engine.stats()["generated_tokens"] >= 4)
+                await until(lambda: engine.stats()["generated_tokens"] >= 4, "4 tokens generated")
                 engine_scope.cancel()
         return out
 

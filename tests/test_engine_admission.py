@@ -13,7 +13,7 @@ from paraloop.config import EngineConfig
 from paraloop.engine import Engine, EngineBusy, RequestError
 from paraloop.messages import GenerateRequest, SamplingParams
 from paraloop.model import load_model
-from test_engine import wait_until
+from support import until
 
 DEADLINE_S = 60
 
@@ -97,12 +97,12 @@ def test_an_engine_batch_waits_for_room_and_new_requests_are_refused_meanwhile(t
             results.append(await engine.complete_many([req(4, 3), req(4, 2)]))
 
         tg.start_soon(batch)
-        await anyio.sleep(0.2)
+        await anyio.wait_all_tasks_blocked()  # the batch has asked for room
         assert results == []  # waiting for room, not refused
         with pytest.raises(EngineBusy, match="rollout batch"):
             await engine.generate(req(4, 2)).__anext__()
         await hog.aclose()
-        await wait_until(lambda: bool(results))
+        await until(lambda: bool(results), "the batch's results", within=DEADLINE_S)
 
     serve(engine, body)
     [rows_a, rows_b] = results[0]

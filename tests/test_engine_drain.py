@@ -19,7 +19,8 @@ from paraloop.engine import Engine
 from paraloop.engine.worker import Handle, Insert, Stop, Swap
 from paraloop.lora import adapter_arrays
 from paraloop.messages import TokenEvent
-from test_engine import changed_adapter, make_engine, prompts, request, wait_until
+from support import until
+from test_engine import changed_adapter, make_engine, prompts, request
 
 DEADLINE_S = 60  # the whole test; the tiny model decodes these rows in well under a second
 LONG = 500  # max_tokens of rows that only end by being cancelled or aborted (the engine's limit here: 512)
@@ -66,10 +67,9 @@ def test_a_drain_swap_that_arrives_while_rows_decode_applies_when_they_finish_wi
             events.append(event)
             if len(events) == 1:
                 tg.start_soon(swap)
-                await wait_until(lambda: engine.stats()["swap_waiting"] == 1)
+                await until(lambda: engine.stats()["swap_waiting"] == 1, "the drain swap to wait")
         # The rows are done and nothing else will ever be posted: the swap must land by itself.
-        with anyio.fail_after(20):
-            await wait_until(lambda: bool(swapped))
+        await until(lambda: bool(swapped), "the swap to land by itself")
         return events, swapped[0]
 
     events, swapped = run_engine(engine, body)
@@ -87,7 +87,7 @@ def test_requests_arriving_while_a_drain_swap_waits_start_on_the_new_version(tin
         running = engine.generate(request(prompt, temperature=0, max_tokens=40, ignore_eos=True))
         first = await first_events(running, 1)
         tg.start_soon(partial(engine.swap_adapter, new, 1, drain=True))
-        await wait_until(lambda: engine.stats()["swap_waiting"] == 1)
+        await until(lambda: engine.stats()["swap_waiting"] == 1, "the drain swap to wait")
         late: list[TokenEvent] = []
 
         async def late_request() -> None:
@@ -96,7 +96,7 @@ def test_requests_arriving_while_a_drain_swap_waits_start_on_the_new_version(tin
 
         tg.start_soon(late_request)
         rest = [event async for event in running]
-        await wait_until(lambda: len(late) == 5)
+        await until(lambda: len(late) == 5, "the late request's 5 events", within=60)
         return first + rest, late
 
     old_rows, late = run_engine(engine, body)
@@ -135,12 +135,12 @@ def test_a_drain_swap_superseded_while_draining_is_refused_and_the_newer_one_lan
         running = engine.generate(request(prompt, temperature=0, max_tokens=25, ignore_eos=True))
         first = await first_events(running, 1)
         tg.start_soon(swap, v1, 1)
-        await wait_until(lambda: engine.stats()["swap_waiting"] == 1)
+        await until(lambda: engine.stats()["swap_waiting"] == 1, "the drain swap to wait")
         tg.start_soon(swap, v2, 2)
-        await wait_until(lambda: 1 in outcomes)
+        await until(lambda: 1 in outcomes, "swap 1's outcome", within=60)
         assert engine.version == 0  # the rows still decode: nothing applied yet
         rest = [event async for event in running]
-        await wait_until(lambda: 2 in outcomes)
+        await until(lambda: 2 in outcomes, "swap 2's outcome", within=60)
         return first + rest, [outcomes[1], outcomes[2]]
 
     events, (first, second) = run_engine(engine, body)
@@ -163,9 +163,9 @@ def test_cancelling_the_last_running_row_while_a_drain_swap_waits_applies_it_at_
         running = engine.generate(request(prompt, n=2, max_tokens=LONG, ignore_eos=True))
         await first_events(running, 1)
         tg.start_soon(swap)
-        await wait_until(lambda: engine.stats()["swap_waiting"] == 1)
+        await until(lambda: engine.stats()["swap_waiting"] == 1, "the drain swap to wait")
         await running.aclose()  # the client left: its Cancel is the last command that will ever arrive
-        await wait_until(lambda: bool(swapped))
+        await until(lambda: bool(swapped), "the swap", within=60)
         return engine.stats()["generated_tokens"]
 
     generated = run_engine(engine, body)
@@ -200,9 +200,9 @@ def test_stopping_the_engine_while_a_drain_swap_waits_refuses_the_swap_and_abort
             async with anyio.create_task_group() as tg:
                 await tg.start(run)
                 tg.start_soon(consume)
-                await wait_until(lambda: engine.stats()["active_rows"] == 2)
+                await until(lambda: engine.stats()["active_rows"] == 2, "both rows decoding")
                 tg.start_soon(swap)
-                await wait_until(lambda: engine.stats()["swap_waiting"] == 1)
+                await until(lambda: engine.stats()["swap_waiting"] == 1, "the drain swap to wait")
                 engine_scope.cancel()
         return swap_outcome, rows
 

@@ -12,7 +12,8 @@ import anyio
 import mlx.core as mx
 import mlx.nn as nn
 from compute_paths import PREFIX_TOL, assert_within, max_gap
-from test_engine import changed_adapter, reference_logprobs, request, serve, wait_until
+from support import until
+from test_engine import ForwardLog, changed_adapter, reference_logprobs, request, serve
 
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine
@@ -24,24 +25,14 @@ from paraloop.server.metrics import Metrics, engine_families
 GREEDY = dict(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-class Gate(nn.Module):
+class Gate(ForwardLog):
     """The served model, recording every forward's shape; once armed, the next prompt forward of `block_at` tokens
     or more waits until the test releases it (at most 60 s), so a test can act while a prefill is under way."""
 
     def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.shapes: list[tuple[int, ...]] = []
+        super().__init__(inner)
         self.block_at = 2
         self._next: tuple[threading.Event, threading.Event] | None = None
-
-    @property
-    def layers(self) -> list:
-        return self.inner.layers
-
-    @property
-    def args(self) -> Any:
-        return self.inner.args
 
     def arm(self) -> tuple[threading.Event, threading.Event]:
         """(reached, release) of the next blocking forward."""
@@ -247,12 +238,12 @@ async def leader_prefilling_with_one_held(engine: Engine, gate: Gate, start) -> 
     engine takes and holds. Returns the release of the leader's second prefill step, where the engine now waits."""
     reached, release = gate.arm()
     start(0)
-    await wait_until(reached.is_set)  # the leader's first prefill step
+    await until(reached.is_set, "the leader's first prefill step")
     start(1)
-    await wait_until(lambda: inbox(engine) == 1)
+    await until(lambda: inbox(engine) == 1, "one message in the engine's inbox")
     reached, release_first = gate.arm(), release
     release_first.set()
-    await wait_until(reached[0].is_set)  # the second step: the engine took the second request in between
+    await until(reached[0].is_set, "the second step: the engine took the second request in between")
     return reached[1]
 
 
@@ -275,7 +266,7 @@ def test_cancelling_a_leader_during_its_prefill_lets_the_requests_held_for_it_ru
                 engine, gate, lambda i: tg.start_soon(leader if i == 0 else second)
             )
             scope.cancel()
-            await wait_until(lambda: inbox(engine) == 1)  # the leader's Cancel, before its prefill step ends
+            await until(lambda: inbox(engine) == 1, "the leader's Cancel, before its prefill step ends")
             release.set()
         return engine.stats()
 
@@ -303,7 +294,7 @@ def test_requests_held_for_a_leader_start_on_the_new_version_after_a_drain_swap(
         async with anyio.create_task_group() as tg:
             release = await leader_prefilling_with_one_held(engine, gate, lambda i: tg.start_soon(one, i))
             tg.start_soon(swap)
-            await wait_until(lambda: inbox(engine) == 1)
+            await until(lambda: inbox(engine) == 1, "one message in the engine's inbox")
             release.set()
         return engine.stats()
 
@@ -334,7 +325,7 @@ def test_stopping_the_engine_aborts_rows_waiting_for_a_leader_and_held_requests(
             with anyio.fail_after(60):
                 release = await leader_prefilling_with_one_held(engine, gate, lambda i: tg.start_soon(one, i))
                 engine_scope.cancel()  # the engine stops: its rows end with "abort"
-                await wait_until(lambda: inbox(engine) == 1)  # the Stop
+                await until(lambda: inbox(engine) == 1, "the Stop in the engine's inbox")
                 release.set()
 
     anyio.run(main)
@@ -351,7 +342,7 @@ def test_a_drain_swap_waiting_for_the_last_row_applies_when_it_finishes(tiny_mod
     async def body(engine: Engine) -> Any:
         async with anyio.create_task_group() as tg:
             tg.start_soon(lambda: engine.complete(request(prompt, **GREEDY)))
-            await wait_until(lambda: engine.stats()["active_rows"] > 0)
+            await until(lambda: engine.stats()["active_rows"] > 0, "a row decoding")
             swapped = await engine.swap_adapter(changed_adapter(model, seed=5), version=1, drain=True)
         return swapped
 

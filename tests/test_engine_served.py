@@ -7,6 +7,7 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 import anyio
 import msgspec
 import pytest
+import support
 
 from paraloop.config import EngineConfig, LoraConfig, RLTrainingConfig
 from paraloop.engine import Engine
@@ -18,29 +19,24 @@ from paraloop.model import load_model
 from paraloop.run.buffer import too_stale
 
 
-def group_of(prompt: list[int], completions: list[list[int]], **fields) -> ScoredGroup:
-    """An Atropos group as an environment sends it: prompt + completion ids, the prompt masked, no versions."""
-    return ScoredGroup(tokens=[prompt + c for c in completions], masks=[[-100] * len(prompt) + c for c in completions],
-                       scores=[0.0] * len(completions), **fields)  # fmt: skip
-
-
 def test_rows_find_their_version_and_kept_sets_by_token_ids():
     index = ServedIndex(8)
     index.record([1, 2, 3], [10, 11, 12], [4, 4, 5], [0, 0, 0], stopped=False)
     index.record([1, 2, 3], [20, 21, 2], [6, 6, 6], [3, 5, 1], stopped=True)  # ended on a stop token (2)
-    group, known = index.annotate(group_of([1, 2, 3], [[10, 11, 12], [20, 21, 2]]))
+    group, known = index.annotate(support.group(prompt=[1, 2, 3], completions=[[10, 11, 12], [20, 21, 2]]))
     assert known == 2 and group.versions == [4, 6]
     assert group.sampling_kept == [[0, 0, 0, 0, 0, 0], [0, 0, 0, 3, 5, 1]]
-    trimmed, known = index.annotate(group_of([1, 2, 3], [[20, 21]]))  # the environment dropped the EOS
+    dropped_eos = support.group(prompt=[1, 2, 3], completions=[[20, 21]])  # the environment dropped the EOS
+    trimmed, known = index.annotate(dropped_eos)
     assert known == 1 and trimmed.versions == [6] and trimmed.sampling_kept == [[0, 0, 0, 3, 5]]
 
 
 def test_a_group_with_an_unknown_row_gets_no_guessed_versions():
     index = ServedIndex(8)
     index.record([1], [10], [3], [0], stopped=False)
-    group, known = index.annotate(group_of([1], [[10], [99]]))
+    group, known = index.annotate(support.group(prompt=[1], completions=[[10], [99]]))
     assert known == 1 and group.versions is None
-    given = group_of([1], [[10]], versions=[7])
+    given = support.group(prompt=[1], completions=[[10]], versions=[7])
     assert index.annotate(given) == (given, 1)  # versions the group already carries win
 
 
@@ -60,8 +56,8 @@ def test_the_index_is_bounded_and_forgets_the_oldest_first():
     for i in range(5):
         index.record([1], [100 + i], [i], [0], stopped=False)
     assert len(index) == 3
-    assert index.annotate(group_of([1], [[100]]))[1] == 0  # forgotten
-    assert index.annotate(group_of([1], [[104]]))[0].versions == [4]
+    assert index.annotate(support.group(prompt=[1], completions=[[100]]))[1] == 0  # forgotten
+    assert index.annotate(support.group(prompt=[1], completions=[[104]]))[0].versions == [4]
     with pytest.raises(ValueError):
         ServedIndex(0)
 
@@ -73,10 +69,10 @@ def test_atropos_rows_get_their_staleness_measured_and_the_policy_acts_in_async_
     assert RLTrainingConfig(mode="async").staleness_applies and not RLTrainingConfig().staleness_applies
     index = ServedIndex(4)
     index.record([1], [10], [2], [0], stopped=False)
-    group, _ = index.annotate(group_of([1], [[10]]))
+    group, _ = index.annotate(support.group(prompt=[1], completions=[[10]]))
     assert too_stale(group, 4, 1) and not too_stale(group, 3, 1)
-    assert not too_stale(group_of([1], [[10]]), 9, 1)  # unknown version: never stale
-    batch = RolloutBatch(groups=[group, group_of([1], [[11]])], source="atropos")
+    assert not too_stale(support.group(prompt=[1], completions=[[10]]), 9, 1)  # unknown version: never stale
+    batch = RolloutBatch(groups=[group, support.group(prompt=[1], completions=[[11]])], source="atropos")
     assert staleness_metrics(row_versions(batch), 5) == {"staleness_mean": 3.0, "staleness_max": 3.0,
                                                          "version_known_fraction": 0.5}  # fmt: skip
 
@@ -110,7 +106,7 @@ def test_the_engine_records_policy_completions_with_the_version_that_served_them
     first, second, base = anyio.run(main, backend="asyncio")
     assert engine.served.recorded == 4  # the base-model row is not recorded
     assert len({tuple(c.tokens) for c in first + second}) == 4  # (identical ids: the latest serve would win)
-    group, known = engine.served.annotate(group_of(prompt, [c.tokens for c in first + second]))
+    group, known = engine.served.annotate(support.group(prompt=prompt, completions=[c.tokens for c in first + second]))
     assert known == 4 and group.versions == [0, 0, 1, 1]
     assert [row[len(prompt):] for row in group.sampling_kept] == [c.kept for c in first + second]
     assert all(1 <= k <= 5 for c in first for k in c.kept)
@@ -124,6 +120,6 @@ def test_the_atropos_client_annotates_fetched_groups_and_counts_them():
     index.record([1], [10], [2], [0], stopped=False)
     client = AtroposClient(AtroposConfig(api_url="http://localhost:1"), batch_size=2, token_budget=64,
                            total_steps=1, checkpoint_dir="/tmp", served=index)  # fmt: skip
-    groups = client._annotate([group_of([1], [[10]]), group_of([1], [[11]])])
+    groups = client._annotate([support.group(prompt=[1], completions=[[c]]) for c in (10, 11)])
     assert [g.versions for g in groups] == [[2], None]
     assert client.status()["sequences_version_known"] == 1

@@ -24,16 +24,10 @@ from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.trainer import Trainer
 from paraloop.lora import AdapterSlots, adapter_config, attach_lora
 from paraloop.messages import PROMPT_MASK, Completion, GenerateRequest, RolloutBatch
-from paraloop.model import load_model, twin
+from paraloop.model import twin
 
 CALCULATOR = "paraloop.envs.calculator:calculator"
 EOS = 2  # the tiny model's <|im_end|>
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path) -> tuple[Any, Any]:
-    model, tokenizer, _, _ = load_model(tiny_model_path)
-    return model, tokenizer
 
 
 def turn(tokenizer: Any, text: str, *, eos: bool) -> Completion:

@@ -4,7 +4,6 @@ groups from the server's own token ids and log-probs, the same through /generate
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import procs
+from support import free_port
 from paraloop.envs.tasks import TINY_PROMPTS, Sample, capitals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,9 +108,7 @@ def test_chat_completions_give_the_same_groups_as_generate(server, tiny_model_pa
 
 
 def test_an_unreachable_server_is_one_clear_error(tiny_model_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = free_port()  # closed again: nothing listens there
     result = procs.run(
         [sys.executable, str(EXAMPLE), "--url", f"http://127.0.0.1:{port}", "--model-path", str(tiny_model_path)],
         timeout=DEADLINE_S,
@@ -128,9 +126,7 @@ def http(url: str, body: dict | None = None) -> dict:
 
 @pytest.mark.atropos
 def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_path, via_generate):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     api = f"http://127.0.0.1:{port}"
     with procs.running([str(RUN_API), "--host", "127.0.0.1", "--port", str(port)],
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:  # fmt: skip

@@ -21,16 +21,9 @@ from paraloop.engine import Engine
 from paraloop.envs.mock import MockEnvironment
 from paraloop.envs.tasks import TINY_PROMPTS, Task
 from paraloop.messages import Completion, GenerateRequest
-from paraloop.model import load_model
 
 CAPITALS = "paraloop.envs.tasks:capitals"
 EOS = 2  # the tiny model's <|im_end|>
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path) -> tuple[Any, Any]:
-    model, tokenizer, _, _ = load_model(tiny_model_path)
-    return model, tokenizer
 
 
 @pytest.fixture(scope="module")

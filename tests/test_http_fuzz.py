@@ -10,7 +10,6 @@ written to FUZZ_REPORT (JSON) and printed.
 import http.client
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
 from fuzz_requests import FuzzRequest, requests
+import procs
+from support import served_port
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ_REPORT = Path(os.environ.get("PARALOOP_FUZZ_REPORT", REPO / ".cache" / "fuzz-report.json"))
@@ -40,21 +41,7 @@ def start_run(model: Path, run_dir: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "paraloop", "run", str(REPO / "configs" / "tiny.toml"), "--model-path", str(model),
            "--run-dir", str(run_dir), "--port", "0", *OVERRIDES]
     log = (run_dir.parent / "run.log").open("w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def wait_for_port(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"paraloop run exited early ({proc.returncode})"
-        try:
-            info = json.loads((run_dir / "server.json").read_text())
-            if info.get("pid") == proc.pid:
-                return int(info["port"])
-        except (OSError, json.JSONDecodeError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError("paraloop run did not start serving in time")
+    return procs.spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def rss_mb(pid: int, key: str) -> float:
@@ -143,7 +130,7 @@ def test_fuzzing_every_route_never_gets_a_5xx_a_hang_or_unbounded_memory(tiny_mo
     run_dir.mkdir()
     proc = start_run(tiny_model_path, run_dir)
     try:
-        port = wait_for_port(proc, run_dir)
+        port = served_port(proc, run_dir, log=run_dir.parent / "run.log")
         doc_status, doc, _ = send(port, FuzzRequest("setup", "GET", "/openapi.json"))
         assert doc_status == 200
         doc = json.loads(doc)
@@ -210,6 +197,4 @@ def test_fuzzing_every_route_never_gets_a_5xx_a_hang_or_unbounded_memory(tiny_mo
         for sign in ("Traceback", "Warning", "ERROR"):  # a bug answered 400 by luck, or arithmetic gone NaN
             assert sign not in log, log[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        procs.kill_group(proc, grace_s=0)

@@ -14,6 +14,7 @@ import pytest
 
 from paraloop.serve import main
 from procs import Lines, kill_group, spawn
+from support import free_port
 
 DEADLINE_S = 60  # generous: only bounds a hang, never asserted on
 
@@ -132,9 +133,7 @@ def test_serve_answers_with_the_adapter_it_was_given(tiny_model_path, tmp_path):
 
 
 def test_paraloop_log_sets_the_level_of_serve(tiny_model_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with Serve("--model-path", str(tiny_model_path), port=port, env={"PARALOOP_LOG": "warning"}) as server:
         wait_health(server)
         assert server.request("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2})[0] == 200

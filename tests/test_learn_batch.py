@@ -7,18 +7,15 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 # isort: split
 import numpy as np
 import pytest
+import support
 
 from paraloop.learn.batch import collate, plan_micro_batches, row_temperatures, validate_group
 from paraloop.messages import RolloutBatch, ScoredGroup
 
 
-def group(**kw) -> ScoredGroup:
-    base = {
-        "tokens": [[10, 11, 12, 13, 14], [10, 11, 20]],
-        "masks": [[-100, -100, 12, 13, 14], [-100, -100, 20]],
-        "scores": [1.0, 0.0],
-    }
-    return ScoredGroup(**{**base, **kw})
+def group(**fields) -> ScoredGroup:
+    """Prompt [10, 11], then [12, 13, 14] scored 1 and [20] scored 0; `fields` replace any of the group's fields."""
+    return support.group(**{"scores": [1.0, 0.0], **fields}, prompt=[10, 11], completions=[[12, 13, 14], [20]])
 
 
 def test_collate_shifts_tokens_and_masks_by_one():

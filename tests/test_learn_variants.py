@@ -13,6 +13,7 @@ import mlx.nn as nn
 import msgspec
 import numpy as np
 import pytest
+from support import group
 from test_learn_trainer import make_config, make_trainer, random_batch, with_logprobs
 
 from paraloop.config import EngineConfig, LoraConfig, RLTrainingConfig
@@ -212,12 +213,11 @@ def test_overlong_penalty_follows_dapo():
 
 
 def group_with(lengths: list[int], reasons: list[str] | None, *, max_tokens: int | None = None) -> ScoredGroup:
-    prompt = [5, 6, 7]
-    rows = [prompt + list(range(10, 10 + n)) for n in lengths]
-    return ScoredGroup(
-        tokens=rows,
-        masks=[[-100] * 3 + r[3:] for r in rows],
-        scores=[1.0] * len(lengths),
+    """Completions of these lengths after a 3-token prompt, with these finish reasons (None: not given)."""
+    return group(
+        [1.0] * len(lengths),
+        prompt=[5, 6, 7],
+        completions=[range(10, 10 + n) for n in lengths],
         overrides=[{"finish_reason": r} for r in reasons] if reasons else None,
         generation_params={"max_tokens": max_tokens} if max_tokens else None,
     )

@@ -4,13 +4,14 @@ checkpoint reaches the same adapter at step 2 as the uninterrupted run."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import procs
 
 from paraloop.checkpoint import read_checkpoint
 
@@ -28,19 +29,9 @@ def run(model: Path, run_dir: Path, *extra: str, timeout: float = 240) -> None:
     sets = [arg for s in SETTINGS for arg in ("--set", s)]
     cmd = [sys.executable, "-m", "paraloop", "run", str(REPO / "configs" / "tiny.toml"), "--model-path", str(model),
            "--run-dir", str(run_dir), "--port", "0", "--no-plot", "--save-every-step", *sets, *extra]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "PARALOOP_LOG": "warning"},
-    )  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None or proc.returncode != 0:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+    with procs.running(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       env={**os.environ, "PARALOOP_LOG": "warning"}) as proc:  # fmt: skip
+        out, _ = procs.communicate(proc, timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
 
 

@@ -2,13 +2,9 @@
 `paraloop run`, `serve` and `merge` load them, a revision picks its snapshot, and an id that is neither a directory
 nor cached is one line naming it and why."""
 
-import os
-import queue
-import re
 import signal
 import subprocess
 import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+import procs
 from hf_cache import REPO_ID, add_snapshot, offline_env
 
 from paraloop.checkpoint import read_checkpoint
@@ -46,15 +43,8 @@ def offline(monkeypatch, hf_home):
 
 def paraloop(home: Path, *args: object) -> tuple[int, str, str]:
     """`python -m paraloop ARGS` in its own process group, killed if it outlives the deadline."""
-    proc = subprocess.Popen([sys.executable, "-m", "paraloop", *map(str, args)], env=offline_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=DEADLINE_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    return proc.returncode, out, err
+    done = procs.run([sys.executable, "-m", "paraloop", *map(str, args)], timeout=DEADLINE_S, env=offline_env(home))
+    return done.returncode, done.stdout, done.stderr
 
 
 @pytest.mark.slow
@@ -79,32 +69,17 @@ def test_run_and_merge_load_a_repo_id_from_the_offline_cache(hf_home, tiny_model
 @pytest.mark.timeout(DEADLINE_S)
 def test_serve_loads_a_repo_id_at_a_revision(hf_home):
     cmd = [sys.executable, "-m", "paraloop", "serve", "--model-path", REPO_ID, "--revision", "q4", "--port", "0"]
-    proc = subprocess.Popen(cmd, env={**offline_env(hf_home), "PARALOOP_LOG": "info"}, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    lines: queue.Queue[str] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stderr:
-            lines.put(line)
-        lines.put("")  # end of output
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        seen = []
-        while not (port := re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", seen[-1] if seen else "")):
-            seen.append(lines.get(timeout=DEADLINE_S))
-            assert seen[-1], f"paraloop serve exited before serving: {''.join(seen)[-3000:]}"
-        assert any(f"snapshots/{Q4}" in line for line in seen), "the q4 tag's snapshot was loaded"
+    env = {**offline_env(hf_home), "PARALOOP_LOG": "info"}
+    with procs.running(cmd, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        lines = procs.Lines(proc.stderr)
+        port = lines.expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=DEADLINE_S)
+        assert f"snapshots/{Q4}" in lines.text(), "the q4 tag's snapshot was loaded"
         request = urllib.request.Request(f"http://127.0.0.1:{port[1]}/v1/completions", method="POST",
                                          data=b'{"prompt": "Hello", "max_tokens": 2}')
         with urllib.request.urlopen(request, timeout=DEADLINE_S) as response:
             assert response.status == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=DEADLINE_S) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def test_a_revision_picks_its_snapshot_and_a_local_dir_wins(offline, hf_home, tiny_model_path):

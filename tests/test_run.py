@@ -22,6 +22,7 @@ import anyio
 import pytest
 
 import procs
+from support import wait_for_server
 from doc_tables import documented_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,23 +52,6 @@ def run_to_end(model: Path, run_dir: Path, *extra: str, timeout: float = 180, lo
 
 
 COMPUTED_AS = {"dequantized": "expanded to float32 at load", "quantized": "kept quantized: MLX's quantized kernels"}
-
-
-def wait_for_server(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> str:
-    deadline = time.time() + timeout
-    path = run_dir / "server.json"
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"paraloop run exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        if path.is_file():
-            try:
-                info = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                info = None
-            if info and info.get("pid") == proc.pid:
-                return f"http://127.0.0.1:{info['port']}"
-        time.sleep(0.1)
-    raise AssertionError("paraloop run did not start serving in time")
 
 
 def call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, dict]:

@@ -20,7 +20,6 @@ from paraloop.messages import (
     CheckpointWritten,
     RolloutBatch,
     SaveCheckpoint,
-    ScoredGroup,
     StepFinished,
 )
 from paraloop.run.buffer import RolloutBuffer
@@ -104,6 +103,11 @@ def run(scenario) -> None:
 
 
 # --- learner and /control -----------------------------------------------------------------------------------------
+
+
+async def single_step(rig: Rig, answers: list[int]) -> None:
+    """A single-step request (started in a task group): the step that answers it goes to `answers`."""
+    answers.append((await rig.control.step_once()).step)
 
 
 def test_a_pause_while_waiting_for_a_batch_holds_it_untrained_until_resume(tmp_path):
@@ -222,17 +226,12 @@ def test_a_stop_during_a_step_ends_the_learner_after_it_without_waiting_for_anot
 def test_a_single_step_permit_spent_on_an_all_stale_batch_waits_for_the_next_batch(tmp_path):
     async def scenario():
         rig = Rig(tmp_path, trainer=FakeTrainer(step_count=5), max_staleness=0)
-        stale = RolloutBatch(groups=[ScoredGroup(tokens=[[1, 5, 6]] * 2, masks=[[-100, 5, 6]] * 2,
-                                                 scores=[0.0, 1.0], versions=[3, 3])], source="mock")
+        stale = RolloutBatch(groups=[group([0.0, 1.0], version=3)], source="mock")
         answers = []
-
-        async def step() -> None:
-            answers.append((await rig.control.step_once()).step)
-
         async with anyio.create_task_group() as tg:
             await tg.start(rig.run)
             rig.control.pause()
-            tg.start_soon(step)
+            tg.start_soon(single_step, rig, answers)
             await wait_all_tasks_blocked()
             await rig.batches.send(stale)
             await wait_all_tasks_blocked()
@@ -249,15 +248,11 @@ def test_two_single_steps_take_two_steps_each_answered_with_its_own(tmp_path):
     async def scenario():
         rig = Rig(tmp_path)
         answers = []
-
-        async def step() -> None:
-            answers.append((await rig.control.step_once()).step)
-
         async with anyio.create_task_group() as tg:
             await tg.start(rig.run)
             rig.control.pause()
-            tg.start_soon(step)
-            tg.start_soon(step)
+            tg.start_soon(single_step, rig, answers)
+            tg.start_soon(single_step, rig, answers)
             for tag in (1, 2, 3):
                 await wait_all_tasks_blocked()
                 with anyio.move_on_after(0.2):
@@ -290,7 +285,7 @@ def test_a_snapshot_during_a_step_is_of_that_step_with_its_own_source_position(t
                 await until(lambda: rig.status.learner_busy, "the step to start")
                 written = []
                 tg.start_soon(lambda: _append(written, rig.control.snapshot()))
-                await anyio.sleep(0.05)  # the snapshot now waits behind the step
+                await wait_all_tasks_blocked()  # the snapshot now waits behind the step (for the learner's state)
                 HeldTrainer.release.set()
                 await until(lambda: written, "the snapshot")
                 rig.control.stop()
@@ -416,7 +411,8 @@ def test_the_sync_credit_loop_fetches_each_batch_only_once_the_previous_adapter_
 def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_once():
     buffer = RolloutBuffer(batch_size=4, priority="abs_advantage")
     source_batches = [
-        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), tag=10 * b + i) for i in range(3)], source="atropos")
+        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), prompt=[10 * b + i]) for i in range(3)],
+                     source="atropos")
         for b in range(4)
     ]
     consumed = []
@@ -432,9 +428,9 @@ def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_
 
 def test_replayed_groups_are_taken_before_anything_fetched_later():
     buffer = RolloutBuffer(batch_size=2, priority="abs_advantage")
-    buffer.put(group((0.0, 0.0), tag=1), journal_id=(7, 0, 1), replayed=True)  # no signal, yet first
-    buffer.put(group(tag=2), journal_id=(8, 0, 1))
-    buffer.put(group(tag=3), journal_id=(9, 0, 1), replayed=True)
+    buffer.put(group([0.0, 0.0], prompt=[1]), journal_id=(7, 0, 1), replayed=True)  # no signal, yet first
+    buffer.put(group([0.0, 1.0], prompt=[2]), journal_id=(8, 0, 1))
+    buffer.put(group([0.0, 1.0], prompt=[3]), journal_id=(9, 0, 1), replayed=True)
     assert tags(buffer.take()) == [3]  # two replayed groups of 2 sequences: one per batch
     assert tags(buffer.take()) == [1]
     assert tags(buffer.take()) == [2]
@@ -451,6 +447,12 @@ def snapshot(step: int, reply=None) -> SaveCheckpoint:
                           reply=reply)
 
 
+def checkpointer(inbox, run_dir: Path, status: RunStatus, **options):
+    """The checkpointer on `inbox` (to start in a task group), writing safetensors adapters under `run_dir`."""
+    return partial(run_checkpointer, inbox, run_dir=str(run_dir), adapter_config=LORA_CONFIG,
+                   adapter_format="safetensors", keep_last=None, config={}, status=status, **options)
+
+
 def test_a_checkpoint_requested_while_one_is_being_written_is_written_after_it(tmp_path):
     release = threading.Event()
 
@@ -463,9 +465,7 @@ def test_a_checkpoint_requested_while_one_is_being_written_is_written_after_it(t
         send, receive = anyio.create_memory_object_stream[SaveCheckpoint](2)
         reply_send, reply_receive = anyio.create_memory_object_stream[CheckpointWritten](1)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_checkpointer(receive, run_dir=str(tmp_path), adapter_config=LORA_CONFIG,
-                                                   adapter_format="safetensors", keep_last=None, config={},
-                                                   status=status, write=slow_write))
+            tg.start_soon(checkpointer(receive, tmp_path, status, write=slow_write))
             await send.send(snapshot(1))  # periodic: nobody waits for it
             await until(lambda: status.checkpoint_writing_since is not None, "the first write")
             await send.send(snapshot(2, reply=reply_send))  # /control/snapshot while step 1 is written
@@ -503,9 +503,7 @@ def test_a_read_only_checkpoint_directory_is_reported_retried_and_leaves_nothing
         send, receive = anyio.create_memory_object_stream[SaveCheckpoint](2)
         reply_send, reply_receive = anyio.create_memory_object_stream[CheckpointWritten](1)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_checkpointer(receive, run_dir=str(tmp_path), adapter_config=LORA_CONFIG,
-                                                   adapter_format="safetensors", keep_last=None, config={},
-                                                   status=status))
+            tg.start_soon(checkpointer(receive, tmp_path, status))
             await send.send(snapshot(3, reply=reply_send))
             async with reply_receive:
                 failed = await reply_receive.receive()

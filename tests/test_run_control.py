@@ -10,7 +10,7 @@ import aiohttp
 import anyio
 import pytest
 
-from support import until
+from support import group, scored_data, until
 
 from paraloop.atropos.client import AtroposClient
 from paraloop.config import AtroposConfig, Settings
@@ -31,13 +31,17 @@ class ScriptedLearner:
         self.control = control
         self.send, self.batches = anyio.create_memory_object_stream[int](8)
         self.steps = 0
+        self.taken = 0  # batches received
+        self.at_gate = False  # waiting in wait_turn with its last batch
         self.stepping = anyio.Event()  # set while a step "computes"; the test ends it with finish_step
         self._finish = anyio.Event()
 
     async def run(self, *, hold_steps: bool = False, before_compute_s: float = 0.0) -> None:
         async for _ in self.batches:
+            self.taken, self.at_gate = self.taken + 1, True
             if not await self.control.wait_turn():
                 return
+            self.at_gate = False
             await anyio.sleep(before_compute_s)  # a turn taken before the compute (the trainer's lock, a gather)
             self.control.status.learner_busy = True
             if hold_steps:
@@ -88,12 +92,13 @@ def scenario(fn: Callable[..., Awaitable[None]], **server: Any) -> None:
     anyio.run(main)
 
 
-async def held(control: LearnerControl, within: float = 0.2) -> bool:
-    """True when the learner's gate stays shut (wait_turn does not return) for `within` seconds."""
-    with anyio.move_on_after(within):
-        await control.wait_turn()
-        return False
-    return True
+async def held(learner: ScriptedLearner, batch: int) -> bool:
+    """True when the learner, having received its `batch`-th batch, waits at the gate (wait_turn) once every task
+    is blocked: the step it would take were the gate open has had every chance to start."""
+    await until(lambda: learner.taken == batch and learner.at_gate, f"the learner at the gate with batch {batch}",
+                within=DEADLINE_S / 2)
+    await anyio.wait_all_tasks_blocked()
+    return learner.at_gate
 
 
 def test_a_single_step_waits_for_a_batch_and_answers_its_metrics():
@@ -109,7 +114,7 @@ def test_a_single_step_waits_for_a_batch_and_answers_its_metrics():
         status, body = answers[-1]
         assert status == 200 and body == {"step": 1, "adapter_version": 1, "skipped": False, "metrics": {"loss": 0.5}}
         await learner.send.send(2)  # paused again: this batch is held, no second step
-        assert await held(control) and learner.steps == 1
+        assert await held(learner, 2) and learner.steps == 1
 
     scenario(run)
 
@@ -122,7 +127,7 @@ def test_a_single_step_without_rollouts_times_out_504_and_leaves_nothing_behind(
         assert body["error"]["code"] == "step_timeout" and body["error"]["param"] == "timeout"
         assert body["error"]["type"] == "timeout_error" and "no step was taken" in body["error"]["message"]
         await learner.send.send(1)  # a batch after the timeout: the withdrawn request takes no step
-        assert await held(control) and learner.steps == 0
+        assert await held(learner, 1) and learner.steps == 0
 
     scenario(run)
 
@@ -247,10 +252,7 @@ def test_snapshot_answers_409_when_no_learner_runs_or_the_run_stops():
 
 
 def wire_group(**changes: Any) -> dict:
-    group = {"tokens": [[11, 12, 13, 40], [11, 12, 13, 50, 51]], "masks": [[-100, -100, -100, 40],
-             [-100, -100, -100, 50, 51]], "scores": [1.0, 0.0], "env_id": 3}  # fmt: skip
-    group.update(changes)
-    return group
+    return scored_data(group([1.0, 0.0], prompt=[11, 12, 13], completions=[[40], [50, 51]], env_id=3), **changes)
 
 
 def test_rejected_groups_counts_what_the_atropos_client_rejects():

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import procs
 import pytest
-from support import free_port
-from test_run import TINY_CONFIG, call, read_metrics, wait_for_server
+from support import free_port, wait_for_server
+from test_run import TINY_CONFIG, call, read_metrics
 
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 

@@ -4,16 +4,16 @@ nowhere, and that no request can make paraloop open a path or a URL."""
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from http_harness import running_server
+import procs
+from support import served_port
 from paraloop.run.control import LearnerControl, control_routes
 from paraloop.run.status import RunStatus
 
@@ -54,26 +54,13 @@ def run(tiny_model_path, tmp_path_factory):
            str(tiny_model_path), "--run-dir", str(run_dir), "--port", "0", "--steps", "100000",
            "--checkpoint-interval", "0"]
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = procs.spawn(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "paraloop run did not start serving"
-            try:
-                info = json.loads((run_dir / "server.json").read_text())
-                if info.get("pid") == proc.pid:
-                    break
-            except (OSError, json.JSONDecodeError):
-                pass
-            time.sleep(0.1)
-        r = Run(proc, run_dir, log, int(info["port"]))
+        r = Run(proc, run_dir, log, served_port(proc, run_dir, log=log))
         assert r.call("POST", "/control/pause", headers=r.auth())[0] == 200
         yield r
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        procs.kill_group(proc, grace_s=0)
 
 
 def listening(pid: int) -> dict[str, list[str]]:

@@ -1,17 +1,22 @@
-"""What many tests share: a free TCP port, waiting for a condition under a deadline, a rollout group.
+"""What many tests share: a free TCP port, waiting for a condition under a deadline, waiting for `paraloop run`
+to serve, a rollout group (and its wire form).
 
 Wait for the event that makes a check true (`until`), never for a fixed time: a sleep followed by a check that
 something did *not* happen passes vacuously on a machine too slow for the thing to have happened yet.
 """
 
+import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import msgspec
 
-from paraloop.messages import ScoredGroup
+from paraloop.messages import PROMPT_MASK, ScoredGroup
 
 T = TypeVar("T")
 
@@ -50,9 +55,47 @@ def until_blocking(
         time.sleep(every)
 
 
-def group(scores: Sequence[float] = (0.0, 1.0), *, tag: int = 1, version: int | None = None) -> ScoredGroup:
-    """A valid rollout group, one sequence [tag, 5, 6] per score with its first token the prompt; `tag` tells
-    groups apart, `version` is the adapter version every sequence was sampled with (None: unknown)."""
-    n = len(scores)
-    return ScoredGroup(tokens=[[tag, 5, 6]] * n, masks=[[-100, 5, 6]] * n, scores=[float(s) for s in scores],
-                       versions=None if version is None else [version] * n)
+def served_port(proc: subprocess.Popen, run_dir: Path, *, within: float = 120.0, log: Path | None = None) -> int:
+    """The port `paraloop run` (`proc`) serves on, once RUN_DIR/server.json names it; AssertionError if it exits
+    first, with the end of its output (its stderr pipe, else the `log` file it writes to)."""
+
+    def served() -> int | None:
+        if proc.poll() is not None:
+            err = proc.stderr.read()[-3000:] if proc.stderr else log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"paraloop run exited early ({proc.returncode}): {err}")
+        info = json.loads((run_dir / "server.json").read_text())  # absent or half-written: not yet
+        return int(info["port"]) if info.get("pid") == proc.pid else None
+
+    return until_blocking(served, "paraloop run to serve", within=within, ignoring=(OSError, ValueError))
+
+
+def wait_for_server(proc: subprocess.Popen, run_dir: Path, *, within: float = 120.0) -> str:
+    """`paraloop run`'s base URL, once it serves (`served_port`)."""
+    return f"http://127.0.0.1:{served_port(proc, run_dir, within=within)}"
+
+
+def group(scores: Sequence[float] | None = None, *, prompt: Sequence[int] = (1,), completion: Sequence[int] = (5, 6),
+          completions: Sequence[Sequence[int]] | None = None, logprobs: Sequence[Sequence[float]] | None = None,
+          version: int | None = None, **fields: Any) -> ScoredGroup:
+    """A rollout group in Atropos' convention: each row is `prompt` (masked out of the loss), then its completion.
+    The rows: one per `completions` (scored 0.0 unless `scores` says), else one per score, each ending `completion`.
+
+    `logprobs`: the completions' sampling log-probs (the prompt gets Atropos' 1.0 placeholders). `version`: the
+    adapter version every row was sampled with (None: unknown, as from Atropos). `fields`: further ScoredGroup
+    fields, set as given over the built ones (so a test can build a malformed group too)."""
+    if completions is None and scores is None:
+        raise TypeError("group() needs scores or completions")
+    rows = [list(c) for c in completions] if completions is not None else [list(completion)] * len(scores)
+    built = {
+        "tokens": [[*prompt, *row] for row in rows],
+        "masks": [[PROMPT_MASK] * len(prompt) + row for row in rows],
+        "scores": [0.0] * len(rows) if scores is None else [float(s) for s in scores],
+        "inference_logprobs": None if logprobs is None else [[1.0] * len(prompt) + list(lp) for lp in logprobs],
+        "versions": None if version is None else [version] * len(rows),
+    }
+    return ScoredGroup(**{**built, **fields})
+
+
+def scored_data(group: ScoredGroup, **changes: Any) -> dict[str, Any]:
+    """`group` as an environment POSTs it to Atropos' /scored_data (its fields that are set), then `changes`."""
+    return {**{k: v for k, v in msgspec.structs.asdict(group).items() if v is not None}, **changes}
