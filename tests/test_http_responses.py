@@ -1,5 +1,5 @@
-"""server/responses.json_response, the one JSON answer helper: msgspec's null for a non-finite float, or Python's
-json literals where the client reads floats that may not be finite (the Tinker SDK)."""
+"""server/responses.json_response, the one JSON answer helper: msgspec's null for a non-finite float, or
+Python's json literals where the client reads floats that may not be finite (the Tinker SDK)."""
 
 import json
 import math

@@ -58,7 +58,7 @@ async def score(engine: ServedEngine, prepared: Prepared, *, top: int | None) ->
 
 def check(engine: ServedEngine, prepared: Prepared) -> None:
     """A request answered without running it (a completion that only echoes its prompt) is refused as its
-    admission would refuse it (prepare.py): its token ids within the vocabulary, its length within the limits."""
+    admission would refuse it (prepare.py): token ids within the vocabulary, its length within the limits."""
     with refusals(prepared.fields):
         engine.check(prepared.request)
 

@@ -58,8 +58,8 @@ def bad_request(param: str | None, message: str) -> APIError:
 
 
 def request_error(e: RequestError, fields: Mapping[str, str]) -> APIError:
-    """The engine's RequestError as a 400 naming the route's field (`fields` maps engine names to the route's): the
-    one place it is mapped, for the OpenAI routes, /generate and the Tinker API alike."""
+    """The engine's RequestError as a 400 naming the route's field (`fields` maps engine names to the
+    route's): the one place it is mapped, for the OpenAI routes, /generate and the Tinker API alike."""
     return bad_request(fields.get(e.field, e.field), e.message)
 
 

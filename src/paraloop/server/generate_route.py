@@ -29,7 +29,7 @@ from paraloop.server.state import STATE, ServerState
 
 
 def prompt_text(state: ServerState, body: GenerateBody, gen: GenerateRequest) -> str:
-    """The prompt as vLLM echoes it: the text given, else the ids decoded (only once the engine admitted them)."""
+    """The prompt as vLLM echoes it: the text given, else the ids decoded (once the engine admitted them)."""
     return body.prompt if isinstance(body.prompt, str) else state.tokenizer.decode(gen.prompt_tokens)
 
 

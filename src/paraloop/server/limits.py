@@ -1,5 +1,5 @@
-"""Bounds on a prompt checked before paraloop spends work on it: the text, token ids or chat it must not exceed
-before it is templated and tokenized (prepare.py's first size check, beside the engine's own `check_sizes`).
+"""Bounds on a prompt checked before paraloop spends work on it: the text, token ids or chat it must not
+exceed before it is templated and tokenized (prepare.py's first size check, with the engine's `check_sizes`).
 
 In: a decoded body's parts and the [engine] limits. Out: nothing, or an APIError 400 naming the route's field.
 """

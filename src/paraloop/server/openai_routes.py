@@ -1,8 +1,8 @@
 """POST /v1/completions and /v1/chat/completions, OpenAI-compatible, plain JSON or SSE streaming.
 
-In: an OpenAI request body, made an engine request by prepare.py (as /generate's is). Out: an OpenAI response
-whose standard fields are exactly standard (the official `openai` client parses them), plus paraloop's extras on
-every choice and stream chunk:
+In: an OpenAI request body, made an engine request by prepare.py (as /generate's is). Out: an OpenAI
+response whose standard fields are exactly standard (the official `openai` client parses them), plus
+paraloop's extras on every choice and stream chunk:
 `token_ids` (generated ids), `token_logprobs` (per-token logprob of the sampled token under the distribution it
 was sampled from, as the engine recorded it), `adapter` (the adapter that produced them: "policy", "base" or a
 named adapter) and `adapter_versions` (adapter versions that produced the tokens, usually one); the response
@@ -129,7 +129,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def scored_top(body: CompletionBody) -> int | None:
-    """How many alternatives the prompt's tokens are scored with (echo with logprobs, prompt_logprobs); None: none."""
+    """How many alternatives the prompt's tokens are scored with (echo with logprobs, prompt_logprobs);
+    None: the prompt is not scored."""
     if (body.echo and body.logprobs is not None) or body.prompt_logprobs is not None:
         return max(body.logprobs or 0, body.prompt_logprobs or 0)
     return None

@@ -1,20 +1,21 @@
-"""A request's way from its body to an engine request, one pipeline for every generating route (/v1/completions,
-/v1/chat/completions, /generate): `parse` -> `prepare` -> submit (engine_calls.py) -> the route shapes the answer.
+"""A request's way from its body to an engine request, one pipeline for every generating route
+(/v1/completions, /v1/chat/completions, /generate): `parse` -> `prepare` -> submit (engine_calls.py) -> the
+route shapes the answer.
 
-In: the route's typed body (schemas.py). Out: one `Prepared`: the engine's GenerateRequest (prompt tokens, sampling
-params with the grammar of response_format / tool_choice, the adapter `model` selects), the engine's field names as
-the route's body spells them, the model id to echo and the tool plan (chat). Whatever the body asks that cannot be
-honoured is a 400 naming its field, raised before any work.
+In: the route's typed body (schemas.py). Out: one `Prepared`: the engine's GenerateRequest (prompt tokens,
+sampling params with the grammar of response_format / tool_choice, the adapter `model` selects), the engine's
+field names as the route's body spells them, the model id to echo and the tool plan (chat). Whatever the body
+asks that cannot be honoured is a 400 naming its field, raised before any work.
 
 A request's sizes are checked twice, each time for its own reason:
 1. Here, before anything is tokenized, on what the body alone says: n, max_tokens, top_logprobs and stop (the
-   engine's `check_sizes` without a prompt), the prompt's characters, ids or messages (limits.py). Templating and
-   tokenizing cost time in the length of their input, so they never run on input that could not fit.
-2. At admission, by the engine (`Engine.generate` / `score` -> admission.validate), on the token counts known only
-   after tokenizing: the prompt's tokens against engine.max_prompt_tokens, n x (prompt + max_tokens) against
-   engine.max_kv_tokens, token ids against the vocabulary. The engine checks every caller there (the mock
-   environment and the evaluator too), so nothing here asks it a third time: its refusal comes with the first
-   event, before any response starts (engine_calls.first_event), as a 400 naming the route's field.
+   engine's `check_sizes` without a prompt), the prompt's characters, ids or messages (limits.py). Templating
+   and tokenizing cost time in the length of their input, so they never run on input that could not fit.
+2. At admission, by the engine (`Engine.generate` / `score` -> admission.validate), on the token counts known
+   only after tokenizing: the prompt's tokens against engine.max_prompt_tokens, n x (prompt + max_tokens)
+   against engine.max_kv_tokens, token ids against the vocabulary. The engine checks every caller there (the
+   mock environment and the evaluator too), so nothing here asks it a third time: its refusal comes with the
+   first event, before any response starts (engine_calls.first_event), as a 400 naming the route's field.
 """
 
 import json
@@ -61,7 +62,8 @@ class Prepared(NamedTuple):
 
 
 class Asked(NamedTuple):
-    """What a body asks of the engine, read (and refused where the route cannot honour it) before anything is built."""
+    """What a body asks of the engine, read (and refused where the route cannot honour it) before anything is
+    built."""
 
     prefix: str  # of the request id
     max_tokens: int | None  # None: engine.default_max_tokens
@@ -75,14 +77,17 @@ async def parse(request: web.Request, kind: type[B]) -> B:
 
 
 async def prepare(state: ServerState, body: RequestBody) -> Prepared:
-    """The engine request of `body`: its route's refusals, the sizes bounded, the prompt built, the grammar compiled."""
+    """The engine request of `body`: its route's refusals, the sizes bounded, the prompt built, the grammar
+    compiled."""
     config = state.settings.engine
     asked = asks(body, config)
-    params = sampling_params(body, engine=config, max_tokens=asked.max_tokens, top_logprobs=asked.top_logprobs)
-    with request_errors(asked.fields):
-        check_sizes(n=body.n or 1, params=params, config=config)  # the prompt's own bounds: prompt_ids
+    k = asked.top_logprobs
+    params = sampling_params(body, engine=config, max_tokens=asked.max_tokens, top_logprobs=k)
+    with request_errors(asked.fields):  # size check 1, before tokenizing (the module's docstring)
+        check_sizes(n=body.n or 1, params=params, config=config)
     plan = tool_plan(body, state.tokenizer) if isinstance(body, ChatBody) else None
-    tokens, prompt_field = prompt_ids(state.tokenizer, body, plan, config=config)
+    tokens, prompt_field = prompt_ids(state.tokenizer, body, plan, config=config)  # bounds its text first
+    # size check 2 is the engine's, at admission
     grammar = await grammar_of(state, body, plan)
     request = GenerateRequest(
         request_id=f"{asked.prefix}-{uuid.uuid4().hex}",
@@ -91,11 +96,11 @@ async def prepare(state: ServerState, body: RequestBody) -> Prepared:
         params=params if grammar is None else msgspec.structs.replace(params, grammar=grammar),
         adapter=state.adapter_of(body.model),
     )
-    return Prepared(request, fields=asked.fields | {"prompt": prompt_field}, model=body.model or state.model_name,
-                    tools=plan if plan is not None and plan.parse else None)  # fmt: skip
+    tools = plan if plan is not None and plan.parse else None
+    return Prepared(request, asked.fields | {"prompt": prompt_field}, body.model or state.model_name, tools)
 
 
-# --- what each route's body asks -------------------------------------------------------------------------------------
+# --- what each route's body asks ---------------------------------------------------------------------------
 
 
 def asks(body: RequestBody, config: EngineConfig) -> Asked:
@@ -142,7 +147,7 @@ def generate_asks(body: GenerateBody, config: EngineConfig) -> Asked:
     return Asked("gen", body.max_tokens, body.logprobs or 0, {"top_logprobs": "logprobs"})
 
 
-# --- the prompt ------------------------------------------------------------------------------------------------------
+# --- the prompt ---------------------------------------------------------------------------------------------
 
 
 def prompt_ids(
@@ -172,8 +177,8 @@ def prompt_of(prompt: str | PromptObject | list[Any]) -> tuple[str | list[int], 
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[int], *, field: str, config: EngineConfig) -> list[int]:
-    """A text prompt is encoded with the tokenizer's special tokens (BOS where the model has one), as vLLM does;
-    its length is bounded first, so the tokenizer never runs on more text than could fit."""
+    """A text prompt is encoded with the tokenizer's special tokens (BOS where the model has one), as vLLM
+    does; its length is bounded first, so the tokenizer never runs on more text than could fit."""
     if isinstance(prompt, str):
         check_text(len(prompt), field=field, config=config)
         return tokenizer.encode(prompt)
@@ -188,8 +193,8 @@ RESERVED_TEMPLATE_KWARGS = frozenset(
 
 def chat_prompt(tokenizer: Any, body: ChatBody, plan: ToolPlan | None, *, config: EngineConfig) -> list[int]:
     """The chat template applied by the tokenizer, then encoded without adding special tokens a second time.
-    The messages' size is bounded before the template renders them, and the rendered text before it is encoded.
-    Tools go to a template that renders them, else into the system message (tool_calls.add_tool_prompt)."""
+    The messages' size is bounded before the template renders them, and the rendered text before it is
+    encoded. Tools go to a template that renders them, else into the system message (add_tool_prompt)."""
     check_messages(body.messages)
     messages = template_messages(body.messages, template_knows_tools=template_knows_tools(tokenizer))
     tool_kwargs: dict[str, Any] = {}

@@ -1,9 +1,9 @@
-"""JSON answers: every route's (the OpenAI routes, /generate, /control, /ranks, the dashboard's API, the Tinker API)
-and every error's (server/errors.py).
+"""JSON answers: every route's (the OpenAI routes, /generate, /control, /ranks, the dashboard's API, the
+Tinker API) and every error's (server/errors.py).
 
-Encoded once by msgspec, which writes a non-finite float as null. `nan_literals=True` writes NaN and Infinity as
-Python's json module writes (and reads) them, for a client that parses floats that may not be finite with it:
-the Tinker SDK's answers (a diverged step's grad_norm), where null would fail its float fields.
+Encoded once by msgspec, which writes a non-finite float as null. `nan_literals=True` writes NaN and Infinity
+as Python's json module writes (and reads) them, for a client that parses floats that may not be finite with
+it: the Tinker SDK's answers (a diverged step's grad_norm), where null would fail its float fields.
 """
 
 import json

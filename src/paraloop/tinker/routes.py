@@ -38,7 +38,7 @@ SAMPLE_FIELDS = {
     "n": "num_samples",
     "stop_token_ids": "sampling_params.stop",
 }
-"""The engine's field names as asample's body spells them, for the 400 of a request the engine would refuse."""
+"""The engine's field names as asample's body spells them: the 400 of a sample the engine would refuse."""
 
 
 @web.middleware
@@ -115,9 +115,13 @@ async def capabilities(request: web.Request) -> web.Response:
 
 async def client_config(request: web.Request) -> web.Response:
     # httpx's own transport; forward_backward bodies uncompressed; per-request polling of retrieve_future
-    return json_response({"use_pyqwest_transport": False, "proto_compress_fwdbwd": False,
-                          "fwdbwd_max_chunk_len": request.app[LIMITS]["max_data"],
-                          "sample_use_retrieve_futures": False, "custom_loss_server_side": False})  # fmt: skip
+    return json_response({
+        "use_pyqwest_transport": False,
+        "proto_compress_fwdbwd": False,
+        "fwdbwd_max_chunk_len": request.app[LIMITS]["max_data"],
+        "sample_use_retrieve_futures": False,
+        "custom_loss_server_side": False,
+    })
 
 
 async def dynamic_config(request: web.Request) -> web.Response:
@@ -192,7 +196,7 @@ async def forward_backward(request: web.Request) -> web.Response:
 
 
 async def client_call(request: web.Request) -> tuple[TinkerState, dict[str, Any], str]:
-    """A call on an existing training client: the state, the body and its model_id (a 400 if no such client)."""
+    """A call on an existing training client: the state, the body and its model_id (400: no such client)."""
     state, body = request.app[STATE], await body_of(request)
     model_id = get(body, "model_id", str)
     state.model(model_id)

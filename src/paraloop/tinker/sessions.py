@@ -242,8 +242,8 @@ class TinkerState:
             raise UserError(f"model_path: {model_path!r}: {e}") from None
 
     def generate_request(self, tokens: list[int], n: int, params: SamplingParams) -> GenerateRequest:
-        """The engine request of a sample, checked before any work starts (RequestError naming the engine's field,
-        which the route answers as a 400 naming its own: routes.SAMPLE_FIELDS)."""
+        """The engine request of a sample, checked before any work starts (RequestError naming the engine's
+        field, which the route answers as a 400 naming its own: routes.SAMPLE_FIELDS)."""
         request = GenerateRequest(request_id=f"tinker-{uuid.uuid4().hex[:12]}", prompt_tokens=tokens, n=n,
                                   params=params)  # fmt: skip
         self.engine.check(request)
