@@ -42,6 +42,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": 5}, "prompt"),
     ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
     ("/v1/completions", {"prompt": [5, 99999]}, "prompt"),
+    ("/v1/completions", {"prompt": [5, 99999], "echo": True, "max_tokens": 0}, "prompt"),  # echoed, never run
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
@@ -80,6 +81,7 @@ BAD_INPUTS = [
     ("/generate", b"{", None),
     ("/generate", {"prompt": {"prompt_token_ids": "5 6"}}, "prompt.prompt_token_ids"),
     ("/generate", {"prompt": "x", "top_k": -2}, "top_k"),
+    ("/generate", {"prompt": {"prompt_token_ids": [5, 99999]}, "stream": True}, "prompt.prompt_token_ids"),
 ]
 
 

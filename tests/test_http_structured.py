@@ -163,7 +163,7 @@ def test_constrained_logprobs_are_those_of_the_unconstrained_distribution(server
     from test_http_serve import greedy_logprobs
 
     from paraloop.model import load_model
-    from paraloop.server.openai_routes import chat_prompt
+    from paraloop.server.prepare import chat_prompt
     from paraloop.server.schemas import ChatBody, decode
 
     body = {"messages": USER, "response_format": response_format(SCHEMA), "max_tokens": 64, "temperature": 0}

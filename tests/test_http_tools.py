@@ -134,7 +134,7 @@ def test_a_history_with_calls_and_tool_results_is_accepted_and_rendered(server):
 
 
 def rendered(server, history: list[dict]) -> str:
-    from paraloop.server.openai_routes import chat_prompt
+    from paraloop.server.prepare import chat_prompt
     from paraloop.server.schemas import ChatBody, decode
     from paraloop.server.tool_calls import tool_plan
 

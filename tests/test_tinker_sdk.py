@@ -312,6 +312,9 @@ def test_bad_inputs_are_answered_at_once(service: tinker.ServiceClient, tinker_s
                                 sampling_params=types.SamplingParams(max_tokens=2)).result(), "num_samples"),
         (lambda: sampler.sample(types.ModelInput.from_ints([1, vocab]), num_samples=1,
                                 sampling_params=types.SamplingParams(max_tokens=2)).result(), "prompt"),
+        (lambda: sampler.sample(types.ModelInput.from_ints([1, 2]), num_samples=1,  # the engine's own limit
+                                sampling_params=types.SamplingParams(max_tokens=10**9)).result(),
+         "sampling_params.max_tokens"),
         (lambda: service.create_lora_training_client(base_model="not/served", rank=4).result(), "base_model"),
         (lambda: service.create_lora_training_client(base_model=tinker_server.model, rank=100000).result(), "rank"),
         (lambda: service.create_training_client_from_state("tinker://x/weights/../../etc").result(), "path"),

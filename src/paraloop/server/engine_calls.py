@@ -8,7 +8,6 @@ the engine's iterator via `aclosing`, which frees the request's rows in the engi
 
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, aclosing, contextmanager
-from typing import Any, NamedTuple
 
 import msgspec
 
@@ -16,21 +15,12 @@ from paraloop.engine import EngineBusy, RequestError, RowAccumulator
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
 from paraloop.engine.scoring import PromptLogprobs
 from paraloop.messages import GenerateRequest, TokenEvent
-from paraloop.server.errors import APIError, bad_request
-from paraloop.server.limits import request_error
+from paraloop.server.errors import APIError, bad_request, request_error
 from paraloop.server.metrics import first_token
+from paraloop.server.prepare import Prepared
 from paraloop.server.state import ServedEngine
 
 RETRY_AFTER_S = 1
-
-
-class Prepared(NamedTuple):
-    """An engine request and how the engine's field names read in this route's body (for 400 messages)."""
-
-    request: GenerateRequest
-    fields: dict[str, str]
-    model: str = ""  # the model id the request named (echoed in the response), or the served name
-    tools: Any = None  # chat: the request's tool_calls.ToolPlan (calls are parsed out of the text), or None
 
 
 def distinct_versions(versions: list[int]) -> list[int]:
@@ -55,12 +45,22 @@ async def first_event(events: AsyncIterator[TokenEvent], *, fields: dict[str, st
     return event
 
 
-async def score(engine: Any, prepared: Prepared, *, top: int) -> PromptLogprobs:
-    """The prompt's log-probs (engine.score), refusals answered as for a generation."""
+async def score(engine: ServedEngine, prepared: Prepared, *, top: int | None) -> PromptLogprobs | None:
+    """The prompt's log-probs (engine.score) with `top` alternatives, refusals answered as for a generation;
+    None when the request asks for none (`top` None)."""
+    if top is None:
+        return None
     request = prepared.request
     request = msgspec.structs.replace(request, params=msgspec.structs.replace(request.params, top_logprobs=top))
     with refusals(prepared.fields):
         return await engine.score(request)
+
+
+def check(engine: ServedEngine, prepared: Prepared) -> None:
+    """A request answered without running it (a completion that only echoes its prompt) is refused as its
+    admission would refuse it (prepare.py): token ids within the vocabulary, its length within the limits."""
+    with refusals(prepared.fields):
+        engine.check(prepared.request)
 
 
 @contextmanager

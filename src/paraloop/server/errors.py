@@ -6,10 +6,13 @@ its traceback while the server keeps serving.
 """
 
 import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from aiohttp import web
 
+from paraloop.engine import RequestError
 from paraloop.server.responses import json_response
 
 log = logging.getLogger("paraloop.server")
@@ -52,6 +55,21 @@ class APIError(Exception):
 
 def bad_request(param: str | None, message: str) -> APIError:
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+def request_error(e: RequestError, fields: Mapping[str, str]) -> APIError:
+    """The engine's RequestError as a 400 naming the route's field (`fields` maps engine names to the
+    route's): the one place it is mapped, for the OpenAI routes, /generate and the Tinker API alike."""
+    return bad_request(fields.get(e.field, e.field), e.message)
+
+
+@contextmanager
+def request_errors(fields: Mapping[str, str]) -> Iterator[None]:
+    """`request_error` for whatever the block raises."""
+    try:
+        yield
+    except RequestError as e:
+        raise request_error(e, fields) from None
 
 
 def error_body(

@@ -1,33 +1,15 @@
-"""Bounds checked on a decoded body before paraloop spends work on it: the sampling sizes (the engine's own
-`check_sizes`), and text a prompt or chat must not exceed before it is templated and tokenized.
+"""Bounds on a prompt checked before paraloop spends work on it: the text, token ids or chat it must not
+exceed before it is templated and tokenized (prepare.py's first size check, with the engine's `check_sizes`).
 
 In: a decoded body's parts and the [engine] limits. Out: nothing, or an APIError 400 naming the route's field.
 """
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-
 from paraloop.config import EngineConfig
-from paraloop.engine import RequestError
-from paraloop.server.errors import APIError, bad_request
+from paraloop.server.errors import bad_request
 
 CHARS_PER_TOKEN = 64
 """Text longer than this many characters per allowed prompt token cannot fit engine.max_prompt_tokens (no
 tokenizer has longer tokens in practice), so it is refused before the tokenizer runs on it."""
-
-
-def request_error(e: RequestError, fields: Mapping[str, str]) -> APIError:
-    """The engine's RequestError as a 400 naming the route's field (`fields` maps engine names to the route's)."""
-    return bad_request(fields.get(e.field, e.field), e.message)
-
-
-@contextmanager
-def request_errors(fields: Mapping[str, str]) -> Iterator[None]:
-    """`request_error` for whatever the block raises."""
-    try:
-        yield
-    except RequestError as e:
-        raise request_error(e, fields) from None
 
 
 def max_prompt_chars(config: EngineConfig) -> int:

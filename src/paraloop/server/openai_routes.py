@@ -1,7 +1,8 @@
 """POST /v1/completions and /v1/chat/completions, OpenAI-compatible, plain JSON or SSE streaming.
 
-In: an OpenAI request body. Out: an OpenAI response whose standard fields are exactly standard (the official
-`openai` client parses them), plus paraloop's extras on every choice and stream chunk:
+In: an OpenAI request body, made an engine request by prepare.py (as /generate's is). Out: an OpenAI
+response whose standard fields are exactly standard (the official `openai` client parses them), plus
+paraloop's extras on every choice and stream chunk:
 `token_ids` (generated ids), `token_logprobs` (per-token logprob of the sampled token under the distribution it
 was sampled from, as the engine recorded it), `adapter` (the adapter that produced them: "policy", "base" or a
 named adapter) and `adapter_versions` (adapter versions that produced the tokens, usually one); the response
@@ -12,70 +13,34 @@ echoed as given. Chat: tools (tool_calls.py) and the message rules (chat_rules.p
 Usage counts tokens: the prompt once, completion tokens summed over choices.
 """
 
-import json
 import time
-import uuid
 from typing import Any
 
-import anyio
 import msgspec
 from aiohttp import web
 
-from paraloop.config import EngineConfig
 from paraloop.engine import RowAccumulator
-from paraloop.engine.admission import check_sizes
-from paraloop.messages import GenerateRequest, TokenEvent
-from paraloop.server.chat_rules import check_messages, template_messages
+from paraloop.messages import TokenEvent
 from paraloop.server.engine_calls import (
-    Prepared,
+    check,
     collect,
     distinct_versions,
     first_event,
     open_generation,
     score,
 )
-from paraloop.server.errors import bad_request, error_body, log
-from paraloop.server.limits import check_chat_size, check_text, check_token_count, request_errors
+from paraloop.server.errors import error_body, log
 from paraloop.server.logprob_objects import (
     chat_logprobs,
-    check_prompt_top,
     completion_logprobs,
     echoed_logprobs,
     vllm_prompt_logprobs,
 )
-from paraloop.server.schemas import (
-    ChatBody,
-    CompletionBody,
-    decode,
-    prompt_tokens_of,
-    sampling_params,
-)
+from paraloop.server.prepare import Prepared, parse, prepare
+from paraloop.server.responses import json_response
+from paraloop.server.schemas import ChatBody, CompletionBody
 from paraloop.server.state import STATE, ServerState
-from paraloop.server.structured import compile_source, grammar_source
-from paraloop.server.tool_calls import (
-    ToolPlan,
-    ToolSplitter,
-    add_tool_prompt,
-    finish_reason,
-    split_calls,
-    template_knows_tools,
-    tool_dicts,
-    tool_plan,
-)
-
-
-def json_response(payload: Any, *, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=msgspec.json.encode(payload), content_type="application/json")
-
-
-def encode_prompt(tokenizer: Any, prompt: str | list[int], *, field: str, config: EngineConfig) -> list[int]:
-    """A text prompt is encoded with the tokenizer's special tokens (BOS where the model has one), as vLLM does;
-    its length is bounded first, so the tokenizer never runs on more text than could fit."""
-    if isinstance(prompt, str):
-        check_text(len(prompt), field=field, config=config)
-        return tokenizer.encode(prompt)
-    check_token_count(len(prompt), field=field, config=config)
-    return prompt
+from paraloop.server.tool_calls import ToolPlan, ToolSplitter, finish_reason, split_calls, tool_dicts
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -104,126 +69,21 @@ def top_level_versions(rows: list[RowAccumulator], current: int) -> dict[str, An
     }
 
 
-# --- request -> engine request -------------------------------------------------------------------------------------
-
-
-def completion_request(state: ServerState, body: CompletionBody) -> Prepared:
-    if body.echo and body.stream:
-        raise bad_request("echo", "not supported with stream")
-    if body.prompt_logprobs is not None and body.stream:
-        raise bad_request("prompt_logprobs", "not supported with stream")
-    if body.suffix:
-        raise bad_request("suffix", "not supported")
-    if body.best_of is not None and body.best_of != (body.n or 1):
-        raise bad_request("best_of", "not supported (only best_of == n)")
-    if body.max_tokens == 0 and not (body.echo or body.prompt_logprobs is not None):
-        raise bad_request("max_tokens", "0 only scores the prompt: give echo or prompt_logprobs with it")
-    if body.max_tokens == 0 and body.stream:
-        raise bad_request("max_tokens", "0 (scoring the prompt only) cannot be streamed")
-    config, fields = state.settings.engine, {"top_logprobs": "logprobs"}
-    max_tokens = 1 if body.max_tokens == 0 else body.max_tokens  # checked and admitted as one token
-    params = sampling_params(body, engine=config, max_tokens=max_tokens, top_logprobs=body.logprobs or 0)
-    with request_errors(fields):
-        check_sizes(n=body.n or 1, params=params, config=config)
-    check_prompt_top(body.prompt_logprobs, config=config)
-    tokens = encode_prompt(
-        state.tokenizer, prompt_tokens_of(body.prompt, field="prompt"), field="prompt", config=config
-    )
-    request = GenerateRequest(
-        request_id=f"cmpl-{uuid.uuid4().hex}", prompt_tokens=tokens, n=body.n or 1, params=params,
-        adapter=state.adapter_of(body.model),
-    )
-    with request_errors(fields):
-        state.engine.check(request)
-    return Prepared(request, fields=fields, model=body.model or state.model_name)
-
-
-RESERVED_TEMPLATE_KWARGS = frozenset(
-    {"conversation", "tokenize", "add_generation_prompt", "continue_final_message"}
-)
-
-
-def chat_prompt(tokenizer: Any, body: ChatBody, plan: ToolPlan | None, *, config: EngineConfig) -> list[int]:
-    """The chat template applied by the tokenizer, then encoded without adding special tokens a second time.
-    The messages' size is bounded before the template renders them, and the rendered text before it is encoded.
-    Tools go to a template that renders them, else into the system message (tool_calls.add_tool_prompt)."""
-    check_messages(body.messages)
-    messages = template_messages(body.messages, template_knows_tools=template_knows_tools(tokenizer))
-    tool_kwargs: dict[str, Any] = {}
-    tool_chars = 0
-    if plan is not None:
-        tools = tool_dicts(plan.tools)
-        tool_chars = len(json.dumps(tools))
-        if plan.format.in_template:
-            tool_kwargs["tools"] = tools
-        else:
-            messages = add_tool_prompt(messages, plan.tools)
-    check_chat_size(len(messages), sum(len(m["content"]) for m in messages) + tool_chars, config=config)
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS & set(body.chat_template_kwargs or {}))
-    if reserved:
-        raise bad_request("chat_template_kwargs", f"{', '.join(reserved)} cannot be set here")
-    if body.continue_final_message and body.add_generation_prompt:
-        raise bad_request("continue_final_message", "cannot be combined with add_generation_prompt=true")
-    try:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=body.add_generation_prompt,
-            continue_final_message=body.continue_final_message,
-            **tool_kwargs,
-            **(body.chat_template_kwargs or {}),
-        )
-    except Exception as e:  # a template's raise_exception() (e.g. roles out of order) is the client's input
-        raise bad_request("messages", f"the chat template rejected the messages: {e}") from None
-    check_text(len(text), field="messages", config=config)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-async def chat_request(state: ServerState, body: ChatBody) -> Prepared:
-    if body.top_logprobs and not body.logprobs:
-        raise bad_request("top_logprobs", "requires logprobs=true")
-    if body.max_tokens is not None and body.max_completion_tokens is not None:
-        raise bad_request("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
-    limit_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
-    max_tokens = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
-    k = (body.top_logprobs or 0) if body.logprobs else 0
-    config, fields = state.settings.engine, {"prompt": "messages", "max_tokens": limit_field}
-    params = sampling_params(body, engine=config, max_tokens=max_tokens, top_logprobs=k)
-    with request_errors(fields):
-        check_sizes(n=body.n or 1, params=params, config=config)
-    plan = tool_plan(body, state.tokenizer)
-    prompt = chat_prompt(state.tokenizer, body, plan, config=config)
-    source = grammar_source(body, plan, max_bytes=state.settings.server.max_schema_bytes)
-    grammar = None if source is None else await anyio.to_thread.run_sync(compile_source, source, state.tokenizer)
-    request = GenerateRequest(
-        request_id=f"chatcmpl-{uuid.uuid4().hex}",
-        prompt_tokens=prompt,
-        n=body.n or 1,
-        params=msgspec.structs.replace(params, grammar=grammar),
-        adapter=state.adapter_of(body.model),
-    )
-    with request_errors(fields):
-        state.engine.check(request)
-    return Prepared(request, fields=fields, model=body.model or state.model_name,
-                    tools=plan if plan is not None and plan.parse else None)  # fmt: skip
-
-
 # --- handlers --------------------------------------------------------------------------------------------------------
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    body = decode(await request.read(), CompletionBody, max_depth=state.settings.server.max_json_depth)
-    prepared = completion_request(state, body)
+    state, body = request.app[STATE], await parse(request, CompletionBody)
+    prepared = await prepare(state, body)
     k = body.logprobs
     if body.stream:
         chunks = Chunks(state, prepared, chat=False, logprobs=k, include_usage=_include_usage(body))
         return await stream(request, state, prepared, chunks)
     gen = prepared.request
-    scores = None
-    if (body.echo and k is not None) or body.prompt_logprobs is not None:
-        scores = await score(state.engine, prepared, top=max(k or 0, body.prompt_logprobs or 0))
-    if body.max_tokens == 0:  # scoring only
+    scores = await score(state.engine, prepared, top=scored_top(body))
+    if body.max_tokens == 0:  # scoring only: admitted by `score`, or (echo alone) never run, only checked
+        if scores is None:
+            check(state.engine, prepared)
         rows = [RowAccumulator(finish_reason="length") for _ in range(gen.n)]
     else:
         rows = await collect(state.engine, prepared)
@@ -247,9 +107,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    body = decode(await request.read(), ChatBody, max_depth=state.settings.server.max_json_depth)
-    prepared = await chat_request(state, body)
+    state, body = request.app[STATE], await parse(request, ChatBody)
+    prepared = await prepare(state, body)
     k = (body.top_logprobs or 0) if body.logprobs else None
     if body.stream:
         chunks = Chunks(state, prepared, chat=True, logprobs=k, include_usage=_include_usage(body))
@@ -267,6 +126,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             **constrained(prepared),
         })  # fmt: skip
     return json_response(_envelope(state, prepared, "chat.completion", choices, rows))
+
+
+def scored_top(body: CompletionBody) -> int | None:
+    """How many alternatives the prompt's tokens are scored with (echo with logprobs, prompt_logprobs);
+    None: the prompt is not scored."""
+    if (body.echo and body.logprobs is not None) or body.prompt_logprobs is not None:
+        return max(body.logprobs or 0, body.prompt_logprobs or 0)
+    return None
 
 
 def chat_message(prepared: Prepared, row: RowAccumulator) -> tuple[dict[str, Any], str | None]:

@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from paraloop.config import Settings
 from paraloop.engine.adapters import Adapters
+from paraloop.engine.scoring import PromptLogprobs
 from paraloop.messages import GenerateRequest, TokenEvent
 
 
@@ -26,6 +27,8 @@ class ServedEngine(Protocol):
     def check(self, request: GenerateRequest) -> None: ...  # raises RequestError (400) before any work
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent]: ...
+
+    async def score(self, request: GenerateRequest) -> PromptLogprobs: ...  # the prompt's log-probs
 
     def stats(self) -> dict[str, float]: ...
 

@@ -17,7 +17,8 @@ import msgspec
 from aiohttp import web
 
 from paraloop.messages import SamplingParams
-from paraloop.server.errors import APIError, bad_request, error_response, from_http_exception
+from paraloop.server.errors import APIError, bad_request, error_response, from_http_exception, request_errors
+from paraloop.server.responses import json_response
 from paraloop.tinker import proto
 from paraloop.tinker.futures import Futures, FuturesFull, Result
 from paraloop.tinker.learner import AdamParams, check_data
@@ -31,6 +32,13 @@ LIMITS = web.AppKey("tinker_limits", dict)
 TOKEN = web.AppKey("tinker_token", str)
 PROTO = "application/x-protobuf"
 FIELD = re.compile(r"[A-Za-z_][\w.\[\]]*")
+SAMPLE_FIELDS = {
+    **{name: f"sampling_params.{name}" for name in SamplingParams.__struct_fields__},
+    "prompt": "prompt",
+    "n": "num_samples",
+    "stop_token_ids": "sampling_params.stop",
+}
+"""The engine's field names as asample's body spells them: the 400 of a sample the engine would refuse."""
 
 
 @web.middleware
@@ -88,37 +96,41 @@ def get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: 
 def future(request: web.Request, work: Any, *, client: str, **extra: Any) -> web.Response:
     """Submit training work of `client` (a model id): after its earlier calls, round-robin with other clients'."""
     request_id = request.app[FUTURES].submit(work, key=client)
-    return web.json_response({"request_id": request_id, **extra})
+    return json_response({"request_id": request_id, **extra})
 
 
 # --- service ---------------------------------------------------------------------------------------------------------
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def capabilities(request: web.Request) -> web.Response:
     state = request.app[STATE]
     model = {"model_name": state.model_name, "max_context_length": state.max_context, "trainable": True,
              "sampleable": True}  # fmt: skip
-    return web.json_response({"supported_models": [model]})
+    return json_response({"supported_models": [model]})
 
 
 async def client_config(request: web.Request) -> web.Response:
     # httpx's own transport; forward_backward bodies uncompressed; per-request polling of retrieve_future
-    return web.json_response({"use_pyqwest_transport": False, "proto_compress_fwdbwd": False,
-                              "fwdbwd_max_chunk_len": request.app[LIMITS]["max_data"],
-                              "sample_use_retrieve_futures": False, "custom_loss_server_side": False})  # fmt: skip
+    return json_response({
+        "use_pyqwest_transport": False,
+        "proto_compress_fwdbwd": False,
+        "fwdbwd_max_chunk_len": request.app[LIMITS]["max_data"],
+        "sample_use_retrieve_futures": False,
+        "custom_loss_server_side": False,
+    })
 
 
 async def dynamic_config(request: web.Request) -> web.Response:
-    return web.json_response({"refresh_interval_sec": 300})
+    return json_response({"refresh_interval_sec": 300})
 
 
 async def create_session(request: web.Request) -> web.Response:
     await body_of(request)
-    return web.json_response({"type": "create_session", "session_id": request.app[STATE].new_session()})
+    return json_response({"type": "create_session", "session_id": request.app[STATE].new_session()})
 
 
 async def heartbeat(request: web.Request) -> web.Response:
@@ -126,13 +138,13 @@ async def heartbeat(request: web.Request) -> web.Response:
     session_id = get(body, "session_id", str)
     if session_id not in request.app[STATE].sessions:
         raise APIError(404, f"session_id: no session {session_id!r}", param="session_id")
-    return web.json_response({"type": "session_heartbeat"})
+    return json_response({"type": "session_heartbeat"})
 
 
 async def accepted(request: web.Request) -> web.Response:
     """Telemetry and cancellations: nothing to do locally (a cancelled sample finishes and is dropped)."""
     await request.read()
-    return web.json_response({"status": "accepted"})
+    return json_response({"status": "accepted"})
 
 
 # --- training --------------------------------------------------------------------------------------------------------
@@ -160,7 +172,7 @@ async def create_model(request: web.Request) -> web.Response:
 
 async def get_info(request: web.Request) -> web.Response:
     body = await body_of(request)
-    return web.json_response(request.app[STATE].info(get(body, "model_id", str)))
+    return json_response(request.app[STATE].info(get(body, "model_id", str)))
 
 
 async def forward_backward(request: web.Request) -> web.Response:
@@ -183,11 +195,23 @@ async def forward_backward(request: web.Request) -> web.Response:
     return future(request, lambda: state.forward_backward(fb, config), client=fb.model_id, model_id=fb.model_id)
 
 
-async def optim_step(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    body = await body_of(request)
+async def client_call(request: web.Request) -> tuple[TinkerState, dict[str, Any], str]:
+    """A call on an existing training client: the state, the body and its model_id (400: no such client)."""
+    state, body = request.app[STATE], await body_of(request)
     model_id = get(body, "model_id", str)
     state.model(model_id)
+    return state, body, model_id
+
+
+def checked_name(name: str) -> str:
+    """A checkpoint's name, as `path` gives it."""
+    if not NAME.fullmatch(name):
+        raise bad_request("path", f"{name!r}: a name of letters, digits and ._- (up to 128)")
+    return name
+
+
+async def optim_step(request: web.Request) -> web.Response:
+    state, body, model_id = await client_call(request)
     raw = get(body, "adam_params", dict, None)
     if raw is None:
         raise bad_request("adam_params", "required (only Adam is supported here)")
@@ -201,13 +225,8 @@ async def optim_step(request: web.Request) -> web.Response:
 
 
 async def save_weights(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    body = await body_of(request)
-    model_id = get(body, "model_id", str)
-    state.model(model_id)
-    name = get(body, "path", str, None) or f"step-{state.models[model_id].step}"
-    if not NAME.fullmatch(name):
-        raise bad_request("path", f"{name!r}: a name of letters, digits and ._- (up to 128)")
+    state, body, model_id = await client_call(request)
+    name = checked_name(get(body, "path", str, None) or f"step-{state.models[model_id].step}")
     return future(request, lambda: state.save_state(model_id, name), client=model_id, model_id=model_id)
 
 
@@ -229,13 +248,10 @@ async def load_weights(request: web.Request) -> web.Response:
 
 
 async def save_for_sampler(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    body = await body_of(request)
-    model_id = get(body, "model_id", str)
-    state.model(model_id)
+    state, body, model_id = await client_call(request)
     name = get(body, "path", str, None)
-    if name is not None and not NAME.fullmatch(name):
-        raise bad_request("path", f"{name!r}: a name of letters, digits and ._- (up to 128)")
+    if name is not None:
+        checked_name(name)
     kind = get(body, "kind", str, "snapshot")
     if kind not in ("snapshot", "inflight"):
         raise bad_request("kind", f"{kind!r}: must be 'snapshot' or 'inflight'")
@@ -256,19 +272,19 @@ async def create_sampling_session(request: web.Request) -> web.Response:
     model_path = get(body, "model_path", str, None)
     arrays = state.sampler_from_path(model_path) if model_path else None
     sampler_id = state.new_sampler(model_path, arrays)
-    return web.json_response({"type": "create_sampling_session", "sampling_session_id": sampler_id})
+    return json_response({"type": "create_sampling_session", "sampling_session_id": sampler_id})
 
 
 async def join_sampling_session(request: web.Request) -> web.Response:
     body = await body_of(request)
     request.app[STATE].sampler(get(body, "sampling_session_id", str))
-    return web.json_response({"type": "join_sampling_session", "client_counter": 1})
+    return json_response({"type": "join_sampling_session", "client_counter": 1})
 
 
 async def get_sampler(request: web.Request) -> web.Response:
     sampler = request.app[STATE].sampler(request.match_info["sampler_id"])
-    return web.json_response({"sampler_id": sampler.sampler_id, "base_model": sampler.base_model,
-                              "model_path": sampler.model_path})  # fmt: skip
+    return json_response({"sampler_id": sampler.sampler_id, "base_model": sampler.base_model,
+                          "model_path": sampler.model_path})  # fmt: skip
 
 
 def prompt_tokens(body: dict[str, Any], vocab: int) -> list[int]:
@@ -339,10 +355,11 @@ async def asample(request: web.Request) -> web.Response:
         if body.get(key) is not None:
             raise bad_request(key, "not supported here (docs/tinker.md)")
     scored = bool(get(body, "prompt_logprobs", bool, False))
-    generate = state.generate_request(tokens, n, params)
+    with request_errors(SAMPLE_FIELDS):
+        generate = state.generate_request(tokens, n, params)
     work = lambda: state.sample(sampler_id, generate, prompt_logprobs=scored)  # noqa: E731
     request_id = request.app[FUTURES].submit(work, key=None)
-    return web.json_response({"request_id": request_id, "sample_sequence_ids": [f"{request_id}.{i}"
+    return json_response({"request_id": request_id, "sample_sequence_ids": [f"{request_id}.{i}"
                                                                                 for i in range(n)]})  # fmt: skip
 
 
@@ -358,16 +375,16 @@ async def retrieve_future(request: web.Request) -> web.Response:
         raise APIError(404, f"request_id: no future {request_id!r} (never made, or its result expired: "
                             "tinker.retention_s)", param="request_id") from None
     if result is None:
-        return web.json_response({"type": "try_again", "request_id": request_id, "queue_state": "active"})
+        return json_response({"type": "try_again", "request_id": request_id, "queue_state": "active"})
     return respond(result)
 
 
 def respond(result: Result) -> web.Response:
     if result.error is not None:
-        return web.json_response({"error": result.error, "category": result.category})
+        return json_response({"error": result.error, "category": result.category})
     if result.proto is not None:
         return web.Response(body=result.proto, content_type=PROTO)
-    return web.json_response(result.json)
+    return json_response(result.json, nan_literals=True)  # optim_step's metrics: a diverged grad_norm is NaN
 
 
 ROUTES = [

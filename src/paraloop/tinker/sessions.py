@@ -242,15 +242,11 @@ class TinkerState:
             raise UserError(f"model_path: {model_path!r}: {e}") from None
 
     def generate_request(self, tokens: list[int], n: int, params: SamplingParams) -> GenerateRequest:
-        """The engine request of a sample, checked (UserError naming the field) before any work starts."""
+        """The engine request of a sample, checked before any work starts (RequestError naming the engine's
+        field, which the route answers as a 400 naming its own: routes.SAMPLE_FIELDS)."""
         request = GenerateRequest(request_id=f"tinker-{uuid.uuid4().hex[:12]}", prompt_tokens=tokens, n=n,
                                   params=params)  # fmt: skip
-        try:
-            self.engine.check(request)
-        except RequestError as e:  # the engine's names, as the SDK's request spells them
-            name = {"prompt": "prompt", "n": "num_samples", "stop_token_ids": "sampling_params.stop"}.get(
-                e.field, f"sampling_params.{e.field}")  # fmt: skip
-            raise UserError(f"{name}: {e.message}") from None
+        self.engine.check(request)
         return request
 
     async def sample(self, sampler_id: str | None, request: GenerateRequest, *, prompt_logprobs: bool) -> Result:
