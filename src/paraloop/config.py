@@ -349,13 +349,14 @@ class RLTrainingConfig(Section):
     """Seed of the LoRA initialisation, of dropout (drawn from (seed, step)) and of the mock environment's prompts
     and sampling (from (seed, group index)). The rollout buffer's order does not depend on it."""
     mode: Literal["sync", "async"] = "sync"
-    """sync: rollouts wait while the learner steps (strictly on-policy). async: generation may overlap training;
+    """sync: rollouts wait while the learner steps (strictly on-policy with the mock environment; Atropos
+    environments generate ahead, docs/architecture.md says what holds then). async: generation may overlap training;
     on the CPU backend it barely does (MLX throttles in-flight work process-wide; docs/benchmarks.md), so keep sync
     there."""
     max_staleness: int = Field(1, ge=0)
-    """Rollouts more than this many adapter versions old are handled by stale_policy, in async mode. Atropos rows'
-    versions come from the engine's index of served completions (atropos.served_index), so their staleness is
-    reported in both modes; in sync mode it is not yet acted on (docs/architecture.md, Sync and async)."""
+    """Rollouts more than this many adapter versions old are handled by stale_policy: in async mode, and for
+    Atropos rollouts in both modes (an environment generates ahead; their versions come from the engine's index of
+    served completions, atropos.served_index). Dropped groups train no step: more are fetched."""
     stale_policy: Literal["drop", "cap"] = "drop"
     """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
     buffer_priority: Literal["fifo", "abs_advantage"] = "fifo"
@@ -398,9 +399,9 @@ class RLTrainingConfig(Section):
 
     @property
     def staleness_applies(self) -> bool:
-        """max_staleness / stale_policy act in async mode. Not yet on Atropos rollouts in sync mode: a distributed
-        sync run whose step lost every group to the policy ended early (tests/test_distributed_run.py)."""
-        return self.mode == "async"
+        """max_staleness / stale_policy act in async mode, and on Atropos rollouts in both modes (an environment
+        generates ahead). The mock environment's sync rollouts are on-policy by construction."""
+        return self.mode == "async" or bool(self.atropos.api_url)
 
     @model_validator(mode="after")
     def _importance_bounds(self) -> "RLTrainingConfig":

@@ -22,6 +22,7 @@ the same batches.
 """
 
 import itertools
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from paraloop.messages import PROMPT_MASK, RolloutBatch, ScoredGroup
 
 Priority = Literal["fifo", "abs_advantage"]
 StalePolicy = Literal["drop", "cap"]
+
+log = logging.getLogger("paraloop.buffer")
 
 
 def too_stale(group: ScoredGroup, version: int, max_staleness: int | None) -> bool:
@@ -206,6 +209,9 @@ class RolloutBuffer:
             self._dropped(self._entries.pop(arrival).journal_id)
         self._counts["dropped_stale"] += len(stale)
         self._stale_since_take += len(stale)
+        if stale:
+            log.info("dropped %d rollout group(s) more than %d versions older than adapter %d: more are fetched",
+                     len(stale), self.max_staleness, version)
         return len(stale)
 
     def _is_stale(self, entry: _Entry, version: int) -> bool:

@@ -160,8 +160,9 @@ class Learner:
             self.consumed.add(batch.consumes)
 
     def _drop_stale(self, batch: RolloutBatch) -> RolloutBatch:
-        """async mode: groups more than max_staleness versions behind are dropped (policy "drop") or kept for the
-        trainer's capped importance weights (policy "cap"). Groups of unknown version (Atropos) are kept."""
+        """Groups more than max_staleness versions behind (async mode; Atropos rows in both modes) are dropped
+        (policy "drop") or kept for the trainer's capped importance weights (policy "cap"). Groups of unknown
+        version are kept. A step that loses every group trains nothing: the learner waits for the next batch."""
         if self.max_staleness is None or self.stale_policy != "drop":
             return batch
         fresh = [g for g in batch.groups if not too_stale(g, self.trainer.version, self.max_staleness)]
