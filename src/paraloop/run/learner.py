@@ -99,6 +99,7 @@ class Learner:
         self.stale_policy = stale_policy
         self.ranks = ranks  # run/ranks.Coordinator in a distributed run: the ranks decide each step together
         self.consumed = consumed  # journal groups trained or dropped so far (None: the source keeps no journal)
+        self._dropped_untrained = 0  # groups of batches that lost every group: reported with the next step
         self._state = anyio.Lock()  # the trainer and what checkpoints keep with it change together
         control.snapshot = self.checkpoint_now if ranks is None else ranks.request_snapshot
 
@@ -178,6 +179,7 @@ class Learner:
         self.status.dropped_stale += batch.dropped_stale  # dropped upstream (the rollout buffer)
         batch = self._drop_stale(batch)
         if not batch.groups:
+            self._dropped_untrained += batch.dropped_stale
             self.control.no_step()
             async with self._state:
                 self._record(batch)  # its groups are consumed: dropped
@@ -188,7 +190,8 @@ class Learner:
         step, version = self.trainer.step_count, self.trainer.version
         self.status.record_rollouts(batch, step, version)  # before StepFinished: the monitor logs them with it
         metrics = dict(result.metrics)
-        metrics["dropped_stale"] = float(batch.dropped_stale)
+        metrics["dropped_stale"] = float(batch.dropped_stale + self._dropped_untrained)
+        self._dropped_untrained = 0
         metrics.update(batch.metrics)  # how the batch was formed (dynamic sampling)
         if batch.source_step is not None:
             metrics["source_step"] = float(batch.source_step)
