@@ -109,7 +109,7 @@ def test_batches_arrive_translated_counting_our_steps_and_the_servers(tmp_path):
             env_id = await register_env(url)
             for tag in (1, 2, 3, 4):  # two full batches before the next /batch: built by one call
                 await call(url, "/scored_data", group(tag, env_id=env_id))
-            batches = [b async for b in client.batches()]  # ends by itself after total_steps
+            batches = await take(client, 2)
             status = client.status()
         assert [b.source for b in batches] == ["atropos", "atropos"]
         # One /batch call advanced the server by both batches at once and handed the newest first.
@@ -118,13 +118,16 @@ def test_batches_arrive_translated_counting_our_steps_and_the_servers(tmp_path):
         g = batches[1].groups[0]
         assert g.tokens == [[1, 5, 6, 7], [1, 5, 8]] and g.masks == [[-100, -100, 6, 7], [-100, -100, 8]]
         assert g.inference_logprobs == [[1.0, 1.0, -0.5, -0.25], [1.0, 1.0, -2.0]] and g.env_id == env_id
-        assert status["own_step"] == 2 and status["server_step"] == 2 and status["state"] == "done"
+        assert status["own_step"] == 2 and status["server_step"] == 2
         assert status["per_env"] == {"0": {"groups": 4, "rejected": 0, "sequences": 8}}
 
     asyncio.run(scenario())
 
 
-def test_a_resumed_run_registers_at_its_step_and_stops_at_total_steps(tmp_path):
+def test_a_resumed_run_registers_at_its_step_and_fetches_past_total_steps_while_asked(tmp_path):
+    """The learner, not the count of batches fetched, ends a run: a batch whose groups were all dropped as stale
+    trained no step, so the client must fetch past total_steps (a client that stopped ended the run early)."""
+
     async def scenario():
         async with running_api() as (_, url):
             client = make_client(url, tmp_path, total_steps=6, starting_step=5)
@@ -132,8 +135,9 @@ def test_a_resumed_run_registers_at_its_step_and_stops_at_total_steps(tmp_path):
             assert (await call(url, "/status"))["current_step"] == 5
             for tag in (1, 2, 3, 4):
                 await call(url, "/scored_data", group(tag, env_id=None))
-            batches = [b async for b in client.batches()]
-        assert len(batches) == 1 and client.status()["own_step"] == 6
+            batches = await take(client, 2)
+        assert [b.source_state for b in batches] == [{"atropos_step": 6}, {"atropos_step": 7}]
+        assert client.status()["own_step"] == 7
 
     asyncio.run(scenario())
 
@@ -178,7 +182,7 @@ def test_malformed_groups_are_rejected_with_a_log_line_and_counted(tmp_path, cap
             for body in posts:
                 await call(url, "/scored_data", {**body, "env_id": env_id})
             with caplog.at_level(logging.WARNING, logger="paraloop.atropos"):
-                batches = [b async for b in client.batches()]
+                batches = await take(client, 3)
             return batches, client.status()
 
     batches, status = asyncio.run(scenario())

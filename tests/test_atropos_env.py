@@ -98,6 +98,8 @@ async def batches_from_real_env(procs: ProcessGroup, *, server_port: int, model_
     async with asyncio.timeout(90):
         async for batch in client.batches():
             batches.append(batch)
+            if len(batches) == STEPS:
+                break
     assert env.returncode is None, "the environment process died"
     return batches, client.status()
 

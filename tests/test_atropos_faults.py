@@ -126,7 +126,7 @@ async def fetch_one(api: FakeApi, tmp_path) -> tuple[list, dict, float]:
                                checkpoint_dir=str(tmp_path), vocab_size=VOCAB)
         start = time.monotonic()
         async with asyncio.timeout(DEADLINE):
-            batches = [b async for b in client.batches()]
+            batches = [await anext(aiter(client.batches()))]
         return batches, client.status(), time.monotonic() - start
     finally:
         await runner.cleanup()

@@ -62,9 +62,9 @@ def test_the_index_is_bounded_and_forgets_the_oldest_first():
         ServedIndex(0)
 
 
-def test_atropos_rows_get_their_staleness_measured_and_the_policy_acts_in_async_mode():
+def test_staleness_applies_to_atropos_rollouts_in_both_modes():
     atropos = {"api_url": "http://localhost:8001"}
-    assert not RLTrainingConfig(atropos=atropos).staleness_applies  # sync mode: reported, not acted on (yet)
+    assert RLTrainingConfig(atropos=atropos).staleness_applies  # sync mode too: environments generate ahead
     assert RLTrainingConfig(atropos=atropos, mode="async").staleness_applies
     assert RLTrainingConfig(mode="async").staleness_applies and not RLTrainingConfig().staleness_applies
     index = ServedIndex(4)

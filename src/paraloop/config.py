@@ -384,13 +384,14 @@ class RLTrainingConfig(Section):
     """Seed of the LoRA initialisation, of dropout (drawn from (seed, step)) and of the mock environment's prompts
     and sampling (from (seed, group index)). The rollout buffer's order does not depend on it."""
     mode: Literal["sync", "async"] = "sync"
-    """sync: rollouts wait while the learner steps (strictly on-policy). async: generation may overlap training;
+    """sync: rollouts wait while the learner steps (strictly on-policy with the mock environment; Atropos
+    environments generate ahead, docs/architecture.md says what holds then). async: generation may overlap training;
     on the CPU backend it barely does (MLX throttles in-flight work process-wide; docs/benchmarks.md), so keep sync
     there."""
     max_staleness: int = Field(1, ge=0)
-    """Rollouts more than this many adapter versions old are handled by stale_policy, in async mode. Atropos rows'
-    versions come from the engine's index of served completions (atropos.served_index), so their staleness is
-    reported in both modes; in sync mode it is not yet acted on (docs/architecture.md, Sync and async)."""
+    """Rollouts more than this many adapter versions old are handled by stale_policy: in async mode, and for
+    Atropos rollouts in both modes (an environment generates ahead; their versions come from the engine's index of
+    served completions, atropos.served_index). Dropped groups train no step: more are fetched."""
     stale_policy: StalePolicy = "drop"
     """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
     buffer_priority: BufferPriority = "fifo"
@@ -431,14 +432,15 @@ class RLTrainingConfig(Section):
 
     @property
     def staleness(self) -> Staleness:
-        """The staleness policy the run acts on: max_staleness / stale_policy in async mode, none in sync mode. Not
-        yet on Atropos rollouts in sync mode: a distributed sync run whose step lost every group to the policy
-        ended early (tests/test_distributed_run.py)."""
-        return Staleness(self.max_staleness, self.stale_policy) if self.mode == "async" else Staleness()
+        """The staleness policy the run acts on: max_staleness / stale_policy in async mode, and on Atropos rollouts
+        in both modes (an environment generates ahead). The mock environment's sync rollouts are on-policy by
+        construction: none there."""
+        acts = self.mode == "async" or bool(self.atropos.api_url)
+        return Staleness(self.max_staleness, self.stale_policy) if acts else Staleness()
 
     @property
     def staleness_applies(self) -> bool:
-        """Whether max_staleness / stale_policy act at all (async mode)."""
+        """Whether max_staleness / stale_policy act at all."""
         return self.staleness.max_versions is not None
 
     @model_validator(mode="after")

@@ -37,7 +37,7 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--token-budget": ("rl_training.token_budget", int, "most tokens per micro-batch"),
     "--max-memory-gb": ("rl_training.max_memory_gb", float, "learner memory target (GiB)"),
     "--mode": ("rl_training.mode", str, "sync: generation waits for the learner; async: it overlaps"),
-    "--max-staleness": ("rl_training.max_staleness", int, "async: most versions a rollout may lag"),
+    "--max-staleness": ("rl_training.max_staleness", int, "most versions a rollout may lag (async; Atropos in both modes)"),
     "--seed": ("rl_training.seed", int, "random seed"),
     "--task": ("rl_training.mock.task", str, "mock environment task, module:function"),
     "--group-size": ("rl_training.mock.group_size", int, "mock environment completions per prompt"),

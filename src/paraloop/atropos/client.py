@@ -2,8 +2,10 @@
 
 In: an AtroposConfig (api_url, poll_interval, max_backoff, ...) and the run's shape (batch_size in sequences,
 token_budget, total_steps, checkpoint_dir, the step to start from). Out: `batches()`, an async iterator of
-messages.RolloutBatch (source="atropos", source_step = run-api's current_step when known) that ends after
-total_steps batches, counted from the starting step; `status()` for the status route.
+messages.RolloutBatch (source="atropos", source_step = run-api's current_step when known) for as long as the run
+asks: the learner ends the run after total_steps trained steps, and groups dropped as stale or rejected need more
+batches than that (environments stop at their own total_steps: run-api's num_steps, total_steps here, when theirs
+is -1). `status()` for the status route.
 
 Protocol facts this relies on (atroposlib 0.4.0 run-api, see docs/atropos.md):
 - POST /register needs every field of its Registration model; only the first registration sets the config.
@@ -178,8 +180,10 @@ class AtroposClient:
     # --- the rollout stream --------------------------------------------------------------------------------------------
 
     async def batches(self) -> AsyncIterator[RolloutBatch]:
-        """Yield one RolloutBatch per server batch until total_steps; never raises on network errors."""
-        while self._own_step < self.total_steps:
+        """Yield one RolloutBatch per server batch until the consumer stops asking; never raises on network errors.
+        Not bounded by total_steps: a batch whose groups are dropped (too stale, rejected) trains no step, so the
+        learner may need more batches than total_steps, and stopping here would end its run early."""
+        while True:
             if not self._registered:
                 await self.register()
             raw = self._pending.pop(0) if self._pending else await self._next_raw_batch()
@@ -188,7 +192,6 @@ class AtroposClient:
             batch = await self._translate(raw)
             if batch is not None:
                 yield batch
-        self._stats["state"] = "done"
 
     async def _next_raw_batch(self) -> Any:
         """One GET /batch: the batch, or None after waiting (empty queue, error, lost registration)."""

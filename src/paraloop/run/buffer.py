@@ -22,12 +22,15 @@ the same batches.
 """
 
 import itertools
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
 
 from paraloop.config import BufferPriority, Staleness, StalePolicy, check_choice
 from paraloop.messages import PROMPT_MASK, RolloutBatch, ScoredGroup
+
+log = logging.getLogger("paraloop.buffer")
 
 
 def too_stale(group: ScoredGroup, version: int, max_staleness: int | None) -> bool:
@@ -200,6 +203,9 @@ class RolloutBuffer:
             self._dropped(self._entries.pop(arrival).journal_id)
         self._counts["dropped_stale"] += len(stale)
         self._stale_since_take += len(stale)
+        if stale:
+            log.info("dropped %d rollout group(s) more than %d versions older than adapter %d: more are fetched",
+                     len(stale), self.staleness.max_versions, version)
         return len(stale)
 
     def _is_stale(self, entry: _Entry, version: int) -> bool:

@@ -99,6 +99,7 @@ class Learner:
         self.staleness = Staleness(max_staleness, stale_policy)
         self.ranks = ranks  # run/ranks.Coordinator in a distributed run: the ranks decide each step together
         self.consumed = consumed  # journal groups trained or dropped so far (None: the source keeps no journal)
+        self._dropped_untrained = 0  # groups of batches that lost every group: reported with the next step
         self._state = anyio.Lock()  # the trainer and what checkpoints keep with it change together
         control.snapshot = self.checkpoint_now if ranks is None else ranks.request_snapshot
 
@@ -160,8 +161,9 @@ class Learner:
             self.consumed.add(batch.consumes)
 
     def _drop_stale(self, batch: RolloutBatch) -> RolloutBatch:
-        """async mode: groups more than max_staleness versions behind are dropped (policy "drop") or kept for the
-        trainer's capped importance weights (policy "cap"). Groups of unknown version (Atropos) are kept."""
+        """Groups more than max_staleness versions behind (async mode; Atropos rows in both modes) are dropped
+        (policy "drop") or kept for the trainer's capped importance weights (policy "cap"). Groups of unknown
+        version are kept. A step that loses every group trains nothing: the learner waits for the next batch."""
         if not self.staleness.drops:
             return batch
         fresh = [g for g in batch.groups if not too_stale(g, self.trainer.version, self.staleness.max_versions)]
@@ -177,6 +179,7 @@ class Learner:
         self.status.dropped_stale += batch.dropped_stale  # dropped upstream (the rollout buffer)
         batch = self._drop_stale(batch)
         if not batch.groups:
+            self._dropped_untrained += batch.dropped_stale
             self.control.no_step()
             async with self._state:
                 self._record(batch)  # its groups are consumed: dropped
@@ -187,7 +190,8 @@ class Learner:
         step, version = self.trainer.step_count, self.trainer.version
         self.status.record_rollouts(batch, step, version)  # before StepFinished: the monitor logs them with it
         metrics = dict(result.metrics)
-        metrics["dropped_stale"] = float(batch.dropped_stale)
+        metrics["dropped_stale"] = float(batch.dropped_stale + self._dropped_untrained)
+        self._dropped_untrained = 0
         metrics.update(batch.metrics)  # how the batch was formed (dynamic sampling)
         if batch.source_step is not None:
             metrics["source_step"] = float(batch.source_step)

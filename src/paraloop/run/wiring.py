@@ -305,8 +305,9 @@ async def run_actors(
 
 
 def rollout_buffer(settings: Settings, ranks: Ranks | None) -> RolloutBuffer:
-    """The fetcher's buffer. Sync mode is strictly on-policy: groups that dynamic sampling drew beyond a batch are
-    dropped at the next version, never trained on by the one after."""
+    """The fetcher's buffer. Sync mode with the mock environment is strictly on-policy: groups that dynamic sampling
+    drew beyond a batch are dropped at the next version, never trained on by the one after. Atropos rows, which
+    environments generate ahead, answer to max_staleness / stale_policy in both modes."""
     rl = settings.rl_training
     staleness = rl.staleness
     if staleness.max_versions is None and rl.dynamic_sampling:
