@@ -102,7 +102,7 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags["--openai.base_url"] == "http://127.0.0.1:8123/v1"
     assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(tmp_path / "model")
-    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "7"
+    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "14"  # twice the run's steps: room for groups dropped as stale
     assert argv[-2:] == ["--env.group_size", "4"]  # the user's flags come last, so they win
 
 

@@ -121,6 +121,12 @@ class Plan:
     eval_dir: Path | None = None  # [eval]: each environment's evaluate_log writes under eval_dir/<script>
 
 
+ENV_STEPS_HEADROOM = 2
+"""Environments are told to queue this many times the run's steps: groups the run drops as stale (max_staleness)
+count against an environment's total_steps too (run-api counts the batches it hands out), and the run fetches until
+it has trained total_steps. What is left unfetched when the run ends costs nothing: launch stops every child then."""
+
+
 def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
     from paraloop.config import load_config  # pydantic is slow to import; --help stays fast
     from paraloop.flags import overrides_from_args
@@ -153,7 +159,7 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
         "--env.rollout_server_url", api_url,
         "--env.tokenizer_name", str(model_dir),
         "--env.use_wandb", "false",
-        "--env.total_steps", str(settings.rl_training.total_steps),
+        "--env.total_steps", str(ENV_STEPS_HEADROOM * settings.rl_training.total_steps),
         "--openai.server_type", args.server_type,
         "--openai.model_name", settings.server.served_model_name or Path(str(settings.model.base_path)).name,
         "--openai.tokenizer_name", str(model_dir),
@@ -230,10 +236,16 @@ async def supervise(procs: ProcessGroup, plan: Plan, *, start_timeout: float, en
     """Start everything, then wait: `paraloop run` ending ends the launch with its exit code; run-api or an
     environment failing ends it with 1. An environment that finishes cleanly (its total_steps are queued) does not."""
     await start_all(procs, plan, start_timeout=start_timeout, env_defaults=env_defaults)
+    running = len(plan.env_scripts)
     while True:
         name, code = await procs.wait_any()
         if name.startswith("env") and code == 0:
             procs.say("launch", f"{name} finished (exit code 0); paraloop goes on with what is queued")
+            running -= 1
+            if not running:
+                procs.say("launch", "every environment has finished: if paraloop waits for batches, none will come "
+                          "(its steps dropped more groups than --env.total_steps left room for); stop it with "
+                          "Ctrl-C (a final checkpoint is written) and give the environments more steps after --")
             continue
         procs.say("launch", f"{name} exited with code {code}: stopping every child")
         return code if name == "paraloop" else max(1, code)
