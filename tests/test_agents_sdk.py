@@ -8,7 +8,7 @@ SDK then resets tool_choice to "auto" (its default), the model answers text, and
 import json
 
 import anyio
-from test_http_serve import Serve
+from support.serving import Serve
 
 from agents import (
     Agent,

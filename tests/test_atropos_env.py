@@ -1,4 +1,4 @@
-"""A real Atropos environment process (tests/atropos_env.py, atroposlib's BaseEnv + ManagedServer, server type vllm)
+"""A real Atropos environment process (tests/scripts/atropos_env.py, atroposlib's BaseEnv + ManagedServer, server type vllm)
 feeding AtroposClient through the real run-api, its /generate calls answered by a recording stub or `paraloop serve`.
 
 What must hold: every sequence is prompt + generated tokens exactly as the inference server returned them, masks are
@@ -24,7 +24,7 @@ from paraloop.config import AtroposConfig
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
 RUN_API, ENV_PYTHON = VENV / "bin" / "run-api", VENV / "bin" / "python"
-ENV_SCRIPT = Path(__file__).with_name("atropos_env.py")
+ENV_SCRIPT = Path(__file__).with_name("scripts") / "atropos_env.py"
 BATCH_SIZE, GROUP_SIZE, STEPS = 4, 2, 2
 
 pytestmark = [

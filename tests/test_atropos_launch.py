@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from support import free_port
 from paraloop.atropos.launch import ProcessGroup, env_argv, make_plan, parse_args
 

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import Lines, run, running
+from support.procs import Lines, run, running
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
-SCRIPT = Path(__file__).with_name("atropos_multiturn.py")
+SCRIPT = Path(__file__).with_name("scripts") / "atropos_multiturn.py"
 TURNS = 3
 
 pytestmark = [pytest.mark.atropos, pytest.mark.timeout(240)]  # conftest: fails without the Atropos venv

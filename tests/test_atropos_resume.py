@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from conftest import ATROPOS_VENV
 from paraloop.checkpoint import read_checkpoint
 import support
 from support import free_port, scored_data, until_blocking, wait_for_server
-from test_run import RUN_ENV, finish, read_metrics
+from support.runs import RUN_ENV, finish, read_metrics
 
 pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
 DEADLINE_S = 90

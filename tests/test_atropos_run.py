@@ -1,4 +1,4 @@
-"""End to end: `paraloop launch-atropos` runs the real run-api, a real environment (tests/atropos_env.py) and
+"""End to end: `paraloop launch-atropos` runs the real run-api, a real environment (tests/scripts/atropos_env.py) and
 `paraloop run` on the tiny model; paraloop trains N steps from the environment's batches and everything stops."""
 
 import contextlib
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
-ENV_SCRIPT = Path(__file__).with_name("atropos_env.py")
+ENV_SCRIPT = Path(__file__).with_name("scripts") / "atropos_env.py"
 
 pytestmark = [pytest.mark.atropos, pytest.mark.timeout(300)]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from paraloop.blas import CANDIDATES
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
-import procs
+from support import procs
 
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 from paraloop.checkpoint import (

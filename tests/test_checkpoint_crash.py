@@ -10,7 +10,7 @@ from pathlib import Path
 
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 
-import procs
+from support import procs
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
 KILLS = 15

@@ -3,7 +3,7 @@ to enable the tests, and PARALOOP_CHROMIUM wins (and must exist)."""
 
 import pytest
 
-import chromium
+from support import chromium
 
 
 def test_a_snap_stub_is_passed_over_and_a_real_executable_found(tmp_path, monkeypatch):

@@ -22,9 +22,9 @@ from paraloop.learn import Trainer
 from paraloop.lora import AdapterSlots, adapter_config, apply_adapter, save_adapter
 from paraloop.model import is_quantized, load_model, twin
 from paraloop.tools import convert_adapter
-from compute_paths import LOGPROB_TOL, SAME_FUNCTION_TOL, assert_within, max_gap
-from test_engine import make_engine, prompts, reference_logprobs, request, serve
-from test_learn_trainer import random_batch
+from support.compute_paths import LOGPROB_TOL, SAME_FUNCTION_TOL, assert_within, max_gap
+from support.engines import make_engine, prompts, reference_logprobs, request, serve
+from support.trainers import random_batch
 
 BF16_LOGPROB_TOL = LOGPROB_TOL["quantized-bfloat16"]
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from paraloop.config import ConfigError, Settings, load_config, to_toml
 from paraloop.config_command import render_docs
 from paraloop.flags import add_config_flags, overrides_from_args

@@ -1,5 +1,5 @@
 """The dashboard in a real browser: Chromium or Chrome driven by Playwright (no browser download; where it is found,
-or why the tests are skipped: tests/chromium.py, PARALOOP_CHROMIUM).
+or why the tests are skipped: tests/support/chromium.py, PARALOOP_CHROMIUM).
 
 One browser for the module. A tiny-model `paraloop run` with a control token: the page asks for the token, refuses a
 wrong one, then shows curves that gain a point after a learner step, the latest rollouts, and drives pause / step /
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-import procs
-from chromium import find_chromium
+from support import procs
+from support.chromium import find_chromium
 from support import wait_for_server
-from test_run import call, finish, paraloop_run
+from support.runs import call, finish, paraloop_run
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "device-check.sh"

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from paraloop.checkpoint import read_checkpoint
 from paraloop.distributed import digest
 from support import until_blocking
-from test_run import call, read_metrics
+from support.runs import call, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
@@ -106,11 +106,14 @@ def meet_again(url: str, collectives: int = 10) -> None:
 def test_ring_trainer_equals_one_process_on_the_same_batches(tiny_model_path, tmp_path):
     """Each rank makes its part of every batch; the parts are exchanged as a run does; the adapters after the
     steps are bitwise equal on both ranks and within 1e-5 of one process stepping through the whole batches."""
-    from test_distributed_trainer import CASES
+    from support.trainers import CASES
 
     hostfile = ring_hostfile(tmp_path / "hosts.json")
-    cmd = [sys.executable, "distributed_trainer_script.py", str(tiny_model_path), *CASES]
-    ranks = [start(cmd, REPO / "tests", MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile)) for r in range(2)]
+    cmd = [sys.executable, str(REPO / "tests" / "scripts" / "distributed_trainer_script.py"), str(tiny_model_path),
+           *CASES]
+    tests_path = os.pathsep.join(filter(None, [str(REPO / "tests"), ENV.get("PYTHONPATH")]))  # for `support`
+    ranks = [start(cmd, REPO / "tests", MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), PYTHONPATH=tests_path)
+             for r in range(2)]
     try:
         outs = [p.communicate(timeout=240) for p in ranks]
     finally:
@@ -219,7 +222,7 @@ ATROPOS_VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropo
 
 @pytest.mark.atropos
 def test_atropos_batches_come_to_rank_0_and_both_ranks_serve_and_train(tiny_model_path, tmp_path):
-    """run-api, a real environment (tests/atropos_env.py) configured with both ranks' /generate as its servers,
+    """run-api, a real environment (tests/scripts/atropos_env.py) configured with both ranks' /generate as its servers,
     and two ranks: rank 0 alone registers and fetches, both train every batch, both engines serve generations."""
     from paraloop.run.launch import free_ports
 
@@ -263,7 +266,7 @@ checksum_interval = 1
         children += [start([sys.executable, "-m", "paraloop", "run", str(config), "--no-plot"], MLX_RANK=str(r),
                            MLX_HOSTFILE=str(hostfile)) for r in range(2)]
         rank_files(run_dir, children[1:])
-        children.append(start([str(ATROPOS_VENV / "bin" / "python"), str(REPO / "tests" / "atropos_env.py"), "serve",
+        children.append(start([str(ATROPOS_VENV / "bin" / "python"), str(REPO / "tests" / "scripts" / "atropos_env.py"), "serve",
                                "--config", str(env_config)], HF_HUB_OFFLINE="1", WANDB_MODE="disabled"))
         for r in (1, 2):
             code, err = finish(children[r], timeout=240)

@@ -20,7 +20,7 @@ from paraloop.distributed import digest, pack_tree, share, unpack_tree
 from paraloop.learn import Trainer
 from paraloop.lora import adapter_config
 from paraloop.model import twin
-from test_learn_trainer import base, make_config, random_batch  # noqa: F401 (fixture)
+from support.trainers import CASES, make_config, random_batch
 
 DEADLINE_S = 120
 
@@ -58,12 +58,12 @@ class ThreadRanks:
         return out
 
 
-def new_trainer(base, config) -> Trainer:  # noqa: F811
+def new_trainer(base, config) -> Trainer:
     model = twin(base)
     return Trainer(model, config=config, adapter_config=adapter_config(config.lora, model))
 
 
-def train_on_ranks(base, config, batches, size: int):  # noqa: F811
+def train_on_ranks(base, config, batches, size: int):
     """Every rank's trainer steps through `batches` on its own thread; returns [(adapter, optimizer, metrics)]."""
     shared = {"barrier": threading.Barrier(size), "slots": [None] * size}
     results, errors = [None] * size, []
@@ -93,25 +93,11 @@ def train_on_ranks(base, config, batches, size: int):  # noqa: F811
     return results
 
 
-def single(base, config, batches):  # noqa: F811
+def single(base, config, batches):
     trainer = new_trainer(base, config)
     metrics = [trainer.step(b).metrics for b in batches]
     return ({k: np.array(v) for k, v in trainer.adapter().items()},
             {k: np.array(v) for k, v in trainer.state()["optimizer"].items()}, metrics)
-
-
-CASES = {
-    "token-mean": {},
-    "seq-mean-token-mean": {"loss_aggregation": "seq-mean-token-mean"},
-    "dr-grpo": {"loss_aggregation": "seq-mean-token-sum-norm", "scale_rewards": "none"},
-    "kl-batch-scale-epochs": {"kl_beta": 0.1, "kl_estimator": "k3", "ref_ema": 0.9, "scale_rewards": "batch",
-                              "update_epochs": 2, "entropy_weight": 0.01},
-    "reinforce-clip-high": {"algorithm": "reinforce", "max_grad_norm": 0.05},
-    # Rows carry engine log-probs ~1 nat from the model's: the mask rejects some tokens on each rank, and the
-    # recomputed denominators count every rank's rejections.
-    "token-mask-seq-mean": {"importance_cap": 1.5, "importance_mode": "mask", "loss_aggregation": "seq-mean-token-mean",
-                            "inference": True},
-}
 
 
 # After 3 AdamW steps. The mask case rejects ~60% of the tokens: gradients sparser and smaller, whose normalised
@@ -120,7 +106,7 @@ ADAPTER_ATOL = {"token-mask-seq-mean": 3e-5}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_and_three_ranks_make_the_single_process_update(base, case):  # noqa: F811
+def test_two_and_three_ranks_make_the_single_process_update(base, case):
     options = dict(CASES[case])
     inference = options.pop("inference", False)
     config = make_config(**{"kl_beta": 0.0, "token_budget": 64, **options})
@@ -144,7 +130,7 @@ def test_two_and_three_ranks_make_the_single_process_update(base, case):  # noqa
             assert all(np.array_equal(first[k], other[0][k]) for k in first)
 
 
-def test_a_rank_without_rows_still_joins_and_agrees(base):  # noqa: F811
+def test_a_rank_without_rows_still_joins_and_agrees(base):
     """More ranks than rows with trained tokens: the idle ranks add zero gradients, and every rank updates."""
     config = make_config(kl_beta=0.0)
     batch = random_batch(5, groups=1, size=2)

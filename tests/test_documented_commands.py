@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from support import free_port
 
 REPO = Path(__file__).resolve().parents[1]

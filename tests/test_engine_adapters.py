@@ -20,9 +20,9 @@ from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import save_config
 
-import test_engine
-from adapter_files import random_adapter
-from compute_paths import ADAPTER_ROWS_TOL, LOGPROB_TOL, assert_within, max_gap
+from support import engines
+from support.adapter_files import random_adapter
+from support.compute_paths import ADAPTER_ROWS_TOL, LOGPROB_TOL, assert_within, max_gap
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine, EngineBusy
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
@@ -65,7 +65,7 @@ def make_engine(model_path: Path, policy: Path | None, *, decode: str = "cpu", c
     return Engine(model, tokenizer, config=config, adapter=slots, **kwargs)
 
 
-serve = partial(test_engine.serve, deadline=60)
+serve = partial(engines.serve, deadline=60)
 
 
 def ask(tokens: list[int], adapter: str | None, *, rid: str = "r", **params: Any) -> GenerateRequest:

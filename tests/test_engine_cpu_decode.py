@@ -12,8 +12,8 @@ import anyio
 import mlx.core as mx
 import numpy as np
 import pytest
-from compute_paths import assert_within, max_gap
-from test_engine import reference_logprobs, request
+from support.compute_paths import assert_within, max_gap
+from support.engines import reference_logprobs, request
 
 from paraloop.config import EngineConfig
 from paraloop.engine import Engine

@@ -20,7 +20,7 @@ from paraloop.engine.worker import Handle, Insert, Stop, Swap
 from paraloop.lora import adapter_arrays
 from paraloop.messages import TokenEvent
 from support import until
-from test_engine import changed_adapter, make_engine, prompts, request
+from support.engines import changed_adapter, make_engine, prompts, request
 
 DEADLINE_S = 60  # the whole test; the tiny model decodes these rows in well under a second
 LONG = 500  # max_tokens of rows that only end by being cancelled or aborted (the engine's limit here: 512)

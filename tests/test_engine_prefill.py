@@ -10,7 +10,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from paraloop.engine.prefill import fork_cache
 from paraloop.model import load_model
-from compute_paths import CACHE_TOL, assert_within, max_gap
+from support.compute_paths import CACHE_TOL, assert_within, max_gap
 
 
 def prefill(model, tokens: list[int], *, step: int) -> list:

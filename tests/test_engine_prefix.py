@@ -11,9 +11,9 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 import anyio
 import mlx.core as mx
 import mlx.nn as nn
-from compute_paths import PREFIX_TOL, assert_within, max_gap
+from support.compute_paths import PREFIX_TOL, assert_within, max_gap
 from support import until
-from test_engine import ForwardLog, changed_adapter, reference_logprobs, request, serve
+from support.engines import ForwardLog, changed_adapter, reference_logprobs, request, serve
 
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine

@@ -23,17 +23,11 @@ from paraloop.learn.batch import collate
 from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.trainer import Trainer
 from paraloop.lora import AdapterSlots, adapter_config, attach_lora
-from paraloop.messages import PROMPT_MASK, Completion, GenerateRequest, RolloutBatch
+from paraloop.messages import PROMPT_MASK, RolloutBatch
 from paraloop.model import twin
+from support.episodes import EOS, ScriptedEngine, call, turn
 
 CALCULATOR = "paraloop.envs.calculator:calculator"
-EOS = 2  # the tiny model's <|im_end|>
-
-
-def turn(tokenizer: Any, text: str, *, eos: bool) -> Completion:
-    tokens = tokenizer.encode(text) + ([EOS] if eos else [])
-    return Completion(row=0, tokens=tokens, logprobs=[-0.5] * len(tokens), versions=[0] * len(tokens), text=text,
-                      finish_reason="stop" if eos else "length")  # fmt: skip
 
 
 # --- continuation ids ---------------------------------------------------------------------------------------------
@@ -91,10 +85,6 @@ def calc_sample(text: str, *, question: str = "What is 37 * 48 + 15?") -> Sample
     return Sample(prompt=prompt, text=text, finish_reason="stop")
 
 
-def call(expression: str) -> str:
-    return f'<tool_call>{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}</tool_call>'
-
-
 def test_the_calculator_evaluates_arithmetic_and_nothing_else():
     assert calculator.evaluate("37 * 48 + 15") == 1791 and calculator.evaluate("-(3 + 4) / 2") == -3.5
     for bad, why in [("2 ** 64", "only numbers"), ("__import__('os')", "only numbers"), ("1 / 0", "division"),
@@ -127,31 +117,6 @@ def test_the_reward_pays_for_the_right_final_answer():
 
 
 # --- episodes in the mock environment -------------------------------------------------------------------------------
-
-
-class ScriptedEngine:
-    """Answers turn t of row r with script[r][t - 1] (text, then EOS); records the requests."""
-
-    def __init__(self, tokenizer: Any, script: list[list[str]]) -> None:
-        self.tokenizer, self.script = tokenizer, script
-        self.requests: list[GenerateRequest] = []
-        self.version = 2
-
-    async def complete_many(self, requests: list[GenerateRequest]) -> list[list[Completion]]:
-        self.requests += requests
-        out = []
-        for request in requests:
-            rows = []
-            for i in range(request.n):
-                row, t = (i, 1) if "-turn" not in request.request_id else (
-                    int(request.request_id.split("-")[-2]), int(request.request_id.split("turn")[-1]))  # fmt: skip
-                c = turn(self.tokenizer, self.script[row][t - 1], eos=True)
-                rows.append(Completion(row=i, tokens=c.tokens, logprobs=[-0.1 * t] * len(c.tokens),
-                                       versions=[self.version + t] * len(c.tokens), text=c.text,
-                                       finish_reason="stop"))  # fmt: skip
-            out.append(rows)
-        await anyio.lowlevel.checkpoint()
-        return out
 
 
 def test_an_episode_is_one_sequence_trained_only_on_the_sampled_turns(tiny):

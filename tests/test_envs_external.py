@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from support import free_port
 from paraloop.envs.tasks import TINY_PROMPTS, Sample, capitals
 

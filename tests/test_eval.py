@@ -8,8 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-import procs
-from test_run import RUN_ENV, TINY_CONFIG, read_metrics, run_to_end
+from support import procs
+from support.runs import RUN_ENV, TINY_CONFIG, read_metrics, run_to_end
 
 from paraloop.config import ConfigError, load_config
 from paraloop.dashboard.sources import RunFiles
@@ -133,7 +133,7 @@ def test_evaluation_during_a_run_matches_a_standalone_paraloop_eval(tiny_model_p
 def test_a_multi_turn_task_is_evaluated_on_whole_episodes(tiny_model_path):
     """The calculator task's held-out questions: each sample plays its episode (tool result, then its answer) and
     the last turn is scored; a sample that answers at once is one turn."""
-    from test_envs_episodes import ScriptedEngine, call
+    from support.episodes import ScriptedEngine, call
 
     from paraloop.envs import calculator
     from paraloop.evaluation import evaluate

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import procs
+from support import procs
 from paraloop.envs.tasks import Sample, load_task
 
 REPO = Path(__file__).resolve().parents[1]

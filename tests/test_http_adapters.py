@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from adapter_files import random_adapter
-from http_harness import running_server
+from support.adapter_files import random_adapter
+from support.http_harness import running_server
 from paraloop.config import LoraConfig
 from paraloop.flags import settings_from_args
 from paraloop.serve import main
-from test_http_serve import Serve
+from support.serving import Serve
 
 CFG = LoraConfig(rank=4, keys="all", num_layers=-1, scale=2.0)
 GREEDY = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}

@@ -9,7 +9,7 @@ later request generate its tokens alone.
 import openai
 import pytest
 
-from http_harness import raw_request, running_server
+from support.http_harness import raw_request, running_server
 
 N, MAX_TOKENS = 2, 50_000
 IDLE_WITHIN_S = 10.0

@@ -5,10 +5,9 @@ import logging
 import pytest
 from aiohttp import web
 
-from http_harness import raw_request, running_server
+from support.http_harness import GOOD, assert_error, assert_still_serving, raw_request, running_server
 from paraloop.server import STATE
 
-GOOD = ("/v1/completions", {"prompt": "Hello", "max_tokens": 1})
 BIG = 4000  # max_tokens of a request that keeps the engine busy until it is cancelled
 
 
@@ -16,20 +15,6 @@ BIG = 4000  # max_tokens of a request that keeps the engine busy until it is can
 def server(tiny_model_path):
     with running_server(tiny_model_path) as s:
         yield s
-
-
-def assert_error(reply, status: int, param: str | None = None) -> dict:
-    assert reply.status_code == status, reply.text
-    assert reply.headers["content-type"].startswith("application/json")
-    error = reply.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert error["param"] == param
-    return error
-
-
-def assert_still_serving(server) -> None:
-    reply = server.post(*GOOD)
-    assert reply.status_code == 200, reply.text
 
 
 CHAT = "/v1/chat/completions"

@@ -1,6 +1,6 @@
 """Fuzzing every route of a real `paraloop run` (tiny model, mock environment) from its own /openapi.json.
 
-Thousands of generated requests (tests/fuzz_requests.py): bodies the document describes and bodies broken every
+Thousands of generated requests (tests/support/fuzz_requests.py): bodies the document describes and bodies broken every
 way, wrong methods, content types and paths, streaming requests, malformed HTTP. Each must be answered within a
 deadline and never with a 5xx; errors are OpenAI-shaped; afterwards the run still serves, trains one step on request
 and stops cleanly, and its peak RSS stayed within a bound of where it started. The counts and the peak RSS are
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-from fuzz_requests import FuzzRequest, requests
-import procs
+from support.fuzz_requests import FuzzRequest, requests
+from support import procs
 from support import served_port
 
 REPO = Path(__file__).resolve().parents[1]

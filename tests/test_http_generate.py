@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from http_harness import running_server
-import procs
+from support.http_harness import running_server
+from support import procs
 
 REPO = Path(__file__).resolve().parents[1]
 ATROPOS_PYTHON = REPO / ".venv-atropos" / "bin" / "python"

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from http_harness import raw_request, running_server
+from support.http_harness import raw_request, running_server
 from paraloop.run.control import LearnerControl, control_routes
 from paraloop.run.status import RunStatus
-from test_http_errors import assert_error, assert_still_serving
+from support.http_harness import assert_error, assert_still_serving
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]

@@ -3,7 +3,7 @@
 import openai
 import pytest
 
-from http_harness import running_server
+from support.http_harness import running_server
 from paraloop.lora import AdapterSlots, adapter_arrays
 from paraloop.server import STATE
 

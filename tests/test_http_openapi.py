@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from http_harness import running_server
+from support.http_harness import running_server
 from paraloop.run.control import LearnerControl, control_routes
 from paraloop.run.status import RunStatus
 from paraloop.server.openapi import BODIES, SUMMARIES, routes_of

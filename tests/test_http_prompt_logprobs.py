@@ -6,8 +6,8 @@ model's own forward pass over the prompt (a separate load, as test_http_serve do
 """
 
 import pytest
-from http_harness import running_server
-from test_http_serve import greedy_logprobs
+from support.http_harness import running_server
+from support.engines import greedy_logprobs
 
 from paraloop.model import load_model
 

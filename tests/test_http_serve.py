@@ -1,61 +1,17 @@
 """`paraloop serve` as a user runs it: a subprocess that serves until SIGINT/SIGTERM, or one error line and exit 2."""
 
-import http.client
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from paraloop.serve import main
-from procs import Lines, kill_group, spawn
 from support import free_port
-
-DEADLINE_S = 60  # generous: only bounds a hang, never asserted on
-
-
-class Serve:
-    """A running `python -m paraloop serve ...` in its own process group, its port read from the line it logs."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None, port: int = 0) -> None:
-        cmd = [sys.executable, "-m", "paraloop", "serve", "--port", str(port), *args]
-        self.proc = spawn(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
-        self.lines = Lines(self.proc.stderr)
-        self.port = port
-
-    def wait_serving(self) -> "Serve":
-        m = self.lines.expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=DEADLINE_S)
-        self.port = int(m.group(1))
-        return self
-
-    def __enter__(self) -> "Serve":
-        try:
-            return self.wait_serving() if self.port == 0 else self
-        except BaseException:
-            kill_group(self.proc)
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        kill_group(self.proc)  # a no-op after a clean stop; the whole group otherwise
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=DEADLINE_S)
-        try:
-            conn.request(method, path, body=json.dumps(body) if body is not None else None)
-            resp = conn.getresponse()
-            return resp.status, json.loads(resp.read())
-        finally:
-            conn.close()
-
-    def stop(self, sig: int) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=DEADLINE_S)
-
+from support.engines import greedy_logprobs
+from support.serving import DEADLINE_S, Serve
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_answers_until_a_signal_then_exits_0(tiny_model_path, sig):
@@ -88,15 +44,6 @@ def test_a_stream_in_flight_at_shutdown_ends_with_abort_and_exit_0(tiny_model_pa
     chunks = [json.loads(m) for m in re.findall(rb"data: (\{.*?\})\n\n", received)]
     finishes = [c["choices"][0]["finish_reason"] for c in chunks]
     assert sorted(f for f in finishes if f) == ["abort", "abort"]
-
-
-def greedy_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:
-    """log-softmax of the model's logits at each generated position, for the tokens given (temperature 1)."""
-    import mlx.core as mx
-
-    logits = model(mx.array(prompt + tokens[:-1])[None])[0].astype(mx.float32)[len(prompt) - 1 :]
-    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return logp[mx.arange(len(tokens)), mx.array(tokens)].tolist()
 
 
 def test_serve_answers_with_the_adapter_it_was_given(tiny_model_path, tmp_path):

@@ -14,7 +14,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from http_harness import running_server, sse_events
+from support.http_harness import running_server, sse_events
 
 USER = [{"role": "user", "content": "Answer in JSON."}]
 SCHEMA_FIELD = "response_format.json_schema.schema"
@@ -160,7 +160,7 @@ def test_streaming_logprobs_and_versions_come_with_constrained_answers(server):
 def test_constrained_logprobs_are_those_of_the_unconstrained_distribution(server, tiny_model_path):
     """Each reported log-prob is log_softmax(logits / T) over the whole vocabulary, as for any row (what the learner
     recomputes), not of the grammar-masked distribution the token was drawn from."""
-    from test_http_serve import greedy_logprobs
+    from support.engines import greedy_logprobs
 
     from paraloop.model import load_model
     from paraloop.server.prepare import chat_prompt

@@ -10,7 +10,7 @@ import json
 
 import jsonschema
 import pytest
-from http_harness import running_server, sse_events
+from support.http_harness import running_server, sse_events
 
 from paraloop.server.chat_rules import call_text
 

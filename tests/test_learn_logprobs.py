@@ -16,7 +16,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_learn_loss import (
+from support.loss_reference import (
     NORM,
     OPTIONS,
     B,
@@ -82,7 +82,7 @@ def inputs_with_hidden(seed: int):
     weight = rng.normal(0, 0.8, size=(V, D))
     logits = hidden @ weight.T
     # the old policy and the reference sit near the current one, as in test_learn_loss
-    from test_learn_loss import np_logprobs
+    from support.loss_reference import np_logprobs
 
     logp, _ = np_logprobs(logits, inp["targets"], inp["temperature"])
     inp["old_logp"] = logp + rng.normal(0, 0.3, size=(B, T))

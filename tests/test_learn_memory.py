@@ -12,7 +12,7 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_learn_trainer import make_config, make_trainer, random_batch
+from support.trainers import make_config, make_trainer, random_batch
 
 from paraloop.config import RLTrainingConfig
 from paraloop.learn.batch import collate

@@ -1,7 +1,7 @@
 """The Trainer on the tiny model: what trains, micro-batching, old/reference policies, skips, exact resume, learning.
 
 What goes through the base model's forward and backward (the LoRA step, micro-batching, the old-policy forward,
-exact resume) runs on the tiny 4-bit model once per `compute` path (compute_paths.py); the rest on float32."""
+exact resume) runs on the tiny 4-bit model once per `compute` path (support/compute_paths.py); the rest on float32."""
 
 import json
 import logging
@@ -13,20 +13,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from paraloop.config import LoraConfig, RLTrainingConfig
 from paraloop.learn import Trainer
 from paraloop.learn.batch import collate
-from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.optim import clip_by_norm, global_norm, learning_rate_at
-from paraloop.lora import adapter_config
 from paraloop.messages import RolloutBatch, ScoredGroup
-from paraloop.model import is_quantized, load_model, twin
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model_path):
-    model, _, _, _ = load_model(tiny_model_path)
-    return model
+from paraloop.model import is_quantized, load_model
+from support.trainers import make_config, make_trainer, random_batch, with_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -35,53 +27,6 @@ def q4_base(tiny_q4_model_path, compute):
     model, _, _, quantized = load_model(tiny_q4_model_path, compute=compute)
     assert quantized and is_quantized(model) == (compute == "quantized")
     return model
-
-
-def make_config(**overrides) -> RLTrainingConfig:
-    lora = {"rank": 4, "num_layers": 2, "dropout": 0.0, **overrides.pop("lora", {})}
-    return RLTrainingConfig(**{"learning_rate": 1e-3, **overrides}, lora=LoraConfig(**lora))
-
-
-def make_trainer(base, **overrides) -> Trainer:
-    config = make_config(**overrides)
-    learner = twin(base)
-    return Trainer(learner, config=config, adapter_config=adapter_config(config.lora, learner))
-
-
-def random_batch(seed: int, *, groups: int = 2, size: int = 4, inference: bool = False) -> RolloutBatch:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(groups):
-        tokens, masks, lps = [], [], []
-        for _ in range(size):
-            prompt, new = int(rng.integers(3, 7)), int(rng.integers(2, 14))
-            seq = rng.integers(3, 1000, size=prompt + new).tolist()
-            tokens.append(seq)
-            masks.append([-100] * prompt + seq[prompt:])
-            lps.append([1.0] * prompt + rng.uniform(-8.0, -6.0, size=new).tolist())
-        out.append(
-            ScoredGroup(
-                tokens=tokens,
-                masks=masks,
-                scores=rng.random(size).tolist(),
-                inference_logprobs=lps if inference else None,
-            )
-        )
-    return RolloutBatch(groups=out, source="test")
-
-
-def with_logprobs(batch: RolloutBatch, trainer: Trainer, *, field: str, shift: float = 0.0) -> RolloutBatch:
-    """The batch with `field` set to the learner's current eval-mode log-probs (+ shift) at trained positions."""
-    groups = []
-    for group in batch.groups:
-        tb = collate(RolloutBatch(groups=[group], source="test"))
-        logp, _ = forward_logprobs(
-            trainer.model, mx.array(tb.input_ids), mx.array(tb.targets), mx.array(tb.temperature)
-        )
-        logp = np.array(logp) + shift
-        rows = [[1.0] + logp[i, : len(t) - 1].tolist() for i, t in enumerate(group.tokens)]
-        groups.append(ScoredGroup(**{**{f: getattr(group, f) for f in group.__struct_fields__}, field: rows}))
-    return RolloutBatch(groups=groups, source="test")
 
 
 def arrays_np(arrays: dict) -> dict[str, np.ndarray]:

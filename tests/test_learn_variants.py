@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 import pytest
 from support import group
-from test_learn_trainer import make_config, make_trainer, random_batch, with_logprobs
+from support.trainers import make_config, make_trainer, random_batch, with_logprobs
 
 from paraloop.config import EngineConfig, LoraConfig, RLTrainingConfig
 from paraloop.engine import Engine

@@ -1,6 +1,6 @@
 """The learner's log-probs of tokens the engine sampled equal the engine's recorded log-probs at the same adapter
 version: this is what makes the ratio pi / pi_old mean what it says (ratio 1 on the first epoch of fresh rollouts).
-On the tiny 4-bit model, once per compute path (compute_paths.py)."""
+On the tiny 4-bit model, once per compute path (support/compute_paths.py)."""
 
 import anyio
 import mlx.core as mx
@@ -16,7 +16,7 @@ from paraloop.learn.trainer import Trainer
 from paraloop.lora import adapter_arrays, adapter_config, attach_lora
 from paraloop.messages import GenerateRequest, RolloutBatch, SamplingParams
 from paraloop.model import load_model, twin
-from compute_paths import PARITY_TOL, assert_within
+from support.compute_paths import PARITY_TOL, assert_within
 
 
 def engine_rollouts(engine_model, tokenizer, requests):

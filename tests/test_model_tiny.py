@@ -14,7 +14,7 @@ import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
 
-import procs
+from support import procs
 from paraloop.builders.tiny import build_tiny_model
 
 CHAT = [{"role": "user", "content": "What is 12 + 7?"}]

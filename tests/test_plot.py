@@ -3,7 +3,7 @@
 import json
 import sys
 
-import procs
+from support import procs
 from paraloop.plot import main, read_metrics
 
 

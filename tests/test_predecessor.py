@@ -179,7 +179,7 @@ def test_merge_fuses_a_predecessor_step_with_its_spellings(predecessor, tiny_mod
 
 
 def test_a_damaged_paraloop_checkpoint_is_never_taken_for_a_predecessor_one(tiny_model_path, tmp_path):
-    from test_tools import save_run, trained_model
+    from support.checkpoints import save_run, trained_model
 
     from paraloop.checkpoint import CheckpointError
     from paraloop.predecessor import is_predecessor_step, read_for_resume

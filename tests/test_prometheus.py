@@ -11,7 +11,7 @@ from paraloop.messages import AdapterSwapped, StepFinished
 from paraloop.run.control import run_families
 from paraloop.run.status import RunStatus
 from paraloop.server.metrics import Metrics
-from tests.http_harness import running_server
+from support.http_harness import running_server
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -73,7 +73,7 @@ def test_metrics_need_the_token_when_one_is_set(tiny_model_path):
 
 
 def test_a_client_that_hangs_up_mid_stream_is_counted_as_499(tiny_model_path):
-    from tests.http_harness import raw_request
+    from support.http_harness import raw_request
 
     with running_server(tiny_model_path) as server:
         sock = raw_request(server.port, "/v1/completions",

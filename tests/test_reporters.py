@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import procs
+from support import procs
 import pytest
 
 from paraloop.config import load_config

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-import procs
+from support import procs
 from paraloop.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def test_stopped_and_resumed_run_matches_uninterrupted_run(tiny_q4_model_path, c
 
 
 def test_run_continues_from_an_adapter_trained_by_mlx_lm_lora(tiny_model_path, tmp_path):
-    from test_checkpoint_mlx_lm import write_like_mlx_lm_lora
+    from support.checkpoints import write_like_mlx_lm_lora
 
     from paraloop.lora import load_adapter
 

@@ -1,69 +1,29 @@
 """`paraloop run` end to end on the tiny model: it learns, checkpoints, obeys /control, swaps under load, fails loudly.
 
-Learning and swapping under load run on the tiny 4-bit model with each compute path (compute_paths.py)."""
+Learning and swapping under load run on the tiny 4-bit model with each compute path (support/compute_paths.py)."""
 
 import asyncio
-import contextlib
-import json
-import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
 import pytest
 
-import procs
+from support import procs
 from support import wait_for_server
-from doc_tables import documented_keys
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny.toml"
-
-
-def run_cmd(model: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path", str(model),
-            "--run-dir", str(run_dir), "--port", "0", *extra]  # fmt: skip
-
+from support.doc_tables import documented_keys
+from support.runs import TINY_CONFIG, call, finish, paraloop_run, read_metrics, run_to_end
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ [A-Z]+ ")  # logs.FORMAT's lines
-RUN_ENV = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
-
-
-@contextlib.contextmanager
-def paraloop_run(model: Path, run_dir: Path, *extra: str) -> Iterator[subprocess.Popen]:
-    """`paraloop run` in its own process group, killed with everything it started when the block is left."""
-    with procs.running(run_cmd(model, run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       env=RUN_ENV) as proc:  # fmt: skip
-        yield proc
-
-
-def run_to_end(model: Path, run_dir: Path, *extra: str, timeout: float = 180, log: str = "warning"
-               ) -> subprocess.CompletedProcess:
-    return procs.run(run_cmd(model, run_dir, *extra), timeout=timeout, env={**RUN_ENV, "PARALOOP_LOG": log})
-
-
 COMPUTED_AS = {"dequantized": "expanded to float32 at load", "quantized": "kept quantized: MLX's quantized kernels"}
-
-
-def call(url: str, method: str = "GET", body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def text(url: str, token: str | None = None) -> str:
@@ -78,20 +38,6 @@ def wait_status(base: str, token: str | None, predicate: Callable[[dict], bool],
         assert time.monotonic() < deadline, f"status never matched: {status}"
         time.sleep(0.05)
     return status
-
-
-def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        procs.kill_group(proc)
-        out, err = proc.communicate()
-        raise AssertionError(f"paraloop run did not finish in {timeout}s: {err[-3000:]}") from None
-    return proc.returncode, out, err
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def test_run_learns_checkpoints_and_exits_zero(tiny_q4_model_path, compute, tmp_path):

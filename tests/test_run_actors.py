@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
-from run_fakes import FakeEngine, FakeTrainer, FeedSource, InlineThread, LORA_CONFIG, batch, tags
+from support.run_fakes import FakeEngine, FakeTrainer, FeedSource, InlineThread, LORA_CONFIG, batch, tags
 from support import group, until
 
 from paraloop.checkpoint import read_checkpoint, write_checkpoint

@@ -20,15 +20,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-import procs
+from support import procs
 import pytest
 from support import free_port, wait_for_server
-from test_run import TINY_CONFIG, call, read_metrics
+from support.runs import TINY_CONFIG, call, read_metrics
 
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-HOOKED = Path(__file__).with_name("hooked_run.py")
+HOOKED = Path(__file__).with_name("scripts") / "hooked_run.py"
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
 RUN_API = VENV / "bin" / "run-api"
 needs_run_api = pytest.mark.atropos  # without the venv: fails in make test (tests/conftest.py)

@@ -6,7 +6,7 @@ import logging
 import os
 
 import pytest
-from run_fakes import batch, tags
+from support.run_fakes import batch, tags
 
 from paraloop.run.fetcher import _journal
 from paraloop.run.journal import Consumed, Journal

@@ -4,7 +4,7 @@ capped importance weights, and full-weight training (no LoRA)."""
 import numpy as np
 
 from paraloop.checkpoint import read_checkpoint
-from test_run import read_metrics, run_to_end
+from support.runs import read_metrics, run_to_end
 
 
 def test_async_with_stale_policy_cap_trains_on_stale_rollouts_with_capped_weights(tiny_model_path, tmp_path):

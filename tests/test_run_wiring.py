@@ -9,7 +9,7 @@ import time
 import aiohttp
 import anyio
 import pytest
-from run_fakes import FakeEngine, FakeTrainer, FeedSource, batch, parts, settings
+from support.run_fakes import FakeEngine, FakeTrainer, FeedSource, batch, parts, settings
 from support import until
 
 from paraloop import checkpoint

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from http_harness import running_server
-import procs
+from support.http_harness import running_server
+from support import procs
 from support import served_port
 from paraloop.run.control import LearnerControl, control_routes
 from paraloop.run.status import RunStatus

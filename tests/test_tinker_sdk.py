@@ -24,7 +24,7 @@ import pytest
 import tinker
 from tinker import types
 
-from tests import procs
+from support import procs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -338,9 +338,8 @@ def test_every_loss_fn_through_the_sdk(service: tinker.ServiceClient, tinker_ser
                                        config: dict | None) -> None:  # fmt: skip
     """loss:sum over the wire (protobuf both ways, loss_fn_config included) equals the float64 reference evaluated on
     the target log-probs the same call returns (tests/test_tinker_losses.py checks the gradients)."""
-    from tests.test_tinker_losses import inputs_for, reference
-
     from paraloop.tinker.losses import resolve_config
+    from support.tinker_losses import inputs_for, reference
 
     tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
     lps = [forward_logprobs(tc, s).astype(np.float64) for s in SEQUENCES]

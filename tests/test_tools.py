@@ -7,18 +7,17 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 
-import procs
-from compute_paths import LOGPROB_TOL
+from support import procs
+from support.compute_paths import LOGPROB_TOL
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 from paraloop.checkpoint import write_checkpoint, write_initial_adapter
-from paraloop.config import LoraConfig
-from paraloop.lora import adapter_arrays, adapter_config, attach_lora, load_adapter
+from paraloop.lora import adapter_arrays, load_adapter
 from paraloop.model import is_quantized, load_model
 from paraloop.tools import convert_adapter, merge, show_checkpoint
+from support.checkpoints import save_run, trained_model
 
 PROMPT = (
     "The capital of France is Paris. The morning was cold and clear, and the river ran fast under the old"
@@ -36,39 +35,6 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
     )
     for fragment in fragments:
         assert fragment in stderr, stderr
-
-
-def trained_model(model_path: Path, *, seed: int = 0, compute: str = "quantized"):
-    """Base + a LoRA adapter with non-zero B (as after training), in eval mode: (model, tokenizer, config).
-    A quantized base keeps its quantized layers unless compute = "dequantized" (as mlx_lm.load does)."""
-    model, tokenizer, _, _ = load_model(model_path, compute=compute)
-    config = adapter_config(
-        LoraConfig(rank=4, num_layers=2, keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]),
-        model,
-    )
-    attach_lora(model, config, seed=1)
-    rng = np.random.default_rng(seed)
-    arrays = {
-        k: mx.array(rng.normal(0.0, 0.1, v.shape).astype(np.float32)) if k.endswith("lora_b") else v
-        for k, v in adapter_arrays(model).items()
-    }
-    model.load_weights(list(arrays.items()), strict=False)
-    model.eval()
-    return model, tokenizer, config
-
-
-def save_run(run: Path, model, config, *, steps=(1,), metrics=None) -> Path:
-    for step in steps:
-        path = write_checkpoint(
-            run,
-            step=step,
-            version=step,
-            adapter=adapter_arrays(model),
-            adapter_config=config,
-            optimizer_state={"step": mx.array(step)},
-            trainer_state={"metrics": metrics or {"loss": 1.0 / step, "reward_mean": 0.1 * step}},
-        )
-    return path
 
 
 def logits(model, tokenizer) -> mx.array:
@@ -138,7 +104,7 @@ def test_merge_of_a_4bit_base_requantizes_unless_dequantize(tiny_model_path, tin
     assert merge_cli(tiny_q4_model_path, step_dir, tmp_path / "f32", "--dequantize") == 0
     dequantized = load(tmp_path / "f32")
     assert "quantization" not in json.loads((tmp_path / "f32" / "config.json").read_text())
-    # W + dW in float32 is what the served model computed, on either path (compute_paths.py: LOGPROB_TOL)
+    # W + dW in float32 is what the served model computed, on either path (support/compute_paths.py: LOGPROB_TOL)
     assert mx.allclose(logits(dequantized, tokenizer), expected, atol=LOGPROB_TOL[compute]).item()
 
 

@@ -1,6 +1,18 @@
 """What many tests share: a free TCP port, waiting for a condition under a deadline, waiting for `paraloop run`
 to serve, a rollout group (and its wire form).
 
+The layout of tests/: `test_*.py` hold tests only, and no test module imports another. What several of them use
+lives here, one module per concern, imported as `support.<module>`: procs (child processes and their groups),
+runs (`paraloop run` as a subprocess), serving (`paraloop serve` as a subprocess), http_harness (an in-process
+server), engines, trainers, checkpoints, episodes, loss_reference and tinker_losses (float64 references),
+compute_paths and kernels (the numerics tests' tolerances and second BLAS kernel), run_fakes, fuzz_requests,
+doc_tables, hf_cache, adapter_files, chromium. conftest.py re-exports the one shared fixture (trainers.base).
+
+Programs the tests start as child processes live apart, in tests/scripts/, because they are not modules a test
+imports: two of them run under the Atropos venv's Python, which has neither paraloop nor this package's imports,
+and each is started by its path. One that needs this package (distributed_trainer_script.py) is given tests/ on
+its PYTHONPATH by the test that starts it.
+
 Wait for the event that makes a check true (`until`), never for a fixed time: a sleep followed by a check that
 something did *not* happen passes vacuously on a machine too slow for the thing to have happened yet.
 """

@@ -12,7 +12,7 @@ the actors downstream of it (publisher, evaluator, checkpointer, monitor) are th
 watchdog (run/watchdog.py) reports a part that has work but makes no progress; with [watchdog] stall_timeout it
 ends the run. Launched as one rank of several (docs/distributed.md), the ranks decide each step together
 (run/ranks.py); rank 0 alone writes checkpoints and metrics and evaluates. Tests drive `run_actors` on the fakes of
-tests/run_fakes.py.
+tests/support/run_fakes.py.
 """
 
 import json

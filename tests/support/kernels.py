@@ -5,8 +5,8 @@ holds only on one kernel's summation order fails here, not on a user's machine. 
 process: the name must come back from `openblas_get_corename()` and a matmul must run (a kernel whose instructions the
 CPU lacks dies of SIGILL, as SkylakeX does on an AVX2-only CPU). Prints nothing on macOS or without OpenBLAS.
 
-    python tests/kernels.py          # e.g. "Haswell" on a Zen or Skylake-X machine
-    python tests/kernels.py --own    # the kernel OpenBLAS picks here
+    python tests/support/kernels.py          # e.g. "Haswell" on a Zen or Skylake-X machine
+    python tests/support/kernels.py --own    # the kernel OpenBLAS picks here
 """
 
 import os

@@ -19,8 +19,7 @@ from paraloop.lora import adapter_config
 from paraloop.messages import RolloutBatch
 from paraloop.model import load_model, twin
 from paraloop.run.ranks import merge
-from test_distributed_trainer import CASES
-from test_learn_trainer import make_config, random_batch
+from support.trainers import CASES, make_config, random_batch
 
 STEPS = 2
 

@@ -2,7 +2,7 @@
 
 Runs under the atropos venv, never under paraloop's, and imports no paraloop code:
 
-    .venv-atropos/bin/python tests/atropos_multiturn.py MODEL_DIR PORT TURNS
+    .venv-atropos/bin/python tests/scripts/atropos_multiturn.py MODEL_DIR PORT TURNS
 
 Plays TURNS turns against the /generate of the server on 127.0.0.1:PORT exactly as a multi-turn environment does
 (the conversation grows by the assistant's reply and a user message each turn) and prints, as one JSON line, the

@@ -1,7 +1,8 @@
 """A real paraloop HTTP server for tests: the tiny model, the real Engine, aiohttp on 127.0.0.1 port 0.
 
 The engine and the server run in a background event loop (an anyio blocking portal), so tests are plain
-synchronous functions using ordinary clients (the official `openai` client, httpx, raw sockets).
+synchronous functions using ordinary clients (the official `openai` client, httpx, raw sockets). `assert_error` checks
+an error reply has the OpenAI shape and names the field; `assert_still_serving` that the server answers after it.
 """
 
 import http.client
@@ -140,3 +141,20 @@ def sse_events(response: Reply) -> list[Any]:
             payload = line[len("data: ") :]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+
+GOOD = ("/v1/completions", {"prompt": "Hello", "max_tokens": 1})
+
+
+def assert_error(reply, status: int, param: str | None = None) -> dict:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"].startswith("application/json")
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    return error
+
+
+def assert_still_serving(server) -> None:
+    reply = server.post(*GOOD)
+    assert reply.status_code == 200, reply.text

@@ -2,7 +2,7 @@
 
 Runs under the atropos venv (scripts/setup-atropos-venv.sh), never under paraloop's, and imports no paraloop code:
 
-    .venv-atropos/bin/python tests/atropos_env.py serve \
+    .venv-atropos/bin/python tests/scripts/atropos_env.py serve \
         --env.rollout_server_url http://127.0.0.1:8001 --env.tokenizer_name MODEL_DIR \
         --openai.base_url http://127.0.0.1:8000/v1 --openai.tokenizer_name MODEL_DIR --openai.model_name paraloop
 
