@@ -15,7 +15,7 @@ import anyio
 import numpy as np
 import pytest
 from aiohttp import web
-from run_fakes import LORA_CONFIG, FakeEngine, FakeTrainer, InlineThread, settings
+from support.run_fakes import LORA_CONFIG, FakeEngine, FakeTrainer, InlineThread, Run, settings
 from support import group as support_group
 
 from paraloop.atropos.client import AtroposClient
@@ -31,7 +31,6 @@ from paraloop.run.publisher import run_publisher
 from paraloop.run.ranks import Coordinator
 from paraloop.run.status import RunStatus
 from paraloop.run.wiring import Parts
-from test_run_wiring import Run
 
 DEADLINE = 30
 STEPS = 3

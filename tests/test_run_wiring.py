@@ -9,14 +9,12 @@ import time
 import aiohttp
 import anyio
 import pytest
-from support.run_fakes import FakeEngine, FakeTrainer, FeedSource, batch, parts, settings
+from support.run_fakes import FakeEngine, FakeTrainer, FeedSource, Run, batch, parts, settings
 from support import until
 
 from paraloop import checkpoint
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from paraloop.run.checkpointer import CheckpointFailed
-from paraloop.run.main import error_of
-from paraloop.run.wiring import run_actors
 from paraloop.run.watchdog import RunStalled
 
 DEADLINE = 30
@@ -30,34 +28,6 @@ async def get(port: int, path: str) -> tuple[int, dict]:
 async def post(port: int, path: str) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as session, session.post(f"http://127.0.0.1:{port}{path}") as resp:
         return resp.status, await resp.json()
-
-
-class Run:
-    """run_actors in a task group; `port` once HTTP serves, `status` at once, `error` if it raised."""
-
-    def __init__(self, config, the_parts) -> None:
-        self.config, self.parts = config, the_parts
-        self.port: int | None = None
-        self.statuses: list = []
-        self.error: BaseException | None = None
-        self.ended = anyio.Event()
-        self.exits: list[tuple[int, str]] = []
-
-    @property
-    def status(self):
-        return self.statuses[0]
-
-    async def __call__(self) -> None:
-        try:
-            await run_actors(self.config, self.parts, ready=self._ready, signals=False, status_out=self.statuses,
-                             hard_exit=lambda code, why: self.exits.append((code, why)))
-        except Exception as e:  # the test inspects it
-            self.error = error_of(e)
-        finally:
-            self.ended.set()
-
-    def _ready(self, port: int) -> None:
-        self.port = port
 
 
 def run(scenario) -> None:

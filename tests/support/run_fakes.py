@@ -17,7 +17,8 @@ from paraloop.config import Settings
 from support import group
 
 from paraloop.messages import AdapterSwapped, RolloutBatch
-from paraloop.run.wiring import Parts
+from paraloop.run.main import error_of
+from paraloop.run.wiring import Parts, run_actors
 
 LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 1,
                "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": ["q_proj"]}}
@@ -165,3 +166,31 @@ def settings(run_dir: Any, **sections: dict[str, Any]) -> Settings:
 def parts(trainer: FakeTrainer, engine: FakeEngine, source: FeedSource, **kw: Any) -> Parts:
     return Parts(trainer=trainer, thread=kw.pop("thread", InlineThread()), engine=engine, source=source,
                  source_status=source.status, adapter_config=LORA_CONFIG, **kw)
+
+
+class Run:
+    """run_actors in a task group; `port` once HTTP serves, `status` at once, `error` if it raised."""
+
+    def __init__(self, config, the_parts) -> None:
+        self.config, self.parts = config, the_parts
+        self.port: int | None = None
+        self.statuses: list = []
+        self.error: BaseException | None = None
+        self.ended = anyio.Event()
+        self.exits: list[tuple[int, str]] = []
+
+    @property
+    def status(self):
+        return self.statuses[0]
+
+    async def __call__(self) -> None:
+        try:
+            await run_actors(self.config, self.parts, ready=self._ready, signals=False, status_out=self.statuses,
+                             hard_exit=lambda code, why: self.exits.append((code, why)))
+        except Exception as e:  # the test inspects it
+            self.error = error_of(e)
+        finally:
+            self.ended.set()
+
+    def _ready(self, port: int) -> None:
+        self.port = port
