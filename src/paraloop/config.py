@@ -553,7 +553,7 @@ class DistillConfig(Section):
     teacher - student log-prob of each sampled token joins the advantage (learn/distill.py)."""
 
     teacher: str | None = None
-    """The teacher: a model directory (loaded once, scored on a thread of its own); an adapter on the same base
+    """The teacher: a model directory (loaded once, scored on the learner's thread); an adapter on the same base
     model (a run dir, a checkpoint dir, an adapter dir, or the name of a server.lora_modules adapter), co-served by
     the run's engine; or the base URL of an OpenAI-compatible server that returns prompt log-probs
     (`http://host:port/v1`: POST /completions with echo and logprobs). None: only Atropos groups that carry
