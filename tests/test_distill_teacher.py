@@ -201,3 +201,38 @@ def test_malformed_distill_arrays_reject_the_group(change, why):
     change(ids, lps)
     with pytest.raises(InvalidGroup, match=why):
         to_scored_group(wire_group(distill_token_ids=ids, distill_logprobs=lps))
+
+
+# --- a whole run -----------------------------------------------------------------------------------------------------
+
+
+def test_a_run_distils_from_an_adapter_teacher_and_reports_the_kl(tiny_model_path, teacher_adapter, tmp_path):
+    """`paraloop run` with [distill] teacher = an adapter dir: the engine co-serves it, every step's metrics carry
+    the teacher-student KL, and a teacher that cannot be found stops the run before it starts, naming the key."""
+    import json
+
+    from test_run import run_to_end
+
+    done = run_to_end(tiny_model_path, tmp_path / "run", "--steps", "2", "--no-plot", "--set",
+                      f"distill.teacher={teacher_adapter}", "--set", "distill.reward_weight=0")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "step" in line and "loss" in line]
+    assert len(steps) == 2
+    for line in steps:
+        assert line["distill_kl"] > 0 and line["distill_tokens"] > 0 and line["distill_rows_missing"] == 0
+    missing = run_to_end(tiny_model_path, tmp_path / "nope", "--steps", "1", "--no-plot", "--set",
+                         f"distill.teacher={tmp_path / 'absent'}")  # fmt: skip
+    assert missing.returncode != 0 and "distill.teacher" in missing.stderr
+
+
+def test_a_config_files_teacher_path_is_relative_to_the_file_and_a_url_or_name_stays(tmp_path):
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "configs").mkdir()
+    for teacher, expected in [("../runs/demo", str(tmp_path / "runs" / "demo")),
+                              ("http://127.0.0.1:8001/v1", "http://127.0.0.1:8001/v1"), ("tutor", "tutor")]:
+        path = tmp_path / "configs" / "c.toml"
+        path.write_text(f'[distill]\nteacher = "{teacher}"\n')
+        assert load_config(path).distill.teacher == expected
+    with pytest.raises(ValueError, match="temperature"):
+        load_config(None, {"distill": {"teacher": "http://h/v1", "temperature": 0.5}})
