@@ -36,11 +36,10 @@ def distill_advantages(
     distill_tokens and distill_rows_missing (rows of a batch with teacher scores that lack one of the two)."""
     rows = distilled_rows(tb)
     keep = tb.mask & ~tb.zero_advantage[:, None] & rows[:, None]
-    diff = np.clip(
-        tb.teacher_logprobs.astype(np.float64) - tb.inference_logprobs.astype(np.float64),
-        -LOG_RATIO_BOUND,
-        LOG_RATIO_BOUND,
-    ) if rows.any() else np.zeros(tb.mask.shape)  # fmt: skip
+    diff = np.zeros(tb.mask.shape)
+    if rows.any():  # (N, T) float64, bounded like every log-ratio of the loss
+        diff = np.clip(tb.teacher_logprobs.astype(np.float64) - tb.inference_logprobs, -LOG_RATIO_BOUND,
+                       LOG_RATIO_BOUND)  # fmt: skip
     adv = reward_weight * task.astype(np.float64) + weight * np.where(keep, diff, 0.0)
     metrics: dict[str, float] = {}
     if rows.any():
