@@ -588,6 +588,37 @@ class TinkerConfig(Section):
     """num_samples of one sample request."""
 
 
+class DistillConfig(Section):
+    """On-policy distillation (docs/training.md): a teacher scores the student's own samples and the per-token
+    teacher - student log-prob of each sampled token joins the advantage (learn/distill.py)."""
+
+    teacher: str | None = None
+    """The teacher: a model directory (loaded once, scored on the learner's thread); an adapter on the same base
+    model (a run dir, a checkpoint dir, an adapter dir, or the name of a server.lora_modules adapter), co-served by
+    the run's engine; or the base URL of an OpenAI-compatible server that returns prompt log-probs
+    (`http://host:port/v1`: POST /completions with echo and logprobs). None: only Atropos groups that carry
+    distill_token_ids / distill_logprobs are distilled."""
+    teacher_model: str | None = None
+    """The `model` a URL teacher is asked for (its served model or adapter name); None: the field is not sent."""
+    weight: float = Field(1.0, ge=0)
+    """Coefficient of the teacher term (teacher - student log-prob of the sampled token) in the advantage."""
+    reward_weight: float = Field(1.0, ge=0)
+    """Coefficient of the task reward's group advantage beside it; 0: distillation alone (the reward is then only
+    reported)."""
+    temperature: float = Field(1.0, gt=0)
+    """The teacher's logits are divided by this before the log-softmax (a model directory or adapter teacher). A URL
+    teacher and Atropos log-probs are used as sent: temperature must be 1 with a URL teacher."""
+    timeout_s: float = Field(120.0, gt=0)
+    """A URL teacher's answer time for one sequence; it is tried 3 times before the run ends with the error."""
+
+    @model_validator(mode="after")
+    def _url_temperature(self) -> "DistillConfig":
+        if self.teacher and self.teacher.startswith(("http://", "https://")) and self.temperature != 1.0:
+            raise ValueError("temperature applies to a model or adapter teacher: a URL teacher's log-probs are "
+                             "used as its server sends them (set temperature = 1)")
+        return self
+
+
 class Settings(BaseSettings):
     """The whole resolved configuration of one paraloop process."""
 
@@ -605,6 +636,7 @@ class Settings(BaseSettings):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
     tinker: TinkerConfig = Field(default_factory=TinkerConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-# (section, ..., key) -> kind: "path", "path_or_repo", "paths" (list), "path_values" (table), "task" (module:function)
+# (section, ..., key) -> kind: "path", "path_or_repo", "paths" (list), "path_values" (table), "task" (module:function),
+# "teacher" (a URL or a server.lora_modules name stays as it is; a path is joined when it exists there)
 PATH_KEYS: dict[tuple[str, ...], str] = {
     ("model", "base_path"): "path_or_repo",
     ("model", "lora_path"): "path",
@@ -22,6 +23,7 @@ PATH_KEYS: dict[tuple[str, ...], str] = {
     ("rl_training", "checkpoint_dir"): "path",  # the predecessor's spelling of checkpoint.dir
     ("rl_training", "mock", "task"): "task",
     ("eval", "task"): "task",
+    ("distill", "teacher"): "teacher",
 }
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -53,6 +55,11 @@ def _resolve(kind: str, value: Any, base: Path) -> Any:
         if not Path(joined).exists() and looks_like_repo_id(value):
             return value
         return f"./{joined}" if looks_like_repo_id(joined) else joined  # a path, never taken for a repo id later
+    if kind == "teacher":
+        if value.startswith(("http://", "https://")):
+            return value
+        joined = _join(base, value)
+        return joined if Path(joined).exists() or "/" in value or os.sep in value else value
     if kind == "task":  # only the file form `path/to/file.py:function`; a module name is imported as it is
         module, sep, attr = value.rpartition(":")
         if sep and (module.endswith(".py") or "/" in module or os.sep in module):

@@ -125,6 +125,10 @@ class ScoredGroup(Msg):
     group_overrides: dict[str, Any] | None = None
     env_id: int | None = None
     versions: list[int] | None = None  # oldest adapter version per sequence (known for mock rollouts)
+    # Per token: the distillation teacher's log-prob of the token ([distill], learn/distill.py), aligned like
+    # inference_logprobs (placeholders at prompt positions). From the configured teacher, or from an Atropos
+    # group's distill_token_ids / distill_logprobs. None: not scored.
+    teacher_logprobs: list[list[float]] | None = None
 
 
 class RolloutBatch(Msg):

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from paraloop.learn.batch import validate_group
+from paraloop.learn.distill import teacher_logprob_of
 from paraloop.messages import PROMPT_MASK, ScoredGroup
 
 logger = logging.getLogger("paraloop.atropos")
@@ -22,6 +23,7 @@ PER_TOKEN = ("advantages", "ref_logprobs", "inference_logprobs", "sampling_kept"
 # Largest inference logprob accepted at a trained position: a real logprob is <= 0 (up to rounding). A 1.0 there is
 # a prompt placeholder where a sampled token's logprob belongs (ManagedServer pads short logprob lists with 1.0).
 MAX_TRAINED_LOGPROB = 1e-3
+MAX_DISTILL_K = 1024  # teacher alternatives per position accepted in distill_token_ids / distill_logprobs
 
 
 class InvalidGroup(ValueError):
@@ -76,7 +78,49 @@ def to_scored_group(group: Any) -> ScoredGroup:
     if not any(m != PROMPT_MASK for mask in scored.masks for m in mask):
         raise InvalidGroup("no trained position: every mask value is -100")
     _check_inference_logprobs(scored)
-    return scored
+    teacher = _teacher_logprobs(group, scored)
+    return scored if teacher is None else msgspec.structs.replace(scored, teacher_logprobs=teacher)
+
+
+def _teacher_logprobs(group: dict[str, Any], scored: ScoredGroup) -> list[list[float]] | None:
+    """On-policy distillation's teacher log-prob of every token from `distill_token_ids` / `distill_logprobs`
+    ([sequence][position][k], position t scoring tokens[t]; learn/distill.teacher_logprob_of); None when absent.
+    Malformed arrays reject the group (InvalidGroup); a trained position the teacher left empty leaves the whole
+    group undistilled (logged), since a row's teacher term needs every trained token."""
+    ids, lps = group.get("distill_token_ids"), group.get("distill_logprobs")
+    if _absent(ids) and _absent(lps):
+        return None
+    if not isinstance(ids, list) or not isinstance(lps, list) or len(ids) != len(lps) != len(scored.tokens):
+        raise InvalidGroup("distill_token_ids and distill_logprobs must both be lists of one entry per sequence")
+    if len(ids) != len(scored.tokens):
+        raise InvalidGroup(f"distill arrays have {len(ids)} sequences but tokens has {len(scored.tokens)}")
+    out = []
+    for i, (tokens, mask) in enumerate(zip(scored.tokens, scored.masks, strict=True)):
+        seq_ids, seq_lps = ids[i], lps[i]
+        if not isinstance(seq_ids, list) or not isinstance(seq_lps, list) or not (
+            len(seq_ids) == len(seq_lps) == len(tokens)
+        ):
+            raise InvalidGroup(f"distill arrays of sequence {i} must have one position per token ({len(tokens)})")
+        row = []
+        for t, (token, m, pos_ids, pos_lps) in enumerate(zip(tokens, mask, seq_ids, seq_lps, strict=True)):
+            where = f"distill arrays [{i}][{t}]"
+            if not isinstance(pos_ids, list) or not isinstance(pos_lps, list) or len(pos_ids) != len(pos_lps):
+                raise InvalidGroup(f"{where}: ids and logprobs must be lists of the same length")
+            if len(pos_ids) > MAX_DISTILL_K:
+                raise InvalidGroup(f"{where}: more than {MAX_DISTILL_K} alternatives")
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in pos_ids) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and x <= MAX_TRAINED_LOGPROB for x in pos_lps
+            ):  # fmt: skip
+                raise InvalidGroup(f"{where}: ids must be integers and logprobs finite numbers <= 0")
+            value = teacher_logprob_of(token, pos_ids, pos_lps) if m != PROMPT_MASK else 1.0
+            if value is None:
+                logger.warning("distill arrays leave trained position [%d][%d] empty: the group is trained "
+                               "without the teacher term", i, t)  # fmt: skip
+                return None
+            row.append(value)
+        out.append(row)
+    return out
 
 
 def translate_batch(groups: Any) -> tuple[list[ScoredGroup], list[tuple[int | None, str]]]:

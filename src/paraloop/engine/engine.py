@@ -253,16 +253,17 @@ class Engine:
                 self.adapters.release(handle.adapter)
         return results
 
-    async def score(self, request: GenerateRequest) -> PromptLogprobs:
+    async def score(self, request: GenerateRequest, *, temperature: float = 1.0) -> PromptLogprobs:
         """The log-probs of `request.prompt_tokens` (positions 1..T-1) under its adapter, with
-        `params.top_logprobs` alternatives; admitted and bounded like a generation (EngineBusy, RequestError)."""
+        `params.top_logprobs` alternatives, of softmax(logits / temperature); admitted and bounded like a
+        generation (EngineBusy, RequestError)."""
         self.check(request)
         adapter = await self.adapters.acquire(request.adapter)
         try:
             cost = self._admission.admit(request)
             try:
                 scored = self._post(lambda reply: Score(list(request.prompt_tokens), adapter,
-                                                        request.params.top_logprobs, reply))  # fmt: skip
+                                                        request.params.top_logprobs, reply, temperature))  # fmt: skip
                 return await scored()
             finally:
                 self._admission.release(1, cost)

@@ -3,7 +3,7 @@ OpenAI's legacy `echo` + `logprobs`, vLLM's `prompt_logprobs`).
 
 In: the engine's model (float32 logits, routed to the request's adapter by the caller), the prompt's token ids and
 how many alternatives to report. Out: `PromptLogprobs` for positions 1..T-1 (position 0 has nothing before it), at
-temperature 1. The prompt is run in chunks with a KV cache, so at most CHUNK x vocabulary logits exist at once.
+temperature 1 (or the one given: a distillation teacher's). The prompt is run in chunks with a KV cache, so at most CHUNK x vocabulary logits exist at once.
 Runs on the engine thread, between two decode steps (a long prompt holds the batch like a prefill does).
 """
 
@@ -27,13 +27,15 @@ class PromptLogprobs:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
-def prompt_logprobs(model: Any, tokens: list[int], *, top: int) -> PromptLogprobs:
+def prompt_logprobs(model: Any, tokens: list[int], *, top: int, temperature: float = 1.0) -> PromptLogprobs:
     out = PromptLogprobs()
     cache = make_prompt_cache(model)
     inputs, targets = tokens[:-1], tokens[1:]
     for start in range(0, len(inputs), CHUNK):
         piece = inputs[start : start + CHUNK]
         logits = model(mx.array(piece)[None], cache=cache)[0]  # (len(piece), vocab), float32
+        if temperature != 1.0:  # a distillation teacher's (run/teacher.py); the API scores at 1
+            logits = logits / temperature
         logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         mx.eval(logp)
         rows = np.asarray(logp)

@@ -99,6 +99,7 @@ class Score:
     adapter: Adapter
     top: int
     reply: Callable[[Any], None]  # called on this thread: the PromptLogprobs, or why it failed
+    temperature: float = 1.0  # the logits are divided by it (a distillation teacher's; the API scores at 1)
 
 
 @dataclass(eq=False)
@@ -333,7 +334,8 @@ class Worker:
         assert position is not None, "a held adapter is installed"
         try:
             with selected([position]):  # the generator's model: float32 logits, routed LoRA layers
-                result = prompt_logprobs(self.gen.model, command.tokens, top=command.top)
+                result = prompt_logprobs(self.gen.model, command.tokens, top=command.top,
+                                         temperature=command.temperature)
         except Exception as e:  # reported to the request; the engine goes on
             command.reply(e)
             return

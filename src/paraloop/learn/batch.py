@@ -2,7 +2,7 @@
 
 In: ScoredGroups whose `tokens` are whole sequences (prompt + completion), `masks` holding -100 at prompt positions
 and the token id at trained positions, optional per-token `advantages`, `inference_logprobs` (1.0 placeholders at
-prompt positions), `ref_logprobs` and `sampling_kept` (kept-set sizes, 0 for the full vocabulary), all the length
+prompt positions), `ref_logprobs`, `sampling_kept` (kept-set sizes, 0 for the full vocabulary) and `teacher_logprobs`, all the length
 of `tokens`. Out: a TokenBatch of shape (N, T), T = longest
 sequence - 1, where position t feeds tokens[t] and predicts tokens[t + 1]: input_ids = tokens[:-1], targets =
 tokens[1:], a target is trained iff masks[1:] != -100, and per-token inputs are taken at [1:] (they describe the
@@ -40,6 +40,8 @@ class TokenBatch:
     ref_logprobs: np.ndarray  # (N, T) float32: ref_logprobs[1:] where has_ref
     has_ref: np.ndarray  # (N,) bool
     kept: np.ndarray | None = None  # (N, T) int32: sampling_kept[1:] at trained positions (0: full vocabulary)
+    teacher_logprobs: np.ndarray | None = None  # (N, T) float32: teacher_logprobs[1:] where has_teacher
+    has_teacher: np.ndarray | None = None  # (N,) bool; both None when no group carries teacher log-probs
 
     @property
     def rows(self) -> int:
@@ -132,6 +134,8 @@ def validate_group(group: ScoredGroup) -> None:
         _check_per_token("ref_logprobs", group.ref_logprobs, group)
     if group.sampling_kept:
         _check_kept(group.sampling_kept, group)
+    if group.teacher_logprobs:
+        _check_per_token("teacher_logprobs", group.teacher_logprobs, group)
     if group.overrides is not None and len(group.overrides) != n:
         raise ValueError(f"ragged group: {len(group.overrides)} overrides for {n} token sequences")
     row_temperatures(group)
@@ -158,6 +162,9 @@ def collate(batch: RolloutBatch) -> TokenBatch:
     has = {name: np.zeros(n, bool) for name in given}
     temperature, zero = np.ones(n, np.float32), np.zeros(n, bool)
     kept = np.zeros((n, width), np.int32) if any(group.sampling_kept for group in batch.groups) else None
+    distilled = any(group.teacher_logprobs for group in batch.groups)
+    teacher = np.zeros((n, width), np.float32) if distilled else None
+    has_teacher = np.zeros(n, bool) if distilled else None
     temps = [row_temperatures(group) for group in batch.groups]
     for row, (g, i) in enumerate(seqs):
         group, length = batch.groups[g], lengths[row]
@@ -172,6 +179,9 @@ def collate(batch: RolloutBatch) -> TokenBatch:
                 has[name][row] = True
         if kept is not None and group.sampling_kept:
             kept[row, :length] = group.sampling_kept[i][1:]
+        if teacher is not None and group.teacher_logprobs:
+            teacher[row, :length] = group.teacher_logprobs[i][1:]
+            has_teacher[row] = True
         temperature[row] = temps[g][i]
         zero[row] = bool(group.overrides and (group.overrides[i] or {}).get("set_advantage_to_zero"))
     return TokenBatch(
@@ -190,6 +200,8 @@ def collate(batch: RolloutBatch) -> TokenBatch:
         ref_logprobs=np.where(mask, given["ref_logprobs"], 0.0).astype(np.float32),
         has_ref=has["ref_logprobs"],
         kept=None if kept is None else np.where(mask, kept, 0).astype(np.int32),
+        teacher_logprobs=None if teacher is None else np.where(mask, teacher, 0.0).astype(np.float32),
+        has_teacher=has_teacher,
     )
 
 

@@ -4,7 +4,8 @@ In: the learner's model twin (LoRA attached, or attached here from adapter_confi
 RolloutBatches. Out: StepResult metrics, the evaluated adapter arrays (`adapter()`), the reference adapter, and a
 resumable `state()`. Used from ONE thread (the learner actor's MLX thread); nothing here is async or does I/O.
 
-Per step: collate + validate -> advantages -> micro-batch plan (memory target and token_budget, learn/memory.py)
+Per step: collate + validate -> advantages (with the teacher term of on-policy distillation for rows a teacher
+scored, learn/distill.py) -> micro-batch plan (memory target and token_budget, learn/memory.py)
 -> old-policy and reference log-probs, no grad and without dropout (the reference is the SAME model with the
 reference adapter arrays swapped in, never a second copy) -> for each epoch: accumulate gradients over micro-batches
 in train mode (LoRA dropout on), clip, AdamW -> reference EMA. A non-finite loss or gradient restores the adapter
@@ -26,12 +27,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from paraloop.config import RLTrainingConfig
+from paraloop.config import DistillConfig, RLTrainingConfig
 from paraloop.distributed import Single
 from paraloop.learn.advantages import token_advantages
 from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.batch import TokenBatch, collate
 from paraloop.learn.checkpointing import BlockCheckpointing
+from paraloop.learn.distill import distill_advantages
 from paraloop.learn.head import logits_head
 from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.loss import (
@@ -132,9 +134,16 @@ def has_dropout(model: nn.Module) -> bool:
 
 class Trainer:
     def __init__(
-        self, model: nn.Module, *, config: RLTrainingConfig, adapter_config: dict | None, version: int = 0
+        self,
+        model: nn.Module,
+        *,
+        config: RLTrainingConfig,
+        adapter_config: dict | None,
+        version: int = 0,
+        distill: DistillConfig | None = None,
     ) -> None:
         self.model, self.config, self.adapter_config = model, config, adapter_config
+        self.distill = distill or DistillConfig()  # applies to rows that carry teacher log-probs
         self.algorithm = get_algorithm(config.algorithm)
         self.settings = LossSettings(
             clip_ratio=config.clip_ratio,
@@ -359,6 +368,11 @@ class Trainer:
             tb.scores, tb.group, scale=cfg.scale_rewards, eps=cfg.advantage_eps
         )
         adv = token_advantages(tb, seq_adv)
+        distilled: dict[str, float] = {}
+        if tb.has_teacher is not None:  # on-policy distillation: the teacher term joins the advantage
+            adv, distilled = distill_advantages(
+                tb, adv, weight=self.distill.weight, reward_weight=self.distill.reward_weight
+            )
         weights = aggregation_weights(tb.mask, cfg.loss_aggregation, norm_length=self.norm_length)
         moments = len(tree_flatten(self.optimizer.state)) > 2  # more than step and learning_rate: AdamW has run
         trained = np.where(tb.mask.any(axis=1), tb.lengths, 0)
@@ -378,7 +392,7 @@ class Trainer:
         metrics["micro_batches"] = float(len(micros))
         metrics["checkpointed_micro_batches"] = float(sum(mb.checkpoint for mb in micros))
         metrics["kept_logits_micro_batches"] = float(sum(mb.keep_logits for mb in micros))
-        return micros, {**metrics, **shaping, **staleness_metrics(versions, self.version)}
+        return micros, {**metrics, **shaping, **distilled, **staleness_metrics(versions, self.version)}
 
     def _log_split(self, metrics: dict[str, float]) -> None:
         """Say when the memory target changes how a step is split (the speed a tight target costs), with the

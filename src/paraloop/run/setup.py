@@ -116,7 +116,7 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
     engine_model = twin(model)  # same base arrays, own LoRA slots
     engine_model.eval()
     model.train()
-    trainer = Trainer(model, config=rl, adapter_config=cfg, version=0)
+    trainer = Trainer(model, config=rl, adapter_config=cfg, version=0, distill=settings.distill)
     if resumed is not None and resumed.trainer_state.get("predecessor"):
         # The predecessor saved no optimizer state: continue at its step number (the learning-rate schedule too)
         # with fresh AdamW moments, and the initial adapter as the KL reference.

@@ -62,6 +62,7 @@ from paraloop.run.reporters import MissingExtra, Reporter, close_all, open_repor
 from paraloop.run.samples import rollout_samples
 from paraloop.run.setup import SetupError, make_source
 from paraloop.run.status import RunStatus
+from paraloop.run.teacher import distilled, make_teacher
 from paraloop.run.watchdog import Watchdog
 from paraloop.server.app import make_app, serve_http
 from paraloop.server.metrics import Metrics
@@ -182,6 +183,12 @@ async def build_parts(settings: Settings, thread: MlxThread) -> Parts:
     parts.source, parts.source_status = make_source(
         settings, engine, models.tokenizer, models.resumed, share=(ranks.rank, ranks.size) if ranks else (0, 1),
         replay=parts.replay, vocab=vocab_size(models.engine_model, models.tokenizer))
+    if settings.distill.teacher:  # on-policy distillation: the teacher scores every batch on its way in
+        try:
+            teacher = await make_teacher(settings, engine, models.tokenizer, thread)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
+        parts.source = distilled(parts.source, teacher)
     return parts
 
 

@@ -32,6 +32,8 @@
       labels: { mismatch_tokens: "tokens at the learner's version" }, optional: true },
     { id: "rollout-outside", title: "Rollout ratios outside [0.8, 1.25]", keys: ["rollout_ratio_outside"],
       labels: { rollout_ratio_outside: "fraction of tokens" }, optional: true },
+    { id: "distill", title: "Teacher − student KL (distillation, nats)", keys: ["distill_kl"],
+      labels: { distill_kl: "mean student − teacher log-prob" }, optional: true },
     { id: "staleness", title: "Rollout staleness (adapter versions)", keys: ["staleness_mean", "staleness_max"],
       labels: { staleness_mean: "mean", staleness_max: "max" }, optional: true },
     { id: "throughput", title: "Tokens / s", keys: ["tokens_per_s", "generation_tokens_per_s"],
