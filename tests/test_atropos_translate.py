@@ -5,31 +5,10 @@ import math
 
 import pytest
 import support
+from support import wire_group
 
 from paraloop.atropos.translate import InvalidGroup, split_by_token_budget, to_scored_group, translate_batch
 from paraloop.messages import ScoredGroup
-
-
-def wire_group(**changes):
-    """A group as ManagedServer-based envs send it: 3 prompt tokens, then 2 and 3 generated tokens."""
-    group = {
-        "tokens": [[11, 12, 13, 40, 41], [11, 12, 13, 50, 51, 52]],
-        "masks": [[-100, -100, -100, 40, 41], [-100, -100, -100, 50, 51, 52]],
-        "scores": [1.0, 0.0],
-        "advantages": [],
-        "ref_logprobs": None,
-        "messages": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hi"}]],
-        "generation_params": {"temperature": 0.7},
-        "inference_logprobs": [[1.0, 1.0, 1.0, -0.5, -0.25], [1.0, 1.0, 1.0, -1.5, -0.125, -2.0]],
-        "overrides": [],
-        "group_overrides": {},
-        "images": [],
-        "env_id": 3,
-        "distill_token_ids": None,
-        "distill_logprobs": None,
-    }
-    group.update(changes)
-    return group
 
 
 def test_a_managed_server_group_translates_field_for_field():

@@ -9,11 +9,11 @@ import paraloop  # noqa: F401  (OpenBLAS before mlx)
 import anyio
 import mlx.core as mx
 import pytest
-from http_harness import running_server
-from test_atropos_translate import wire_group
+from support.http_harness import running_server
 
-import test_engine
-from adapter_files import random_adapter
+from support.adapter_files import random_adapter
+from support import wire_group
+from support.engines import serve
 from paraloop.atropos.translate import InvalidGroup, to_scored_group
 from paraloop.config import EngineConfig, LoraConfig, load_config
 from paraloop.engine import Engine
@@ -60,7 +60,7 @@ def test_an_adapter_teacher_is_co_served_by_the_engine_and_scores_as_its_own_for
     async def body(engine):
         return await teacher.score(TOKENS), await teacher.score(TOKENS[:4]), engine.adapters.names()
 
-    scored, short, names = test_engine.serve(engine, body, deadline=60)
+    scored, short, names = serve(engine, body, deadline=60)
     adapted, _, _, _ = load_model(tiny_model_path)
     apply_adapter(adapted, teacher_adapter)
     assert scored == pytest.approx(reference(adapted, TOKENS, temperature), abs=TOL)
@@ -211,7 +211,7 @@ def test_a_run_distils_from_an_adapter_teacher_and_reports_the_kl(tiny_model_pat
     the teacher-student KL, and a teacher that cannot be found stops the run before it starts, naming the key."""
     import json
 
-    from test_run import run_to_end
+    from support.runs import run_to_end
 
     done = run_to_end(tiny_model_path, tmp_path / "run", "--steps", "2", "--no-plot", "--set",
                       f"distill.teacher={teacher_adapter}", "--set", "distill.reward_weight=0")  # fmt: skip

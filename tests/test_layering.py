@@ -141,3 +141,36 @@ def test_the_checks_can_fail():
         "paraloop.engine.worker (layer 2) imports paraloop.run.wiring (layer 5)",
         "paraloop.server.app imports paraloop.atropos.client: units of layer 3 are independent",
     ]
+
+
+def mapped_files() -> set[str]:
+    """The files docs/architecture.md's "## Map" names: `pkg/` bullets name their package's files."""
+    text = DOC.read_text()
+    section = text[text.index("## Map"):].split("\n## ")[0]
+    bullets = re.split(r"\n- ", "\n" + section.split("\n- ", 1)[1]) if "\n- " in section else []
+    named = set()
+    for bullet in bullets:
+        bullet = bullet.strip("\n").split("\n\n")[0]  # a bullet ends at a blank line (prose follows the list)
+        package = re.match(r"`(\w+)/`:", bullet)
+        for file in re.findall(r"`(\w+\.py)`", bullet):
+            named.add(f"{package[1]}/{file}" if package else file)
+    return named
+
+
+def test_the_map_names_every_module_and_only_modules_that_exist():
+    tree = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if p.name != "__init__.py" or p.parent == SRC}
+    named = mapped_files()
+    assert not tree - named, f"modules the map in docs/architecture.md does not name: {sorted(tree - named)}"
+    assert not named - tree, f"the map names files that do not exist: {sorted(named - tree)}"
+
+
+def test_no_test_module_imports_another():
+    """Helpers live in tests/support/; a test module importing another runs that module's tests' setup twice and
+    hides where a helper lives."""
+    tests = Path(__file__).parent
+    for path in tests.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] \
+                if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.split(".")[0].startswith("test_") or n.startswith("tests")]
+            assert not bad, f"{path.name} imports {bad}: move what it needs into tests/support/"
