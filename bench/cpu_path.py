@@ -48,10 +48,15 @@ def probe(model_path: str, compute: str, *, max_tokens: int) -> dict:
     attach_lora(model, cfg, seed=0)
     mx.eval(model.parameters())
     engine_model = twin(model)
-    engine = Engine(engine_model, tokenizer, config=EngineConfig(), batch_size=DECODE_ROWS,
-                    adapter=AdapterSlots(engine_model))  # fmt: skip
-    request = GenerateRequest(request_id="cpu", prompt_tokens=tokenizer.encode("Once upon a time, in a quiet town,"),
-                              n=DECODE_ROWS, params=SamplingParams(max_tokens=max_tokens, ignore_eos=True))  # fmt: skip
+    engine = Engine(
+        engine_model, tokenizer, config=EngineConfig(), batch_size=DECODE_ROWS, adapter=AdapterSlots(engine_model)
+    )
+    request = GenerateRequest(
+        request_id="cpu",
+        prompt_tokens=tokenizer.encode("Once upon a time, in a quiet town,"),
+        n=DECODE_ROWS,
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+    )
     step_times: list[float] = []
 
     async def decode() -> None:
@@ -68,24 +73,42 @@ def probe(model_path: str, compute: str, *, max_tokens: int) -> dict:
     decode_tps = DECODE_ROWS * (len(step_times) - 1) / (step_times[-1] - step_times[0])
 
     trainer = Trainer(model, config=RLTrainingConfig(kl_beta=0.0, lora=lora), adapter_config=cfg)
-    batch = learner.rollout_batch(learner.token_rows(model.args.vocab_size, rows=TRAIN_ROWS, length=TRAIN_LENGTH),
-                                  prompt=TRAIN_LENGTH // 2)  # fmt: skip
+    batch = learner.rollout_batch(
+        learner.token_rows(model.args.vocab_size, rows=TRAIN_ROWS, length=TRAIN_LENGTH), prompt=TRAIN_LENGTH // 2
+    )
     train_s = []
     while len(train_s) < 3 and sum(train_s) < 3.0:  # a few steps when fast, one when slow
         start = time.perf_counter()
         trainer.step(batch)
         train_s.append(time.perf_counter() - start)
     best = min(train_s[1:]) if len(train_s) > 1 else train_s[0]
-    return {"blas": openblas_path() or "MLX bundled BLAS", "compute": compute, "decode_tokens_per_s": decode_tps,
-            "decode_steps": len(step_times), "train_step_s": train_s,
-            "train_tokens_per_s": TRAIN_ROWS * TRAIN_LENGTH / best}  # fmt: skip
+    return {
+        "blas": openblas_path() or "MLX bundled BLAS",
+        "compute": compute,
+        "decode_tokens_per_s": decode_tps,
+        "decode_steps": len(step_times),
+        "train_step_s": train_s,
+        "train_tokens_per_s": TRAIN_ROWS * TRAIN_LENGTH / best,
+    }
 
 
 def run_probe(ctx: Context, name: str, *, max_tokens: int) -> dict:
     openblas, compute = CONFIGS[name]
-    child = ctx.spawn(f"cpu-{name}", python_cmd("-m", "bench.cpu_path", "--probe", "--model", str(ctx.model_q4),
-                                                "--compute", compute, "--max-tokens", str(max_tokens)),
-                      env={"PARALOOP_OPENBLAS": openblas})  # fmt: skip
+    child = ctx.spawn(
+        f"cpu-{name}",
+        python_cmd(
+            "-m",
+            "bench.cpu_path",
+            "--probe",
+            "--model",
+            str(ctx.model_q4),
+            "--compute",
+            compute,
+            "--max-tokens",
+            str(max_tokens),
+        ),
+        env={"PARALOOP_OPENBLAS": openblas},
+    )
     wait_until(lambda: not child.alive(), timeout_s=PROBE_TIMEOUT_S, interval_s=0.5, what=f"the {name} probe")
     ctx.stop(child)
     if child.proc.returncode != 0:
@@ -98,12 +121,29 @@ def run(ctx: Context) -> list[Line]:
     max_tokens = 4 if ctx.quick else 12
     r = {name: run_probe(ctx, name, max_tokens=max_tokens) for name in CONFIGS}
     lines = []
-    for other, label in (("no_openblas", "OpenBLAS preload on over off (PARALOOP_OPENBLAS=0)"),
-                         ("quantized", "dequantized float32 compute over 4-bit kernels")):  # fmt: skip
-        lines.append(Line(NAME, f"{label}: decode tokens/s, batch {DECODE_ROWS}", r["default"]["decode_tokens_per_s"],
-                          r[other]["decode_tokens_per_s"], "tok/s", detail=r))  # fmt: skip
-        lines.append(Line(NAME, f"{label}: train step tokens/s ({TRAIN_ROWS}x{TRAIN_LENGTH})",
-                          r["default"]["train_tokens_per_s"], r[other]["train_tokens_per_s"], "tok/s"))  # fmt: skip
+    for other, label in (
+        ("no_openblas", "OpenBLAS preload on over off (PARALOOP_OPENBLAS=0)"),
+        ("quantized", "dequantized float32 compute over 4-bit kernels"),
+    ):
+        lines.append(
+            Line(
+                NAME,
+                f"{label}: decode tokens/s, batch {DECODE_ROWS}",
+                r["default"]["decode_tokens_per_s"],
+                r[other]["decode_tokens_per_s"],
+                "tok/s",
+                detail=r,
+            )
+        )
+        lines.append(
+            Line(
+                NAME,
+                f"{label}: train step tokens/s ({TRAIN_ROWS}x{TRAIN_LENGTH})",
+                r["default"]["train_tokens_per_s"],
+                r[other]["train_tokens_per_s"],
+                "tok/s",
+            )
+        )
     return lines
 
 

@@ -22,8 +22,9 @@ BUDGET_S = 150
 ROWS = 32
 
 
-def engine_steps(model, tokenizer, *, decode: str, steps: int, grammar=None,
-                 prompt: str = "Write a long story about topic {i}.") -> tuple[list[float], int]:
+def engine_steps(
+    model, tokenizer, *, decode: str, steps: int, grammar=None, prompt: str = "Write a long story about topic {i}."
+) -> tuple[list[float], int]:
     """Seconds between consecutive tokens of row 0 (after the prefill) and the context length reached. Each row
     asks `prompt` (formatted with its index) at temperature 1.0; EOS is off, unless every row samples within
     `grammar` (a compiled engine/grammar.py grammar: constrained.py), which must not let a row end early."""
@@ -34,8 +35,10 @@ def engine_steps(model, tokenizer, *, decode: str, steps: int, grammar=None,
     from paraloop.messages import GenerateRequest, SamplingParams
 
     engine = Engine(model, tokenizer, config=EngineConfig(decode=decode, prefix_cache_mb=0), batch_size=ROWS)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt.format(i=i)}],
-                                             add_generation_prompt=True) for i in range(ROWS)]  # fmt: skip
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt.format(i=i)}], add_generation_prompt=True)
+        for i in range(ROWS)
+    ]
     stamps: list[float] = []
 
     async def main() -> None:
@@ -44,8 +47,9 @@ def engine_steps(model, tokenizer, *, decode: str, steps: int, grammar=None,
 
             async def row(i: int) -> None:
                 params = SamplingParams(temperature=1.0, max_tokens=steps, ignore_eos=grammar is None, grammar=grammar)
-                async for _ in engine.generate(GenerateRequest(request_id=str(i), prompt_tokens=prompts[i],
-                                                               params=params)):  # fmt: skip
+                async for _ in engine.generate(
+                    GenerateRequest(request_id=str(i), prompt_tokens=prompts[i], params=params)
+                ):
                     if i == 0:
                         stamps.append(time.perf_counter())
 
@@ -116,12 +120,32 @@ def run(ctx: Context) -> list[Line]:
             matmuls[decode].append(mm["together_s"])
     ratio = {k: statistics.median(s / m for s, m in zip(step[k], matmuls[k], strict=True)) for k in step}
     best = {k: statistics.median(v) for k, v in step.items()}
-    detail = {"step_s": step, "matmuls_s": matmuls, "ratio": ratio, "rows": ROWS, "steps": steps,
-              "matmuls_one_by_one_s": mm["one_by_one_s"]}  # fmt: skip
+    detail = {
+        "step_s": step,
+        "matmuls_s": matmuls,
+        "ratio": ratio,
+        "rows": ROWS,
+        "steps": steps,
+        "matmuls_one_by_one_s": mm["one_by_one_s"],
+    }
     mm_cpu = statistics.median(matmuls["cpu"])
     return [
-        Line(NAME, f"decode step (batch {ROWS}) over its matmuls timed alone", mm_cpu * ratio["cpu"] * 1e3,
-             mm_cpu * 1e3, "ms", "<= 1.4", "median of per-round ratios", detail),
-        Line(NAME, "decode step, engine.decode = cpu over mlx-lm's step", best["cpu"] * 1e3, best["mlx-lm"] * 1e3,
-             "ms", note=f"mlx-lm's step over its matmuls: {ratio['mlx-lm']:.2f}x"),
-    ]  # fmt: skip
+        Line(
+            NAME,
+            f"decode step (batch {ROWS}) over its matmuls timed alone",
+            mm_cpu * ratio["cpu"] * 1e3,
+            mm_cpu * 1e3,
+            "ms",
+            "<= 1.4",
+            "median of per-round ratios",
+            detail,
+        ),
+        Line(
+            NAME,
+            "decode step, engine.decode = cpu over mlx-lm's step",
+            best["cpu"] * 1e3,
+            best["mlx-lm"] * 1e3,
+            "ms",
+            note=f"mlx-lm's step over its matmuls: {ratio['mlx-lm']:.2f}x",
+        ),
+    ]

@@ -33,8 +33,13 @@ def scaling(single_step_s: float, reduce_bytes: float, exchange_bytes: float) ->
         for n in (2, 4):
             comm = allreduce_s(reduce_bytes, n, bandwidth, latency) + exchange_bytes * (n - 1) / n / bandwidth
             step = single_step_s / n + comm
-            out[f"{link}, {n} machines"] = {"step_s": step, "all_reduce_s": comm, "speedup": single_step_s / step,
-                                           "comm_share": comm / step, "step_s_at_5_percent": 19 * comm}
+            out[f"{link}, {n} machines"] = {
+                "step_s": step,
+                "all_reduce_s": comm,
+                "speedup": single_step_s / step,
+                "comm_share": comm / step,
+                "step_s_at_5_percent": 19 * comm,
+            }
     return out
 
 
@@ -46,8 +51,12 @@ def run(ctx: Context) -> list[Line]:
     first = free_port()
     hostfile.write_text(json.dumps([[f"127.0.0.1:{first}"], [f"127.0.0.1:{free_port()}"]]))
     args = ["-m", "bench.distributed_rank", model, str(out), str(rows), str(length), str(steps)]
-    children = [ctx.spawn(f"distributed-rank{r}", [sys.executable, *args],
-                          env={"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)}) for r in range(2)]
+    children = [
+        ctx.spawn(
+            f"distributed-rank{r}", [sys.executable, *args], env={"MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)}
+        )
+        for r in range(2)
+    ]
     wait_until(lambda: not any(c.alive() for c in children), timeout_s=BUDGET_S * 2, what="the two ranks")
     for c in children:
         if c.proc.returncode != 0:
@@ -60,20 +69,38 @@ def run(ctx: Context) -> list[Line]:
     one = json.loads(out.read_text())
     reduce_bytes = median(two["reduce_bytes"])
     detail = {
-        "two_ranks": two, "single_process": one,
-        "bytes_per_step": {"all_reduce_vector": reduce_bytes,
-                           "sent_and_received_per_rank_2_ranks": reduce_bytes,  # 2 (N-1)/N * S with N = 2
-                           "rollout_exchange": two["exchange"]["bytes"]},
+        "two_ranks": two,
+        "single_process": one,
+        "bytes_per_step": {
+            "all_reduce_vector": reduce_bytes,
+            "sent_and_received_per_rank_2_ranks": reduce_bytes,  # 2 (N-1)/N * S with N = 2
+            "rollout_exchange": two["exchange"]["bytes"],
+        },
         "transfer_only_s": two["transfer_s"],
         "expected": scaling(median(one["step_s"]), reduce_bytes, two["exchange"]["bytes"]),
         "assumed_links": {k: {"bandwidth_bytes_s": b, "latency_s": lat} for k, (b, lat) in LINKS.items()},
     }
-    note = (f"{reduce_bytes / 2**20:.1f} MiB summed per step ({two['lora_parameters'] / 1e6:.2f} M LoRA parameters); "
-            f"2 ranks share 2 cores here: speed-up by arithmetic in the detail")
+    note = (
+        f"{reduce_bytes / 2**20:.1f} MiB summed per step ({two['lora_parameters'] / 1e6:.2f} M LoRA parameters); "
+        f"2 ranks share 2 cores here: speed-up by arithmetic in the detail"
+    )
     return [
-        Line(NAME, f"SmolLM2-135M rank-16 LoRA, {rows}x{length} tokens: all-reduce time over step time, 2 ranks",
-             median(two["reduce_s"]), median(two["step_s"]), "s", "<= 0.05", note=note, detail=detail),
-        Line(NAME, "rollout exchange of the batch: Ranks.gather (lengths + all_gather) over send/recv",
-             two["exchange"]["gather_s"], two["exchange"]["send_recv_s"], "s",
-             note=f"{two['exchange']['bytes'] / 1024:.0f} KiB of msgpack"),
+        Line(
+            NAME,
+            f"SmolLM2-135M rank-16 LoRA, {rows}x{length} tokens: all-reduce time over step time, 2 ranks",
+            median(two["reduce_s"]),
+            median(two["step_s"]),
+            "s",
+            "<= 0.05",
+            note=note,
+            detail=detail,
+        ),
+        Line(
+            NAME,
+            "rollout exchange of the batch: Ranks.gather (lengths + all_gather) over send/recv",
+            two["exchange"]["gather_s"],
+            two["exchange"]["send_recv_s"],
+            "s",
+            note=f"{two['exchange']['bytes'] / 1024:.0f} KiB of msgpack",
+        ),
     ]

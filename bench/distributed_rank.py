@@ -36,11 +36,14 @@ def demo_batch(vocab: int, rows: int, length: int) -> RolloutBatch:
     groups = []
     for _ in range(rows // 8):
         tokens = rng.integers(3, vocab, size=(8, length)).tolist()
-        groups.append(ScoredGroup(
-            tokens=tokens, masks=[[-100] * prompt + t[prompt:] for t in tokens],
-            scores=rng.random(8).tolist(),
-            inference_logprobs=[[1.0] * prompt + rng.uniform(-3, -1, COMPLETION).tolist() for _ in tokens],
-        ))
+        groups.append(
+            ScoredGroup(
+                tokens=tokens,
+                masks=[[-100] * prompt + t[prompt:] for t in tokens],
+                scores=rng.random(8).tolist(),
+                inference_logprobs=[[1.0] * prompt + rng.uniform(-3, -1, COMPLETION).tolist() for _ in tokens],
+            )
+        )
     return RolloutBatch(groups=groups, source="bench")
 
 
@@ -82,8 +85,9 @@ def main() -> None:
     cfg = adapter_config(lora, model)
     attach_lora(model, cfg, seed=0)
     mx.eval(model.parameters())
-    trainer = Trainer(model, config=RLTrainingConfig(learning_rate=5e-5, kl_beta=0.0, batch_size=rows, lora=lora),
-                      adapter_config=cfg)
+    trainer = Trainer(
+        model, config=RLTrainingConfig(learning_rate=5e-5, kl_beta=0.0, batch_size=rows, lora=lora), adapter_config=cfg
+    )
     if ranks is not None:
         trainer.reducer = ranks
     batch = demo_batch(model.args.vocab_size, rows, length)
@@ -98,8 +102,12 @@ def main() -> None:
             reduce_s.append(ranks.reduce_s - before_s)
             reduce_bytes.append(ranks.reduce_bytes - before_b)
     result = {
-        "ranks": ranks.size if ranks else 1, "rows": rows, "length": length, "step_s": step_s,
-        "reduce_s": reduce_s, "reduce_bytes": reduce_bytes,
+        "ranks": ranks.size if ranks else 1,
+        "rows": rows,
+        "length": length,
+        "step_s": step_s,
+        "reduce_s": reduce_s,
+        "reduce_bytes": reduce_bytes,
         "lora_parameters": int(sum(a.size for a in adapter_arrays(model).values())),
         "batch_msgpack_bytes": len(msgspec.msgpack.encode(batch)),
     }

@@ -36,13 +36,16 @@ def measure(running: dict[str, servers.Server], theirs: str, *, context: str, ro
     def ways() -> dict:
         return {
             "paraloop n=8": lambda **c: servers.closed_loop(ours, clients=1, per_client=1, n=GROUP, **c),
-            "paraloop 8 x n=1": lambda **c: servers.closed_loop(ours, clients=GROUP, per_client=1, same_prompt=True,
-                                                                 **c),
-            "paraloop 8 x n=1, cache off": lambda **c: servers.closed_loop(uncached, clients=GROUP, per_client=1,
-                                                                            same_prompt=True, **c),
-            "mlx_lm 8 requests": lambda **c: servers.closed_loop(running[theirs], clients=GROUP, per_client=1,
-                                                                  same_prompt=True, **c),
-        }  # fmt: skip
+            "paraloop 8 x n=1": lambda **c: servers.closed_loop(
+                ours, clients=GROUP, per_client=1, same_prompt=True, **c
+            ),
+            "paraloop 8 x n=1, cache off": lambda **c: servers.closed_loop(
+                uncached, clients=GROUP, per_client=1, same_prompt=True, **c
+            ),
+            "mlx_lm 8 requests": lambda **c: servers.closed_loop(
+                running[theirs], clients=GROUP, per_client=1, same_prompt=True, **c
+            ),
+        }
 
     totals: dict[str, servers.LoadResult] = {}
     for r in range(rounds):
@@ -65,15 +68,42 @@ def run(ctx: Context) -> list[Line]:
         rate = {name: t.tokens_per_s for name, t in totals.items()}
         failed = sum(t.failed for t in totals.values())
         note = f"{failed} failed requests" if failed else ""
-        detail = {"rounds": rounds, "max_tokens": MAX_TOKENS, "group": GROUP, "mlx_lm_form": theirs_kind,
-                  "context_words": words, **{name: vars(t) for name, t in totals.items()}}  # fmt: skip
+        detail = {
+            "rounds": rounds,
+            "max_tokens": MAX_TOKENS,
+            "group": GROUP,
+            "mlx_lm_form": theirs_kind,
+            "context_words": words,
+            **{name: vars(t) for name, t in totals.items()},
+        }
         lines += [
-            Line(NAME, f"{label}: paraloop n=8 over 8 concurrent n=1 requests, prefix cache off",
-                 rate["paraloop n=8"], rate["paraloop 8 x n=1, cache off"], "tok/s", ">= 2.0" if words else None,
-                 note, detail),
-            Line(NAME, f"{label}: 8 concurrent n=1 requests, prefix cache on over off", rate["paraloop 8 x n=1"],
-                 rate["paraloop 8 x n=1, cache off"], "tok/s", None, note),
-            Line(NAME, f"{label}: paraloop n=8 over 8 requests to {servers.KINDS[theirs_kind]}", rate["paraloop n=8"],
-                 rate["mlx_lm 8 requests"], "tok/s", None, note),
-        ]  # fmt: skip
+            Line(
+                NAME,
+                f"{label}: paraloop n=8 over 8 concurrent n=1 requests, prefix cache off",
+                rate["paraloop n=8"],
+                rate["paraloop 8 x n=1, cache off"],
+                "tok/s",
+                ">= 2.0" if words else None,
+                note,
+                detail,
+            ),
+            Line(
+                NAME,
+                f"{label}: 8 concurrent n=1 requests, prefix cache on over off",
+                rate["paraloop 8 x n=1"],
+                rate["paraloop 8 x n=1, cache off"],
+                "tok/s",
+                None,
+                note,
+            ),
+            Line(
+                NAME,
+                f"{label}: paraloop n=8 over 8 requests to {servers.KINDS[theirs_kind]}",
+                rate["paraloop n=8"],
+                rate["mlx_lm 8 requests"],
+                "tok/s",
+                None,
+                note,
+            ),
+        ]
     return lines

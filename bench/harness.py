@@ -56,11 +56,7 @@ class Line:
         value = self.ours if unit else self.ratio  # a target with a unit is absolute
         if value is None:
             return None
-        limit = (
-            float(number) * UNIT_SCALE.get(unit[0], 1.0) / UNIT_SCALE.get(self.unit, 1.0)
-            if unit
-            else float(number)
-        )
+        limit = float(number) * UNIT_SCALE.get(unit[0], 1.0) / UNIT_SCALE.get(self.unit, 1.0) if unit else float(number)
         return value >= limit if op == ">=" else value <= limit
 
     def as_dict(self) -> dict[str, Any]:
@@ -87,9 +83,7 @@ def table(lines: list[Line]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for line in lines:
-        ratio = (
-            "-" if line.ratio is None else f"{line.ratio:.2f}x" if line.ratio >= 0.1 else f"{line.ratio:.2g}x"
-        )
+        ratio = "-" if line.ratio is None else f"{line.ratio:.2f}x" if line.ratio >= 0.1 else f"{line.ratio:.2g}x"
         met = {True: "yes", False: "**no**", None: ""}[line.met]
         rows.append(
             f"| {line.bench} | {line.name} | {fmt_number(line.ours, line.unit)} | "
@@ -135,13 +129,7 @@ def blas_in_use() -> str:
 
     path = openblas_path()
     if path is None:
-        return (
-            "MLX's bundled BLAS"
-            if sys.platform == "linux"
-            else "Accelerate"
-            if sys.platform == "darwin"
-            else "?"
-        )
+        return "MLX's bundled BLAS" if sys.platform == "linux" else "Accelerate" if sys.platform == "darwin" else "?"
     try:
         import ctypes
 
@@ -190,8 +178,9 @@ def ensure_models() -> tuple[Path, Path]:
 
 def run_checked(cmd: list[str], *, timeout_s: float = 1800.0, **kwargs: Any) -> subprocess.CompletedProcess:
     """Run to completion in its own process group, which is killed if we time out or are interrupted."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     finally:
@@ -264,20 +253,21 @@ class Context:
         self.quick = quick
         self.log_dir = log_dir
         self.children: list[Child] = []
-        self.shared: dict[
-            str, Any
-        ] = {}  # results one benchmark leaves for another (e.g. idle engine tokens/s)
+        self.shared: dict[str, Any] = {}  # results one benchmark leaves for another (e.g. idle engine tokens/s)
         self.model_q4, self.model_f32 = ensure_models()
 
-    def spawn(
-        self, name: str, cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT
-    ) -> Child:
+    def spawn(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Child:
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-                env={**os.environ, **(env or {})}, start_new_session=True,
-            )  # fmt: skip
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
         child = Child(name, proc, log)
         self.children.append(child)
         return child
@@ -300,9 +290,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def wait_until(
-    predicate: Any, *, timeout_s: float, interval_s: float = 0.25, what: str = "condition"
-) -> None:
+def wait_until(predicate: Any, *, timeout_s: float, interval_s: float = 0.25, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:

@@ -57,10 +57,11 @@ def in_process(ctx: Context, *, prompts: int, max_tokens: int, repeats: int) -> 
 
     model, tokenizer, _, _ = load_model(ctx.model_q4)
     ids = [
-        tokenizer.apply_chat_template([{"role": "user", "content": f"Write a long story about topic {i}."}],
-                                      add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Write a long story about topic {i}."}], add_generation_prompt=True
+        )
         for i in range(prompts)
-    ]  # fmt: skip
+    ]
 
     def bare() -> float:
         gen = BatchGenerator(model, completion_batch_size=prompts, prefill_batch_size=8)
@@ -116,12 +117,11 @@ def run(ctx: Context) -> list[Line]:
                 if r >= rounds(kind, ctx.quick):
                     continue
                 # fresh prompts each round
-                got = servers.closed_loop(running[kind], clients=clients, per_client=per_client,
-                                          max_tokens=max_tokens, first=1000 * (r + 1))  # fmt: skip
+                got = servers.closed_loop(
+                    running[kind], clients=clients, per_client=per_client, max_tokens=max_tokens, first=1000 * (r + 1)
+                )
                 results[clients][kind] = results[clients][kind] + got if kind in results[clients] else got
-    ctx.shared["http_tokens_per_s"] = {
-        c: {k: r.tokens_per_s for k, r in rs.items()} for c, rs in results.items()
-    }
+    ctx.shared["http_tokens_per_s"] = {c: {k: r.tokens_per_s for k, r in rs.items()} for c, rs in results.items()}
     bare = in_process(ctx, prompts=32, max_tokens=8 if ctx.quick else 32, repeats=1 if ctx.quick else 2)
 
     insane = [k for k, s in sanity.items() if not s["sane"]]
@@ -137,10 +137,27 @@ def run(ctx: Context) -> list[Line]:
             note = f"{failed} failed requests" if failed else ""
             if insane:
                 note = (note + "; " if note else "") + f"answer not sane: {', '.join(insane)}"
-            detail = {"sanity": sanity, "clients": clients,
-                      "paraloop": vars(ours), kind: vars(theirs)}  # fmt: skip
-            lines.append(Line(NAME, f"{clients} client{'s' * (clients > 1)}: paraloop over {names[kind]}",
-                              ours.tokens_per_s, theirs.tokens_per_s, "tok/s", target, note, detail))  # fmt: skip
-    lines.append(Line(NAME, "no HTTP: paraloop Engine over mlx-lm's bare BatchGenerator (32 prompts, in-process)",
-                      bare["engine"], bare["batch_generator"], "tok/s", detail=bare))  # fmt: skip
+            detail = {"sanity": sanity, "clients": clients, "paraloop": vars(ours), kind: vars(theirs)}
+            lines.append(
+                Line(
+                    NAME,
+                    f"{clients} client{'s' * (clients > 1)}: paraloop over {names[kind]}",
+                    ours.tokens_per_s,
+                    theirs.tokens_per_s,
+                    "tok/s",
+                    target,
+                    note,
+                    detail,
+                )
+            )
+    lines.append(
+        Line(
+            NAME,
+            "no HTTP: paraloop Engine over mlx-lm's bare BatchGenerator (32 prompts, in-process)",
+            bare["engine"],
+            bare["batch_generator"],
+            "tok/s",
+            detail=bare,
+        )
+    )
     return lines

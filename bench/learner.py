@@ -82,9 +82,7 @@ def sft_step(model, *, learning_rate: float):
     return run
 
 
-def measure(
-    model_path: Path, *, lora_layers: int, steps: int, rows: int = ROWS, length: int = LENGTH
-) -> dict:
+def measure(model_path: Path, *, lora_layers: int, steps: int, rows: int = ROWS, length: int = LENGTH) -> dict:
     import mlx.core as mx
 
     from paraloop.config import LoraConfig, RLTrainingConfig
@@ -145,8 +143,9 @@ def measure(
         "sft_tokens_per_s": n_tokens / median(times["sft"]),
         "grpo_mlx_peak_bytes": peaks["grpo"],
         "sft_mlx_peak_bytes": peaks["sft"],
-        "grpo_split": {k: metrics[-1][k] for k in ("micro_batches", "checkpointed_micro_batches",
-                                                     "kept_logits_micro_batches")},  # fmt: skip
+        "grpo_split": {
+            k: metrics[-1][k] for k in ("micro_batches", "checkpointed_micro_batches", "kept_logits_micro_batches")
+        },
         "breakdown_s": breakdown(metrics, times, forwards),
         "process_peak_rss_bytes": self_peak_rss_bytes(),
     }
@@ -171,9 +170,14 @@ def forward_times(model, trainer, tokens: list[list[int]], *, prompt: int, repea
 
     def grpo():
         logp, entropy = forward_logprobs(
-            model, inputs, targets, mx.ones((rows,)), head=trainer.head, positions=np.flatnonzero(mask),
+            model,
+            inputs,
+            targets,
+            mx.ones((rows,)),
+            head=trainer.head,
+            positions=np.flatnonzero(mask),
             chunk_tokens=trainer.config.logits_chunk_tokens,
-        )  # fmt: skip
+        )
         mx.eval(logp, entropy)
 
     def sft():
@@ -201,7 +205,9 @@ def forward_times(model, trainer, tokens: list[list[int]], *, prompt: int, repea
 
 def breakdown(metrics: list[dict], times: dict[str, list[float]], forwards: dict[str, float]) -> dict[str, dict]:
     """Where each step's time goes (medians; see the module docstring)."""
-    phase = {k[len("time_") : -len("_s")]: median([m[k] for m in metrics]) for k in metrics[-1] if k.startswith("time_")}
+    phase = {
+        k[len("time_") : -len("_s")]: median([m[k] for m in metrics]) for k in metrics[-1] if k.startswith("time_")
+    }
     grpo = {
         "step": median(times["grpo"]),
         "forward": forwards["grpo_forward_s"],
@@ -225,12 +231,28 @@ def run(ctx: Context) -> list[Line]:
     for (rows, length, target), (label, path, layers) in itertools.product(shapes, models):
         steps = 1 if ctx.quick else 4 if length <= LENGTH else 2
         r = measure(path, lora_layers=layers, steps=steps, rows=rows, length=length)
-        lines.append(Line(NAME, f"{label}: GRPO step tokens/s over SFT step ({rows}x{length} tokens)",
-                          r["grpo_tokens_per_s"], r["sft_tokens_per_s"], "tok/s", target, detail=r,
-                          note=step_note(r)))  # fmt: skip
-        lines.append(Line(NAME, f"{label}: MLX peak memory, GRPO step over SFT step ({rows}x{length} tokens)",
-                          r["grpo_mlx_peak_bytes"] / 2**20, r["sft_mlx_peak_bytes"] / 2**20, "MiB",
-                          note=f"this process's peak RSS so far {r['process_peak_rss_bytes'] / 2**20:.0f} MiB"))  # fmt: skip
+        lines.append(
+            Line(
+                NAME,
+                f"{label}: GRPO step tokens/s over SFT step ({rows}x{length} tokens)",
+                r["grpo_tokens_per_s"],
+                r["sft_tokens_per_s"],
+                "tok/s",
+                target,
+                detail=r,
+                note=step_note(r),
+            )
+        )
+        lines.append(
+            Line(
+                NAME,
+                f"{label}: MLX peak memory, GRPO step over SFT step ({rows}x{length} tokens)",
+                r["grpo_mlx_peak_bytes"] / 2**20,
+                r["sft_mlx_peak_bytes"] / 2**20,
+                "MiB",
+                note=f"this process's peak RSS so far {r['process_peak_rss_bytes'] / 2**20:.0f} MiB",
+            )
+        )
     return lines
 
 
@@ -239,7 +261,7 @@ def step_note(r: dict) -> str:
     times = lambda xs: ", ".join(f"{t:.2f}" for t in xs)  # noqa: E731
     grpo = ", ".join(f"{k} {v:.2f}" for k, v in parts["grpo"].items() if k != "step")
     sft = ", ".join(f"{k} {v:.2f}" for k, v in parts["sft"].items() if k != "step")
-    sft = sft.replace("uncompiled_gradient", "(not compiled: forward + backward")  + ")"
+    sft = sft.replace("uncompiled_gradient", "(not compiled: forward + backward") + ")"
     return (
         f"steps GRPO {times(r['grpo_step_s'])} s, SFT {times(r['sft_step_s'])} s; GRPO in "
         f"{split['micro_batches']:.0f} micro-batch(es), {split['checkpointed_micro_batches']:.0f} checkpointed, "

@@ -98,15 +98,23 @@ def sft_peak(model, vocab: int, *, rows: int, prompt: int, completion: int) -> d
     estimate = one + (rows - 1) * (two - one)
     if estimate > 0.6 * free_memory_bytes():
         return {"peak": estimate, "extrapolated": True, "one_row": one, "two_rows": two, "held": held}
-    return {"peak": measured(rows), "extrapolated": False, "one_row": one, "two_rows": two, "estimate": estimate,
-            "held": held}  # fmt: skip
+    return {
+        "peak": measured(rows),
+        "extrapolated": False,
+        "one_row": one,
+        "two_rows": two,
+        "estimate": estimate,
+        "held": held,
+    }
 
 
 def chunked_vs_full(model, lora, cfg, batch, *, rows: int, length: int, steps: int, target_gb: float) -> dict:
     """ABBA steps of the default (chunked) learner and the unchunked one; peaks and times of each."""
     settings = {"max_memory_gb": target_gb}
-    runs = {"chunked": trainer(model, lora, cfg, **settings),
-            "full": trainer(model, lora, cfg, logits_chunk_tokens=0, **settings)}  # fmt: skip
+    runs = {
+        "chunked": trainer(model, lora, cfg, **settings),
+        "full": trainer(model, lora, cfg, logits_chunk_tokens=0, **settings),
+    }
     for t in runs.values():
         t.check_length(length)  # the memory model's probes, outside the timing
     times, peaks, metrics = {k: [] for k in runs}, dict.fromkeys(runs, 0), {}
@@ -129,18 +137,20 @@ def chunked_vs_full(model, lora, cfg, batch, *, rows: int, length: int, steps: i
     }
 
 
-def largest_length(
-    model, lora, cfg, vocab: int, *, target_gb: float, start: int, stop: int, after: bool
-) -> dict:
+def largest_length(model, lora, cfg, vocab: int, *, target_gb: float, start: int, stop: int, after: bool) -> dict:
     """Largest completion length (one row, PROMPT-token prompt) whose learner step peaks within target_gb."""
     from paraloop.learn.memory import SequenceTooLong
 
     settings = (
         {"max_memory_gb": target_gb}
         if after
-        else {"logits_chunk_tokens": 0, "activation_checkpointing": "never", "max_memory_fraction": None,
-              "token_budget": 64}
-    )  # fmt: skip
+        else {
+            "logits_chunk_tokens": 0,
+            "activation_checkpointing": "never",
+            "max_memory_fraction": None,
+            "token_budget": 64,
+        }
+    )
     learner = trainer(model, lora, cfg, **settings)
     tried: dict[int, float | str] = {}
 
@@ -174,24 +184,49 @@ def run(ctx: Context) -> list[Line]:
     length = prompt + completion
     batch = rollout_batch(token_rows(vocab, rows=rows, length=length), prompt=prompt)
     sft = sft_peak(model, vocab, rows=rows, prompt=prompt, completion=completion)  # first: nothing else held yet
-    speed = chunked_vs_full(model, lora, cfg, batch, rows=rows, length=length, steps=2 if ctx.quick else 4,
-                            target_gb=2 * target)  # fmt: skip
+    speed = chunked_vs_full(
+        model, lora, cfg, batch, rows=rows, length=length, steps=2 if ctx.quick else 4, target_gb=2 * target
+    )
     sizes = {"target_gb": target, "start": start, "stop": stop}
     before = largest_length(model, lora, cfg, vocab, after=False, **sizes)
     now = largest_length(model, lora, cfg, vocab, after=True, **sizes)
     ours = speed["mlx_peak_bytes"]["chunked"]
-    sft_note = (f"SFT extrapolated from 1 and 2 rows ({sft['one_row'] / MiB:.0f}, {sft['two_rows'] / MiB:.0f} MiB): "
-                f"{rows} rows would not fit this machine" if sft["extrapolated"] else "")  # fmt: skip
+    sft_note = (
+        f"SFT extrapolated from 1 and 2 rows ({sft['one_row'] / MiB:.0f}, {sft['two_rows'] / MiB:.0f} MiB): "
+        f"{rows} rows would not fit this machine"
+        if sft["extrapolated"]
+        else ""
+    )
     sft_note += f"{'; ' if sft_note else ''}weights and LoRA state held: {sft['held'] / MiB:.0f} MiB in both"
     shape = f"{rows} x {completion}-token completions"
     return [
-        Line(NAME, f"SmolLM2, {shape}: learner step MLX peak over mlx-lm's LoRA SFT step", ours / MiB,
-             sft["peak"] / MiB, "MiB", "<= 0.5", sft_note, {"sft": sft, "paraloop": speed}),
-        Line(NAME, f"SmolLM2, {shape}: tokens/s, LM head in chunks over full logits",
-             speed["tokens_per_s"]["chunked"], speed["tokens_per_s"]["full"], "tok/s", ">= 0.9",
-             f"same max_memory_gb = {2 * target:g}; micro-batches {speed['micro_batches']}", speed),
-        Line(NAME, f"SmolLM2: largest completion that trains within {target:g} GiB (1 row), now over before",
-             now["largest"], before["largest"], "tokens",
-             note="before: full logits, no checkpointing, one row per micro-batch",
-             detail={"now": now, "before": before}),
-    ]  # fmt: skip
+        Line(
+            NAME,
+            f"SmolLM2, {shape}: learner step MLX peak over mlx-lm's LoRA SFT step",
+            ours / MiB,
+            sft["peak"] / MiB,
+            "MiB",
+            "<= 0.5",
+            sft_note,
+            {"sft": sft, "paraloop": speed},
+        ),
+        Line(
+            NAME,
+            f"SmolLM2, {shape}: tokens/s, LM head in chunks over full logits",
+            speed["tokens_per_s"]["chunked"],
+            speed["tokens_per_s"]["full"],
+            "tok/s",
+            ">= 0.9",
+            f"same max_memory_gb = {2 * target:g}; micro-batches {speed['micro_batches']}",
+            speed,
+        ),
+        Line(
+            NAME,
+            f"SmolLM2: largest completion that trains within {target:g} GiB (1 row), now over before",
+            now["largest"],
+            before["largest"],
+            "tokens",
+            note="before: full logits, no checkpointing, one row per micro-batch",
+            detail={"now": now, "before": before},
+        ),
+    ]

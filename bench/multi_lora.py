@@ -78,8 +78,9 @@ def in_process(ctx: Context, paths: list[Path], *, max_tokens: int, rounds: int)
 
     model, tokenizer, _, _ = load_model(ctx.model_q4)
     apply_adapter(model, paths[-1])
-    engine = Engine(model, tokenizer, config=EngineConfig(), batch_size=STREAMS, adapter=AdapterSlots(model),
-                    max_lora_rank=RANK)  # fmt: skip
+    engine = Engine(
+        model, tokenizer, config=EngineConfig(), batch_size=STREAMS, adapter=AdapterSlots(model), max_lora_rank=RANK
+    )
     names = [f"adapter{i}" for i in range(ADAPTERS)]
     params = SamplingParams(temperature=1.0, max_tokens=max_tokens, ignore_eos=True)
     totals: dict[str, list[float]] = {"mixed": [0, 0], "one": [0, 0], "plain": [0, 0]}
@@ -87,9 +88,15 @@ def in_process(ctx: Context, paths: list[Path], *, max_tokens: int, rounds: int)
 
     async def batch(kind: str, first: int) -> None:
         adapters = names if kind == "mixed" else ["policy"]
-        requests = [GenerateRequest(request_id=f"{kind}-{first + i}", adapter=adapters[i % len(adapters)],
-                                    prompt_tokens=tokenizer.encode(f"Story {first + i}: once upon a time, in a land"),
-                                    params=params) for i in range(STREAMS)]  # fmt: skip
+        requests = [
+            GenerateRequest(
+                request_id=f"{kind}-{first + i}",
+                adapter=adapters[i % len(adapters)],
+                prompt_tokens=tokenizer.encode(f"Story {first + i}: once upon a time, in a land"),
+                params=params,
+            )
+            for i in range(STREAMS)
+        ]
         start = time.perf_counter()
         with plain_layers(model) if kind == "plain" else contextlib.nullcontext():
             out = await engine.complete_many(requests)
@@ -116,8 +123,7 @@ def in_process(ctx: Context, paths: list[Path], *, max_tokens: int, rounds: int)
 
     anyio.run(main)
     rate = {k: n / s for k, (n, s) in totals.items()}
-    return {"tokens_per_s": rate, "load_s": loads, "install_s": installs, "stats": engine.stats(),
-            "totals": totals}  # fmt: skip
+    return {"tokens_per_s": rate, "load_s": loads, "install_s": installs, "stats": engine.stats(), "totals": totals}
 
 
 def mlx_lm_load_time(ctx: Context, path: Path, repeats: int) -> list[float]:
@@ -140,8 +146,21 @@ def mlx_lm_load_time(ctx: Context, path: Path, repeats: int) -> list[float]:
 def paraloop_server(ctx: Context, paths: list[Path]) -> servers.Server:
     port = free_port()
     modules = [f"adapter{i}={p}" for i, p in enumerate(paths[:ADAPTERS])]
-    cmd = python_cmd("-m", "paraloop", "serve", "--model-path", str(ctx.model_q4), "--host", "127.0.0.1",
-                     "--port", str(port), "--set", f"server.batch_size={STREAMS}", "--lora-modules", *modules)  # fmt: skip
+    cmd = python_cmd(
+        "-m",
+        "paraloop",
+        "serve",
+        "--model-path",
+        str(ctx.model_q4),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--set",
+        f"server.batch_size={STREAMS}",
+        "--lora-modules",
+        *modules,
+    )
     child = ctx.spawn("paraloop_multilora", cmd)
     url = f"http://127.0.0.1:{port}"
 
@@ -165,8 +184,9 @@ def over_http(ctx: Context, paths: list[Path], *, per_client: int, max_tokens: i
     servers.closed_loop(ours, clients=8, per_client=1, max_tokens=4, extra=pick_ours)  # warm-up
     out = {}
     for name, srv, pick in (("paraloop", ours, pick_ours), ("mlx_lm", theirs, pick_theirs)):
-        out[name] = servers.closed_loop(srv, clients=STREAMS, per_client=per_client, max_tokens=max_tokens,
-                                        first=5000, extra=pick)  # fmt: skip
+        out[name] = servers.closed_loop(
+            srv, clients=STREAMS, per_client=per_client, max_tokens=max_tokens, first=5000, extra=pick
+        )
     return out
 
 
@@ -181,17 +201,47 @@ def run(ctx: Context) -> list[Line]:
     load, install = statistics.median(local["load_s"]), statistics.median(local["install_s"])
     ms = 1e3
     failed = http["paraloop"].failed + http["mlx_lm"].failed
-    detail = {"in_process": local, "mlx_lm_load_adapters_s": theirs_load,
-              "http": {k: vars(v) for k, v in http.items()}, "max_tokens": max_tokens, "rounds": rounds}  # fmt: skip
+    detail = {
+        "in_process": local,
+        "mlx_lm_load_adapters_s": theirs_load,
+        "http": {k: vars(v) for k, v in http.items()},
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+    }
     return [
-        Line(NAME, f"{STREAMS} streams over {ADAPTERS} adapters (gathered per row) over {STREAMS} on one adapter, "
-             "tokens/s", rate["mixed"], rate["one"], "tok/s", ">= 0.8", detail=detail),
-        Line(NAME, f"{STREAMS} streams on one adapter over the same with mlx-lm's plain LoRALinear layers",
-             rate["one"], rate["plain"], "tok/s", ">= 0.95", note="the one-adapter fast path costs nothing"),
-        Line(NAME, f"HTTP, {STREAMS} clients naming {ADAPTERS} adapters: paraloop serve over mlx_lm.server "
-             "loading them per request", http["paraloop"].tokens_per_s, http["mlx_lm"].tokens_per_s, "tok/s",
-             note=f"{failed} failed requests" if failed else "mlx_lm.server reloads the model to change adapter"),
-        Line(NAME, f"adapter load from disk (rank {RANK}, 210 layers: read, check, install) over mlx-lm's "
-             "load_adapters", load * ms, statistics.median(theirs_load) * ms, "ms",
-             note=f"decode paused {install * ms:.2f} ms to install it"),
-    ]  # fmt: skip
+        Line(
+            NAME,
+            f"{STREAMS} streams over {ADAPTERS} adapters (gathered per row) over {STREAMS} on one adapter, tokens/s",
+            rate["mixed"],
+            rate["one"],
+            "tok/s",
+            ">= 0.8",
+            detail=detail,
+        ),
+        Line(
+            NAME,
+            f"{STREAMS} streams on one adapter over the same with mlx-lm's plain LoRALinear layers",
+            rate["one"],
+            rate["plain"],
+            "tok/s",
+            ">= 0.95",
+            note="the one-adapter fast path costs nothing",
+        ),
+        Line(
+            NAME,
+            f"HTTP, {STREAMS} clients naming {ADAPTERS} adapters: paraloop serve over mlx_lm.server "
+            "loading them per request",
+            http["paraloop"].tokens_per_s,
+            http["mlx_lm"].tokens_per_s,
+            "tok/s",
+            note=f"{failed} failed requests" if failed else "mlx_lm.server reloads the model to change adapter",
+        ),
+        Line(
+            NAME,
+            f"adapter load from disk (rank {RANK}, 210 layers: read, check, install) over mlx-lm's load_adapters",
+            load * ms,
+            statistics.median(theirs_load) * ms,
+            "ms",
+            note=f"decode paused {install * ms:.2f} ms to install it",
+        ),
+    ]

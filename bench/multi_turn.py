@@ -26,7 +26,9 @@ CONVERSATIONS, TURNS, MAX_TOKENS, CONTEXT_WORDS = 4, 6, 32, 230
 FOLLOW_UPS = ("Go on.", "What happens next?", "Make it shorter.", "Now add a twist.", "How does it end?")
 
 
-async def conversation_turns(url: str, tokenizer, opening: list[list[dict]], *, turns: int, max_tokens: int) -> list[float]:  # fmt: skip
+async def conversation_turns(
+    url: str, tokenizer, opening: list[list[dict]], *, turns: int, max_tokens: int
+) -> list[float]:
     """Play `turns` turns of every conversation together; the wall time of each turn."""
     from paraloop.envs.episodes import continuation_ids
     from paraloop.envs.tasks import Sample
@@ -38,8 +40,13 @@ async def conversation_turns(url: str, tokenizer, opening: list[list[dict]], *, 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
         async def one(i: int) -> dict:
-            body = {"prompt": {"prompt_token_ids": prompts[i]}, "n": 1, "max_tokens": max_tokens,
-                    "temperature": 1.0, "ignore_eos": True}  # fmt: skip
+            body = {
+                "prompt": {"prompt_token_ids": prompts[i]},
+                "n": 1,
+                "max_tokens": max_tokens,
+                "temperature": 1.0,
+                "ignore_eos": True,
+            }
             return await servers.post(session, f"{url}/generate", body)
 
         for turn in range(turns):
@@ -47,8 +54,12 @@ async def conversation_turns(url: str, tokenizer, opening: list[list[dict]], *, 
             answers = await asyncio.gather(*(one(i) for i in range(len(prompts))))
             times.append(time.perf_counter() - start)
             for i, answer in enumerate(answers):
-                done = Sample(prompt=history[i], text=answer["text"][0], finish_reason=answer["finish_reasons"][0],
-                              tokens=answer["token_ids"][0])  # fmt: skip
+                done = Sample(
+                    prompt=history[i],
+                    text=answer["text"][0],
+                    finish_reason=answer["finish_reasons"][0],
+                    tokens=answer["token_ids"][0],
+                )
                 reply = [{"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
                 prompts[i] = prompts[i] + done.tokens + continuation_ids(tokenizer, history[i], done, reply, eos=eos)
                 history[i] = [*history[i], {"role": "assistant", "content": done.text}, *reply]
@@ -64,14 +75,23 @@ def run(ctx: Context) -> list[Line]:
     turns = 3 if ctx.quick else TURNS
     per_turn: dict[str, list[float]] = {}
     for r, kind in enumerate(["paraloop", "paraloop_nocache"] * (1 if ctx.quick else 2)):
-        opening = [[{"role": "user", "content": f"Conversation {r}.{i}. {context}Tell me a story about "
-                                                f"{servers.TOPICS[i]}."}] for i in range(CONVERSATIONS)]  # fmt: skip
-        times = asyncio.run(conversation_turns(running[kind].url, tokenizer, opening, turns=turns,
-                                               max_tokens=MAX_TOKENS))  # fmt: skip
+        opening = [
+            [{"role": "user", "content": f"Conversation {r}.{i}. {context}Tell me a story about {servers.TOPICS[i]}."}]
+            for i in range(CONVERSATIONS)
+        ]
+        times = asyncio.run(
+            conversation_turns(running[kind].url, tokenizer, opening, turns=turns, max_tokens=MAX_TOKENS)
+        )
         per_turn[kind] = [a + b for a, b in zip(per_turn[kind], times, strict=True)] if kind in per_turn else times
     on, off = per_turn["paraloop"], per_turn["paraloop_nocache"]
-    detail = {"conversations": CONVERSATIONS, "turns": turns, "max_tokens": MAX_TOKENS,
-              "context_words": CONTEXT_WORDS, "seconds_per_turn_cache_on": on, "seconds_per_turn_cache_off": off}  # fmt: skip
+    detail = {
+        "conversations": CONVERSATIONS,
+        "turns": turns,
+        "max_tokens": MAX_TOKENS,
+        "context_words": CONTEXT_WORDS,
+        "seconds_per_turn_cache_on": on,
+        "seconds_per_turn_cache_off": off,
+    }
     last = f"turn {turns}"
     return [
         Line(NAME, f"{last} over turn 1, prefix cache on", on[-1], on[0], "s", "<= 1.3", detail=detail),

@@ -81,9 +81,7 @@ def footprint(model_f32: Path) -> dict[str, int]:
     weights = sum(safetensors_bytes(p) for p in model_f32.glob("*.safetensors"))
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     kv_dim = config["num_key_value_heads"] * config.get("head_dim", hidden // config["num_attention_heads"])
-    per_layer = 16 * (
-        2 * hidden + 2 * (hidden + kv_dim) + hidden + hidden + 2 * (hidden + inter) + (inter + hidden)
-    )
+    per_layer = 16 * (2 * hidden + 2 * (hidden + kv_dim) + hidden + hidden + 2 * (hidden + inter) + (inter + hidden))
     lora = 16 * per_layer * 4 * 3  # 16 blocks, float32, parameters + two AdamW moments
     rows = GROUP * PROMPTS
     kv = rows * (PROMPT_TOKENS_EST + MAX_TOKENS) * config["num_hidden_layers"] * 2 * kv_dim * 4
@@ -109,9 +107,18 @@ def one_run(ctx: Context, mode: str, *, steps: int, max_memory_gb: float | None 
 
 def _run(ctx: Context, run_dir: Path, mode: str, *, steps: int, max_memory_gb: float | None) -> dict:
     config = run_dir / "bench.toml"
-    config.write_text(CONFIG.format(model=ctx.model_q4, mode=mode, batch=GROUP * PROMPTS, steps=steps,
-                                    max_tokens=MAX_TOKENS, group=GROUP, prompts=PROMPTS,
-                                    run_dir=run_dir / "run"))  # fmt: skip
+    config.write_text(
+        CONFIG.format(
+            model=ctx.model_q4,
+            mode=mode,
+            batch=GROUP * PROMPTS,
+            steps=steps,
+            max_tokens=MAX_TOKENS,
+            group=GROUP,
+            prompts=PROMPTS,
+            run_dir=run_dir / "run",
+        )
+    )
     bound = [] if max_memory_gb is None else ["--set", f"rl_training.max_memory_gb={max_memory_gb:.4f}"]
     start = time.perf_counter()
     child = ctx.spawn(
@@ -132,29 +139,41 @@ def _run(ctx: Context, run_dir: Path, mode: str, *, steps: int, max_memory_gb: f
             s = status(port)
             if s is not None:
                 e = s.get("engine", {})
-                samples.append((time.perf_counter(), bool(s.get("learner_busy")), e.get("generated_tokens", 0.0),
-                                e.get("active_rows", 0.0), s.get("step", 0)))  # fmt: skip
+                samples.append(
+                    (
+                        time.perf_counter(),
+                        bool(s.get("learner_busy")),
+                        e.get("generated_tokens", 0.0),
+                        e.get("active_rows", 0.0),
+                        s.get("step", 0),
+                    )
+                )
         time.sleep(0.5)
     end = time.perf_counter()
     ctx.stop(child)
     if child.proc.returncode != 0:
         raise RuntimeError(f"paraloop run ({mode}) exited with {child.proc.returncode}:\n{child.tail()}")
-    metrics = [
-        json.loads(x) for x in (run_dir / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()
-    ]
+    metrics = [json.loads(x) for x in (run_dir / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     if not metrics or ready_epoch is None:
         raise RuntimeError(f"paraloop run ({mode}) wrote no metrics or never served:\n{child.tail()}")
-    return {"mode": mode, "max_memory_gb": max_memory_gb, "steps": len(metrics), "wall_s": end - start,
-            "startup_s": ready_at - start, "train_wall_s": metrics[-1]["time"] - ready_epoch,  # serving -> last step
-            "peak_rss": peak, "ready_rss": ready_rss,
-            "step_time_s": [m.get("step_time_s") for m in metrics],
-            "train_tokens_per_s": statistics.median(m.get("tokens_per_s", 0.0) for m in metrics[1:] or metrics),
-            "micro_batches": [m.get("micro_batches") for m in metrics],
-            "checkpointed_micro_batches": [m.get("checkpointed_micro_batches") for m in metrics],
-            "kept_logits_micro_batches": [m.get("kept_logits_micro_batches") for m in metrics],
-            "mlx_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in metrics),
-            "reward_mean": [m.get("reward_mean") for m in metrics],
-            "samples": samples}  # fmt: skip
+    return {
+        "mode": mode,
+        "max_memory_gb": max_memory_gb,
+        "steps": len(metrics),
+        "wall_s": end - start,
+        "startup_s": ready_at - start,
+        "train_wall_s": metrics[-1]["time"] - ready_epoch,  # serving -> last step
+        "peak_rss": peak,
+        "ready_rss": ready_rss,
+        "step_time_s": [m.get("step_time_s") for m in metrics],
+        "train_tokens_per_s": statistics.median(m.get("tokens_per_s", 0.0) for m in metrics[1:] or metrics),
+        "micro_batches": [m.get("micro_batches") for m in metrics],
+        "checkpointed_micro_batches": [m.get("checkpointed_micro_batches") for m in metrics],
+        "kept_logits_micro_batches": [m.get("kept_logits_micro_batches") for m in metrics],
+        "mlx_peak_gb": max(m.get("peak_memory_gb", 0.0) for m in metrics),
+        "reward_mean": [m.get("reward_mean") for m in metrics],
+        "samples": samples,
+    }
 
 
 def decode_rates(samples: list[tuple]) -> dict[str, float]:
@@ -167,9 +186,12 @@ def decode_rates(samples: list[tuple]) -> dict[str, float]:
         if busy0 or (rows0 > 0 and rows1 > 0):
             sums[busy0][0] += tok1 - tok0
             sums[busy0][1] += t1 - t0
-    return {"training": sums[True][0] / sums[True][1] if sums[True][1] else 0.0,
-            "idle": sums[False][0] / sums[False][1] if sums[False][1] else 0.0,
-            "training_s": sums[True][1], "idle_s": sums[False][1]}  # fmt: skip
+    return {
+        "training": sums[True][0] / sums[True][1] if sums[True][1] else 0.0,
+        "idle": sums[False][0] / sums[False][1] if sums[False][1] else 0.0,
+        "training_s": sums[True][1],
+        "idle_s": sums[False][1],
+    }
 
 
 def tightest(ctx: Context, need_bytes: int, *, steps: int) -> tuple[dict, list[str]]:
@@ -194,27 +216,63 @@ def run(ctx: Context) -> list[Line]:
     sync_rate, tight_rate = (r["train_tokens_per_s"] for r in (sync, tight))
     per_min = {r["mode"]: r["steps"] / r["train_wall_s"] * 60 for r in (sync, asyn)}
     mib = 2**20
-    detail = {"footprint_bytes": need, "sync": {k: v for k, v in sync.items() if k != "samples"},
-              "async": {k: v for k, v in asyn.items() if k != "samples"},
-              "sync_tight": {k: v for k, v in tight.items() if k != "samples"}, "tight_failures": failures,
-              "decode_rates": rates}  # fmt: skip
-    est = f"weights {need['weights'] / mib:.0f} + LoRA/AdamW {need['lora_and_adamw'] / mib:.0f} + KV {need['kv_cache'] / mib:.0f} MiB"
+    detail = {
+        "footprint_bytes": need,
+        "sync": {k: v for k, v in sync.items() if k != "samples"},
+        "async": {k: v for k, v in asyn.items() if k != "samples"},
+        "sync_tight": {k: v for k, v in tight.items() if k != "samples"},
+        "tight_failures": failures,
+        "decode_rates": rates,
+    }
+    est = (
+        f"weights {need['weights'] / mib:.0f} + LoRA/AdamW {need['lora_and_adamw'] / mib:.0f}"
+        f" + KV {need['kv_cache'] / mib:.0f} MiB"
+    )
     return [
-        Line(NAME, "peak RSS of `paraloop run` (sync, defaults) over weights + LoRA state + KV estimate",
-             sync["peak_rss"] / mib, need["total"] / mib, "MiB", note=f"{est}; train {sync_rate:.0f} tok/s, "
-             f"micro-batches {sync['micro_batches']}, MLX peak {sync['mlx_peak_gb']:.2f} GiB", detail=detail),
-        Line(NAME, "RSS after start-up (model loaded, engine up) over the same", (sync["ready_rss"] or 0) / mib,
-             need["total"] / mib, "MiB"),
-        Line(NAME, f"peak RSS with max_memory_gb = {tight['max_memory_gb']:.2f} (the smallest tried that trains) "
-             "over the same", tight["peak_rss"] / mib, need["total"] / mib, "MiB", "<= 1.3",
-             note=f"MLX peak {tight['mlx_peak_gb']:.2f} GiB within the setting: "
-             f"{'yes' if tight['mlx_peak_gb'] <= tight['max_memory_gb'] else 'NO'}; train {tight_rate:.0f} tok/s vs "
-             f"{sync_rate:.0f} with the defaults; micro-batches {tight['micro_batches']}, checkpointed "
-             f"{tight['checkpointed_micro_batches']}; smaller settings refused: {len(failures)}"),
-        Line(NAME, f"RL steps/minute, async over sync ({GROUP * PROMPTS} x <= {MAX_TOKENS} tokens per step)",
-             per_min["async"], per_min["sync"], "steps/min",
-             note="from serving to the last step's metrics, first generation included"),
-        Line(NAME, "tokens generated per s while the learner steps over decode tokens/s while it waits (async)",
-             rates["training"], rates["idle"], "tok/s",
-             note=f"{rates['training_s']:.0f} s training / {rates['idle_s']:.0f} s waiting sampled"),
-    ]  # fmt: skip
+        Line(
+            NAME,
+            "peak RSS of `paraloop run` (sync, defaults) over weights + LoRA state + KV estimate",
+            sync["peak_rss"] / mib,
+            need["total"] / mib,
+            "MiB",
+            note=f"{est}; train {sync_rate:.0f} tok/s, "
+            f"micro-batches {sync['micro_batches']}, MLX peak {sync['mlx_peak_gb']:.2f} GiB",
+            detail=detail,
+        ),
+        Line(
+            NAME,
+            "RSS after start-up (model loaded, engine up) over the same",
+            (sync["ready_rss"] or 0) / mib,
+            need["total"] / mib,
+            "MiB",
+        ),
+        Line(
+            NAME,
+            f"peak RSS with max_memory_gb = {tight['max_memory_gb']:.2f} (the smallest tried that trains) "
+            "over the same",
+            tight["peak_rss"] / mib,
+            need["total"] / mib,
+            "MiB",
+            "<= 1.3",
+            note=f"MLX peak {tight['mlx_peak_gb']:.2f} GiB within the setting: "
+            f"{'yes' if tight['mlx_peak_gb'] <= tight['max_memory_gb'] else 'NO'}; train {tight_rate:.0f} tok/s vs "
+            f"{sync_rate:.0f} with the defaults; micro-batches {tight['micro_batches']}, checkpointed "
+            f"{tight['checkpointed_micro_batches']}; smaller settings refused: {len(failures)}",
+        ),
+        Line(
+            NAME,
+            f"RL steps/minute, async over sync ({GROUP * PROMPTS} x <= {MAX_TOKENS} tokens per step)",
+            per_min["async"],
+            per_min["sync"],
+            "steps/min",
+            note="from serving to the last step's metrics, first generation included",
+        ),
+        Line(
+            NAME,
+            "tokens generated per s while the learner steps over decode tokens/s while it waits (async)",
+            rates["training"],
+            rates["idle"],
+            "tok/s",
+            note=f"{rates['training_s']:.0f} s training / {rates['idle_s']:.0f} s waiting sampled",
+        ),
+    ]

@@ -16,10 +16,15 @@ TITLE = "13. Sampling-mask replay: rollout ratios outside [0.8, 1.25] at top_p /
 BUDGET_S = 600
 GROUP, PROMPTS, MAX_TOKENS = 8, 8, 48
 QUESTIONS = [
-    "Name one animal that lives in the sea.", "What is a good name for a cat?", "Describe the colour of the sky.",
-    "Give me a word that rhymes with light.", "What do people eat for breakfast?", "Name a musical instrument.",
-    "Which fruit is yellow?", "Tell me something about winter.",
-]  # fmt: skip
+    "Name one animal that lives in the sea.",
+    "What is a good name for a cat?",
+    "Describe the colour of the sky.",
+    "Give me a word that rhymes with light.",
+    "What do people eat for breakfast?",
+    "Name a musical instrument.",
+    "Which fruit is yellow?",
+    "Tell me something about winter.",
+]
 SETTINGS = {"top_p = 0.8": {"top_p": 0.8}, "top_k = 20": {"top_k": 20}, "no filter": {}}
 
 
@@ -35,14 +40,22 @@ def rollouts(model_path, settings: dict[str, dict], *, quick: bool):
 
     model, tokenizer, _, _ = load_model(model_path)
     count = 2 if quick else PROMPTS
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-               for q in QUESTIONS[:count]]  # fmt: skip
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in QUESTIONS[:count]
+    ]
     out = {}
     for s, (name, filters) in enumerate(settings.items()):
         params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, **filters)
-        requests = [GenerateRequest(request_id=f"{s}-{i}", prompt_tokens=p, n=GROUP,
-                                    params=msgspec.structs.replace(params, seed=100 * s + i))
-                    for i, p in enumerate(prompts)]  # fmt: skip
+        requests = [
+            GenerateRequest(
+                request_id=f"{s}-{i}",
+                prompt_tokens=p,
+                n=GROUP,
+                params=msgspec.structs.replace(params, seed=100 * s + i),
+            )
+            for i, p in enumerate(prompts)
+        ]
 
         async def main(requests=requests):
             engine = Engine(model, tokenizer, config=EngineConfig(), batch_size=GROUP * count, adapter=None)
@@ -73,9 +86,16 @@ def ratio_stats(model, head, prompts, completions, *, replay: bool) -> dict:
     for row in range(0, tb.rows, GROUP):  # a group at a time; the chunked head holds one chunk's logits
         sl = slice(row, row + GROUP)
         kept = mx.array(tb.kept[sl]) if replay and tb.kept is not None else None
-        logp, _ = forward_logprobs(model, mx.array(tb.input_ids[sl]), mx.array(tb.targets[sl]),
-                                   mx.array(tb.temperature[sl]), with_entropy=False, head=head,
-                                   positions=np.flatnonzero(tb.mask[sl]), kept=kept)  # fmt: skip
+        logp, _ = forward_logprobs(
+            model,
+            mx.array(tb.input_ids[sl]),
+            mx.array(tb.targets[sl]),
+            mx.array(tb.temperature[sl]),
+            with_entropy=False,
+            head=head,
+            positions=np.flatnonzero(tb.mask[sl]),
+            kept=kept,
+        )
         mx.eval(logp)
         logs.append((np.array(logp) - tb.inference_logprobs[sl])[tb.mask[sl]])
     log_ratio = np.concatenate(logs).astype(np.float64)
@@ -101,11 +121,16 @@ def run(ctx: Context) -> list[Line]:
     for name in ("top_p = 0.8", "top_k = 20"):
         with_replay = ratio_stats(model, head, *sampled[name], replay=True)
         without = ratio_stats(model, head, *sampled[name], replay=False)
-        lines.append(Line(
-            NAME, f"{name}: ratios outside [0.8, 1.25], replay / full vocabulary",
-            with_replay["outside_0.8_1.25"], without["outside_0.8_1.25"], "",
-            note=f"[0.9, 1.1]: {with_replay['outside_0.9_1.1']:.4f} with replay, {without['outside_0.9_1.1']:.4f} "
-                 f"without; no filter: {floor['outside_0.8_1.25']:.4f}",
-            detail={"replay": with_replay, "full_vocabulary": without, "no_filter": floor},
-        ))  # fmt: skip
+        lines.append(
+            Line(
+                NAME,
+                f"{name}: ratios outside [0.8, 1.25], replay / full vocabulary",
+                with_replay["outside_0.8_1.25"],
+                without["outside_0.8_1.25"],
+                "",
+                note=f"[0.9, 1.1]: {with_replay['outside_0.9_1.1']:.4f} with replay, {without['outside_0.9_1.1']:.4f} "
+                f"without; no filter: {floor['outside_0.8_1.25']:.4f}",
+                detail={"replay": with_replay, "full_vocabulary": without, "no_filter": floor},
+            )
+        )
     return lines

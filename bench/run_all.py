@@ -22,9 +22,22 @@ import paraloop  # noqa: F401  (the OpenBLAS preload, before anything imports ml
 from bench import report
 from bench.harness import RESULTS, ROOT, Context, Line, machine, table, write_json
 
-MODULES = ["http_serving", "multi_lora", "grpo_group", "multi_turn", "swap_pause", "learner", "paraloop_run",
-           "cpu_path", "decode_step", "constrained", "distributed", "learner_memory",
-           "replay", "tinker_sdk"]  # benchmarks sharing servers stay next to each other
+MODULES = [
+    "http_serving",
+    "multi_lora",
+    "grpo_group",
+    "multi_turn",
+    "swap_pause",
+    "learner",
+    "paraloop_run",
+    "cpu_path",
+    "decode_step",
+    "constrained",
+    "distributed",
+    "learner_memory",
+    "replay",
+    "tinker_sdk",
+]  # benchmarks sharing servers stay next to each other
 HARD_LIMIT_FACTOR = 3
 DOCS = ROOT / "docs" / "benchmarks.md"
 
@@ -49,9 +62,7 @@ def select(only: list[str]) -> list:
     unknown = wanted - {m.NAME for m in modules}
     if unknown:
         names = ", ".join(m.NAME for m in modules)
-        raise SystemExit(
-            f"bench.run_all: unknown benchmark {', '.join(sorted(unknown))} (choose from {names})"
-        )
+        raise SystemExit(f"bench.run_all: unknown benchmark {', '.join(sorted(unknown))} (choose from {names})")
     return [m for m in modules if m.NAME in wanted]
 
 
@@ -75,18 +86,29 @@ def run_one(module, ctx: Context, facts: dict) -> tuple[dict, list[Line]]:
         print(table(lines), flush=True)
     over = " (OVER BUDGET)" if elapsed > module.BUDGET_S else ""
     print(f"   {elapsed:.0f} s{over}", flush=True)
-    rec = report.record(module, lines, machine=facts, quick=ctx.quick, elapsed_s=elapsed, error=error,
-                        load_after=[round(x, 2) for x in os.getloadavg()])  # fmt: skip
+    rec = report.record(
+        module,
+        lines,
+        machine=facts,
+        quick=ctx.quick,
+        elapsed_s=elapsed,
+        error=error,
+        load_after=[round(x, 2) for x in os.getloadavg()],
+    )
     return rec, lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
-    parser.add_argument("--only", action="append", default=[], metavar="NAME",
-                        help="run only these benchmarks (repeat or comma-separate): http, group, swap, learner, run, cpu, turns, decode, constrained, distributed, memory, multilora, replay, tinker")  # fmt: skip
     parser.add_argument(
-        "--quick", action="store_true", help="a smoke run of a few minutes (results not kept in docs)"
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run only these benchmarks (repeat or comma-separate): http, group, swap, learner, run, cpu, turns, "
+        "decode, constrained, distributed, memory, multilora, replay, tinker",
     )
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes (results not kept in docs)")
     args = parser.parse_args(argv)
     modules = select(args.only)
     out_dir = RESULTS / "quick" if args.quick else RESULTS

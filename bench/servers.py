@@ -35,11 +35,23 @@ DIAGNOSTIC_KINDS = {
 MLX_LM_SERVER = "import paraloop; from mlx_lm.server import main; main()"  # the OpenBLAS preload, then mlx_lm
 START_TIMEOUT_S = 180
 TOPICS = (
-    "a lighthouse keeper", "a lost robot", "the ocean", "a dragon who cannot fly", "a city at night",
-    "an old clock", "a mountain village", "a space station", "a forgotten library", "a winter storm",
-    "a talking cat", "the first day of school", "a desert caravan", "a haunted ship", "a garden in spring",
+    "a lighthouse keeper",
+    "a lost robot",
+    "the ocean",
+    "a dragon who cannot fly",
+    "a city at night",
+    "an old clock",
+    "a mountain village",
+    "a space station",
+    "a forgotten library",
+    "a winter storm",
+    "a talking cat",
+    "the first day of school",
+    "a desert caravan",
+    "a haunted ship",
+    "a garden in spring",
     "a chess champion",
-)  # fmt: skip
+)
 
 
 @dataclass
@@ -74,14 +86,41 @@ def server(ctx: Context, kind: str) -> Server:
     port = free_port()
     if kind.startswith("paraloop"):
         model = ctx.model_q4
-        cmd = python_cmd("-m", "paraloop", "serve", "--model-path", str(model), "--host", "127.0.0.1",
-                         "--port", str(port), "--set", "server.batch_size=32", "--set", "engine.max_n=64")  # fmt: skip
+        cmd = python_cmd(
+            "-m",
+            "paraloop",
+            "serve",
+            "--model-path",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--set",
+            "server.batch_size=32",
+            "--set",
+            "engine.max_n=64",
+        )
         if kind.endswith("_nocache"):
             cmd += ["--set", "engine.prefix_cache_mb=0"]
     else:
         model = ctx.model_q4 if kind == "mlx_lm_q4" else ctx.model_f32
-        cmd = python_cmd("-c", MLX_LM_SERVER, "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-                         "--decode-concurrency", "32", "--prompt-concurrency", "8", "--log-level", "WARNING")  # fmt: skip
+        cmd = python_cmd(
+            "-c",
+            MLX_LM_SERVER,
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--decode-concurrency",
+            "32",
+            "--prompt-concurrency",
+            "8",
+            "--log-level",
+            "WARNING",
+        )
         if kind.endswith("_nocache"):  # no reuse of cached prompt prefixes
             cmd += ["--prompt-cache-size", "0"]
     child = ctx.spawn(kind, cmd)
@@ -121,15 +160,11 @@ def long_context(words: int) -> str:
     return " ".join(text) + "\n\n"
 
 
-def story_body(
-    srv: Server, index: int, *, max_tokens: int, n: int | None = None, prefix: str = ""
-) -> dict[str, Any]:
+def story_body(srv: Server, index: int, *, max_tokens: int, n: int | None = None, prefix: str = "") -> dict[str, Any]:
     """A chat request asking for a long answer, decoded to exactly max_tokens tokens."""
     topic = TOPICS[index % len(TOPICS)]
     body = {
-        "messages": [
-            {"role": "user", "content": f"{prefix}Write a long story about {topic} (story {index})."}
-        ],
+        "messages": [{"role": "user", "content": f"{prefix}Write a long story about {topic} (story {index})."}],
         "max_tokens": max_tokens,
         "temperature": 1.0,
         **srv.no_eos(),
@@ -156,8 +191,13 @@ class LoadResult:
     latencies_s: list[float]
 
     def __add__(self, other: "LoadResult") -> "LoadResult":
-        return LoadResult(self.tokens + other.tokens, self.wall_s + other.wall_s, self.requests + other.requests,
-                          self.failed + other.failed, self.latencies_s + other.latencies_s)  # fmt: skip
+        return LoadResult(
+            self.tokens + other.tokens,
+            self.wall_s + other.wall_s,
+            self.requests + other.requests,
+            self.failed + other.failed,
+            self.latencies_s + other.latencies_s,
+        )
 
     @property
     def tokens_per_s(self) -> float:
@@ -188,27 +228,38 @@ async def _closed_loop(url: str, bodies: list[list[dict[str, Any]]], timeout_s: 
     return LoadResult(tokens, wall, sum(map(len, bodies)), failed, latencies)
 
 
-def closed_loop(srv: Server, *, clients: int, per_client: int, max_tokens: int, n: int | None = None,
-                same_prompt: bool = False, first: int = 0, prefix: str = "", timeout_s: float = 600,
-                extra: Callable[[int], dict[str, Any]] | None = None) -> LoadResult:  # fmt: skip
+def closed_loop(
+    srv: Server,
+    *,
+    clients: int,
+    per_client: int,
+    max_tokens: int,
+    n: int | None = None,
+    same_prompt: bool = False,
+    first: int = 0,
+    prefix: str = "",
+    timeout_s: float = 600,
+    extra: Callable[[int], dict[str, Any]] | None = None,
+) -> LoadResult:
     """`clients` concurrent clients, each sending `per_client` chat requests in a row; prompts are numbered from
     `first` (distinct prompts per round keep mlx_lm.server's prompt cache from replaying a previous round).
     `extra(client)`: more body fields for that client's requests (e.g. which adapter)."""
     bodies = [
         [
-            story_body(srv, first if same_prompt else first + c * per_client + i, max_tokens=max_tokens, n=n,
-                       prefix=prefix) | (extra(c) if extra else {})
+            story_body(
+                srv, first if same_prompt else first + c * per_client + i, max_tokens=max_tokens, n=n, prefix=prefix
+            )
+            | (extra(c) if extra else {})
             for i in range(per_client)
         ]
         for c in range(clients)
-    ]  # fmt: skip
+    ]
     return asyncio.run(_closed_loop(f"{srv.url}/v1/chat/completions", bodies, timeout_s))
 
 
 def ask(srv: Server, question: str, *, max_tokens: int = 24) -> str:
     """A greedy chat answer with EOS on: the sanity check that the server's model is the real one."""
-    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-            "temperature": 0.0}  # fmt: skip
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0.0}
 
     async def once() -> dict[str, Any]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:

@@ -64,8 +64,9 @@ def baselines(model, versions: list[dict], *, repeats: int) -> dict[str, list[fl
     return out
 
 
-async def decode_and_swap(engine, tokenizer, versions: list[dict], *, swaps: int, max_tokens: int, twin_model,
-                          repeats: int) -> dict:  # fmt: skip
+async def decode_and_swap(
+    engine, tokenizer, versions: list[dict], *, swaps: int, max_tokens: int, twin_model, repeats: int
+) -> dict:
     import anyio
 
     from paraloop.messages import GenerateRequest, SamplingParams
@@ -89,9 +90,7 @@ async def decode_and_swap(engine, tokenizer, versions: list[dict], *, swaps: int
             swapped = await engine.swap_adapter(versions[v % len(versions)], v)
             pauses.append(swapped.pause_s)
             done_at.append(time.perf_counter())
-        base.update(
-            baselines(twin_model, versions, repeats=repeats)
-        )  # blocks the loop, not the engine thread
+        base.update(baselines(twin_model, versions, repeats=repeats))  # blocks the loop, not the engine thread
 
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)
@@ -109,8 +108,14 @@ async def decode_and_swap(engine, tokenizer, versions: list[dict], *, swaps: int
             versions_seen.update(r.versions)
     failed += STREAMS - len(results)
     intervals = [b - a for a, b in zip(done_at, done_at[1:], strict=False)]
-    return {"pauses_s": pauses, "failed": failed, "versions_seen": len(versions_seen),
-            "step_s": median(intervals), "stats": engine.stats(), "baselines": base}  # fmt: skip
+    return {
+        "pauses_s": pauses,
+        "failed": failed,
+        "versions_seen": len(versions_seen),
+        "step_s": median(intervals),
+        "stats": engine.stats(),
+        "baselines": base,
+    }
 
 
 def run(ctx: Context) -> list[Line]:
@@ -132,26 +137,73 @@ def run(ctx: Context) -> list[Line]:
     other = twin(model)  # same base arrays, its own LoRA slots: the baselines never touch the engine's model
 
     engine = Engine(model, tokenizer, config=EngineConfig(), batch_size=STREAMS, adapter=AdapterSlots(model))
-    r = anyio.run(lambda: decode_and_swap(engine, tokenizer, versions, swaps=swaps, max_tokens=swaps + 40,
-                                          twin_model=other, repeats=5 if ctx.quick else 10))  # fmt: skip
+    r = anyio.run(
+        lambda: decode_and_swap(
+            engine,
+            tokenizer,
+            versions,
+            swaps=swaps,
+            max_tokens=swaps + 40,
+            twin_model=other,
+            repeats=5 if ctx.quick else 10,
+        )
+    )
     base = r["baselines"]
     pause = median(r["pauses_s"])
-    detail = {"lora_arrays": len(shapes), "swaps": swaps, "pause_s": r["pauses_s"], "max_pause_s": max(r["pauses_s"]),
-              "decode_step_s_batch32": r["step_s"], "versions_seen_in_completions": r["versions_seen"],
-              "baselines_s": base, "engine_stats": r["stats"]}  # fmt: skip
+    detail = {
+        "lora_arrays": len(shapes),
+        "swaps": swaps,
+        "pause_s": r["pauses_s"],
+        "max_pause_s": max(r["pauses_s"]),
+        "decode_step_s_batch32": r["step_s"],
+        "versions_seen_in_completions": r["versions_seen"],
+        "baselines_s": base,
+        "engine_stats": r["stats"],
+    }
     ms = 1e3
     lines = [
-        Line(NAME, f"median pause, {swaps} swaps of {len(shapes)} arrays while {STREAMS} streams decode",
-             pause * ms, None, "ms", "<= 1 ms", note=f"max {max(r['pauses_s']) * ms:.2f} ms", detail=detail),
-        Line(NAME, "pause over the predecessor's swap (save_safetensors + load_weights)",
-             pause * ms, median(base["save_and_load_weights"]) * ms, "ms",
-             note=f"load_weights alone {median(base['load_weights_only']) * ms:.1f} ms"),
-        Line(NAME, "pause over model.update(tree_unflatten(...))", pause * ms, median(base["model_update"]) * ms, "ms",
-             note="engine pause on its thread vs model.update on the main thread, same decode load"),
-        Line(NAME, "AdapterSlots.swap over model.update (main thread, same load)",
-             median(base["adapter_slots"]) * ms, median(base["model_update"]) * ms, "ms"),
+        Line(
+            NAME,
+            f"median pause, {swaps} swaps of {len(shapes)} arrays while {STREAMS} streams decode",
+            pause * ms,
+            None,
+            "ms",
+            "<= 1 ms",
+            note=f"max {max(r['pauses_s']) * ms:.2f} ms",
+            detail=detail,
+        ),
+        Line(
+            NAME,
+            "pause over the predecessor's swap (save_safetensors + load_weights)",
+            pause * ms,
+            median(base["save_and_load_weights"]) * ms,
+            "ms",
+            note=f"load_weights alone {median(base['load_weights_only']) * ms:.1f} ms",
+        ),
+        Line(
+            NAME,
+            "pause over model.update(tree_unflatten(...))",
+            pause * ms,
+            median(base["model_update"]) * ms,
+            "ms",
+            note="engine pause on its thread vs model.update on the main thread, same decode load",
+        ),
+        Line(
+            NAME,
+            "AdapterSlots.swap over model.update (main thread, same load)",
+            median(base["adapter_slots"]) * ms,
+            median(base["model_update"]) * ms,
+            "ms",
+        ),
         Line(NAME, "pause over one decode step (batch 32)", pause * ms, r["step_s"] * ms, "ms"),
-        Line(NAME, f"failed requests during {swaps} swaps", float(r["failed"]), float(STREAMS), "requests",
-             "<= 0 requests", note=f"completions saw {r['versions_seen']} adapter versions"),
-    ]  # fmt: skip
+        Line(
+            NAME,
+            f"failed requests during {swaps} swaps",
+            float(r["failed"]),
+            float(STREAMS),
+            "requests",
+            "<= 0 requests",
+            note=f"completions saw {r['versions_seen']} adapter versions",
+        ),
+    ]
     return lines

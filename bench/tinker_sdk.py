@@ -54,8 +54,11 @@ def sdk_tokens_per_s(samplers: list, batches: list[list[list[int]]]) -> float:
 
     params = types.SamplingParams(max_tokens=TOKENS, temperature=1.0, stop=[])
     start = time.perf_counter()
-    futures = [s.sample(types.ModelInput.from_ints(p), num_samples=SAMPLES, sampling_params=params)
-               for s, batch in zip(samplers, batches, strict=True) for p in batch]  # fmt: skip
+    futures = [
+        s.sample(types.ModelInput.from_ints(p), num_samples=SAMPLES, sampling_params=params)
+        for s, batch in zip(samplers, batches, strict=True)
+        for p in batch
+    ]
     tokens = sum(len(seq.tokens) for f in futures for seq in f.result().sequences)
     return tokens / (time.perf_counter() - start)
 
@@ -66,8 +69,14 @@ def openai_tokens_per_s(url: str, batch: list[list[int]]) -> float:
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
 
     def one(prompt: list[int]) -> int:
-        body = {"model": model, "prompt": prompt, "n": SAMPLES, "max_tokens": TOKENS, "temperature": 1.0,
-                "ignore_eos": True}  # fmt: skip
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "n": SAMPLES,
+            "max_tokens": TOKENS,
+            "temperature": 1.0,
+            "ignore_eos": True,
+        }
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
@@ -96,8 +105,20 @@ def run(ctx: Context) -> list[Line]:
     model = ctx.model_q4
     rounds = 3 if ctx.quick else 8
     tport, oport = free_port(), free_port()
-    tk = ctx.spawn("tinker", python_cmd("-m", "paraloop", "tinker", "--model-path", str(model), "--port", str(tport),
-                                        "--set", f"tinker.state_dir={ctx.log_dir / 'tinker-state'}"))  # fmt: skip
+    tk = ctx.spawn(
+        "tinker",
+        python_cmd(
+            "-m",
+            "paraloop",
+            "tinker",
+            "--model-path",
+            str(model),
+            "--port",
+            str(tport),
+            "--set",
+            f"tinker.state_dir={ctx.log_dir / 'tinker-state'}",
+        ),
+    )
     ctx.spawn("serve", python_cmd("-m", "paraloop", "serve", "--model-path", str(model), "--port", str(oport)))
     turl, ourl = f"http://127.0.0.1:{tport}", f"http://127.0.0.1:{oport}"
     wait_until(lambda: healthy(f"{turl}/api/v1/healthz"), timeout_s=300, what="paraloop tinker")
@@ -108,8 +129,10 @@ def run(ctx: Context) -> list[Line]:
     tc = service.create_lora_training_client(base_model=str(model), rank=RANK).result()
     vocab = len(tc.get_tokenizer())
     batch = prompts(vocab)
-    datum = types.Datum(model_input=types.ModelInput.from_ints(batch[0][:-1]),
-                        loss_fn_inputs={"target_tokens": batch[0][1:], "weights": [1.0] * 23})  # fmt: skip
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(batch[0][:-1]),
+        loss_fn_inputs={"target_tokens": batch[0][1:], "weights": [1.0] * 23},
+    )
 
     def step(client: tinker.TrainingClient) -> None:
         client.forward_backward([datum], "cross_entropy").result()
@@ -143,20 +166,53 @@ def run(ctx: Context) -> list[Line]:
     sa = tc.save_weights_and_get_sampling_client().result()
     sb = second.save_weights_and_get_sampling_client().result()
     one_tps = sdk_tokens_per_s([sa], [batch])
-    two_tps = sdk_tokens_per_s([sa, sb], [batch[: PROMPTS // 2], batch[PROMPTS // 2:]])
+    two_tps = sdk_tokens_per_s([sa, sb], [batch[: PROMPTS // 2], batch[PROMPTS // 2 :]])
 
     ms, mb = 1e3, 1 / 2**20
     mem, disk = statistics.median(memory_s), statistics.median(disk_s)
-    detail = {"memory_s": memory_s, "disk_s": disk_s, "rss_before_clients": rss_before, "rss_one_client": rss_one,
-              "rss_two_clients": rss_two, "estimate_bytes_per_client": estimate}  # fmt: skip
+    detail = {
+        "memory_s": memory_s,
+        "disk_s": disk_s,
+        "rss_before_clients": rss_before,
+        "rss_one_client": rss_one,
+        "rss_two_clients": rss_two,
+        "estimate_bytes_per_client": estimate,
+    }
     return [
-        Line(NAME, "save_weights_and_get_sampling_client + first token, over save_state + "
-                   "create_sampling_client(model_path) + first token", mem * ms, disk * ms, "ms", "<= 0.05",
-             note=f"median of {rounds}; both include the SDK's HTTP round trips", detail=detail),
-        Line(NAME, f"sampling tokens/s, SDK over /v1/completions ({PROMPTS} prompts x {SAMPLES}, {TOKENS} tokens)",
-             sdk_tps, openai_tps, "tok/s", ">= 0.9"),
-        Line(NAME, f"memory added by a second training client (rank {RANK}, after one step), over the estimate",
-             (rss_two - rss_one) * mb, estimate * mb, "MiB", note="RSS delta; MLX's allocator cache makes it coarse"),
-        Line(NAME, "tokens/s, two clients' samplers together over one sampler alone", two_tps, one_tps, "tok/s",
-             ">= 0.9", note="two adapters in one decode batch vs one"),
-    ]  # fmt: skip
+        Line(
+            NAME,
+            "save_weights_and_get_sampling_client + first token, over save_state + "
+            "create_sampling_client(model_path) + first token",
+            mem * ms,
+            disk * ms,
+            "ms",
+            "<= 0.05",
+            note=f"median of {rounds}; both include the SDK's HTTP round trips",
+            detail=detail,
+        ),
+        Line(
+            NAME,
+            f"sampling tokens/s, SDK over /v1/completions ({PROMPTS} prompts x {SAMPLES}, {TOKENS} tokens)",
+            sdk_tps,
+            openai_tps,
+            "tok/s",
+            ">= 0.9",
+        ),
+        Line(
+            NAME,
+            f"memory added by a second training client (rank {RANK}, after one step), over the estimate",
+            (rss_two - rss_one) * mb,
+            estimate * mb,
+            "MiB",
+            note="RSS delta; MLX's allocator cache makes it coarse",
+        ),
+        Line(
+            NAME,
+            "tokens/s, two clients' samplers together over one sampler alone",
+            two_tps,
+            one_tps,
+            "tok/s",
+            ">= 0.9",
+            note="two adapters in one decode batch vs one",
+        ),
+    ]

@@ -36,16 +36,12 @@ PROMPT_LOGPROB = 1.0
 
 
 def post(url: str, body: dict[str, Any], *, timeout: float = 600) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as e:
-        raise SystemExit(
-            f"external_env: POST {url} answered {e.code}: {e.read().decode(errors='replace')}"
-        ) from None
+        raise SystemExit(f"external_env: POST {url} answered {e.code}: {e.read().decode(errors='replace')}") from None
     except urllib.error.URLError as e:
         raise SystemExit(f"external_env: cannot reach {url}: {e.reason}") from None
 
@@ -64,9 +60,7 @@ def sample_rows(args: argparse.Namespace, messages: list[dict], prompt: list[int
         "seed": seed,
     }
     if args.endpoint == "generate":
-        answer = post(
-            f"{args.url}/generate", {"prompt": {"prompt_token_ids": prompt}, "logprobs": 0, **params}
-        )
+        answer = post(f"{args.url}/generate", {"prompt": {"prompt_token_ids": prompt}, "logprobs": 0, **params})
         if answer["prompt_token_ids"] != prompt:
             raise SystemExit("external_env: the server changed the prompt ids")
         return [
@@ -79,10 +73,14 @@ def sample_rows(args: argparse.Namespace, messages: list[dict], prompt: list[int
                 "versions": versions,
             }
             for ids, lps, finish, text, versions in zip(
-                answer["token_ids"], answer["logprobs"], answer["finish_reasons"], answer["text"],
-                answer["adapter_versions"], strict=True,
+                answer["token_ids"],
+                answer["logprobs"],
+                answer["finish_reasons"],
+                answer["text"],
+                answer["adapter_versions"],
+                strict=True,
             )
-        ]  # fmt: skip
+        ]
     answer = post(f"{args.url}/v1/chat/completions", {"messages": messages, **params})
     return [
         {
@@ -106,9 +104,7 @@ def sample_group(args: argparse.Namespace, tokenizer: Any, task: Any, rng: rando
     scores = []
     for row in rows:
         ids = row["tokens"]
-        text_ids = (
-            ids[:-1] if row["finish_reason"] == "stop" and ids and ids[-1] == tokenizer.eos_token_id else ids
-        )
+        text_ids = ids[:-1] if row["finish_reason"] == "stop" and ids and ids[-1] == tokenizer.eos_token_id else ids
         sample = Sample(
             prompt=messages,
             text=row["text"],
@@ -143,18 +139,14 @@ def register_env(args: argparse.Namespace) -> int:
         if answer.get("status") == "success":
             return int(answer["env_id"])
         if time.monotonic() > deadline:
-            raise SystemExit(
-                f"external_env: Atropos did not accept the environment within {args.wait_s} s: {answer}"
-            )
+            raise SystemExit(f"external_env: Atropos did not accept the environment within {args.wait_s} s: {answer}")
         time.sleep(1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="paraloop serve/run base URL")
-    parser.add_argument(
-        "--model-path", required=True, help="model directory (its tokenizer and chat template)"
-    )
+    parser.add_argument("--model-path", required=True, help="model directory (its tokenizer and chat template)")
     parser.add_argument("--task", default="paraloop.envs.tasks:one_word", help="reward task, module:function")
     parser.add_argument("--endpoint", choices=("generate", "chat"), default="generate")
     parser.add_argument("--groups", type=int, default=4, help="groups to sample")
@@ -164,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--atropos-url", help="post each group to this Atropos API's /scored_data")
     parser.add_argument("--max-token-length", type=int, default=4096, help="sent to Atropos /register-env")
-    parser.add_argument(
-        "--wait-s", type=float, default=60.0, help="how long to wait for Atropos to accept us"
-    )
+    parser.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for Atropos to accept us")
     args = parser.parse_args(argv)
     args.url = args.url.rstrip("/")
 

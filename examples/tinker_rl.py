@@ -53,22 +53,38 @@ def main() -> None:
         chats = [task.prompt(rng) for _ in range(args.prompts)]
         texts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
         prompts = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
-        futures = [sampler.sample(types.ModelInput.from_ints(p), num_samples=args.group, sampling_params=params)
-                   for p in prompts]  # fmt: skip
+        futures = [
+            sampler.sample(types.ModelInput.from_ints(p), num_samples=args.group, sampling_params=params)
+            for p in prompts
+        ]
         data, rewards = [], []
         for chat, prompt, future in zip(chats, prompts, futures, strict=True):
             seqs = future.result().sequences
-            group = [task.reward(Sample(prompt=chat, text=tokenizer.decode(s.tokens, skip_special_tokens=True),
-                                        finish_reason=s.stop_reason, tokens=s.tokens)) for s in seqs]  # fmt: skip
+            group = [
+                task.reward(
+                    Sample(
+                        prompt=chat,
+                        text=tokenizer.decode(s.tokens, skip_special_tokens=True),
+                        finish_reason=s.stop_reason,
+                        tokens=s.tokens,
+                    )
+                )
+                for s in seqs
+            ]
             rewards += group
             for seq, reward in zip(seqs, group, strict=True):
                 full, pad = prompt + seq.tokens, len(prompt) - 1
                 advantage = reward - float(np.mean(group))
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(full[:-1]),
-                    loss_fn_inputs={"target_tokens": full[1:], "logprobs": [0.0] * pad + seq.logprobs,
-                                    "advantages": [0.0] * pad + [advantage] * len(seq.tokens)},
-                ))  # fmt: skip
+                data.append(
+                    types.Datum(
+                        model_input=types.ModelInput.from_ints(full[:-1]),
+                        loss_fn_inputs={
+                            "target_tokens": full[1:],
+                            "logprobs": [0.0] * pad + seq.logprobs,
+                            "advantages": [0.0] * pad + [advantage] * len(seq.tokens),
+                        },
+                    )
+                )
         loss = trainer.forward_backward(data, "importance_sampling").result().metrics["loss:sum"]
         trainer.optim_step(types.AdamParams(learning_rate=args.lr)).result()
         sampler = trainer.save_weights_and_get_sampling_client().result()

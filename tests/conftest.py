@@ -25,16 +25,32 @@ ATROPOS_VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropo
 
 
 # The numerics tests: their results depend on floating-point summation order (BLAS kernels, batch shapes), so
-# `make test` runs them once more under a second OpenBLAS kernel (tests/support/kernels.py). Each compares two computations
+# `make test` runs them once more under a second OpenBLAS kernel (tests/support/kernels.py). Each compares two
+# computations
 # either bitwise, where they are the same operations on the same shapes in the same order, or within a tolerance of
 # support/compute_paths.py measured on several kernels. This set is the one home of the marker.
 NUMERICS = {
-    "test_compute_paths", "test_engine", "test_engine_adapters", "test_engine_admission", "test_engine_cpu_decode",
-    "test_engine_kv_memory", "test_engine_prefill", "test_engine_prefix", "test_engine_sampling",
-    "test_learner_engine_agreement", "test_learn_logprobs", "test_learn_loss", "test_learn_memory",
-    "test_learn_trainer", "test_learn_variants", "test_distributed_trainer", "test_tools",
-    "test_checkpoint_mlx_lm", "test_predecessor", "test_model_resolution",
-}  # fmt: skip
+    "test_compute_paths",
+    "test_engine",
+    "test_engine_adapters",
+    "test_engine_admission",
+    "test_engine_cpu_decode",
+    "test_engine_kv_memory",
+    "test_engine_prefill",
+    "test_engine_prefix",
+    "test_engine_sampling",
+    "test_learner_engine_agreement",
+    "test_learn_logprobs",
+    "test_learn_loss",
+    "test_learn_memory",
+    "test_learn_trainer",
+    "test_learn_variants",
+    "test_distributed_trainer",
+    "test_tools",
+    "test_checkpoint_mlx_lm",
+    "test_predecessor",
+    "test_model_resolution",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -103,7 +119,8 @@ def tiny_q4_model_path() -> Path:
 
 @pytest.fixture(scope="session", params=COMPUTES)
 def compute(request: pytest.FixtureRequest) -> str:
-    """`[model] compute` for the tiny 4-bit model: each test that takes it runs once per path (support/compute_paths.py)."""
+    """`[model] compute` for the tiny 4-bit model: each test that takes it runs once per path
+    (support/compute_paths.py)."""
     return request.param
 
 

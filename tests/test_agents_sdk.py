@@ -41,6 +41,7 @@ def test_an_agents_sdk_agent_calls_a_tool_gets_its_result_and_finishes(tiny_mode
 
     set_tracing_disabled(True)
     with Serve("--model-path", str(tiny_model_path), "--served-model-name", "tiny") as server:
+
         async def run():
             client = AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0)
             agent = Agent(
@@ -84,13 +85,23 @@ def test_an_agent_with_an_output_type_gets_its_structured_answer_after_a_tool_ca
 
     set_tracing_disabled(True)
     with Serve("--model-path", str(tiny_model_path), "--served-model-name", "tiny") as server:
+
         async def run():
             client = AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0)
-            agent = Agent(name="doubler", instructions="Use the tool, then answer.", tools=[double],
-                          output_type=Answer,
-                          model=OpenAIChatCompletionsModel(model="tiny", openai_client=client),
-                          model_settings=ModelSettings(tool_choice="required", max_tokens=200, temperature=0.8,
-                                                       parallel_tool_calls=False, extra_body={"seed": 4}))  # fmt: skip
+            agent = Agent(
+                name="doubler",
+                instructions="Use the tool, then answer.",
+                tools=[double],
+                output_type=Answer,
+                model=OpenAIChatCompletionsModel(model="tiny", openai_client=client),
+                model_settings=ModelSettings(
+                    tool_choice="required",
+                    max_tokens=200,
+                    temperature=0.8,
+                    parallel_tool_calls=False,
+                    extra_body={"seed": 4},
+                ),
+            )
             with anyio.fail_after(DEADLINE_S):
                 result = await Runner.run(agent, "Double 21.", max_turns=12)
             await client.close()

@@ -41,8 +41,14 @@ async def running_api(port: int | None = None):
 
 def make_client(url: str, tmp_path: Path, *, total_steps: int, starting_step: int = 0, **config) -> AtroposClient:
     cfg = AtroposConfig(api_url=url, poll_interval=0.05, max_backoff=0.4, **config)
-    return AtroposClient(cfg, batch_size=4, token_budget=4096, total_steps=total_steps,
-                         checkpoint_dir=str(tmp_path), starting_step=starting_step)
+    return AtroposClient(
+        cfg,
+        batch_size=4,
+        token_budget=4096,
+        total_steps=total_steps,
+        checkpoint_dir=str(tmp_path),
+        starting_step=starting_step,
+    )
 
 
 def group(tag: int, *, env_id: int | None = 0, **changes) -> dict:
@@ -64,8 +70,9 @@ async def call(url: str, path: str, body=None):
 
 
 async def register_env(url: str) -> int:
-    answer = await call(url, "/register-env", {"max_token_length": 64, "desired_name": "test", "weight": 1.0,
-                                               "group_size": 2})
+    answer = await call(
+        url, "/register-env", {"max_token_length": 64, "desired_name": "test", "weight": 1.0, "group_size": 2}
+    )
     assert answer["status"] == "success", answer
     return answer["env_id"]
 
@@ -87,8 +94,13 @@ def first_tokens(batch) -> list[int]:
 def test_register_sends_every_field_and_opens_the_api_to_environments(tmp_path):
     async def scenario():
         async with running_api() as (_, url):
-            assert (await call(url, "/register-env", {"max_token_length": 64, "desired_name": "early", "weight": 1.0,
-                                                      "group_size": 2}))["status"] == "wait for trainer to start"
+            assert (
+                await call(
+                    url,
+                    "/register-env",
+                    {"max_token_length": 64, "desired_name": "early", "weight": 1.0, "group_size": 2},
+                )
+            )["status"] == "wait for trainer to start"
             client = make_client(url, tmp_path, total_steps=7, wandb_group="grp", max_token_len=100_000)
             uuid = await client.register()
             assert isinstance(uuid, int) and 0 < uuid.bit_length() <= 128
@@ -159,11 +171,23 @@ def test_a_batch_answered_to_the_first_batch_call_is_not_lost(tmp_path):
 
 
 def test_config_starting_step_overrides_the_resumed_step(tmp_path):
-    client = AtroposClient(AtroposConfig(api_url="http://127.0.0.1:1", starting_step=2), batch_size=4,
-                           token_budget=4096, total_steps=10, checkpoint_dir="ck", starting_step=5)
+    client = AtroposClient(
+        AtroposConfig(api_url="http://127.0.0.1:1", starting_step=2),
+        batch_size=4,
+        token_budget=4096,
+        total_steps=10,
+        checkpoint_dir="ck",
+        starting_step=5,
+    )
     assert client.registration() == {
-        "wandb_group": "paraloop", "wandb_project": "paraloop", "batch_size": 4, "max_token_len": 4096,
-        "checkpoint_dir": "ck", "save_checkpoint_interval": 0, "starting_step": 2, "num_steps": 10,
+        "wandb_group": "paraloop",
+        "wandb_project": "paraloop",
+        "batch_size": 4,
+        "max_token_len": 4096,
+        "checkpoint_dir": "ck",
+        "save_checkpoint_interval": 0,
+        "starting_step": 2,
+        "num_steps": 10,
     }
 
 
@@ -190,8 +214,9 @@ def test_malformed_groups_are_rejected_with_a_log_line_and_counted(tmp_path, cap
     assert status["groups_rejected"] == 4 and status["groups_received"] == 4
     assert status["batches_received"] == 4  # the batch with no valid group was skipped, not a step
     assert status["per_env"]["0"] == {"groups": 4, "rejected": 4, "sequences": 8}
-    rejections = [r.getMessage() for r in caplog.records if r.name == "paraloop.atropos" and "rejected group" in
-                  r.getMessage()]
+    rejections = [
+        r.getMessage() for r in caplog.records if r.name == "paraloop.atropos" and "rejected group" in r.getMessage()
+    ]
     assert len(rejections) == 4
     assert any("masks[0][3] = 99" in line for line in rejections)
 

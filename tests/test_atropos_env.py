@@ -1,4 +1,5 @@
-"""A real Atropos environment process (tests/scripts/atropos_env.py, atroposlib's BaseEnv + ManagedServer, server type vllm)
+"""A real Atropos environment process (tests/scripts/atropos_env.py, atroposlib's BaseEnv + ManagedServer, server type
+vllm)
 feeding AtroposClient through the real run-api, its /generate calls answered by a recording stub or `paraloop serve`.
 
 What must hold: every sequence is prompt + generated tokens exactly as the inference server returned them, masks are
@@ -70,26 +71,41 @@ class GenerateStub:
 def env_argv(*, api_url: str, server_port: int, model_dir: Path, shim: bool) -> list[str]:
     run = [str(ENV_PYTHON), str(ENV_SHIM), str(ENV_SCRIPT)] if shim else [str(ENV_PYTHON), str(ENV_SCRIPT)]
     return [
-        *run, "serve",
-        "--env.rollout_server_url", api_url,
-        "--env.tokenizer_name", str(model_dir),
-        "--env.group_size", str(GROUP_SIZE),
-        "--env.total_steps", str(STEPS + 2),
-        "--openai.base_url", f"http://127.0.0.1:{server_port}/v1",
-        "--openai.server_type", "vllm",
-        "--openai.tokenizer_name", str(model_dir),
-        "--openai.model_name", "paraloop",
-    ]  # fmt: skip
+        *run,
+        "serve",
+        "--env.rollout_server_url",
+        api_url,
+        "--env.tokenizer_name",
+        str(model_dir),
+        "--env.group_size",
+        str(GROUP_SIZE),
+        "--env.total_steps",
+        str(STEPS + 2),
+        "--openai.base_url",
+        f"http://127.0.0.1:{server_port}/v1",
+        "--openai.server_type",
+        "vllm",
+        "--openai.tokenizer_name",
+        str(model_dir),
+        "--openai.model_name",
+        "paraloop",
+    ]
 
 
-async def batches_from_real_env(procs: ProcessGroup, *, server_port: int, model_dir: Path, run_dir: Path,
-                                single_server_config: bool = False) -> tuple:
+async def batches_from_real_env(
+    procs: ProcessGroup, *, server_port: int, model_dir: Path, run_dir: Path, single_server_config: bool = False
+) -> tuple:
     """Start run-api and the environment, register a client and take STEPS batches from it. With
     single_server_config the environment returns a bare server config (like GSM8K) and runs through env_shim.py."""
     api_url = f"http://127.0.0.1:{free_port()}"
     await start_run_api(procs, str(RUN_API), api_url)
-    client = AtroposClient(AtroposConfig(api_url=api_url, poll_interval=0.1, max_backoff=1.0), batch_size=BATCH_SIZE,
-                           token_budget=4096, total_steps=STEPS, checkpoint_dir=str(run_dir))
+    client = AtroposClient(
+        AtroposConfig(api_url=api_url, poll_interval=0.1, max_backoff=1.0),
+        batch_size=BATCH_SIZE,
+        token_budget=4096,
+        total_steps=STEPS,
+        checkpoint_dir=str(run_dir),
+    )
     await client.register()
     argv = env_argv(api_url=api_url, server_port=server_port, model_dir=model_dir, shim=single_server_config)
     extra_env = {"ATROPOS_TEST_SINGLE_SERVER_CONFIG": "1"} if single_server_config else {}
@@ -124,8 +140,9 @@ def test_a_real_environment_sends_what_the_inference_server_generated(tiny_model
         try:
             async with ProcessGroup(grace=5) as procs:
                 # GSM8K-style single server config: only env_shim.py makes it call this stub, not :9004.
-                return await batches_from_real_env(procs, server_port=port, model_dir=tiny_model_path,
-                                                   run_dir=tmp_path, single_server_config=True)
+                return await batches_from_real_env(
+                    procs, server_port=port, model_dir=tiny_model_path, run_dir=tmp_path, single_server_config=True
+                )
         finally:
             await runner.cleanup()
 
@@ -137,7 +154,7 @@ def test_a_real_environment_sends_what_the_inference_server_generated(tiny_model
     for g in (g for b in batches for g in b.groups):
         for tokens, mask, lps in zip(g.tokens, g.masks, g.inference_logprobs, strict=True):
             logprobs, prompt = stub.answers[tuple(tokens)]  # exactly a sequence the server generated
-            generated = tokens[len(prompt):]
+            generated = tokens[len(prompt) :]
             assert mask == [-100] * len(prompt) + generated
             assert lps == [1.0] * len(prompt) + logprobs
             # The env applied the chat template itself and sent token ids: /generate must not re-template.
@@ -151,8 +168,21 @@ def test_a_real_environment_served_by_paraloop_serve(tiny_model_path, tmp_path):
 
     async def scenario():
         async with ProcessGroup(grace=10) as procs:
-            server = await procs.start("serve", [sys.executable, "-m", "paraloop", "serve", "--model-path",
-                                                 str(tiny_model_path), "--host", "127.0.0.1", "--port", str(port)])
+            server = await procs.start(
+                "serve",
+                [
+                    sys.executable,
+                    "-m",
+                    "paraloop",
+                    "serve",
+                    "--model-path",
+                    str(tiny_model_path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+            )
             async with asyncio.timeout(120):
                 await wait_http(f"http://127.0.0.1:{port}/health", proc=server)
             return await batches_from_real_env(procs, server_port=port, model_dir=tiny_model_path, run_dir=tmp_path)
@@ -170,6 +200,7 @@ def test_a_real_environment_served_by_paraloop_serve(tiny_model_path, tmp_path):
             assert all(m == -100 for m in mask[:first]) and mask[first:] == tokens[first:]
             assert lps[:first] == [1.0] * first
             logits = model(mx.array(tokens[:-1])[None])[0].astype(mx.float32)
-            expected = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[mx.arange(len(tokens) - 1),
-                                                                                mx.array(tokens[1:])]
-            assert mx.allclose(mx.array(lps[first:]), expected[first - 1:], atol=2e-3).item()
+            expected = (logits - mx.logsumexp(logits, axis=-1, keepdims=True))[
+                mx.arange(len(tokens) - 1), mx.array(tokens[1:])
+            ]
+            assert mx.allclose(mx.array(lps[first:]), expected[first - 1 :], atol=2e-3).item()

@@ -97,7 +97,7 @@ def a_string(api, request):
 
 
 def out_of_vocab(api, request):
-    return web.json_response({"batch": [group(VOCAB, masks=[[-100, 5, 6], [-100, 5, 7]]), group(2 ** 70)]})
+    return web.json_response({"batch": [group(VOCAB, masks=[[-100, 5, 6], [-100, 5, 7]]), group(2**70)]})
 
 
 FAULTS = {
@@ -120,10 +120,12 @@ async def fetch_one(api: FakeApi, tmp_path) -> tuple[list, dict, float]:
     await site.start()
     port = runner.addresses[0][1]
     try:
-        config = AtroposConfig(api_url=f"http://127.0.0.1:{port}", poll_interval=0.01, max_backoff=0.05,
-                               max_response_bytes=LIMIT)
-        client = AtroposClient(config, batch_size=4, token_budget=4096, total_steps=1,
-                               checkpoint_dir=str(tmp_path), vocab_size=VOCAB)
+        config = AtroposConfig(
+            api_url=f"http://127.0.0.1:{port}", poll_interval=0.01, max_backoff=0.05, max_response_bytes=LIMIT
+        )
+        client = AtroposClient(
+            config, batch_size=4, token_budget=4096, total_steps=1, checkpoint_dir=str(tmp_path), vocab_size=VOCAB
+        )
         start = time.monotonic()
         async with asyncio.timeout(DEADLINE):
             batches = [await anext(aiter(client.batches()))]

@@ -92,8 +92,21 @@ def config_and_script(tmp_path: Path, script_name: str) -> tuple[Path, Path]:
 @pytest.mark.atropos
 def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     config, script = config_and_script(tmp_path, "env.py")
-    plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
-                     "--set", "rl_training.total_steps=7", "--", "--env.group_size", "4"])
+    plan = plan_for(
+        [
+            "--config",
+            str(config),
+            "--env-script",
+            str(script),
+            "--atropos-venv",
+            str(VENV),
+            "--set",
+            "rl_training.total_steps=7",
+            "--",
+            "--env.group_size",
+            "4",
+        ]
+    )
     assert plan.api_url == "http://127.0.0.1:8555" and plan.run_api == str(VENV / "bin" / "run-api")
     assert plan.trainer[1:] == ["-m", "paraloop", "run", "--config", str(config), "--set", "rl_training.total_steps=7"]
     argv = env_argv(plan, str(script), 8123)
@@ -102,7 +115,9 @@ def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags["--openai.base_url"] == "http://127.0.0.1:8123/v1"
     assert flags["--openai.server_type"] == "vllm" and flags["--openai.tokenizer_name"] == str(tmp_path / "model")
-    assert flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "14"  # twice the run's steps: room for groups dropped as stale
+    assert (
+        flags["--env.rollout_server_url"] == "http://127.0.0.1:8555" and flags["--env.total_steps"] == "14"
+    )  # twice the run's steps: room for groups dropped as stale
     assert argv[-2:] == ["--env.group_size", "4"]  # the user's flags come last, so they win
 
 
@@ -111,8 +126,21 @@ def test_eval_every_steps_becomes_the_environments_own_evaluation_cadence(tmp_pa
     """atroposlib calls an environment's evaluate() every steps_per_eval API steps; its evaluate_log writes into
     data_dir_to_save_evals, one dir per script under RUN_DIR/atropos_evals, where paraloop run reads it back."""
     config, script = config_and_script(tmp_path, "gsm8k_server.py")
-    plan = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV),
-                     "--set", "eval.every_steps=5", "--", "--env.steps_per_eval", "7"])
+    plan = plan_for(
+        [
+            "--config",
+            str(config),
+            "--env-script",
+            str(script),
+            "--atropos-venv",
+            str(VENV),
+            "--set",
+            "eval.every_steps=5",
+            "--",
+            "--env.steps_per_eval",
+            "7",
+        ]
+    )
     argv = env_argv(plan, str(script), 8123)
     flags = list(zip(argv[4::2], argv[5::2], strict=True))
     assert ("--env.steps_per_eval", "5") in flags and flags[-1] == ("--env.steps_per_eval", "7"), "the user's wins"
@@ -138,8 +166,9 @@ def test_plan_errors_name_what_is_missing(tmp_path, monkeypatch, problem, expect
     model = tmp_path / "model"
     if problem != "no model dir":
         model.mkdir()
-    config = write_config(tmp_path / "c.toml", api_url=None if problem == "no api_url" else "http://127.0.0.1:1",
-                          model_dir=model)
+    config = write_config(
+        tmp_path / "c.toml", api_url=None if problem == "no api_url" else "http://127.0.0.1:1", model_dir=model
+    )
     script = tmp_path / "env.py"
     if problem != "no env script":
         script.write_text("")
@@ -164,8 +193,21 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     config = write_config(tmp_path / "c.toml", api_url=f"http://127.0.0.1:{port}", model_dir=model)
     sleeper_env = tmp_path / "env.py"
     sleeper_env.write_text("import time\ntime.sleep(120)\n")
-    argv = [sys.executable, "-m", "paraloop", "launch-atropos", "--config", str(config), "--env-script",
-            str(sleeper_env), "--atropos-venv", str(VENV), "--grace", "3", "--no-env-defaults"]
+    argv = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "launch-atropos",
+        "--config",
+        str(config),
+        "--env-script",
+        str(sleeper_env),
+        "--atropos-venv",
+        str(VENV),
+        "--grace",
+        "3",
+        "--no-env-defaults",
+    ]
     proc = procs.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     lines = procs.Lines(proc.stdout)
     try:
@@ -173,8 +215,11 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     finally:  # the launcher stops its children on SIGTERM; any it could not stop die with their groups
         procs.kill_group(proc, grace_s=10)
         out = lines.all()
-        pids = [int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines()
-                if line.startswith("[launch] started")]  # fmt: skip
+        pids = [
+            int(line.split("(pid ")[1].split(")")[0])
+            for line in out.splitlines()
+            if line.startswith("[launch] started")
+        ]
         procs.kill_groups(pids)
     assert proc.returncode != 0, out
     assert len(pids) == 3, out  # run-api, paraloop run, the environment

@@ -20,13 +20,24 @@ pytestmark = [pytest.mark.atropos, pytest.mark.timeout(240)]  # conftest: fails 
 
 
 def test_managed_server_turns_extend_the_previous_turns_ids_and_mask_only_the_inserted_text(tiny_model_path):
-    serve = [sys.executable, "-m", "paraloop", "serve", "--model-path", str(tiny_model_path), "--host", "127.0.0.1",
-             "--port", "0"]  # fmt: skip
+    serve = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "serve",
+        "--model-path",
+        str(tiny_model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]
     with running(serve, stderr=subprocess.PIPE, text=True) as server:
         port = Lines(server.stderr).expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=120).group(1)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-        done = run([str(VENV / "bin" / "python"), str(SCRIPT), str(tiny_model_path), port, str(TURNS)],
-                   timeout=120, env=env)  # fmt: skip
+        done = run(
+            [str(VENV / "bin" / "python"), str(SCRIPT), str(tiny_model_path), port, str(TURNS)], timeout=120, env=env
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     nodes = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(nodes) == TURNS

@@ -37,8 +37,11 @@ def http(url: str, body: dict | None = None) -> object:
 @contextmanager
 def run_api() -> Iterator[str]:
     port = free_port()
-    with procs.running([str(ATROPOS_VENV / "bin" / "run-api"), "--host", "127.0.0.1", "--port", str(port)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):  # fmt: skip
+    with procs.running(
+        [str(ATROPOS_VENV / "bin" / "run-api"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    ):
         url = f"http://127.0.0.1:{port}"
         until_blocking(lambda: http(url + "/status"), "run-api to answer", within=DEADLINE_S, ignoring=(OSError,))
         yield url
@@ -82,8 +85,12 @@ def register_env(api: str) -> dict:
     """Register an environment once paraloop has registered as the trainer; the answer tells the env's start."""
     body = {"max_token_length": 512, "desired_name": "test", "weight": 1.0, "group_size": 2}
     # run-api opens to environments after the trainer's first GET /batch ("wait for trainer to start" before)
-    return until_blocking(lambda: (a := http(api + "/register-env", body))["status"] == "success" and a, "registration",
-                          within=DEADLINE_S, ignoring=(OSError,))
+    return until_blocking(
+        lambda: (a := http(api + "/register-env", body))["status"] == "success" and a,
+        "registration",
+        within=DEADLINE_S,
+        ignoring=(OSError,),
+    )
 
 
 def test_a_resumed_run_registers_at_its_learner_step_and_reports_rejected_groups(tiny_model_path, tmp_path):
@@ -98,8 +105,10 @@ def test_a_resumed_run_registers_at_its_learner_step_and_reports_rejected_groups
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
 
     # Everything restarted (a fresh run-api too): the resumed run continues from the checkpoint's learner step.
-    with run_api() as api, paraloop_run(tiny_model_path, run_dir, api, "--steps", "4", "--resume",
-                                        str(run_dir)) as proc:  # fmt: skip
+    with (
+        run_api() as api,
+        paraloop_run(tiny_model_path, run_dir, api, "--steps", "4", "--resume", str(run_dir)) as proc,
+    ):
         base = wait_for_server(proc, run_dir)
         env = register_env(api)
         assert env["starting_step"] == 2, "environments are told the resumed step"
@@ -108,8 +117,12 @@ def test_a_resumed_run_registers_at_its_learner_step_and_reports_rejected_groups
         for body in (ragged, group(5)):  # run-api's batch 3: one malformed group, one good one
             http(api + "/scored_data", {**body, "env_id": env["env_id"]})
         # The good group is 2 sequences, half a learner batch: the run waits for more, reporting the rejection.
-        status = until_blocking(lambda: (s := http(base + "/control/status"))["rejected_groups"] and s, "the rejection",
-                                within=DEADLINE_S, ignoring=(OSError,))
+        status = until_blocking(
+            lambda: (s := http(base + "/control/status"))["rejected_groups"] and s,
+            "the rejection",
+            within=DEADLINE_S,
+            ignoring=(OSError,),
+        )
         assert status["rejected_groups"] == 1 and status["source"]["per_env"][str(env["env_id"])]["rejected"] == 1
         assert status["step"] == 2
         assert "paraloop_rejected_groups_total 1.0" in http(base + "/metrics").splitlines()

@@ -61,8 +61,23 @@ interval = 0
 def launch(config: Path) -> Iterator[tuple[subprocess.Popen, procs.Lines]]:
     """`paraloop launch-atropos` and its output. However the test ends, the launcher gets SIGTERM (it stops its
     children) and then every child it reported starting is killed with its process group."""
-    argv = [sys.executable, "-m", "paraloop", "launch-atropos", "--config", str(config), "--env-script",
-            str(ENV_SCRIPT), "--atropos-venv", str(VENV), "--grace", "10", "--", "--env.group_size", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "launch-atropos",
+        "--config",
+        str(config),
+        "--env-script",
+        str(ENV_SCRIPT),
+        "--atropos-venv",
+        str(VENV),
+        "--grace",
+        "10",
+        "--",
+        "--env.group_size",
+        "2",
+    ]
     proc = procs.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent)
     lines = procs.Lines(proc.stdout)
     try:
@@ -81,7 +96,9 @@ def finish(proc: subprocess.Popen, lines: procs.Lines, timeout: float) -> str:
 
 
 def started_pids(out: str) -> list[int]:
-    return [int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines() if line.startswith("[launch] started")]
+    return [
+        int(line.split("(pid ")[1].split(")")[0]) for line in out.splitlines() if line.startswith("[launch] started")
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict]:

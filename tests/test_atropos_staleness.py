@@ -82,8 +82,14 @@ async def serve_api(api: FakeApi) -> tuple[web.AppRunner, str]:
 
 
 def client(url: str, tmp_path) -> AtroposClient:
-    return AtroposClient(AtroposConfig(api_url=url, poll_interval=0.01, max_backoff=0.05), batch_size=4,
-                         token_budget=4096, total_steps=STEPS, checkpoint_dir=str(tmp_path), served=served())
+    return AtroposClient(
+        AtroposConfig(api_url=url, poll_interval=0.01, max_backoff=0.05),
+        batch_size=4,
+        token_budget=4096,
+        total_steps=STEPS,
+        checkpoint_dir=str(tmp_path),
+        served=served(),
+    )
 
 
 def tags(batch: RolloutBatch) -> list[int]:
@@ -106,11 +112,23 @@ def test_a_step_whose_groups_are_all_stale_is_reported_and_the_run_trains_every_
         runner, url = await serve_api(api)
         try:
             source = client(url, tmp_path)
-            config = settings(tmp_path, rl_training={"mode": mode, "total_steps": STEPS, "max_staleness": 0,
-                                                     "atropos": {"api_url": url}})
-            runs.append(Run(config, Parts(trainer=trainer, thread=InlineThread(), engine=engine,
-                                          source=source.batches(), source_status=source.status,
-                                          adapter_config=LORA_CONFIG)))
+            config = settings(
+                tmp_path,
+                rl_training={"mode": mode, "total_steps": STEPS, "max_staleness": 0, "atropos": {"api_url": url}},
+            )
+            runs.append(
+                Run(
+                    config,
+                    Parts(
+                        trainer=trainer,
+                        thread=InlineThread(),
+                        engine=engine,
+                        source=source.batches(),
+                        source_status=source.status,
+                        adapter_config=LORA_CONFIG,
+                    ),
+                )
+            )
             await runs[0]()
         finally:
             await runner.cleanup()
@@ -176,12 +194,25 @@ async def rank(r: int, ranks: ThreadRanks, tmp_path, url: str | None, results: d
     ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](2)
     finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished](64)
     credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if url else (None, None)
-    coordinator = Coordinator(ranks, thread, status, control, source=url is not None, checksum_interval=1,
-                              run_dir=tmp_path / f"rank{r}")
-    learner = Learner(trainer, thread, status=status, control=control, total_steps=STEPS, checkpoint_interval=0,
-                      save_every_step=False, batches=batches_recv, published=published_send,
-                      checkpoints=ckpt_send, finished=finished_send,
-                      credits=credits_send.clone() if credits_send else None, max_staleness=0, ranks=coordinator)
+    coordinator = Coordinator(
+        ranks, thread, status, control, source=url is not None, checksum_interval=1, run_dir=tmp_path / f"rank{r}"
+    )
+    learner = Learner(
+        trainer,
+        thread,
+        status=status,
+        control=control,
+        total_steps=STEPS,
+        checkpoint_interval=0,
+        save_every_step=False,
+        batches=batches_recv,
+        published=published_send,
+        checkpoints=ckpt_send,
+        finished=finished_send,
+        credits=credits_send.clone() if credits_send else None,
+        max_staleness=0,
+        ranks=coordinator,
+    )
 
     async def checkpoints() -> None:
         async for request in ckpt_recv:
@@ -197,14 +228,25 @@ async def rank(r: int, ranks: ThreadRanks, tmp_path, url: str | None, results: d
         async with anyio.create_task_group() as tg:
             if url is not None:
                 buffer = RolloutBuffer(batch_size=4, max_staleness=0)
-                tg.start_soon(partial(run_fetcher, client(url, tmp_path).batches(), batches_send, buffer=buffer,
-                                      version=lambda: trainer.version, credits=credits_recv))
+                tg.start_soon(
+                    partial(
+                        run_fetcher,
+                        client(url, tmp_path).batches(),
+                        batches_send,
+                        buffer=buffer,
+                        version=lambda: trainer.version,
+                        credits=credits_recv,
+                    )
+                )
             else:
                 batches_send.close()  # a follower makes no rollouts: the coordinator brings rank 0's
             async with anyio.create_task_group() as training:
                 training.start_soon(learner.run)
-                training.start_soon(partial(run_publisher, published_recv, engine=engine, status=status,
-                                            credits=credits_send, drain=True))
+                training.start_soon(
+                    partial(
+                        run_publisher, published_recv, engine=engine, status=status, credits=credits_send, drain=True
+                    )
+                )
                 training.start_soon(checkpoints)
                 training.start_soon(finished)
             tg.cancel_scope.cancel()
@@ -242,12 +284,30 @@ def test_groups_of_a_batch_the_learner_dropped_whole_are_reported_with_the_next_
     published_send, published_recv = anyio.create_memory_object_stream[AdapterPublished](4)
     ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](4)
     finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished](4)
-    learner = Learner(trainer, InlineThread(), status=status, control=LearnerControl(status), total_steps=3,
-                      checkpoint_interval=0, save_every_step=False, batches=batches_recv, published=published_send,
-                      checkpoints=ckpt_send, finished=finished_send, credits=None, max_staleness=0)
-    stale = RolloutBatch(groups=[support_group((0.0, 1.0), prompt=(1,), version=1), support_group((0.0, 1.0), prompt=(2,), version=1)], source="atropos",
-                         dropped_stale=1)  # one more dropped upstream, before this batch was formed
-    fresh = RolloutBatch(groups=[support_group((0.0, 1.0), prompt=(3,), version=2), support_group((0.0, 1.0), prompt=(4,), version=2)], source="atropos")
+    learner = Learner(
+        trainer,
+        InlineThread(),
+        status=status,
+        control=LearnerControl(status),
+        total_steps=3,
+        checkpoint_interval=0,
+        save_every_step=False,
+        batches=batches_recv,
+        published=published_send,
+        checkpoints=ckpt_send,
+        finished=finished_send,
+        credits=None,
+        max_staleness=0,
+    )
+    stale = RolloutBatch(
+        groups=[support_group((0.0, 1.0), prompt=(1,), version=1), support_group((0.0, 1.0), prompt=(2,), version=1)],
+        source="atropos",
+        dropped_stale=1,
+    )  # one more dropped upstream, before this batch was formed
+    fresh = RolloutBatch(
+        groups=[support_group((0.0, 1.0), prompt=(3,), version=2), support_group((0.0, 1.0), prompt=(4,), version=2)],
+        source="atropos",
+    )
 
     finished: list[StepFinished] = []
 

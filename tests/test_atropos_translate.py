@@ -50,21 +50,32 @@ def test_absent_per_token_fields_in_any_spelling_become_none():
 MALFORMED = {
     "ragged masks count": (dict(masks=[[-100, -100, -100, 40, 41]]), "masks"),
     "ragged mask length": (dict(masks=[[-100, -100, 40, 41], [-100, -100, -100, 50, 51, 52]]), "masks[0]"),
-    "ragged logprobs": (dict(inference_logprobs=[[1.0, 1.0, 1.0, -0.5], [1.0] * 3 + [-1.0] * 3]), "inference_logprobs[0]"),
+    "ragged logprobs": (
+        dict(inference_logprobs=[[1.0, 1.0, 1.0, -0.5], [1.0] * 3 + [-1.0] * 3]),
+        "inference_logprobs[0]",
+    ),
     "mask is another token": (dict(masks=[[-100, -100, -100, 40, 99], [-100, -100, -100, 50, 51, 52]]), "masks[0][4]"),
     "NaN score": (dict(scores=[math.nan, 1.0]), "scores[0]"),
     "infinite score": (dict(scores=[1.0, -math.inf]), "scores[1]"),
     "missing score": (dict(scores=[1.0]), "scores"),
     "score that is not a number": (dict(scores=[None, 1.0]), "scores[0]"),
     "no sequences": (dict(tokens=[], masks=[], scores=[], inference_logprobs=None), "empty"),
-    "empty sequence": (dict(tokens=[[], [11, 12, 13, 50, 51, 52]], masks=[[], [-100, -100, -100, 50, 51, 52]],
-                            inference_logprobs=None), "tokens[0]"),
+    "empty sequence": (
+        dict(
+            tokens=[[], [11, 12, 13, 50, 51, 52]], masks=[[], [-100, -100, -100, 50, 51, 52]], inference_logprobs=None
+        ),
+        "tokens[0]",
+    ),
     "float token": (dict(tokens=[[11, 12, 13, 40, 41.5], [11, 12, 13, 50, 51, 52]]), "tokens[0][4]"),
     "nothing to train": (dict(masks=[[-100] * 5, [-100] * 6], inference_logprobs=None), "trained position"),
     "placeholder logprob at a trained token": (
-        dict(inference_logprobs=[[1.0, 1.0, 1.0, -0.5, 1.0], [1.0] * 3 + [-1.0] * 3]), "inference_logprobs[0][4]"),
+        dict(inference_logprobs=[[1.0, 1.0, 1.0, -0.5, 1.0], [1.0] * 3 + [-1.0] * 3]),
+        "inference_logprobs[0][4]",
+    ),
     "NaN logprob at a trained token": (
-        dict(inference_logprobs=[[1.0, 1.0, 1.0, -0.5, math.nan], [1.0] * 3 + [-1.0] * 3]), "inference_logprobs[0]"),
+        dict(inference_logprobs=[[1.0, 1.0, 1.0, -0.5, math.nan], [1.0] * 3 + [-1.0] * 3]),
+        "inference_logprobs[0]",
+    ),
     "overrides for some sequences only": (dict(overrides=[{"temperature": 1.0}]), "overrides"),
 }
 
@@ -110,7 +121,11 @@ def test_split_by_token_budget_packs_in_order_and_never_splits_a_group():
     groups = [group_of(2, 10), group_of(2, 10), group_of(2, 30), group_of(4, 5)]
     parts = split_by_token_budget(groups, 60)
     # padded size = rows * longest row: [2x10 + 2x10] = 40; adding 2x30 would be 6 * 30 = 180.
-    assert [[id(g) for g in part] for part in parts] == [[id(groups[0]), id(groups[1])], [id(groups[2])], [id(groups[3])]]
+    assert [[id(g) for g in part] for part in parts] == [
+        [id(groups[0]), id(groups[1])],
+        [id(groups[2])],
+        [id(groups[3])],
+    ]
     assert [g for part in parts for g in part] == groups
 
 

@@ -1,6 +1,5 @@
 """The benchmark harness's bookkeeping (no benchmark runs here: speed lives in `make bench`)."""
 
-
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -27,8 +26,12 @@ def test_a_target_with_a_unit_applies_to_paraloops_own_number_in_that_unit():
 
 
 def test_the_table_has_one_row_per_line_and_marks_misses():
-    text = table([Line("http", "32 clients", 120.0, 100.0, "tok/s", ">= 1.0"),
-                  Line("run", "peak RSS", 3000.0, 1000.0, "MiB", "<= 1.5")])  # fmt: skip
+    text = table(
+        [
+            Line("http", "32 clients", 120.0, 100.0, "tok/s", ">= 1.0"),
+            Line("run", "peak RSS", 3000.0, 1000.0, "MiB", "<= 1.5"),
+        ]
+    )
     rows = text.splitlines()
     assert len(rows) == 4
     assert "1.20x" in rows[2] and rows[2].endswith("| yes |")
@@ -47,8 +50,14 @@ def test_updating_the_docs_replaces_only_the_generated_block(tmp_path):
 
 def test_decode_rates_split_time_by_whether_the_learner_steps():
     # (time, learner busy, generated tokens, active rows, step)
-    samples = [(0.0, False, 0, 16, 0), (1.0, False, 20, 16, 0), (2.0, False, 30, 0, 0), (3.0, True, 30, 0, 0),
-               (4.0, True, 34, 16, 0), (5.0, True, 40, 16, 1)]  # fmt: skip
+    samples = [
+        (0.0, False, 0, 16, 0),
+        (1.0, False, 20, 16, 0),
+        (2.0, False, 30, 0, 0),
+        (3.0, True, 30, 0, 0),
+        (4.0, True, 34, 16, 0),
+        (5.0, True, 40, 16, 1),
+    ]
     rates = decode_rates(samples)
     assert rates["idle"] == 20.0  # 0 -> 1 s only: rows stopped decoding by 2 s, and 2 -> 3 s changes state
     assert rates["training"] == 5.0  # 3 -> 5 s: everything generated while the learner steps, idle rows or not

@@ -40,8 +40,21 @@ def test_with_openblas_the_first_line_names_it_and_its_kernel(tmp_path):
 
 @pytest.mark.slow  # a learner step on MLX's reference BLAS
 def test_a_run_without_openblas_warns_at_the_start_and_again_at_the_end(tiny_model_path, tmp_path):
-    code, lines = paraloop("run", REPO / "configs" / "tiny.toml", "--model-path", tiny_model_path, "--run-dir",
-                           tmp_path / "run", "--steps", "1", "--port", "0", "--no-plot", openblas="0", timeout=240)
+    code, lines = paraloop(
+        "run",
+        REPO / "configs" / "tiny.toml",
+        "--model-path",
+        tiny_model_path,
+        "--run-dir",
+        tmp_path / "run",
+        "--steps",
+        "1",
+        "--port",
+        "0",
+        "--no-plot",
+        openblas="0",
+        timeout=240,
+    )
     assert code == 0, "\n".join(lines[-20:])
     assert " WARNING " in lines[0] and "BLAS: no OpenBLAS" in lines[0], lines[0]
     assert "this run was slow for want of OpenBLAS" in lines[-1], lines[-5:]

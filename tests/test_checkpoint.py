@@ -143,9 +143,7 @@ def test_find_checkpoint_accepts_a_run_dir_its_checkpoints_dir_or_a_step_dir(tmp
     second = write(tmp_path, 2)
     assert find_checkpoint(tmp_path) == second
     assert find_checkpoint(tmp_path / "checkpoints") == second
-    assert (
-        find_checkpoint(tmp_path / "checkpoints" / "step_000001") == tmp_path / "checkpoints" / "step_000001"
-    )
+    assert find_checkpoint(tmp_path / "checkpoints" / "step_000001") == tmp_path / "checkpoints" / "step_000001"
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         find_checkpoint(tmp_path / "empty")
@@ -306,9 +304,7 @@ def test_resuming_from_a_checkpoint_continues_bit_exactly(tmp_path):
     model, optimizer = Net(), make_optimizer()
     initial = dict(tree_flatten(model.parameters()))
     train(model, optimizer, 3)
-    write(
-        tmp_path, 3, adapter=dict(tree_flatten(model.trainable_parameters())), optimizer_state=optimizer.state
-    )
+    write(tmp_path, 3, adapter=dict(tree_flatten(model.trainable_parameters())), optimizer_state=optimizer.state)
     train(model, optimizer, 2)
 
     resumed = Net()

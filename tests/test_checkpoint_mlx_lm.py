@@ -1,6 +1,5 @@
 """Checkpoints are mlx-lm adapter dirs; mlx-lm's own adapter dirs load through paraloop's read/apply paths."""
 
-
 import mlx.core as mx
 import mlx_lm
 from mlx_lm.generate import generate_step
@@ -12,15 +11,14 @@ from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_
 from paraloop.model import load_model
 from support.checkpoints import PROMPT, prompt_ids, randomize_lora_b, write_like_mlx_lm_lora
 
+
 def greedy(model, ids: mx.array, n: int = 16) -> list[int]:
     return [int(token) for token, _ in generate_step(ids, model, max_tokens=n)]
 
 
 def test_mlx_lm_loads_a_paraloop_checkpoint_and_generates_what_paraloop_does(tiny_model_path, tmp_path):
     trained, tokenizer, _, _ = load_model(tiny_model_path)
-    config = adapter_config(
-        LoraConfig(rank=4, num_layers=2, keys=["self_attn.q_proj", "mlp.down_proj"]), trained
-    )
+    config = adapter_config(LoraConfig(rank=4, num_layers=2, keys=["self_attn.q_proj", "mlp.down_proj"]), trained)
     attach_lora(trained, config, seed=1)
     arrays = randomize_lora_b(trained)
     step_dir = write_checkpoint(
@@ -63,9 +61,7 @@ def test_an_adapter_dir_written_by_mlx_lm_lora_loads_and_applies(tiny_model_path
 def test_a_checkpoint_made_from_an_mlx_lm_adapter_round_trips(tiny_model_path, tmp_path):
     write_like_mlx_lm_lora(tiny_model_path, tmp_path / "adapters")
     arrays, config = load_adapter(tmp_path / "adapters")
-    write_checkpoint(
-        tmp_path / "run", step=1, version=1, adapter=arrays, adapter_config=config, adapter_format="npz"
-    )
+    write_checkpoint(tmp_path / "run", step=1, version=1, adapter=arrays, adapter_config=config, adapter_format="npz")
     ckpt = read_checkpoint(tmp_path / "run")
     assert ckpt.adapter_config == config
     assert all(mx.array_equal(ckpt.adapter[k], v).item() for k, v in arrays.items())

@@ -51,8 +51,9 @@ def test_stdout_and_stderr_go_to_their_sinks_and_a_child_in_our_group_is_stopped
 
         with anyio.fail_after(30):
             async with Children(grace=5, notices=False) as children:
-                child = await children.start("c", [sys.executable, "-c", script], own_group=False,
-                                             stdout=sink(out), stderr=sink(err))
+                child = await children.start(
+                    "c", [sys.executable, "-c", script], own_group=False, stdout=sink(out), stderr=sink(err)
+                )
                 await both.wait()
                 assert await children.stop("c") == -15
                 assert await children.wait_any() == ("c", -15) and children.unreported() == 0

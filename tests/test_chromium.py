@@ -9,7 +9,10 @@ from support import chromium
 def test_a_snap_stub_is_passed_over_and_a_real_executable_found(tmp_path, monkeypatch):
     stub = tmp_path / "bin" / "chromium-browser"
     stub.parent.mkdir()
-    stub.write_text('#!/bin/sh\necho "Command \'/usr/bin/chromium-browser\' requires the chromium snap"\nexec /snap/bin/chromium "$@"\n')
+    stub.write_text(
+        "#!/bin/sh\necho \"Command '/usr/bin/chromium-browser' requires the chromium snap\"\n"
+        'exec /snap/bin/chromium "$@"\n'
+    )
     stub.chmod(0o755)
     monkeypatch.delenv("PARALOOP_CHROMIUM", raising=False)
     monkeypatch.setenv("PATH", str(stub.parent))

@@ -22,8 +22,10 @@ def fresh_root_logger():
     root.handlers, root.level = saved[0], saved[1]
 
 
-@pytest.mark.parametrize(("value", "level"), [(None, logging.INFO), ("debug", logging.DEBUG),
-                                              ("WARNING", logging.WARNING), ("error", logging.ERROR)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("value", "level"),
+    [(None, logging.INFO), ("debug", logging.DEBUG), ("WARNING", logging.WARNING), ("error", logging.ERROR)],
+)
 def test_paraloop_log_sets_the_level(fresh_root_logger, monkeypatch, value, level):
     if value is None:
         monkeypatch.delenv("PARALOOP_LOG", raising=False)

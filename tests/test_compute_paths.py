@@ -62,13 +62,13 @@ def test_both_paths_compute_the_same_logits_and_lora_gradients(tiny_q4_model_pat
         logits[compute] = model(ids)
         _, grad = nn.value_and_grad(model, loss)(model)
         grads[compute] = dict(tree_flatten(grad))
-    assert_within("quantized vs dequantized logits", max_gap(logits["quantized"], logits["dequantized"]),
-                  SAME_FUNCTION_TOL)
+    assert_within(
+        "quantized vs dequantized logits", max_gap(logits["quantized"], logits["dequantized"]), SAME_FUNCTION_TOL
+    )
     assert grads["quantized"].keys() == grads["dequantized"].keys() and grads["quantized"]
     for name, g in grads["quantized"].items():
         scale = float(mx.abs(grads["dequantized"][name]).max().item()) or 1.0
-        np.testing.assert_allclose(np.array(g), np.array(grads["dequantized"][name]), atol=1e-4 * scale,
-                                   err_msg=name)
+        np.testing.assert_allclose(np.array(g), np.array(grads["dequantized"][name]), atol=1e-4 * scale, err_msg=name)
 
 
 @pytest.mark.parametrize(("trained_on", "served_on"), [("quantized", "dequantized"), ("dequantized", "quantized")])
@@ -96,8 +96,10 @@ def test_a_bfloat16_4bit_model_serves_float32_logprobs_on_quantized_kernels(tiny
     engine, model = make_engine(tiny_q4_bf16_model_path, compute="quantized")
     assert is_quantized(model) and model.model.norm.weight.dtype == mx.bfloat16
     prompt_a, prompt_b, *_ = prompts(engine.tokenizer)
-    specs = [request(prompt_a, n=2, temperature=0.8, max_tokens=8, ignore_eos=True, top_logprobs=3, seed=1),
-             request(prompt_b, temperature=0, max_tokens=8, ignore_eos=True)]
+    specs = [
+        request(prompt_a, n=2, temperature=0.8, max_tokens=8, ignore_eos=True, top_logprobs=3, seed=1),
+        request(prompt_b, temperature=0, max_tokens=8, ignore_eos=True),
+    ]
 
     async def body(engine):
         return [await engine.complete(spec) for spec in specs]
@@ -161,9 +163,14 @@ def test_quantized_kernels_run_on_quantized_layers_only_when_asked(tiny_q4_model
         auto, _, _, _ = load_model(tiny_q4_model_path)
         kept, _, _, _ = load_model(tiny_q4_model_path, compute="quantized")
     assert not is_quantized(auto)
-    layers = [m for _, m in kept.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear | nn.Embedding
-                                                                    | nn.QuantizedEmbedding)]
+    layers = [
+        m
+        for _, m in kept.named_modules()
+        if isinstance(m, nn.Linear | nn.QuantizedLinear | nn.Embedding | nn.QuantizedEmbedding)
+    ]
     assert layers and all(isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding) for m in layers)
-    assert "4-bit quantized weights (float32 scales and norms), expanded to float32 at load (compute = auto, " \
-           "backend cpu)" in caplog.text
+    assert (
+        "4-bit quantized weights (float32 scales and norms), expanded to float32 at load (compute = auto, "
+        "backend cpu)" in caplog.text
+    )
     assert "kept quantized: MLX's quantized kernels (compute = quantized, backend cpu)" in caplog.text

@@ -58,7 +58,8 @@ def test_predecessor_spellings_are_accepted(tmp_path):
     path = write(
         tmp_path,
         """[model]\nbase_path = "m"\n[rl_training]\nsteps = 7\ncheckpoint_interval = 3\nsave_every_step = true
-atropos_url = "http://localhost:8001"\n[rl_training.lora]\nalpha = 32\nrank = 16\ntarget_modules = ["self_attn.q_proj"]\n""",
+atropos_url = "http://localhost:8001"\n[rl_training.lora]\nalpha = 32\nrank = 16
+target_modules = ["self_attn.q_proj"]\n""",
     )
     s = load_config(path)
     assert s.rl_training.total_steps == 7
@@ -125,6 +126,8 @@ def test_config_show_cli_errors_in_one_line(tmp_path):
     proc = procs.run([sys.executable, "-m", "paraloop", "config", "show", str(bad)], timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "rl_training.bogus" in proc.stderr
-    ok = procs.run([sys.executable, "-m", "paraloop", "config", "show", str(REPO / "configs/tiny.toml"),
-                    "--learning-rate", "0.5"], timeout=60)
+    ok = procs.run(
+        [sys.executable, "-m", "paraloop", "config", "show", str(REPO / "configs/tiny.toml"), "--learning-rate", "0.5"],
+        timeout=60,
+    )
     assert ok.returncode == 0 and "learning_rate = 0.5" in ok.stdout

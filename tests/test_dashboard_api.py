@@ -30,15 +30,23 @@ class ByteTokenizer:
 def group(prompt: str, completions: list[str], scores: list[float], version: int = 4) -> ScoredGroup:
     """The texts as byte tokens; a completion's i-th token was sampled with log-prob -0.1 (i + 1)."""
     rows = [list(c.encode()) for c in completions]
-    return support.group(scores, prompt=list(prompt.encode()), completions=rows, version=version,
-                         logprobs=[[-0.1 * (i + 1) for i in range(len(row))] for row in rows])
+    return support.group(
+        scores,
+        prompt=list(prompt.encode()),
+        completions=rows,
+        version=version,
+        logprobs=[[-0.1 * (i + 1) for i in range(len(row))] for row in rows],
+    )
 
 
 def test_samples_are_the_best_and_worst_of_each_group_with_grpo_advantages():
-    batch = RolloutBatch(source="mock", groups=[
-        group("Q1: ", ["café", "no", "tea"], [0.5, 0.0, 1.0]),
-        group("Q2: ", ["x", "y"], [1.0, 1.0]),
-    ])
+    batch = RolloutBatch(
+        source="mock",
+        groups=[
+            group("Q1: ", ["café", "no", "tea"], [0.5, 0.0, 1.0]),
+            group("Q2: ", ["x", "y"], [1.0, 1.0]),
+        ],
+    )
     grpo = lambda scores, index: group_advantages(scores, index, scale="group", eps=1e-4)  # noqa: E731
     samples = rollout_samples(batch, ByteTokenizer(), step=7, version=5, k=3, advantages=grpo, max_tokens=64)
     assert [(s["group"], s["row"]) for s in samples] == [(0, 2), (0, 1), (1, 1)]
@@ -49,8 +57,15 @@ def test_samples_are_the_best_and_worst_of_each_group_with_grpo_advantages():
     assert tie["advantage"] == 0.0, "equal scores carry no signal"
     assert best["logprobs"] == pytest.approx([-0.1, -0.2, -0.3]), "each token keeps its engine log-prob"
     assert (best["step"], best["adapter_version"], best["rollout_version"]) == (7, 5, 4)
-    cafe = rollout_samples(RolloutBatch(source="mock", groups=[group("Q: ", ["café"], [1.0])]), ByteTokenizer(),
-                           step=1, version=1, k=1, advantages=grpo, max_tokens=64)[0]
+    cafe = rollout_samples(
+        RolloutBatch(source="mock", groups=[group("Q: ", ["café"], [1.0])]),
+        ByteTokenizer(),
+        step=1,
+        version=1,
+        k=1,
+        advantages=grpo,
+        max_tokens=64,
+    )[0]
     assert cafe["tokens"] == ["c", "a", "f", "", "é"], "a character split across tokens shows once, whole"
     assert len(cafe["tokens"]) == len(cafe["logprobs"])
 
@@ -97,8 +112,20 @@ def test_metrics_file_is_read_incrementally_and_a_rewritten_step_bumps_rev(tmp_p
 
 def write_eval(path: Path, step: int, task: str = "mock:arithmetic", reward: float = 0.5) -> None:
     with path.open("a") as f:
-        f.write(json.dumps({"kind": "eval", "time": 1.0, "step": step, "version": step, "task": task,
-                            "reward_mean": reward, "pass@1": reward / 2}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "kind": "eval",
+                    "time": 1.0,
+                    "step": step,
+                    "version": step,
+                    "task": task,
+                    "reward_mean": reward,
+                    "pass@1": reward / 2,
+                }
+            )
+            + "\n"
+        )
 
 
 def test_held_out_evaluations_are_kept_apart_from_the_steps_one_per_step_and_task(tmp_path):
@@ -111,7 +138,10 @@ def test_held_out_evaluations_are_kept_apart_from_the_steps_one_per_step_and_tas
     f.refresh()
     assert [r["step"] for r in f.history] == [1, 2] and "kind" not in f.history[1], "an evaluation is not a step"
     assert [(e["step"], e["task"], e["reward_mean"]) for e in f.evals] == [
-        (0, "mock:arithmetic", 0.1), (2, "gsm8k", 0.2), (2, "mock:arithmetic", 0.4)]
+        (0, "mock:arithmetic", 0.1),
+        (2, "gsm8k", 0.2),
+        (2, "mock:arithmetic", 0.4),
+    ]
     write_eval(path, 2, reward=0.6)  # a resumed run evaluated step 2 again: the newest wins
     f.refresh()
     assert [e["reward_mean"] for e in f.evals if e["task"] == "mock:arithmetic"] == [0.1, 0.6]
@@ -194,13 +224,21 @@ def test_files_api_answers_two_runs_and_bounds_its_parameters(tmp_path):
         assert json.loads(get(f"{base}/dashboard/api/rollouts?run=1")[2])["steps"][0]["step"] == 5
         assert json.loads(get(f"{base}/dashboard/api/status")[2]) is None
         evals = json.loads(get(f"{base}/dashboard/api/evals?run=0")[2])
-        assert evals == {"run": 0, "more": False, "evals": [
-            {"step": 0, "version": 0, "task": "mock:arithmetic", "reward_mean": 0.5, "pass@1": 0.25}]}
+        assert evals == {
+            "run": 0,
+            "more": False,
+            "evals": [{"step": 0, "version": 0, "task": "mock:arithmetic", "reward_mean": 0.5, "pass@1": 0.25}],
+        }
         assert json.loads(get(f"{base}/dashboard/api/evals?run=1")[2])["evals"] == []
-        for route, query, param in (("metrics", "run=7", "run"), ("metrics", "run=-1", "run"),
-                                    ("metrics", "since=abc", "since"), ("metrics", "since=-2", "since"),
-                                    ("metrics", "rev=x", "rev"), ("evals", "run=2", "run"),
-                                    ("evals", "run=1e999", "run")):
+        for route, query, param in (
+            ("metrics", "run=7", "run"),
+            ("metrics", "run=-1", "run"),
+            ("metrics", "since=abc", "since"),
+            ("metrics", "since=-2", "since"),
+            ("metrics", "rev=x", "rev"),
+            ("evals", "run=2", "run"),
+            ("evals", "run=1e999", "run"),
+        ):
             status, _, body = get(f"{base}/dashboard/api/{route}?{query}")
             error = json.loads(body)["error"]
             assert status == 400 and error["param"] == param, (route, query, error)
@@ -244,7 +282,8 @@ def test_a_resumed_live_run_shows_the_steps_before_the_resume_point(tmp_path):
     for step in (0, 2, 4):
         write_eval(tmp_path / "metrics.jsonl", step, reward=step / 10)
     (tmp_path / "rollouts.jsonl").write_text(
-        "".join(json.dumps({"step": s, "samples": [{"reward": s}]}) + "\n" for s in (2, 3, 4)))
+        "".join(json.dumps({"step": s, "samples": [{"reward": s}]}) + "\n" for s in (2, 3, 4))
+    )
     status = RunStatus(total_steps=10, mode="sync", run_dir=str(tmp_path), step=3, rollouts=deque(maxlen=3))
     live = LiveRun(status, {}, name="r", resumed_at=3, rollout_steps=3)
     for step in (4, 5):

@@ -23,8 +23,16 @@ from support.chromium import find_chromium
 from support import wait_for_server
 from support.runs import call, finish, paraloop_run
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TOKEN = "dashboard-s3cret"
 WAIT_MS = 60_000
 
@@ -84,8 +92,9 @@ def settled_step(base: str, deadline_s: float = 60) -> int:
 
 def test_live_run_token_curves_rollouts_and_controls(browser, tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    with paraloop_run(tiny_model_path, run_dir, "--steps", "1000", "--checkpoint-interval", "0",
-                      "--control-token", TOKEN) as proc:
+    with paraloop_run(
+        tiny_model_path, run_dir, "--steps", "1000", "--checkpoint-interval", "0", "--control-token", TOKEN
+    ) as proc:
         view = Page(browser)
         try:
             live_session(view, proc, run_dir)
@@ -155,20 +164,62 @@ def write_run(run: Path, rewards: list[float], eval_every: int = 2) -> None:
     run.mkdir(parents=True)
     with (run / "metrics.jsonl").open("w") as f:
         for step in range(0, len(rewards) + 1, eval_every):  # held-out evaluations, from the starting adapter on
-            f.write(json.dumps({"kind": "eval", "step": step, "version": step, "task": "mock:arithmetic",
-                                "reward_mean": 0.1 * step, "pass@1": 0.05 * step, "pass@4": 0.1 * step,
-                                "time_s": 3.0}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "kind": "eval",
+                        "step": step,
+                        "version": step,
+                        "task": "mock:arithmetic",
+                        "reward_mean": 0.1 * step,
+                        "pass@1": 0.05 * step,
+                        "pass@4": 0.1 * step,
+                        "time_s": 3.0,
+                    }
+                )
+                + "\n"
+            )
         for i, r in enumerate(rewards, 1):
-            f.write(json.dumps({"step": i, "reward_mean": r, "reward_std": 0.1, "loss": 1 - r, "kl": 0.01 * i,
-                                "entropy": 2.0, "clip_fraction": 0.0, "ratio_mean": 1.0, "ratio_min": 0.9,
-                                "ratio_max": 1.1, "tokens_per_s": 500.0, "generation_tokens_per_s": 900.0,
-                                "step_time_s": 0.5, "swap_pause_ms": 0.2, "queue_rollouts": 0,
-                                "rss_bytes": 2e8, "adv_mean": 0.01 * i, "skipped": False,
-                                "swap_pause_note": None}) + "\n")
-    sample = {"step": len(rewards), "adapter_version": len(rewards), "rollout_version": len(rewards) - 1, "group": 0,
-              "row": 0, "reward": 1.0, "advantage": 0.8, "prompt": "<|im_start|>user\nName a fruit.<|im_end|>\n",
-              "prompt_truncated": False, "tokens": [" Ban", "ana", "\n"], "logprobs": [-0.05, -2.0, -6.0],
-              "completion_truncated": False}
+            f.write(
+                json.dumps(
+                    {
+                        "step": i,
+                        "reward_mean": r,
+                        "reward_std": 0.1,
+                        "loss": 1 - r,
+                        "kl": 0.01 * i,
+                        "entropy": 2.0,
+                        "clip_fraction": 0.0,
+                        "ratio_mean": 1.0,
+                        "ratio_min": 0.9,
+                        "ratio_max": 1.1,
+                        "tokens_per_s": 500.0,
+                        "generation_tokens_per_s": 900.0,
+                        "step_time_s": 0.5,
+                        "swap_pause_ms": 0.2,
+                        "queue_rollouts": 0,
+                        "rss_bytes": 2e8,
+                        "adv_mean": 0.01 * i,
+                        "skipped": False,
+                        "swap_pause_note": None,
+                    }
+                )
+                + "\n"
+            )
+    sample = {
+        "step": len(rewards),
+        "adapter_version": len(rewards),
+        "rollout_version": len(rewards) - 1,
+        "group": 0,
+        "row": 0,
+        "reward": 1.0,
+        "advantage": 0.8,
+        "prompt": "<|im_start|>user\nName a fruit.<|im_end|>\n",
+        "prompt_truncated": False,
+        "tokens": [" Ban", "ana", "\n"],
+        "logprobs": [-0.05, -2.0, -6.0],
+        "completion_truncated": False,
+    }
     (run / "rollouts.jsonl").write_text(json.dumps({"step": len(rewards), "samples": [sample]}) + "\n")
 
 
@@ -177,8 +228,16 @@ def test_compare_two_finished_runs(browser, tmp_path):
 
     write_run(tmp_path / "lr-1e-4", [0.1, 0.3, 0.5, 0.7])
     write_run(tmp_path / "lr-1e-5", [0.1, 0.15, 0.2, 0.25, 0.3, 0.35], eval_every=3)
-    cmd = [sys.executable, "-m", "paraloop", "dashboard", str(tmp_path / "lr-1e-4"), str(tmp_path / "lr-1e-5"),
-           "--port", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "dashboard",
+        str(tmp_path / "lr-1e-4"),
+        str(tmp_path / "lr-1e-5"),
+        "--port",
+        "0",
+    ]
     with procs.running(cmd, stderr=subprocess.PIPE, text=True) as proc:
         url = procs.Lines(proc.stderr).expect(r"(http://\S+/dashboard)", timeout=60).group(1)
         view = Page(browser)

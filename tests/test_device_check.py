@@ -93,8 +93,10 @@ def test_without_a_gpu_the_check_stops_at_the_first_step_and_says_so(tmp_path):
     out = tmp_path / "logs"
     done = check("--out", str(out), "--venv", str(tmp_path / "venv"), path_first=bin_dir)
     assert done.returncode == 1
-    assert steps(out) == [["gpu", "failed", steps(out)[0][2], "exit 1: NVIDIA-SMI has failed: no driver"],
-                          *[[s, "skipped", "0", "an earlier step failed"] for s in STEPS[1:]]]  # fmt: skip
+    assert steps(out) == [
+        ["gpu", "failed", steps(out)[0][2], "exit 1: NVIDIA-SMI has failed: no driver"],
+        *[[s, "skipped", "0", "an earlier step failed"] for s in STEPS[1:]],
+    ]
     assert "== paraloop device check: FAILED" in done.stdout
     assert "failed   gpu" in done.stdout and "skipped  install" in done.stdout
     assert (out / "summary.txt").read_text() in done.stdout
@@ -107,8 +109,9 @@ def test_a_failing_install_is_logged_with_its_last_line_and_the_gpu_facts_are_ke
     wheels.mkdir()
     (wheels / "SHA256SUMS").write_text("0" * 64 + "  mlx-0.0-py3-none-any.whl\n")
     (wheels / "mlx-0.0-py3-none-any.whl").write_text("not the wheel that was downloaded")
-    done = check("--out", str(out), "--venv", str(tmp_path / "venv"), "--wheels", str(wheels), path_first=bin_dir,
-                 timeout=120)  # fmt: skip
+    done = check(
+        "--out", str(out), "--venv", str(tmp_path / "venv"), "--wheels", str(wheels), path_first=bin_dir, timeout=120
+    )
     assert done.returncode == 1
     rows = steps(out)
     assert rows[0][:2] == ["gpu", "ok"] and rows[1][:2] == ["install", "failed"]
@@ -127,7 +130,7 @@ def test_a_step_that_hangs_is_stopped_at_its_limit_and_the_rest_is_skipped(tmp_p
     assert [r[1] for r in rows[1:]] == ["skipped"] * 5
 
 
-# --- the summary -------------------------------------------------------------------------------------------------------
+# --- the summary ------------------------------------------------------------------------------------------------------
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="0" failures="1"
@@ -138,8 +141,10 @@ skipped="2" tests="10" time="93.5"><testcase classname="tests.test_engine" name=
 
 def write_logs(out: Path, rows: list[str], *, junit: str | None = JUNIT, bench: dict | None = None) -> Path:
     (out / "bench").mkdir(parents=True)
-    (out / "facts.txt").write_text("budget_s=480\ngpu=NVIDIA H200\ndriver=580.159.04\nmlx=0.32.4 (mlx-cuda-13 "
-                                   "0.32.4)\nbackend=cuda\npython=3.12.3\n")  # fmt: skip
+    (out / "facts.txt").write_text(
+        "budget_s=480\ngpu=NVIDIA H200\ndriver=580.159.04\nmlx=0.32.4 (mlx-cuda-13 "
+        "0.32.4)\nbackend=cuda\npython=3.12.3\n"
+    )
     (out / "steps.tsv").write_text("".join(row + "\n" for row in rows))
     if junit is not None:
         (out / "pytest.xml").write_text(junit)
@@ -153,12 +158,28 @@ def summarize(out: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_summary_has_the_facts_every_step_the_suite_and_each_benchmark_line(tmp_path):
-    bench = {"bench": "learner", "error": None, "lines": [
-        {"bench": "learner", "name": "tiny: GRPO step tokens/s over SFT step (4x64 tokens)", "ours": 5120.0,
-         "baseline": 4096.0, "unit": "tok/s"},
-        {"bench": "learner", "name": "tiny: MLX peak memory", "ours": 12.5, "baseline": None, "unit": "MiB"}]}
-    rows = ["gpu\tok\t1\t", "install\tok\t61\t", "backend\tok\t3\t", "tests\tfailed\t120\texit 1: 1 failed",
-            "models\tskipped\t0\tan earlier step failed", "bench\tskipped\t0\tan earlier step failed"]
+    bench = {
+        "bench": "learner",
+        "error": None,
+        "lines": [
+            {
+                "bench": "learner",
+                "name": "tiny: GRPO step tokens/s over SFT step (4x64 tokens)",
+                "ours": 5120.0,
+                "baseline": 4096.0,
+                "unit": "tok/s",
+            },
+            {"bench": "learner", "name": "tiny: MLX peak memory", "ours": 12.5, "baseline": None, "unit": "MiB"},
+        ],
+    }
+    rows = [
+        "gpu\tok\t1\t",
+        "install\tok\t61\t",
+        "backend\tok\t3\t",
+        "tests\tfailed\t120\texit 1: 1 failed",
+        "models\tskipped\t0\tan earlier step failed",
+        "bench\tskipped\t0\tan earlier step failed",
+    ]
     done = summarize(write_logs(tmp_path, rows, bench=bench))
     assert done.returncode == 1
     assert done.stdout == (tmp_path / "summary.txt").read_text()
@@ -197,8 +218,14 @@ def test_a_summary_of_passed_steps_exits_0_and_notes_a_run_over_budget(tmp_path)
 
 def test_the_summary_names_a_broken_report_and_a_benchmark_error(tmp_path):
     rows = ["gpu\tok\t1\t", "bench\ttimeout\t300\tstopped after 300 s"]
-    done = summarize(write_logs(tmp_path, rows, junit="<testsuites><oops", bench={
-        "bench": "http", "error": "BenchTimeout: over its hard time limit\ntraceback...", "lines": []}))
+    done = summarize(
+        write_logs(
+            tmp_path,
+            rows,
+            junit="<testsuites><oops",
+            bench={"bench": "http", "error": "BenchTimeout: over its hard time limit\ntraceback...", "lines": []},
+        )
+    )
     assert done.returncode == 1
     assert "   unreadable pytest.xml: " in done.stdout
     assert "   http: ERROR BenchTimeout: over its hard time limit\n" in done.stdout

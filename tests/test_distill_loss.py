@@ -60,9 +60,15 @@ def batch(seed: int, *, teacher: bool = True, inference: bool = True) -> Rollout
             masks.append([-100] * prompt + seq[prompt:])
             inf.append([1.0] * prompt + rng.uniform(-4.0, -2.0, size=new).tolist())
             tea.append([1.0] * prompt + rng.uniform(-6.0, -0.5, size=new).tolist())
-        groups.append(ScoredGroup(tokens=tokens, masks=masks, scores=rng.random(4).tolist(),
-                                  inference_logprobs=inf if inference else None,
-                                  teacher_logprobs=tea if teacher else None))  # fmt: skip
+        groups.append(
+            ScoredGroup(
+                tokens=tokens,
+                masks=masks,
+                scores=rng.random(4).tolist(),
+                inference_logprobs=inf if inference else None,
+                teacher_logprobs=tea if teacher else None,
+            )
+        )
     return RolloutBatch(groups=groups, source="test")
 
 
@@ -103,19 +109,28 @@ def np_reference(model: Toy, rb: RolloutBatch, *, weight: float, reward_weight: 
 
 def trainer_for(model: Toy, *, weight: float, reward_weight: float, clip: float, chunk: int | None) -> Trainer:
     config = RLTrainingConfig(
-        train_mode="full", kl_beta=0.0, clip_ratio=clip, token_budget=64, temperature=TEMPERATURE,
-        logits_chunk_tokens=chunk, max_memory_fraction=None,
-    )  # fmt: skip
+        train_mode="full",
+        kl_beta=0.0,
+        clip_ratio=clip,
+        token_budget=64,
+        temperature=TEMPERATURE,
+        logits_chunk_tokens=chunk,
+        max_memory_fraction=None,
+    )
     distill = DistillConfig(weight=weight, reward_weight=reward_weight)
     return Trainer(model, config=config, adapter_config=None, distill=distill)
 
 
 def with_temperature(rb: RolloutBatch) -> RolloutBatch:
     return RolloutBatch(
-        groups=[ScoredGroup(**{**{f: getattr(g, f) for f in g.__struct_fields__},
-                               "generation_params": {"temperature": TEMPERATURE}}) for g in rb.groups],
+        groups=[
+            ScoredGroup(
+                **{**{f: getattr(g, f) for f in g.__struct_fields__}, "generation_params": {"temperature": TEMPERATURE}}
+            )
+            for g in rb.groups
+        ],
         source=rb.source,
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("chunk", [0, None], ids=["full-logits", "chunked"])
@@ -151,9 +166,13 @@ def test_distill_kl_metric_is_the_mean_student_minus_teacher_logprob():
     rb = batch(3)
     tb = collate(rb)
     _, metrics = distill_advantages(tb, np.zeros(tb.mask.shape, np.float32), weight=1.0, reward_weight=1.0)
-    diffs = [s - t for g in rb.groups for si, ti, m in zip(g.inference_logprobs, g.teacher_logprobs, g.masks,
-                                                            strict=True)
-             for s, t, mm in zip(si[1:], ti[1:], m[1:], strict=True) if mm != -100]  # fmt: skip
+    diffs = [
+        s - t
+        for g in rb.groups
+        for si, ti, m in zip(g.inference_logprobs, g.teacher_logprobs, g.masks, strict=True)
+        for s, t, mm in zip(si[1:], ti[1:], m[1:], strict=True)
+        if mm != -100
+    ]
     assert metrics["distill_kl"] == pytest.approx(np.mean(diffs), rel=1e-5)
     assert metrics["distill_tokens"] == len(diffs)
     assert metrics["distill_rows_missing"] == 0
@@ -171,8 +190,9 @@ def test_rows_without_engine_logprobs_keep_the_task_term_and_are_counted():
 def test_a_batch_without_teacher_logprobs_trains_as_before():
     model = toy(5)
     rb = with_temperature(batch(5, teacher=False))
-    plain = Trainer(toy(5), config=trainer_for(model, weight=0, reward_weight=1, clip=0.2, chunk=0).config,
-                    adapter_config=None)  # fmt: skip
+    plain = Trainer(
+        toy(5), config=trainer_for(model, weight=0, reward_weight=1, clip=0.2, chunk=0).config, adapter_config=None
+    )
     distilled = trainer_for(toy(5), weight=3.0, reward_weight=1.0, clip=0.2, chunk=0)
     assert plain.gradients(rb)[0] == distilled.gradients(rb)[0]
     assert "distill_kl" not in distilled.step(rb).metrics
@@ -189,8 +209,13 @@ def test_an_extreme_teacher_logprob_is_bounded_not_inf():
     group = rb.groups[0]
     tea = [list(row) for row in group.teacher_logprobs]
     tea[0][-1] = -1e30
-    rb = RolloutBatch(groups=[ScoredGroup(**{**{f: getattr(group, f) for f in group.__struct_fields__},
-                                             "teacher_logprobs": tea}), rb.groups[1]], source="test")  # fmt: skip
+    rb = RolloutBatch(
+        groups=[
+            ScoredGroup(**{**{f: getattr(group, f) for f in group.__struct_fields__}, "teacher_logprobs": tea}),
+            rb.groups[1],
+        ],
+        source="test",
+    )
     tb = collate(rb)
     adv, _ = distill_advantages(tb, np.zeros(tb.mask.shape, np.float32), weight=1.0, reward_weight=0.0)
     assert np.isfinite(adv).all() and adv.min() >= -20.0

@@ -72,8 +72,13 @@ def test_an_adapter_teacher_is_co_served_by_the_engine_and_scores_as_its_own_for
 
 
 def test_a_model_directory_teacher_is_loaded_once_and_scores_on_the_given_thread(tiny_model_path):
-    settings = load_config(None, {"model": {"base_path": str(tiny_model_path)},
-                                  "distill": {"teacher": str(tiny_model_path), "temperature": 0.8}})  # fmt: skip
+    settings = load_config(
+        None,
+        {
+            "model": {"base_path": str(tiny_model_path)},
+            "distill": {"teacher": str(tiny_model_path), "temperature": 0.8},
+        },
+    )
     _, tokenizer, _, _ = load_model(tiny_model_path)
     thread = MlxThread("test-teacher")
     try:
@@ -192,8 +197,10 @@ def test_an_empty_trained_position_leaves_the_group_undistilled(caplog):
         (lambda ids, lps: lps[0][3].__setitem__(0, 0.5), "finite numbers <= 0"),
         (lambda ids, lps: lps[0][3].__setitem__(0, float("inf")), "finite numbers <= 0"),
         (lambda ids, lps: ids[0][3].__setitem__(0, "40"), "integers"),
-        (lambda ids, lps: (ids[0].__setitem__(3, list(range(1025))), lps[0].__setitem__(3, [-1.0] * 1025)),
-         "more than 1024"),
+        (
+            lambda ids, lps: (ids[0].__setitem__(3, list(range(1025))), lps[0].__setitem__(3, [-1.0] * 1025)),
+            "more than 1024",
+        ),
     ],
 )
 def test_malformed_distill_arrays_reject_the_group(change, why):
@@ -213,24 +220,43 @@ def test_a_run_distils_from_an_adapter_teacher_and_reports_the_kl(tiny_model_pat
 
     from support.runs import run_to_end
 
-    done = run_to_end(tiny_model_path, tmp_path / "run", "--steps", "2", "--no-plot", "--set",
-                      f"distill.teacher={teacher_adapter}", "--set", "distill.reward_weight=0")  # fmt: skip
+    done = run_to_end(
+        tiny_model_path,
+        tmp_path / "run",
+        "--steps",
+        "2",
+        "--no-plot",
+        "--set",
+        f"distill.teacher={teacher_adapter}",
+        "--set",
+        "distill.reward_weight=0",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "step" in line and "loss" in line]
     assert len(steps) == 2
     for line in steps:
         assert line["distill_kl"] > 0 and line["distill_tokens"] > 0 and line["distill_rows_missing"] == 0
-    missing = run_to_end(tiny_model_path, tmp_path / "nope", "--steps", "1", "--no-plot", "--set",
-                         f"distill.teacher={tmp_path / 'absent'}")  # fmt: skip
+    missing = run_to_end(
+        tiny_model_path,
+        tmp_path / "nope",
+        "--steps",
+        "1",
+        "--no-plot",
+        "--set",
+        f"distill.teacher={tmp_path / 'absent'}",
+    )
     assert missing.returncode != 0 and "distill.teacher" in missing.stderr
 
 
 def test_a_config_files_teacher_path_is_relative_to_the_file_and_a_url_or_name_stays(tmp_path):
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     (tmp_path / "configs").mkdir()
-    for teacher, expected in [("../runs/demo", str(tmp_path / "runs" / "demo")),
-                              ("http://127.0.0.1:8001/v1", "http://127.0.0.1:8001/v1"), ("tutor", "tutor")]:
+    for teacher, expected in [
+        ("../runs/demo", str(tmp_path / "runs" / "demo")),
+        ("http://127.0.0.1:8001/v1", "http://127.0.0.1:8001/v1"),
+        ("tutor", "tutor"),
+    ]:
         path = tmp_path / "configs" / "c.toml"
         path.write_text(f'[distill]\nteacher = "{teacher}"\n')
         assert load_config(path).distill.teacher == expected

@@ -103,8 +103,9 @@ def test_the_pause_holds_only_after_a_tick_that_saw_it(tmp_path):
         if n == 3:
             control.stop()
 
-    coordinator = Coordinator(TickingRanks(on_tick), CallingThread(), status, control, source=False,
-                              checksum_interval=0, run_dir=tmp_path)
+    coordinator = Coordinator(
+        TickingRanks(on_tick), CallingThread(), status, control, source=False, checksum_interval=0, run_dir=tmp_path
+    )
 
     async def main():
         with anyio.fail_after(10):
@@ -119,9 +120,12 @@ def test_the_pause_holds_only_after_a_tick_that_saw_it(tmp_path):
 
 
 def test_the_parts_merge_in_rank_order_as_one_batch():
-    parts = [RolloutBatch(groups=[group([0]), group([1])], source="mock", dropped_stale=1, source_state={"next_group": 8}),
-             RolloutBatch(groups=[group([2])], source="mock", dropped_stale=2, source_state={"next_group": 8},
-                          source_step=5)]
+    parts = [
+        RolloutBatch(groups=[group([0]), group([1])], source="mock", dropped_stale=1, source_state={"next_group": 8}),
+        RolloutBatch(
+            groups=[group([2])], source="mock", dropped_stale=2, source_state={"next_group": 8}, source_step=5
+        ),
+    ]
     wire = [msgspec.msgpack.decode(msgspec.msgpack.encode(p), type=RolloutBatch) for p in parts]
     batch = merge(wire)
     assert [g.scores[0] for g in batch.groups] == [0, 1, 2]
@@ -158,8 +162,9 @@ def test_a_follower_refuses_a_configuration_that_differs_from_rank_0s():
         rank = 1
 
         def broadcast(self, blob, name):
-            return msgspec.msgpack.encode({"rl_training": theirs.rl_training.model_dump(mode="json"),
-                                           "adapter_config": None})
+            return msgspec.msgpack.encode(
+                {"rl_training": theirs.rl_training.model_dump(mode="json"), "adapter_config": None}
+            )
 
     with pytest.raises(SetupError, match="rank 1: rl_training differs from rank 0's in kl_beta, learning_rate"):
         StartReceiver(FakeRanks(), ours).layout()
@@ -231,8 +236,14 @@ async def heartbeats() -> None:
                 tg.cancel_scope.cancel()
         await runner.cleanup()  # the peer goes away: no answer for peer_timeout ends the run, naming it
         w.set_peers([{"rank": 1, "url": f"http://127.0.0.1:{port}"}])
-        with anyio.fail_after(10), pytest.raises(PeerLost, match=r"rank 1 \(http://127.0.0.1:\d+\) has answered no "
-                                                                 r"heartbeat for \d s"):
+        with (
+            anyio.fail_after(10),
+            pytest.raises(
+                PeerLost,
+                match=r"rank 1 \(http://127.0.0.1:\d+\) has answered no "
+                r"heartbeat for \d s",
+            ),
+        ):
             await w.run()
         assert not exits, "nothing was in flight: the run ends through its task group"
         assert "rank 1" in w.blame() and "unreachable" in w.blame()

@@ -58,18 +58,43 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
 
 
 def run_args(model: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["run", str(TINY_CONFIG), "--model-path", str(model), "--run-dir", str(run_dir), "--port", "0",
-            "--no-plot", *extra]
+    return [
+        "run",
+        str(TINY_CONFIG),
+        "--model-path",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        "--no-plot",
+        *extra,
+    ]
 
 
 def launch(model: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    return start([sys.executable, "-m", "paraloop", "launch", "-n", "2", "--grace", "20", "--",
-                  *run_args(model, run_dir, *extra)])
+    return start(
+        [
+            sys.executable,
+            "-m",
+            "paraloop",
+            "launch",
+            "-n",
+            "2",
+            "--grace",
+            "20",
+            "--",
+            *run_args(model, run_dir, *extra),
+        ]
+    )
 
 
 def rank(r: int, hostfile: Path, model: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
-    return start([sys.executable, "-m", "paraloop", *run_args(model, run_dir, *extra)], MLX_RANK=str(r),
-                 MLX_HOSTFILE=str(hostfile))
+    return start(
+        [sys.executable, "-m", "paraloop", *run_args(model, run_dir, *extra)],
+        MLX_RANK=str(r),
+        MLX_HOSTFILE=str(hostfile),
+    )
 
 
 def rank_files(run_dir: Path, children: list[subprocess.Popen], count: int = 2, timeout: float = 120) -> list[dict]:
@@ -99,8 +124,11 @@ def meet_again(url: str, collectives: int = 10) -> None:
     decide a step; a step takes only a few (rollouts, reduce, compare) and a tick comes only after it ends, so a
     step decided at any of them shows in the step counts by then."""
     seen = status(url)["ranks"]["collectives"]
-    until_blocking(lambda: status(url)["ranks"]["collectives"] >= seen + collectives,
-                   f"{collectives} more collectives", within=WAIT_S)
+    until_blocking(
+        lambda: status(url)["ranks"]["collectives"] >= seen + collectives,
+        f"{collectives} more collectives",
+        within=WAIT_S,
+    )
 
 
 def test_ring_trainer_equals_one_process_on_the_same_batches(tiny_model_path, tmp_path):
@@ -109,11 +137,16 @@ def test_ring_trainer_equals_one_process_on_the_same_batches(tiny_model_path, tm
     from support.trainers import CASES
 
     hostfile = ring_hostfile(tmp_path / "hosts.json")
-    cmd = [sys.executable, str(REPO / "tests" / "scripts" / "distributed_trainer_script.py"), str(tiny_model_path),
-           *CASES]
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "scripts" / "distributed_trainer_script.py"),
+        str(tiny_model_path),
+        *CASES,
+    ]
     tests_path = os.pathsep.join(filter(None, [str(REPO / "tests"), ENV.get("PYTHONPATH")]))  # for `support`
-    ranks = [start(cmd, REPO / "tests", MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), PYTHONPATH=tests_path)
-             for r in range(2)]
+    ranks = [
+        start(cmd, REPO / "tests", MLX_RANK=str(r), MLX_HOSTFILE=str(hostfile), PYTHONPATH=tests_path) for r in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=240) for p in ranks]
     finally:
@@ -130,13 +163,22 @@ def test_ring_trainer_equals_one_process_on_the_same_batches(tiny_model_path, tm
 
 def test_launch_trains_resumes_across_rank_counts_with_identical_adapters(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    code, err = finish(start([sys.executable, "-m", "paraloop",
-                              *run_args(tiny_model_path, run_dir, "--steps", "2")]))
+    code, err = finish(start([sys.executable, "-m", "paraloop", *run_args(tiny_model_path, run_dir, "--steps", "2")]))
     assert code == 0, err[-3000:]
     two = read_checkpoint(run_dir / "checkpoints" / "step_000002")
 
-    proc = launch(tiny_model_path, run_dir, "--steps", "4", "--resume", str(run_dir), "--checkpoint-interval", "0",
-                  "--set", "distributed.checksum_interval=1")
+    proc = launch(
+        tiny_model_path,
+        run_dir,
+        "--steps",
+        "4",
+        "--resume",
+        str(run_dir),
+        "--checkpoint-interval",
+        "0",
+        "--set",
+        "distributed.checksum_interval=1",
+    )
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     files = [json.loads((run_dir / "ranks" / f"rank_{r}.json").read_text()) for r in range(2)]
@@ -148,8 +190,16 @@ def test_launch_trains_resumes_across_rank_counts_with_identical_adapters(tiny_m
     assert files[0]["verified"]["optimizer_sha256"] == files[1]["verified"]["optimizer_sha256"]
     assert four.trainer_state["source_state"]["next_group"] == 4 * 4, "both ranks' groups, as one process counts"
 
-    code, err = finish(start([sys.executable, "-m", "paraloop",
-                              *run_args(tiny_model_path, run_dir, "--steps", "5", "--resume", str(run_dir))]))
+    code, err = finish(
+        start(
+            [
+                sys.executable,
+                "-m",
+                "paraloop",
+                *run_args(tiny_model_path, run_dir, "--steps", "5", "--resume", str(run_dir)),
+            ]
+        )
+    )
     assert code == 0, err[-3000:]
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4, 5], "rank 0 alone wrote metrics.jsonl"
     assert read_checkpoint(run_dir).step == 5
@@ -163,8 +213,11 @@ def test_control_on_rank_0_pauses_and_steps_both_ranks(tiny_model_path, tmp_path
         until_blocking(lambda: status(r0)["step"] >= 1, "a first step", within=WAIT_S)
         assert call(f"{r0}/control/pause", "POST")[0] == 200
         # a step already decided when the pause came may finish; then both ranks hold still, at the same step
-        step = until_blocking(lambda: status(r0)["learner_held"] and (s := status(r0)["step"]) == status(r1)["step"] and s,
-                              "both ranks paused at one step", within=WAIT_S)
+        step = until_blocking(
+            lambda: status(r0)["learner_held"] and (s := status(r0)["step"]) == status(r1)["step"] and s,
+            "both ranks paused at one step",
+            within=WAIT_S,
+        )
         meet_again(r0)  # ticks that would each decide a step, were the pause not held
         assert status(r0)["step"] == status(r1)["step"] == step and status(r1)["paused"] is True
         ranks = status(r0)["ranks"]  # rank 0's view of the group, as docs/metrics.md describes it
@@ -197,8 +250,16 @@ def test_a_lost_rank_ends_the_other_naming_it(tiny_model_path, tmp_path, fault):
     heartbeats go unanswered for peer_timeout. Either way rank 0 exits 1 naming rank 1, and its newest
     checkpoint stands."""
     run_dir, hostfile = tmp_path / "run", ring_hostfile(tmp_path / "hosts.json")
-    extra = ("--steps", "1000", "--checkpoint-interval", "2", "--set", "distributed.peer_timeout=3",
-             "--set", "distributed.heartbeat_interval=0.5")
+    extra = (
+        "--steps",
+        "1000",
+        "--checkpoint-interval",
+        "2",
+        "--set",
+        "distributed.peer_timeout=3",
+        "--set",
+        "distributed.heartbeat_interval=0.5",
+    )
     ranks = [rank(r, hostfile, tiny_model_path, run_dir, *extra) for r in range(2)]
     try:
         files = rank_files(run_dir, ranks)
@@ -253,21 +314,53 @@ interval = 0
 [distributed]
 checksum_interval = 1
 """)
-    server = {"server_type": "vllm", "model_name": "paraloop", "api_key": "x", "tokenizer_name": str(tiny_model_path),
-              "timeout": 120, "num_max_requests_at_once": 8}
+    server = {
+        "server_type": "vllm",
+        "model_name": "paraloop",
+        "api_key": "x",
+        "tokenizer_name": str(tiny_model_path),
+        "timeout": 120,
+        "num_max_requests_at_once": 8,
+    }
     env_config = tmp_path / "env.yaml"  # JSON is YAML: a list of two servers, which atroposlib balances over
-    env_config.write_text(json.dumps({
-        "env": {"rollout_server_url": f"http://127.0.0.1:{api}", "tokenizer_name": str(tiny_model_path),
-                "use_wandb": False, "group_size": 2, "total_steps": 1000},
-        "openai": [{**server, "base_url": f"http://127.0.0.1:{http + r}/v1"} for r in range(2)],
-    }))
+    env_config.write_text(
+        json.dumps(
+            {
+                "env": {
+                    "rollout_server_url": f"http://127.0.0.1:{api}",
+                    "tokenizer_name": str(tiny_model_path),
+                    "use_wandb": False,
+                    "group_size": 2,
+                    "total_steps": 1000,
+                },
+                "openai": [{**server, "base_url": f"http://127.0.0.1:{http + r}/v1"} for r in range(2)],
+            }
+        )
+    )
     children = [start([str(ATROPOS_VENV / "bin" / "run-api"), "--host", "127.0.0.1", "--port", str(api)])]
     try:
-        children += [start([sys.executable, "-m", "paraloop", "run", str(config), "--no-plot"], MLX_RANK=str(r),
-                           MLX_HOSTFILE=str(hostfile)) for r in range(2)]
+        children += [
+            start(
+                [sys.executable, "-m", "paraloop", "run", str(config), "--no-plot"],
+                MLX_RANK=str(r),
+                MLX_HOSTFILE=str(hostfile),
+            )
+            for r in range(2)
+        ]
         rank_files(run_dir, children[1:])
-        children.append(start([str(ATROPOS_VENV / "bin" / "python"), str(REPO / "tests" / "scripts" / "atropos_env.py"), "serve",
-                               "--config", str(env_config)], HF_HUB_OFFLINE="1", WANDB_MODE="disabled"))
+        children.append(
+            start(
+                [
+                    str(ATROPOS_VENV / "bin" / "python"),
+                    str(REPO / "tests" / "scripts" / "atropos_env.py"),
+                    "serve",
+                    "--config",
+                    str(env_config),
+                ],
+                HF_HUB_OFFLINE="1",
+                WANDB_MODE="disabled",
+            )
+        )
         for r in (1, 2):
             code, err = finish(children[r], timeout=240)
             assert code == 0, err[-3000:]

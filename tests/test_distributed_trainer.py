@@ -45,8 +45,12 @@ class ThreadRanks:
         barrier.wait(timeout=DEADLINE_S)  # everyone has read the slots before any rank writes the next ones
         total = {k: sum(p[0][k] for p in parts) for k in flat}
         grads = tree_unflatten([(k, mx.array(v.astype(np.float32))) for k, v in total.items()])
-        return (grads, {k: sum(p[1][k] for p in parts) for k in sums},
-                {k: min(p[2][k] for p in parts) for k in mins}, {k: max(p[3][k] for p in parts) for k in maxs})
+        return (
+            grads,
+            {k: sum(p[1][k] for p in parts) for k in sums},
+            {k: min(p[2][k] for p in parts) for k in mins},
+            {k: max(p[3][k] for p in parts) for k in maxs},
+        )
 
     def table(self, row, name="table"):
         """Every rank's int64 row, stacked (size, F), on every rank (Ranks.table)."""
@@ -74,8 +78,12 @@ def train_on_ranks(base, config, batches, size: int):
             trainer.reducer = ThreadRanks(rank, size, shared)
             metrics = [trainer.step(b).metrics for b in batches]
             state = trainer.state()["optimizer"]
-            results[rank] = ({k: np.array(v) for k, v in trainer.adapter().items()},
-                             {k: np.array(v) for k, v in state.items()}, metrics, trainer.reducer.calls)
+            results[rank] = (
+                {k: np.array(v) for k, v in trainer.adapter().items()},
+                {k: np.array(v) for k, v in state.items()},
+                metrics,
+                trainer.reducer.calls,
+            )
         except BaseException as e:  # noqa: BLE001 - reported below, and the other ranks let go
             errors.append(e)
             shared["barrier"].abort()
@@ -96,8 +104,11 @@ def train_on_ranks(base, config, batches, size: int):
 def single(base, config, batches):
     trainer = new_trainer(base, config)
     metrics = [trainer.step(b).metrics for b in batches]
-    return ({k: np.array(v) for k, v in trainer.adapter().items()},
-            {k: np.array(v) for k, v in trainer.state()["optimizer"].items()}, metrics)
+    return (
+        {k: np.array(v) for k, v in trainer.adapter().items()},
+        {k: np.array(v) for k, v in trainer.state()["optimizer"].items()},
+        metrics,
+    )
 
 
 # After 3 AdamW steps. The mask case rejects ~60% of the tokens: gradients sparser and smaller, whose normalised
@@ -117,13 +128,30 @@ def test_two_and_three_ranks_make_the_single_process_update(base, case):
         for rank, (r_adapter, r_optimizer, r_metrics, calls) in enumerate(ranks):
             assert calls == len(batches) * config.update_epochs, "one reduction per epoch"
             for name, value in adapter.items():
-                np.testing.assert_allclose(r_adapter[name], value, rtol=0, atol=ADAPTER_ATOL.get(case, 1e-5),
-                                           err_msg=f"{case}: {name} on rank {rank} of {size}")
+                np.testing.assert_allclose(
+                    r_adapter[name],
+                    value,
+                    rtol=0,
+                    atol=ADAPTER_ATOL.get(case, 1e-5),
+                    err_msg=f"{case}: {name} on rank {rank} of {size}",
+                )
             for name, value in optimizer.items():
                 np.testing.assert_allclose(r_optimizer[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
             for step, (mine, one) in enumerate(zip(r_metrics, metrics, strict=True)):
-                for key in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "clip_fraction", "ratio_min",
-                            "ratio_max", "tokens", "trained_tokens", "reward_mean", "adv_std"):
+                for key in (
+                    "loss",
+                    "pg_loss",
+                    "kl",
+                    "entropy",
+                    "grad_norm",
+                    "clip_fraction",
+                    "ratio_min",
+                    "ratio_max",
+                    "tokens",
+                    "trained_tokens",
+                    "reward_mean",
+                    "adv_std",
+                ):
                     assert mine[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (case, size, step, key)
         first = ranks[0][0]
         for other in ranks[1:]:  # bitwise: every rank applied the same summed gradient
@@ -156,12 +184,18 @@ def test_share_balances_tokens_and_covers_every_trained_row_once():
 
 
 def test_packed_trees_round_trip_bitwise():
-    tree = {"a": mx.array([[1.5, -0.0], [np.inf, 3.0]]), "b": mx.array([1, 2], dtype=mx.bfloat16),
-            "step": mx.array(7, dtype=mx.uint64), "note": "x", "empty": mx.zeros((0, 3))}
+    tree = {
+        "a": mx.array([[1.5, -0.0], [np.inf, 3.0]]),
+        "b": mx.array([1, 2], dtype=mx.bfloat16),
+        "step": mx.array(7, dtype=mx.uint64),
+        "note": "x",
+        "empty": mx.zeros((0, 3)),
+    }
     back = unpack_tree(pack_tree(tree))
     assert back["note"] == "x"
     for name in ("a", "b", "step", "empty"):
         assert back[name].dtype == tree[name].dtype and back[name].shape == tree[name].shape
     assert digest({k: v for k, v in back.items() if k != "note"}) == digest(
-        {k: v for k, v in tree.items() if k != "note"})
+        {k: v for k, v in tree.items() if k != "note"}
+    )
     assert digest({"a": mx.array([0.0])}) != digest({"a": mx.array([-0.0])}), "bitwise, not numeric"

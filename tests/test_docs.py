@@ -50,8 +50,10 @@ class OneRowEngine:
         from paraloop.messages import Completion
 
         self.prompts.append(request.prompt_tokens)
-        return [Completion(row=i, tokens=[2], logprobs=[-0.1], versions=[0], text="", finish_reason="stop")
-                for i in range(request.n)]  # fmt: skip
+        return [
+            Completion(row=i, tokens=[2], logprobs=[-0.1], versions=[0], text="", finish_reason="stop")
+            for i in range(request.n)
+        ]
 
 
 def test_the_qwen3_thinking_switch_reaches_the_chat_template(tiny_model_path, tmp_path):
@@ -68,8 +70,10 @@ def test_the_qwen3_thinking_switch_reaches_the_chat_template(tiny_model_path, tm
 
     def prompt_text(thinking: str) -> str:
         toml = tmp_path / f"thinking-{thinking}.toml"
-        toml.write_text('[rl_training.mock]\ntask = "paraloop.envs.tasks:capitals"\ngroup_size = 2\n'
-                        f"chat_template_kwargs = {{ enable_thinking = {thinking} }}\n")  # fmt: skip
+        toml.write_text(
+            '[rl_training.mock]\ntask = "paraloop.envs.tasks:capitals"\ngroup_size = 2\n'
+            f"chat_template_kwargs = {{ enable_thinking = {thinking} }}\n"
+        )
         settings = load_config(toml)
         engine = OneRowEngine()
         env = MockEnvironment(engine, tokenizer, config=settings.rl_training.mock, temperature=1.0, max_tokens=4)

@@ -74,8 +74,15 @@ def blocks(page: str) -> list[Block]:
         if marker == "save as":
             out.append(Block(page, line, None, ".", (), save_as=value, text=body))
         elif language in SHELLS:
-            out.append(Block(page, line, value if marker == "not run" else None,
-                             value if marker == "run in" else ".", tuple(commands_of(body, language))))
+            out.append(
+                Block(
+                    page,
+                    line,
+                    value if marker == "not run" else None,
+                    value if marker == "run in" else ".",
+                    tuple(commands_of(body, language)),
+                )
+            )
     return out
 
 
@@ -133,8 +140,14 @@ class Shell:
             self.start_server(command.rstrip("&").strip(), cwd, where)
             return
         done = subprocess.CompletedProcess([], 0)
-        with procs.running(["bash", "-c", command], cwd=self.root / cwd, env=self.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True) as proc:  # fmt: skip
+        with procs.running(
+            ["bash", "-c", command],
+            cwd=self.root / cwd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        ) as proc:
             try:
                 out, _ = proc.communicate(timeout=COMMAND_TIMEOUT_S)
             except subprocess.TimeoutExpired:
@@ -147,8 +160,13 @@ class Shell:
     def start_server(self, command: str, cwd: str, where: str) -> None:
         self.server_log = self.log.with_name(f"server-{time.monotonic_ns()}.log")
         with self.server_log.open("w") as out:
-            self.server = procs.spawn(["bash", "-c", f"exec {command}"], cwd=self.root / cwd, env=self.env,
-                                      stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            self.server = procs.spawn(
+                ["bash", "-c", f"exec {command}"],
+                cwd=self.root / cwd,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + COMMAND_TIMEOUT_S
         while time.monotonic() < deadline:
             text = self.server_log.read_text()
@@ -192,10 +210,17 @@ def make_bin(tmp: Path) -> Path:
 
 def page_env(tmp: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not (k.startswith("PARALOOP_") and "__" in k)}
-    env.update(PATH=f"{make_bin(tmp)}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", PARALOOP_LOG="info", PYTHONUNBUFFERED="1",
-               PARALOOP_RL_TRAINING__TOTAL_STEPS="2", PARALOOP_CHECKPOINT__INTERVAL="1", MPLBACKEND="Agg",
-               PARALOOP_SERVER__PORT=str(port))
+    env.update(
+        PATH=f"{make_bin(tmp)}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO / "src"),
+        HF_HUB_OFFLINE="1",
+        PARALOOP_LOG="info",
+        PYTHONUNBUFFERED="1",
+        PARALOOP_RL_TRAINING__TOTAL_STEPS="2",
+        PARALOOP_CHECKPOINT__INTERVAL="1",
+        MPLBACKEND="Agg",
+        PARALOOP_SERVER__PORT=str(port),
+    )
     return env
 
 
@@ -250,8 +275,11 @@ def page_results(tiny_model_path, tmp_path_factory) -> dict[str, str | None]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         fresh = pool.submit(run_page, "README.md", start=None, tiny=tiny_model_path, tmp=tmp / "README")
         demo = make_demo(tmp / "after-make-demo", tiny_model_path, tmp / "make-demo")
-        futures = {page: pool.submit(run_page, page, start=demo, tiny=tiny_model_path, tmp=tmp / page.replace("/", "-"))
-                   for page in pages if page != "README.md"}  # fmt: skip
+        futures = {
+            page: pool.submit(run_page, page, start=demo, tiny=tiny_model_path, tmp=tmp / page.replace("/", "-"))
+            for page in pages
+            if page != "README.md"
+        }
         return {"README.md": fresh.result(), **{page: f.result() for page, f in futures.items()}}
 
 
@@ -267,24 +295,41 @@ def test_every_skipped_block_says_why_and_pages_have_blocks_that_run():
     skipped = [(b.page, b.line, b.skip) for page in PAGES for b in blocks(page) if b.skip is not None]
     assert all(reason.strip() for _, _, reason in skipped), skipped
     pages_run = {page for page in PAGES if any(b.skip is None and b.commands for b in blocks(page))}
-    must_run = {"README.md", "docs/tasks.md", "docs/training.md", "docs/models.md", "docs/resume.md",
-                "docs/checkpoints.md", "docs/api.md", "docs/configuration.md", "docs/observability.md",
-                "examples/README.md"}  # fmt: skip
+    must_run = {
+        "README.md",
+        "docs/tasks.md",
+        "docs/training.md",
+        "docs/models.md",
+        "docs/resume.md",
+        "docs/checkpoints.md",
+        "docs/api.md",
+        "docs/configuration.md",
+        "docs/observability.md",
+        "examples/README.md",
+    }
     assert must_run <= pages_run, must_run - pages_run
 
 
 def test_the_substitutions_touch_only_model_steps_and_ports(tmp_path):
     tiny = tmp_path / "tiny"
     assert as_run_here("paraloop run configs/demo.toml --steps 20 --resume runs/demo", tiny=tiny, port=9) == (
-        "paraloop run configs/demo.toml --steps 2 --resume runs/demo")
-    assert as_run_here("paraloop model smollm2 models/smollm2", tiny=tiny, port=9) == "paraloop model tiny models/smollm2"
+        "paraloop run configs/demo.toml --steps 2 --resume runs/demo"
+    )
+    assert (
+        as_run_here("paraloop model smollm2 models/smollm2", tiny=tiny, port=9) == "paraloop model tiny models/smollm2"
+    )
     assert as_run_here("curl -s localhost:8000/v1/models", tiny=tiny, port=9) == (
-        "curl --fail --max-time 60 -s localhost:9/v1/models")
+        "curl --fail --max-time 60 -s localhost:9/v1/models"
+    )
     assert as_run_here("paraloop serve --lora-path runs/demo/checkpoints/step_000010", tiny=tiny, port=9).endswith(
-        "step_000001")
+        "step_000001"
+    )
     assert commands_of("a \\\n  b  # note\n# only a comment\n\nc\n", "bash") == ["a    b", "c"]
     assert commands_of("$ paraloop --help\nusage: ...\n", "console") == ["paraloop --help"]
-    assert commands_of("curl -d '{\"a\": 1,\n  \"b\": 2}'  # c\nls\n", "bash") == ["curl -d '{\"a\": 1,\n  \"b\": 2}'", "ls"]
+    assert commands_of('curl -d \'{"a": 1,\n  "b": 2}\'  # c\nls\n', "bash") == [
+        'curl -d \'{"a": 1,\n  "b": 2}\'',
+        "ls",
+    ]
 
 
 def test_the_example_files_headers_are_the_commands_of_examples_readme():
@@ -294,4 +339,6 @@ def test_the_example_files_headers_are_the_commands_of_examples_readme():
         header = (path.read_text().split('"""')[1]).splitlines()
         shown = [re.sub(r"\s+#\s.*$", "", line).strip() for line in header if line.startswith("    ")]
         for command in (c for c in shown if c.startswith(("paraloop ", "python ", "cd ")) and "..." not in c):
-            assert command.rstrip("& ") in readme or command.startswith("cd "), f"{path.name}: {command!r} is not in examples/README.md"
+            assert command.rstrip("& ") in readme or command.startswith("cd "), (
+                f"{path.name}: {command!r} is not in examples/README.md"
+            )

@@ -38,17 +38,11 @@ def test_concurrent_requests_each_keep_their_own_sampling(tiny_q4_model_path, co
             if kind == "greedy":
                 specs.append(request(prompt_a, temperature=0, max_tokens=24, ignore_eos=True))
             elif kind == "stop":
-                specs.append(
-                    request(prompt_a, temperature=0, max_tokens=24, ignore_eos=True, stop=["zzz", stop])
-                )
+                specs.append(request(prompt_a, temperature=0, max_tokens=24, ignore_eos=True, stop=["zzz", stop]))
             elif kind == "sampled":
-                specs.append(
-                    request(prompt_b, temperature=0.5 + i / 32, top_p=0.9, max_tokens=5 + i, ignore_eos=True)
-                )
+                specs.append(request(prompt_b, temperature=0.5 + i / 32, top_p=0.9, max_tokens=5 + i, ignore_eos=True))
             else:
-                specs.append(
-                    request(prompt_b, temperature=1.0, top_k=5, max_tokens=1 + i % 3, ignore_eos=True)
-                )
+                specs.append(request(prompt_b, temperature=1.0, top_k=5, max_tokens=1 + i % 3, ignore_eos=True))
         results: dict[int, Completion] = {}
 
         async def one(i: int) -> None:
@@ -190,10 +184,7 @@ def test_n_rows_share_one_prefill_and_sample_independently(tiny_q4_model_path, c
     assert len({tuple(r.tokens) for r in rows}) == 4
     for r in rows:
         assert (
-            max(
-                abs(a - b)
-                for a, b in zip(r.logprobs, reference_logprobs(model, prompt, r.tokens, 1.0), strict=True)
-            )
+            max(abs(a - b) for a, b in zip(r.logprobs, reference_logprobs(model, prompt, r.tokens, 1.0), strict=True))
             < LOGPROB_TOL[compute]
         )
 
@@ -256,7 +247,9 @@ def test_an_adapter_swap_applies_between_steps_and_versions_the_tokens(tiny_q4_m
         AdapterSlots(model).swap(old)
         expected = reference_logprobs(model, prompt, tokens[: first_new + 1], 1.0)
         got = [e.logprob for e in mine[: first_new + 1]]
-        assert_within("engine vs one full forward", max_gap(got[:first_new], expected[:first_new]), LOGPROB_TOL[compute])
+        assert_within(
+            "engine vs one full forward", max_gap(got[:first_new], expected[:first_new]), LOGPROB_TOL[compute]
+        )
         # The first token labelled 1 did not come from the old adapter's forward pass.
         assert abs(got[first_new] - expected[first_new]) > 1e-3
 
@@ -455,13 +448,9 @@ def test_a_failing_engine_thread_aborts_the_requests_and_raises_from_run(tiny_mo
 )
 def test_invalid_requests_name_the_bad_field(tiny_model_path, changes, field):
     model, tokenizer, _, _ = load_model(tiny_model_path)
-    engine = Engine(
-        model, tokenizer, config=EngineConfig(max_prompt_tokens=64, max_tokens_limit=512, max_n=8)
-    )
+    engine = Engine(model, tokenizer, config=EngineConfig(max_prompt_tokens=64, max_tokens_limit=512, max_n=8))
     top = {k: changes.pop(k) for k in ("prompt_tokens", "n") if k in changes}
-    spec = GenerateRequest(
-        request_id="bad", **{"prompt_tokens": [1, 2, 3], **top}, params=SamplingParams(**changes)
-    )
+    spec = GenerateRequest(request_id="bad", **{"prompt_tokens": [1, 2, 3], **top}, params=SamplingParams(**changes))
 
     async def first_event() -> None:
         await engine.generate(spec).__anext__()

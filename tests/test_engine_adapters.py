@@ -31,9 +31,20 @@ from paraloop.messages import Completion, GenerateRequest, SamplingParams
 from paraloop.model import load_model
 
 DECODES = ("cpu", "mlx-lm")
-TEXTS = ["The capital of France is", "12 + 7 = 19. 30 + 4 =", "Once", "Water freezes at zero degrees and boils",
-         "A B C D E", "Hello", "It was the best of times", "def f(x):", "1 2 3", "Why is the sky", "Dear Sir,",
-         "Roses are red"]  # fmt: skip
+TEXTS = [
+    "The capital of France is",
+    "12 + 7 = 19. 30 + 4 =",
+    "Once",
+    "Water freezes at zero degrees and boils",
+    "A B C D E",
+    "Hello",
+    "It was the best of times",
+    "def f(x):",
+    "1 2 3",
+    "Why is the sky",
+    "Dear Sir,",
+    "Roses are red",
+]
 # Named adapters beside the policy: of another rank (8) and of other layers (q/v only; the last block only).
 SHAPES = {
     "all4": LoraConfig(rank=4, keys="all", num_layers=-1, scale=2.0),
@@ -47,14 +58,17 @@ POLICY = LoraConfig(rank=4, keys="all", num_layers=-1, scale=2.0)
 @pytest.fixture(scope="module")
 def adapters(tiny_model_path, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
-    out = {name: random_adapter(root / name, tiny_model_path, cfg, seed=i + 1) for i, (name, cfg) in
-           enumerate(SHAPES.items())}  # fmt: skip
+    out = {
+        name: random_adapter(root / name, tiny_model_path, cfg, seed=i + 1)
+        for i, (name, cfg) in enumerate(SHAPES.items())
+    }
     out["policy"] = random_adapter(root / "policy", tiny_model_path, POLICY, seed=99)
     return out
 
 
-def make_engine(model_path: Path, policy: Path | None, *, decode: str = "cpu", compute: str = "auto",
-                **kwargs: Any) -> Engine:  # fmt: skip
+def make_engine(
+    model_path: Path, policy: Path | None, *, decode: str = "cpu", compute: str = "auto", **kwargs: Any
+) -> Engine:
     """An engine whose policy is the adapter at `policy` (None: the bare base model)."""
     model, tokenizer, _, _ = load_model(model_path, compute=compute)
     slots = None
@@ -81,10 +95,14 @@ def mixed_specs(tokenizer) -> list[tuple[str | None, dict[str, Any]]]:
     return [spec for pair in zip(greedy, seeded, strict=True) for spec in pair]
 
 
-@pytest.mark.parametrize("decode, model, compute", [
-    ("cpu", "tiny_model_path", "auto"), ("mlx-lm", "tiny_model_path", "auto"),
-    ("cpu", "tiny_q4_model_path", "quantized"),  # MLX's quantized kernels under the LoRA terms (Metal, CUDA)
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "decode, model, compute",
+    [
+        ("cpu", "tiny_model_path", "auto"),
+        ("mlx-lm", "tiny_model_path", "auto"),
+        ("cpu", "tiny_q4_model_path", "quantized"),  # MLX's quantized kernels under the LoRA terms (Metal, CUDA)
+    ],
+)
 def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_engine_gives_it(
     request, adapters, decode, model, compute
 ):
@@ -104,8 +122,7 @@ def test_a_batch_mixing_adapters_gives_each_row_exactly_what_a_single_adapter_en
     async def mixed(engine: Engine) -> list[Completion]:
         for name in SHAPES:
             await engine.adapters.load(name, adapters[name])
-        out = await engine.complete_many(
-            [ask(tokens[i], name, rid=str(i), **p) for i, (name, p) in enumerate(specs)])
+        out = await engine.complete_many([ask(tokens[i], name, rid=str(i), **p) for i, (name, p) in enumerate(specs)])
         return [rows[0] for rows in out]
 
     got = serve(engine, mixed)
@@ -147,8 +164,14 @@ def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_other
                 if len(rows) == 12:  # mid-decode, after the short row of another adapter has finished
                     assert short_done.is_set()
                     tg.start_soon(late)
-            out["long"] = Completion(row=0, tokens=[e.token for e in rows], logprobs=[e.logprob for e in rows],
-                                     versions=[e.version for e in rows], text="", finish_reason="length")
+            out["long"] = Completion(
+                row=0,
+                tokens=[e.token for e in rows],
+                logprobs=[e.logprob for e in rows],
+                versions=[e.version for e in rows],
+                text="",
+                finish_reason="length",
+            )
 
         async def short() -> None:
             out["short"] = (await engine.complete(ask(prompt_short, "qv4", max_tokens=4)))[0]
@@ -163,13 +186,17 @@ def test_rows_leave_and_join_a_mixed_batch_mid_decode_without_changing_the_other
         return out
 
     got = serve(engine, body)
-    for key, name, prompt, max_tokens in (("long", "all4", prompt_long, 40), ("short", "qv4", prompt_short, 4),
-                                          ("late", "all8", prompt_late, 8)):  # fmt: skip
+    for key, name, prompt, max_tokens in (
+        ("long", "all4", prompt_long, 40),
+        ("short", "qv4", prompt_short, 4),
+        ("late", "all8", prompt_late, 8),
+    ):
         alone = make_engine(tiny_model_path, adapters[name], decode=decode)
         want = serve(alone, lambda e, p=prompt, m=max_tokens: e.complete(ask(p, None, max_tokens=m)))[0]
         assert got[key].tokens == want.tokens, key
-        assert_within("mixed-adapter row vs single-adapter engine", max_gap(got[key].logprobs, want.logprobs),
-                      ADAPTER_ROWS_TOL)
+        assert_within(
+            "mixed-adapter row vs single-adapter engine", max_gap(got[key].logprobs, want.logprobs), ADAPTER_ROWS_TOL
+        )
 
 
 def test_unloading_and_loading_while_rows_run_leaves_them_undisturbed(tiny_model_path, adapters):
@@ -191,16 +218,23 @@ def test_unloading_and_loading_while_rows_run_leaves_them_undisturbed(tiny_model
                 assert engine.stats()["adapters_loaded"] == 1  # qv4; all4's arrays stay until its row ends
         await engine.complete(ask(prompt, "qv4", max_tokens=1))  # the inbox has passed the Uninstall by now
         assert engine._worker._positions == {3}  # noqa: SLF001
-        got = Completion(row=0, tokens=[e.token for e in events], logprobs=[e.logprob for e in events],
-                         versions=[e.version for e in events], text="", finish_reason="length")
+        got = Completion(
+            row=0,
+            tokens=[e.token for e in events],
+            logprobs=[e.logprob for e in events],
+            versions=[e.version for e in events],
+            text="",
+            finish_reason="length",
+        )
         # The same name can be loaded again (another load: the prefix cache never mixes the two).
         await engine.adapters.load("all4", adapters["all4"])
         again = (await engine.complete(ask(prompt, "all4", max_tokens=30)))[0]
         return got, again
 
     got, again = serve(engine, body)
-    want = serve(make_engine(tiny_model_path, adapters["all4"]),
-                 lambda e: e.complete(ask(prompt, None, max_tokens=30)))[0]  # fmt: skip
+    want = serve(
+        make_engine(tiny_model_path, adapters["all4"]), lambda e: e.complete(ask(prompt, None, max_tokens=30))
+    )[0]
     assert got.tokens == want.tokens == again.tokens
     assert_within("mixed-adapter row vs single-adapter engine", max_gap(got.logprobs, want.logprobs), ADAPTER_ROWS_TOL)
 
@@ -236,7 +270,9 @@ def test_checkpoints_load_on_demand_are_bounded_and_evicted_least_recently_used(
         return got
 
     got = serve(engine, body)
-    want = serve(make_engine(tiny_model_path, adapters["qv4"]), lambda e: e.complete(ask(prompt, None, max_tokens=6)))[0]
+    want = serve(make_engine(tiny_model_path, adapters["qv4"]), lambda e: e.complete(ask(prompt, None, max_tokens=6)))[
+        0
+    ]
     assert got.tokens == want.tokens
 
 
@@ -268,8 +304,18 @@ def write_mlx_lm_adapter(model_path: Path, out: Path) -> Path:
     weights = {k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())}
     out.mkdir()
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
-    save_config({"model": str(model_path), "fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params,
-                 "seed": 0, "iters": 10, "adapter_path": str(out)}, out / "adapter_config.json")  # fmt: skip
+    save_config(
+        {
+            "model": str(model_path),
+            "fine_tune_type": "lora",
+            "num_layers": 2,
+            "lora_parameters": params,
+            "seed": 0,
+            "iters": 10,
+            "adapter_path": str(out),
+        },
+        out / "adapter_config.json",
+    )
     return out
 
 
@@ -307,8 +353,10 @@ def test_adapters_that_cannot_be_served_are_refused_naming_why(tiny_model_path, 
     a_key = "model.layers.0.self_attn.q_proj.lora_a"
     cases = {
         "dora": (variant("dora", lambda a, c: (a, {**c, "fine_tune_type": "dora"})), "dora"),
-        "layer": (variant("layer", lambda a, c: ({**a, "model.layers.99.mlp.up_proj.lora_a": a[a_key]}, c)),
-                  "block 99"),
+        "layer": (
+            variant("layer", lambda a, c: ({**a, "model.layers.99.mlp.up_proj.lora_a": a[a_key]}, c)),
+            "block 99",
+        ),
         "shape": (variant("shape", lambda a, c: ({**a, a_key: mx.zeros((3, 4))}, c)), "do not fit"),
         "rank": (variant("rank", lambda a, c: (a, c)), "rank 4 is over"),
         "half": (variant("half", lambda a, c: ({k: v for k, v in a.items() if k != a_key}, c)), "needs both"),

@@ -25,8 +25,12 @@ def engine_with(path, **config) -> Engine:
 
 
 def req(prompt_len: int, max_tokens: int, *, n: int = 1) -> GenerateRequest:
-    return GenerateRequest(request_id="r", prompt_tokens=[5] * prompt_len, n=n,
-                           params=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    return GenerateRequest(
+        request_id="r",
+        prompt_tokens=[5] * prompt_len,
+        n=n,
+        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+    )
 
 
 def serve(engine: Engine, body) -> None:
@@ -125,8 +129,12 @@ def test_a_temperature_too_small_to_divide_by_samples_greedily_and_one_too_large
     engine = engine_with(tiny_model_path)
 
     def at(temperature: float) -> GenerateRequest:
-        return GenerateRequest(request_id="t", prompt_tokens=[5, 6, 7], n=2,
-                               params=SamplingParams(max_tokens=8, ignore_eos=True, temperature=temperature))
+        return GenerateRequest(
+            request_id="t",
+            prompt_tokens=[5, 6, 7],
+            n=2,
+            params=SamplingParams(max_tokens=8, ignore_eos=True, temperature=temperature),
+        )
 
     async def body(engine: Engine, tg) -> None:
         greedy = (await engine.complete(at(0.0)))[0]

@@ -37,8 +37,10 @@ def log_softmax64(x: np.ndarray) -> np.ndarray:
     return x - x.max() - np.log(np.exp(x - x.max()).sum())
 
 
-@pytest.mark.parametrize("filters", [dict(top_k=7), dict(top_p=0.5), dict(top_p=0.999), dict(min_p=0.2),
-                                     dict(top_k=20, top_p=0.9, min_p=0.05)])  # fmt: skip
+@pytest.mark.parametrize(
+    "filters",
+    [dict(top_k=7), dict(top_p=0.5), dict(top_p=0.999), dict(min_p=0.2), dict(top_k=20, top_p=0.9, min_p=0.05)],
+)
 def test_the_numpy_filters_keep_what_the_mlx_filters_keep(filters):
     args = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, **filters}
     mlx_kept = np.isfinite(np.array(filter_logits(mx.array(LOGITS), **args)))
@@ -59,8 +61,11 @@ def test_rows_are_drawn_from_the_tempered_filtered_distribution():
 def test_recorded_logprobs_are_of_the_distribution_each_row_sampled_from():
     """log_softmax(logits / T), renormalised over the kept set of a filtered row, whose size is recorded; an
     alternative outside the kept set reads FILTERED_LOGPROB (vLLM's stand-in for -inf)."""
-    rows = [sampler(temperature=0.0, top_logprobs=4), sampler(1, temperature=0.7, top_p=0.5, top_logprobs=8),
-            sampler(2, temperature=1.5, top_logprobs=2)]  # fmt: skip
+    rows = [
+        sampler(temperature=0.0, top_logprobs=4),
+        sampler(1, temperature=0.7, top_p=0.5, top_logprobs=8),
+        sampler(2, temperature=1.5, top_logprobs=2),
+    ]
     tokens, logprobs = sample_rows(LOGITS, rows)
     assert tokens[0] == np.argmax(LOGITS[0])  # greedy: the argmax, reported at T = 1
     for i, (t, lp) in enumerate(zip([1.0, 0.7, 1.5], logprobs, strict=True)):
@@ -150,9 +155,11 @@ def test_both_sampling_paths_record_the_models_logprobs_and_agree_on_greedy_rows
     model, tokenizer, _, _ = load_model(tiny_model_path)
     prompt_a = tokenizer.encode("The capital of France is")
     prompt_b = tokenizer.encode("Water freezes at zero degrees and boils at one")
-    specs = [request(prompt_a, temperature=0, max_tokens=12, ignore_eos=True, top_logprobs=3),
-             request(prompt_b, n=2, temperature=0.7, top_p=0.95, max_tokens=12, ignore_eos=True, seed=5),
-             request(prompt_a, n=2, temperature=1.3, max_tokens=12, ignore_eos=True)]  # fmt: skip
+    specs = [
+        request(prompt_a, temperature=0, max_tokens=12, ignore_eos=True, top_logprobs=3),
+        request(prompt_b, n=2, temperature=0.7, top_p=0.95, max_tokens=12, ignore_eos=True, seed=5),
+        request(prompt_a, n=2, temperature=1.3, max_tokens=12, ignore_eos=True),
+    ]
     results = {kind: serve_on(tiny_model_path, kind, specs) for kind in ("cpu", "mlx-lm")}
     assert results["cpu"][0][0].tokens == results["mlx-lm"][0][0].tokens  # greedy
     for kind, groups in results.items():
@@ -189,7 +196,6 @@ def test_extreme_filters_and_non_finite_logits_still_give_a_token():
     bad[0, 3], bad[1, :] = np.inf, np.nan
     tokens, _ = sample_rows(bad, [sampler(temperature=1.0), sampler(1, temperature=1.0)])
     assert tokens.tolist() == [3, 0]
-
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95, 0.999])

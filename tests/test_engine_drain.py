@@ -220,8 +220,9 @@ def test_commands_taken_together_with_a_stop_are_answered_not_dropped(tiny_model
     delivered: list[tuple[Handle, list[TokenEvent], bool]] = []
     worker.deliver = delivered.extend
     replies: list[Any] = []
-    handle = Handle(request=request(prompts(engine.tokenizer)[0], n=2, max_tokens=4), send=None,
-                    adapter=engine.adapters.default)
+    handle = Handle(
+        request=request(prompts(engine.tokenizer)[0], n=2, max_tokens=4), send=None, adapter=engine.adapters.default
+    )
     arrays = dict(adapter_arrays(model))
     for command in (Stop(), Insert((handle,)), Swap(arrays=arrays, version=1, reply=replies.append)):
         assert worker.post(command)

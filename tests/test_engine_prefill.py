@@ -31,8 +31,11 @@ def test_forked_caches_hold_the_prompt_and_do_not_share_arrays(tiny_q4_model_pat
     for ca, cb, cw in zip(a, b, whole, strict=True):
         assert ca.offset == cb.offset == len(tokens)
         assert ca.keys is not cb.keys and ca.values is not cb.values
-        assert_within(f"chunked vs whole prefill keys ({compute})", max_gap(ca.keys, cw.keys[..., : cw.offset, :]),
-                      CACHE_TOL[compute])
+        assert_within(
+            f"chunked vs whole prefill keys ({compute})",
+            max_gap(ca.keys, cw.keys[..., : cw.offset, :]),
+            CACHE_TOL[compute],
+        )
 
     # Decode a different next token in each copy: the other copy keeps the prompt's keys only.
     before = [mx.array(c.keys) for c in b]

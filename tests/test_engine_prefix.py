@@ -59,8 +59,12 @@ def make(path, *, cache_mb: int = 64, step: int = 2048) -> tuple[Engine, nn.Modu
 
 def conversation(tokenizer) -> tuple[list[int], list[list[int]]]:
     system = tokenizer.encode("You are a careful assistant. Every answer is about rivers, markets and weather.")
-    questions = ["Where is Paris?", "What did the children count at the market?", "Rain?",
-                 "Tell me about the river that runs through the old town."]  # fmt: skip
+    questions = [
+        "Where is Paris?",
+        "What did the children count at the market?",
+        "Rain?",
+        "Tell me about the river that runs through the old town.",
+    ]
     return system, [system + tokenizer.encode(" " + q) for q in questions]
 
 
@@ -199,8 +203,15 @@ def test_the_next_turn_of_a_conversation_prefills_only_what_was_added(tiny_model
 def test_memory_stays_within_the_configured_bound(tiny_model_path):
     engine, _, _ = make(tiny_model_path, cache_mb=1)  # ~500 tokens of the tiny model's KV
     tok = engine.tokenizer
-    specs = [request(tok.encode(f"Conversation {i}: tell me about the market by the river."), temperature=0,
-                     max_tokens=60, ignore_eos=True) for i in range(10)]  # fmt: skip
+    specs = [
+        request(
+            tok.encode(f"Conversation {i}: tell me about the market by the river."),
+            temperature=0,
+            max_tokens=60,
+            ignore_eos=True,
+        )
+        for i in range(10)
+    ]
     seen: list[dict] = []
 
     async def body(engine: Engine) -> None:

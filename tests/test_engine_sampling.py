@@ -51,9 +51,7 @@ def test_min_p_keeps_tokens_at_least_min_p_times_the_most_likely():
 def test_a_row_sampler_draws_from_the_tempered_filtered_distribution():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], dtype=np.float32))
     logprobs = mx.array(logits)
-    sampler = RowSampler(
-        SamplingParams(temperature=0.5, top_k=3), row_keys(n=1, seed=0, engine_seed=0, counter=0)[0]
-    )
+    sampler = RowSampler(SamplingParams(temperature=0.5, top_k=3), row_keys(n=1, seed=0, engine_seed=0, counter=0)[0])
     draws = np.array([sampler(logprobs).item() for _ in range(3000)])
     tempered = probs64(logits / 0.5)[0, :3]
     tempered /= tempered.sum()
@@ -100,8 +98,9 @@ def test_filtered_rows_report_the_kept_sets_distribution_and_its_size(filters):
     temps = [0.7, 1.0, 1.3]
     top_k, top_p, min_p = filters
     for i, t in enumerate(temps):
-        keep = np.isfinite(np.array(filter_logits(mx.array(LOGITS[i : i + 1] / t), top_k=top_k, top_p=top_p,
-                                                  min_p=min_p)))[0]  # fmt: skip
+        keep = np.isfinite(
+            np.array(filter_logits(mx.array(LOGITS[i : i + 1] / t), top_k=top_k, top_p=top_p, min_p=min_p))
+        )[0]
         token = int(np.flatnonzero(keep)[-1])  # the least likely kept token
         chosen, ids, vals, kept = token_logprobs([lp[i]], [token], [t], 3, [filters])
         z = x[i] / t

@@ -73,8 +73,11 @@ def test_staleness_applies_to_atropos_rollouts_in_both_modes():
     assert too_stale(group, 4, 1) and not too_stale(group, 3, 1)
     assert not too_stale(support.group(prompt=[1], completions=[[10]]), 9, 1)  # unknown version: never stale
     batch = RolloutBatch(groups=[group, support.group(prompt=[1], completions=[[11]])], source="atropos")
-    assert staleness_metrics(row_versions(batch), 5) == {"staleness_mean": 3.0, "staleness_max": 3.0,
-                                                         "version_known_fraction": 0.5}  # fmt: skip
+    assert staleness_metrics(row_versions(batch), 5) == {
+        "staleness_mean": 3.0,
+        "staleness_max": 3.0,
+        "version_known_fraction": 0.5,
+    }
 
 
 def test_the_engine_records_policy_completions_with_the_version_that_served_them(tiny_model_path):
@@ -93,13 +96,16 @@ def test_the_engine_records_policy_completions_with_the_version_that_served_them
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             with anyio.fail_after(60):
-                first = await engine.complete(GenerateRequest(request_id="a", prompt_tokens=prompt, n=2,
-                                                              params=params))  # fmt: skip
+                first = await engine.complete(GenerateRequest(request_id="a", prompt_tokens=prompt, n=2, params=params))
                 await engine.swap_adapter(adapter_arrays(model), 1)
-                second = await engine.complete(GenerateRequest(request_id="b", prompt_tokens=prompt, n=2,
-                                                               params=msgspec.structs.replace(params, seed=4)))
-                base = await engine.complete(GenerateRequest(request_id="c", prompt_tokens=prompt, n=1,
-                                                             params=params, adapter="base"))  # fmt: skip
+                second = await engine.complete(
+                    GenerateRequest(
+                        request_id="b", prompt_tokens=prompt, n=2, params=msgspec.structs.replace(params, seed=4)
+                    )
+                )
+                base = await engine.complete(
+                    GenerateRequest(request_id="c", prompt_tokens=prompt, n=1, params=params, adapter="base")
+                )
             tg.cancel_scope.cancel()
         return first, second, base
 
@@ -108,7 +114,7 @@ def test_the_engine_records_policy_completions_with_the_version_that_served_them
     assert len({tuple(c.tokens) for c in first + second}) == 4  # (identical ids: the latest serve would win)
     group, known = engine.served.annotate(support.group(prompt=prompt, completions=[c.tokens for c in first + second]))
     assert known == 4 and group.versions == [0, 0, 1, 1]
-    assert [row[len(prompt):] for row in group.sampling_kept] == [c.kept for c in first + second]
+    assert [row[len(prompt) :] for row in group.sampling_kept] == [c.kept for c in first + second]
     assert all(1 <= k <= 5 for c in first for k in c.kept)
 
 
@@ -118,8 +124,14 @@ def test_the_atropos_client_annotates_fetched_groups_and_counts_them():
 
     index = ServedIndex(4)
     index.record([1], [10], [2], [0], stopped=False)
-    client = AtroposClient(AtroposConfig(api_url="http://localhost:1"), batch_size=2, token_budget=64,
-                           total_steps=1, checkpoint_dir="/tmp", served=index)  # fmt: skip
+    client = AtroposClient(
+        AtroposConfig(api_url="http://localhost:1"),
+        batch_size=2,
+        token_budget=64,
+        total_steps=1,
+        checkpoint_dir="/tmp",
+        served=index,
+    )
     groups = client._annotate([support.group(prompt=[1], completions=[[c]]) for c in (10, 11)])
     assert [g.versions for g in groups] == [[2], None]
     assert client.status()["sequences_version_known"] == 1

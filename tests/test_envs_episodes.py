@@ -87,8 +87,14 @@ def calc_sample(text: str, *, question: str = "What is 37 * 48 + 15?") -> Sample
 
 def test_the_calculator_evaluates_arithmetic_and_nothing_else():
     assert calculator.evaluate("37 * 48 + 15") == 1791 and calculator.evaluate("-(3 + 4) / 2") == -3.5
-    for bad, why in [("2 ** 64", "only numbers"), ("__import__('os')", "only numbers"), ("1 / 0", "division"),
-                     ("9" * 13 + " * 10", "too large"), ("1 +", "cannot parse"), ("1+" * 40 + "1", "longer")]:  # fmt: skip
+    for bad, why in [
+        ("2 ** 64", "only numbers"),
+        ("__import__('os')", "only numbers"),
+        ("1 / 0", "division"),
+        ("9" * 13 + " * 10", "too large"),
+        ("1 +", "cannot parse"),
+        ("1+" * 40 + "1", "longer"),
+    ]:
         with pytest.raises(calculator.CalculatorError, match=why):
             calculator.evaluate(bad)
 
@@ -97,8 +103,9 @@ def test_the_environment_answers_tool_calls_reminds_the_format_and_stops_at_an_a
     assert calculator.respond(calc_sample(f"Let me compute. {call('37 * 48 + 15')}")) == [
         {"role": "tool", "content": "1791"}
     ]
-    replies = calculator.respond(calc_sample(call("1 / 0") + '<tool_call>{"name": "search"}</tool_call>'
-                                             + "<tool_call>not json</tool_call>"))  # fmt: skip
+    replies = calculator.respond(
+        calc_sample(call("1 / 0") + '<tool_call>{"name": "search"}</tool_call>' + "<tool_call>not json</tool_call>")
+    )
     assert [r["content"] for r in replies] == [
         "error: division by zero",
         "error: unknown tool 'search'",
@@ -122,8 +129,14 @@ def test_the_reward_pays_for_the_right_final_answer():
 def test_an_episode_is_one_sequence_trained_only_on_the_sampled_turns(tiny):
     tokenizer = tiny[1]
     script = [[f"I will use the tool. {call('{q}')}", "Answer: {a}"], ["Answer: 5"]]
-    env = MockEnvironment(ScriptedEngine(tokenizer, script), tokenizer, temperature=1.0, max_tokens=40, seed=3,
-                          config=MockEnvConfig(task=CALCULATOR, group_size=2, max_turns=4))  # fmt: skip
+    env = MockEnvironment(
+        ScriptedEngine(tokenizer, script),
+        tokenizer,
+        temperature=1.0,
+        max_tokens=40,
+        seed=3,
+        config=MockEnvConfig(task=CALCULATOR, group_size=2, max_turns=4),
+    )
     messages, first = env._request(0)
     question = messages[1]["content"].removeprefix("What is ").removesuffix("?")
     script[0] = [script[0][0].replace("{q}", question), f"Answer: {calculator.show(calculator.evaluate(question))}"]
@@ -160,9 +173,14 @@ def test_episodes_end_at_max_turns_or_before_passing_max_episode_tokens(tiny):
     script = [["Hmm."] * 5, ["Hmm."] * 5]
     for max_turns, max_length, turns in [(3, 4096, [3, 3]), (5, 140, [1, 1])]:
         engine = ScriptedEngine(tokenizer, script)
-        env = MockEnvironment(engine, tokenizer, temperature=1.0, max_tokens=40, seed=3,
-                              config=MockEnvConfig(task=CALCULATOR, group_size=2, max_turns=max_turns,
-                                                   max_episode_tokens=max_length))  # fmt: skip
+        env = MockEnvironment(
+            engine,
+            tokenizer,
+            temperature=1.0,
+            max_tokens=40,
+            seed=3,
+            config=MockEnvConfig(task=CALCULATOR, group_size=2, max_turns=max_turns, max_episode_tokens=max_length),
+        )
         group = anyio.run(env.group)
         assert [len(turn_ends(m)) + 1 for m in group.masks] == turns
         later = engine.requests[1:]  # the first turn is always played
@@ -186,8 +204,14 @@ def test_on_the_engine_later_turns_prefill_only_the_new_text_and_logprobs_match_
     engine_model = twin(model)
     engine_model.eval()
     engine = Engine(engine_model, tokenizer, config=EngineConfig(), batch_size=16, adapter=AdapterSlots(engine_model))
-    env = MockEnvironment(engine, tokenizer, temperature=1.0, max_tokens=8, seed=0,
-                          config=MockEnvConfig(task=CALCULATOR, group_size=2, max_turns=3))  # fmt: skip
+    env = MockEnvironment(
+        engine,
+        tokenizer,
+        temperature=1.0,
+        max_tokens=8,
+        seed=0,
+        config=MockEnvConfig(task=CALCULATOR, group_size=2, max_turns=3),
+    )
 
     async def main() -> tuple[RolloutBatch, dict]:
         async with anyio.create_task_group() as tg:
@@ -210,8 +234,13 @@ def test_on_the_engine_later_turns_prefill_only_the_new_text_and_logprobs_match_
     collated = collate(batch)
     trainer = Trainer(model, config=RLTrainingConfig(kl_beta=0.0), adapter_config=cfg)
     trainer.model.eval()
-    logp, _ = forward_logprobs(trainer.model, mx.array(collated.input_ids), mx.array(collated.targets),
-                               mx.array(collated.temperature), with_entropy=False)  # fmt: skip
+    logp, _ = forward_logprobs(
+        trainer.model,
+        mx.array(collated.input_ids),
+        mx.array(collated.targets),
+        mx.array(collated.temperature),
+        with_entropy=False,
+    )
     mask = collated.mask
     assert mask.sum() == sum(m != PROMPT_MASK for row in masks for m in row) and (~mask).any()
     diff = np.abs(np.array(logp)[mask] - collated.inference_logprobs[mask])

@@ -21,6 +21,7 @@ EXAMPLE = REPO / "examples" / "external_env.py"
 RUN_API = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos")) / "bin" / "run-api"
 DEADLINE_S = 90  # only bounds a hang
 
+
 class Serve:
     """A running `python -m paraloop serve --port 0` in its own process group, its URL read from the line it logs."""
 
@@ -38,9 +39,25 @@ def server(tiny_model_path):
 
 
 def run_example(server: Serve, model: Path, *args: str) -> list[dict]:
-    cmd = [sys.executable, str(EXAMPLE), "--url", server.url, "--model-path", str(model),
-           "--task", "paraloop.envs.tasks:capitals", "--groups", "2", "--group-size", "4", "--max-tokens", "6",
-           "--seed", "3", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(EXAMPLE),
+        "--url",
+        server.url,
+        "--model-path",
+        str(model),
+        "--task",
+        "paraloop.envs.tasks:capitals",
+        "--groups",
+        "2",
+        "--group-size",
+        "4",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "3",
+        *args,
+    ]
     result = procs.run(cmd, timeout=DEADLINE_S)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("group ") == 2  # one log line per group
@@ -57,9 +74,7 @@ def tokenizer(tiny_model_path):
 
 def chat_ids(tokenizer, content: str) -> list[int]:
     return list(
-        tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)[
-            "input_ids"
-        ]
+        tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)["input_ids"]
     )
 
 
@@ -94,9 +109,7 @@ def test_groups_from_generate_are_atropos_groups_of_the_servers_own_ids(via_gene
             assert len(logprobs) == len(tokens) and all(lp <= 0 for lp in logprobs[prompt_len:])
             text_ids = completion[:-1] if completion[-1] == tokenizer.eos_token_id else completion
             pieces = [tokenizer.decode([t]) for t in text_ids]
-            assert score == capitals().reward(
-                Sample(prompt=[], text="", finish_reason="length", pieces=pieces)
-            )
+            assert score == capitals().reward(Sample(prompt=[], text="", finish_reason="length", pieces=pieces))
 
 
 def test_chat_completions_give_the_same_groups_as_generate(server, tiny_model_path, via_generate):
@@ -112,7 +125,7 @@ def test_an_unreachable_server_is_one_clear_error(tiny_model_path):
     result = procs.run(
         [sys.executable, str(EXAMPLE), "--url", f"http://127.0.0.1:{port}", "--model-path", str(tiny_model_path)],
         timeout=DEADLINE_S,
-    )  # fmt: skip
+    )
     assert result.returncode == 1
     assert f"external_env: cannot reach http://127.0.0.1:{port}/generate" in result.stderr
 
@@ -128,8 +141,9 @@ def http(url: str, body: dict | None = None) -> dict:
 def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_path, via_generate):
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    with procs.running([str(RUN_API), "--host", "127.0.0.1", "--port", str(port)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:  # fmt: skip
+    with procs.running(
+        [str(RUN_API), "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as proc:
         deadline = time.monotonic() + DEADLINE_S
         while True:
             try:
@@ -139,16 +153,41 @@ def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_pat
                 assert time.monotonic() < deadline and proc.poll() is None, "run-api did not start"
                 time.sleep(0.2)
         # the trainer's side: register, then a first /batch, which lets environments register
-        http(api + "/register", {"wandb_group": "g", "wandb_project": "p", "batch_size": 8, "max_token_len": 512,
-                                 "checkpoint_dir": "", "save_checkpoint_interval": 0, "starting_step": 0,
-                                 "num_steps": 1})  # fmt: skip
+        http(
+            api + "/register",
+            {
+                "wandb_group": "g",
+                "wandb_project": "p",
+                "batch_size": 8,
+                "max_token_len": 512,
+                "checkpoint_dir": "",
+                "save_checkpoint_interval": 0,
+                "starting_step": 0,
+                "num_steps": 1,
+            },
+        )
         assert http(api + "/batch")["batch"] is None
-        printed = run_example(
-            server, tiny_model_path, "--endpoint", "generate"
-        )  # the same groups, for reference
-        cmd = [sys.executable, str(EXAMPLE), "--url", server.url, "--model-path", str(tiny_model_path),
-               "--task", "paraloop.envs.tasks:capitals", "--groups", "2", "--group-size", "4", "--max-tokens", "6",
-               "--seed", "3", "--atropos-url", api]  # fmt: skip
+        printed = run_example(server, tiny_model_path, "--endpoint", "generate")  # the same groups, for reference
+        cmd = [
+            sys.executable,
+            str(EXAMPLE),
+            "--url",
+            server.url,
+            "--model-path",
+            str(tiny_model_path),
+            "--task",
+            "paraloop.envs.tasks:capitals",
+            "--groups",
+            "2",
+            "--group-size",
+            "4",
+            "--max-tokens",
+            "6",
+            "--seed",
+            "3",
+            "--atropos-url",
+            api,
+        ]
         result = procs.run(cmd, timeout=DEADLINE_S)
         assert result.returncode == 0, result.stderr
         assert result.stdout == ""  # posted, not printed

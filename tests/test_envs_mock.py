@@ -46,9 +46,7 @@ class FakeEngine:
     """Answers each row from `rows(request, row) -> (tokens, finish_reason)`; logprobs and versions are made up
     so that a test can tell them apart. Records every request and the most requests in flight at once."""
 
-    def __init__(
-        self, rows: Callable[[GenerateRequest, int], tuple[list[int], str]], *, version: int = 0
-    ) -> None:
+    def __init__(self, rows: Callable[[GenerateRequest, int], tuple[list[int], str]], *, version: int = 0) -> None:
         self.rows = rows
         self.version = version
         self.requests: list[GenerateRequest] = []
@@ -76,9 +74,7 @@ class FakeEngine:
         return out
 
 
-def env_on(
-    engine: Any, tokenizer: Any, *, task: str = CAPITALS, group_size: int = 4, **kwargs
-) -> MockEnvironment:
+def env_on(engine: Any, tokenizer: Any, *, task: str = CAPITALS, group_size: int = 4, **kwargs) -> MockEnvironment:
     filters = {k: kwargs.pop(k) for k in ("top_p", "top_k", "min_p") if k in kwargs}
     config = MockEnvConfig(task=task, group_size=group_size, concurrency=kwargs.pop("concurrency", 4), **filters)
     options = {"temperature": 0.7, "max_tokens": 6, "seed": 1, **kwargs}
@@ -114,9 +110,7 @@ def test_a_group_is_one_request_on_the_chat_template_and_keeps_the_engines_own_i
     for row, (tokens, _) in completions.items():
         assert group.tokens[row] == prompt + tokens  # EOS kept when the row stopped on it
         assert group.masks[row] == [-100] * len(prompt) + tokens
-        assert group.inference_logprobs[row] == [1.0] * len(prompt) + [
-            -0.25 * (j + 1) for j in range(len(tokens))
-        ]
+        assert group.inference_logprobs[row] == [1.0] * len(prompt) + [-0.25 * (j + 1) for j in range(len(tokens))]
     assert group.versions == [3, 3, 3, 3]  # the oldest version among each row's tokens (3, 4, 3, ...)
     assert group.generation_params == {"temperature": 0.7, "max_tokens": 6}
     assert [o["finish_reason"] for o in group.overrides] == ["stop", "length", "length", "stop"]
@@ -236,9 +230,7 @@ def test_a_failing_or_non_finite_reward_names_the_task(tokenizer, monkeypatch):
     module.nan = lambda: Task(name="nan", prompt=prompt, reward=lambda s: math.nan)
     monkeypatch.setitem(sys.modules, "bad_rewards", module)
     engine = FakeEngine(lambda request, row: ([5], "length"))
-    with pytest.raises(
-        RuntimeError, match="task 'bad_rewards:raises': the reward function raised ZeroDivisionError"
-    ):
+    with pytest.raises(RuntimeError, match="task 'bad_rewards:raises': the reward function raised ZeroDivisionError"):
         run(env_on(engine, tokenizer, task="bad_rewards:raises").group)
     with pytest.raises(ValueError, match="task 'bad_rewards:nan': the reward function returned nan"):
         run(env_on(engine, tokenizer, task="bad_rewards:nan").group)

@@ -100,9 +100,7 @@ def test_one_word_prompts_cover_every_category_with_the_right_article():
         ("fruit", "...", "stop", 0.0),
     ],
 )
-def test_one_word_pays_half_for_the_format_and_all_for_a_word_of_the_category(
-    category, text, finish_reason, expected
-):
+def test_one_word_pays_half_for_the_format_and_all_for_a_word_of_the_category(category, text, finish_reason, expected):
     article = "an" if category[0] in "aeiou" else "a"
     prompt = f"Name {article} {category}. Answer with one word only."
     assert one_word().reward(sample(prompt, text, finish_reason)) == expected
@@ -121,9 +119,7 @@ def test_one_word_pays_half_for_the_format_and_all_for_a_word_of_the_category(
         ("the ocean", "", "stop", 0.0),
     ],
 )
-def test_short_description_pays_half_for_five_words_and_all_for_a_related_word(
-    topic, text, finish_reason, expected
-):
+def test_short_description_pays_half_for_five_words_and_all_for_a_related_word(topic, text, finish_reason, expected):
     prompt = f"Describe {topic} in at most five words."
     assert short_description().reward(sample(prompt, text, finish_reason)) == expected
 
@@ -142,9 +138,7 @@ def test_rewards_reject_prompts_of_another_task():
 
 def test_capitals_is_the_fraction_of_tokens_with_a_capital_letter():
     reward = capitals().reward
-    assert reward(sample("Say something.", "The cat Sat", pieces=["The", " cat", " Sat"])) == pytest.approx(
-        2 / 3
-    )
+    assert reward(sample("Say something.", "The cat Sat", pieces=["The", " cat", " Sat"])) == pytest.approx(2 / 3)
     assert reward(sample("Say something.", "ABC", pieces=["ABC"])) == 1.0
     assert reward(sample("Say something.", "abc", pieces=["a", "bc"])) == 0.0
     assert reward(sample("Say something.", "", pieces=[])) == 0.0

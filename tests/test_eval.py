@@ -69,8 +69,16 @@ def test_the_evaluator_evaluates_due_versions_forwards_credits_and_ends_with_the
         results_send, results_recv = anyio.create_memory_object_stream[EvalFinished](10)
         versions_send, versions_recv = anyio.create_memory_object_stream[int](1)
         credits_send, credits_recv = anyio.create_memory_object_stream[int](1)
-        evaluator = Evaluator(engine, None, Plan, every=2, status=RunStatus(total_steps=5, mode="sync", run_dir="."),
-                              step=lambda: steps["n"], total_steps=5, results=results_send)
+        evaluator = Evaluator(
+            engine,
+            None,
+            Plan,
+            every=2,
+            status=RunStatus(total_steps=5, mode="sync", run_dir="."),
+            step=lambda: steps["n"],
+            total_steps=5,
+            results=results_send,
+        )
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(evaluator.run, versions_recv, credits_send)
@@ -87,14 +95,25 @@ def test_the_evaluator_evaluates_due_versions_forwards_credits_and_ends_with_the
         return events, done
 
     events, done = anyio.run(main, backend="asyncio")
-    assert events == [("credit", 1), ("eval", 2), ("credit", 2), ("credit", 3), ("eval", 4), ("credit", 4),
-                      ("eval", 5)]
+    assert events == [("credit", 1), ("eval", 2), ("credit", 2), ("credit", 3), ("eval", 4), ("credit", 4), ("eval", 5)]
     assert [(d.step, d.version) for d in done] == [(2, 2), (4, 4), (5, 5)]
 
 
 def eval_cli(model: Path, adapter: Path, *extra: str) -> dict:
-    cmd = [sys.executable, "-m", "paraloop", "eval", "--config", str(TINY_CONFIG), "--model-path", str(model),
-           "--adapter", str(adapter), "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "eval",
+        "--config",
+        str(TINY_CONFIG),
+        "--model-path",
+        str(model),
+        "--adapter",
+        str(adapter),
+        "--json",
+        *extra,
+    ]
     proc = procs.run(cmd, timeout=180, env=RUN_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
@@ -103,8 +122,17 @@ def eval_cli(model: Path, adapter: Path, *extra: str) -> dict:
 @pytest.mark.slow
 def test_evaluation_during_a_run_matches_a_standalone_paraloop_eval(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    done = run_to_end(tiny_model_path, run_dir, "--steps", "4", "--checkpoint-interval", "2",
-                      "--set", "rl_training.dynamic_sampling=true", *EVAL_FLAGS)  # fmt: skip
+    done = run_to_end(
+        tiny_model_path,
+        run_dir,
+        "--steps",
+        "4",
+        "--checkpoint-interval",
+        "2",
+        "--set",
+        "rl_training.dynamic_sampling=true",
+        *EVAL_FLAGS,
+    )
     err = done.stderr
     assert done.returncode == 0, err[-3000:]
     lines = read_metrics(run_dir)
@@ -140,8 +168,18 @@ def test_a_multi_turn_task_is_evaluated_on_whole_episodes(tiny_model_path):
     from paraloop.model import load_model
 
     _, tokenizer, _, _ = load_model(tiny_model_path)
-    settings = load_config(TINY_CONFIG, {"eval": {"every_steps": 1, "task": "paraloop.envs.calculator:calculator",
-                                                  "prompts": 2, "samples": 2, "temperature": 1.0}})
+    settings = load_config(
+        TINY_CONFIG,
+        {
+            "eval": {
+                "every_steps": 1,
+                "task": "paraloop.envs.calculator:calculator",
+                "prompts": 2,
+                "samples": 2,
+                "temperature": 1.0,
+            }
+        },
+    )
     plan = eval_plan(settings)
     question = calculator._QUESTION.match(plan.prompts[0][-1]["content"]).group(1)
     right = calculator.show(calculator.evaluate(question))

@@ -37,9 +37,26 @@ def test_paraloop_run_trains_and_evaluates_a_task_from_the_current_directory(tin
     env.update(PARALOOP_LOG="warning", PYTHONUNBUFFERED="1")
     script = Path(sys.executable).with_name("paraloop")  # the console script: its sys.path[0] is bin/, not cwd
     run_dir = tmp_path / "run"
-    cmd = [str(script), "run", str(REPO / "configs" / "tiny.toml"), "--model-path", str(tiny_model_path),
-           "--run-dir", str(run_dir), "--port", "0", "--steps", "2", "--no-plot", "--task", "arithmetic_task:arithmetic",
-           "--set", "eval.every_steps=2", "--set", "eval.prompts=4"]
+    cmd = [
+        str(script),
+        "run",
+        str(REPO / "configs" / "tiny.toml"),
+        "--model-path",
+        str(tiny_model_path),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        "--steps",
+        "2",
+        "--no-plot",
+        "--task",
+        "arithmetic_task:arithmetic",
+        "--set",
+        "eval.every_steps=2",
+        "--set",
+        "eval.prompts=4",
+    ]
     done = procs.run(cmd, timeout=180, cwd=EXAMPLES, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

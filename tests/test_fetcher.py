@@ -29,8 +29,11 @@ async def fetch(batches: list[list[list[float]]], *, max_draws: int | None, coun
     out = []
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_fetcher(source_of(batches), send, buffer=buffer, version=lambda: 0,
-                                              credits=None, max_draws=max_draws))
+            tg.start_soon(
+                lambda: run_fetcher(
+                    source_of(batches), send, buffer=buffer, version=lambda: 0, credits=None, max_draws=max_draws
+                )
+            )
             async with receive:
                 for _ in range(count):
                     out.append(await receive.receive())

@@ -53,8 +53,10 @@ def test_the_adapter_flag_has_one_spelling_and_both_aliases(verb, capsys):
 
         parser = parser_factory()
     required = ["--base-model", "m", "--output", "o"] if verb == "merge" else []
-    values = {vars(parser.parse_args([*required, flag, "a/b"]))["adapter"] for flag in
-              ("--adapter", "--adapter-path", "--lora-path")}  # fmt: skip
+    values = {
+        vars(parser.parse_args([*required, flag, "a/b"]))["adapter"]
+        for flag in ("--adapter", "--adapter-path", "--lora-path")
+    }
     assert {str(v) for v in values} == {"a/b"}
 
 

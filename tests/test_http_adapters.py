@@ -57,10 +57,12 @@ def test_the_model_field_selects_the_adapter_and_every_answer_names_it(server, d
             assert answer["adapter"] == answer["choices"][0]["adapter"] == ("policy" if name == "tiny" else name)
         assert answers["tiny"]["choices"][0]["token_ids"] == answers["policy"]["choices"][0]["token_ids"]
         assert answers["one"]["choices"][0]["token_ids"] != answers["base"]["choices"][0]["token_ids"]
-        chat = server.post("/v1/chat/completions", {"model": "one", "messages": [{"role": "user", "content": "hi"}],
-                                                    **GREEDY}).json()  # fmt: skip
-        generated = server.post("/generate", {"model": "one", "prompt": {"prompt_token_ids": [5, 6, 7, 8]},
-                                              **GREEDY}).json()  # fmt: skip
+        chat = server.post(
+            "/v1/chat/completions", {"model": "one", "messages": [{"role": "user", "content": "hi"}], **GREEDY}
+        ).json()
+        generated = server.post(
+            "/generate", {"model": "one", "prompt": {"prompt_token_ids": [5, 6, 7, 8]}, **GREEDY}
+        ).json()
         assert chat["adapter"] == generated["adapter"] == "one"
         assert generated["token_ids"][0] == answers["one"]["choices"][0]["token_ids"]
         chunks = server.post("/v1/completions", {"model": "one", "prompt": [5, 6, 7, 8], **GREEDY, "stream": True})
@@ -69,11 +71,14 @@ def test_the_model_field_selects_the_adapter_and_every_answer_names_it(server, d
         server.post("/v1/unload_lora_adapter", {"lora_name": "one"})
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "x"}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
-    ("/generate", {"prompt": {"prompt_token_ids": [5, 6]}}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ("/generate", {"prompt": {"prompt_token_ids": [5, 6]}}),
+    ],
+)
 def test_a_model_that_names_nothing_served_is_a_404_in_the_openai_shape(server, path, body):
     for name in ("nope", "policy@step_000001", "/etc/passwd"):
         reply = server.post(path, {**body, "model": name, "max_tokens": 1})
@@ -92,7 +97,10 @@ def test_adapters_load_and_unload_at_run_time(server, dirs):
         reply = server.post("/v1/load_lora_adapter", {"lora_name": reserved, "lora_path": str(dirs["two"])})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "lora_name", reserved
     assert server.post("/v1/unload_lora_adapter", {"lora_name": "two"}).json() == {
-        "id": "two", "object": "model", "deleted": True}  # fmt: skip
+        "id": "two",
+        "object": "model",
+        "deleted": True,
+    }
     assert server.post("/v1/completions", {"model": "two", "prompt": "x", "max_tokens": 1}).status_code == 404
     gone = server.post("/v1/unload_lora_adapter", {"lora_name": "two"})
     assert gone.status_code == 404 and gone.json()["error"]["param"] == "lora_name"
@@ -114,8 +122,14 @@ def test_paths_outside_lora_dirs_are_refused_before_anything_is_read(server, dir
     for f in dirs["elsewhere"].iterdir():
         (link_files / f.name).symlink_to(f)
     try:
-        for path in (dirs["elsewhere"], link_dir, link_files, inside / ".." / "outside" / "elsewhere",
-                     tmp_path / "does-not-exist", Path("/etc")):  # fmt: skip
+        for path in (
+            dirs["elsewhere"],
+            link_dir,
+            link_files,
+            inside / ".." / "outside" / "elsewhere",
+            tmp_path / "does-not-exist",
+            Path("/etc"),
+        ):
             reply = server.post("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(path)})
             error = reply.json()["error"]
             assert reply.status_code == 403 and error["param"] == "lora_path", (path, reply.text)
@@ -147,8 +161,15 @@ def test_without_lora_dirs_loading_is_off_and_the_token_guards_both_routes(tiny_
 
 
 def test_paraloop_serve_serves_lora_modules_from_the_start(tiny_model_path, dirs, capsys):
-    with Serve("--model-path", str(tiny_model_path), "--served-model-name", "tiny",
-               "--lora-modules", f"one={dirs['one']}", f"two={dirs['two']}") as server:  # fmt: skip
+    with Serve(
+        "--model-path",
+        str(tiny_model_path),
+        "--served-model-name",
+        "tiny",
+        "--lora-modules",
+        f"one={dirs['one']}",
+        f"two={dirs['two']}",
+    ) as server:
         status, body = server.request("GET", "/v1/models")
         assert status == 200 and [c["id"] for c in body["data"]] == ["tiny", "base", "one", "two"]
         status, body = server.request("POST", "/v1/completions", {"model": "two", "prompt": "Hi", "max_tokens": 2})
@@ -170,7 +191,9 @@ def test_lora_modules_are_parsed_bounded_and_checked_before_a_model_loads(tmp_pa
     settings = settings_from_args(args)
     assert settings.server.lora_modules == {"a": str(tmp_path), "b": "/no/such"}
     problems = settings_problems(settings)
-    assert [p for p in problems if "lora_modules" in p] == ["server.lora_modules.b: /no/such: no such file or directory"]
+    assert [p for p in problems if "lora_modules" in p] == [
+        "server.lora_modules.b: /no/such: no such file or directory"
+    ]
     with pytest.raises(ConfigError, match="more than max_loras"):
         load_config(None, {"server": {"lora_modules": {"a": "x", "b": "y"}, "max_loras": 1}})
     with pytest.raises(SystemExit):

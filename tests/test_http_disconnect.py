@@ -17,8 +17,9 @@ IDLE_WITHIN_S = 10.0
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
-    with running_server(tiny_model_path, overrides={"engine": {"max_tokens_limit": MAX_TOKENS},
-                                                   "server": {"served_model_name": "m"}}) as s:
+    with running_server(
+        tiny_model_path, overrides={"engine": {"max_tokens_limit": MAX_TOKENS}, "server": {"served_model_name": "m"}}
+    ) as s:
         yield s
 
 

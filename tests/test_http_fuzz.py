@@ -30,16 +30,39 @@ EXAMPLES = int(os.environ.get("PARALOOP_FUZZ_EXAMPLES", "2000"))
 ANSWER_DEADLINE_S = 20.0  # per request; the slowest valid one generates 3 x 4 tokens
 RSS_GROWTH_LIMIT_MB = 400  # peak over the RSS after warm-up; bodies are bounded by server.max_body_bytes (2 MiB)
 OVERRIDES = [
-    "--steps", "100000", "--checkpoint-interval", "0",
-    "--set", "engine.max_n=4", "--set", "engine.max_tokens_limit=8", "--set", "engine.default_max_tokens=4",
-    "--set", "server.max_body_bytes=2097152", "--set", "server.body_timeout_s=1.0",
+    "--steps",
+    "100000",
+    "--checkpoint-interval",
+    "0",
+    "--set",
+    "engine.max_n=4",
+    "--set",
+    "engine.max_tokens_limit=8",
+    "--set",
+    "engine.default_max_tokens=4",
+    "--set",
+    "server.max_body_bytes=2097152",
+    "--set",
+    "server.body_timeout_s=1.0",
 ]
 
 
 def start_run(model: Path, run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-    cmd = [sys.executable, "-m", "paraloop", "run", str(REPO / "configs" / "tiny.toml"), "--model-path", str(model),
-           "--run-dir", str(run_dir), "--port", "0", *OVERRIDES]
+    cmd = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "run",
+        str(REPO / "configs" / "tiny.toml"),
+        "--model-path",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        *OVERRIDES,
+    ]
     log = (run_dir.parent / "run.log").open("w")
     return procs.spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -103,8 +126,10 @@ def malformed_http(port: int) -> list[int]:
 def slow_body(port: int) -> int:
     """A client that sends half a body and then nothing: a 408 once server.body_timeout_s has passed."""
     with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_DEADLINE_S) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"prompt\":")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"prompt":'
+        )
         start = time.monotonic()
         status = int(sock.makefile("rb").readline().split()[1])
         assert BODY_TIMEOUT_S <= time.monotonic() - start < ANSWER_DEADLINE_S
@@ -114,12 +139,17 @@ def slow_body(port: int) -> int:
 
 def dropped_streams(port: int) -> int:
     """Clients that hang up mid-stream; the server must free their rows and go on."""
-    for path, body in [("/v1/completions", {"prompt": "x", "n": 4, "max_tokens": 8, "stream": True}),
-                       ("/generate", {"prompt": "x", "n": 4, "max_tokens": 8, "stream": True})]:
+    for path, body in [
+        ("/v1/completions", {"prompt": "x", "n": 4, "max_tokens": 8, "stream": True}),
+        ("/generate", {"prompt": "x", "n": 4, "max_tokens": 8, "stream": True}),
+    ]:
         data = json.dumps(body).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_DEADLINE_S) as sock:
-            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n".encode()
+                + data
+            )
             assert sock.recv(64).startswith(b"HTTP/1.1 200")
     return 2
 
@@ -144,8 +174,14 @@ def test_fuzzing_every_route_never_gets_a_5xx_a_hang_or_unbounded_memory(tiny_mo
         slowest = [0.0]
         started = time.monotonic()
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(requests(doc))
         def fuzz(req: FuzzRequest) -> None:
             try:

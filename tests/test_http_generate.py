@@ -53,9 +53,7 @@ def server(tiny_model_path):
 def parse_like_atropos(results: dict) -> tuple[list[list[int]], list[list[float]], list[str]]:
     """VLLMServer._tokens_and_logprobs_completion_wrapper's parsing, verbatim in substance."""
     tokens, logprobs, finish = [], [], []
-    for output_token_logprobs, finish_reason in zip(
-        results["logprobs"], results["finish_reasons"], strict=True
-    ):
+    for output_token_logprobs, finish_reason in zip(results["logprobs"], results["finish_reasons"], strict=True):
         logprobs.append([list(item[0].values())[0] for item in output_token_logprobs])
         tokens.append([int(list(item[0].keys())[0]) for item in output_token_logprobs])
         finish.append(finish_reason)
@@ -113,9 +111,7 @@ def test_logprobs_k_puts_the_sampled_token_first_then_the_alternatives(server):
 def test_streaming_generate_sends_cumulative_ndjson_lines(server):
     body = {"prompt": "Bread and", "n": 2, "max_tokens": 4, "seed": 3, "ignore_eos": True}
     plain = server.post("/generate", body).json()
-    lines = [
-        json.loads(line) for line in server.post("/generate", {**body, "stream": True}).text.splitlines()
-    ]
+    lines = [json.loads(line) for line in server.post("/generate", {**body, "stream": True}).text.splitlines()]
     assert len(lines) == 8  # one per generated token
     assert lines[-1]["text"] == ["Bread and" + t for t in plain["text"]]
 
@@ -146,8 +142,7 @@ def test_bad_generate_bodies_are_400_naming_the_field(server, body, param):
 def test_atroposlib_vllm_client_and_managed_server_read_our_answers(server, tiny_model_path):
     """The real atroposlib 0.4.0 client (its own venv): VLLMServer and ManagedServer against our /generate."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    out = procs.run([str(ATROPOS_PYTHON), "-c", ATROPOS_CLIENT, server.url, str(tiny_model_path)], timeout=120,
-                    env=env)
+    out = procs.run([str(ATROPOS_PYTHON), "-c", ATROPOS_CLIENT, server.url, str(tiny_model_path)], timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     direct = result["direct"]

@@ -113,8 +113,9 @@ def test_deep_nesting_is_a_400(server, depth):
     raw = json.dumps({"messages": USER, "chat_template_kwargs": {"x": 0}}).replace("0}", nested + "}").encode()
     error = refused(server, CHAT, raw)
     assert "nested more than 8 levels" in error["message"]
-    tools = json.dumps({"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": {
-        "a": [[[[[1]]]]]}}}]})
+    tools = json.dumps(
+        {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"a": [[[[[1]]]]]}}}]}
+    )
     assert refused(server, CHAT, tools.encode())["param"] == "tools[0].function.parameters"
     schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"a": [[[[[1]]]]]}}}
     fmt = json.dumps({"messages": USER, "response_format": schema})
@@ -194,19 +195,26 @@ def test_the_engine_admits_work_bounded_in_kv_tokens_and_answers_429_when_full(s
     assert_still_serving(server)
 
 
-@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=x", "application/xml", "image/png",
-                                          "application/json; charset=latin-1"])
+@pytest.mark.parametrize(
+    "content_type",
+    ["multipart/form-data; boundary=x", "application/xml", "image/png", "application/json; charset=latin-1"],
+)
 def test_a_body_that_is_not_json_is_a_415(server, content_type):
-    error = refused(server, "/v1/completions", ROUTES["/v1/completions"], status=415,
-                    headers={"Content-Type": content_type})
+    error = refused(
+        server, "/v1/completions", ROUTES["/v1/completions"], status=415, headers={"Content-Type": content_type}
+    )
     assert error["code"] == "unsupported_media_type"
 
 
 def test_json_content_types_and_none_at_all_are_accepted(server):
     body = json.dumps(ROUTES["/v1/completions"]).encode()
     # JSON, and the types clients put on a body sent without one (curl -d, urllib: form-urlencoded; fetch: text/plain)
-    for content_type in ("application/json; charset=utf-8", "application/vnd.x+json",
-                         "application/x-www-form-urlencoded", "text/plain;charset=UTF-8"):
+    for content_type in (
+        "application/json; charset=utf-8",
+        "application/vnd.x+json",
+        "application/x-www-form-urlencoded",
+        "text/plain;charset=UTF-8",
+    ):
         headers = {"Content-Type": content_type}
         assert server.post("/v1/completions", raw=body, headers=headers).status_code == 200
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:  # no Content-Type header

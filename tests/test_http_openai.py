@@ -47,14 +47,14 @@ def test_chat_completion_applies_the_chat_template_and_counts_tokens(server, cli
 
 def test_completions_n4_gives_four_independent_samples_and_sums_usage(server, client):
     prompt = "The capital of France is"
-    r = client.completions.create(
-        model="m", prompt=prompt, n=4, max_tokens=8, temperature=1.0, extra_body=NO_EOS
-    )
+    r = client.completions.create(model="m", prompt=prompt, n=4, max_tokens=8, temperature=1.0, extra_body=NO_EOS)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     token_ids = [c.model_extra["token_ids"] for c in r.choices]
     assert len({tuple(t) for t in token_ids}) > 1, "n samples must not be copies of one sample"
     # The text leaves special tokens out (a random model samples <|endoftext|> now and then).
-    assert [c.text for c in r.choices] == [server.engine.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+    assert [c.text for c in r.choices] == [
+        server.engine.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids
+    ]
     assert r.usage.prompt_tokens == len(server.engine.tokenizer.encode(prompt))
     assert r.usage.completion_tokens == 4 * 8
 
@@ -92,9 +92,7 @@ def test_the_same_seed_reproduces_a_completion(client):
     args = dict(model="m", prompt="Once upon", max_tokens=6, n=2, seed=1234, extra_body=NO_EOS)
     first = client.completions.create(**args)
     second = client.completions.create(**args)
-    assert [c.model_extra["token_ids"] for c in first.choices] == [
-        c.model_extra["token_ids"] for c in second.choices
-    ]
+    assert [c.model_extra["token_ids"] for c in first.choices] == [c.model_extra["token_ids"] for c in second.choices]
 
 
 def test_streaming_chat_sends_per_choice_chunks_then_usage(server, client):
@@ -142,8 +140,9 @@ def test_a_live_adapter_swap_changes_the_policy_between_two_tokens(tiny_model_pa
     prompt = [5, 6]
     with running_server(tiny_model_path, lora=True, overrides={"server": {"served_model_name": "m"}}) as s:
         initial = dict(adapter_arrays(s.model))
-        swapped = {k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.2
-                   for i, (k, v) in enumerate(sorted(initial.items()))}  # fmt: skip
+        swapped = {
+            k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.2 for i, (k, v) in enumerate(sorted(initial.items()))
+        }
         mx.eval(swapped)
         client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
         stream = client.completions.create(
@@ -154,8 +153,9 @@ def test_a_live_adapter_swap_changes_the_policy_between_two_tokens(tiny_model_pa
             [choice] = chunk.choices
             extra = choice.model_extra
             [version] = extra["adapter_versions"]  # one token per chunk
-            rows[choice.index] += [(t, lp, version) for t, lp in zip(extra["token_ids"], extra["token_logprobs"],
-                                                                      strict=True)]  # fmt: skip
+            rows[choice.index] += [
+                (t, lp, version) for t, lp in zip(extra["token_ids"], extra["token_logprobs"], strict=True)
+            ]
             if s.engine.version == 0:  # swap once generation is under way; returns when applied
                 s.portal.call(s.engine.swap_adapter, swapped, 1)
             if all(any(v == 1 for *_, v in row) for row in rows.values()):

@@ -11,10 +11,21 @@ from paraloop.run.status import RunStatus
 from paraloop.server.openapi import BODIES, SUMMARIES, routes_of
 
 EXPECTED = {
-    ("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/generate", "post"), ("/v1/models", "get"),
-    ("/health", "get"), ("/openapi.json", "get"), ("/control/status", "get"), ("/control/pause", "post"),
-    ("/control/resume", "post"), ("/control/step", "post"), ("/control/snapshot", "post"), ("/control/stop", "post"),
-    ("/metrics", "get"), ("/v1/load_lora_adapter", "post"), ("/v1/unload_lora_adapter", "post"),
+    ("/v1/completions", "post"),
+    ("/v1/chat/completions", "post"),
+    ("/generate", "post"),
+    ("/v1/models", "get"),
+    ("/health", "get"),
+    ("/openapi.json", "get"),
+    ("/control/status", "get"),
+    ("/control/pause", "post"),
+    ("/control/resume", "post"),
+    ("/control/step", "post"),
+    ("/control/snapshot", "post"),
+    ("/control/stop", "post"),
+    ("/metrics", "get"),
+    ("/v1/load_lora_adapter", "post"),
+    ("/v1/unload_lora_adapter", "post"),
 }
 MINIMAL = {
     "/v1/completions": {"prompt": "hi", "max_tokens": 1},

@@ -30,8 +30,9 @@ def reference(tiny_model_path):
 
 def test_echo_with_max_tokens_0_scores_the_prompt_as_lm_eval_asks(server, reference):
     tokens, expected = reference
-    reply = server.post("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 1, "max_tokens": 0,
-                                            "temperature": 0})  # fmt: skip
+    reply = server.post(
+        "/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    )
     assert reply.status_code == 200, reply.text
     choice = reply.json()["choices"][0]
     assert choice["text"] == PROMPT and choice["token_ids"] == []
@@ -47,13 +48,12 @@ def test_echo_with_max_tokens_0_scores_the_prompt_as_lm_eval_asks(server, refere
 
 def test_echo_with_generation_puts_the_prompt_first_and_the_completion_after(server, reference):
     tokens, expected = reference
-    reply = server.post("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 0, "max_tokens": 3,
-                                            "seed": 1})  # fmt: skip
+    reply = server.post("/v1/completions", {"prompt": PROMPT, "echo": True, "logprobs": 0, "max_tokens": 3, "seed": 1})
     choice = reply.json()["choices"][0]
     logprobs = choice["logprobs"]
-    assert choice["text"] == PROMPT + "".join(logprobs["tokens"][len(tokens):])
+    assert choice["text"] == PROMPT + "".join(logprobs["tokens"][len(tokens) :])
     assert logprobs["token_logprobs"][1 : len(tokens)] == pytest.approx(expected, abs=2e-3)
-    assert logprobs["token_logprobs"][len(tokens):] == choice["token_logprobs"]
+    assert logprobs["token_logprobs"][len(tokens) :] == choice["token_logprobs"]
     assert logprobs["top_logprobs"] is None
 
 

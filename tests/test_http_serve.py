@@ -13,6 +13,7 @@ from support import free_port
 from support.engines import greedy_logprobs
 from support.serving import DEADLINE_S, Serve
 
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_answers_until_a_signal_then_exits_0(tiny_model_path, sig):
     with Serve("--model-path", str(tiny_model_path), "--served-model-name", "tiny") as server:
@@ -25,12 +26,11 @@ def test_serve_answers_until_a_signal_then_exits_0(tiny_model_path, sig):
 
 
 def test_a_stream_in_flight_at_shutdown_ends_with_abort_and_exit_0(tiny_model_path):
-    body = json.dumps(
-        {"prompt": "x", "n": 2, "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    ).encode()
-    with Serve("--model-path", str(tiny_model_path)) as server, socket.create_connection(
-        ("127.0.0.1", server.port), timeout=DEADLINE_S
-    ) as sock:
+    body = json.dumps({"prompt": "x", "n": 2, "max_tokens": 4000, "ignore_eos": True, "stream": True}).encode()
+    with (
+        Serve("--model-path", str(tiny_model_path)) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S) as sock,
+    ):
         head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
         sock.sendall(head.encode() + body)
         received = b""
@@ -57,13 +57,16 @@ def test_serve_answers_with_the_adapter_it_was_given(tiny_model_path, tmp_path):
     config = adapter_config(LoraConfig(rank=4, num_layers=2, keys="all"), model)
     attach_lora(model, config, seed=1)
     # a strong random adapter: its answers differ clearly from the base model's
-    arrays = {k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.2
-              for i, (k, v) in enumerate(sorted(adapter_arrays(model).items()))}  # fmt: skip
+    arrays = {
+        k: mx.random.normal(v.shape, key=mx.random.key(i)) * 0.2
+        for i, (k, v) in enumerate(sorted(adapter_arrays(model).items()))
+    }
     save_adapter(tmp_path / "adapter", arrays, config)
     prompt = [5, 6, 7, 8]
     with Serve("--model-path", str(tiny_model_path), "--lora-path", str(tmp_path / "adapter")) as server:
-        status, body = server.request("POST", "/v1/completions", {
-            "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True})  # fmt: skip
+        status, body = server.request(
+            "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        )
         assert status == 200 and body["adapter_version"] == 0, body
         assert server.stop(signal.SIGTERM) == 0
     tokens, served = body["choices"][0]["token_ids"], body["choices"][0]["token_logprobs"]
@@ -117,14 +120,10 @@ def test_bad_input_is_one_error_line_and_exit_2(tiny_model_path, tmp_path, capsy
     bad.mkdir()
     (bad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": 2}))
     (bad / "adapters.safetensors").write_bytes(b"not safetensors")
-    assert "bad-adapter" in one_error_line(
-        capsys, "--model-path", str(tiny_model_path), "--lora-path", str(bad)
-    )
+    assert "bad-adapter" in one_error_line(capsys, "--model-path", str(tiny_model_path), "--lora-path", str(bad))
     toml = tmp_path / "bad.toml"
     toml.write_text("[server]\nportt = 1\n")
-    assert "server.portt" in one_error_line(
-        capsys, "--model-path", str(tiny_model_path), "--config", str(toml)
-    )
+    assert "server.portt" in one_error_line(capsys, "--model-path", str(tiny_model_path), "--config", str(toml))
 
 
 def test_a_taken_port_is_one_error_line_and_exit_2(tiny_model_path, capsys):

@@ -18,8 +18,13 @@ from support.http_harness import running_server, sse_events
 
 USER = [{"role": "user", "content": "Answer in JSON."}]
 SCHEMA_FIELD = "response_format.json_schema.schema"
-UNSUPPORTED = {"not": {"type": "string"}, "if": {"type": "object"}, "uniqueItems": True,
-               "dependentSchemas": {"a": {}}, "contains": {"type": "integer"}}  # fmt: skip
+UNSUPPORTED = {
+    "not": {"type": "string"},
+    "if": {"type": "object"},
+    "uniqueItems": True,
+    "dependentSchemas": {"a": {}},
+    "contains": {"type": "integer"},
+}
 MAX_TOKENS = 512  # far more than any drawn schema's longest answer needs (the tiny tokenizer: ~1 token a char)
 
 
@@ -37,8 +42,9 @@ class Client:
         self.model = self.openai.models.list().data[0].id
 
     def create(self, **kwargs):
-        return self.openai.chat.completions.create(**{"model": self.model, "messages": USER, "max_tokens": MAX_TOKENS,
-                                                      **kwargs})  # fmt: skip
+        return self.openai.chat.completions.create(
+            **{"model": self.model, "messages": USER, "max_tokens": MAX_TOKENS, **kwargs}
+        )
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +56,48 @@ def client(server):
 
 names = st.text(alphabet="abcdefghij_", min_size=1, max_size=6)
 leaves = st.one_of(
-    st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
-              st.integers(-1000, 1000), st.integers(0, 1000)),
+    st.builds(
+        lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+        st.integers(-1000, 1000),
+        st.integers(0, 1000),
+    ),
     st.builds(lambda lo: {"type": "number", "minimum": lo, "maximum": lo + 10}, st.integers(-50, 50)),
     st.just({"type": "boolean"}),
     st.just({"type": "null"}),
-    st.builds(lambda lo, span: {"type": "string", "minLength": lo, "maxLength": lo + span},
-              st.integers(0, 3), st.integers(0, 8)),
-    st.lists(st.text(alphabet="xyz é{}\"\\", max_size=4) | st.integers(-5, 5) | st.booleans(), min_size=1,
-             max_size=4, unique=True).map(lambda values: {"enum": values}),
-    st.text(alphabet="ab{}\"", max_size=4).map(lambda v: {"const": v}),
+    st.builds(
+        lambda lo, span: {"type": "string", "minLength": lo, "maxLength": lo + span},
+        st.integers(0, 3),
+        st.integers(0, 8),
+    ),
+    st.lists(
+        st.text(alphabet='xyz é{}"\\', max_size=4) | st.integers(-5, 5) | st.booleans(),
+        min_size=1,
+        max_size=4,
+        unique=True,
+    ).map(lambda values: {"enum": values}),
+    st.text(alphabet='ab{}"', max_size=4).map(lambda v: {"const": v}),
     st.sampled_from([{"type": "string", "pattern": "^[a-z]{1,5}$"}, {"type": "string", "pattern": "^[0-9]{3}-x$"}]),
 )
 
 
 def containers(inner: st.SearchStrategy) -> st.SearchStrategy:
-    obj = st.dictionaries(names, inner, min_size=1, max_size=4).flatmap(lambda props: st.builds(
-        lambda required: {"type": "object", "properties": props, "required": sorted(required),
-                          "additionalProperties": False},
-        st.sets(st.sampled_from(sorted(props)))))  # fmt: skip
-    arr = st.builds(lambda items, lo, span: {"type": "array", "items": items, "minItems": lo, "maxItems": lo + span},
-                    inner, st.integers(0, 2), st.integers(0, 3))  # fmt: skip
+    obj = st.dictionaries(names, inner, min_size=1, max_size=4).flatmap(
+        lambda props: st.builds(
+            lambda required: {
+                "type": "object",
+                "properties": props,
+                "required": sorted(required),
+                "additionalProperties": False,
+            },
+            st.sets(st.sampled_from(sorted(props))),
+        )
+    )
+    arr = st.builds(
+        lambda items, lo, span: {"type": "array", "items": items, "minItems": lo, "maxItems": lo + span},
+        inner,
+        st.integers(0, 2),
+        st.integers(0, 3),
+    )
     any_of = st.lists(inner, min_size=2, max_size=3).map(lambda options: {"anyOf": options})
     return st.one_of(obj, arr, any_of)
 
@@ -108,8 +135,12 @@ EXAMPLES = {"cpu": 120, "mlx-lm": 80}  # 200 schemas in all
 
 
 def test_every_answer_validates_against_its_schema_or_the_schema_is_refused_naming_the_feature(client, server):
-    @settings(max_examples=EXAMPLES[server.settings.engine.decode], deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=EXAMPLES[server.settings.engine.decode],
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(drawn=schemas(), seed=st.integers(0, 2**31), n=st.integers(1, 2))
     def check(drawn, seed, n):
         schema, bad = drawn
@@ -130,8 +161,10 @@ def test_every_answer_validates_against_its_schema_or_the_schema_is_refused_nami
 
 
 def test_json_object_answers_are_json_objects_and_seeds_repeat(client):
-    answers = [client.create(response_format={"type": "json_object"}, seed=7, n=3, temperature=0.7, max_tokens=48)
-               for _ in range(2)]  # fmt: skip
+    answers = [
+        client.create(response_format={"type": "json_object"}, seed=7, n=3, temperature=0.7, max_tokens=48)
+        for _ in range(2)
+    ]
     texts = [[c.message.content for c in a.choices] for a in answers]
     assert texts[0] == texts[1]
     for choice in answers[0].choices:
@@ -141,13 +174,27 @@ def test_json_object_answers_are_json_objects_and_seeds_repeat(client):
             assert choice.message.content.startswith("{")
 
 
-SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
-          "maximum": 9}, "tag": {"enum": ["a", "b"]}}, "required": ["ok", "n", "tag"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        "tag": {"enum": ["a", "b"]},
+    },
+    "required": ["ok", "n", "tag"],
+    "additionalProperties": False,
+}
 
 
 def test_streaming_logprobs_and_versions_come_with_constrained_answers(server):
-    body = {"messages": USER, "response_format": response_format(SCHEMA), "max_tokens": 64, "seed": 3,
-            "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    body = {
+        "messages": USER,
+        "response_format": response_format(SCHEMA),
+        "max_tokens": 64,
+        "seed": 3,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
     whole = server.post("/v1/chat/completions", body).json()["choices"][0]
     check_answer(whole["message"]["content"], SCHEMA, whole["finish_reason"])
     assert whole["constrained"] is True and whole["adapter_versions"] == [0]
@@ -178,15 +225,17 @@ def test_constrained_logprobs_are_those_of_the_unconstrained_distribution(server
 
 def test_bad_response_formats_are_a_400_naming_the_field(server):
     def refused(fmt, **extra):
-        reply = server.post("/v1/chat/completions", {"messages": USER, "response_format": fmt, "max_tokens": 1,
-                                                     **extra})  # fmt: skip
+        reply = server.post(
+            "/v1/chat/completions", {"messages": USER, "response_format": fmt, "max_tokens": 1, **extra}
+        )
         assert reply.status_code == 400, reply.text
         return reply.json()["error"]
 
     assert refused({"type": "xml"})["param"] == "response_format.type"
     assert refused({"type": "json_schema"})["param"] == "response_format.json_schema"
     assert refused({"type": "json_schema", "json_schema": {"name": "a b"}})["param"] == (
-        "response_format.json_schema.name")
+        "response_format.json_schema.name"
+    )
     assert refused(response_format({"type": "strin"}))["param"] == SCHEMA_FIELD
     assert refused(response_format({"$ref": "#/nowhere"}))["param"] == SCHEMA_FIELD
     assert "no JSON value satisfies it" in refused(response_format({"$ref": "#"}))["message"]

@@ -16,13 +16,25 @@ from paraloop.server.chat_rules import call_text
 
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "What is 2 + 3? Then say it back."}]
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": -99, "maximum": 99},
-                                        "b": {"type": "integer", "minimum": -99, "maximum": 99}},
-       "required": ["a", "b"], "additionalProperties": False}  # fmt: skip
-ECHO = {"type": "object", "properties": {"text": {"type": "string", "maxLength": 12}}, "required": ["text"],
-        "additionalProperties": False}  # fmt: skip
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b", "parameters": ADD}},
-         {"type": "function", "function": {"name": "echo", "parameters": ECHO}}]  # fmt: skip
+ADD = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "integer", "minimum": -99, "maximum": 99},
+        "b": {"type": "integer", "minimum": -99, "maximum": 99},
+    },
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+ECHO = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "maxLength": 12}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": ADD}},
+    {"type": "function", "function": {"name": "echo", "parameters": ECHO}},
+]
 SCHEMAS = {"add": ADD, "echo": ECHO}
 
 
@@ -82,7 +94,8 @@ def test_streamed_tool_call_deltas_reassemble_into_the_non_streamed_call(server)
             call["arguments"] += part["function"].get("arguments") or ""
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "tool_calls"
     assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == [
-        (c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]]
+        (c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]
+    ]
     assert (content or None) == whole["message"]["content"]
     assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == whole["token_ids"]
 
@@ -98,8 +111,12 @@ def test_auto_tool_choice_answers_text_or_calls_and_tool_choice_none_never_parse
 
 def test_tools_with_a_response_format_answer_either_a_call_or_json_valid_under_the_schema(server):
     """The Agents SDK's `output_type` with tools: tool_choice "auto" and a json_schema response_format."""
-    schema = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
-              "required": ["answer"], "additionalProperties": False}  # fmt: skip
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
     fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
     answer = chat(server, tools=TOOLS, response_format=fmt, n=6, seed=2, max_tokens=512)
     kinds = set()
@@ -120,9 +137,14 @@ def test_tools_with_a_response_format_answer_either_a_call_or_json_valid_under_t
 def test_a_history_with_calls_and_tool_results_is_accepted_and_rendered(server):
     history = [
         *USER,
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}},
-            {"id": "call_2", "type": "function", "function": {"name": "echo", "arguments": '{"text": "hi"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "echo", "arguments": '{"text": "hi"}'}},
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "5"},
         {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "hi"}]},
     ]
@@ -158,16 +180,22 @@ BAD_MESSAGES = [
     ([*USER, {"role": "assistant"}], "messages[1].content"),
     ([{"role": "tool", "content": "5"}], "messages[0].tool_call_id"),
     ([{"role": "tool", "content": "5", "tool_call_id": "c1"}], "messages[0].tool_call_id"),
-    ([*USER, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "c1"}],
-     "messages[2].content"),
+    (
+        [*USER, {"role": "assistant", "tool_calls": [CALL]}, {"role": "tool", "tool_call_id": "c1"}],
+        "messages[2].content",
+    ),
     ([*USER, {"role": "assistant", "tool_calls": [CALL]}, {"role": "user", "content": "x"}], "messages[2].role"),
     ([*USER, {"role": "assistant", "tool_calls": [CALL, CALL]}], "messages[1].tool_calls"),
     ([{"role": "user", "content": "x", "tool_calls": [CALL]}], "messages[0].tool_calls"),
     ([{"role": "user", "content": "x", "tool_call_id": "c1"}], "messages[0].tool_call_id"),
-    ([*USER, {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}]}],
-     "messages[1].tool_calls[0].type"),
-    ([*USER, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}]}],
-     "messages[1].tool_calls[0].function.arguments"),
+    (
+        [*USER, {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "f", "arguments": "{}"}}]}],
+        "messages[1].tool_calls[0].type",
+    ),
+    (
+        [*USER, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f"}}]}],
+        "messages[1].tool_calls[0].function.arguments",
+    ),
 ]
 
 
@@ -184,8 +212,13 @@ BAD_TOOLS = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice.function.name"),
     ({"tools": TOOLS, "tool_choice": "any"}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}], "tool_choice": "required"},
-     "tools"),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}],
+            "tool_choice": "required",
+        },
+        "tools",
+    ),
     ({"tools": TOOLS, "tool_choice": "required", "ignore_eos": True}, "ignore_eos"),
 ]
 

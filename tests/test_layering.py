@@ -52,7 +52,7 @@ def unit(module: str) -> str:
 
 def layers() -> dict[str, int]:
     text = DOC.read_text()
-    table = text[text.index("## Layers"):].split("\n## ")[0]
+    table = text[text.index("## Layers") :].split("\n## ")[0]
     out: dict[str, int] = {}
     for line in table.splitlines():
         row = re.match(r"\|\s*(\d+)\s[^|]*\|(.*)\|\s*$", line)
@@ -135,8 +135,10 @@ def test_no_import_cycles():
 def test_the_checks_can_fail():
     """A planted cycle is found; an engine module importing run/, and the server importing atropos/, are caught."""
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
-    planted = {"paraloop.engine.worker": {"paraloop.run.wiring", "paraloop.config"},
-               "paraloop.server.app": {"paraloop.atropos.client", "paraloop.engine"}}
+    planted = {
+        "paraloop.engine.worker": {"paraloop.run.wiring", "paraloop.config"},
+        "paraloop.server.app": {"paraloop.atropos.client", "paraloop.engine"},
+    }
     assert layering_errors(planted, layers()) == [
         "paraloop.engine.worker (layer 2) imports paraloop.run.wiring (layer 5)",
         "paraloop.server.app imports paraloop.atropos.client: units of layer 3 are independent",
@@ -146,7 +148,7 @@ def test_the_checks_can_fail():
 def mapped_files() -> set[str]:
     """The files docs/architecture.md's "## Map" names: `pkg/` bullets name their package's files."""
     text = DOC.read_text()
-    section = text[text.index("## Map"):].split("\n## ")[0]
+    section = text[text.index("## Map") :].split("\n## ")[0]
     bullets = re.split(r"\n- ", "\n" + section.split("\n- ", 1)[1]) if "\n- " in section else []
     named = set()
     for bullet in bullets:
@@ -170,7 +172,12 @@ def test_no_test_module_imports_another():
     tests = Path(__file__).parent
     for path in tests.glob("test_*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] \
-                if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             bad = [n for n in names if n.split(".")[0].startswith("test_") or n.startswith("tests")]
             assert not bad, f"{path.name} imports {bad}: move what it needs into tests/support/"

@@ -20,9 +20,7 @@ def group(**fields) -> ScoredGroup:
 
 def test_collate_shifts_tokens_and_masks_by_one():
     tb = collate(
-        RolloutBatch(
-            groups=[group(inference_logprobs=[[1.0, 1.0, -0.5, -0.6, -0.7], [1.0, 1.0, -0.2]])], source="mock"
-        )
+        RolloutBatch(groups=[group(inference_logprobs=[[1.0, 1.0, -0.5, -0.6, -0.7], [1.0, 1.0, -0.2]])], source="mock")
     )
     np.testing.assert_array_equal(tb.input_ids, [[10, 11, 12, 13], [10, 11, 0, 0]])
     np.testing.assert_array_equal(tb.targets, [[11, 12, 13, 14], [11, 20, 0, 0]])

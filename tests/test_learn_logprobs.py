@@ -64,10 +64,17 @@ def chunked_loss(hidden, weight, inp, opt, *, chunk, tied, transform=IDENTITY, p
     def f(h, params):
         module.update(params)
         logp, entropy = chunked_logprobs(
-            model, head, h, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32),
-            chunk_tokens=chunk, positions=flat, entropy_grad=opt.get("entropy_weight", 0.0) != 0, keep_logits=keep,
+            model,
+            head,
+            h,
+            mx.array(inp["targets"]),
+            mx.array(inp["temperature"], mx.float32),
+            chunk_tokens=chunk,
+            positions=flat,
+            entropy_grad=opt.get("entropy_weight", 0.0) != 0,
+            keep_logits=keep,
             kept=kept,
-        )  # fmt: skip
+        )
         return mx_policy_loss(logp, entropy, inp, w, opt)
 
     params = {"weight": module.weight}
@@ -92,9 +99,7 @@ def inputs_with_hidden(seed: int):
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
-@pytest.mark.parametrize(
-    "opt", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
-)
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_every_loss_option_through_the_chunked_head_matches_float64_numpy(opt, keep):
     hidden, weight, logits, inp = inputs_with_hidden(0)
     if opt.get("importance_weight"):
@@ -122,9 +127,15 @@ def test_kept_logits_give_the_recomputed_results_bit_for_bit(entropy_weight, tie
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("opt", [{}, {"kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.03},
-                                 {"algorithm": "gspo", "clip_ratio": 0.03, "entropy_weight": -0.02}],
-                         ids=["default", "kl-entropy", "gspo-entropy"])  # fmt: skip
+@pytest.mark.parametrize(
+    "opt",
+    [
+        {},
+        {"kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.03},
+        {"algorithm": "gspo", "clip_ratio": 0.03, "entropy_weight": -0.02},
+    ],
+    ids=["default", "kl-entropy", "gspo-entropy"],
+)
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept-logits"])
 def test_sampling_mask_replay_through_the_chunked_head_matches_float64_numpy(opt, tied, keep):
@@ -174,13 +185,21 @@ def test_unscored_positions_read_zero():
     model, head = HeadOnly(weight, tied=False), LogitsHead(tied=False, transform=IDENTITY)
     positions = np.flatnonzero(inp["mask"])
     logp, entropy = chunked_logprobs(
-        model, head, mx.array(hidden, mx.float32), mx.array(inp["targets"]),
-        mx.array(inp["temperature"], mx.float32), chunk_tokens=3, positions=positions,
-    )  # fmt: skip
-    full, full_entropy = chunked_logprobs(
-        model, head, mx.array(hidden, mx.float32), mx.array(inp["targets"]),
+        model,
+        head,
+        mx.array(hidden, mx.float32),
+        mx.array(inp["targets"]),
         mx.array(inp["temperature"], mx.float32),
-    )  # fmt: skip
+        chunk_tokens=3,
+        positions=positions,
+    )
+    full, full_entropy = chunked_logprobs(
+        model,
+        head,
+        mx.array(hidden, mx.float32),
+        mx.array(inp["targets"]),
+        mx.array(inp["temperature"], mx.float32),
+    )
     mask = inp["mask"]
     assert np.all(np.array(logp)[~mask] == 0) and np.all(np.array(entropy)[~mask] == 0)
     np.testing.assert_allclose(np.array(logp)[mask], np.array(full)[mask], rtol=1e-6)
@@ -196,17 +215,34 @@ def test_automatic_chunk_holds_16_mib_of_logits():
 
 # --- mlx-lm layouts --------------------------------------------------------------------------------------------
 
-ARGS = dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6, vocab_size=320, max_position_embeddings=512,
-            rope_theta=10000.0, tie_word_embeddings=True, layer_norm_eps=1e-5)  # fmt: skip
+ARGS = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    rms_norm_eps=1e-6,
+    vocab_size=320,
+    max_position_embeddings=512,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    layer_norm_eps=1e-5,
+)
 LAYOUTS = {
     "qwen3": {},
     "llama": {"tie_word_embeddings": False},  # SmolLM2's architecture, with a separate lm_head
     "gemma2": {"final_logit_softcapping": 5.0},
     "cohere": {"logit_scale": 0.5},
-    "granite": {"logits_scaling": 4.0, "attention_multiplier": 0.1, "embedding_multiplier": 2.0,
-                "residual_multiplier": 0.5, "attention_bias": False, "mlp_bias": False},
-}  # fmt: skip
+    "granite": {
+        "logits_scaling": 4.0,
+        "attention_multiplier": 0.1,
+        "embedding_multiplier": 2.0,
+        "residual_multiplier": 0.5,
+        "attention_bias": False,
+        "mlp_bias": False,
+    },
+}
 
 
 def mlx_lm_model(kind: str, *, seed: int = 0) -> nn.Module:

@@ -24,13 +24,23 @@ from paraloop.learn.loss import (
 )
 from paraloop.messages import RolloutBatch, ScoredGroup
 from support.loss_reference import (
-    OPTIONS, B, T, V, mx_loss, mx_policy_loss, np_corrected, np_grad,
-    np_importance, np_logprobs, np_loss, random_inputs, replay_kept,
+    OPTIONS,
+    B,
+    T,
+    V,
+    mx_loss,
+    mx_policy_loss,
+    np_corrected,
+    np_grad,
+    np_importance,
+    np_logprobs,
+    np_loss,
+    random_inputs,
+    replay_kept,
 )
 
-@pytest.mark.parametrize(
-    "opt", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
-)
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_loss_and_gradient_match_float64_numpy(opt, seed):
     logits, inp = random_inputs(seed)
@@ -45,8 +55,12 @@ def test_loss_and_gradient_match_float64_numpy(opt, seed):
 
 @pytest.mark.parametrize(
     "opt",
-    [{}, {"kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.02}, {"algorithm": "gspo", "clip_ratio": 0.03},
-     {"algorithm": "cispo", "cispo_clip_max": 1.1, "aggregation": "seq-mean-token-mean", "entropy_weight": -0.01}],
+    [
+        {},
+        {"kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.02},
+        {"algorithm": "gspo", "clip_ratio": 0.03},
+        {"algorithm": "cispo", "cispo_clip_max": 1.1, "aggregation": "seq-mean-token-mean", "entropy_weight": -0.01},
+    ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
 )
 @pytest.mark.parametrize("seed", [0, 1])
@@ -65,8 +79,12 @@ def test_sampling_mask_replay_matches_float64_numpy(opt, seed):
         kth = np.sort(z[b, t])[::-1][inp["kept"][b, t] - 1]
         outside = (z[b, t] < kth) & (np.arange(V) != inp["targets"][b, t])
         assert outside.any() and np.all(grad[b, t][outside] == 0)
-    logp, entropy = token_logprobs(mx.array(logits, mx.float32), mx.array(inp["targets"]),
-                                   mx.array(inp["temperature"], mx.float32), kept=mx.array(inp["kept"]))  # fmt: skip
+    logp, entropy = token_logprobs(
+        mx.array(logits, mx.float32),
+        mx.array(inp["targets"]),
+        mx.array(inp["temperature"], mx.float32),
+        kept=mx.array(inp["kept"]),
+    )
     np_logp, np_entropy = np_logprobs(logits, inp["targets"], inp["temperature"], inp["kept"])
     np.testing.assert_allclose(np.array(logp), np_logp, rtol=1e-5, atol=1e-6)
     # H = lse - sum p z in float32: cancellation leaves ~1e-6 absolute where H is small (measured 1.3e-6)
@@ -152,9 +170,14 @@ def test_importance_weights_and_raw_ratios_match_numpy(level, mode):
     _, inp = random_inputs(7)
     low, high = (None if mode == "truncate" else 0.8), 1.25
     weight, ratio = importance_weights(
-        mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32), mx.array(inp["mask"]),
-        level=level, mode=mode, low=low, high=high,
-    )  # fmt: skip
+        mx.array(inp["old_logp"], mx.float32),
+        mx.array(inp["rollout_logp"], mx.float32),
+        mx.array(inp["mask"]),
+        level=level,
+        mode=mode,
+        low=low,
+        high=high,
+    )
     np_weight, np_ratio = np_importance(inp["old_logp"], inp["rollout_logp"], inp["mask"], level, mode, low, high)
     np.testing.assert_allclose(np.array(ratio), np_ratio, rtol=1e-5)
     np.testing.assert_allclose(np.array(weight), np_weight, rtol=1e-5)
@@ -188,8 +211,9 @@ def test_truncation_has_no_lower_bound_and_mask_defaults_its_lower_bound_to_one_
 def test_sequence_ratios_never_overflow():
     old = mx.zeros((1, 64))
     rollout = mx.full((1, 64), -5.0)  # a product of 64 ratios of e^5
-    weight, ratio = importance_weights(old, rollout, mx.ones((1, 64), mx.bool_), level="sequence", mode="mask",
-                                       low=None, high=3.0)
+    weight, ratio = importance_weights(
+        old, rollout, mx.ones((1, 64), mx.bool_), level="sequence", mode="mask", low=None, high=3.0
+    )
     assert np.isfinite(np.array(ratio)).all() and np.all(np.array(weight) == 0)
 
 
@@ -197,10 +221,15 @@ def test_rollout_mismatch_matches_numpy():
     _, inp = random_inputs(8)
     learner, engine, mask = inp["old_logp"], inp["rollout_logp"], inp["mask"]
     fresh = mask & np.array([True, False, True, True])[:, None]  # row 1 came from an older adapter version
-    stats = {k: v.item() for k, v in rollout_mismatch(
-        mx.array(learner, mx.float32), mx.array(engine, mx.float32), rollout_mask=mx.array(mask),
-        fresh_mask=mx.array(fresh),
-    ).items()}  # fmt: skip
+    stats = {
+        k: v.item()
+        for k, v in rollout_mismatch(
+            mx.array(learner, mx.float32),
+            mx.array(engine, mx.float32),
+            rollout_mask=mx.array(mask),
+            fresh_mask=mx.array(fresh),
+        ).items()
+    }
     diff, ratio = np.abs(learner - engine)[fresh], np.exp(learner - engine)[mask]
     assert stats["mismatch_abs_sum"] == pytest.approx(diff.sum(), rel=1e-5)
     assert stats["mismatch_abs_max"] == pytest.approx(diff.max(), rel=1e-5)
@@ -286,12 +315,8 @@ def test_group_advantages_match_numpy_for_every_scaling():
     eps = 1e-4
     centred = scores - np.repeat([scores[group == g].mean() for g in range(3)], 4)
     stds = np.repeat([scores[group == g].std() for g in range(3)], 4)
-    np.testing.assert_allclose(
-        group_advantages(scores, group, scale="group", eps=eps), centred / (stds + eps)
-    )
-    np.testing.assert_allclose(
-        group_advantages(scores, group, scale="batch", eps=eps), centred / (scores.std() + eps)
-    )
+    np.testing.assert_allclose(group_advantages(scores, group, scale="group", eps=eps), centred / (stds + eps))
+    np.testing.assert_allclose(group_advantages(scores, group, scale="batch", eps=eps), centred / (scores.std() + eps))
     np.testing.assert_allclose(group_advantages(scores, group, scale="none", eps=eps), centred)
 
 

@@ -45,12 +45,27 @@ def test_step_trains_only_the_lora_arrays(q4_base):
     after = trainer.adapter()
     assert set(after) == set(before) and all(k.endswith(("lora_a", "lora_b")) for k in after)
     assert any(not np.array_equal(before[k], np.array(after[k])) for k in after)
-    assert (
-        trainer.model.model.embed_tokens.weight is embed
-    )  # the frozen base is shared, never copied or moved
-    for key in ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max",
-                "adv_mean", "adv_std", "reward_mean", "reward_std", "grad_norm", "lr", "tokens", "tokens_per_s",
-                "step_time_s", "importance_weight_mean"):  # fmt: skip
+    assert trainer.model.model.embed_tokens.weight is embed  # the frozen base is shared, never copied or moved
+    for key in (
+        "loss",
+        "pg_loss",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "ratio_mean",
+        "ratio_min",
+        "ratio_max",
+        "adv_mean",
+        "adv_std",
+        "reward_mean",
+        "reward_std",
+        "grad_norm",
+        "lr",
+        "tokens",
+        "tokens_per_s",
+        "step_time_s",
+        "importance_weight_mean",
+    ):
         assert np.isfinite(result.metrics[key]), key
 
 
@@ -59,9 +74,7 @@ def test_adapter_returns_new_arrays_each_step(base):
     first = trainer.adapter()
     snapshot = arrays_np(first)
     trainer.step(random_batch(1))
-    assert all(
-        np.array_equal(snapshot[k], np.array(v)) for k, v in first.items()
-    )  # shared arrays never mutate
+    assert all(np.array_equal(snapshot[k], np.array(v)) for k, v in first.items())  # shared arrays never mutate
 
 
 def test_full_mode_trains_every_weight_of_its_twin_only(base):
@@ -92,9 +105,7 @@ def test_full_mode_with_kl_needs_a_reference(base):
 def test_micro_batched_gradient_equals_the_full_batch_gradient(q4_base, aggregation, inference):
     options = {"loss_aggregation": aggregation, "kl_beta": 0.1, "entropy_weight": 0.01}
     batch = random_batch(3, inference=inference)
-    assert (
-        len(collate(batch).lengths) * collate(batch).lengths.max() > 64
-    )  # the small budget really splits it
+    assert len(collate(batch).lengths) * collate(batch).lengths.max() > 64  # the small budget really splits it
     loss_full, full = make_trainer(q4_base, token_budget=65536, **options).gradients(batch)
     loss_micro, micro = make_trainer(q4_base, token_budget=64, **options).gradients(batch)
     assert loss_micro == pytest.approx(loss_full, rel=1e-5, abs=1e-7)
@@ -103,7 +114,7 @@ def test_micro_batched_gradient_equals_the_full_batch_gradient(q4_base, aggregat
         np.testing.assert_allclose(np.array(micro[name]), np.array(g), atol=1e-5 * scale, err_msg=name)
 
 
-# --- old policy, reference, importance weights --------------------------------------------------------------------------
+# --- old policy, reference, importance weights ------------------------------------------------------------------------
 
 
 def test_reference_starts_as_the_base_model(base):
@@ -228,9 +239,7 @@ def test_non_finite_loss_skips_the_step(q4_base, caplog):
     trainer.step(random_batch(12))
     adapter = arrays_np(trainer.adapter())
     optimizer = {k: np.array(v) for k, v in trainer.state()["optimizer"].items()}
-    poisoned = with_logprobs(
-        random_batch(13), trainer, field="inference_logprobs", shift=-1e4
-    )  # exp overflows
+    poisoned = with_logprobs(random_batch(13), trainer, field="inference_logprobs", shift=-1e4)  # exp overflows
     with caplog.at_level(logging.WARNING, logger="paraloop.learn"):
         result = trainer.step(poisoned)
     assert result.skipped and trainer.skipped_steps == 1
@@ -252,9 +261,7 @@ def test_batch_without_trained_tokens_is_skipped(base):
 
 
 def test_learning_rate_schedule():
-    cfg = make_config(
-        learning_rate=1.0, warmup_steps=2, lr_schedule="cosine", total_steps=6, min_lr_ratio=0.1
-    )
+    cfg = make_config(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine", total_steps=6, min_lr_ratio=0.1)
     lrs = [learning_rate_at(s, cfg) for s in range(8)]
     np.testing.assert_allclose(lrs[:3], [0.5, 1.0, 1.0])
     np.testing.assert_allclose(lrs[4], 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 2 / 4)))
@@ -271,7 +278,7 @@ def test_gradient_clipping_bounds_the_global_norm():
     assert clip_by_norm(grads, norm, None) is grads
 
 
-# --- resume ------------------------------------------------------------------------------------------------------------
+# --- resume -----------------------------------------------------------------------------------------------------------
 
 
 def test_resume_continues_bitwise_identically(q4_base, tiny_q4_model_path, compute, tmp_path):
@@ -318,12 +325,10 @@ def test_resume_continues_bitwise_identically(q4_base, tiny_q4_model_path, compu
         assert np.array_equal(np.array(value), np.array(resumed.reference()[name])), name
 
 
-# --- learning ------------------------------------------------------------------------------------------------------------
+# --- learning ---------------------------------------------------------------------------------------------------------
 
 
-def sample_group(
-    model, prompt: list[int], *, n: int, max_new: int, key: mx.array
-) -> tuple[list, list, mx.array]:
+def sample_group(model, prompt: list[int], *, n: int, max_new: int, key: mx.array) -> tuple[list, list, mx.array]:
     """n completions of `prompt` at temperature 1 (no KV cache: the sequences are a few tokens long)."""
     tokens = mx.array([prompt] * n)
     logprobs = []
@@ -331,9 +336,7 @@ def sample_group(
         logits = model(tokens)[:, -1, :].astype(mx.float32)
         key, sub = mx.random.split(key)
         nxt = mx.random.categorical(logits, key=sub)
-        logprobs.append(
-            mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), nxt[:, None], -1)
-        )
+        logprobs.append(mx.take_along_axis(logits - mx.logsumexp(logits, axis=-1, keepdims=True), nxt[:, None], -1))
         tokens = mx.concatenate([tokens, nxt[:, None]], axis=1)
     return np.array(tokens).tolist(), np.array(mx.concatenate(logprobs, axis=1)).tolist(), key
 

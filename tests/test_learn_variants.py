@@ -62,8 +62,12 @@ def test_dr_grpo_constant_is_the_mock_environments_generation_cap_and_is_logged(
     rows = collate(random_batch(30)).rows
     for mb in micros:
         np.testing.assert_allclose(np.array(mb.weights)[np.array(mb.mask)], 1 / (24 * rows), rtol=1e-6)
-    atropos = make_config(loss_aggregation="seq-mean-token-sum-norm", max_tokens=40, mock={"max_tokens": 24},
-                          atropos={"api_url": "http://localhost:8001"})  # fmt: skip
+    atropos = make_config(
+        loss_aggregation="seq-mean-token-sum-norm",
+        max_tokens=40,
+        mock={"max_tokens": 24},
+        atropos={"api_url": "http://localhost:8001"},
+    )
     length, source = norm_length(atropos)
     assert length == 40 and "set rl_training.loss_norm_length" in source
 
@@ -108,8 +112,9 @@ def test_each_variant_trains(base):
 def test_sequence_mask_drops_whole_sequences_and_logs_raw_ratios(base):
     """MIS at sequence level: a row whose product of ratios leaves [min, cap] gets weight 0 on every token; the
     ratios are logged raw, before masking."""
-    trainer = make_trainer(base, importance_cap=1.5, importance_min=0.5, importance_level="sequence",
-                           importance_mode="mask")  # fmt: skip
+    trainer = make_trainer(
+        base, importance_cap=1.5, importance_min=0.5, importance_level="sequence", importance_mode="mask"
+    )
     near = with_logprobs(random_batch(34, groups=1), trainer, field="inference_logprobs", shift=-0.005)
     far = with_logprobs(random_batch(35, groups=1), trainer, field="inference_logprobs", shift=-0.3)
     batch = RolloutBatch(groups=near.groups + far.groups, source="test")
@@ -149,8 +154,14 @@ def test_mask_takes_rejected_tokens_out_of_every_denominator_and_of_kl_and_entro
     outside the bounds), the batch trains exactly as the kept group alone: the same loss and gradient, KL and
     entropy terms and every aggregation's denominators included (before, rejected tokens still counted)."""
     for aggregation in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        options = {"importance_cap": 1.5, "importance_mode": "mask", "importance_level": level, "kl_beta": 0.1,
-                   "entropy_weight": 0.01, "loss_aggregation": aggregation}  # fmt: skip
+        options = {
+            "importance_cap": 1.5,
+            "importance_mode": "mask",
+            "importance_level": level,
+            "kl_beta": 0.1,
+            "entropy_weight": 0.01,
+            "loss_aggregation": aggregation,
+        }
         trainer = make_trainer(base, **options)
         trainer.step(random_batch(38, groups=2))  # the policy moves away from the reference: KL is not 0
         near = with_logprobs(random_batch(39, groups=1), trainer, field="inference_logprobs", shift=-0.01)
@@ -225,10 +236,13 @@ def group_with(lengths: list[int], reasons: list[str] | None, *, max_tokens: int
 
 def test_truncated_rows_trust_the_finish_reason_else_the_length():
     batch = RolloutBatch(
-        groups=[group_with([4, 6], ["stop", "length"]), group_with([6, 3], None, max_tokens=6),
-                group_with([8, 2], None)],
+        groups=[
+            group_with([4, 6], ["stop", "length"]),
+            group_with([6, 3], None, max_tokens=6),
+            group_with([8, 2], None),
+        ],
         source="test",
-    )  # fmt: skip
+    )
     lengths = collate(batch).mask.sum(1)
     caps = np.array([6, 6, 6, 6, 8, 8])  # the group's max_tokens, else the configured one (8)
     assert truncated_rows(batch, lengths, caps).tolist() == [False, True, True, False, True, False]
@@ -267,10 +281,14 @@ def run_engine(tiny_model_path, **filters):
     engine_model.eval()
     prompts = [tokenizer.encode(text) for text in ("The river runs", "Count to three:")]
     requests = [
-        GenerateRequest(request_id=f"r{i}", prompt_tokens=p, n=4,
-                        params=SamplingParams(temperature=0.7, max_tokens=8, seed=i, **filters))
+        GenerateRequest(
+            request_id=f"r{i}",
+            prompt_tokens=p,
+            n=4,
+            params=SamplingParams(temperature=0.7, max_tokens=8, seed=i, **filters),
+        )
         for i, p in enumerate(prompts)
-    ]  # fmt: skip
+    ]
 
     async def main():
         engine = Engine(engine_model, tokenizer, config=EngineConfig(), batch_size=16, adapter=None)
@@ -297,8 +315,10 @@ def learner(model, cfg, *, dropout: float = 0.0, **options) -> Trainer:
 
 
 def rollouts(requests, results, *, temperature: float) -> RolloutBatch:
-    groups = [scored_group(r.prompt_tokens, c, [float(j % 2) for j in range(len(c))], temperature=temperature)
-              for r, c in zip(requests, results, strict=True)]  # fmt: skip
+    groups = [
+        scored_group(r.prompt_tokens, c, [float(j % 2) for j in range(len(c))], temperature=temperature)
+        for r, c in zip(requests, results, strict=True)
+    ]
     return RolloutBatch(groups=groups, source="mock")
 
 
@@ -330,15 +350,23 @@ def test_sampling_mask_replay_closes_the_gap_that_top_p_and_top_k_open(filtered_
     model, cfg, requests, results = filtered_run
     batch = rollouts(requests, results, temperature=0.7)
     assert all(g.sampling_kept is not None for g in batch.groups)
-    kept = np.array([k for g in batch.groups for row, mask in zip(g.sampling_kept, g.masks, strict=True)
-                     for k, m in zip(row, mask, strict=True) if m != -100])  # fmt: skip
+    kept = np.array(
+        [
+            k
+            for g in batch.groups
+            for row, mask in zip(g.sampling_kept, g.masks, strict=True)
+            for k, m in zip(row, mask, strict=True)
+            if m != -100
+        ]
+    )
     assert kept.size == 64 and (kept >= 1).all() and (kept <= 20).all()
     options = {} if chunked else {"logits_chunk_tokens": 0}
     replayed = learner(model, cfg, **options).step(batch).metrics
     assert replayed["mismatch_abs_mean"] < 1e-4 and replayed["mismatch_abs_max"] < 1e-3
     assert replayed["rollout_ratio_outside"] == 0
-    stripped = RolloutBatch(groups=[msgspec.structs.replace(g, sampling_kept=None) for g in batch.groups],
-                            source="mock")  # fmt: skip
+    stripped = RolloutBatch(
+        groups=[msgspec.structs.replace(g, sampling_kept=None) for g in batch.groups], source="mock"
+    )
     full = learner(model, cfg, **options).step(stripped).metrics
     assert full["mismatch_abs_mean"] > 0.1 and full["rollout_ratio_mean"] < 0.9
 

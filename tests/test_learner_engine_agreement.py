@@ -48,20 +48,31 @@ def learner_engine_gap(model_path, compute: str, temperature: float) -> float:
 
     prompts = [tokenizer.encode(text) for text in ("The river runs", "Count to three:", "A short story about")]
     requests = [
-        GenerateRequest(request_id=f"r{i}", prompt_tokens=p, n=3,
-                        params=SamplingParams(temperature=temperature, max_tokens=12, seed=i, ignore_eos=True))
+        GenerateRequest(
+            request_id=f"r{i}",
+            prompt_tokens=p,
+            n=3,
+            params=SamplingParams(temperature=temperature, max_tokens=12, seed=i, ignore_eos=True),
+        )
         for i, p in enumerate(prompts)
     ]
     results = engine_rollouts(engine_model, tokenizer, requests)
-    groups = [scored_group(r.prompt_tokens, c, [float(j) for j in range(len(c))], temperature=temperature)
-              for r, c in zip(requests, results, strict=True)]
+    groups = [
+        scored_group(r.prompt_tokens, c, [float(j) for j in range(len(c))], temperature=temperature)
+        for r, c in zip(requests, results, strict=True)
+    ]
     batch = collate(RolloutBatch(groups=groups, source="mock"))
 
     # The learner's own forward (its twin, eval mode), exactly as the trainer scores tokens.
     trainer = Trainer(model, config=RLTrainingConfig(kl_beta=0.0), adapter_config=cfg)
     trainer.model.eval()
-    logp, _ = forward_logprobs(trainer.model, mx.array(batch.input_ids), mx.array(batch.targets),
-                               mx.array(batch.temperature), with_entropy=False)
+    logp, _ = forward_logprobs(
+        trainer.model,
+        mx.array(batch.input_ids),
+        mx.array(batch.targets),
+        mx.array(batch.temperature),
+        with_entropy=False,
+    )
     logp = np.array(logp)
     recorded = batch.inference_logprobs
     mask = batch.mask

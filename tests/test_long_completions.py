@@ -18,19 +18,39 @@ from paraloop.checkpoint import read_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 COMPLETION = 2048
 SETTINGS = [
-    "rl_training.batch_size=2", "rl_training.mock.group_size=2", f"rl_training.max_tokens={COMPLETION}",
-    "rl_training.mock.ignore_eos=true", f"engine.max_tokens_limit={COMPLETION}", "rl_training.lora.dropout=0.1",
+    "rl_training.batch_size=2",
+    "rl_training.mock.group_size=2",
+    f"rl_training.max_tokens={COMPLETION}",
+    "rl_training.mock.ignore_eos=true",
+    f"engine.max_tokens_limit={COMPLETION}",
+    "rl_training.lora.dropout=0.1",
     "rl_training.max_memory_gb=0.4",  # each 2k-token row fits alone, two together do not
-]  # fmt: skip
+]
 
 
 def run(model: Path, run_dir: Path, *extra: str, timeout: float = 240) -> None:
     """`paraloop run` in its own process group, killed with everything it started on failure or timeout."""
     sets = [arg for s in SETTINGS for arg in ("--set", s)]
-    cmd = [sys.executable, "-m", "paraloop", "run", str(REPO / "configs" / "tiny.toml"), "--model-path", str(model),
-           "--run-dir", str(run_dir), "--port", "0", "--no-plot", "--save-every-step", *sets, *extra]  # fmt: skip
-    with procs.running(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       env={**os.environ, "PARALOOP_LOG": "warning"}) as proc:  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "run",
+        str(REPO / "configs" / "tiny.toml"),
+        "--model-path",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        "--no-plot",
+        "--save-every-step",
+        *sets,
+        *extra,
+    ]
+    with procs.running(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PARALOOP_LOG": "warning"}
+    ) as proc:
         out, _ = procs.communicate(proc, timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
 

@@ -111,15 +111,65 @@ def test_every_flag_of_the_seeds_trainer_is_accepted(tiny_model_path, tmp_path, 
     config = tmp_path / "train_config.toml"
     config.write_text(SEED_TRAIN_CONFIG)
     # The seed's "CLI: Atropos Training" command, then every other flag of its "CLI Arguments" list.
-    code = run(["--model-path", str(tiny_model_path), "--atropos-url", "http://localhost:8001", "--steps", "100",
-                "--batch-size", "8", "--checkpoint-dir", str(tmp_path / "checkpoints"), "--checkpoint-interval", "10",
-                "--save-every-step", "true", "--adapter-format", "safetensors", "--learning-rate", "2e-5",
-                "--max-tokens", "256", "--kl-beta", "0.1", "--clip-ratio", "0.1", "--entropy-weight", "0.0",
-                "--kl-estimator", "mse", "--ref-ema", "0.99",
-                "--config", str(config), "--auto-init-lora", "true", "--lora-rank", "16", "--lora-layers", "8",
-                "--lora-dropout", "0.05", "--lora-scale", "10.0", "--token-budget", "16384", "--host", "127.0.0.1",
-                "--port", "8000", "--update-epochs", "1", "--algorithm", "grpo", "--diverse-mode", "true",
-                "--dry-run"])
+    code = run(
+        [
+            "--model-path",
+            str(tiny_model_path),
+            "--atropos-url",
+            "http://localhost:8001",
+            "--steps",
+            "100",
+            "--batch-size",
+            "8",
+            "--checkpoint-dir",
+            str(tmp_path / "checkpoints"),
+            "--checkpoint-interval",
+            "10",
+            "--save-every-step",
+            "true",
+            "--adapter-format",
+            "safetensors",
+            "--learning-rate",
+            "2e-5",
+            "--max-tokens",
+            "256",
+            "--kl-beta",
+            "0.1",
+            "--clip-ratio",
+            "0.1",
+            "--entropy-weight",
+            "0.0",
+            "--kl-estimator",
+            "mse",
+            "--ref-ema",
+            "0.99",
+            "--config",
+            str(config),
+            "--auto-init-lora",
+            "true",
+            "--lora-rank",
+            "16",
+            "--lora-layers",
+            "8",
+            "--lora-dropout",
+            "0.05",
+            "--lora-scale",
+            "10.0",
+            "--token-budget",
+            "16384",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "8000",
+            "--update-epochs",
+            "1",
+            "--algorithm",
+            "grpo",
+            "--diverse-mode",
+            "true",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and f"configuration ok: model {tiny_model_path}" in out
     assert not (tmp_path / "checkpoints").exists()  # a dry run writes nothing
@@ -148,9 +198,24 @@ def test_the_seeds_mock_command_fails_before_loading_with_the_fix(tiny_model_pat
     from paraloop.run.main import main as run
 
     # mlx_parallm_train --model-path ... --steps 3 --batch-size 2 --checkpoint-dir checkpoints --save-every-step true
-    code = run(["--model-path", str(tiny_model_path), "--steps", "3", "--batch-size", "2", "--checkpoint-dir",
-                str(tmp_path / "checkpoints"), "--save-every-step", "true", "--adapter-format", "npz",
-                "--diverse-mode", "true"])
+    code = run(
+        [
+            "--model-path",
+            str(tiny_model_path),
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--checkpoint-dir",
+            str(tmp_path / "checkpoints"),
+            "--save-every-step",
+            "true",
+            "--adapter-format",
+            "npz",
+            "--diverse-mode",
+            "true",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "rl_training.batch_size (2) must be a multiple of rl_training.mock.group_size (8)" in err
     assert "--batch-size 8 or --group-size 2" in err
@@ -158,26 +223,39 @@ def test_the_seeds_mock_command_fails_before_loading_with_the_fix(tiny_model_pat
 
 
 def test_every_inconsistency_is_named_before_anything_loads(tmp_path, tiny_q4_model_path):
-    settings = load_config(None, {
-        "model": {"base_path": "unused", "lora_path": str(tmp_path / "adapter"), "auto_init_lora": False},
-        "checkpoint": {"resume": str(tmp_path / "run")},
-        "engine": {"max_n": 4, "max_tokens_limit": 64},
-        "rl_training": {"train_mode": "full", "kl_beta": 0.1, "batch_size": 12, "max_tokens": 128,
-                        "mock": {"group_size": 8, "task": "no.such.module:task"}},
-    })
+    settings = load_config(
+        None,
+        {
+            "model": {"base_path": "unused", "lora_path": str(tmp_path / "adapter"), "auto_init_lora": False},
+            "checkpoint": {"resume": str(tmp_path / "run")},
+            "engine": {"max_n": 4, "max_tokens_limit": 64},
+            "rl_training": {
+                "train_mode": "full",
+                "kl_beta": 0.1,
+                "batch_size": 12,
+                "max_tokens": 128,
+                "mock": {"group_size": 8, "task": "no.such.module:task"},
+            },
+        },
+    )
     problems = "\n".join(settings_problems(settings))
-    for expected in ("checkpoint.resume and model.lora_path are both set", f"model.lora_path: {tmp_path}/adapter",
-                     f"checkpoint.resume: {tmp_path}/run", "rl_training.kl_beta > 0",
-                     "rl_training.batch_size (12) must be a multiple of rl_training.mock.group_size (8)",
-                     "rl_training.mock.group_size (8) is more than engine.max_n (4)",
-                     "rl_training.max_tokens (128) is more than engine.max_tokens_limit (64)",
-                     "rl_training.mock.task"):
+    for expected in (
+        "checkpoint.resume and model.lora_path are both set",
+        f"model.lora_path: {tmp_path}/adapter",
+        f"checkpoint.resume: {tmp_path}/run",
+        "rl_training.kl_beta > 0",
+        "rl_training.batch_size (12) must be a multiple of rl_training.mock.group_size (8)",
+        "rl_training.mock.group_size (8) is more than engine.max_n (4)",
+        "rl_training.max_tokens (128) is more than engine.max_tokens_limit (64)",
+        "rl_training.mock.task",
+    ):
         assert expected in problems, expected
     from paraloop.run.preflight import preflight
     from paraloop.run.setup import SetupError
 
-    full_on_4bit = load_config(None, {"model": {"base_path": str(tiny_q4_model_path)},
-                                      "rl_training": {"train_mode": "full", "kl_beta": 0.0}})
+    full_on_4bit = load_config(
+        None, {"model": {"base_path": str(tiny_q4_model_path)}, "rl_training": {"train_mode": "full", "kl_beta": 0.0}}
+    )
     with pytest.raises(SetupError, match="train_mode = 'full' needs a non-quantized model"):
         preflight(full_on_4bit)
     with pytest.raises(SetupError, match="nothing to train"):
@@ -211,8 +289,21 @@ def test_merge_uploads_the_finished_model_like_mlx_lm_fuse(hub_account, tiny_mod
     model, _, config = trained_model(tiny_model_path)
     save_run(tmp_path / "run", model, config)
     out = tmp_path / "merged"
-    assert merge(["--base-model", str(tiny_model_path), "--adapter", str(tmp_path / "run"), "--output", str(out),
-                  "--push-to-hub", "me/tiny-grpo"]) == 0
+    assert (
+        merge(
+            [
+                "--base-model",
+                str(tiny_model_path),
+                "--adapter",
+                str(tmp_path / "run"),
+                "--output",
+                str(out),
+                "--push-to-hub",
+                "me/tiny-grpo",
+            ]
+        )
+        == 0
+    )
     [(path, repo, files, card)] = hub_account
     assert (path, repo) == (str(out), "me/tiny-grpo")
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= set(files)  # whole when uploaded
@@ -235,8 +326,18 @@ def test_merge_checks_the_upload_before_merging_and_keeps_the_model_when_it_fail
     save_run(adapter, model, config)
 
     def merge_to(out: Path, repo: str) -> int:
-        return merge(["--base-model", str(tiny_model_path), "--adapter", str(adapter), "--output", str(out),
-                      "--upload-repo", repo])
+        return merge(
+            [
+                "--base-model",
+                str(tiny_model_path),
+                "--adapter",
+                str(adapter),
+                "--output",
+                str(out),
+                "--upload-repo",
+                repo,
+            ]
+        )
 
     assert merge_to(tmp_path / "a", "no-owner") == 2 and not (tmp_path / "a").exists()
     assert "expected ORG/NAME" in capsys.readouterr().err

@@ -46,8 +46,10 @@ def test_two_backends_are_named_with_whose_library_is_in_place_and_the_fix(tmp_p
     problem = mlx_install.install_problem([str(tmp_path)])
     assert "several MLX backends are installed (mlx-cpu 0.32.4, mlx-cuda-13 0.32.4)" in problem
     assert "mlx-cpu's library is the one in place" in problem
-    assert "`pip uninstall -y mlx-cpu mlx-cuda-13`, then `pip install 'mlx[cpu]==0.32.4' or " \
-           "'mlx[cuda13]==0.32.4'`" in problem
+    assert (
+        "`pip uninstall -y mlx-cpu mlx-cuda-13`, then `pip install 'mlx[cpu]==0.32.4' or "
+        "'mlx[cuda13]==0.32.4'`" in problem
+    )
     assert "\n" not in problem
 
 

@@ -50,8 +50,20 @@ def paraloop(home: Path, *args: object) -> tuple[int, str, str]:
 @pytest.mark.slow
 def test_run_and_merge_load_a_repo_id_from_the_offline_cache(hf_home, tiny_model_path, tmp_path):
     run_dir, merged = tmp_path / "run", tmp_path / "merged"
-    code, _, err = paraloop(hf_home, "run", TINY_CONFIG, "--model-path", REPO_ID, "--run-dir", run_dir,
-                            "--port", "0", "--steps", "1", "--no-plot")
+    code, _, err = paraloop(
+        hf_home,
+        "run",
+        TINY_CONFIG,
+        "--model-path",
+        REPO_ID,
+        "--run-dir",
+        run_dir,
+        "--port",
+        "0",
+        "--steps",
+        "1",
+        "--no-plot",
+    )
     assert code == 0, err[-3000:]
     final = read_checkpoint(run_dir)
     assert final.step == 1 and final.trainer_state["config"]["model"]["base_path"] == REPO_ID
@@ -74,8 +86,9 @@ def test_serve_loads_a_repo_id_at_a_revision(hf_home):
         lines = procs.Lines(proc.stderr)
         port = lines.expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=DEADLINE_S)
         assert f"snapshots/{Q4}" in lines.text(), "the q4 tag's snapshot was loaded"
-        request = urllib.request.Request(f"http://127.0.0.1:{port[1]}/v1/completions", method="POST",
-                                         data=b'{"prompt": "Hello", "max_tokens": 2}')
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port[1]}/v1/completions", method="POST", data=b'{"prompt": "Hello", "max_tokens": 2}'
+        )
         with urllib.request.urlopen(request, timeout=DEADLINE_S) as response:
             assert response.status == 200
         proc.send_signal(signal.SIGTERM)

@@ -114,9 +114,7 @@ def test_tokenizer_agrees_between_mlx_lm_and_transformers_offline(smollm2_q4, mo
     assert [hf.decode([i]) for i in hf.encode("1455")] == ["1", "4", "5", "5"]
     assert tokenizer.decode(tokenizer.encode(PARAGRAPH)) == PARAGRAPH
     assert hf.eos_token == "<|im_end|>" and tokenizer.eos_token_ids == {2}
-    chat = hf.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
-    )
+    chat = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert chat.startswith("<|im_start|>system\n") and chat.endswith(
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -141,9 +139,7 @@ def test_convert_rejects_a_missing_or_non_gguf_file(tmp_path):
     ],
     ids=["missing-gguf", "not-gguf", "out-exists", "package-missing"],
 )
-def test_model_smollm2_command_bad_input_is_one_error_line_and_exit_code_2(
-    tmp_path, args, hide_smollm2, message
-):
+def test_model_smollm2_command_bad_input_is_one_error_line_and_exit_code_2(tmp_path, args, hide_smollm2, message):
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "model.safetensors").write_bytes(b"")
     (tmp_path / "fake.gguf").write_text("hello")

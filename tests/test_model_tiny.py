@@ -107,9 +107,7 @@ def test_quantize_4_stores_mlx_lm_group_64_quantization_of_the_same_weights(tiny
     model, tokenizer = mlx_lm.load(str(tiny_q4))
     float_model, _ = mlx_lm.load(str(tiny_f32))
     linears = [m for _, m in model.named_modules() if isinstance(m, nn.Linear | nn.QuantizedLinear)]
-    assert linears and all(
-        isinstance(m, nn.QuantizedLinear) and m.bits == 4 and m.group_size == 64 for m in linears
-    )
+    assert linears and all(isinstance(m, nn.QuantizedLinear) and m.bits == 4 and m.group_size == 64 for m in linears)
     assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)  # tied: also the output projection
     q = model.layers[0].mlp.down_proj
     w = mx.dequantize(q.weight, q.scales, q.biases, group_size=64, bits=4)
@@ -144,9 +142,7 @@ def test_build_rejects_bad_arguments_and_a_non_empty_out_dir(tmp_path):
 
 
 def test_model_tiny_command_writes_a_quantized_llama(tmp_path):
-    result = run_model_command(
-        "tiny", str(tmp_path / "m"), "--quantize", "4", "--layout", "llama", "--seed", "3"
-    )
+    result = run_model_command("tiny", str(tmp_path / "m"), "--quantize", "4", "--layout", "llama", "--seed", "3")
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["quantization"]["bits"] == 4

@@ -31,8 +31,16 @@ def monitor(tmp_path, messages, *, atropos_evals=None, between=None) -> tuple[Ru
         send, receive = anyio.create_memory_object_stream[StepFinished | EvalFinished](10)
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(lambda: run_monitor(receive, status=status, reporters=[JsonlReporter(tmp_path)], out=out,
-                                                  mismatch_threshold=0.01, atropos_evals=atropos_evals))
+                tg.start_soon(
+                    lambda: run_monitor(
+                        receive,
+                        status=status,
+                        reporters=[JsonlReporter(tmp_path)],
+                        out=out,
+                        mismatch_threshold=0.01,
+                        atropos_evals=atropos_evals,
+                    )
+                )
                 async with send:
                     for message in messages:
                         await send.send(message)
@@ -73,9 +81,14 @@ def test_a_mismatch_over_the_threshold_warns_once_and_is_an_alert_until_it_clear
 def test_evaluations_are_lines_of_their_own_in_the_status_and_the_table(tmp_path):
     metrics = {"reward_mean": 0.25, "pass@1": 0.125, "pass@4": 0.5, "prompts": 8.0, "samples": 4.0, "time_s": 1.5}
     later = {**metrics, "reward_mean": 0.75, "pass@1": 0.625}
-    status, lines, out = monitor(tmp_path, [EvalFinished(step=0, version=0, task="one_word", metrics=metrics),
-                                            step(1, None), EvalFinished(step=1, version=1, task="one_word",
-                                                                        metrics=later)])  # fmt: skip
+    status, lines, out = monitor(
+        tmp_path,
+        [
+            EvalFinished(step=0, version=0, task="one_word", metrics=metrics),
+            step(1, None),
+            EvalFinished(step=1, version=1, task="one_word", metrics=later),
+        ],
+    )
     assert [(line.get("kind"), line["step"]) for line in lines] == [("eval", 0), (None, 1), ("eval", 1)]
     assert lines[2]["reward_mean"] == 0.75 and lines[2]["task"] == "one_word"
     snapshot = status.snapshot()
@@ -99,8 +112,9 @@ def test_atropos_environment_evaluations_are_picked_up_after_a_step(tmp_path):
             (root / "broken").mkdir()
             (root / "broken" / "metrics.json").write_text("{not json")
 
-    status, lines, _ = monitor(tmp_path, [step(1, None), step(2, None), step(3, None)], atropos_evals=evals,
-                               between=write)  # fmt: skip
+    status, lines, _ = monitor(
+        tmp_path, [step(1, None), step(2, None), step(3, None)], atropos_evals=evals, between=write
+    )
     got = [line for line in lines if line.get("kind") == "eval"]
     assert [(g["step"], g["task"], g["eval/percent_correct"]) for g in got] == [(2, "atropos:gsm8k", 0.4)]
     assert "note" not in got[0] and "n" not in got[0], "only numbers are metrics"

@@ -13,8 +13,16 @@ def write_metrics(run_dir, rows) -> None:
 
 
 def row(step: int, reward: float) -> dict:
-    return {"step": step, "reward_mean": reward, "reward_std": 0.1, "loss": 0.01, "kl": 0.0, "entropy": 2.0,
-            "clip_fraction": 0.0, "tokens_per_s": 100.0}  # fmt: skip
+    return {
+        "step": step,
+        "reward_mean": reward,
+        "reward_std": 0.1,
+        "loss": 0.01,
+        "kl": 0.0,
+        "entropy": 2.0,
+        "clip_fraction": 0.0,
+        "tokens_per_s": 100.0,
+    }
 
 
 def test_plot_writes_a_png_of_the_run(tmp_path):
@@ -43,8 +51,10 @@ def test_eval_lines_are_their_own_panel_and_never_a_training_step(tmp_path):
     from paraloop.plot import plot_run, read_evals
 
     run_dir = tmp_path / "run"
-    evals = [{"kind": "eval", "step": s, "version": s, "task": "one_word", "reward_mean": r, "pass@1": r / 2,
-              "pass@4": r} for s, r in ((0, 0.1), (2, 0.5))]  # fmt: skip
+    evals = [
+        {"kind": "eval", "step": s, "version": s, "task": "one_word", "reward_mean": r, "pass@1": r / 2, "pass@4": r}
+        for s, r in ((0, 0.1), (2, 0.5))
+    ]
     write_metrics(run_dir, [evals[0], row(1, 0.2), row(2, 0.3), evals[1], {**row(2, 0.3), "mismatch_abs_mean": 0.0}])
     assert [(r["step"], r["reward_mean"]) for r in read_metrics(run_dir)] == [(1, 0.2), (2, 0.3)]
     assert [(e["version"], e["reward_mean"]) for e in read_evals(run_dir)] == [(0, 0.1), (2, 0.5)]

@@ -41,13 +41,19 @@ def write_predecessor_checkpoints(root: Path, model_path: Path, steps=(1, 2)) ->
     ckdir = root / "checkpoints"
     initial = trained_arrays(model_path, seed=0)
     (ckdir / "initial_adapter").mkdir(parents=True)
-    np.savez(ckdir / "initial_adapter" / "adapter.npz", **{k: v * 0 if k.endswith("lora_b") else v
-                                                            for k, v in initial.items()})
+    np.savez(
+        ckdir / "initial_adapter" / "adapter.npz",
+        **{k: v * 0 if k.endswith("lora_b") else v for k, v in initial.items()},
+    )
     for step in steps:
         (ckdir / f"step_{step}").mkdir()
         np.savez(ckdir / f"step_{step}" / "adapter.npz", **trained_arrays(model_path, seed=step))
-    metadata = {"step": steps[-1], "created_at": "2025-08-20T13:17:28Z", "adapter_path": None,
-                "config": {"model_path": "./models/hermes-qwen3-14b-4bit", "learning_rate": 1e-5, "batch_size": 2}}
+    metadata = {
+        "step": steps[-1],
+        "created_at": "2025-08-20T13:17:28Z",
+        "adapter_path": None,
+        "config": {"model_path": "./models/hermes-qwen3-14b-4bit", "learning_rate": 1e-5, "batch_size": 2},
+    }
     (ckdir / "metadata.json").write_text(json.dumps(metadata, indent=2))
     return ckdir
 
@@ -64,22 +70,32 @@ def logits(model, tokenizer) -> np.ndarray:
 def reference_logits(model_path: Path, arrays: dict[str, np.ndarray], *, scale: float) -> np.ndarray:
     """Base + the arrays as mlx-lm computes them with an explicit adapter_config (the truth to compare with)."""
     model, tokenizer = mlx_lm.load(str(model_path))
-    config = {"fine_tune_type": "lora", "num_layers": 4,
-              "lora_parameters": {"rank": 16, "scale": scale, "dropout": 0.0,
-                                  "keys": ["self_attn.q_proj", "self_attn.v_proj"]}}
+    config = {
+        "fine_tune_type": "lora",
+        "num_layers": 4,
+        "lora_parameters": {
+            "rank": 16,
+            "scale": scale,
+            "dropout": 0.0,
+            "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+        },
+    }
     attach_lora(model, config)
     model.load_weights([(k, mx.array(v)) for k, v in arrays.items()], strict=False)
     model.eval()
     return logits(model, tokenizer)
 
 
-def test_lora_path_takes_the_layout_from_the_arrays_and_the_scale_from_the_config(
-    predecessor, tiny_model_path, caplog
-):
+def test_lora_path_takes_the_layout_from_the_arrays_and_the_scale_from_the_config(predecessor, tiny_model_path, caplog):
     from paraloop.serve import build_engine
 
-    settings = load_config(None, {"model": {"base_path": str(tiny_model_path), "lora_path": str(predecessor / "step_2")},
-                                  "rl_training": {"lora": {"scale": 4.0, "rank": 8}}})
+    settings = load_config(
+        None,
+        {
+            "model": {"base_path": str(tiny_model_path), "lora_path": str(predecessor / "step_2")},
+            "rl_training": {"lora": {"scale": 4.0, "rank": 8}},
+        },
+    )
     with caplog.at_level(logging.WARNING, logger="paraloop.predecessor"):
         build_engine(settings)  # `paraloop serve --lora-path OLD/checkpoints/step_2` up to serving
     assumed = caplog.text
@@ -92,16 +108,19 @@ def test_lora_path_takes_the_layout_from_the_arrays_and_the_scale_from_the_confi
     assert config["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
     model.eval()
     arrays = dict(np.load(predecessor / "step_2" / "adapter.npz"))
-    np.testing.assert_allclose(logits(model, tokenizer), reference_logits(tiny_model_path, arrays, scale=4.0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        logits(model, tokenizer), reference_logits(tiny_model_path, arrays, scale=4.0), atol=1e-5
+    )
     with pytest.raises(ValueError, match="no adapter_config.json"):  # without settings to assume, it says why
         apply_adapter(load_model(tiny_model_path)[0], predecessor / "step_2")
 
 
 def test_the_predecessor_runs_own_adapter_config_wins_over_the_configuration(predecessor, tiny_model_path, caplog):
-    recorded = {"fine_tune_type": "lora", "num_layers": 8,
-                "lora_parameters": {"rank": 16, "scale": 2.5, "dropout": 0.1, "keys": ["self_attn.q_proj",
-                                                                                        "self_attn.v_proj"]}}
+    recorded = {
+        "fine_tune_type": "lora",
+        "num_layers": 8,
+        "lora_parameters": {"rank": 16, "scale": 2.5, "dropout": 0.1, "keys": ["self_attn.q_proj", "self_attn.v_proj"]},
+    }
     (predecessor / "initial_adapter" / "adapter_config.json").write_text(json.dumps(recorded))
     model, _, _, _ = load_model(tiny_model_path)
     with caplog.at_level(logging.WARNING, logger="paraloop.predecessor"):
@@ -116,12 +135,30 @@ def test_a_run_starts_from_a_predecessor_step_given_as_lora_path(predecessor, ti
 
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="paraloop.predecessor"):
-        code = run([str(TINY_CONFIG), "--model-path", str(tiny_model_path), "--run-dir", str(run_dir), "--port", "0",
-                    "--lora-path", str(predecessor / "step_1"), "--steps", "1", "--no-plot"])
+        code = run(
+            [
+                str(TINY_CONFIG),
+                "--model-path",
+                str(tiny_model_path),
+                "--run-dir",
+                str(run_dir),
+                "--port",
+                "0",
+                "--lora-path",
+                str(predecessor / "step_1"),
+                "--steps",
+                "1",
+                "--no-plot",
+            ]
+        )
     assert code == 0 and "scale 10 and dropout 0 taken from rl_training.lora" in caplog.text
     initial, config = load_adapter(run_dir / "checkpoints" / "initial_adapter")
-    assert config["lora_parameters"] == {"rank": 16, "scale": 10.0, "dropout": 0.0,
-                                         "keys": ["self_attn.q_proj", "self_attn.v_proj"]}
+    assert config["lora_parameters"] == {
+        "rank": 16,
+        "scale": 10.0,
+        "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "self_attn.v_proj"],
+    }
     start = np.load(predecessor / "step_1" / "adapter.npz")
     for name in start.files:  # a new run (step 0 -> 1) from the predecessor's arrays, not from a fresh init
         np.testing.assert_array_equal(np.array(initial[name]), start[name])
@@ -136,8 +173,22 @@ def test_resume_from_a_predecessor_dir_continues_at_its_step_with_a_fresh_optimi
 
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
-        code = run([str(TINY_CONFIG), "--model-path", str(tiny_model_path), "--run-dir", str(run_dir), "--port", "0",
-                    "--resume", str(predecessor), "--steps", "3", "--no-plot"])
+        code = run(
+            [
+                str(TINY_CONFIG),
+                "--model-path",
+                str(tiny_model_path),
+                "--run-dir",
+                str(run_dir),
+                "--port",
+                "0",
+                "--resume",
+                str(predecessor),
+                "--steps",
+                "3",
+                "--no-plot",
+            ]
+        )
     assert code == 0
     assert "step_2 is a predecessor checkpoint (adapter only): resuming at step 2 with a fresh optimizer" in caplog.text
     assert "scale 10 and dropout 0 taken from rl_training.lora" in caplog.text  # tiny.toml's settings
@@ -170,8 +221,9 @@ def test_merge_fuses_a_predecessor_step_with_its_spellings(predecessor, tiny_mod
     from paraloop.tools.merge import main as merge
 
     out = tmp_path / "merged"
-    assert merge(["--base-model", str(tiny_model_path), "--lora-path", str(predecessor),
-                  "--output-path", str(out)]) == 0  # the checkpoint dir: its highest step
+    assert (
+        merge(["--base-model", str(tiny_model_path), "--lora-path", str(predecessor), "--output-path", str(out)]) == 0
+    )  # the checkpoint dir: its highest step
     fused, tokenizer = mlx_lm.load(str(out))
     arrays = dict(np.load(predecessor / "step_2" / "adapter.npz"))
     expected = reference_logits(tiny_model_path, arrays, scale=10.0)  # the predecessor's scale

@@ -43,8 +43,14 @@ def test_lookup_finds_the_longest_cached_prefix_and_its_kv():
     assert cache.insert(V0, system + [9], kv_of(system + [9])) == 1  # splits the first entry after the system part
     assert cache.insert(V0, system + [7, 8], kv_of(system + [7, 8])) == 0  # already there
 
-    for prompt, length in [(system + [7, 8, 10], 8), (system + [9, 9], 7), (system + [11], 6), ([1, 2, 99], 2),
-                           ([42], 0), (system[:4], 4)]:  # fmt: skip
+    for prompt, length in [
+        (system + [7, 8, 10], 8),
+        (system + [9, 9], 7),
+        (system + [11], 6),
+        ([1, 2, 99], 2),
+        ([42], 0),
+        (system[:4], 4),
+    ]:
         match = cache.lookup(V0, prompt)
         assert match.length == length, prompt
         if length:

@@ -31,8 +31,9 @@ def test_routes_are_timed_and_tokens_counted_in_each_apps_own_registry(tiny_mode
     with running_server(tiny_model_path) as one, running_server(tiny_model_path) as two:
         for _ in range(2):
             assert one.post("/v1/completions", {"prompt": "hello", "max_tokens": 4}).status_code == 200
-        streamed = one.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                     "max_tokens": 3, "stream": True})
+        streamed = one.post(
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+        )
         assert streamed.status_code == 200
         assert one.post("/v1/completions", {"prompt": "x", "max_tokens": -1}).status_code == 400
         assert one.get("/no/such/path").status_code == 404
@@ -45,8 +46,14 @@ def test_routes_are_timed_and_tokens_counted_in_each_apps_own_registry(tiny_mode
         assert value(page, "paraloop_http_requests_total", route=route, method="POST", status="400") == 1
         assert value(page, "paraloop_http_requests_total", route="unmatched", method="GET", status="404") == 1
         assert not [labels for name, labels in page if ("method", "PROPFIND") in labels], "labels stay bounded"
-        assert sum(v for (name, labels), v in page.items() if name == "paraloop_http_requests_total"
-                   and ("method", "other") in labels) == 1
+        assert (
+            sum(
+                v
+                for (name, labels), v in page.items()
+                if name == "paraloop_http_requests_total" and ("method", "other") in labels
+            )
+            == 1
+        )
         assert value(page, "paraloop_http_request_duration_seconds_count", route=route, method="POST") == 3
         assert value(page, "paraloop_http_time_to_first_token_seconds_count", route=route) == 2, "not the 400"
         assert value(page, "paraloop_http_time_to_first_token_seconds_count", route="/v1/chat/completions") == 1
@@ -76,8 +83,9 @@ def test_a_client_that_hangs_up_mid_stream_is_counted_as_499(tiny_model_path):
     from support.http_harness import raw_request
 
     with running_server(tiny_model_path) as server:
-        sock = raw_request(server.port, "/v1/completions",
-                           {"prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True})
+        sock = raw_request(
+            server.port, "/v1/completions", {"prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        )
         sock.recv(1)  # the stream started
         sock.close()
         server.wait_idle()
@@ -129,9 +137,20 @@ def test_the_grafana_example_uses_only_names_paraloop_exports():
     metrics.add_collector(lambda: run_families(status))
     from paraloop.server.metrics import engine_families
 
-    metrics.add_collector(lambda: engine_families({"generated_tokens": 1.0, "requests_served": 1.0, "swaps": 1.0,
-                                                   "tokens_per_s": 1.0, "queue_depth": 0.0, "waiting_requests": 0.0,
-                                                   "active_rows": 0.0, "version": 0.0}))
+    metrics.add_collector(
+        lambda: engine_families(
+            {
+                "generated_tokens": 1.0,
+                "requests_served": 1.0,
+                "swaps": 1.0,
+                "tokens_per_s": 1.0,
+                "queue_depth": 0.0,
+                "waiting_requests": 0.0,
+                "active_rows": 0.0,
+                "version": 0.0,
+            }
+        )
+    )
     metrics.requests.labels("/r", "GET", "200").inc()
     metrics.latency.labels("/r", "GET").observe(0.1)
     metrics.ttft.labels("/r").observe(0.1)

@@ -15,16 +15,36 @@ from paraloop.config import load_config
 from paraloop.run import reporters
 from paraloop.run.reporters import JsonlReporter, MissingExtra, close_all, log_all, open_reporters
 
-ROW = {"step": 3, "reward_mean": 0.5, "loss": -0.25, "kl": 0.01, "skipped": False, "swap_pause_ms": None,
-       "time": 1.0e9, "version": 3}
-SAMPLE = {"step": 3, "adapter_version": 3, "rollout_version": 2, "group": 0, "row": 1, "reward": 1.0,
-          "advantage": 0.7, "prompt": "Name a fruit | in one word", "prompt_truncated": False,
-          "tokens": [" ban", "ana"], "logprobs": [-0.5, -0.1], "completion_truncated": False}
+ROW = {
+    "step": 3,
+    "reward_mean": 0.5,
+    "loss": -0.25,
+    "kl": 0.01,
+    "skipped": False,
+    "swap_pause_ms": None,
+    "time": 1.0e9,
+    "version": 3,
+}
+SAMPLE = {
+    "step": 3,
+    "adapter_version": 3,
+    "rollout_version": 2,
+    "group": 0,
+    "row": 1,
+    "reward": 1.0,
+    "advantage": 0.7,
+    "prompt": "Name a fruit | in one word",
+    "prompt_truncated": False,
+    "tokens": [" ban", "ana"],
+    "logprobs": [-0.5, -0.1],
+    "completion_truncated": False,
+}
 
 
 def settings_for(tmp_path: Path, *report_to: str, **logging_keys):
-    return load_config(None, {"checkpoint": {"dir": str(tmp_path)},
-                              "logging": {"report_to": list(report_to), **logging_keys}})
+    return load_config(
+        None, {"checkpoint": {"dir": str(tmp_path)}, "logging": {"report_to": list(report_to), **logging_keys}}
+    )
 
 
 def read_tb_events(log_dir: Path) -> list:
@@ -176,10 +196,20 @@ def test_paraloop_run_names_the_missing_extra_and_exits_2(tiny_model_path, tmp_p
     from paraloop.run import main as run_main
 
     real = reporters.importlib.util.find_spec
-    monkeypatch.setattr(reporters.importlib.util, "find_spec",
-                        lambda name: None if name == "tensorboardX" else real(name))
-    code = run_main.main(["--model-path", str(tiny_model_path), "--run-dir", str(tmp_path / "run"),
-                          "--set", 'logging.report_to=["jsonl", "tensorboard"]', "--no-plot"])
+    monkeypatch.setattr(
+        reporters.importlib.util, "find_spec", lambda name: None if name == "tensorboardX" else real(name)
+    )
+    code = run_main.main(
+        [
+            "--model-path",
+            str(tiny_model_path),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            'logging.report_to=["jsonl", "tensorboard"]',
+            "--no-plot",
+        ]
+    )
     assert code == 2
     assert "pip install 'paraloop[tensorboard]'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists(), "stopped before loading the model"

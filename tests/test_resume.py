@@ -15,8 +15,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(model: Path, run_dir: Path, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "paraloop", "run", str(REPO / "configs" / "tiny.toml"), "--model-path", str(model),
-           "--run-dir", str(run_dir), "--port", "0", "--no-plot", "--save-every-step", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "run",
+        str(REPO / "configs" / "tiny.toml"),
+        "--model-path",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        "--no-plot",
+        "--save-every-step",
+        *extra,
+    ]
     proc = procs.run(cmd, timeout=300, env={**os.environ, "PARALOOP_LOG": "warning"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -47,8 +61,16 @@ def test_run_continues_from_an_adapter_trained_by_mlx_lm_lora(tiny_model_path, t
     write_like_mlx_lm_lora(tiny_model_path, tmp_path / "adapters")
     start, _ = load_adapter(tmp_path / "adapters")
     # temperature 1: the tiny model samples near-uniformly, so scores differ inside groups and there is a gradient
-    run(tiny_model_path, tmp_path / "run", "--steps", "2", "--lora-path", str(tmp_path / "adapters"),
-        "--set", "rl_training.temperature=1.0")
+    run(
+        tiny_model_path,
+        tmp_path / "run",
+        "--steps",
+        "2",
+        "--lora-path",
+        str(tmp_path / "adapters"),
+        "--set",
+        "rl_training.temperature=1.0",
+    )
     final = read_checkpoint(tmp_path / "run")
     assert final.step == 2
     assert final.adapter_config["num_layers"] == 2 and final.adapter_config["lora_parameters"]["rank"] == 8

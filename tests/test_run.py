@@ -42,8 +42,19 @@ def wait_status(base: str, token: str | None, predicate: Callable[[dict], bool],
 
 def test_run_learns_checkpoints_and_exits_zero(tiny_q4_model_path, compute, tmp_path):
     run_dir = tmp_path / "run"
-    done = run_to_end(tiny_q4_model_path, run_dir, "--steps", "24", "--checkpoint-interval", "10", "--keep-last",
-                      "2", "--compute", compute, log="info")  # fmt: skip
+    done = run_to_end(
+        tiny_q4_model_path,
+        run_dir,
+        "--steps",
+        "24",
+        "--checkpoint-interval",
+        "10",
+        "--keep-last",
+        "2",
+        "--compute",
+        compute,
+        log="info",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert COMPUTED_AS[compute] in done.stderr, "the base computed on the path under test"
     rows = read_metrics(run_dir)
@@ -75,8 +86,9 @@ def test_control_api_pause_step_snapshot_stop_and_auth(tiny_model_path, tmp_path
         assert call(f"{base}/control/pause", "POST", token="wrong")[0] == 401
         assert call(f"{base}/control/step", "POST", token=token)[0] == 409, "single steps only while paused"
         assert call(f"{base}/control/pause", "POST", token=token)[0] == 200
-        status, body = call(f"{base}/v1/completions", "POST", {"prompt": "hello", "max_tokens": 4, "ignore_eos": True},
-                            token=token)  # fmt: skip
+        status, body = call(
+            f"{base}/v1/completions", "POST", {"prompt": "hello", "max_tokens": 4, "ignore_eos": True}, token=token
+        )
         assert status == 200 and len(body["choices"][0]["token_ids"]) == 4, "generation goes on while paused"
         status, one = call(f"{base}/control/step", "POST", token=token)
         assert status == 200 and "loss" in one["metrics"] and one["adapter_version"] == one["step"]
@@ -136,8 +148,9 @@ def test_sigterm_writes_final_checkpoint_and_exits_zero(tiny_model_path, tmp_pat
     assert final.step >= 2 and final.step == read_metrics(run_dir)[-1]["step"]
 
 
-@pytest.mark.parametrize(("mode", "compute"), [("sync", "dequantized"), ("async", "dequantized"),
-                                               ("async", "quantized")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("mode", "compute"), [("sync", "dequantized"), ("async", "dequantized"), ("async", "quantized")]
+)
 def test_swaps_under_load_fail_no_request(tiny_q4_model_path, tmp_path, mode, compute):
     """32 HTTP clients keep generating through 20 adapter swaps: no failure, versions monotone per client, and in
     sync mode no response mixes versions. On quantized kernels in async mode only: there swaps land between decode
@@ -145,8 +158,9 @@ def test_swaps_under_load_fail_no_request(tiny_q4_model_path, tmp_path, mode, co
     run_dir = tmp_path / "run"
     failures, mixed, seen = [], [], {i: [] for i in range(32)}
     stop = threading.Event()
-    with paraloop_run(tiny_q4_model_path, run_dir, "--steps", "20", "--mode", mode, "--checkpoint-interval", "0",
-                      "--compute", compute) as proc:  # fmt: skip
+    with paraloop_run(
+        tiny_q4_model_path, run_dir, "--steps", "20", "--mode", mode, "--checkpoint-interval", "0", "--compute", compute
+    ) as proc:
         base = wait_for_server(proc, run_dir)
 
         def training() -> bool:  # errors after the last step are the server shutting down, not failures
@@ -156,8 +170,11 @@ def test_swaps_under_load_fail_no_request(tiny_q4_model_path, tmp_path, mode, co
         def client(i: int) -> None:
             while not stop.is_set():
                 try:
-                    status, body = call(f"{base}/v1/completions", "POST",
-                                        {"prompt": f"client {i} says", "max_tokens": 6, "temperature": 1.0})
+                    status, body = call(
+                        f"{base}/v1/completions",
+                        "POST",
+                        {"prompt": f"client {i} says", "max_tokens": 6, "temperature": 1.0},
+                    )
                 except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                     if training():
                         failures.append(repr(e))
@@ -200,8 +217,20 @@ def test_failing_actor_ends_the_run_with_its_error(tiny_model_path, tmp_path, mo
         return original(self, batch)
 
     monkeypatch.setattr(Trainer, "step", failing_step)
-    code = run.main([str(TINY_CONFIG), "--model-path", str(tiny_model_path), "--run-dir", str(tmp_path / "run"),
-                     "--port", "0", "--steps", "50", "--no-plot"])
+    code = run.main(
+        [
+            str(TINY_CONFIG),
+            "--model-path",
+            str(tiny_model_path),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--port",
+            "0",
+            "--steps",
+            "50",
+            "--no-plot",
+        ]
+    )
     assert code == 1
     assert "injected learner failure" in capsys.readouterr().err
 
@@ -261,16 +290,32 @@ def test_the_last_metrics_line_is_written_however_the_run_ends(tiny_model_path, 
         monkeypatch.setattr(Trainer, "step", step_then_stop)
         stop_at = 2
     run_dir = tmp_path / "run"
-    code = run.main([str(TINY_CONFIG), "--model-path", str(tiny_model_path), "--run-dir", str(run_dir),
-                     "--port", "0", "--steps", "3", "--checkpoint-interval", "0", "--no-plot"])  # fmt: skip
+    code = run.main(
+        [
+            str(TINY_CONFIG),
+            "--model-path",
+            str(tiny_model_path),
+            "--run-dir",
+            str(run_dir),
+            "--port",
+            "0",
+            "--steps",
+            "3",
+            "--checkpoint-interval",
+            "0",
+            "--no-plot",
+        ]
+    )
     assert code == 0
     last = stop_at or 3
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 1))
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    proc = procs.run([sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path",
-                      str(tmp_path / "missing")], timeout=60)  # fmt: skip
+    proc = procs.run(
+        [sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path", str(tmp_path / "missing")],
+        timeout=60,
+    )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if not LOG_LINE.match(line)]  # the BLAS line comes first
     assert len(errors) == 1 and errors[0].startswith("paraloop: error: ") and "missing" in errors[0], proc.stderr

@@ -40,8 +40,17 @@ class Rig:
     """A learner wired to streams the test drives: `batches` in; a fake checkpointer that answers at once, and
     sinks that record swaps and finished steps. `publisher`: a real publisher over `engine` instead of the sink."""
 
-    def __init__(self, tmp_path: Path, *, total_steps: int = 100, trainer=None, thread=None, engine=None,
-                 max_staleness: int | None = None, consumed=None) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        total_steps: int = 100,
+        trainer=None,
+        thread=None,
+        engine=None,
+        max_staleness: int | None = None,
+        consumed=None,
+    ) -> None:
         self.status = RunStatus(total_steps=total_steps, mode="sync", run_dir=str(tmp_path))
         self.control = LearnerControl(self.status)
         self.trainer = trainer or FakeTrainer()
@@ -52,9 +61,19 @@ class Rig:
         ckpt_send, self.ckpts = anyio.create_memory_object_stream[SaveCheckpoint](2)
         finished_send, self.finished = anyio.create_memory_object_stream[StepFinished](64)
         self.learner = Learner(
-            self.trainer, self.thread, status=self.status, control=self.control, total_steps=total_steps,
-            checkpoint_interval=0, save_every_step=False, batches=batches_recv, published=published_send,
-            checkpoints=ckpt_send, finished=finished_send, credits=None, max_staleness=max_staleness,
+            self.trainer,
+            self.thread,
+            status=self.status,
+            control=self.control,
+            total_steps=total_steps,
+            checkpoint_interval=0,
+            save_every_step=False,
+            batches=batches_recv,
+            published=published_send,
+            checkpoints=ckpt_send,
+            finished=finished_send,
+            credits=None,
+            max_staleness=max_staleness,
             consumed=consumed,
         )
         self.saved: list[SaveCheckpoint] = []
@@ -87,8 +106,11 @@ class Rig:
             if self.engine is None:
                 tg.start_soon(published)
             else:
-                tg.start_soon(partial(run_publisher, self.published, engine=self.engine, status=self.status,
-                                      credits=None, drain=True))
+                tg.start_soon(
+                    partial(
+                        run_publisher, self.published, engine=self.engine, status=self.status, credits=None, drain=True
+                    )
+                )
             tg.start_soon(checkpoints)
             tg.start_soon(finished)
             task_status.started()
@@ -368,10 +390,20 @@ def test_the_sync_credit_loop_fetches_each_batch_only_once_the_previous_adapter_
         ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](2)
         finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished](64)
         credits_send, credits_recv = anyio.create_memory_object_stream[int](1)
-        learner = Learner(trainer, InlineThread(), status=status, control=control, total_steps=4,
-                          checkpoint_interval=0, save_every_step=False, batches=batches_recv,
-                          published=published_send, checkpoints=ckpt_send, finished=finished_send,
-                          credits=credits_send.clone())
+        learner = Learner(
+            trainer,
+            InlineThread(),
+            status=status,
+            control=control,
+            total_steps=4,
+            checkpoint_interval=0,
+            save_every_step=False,
+            batches=batches_recv,
+            published=published_send,
+            checkpoints=ckpt_send,
+            finished=finished_send,
+            credits=credits_send.clone(),
+        )
         serving_at_pull = []
 
         async def source():
@@ -390,12 +422,22 @@ def test_the_sync_credit_loop_fetches_each_batch_only_once_the_previous_adapter_
                 pass
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(lambda: run_fetcher(source(), batches_send, buffer=RolloutBuffer(batch_size=4),
-                                              version=lambda: trainer.version, credits=credits_recv))
+            tg.start_soon(
+                lambda: run_fetcher(
+                    source(),
+                    batches_send,
+                    buffer=RolloutBuffer(batch_size=4),
+                    version=lambda: trainer.version,
+                    credits=credits_recv,
+                )
+            )
             async with anyio.create_task_group() as training:
                 training.start_soon(learner.run)
-                training.start_soon(lambda: run_publisher(published_recv, engine=engine, status=status,
-                                                          credits=credits_send, drain=True))
+                training.start_soon(
+                    lambda: run_publisher(
+                        published_recv, engine=engine, status=status, credits=credits_send, drain=True
+                    )
+                )
                 training.start_soon(checkpoints)
                 training.start_soon(drain)
             await wait_all_tasks_blocked()
@@ -411,8 +453,9 @@ def test_the_sync_credit_loop_fetches_each_batch_only_once_the_previous_adapter_
 def test_the_buffer_regroups_and_reorders_but_every_journaled_group_is_consumed_once():
     buffer = RolloutBuffer(batch_size=4, priority="abs_advantage")
     source_batches = [
-        RolloutBatch(groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), prompt=[10 * b + i]) for i in range(3)],
-                     source="atropos")
+        RolloutBatch(
+            groups=[group((0.0, 1.0) if i % 2 else (1.0, 1.0), prompt=[10 * b + i]) for i in range(3)], source="atropos"
+        )
         for b in range(4)
     ]
     consumed = []
@@ -442,15 +485,30 @@ def test_replayed_groups_are_taken_before_anything_fetched_later():
 def snapshot(step: int, reply=None) -> SaveCheckpoint:
     trainer = FakeTrainer(step_count=step)
     state = trainer.state()
-    return SaveCheckpoint(step=step, version=step, adapter=trainer.adapter(), reference=None,
-                          optimizer_state=state["optimizer"], trainer_state={"trainer": state["trainer"]},
-                          reply=reply)
+    return SaveCheckpoint(
+        step=step,
+        version=step,
+        adapter=trainer.adapter(),
+        reference=None,
+        optimizer_state=state["optimizer"],
+        trainer_state={"trainer": state["trainer"]},
+        reply=reply,
+    )
 
 
 def checkpointer(inbox, run_dir: Path, status: RunStatus, **options):
     """The checkpointer on `inbox` (to start in a task group), writing safetensors adapters under `run_dir`."""
-    return partial(run_checkpointer, inbox, run_dir=str(run_dir), adapter_config=LORA_CONFIG,
-                   adapter_format="safetensors", keep_last=None, config={}, status=status, **options)
+    return partial(
+        run_checkpointer,
+        inbox,
+        run_dir=str(run_dir),
+        adapter_config=LORA_CONFIG,
+        adapter_format="safetensors",
+        keep_last=None,
+        config={},
+        status=status,
+        **options,
+    )
 
 
 def test_a_checkpoint_requested_while_one_is_being_written_is_written_after_it(tmp_path):

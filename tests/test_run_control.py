@@ -57,8 +57,9 @@ class ScriptedLearner:
 
 
 @asynccontextmanager
-async def control_server(*, hold_steps: bool = False,
-                         before_compute_s: float = 0.0) -> AsyncIterator[tuple[Any, LearnerControl, ScriptedLearner]]:
+async def control_server(
+    *, hold_steps: bool = False, before_compute_s: float = 0.0
+) -> AsyncIterator[tuple[Any, LearnerControl, ScriptedLearner]]:
     status = RunStatus(total_steps=100, mode="sync", run_dir="runs/x")
     control = LearnerControl(status)
     learner = ScriptedLearner(control)
@@ -95,8 +96,11 @@ def scenario(fn: Callable[..., Awaitable[None]], **server: Any) -> None:
 async def held(learner: ScriptedLearner, batch: int) -> bool:
     """True when the learner, having received its `batch`-th batch, waits at the gate (wait_turn) once every task
     is blocked: the step it would take were the gate open has had every chance to start."""
-    await until(lambda: learner.taken == batch and learner.at_gate, f"the learner at the gate with batch {batch}",
-                within=DEADLINE_S / 2)
+    await until(
+        lambda: learner.taken == batch and learner.at_gate,
+        f"the learner at the gate with batch {batch}",
+        within=DEADLINE_S / 2,
+    )
     await anyio.wait_all_tasks_blocked()
     return learner.at_gate
 
@@ -154,8 +158,9 @@ def test_a_step_in_flight_at_pause_does_not_answer_a_later_single_step():
             await until(control.may_step, "the single-step request to wait")
             learner.finish_step()  # step 1 ends: it was not asked for
             await until(lambda: learner.steps == 1, "step 1 to end")
-            assert control.may_step() and not answers, ("the step in flight answered a single-step request made "
-                                                        "after it began")
+            assert control.may_step() and not answers, (
+                "the step in flight answered a single-step request made after it began"
+            )
             await learner.send.send(2)
             await learner.stepping.wait()
             learner.finish_step()
@@ -258,8 +263,13 @@ def wire_group(**changes: Any) -> dict:
 def test_rejected_groups_counts_what_the_atropos_client_rejects():
     async def main() -> dict:
         # nothing listens on port 9: the client's /status call after the batch fails fast and is only logged
-        client = AtroposClient(AtroposConfig(api_url="http://127.0.0.1:9"), batch_size=4, token_budget=512,
-                               total_steps=2, checkpoint_dir="runs/x")  # fmt: skip
+        client = AtroposClient(
+            AtroposConfig(api_url="http://127.0.0.1:9"),
+            batch_size=4,
+            token_budget=512,
+            total_steps=2,
+            checkpoint_dir="runs/x",
+        )
         ragged = wire_group(masks=[[-100, -100, -100, 40]])  # one mask row for two sequences
         batch = await client._translate([wire_group(), ragged, wire_group(scores=[float("nan"), 1.0])])
         assert batch is not None and len(batch.groups) == 1

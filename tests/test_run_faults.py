@@ -36,8 +36,13 @@ needs_run_api = pytest.mark.atropos  # without the venv: fails in make test (tes
 
 def start(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A process in its own session (its own process group); its (short) output is read when it ends."""
-    return procs.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                       env={**os.environ, "PARALOOP_LOG": "info", "PYTHONUNBUFFERED": "1", **(env or {})})
+    return procs.spawn(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PARALOOP_LOG": "info", "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
 
 
 @contextlib.contextmanager
@@ -49,10 +54,23 @@ def owned(proc: subprocess.Popen):
         procs.kill_group(proc, grace_s=0)
 
 
-def paraloop(run_dir: Path, model: Path, *extra: str, config: Path = TINY_CONFIG,
-             env: dict[str, str] | None = None) -> subprocess.Popen:
-    return start(sys.executable, str(HOOKED), str(config), "--model-path", str(model), "--run-dir", str(run_dir),
-                 "--port", "0", "--no-plot", *extra, env=env)
+def paraloop(
+    run_dir: Path, model: Path, *extra: str, config: Path = TINY_CONFIG, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    return start(
+        sys.executable,
+        str(HOOKED),
+        str(config),
+        "--model-path",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        "--no-plot",
+        *extra,
+        env=env,
+    )
 
 
 def exited(proc: subprocess.Popen, within: float) -> tuple[int, str]:
@@ -73,8 +91,9 @@ def wait(predicate, what: str, within: float = 60.0, proc: subprocess.Popen | No
     deadline = time.monotonic() + within
     while not predicate():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process exited ({proc.returncode}) while waiting for {what}: "
-                                 f"{proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"the process exited ({proc.returncode}) while waiting for {what}: {proc.stderr.read()[-3000:]}"
+            )
         assert time.monotonic() < deadline, f"gave up waiting for {what}"
         time.sleep(0.05)
 
@@ -93,8 +112,15 @@ def test_sigint_finishes_the_step_writes_a_final_checkpoint_and_exits_zero(tiny_
 
 def test_a_second_sigint_exits_at_once_without_waiting_for_the_step(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = paraloop(run_dir, tiny_model_path, "--steps", "1000", "--checkpoint-interval", "1",
-                    env={"PARALOOP_TEST_SLOW_STEP": "3:120"})
+    proc = paraloop(
+        run_dir,
+        tiny_model_path,
+        "--steps",
+        "1000",
+        "--checkpoint-interval",
+        "1",
+        env={"PARALOOP_TEST_SLOW_STEP": "3:120"},
+    )
     with owned(proc):
         base = wait_for_server(proc, run_dir)
         wait(lambda: (s := status(base))["step"] == 2 and s["learner_busy"], "step 3 to start", proc=proc)
@@ -113,9 +139,21 @@ def test_a_second_sigint_exits_at_once_without_waiting_for_the_step(tiny_model_p
 
 def test_a_stuck_learner_is_reported_then_stall_timeout_ends_the_run_with_exit_3(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    proc = paraloop(run_dir, tiny_model_path, "--steps", "1000", "--checkpoint-interval", "1",
-                    "--set", "watchdog.learner_stall_s=1", "--set", "watchdog.learner_stall_factor=1",
-                    "--set", "watchdog.stall_timeout=4", env={"PARALOOP_TEST_HANG_STEP": "2"})
+    proc = paraloop(
+        run_dir,
+        tiny_model_path,
+        "--steps",
+        "1000",
+        "--checkpoint-interval",
+        "1",
+        "--set",
+        "watchdog.learner_stall_s=1",
+        "--set",
+        "watchdog.learner_stall_factor=1",
+        "--set",
+        "watchdog.stall_timeout=4",
+        env={"PARALOOP_TEST_HANG_STEP": "2"},
+    )
     with owned(proc):
         base = wait_for_server(proc, run_dir)
         wait(lambda: status(base)["learner_busy"] and status(base)["step"] == 1, "step 2 to start", proc=proc)
@@ -149,10 +187,18 @@ def run_api(port: int) -> subprocess.Popen:
 def post_groups(port: int, tags: range) -> None:
     """Groups of 2 sequences as an environment posts them; a group's first token is its tag."""
     for tag in tags:
-        body = {"tokens": [[tag, 5, 6, 7], [tag, 5, 8]], "masks": [[-100, -100, 6, 7], [-100, -100, 8]],
-                "scores": [1.0, 0.0], "env_id": None}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/scored_data", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
+        body = {
+            "tokens": [[tag, 5, 6, 7], [tag, 5, 8]],
+            "masks": [[-100, -100, 6, 7], [-100, -100, 8]],
+            "scores": [1.0, 0.0],
+            "env_id": None,
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/scored_data",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         urllib.request.urlopen(request, timeout=10).close()
 
 
@@ -201,8 +247,15 @@ def test_kill_9_before_the_checkpoint_then_resume_trains_every_fetched_group_exa
             wait(lambda: len(trained(log)) == 3, "three steps", proc=first)
             assert call(f"{base}/control/pause", "POST")[0] == 200
             post_groups(port, range(7, 9))  # a fourth batch: fetched and journaled, held by the paused learner
-            wait(lambda: (s := status(base))["journal"]["appended"] == 4 and s["buffer"]["groups"] == 0
-                 and s["queues"]["rollouts"] == 0, "the fourth batch to be journaled and taken", proc=first)
+            wait(
+                lambda: (
+                    (s := status(base))["journal"]["appended"] == 4
+                    and s["buffer"]["groups"] == 0
+                    and s["queues"]["rollouts"] == 0
+                ),
+                "the fourth batch to be journaled and taken",
+                proc=first,
+            )
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(timeout=30)
         assert read_checkpoint(latest_checkpoint(run_dir)).step == 2
@@ -250,4 +303,3 @@ def test_an_api_down_at_start_then_restarted_mid_run_is_waited_for_while_serving
             code, err = exited(proc, 120)
     assert code == 0, err[-3000:]
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
-

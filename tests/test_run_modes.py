@@ -10,9 +10,21 @@ from support.runs import read_metrics, run_to_end
 def test_async_with_stale_policy_cap_trains_on_stale_rollouts_with_capped_weights(tiny_model_path, tmp_path):
     # max_staleness 0: every rollout generated while the learner stepped is stale; "cap" keeps it, capped at 1.5
     run_dir = tmp_path / "run"
-    done = run_to_end(tiny_model_path, run_dir, "--steps", "8", "--mode", "async", "--max-staleness", "0",
-                      "--set", "rl_training.stale_policy=cap", "--set", "rl_training.importance_cap=1.5",
-                      "--no-plot")  # fmt: skip
+    done = run_to_end(
+        tiny_model_path,
+        run_dir,
+        "--steps",
+        "8",
+        "--mode",
+        "async",
+        "--max-staleness",
+        "0",
+        "--set",
+        "rl_training.stale_policy=cap",
+        "--set",
+        "rl_training.importance_cap=1.5",
+        "--no-plot",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -29,8 +41,19 @@ def test_a_full_weight_run_trains_every_weight_and_checkpoints_them(tiny_model_p
     from mlx.utils import tree_flatten
 
     run_dir = tmp_path / "run"
-    done = run_to_end(tiny_model_path, run_dir, "--steps", "3", "--learning-rate", "1e-4", "--no-plot",
-                      "--set", "rl_training.train_mode=full", "--set", "rl_training.temperature=1.0")  # fmt: skip
+    done = run_to_end(
+        tiny_model_path,
+        run_dir,
+        "--steps",
+        "3",
+        "--learning-rate",
+        "1e-4",
+        "--no-plot",
+        "--set",
+        "rl_training.train_mode=full",
+        "--set",
+        "rl_training.temperature=1.0",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_metrics(run_dir)
     assert [r["version"] for r in rows] == [1, 2, 3] and not any(r["skipped"] for r in rows)

@@ -66,8 +66,10 @@ def test_the_parked_drain_swap_is_reported_on_health_and_status_with_the_stacks_
                 assert status["step"] == 1 and status["serving_version"] == 0
                 # Later ticks see the same stall: the stacks are logged once per stall, not at each tick.
                 seen = status["stalled"]["engine"]["for_s"]
-                await until(lambda: the_run.status.stalled.get("engine", {}).get("for_s", 0) > seen + 2 * stall_s / 4,
-                            "two more watchdog ticks on the stall")
+                await until(
+                    lambda: the_run.status.stalled.get("engine", {}).get("for_s", 0) > seen + 2 * stall_s / 4,
+                    "two more watchdog ticks on the stall",
+                )
             dumps = [r for r in caplog.records if "Every thread's stack" in r.getMessage()]
             assert len(dumps) == 1
             assert "--- thread MainThread" in dumps[0].getMessage() and "--- asyncio task" in dumps[0].getMessage()
@@ -179,13 +181,17 @@ def test_training_and_serving_go_on_while_checkpoints_cannot_be_written(tmp_path
             ckdir = tmp_path / "checkpoints"
             assert not [p.name for p in ckdir.iterdir() if p.name.startswith(".tmp")], "nothing partial is left"
             _, status = await get(the_run.port, "/control/status")
-            assert status["checkpoint_error"]["failures"] >= 2 and "Unable to write" in status["checkpoint_error"]["error"]
+            assert (
+                status["checkpoint_error"]["failures"] >= 2 and "Unable to write" in status["checkpoint_error"]["error"]
+            )
             assert (await get(the_run.port, "/health"))[0] == 200, "serving is not stalled by it"
             code, body = await post(the_run.port, "/control/snapshot")
             assert code == 503 and "Unable to write" in body["error"]["message"]
             disk_full[0] = False  # space freed: the next retry writes the newest step
-            await until(lambda: the_run.status.checkpoint_error is None and the_run.status.last_checkpoint,
-                        "the retried checkpoint")
+            await until(
+                lambda: the_run.status.checkpoint_error is None and the_run.status.last_checkpoint,
+                "the retried checkpoint",
+            )
             await source.send.send(batch(9, 9))
             await until(lambda: trainer.step_count == 6, "a sixth step")
             assert (await post(the_run.port, "/control/stop"))[0] == 200

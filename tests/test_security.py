@@ -50,9 +50,23 @@ def run(tiny_model_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("secure")
     run_dir, log = base / "run", base / "run.log"
     env = {**os.environ, "PARALOOP_LOG": "info", "PYTHONUNBUFFERED": "1", "PARALOOP_SERVER__CONTROL_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "paraloop", "run", str(REPO / "configs" / "tiny.toml"), "--model-path",
-           str(tiny_model_path), "--run-dir", str(run_dir), "--port", "0", "--steps", "100000",
-           "--checkpoint-interval", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "run",
+        str(REPO / "configs" / "tiny.toml"),
+        "--model-path",
+        str(tiny_model_path),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        "--steps",
+        "100000",
+        "--checkpoint-interval",
+        "0",
+    ]
     with log.open("w") as out:
         proc = procs.spawn(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -137,8 +151,19 @@ def test_the_token_is_written_nowhere_in_the_run_directory_nor_the_log(run):
 # --- no request names a path -------------------------------------------------------------------------------------
 
 PROBES = [f"/tmp/{MARK}/adapter", f"../../{MARK}", f"file:///{MARK}", f"http://{MARK}.invalid/x.png", f"~/{MARK}"]
-WATCHED = ("open", "os.listdir", "os.scandir", "os.stat", "shutil.copyfile", "socket.connect", "socket.getaddrinfo",
-           "urllib.Request", "os.remove", "os.rename", "os.mkdir")
+WATCHED = (
+    "open",
+    "os.listdir",
+    "os.scandir",
+    "os.stat",
+    "shutil.copyfile",
+    "socket.connect",
+    "socket.getaddrinfo",
+    "urllib.Request",
+    "os.remove",
+    "os.rename",
+    "os.mkdir",
+)
 _seen: list[tuple[str, str]] = []
 _watching = [False]
 
@@ -155,15 +180,34 @@ def probe_requests(probe: str) -> list[tuple[str, dict]]:
     return [
         ("/v1/completions", {"prompt": probe, "model": probe, "user": probe, "max_tokens": 1}),
         ("/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": probe, "name": "n"}]}),
-        ("/v1/chat/completions", {**chat, "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": probe}}]}]}),
-        ("/v1/chat/completions", {**chat, "messages": [
-            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": probe}}]}]}),
-        ("/v1/chat/completions", {"max_tokens": 1, "messages": [
-            {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": probe, "type": "function", "function": {"name": probe, "arguments": probe}}]},
-            {"role": "tool", "content": probe, "tool_call_id": probe}]}),
+        (
+            "/v1/chat/completions",
+            {**chat, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": probe}}]}]},
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                **chat,
+                "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": probe}}]}],
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "max_tokens": 1,
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {
+                        "role": "assistant",
+                        "content": "",
+                        "tool_calls": [
+                            {"id": probe, "type": "function", "function": {"name": probe, "arguments": probe}}
+                        ],
+                    },
+                    {"role": "tool", "content": probe, "tool_call_id": probe},
+                ],
+            },
+        ),
         ("/generate", {"prompt": {"prompt": probe}, "model": probe, "max_tokens": 1}),
         ("/generate", {"prompt": probe, "lora_path": probe, "max_tokens": 1}),
         ("/v1/completions", {"prompt": "x", "adapter": probe, "max_tokens": 1}),
@@ -203,8 +247,11 @@ def test_a_browser_page_of_another_origin_cannot_drive_a_server_without_a_token(
     "simple" request (no preflight), or rebind its own DNS name to 127.0.0.1: the Origin header gives it away."""
     status = RunStatus(total_steps=1, mode="sync", run_dir="unused")
     control = LearnerControl(status)
-    with running_server(tiny_model_path, extra_routes=control_routes(status, control),
-                        overrides={"server": {"allowed_origins": ["https://dash.example"]}}) as server:
+    with running_server(
+        tiny_model_path,
+        extra_routes=control_routes(status, control),
+        overrides={"server": {"allowed_origins": ["https://dash.example"]}},
+    ) as server:
         evil = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
         for path in ("/control/stop", "/control/pause", "/v1/completions"):
             reply = server.post(path, {"prompt": "x"} if path.startswith("/v1") else {}, headers=evil)

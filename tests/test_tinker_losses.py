@@ -32,8 +32,10 @@ def learner(tiny_model_path) -> Learner:
 def client(learner: Learner, seed: int = 0) -> TrainingModel:
     arrays = learner.new_adapter(4, seed)
     rng = np.random.default_rng(seed)  # a nonzero B, so the adapter matters
-    arrays = {k: mx.array(rng.normal(0, 0.02, a.shape).astype(np.float32)) if k.endswith("lora_b") else a
-              for k, a in arrays.items()}  # fmt: skip
+    arrays = {
+        k: mx.array(rng.normal(0, 0.02, a.shape).astype(np.float32)) if k.endswith("lora_b") else a
+        for k, a in arrays.items()
+    }
     return TrainingModel("m", "tiny", 4, arrays)
 
 
@@ -72,8 +74,9 @@ def test_loss_and_gradient_match_the_float64_reference(learner: Learner, loss_fn
 
     def surrogate(arrays: dict[str, mx.array]) -> mx.array:
         learner.slots.swap(arrays)
-        lp, _ = token_logprobs(learner.model(mx.array(ids)), mx.array(targets), mx.ones((len(SEQS),)),
-                               with_entropy=False)  # fmt: skip
+        lp, _ = token_logprobs(
+            learner.model(mx.array(ids)), mx.array(targets), mx.ones((len(SEQS),)), with_entropy=False
+        )
         return (lp * mx.array(g)).sum()
 
     ref_grads = mx.grad(surrogate)(tm.arrays)

@@ -1,7 +1,8 @@
 """The official Tinker SDK (tinker 0.38) against `paraloop tinker` on the tiny model: the loops Tinker programs run.
 
 Each test drives the SDK's synchronous API, as a user's script would; the server is one `paraloop tinker` child
-process for the module, on the tiny model with a sharpened output norm (`sharpened`). What is compared bitwise is the same computation on the same shapes in the same order
+process for the module, on the tiny model with a sharpened output norm (`sharpened`). What is compared bitwise is the
+same computation on the same shapes in the same order
 (a state saved and loaded, a client untouched by another's steps); the sampler's and the learner's log-probs of the
 same tokens come from different kernels (a batched decode step vs one forward pass) and agree within 2e-4.
 """
@@ -51,9 +52,26 @@ def sharpened(tiny_model_path: Path, out: Path) -> Path:
 def serving(model: Path, state_dir: Path) -> Iterator[tuple[Server, subprocess.Popen]]:
     """`paraloop tinker` as a child process (its own process group, killed on the way out)."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PARALOOP_LOG": "info"}
-    cmd = [sys.executable, "-m", "paraloop", "tinker", "--model-path", str(model), "--port", "0",
-           "--set", f"tinker.state_dir={state_dir}", "--set", "tinker.max_num_samples=16",
-           "--set", "tinker.max_data=64", "--set", "tinker.max_clients=32", "--control-token", KEY]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "tinker",
+        "--model-path",
+        str(model),
+        "--port",
+        "0",
+        "--set",
+        f"tinker.state_dir={state_dir}",
+        "--set",
+        "tinker.max_num_samples=16",
+        "--set",
+        "tinker.max_data=64",
+        "--set",
+        "tinker.max_clients=32",
+        "--control-token",
+        KEY,
+    ]
     with procs.running(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
         lines = procs.Lines(proc.stderr)
         port = lines.expect(r"Tinker API for .* on http://127\.0\.0\.1:(\d+)", timeout=120)[1]
@@ -81,8 +99,10 @@ SEQUENCES = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25, 26], [31, 32
 
 
 def sft_datum(ids: list[int]) -> types.Datum:
-    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                       loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})  # fmt: skip
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(ids[:-1]),
+        loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)},
+    )
 
 
 def forward_logprobs(tc: tinker.TrainingClient, ids: list[int]) -> np.ndarray:
@@ -120,8 +140,9 @@ def test_rl_loop_importance_sampling(service: tinker.ServiceClient, tinker_serve
     sampler = tc.save_weights_and_get_sampling_client().result()
     means = []
     for step in range(10):
-        futures = [sampler.sample(types.ModelInput.from_ints(p), num_samples=8, sampling_params=params)
-                   for p in prompts]  # fmt: skip
+        futures = [
+            sampler.sample(types.ModelInput.from_ints(p), num_samples=8, sampling_params=params) for p in prompts
+        ]
         data, rewards = [], []
         for prompt, fut in zip(prompts, futures, strict=True):
             seqs = fut.result().sequences
@@ -130,11 +151,16 @@ def test_rl_loop_importance_sampling(service: tinker.ServiceClient, tinker_serve
             for seq, r in zip(seqs, group, strict=True):
                 full = prompt + seq.tokens
                 pad = len(prompt) - 1
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(full[:-1]),
-                    loss_fn_inputs={"target_tokens": full[1:], "logprobs": [0.0] * pad + seq.logprobs,
-                                    "advantages": [0.0] * pad + [r - float(np.mean(group))] * len(seq.tokens)},
-                ))  # fmt: skip
+                data.append(
+                    types.Datum(
+                        model_input=types.ModelInput.from_ints(full[:-1]),
+                        loss_fn_inputs={
+                            "target_tokens": full[1:],
+                            "logprobs": [0.0] * pad + seq.logprobs,
+                            "advantages": [0.0] * pad + [r - float(np.mean(group))] * len(seq.tokens),
+                        },
+                    )
+                )
         if step == 0:  # on-policy: the learner scores the sampled tokens as the sampler did
             out = tc.forward(data[:4], "importance_sampling").result()
             for datum, row in zip(data[:4], out.loss_fn_outputs, strict=True):
@@ -189,7 +215,7 @@ def test_inflight_sampler_follows_its_trainer(service: tinker.ServiceClient, tin
     def sampled_vs_learner(sampler: tinker.SamplingClient) -> float:
         seq = sampler.sample(types.ModelInput.from_ints(prompt), num_samples=1, sampling_params=params).result()
         full = prompt + seq.sequences[0].tokens
-        return float(np.abs(forward_logprobs(tc, full)[len(prompt) - 1:] - seq.sequences[0].logprobs).max())
+        return float(np.abs(forward_logprobs(tc, full)[len(prompt) - 1 :] - seq.sequences[0].logprobs).max())
 
     inflight = tc.save_weights_and_get_sampling_client(kind="inflight").result()
     snapshot = tc.save_weights_and_get_sampling_client().result()
@@ -263,9 +289,28 @@ def test_the_example_rl_loop_runs(tinker_server: Server, tmp_path: Path) -> None
     """examples/tinker_rl.py, one step (its reward task is for SmolLM2: here it only has to run)."""
     example = Path(__file__).parents[1] / "examples" / "tinker_rl.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TINKER_API_KEY": KEY}
-    out = procs.run([sys.executable, str(example), "--url", tinker_server.url, "--base-model", tinker_server.model,
-                     "--steps", "1", "--prompts", "2", "--group", "2", "--max-tokens", "4",
-                     "--out", str(tmp_path / "m.jsonl")], timeout=120, env=env)  # fmt: skip
+    out = procs.run(
+        [
+            sys.executable,
+            str(example),
+            "--url",
+            tinker_server.url,
+            "--base-model",
+            tinker_server.model,
+            "--steps",
+            "1",
+            "--prompts",
+            "2",
+            "--group",
+            "2",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "m.jsonl"),
+        ],
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "m.jsonl").read_text())["step"] == 0
 
@@ -281,8 +326,11 @@ def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -
     assert all(len(s.tokens) == 5 and s.stop_reason == "length" and len(s.logprobs) == 5 for s in one.sequences)
     assert len({s.sequence_id for s in one.sequences}) == 4
     first = one.sequences[0].tokens[0]
-    stopped = sampler.sample(prompt, num_samples=1, sampling_params=types.SamplingParams(
-        max_tokens=5, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop=[first])).result()  # fmt: skip
+    stopped = sampler.sample(
+        prompt,
+        num_samples=1,
+        sampling_params=types.SamplingParams(max_tokens=5, temperature=0.8, top_p=0.9, top_k=20, seed=3, stop=[first]),
+    ).result()
     assert stopped.sequences[0].stop_reason == "stop" and stopped.sequences[0].tokens == [first]
     huge = types.SamplingParams(max_tokens=2, seed=2**64 - 1, stop=[])  # any 64-bit seed
     assert len(sampler.sample(prompt, num_samples=1, sampling_params=huge).result().sequences[0].tokens) == 2
@@ -296,29 +344,51 @@ def test_bad_inputs_are_answered_at_once(service: tinker.ServiceClient, tinker_s
     tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
     sampler = service.create_sampling_client(base_model=tinker_server.model).result()
     vocab = len(tc.get_tokenizer())
-    short = types.Datum(model_input=types.ModelInput.from_ints([1, 2, 3]),
-                        loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})  # fmt: skip
+    short = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]},
+    )
     far = sft_datum([1, 2, vocab + 5])
-    rl_without_advantages = types.Datum(model_input=types.ModelInput.from_ints([1, 2]),
-                                        loss_fn_inputs={"target_tokens": [2, 3], "logprobs": [0.0, 0.0]})  # fmt: skip
+    rl_without_advantages = types.Datum(
+        model_input=types.ModelInput.from_ints([1, 2]), loss_fn_inputs={"target_tokens": [2, 3], "logprobs": [0.0, 0.0]}
+    )
     cases = [
         (lambda: tc.forward_backward([short], "cross_entropy").result(), "target_tokens"),
         (lambda: tc.forward_backward([far], "cross_entropy").result(), "target_tokens"),
         (lambda: tc.forward_backward([rl_without_advantages], "ppo").result(), "advantages"),
-        (lambda: tc.forward_backward([sft_datum([1, 2, 3])], "ppo",
-                                     loss_fn_config={"clip_low_threshold": 0.5, "nope": 1.0}).result(), "nope"),
+        (
+            lambda: tc.forward_backward(
+                [sft_datum([1, 2, 3])], "ppo", loss_fn_config={"clip_low_threshold": 0.5, "nope": 1.0}
+            ).result(),
+            "nope",
+        ),
         (lambda: tc.optim_step(types.AdamParams(learning_rate=1e-3, beta1=1.5)).result(), "beta1"),
-        (lambda: sampler.sample(types.ModelInput.from_ints([1, 2]), num_samples=999,
-                                sampling_params=types.SamplingParams(max_tokens=2)).result(), "num_samples"),
-        (lambda: sampler.sample(types.ModelInput.from_ints([1, vocab]), num_samples=1,
-                                sampling_params=types.SamplingParams(max_tokens=2)).result(), "prompt"),
-        (lambda: sampler.sample(types.ModelInput.from_ints([1, 2]), num_samples=1,  # the engine's own limit
-                                sampling_params=types.SamplingParams(max_tokens=10**9)).result(),
-         "sampling_params.max_tokens"),
+        (
+            lambda: sampler.sample(
+                types.ModelInput.from_ints([1, 2]), num_samples=999, sampling_params=types.SamplingParams(max_tokens=2)
+            ).result(),
+            "num_samples",
+        ),
+        (
+            lambda: sampler.sample(
+                types.ModelInput.from_ints([1, vocab]),
+                num_samples=1,
+                sampling_params=types.SamplingParams(max_tokens=2),
+            ).result(),
+            "prompt",
+        ),
+        (
+            lambda: sampler.sample(
+                types.ModelInput.from_ints([1, 2]),
+                num_samples=1,  # the engine's own limit
+                sampling_params=types.SamplingParams(max_tokens=10**9),
+            ).result(),
+            "sampling_params.max_tokens",
+        ),
         (lambda: service.create_lora_training_client(base_model="not/served", rank=4).result(), "base_model"),
         (lambda: service.create_lora_training_client(base_model=tinker_server.model, rank=100000).result(), "rank"),
         (lambda: service.create_training_client_from_state("tinker://x/weights/../../etc").result(), "path"),
-    ]  # fmt: skip
+    ]
     for call, field in cases:
         start = time.monotonic()
         with pytest.raises(Exception) as info:  # noqa: PT011 (the SDK's class differs by route: BadRequestError, ...)
@@ -330,12 +400,20 @@ def test_bad_inputs_are_answered_at_once(service: tinker.ServiceClient, tinker_s
     assert tc.forward_backward([sft_datum([1, 2, 3])], "cross_entropy").result().metrics["loss:sum"] > 0
 
 
-@pytest.mark.parametrize(("loss_fn", "config"), [
-    ("cross_entropy", None), ("importance_sampling", None), ("ppo", {"clip_low_threshold": 0.9}),
-    ("cispo", {"clip_high_threshold": 1.1}), ("dro", {"beta": 0.2}), ("gspo", None),
-])  # fmt: skip
-def test_every_loss_fn_through_the_sdk(service: tinker.ServiceClient, tinker_server: Server, loss_fn: str,
-                                       config: dict | None) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("loss_fn", "config"),
+    [
+        ("cross_entropy", None),
+        ("importance_sampling", None),
+        ("ppo", {"clip_low_threshold": 0.9}),
+        ("cispo", {"clip_high_threshold": 1.1}),
+        ("dro", {"beta": 0.2}),
+        ("gspo", None),
+    ],
+)
+def test_every_loss_fn_through_the_sdk(
+    service: tinker.ServiceClient, tinker_server: Server, loss_fn: str, config: dict | None
+) -> None:
     """loss:sum over the wire (protobuf both ways, loss_fn_config included) equals the float64 reference evaluated on
     the target log-probs the same call returns (tests/test_tinker_losses.py checks the gradients)."""
     from paraloop.tinker.losses import resolve_config
@@ -344,9 +422,13 @@ def test_every_loss_fn_through_the_sdk(service: tinker.ServiceClient, tinker_ser
     tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
     lps = [forward_logprobs(tc, s).astype(np.float64) for s in SEQUENCES]
     xs = inputs_for(loss_fn, lps, np.random.default_rng(3))
-    data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1]),
-                        loss_fn_inputs={"target_tokens": s[1:], **{k: v.tolist() for k, v in x.items()}})
-            for s, x in zip(SEQUENCES, xs, strict=True)]  # fmt: skip
+    data = [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(s[:-1]),
+            loss_fn_inputs={"target_tokens": s[1:], **{k: v.tolist() for k, v in x.items()}},
+        )
+        for s, x in zip(SEQUENCES, xs, strict=True)
+    ]
     out = tc.forward_backward(data, loss_fn, loss_fn_config=config).result()
     got = [row["logprobs"].to_numpy().astype(np.float64) for row in out.loss_fn_outputs]
     for g, lp in zip(got, lps, strict=True):  # one padded batch of 3 vs one datum alone: other shapes, ~2e-6 apart

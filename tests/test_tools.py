@@ -19,9 +19,7 @@ from paraloop.model import is_quantized, load_model
 from paraloop.tools import convert_adapter, merge, show_checkpoint
 from support.checkpoints import save_run, trained_model
 
-PROMPT = (
-    "The capital of France is Paris. The morning was cold and clear, and the river ran fast under the old"
-)
+PROMPT = "The capital of France is Paris. The morning was cold and clear, and the river ran fast under the old"
 
 
 def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -30,9 +28,7 @@ def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
-    assert stderr.startswith("paraloop: error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, (
-        stderr
-    )
+    assert stderr.startswith("paraloop: error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     for fragment in fragments:
         assert fragment in stderr, stderr
 
@@ -53,9 +49,7 @@ def rms(x: mx.array) -> float:
 
 
 def merge_cli(base_model: Path, adapter: Path, output: Path, *flags: str) -> int:
-    return merge.main(
-        ["--base-model", str(base_model), "--adapter", str(adapter), "--output", str(output), *flags]
-    )
+    return merge.main(["--base-model", str(base_model), "--adapter", str(adapter), "--output", str(output), *flags])
 
 
 def test_merge_of_a_float_base_gives_the_same_model_as_base_plus_adapter(tiny_model_path, tmp_path):
@@ -70,9 +64,7 @@ def test_merge_of_a_float_base_gives_the_same_model_as_base_plus_adapter(tiny_mo
         p.name for p in (tmp_path / "merged").iterdir()
     }
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging dir left behind
-    assert "lora" not in " ".join(
-        k for k, _ in mx.load(str(tmp_path / "merged" / "model.safetensors")).items()
-    )
+    assert "lora" not in " ".join(k for k, _ in mx.load(str(tmp_path / "merged" / "model.safetensors")).items())
     assert mx.allclose(logits(merged, merged_tokenizer), logits(model, tokenizer), atol=1e-4).item()
     base, _ = mlx_lm.load(str(tiny_model_path))
     assert rms(logits(base, tokenizer) - logits(model, tokenizer)) > 0.05  # the adapter matters
@@ -136,9 +128,7 @@ def test_merge_never_overwrites_an_existing_output(tiny_model_path, tmp_path):
     step_dir = save_run(tmp_path / "run", model, config)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    result = run_tool(
-        "merge", "--base-model", tiny_model_path, "--adapter", step_dir, "--output", tmp_path / "out"
-    )
+    result = run_tool("merge", "--base-model", tiny_model_path, "--adapter", step_dir, "--output", tmp_path / "out")
     assert result.returncode == 2
     assert_one_line_error(result.stderr, "already exists")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
@@ -185,16 +175,12 @@ def test_convert_between_safetensors_and_npz_keeps_the_arrays_and_config(tmp_pat
     for out in (tmp_path / "as_npz", tmp_path / "back" / "a.safetensors", tmp_path / "st"):
         got, got_config = load_adapter(out)
         assert got_config == config
-        assert got.keys() == arrays.keys() and all(
-            mx.array_equal(got[k], v).item() for k, v in arrays.items()
-        )
+        assert got.keys() == arrays.keys() and all(mx.array_equal(got[k], v).item() for k, v in arrays.items())
 
 
 def test_convert_rejects_bad_input_and_never_overwrites(tmp_path, capsys):
     arrays = {"a.lora_a": mx.ones((2, 2))}
-    step_dir = write_checkpoint(
-        tmp_path / "run", step=1, version=1, adapter=arrays, adapter_config={"num_layers": 1}
-    )
+    step_dir = write_checkpoint(tmp_path / "run", step=1, version=1, adapter=arrays, adapter_config={"num_layers": 1})
     assert convert_adapter.main([str(step_dir), str(tmp_path / "x.npz")]) == 0
     cases = [
         ([step_dir, tmp_path / "x.npz"], "already exists"),

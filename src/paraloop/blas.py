@@ -2,7 +2,8 @@
 
 MLX's Linux CPU wheel links a reference BLAS (~3 GFLOP/s float32 matmul on a 2-core Zen3).
 Loading OpenBLAS with RTLD_GLOBAL first makes MLX's `sgemm` resolve to it (~40x faster; the same float32
-products up to rounding: each BLAS kernel sums in its own order). Nothing happens on macOS (Accelerate) or when MLX is already imported.
+products up to rounding: each BLAS kernel sums in its own order). Nothing happens on macOS (Accelerate) or when MLX is
+already imported.
 Set PARALOOP_OPENBLAS=0 to switch it off, or PARALOOP_OPENBLAS=/path/to/libopenblas.so to choose the library.
 """
 
@@ -72,7 +73,10 @@ def blas_report() -> tuple[int, str]:
     if sys.platform == "darwin":
         return logging.INFO, "BLAS: Apple Accelerate on the CPU; Metal kernels on the GPU"
     if _loaded is not None:
-        return logging.INFO, f"BLAS: {_openblas_name(_loaded)}, preloaded for MLX's CPU matmuls (PARALOOP_OPENBLAS=0: off)"
+        return (
+            logging.INFO,
+            f"BLAS: {_openblas_name(_loaded)}, preloaded for MLX's CPU matmuls (PARALOOP_OPENBLAS=0: off)",
+        )
     import mlx.core as mx
 
     if mx.default_device() != mx.cpu:

@@ -146,16 +146,12 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_dir():
-        raise CheckpointError(
-            f"{path}: not a directory (expected a run dir, its checkpoints/ dir or a step_N dir)"
-        )
+        raise CheckpointError(f"{path}: not a directory (expected a run dir, its checkpoints/ dir or a step_N dir)")
     if (path / TRAINER_STATE).exists() or STEP_DIR.fullmatch(path.name):
         return path
     found = latest_checkpoint(path)
     if found is None:
-        raise CheckpointError(
-            f"{path}: no complete checkpoint found (expected a run dir, checkpoints/ or step_N)"
-        )
+        raise CheckpointError(f"{path}: no complete checkpoint found (expected a run dir, checkpoints/ or step_N)")
     return found
 
 
@@ -182,9 +178,7 @@ def verify_checkpoint(path: str | Path, *, hashes: bool = True) -> dict[str, Any
             raise CheckpointError(f"{file}: missing")
         size = file.stat().st_size
         if size != entry["bytes"]:
-            raise CheckpointError(
-                f"{file}: size {size} bytes, the manifest says {entry['bytes']} (truncated?)"
-            )
+            raise CheckpointError(f"{file}: size {size} bytes, the manifest says {entry['bytes']} (truncated?)")
         if hashes and _sha256(file) != entry["sha256"]:
             raise CheckpointError(f"{file}: sha256 does not match the manifest (damaged)")
     return state
@@ -242,18 +236,14 @@ def write_checkpoint(
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     if adapter_format not in ADAPTER_FORMATS:
-        raise ValueError(
-            f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)}, got {adapter_format!r}"
-        )
+        raise ValueError(f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)}, got {adapter_format!r}")
     if not adapter:
         raise ValueError("adapter is empty")
     given = trainer_state or {}
     clash = [k for k, v in (("step", step), ("version", version)) if k in given and given[k] != v]
     clash += [k for k in RESERVED[2:] if k in given]
     if clash:
-        raise ValueError(
-            f"trainer_state keys {clash} are written by write_checkpoint (or disagree with its arguments)"
-        )
+        raise ValueError(f"trainer_state keys {clash} are written by write_checkpoint (or disagree with its arguments)")
     ckdir = Path(run_dir) / CHECKPOINTS
     name = step_dir_name(step)
 
@@ -294,9 +284,7 @@ def write_initial_adapter(
 ) -> Path:
     """Write RUN_DIR/checkpoints/initial_adapter (an mlx-lm adapter dir) atomically; returns its path."""
     if adapter_format not in ADAPTER_FORMATS:
-        raise ValueError(
-            f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)}, got {adapter_format!r}"
-        )
+        raise ValueError(f"adapter_format must be one of {', '.join(ADAPTER_FORMATS)}, got {adapter_format!r}")
     ckdir = Path(run_dir) / CHECKPOINTS
     return _write_dir(
         ckdir, INITIAL_ADAPTER, lambda tmp: save_adapter(tmp, adapter, adapter_config, fmt=adapter_format)

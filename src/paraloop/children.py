@@ -90,16 +90,29 @@ class Children:
         assert self._tasks is not None, "use Children in `async with`"
         self._tasks.start_soon(fn, *args)
 
-    async def start(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, own_group: bool = True,
-                    stdout: Sink | None = None, stderr: Sink | None = None) -> Child:
+    async def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        own_group: bool = True,
+        stdout: Sink | None = None,
+        stderr: Sink | None = None,
+    ) -> Child:
         """Start `argv` as child `name`. `env` is its whole environment (None: ours). Output goes line by line to
         `stdout` (None: `[name] line` on `out`); stderr to `stderr`, or with stdout when it is None."""
         assert self._tasks is not None, "use Children in `async with`"
         if name in self.children and self.children[name].returncode is None:
             raise ValueError(f"a child named {name!r} is already running")
         process = await anyio.open_process(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if stderr is None else subprocess.PIPE, env=env, start_new_session=own_group)
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if stderr is None else subprocess.PIPE,
+            env=env,
+            start_new_session=own_group,
+        )
         child = Child(name, process, own_group)
         self.children[name] = child
         if self.notices:

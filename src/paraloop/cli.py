@@ -6,7 +6,10 @@ import sys
 COMMANDS = {
     "run": ("paraloop.run.main", "serve an MLX model and train its LoRA adapter with GRPO, in one process"),
     "serve": ("paraloop.serve", "serve a model (and adapter) over the OpenAI-compatible API, no training"),
-    "model": ("paraloop.builders.command", "build offline models: `tiny` (random, for tests) and `smollm2` (from PyPI)"),
+    "model": (
+        "paraloop.builders.command",
+        "build offline models: `tiny` (random, for tests) and `smollm2` (from PyPI)",
+    ),
     "config": ("paraloop.config_command", "show the resolved configuration, or generate its reference docs"),
     "merge": ("paraloop.tools.merge", "fuse an adapter into its base model"),
     "convert-adapter": ("paraloop.tools.convert_adapter", "convert an adapter between npz and safetensors"),

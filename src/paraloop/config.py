@@ -181,7 +181,8 @@ class EngineConfig(Section):
         """The predecessor's diverse_mode stopped its server from merging identical prompts into one sample;
         paraloop never merges them, so the setting cannot change anything: accepted with a warning."""
         return without_ignored(
-            data, "diverse_mode",
+            data,
+            "diverse_mode",
             "--diverse-mode / engine.diverse_mode = %s has no effect: paraloop samples every completion "
             "independently (identical prompts are never merged, which is what diverse mode turned on in the "
             "predecessor); remove it",
@@ -293,7 +294,8 @@ class RLTrainingConfig(Section):
     kl_estimator: Literal["k3", "mse", "abs"] = "k3"
     """k3: exp(r)-r-1 with r = ref-logp; mse: 0.5 (logp-ref)^2; abs: |logp-ref|. CLI: --kl-estimator."""
     ref_ema: float = Field(1.0, gt=0, le=1)
-    """Reference adapter update ref = ema*ref + (1-ema)*policy each step; 1.0 keeps the initial adapter. CLI: --ref-ema."""
+    """Reference adapter update ref = ema*ref + (1-ema)*policy each step; 1.0 keeps the initial adapter. CLI:
+    --ref-ema."""
     entropy_weight: float = 0.0
     """Entropy bonus weight. CLI: --entropy-weight."""
     clip_ratio: float = Field(0.2, ge=0)
@@ -407,7 +409,8 @@ class RLTrainingConfig(Section):
             data = dict(data)
             data.setdefault("total_steps", data.pop("steps"))
         data = without_ignored(
-            data, "activation_memory_ratio",
+            data,
+            "activation_memory_ratio",
             "rl_training.activation_memory_ratio = %s is no longer used and is ignored: micro-batches now grow to "
             "the memory target, which is what bounds memory; set rl_training.max_memory_gb to the most the run "
             "may take (see docs/memory.md)",
@@ -426,7 +429,9 @@ class RLTrainingConfig(Section):
             elif data["token_budget"] != value:
                 log.warning(
                     "rl_training.token_budget = %s and [rl_training.atropos] token_budget = %s (the predecessor's "
-                    "spelling) both given: using rl_training.token_budget", data["token_budget"], value,
+                    "spelling) both given: using rl_training.token_budget",
+                    data["token_budget"],
+                    value,
                 )
         return data
 
@@ -494,7 +499,8 @@ class CheckpointConfig(Section):
     save_every_step: bool = False
     """Checkpoint after every step (overrides interval). CLI: --save-every-step."""
     adapter_format: Literal["safetensors", "npz", "both"] = "safetensors"
-    """Adapter file format: mlx-lm's adapters.safetensors, the predecessor's adapter.npz, or both. CLI: --adapter-format."""
+    """Adapter file format: mlx-lm's adapters.safetensors, the predecessor's adapter.npz, or both. CLI:
+    --adapter-format."""
     keep_last: int | None = Field(None, ge=1)
     """Keep only the newest N step checkpoints, and always the one `latest` names (None: keep all; initial_adapter
     is never pruned). CLI: --keep-last."""
@@ -614,8 +620,10 @@ class DistillConfig(Section):
     @model_validator(mode="after")
     def _url_temperature(self) -> "DistillConfig":
         if self.teacher and self.teacher.startswith(("http://", "https://")) and self.temperature != 1.0:
-            raise ValueError("temperature applies to a model or adapter teacher: a URL teacher's log-probs are "
-                             "used as its server sends them (set temperature = 1)")
+            raise ValueError(
+                "temperature applies to a model or adapter teacher: a URL teacher's log-probs are "
+                "used as its server sends them (set temperature = 1)"
+            )
         return self
 
 
@@ -726,9 +734,7 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 def _env_names() -> dict[tuple[str, ...], str]:
     return {
-        tuple(k[len(ENV_PREFIX) :].lower().split("__")): k
-        for k in os.environ
-        if k.startswith(ENV_PREFIX) and "__" in k
+        tuple(k[len(ENV_PREFIX) :].lower().split("__")): k for k in os.environ if k.startswith(ENV_PREFIX) and "__" in k
     }
 
 

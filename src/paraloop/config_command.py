@@ -84,16 +84,21 @@ def render_docs() -> str:
             default = field.get_default(call_default_factory=True)
             env = ENV_PREFIX + "__".join(key.split(".")).upper()
             doc = (field.description or "").replace("\n", " ").replace("|", "\\|")
-            rows.append(f"| `{name}` | {_type_name(annotation)} | `{default!r}` | `{env}` | {', '.join(flags.get(key, [])) or '-'} | {doc} |")
-        parts.append(f"\n## [{prefix}]\n\n| key | type | default | environment | flag | meaning |\n|---|---|---|---|---|---|")
+            cli = ", ".join(flags.get(key, [])) or "-"
+            rows.append(f"| `{name}` | {_type_name(annotation)} | `{default!r}` | `{env}` | {cli} | {doc} |")
+        parts.append(
+            f"\n## [{prefix}]\n\n| key | type | default | environment | flag | meaning |\n|---|---|---|---|---|---|"
+        )
         parts.extend(rows)
         for sub_prefix, sub in nested:
             section(sub_prefix, sub)
 
     for name, field in Settings.model_fields.items():
         section(name, field.annotation)
-    parts.append("\nOther flags of `paraloop run`: `--config FILE`, `--set KEY=VALUE` (repeatable), `--no-plot` (do not "
-                 "write RUN_DIR/metrics.png at the end).\n")
+    parts.append(
+        "\nOther flags of `paraloop run`: `--config FILE`, `--set KEY=VALUE` (repeatable), `--no-plot` (do not "
+        "write RUN_DIR/metrics.png at the end).\n"
+    )
     return "\n".join(parts)
 
 

@@ -2,7 +2,8 @@
 any working directory (`cd examples && paraloop run ../configs/demo.toml`). Flags and environment variables are
 typed in a shell, so their relative paths stay relative to the current directory, as every command's are.
 
-In: the TOML tree as read and the file's path. Out: the same tree with the path-like keys rewritten. A model (model.base_path) that names no existing path next to the
+In: the TOML tree as read and the file's path. Out: the same tree with the path-like keys rewritten. A model
+(model.base_path) that names no existing path next to the
 file and reads as `org/name` stays a Hugging Face repo id.
 """
 

@@ -103,8 +103,11 @@ def pack_tree(tree: dict[str, Any]) -> dict[str, Any]:
     for name, value in tree_flatten(tree):
         if isinstance(value, (mx.array, np.ndarray)):
             a = mx.array(value) if isinstance(value, np.ndarray) else value
-            out[name] = {"dtype": str(a.dtype).rsplit(".", 1)[-1], "shape": list(a.shape),
-                         "data": _bytes_of(a).tobytes()}
+            out[name] = {
+                "dtype": str(a.dtype).rsplit(".", 1)[-1],
+                "shape": list(a.shape),
+                "data": _bytes_of(a).tobytes(),
+            }
         else:
             out[name] = {"value": value}
     return out
@@ -210,8 +213,9 @@ class Ranks:
             deadline = time.monotonic() + self.blame_wait
             while not (blame := self.blame()) and time.monotonic() < deadline:
                 time.sleep(0.1)  # the heartbeats find out which peer went away
-            raise PeerLost(f"collective {name} #{self.seq} failed on rank {self.rank}: {e}"
-                           + (f" ({blame})" if blame else "")) from None
+            raise PeerLost(
+                f"collective {name} #{self.seq} failed on rank {self.rank}: {e}" + (f" ({blame})" if blame else "")
+            ) from None
         finally:
             self.in_flight = None
 
@@ -279,9 +283,9 @@ class Ranks:
             return [b""] * self.size
         padded = np.zeros(longest, np.uint8)
         padded[: len(blob)] = np.frombuffer(blob, np.uint8)
-        out = np.array(self._collective(
-            name, lambda: mx.distributed.all_gather(mx.array(padded), group=self.group)
-        )).reshape(self.size, longest)
+        out = np.array(
+            self._collective(name, lambda: mx.distributed.all_gather(mx.array(padded), group=self.group))
+        ).reshape(self.size, longest)
         return [out[r, : int(lengths[r])].tobytes() for r in range(self.size)]
 
     def broadcast(self, blob: bytes | None, name: str = "broadcast") -> bytes:

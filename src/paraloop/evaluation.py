@@ -51,8 +51,10 @@ class EvalPlan:
 
     def describe(self) -> str:
         sampling = "greedy" if self.temperature == 0 else f"temperature {self.temperature:g}"
-        return (f"{self.task.name}: {len(self.prompts)} held-out prompts x {self.samples} sample(s), {sampling}, "
-                f"at most {self.max_tokens} tokens, pass = reward >= {self.pass_threshold:g}")
+        return (
+            f"{self.task.name}: {len(self.prompts)} held-out prompts x {self.samples} sample(s), {sampling}, "
+            f"at most {self.max_tokens} tokens, pass = reward >= {self.pass_threshold:g}"
+        )
 
 
 @dataclass
@@ -84,9 +86,19 @@ def eval_plan(settings: Settings) -> EvalPlan:
     max_tokens = ev.max_tokens or rl.mock.max_tokens or rl.max_tokens
     if max_tokens > settings.engine.max_tokens_limit:
         raise ConfigError(f"eval.max_tokens: {max_tokens} is above engine.max_tokens_limit")
-    return EvalPlan(spec, task, prompts, ev.samples, ev.temperature, max_tokens, ev.pass_threshold, ev.seed,
-                    max_turns=rl.mock.max_turns, max_episode_tokens=rl.mock.max_episode_tokens,
-                    template_kwargs=dict(rl.mock.chat_template_kwargs))
+    return EvalPlan(
+        spec,
+        task,
+        prompts,
+        ev.samples,
+        ev.temperature,
+        max_tokens,
+        ev.pass_threshold,
+        ev.seed,
+        max_turns=rl.mock.max_turns,
+        max_episode_tokens=rl.mock.max_episode_tokens,
+        template_kwargs=dict(rl.mock.chat_template_kwargs),
+    )
 
 
 def eval_requests(plan: EvalPlan, tokenizer: Any) -> list[GenerateRequest]:
@@ -95,8 +107,14 @@ def eval_requests(plan: EvalPlan, tokenizer: Any) -> list[GenerateRequest]:
     for i, messages in enumerate(plan.prompts):
         rng = random.Random(f"eval/{plan.seed}/{i}")
         params = SamplingParams(temperature=plan.temperature, max_tokens=plan.max_tokens, seed=rng.getrandbits(63))
-        requests.append(GenerateRequest(request_id=f"eval-{plan.seed}-{i}", prompt_tokens=prompt_ids(tokenizer, messages),
-                                        n=plan.samples, params=params))
+        requests.append(
+            GenerateRequest(
+                request_id=f"eval-{plan.seed}-{i}",
+                prompt_tokens=prompt_ids(tokenizer, messages),
+                n=plan.samples,
+                params=params,
+            )
+        )
     return requests
 
 
@@ -122,17 +140,27 @@ def score(
         for j, completion in enumerate(completions):
             if completion.finish_reason == "abort":
                 raise RuntimeError("the engine aborted an evaluation request (is it stopping?)")
-            final = finals[i][j] if finals is not None else make_sample(messages, completion, tokenizer=tokenizer,
-                                                                          eos=eos)
+            final = (
+                finals[i][j] if finals is not None else make_sample(messages, completion, tokenizer=tokenizer, eos=eos)
+            )
             turns.append(final.turn)
             reward = float(plan.task.reward(final))
             if not math.isfinite(reward):
                 raise ValueError(f"task {plan.task_spec!r}: the reward function returned {reward}")
             rewards.append(reward)
             row.append(reward >= plan.pass_threshold)
-            samples.append({"prompt": i, "sample": j, "content": messages[-1]["content"], "text": final.text,
-                            "reward": reward, "finish_reason": final.finish_reason, "turns": final.turn,
-                            "tokens": len(completion.tokens)})
+            samples.append(
+                {
+                    "prompt": i,
+                    "sample": j,
+                    "content": messages[-1]["content"],
+                    "text": final.text,
+                    "reward": reward,
+                    "finish_reason": final.finish_reason,
+                    "turns": final.turn,
+                    "tokens": len(completion.tokens),
+                }
+            )
         passed.append(sum(row))
     n = plan.samples
     metrics = {
@@ -191,9 +219,18 @@ async def play_episodes(
     async def complete(batch: list[GenerateRequest]) -> list[Completion]:
         return [rows[0] for rows in await engine.complete_many(batch)]
 
-    await play([e for group in groups for e in group], task=plan.task, tokenizer=tokenizer, eos=eos,
-               complete=complete, request_for=request_for, sample_of=sample_of, max_turns=plan.max_turns,
-               max_length=plan.max_episode_tokens, template_kwargs=plan.template_kwargs)  # fmt: skip
+    await play(
+        [e for group in groups for e in group],
+        task=plan.task,
+        tokenizer=tokenizer,
+        eos=eos,
+        complete=complete,
+        request_for=request_for,
+        sample_of=sample_of,
+        max_turns=plan.max_turns,
+        max_length=plan.max_episode_tokens,
+        template_kwargs=plan.template_kwargs,
+    )
     return [[e.sample for e in group] for group in groups]
 
 
@@ -213,7 +250,9 @@ def side_by_side(columns: dict[str, dict[str, float]]) -> str:
     width = max(12, *(len(c) for c in columns))
     lines = [" " * 24 + "".join(f"{name:>{width + 2}}" for name in columns)]
     for key in keys:
-        lines.append(f"{key:<24}" + "".join(f"{col.get(key, float('nan')):>{width + 2}.4f}" for col in columns.values()))
+        lines.append(
+            f"{key:<24}" + "".join(f"{col.get(key, float('nan')):>{width + 2}.4f}" for col in columns.values())
+        )
     return "\n".join(lines)
 
 
@@ -227,22 +266,50 @@ def build_parser() -> argparse.ArgumentParser:
         prog="paraloop eval",
         description="Evaluate a model and an adapter on a task's held-out prompts, side by side.",
     )
-    p.add_argument("--adapter", "--adapter-path", "--lora-path", dest="adapter",
-                   help="adapter to evaluate: a run dir (latest checkpoint), a checkpoint dir, or an adapter dir / "
-                        "adapter.npz")
+    p.add_argument(
+        "--adapter",
+        "--adapter-path",
+        "--lora-path",
+        dest="adapter",
+        help="adapter to evaluate: a run dir (latest checkpoint), a checkpoint dir, or an adapter dir / adapter.npz",
+    )
     # dest eval_*: never mistaken for the run flags of the same name (--task is rl_training.mock.task there)
     from paraloop.flags import flag_help
 
-    p.add_argument("--task", dest="eval_task", metavar="TASK",
-                   help=flag_help("eval.task", "task as module:function or file.py:function (unset: rl_training.mock.task)"))
-    p.add_argument("--prompts", dest="eval_prompts", metavar="N", type=int,
-                   help=flag_help("eval.prompts", "first N prompts of the eval split (unset: all)"))
-    p.add_argument("--samples", dest="eval_samples", metavar="K", type=int,
-                   help=flag_help("eval.samples", "completions per prompt"))
-    p.add_argument("--temperature", dest="eval_temperature", metavar="T", type=float,
-                   help=flag_help("eval.temperature", "0: greedy"))
-    p.add_argument("--max-tokens", type=int, dest="eval_max_tokens", metavar="N",
-                   help=flag_help("eval.max_tokens", "generation cap (unset: the rollouts' cap)"))
+    p.add_argument(
+        "--task",
+        dest="eval_task",
+        metavar="TASK",
+        help=flag_help("eval.task", "task as module:function or file.py:function (unset: rl_training.mock.task)"),
+    )
+    p.add_argument(
+        "--prompts",
+        dest="eval_prompts",
+        metavar="N",
+        type=int,
+        help=flag_help("eval.prompts", "first N prompts of the eval split (unset: all)"),
+    )
+    p.add_argument(
+        "--samples",
+        dest="eval_samples",
+        metavar="K",
+        type=int,
+        help=flag_help("eval.samples", "completions per prompt"),
+    )
+    p.add_argument(
+        "--temperature",
+        dest="eval_temperature",
+        metavar="T",
+        type=float,
+        help=flag_help("eval.temperature", "0: greedy"),
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        dest="eval_max_tokens",
+        metavar="N",
+        help=flag_help("eval.max_tokens", "generation cap (unset: the rollouts' cap)"),
+    )
     p.add_argument("--no-base", action="store_true", help="evaluate only the adapter, not the base model too")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--output", help="directory for every sample, as base.jsonl and adapter.jsonl")
@@ -289,8 +356,9 @@ async def compare(settings: Settings, adapter: str | None, *, base: bool) -> tup
     from paraloop.model import load_model
 
     plan = eval_plan(settings)
-    model, tokenizer, _, _ = load_model(settings.model.base_path, compute=settings.model.compute,
-                                        trust_remote_code=settings.model.trust_remote_code)
+    model, tokenizer, _, _ = load_model(
+        settings.model.base_path, compute=settings.model.compute, trust_remote_code=settings.model.trust_remote_code
+    )
     slots = None
     if adapter is not None:
         apply_adapter(model, adapter_path(adapter), seed=settings.rl_training.seed)

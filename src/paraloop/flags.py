@@ -15,10 +15,17 @@ from paraloop.config import ConfigError, Settings, load_config, set_dotted
 FLAGS: dict[str, tuple[str, Any, str]] = {
     "--model-path": ("model.base_path", str, "model directory or Hugging Face repo id"),
     "--revision": ("model.revision", str, "branch, tag or commit of a Hugging Face repo id"),
-    "--adapter": ("model.lora_path", str, "adapter to start from (run) or serve (serve): an adapter dir or file, a "
-                  "checkpoint, or a run dir"),
+    "--adapter": (
+        "model.lora_path",
+        str,
+        "adapter to start from (run) or serve (serve): an adapter dir or file, a checkpoint, or a run dir",
+    ),
     "--auto-init-lora": ("model.auto_init_lora", "bool", "attach fresh LoRA layers when no adapter is given"),
-    "--compute": ("model.compute", str, "how the frozen base computes (auto: float32 on the CPU, 4-bit kernels on Metal/CUDA)"),
+    "--compute": (
+        "model.compute",
+        str,
+        "how the frozen base computes (auto: float32 on the CPU, 4-bit kernels on Metal/CUDA)",
+    ),
     "--lora-rank": ("rl_training.lora.rank", int, "LoRA rank"),
     "--lora-layers": ("rl_training.lora.num_layers", int, "blocks with LoRA, counted from the last (-1: all)"),
     "--lora-dropout": ("rl_training.lora.dropout", float, "LoRA dropout while training"),
@@ -37,7 +44,11 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--token-budget": ("rl_training.token_budget", int, "most tokens per micro-batch"),
     "--max-memory-gb": ("rl_training.max_memory_gb", float, "learner memory target (GiB)"),
     "--mode": ("rl_training.mode", str, "sync: generation waits for the learner; async: it overlaps"),
-    "--max-staleness": ("rl_training.max_staleness", int, "most versions a rollout may lag (async; Atropos in both modes)"),
+    "--max-staleness": (
+        "rl_training.max_staleness",
+        int,
+        "most versions a rollout may lag (async; Atropos in both modes)",
+    ),
     "--seed": ("rl_training.seed", int, "random seed"),
     "--task": ("rl_training.mock.task", str, "mock environment task, module:function"),
     "--group-size": ("rl_training.mock.group_size", int, "mock environment completions per prompt"),
@@ -53,7 +64,11 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
     "--port": ("server.port", int, "HTTP port"),
     "--control-token": ("server.control_token", str, "bearer token for /control (and every route but /health)"),
     "--served-model-name": ("server.served_model_name", str, "model name reported by /v1/models"),
-    "--diverse-mode": ("engine.diverse_mode", "bool", "the predecessor's flag: no effect (samples are always independent)"),
+    "--diverse-mode": (
+        "engine.diverse_mode",
+        "bool",
+        "the predecessor's flag: no effect (samples are always independent)",
+    ),
     "--lora-modules": ("server.lora_modules", "name=path", "named adapters served beside the policy (vLLM's flag)"),
     "--max-loras": ("server.max_loras", int, "most named adapters loaded at once"),
     "--max-lora-rank": ("server.max_lora_rank", int, "highest rank of a named adapter"),
@@ -62,8 +77,10 @@ FLAGS: dict[str, tuple[str, Any, str]] = {
 
 # Other spellings of a flag, accepted everywhere the flag is: the predecessor's and mlx-lm's names for an adapter.
 ALIASES: dict[str, tuple[str, ...]] = {"--adapter": ("--adapter-path", "--lora-path")}
-SEE_ALSO = ("every key, its default and its environment variable: `paraloop config show [FILE]` (the resolved values) "
-            "and docs/configuration.md. Precedence: flag > PARALOOP_SECTION__KEY > TOML file > default.")
+SEE_ALSO = (
+    "every key, its default and its environment variable: `paraloop config show [FILE]` (the resolved values) "
+    "and docs/configuration.md. Precedence: flag > PARALOOP_SECTION__KEY > TOML file > default."
+)
 
 
 def parse_bool(text: str) -> bool:
@@ -114,16 +131,37 @@ def add_config_flags(parser: argparse.ArgumentParser, *, only: tuple[str, ...] |
             continue
         names, dest, text = (flag, *ALIASES.get(flag, ())), flag.lstrip("-").replace("-", "_"), flag_help(key, help_)
         if kind == "bool":
-            group.add_argument(*names, dest=dest, type=parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                               metavar="BOOL", help=text)
+            group.add_argument(
+                *names,
+                dest=dest,
+                type=parse_bool,
+                nargs="?",
+                const=True,
+                default=argparse.SUPPRESS,
+                metavar="BOOL",
+                help=text,
+            )
         elif kind == "name=path":
-            group.add_argument(*names, dest=dest, type=parse_name_path, nargs="+", action="extend",
-                               default=argparse.SUPPRESS, metavar="NAME=PATH", help=text)
+            group.add_argument(
+                *names,
+                dest=dest,
+                type=parse_name_path,
+                nargs="+",
+                action="extend",
+                default=argparse.SUPPRESS,
+                metavar="NAME=PATH",
+                help=text,
+            )
         else:
             group.add_argument(*names, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
     parser.epilog = SEE_ALSO
-    group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any key, e.g. --set rl_training.lora.keys='[\"self_attn.q_proj\"]'")
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any key, e.g. --set rl_training.lora.keys='[\"self_attn.q_proj\"]'",
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,8 +17,9 @@ def setup_logging() -> None:
     """Configure the root logger from PARALOOP_LOG (once per process; later calls change nothing)."""
     name = os.environ.get("PARALOOP_LOG", "info").strip().lower() or "info"
     if name not in LEVELS:
-        print(f"paraloop: warning: PARALOOP_LOG={name!r} is not one of {', '.join(LEVELS)}: using info",
-              file=sys.stderr)
+        print(
+            f"paraloop: warning: PARALOOP_LOG={name!r} is not one of {', '.join(LEVELS)}: using info", file=sys.stderr
+        )
         name = "info"
     logging.basicConfig(level=getattr(logging, name.upper()), format=FORMAT, stream=sys.stderr)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -211,7 +211,7 @@ def load_into(
 
 
 def parse_name(name: str) -> tuple[Target, str] | None:
-    """"model.layers.3.self_attn.q_proj.lora_a" -> ((3, "self_attn.q_proj"), "lora_a"); None if not a LoRA array."""
+    """ "model.layers.3.self_attn.q_proj.lora_a" -> ((3, "self_attn.q_proj"), "lora_a"); None if not a LoRA array."""
     match = ADAPTER_NAME.fullmatch(name)
     if match is None:
         return None
@@ -241,8 +241,9 @@ def read_for_serving(path: str | Path, targets: dict[Target, tuple[int, int]], *
     limit = 4 * max_rank * sum(i + o for i, o in targets.values()) + MAX_CONFIG_BYTES  # float32 A and B, + header
     size = _unpacked_size(file)
     if size > limit:
-        raise ValueError(f"{file}: {size} bytes, more than an adapter of rank <= {max_rank} on this model can hold "
-                         f"({limit} bytes)")
+        raise ValueError(
+            f"{file}: {size} bytes, more than an adapter of rank <= {max_rank} on this model can hold ({limit} bytes)"
+        )
     if config_file is None:
         raise ValueError(f"{path}: no {CONFIG_NAME} beside the weights (needed for the adapter's scale)")
     if config_file.stat().st_size > MAX_CONFIG_BYTES:
@@ -264,8 +265,9 @@ def read_for_serving(path: str | Path, targets: dict[Target, tuple[int, int]], *
             raise ValueError(f"{path}: {name!r} is not a LoRA array (model.layers.N.<module>.lora_a|lora_b)")
         target, leaf = parsed
         if target not in targets:
-            raise ValueError(f"{path}: {name} targets a layer this model does not have (block {target[0]}, "
-                             f"{target[1]!r})")
+            raise ValueError(
+                f"{path}: {name} targets a layer this model does not have (block {target[0]}, {target[1]!r})"
+            )
         pairs.setdefault(target, {})[leaf] = array
     if not pairs:
         raise ValueError(f"{path}: no LoRA arrays")
@@ -277,8 +279,10 @@ def read_for_serving(path: str | Path, targets: dict[Target, tuple[int, int]], *
         a, b = leaves["lora_a"], leaves["lora_b"]
         fan_in, fan_out = targets[target]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != fan_in or b.shape[1] != fan_out or a.shape[1] != b.shape[0]:
-            raise ValueError(f"{where}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} do not fit a "
-                             f"({fan_in} -> {fan_out}) layer (expected ({fan_in}, r) and (r, {fan_out}))")
+            raise ValueError(
+                f"{where}: lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)} do not fit a "
+                f"({fan_in} -> {fan_out}) layer (expected ({fan_in}, r) and (r, {fan_out}))"
+            )
         if not 1 <= a.shape[1] <= max_rank:
             raise ValueError(f"{where}: rank {a.shape[1]} is over server.max_lora_rank = {max_rank}")
         out[target] = (a.astype(mx.float32), b.astype(mx.float32))

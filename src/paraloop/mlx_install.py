@@ -16,8 +16,10 @@ from pathlib import Path
 
 BACKEND_PACKAGES = {"mlx-cpu": "cpu", "mlx-cuda-12": "cuda12", "mlx-cuda-13": "cuda13"}  # package -> extra
 LIBRARY = "mlx/lib/libmlx.so"
-EXTRAS_HINT = ("pip install 'mlx[cpu]', or 'mlx[cuda12]' / 'mlx[cuda13]' for NVIDIA GPUs (in a checkout: "
-               "pip install -e '.[cpu]', '.[cuda12]' or '.[cuda13]')")
+EXTRAS_HINT = (
+    "pip install 'mlx[cpu]', or 'mlx[cuda12]' / 'mlx[cuda13]' for NVIDIA GPUs (in a checkout: "
+    "pip install -e '.[cpu]', '.[cuda12]' or '.[cuda13]')"
+)
 
 
 def _distributions(path: list[str] | None) -> dict[str, md.Distribution]:
@@ -67,9 +69,11 @@ def install_problem(path: list[str] | None = None) -> str | None:
     owner = library_owner(dists)
     now = f"{owner}'s library is the one in place" if owner else "none of their libraries is intact"
     pins = " or ".join(f"'mlx[{BACKEND_PACKAGES[n]}]=={v}'" for n, v in sorted(found.items()))
-    return (f"several MLX backends are installed ({', '.join(f'{n} {v}' for n, v in sorted(found.items()))}); they "
-            f"share {LIBRARY}, so only one can work and {now}. Keep one: `pip uninstall -y {' '.join(sorted(found))}`"
-            f", then `pip install {pins}`")
+    return (
+        f"several MLX backends are installed ({', '.join(f'{n} {v}' for n, v in sorted(found.items()))}); they "
+        f"share {LIBRARY}, so only one can work and {now}. Keep one: `pip uninstall -y {' '.join(sorted(found))}`"
+        f", then `pip install {pins}`"
+    )
 
 
 def import_error_message(error: ImportError) -> str | None:
@@ -80,6 +84,8 @@ def import_error_message(error: ImportError) -> str | None:
     if "libcuda" in text or "libcudart" in text or "libnvrtc" in text:
         cuda = [n for n in installed_backends() if n.startswith("mlx-cuda")]
         which = cuda[0] if cuda else "mlx-cuda-12/13"
-        return (f"MLX's CUDA build ({which}) cannot load ({text}): it needs an NVIDIA GPU and its driver. On a machine "
-                f"without one use the CPU build: `pip uninstall -y {which} && pip install 'mlx[cpu]'`")
+        return (
+            f"MLX's CUDA build ({which}) cannot load ({text}): it needs an NVIDIA GPU and its driver. On a machine "
+            f"without one use the CPU build: `pip uninstall -y {which} && pip install 'mlx[cpu]'`"
+        )
     return None

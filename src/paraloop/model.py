@@ -59,8 +59,10 @@ def _from_hub(repo: str, revision: str | None) -> Path:
             reason = f"it is not in the Hugging Face cache {cache}{at}, and HF_HUB_OFFLINE=1 forbids downloading it"
         else:
             cause = e.__cause__ or e
-            reason = (f"it is not in the Hugging Face cache {cache}{at}, and the hub cannot be reached "
-                      f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})")
+            reason = (
+                f"it is not in the Hugging Face cache {cache}{at}, and the hub cannot be reached "
+                f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+            )
     except errors.RevisionNotFoundError:
         reason = f"the hub has no revision {revision!r} of it"
     except errors.GatedRepoError:
@@ -114,8 +116,15 @@ def load_model(
         str(path), return_config=True, tokenizer_config={"trust_remote_code": trust_remote_code}
     )
     quantized = is_quantized(model)
-    floats = "/".join(sorted({str(v.dtype).removeprefix("mlx.core.") for _, v in tree_flatten(model.parameters())
-                              if mx.issubdtype(v.dtype, mx.floating)}))
+    floats = "/".join(
+        sorted(
+            {
+                str(v.dtype).removeprefix("mlx.core.")
+                for _, v in tree_flatten(model.parameters())
+                if mx.issubdtype(v.dtype, mx.floating)
+            }
+        )
+    )
     if quantized:
         bits = (config.get("quantization") or {}).get("bits", "?")
         stored = f"{bits}-bit quantized weights ({floats} scales and norms)"

@@ -58,11 +58,21 @@ def _eval_panel(ax, evals: list[dict]) -> None:
     for key in keys:
         ax.plot(xs, [e.get(key) for e in evals], marker="o", markersize=4, label=key)
     first, last = evals[0], evals[-1]
-    ax.annotate(f"start {first['reward_mean']:.2f}", (first["step"], first["reward_mean"]),
-                textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.annotate(
+        f"start {first['reward_mean']:.2f}",
+        (first["step"], first["reward_mean"]),
+        textcoords="offset points",
+        xytext=(6, 4),
+        fontsize=8,
+    )
     if len(evals) > 1:
-        ax.annotate(f"end {last['reward_mean']:.2f}", (last["step"], last["reward_mean"]),
-                    textcoords="offset points", xytext=(-40, 8), fontsize=8)
+        ax.annotate(
+            f"end {last['reward_mean']:.2f}",
+            (last["step"], last["reward_mean"]),
+            textcoords="offset points",
+            xytext=(-40, 8),
+            fontsize=8,
+        )
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"held-out eval: {first.get('task', '')}")

@@ -114,8 +114,15 @@ def assumed_adapter_config(
     rank, num_layers, keys = layout
     log.warning(
         "%s has no %s (a predecessor adapter): LoRA rank %d on %s of the last %d blocks, read from its arrays; "
-        "scale %g and dropout %g taken from %s", source, CONFIG_NAME, rank, ", ".join(keys), num_layers, scale,
-        dropout, origin,
+        "scale %g and dropout %g taken from %s",
+        source,
+        CONFIG_NAME,
+        rank,
+        ", ".join(keys),
+        num_layers,
+        scale,
+        dropout,
+        origin,
     )
     return {
         "fine_tune_type": "lora",
@@ -124,9 +131,7 @@ def assumed_adapter_config(
     }
 
 
-def apply_adapter_assuming(
-    model: nn.Module, path: str | Path, *, assume: LoraConfig, seed: int = 0
-) -> dict[str, Any]:
+def apply_adapter_assuming(model: nn.Module, path: str | Path, *, assume: LoraConfig, seed: int = 0) -> dict[str, Any]:
     """`lora.apply_adapter` that also takes the predecessor's adapters: one without adapter_config.json gets its
     layout from its arrays and its scale and dropout from `assume` (`assumed_adapter_config`; the choice is logged).
     Returns the config. A run dir means its newest checkpoint (`checkpoint.adapter_location`)."""
@@ -183,8 +188,10 @@ def describe(step_dir: Path) -> list[str]:
     elif sibling is not None:
         lines.append(f"scale: {sibling['lora_parameters'].get('scale')} ({sibling['_path']})")
     else:
-        lines.append("scale: not recorded (run, serve: rl_training.lora.scale, default 10; merge: --lora-scale, "
-                     "default 10, the predecessor's)")
+        lines.append(
+            "scale: not recorded (run, serve: rl_training.lora.scale, default 10; merge: --lora-scale, "
+            "default 10, the predecessor's)"
+        )
     lines.append(f"optimizer state: none (--resume starts at step {step} with a fresh optimizer)")
     for file, metadata in read_metadata(step_dir).items():
         shown = {k: v for k, v in metadata.items() if not isinstance(v, (dict, list))}

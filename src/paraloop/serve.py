@@ -27,8 +27,20 @@ from paraloop.server.state import served_model_name
 
 log = logging.getLogger("paraloop.serve")
 
-SERVE_FLAGS = ("--model-path", "--revision", "--adapter", "--compute", "--host", "--port", "--control-token",
-               "--served-model-name", "--diverse-mode", "--lora-modules", "--max-loras", "--max-lora-rank")
+SERVE_FLAGS = (
+    "--model-path",
+    "--revision",
+    "--adapter",
+    "--compute",
+    "--host",
+    "--port",
+    "--control-token",
+    "--served-model-name",
+    "--diverse-mode",
+    "--lora-modules",
+    "--max-loras",
+    "--max-lora-rank",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

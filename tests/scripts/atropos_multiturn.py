@@ -22,8 +22,15 @@ FOLLOW_UPS = ["Are you sure?", "Say it again, shorter.", "Thanks. One more time?
 
 async def main(model_dir: str, port: int, turns: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = APIServerConfig(server_type="vllm", base_url=f"http://127.0.0.1:{port}/v1", model_name="paraloop",
-                             tokenizer_name=model_dir, api_key="x", timeout=60, health_check=False)
+    config = APIServerConfig(
+        server_type="vllm",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        model_name="paraloop",
+        tokenizer_name=model_dir,
+        api_key="x",
+        timeout=60,
+        health_check=False,
+    )
     messages = [{"role": "user", "content": "What is 2 plus 3?"}]
     nodes = []
     async with ServerManager([config]).managed_server(tokenizer=tokenizer) as managed:
@@ -31,8 +38,10 @@ async def main(model_dir: str, port: int, turns: int) -> None:
             completion = await managed.chat_completion(messages=messages, n=1, max_tokens=12, temperature=1.0)
             (node,) = managed.get_state()["nodes"]
             nodes.append({"tokens": node.tokens, "masks": node.masked_tokens, "logprobs": node.logprobs})
-            messages += [{"role": "assistant", "content": completion.choices[0].message.content},
-                         {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+            messages += [
+                {"role": "assistant", "content": completion.choices[0].message.content},
+                {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]},
+            ]
     print(json.dumps(nodes))
 
 

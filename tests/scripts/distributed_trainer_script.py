@@ -47,8 +47,13 @@ def main() -> None:
             batches.append(batch)
         mine = digest(trainer.adapter())
         differ, _ = ranks.differing(mine)
-        line = {"case": case, "rank": ranks.rank, "digest": mine, "differ": differ,
-                "collectives": ranks.seq - seq_before}
+        line = {
+            "case": case,
+            "rank": ranks.rank,
+            "digest": mine,
+            "differ": differ,
+            "collectives": ranks.seq - seq_before,
+        }
         if ranks.is_root:
             one = new_trainer(base, config)
             for batch in batches:

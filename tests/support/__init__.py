@@ -50,7 +50,11 @@ async def until(predicate: Callable[[], Any], what: str, *, within: float = 20.0
 
 
 def until_blocking(
-    predicate: Callable[[], T], what: str, *, within: float = 20.0, every: float = 0.1,
+    predicate: Callable[[], T],
+    what: str,
+    *,
+    within: float = 20.0,
+    every: float = 0.1,
     ignoring: tuple[type[BaseException], ...] = (),
 ) -> T:
     """`until` for a test without an event loop (waiting on a subprocess): returns the predicate's first true
@@ -86,9 +90,16 @@ def wait_for_server(proc: subprocess.Popen, run_dir: Path, *, within: float = 12
     return f"http://127.0.0.1:{served_port(proc, run_dir, within=within)}"
 
 
-def group(scores: Sequence[float] | None = None, *, prompt: Sequence[int] = (1,), completion: Sequence[int] = (5, 6),
-          completions: Sequence[Sequence[int]] | None = None, logprobs: Sequence[Sequence[float]] | None = None,
-          version: int | None = None, **fields: Any) -> ScoredGroup:
+def group(
+    scores: Sequence[float] | None = None,
+    *,
+    prompt: Sequence[int] = (1,),
+    completion: Sequence[int] = (5, 6),
+    completions: Sequence[Sequence[int]] | None = None,
+    logprobs: Sequence[Sequence[float]] | None = None,
+    version: int | None = None,
+    **fields: Any,
+) -> ScoredGroup:
     """A rollout group in Atropos' convention: each row is `prompt` (masked out of the loss), then its completion.
     The rows: one per `completions` (scored 0.0 unless `scores` says), else one per score, each ending `completion`.
 

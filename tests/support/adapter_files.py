@@ -16,7 +16,9 @@ def random_adapter(path: Path, model_path: Path, cfg: LoraConfig, seed: int) -> 
     config = adapter_config(cfg, model)
     attach_lora(model, config, seed=seed)
     mx.random.seed(seed + 1000)
-    arrays = {k: mx.random.normal(v.shape) * (v.shape[0] ** -0.5 if k.endswith("lora_a") else 0.3)
-              for k, v in adapter_arrays(model).items()}  # fmt: skip
+    arrays = {
+        k: mx.random.normal(v.shape) * (v.shape[0] ** -0.5 if k.endswith("lora_a") else 0.3)
+        for k, v in adapter_arrays(model).items()
+    }
     save_adapter(path, arrays, config)
     return path

@@ -19,8 +19,10 @@ CANDIDATES = (
     "/Applications/Google Chrome.app/Contents/MacOS/Google Chrome",
     "/Applications/Chromium.app/Contents/MacOS/Chromium",
 )
-HOW = ("browser tests skipped: no Chrome or Chromium found. On Debian `make browser` installs chromium (sudo); "
-       "elsewhere install Chrome or Chromium and set PARALOOP_CHROMIUM=/path/to/its/executable (docs/install.md)")
+HOW = (
+    "browser tests skipped: no Chrome or Chromium found. On Debian `make browser` installs chromium (sudo); "
+    "elsewhere install Chrome or Chromium and set PARALOOP_CHROMIUM=/path/to/its/executable (docs/install.md)"
+)
 
 
 def is_snap_stub(path: Path) -> bool:

@@ -33,9 +33,7 @@ def make_engine(
         attach_lora(model, adapter_config(LoraConfig(rank=4, keys="all", num_layers=-1), model), seed=0)
         slots = AdapterSlots(model)
     served = wrap(model) if wrap else model
-    engine = Engine(
-        served, tokenizer, config=EngineConfig(max_n=8, max_tokens_limit=512), adapter=slots, **kwargs
-    )
+    engine = Engine(served, tokenizer, config=EngineConfig(max_n=8, max_tokens_limit=512), adapter=slots, **kwargs)
     return engine, model
 
 

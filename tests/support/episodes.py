@@ -12,8 +12,14 @@ EOS = 2  # the tiny model's <|im_end|>
 
 def turn(tokenizer: Any, text: str, *, eos: bool) -> Completion:
     tokens = tokenizer.encode(text) + ([EOS] if eos else [])
-    return Completion(row=0, tokens=tokens, logprobs=[-0.5] * len(tokens), versions=[0] * len(tokens), text=text,
-                      finish_reason="stop" if eos else "length")  # fmt: skip
+    return Completion(
+        row=0,
+        tokens=tokens,
+        logprobs=[-0.5] * len(tokens),
+        versions=[0] * len(tokens),
+        text=text,
+        finish_reason="stop" if eos else "length",
+    )
 
 
 def call(expression: str) -> str:
@@ -34,12 +40,22 @@ class ScriptedEngine:
         for request in requests:
             rows = []
             for i in range(request.n):
-                row, t = (i, 1) if "-turn" not in request.request_id else (
-                    int(request.request_id.split("-")[-2]), int(request.request_id.split("turn")[-1]))  # fmt: skip
+                row, t = (
+                    (i, 1)
+                    if "-turn" not in request.request_id
+                    else (int(request.request_id.split("-")[-2]), int(request.request_id.split("turn")[-1]))
+                )
                 c = turn(self.tokenizer, self.script[row][t - 1], eos=True)
-                rows.append(Completion(row=i, tokens=c.tokens, logprobs=[-0.1 * t] * len(c.tokens),
-                                       versions=[self.version + t] * len(c.tokens), text=c.text,
-                                       finish_reason="stop"))  # fmt: skip
+                rows.append(
+                    Completion(
+                        row=i,
+                        tokens=c.tokens,
+                        logprobs=[-0.1 * t] * len(c.tokens),
+                        versions=[self.version + t] * len(c.tokens),
+                        text=c.text,
+                        finish_reason="stop",
+                    )
+                )
             out.append(rows)
         await anyio.lowlevel.checkpoint()
         return out

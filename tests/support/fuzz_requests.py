@@ -14,8 +14,18 @@ from hypothesis import strategies as st
 
 METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 NO_RANDOM_CALL = {"/control/stop", "/control/resume", "/control/step"}  # end, unpause or train: called once, at the end
-BIG_NUMBERS = ["1" + "0" * 30, "-1" + "0" * 30, "1" + "0" * 4400, "9223372036854775808", "-9223372036854775809",
-               "1e400", "-1e400", "1e-400", "2147483648", "4294967296"]
+BIG_NUMBERS = [
+    "1" + "0" * 30,
+    "-1" + "0" * 30,
+    "1" + "0" * 4400,
+    "9223372036854775808",
+    "-9223372036854775809",
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "2147483648",
+    "4294967296",
+]
 
 
 @dataclass
@@ -31,7 +41,8 @@ json_scalars = (
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
 )
 json_values = st.recursive(
-    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=10,
 )
 
@@ -57,8 +68,13 @@ def from_schema(schema: dict[str, Any], components: dict[str, Any], refs: dict |
         return small | st.integers(min_value=low, max_value=high) if high is None or high > 1200 else small
     if kind == "number":
         low = schema.get("minimum", schema.get("exclusiveMinimum"))
-        return st.floats(min_value=low, max_value=schema.get("maximum"), allow_nan=False, allow_infinity=False,
-                         exclude_min="exclusiveMinimum" in schema)
+        return st.floats(
+            min_value=low,
+            max_value=schema.get("maximum"),
+            allow_nan=False,
+            allow_infinity=False,
+            exclude_min="exclusiveMinimum" in schema,
+        )
     if kind == "string":
         return st.text(min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 24), 24))
     if kind == "boolean":
@@ -107,8 +123,21 @@ def encode(value: Any) -> bytes:
 def mutated(draw: st.DrawFn, bodies: st.SearchStrategy[dict[str, Any]]) -> tuple[str, bytes]:
     """A documented body, broken in one way."""
     body = draw(bodies)
-    how = draw(st.sampled_from(["wrong_type", "unknown_field", "drop_field", "big_number", "deep", "huge_array",
-                                "bad_utf8", "truncated", "not_object"]))
+    how = draw(
+        st.sampled_from(
+            [
+                "wrong_type",
+                "unknown_field",
+                "drop_field",
+                "big_number",
+                "deep",
+                "huge_array",
+                "bad_utf8",
+                "truncated",
+                "not_object",
+            ]
+        )
+    )
     keys = sorted(body)
     key = draw(st.sampled_from(keys)) if keys else "prompt"
     if how == "wrong_type":
@@ -140,39 +169,77 @@ def well_formed() -> st.SearchStrategy[FuzzRequest]:
     """A few requests every server must answer 200: small, valid, streaming or not."""
     sampling = st.fixed_dictionaries(
         {"max_tokens": st.integers(1, 4)},
-        optional={"n": st.integers(1, 3), "temperature": st.floats(0, 2), "top_p": st.floats(0.1, 1),
-                  "top_k": st.integers(0, 50), "seed": st.integers(0, 2**32), "stream": st.booleans(),
-                  "stop": st.lists(st.text(min_size=1, max_size=5), max_size=2), "ignore_eos": st.booleans()},
+        optional={
+            "n": st.integers(1, 3),
+            "temperature": st.floats(0, 2),
+            "top_p": st.floats(0.1, 1),
+            "top_k": st.integers(0, 50),
+            "seed": st.integers(0, 2**32),
+            "stream": st.booleans(),
+            "stop": st.lists(st.text(min_size=1, max_size=5), max_size=2),
+            "ignore_eos": st.booleans(),
+        },
     )
     text = st.sampled_from(["Hello", "The capital of France is", "1 2 3", "é ü ✓ 漢字", "a\nb"])
     completion = st.builds(lambda s, p: ("/v1/completions", {**s, "prompt": p}), sampling, text)
-    chat = st.builds(lambda s, p: ("/v1/chat/completions", {**s, "messages": [{"role": "user", "content": p}]}),
-                     sampling, text)
-    gen = st.builds(lambda s, ids: ("/generate", {**s, "prompt": {"prompt_token_ids": ids}}), sampling,
-                    st.lists(st.integers(1, 900), min_size=1, max_size=8))
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "x": {"type": "integer"}}}}}]
-    constrained = st.sampled_from([{"response_format": {"type": "json_object"}}, {"tools": tools},
-                                   {"tools": tools, "tool_choice": "required"}])
-    agents = st.builds(lambda s, c: ("/v1/chat/completions", {**s, **c, "ignore_eos": False,
-                                                              "messages": [{"role": "user", "content": "hi"}]}),
-                       sampling, constrained)
-    gets = st.sampled_from([("/health", None), ("/v1/models", None), ("/openapi.json", None),
-                            ("/control/status", None), ("/metrics", None)])
+    chat = st.builds(
+        lambda s, p: ("/v1/chat/completions", {**s, "messages": [{"role": "user", "content": p}]}), sampling, text
+    )
+    gen = st.builds(
+        lambda s, ids: ("/generate", {**s, "prompt": {"prompt_token_ids": ids}}),
+        sampling,
+        st.lists(st.integers(1, 900), min_size=1, max_size=8),
+    )
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+        }
+    ]
+    constrained = st.sampled_from(
+        [{"response_format": {"type": "json_object"}}, {"tools": tools}, {"tools": tools, "tool_choice": "required"}]
+    )
+    agents = st.builds(
+        lambda s, c: (
+            "/v1/chat/completions",
+            {**s, **c, "ignore_eos": False, "messages": [{"role": "user", "content": "hi"}]},
+        ),
+        sampling,
+        constrained,
+    )
+    gets = st.sampled_from(
+        [
+            ("/health", None),
+            ("/v1/models", None),
+            ("/openapi.json", None),
+            ("/control/status", None),
+            ("/metrics", None),
+        ]
+    )
     return st.one_of(completion, chat, gen, agents, gets).map(
-        lambda pb: FuzzRequest("well_formed", "POST" if pb[1] is not None else "GET", pb[0],
-                               encode(pb[1]) if pb[1] is not None else None)
+        lambda pb: FuzzRequest(
+            "well_formed", "POST" if pb[1] is not None else "GET", pb[0], encode(pb[1]) if pb[1] is not None else None
+        )
     )
 
 
 HOSTILE_SCHEMAS = [
-    {"$ref": "#"}, {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+    {"$ref": "#"},
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
     {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
-    {"type": "array", "minItems": 10**9, "items": {"type": "integer"}}, {"type": "string", "minLength": 10**9},
-    {"type": "string", "pattern": "(a*)*b"}, {"type": "string", "pattern": "[a-z]{1000}{1000}"},
-    {"type": "string", "pattern": "(a"}, {"type": "integer", "minimum": 5, "maximum": 1}, {"not": {}},
-    {"enum": list(range(5000))}, {"type": "string", "format": "nonsense"}, {"type": "integer", "multipleOf": 0},
-    {"anyOf": [{"type": "string", "pattern": f"^{i}[a-z]+$"} for i in range(500)]}, {"type": 5}, {"$ref": 5},
+    {"type": "array", "minItems": 10**9, "items": {"type": "integer"}},
+    {"type": "string", "minLength": 10**9},
+    {"type": "string", "pattern": "(a*)*b"},
+    {"type": "string", "pattern": "[a-z]{1000}{1000}"},
+    {"type": "string", "pattern": "(a"},
+    {"type": "integer", "minimum": 5, "maximum": 1},
+    {"not": {}},
+    {"enum": list(range(5000))},
+    {"type": "string", "format": "nonsense"},
+    {"type": "integer", "multipleOf": 0},
+    {"anyOf": [{"type": "string", "pattern": f"^{i}[a-z]+$"} for i in range(500)]},
+    {"type": 5},
+    {"$ref": 5},
     {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(3000)}},
 ]
 
@@ -181,21 +248,49 @@ def agent_bodies() -> st.SearchStrategy[FuzzRequest]:
     """Chat bodies with hostile tools, tool_choice, response_format and tool histories: answered 200 or 4xx, in time
     (a grammar that cannot start is refused; one that runs out of fuel ends its answer)."""
     schema = st.sampled_from(HOSTILE_SCHEMAS) | st.dictionaries(st.text(max_size=8), json_values, max_size=4)
-    tool = st.builds(lambda name, params: {"type": "function", "function": {"name": name, "parameters": params}},
-                     st.sampled_from(["f", "g", "bad name", ""]) | st.text(max_size=70), schema)
+    tool = st.builds(
+        lambda name, params: {"type": "function", "function": {"name": name, "parameters": params}},
+        st.sampled_from(["f", "g", "bad name", ""]) | st.text(max_size=70),
+        schema,
+    )
     choice = st.sampled_from(["auto", "none", "required", "any", {"type": "function", "function": {"name": "f"}}])
-    call = st.fixed_dictionaries({"id": st.sampled_from(["c1", "c2"]), "type": st.just("function"), "function":
-                                  st.fixed_dictionaries({"name": st.just("f"), "arguments": st.text(max_size=20)})})
-    history = st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "assistant", "tool", "system"])},
-        optional={"content": st.none() | st.text(max_size=8), "tool_calls": st.lists(call, max_size=2),
-                  "tool_call_id": st.sampled_from(["c1", "c2", "zz"])}), min_size=1, max_size=4)
-    fmt = st.one_of(st.just({"type": "json_object"}), st.just({"type": "text"}), schema.map(
-        lambda s: {"type": "json_schema", "json_schema": {"name": "s", "schema": s}}), json_values)
+    call = st.fixed_dictionaries(
+        {
+            "id": st.sampled_from(["c1", "c2"]),
+            "type": st.just("function"),
+            "function": st.fixed_dictionaries({"name": st.just("f"), "arguments": st.text(max_size=20)}),
+        }
+    )
+    history = st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "tool", "system"])},
+            optional={
+                "content": st.none() | st.text(max_size=8),
+                "tool_calls": st.lists(call, max_size=2),
+                "tool_call_id": st.sampled_from(["c1", "c2", "zz"]),
+            },
+        ),
+        min_size=1,
+        max_size=4,
+    )
+    fmt = st.one_of(
+        st.just({"type": "json_object"}),
+        st.just({"type": "text"}),
+        schema.map(lambda s: {"type": "json_schema", "json_schema": {"name": "s", "schema": s}}),
+        json_values,
+    )
     body = st.fixed_dictionaries(
         {"messages": history | st.just([{"role": "user", "content": "hi"}]), "max_tokens": st.integers(1, 8)},
-        optional={"tools": st.lists(tool, max_size=3), "tool_choice": choice, "parallel_tool_calls": st.booleans(),
-                  "response_format": fmt, "stream": st.booleans(), "n": st.integers(1, 2), "seed": st.integers(0, 9)})
+        optional={
+            "tools": st.lists(tool, max_size=3),
+            "tool_choice": choice,
+            "parallel_tool_calls": st.booleans(),
+            "response_format": fmt,
+            "stream": st.booleans(),
+            "n": st.integers(1, 2),
+            "seed": st.integers(0, 9),
+        },
+    )
     return body.map(lambda b: FuzzRequest("agents", "POST", "/v1/chat/completions", encode(b)))
 
 
@@ -206,34 +301,64 @@ def requests(doc: dict[str, Any]) -> st.SearchStrategy[FuzzRequest]:
 
     refs: dict[str, Any] = {}
     valid = {path: from_schema(schema, components, refs) for path, schema in sorted(schemas.items())}
-    by_schema = st.one_of([
-        bodies.map(lambda body, path=path: FuzzRequest("by_schema", "POST", path, encode(body)))
-        for path, bodies in valid.items()
-    ])
-    broken = st.one_of([
-        mutated(bodies).map(lambda made, path=path: FuzzRequest(made[0], "POST", path, made[1]))
-        for path, bodies in valid.items()
-    ])
-    no_body = st.sampled_from([(p, m) for p, m in ops if (p, m) not in {(s, "POST") for s in schemas}]).flatmap(
-        lambda op: st.one_of(st.none(), st.just(b"{}"), st.binary(max_size=40), json_values.map(encode)).map(
-            lambda body: FuzzRequest("no_body_route", op[1], op[0], body)
+    by_schema = st.one_of(
+        [
+            bodies.map(lambda body, path=path: FuzzRequest("by_schema", "POST", path, encode(body)))
+            for path, bodies in valid.items()
+        ]
+    )
+    broken = st.one_of(
+        [
+            mutated(bodies).map(lambda made, path=path: FuzzRequest(made[0], "POST", path, made[1]))
+            for path, bodies in valid.items()
+        ]
+    )
+    no_body = (
+        st.sampled_from([(p, m) for p, m in ops if (p, m) not in {(s, "POST") for s in schemas}])
+        .flatmap(
+            lambda op: st.one_of(st.none(), st.just(b"{}"), st.binary(max_size=40), json_values.map(encode)).map(
+                lambda body: FuzzRequest("no_body_route", op[1], op[0], body)
+            )
         )
-    ).filter(lambda r: not (r.method == "POST" and r.path in NO_RANDOM_CALL and accepted_as_no_body(r.body)))
-    wrong_method = st.tuples(st.sampled_from([p for p, _ in ops]), st.sampled_from(METHODS)).filter(
-        lambda pm: pm not in set(ops) and not (pm[1] == "HEAD")
-    ).map(lambda pm: FuzzRequest("wrong_method", pm[1], pm[0], b"{}"))
+        .filter(lambda r: not (r.method == "POST" and r.path in NO_RANDOM_CALL and accepted_as_no_body(r.body)))
+    )
+    wrong_method = (
+        st.tuples(st.sampled_from([p for p, _ in ops]), st.sampled_from(METHODS))
+        .filter(lambda pm: pm not in set(ops) and not (pm[1] == "HEAD"))
+        .map(lambda pm: FuzzRequest("wrong_method", pm[1], pm[0], b"{}"))
+    )
     content_type = st.tuples(
         st.sampled_from(sorted(schemas)),
-        st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-                         "application/xml", "application/json; charset=latin-1", "", "*/*"]),
+        st.sampled_from(
+            [
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x",
+                "application/xml",
+                "application/json; charset=latin-1",
+                "",
+                "*/*",
+            ]
+        ),
     ).map(lambda pc: FuzzRequest("content_type", "POST", pc[0], b'{"prompt": "x"}', {"Content-Type": pc[1]}))
     garbage = st.tuples(st.sampled_from(sorted(schemas)), st.binary(max_size=300)).map(
         lambda pb: FuzzRequest("malformed_bytes", "POST", pb[0], pb[1])
     )
-    unknown_path = st.tuples(st.sampled_from(METHODS), st.from_regex(r"/[a-z0-9/._%-]{0,30}", fullmatch=True)).filter(
-        lambda mp: mp[1].rstrip("/") not in {p for p, _ in ops}
-    ).map(lambda mp: FuzzRequest("unknown_path", mp[0], mp[1], None))
-    weighted = [(well_formed(), 1), (by_schema, 4), (broken, 8), (no_body, 2), (wrong_method, 1), (content_type, 1),
-                (garbage, 1), (unknown_path, 1), (agent_bodies(), 2)]
+    unknown_path = (
+        st.tuples(st.sampled_from(METHODS), st.from_regex(r"/[a-z0-9/._%-]{0,30}", fullmatch=True))
+        .filter(lambda mp: mp[1].rstrip("/") not in {p for p, _ in ops})
+        .map(lambda mp: FuzzRequest("unknown_path", mp[0], mp[1], None))
+    )
+    weighted = [
+        (well_formed(), 1),
+        (by_schema, 4),
+        (broken, 8),
+        (no_body, 2),
+        (wrong_method, 1),
+        (content_type, 1),
+        (garbage, 1),
+        (unknown_path, 1),
+        (agent_bodies(), 2),
+    ]
     choices = [strategy for strategy, weight in weighted for _ in range(weight)]
     return st.sampled_from(range(len(choices))).flatmap(lambda i: choices[i])

@@ -1,9 +1,9 @@
 """A Hugging Face hub cache built on disk, laid out as huggingface_hub writes it, so models load by repo id offline.
 
-    HF_HOME/hub/models--ORG--NAME/
-        blobs/<sha256>                         each file's bytes
-        snapshots/<commit>/<file> -> ../../blobs/<sha256>
-        refs/<branch or tag>                   the commit it points at
+HF_HOME/hub/models--ORG--NAME/
+    blobs/<sha256>                         each file's bytes
+    snapshots/<commit>/<file> -> ../../blobs/<sha256>
+    refs/<branch or tag>                   the commit it points at
 """
 
 import hashlib
@@ -13,7 +13,9 @@ from pathlib import Path
 REPO_ID = "paraloop-test/tiny"
 
 
-def add_snapshot(home: Path, model_dir: Path, *, repo: str = REPO_ID, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
+def add_snapshot(
+    home: Path, model_dir: Path, *, repo: str = REPO_ID, commit: str, refs: tuple[str, ...] = ("main",)
+) -> Path:
     """Put `model_dir`'s files into HF_HOME's cache as `repo` at `commit`, named by `refs`; return the snapshot."""
     root = home / "hub" / ("models--" + repo.replace("/", "--"))
     snapshot = root / "snapshots" / commit

@@ -55,9 +55,7 @@ class Server:
     ) -> "Reply":
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
-            conn.request(
-                method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
-            )
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
             resp = conn.getresponse()
             return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
         finally:
@@ -80,18 +78,14 @@ class Server:
                 return stats
             time.sleep(0.02)
 
-    def wait_for(
-        self, predicate: Callable[[dict[str, float]], bool], *, deadline_s: float = 30.0
-    ) -> dict[str, float]:
+    def wait_for(self, predicate: Callable[[dict[str, float]], bool], *, deadline_s: float = 30.0) -> dict[str, float]:
         end = time.monotonic() + deadline_s
         while not predicate(stats := self.engine.stats()) and time.monotonic() < end:
             time.sleep(0.02)
         return stats
 
 
-async def _serve(
-    engine: Engine, app: web.Application, *, task_status: Any = anyio.TASK_STATUS_IGNORED
-) -> None:
+async def _serve(engine: Engine, app: web.Application, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
     async with anyio.create_task_group() as tg:
         await tg.start(engine.run)
         port = await tg.start(serve_http, app, "127.0.0.1", 0)
@@ -128,7 +122,10 @@ def raw_request(port: int, path: str, body: dict[str, Any]) -> socket.socket:
     """Send a POST over a bare socket and return the socket unread (to hang up on the server mid-answer)."""
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
     sock.sendall(head.encode() + data)
     return sock
 

@@ -139,9 +139,14 @@ def with_importance(inp: dict, opt: dict) -> dict:
         return inp
     level, mode, low, high = opt["importance"]
     iw, _ = importance_weights(
-        mx.array(inp["old_logp"], mx.float32), mx.array(inp["rollout_logp"], mx.float32),
-        mx.array(inp["mask"]), level=level, mode=mode, low=low, high=high,
-    )  # fmt: skip
+        mx.array(inp["old_logp"], mx.float32),
+        mx.array(inp["rollout_logp"], mx.float32),
+        mx.array(inp["mask"]),
+        level=level,
+        mode=mode,
+        low=low,
+        high=high,
+    )
     out = {**inp, "importance_weight": np.array(iw)}
     if mode == "mask":
         out["mask"] = inp["mask"] & ~np.array(rejected_tokens(iw, mx.array(inp["mask"])))
@@ -172,9 +177,7 @@ def mx_loss(logits, inp, opt):
     kept = mx.array(inp["kept"]) if "kept" in inp else None
 
     def f(x):
-        logp, entropy = token_logprobs(
-            x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32), kept=kept
-        )
+        logp, entropy = token_logprobs(x, mx.array(inp["targets"]), mx.array(inp["temperature"], mx.float32), kept=kept)
         return mx_policy_loss(logp, entropy, inp, weights, opt)
 
     value, grad = mx.value_and_grad(f)(mx.array(logits, mx.float32))
@@ -235,8 +238,12 @@ OPTIONS = [
     {"importance": ("token", "mask", 0.8, 1.25)},
     {"importance": ("sequence", "truncate", None, 2.0)},
     {"importance": ("token", "mask", None, 1.25), "kl_beta": 0.1, "kl_estimator": "k3", "entropy_weight": 0.01},
-    {"importance": ("sequence", "mask", None, 2.0), "aggregation": "seq-mean-token-sum-norm", "kl_beta": 0.1,
-     "kl_estimator": "mse"},
+    {
+        "importance": ("sequence", "mask", None, 2.0),
+        "aggregation": "seq-mean-token-sum-norm",
+        "kl_beta": 0.1,
+        "kl_estimator": "mse",
+    },
     {"importance": ("sequence", "mask", None, 1.5), "aggregation": "seq-mean-token-mean"},
     {"algorithm": "gspo", "importance": ("token", "mask", None, 1.3), "clip_ratio": 0.03},
 ]

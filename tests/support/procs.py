@@ -128,10 +128,13 @@ class Lines:
             try:
                 line = self._queue.get(timeout=max(left, 0.0))
             except queue.Empty:
-                raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{self.text()[-3000:]}") from None
+                raise AssertionError(
+                    f"no line matching {pattern!r} within {timeout} s:\n{self.text()[-3000:]}"
+                ) from None
             if line is None:
                 self._queue.put(None)  # later calls see EOF too
-                raise AssertionError(f"the process closed its output before a line matching {pattern!r}:\n"
-                                     f"{self.text()[-3000:]}")
+                raise AssertionError(
+                    f"the process closed its output before a line matching {pattern!r}:\n{self.text()[-3000:]}"
+                )
             if m := re.search(pattern, line):
                 return m

@@ -20,8 +20,11 @@ from paraloop.messages import AdapterSwapped, RolloutBatch
 from paraloop.run.main import error_of
 from paraloop.run.wiring import Parts, run_actors
 
-LORA_CONFIG = {"fine_tune_type": "lora", "num_layers": 1,
-               "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": ["q_proj"]}}
+LORA_CONFIG = {
+    "fine_tune_type": "lora",
+    "num_layers": 1,
+    "lora_parameters": {"rank": 2, "scale": 1.0, "dropout": 0.0, "keys": ["q_proj"]},
+}
 
 
 def batch(*tags: int, source: str = "atropos", **kw: Any) -> RolloutBatch:
@@ -55,8 +58,7 @@ class FakeTrainer:
         self.trained.append(batch)
         self.step_count += 1
         self.version += 1
-        return StepResult({"loss": 0.5, "reward_mean": 0.5, "step_time_s": 0.0}, False, self.step_count,
-                          self.version)
+        return StepResult({"loss": 0.5, "reward_mean": 0.5, "step_time_s": 0.0}, False, self.step_count, self.version)
 
     def adapter(self) -> dict[str, mx.array]:
         arrays = {"model.layers.0.self_attn.q_proj.lora_a": mx.full((2, 2), float(self.version))}
@@ -69,8 +71,7 @@ class FakeTrainer:
     def state(self) -> dict[str, Any]:
         step = mx.array(self.step_count)
         mx.eval(step)
-        return {"optimizer": {"step": step},
-                "trainer": {"step_count": self.step_count, "version": self.version}}
+        return {"optimizer": {"step": step}, "trainer": {"step_count": self.step_count, "version": self.version}}
 
 
 class InlineThread:
@@ -121,10 +122,19 @@ class FakeEngine:
         return AdapterSwapped(version=version, pause_s=0.0)
 
     def stats(self) -> dict[str, float]:
-        return {"queue_depth": 0.0, "waiting_requests": 0.0, "active_requests": 0.0, "active_rows": 0.0,
-                "requests_served": 0.0, "generated_tokens": 0.0, "tokens_per_s": 0.0,
-                "swaps": float(len(self.swaps)), "last_swap_pause_s": 0.0, "median_swap_pause_s": 0.0,
-                "version": float(self.version)}
+        return {
+            "queue_depth": 0.0,
+            "waiting_requests": 0.0,
+            "active_requests": 0.0,
+            "active_rows": 0.0,
+            "requests_served": 0.0,
+            "generated_tokens": 0.0,
+            "tokens_per_s": 0.0,
+            "swaps": float(len(self.swaps)),
+            "last_swap_pause_s": 0.0,
+            "median_swap_pause_s": 0.0,
+            "version": float(self.version),
+        }
 
 
 class FeedSource:
@@ -164,8 +174,15 @@ def settings(run_dir: Any, **sections: dict[str, Any]) -> Settings:
 
 
 def parts(trainer: FakeTrainer, engine: FakeEngine, source: FeedSource, **kw: Any) -> Parts:
-    return Parts(trainer=trainer, thread=kw.pop("thread", InlineThread()), engine=engine, source=source,
-                 source_status=source.status, adapter_config=LORA_CONFIG, **kw)
+    return Parts(
+        trainer=trainer,
+        thread=kw.pop("thread", InlineThread()),
+        engine=engine,
+        source=source,
+        source_status=source.status,
+        adapter_config=LORA_CONFIG,
+        **kw,
+    )
 
 
 class Run:
@@ -185,8 +202,14 @@ class Run:
 
     async def __call__(self) -> None:
         try:
-            await run_actors(self.config, self.parts, ready=self._ready, signals=False, status_out=self.statuses,
-                             hard_exit=lambda code, why: self.exits.append((code, why)))
+            await run_actors(
+                self.config,
+                self.parts,
+                ready=self._ready,
+                signals=False,
+                status_out=self.statuses,
+                hard_exit=lambda code, why: self.exits.append((code, why)),
+            )
         except Exception as e:  # the test inspects it
             self.error = error_of(e)
         finally:

@@ -18,8 +18,20 @@ TINY_CONFIG = REPO / "configs" / "tiny.toml"
 
 
 def run_cmd(model: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "paraloop", "run", str(TINY_CONFIG), "--model-path", str(model),
-            "--run-dir", str(run_dir), "--port", "0", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "paraloop",
+        "run",
+        str(TINY_CONFIG),
+        "--model-path",
+        str(model),
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        "0",
+        *extra,
+    ]
 
 
 RUN_ENV = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
@@ -28,13 +40,15 @@ RUN_ENV = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
 @contextlib.contextmanager
 def paraloop_run(model: Path, run_dir: Path, *extra: str) -> Iterator[subprocess.Popen]:
     """`paraloop run` in its own process group, killed with everything it started when the block is left."""
-    with procs.running(run_cmd(model, run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                       env=RUN_ENV) as proc:  # fmt: skip
+    with procs.running(
+        run_cmd(model, run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RUN_ENV
+    ) as proc:
         yield proc
 
 
-def run_to_end(model: Path, run_dir: Path, *extra: str, timeout: float = 180, log: str = "warning"
-               ) -> subprocess.CompletedProcess:
+def run_to_end(
+    model: Path, run_dir: Path, *extra: str, timeout: float = 180, log: str = "warning"
+) -> subprocess.CompletedProcess:
     return procs.run(run_cmd(model, run_dir, *extra), timeout=timeout, env={**RUN_ENV, "PARALOOP_LOG": log})
 
 

@@ -20,7 +20,6 @@ def inputs_for(loss_fn: str, lps: list[np.ndarray], rng: np.random.Generator) ->
     return out
 
 
-
 def reference(loss_fn: str, lp: np.ndarray, x: dict[str, np.ndarray], c: dict[str, float]) -> tuple[float, np.ndarray]:
     """(loss, dloss/dlp) of one datum in float64, from the documented definitions."""
     w = x.get("weights", np.ones_like(lp)).astype(np.float64)

@@ -75,11 +75,21 @@ CASES = {
     "token-mean": {},
     "seq-mean-token-mean": {"loss_aggregation": "seq-mean-token-mean"},
     "dr-grpo": {"loss_aggregation": "seq-mean-token-sum-norm", "scale_rewards": "none"},
-    "kl-batch-scale-epochs": {"kl_beta": 0.1, "kl_estimator": "k3", "ref_ema": 0.9, "scale_rewards": "batch",
-                              "update_epochs": 2, "entropy_weight": 0.01},
+    "kl-batch-scale-epochs": {
+        "kl_beta": 0.1,
+        "kl_estimator": "k3",
+        "ref_ema": 0.9,
+        "scale_rewards": "batch",
+        "update_epochs": 2,
+        "entropy_weight": 0.01,
+    },
     "reinforce-clip-high": {"algorithm": "reinforce", "max_grad_norm": 0.05},
     # Rows carry engine log-probs ~1 nat from the model's: the mask rejects some tokens on each rank, and the
     # recomputed denominators count every rank's rejections.
-    "token-mask-seq-mean": {"importance_cap": 1.5, "importance_mode": "mask", "loss_aggregation": "seq-mean-token-mean",
-                            "inference": True},
+    "token-mask-seq-mean": {
+        "importance_cap": 1.5,
+        "importance_mode": "mask",
+        "loss_aggregation": "seq-mean-token-mean",
+        "inference": True,
+    },
 }

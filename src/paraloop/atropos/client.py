@@ -129,7 +129,7 @@ class AtroposClient:
             "per_env": {k: dict(v) for k, v in self._per_env.items()},
         }
 
-    # --- registration --------------------------------------------------------------------------------------------------
+    # --- registration -------------------------------------------------------------------------------------------------
 
     def registration(self) -> dict[str, Any]:
         """The POST /register body: every field run-api requires (422 otherwise)."""
@@ -172,12 +172,15 @@ class AtroposClient:
             logger.warning(
                 "run-api at %s was configured by an earlier registration with batch_size %s (ours: %d): batches "
                 "will hold %s sequences; restart run-api to change it",
-                self.url, server_batch, self.batch_size, server_batch,
+                self.url,
+                server_batch,
+                self.batch_size,
+                server_batch,
             )
         logger.info("registered with Atropos API %s as trainer (starting_step %d)", self.url, self._own_step)
         return uuid
 
-    # --- the rollout stream --------------------------------------------------------------------------------------------
+    # --- the rollout stream -------------------------------------------------------------------------------------------
 
     async def batches(self) -> AsyncIterator[RolloutBatch]:
         """Yield one RolloutBatch per server batch until the consumer stops asking; never raises on network errors.
@@ -239,8 +242,12 @@ class AtroposClient:
             return None
         self._own_step += 1
         self._stats["server_step"] = await self._server_step()
-        return RolloutBatch(groups=groups, source="atropos", source_step=self._stats["server_step"],
-                            source_state={"atropos_step": self._own_step})
+        return RolloutBatch(
+            groups=groups,
+            source="atropos",
+            source_step=self._stats["server_step"],
+            source_state={"atropos_step": self._own_step},
+        )
 
     def _annotate(self, groups: list[Any]) -> list[Any]:
         """Versions (and kept sets) from the engine's index of the completions it served; a group any row of which
@@ -293,24 +300,27 @@ class AtroposClient:
 
     def _lost_too_large(self, error: "TooLarge") -> None:
         self._stats["batches_lost"] += 1
-        logger.error("run-api answered /batch with more than max_response_bytes (%s): not read, so its batch is "
-                     "lost", error)
+        logger.error(
+            "run-api answered /batch with more than max_response_bytes (%s): not read, so its batch is lost", error
+        )
 
     def _lost_registration(self, why: str) -> None:
-        logger.warning("Atropos API %s forgot this trainer (%s): registering again at step %d", self.url, why,
-                       self._own_step)
+        logger.warning(
+            "Atropos API %s forgot this trainer (%s): registering again at step %d", self.url, why, self._own_step
+        )
         self._registered = False
         self._pending.clear()
 
-    # --- HTTP and retries -----------------------------------------------------------------------------------------------
+    # --- HTTP and retries ---------------------------------------------------------------------------------------------
 
     async def _request(self, method: str, path: str, *, json: Any = None, limit: int = SMALL_ANSWER_BYTES) -> Any:
         # A session per request: at one poll a second its cost is nothing, and no session outlives its task however
         # the iteration ends (cancelled, abandoned, finished), so there is nothing to close.
         try:
-            async with aiohttp.ClientSession(timeout=self.timeout) as session, session.request(
-                method, self.url + path, json=json
-            ) as resp:
+            async with (
+                aiohttp.ClientSession(timeout=self.timeout) as session,
+                session.request(method, self.url + path, json=json) as resp,
+            ):
                 if resp.status >= 500:
                     raise Unavailable(f"{method} {path} answered HTTP {resp.status}", status=resp.status)
                 if resp.status >= 400:
@@ -324,11 +334,13 @@ class AtroposClient:
     async def _failed(self, error: Unavailable) -> None:
         """Record a failure and wait: poll_interval * 2**k, capped at max_backoff."""
         if self._failures == 0:  # once per streak; every retry is in status()
-            logger.warning("Atropos API %s: %s; retrying (backoff up to %.0f s)", self.url, error,
-                           self.config.max_backoff)
+            logger.warning(
+                "Atropos API %s: %s; retrying (backoff up to %.0f s)", self.url, error, self.config.max_backoff
+            )
         self._failures += 1
-        self._stats.update(connected=False, retries=self._stats["retries"] + 1, last_error=str(error),
-                           last_error_at=time.time())
+        self._stats.update(
+            connected=False, retries=self._stats["retries"] + 1, last_error=str(error), last_error_at=time.time()
+        )
         if self._stats["state"] != "registering":
             self._stats["state"] = "unreachable" if error.status is None else "server error"
         delay = min(self.config.max_backoff, self.config.poll_interval * 2 ** (self._failures - 1))

@@ -147,33 +147,54 @@ def make_plan(args: argparse.Namespace, extra: list[str]) -> Plan:
         try:
             model_dir = str(resolve_model_path(model_dir or "", revision=settings.model.revision))
         except ModelNotFoundError as e:
-            raise ValueError(f"model.base_path must be a local model directory or a Hugging Face repo id "
-                             f"(environments load its tokenizer): {e}") from None
+            raise ValueError(
+                f"model.base_path must be a local model directory or a Hugging Face repo id "
+                f"(environments load its tokenizer): {e}"
+            ) from None
     for script in args.env_script:
         if not Path(script).is_file():
             raise FileNotFoundError(f"--env-script {script}: no such file")
     run_api, env_python = find_atropos(args.atropos_venv)
     trainer = [sys.executable, "-m", "paraloop", "run", "--config", args.config]
     trainer += [flag for item in args.set for flag in ("--set", item)]
-    env_flags = extra if args.no_env_defaults else [
-        "--env.rollout_server_url", api_url,
-        "--env.tokenizer_name", str(model_dir),
-        "--env.use_wandb", "false",
-        "--env.total_steps", str(ENV_STEPS_HEADROOM * settings.rl_training.total_steps),
-        "--openai.server_type", args.server_type,
-        "--openai.model_name", settings.server.served_model_name or Path(str(settings.model.base_path)).name,
-        "--openai.tokenizer_name", str(model_dir),
-        "--openai.api_key", settings.server.control_token or "x",
-        # [eval] every_steps: atroposlib runs each environment's own evaluate() on that cadence of API steps
-        *(["--env.steps_per_eval", str(settings.eval.every_steps)] if settings.eval.every_steps else []),
-        *extra,
-    ]  # fmt: skip
+    env_flags = (
+        extra
+        if args.no_env_defaults
+        else [
+            "--env.rollout_server_url",
+            api_url,
+            "--env.tokenizer_name",
+            str(model_dir),
+            "--env.use_wandb",
+            "false",
+            "--env.total_steps",
+            str(ENV_STEPS_HEADROOM * settings.rl_training.total_steps),
+            "--openai.server_type",
+            args.server_type,
+            "--openai.model_name",
+            settings.server.served_model_name or Path(str(settings.model.base_path)).name,
+            "--openai.tokenizer_name",
+            str(model_dir),
+            "--openai.api_key",
+            settings.server.control_token or "x",
+            # [eval] every_steps: atroposlib runs each environment's own evaluate() on that cadence of API steps
+            *(["--env.steps_per_eval", str(settings.eval.every_steps)] if settings.eval.every_steps else []),
+            *extra,
+        ]
+    )
     host = "127.0.0.1" if settings.server.host in ("0.0.0.0", "::") else settings.server.host
     return Plan(
-        api_url=api_url, run_api=run_api, trainer=trainer, env_python=env_python, env_scripts=list(args.env_script),
-        env_flags=env_flags, server_host=host, server_port=settings.server.port,
+        api_url=api_url,
+        run_api=run_api,
+        trainer=trainer,
+        env_python=env_python,
+        env_scripts=list(args.env_script),
+        env_flags=env_flags,
+        server_host=host,
+        server_port=settings.server.port,
         server_json=Path(settings.checkpoint.dir) / "server.json",
-        eval_dir=Path(settings.checkpoint.dir) / EVAL_DIR if settings.eval.every_steps and not args.no_env_defaults
+        eval_dir=Path(settings.checkpoint.dir) / EVAL_DIR
+        if settings.eval.every_steps and not args.no_env_defaults
         else None,
     )
 
@@ -198,19 +219,40 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "Arguments after `--` go to every environment script.",
     )
     p.add_argument("--config", required=True, help="paraloop TOML config (rl_training.atropos.api_url must be set)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, here and in `paraloop run` (e.g. --set server.port=8010)")
-    p.add_argument("--env-script", action="append", default=[], metavar="PATH",
-                   help="an Atropos environment script (BaseEnv.cli()); repeat for several")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, here and in `paraloop run` (e.g. --set server.port=8010)",
+    )
+    p.add_argument(
+        "--env-script",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an Atropos environment script (BaseEnv.cli()); repeat for several",
+    )
     p.add_argument("--atropos-venv", help="venv holding atroposlib (default: $PARALOOP_ATROPOS_VENV, ./.venv-atropos)")
-    p.add_argument("--server-type", choices=("vllm", "openai"), default="vllm",
-                   help="how environments call paraloop: vllm = POST /generate with token ids (default; tokens, "
-                   "masks and logprobs come from the server), openai = /v1/chat/completions")
-    p.add_argument("--no-env-defaults", action="store_true",
-                   help="pass environment scripts only the arguments after `--`")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping (default 10)")
-    p.add_argument("--start-timeout", type=float, default=600.0,
-                   help="seconds to wait for run-api, and for `paraloop run` to serve (loading a model; default 600)")
+    p.add_argument(
+        "--server-type",
+        choices=("vllm", "openai"),
+        default="vllm",
+        help="how environments call paraloop: vllm = POST /generate with token ids (default; tokens, "
+        "masks and logprobs come from the server), openai = /v1/chat/completions",
+    )
+    p.add_argument(
+        "--no-env-defaults", action="store_true", help="pass environment scripts only the arguments after `--`"
+    )
+    p.add_argument(
+        "--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL when stopping (default 10)"
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for run-api, and for `paraloop run` to serve (loading a model; default 600)",
+    )
     return p.parse_args(ours), extra
 
 
@@ -243,9 +285,12 @@ async def supervise(procs: ProcessGroup, plan: Plan, *, start_timeout: float, en
             procs.say("launch", f"{name} finished (exit code 0); paraloop goes on with what is queued")
             running -= 1
             if not running:
-                procs.say("launch", "every environment has finished: if paraloop waits for batches, none will come "
-                          "(its steps dropped more groups than --env.total_steps left room for); stop it with "
-                          "Ctrl-C (a final checkpoint is written) and give the environments more steps after --")
+                procs.say(
+                    "launch",
+                    "every environment has finished: if paraloop waits for batches, none will come "
+                    "(its steps dropped more groups than --env.total_steps left room for); stop it with "
+                    "Ctrl-C (a final checkpoint is written) and give the environments more steps after --",
+                )
             continue
         procs.say("launch", f"{name} exited with code {code}: stopping every child")
         return code if name == "paraloop" else max(1, code)
@@ -268,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         plan = make_plan(args, extra)
-        return anyio.run(functools.partial(launch, plan, grace=args.grace, start_timeout=args.start_timeout,
-                                           env_defaults=not args.no_env_defaults))
+        return anyio.run(
+            functools.partial(
+                launch, plan, grace=args.grace, start_timeout=args.start_timeout, env_defaults=not args.no_env_defaults
+            )
+        )
     except (ValueError, OSError, TimeoutError, RuntimeError) as e:
         print(f"paraloop launch-atropos: error: {e}", file=sys.stderr)
         return 2

@@ -97,8 +97,10 @@ def _teacher_logprobs(group: dict[str, Any], scored: ScoredGroup) -> list[list[f
     out = []
     for i, (tokens, mask) in enumerate(zip(scored.tokens, scored.masks, strict=True)):
         seq_ids, seq_lps = ids[i], lps[i]
-        if not isinstance(seq_ids, list) or not isinstance(seq_lps, list) or not (
-            len(seq_ids) == len(seq_lps) == len(tokens)
+        if (
+            not isinstance(seq_ids, list)
+            or not isinstance(seq_lps, list)
+            or not (len(seq_ids) == len(seq_lps) == len(tokens))
         ):
             raise InvalidGroup(f"distill arrays of sequence {i} must have one position per token ({len(tokens)})")
         row = []
@@ -109,14 +111,21 @@ def _teacher_logprobs(group: dict[str, Any], scored: ScoredGroup) -> list[list[f
             if len(pos_ids) > MAX_DISTILL_K:
                 raise InvalidGroup(f"{where}: more than {MAX_DISTILL_K} alternatives")
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in pos_ids) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                and x <= MAX_TRAINED_LOGPROB for x in pos_lps
-            ):  # fmt: skip
+                isinstance(x, (int, float))
+                and not isinstance(x, bool)
+                and math.isfinite(x)
+                and x <= MAX_TRAINED_LOGPROB
+                for x in pos_lps
+            ):
                 raise InvalidGroup(f"{where}: ids must be integers and logprobs finite numbers <= 0")
             value = teacher_logprob_of(token, pos_ids, pos_lps) if m != PROMPT_MASK else 1.0
             if value is None:
-                logger.warning("distill arrays leave trained position [%d][%d] empty: the group is trained "
-                               "without the teacher term", i, t)  # fmt: skip
+                logger.warning(
+                    "distill arrays leave trained position [%d][%d] empty: the group is trained "
+                    "without the teacher term",
+                    i,
+                    t,
+                )
                 return None
             row.append(value)
         out.append(row)

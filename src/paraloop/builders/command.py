@@ -28,9 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="paraloop model", description="Write an offline model dir that mlx_lm.load accepts."
-    )
+    parser = _Parser(prog="paraloop model", description="Write an offline model dir that mlx_lm.load accepts.")
     sub = parser.add_subparsers(dest="kind", metavar="{tiny,smollm2}", required=True, parser_class=_Parser)
 
     tiny = sub.add_parser("tiny", help="a tiny deterministic random-weight model (tests, benchmarks)")
@@ -43,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="store mlx-lm's affine quantization with BITS bits, group size 64 (e.g. 4)",
     )
     tiny.add_argument(
-        "--dtype", choices=DTYPES, default="float32",
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
         help="weight dtype (default: float32; bfloat16 is how most published MLX models are stored)",
     )
     tiny.add_argument("--layout", choices=LAYOUTS, default="qwen3", help="architecture (default: qwen3)")

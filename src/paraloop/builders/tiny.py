@@ -1,7 +1,8 @@
 """A tiny deterministic random-weight model dir for tests and benchmarks, built offline in about a second.
 
 In: an output dir, a layout ("qwen3" or "llama"), a seed, a dtype (float32; bfloat16 or float16 as most published
-MLX models are), optionally a bit width for mlx-lm's affine quantization (group size 64). Out: a dir with config.json, model.safetensors and Hugging Face tokenizer
+MLX models are), optionally a bit width for mlx-lm's affine quantization (group size 64). Out: a dir with config.json,
+model.safetensors and Hugging Face tokenizer
 files that `mlx_lm.load` and `transformers.AutoTokenizer` both accept. The tokenizer is a byte-level BPE
 trained here on an embedded English + arithmetic corpus, with ChatML special tokens and chat template.
 Same arguments, same bytes: weights come from NumPy's seeded generator, the BPE trainer is deterministic.

@@ -32,17 +32,21 @@ def make_files_app(run_dirs: list[Path], *, token: str | None = None, rollout_st
         if token and request.path.startswith("/dashboard/api/"):
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                raise APIError(401, "missing or wrong bearer token", code="invalid_api_key",
-                               headers={"WWW-Authenticate": "Bearer"})
+                raise APIError(
+                    401, "missing or wrong bearer token", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+                )
         return await handler(request)
 
     async def root(request: web.Request) -> web.Response:
         raise web.HTTPFound("/dashboard")
 
     app = web.Application(middlewares=[error_middleware, gate])
-    app.router.add_routes([web.get("/", root, allow_head=False),
-                           *dashboard_routes(RunFiles(run_dirs, rollout_steps=rollout_steps),
-                                             token_required=bool(token))])
+    app.router.add_routes(
+        [
+            web.get("/", root, allow_head=False),
+            *dashboard_routes(RunFiles(run_dirs, rollout_steps=rollout_steps), token_required=bool(token)),
+        ]
+    )
     return app
 
 
@@ -73,8 +77,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (with metrics.jsonl)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8050, help="port (default 8050; 0 picks a free one)")
-    parser.add_argument("--token", default=None,
-                        help="bearer token the page must give (required off loopback; or PARALOOP_DASHBOARD_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="bearer token the page must give (required off loopback; or PARALOOP_DASHBOARD_TOKEN)",
+    )
     parser.add_argument("--rollout-steps", type=int, default=20, help="latest steps of rollouts shown per run")
     args = parser.parse_args(argv)
     token = args.token or os.environ.get("PARALOOP_DASHBOARD_TOKEN") or None

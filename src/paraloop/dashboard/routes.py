@@ -22,19 +22,30 @@ from paraloop.server.errors import APIError, bad_request
 from paraloop.server.responses import json_response
 
 STATIC = Path(__file__).parent / "static"
-CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain",
-                 ".svg": "image/svg+xml", ".png": "image/png"}
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
-                "Cache-Control": "no-cache"}
+CONTENT_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".txt": "text/plain",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 MAX_STEP = 2**62
 
 
 def static_files() -> dict[str, Path]:
     """Every file the package ships under static/, by its relative name: the only names /static serves."""
-    return {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*")
-            if p.is_file() and p.suffix in CONTENT_TYPES}
+    return {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file() and p.suffix in CONTENT_TYPES}
 
 
 def int_param(request: web.Request, name: str, default: int | None, *, lo: int, hi: int = MAX_STEP) -> int | None:
@@ -67,8 +78,11 @@ def dashboard_routes(source: Any, *, token_required: bool) -> list[web.RouteDef]
         path = files.get(request.match_info["name"])
         if path is None:
             raise APIError(404, "no such dashboard file", code="not_found")
-        return web.Response(body=path.read_bytes(), content_type=CONTENT_TYPES[path.suffix],
-                            headers={**PAGE_HEADERS, "Cache-Control": "max-age=300"})
+        return web.Response(
+            body=path.read_bytes(),
+            content_type=CONTENT_TYPES[path.suffix],
+            headers={**PAGE_HEADERS, "Cache-Control": "max-age=300"},
+        )
 
     def answer(fn: Any, *args: Any) -> web.Response:
         try:

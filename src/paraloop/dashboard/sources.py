@@ -78,8 +78,9 @@ class LiveRun:
 
     mode = "run"
 
-    def __init__(self, status: Any, config: dict[str, Any], *, name: str, resumed_at: int | None = None,
-                 rollout_steps: int = 20) -> None:
+    def __init__(
+        self, status: Any, config: dict[str, Any], *, name: str, resumed_at: int | None = None, rollout_steps: int = 20
+    ) -> None:
         self._status = status
         self._config = config
         self._name = name
@@ -92,12 +93,16 @@ class LiveRun:
             earlier.refresh()
             self._past = [r for r in earlier.history if r["step"] <= resumed_at]
             self._past_evals = [e for e in earlier.evals if e["step"] <= resumed_at]
-            self._past_rollouts = [e for e in read_rollout_tail(run_dir / "rollouts.jsonl", rollout_steps)
-                                   if e["step"] <= resumed_at]
+            self._past_rollouts = [
+                e for e in read_rollout_tail(run_dir / "rollouts.jsonl", rollout_steps) if e["step"] <= resumed_at
+            ]
 
     def info(self) -> dict[str, Any]:
-        return {"mode": self.mode, "controls": True, "runs": [
-            {"id": 0, "name": self._name, "run_dir": self._status.run_dir, "config": self._config}]}
+        return {
+            "mode": self.mode,
+            "controls": True,
+            "runs": [{"id": 0, "name": self._name, "run_dir": self._status.run_dir, "config": self._config}],
+        }
 
     def metrics(self, run: int, since: int, rev: int | None) -> dict[str, Any]:
         check_single_run(run)
@@ -117,7 +122,7 @@ class LiveRun:
 
     def rollouts(self, run: int, since: int) -> dict[str, Any]:
         check_single_run(run)
-        entries = [*self._past_rollouts, *self._status.rollouts][-(self._status.rollouts.maxlen or 20):]
+        entries = [*self._past_rollouts, *self._status.rollouts][-(self._status.rollouts.maxlen or 20) :]
         return {"run": run, "steps": [e for e in entries if e["step"] > since]}
 
 
@@ -133,8 +138,11 @@ class ServeView:
         self._started = time.time()
 
     def info(self) -> dict[str, Any]:
-        return {"mode": self.mode, "controls": False,
-                "runs": [{"id": 0, "name": self._name, "run_dir": None, "config": self._config}]}
+        return {
+            "mode": self.mode,
+            "controls": False,
+            "runs": [{"id": 0, "name": self._name, "run_dir": None, "config": self._config}],
+        }
 
     def metrics(self, run: int, since: int, rev: int | None) -> dict[str, Any]:
         check_single_run(run)
@@ -146,9 +154,15 @@ class ServeView:
 
     def status(self) -> dict[str, Any]:
         engine = self._engine.stats()
-        return {"state": "serving", "engine": engine, "tokens_per_s": engine.get("tokens_per_s", 0.0),
-                "serving_version": int(engine.get("version", 0)), "memory": process_memory(),
-                "uptime_s": round(time.time() - self._started, 3), "time": time.time()}
+        return {
+            "state": "serving",
+            "engine": engine,
+            "tokens_per_s": engine.get("tokens_per_s", 0.0),
+            "serving_version": int(engine.get("version", 0)),
+            "memory": process_memory(),
+            "uptime_s": round(time.time() - self._started, 3),
+            "time": time.time(),
+        }
 
     def rollouts(self, run: int, since: int) -> dict[str, Any]:
         return {"run": run, "steps": []}
@@ -237,7 +251,11 @@ def read_rollout_tail(path: Path, keep: int) -> list[dict[str, Any]]:
             continue
         try:
             entry = json.loads(line)
-            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and isinstance(entry.get("samples"), list):
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("step"), int)
+                and isinstance(entry.get("samples"), list)
+            ):
                 entries.append(entry)
         except ValueError:
             continue
@@ -286,9 +304,14 @@ class RunFiles:
         self._rollout_steps = rollout_steps
 
     def info(self) -> dict[str, Any]:
-        return {"mode": self.mode, "controls": False, "runs": [
-            {"id": i, "name": name, "run_dir": str(d), "config": read_config(d)}
-            for i, (d, name) in enumerate(zip(self._dirs, self._names, strict=True))]}
+        return {
+            "mode": self.mode,
+            "controls": False,
+            "runs": [
+                {"id": i, "name": name, "run_dir": str(d), "config": read_config(d)}
+                for i, (d, name) in enumerate(zip(self._dirs, self._names, strict=True))
+            ],
+        }
 
     def _file(self, run: int) -> MetricsFile:
         if not 0 <= run < len(self._files):

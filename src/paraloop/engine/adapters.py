@@ -193,11 +193,17 @@ class Adapters:
         """Load the adapter at `path` (an mlx-lm adapter dir or file) under `name`; kept until unloaded. Raises
         AdapterError naming the field (`lora_name`, `lora_path`), AdapterLimit."""
         if not self.lora:
-            raise AdapterError("lora_name", "this engine serves full weights (train_mode = 'full'): named LoRA "
-                                            "adapters need a model trained with LoRA")
+            raise AdapterError(
+                "lora_name",
+                "this engine serves full weights (train_mode = 'full'): named LoRA "
+                "adapters need a model trained with LoRA",
+            )
         if not NAME.fullmatch(name) or name in (POLICY, BASE) or name.startswith("policy@"):
-            raise AdapterError("lora_name", f"{name!r} is not a valid adapter name (letters, digits and ._:/+- up to "
-                                            f"128 characters; 'policy', 'base' and 'policy@...' are reserved)")
+            raise AdapterError(
+                "lora_name",
+                f"{name!r} is not a valid adapter name (letters, digits and ._:/+- up to "
+                f"128 characters; 'policy', 'base' and 'policy@...' are reserved)",
+            )
         if name in self._named:
             raise AdapterError("lora_name", f"an adapter named {name!r} is already loaded (unload it first)")
         adapter = self._reserve(name, path, on_demand=False, field="lora_name")
@@ -244,11 +250,20 @@ class Adapters:
 
     def _reserve(self, name: str, path: str | Path, *, on_demand: bool, field: str) -> Adapter:
         if not self.lora:
-            raise AdapterError(field, "this engine serves full weights (train_mode = 'full'): LoRA checkpoints and "
-                                      "named adapters cannot be served beside them")
+            raise AdapterError(
+                field,
+                "this engine serves full weights (train_mode = 'full'): LoRA checkpoints and "
+                "named adapters cannot be served beside them",
+            )
         self._make_room(field)
-        adapter = Adapter(name, "lora", path=str(path), on_demand=on_demand, ready=anyio.Event(),
-                          identity=f"lora:{name}#{next(self._serial)}")  # fmt: skip
+        adapter = Adapter(
+            name,
+            "lora",
+            path=str(path),
+            on_demand=on_demand,
+            ready=anyio.Event(),
+            identity=f"lora:{name}#{next(self._serial)}",
+        )
         self._named[name] = adapter
         return adapter
 
@@ -258,11 +273,16 @@ class Adapters:
             if idle:
                 self._drop(min(idle, key=lambda a: a.last_used))
             elif any(a.on_demand for a in self._named.values()):
-                raise AdapterLimit(f"all server.max_loras = {self.max_loras} adapter slots hold adapters in use or "
-                                   "loading; retry later")
+                raise AdapterLimit(
+                    f"all server.max_loras = {self.max_loras} adapter slots hold adapters in use or "
+                    "loading; retry later"
+                )
             else:
-                raise AdapterError(field, f"server.max_loras = {self.max_loras} adapters are loaded: unload one "
-                                          "(POST /v1/unload_lora_adapter) first")
+                raise AdapterError(
+                    field,
+                    f"server.max_loras = {self.max_loras} adapters are loaded: unload one "
+                    "(POST /v1/unload_lora_adapter) first",
+                )
 
     async def _fill(self, adapter: Adapter) -> None:
         """Read, check and install `adapter`; on failure, forget it and raise AdapterError (naming the path)."""

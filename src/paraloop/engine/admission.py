@@ -33,9 +33,7 @@ def kv_tokens(request: GenerateRequest) -> int:
     return request.n * (len(request.prompt_tokens) + request.params.max_tokens)
 
 
-def check_sizes(
-    *, n: int, params: SamplingParams, config: EngineConfig, prompt_tokens: int | None = None
-) -> None:
+def check_sizes(*, n: int, params: SamplingParams, config: EngineConfig, prompt_tokens: int | None = None) -> None:
     """The size limits of a request, each O(1) or O(number of stop strings): callers run this before they
     allocate per row, per token or per prompt token. `prompt_tokens` None: not known yet (not tokenized)."""
     if not 1 <= n <= config.max_n:
@@ -104,8 +102,11 @@ def validate(request: GenerateRequest, *, config: EngineConfig, vocab: int) -> N
     if bad:
         raise RequestError("stop_token_ids", f"token id {_short(bad[0])} is outside the vocabulary [0, {vocab})")
     if p.grammar is not None and p.ignore_eos:
-        raise RequestError("ignore_eos", "cannot be combined with constrained output (response_format, tool_choice): "
-                           "a complete answer allows only the end of the sequence")  # fmt: skip
+        raise RequestError(
+            "ignore_eos",
+            "cannot be combined with constrained output (response_format, tool_choice): "
+            "a complete answer allows only the end of the sequence",
+        )
 
 
 def _short(value: int) -> str:
@@ -148,7 +149,8 @@ class Admission:
         cost = sum(kv_tokens(r) for r in requests)
         if len(requests) > self.max_requests:
             raise RequestError(
-                "n", f"a batch of {len(requests)} requests, more than server.max_concurrent_requests={self.max_requests}"
+                "n",
+                f"a batch of {len(requests)} requests, more than server.max_concurrent_requests={self.max_requests}",
             )
         if cost > self.max_kv_tokens:
             raise RequestError(

@@ -102,9 +102,17 @@ class RoutedPromptBatch(PromptProcessingBatch):
         if any(len(t) > 1 for t in tokens):
             self.prompt([t[:-1] for t in tokens])
         generation = self.generation_class(
-            self.model, self.uids, mx.array([t[-1] for t in tokens]), self.prompt_cache, self.tokens, self.samplers,
-            self.fallback_sampler, self.logits_processors, self.stop_sequences, self.max_tokens,
-        )  # fmt: skip
+            self.model,
+            self.uids,
+            mx.array([t[-1] for t in tokens]),
+            self.prompt_cache,
+            self.tokens,
+            self.samplers,
+            self.fallback_sampler,
+            self.logits_processors,
+            self.stop_sequences,
+            self.max_tokens,
+        )
         self.uids, self.prompt_cache, self.tokens, self.samplers = [], [], [], []
         self.logits_processors, self.max_tokens = [], []
         return generation

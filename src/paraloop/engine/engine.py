@@ -83,9 +83,14 @@ class Engine:
         routes = RowAdapters(model) if lora else None
         self.adapters = Adapters(
             policy=adapter is not None or has_lora(model),  # LoRA layers without slots: a policy never swapped
-            lora=lora, targets=routes.targets if routes else {}, max_loras=max_loras,
-            max_rank=max_lora_rank, install=self._install, uninstall=self._uninstall, find=find_adapter,
-        )  # fmt: skip
+            lora=lora,
+            targets=routes.targets if routes else {},
+            max_loras=max_loras,
+            max_rank=max_lora_rank,
+            install=self._install,
+            uninstall=self._uninstall,
+            find=find_adapter,
+        )
         self._vocab = vocab_size(model, tokenizer)
         self._promised_version = version  # highest version accepted by swap_adapter (applied or in flight)
         self._admission = Admission(max_requests=max_queue, max_kv_tokens=config.max_kv_tokens)
@@ -154,9 +159,7 @@ class Engine:
                 task_status.started()
             await exited.wait()
             if self._worker.error is not None:
-                raise RuntimeError(
-                    f"the engine thread failed: {self._worker.error!r}"
-                ) from self._worker.error
+                raise RuntimeError(f"the engine thread failed: {self._worker.error!r}") from self._worker.error
         finally:
             with anyio.CancelScope(shield=True):
                 self._worker.post(Stop())
@@ -189,8 +192,15 @@ class Engine:
         try:
             if not self._worker.post(Insert((handle,))):  # the engine has stopped
                 for i in range(request.n):
-                    yield TokenEvent(row=i, token=NO_TOKEN, logprob=0.0, version=self.version, text="",
-                                     finish_reason="abort", adapter=adapter.name)  # fmt: skip
+                    yield TokenEvent(
+                        row=i,
+                        token=NO_TOKEN,
+                        logprob=0.0,
+                        version=self.version,
+                        text="",
+                        finish_reason="abort",
+                        adapter=adapter.name,
+                    )
                 return
             async with receive:
                 async for events in receive:
@@ -230,8 +240,9 @@ class Engine:
                 self.adapters.release(adapter)
             raise
         streams = [anyio.create_memory_object_stream[list[TokenEvent]](math.inf) for _ in requests]
-        handles = tuple(Handle(request=r, send=send, adapter=a)
-                        for r, (send, _), a in zip(requests, streams, adapters, strict=True))  # fmt: skip
+        handles = tuple(
+            Handle(request=r, send=send, adapter=a) for r, (send, _), a in zip(requests, streams, adapters, strict=True)
+        )
         results: list[list[Completion]] = [[] for _ in requests]
         try:
             if not self._worker.post(Insert(handles)):
@@ -262,8 +273,11 @@ class Engine:
         try:
             cost = self._admission.admit(request)
             try:
-                scored = self._post(lambda reply: Score(list(request.prompt_tokens), adapter,
-                                                        request.params.top_logprobs, reply, temperature))  # fmt: skip
+                scored = self._post(
+                    lambda reply: Score(
+                        list(request.prompt_tokens), adapter, request.params.top_logprobs, reply, temperature
+                    )
+                )
                 return await scored()
             finally:
                 self._admission.release(1, cost)

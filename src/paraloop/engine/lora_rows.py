@@ -119,8 +119,7 @@ class RoutedLoRALinear(LoRALinear):
         idx, rows = selection.index, selection.rows
         shape = x.shape
         xs = x.reshape(shape[0], -1, shape[-1])  # (B, T, in)
-        z = mx.gather_mm(mx.gather_mm(xs, a, lhs_indices=rows, rhs_indices=idx), b, lhs_indices=rows,
-                         rhs_indices=idx)  # fmt: skip
+        z = mx.gather_mm(mx.gather_mm(xs, a, lhs_indices=rows, rhs_indices=idx), b, lhs_indices=rows, rhs_indices=idx)
         z = (scales[idx][:, None, None] * z).reshape(*shape[:-1], z.shape[-1])
         return self.linear(x) + z.astype(x.dtype)
 

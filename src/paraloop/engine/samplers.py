@@ -44,8 +44,13 @@ class RowSamplers:
                 generators = row_generators(n=n, seed=params.seed, engine_seed=0, counter=0)
                 return [NumpySampler(params, g) for g in generators]
             return [RowSampler(params, k) for k in row_keys(n=n, seed=params.seed, engine_seed=0, counter=0)]
-        setting = (params.temperature, params.top_p, params.top_k, params.min_p,
-                   params.top_logprobs if self.numpy else 0)  # fmt: skip
+        setting = (
+            params.temperature,
+            params.top_p,
+            params.top_k,
+            params.min_p,
+            params.top_logprobs if self.numpy else 0,
+        )
         if setting not in self._shared:
             if len(self._shared) >= MAX_SHARED_SAMPLERS:
                 self._shared.clear()  # rows already inserted keep theirs; new rows get fresh ones
@@ -81,9 +86,13 @@ def step_logprobs(
         rows = [r.logprobs for r in responses]
         return [r.chosen for r in rows], [r.top for r in rows], [r.kept for r in rows]
     # NumPy views of the evaluated rows: no MLX op may queue behind the decode step already in flight.
-    chosen, ids, vals, kept = token_logprobs([np.asarray(r.logprobs) for r in responses],
-                                             [r.token for r in responses], temperatures,
-                                             max(top_logprobs, default=0), filters)  # fmt: skip
+    chosen, ids, vals, kept = token_logprobs(
+        [np.asarray(r.logprobs) for r in responses],
+        [r.token for r in responses],
+        temperatures,
+        max(top_logprobs, default=0),
+        filters,
+    )
     if ids is None or vals is None:
         return chosen, [None] * len(responses), kept
     return chosen, [list(zip(i, v, strict=True)) for i, v in zip(ids, vals, strict=True)], kept

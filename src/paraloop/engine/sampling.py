@@ -5,7 +5,8 @@ row's SamplingParams. Out: the sampled token id, drawn with the row's own PRNG k
 the same tokens whatever else shares the batch. `token_logprobs` turns a step's rows back into the numbers the
 learner needs, log_softmax(logits / T), in one batched computation.
 
-Filters (filtering.py) follow vLLM's order: temperature, then top-k, top-p and min-p on the tempered distribution. A filtered
+Filters (filtering.py) follow vLLM's order: temperature, then top-k, top-p and min-p on the tempered distribution. A
+filtered
 row's recorded log-probs are of the distribution it sampled from: log_softmax(logits / T) renormalised over the
 kept set (vLLM's processed log-probs), and each token records the kept set's size `kept` (0: the full
 vocabulary), which the learner needs to score it over the same set (sampling-mask replay, learn/logprobs.py). The

@@ -3,7 +3,8 @@ OpenAI's legacy `echo` + `logprobs`, vLLM's `prompt_logprobs`).
 
 In: the engine's model (float32 logits, routed to the request's adapter by the caller), the prompt's token ids and
 how many alternatives to report. Out: `PromptLogprobs` for positions 1..T-1 (position 0 has nothing before it), at
-temperature 1 (or the one given: a distillation teacher's). The prompt is run in chunks with a KV cache, so at most CHUNK x vocabulary logits exist at once.
+temperature 1 (or the one given: a distillation teacher's). The prompt is run in chunks with a KV cache, so at most
+CHUNK x vocabulary logits exist at once.
 Runs on the engine thread, between two decode steps (a long prompt holds the batch like a prefill does).
 """
 

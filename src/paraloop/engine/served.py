@@ -56,8 +56,9 @@ class ServedIndex:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record(self, prompt: list[int], tokens: list[int], versions: list[int], kept: list[int], *,
-               stopped: bool) -> None:  # fmt: skip
+    def record(
+        self, prompt: list[int], tokens: list[int], versions: list[int], kept: list[int], *, stopped: bool
+    ) -> None:
         """A finished policy completion: its prompt's and its own ids, each token's version and kept-set size."""
         if not tokens:
             return

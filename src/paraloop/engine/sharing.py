@@ -30,9 +30,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next(i for i in range(n) if a[i] != b[i])
 
 
-def waiting_for(
-    leaders: list[Leader], head: list[int], cached: int, *, adapter: Any, epoch: int
-) -> Leader | None:
+def waiting_for(leaders: list[Leader], head: list[int], cached: int, *, adapter: Any, epoch: int) -> Leader | None:
     """The leader of this adapter and epoch whose prompt KV would cover the most of `head` beyond its `cached`
     tokens, if that is at least half of what `head` has left to prefill (less is not worth the wait: prefilling it
     alongside the leader costs about as much). Leaders of another adapter, or of an older epoch, are skipped: their

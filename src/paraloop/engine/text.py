@@ -12,9 +12,7 @@ decode(prompt + completion) minus decode(prompt).
 
 from typing import Any
 
-CONTEXT_TOKENS = (
-    4  # prompt tokens decoded ahead of the completion so the first word's spacing comes out right
-)
+CONTEXT_TOKENS = 4  # prompt tokens decoded ahead of the completion so the first word's spacing comes out right
 
 
 class IncrementalDetokenizer:

@@ -81,9 +81,7 @@ class Cancel:
 class Swap:
     arrays: dict[str, mx.array]
     version: int
-    reply: Callable[
-        [float | Exception], None
-    ]  # called on this thread: the pause in seconds, or why it failed
+    reply: Callable[[float | Exception], None]  # called on this thread: the pause in seconds, or why it failed
     drain: bool = False  # sync mode: hold new rows, let running rows finish, then swap (no row mixes versions)
 
 
@@ -334,8 +332,9 @@ class Worker:
         assert position is not None, "a held adapter is installed"
         try:
             with selected([position]):  # the generator's model: float32 logits, routed LoRA layers
-                result = prompt_logprobs(self.gen.model, command.tokens, top=command.top,
-                                         temperature=command.temperature)
+                result = prompt_logprobs(
+                    self.gen.model, command.tokens, top=command.top, temperature=command.temperature
+                )
         except Exception as e:  # reported to the request; the engine goes on
             command.reply(e)
             return
@@ -462,8 +461,7 @@ class Worker:
             self._prefix.insert(self._key(leader.adapter), tokens, cache)
         if leader.rows:
             self._planned -= len(leader.rows)
-            self._insert_rows(leader.handle, leader.rows, leader.samplers, cache, start=len(tokens),
-                              epoch=leader.epoch)  # fmt: skip
+            self._insert_rows(leader.handle, leader.rows, leader.samplers, cache, start=len(tokens), epoch=leader.epoch)
         self._release(leader)
 
     def _drop_leader(self, uid: int) -> None:
@@ -632,8 +630,15 @@ class Worker:
     def _abort_event(self, handle: Handle, row: int, text: str = "") -> TokenEvent:
         adapter = handle.adapter
         version = self.version if adapter.policy else adapter.version
-        return TokenEvent(row=row, token=NO_TOKEN, logprob=0.0, version=version, text=text, finish_reason="abort",
-                          adapter=adapter.name)  # fmt: skip
+        return TokenEvent(
+            row=row,
+            token=NO_TOKEN,
+            logprob=0.0,
+            version=version,
+            text=text,
+            finish_reason="abort",
+            adapter=adapter.name,
+        )
 
     # --- statistics ---------------------------------------------------------------------------------------------
 
@@ -659,4 +664,3 @@ class Worker:
     def median_pause(self) -> float:
         pauses = self.swap_pauses()
         return statistics.median(pauses) if pauses else 0.0
-

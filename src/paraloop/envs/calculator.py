@@ -32,8 +32,14 @@ MAX_VALUE = 1e12
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _ANSWER = re.compile(r"Answer:\s*(-?\d[\d,]*(?:\.\d+)?)")
 _QUESTION = re.compile(r"What is (.+)\?$")
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}  # fmt: skip
+_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
 
 
 class CalculatorError(ValueError):
@@ -122,8 +128,9 @@ def reward(sample: Sample) -> float:
 def _held_out() -> list[Messages]:
     """16 questions of a shape training never draws (a product of a difference), fixed numbers."""
     rng = random.Random("calculator/eval")
-    questions = [EVAL_SHAPE.format(a=rng.randint(11, 99), b=rng.randint(50, 99), c=rng.randint(2, 49))
-                 for _ in range(16)]  # fmt: skip
+    questions = [
+        EVAL_SHAPE.format(a=rng.randint(11, 99), b=rng.randint(50, 99), c=rng.randint(2, 49)) for _ in range(16)
+    ]
     return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {q}?"}] for q in questions]
 
 

@@ -130,8 +130,9 @@ async def play(
                 episode.done = True
                 continue
             messages = [*episode.messages, {"role": "assistant", "content": episode.sample.text}, *reply]
-            inserted = continuation_ids(tokenizer, episode.messages, episode.sample, reply, eos=eos,
-                                        **(template_kwargs or {}))  # fmt: skip
+            inserted = continuation_ids(
+                tokenizer, episode.messages, episode.sample, reply, eos=eos, **(template_kwargs or {})
+            )
             pending.append((episode, messages, inserted))
         requests = [request_for(e, e.tokens + inserted, turn) for e, _, inserted in pending]
         keep = [len(r.prompt_tokens) + r.params.max_tokens <= max_length for r in requests]
@@ -145,4 +146,3 @@ async def play(
             if completion.finish_reason == "abort":
                 raise RuntimeError(f"the engine aborted turn {turn} of an episode (is it stopping?)")
             episode.add(messages, inserted, completion, sample_of(messages, completion, turn))
-

@@ -67,9 +67,7 @@ def eos_ids(tokenizer: Any) -> set[int]:
     return set(ids)
 
 
-def make_sample(
-    messages: Messages, completion: Completion, *, tokenizer: Any, eos: set[int], turn: int = 1
-) -> Sample:
+def make_sample(messages: Messages, completion: Completion, *, tokenizer: Any, eos: set[int], turn: int = 1) -> Sample:
     """A completion as the reward sees it; `pieces` leave out a final EOS token, as the text does."""
     text_tokens = completion.tokens
     if completion.finish_reason == "stop" and text_tokens and text_tokens[-1] in eos:
@@ -167,8 +165,12 @@ class MockEnvironment:
             prompt_tokens=prompt_ids(self.tokenizer, messages, **self.config.chat_template_kwargs),
             n=self.config.group_size,
             params=SamplingParams(
-                temperature=self.temperature, max_tokens=self.max_tokens, seed=rng.getrandbits(63),
-                ignore_eos=self.config.ignore_eos, top_p=self.config.top_p, top_k=self.config.top_k,
+                temperature=self.temperature,
+                max_tokens=self.max_tokens,
+                seed=rng.getrandbits(63),
+                ignore_eos=self.config.ignore_eos,
+                top_p=self.config.top_p,
+                top_k=self.config.top_k,
                 min_p=self.config.min_p,
             ),
         )
@@ -205,8 +207,14 @@ class MockEnvironment:
         scores = [self._score(self._sample(messages, c, 1)) for c in completions]
         self._sequences += len(completions)
         self._recent_rewards.extend(scores)
-        return scored_group(request.prompt_tokens, completions, scores, temperature=self.temperature,
-                            serving_version=self._serving_version(), max_tokens=self.max_tokens)  # fmt: skip
+        return scored_group(
+            request.prompt_tokens,
+            completions,
+            scores,
+            temperature=self.temperature,
+            serving_version=self._serving_version(),
+            max_tokens=self.max_tokens,
+        )
 
     async def _episodes(
         self, built: list[tuple[Messages, GenerateRequest]], results: list[list[Completion]]
@@ -221,32 +229,45 @@ class MockEnvironment:
         def request_for(episode: Episode, prompt: list[int], turn: int) -> GenerateRequest:
             first, row = origin[id(episode)]
             seed = random.Random(f"{first.params.seed}/{row}/{turn}").getrandbits(63)
-            return GenerateRequest(request_id=f"{first.request_id}-{row}-turn{turn}", prompt_tokens=prompt,
-                                   params=msgspec.structs.replace(first.params, seed=seed))  # fmt: skip
+            return GenerateRequest(
+                request_id=f"{first.request_id}-{row}-turn{turn}",
+                prompt_tokens=prompt,
+                params=msgspec.structs.replace(first.params, seed=seed),
+            )
 
         async def complete(requests: list[GenerateRequest]) -> list[Completion]:
             return [rows[0] for rows in await self._complete(requests)]
 
-        await play([e for group in groups for e in group], task=self.task, tokenizer=self.tokenizer, eos=self._eos,
-                   complete=complete, request_for=request_for, sample_of=self._sample,
-                   max_turns=self.config.max_turns, max_length=self.config.max_episode_tokens,
-                   template_kwargs=self.config.chat_template_kwargs)  # fmt: skip
+        await play(
+            [e for group in groups for e in group],
+            task=self.task,
+            tokenizer=self.tokenizer,
+            eos=self._eos,
+            complete=complete,
+            request_for=request_for,
+            sample_of=self._sample,
+            max_turns=self.config.max_turns,
+            max_length=self.config.max_episode_tokens,
+            template_kwargs=self.config.chat_template_kwargs,
+        )
         out = []
         for episodes in groups:
             scores = [self._score(e.sample) for e in episodes]
             self._sequences += len(episodes)
             self._recent_rewards.extend(scores)
             self._recent_turns.extend(e.sample.turn for e in episodes)
-            out.append(ScoredGroup(
-                tokens=[e.tokens for e in episodes],
-                masks=[e.masks for e in episodes],
-                scores=scores,
-                inference_logprobs=[e.logprobs for e in episodes],
-                sampling_kept=[e.kept for e in episodes] if any(any(e.kept) for e in episodes) else None,
-                generation_params={"temperature": self.temperature, "max_tokens": self.max_tokens},
-                overrides=[{"finish_reason": e.sample.finish_reason} for e in episodes],  # the last turn's
-                versions=[min(e.versions, default=self._serving_version()) for e in episodes],
-            ))  # fmt: skip
+            out.append(
+                ScoredGroup(
+                    tokens=[e.tokens for e in episodes],
+                    masks=[e.masks for e in episodes],
+                    scores=scores,
+                    inference_logprobs=[e.logprobs for e in episodes],
+                    sampling_kept=[e.kept for e in episodes] if any(any(e.kept) for e in episodes) else None,
+                    generation_params={"temperature": self.temperature, "max_tokens": self.max_tokens},
+                    overrides=[{"finish_reason": e.sample.finish_reason} for e in episodes],  # the last turn's
+                    versions=[min(e.versions, default=self._serving_version()) for e in episodes],
+                )
+            )
         return out
 
     def _serving_version(self) -> int:
@@ -261,9 +282,7 @@ class MockEnvironment:
         except Exception as e:
             raise RuntimeError(f"task {self.config.task!r}: the reward function raised {e!r}") from e
         if not math.isfinite(score):
-            raise ValueError(
-                f"task {self.config.task!r}: the reward function returned {score} for {sample.text!r}"
-            )
+            raise ValueError(f"task {self.config.task!r}: the reward function returned {score} for {sample.text!r}")
         return score
 
     # --- learner batches ------------------------------------------------------------------------------------------
@@ -323,7 +342,5 @@ class MockEnvironment:
     def load_state(self, state: dict[str, Any]) -> None:
         next_group = state.get("next_group")
         if not isinstance(next_group, int) or next_group < 0:
-            raise ValueError(
-                f"mock environment state: next_group must be a non-negative int, got {next_group!r}"
-            )
+            raise ValueError(f"mock environment state: next_group must be a non-negative int, got {next_group!r}")
         self._next_group = next_group

@@ -54,9 +54,7 @@ class Sample:
     tokens: list[int] = field(
         default_factory=list
     )  # completion token ids; ends with the EOS token when it stopped on it
-    pieces: list[str] = field(
-        default_factory=list
-    )  # each text token decoded on its own (the final EOS left out)
+    pieces: list[str] = field(default_factory=list)  # each text token decoded on its own (the final EOS left out)
     turn: int = 1  # which model turn of a multi-turn episode this is
 
 
@@ -127,9 +125,7 @@ def load_task(spec: str) -> Task:
         except Exception as e:
             raise ValueError(f"task {spec!r}: calling {attr}() failed: {e!r}") from e
     if not isinstance(task, Task):
-        raise ValueError(
-            f"task {spec!r}: expected a Task or a function returning one, got {type(task).__name__}"
-        )
+        raise ValueError(f"task {spec!r}: expected a Task or a function returning one, got {type(task).__name__}")
     return task
 
 
@@ -195,7 +191,8 @@ CATEGORIES: dict[str, frozenset[str]] = {
         "musical instrument": "piano guitar violin viola cello bass drum drums flute clarinet oboe bassoon "
         "saxophone trumpet trombone tuba harp harmonica accordion banjo ukulele mandolin xylophone organ "
         "keyboard synthesizer tambourine triangle cymbal cymbals bagpipes sitar recorder piccolo marimba bongo",
-        "sport": "athletics weightlifting football soccer basketball baseball tennis golf hockey rugby cricket volleyball swimming "
+        "sport": "athletics weightlifting football soccer basketball baseball tennis golf hockey rugby cricket "
+        "volleyball swimming "
         "boxing wrestling cycling running skiing snowboarding surfing skateboarding badminton archery fencing "
         "rowing sailing gymnastics karate judo taekwondo polo lacrosse handball bowling climbing diving "
         "softball squash marathon triathlon curling",
@@ -338,8 +335,7 @@ EVAL_TOPICS: dict[str, frozenset[str]] = {
         "rushing deep wide muddy peaceful",
         "a garden": "green flowers plants trees grass colorful colourful beautiful peaceful quiet fresh "
         "blooming lush bees vegetables soil sunny",
-        "the desert": "hot dry sandy sand vast empty barren arid dunes sun cactus harsh endless lonely "
-        "golden dusty",
+        "the desert": "hot dry sandy sand vast empty barren arid dunes sun cactus harsh endless lonely golden dusty",
         "a train": "fast long loud noisy metal railway rails tracks carriages passengers engine steam speedy "
         "moving travel station",
         "chocolate": "sweet brown dark delicious rich creamy tasty smooth sugary milk bitter cocoa treat "

@@ -2,7 +2,8 @@
 
 In: ScoredGroups whose `tokens` are whole sequences (prompt + completion), `masks` holding -100 at prompt positions
 and the token id at trained positions, optional per-token `advantages`, `inference_logprobs` (1.0 placeholders at
-prompt positions), `ref_logprobs`, `sampling_kept` (kept-set sizes, 0 for the full vocabulary) and `teacher_logprobs`, all the length
+prompt positions), `ref_logprobs`, `sampling_kept` (kept-set sizes, 0 for the full vocabulary) and `teacher_logprobs`,
+all the length
 of `tokens`. Out: a TokenBatch of shape (N, T), T = longest
 sequence - 1, where position t feeds tokens[t] and predicts tokens[t + 1]: input_ids = tokens[:-1], targets =
 tokens[1:], a target is trained iff masks[1:] != -100, and per-token inputs are taken at [1:] (they describe the
@@ -96,9 +97,7 @@ def row_temperatures(group: ScoredGroup) -> list[float]:
     out = []
     for i in range(len(group.tokens)):
         own = (
-            _temperature((group.overrides[i] or {}).get("temperature"), f"overrides[{i}]")
-            if group.overrides
-            else None
+            _temperature((group.overrides[i] or {}).get("temperature"), f"overrides[{i}]") if group.overrides else None
         )
         out.append(next((t for t in (own, gen, grp) if t is not None), 1.0))
     return out
@@ -155,10 +154,7 @@ def collate(batch: RolloutBatch) -> TokenBatch:
     n, width = len(seqs), max(1, int(lengths.max()))
     ids, targets = np.zeros((n, width), np.int32), np.zeros((n, width), np.int32)
     mask = np.zeros((n, width), bool)
-    given = {
-        name: np.zeros((n, width), np.float32)
-        for name in ("advantages", "inference_logprobs", "ref_logprobs")
-    }
+    given = {name: np.zeros((n, width), np.float32) for name in ("advantages", "inference_logprobs", "ref_logprobs")}
     has = {name: np.zeros(n, bool) for name in given}
     temperature, zero = np.ones(n, np.float32), np.zeros(n, bool)
     kept = np.zeros((n, width), np.int32) if any(group.sampling_kept for group in batch.groups) else None

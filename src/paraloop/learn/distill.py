@@ -38,8 +38,9 @@ def distill_advantages(
     keep = tb.mask & ~tb.zero_advantage[:, None] & rows[:, None]
     diff = np.zeros(tb.mask.shape)
     if rows.any():  # (N, T) float64, bounded like every log-ratio of the loss
-        diff = np.clip(tb.teacher_logprobs.astype(np.float64) - tb.inference_logprobs, -LOG_RATIO_BOUND,
-                       LOG_RATIO_BOUND)  # fmt: skip
+        diff = np.clip(
+            tb.teacher_logprobs.astype(np.float64) - tb.inference_logprobs, -LOG_RATIO_BOUND, LOG_RATIO_BOUND
+        )
     adv = reward_weight * task.astype(np.float64) + weight * np.where(keep, diff, 0.0)
     metrics: dict[str, float] = {}
     if rows.any():

@@ -114,8 +114,11 @@ def logits_head(model: nn.Module) -> LogitsHead | None:
     name = type(model).__module__
     head = _layout(model)
     if head is None:
-        logger.info("chunked log-probs off for %s: no model.model body with an lm_head or tied embedding; "
-                    "the learner computes full logits", name)  # fmt: skip
+        logger.info(
+            "chunked log-probs off for %s: no model.model body with an lm_head or tied embedding; "
+            "the learner computes full logits",
+            name,
+        )
         return None
     training = model.training
     model.eval()  # no dropout in the probe: both sides must see the same function
@@ -135,8 +138,10 @@ def logits_head(model: nn.Module) -> LogitsHead | None:
     if not error <= PROBE_TOLERANCE:
         logger.info(
             "chunked log-probs off for %s: head(body(x)) differs from model(x) by %.2g (relative); it applies "
-            "something this split does not know, so the learner computes full logits", name, error,
-        )  # fmt: skip
+            "something this split does not know, so the learner computes full logits",
+            name,
+            error,
+        )
         return None
     return head
 

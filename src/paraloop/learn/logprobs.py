@@ -96,9 +96,18 @@ def forward_logprobs(
         return token_logprobs(model(input_ids), targets, temperature, with_entropy=with_entropy, kept=kept)
     hidden = head.hidden(model, input_ids)
     return chunked_logprobs(
-        model, head, hidden, targets, temperature, chunk_tokens=chunk_tokens, positions=positions,
-        with_entropy=with_entropy, entropy_grad=entropy_grad, keep_logits=keep_logits, kept=kept,
-    )  # fmt: skip
+        model,
+        head,
+        hidden,
+        targets,
+        temperature,
+        chunk_tokens=chunk_tokens,
+        positions=positions,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+        keep_logits=keep_logits,
+        kept=kept,
+    )
 
 
 def chunked_logprobs(
@@ -132,7 +141,15 @@ def chunked_logprobs(
     module = head.module(model)
     chunk = chunk_tokens or auto_chunk_tokens(_vocab_of(module))
     scores = _scores_function(
-        head, module, tgt, inv_t, chunk, with_entropy, entropy_grad and with_entropy, flat.dtype, keep_logits,
+        head,
+        module,
+        tgt,
+        inv_t,
+        chunk,
+        with_entropy,
+        entropy_grad and with_entropy,
+        flat.dtype,
+        keep_logits,
         flat_kept,
     )
     outs = scores(flat, module.trainable_parameters())

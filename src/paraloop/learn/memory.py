@@ -200,7 +200,9 @@ class Mode:
     keep_logits: bool = False
 
     def __str__(self) -> str:
-        return f"checkpointing {'on' if self.checkpoint else 'off'}, logits {'kept' if self.keep_logits else 'recomputed'}"
+        return (
+            f"checkpointing {'on' if self.checkpoint else 'off'}, logits {'kept' if self.keep_logits else 'recomputed'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -295,9 +297,10 @@ class MemoryPlanner:
         shape = Shape(int(scored.max()))
         mode = self._modes(lengths, shape, available, probe)
         plans = plan_micro_batches(
-            lengths, token_budget=self.config.token_budget,
+            lengths,
+            token_budget=self.config.token_budget,
             fits=lambda rows, width: self._fits(shape(rows, width), mode(rows, width), available),
-        )  # fmt: skip
+        )
         out = []
         for rows in plans:
             plan = self._plan(rows, lengths, scored, mode)
@@ -311,8 +314,9 @@ class MemoryPlanner:
     def _plan(rows: np.ndarray, lengths: np.ndarray, scored: np.ndarray, mode: Callable[[int, int], Mode]) -> Plan:
         width = int(lengths[rows].max())
         m = mode(len(rows), width)
-        return Plan(rows=rows, checkpoint=m.checkpoint, width=width, scored=int(scored[rows].sum()),
-                    keep_logits=m.keep_logits)  # fmt: skip
+        return Plan(
+            rows=rows, checkpoint=m.checkpoint, width=width, scored=int(scored[rows].sum()), keep_logits=m.keep_logits
+        )
 
     def _modes(self, lengths: np.ndarray, shape: Shape, available: float, probe: Probe) -> Callable[[int, int], Mode]:
         """Calibrate the cost models this batch needs; return (rows, width) -> mode: the fastest mode of the ladder
@@ -370,8 +374,13 @@ class MemoryPlanner:
                 return
             for scored in (width, 1) if not cost.points and width > 1 else (width,):
                 cost.add(1, width, scored, probe(1, width, mode, scored))
-                logger.debug("memory probe: 1 x %d tokens (%d scored), %s: %.1f MiB", width, scored, mode,
-                             cost.points[-1][3] / 2**20)  # fmt: skip
+                logger.debug(
+                    "memory probe: 1 x %d tokens (%d scored), %s: %.1f MiB",
+                    width,
+                    scored,
+                    mode,
+                    cost.points[-1][3] / 2**20,
+                )
 
     def observe(self, plan: Plan, used: int) -> None:
         """A real micro-batch's measured bytes over the memory before it; raise the model if it was low."""
@@ -383,15 +392,22 @@ class MemoryPlanner:
         if used > predicted and variable > 0:
             cost.correction = max(cost.correction, (used - cost.fixed) / variable)
             level = logging.INFO if used > MARGIN * predicted else logging.DEBUG  # beyond the margin: news
-            logger.log(level, "memory model raised by %.0f%% after a %d x %d micro-batch used %.1f MiB",
-                       (used / predicted - 1) * 100, len(plan.rows), plan.width, used / 2**20)  # fmt: skip
+            logger.log(
+                level,
+                "memory model raised by %.0f%% after a %d x %d micro-batch used %.1f MiB",
+                (used / predicted - 1) * 100,
+                len(plan.rows),
+                plan.width,
+                used / 2**20,
+            )
 
     def _too_long(self, shape: tuple[int, int, int], mode: Mode, available: float) -> SequenceTooLong:
         width = shape[1]
         need = MARGIN * self.costs[mode](*shape)
         held = self.target - available
         hint = (
-            "" if mode.checkpoint or not self.checkpointing_available
+            ""
+            if mode.checkpoint or not self.checkpointing_available
             else ", set rl_training.activation_checkpointing = 'auto' or 'always'"
         )
         return SequenceTooLong(

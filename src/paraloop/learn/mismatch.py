@@ -30,8 +30,11 @@ def staleness_metrics(versions: np.ndarray, learner_version: int) -> dict[str, f
     if not known.size:
         return {"version_known_fraction": 0.0} if versions.size else {}
     lag = learner_version - known
-    return {"staleness_mean": float(lag.mean()), "staleness_max": float(lag.max()),
-            "version_known_fraction": known.size / versions.size}  # fmt: skip
+    return {
+        "staleness_mean": float(lag.mean()),
+        "staleness_max": float(lag.max()),
+        "version_known_fraction": known.size / versions.size,
+    }
 
 
 def mismatch_metrics(sums: dict[str, float]) -> dict[str, float]:

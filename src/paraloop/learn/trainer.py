@@ -70,9 +70,15 @@ logger = logging.getLogger("paraloop.learn")
 
 SUM_STATS = ("pg_loss", "kl", "entropy", "clipped", "ratio_sum", "tokens", "importance_weight_sum")
 MISMATCH_STATS = (
-    "mismatch_abs_sum", "mismatch_abs_max", "mismatch_tokens", "rollout_ratio_sum", "rollout_ratio_min",
-    "rollout_ratio_max", "rollout_ratio_outside", "rollout_tokens",
-)  # fmt: skip
+    "mismatch_abs_sum",
+    "mismatch_abs_max",
+    "mismatch_tokens",
+    "rollout_ratio_sum",
+    "rollout_ratio_min",
+    "rollout_ratio_max",
+    "rollout_ratio_outside",
+    "rollout_tokens",
+)
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,7 @@ class Trainer:
         lora = config.train_mode == "lora"
         if lora and not has_lora(model):
             if adapter_config is None:
-                raise ValueError(
-                    "train_mode = 'lora': the model has no LoRA layers and no adapter_config was given"
-                )
+                raise ValueError("train_mode = 'lora': the model has no LoRA layers and no adapter_config was given")
             attach_lora(model, adapter_config, seed=config.seed)
         if not lora and config.kl_beta > 0:
             raise ValueError(
@@ -174,8 +178,11 @@ class Trainer:
         self.importance_correction = self.importance_cap is not None or config.importance_min is not None
         self.norm_length, source = norm_length(config)
         if config.loss_aggregation == "seq-mean-token-sum-norm":
-            logger.info("loss aggregation seq-mean-token-sum-norm (Dr. GRPO): each sequence's token sum is divided "
-                        "by %d (%s)", self.norm_length, source)  # fmt: skip
+            logger.info(
+                "loss aggregation seq-mean-token-sum-norm (Dr. GRPO): each sequence's token sum is divided by %d (%s)",
+                self.norm_length,
+                source,
+            )
         if config.algorithm == "gspo" and config.loss_aggregation != "seq-mean-token-mean":
             logger.warning(
                 "algorithm = 'gspo' with loss_aggregation = %r: each sequence's GSPO term is weighted by its "
@@ -206,7 +213,7 @@ class Trainer:
             config.token_budget,
             "in chunks" if self.head is not None else "full logits",
             config.activation_checkpointing if self.blocks.available else "unavailable",
-        )  # fmt: skip
+        )
         self.step_count, self.version, self.skipped_steps = 0, version, 0
         # Data parallelism (distributed.Ranks): every rank prepares the whole batch (advantages, weights), trains
         # its share of the rows and has gradients and statistics summed, so every rank makes the same update.
@@ -331,9 +338,7 @@ class Trainer:
     # --- internals -------------------------------------------------------------------------------------------------
 
     def _loss(self, mb: MicroBatch) -> tuple[mx.array, dict[str, mx.array]]:
-        logp, entropy = self._logprobs(
-            mb, entropy_grad=self.config.entropy_weight != 0, keep_logits=mb.keep_logits
-        )
+        logp, entropy = self._logprobs(mb, entropy_grad=self.config.entropy_weight != 0, keep_logits=mb.keep_logits)
         loss, stats = policy_loss(
             logp,
             entropy,
@@ -364,9 +369,7 @@ class Trainer:
         tb = collate(batch)
         raw_scores = tb.scores
         tb, shaping = self._shape(batch, tb)
-        seq_adv = self.algorithm.advantages(
-            tb.scores, tb.group, scale=cfg.scale_rewards, eps=cfg.advantage_eps
-        )
+        seq_adv = self.algorithm.advantages(tb.scores, tb.group, scale=cfg.scale_rewards, eps=cfg.advantage_eps)
         adv = token_advantages(tb, seq_adv)
         distilled: dict[str, float] = {}
         if tb.has_teacher is not None:  # on-policy distillation: the teacher term joins the advantage
@@ -397,16 +400,18 @@ class Trainer:
     def _log_split(self, metrics: dict[str, float]) -> None:
         """Say when the memory target changes how a step is split (the speed a tight target costs), with the
         step's peak, once per change of the split."""
-        split = tuple(int(metrics.get(k, 0)) for k in ("micro_batches", "checkpointed_micro_batches",
-                                                      "kept_logits_micro_batches"))  # fmt: skip
+        split = tuple(
+            int(metrics.get(k, 0)) for k in ("micro_batches", "checkpointed_micro_batches", "kept_logits_micro_batches")
+        )
         if split != self._split and split[0] and (split[0] > 1 or split[1] or split[2] < split[0]):
             logger.info(
                 "learner step in %d micro-batch(es), %d checkpointed, %d with kept logits: MLX peak %.2f GiB "
                 "(memory target %s, token_budget %d)",
-                *split, metrics.get("peak_memory_gb", 0.0),
+                *split,
+                metrics.get("peak_memory_gb", 0.0),
                 "none" if self.memory.target is None else f"{self.memory.target / GiB:.2f} GiB",
                 self.config.token_budget,
-            )  # fmt: skip
+            )
         self._split = split
 
     def _accumulate(self, micros: list[MicroBatch]) -> tuple[mx.array, dict[str, float], dict]:
@@ -469,10 +474,18 @@ class Trainer:
         (sampling-mask replay, learn/logprobs.py), for the policy, old-policy and reference forwards alike."""
         kept = mb.extras.get("kept")
         return forward_logprobs(
-            self.model, mb.input_ids, mb.targets, mb.temperature, with_entropy=with_entropy, head=self.head,
-            chunk_tokens=self.config.logits_chunk_tokens, positions=mb.positions, entropy_grad=entropy_grad,
-            keep_logits=keep_logits, kept=None if kept is None else mx.array(kept),
-        )  # fmt: skip
+            self.model,
+            mb.input_ids,
+            mb.targets,
+            mb.temperature,
+            with_entropy=with_entropy,
+            head=self.head,
+            chunk_tokens=self.config.logits_chunk_tokens,
+            positions=mb.positions,
+            entropy_grad=entropy_grad,
+            keep_logits=keep_logits,
+            kept=None if kept is None else mx.array(kept),
+        )
 
     def _probe(self, rows: int, width: int, mode: Mode, scored: int) -> int:
         """Bytes one gradient pass over (rows, width) synthetic tokens, the last `scored` of each row trained, adds
@@ -486,12 +499,17 @@ class Trainer:
         mask = np.zeros(shape, bool)
         mask[:, width - scored :] = True
         mb = MicroBatch(
-            input_ids=mx.zeros(shape, mx.int32), targets=mx.zeros(shape, mx.int32),
-            temperature=mx.ones((rows,)), mask=mx.array(mask),
-            weights=mx.array(mask / mask.sum(), mx.float32), advantages=mx.ones(shape),
+            input_ids=mx.zeros(shape, mx.int32),
+            targets=mx.zeros(shape, mx.int32),
+            temperature=mx.ones((rows,)),
+            mask=mx.array(mask),
+            weights=mx.array(mask / mask.sum(), mx.float32),
+            advantages=mx.ones(shape),
             ref_logp=mx.zeros(shape) if self.config.kl_beta > 0 else None,
-            positions=np.flatnonzero(mask), checkpoint=mode.checkpoint, keep_logits=mode.keep_logits,
-        )  # fmt: skip
+            positions=np.flatnonzero(mask),
+            checkpoint=mode.checkpoint,
+            keep_logits=mode.keep_logits,
+        )
         mx.eval(mb.input_ids, mb.targets, mb.temperature, mb.mask, mb.weights, mb.advantages, mb.ref_logp)
         self.model.train()
         try:
@@ -562,9 +580,13 @@ class Trainer:
         """Overlong penalty on the scores and truncated rows out of the mask (each only when configured)."""
         cfg = self.config
         scores, mask, metrics = shape_rows(
-            batch, tb, default_max_tokens=cfg.max_tokens, buffer=cfg.overlong_buffer,
-            factor=cfg.overlong_penalty, mask_truncated=cfg.mask_truncated,
-        )  # fmt: skip
+            batch,
+            tb,
+            default_max_tokens=cfg.max_tokens,
+            buffer=cfg.overlong_buffer,
+            factor=cfg.overlong_penalty,
+            mask_truncated=cfg.mask_truncated,
+        )
         return replace(tb, scores=scores, mask=mask), metrics
 
     def _mark_fresh(
@@ -605,9 +627,14 @@ class Trainer:
         """Rollout correction: importance weights pi_old / pi_rollout, with the raw ratios' statistics."""
         cfg = self.config
         weight, ratio = importance_weights(
-            old, inference, rollout_mask, level=cfg.importance_level, mode=cfg.importance_mode,
-            low=cfg.importance_min, high=self.importance_cap,
-        )  # fmt: skip
+            old,
+            inference,
+            rollout_mask,
+            level=cfg.importance_level,
+            mode=cfg.importance_mode,
+            low=cfg.importance_min,
+            high=self.importance_cap,
+        )
         stats = importance_stats(weight, ratio, rollout_mask)
         mx.eval(weight, stats)
         mb.importance_weight = weight
@@ -685,9 +712,7 @@ class Trainer:
 
     def _finish(self, metrics: dict[str, float], start: float) -> None:
         elapsed = time.perf_counter() - start
-        metrics.update(
-            step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed, skipped_steps=self.skipped_steps
-        )
+        metrics.update(step_time_s=elapsed, tokens_per_s=metrics["tokens"] / elapsed, skipped_steps=self.skipped_steps)
         metrics.update(self.phases.metrics(elapsed))
         metrics["peak_memory_gb"] = self.peak.read() / GiB  # MLX's peak in the step, everything held included
         if self.memory.target is not None:

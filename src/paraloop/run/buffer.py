@@ -15,7 +15,8 @@ reports in `metrics` how many zero-signal groups were held back for it and how m
 
 Journal ids (run/journal.py): a group put with an id keeps it; each batch taken lists in `consumes` the ids of
 its groups and of every group dropped since the previous batch (a reserved zero-signal group only once it leaves
-the reserve), so the learner can mark exactly those consumed. Groups put back from the journal by a resumed run (`replayed=True`) come before every other group, in any order.
+the reserve), so the learner can mark exactly those consumed. Groups put back from the journal by a resumed run
+(`replayed=True`) come before every other group, in any order.
 
 A plain synchronous class: the runtime owns it from one task, so it needs no lock; the same puts and takes give
 the same batches.
@@ -183,8 +184,13 @@ class RolloutBuffer:
         self._stale_since_take += batch.dropped_stale  # drops upstream still reach the learner's metrics
         count = len(batch.groups)
         return sum(
-            self.put(g, source=batch.source, source_step=batch.source_step, source_state=batch.source_state,
-                     journal_id=None if journal_seq is None else (journal_seq, i, count))
+            self.put(
+                g,
+                source=batch.source,
+                source_step=batch.source_step,
+                source_state=batch.source_state,
+                journal_id=None if journal_seq is None else (journal_seq, i, count),
+            )
             for i, g in enumerate(batch.groups)
         )
 
@@ -204,8 +210,12 @@ class RolloutBuffer:
         self._counts["dropped_stale"] += len(stale)
         self._stale_since_take += len(stale)
         if stale:
-            log.info("dropped %d rollout group(s) more than %d versions older than adapter %d: more are fetched",
-                     len(stale), self.staleness.max_versions, version)
+            log.info(
+                "dropped %d rollout group(s) more than %d versions older than adapter %d: more are fetched",
+                len(stale),
+                self.staleness.max_versions,
+                version,
+            )
         return len(stale)
 
     def _is_stale(self, entry: _Entry, version: int) -> bool:
@@ -245,9 +255,7 @@ class RolloutBuffer:
             rows, longest = rows + entry.sequences, new_longest
             if rows == self.batch_size:
                 break
-        budget_full = over_budget or (
-            self.max_batch_tokens is not None and rows * longest >= self.max_batch_tokens
-        )
+        budget_full = over_budget or (self.max_batch_tokens is not None and rows * longest >= self.max_batch_tokens)
         if not chosen or (rows < self.batch_size and not budget_full and not partial and not fill):
             return None
         reserved = {e.arrival for e in chosen if e.arrival not in self._entries}

@@ -66,20 +66,35 @@ async def run_checkpointer(
         status.checkpoint_writing_since = start = time.monotonic()
         try:
             path = await thread.call(
-                write, run_dir, step=request.step, version=request.version, adapter=request.adapter,
-                adapter_config=adapter_config, optimizer_state=request.optimizer_state, reference=request.reference,
-                trainer_state={**request.trainer_state, "config": config}, adapter_format=adapter_format,
+                write,
+                run_dir,
+                step=request.step,
+                version=request.version,
+                adapter=request.adapter,
+                adapter_config=adapter_config,
+                optimizer_state=request.optimizer_state,
+                reference=request.reference,
+                trainer_state={**request.trainer_state, "config": config},
+                adapter_format=adapter_format,
                 keep_last=keep_last,
             )
         except OSError as e:
             failures += 1
             error = f"{type(e).__name__}: {e}"
             if status.checkpoint_error is None:
-                log.error("checkpoint step %d could not be written (%s): nothing partial was left; training goes "
-                          "on and the write is retried", request.step, error)
-            status.checkpoint_error = {"step": request.step, "error": error, "failures": failures,
-                                       "since": (status.checkpoint_error or {}).get("since", time.time()),
-                                       "retry_in_s": delay()}
+                log.error(
+                    "checkpoint step %d could not be written (%s): nothing partial was left; training goes "
+                    "on and the write is retried",
+                    request.step,
+                    error,
+                )
+            status.checkpoint_error = {
+                "step": request.step,
+                "error": error,
+                "failures": failures,
+                "since": (status.checkpoint_error or {}).get("since", time.time()),
+                "retry_in_s": delay(),
+            }
             await _reply(request, CheckpointWritten(step=request.step, path="", error=error))
             return False
         finally:
@@ -112,8 +127,11 @@ async def run_checkpointer(
                         except anyio.EndOfStream:
                             break
                     if request is not None:
-                        log.info("checkpoint step %d supersedes step %d, which could not be written", request.step,
-                                 pending.step)
+                        log.info(
+                            "checkpoint step %d supersedes step %d, which could not be written",
+                            request.step,
+                            pending.step,
+                        )
                     request = request or pending
                 pending = None if await attempt(request) else _without_reply(request)
         for _ in range(FINAL_ATTEMPTS if pending is not None else 0):

@@ -124,8 +124,10 @@ class LearnerControl:
                     return await receive.receive()
                 if send in self._pending or (self._granted is send and not self._decided):
                     self._withdraw(send)
-                    raise StepTimeout(f"no rollout batch arrived within {timeout:g} s: no step was taken "
-                                      "(see /control/status: source, queues)")
+                    raise StepTimeout(
+                        f"no rollout batch arrived within {timeout:g} s: no step was taken "
+                        "(see /control/status: source, queues)"
+                    )
                 return await receive.receive()  # the learner took this step: its result comes
             except anyio.EndOfStream:
                 raise ControlError("the run is stopping: no step was taken") from None
@@ -203,8 +205,12 @@ def step_timeout(raw: str | None) -> float:
     except ValueError:
         value = math.nan
     if not 0 < value <= MAX_STEP_TIMEOUT_S:  # NaN fails too
-        raise APIError(400, f"timeout: expected seconds in (0, {MAX_STEP_TIMEOUT_S:g}], got {raw[:40]!r}",
-                       param="timeout", code="invalid_value")
+        raise APIError(
+            400,
+            f"timeout: expected seconds in (0, {MAX_STEP_TIMEOUT_S:g}], got {raw[:40]!r}",
+            param="timeout",
+            code="invalid_value",
+        )
     return value
 
 
@@ -228,8 +234,9 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
             raise APIError(409, str(e), code="conflict") from None
         except StepTimeout as e:
             raise APIError(504, str(e), param="timeout", code="step_timeout") from None
-        return json_response({"step": done.step, "adapter_version": done.version, "skipped": done.skipped,
-                      "metrics": done.metrics})
+        return json_response(
+            {"step": done.step, "adapter_version": done.version, "skipped": done.skipped, "metrics": done.metrics}
+        )
 
     async def snapshot(request: web.Request) -> web.Response:
         if control.snapshot is None or status.stopping:
@@ -238,8 +245,11 @@ def control_routes(status: RunStatus, control: LearnerControl) -> list[web.Route
         if written is None:
             raise APIError(409, "the run is shutting down; the final checkpoint is being written", code="conflict")
         if written.error is not None:
-            raise APIError(503, f"checkpoint step {written.step} could not be written ({written.error}); the "
-                           "checkpointer retries it", code="checkpoint_failed")
+            raise APIError(
+                503,
+                f"checkpoint step {written.step} could not be written ({written.error}); the checkpointer retries it",
+                code="checkpoint_failed",
+            )
         return json_response({"step": written.step, "path": written.path})
 
     async def stop(request: web.Request) -> web.Response:
@@ -279,9 +289,11 @@ def run_families(status: RunStatus) -> Iterator[Metric]:
     for part in WATCHED_PARTS:
         stalled.add_metric([part], int(part in snap["stalled"]))
     yield stalled
-    yield GaugeMetricFamily("paraloop_checkpoint_failures",
-                            "failed attempts of the checkpoint being retried (0: none failing)",
-                            value=(snap["checkpoint_error"] or {}).get("failures", 0))
+    yield GaugeMetricFamily(
+        "paraloop_checkpoint_failures",
+        "failed attempts of the checkpoint being retried (0: none failing)",
+        value=(snap["checkpoint_error"] or {}).get("failures", 0),
+    )
     for name, depth in snap["queues"].items():
         queues.add_metric([name], depth)
     yield queues
@@ -295,8 +307,9 @@ def run_families(status: RunStatus) -> Iterator[Metric]:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             evaluation.add_metric([key], value)
     yield evaluation
-    alerts = GaugeMetricFamily("paraloop_alert", "1 while something needs attention (see /control/status alerts)",
-                               labels=["topic"])
+    alerts = GaugeMetricFamily(
+        "paraloop_alert", "1 while something needs attention (see /control/status alerts)", labels=["topic"]
+    )
     for topic in snap["alerts"]:
         alerts.add_metric([topic], 1)
     yield alerts

@@ -48,12 +48,20 @@ async def run_fetcher(
     for entry in replay:
         count = len(entry.batch.groups)
         for index in entry.indices:
-            buffer.put(entry.batch.groups[index], source=entry.batch.source, source_step=entry.batch.source_step,
-                       source_state=entry.batch.source_state, journal_id=(entry.seq, index, count), replayed=True)
+            buffer.put(
+                entry.batch.groups[index],
+                source=entry.batch.source,
+                source_step=entry.batch.source_step,
+                source_state=entry.batch.source_state,
+                journal_id=(entry.seq, index, count),
+                replayed=True,
+            )
     if replay and journal is not None:
         journal.counts["replayed_groups"] += sum(len(e.indices) for e in replay)
-        log.info("replaying %d journaled group(s) fetched before the restart and not in its checkpoint",
-                 journal.counts["replayed_groups"])
+        log.info(
+            "replaying %d journaled group(s) fetched before the restart and not in its checkpoint",
+            journal.counts["replayed_groups"],
+        )
     async with out:
         try:
             first = True
@@ -81,8 +89,12 @@ async def run_fetcher(
                 if max_draws is not None:
                     batch = msgspec.structs.replace(batch, metrics={**batch.metrics, "sampling_draws": float(draws)})
                     if batch.metrics.get("filled_zero_signal"):
-                        log.warning("dynamic sampling: %d draws did not fill the batch with signal; %d zero-signal "
-                                    "group(s) fill it", draws, int(batch.metrics["filled_zero_signal"]))
+                        log.warning(
+                            "dynamic sampling: %d draws did not fill the batch with signal; %d zero-signal "
+                            "group(s) fill it",
+                            draws,
+                            int(batch.metrics["filled_zero_signal"]),
+                        )
                 await out.send(batch)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return  # the learner finished while we were sending
@@ -100,6 +112,9 @@ async def _journal(journal: Journal | None, batch: RolloutBatch) -> int | None:
         with anyio.CancelScope(shield=True):
             return await anyio.to_thread.run_sync(journal.append, batch)
     except OSError as e:
-        log.error("could not journal a fetched batch (%s): training it anyway, but a crash before the next "
-                  "checkpoint would lose it", e)
+        log.error(
+            "could not journal a fetched batch (%s): training it anyway, but a crash before the next "
+            "checkpoint would lose it",
+            e,
+        )
         return None

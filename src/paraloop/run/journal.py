@@ -60,8 +60,10 @@ class Consumed:
         return seq < self.below or index in self.partial.get(seq, (0, set()))[1]
 
     def to_json(self) -> dict[str, Any]:
-        return {"below": self.below,
-                "partial": {str(s): {"count": c, "done": sorted(d)} for s, (c, d) in sorted(self.partial.items())}}
+        return {
+            "below": self.below,
+            "partial": {str(s): {"count": c, "done": sorted(d)} for s, (c, d) in sorted(self.partial.items())},
+        }
 
     @classmethod
     def from_json(cls, data: Any) -> "Consumed":

@@ -52,15 +52,14 @@ def read_hosts(args: argparse.Namespace) -> list[Host]:
         hosts = []
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or not isinstance(entry.get("ssh"), str):
-                raise SystemExit(f"paraloop launch: error: {args.hostfile}: host {i} needs an \"ssh\" name")
+                raise SystemExit(f'paraloop launch: error: {args.hostfile}: host {i} needs an "ssh" name')
             ips = entry.get("ips") or [entry["ssh"]]
             hosts.append(Host(entry["ssh"], ips[0]))
     else:
         hosts = [Host(h, h) for h in args.hosts.split(",") if h]
     hosts = [h for h in hosts for _ in range(args.n)]
     if len(hosts) < 2:
-        raise SystemExit("paraloop launch: error: a distributed run needs at least 2 ranks (-n, --hosts or "
-                         "--hostfile)")
+        raise SystemExit("paraloop launch: error: a distributed run needs at least 2 ranks (-n, --hosts or --hostfile)")
     return hosts
 
 
@@ -90,9 +89,11 @@ def rank_command(rank: int, host: Host, ring: str, args: argparse.Namespace, com
     python = args.python or sys.executable
     if host.local:
         return [python, "-m", "paraloop", *command]
-    script = (f"f=$(mktemp) && echo {shlex.quote(ring)} > $f && export MLX_HOSTFILE=$f MLX_RANK={rank} && "
-              + (f"cd {shlex.quote(args.cwd)} && " if args.cwd else "")
-              + shlex.join([python, "-m", "paraloop", *command]))
+    script = (
+        f"f=$(mktemp) && echo {shlex.quote(ring)} > $f && export MLX_HOSTFILE=$f MLX_RANK={rank} && "
+        + (f"cd {shlex.quote(args.cwd)} && " if args.cwd else "")
+        + shlex.join([python, "-m", "paraloop", *command])
+    )
     return ["ssh", "-tt", "-o", "LogLevel=QUIET", host.ssh, script]
 
 
@@ -111,17 +112,29 @@ def prefixed(out: BinaryIO, prefix: str) -> Callable[[bytes], None]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="paraloop launch", description="start a paraloop command (usually `run`) as the ranks of one "
-        "distributed run, over MLX's ring backend", epilog="example: paraloop launch -n 2 -- run configs/tiny.toml")
+        prog="paraloop launch",
+        description="start a paraloop command (usually `run`) as the ranks of one "
+        "distributed run, over MLX's ring backend",
+        epilog="example: paraloop launch -n 2 -- run configs/tiny.toml",
+    )
     parser.add_argument("-n", type=int, default=1, help="ranks per host (default 1)")
     parser.add_argument("--hosts", default="127.0.0.1", help="comma-separated IPs (default 127.0.0.1)")
-    parser.add_argument("--hostfile", help="mlx.launch's JSON hostfile: [{\"ssh\": ..., \"ips\": [...]}, ...]")
-    parser.add_argument("--starting-port", "-p", type=int, default=None,
-                        help="ring port of rank 0, +1 per rank (default: free ports here, 32323 across machines)")
+    parser.add_argument("--hostfile", help='mlx.launch\'s JSON hostfile: [{"ssh": ..., "ips": [...]}, ...]')
+    parser.add_argument(
+        "--starting-port",
+        "-p",
+        type=int,
+        default=None,
+        help="ring port of rank 0, +1 per rank (default: free ports here, 32323 across machines)",
+    )
     parser.add_argument("--python", help="python on the remote hosts (default: this one's path)")
     parser.add_argument("--cwd", help="working directory on the remote hosts")
-    parser.add_argument("--grace", type=float, default=60.0,
-                        help="seconds the other ranks get to end by themselves after one fails (default 60)")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=60.0,
+        help="seconds the other ranks get to end by themselves after one fails (default 60)",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the paraloop command, e.g. run config.toml")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -138,8 +151,7 @@ def main(argv: list[str]) -> int:
         os.unlink(f.name)
 
 
-async def supervise(hosts: list[Host], ring: str, ring_path: str, args: argparse.Namespace,
-                    command: list[str]) -> int:
+async def supervise(hosts: list[Host], ring: str, ring_path: str, args: argparse.Namespace, command: list[str]) -> int:
     """Start every rank, forward signals to them, wait for them all; after a failure the others get --grace seconds
     to end by themselves, then SIGTERM (SIGKILL 10 s later)."""
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -148,9 +160,14 @@ async def supervise(hosts: list[Host], ring: str, ring_path: str, args: argparse
             for rank, host in enumerate(hosts):
                 env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": ring_path}
                 # Ranks share the launcher's process group: Ctrl-C (and whoever kills the group) reaches them all.
-                await ranks.start(str(rank), rank_command(rank, host, ring, args, command), env=env, own_group=False,
-                                  stdout=prefixed(sys.stdout.buffer, f"[rank {rank}] "),
-                                  stderr=prefixed(sys.stderr.buffer, f"[rank {rank}] "))
+                await ranks.start(
+                    str(rank),
+                    rank_command(rank, host, ring, args, command),
+                    env=env,
+                    own_group=False,
+                    stdout=prefixed(sys.stdout.buffer, f"[rank {rank}] "),
+                    stderr=prefixed(sys.stderr.buffer, f"[rank {rank}] "),
+                )
             code = 0
             with anyio.CancelScope() as waiting:
                 while ranks.unreported():

@@ -107,7 +107,9 @@ class Learner:
         try:
             async with self.published, self.checkpoints, self.finished, self.batches:
                 # A distributed run's ranks stop together: the coordinator's next_batch answers None for all.
-                while self.trainer.step_count < self.total_steps and (self.ranks is not None or not self.status.stopping):
+                while self.trainer.step_count < self.total_steps and (
+                    self.ranks is not None or not self.status.stopping
+                ):
                     if self.ranks is not None:
                         batch = await self.ranks.next_batch(self, self.trainer.step_count)
                         if batch is None:
@@ -216,8 +218,11 @@ class Learner:
 
         async with self._state:
             adapter, reference, trainer_state = await self.thread.call(snapshot)
-            kept = {"trainer": trainer_state["trainer"], "metrics": self.status.last_metrics,
-                    "source_state": self.source_state}
+            kept = {
+                "trainer": trainer_state["trainer"],
+                "metrics": self.status.last_metrics,
+                "source_state": self.source_state,
+            }
             if self.consumed is not None:
                 kept["journal"] = self.consumed.to_json()
             request = SaveCheckpoint(

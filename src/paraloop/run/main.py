@@ -36,8 +36,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("config_file", nargs="?", help="TOML configuration (same as --config)")
     add_config_flags(parser)
     parser.add_argument("--no-plot", action="store_true", help="do not write RUN_DIR/metrics.png at the end")
-    parser.add_argument("--dry-run", action="store_true", help="check the configuration, the paths it names and the "
-                        "model's config.json (resolving a Hugging Face id), then exit without loading the model")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the configuration, the paths it names and the "
+        "model's config.json (resolving a Hugging Face id), then exit without loading the model",
+    )
     args = parser.parse_args(argv)
     from paraloop.blas import SLOW, log_blas
 

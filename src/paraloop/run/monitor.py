@@ -101,11 +101,18 @@ def eval_table(evals: list[dict]) -> str:
         return ""
     keys = ["step", "version", "reward_mean"] + [k for k in evals[0] if k.startswith("pass@")]
     header = " ".join(f"{c:>13}" for c in keys)
-    rows = [f"held-out eval ({evals[0]['task']}, {int(evals[0]['prompts'])} prompts x "
-            f"{int(evals[0]['samples'])} samples)", header, "-" * len(header)]
+    rows = [
+        f"held-out eval ({evals[0]['task']}, {int(evals[0]['prompts'])} prompts x {int(evals[0]['samples'])} samples)",
+        header,
+        "-" * len(header),
+    ]
     for record in evals:
-        rows.append(" ".join(f"{int(record[c]):>13d}" if c in ("step", "version") else f"{record.get(c, float('nan')):>13.4f}"
-                             for c in keys))
+        rows.append(
+            " ".join(
+                f"{int(record[c]):>13d}" if c in ("step", "version") else f"{record.get(c, float('nan')):>13.4f}"
+                for c in keys
+            )
+        )
     return "\n".join(rows)
 
 
@@ -145,8 +152,9 @@ async def run_monitor(
                 line = progress_line(status, done)
                 _say(out, f"\r\x1b[2K{line}" if interactive else line + "\n")
                 for env, metrics in atropos_evals.new() if atropos_evals is not None else []:
-                    write_eval(EvalFinished(step=done.step, version=done.version, task=f"atropos:{env}",
-                                            metrics=metrics))
+                    write_eval(
+                        EvalFinished(step=done.step, version=done.version, task=f"atropos:{env}", metrics=metrics)
+                    )
     finally:
         with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await anyio.to_thread.run_sync(close_all, reporters, abandon_on_cancel=True)
@@ -168,4 +176,3 @@ def _say(out: TextIO, text: str) -> None:
         out.flush()
     except (OSError, ValueError):
         pass
-

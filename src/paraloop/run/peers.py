@@ -39,10 +39,14 @@ WILDCARDS = ("", "0.0.0.0", "::", "[::]")
 
 async def connect(backend: str, thread: Any, wait_s: float, *, exit_: Callable[[int, str], Any] = hard_exit) -> Ranks:
     """Join the group the launcher described, on the learner's thread; exit when the others do not come."""
+
     async def deadline() -> None:
         await anyio.sleep(wait_s)
-        exit_(1, f"error: rank {launch_rank()}: the other ranks did not join within {wait_s:.0f} s "
-                 "(distributed.connect_timeout); are they all started, with the same hostfile?")
+        exit_(
+            1,
+            f"error: rank {launch_rank()}: the other ranks did not join within {wait_s:.0f} s "
+            "(distributed.connect_timeout); are they all started, with the same hostfile?",
+        )
 
     def join() -> Ranks:
         # The ring's connecting side gives up after ~30 s (its listening side waits for ever): a rank 0 still busy
@@ -53,7 +57,9 @@ async def connect(backend: str, thread: Any, wait_s: float, *, exit_: Callable[[
                 return Ranks.connect(backend)
             except RuntimeError as e:
                 if time.monotonic() + 1 >= until:
-                    raise PeerLost(f"rank {launch_rank()}: cannot join the other ranks ({backend} backend): {e}") from None
+                    raise PeerLost(
+                        f"rank {launch_rank()}: cannot join the other ranks ({backend} backend): {e}"
+                    ) from None
                 log.info("rank %d: the other ranks are not there yet (%s): trying again", launch_rank(), e)
                 time.sleep(1)
 
@@ -137,10 +143,17 @@ class Watcher:
             "rank": self.ranks.rank,
             "size": self.ranks.size,
             "collectives": self.ranks.seq,
-            "in_collective": None if flight is None else {
-                "seq": flight.seq, "name": flight.name, "for_s": round(now - flight.started, 3)},
-            "peers": {str(p["rank"]): {"url": p["url"], "last_heartbeat_s": round(now - self.last_ok[p["rank"]], 3),
-                                       "error": self.errors.get(p["rank"])} for p in self.peers},
+            "in_collective": None
+            if flight is None
+            else {"seq": flight.seq, "name": flight.name, "for_s": round(now - flight.started, 3)},
+            "peers": {
+                str(p["rank"]): {
+                    "url": p["url"],
+                    "last_heartbeat_s": round(now - self.last_ok[p["rank"]], 3),
+                    "error": self.errors.get(p["rank"]),
+                }
+                for p in self.peers
+            },
         }
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
@@ -159,9 +172,13 @@ class Watcher:
                     now = time.monotonic()
                     lost = [r for r, t in self.last_ok.items() if now - t > self.config.peer_timeout]
                     if lost:
-                        self._lose("; ".join(
-                            f"{self.describe(r)} has answered no heartbeat for {now - self.last_ok[r]:.0f} s "
-                            f"(distributed.peer_timeout; last error: {self.errors.get(r, 'none')})" for r in lost))
+                        self._lose(
+                            "; ".join(
+                                f"{self.describe(r)} has answered no heartbeat for {now - self.last_ok[r]:.0f} s "
+                                f"(distributed.peer_timeout; last error: {self.errors.get(r, 'none')})"
+                                for r in lost
+                            )
+                        )
                 await anyio.sleep(self.config.heartbeat_interval)
 
     async def _ping(self, session: aiohttp.ClientSession, peer: dict[str, Any]) -> None:
@@ -179,23 +196,32 @@ class Watcher:
         flight = self.ranks.in_flight
         if flight is None or time.monotonic() - flight.started <= self.config.collective_timeout:
             return
-        behind = [f"{self.describe(r)} is at collective #{a.get('collectives', '?')}"
-                  + (f" ({a['in_collective']['name']})" if a.get("in_collective") else "")
-                  for r, a in sorted(self.answers.items()) if a.get("collectives", flight.seq) < flight.seq]
-        self._lose(f"collective {flight.name} #{flight.seq} has waited {time.monotonic() - flight.started:.0f} s "
-                   f"(distributed.collective_timeout)" + (f": {'; '.join(behind)}" if behind else ""))
+        behind = [
+            f"{self.describe(r)} is at collective #{a.get('collectives', '?')}"
+            + (f" ({a['in_collective']['name']})" if a.get("in_collective") else "")
+            for r, a in sorted(self.answers.items())
+            if a.get("collectives", flight.seq) < flight.seq
+        ]
+        self._lose(
+            f"collective {flight.name} #{flight.seq} has waited {time.monotonic() - flight.started:.0f} s "
+            f"(distributed.collective_timeout)" + (f": {'; '.join(behind)}" if behind else "")
+        )
 
     def _lose(self, reason: str) -> None:
         reason = f"rank {self.ranks.rank}: {reason}"
         if self.ranks.fail(reason):
-            self.exit(1, f"error: {reason}. The learner is blocked in a collective that cannot finish: exiting "
-                         "now (the newest complete checkpoint stands)")
+            self.exit(
+                1,
+                f"error: {reason}. The learner is blocked in a collective that cannot finish: exiting "
+                "now (the newest complete checkpoint stands)",
+            )
         raise PeerLost(reason)
 
 
 def rank_routes(watcher: Watcher, status: Any, *, follower: bool) -> list[web.RouteDef]:
     """GET /ranks (the heartbeat: this rank and what it sees of the others). On a follower rank, GET
     /control/status reads its own status and POST /control/* answers 409 naming rank 0, which drives the run."""
+
     async def ranks(request: web.Request) -> web.Response:
         return json_response({**watcher.status(), "step": status.step, "paused": status.paused})
 
@@ -207,8 +233,10 @@ def rank_routes(watcher: Watcher, status: Any, *, follower: bool) -> list[web.Ro
         return json_response(status.snapshot())
 
     async def refuse(request: web.Request) -> web.Response:
-        raise APIError(409, f"this is rank {watcher.ranks.rank} of a distributed run: /control is rank 0's, at "
-                       f"{watcher.url_of(0)}", code="conflict")
+        raise APIError(
+            409,
+            f"this is rank {watcher.ranks.rank} of a distributed run: /control is rank 0's, at {watcher.url_of(0)}",
+            code="conflict",
+        )
 
-    return routes + [web.get("/control/status", get_status, allow_head=False),
-                     web.post("/control/{action}", refuse)]
+    return routes + [web.get("/control/status", get_status, allow_head=False), web.post("/control/{action}", refuse)]

@@ -47,22 +47,33 @@ def settings_problems(settings: Settings, *, follower: bool = False) -> list[str
     if follower:
         pass  # the run dir's checkpoints, resume and lora_path are rank 0's
     elif not ckpt.resume and list_checkpoints(ckpt.dir):  # run_async checks this again; here it is found by --dry-run
-        problems.append(f"checkpoint.dir: {ckpt.dir} already holds checkpoints of an earlier run: continue it with "
-                        f"--resume {ckpt.dir}, or give another --run-dir (nothing is overwritten)")
-    paths = [("checkpoint.resume", ckpt.resume), ("model.lora_path", model.lora_path),
-             *((f"server.lora_modules.{name}", path) for name, path in settings.server.lora_modules.items())]
+        problems.append(
+            f"checkpoint.dir: {ckpt.dir} already holds checkpoints of an earlier run: continue it with "
+            f"--resume {ckpt.dir}, or give another --run-dir (nothing is overwritten)"
+        )
+    paths = [
+        ("checkpoint.resume", ckpt.resume),
+        ("model.lora_path", model.lora_path),
+        *((f"server.lora_modules.{name}", path) for name, path in settings.server.lora_modules.items()),
+    ]
     for key, value in paths:
         if value and not follower and not Path(value).exists():
             problems.append(f"{key}: {value}: no such file or directory")
     if settings.server.lora_modules and rl.train_mode == "full":
-        problems.append("server.lora_modules: named LoRA adapters are served beside a LoRA policy only; this run "
-                        "trains every weight (rl_training.train_mode = 'full')")
+        problems.append(
+            "server.lora_modules: named LoRA adapters are served beside a LoRA policy only; this run "
+            "trains every weight (rl_training.train_mode = 'full')"
+        )
     if rl.train_mode == "lora" and not (ckpt.resume or model.lora_path or model.auto_init_lora):
-        problems.append("nothing to train: set model.auto_init_lora = true or model.lora_path "
-                        "(or rl_training.train_mode = 'full' on a non-quantized model)")
+        problems.append(
+            "nothing to train: set model.auto_init_lora = true or model.lora_path "
+            "(or rl_training.train_mode = 'full' on a non-quantized model)"
+        )
     if rl.train_mode == "full" and rl.kl_beta > 0:
-        problems.append("rl_training.kl_beta > 0 needs a reference adapter, and train_mode = 'full' keeps none "
-                        "(paraloop never holds a second copy of the model): set rl_training.kl_beta = 0")
+        problems.append(
+            "rl_training.kl_beta > 0 needs a reference adapter, and train_mode = 'full' keeps none "
+            "(paraloop never holds a second copy of the model): set rl_training.kl_beta = 0"
+        )
     if not rl.atropos.api_url:
         problems += mock_problems(settings)
     problems += eval_problems(settings)
@@ -97,13 +108,17 @@ def mock_problems(settings: Settings) -> list[str]:
             f"counts sequences and holds whole groups of completions of one prompt ({' or '.join(fixes)})"
         )
     if group > engine.max_n:
-        problems.append(f"rl_training.mock.group_size ({group}) is more than engine.max_n ({engine.max_n}), the most "
-                        "completions one request may ask for: lower it or raise engine.max_n")
+        problems.append(
+            f"rl_training.mock.group_size ({group}) is more than engine.max_n ({engine.max_n}), the most "
+            "completions one request may ask for: lower it or raise engine.max_n"
+        )
     max_tokens = rl.mock.max_tokens or rl.max_tokens
     if max_tokens > engine.max_tokens_limit:
         key = "rl_training.mock.max_tokens" if rl.mock.max_tokens else "rl_training.max_tokens"
-        problems.append(f"{key} ({max_tokens}) is more than engine.max_tokens_limit ({engine.max_tokens_limit}), "
-                        "the largest max_tokens a request may ask for: lower it or raise engine.max_tokens_limit")
+        problems.append(
+            f"{key} ({max_tokens}) is more than engine.max_tokens_limit ({engine.max_tokens_limit}), "
+            "the largest max_tokens a request may ask for: lower it or raise engine.max_tokens_limit"
+        )
     from paraloop.envs.tasks import load_task
 
     try:
@@ -139,11 +154,17 @@ def model_problems(settings: Settings, model_dir: Path) -> list[str]:
     problems = []
     quantized = "quantization" in config or "quantization_config" in config
     if rl.train_mode == "full" and quantized:
-        problems.append("rl_training.train_mode = 'full' needs a non-quantized model, and model.base_path is "
-                        "quantized (quantized weights have no gradient): use train_mode = 'lora'")
+        problems.append(
+            "rl_training.train_mode = 'full' needs a non-quantized model, and model.base_path is "
+            "quantized (quantized weights have no gradient): use train_mode = 'lora'"
+        )
     blocks = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
     fresh_lora = rl.train_mode == "lora" and not (settings.checkpoint.resume or settings.model.lora_path)
     if fresh_lora and isinstance(blocks, int) and lora.num_layers > blocks:
-        log.warning("rl_training.lora.num_layers = %d but the model has %d blocks: LoRA goes on all %d",
-                    lora.num_layers, blocks, blocks)
+        log.warning(
+            "rl_training.lora.num_layers = %d but the model has %d blocks: LoRA goes on all %d",
+            lora.num_layers,
+            blocks,
+            blocks,
+        )
     return problems

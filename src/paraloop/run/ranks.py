@@ -110,18 +110,24 @@ def start_payload(settings: Any, models: Any) -> bytes:
     trainer, resumed = models.trainer, models.resumed
     state = trainer.state()
     reference = trainer.reference()
-    return msgspec.msgpack.encode({
-        "rl_training": settings.rl_training.model_dump(mode="json"),
-        "adapter_config": models.adapter_config,
-        "adapter": pack_tree(trainer.adapter()),
-        "reference": pack_tree(reference) if reference is not None else None,
-        "optimizer": pack_tree(state["optimizer"]),
-        "trainer": state["trainer"],
-        "resumed": None if resumed is None else {
-            "path": str(resumed.path), "step": resumed.step, "version": resumed.version,
-            "trainer_state": json.loads(json.dumps(resumed.trainer_state, default=str)),
-        },
-    })
+    return msgspec.msgpack.encode(
+        {
+            "rl_training": settings.rl_training.model_dump(mode="json"),
+            "adapter_config": models.adapter_config,
+            "adapter": pack_tree(trainer.adapter()),
+            "reference": pack_tree(reference) if reference is not None else None,
+            "optimizer": pack_tree(state["optimizer"]),
+            "trainer": state["trainer"],
+            "resumed": None
+            if resumed is None
+            else {
+                "path": str(resumed.path),
+                "step": resumed.step,
+                "version": resumed.version,
+                "trainer_state": json.loads(json.dumps(resumed.trainer_state, default=str)),
+            },
+        }
+    )
 
 
 class StartReceiver:
@@ -136,15 +142,18 @@ class StartReceiver:
             try:
                 blob = self.ranks.broadcast(None, "start")
             except PeerLost as e:
-                raise PeerLost(f"rank {self.ranks.rank}: rank 0 sent no start state (did it fail to start? see its "
-                               f"output): {e}") from None
+                raise PeerLost(
+                    f"rank {self.ranks.rank}: rank 0 sent no start state (did it fail to start? see its output): {e}"
+                ) from None
             self.payload = msgspec.msgpack.decode(blob)
             ours = self.settings.rl_training.model_dump(mode="json")
             theirs = self.payload["rl_training"]  # all of it must agree: the ranks compute one update
             differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             if differ:
-                raise SetupError(f"rank {self.ranks.rank}: rl_training differs from rank 0's in {', '.join(differ)} "
-                                 "(every rank must run the same configuration)")
+                raise SetupError(
+                    f"rank {self.ranks.rank}: rl_training differs from rank 0's in {', '.join(differ)} "
+                    "(every rank must run the same configuration)"
+                )
         return self.payload
 
     def layout(self) -> dict[str, Any] | None:
@@ -155,14 +164,22 @@ class StartReceiver:
         p = self.receive()
         adapter = unpack_tree(p["adapter"])
         reference = unpack_tree(p["reference"]) if p["reference"] is not None else None
-        models.trainer.load_state({"optimizer": unpack_tree(p["optimizer"]), "trainer": p["trainer"]}, adapter,
-                                  reference)
+        models.trainer.load_state(
+            {"optimizer": unpack_tree(p["optimizer"]), "trainer": p["trainer"]}, adapter, reference
+        )
         models.adapter_config = p["adapter_config"]
         if p["resumed"] is not None:
             r = p["resumed"]
-            models.resumed = Checkpoint(path=Path(r["path"]), step=r["step"], version=r["version"],
-                                        adapter=models.trainer.adapter(), adapter_config=p["adapter_config"],
-                                        optimizer_state=None, reference=reference, trainer_state=r["trainer_state"])
+            models.resumed = Checkpoint(
+                path=Path(r["path"]),
+                step=r["step"],
+                version=r["version"],
+                adapter=models.trainer.adapter(),
+                adapter_config=p["adapter_config"],
+                optimizer_state=None,
+                reference=reference,
+                trainer_state=r["trainer_state"],
+            )
 
 
 # --- the learner's side ---------------------------------------------------------------------------------------
@@ -286,8 +303,7 @@ class Coordinator:
 
         adapter, optimizer = await self.thread.call(sums)
         differ, values = await self.thread.call(self.ranks.differing, f"{adapter}:{optimizer}", "compare")
-        self.verified = {"step": step, "adapter_sha256": adapter, "optimizer_sha256": optimizer,
-                         "at": time.time()}
+        self.verified = {"step": step, "adapter_sha256": adapter, "optimizer_sha256": optimizer, "at": time.time()}
         self.started = self.started or self.verified
         self.write_rank_file()
         if differ:
@@ -315,9 +331,19 @@ class Coordinator:
         tmp = path.with_suffix(".tmp")
         engine = self.status.engine_stats() if self.status.engine_stats else {}
         served = {k: engine[k] for k in ("requests_served", "generated_tokens") if k in engine}
-        tmp.write_text(json.dumps({**self.info, "rank": self.ranks.rank, "size": self.ranks.size,
-                                   "step": self.status.step, "engine": served, "started": self.started,
-                                   "verified": self.verified}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    **self.info,
+                    "rank": self.ranks.rank,
+                    "size": self.ranks.size,
+                    "step": self.status.step,
+                    "engine": served,
+                    "started": self.started,
+                    "verified": self.verified,
+                }
+            )
+        )
         tmp.replace(path)
 
 

@@ -1,7 +1,8 @@
 """Where each step's metrics and rollout samples go: `[logging] report_to = ["jsonl", "tensorboard", "wandb"]`.
 
 In: one row per learner step (the step's metrics plus the run's gauges, the same names everywhere) and that step's
-rollout samples (run/samples.py). Out: RUN_DIR/metrics.jsonl + rollouts.jsonl (jsonl; held-out evaluations are rows marked `"kind": "eval"`), TensorBoard event files in
+rollout samples (run/samples.py). Out: RUN_DIR/metrics.jsonl + rollouts.jsonl (jsonl; held-out evaluations are rows
+marked `"kind": "eval"`), TensorBoard event files in
 RUN_DIR/tensorboard (scalars, samples as a text table), a W&B run (scalars, samples as a wandb.Table; WANDB_MODE
 or logging.wandb_mode=offline keeps everything on the machine). The monitor calls `log` per step and `close` once.
 
@@ -47,7 +48,8 @@ def scalars(row: dict[str, Any]) -> dict[str, float]:
     prefix = f"eval/{row.get('task', '')}/" if evaluation else ""
     skip = ("step", "time", "version") if evaluation else ("step", "time")
     return {
-        prefix + k: float(v) for k, v in row.items()
+        prefix + k: float(v)
+        for k, v in row.items()
         if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
 
@@ -120,7 +122,8 @@ class TensorBoardReporter:
             from tensorboardX import SummaryWriter
         except ImportError:
             raise MissingExtra(
-                "logging.report_to has tensorboard but tensorboardX is not installed: pip install 'paraloop[tensorboard]'"
+                "logging.report_to has tensorboard but tensorboardX is not installed: "
+                "pip install 'paraloop[tensorboard]'"
             ) from None
         self._writer = SummaryWriter(logdir=str(log_dir), flush_secs=10)
 
@@ -131,8 +134,14 @@ class TensorBoardReporter:
         if samples:
             lines = ["| " + " | ".join(SAMPLE_COLUMNS) + " |", "|" + "---|" * len(SAMPLE_COLUMNS)]
             for s in samples:
-                cells = [str(s["step"]), str(s["group"]), f"{s['reward']:.4g}", f"{s['advantage']:+.4g}",
-                         _markdown_cell(s["prompt"]), _markdown_cell(completion_text(s))]
+                cells = [
+                    str(s["step"]),
+                    str(s["group"]),
+                    f"{s['reward']:.4g}",
+                    f"{s['advantage']:+.4g}",
+                    _markdown_cell(s["prompt"]),
+                    _markdown_cell(completion_text(s)),
+                ]
                 lines.append("| " + " | ".join(cells) + " |")
             self._writer.add_text("rollouts", "\n".join(lines), step)
 
@@ -155,8 +164,14 @@ class WandbReporter:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         self._wandb = wandb
         self._run = wandb.init(
-            project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_run_name or run_dir.resolve().name,
-            id=run_id, resume="allow", dir=str(run_dir), mode=cfg.wandb_mode, config=public_dump(settings),
+            project=cfg.wandb_project,
+            entity=cfg.wandb_entity,
+            name=cfg.wandb_run_name or run_dir.resolve().name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=cfg.wandb_mode,
+            config=public_dump(settings),
             settings=wandb.Settings(console="off", quiet=True),
         )
         id_file.write_text(run_id + "\n")
@@ -206,8 +221,13 @@ def log_all(reporters: list[Reporter], row: dict[str, Any], samples: list[dict[s
         except Exception as e:
             if reporter.essential:
                 raise
-            log.warning("%s logging failed at step %s, dropping it for the rest of the run: %s: %s",
-                        reporter.name, row.get("step"), type(e).__name__, e)
+            log.warning(
+                "%s logging failed at step %s, dropping it for the rest of the run: %s: %s",
+                reporter.name,
+                row.get("step"),
+                type(e).__name__,
+                e,
+            )
             reporters.remove(reporter)
             try:
                 reporter.close()

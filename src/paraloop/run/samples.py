@@ -79,8 +79,14 @@ def render(tokenizer: Any, group: ScoredGroup, row: int, max_tokens: int) -> dic
 
 
 def rollout_samples(
-    batch: RolloutBatch, tokenizer: Any, *, step: int, version: int, k: int,
-    advantages: Callable[..., np.ndarray], max_tokens: int,
+    batch: RolloutBatch,
+    tokenizer: Any,
+    *,
+    step: int,
+    version: int,
+    k: int,
+    advantages: Callable[..., np.ndarray],
+    max_tokens: int,
 ) -> list[dict[str, Any]]:
     """Up to k readable samples of the batch a step trained (see the module docstring). `advantages(scores, group)`
     is the algorithm's function with its settings bound."""
@@ -90,14 +96,16 @@ def rollout_samples(
     for g, row in chosen:
         group = batch.groups[g]
         versions = group.versions[row] if group.versions and row < len(group.versions) else None
-        out.append({
-            "step": step,
-            "adapter_version": version,
-            "rollout_version": versions,
-            "group": g,
-            "row": row,
-            "reward": float(group.scores[row]),
-            "advantage": sequence_advantage(group, row, adv[g]),
-            **render(tokenizer, group, row, max_tokens),
-        })
+        out.append(
+            {
+                "step": step,
+                "adapter_version": version,
+                "rollout_version": versions,
+                "group": g,
+                "row": row,
+                "reward": float(group.scores[row]),
+                "advantage": sequence_advantage(group, row, adv[g]),
+                **render(tokenizer, group, row, max_tokens),
+            }
+        )
     return out

@@ -123,14 +123,23 @@ def build_models(settings: Settings, *, adapter_layout: Callable[[], dict | None
         state = trainer.state()
         state["trainer"].update(step_count=resumed.step, version=resumed.step)
         trainer.load_state(state, resumed.adapter, None)
-        log.warning("%s is a predecessor checkpoint (adapter only): resuming at step %d with a fresh optimizer "
-                    "(it saved no optimizer state)", resumed.path, resumed.step)
+        log.warning(
+            "%s is a predecessor checkpoint (adapter only): resuming at step %d with a fresh optimizer "
+            "(it saved no optimizer state)",
+            resumed.path,
+            resumed.step,
+        )
     elif resumed is not None:
         if "trainer" not in resumed.trainer_state or resumed.optimizer_state is None:
-            raise SetupError(f"cannot resume from {resumed.path}: it has no trainer/optimizer state (an adapter-only "
-                             "checkpoint: start a new run from it with model.lora_path instead)")
-        trainer.load_state({"optimizer": resumed.optimizer_state, "trainer": resumed.trainer_state["trainer"]},
-                           resumed.adapter, resumed.reference)
+            raise SetupError(
+                f"cannot resume from {resumed.path}: it has no trainer/optimizer state (an adapter-only "
+                "checkpoint: start a new run from it with model.lora_path instead)"
+            )
+        trainer.load_state(
+            {"optimizer": resumed.optimizer_state, "trainer": resumed.trainer_state["trainer"]},
+            resumed.adapter,
+            resumed.reference,
+        )
     return Models(model, engine_model, tokenizer, cfg, trainer, resumed)
 
 

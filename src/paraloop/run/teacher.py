@@ -70,8 +70,12 @@ class AdapterTeacher:
                     await self.engine.adapters.load(self.name, self.path)
                     log.info("distillation teacher: adapter %s served as %r", self.path, self.name)
                     self._ready = True
-        request = GenerateRequest(request_id=f"teacher-{uuid.uuid4().hex[:12]}", prompt_tokens=tokens,
-                                  params=SamplingParams(max_tokens=1), adapter=self.name)  # fmt: skip
+        request = GenerateRequest(
+            request_id=f"teacher-{uuid.uuid4().hex[:12]}",
+            prompt_tokens=tokens,
+            params=SamplingParams(max_tokens=1),
+            adapter=self.name,
+        )
         scored = await self.engine.score(request, temperature=self.temperature)
         return list(scored.chosen)
 
@@ -120,8 +124,10 @@ class UrlTeacher:
                     if response.status >= 500 or response.status in (408, 429):
                         raise _Retry(f"HTTP {response.status}: {bytes(data[:300]).decode(errors='replace')}")
                     if response.status != 200:
-                        raise TeacherError(f"distillation teacher {self.url} answered HTTP {response.status}: "
-                                           f"{bytes(data[:500]).decode(errors='replace')}")  # fmt: skip
+                        raise TeacherError(
+                            f"distillation teacher {self.url} answered HTTP {response.status}: "
+                            f"{bytes(data[:500]).decode(errors='replace')}"
+                        )
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise _Retry(f"{type(e).__name__}: {e}") from None
         try:
@@ -139,11 +145,15 @@ def parse_echo(answer: Any, n: int) -> list[float]:
     try:
         values = answer["choices"][0]["logprobs"]["token_logprobs"]
     except (KeyError, IndexError, TypeError):
-        raise TeacherError("distillation teacher: no choices[0].logprobs.token_logprobs in the answer "
-                           "(does the server support echo with logprobs?)") from None  # fmt: skip
+        raise TeacherError(
+            "distillation teacher: no choices[0].logprobs.token_logprobs in the answer "
+            "(does the server support echo with logprobs?)"
+        ) from None
     if not isinstance(values, list) or len(values) < n:
-        raise TeacherError(f"distillation teacher: {len(values) if isinstance(values, list) else 'no'} prompt "
-                           f"log-probs for a prompt of {n} tokens")  # fmt: skip
+        raise TeacherError(
+            f"distillation teacher: {len(values) if isinstance(values, list) else 'no'} prompt "
+            f"log-probs for a prompt of {n} tokens"
+        )
     out = values[1:n]
     for t, v in enumerate(out, 1):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v > MAX_LOGPROB:
@@ -209,11 +219,13 @@ def _is_model_dir(path: Path) -> bool:
 async def _model_teacher(settings: Settings, path: Path, tokenizer: Any, thread: ComputeThread) -> ModelTeacher:
     from paraloop.model import load_model
 
-    model, teacher_tokenizer, _, _ = await thread.call(load_model, path, compute=settings.model.compute,
-                                                       trust_remote_code=settings.model.trust_remote_code)  # fmt: skip
+    model, teacher_tokenizer, _, _ = await thread.call(
+        load_model, path, compute=settings.model.compute, trust_remote_code=settings.model.trust_remote_code
+    )
     if tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"distill.teacher = {str(path)!r}: its tokenizer differs from the student's (distillation "
-                         "compares log-probs of the same token ids)")  # fmt: skip
+        raise ValueError(
+            f"distill.teacher = {str(path)!r}: its tokenizer differs from the student's (distillation "
+            "compares log-probs of the same token ids)"
+        )
     log.info("distillation teacher: model %s loaded (scored on the learner's thread)", path)
     return ModelTeacher(model, thread, temperature=settings.distill.temperature)
-

@@ -117,12 +117,18 @@ class Watchdog:
         if limit is not None:
             for part, since, slowest, what in (
                 ("learner", self.status.learner_busy_since, self.status.slowest_step_s, "one learner step"),
-                ("checkpointer", self.status.checkpoint_writing_since, self.status.slowest_write_s,
-                 "one checkpoint write"),
+                (
+                    "checkpointer",
+                    self.status.checkpoint_writing_since,
+                    self.status.slowest_write_s,
+                    "one checkpoint write",
+                ),
             ):
                 if since is not None and now - since > max(limit, self.config.learner_stall_factor * slowest):
-                    found[part] = (since, f"{what} has run for {now - since:.0f} s (the slowest before took "
-                                          f"{slowest:.1f} s)")
+                    found[part] = (
+                        since,
+                        f"{what} has run for {now - since:.0f} s (the slowest before took {slowest:.1f} s)",
+                    )
         self._report(now, found)
         return {part: why for part, (_, why) in found.items()}
 
@@ -181,8 +187,9 @@ class Watchdog:
             parts = self.timed_out()
             if parts:
                 error = RunStalled(parts)
-                log.error("no progress for stall_timeout (%.0f s): %s; ending the run",
-                          self.config.stall_timeout, error)
+                log.error(
+                    "no progress for stall_timeout (%.0f s): %s; ending the run", self.config.stall_timeout, error
+                )
                 stuck = [p for p in parts if p in STUCK_THREADS]
                 if stuck and hard_exit is not None:
                     # That thread will never return from its call: the task group could not finish, nor the

@@ -126,8 +126,12 @@ async def run_async(settings: Settings, *, ready: Callable[[int], Any] | None = 
         print("\n" + monitor.summary_table(status.history), file=sys.stderr)
     if monitor.eval_table(status.evals):
         print("\n" + monitor.eval_table(status.evals), file=sys.stderr)
-    return {"step": status.step, "version": status.version, "last_checkpoint": status.last_checkpoint,
-            "history": status.history}
+    return {
+        "step": status.step,
+        "version": status.version,
+        "last_checkpoint": status.last_checkpoint,
+        "history": status.history,
+    }
 
 
 def evaluation_plan(settings: Settings) -> EvalPlan | None:
@@ -154,19 +158,35 @@ async def build_parts(settings: Settings, thread: MlxThread) -> Parts:
     if models.resumed is not None or follower:  # a follower serves rank 0's start state
         slots.swap(trainer.adapter())
         if models.resumed is not None:
-            log.info("resumed from %s at step %d (version %d)", models.resumed.path, trainer.step_count,
-                     trainer.version)
+            log.info(
+                "resumed from %s at step %d (version %d)", models.resumed.path, trainer.step_count, trainer.version
+            )
     elif models.adapter_config is not None:
-        await thread.call(checkpoint.write_initial_adapter, run_dir, trainer.adapter(), models.adapter_config,
-                          settings.checkpoint.adapter_format)
+        await thread.call(
+            checkpoint.write_initial_adapter,
+            run_dir,
+            trainer.adapter(),
+            models.adapter_config,
+            settings.checkpoint.adapter_format,
+        )
     find = None
     if settings.server.checkpoint_adapters and rl.train_mode == "lora":
         find = partial(checkpoint.step_dir_of, run_dir)  # "policy@step_000040" is served from it
-    engine = Engine.from_settings(models.engine_model, models.tokenizer, settings, adapter=slots,
-                                  version=trainer.version, find_adapter=find)
-    parts = Parts(trainer=trainer, thread=thread, engine=engine, source=None, source_status=dict,
-                  adapter_config=models.adapter_config, tokenizer=models.tokenizer,
-                  resumed=models.resumed is not None, ranks=ranks, watcher=watcher)
+    engine = Engine.from_settings(
+        models.engine_model, models.tokenizer, settings, adapter=slots, version=trainer.version, find_adapter=find
+    )
+    parts = Parts(
+        trainer=trainer,
+        thread=thread,
+        engine=engine,
+        source=None,
+        source_status=dict,
+        adapter_config=models.adapter_config,
+        tokenizer=models.tokenizer,
+        resumed=models.resumed is not None,
+        ranks=ranks,
+        watcher=watcher,
+    )
     if not ranked.has_source(settings, ranks):  # a rank of a distributed run may have no rollouts to make
         return parts
     if rl.atropos.api_url and not follower:  # its batches exist only here once fetched: journal them
@@ -181,8 +201,14 @@ async def build_parts(settings: Settings, thread: MlxThread) -> Parts:
             parts.journal.adopt(Journal(earlier.parent), parts.consumed)
         parts.replay = parts.journal.unconsumed(parts.consumed)
     parts.source, parts.source_status = make_source(
-        settings, engine, models.tokenizer, models.resumed, share=(ranks.rank, ranks.size) if ranks else (0, 1),
-        replay=parts.replay, vocab=vocab_size(models.engine_model, models.tokenizer))
+        settings,
+        engine,
+        models.tokenizer,
+        models.resumed,
+        share=(ranks.rank, ranks.size) if ranks else (0, 1),
+        replay=parts.replay,
+        vocab=vocab_size(models.engine_model, models.tokenizer),
+    )
     if settings.distill.teacher:  # on-policy distillation: the teacher scores every batch on its way in
         try:
             teacher = await make_teacher(settings, engine, models.tokenizer, thread)
@@ -222,8 +248,7 @@ async def run_actors(
     published_send, published_recv = anyio.create_memory_object_stream[AdapterPublished](1)
     ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](2)
     finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished | EvalFinished](64)
-    credits_send, credits_recv = (anyio.create_memory_object_stream[int](1) if sync and parts.source
-                                  else (None, None))
+    credits_send, credits_recv = anyio.create_memory_object_stream[int](1) if sync and parts.source else (None, None)
     versions_send, versions_recv = anyio.create_memory_object_stream[int](1) if plan else (None, None)
     publisher_credits = versions_send if plan else credits_send
     learner_credits = publisher_credits.clone() if sync and publisher_credits is not None else None
@@ -231,14 +256,25 @@ async def run_actors(
     buffer = rollout_buffer(settings, parts.ranks)
     prometheus = Metrics()
     status = RunStatus(
-        total_steps=rl.total_steps, mode=rl.mode, run_dir=str(run_dir), step=trainer.step_count,
-        version=trainer.version, serving_version=trainer.version, engine_stats=engine.stats,
-        source_status=parts.source_status, buffer_stats=buffer.stats,
+        total_steps=rl.total_steps,
+        mode=rl.mode,
+        run_dir=str(run_dir),
+        step=trainer.step_count,
+        version=trainer.version,
+        serving_version=trainer.version,
+        engine_stats=engine.stats,
+        source_status=parts.source_status,
+        buffer_stats=buffer.stats,
         journal_stats=parts.journal.stats if parts.journal is not None else None,
         ranks_status=parts.watcher.status if parts.watcher is not None else None,
-        queues={"rollouts": batches_send, "publish": published_send, "checkpoints": ckpt_send,
-                "metrics": finished_send},
-        rollouts=deque(maxlen=settings.logging.rollout_steps), sampler=rollout_sampler(settings, parts.tokenizer),
+        queues={
+            "rollouts": batches_send,
+            "publish": published_send,
+            "checkpoints": ckpt_send,
+            "metrics": finished_send,
+        },
+        rollouts=deque(maxlen=settings.logging.rollout_steps),
+        sampler=rollout_sampler(settings, parts.tokenizer),
         prometheus=prometheus,
     )
     if status_out is not None:
@@ -246,18 +282,35 @@ async def run_actors(
     control = LearnerControl(status)
     coordinator = coordinate(settings, parts, status, control)
     learner = Learner(
-        trainer, parts.thread, status=status, control=control, total_steps=rl.total_steps,
-        checkpoint_interval=settings.checkpoint.interval, save_every_step=settings.checkpoint.save_every_step,
-        batches=batches_recv, published=published_send, checkpoints=ckpt_send, finished=finished_send,
+        trainer,
+        parts.thread,
+        status=status,
+        control=control,
+        total_steps=rl.total_steps,
+        checkpoint_interval=settings.checkpoint.interval,
+        save_every_step=settings.checkpoint.save_every_step,
+        batches=batches_recv,
+        published=published_send,
+        checkpoints=ckpt_send,
+        finished=finished_send,
         credits=learner_credits,
-        max_staleness=rl.staleness.max_versions, stale_policy=rl.staleness.policy,
-        consumed=parts.consumed, ranks=coordinator,
+        max_staleness=rl.staleness.max_versions,
+        stale_policy=rl.staleness.policy,
+        consumed=parts.consumed,
+        ranks=coordinator,
     )
     evaluator = None
     if plan is not None:
-        evaluator = Evaluator(engine, parts.tokenizer, plan, every=settings.eval.every_steps, status=status,
-                              step=lambda: trainer.step_count, total_steps=rl.total_steps,
-                              results=finished_send.clone())
+        evaluator = Evaluator(
+            engine,
+            parts.tokenizer,
+            plan,
+            every=settings.eval.every_steps,
+            status=status,
+            step=lambda: trainer.step_count,
+            total_steps=rl.total_steps,
+            results=finished_send.clone(),
+        )
     config_dump = public_dump(settings)  # no control_token: checkpoints, the dashboard and W&B show this
     app = run_app(settings, parts, status, control, config_dump, prometheus, follower=follower)
 
@@ -281,17 +334,30 @@ async def run_actors(
         if evaluator is not None and not parts.resumed:
             await evaluator.evaluate_now(trainer.version)  # the starting adapter, before any rollout
         if parts.source is not None:
-            tg.start_soon(partial(run_fetcher, parts.source, batches_send, buffer=buffer,
-                                  version=lambda: trainer.version, credits=credits_recv, journal=parts.journal,
-                                  replay=parts.replay,
-                                  max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else None),
-                          name="fetcher")
+            tg.start_soon(
+                partial(
+                    run_fetcher,
+                    parts.source,
+                    batches_send,
+                    buffer=buffer,
+                    version=lambda: trainer.version,
+                    credits=credits_recv,
+                    journal=parts.journal,
+                    replay=parts.replay,
+                    max_draws=rl.dynamic_sampling_max_draws if rl.dynamic_sampling else None,
+                ),
+                name="fetcher",
+            )
         # The finite part: the learner and everything downstream of it end by end-of-stream, in turn, so the
         # last swap, checkpoint and metrics line are done before the rest (engine, HTTP, fetcher) is cancelled.
         async with anyio.create_task_group() as training:
             training.start_soon(learner.run, name="learner")
-            training.start_soon(partial(run_publisher, published_recv, engine=engine, status=status,
-                                        credits=publisher_credits, drain=sync), name="publisher")
+            training.start_soon(
+                partial(
+                    run_publisher, published_recv, engine=engine, status=status, credits=publisher_credits, drain=sync
+                ),
+                name="publisher",
+            )
             if evaluator is not None:
                 training.start_soon(evaluator.run, versions_recv, credits_send, name="evaluator")
             if follower:  # rank 0 alone writes metrics and checkpoints
@@ -299,14 +365,31 @@ async def run_actors(
                 training.start_soon(partial(ranked.follow, finished_recv, status=status), name="monitor")
             else:
                 atropos_evals = AtroposEvals(run_dir / EVAL_DIR) if rl.atropos.api_url else None
-                training.start_soon(partial(monitor.run_monitor, finished_recv, status=status, reporters=reporters,
-                                            mismatch_threshold=rl.mismatch_threshold, atropos_evals=atropos_evals),
-                                    name="monitor")
-                training.start_soon(partial(
-                    run_checkpointer, ckpt_recv, run_dir=str(run_dir), adapter_config=parts.adapter_config,
-                    adapter_format=settings.checkpoint.adapter_format, keep_last=settings.checkpoint.keep_last,
-                    config=config_dump, status=status, journal=parts.journal,
-                ), name="checkpointer")
+                training.start_soon(
+                    partial(
+                        monitor.run_monitor,
+                        finished_recv,
+                        status=status,
+                        reporters=reporters,
+                        mismatch_threshold=rl.mismatch_threshold,
+                        atropos_evals=atropos_evals,
+                    ),
+                    name="monitor",
+                )
+                training.start_soon(
+                    partial(
+                        run_checkpointer,
+                        ckpt_recv,
+                        run_dir=str(run_dir),
+                        adapter_config=parts.adapter_config,
+                        adapter_format=settings.checkpoint.adapter_format,
+                        keep_last=settings.checkpoint.keep_last,
+                        config=config_dump,
+                        status=status,
+                        journal=parts.journal,
+                    ),
+                    name="checkpointer",
+                )
         tg.cancel_scope.cancel()
     return status
 
@@ -320,8 +403,11 @@ def rollout_buffer(settings: Settings, ranks: Ranks | None) -> RolloutBuffer:
     if staleness.max_versions is None and rl.dynamic_sampling:
         staleness = Staleness(0, "drop")
     return RolloutBuffer(
-        batch_size=ranked.local_batch_size(settings, ranks), priority=rl.buffer_priority,
-        max_staleness=staleness.max_versions, stale_policy=staleness.policy, drop_zero_signal=rl.dynamic_sampling,
+        batch_size=ranked.local_batch_size(settings, ranks),
+        priority=rl.buffer_priority,
+        max_staleness=staleness.max_versions,
+        stale_policy=staleness.policy,
+        drop_zero_signal=rl.dynamic_sampling,
     )
 
 
@@ -334,8 +420,14 @@ def rollout_sampler(
     rl = settings.rl_training
     advantages = partial(get_algorithm(rl.algorithm).advantages, scale=rl.scale_rewards, eps=rl.advantage_eps)
     return lambda batch, step, version: rollout_samples(
-        batch, tokenizer, step=step, version=version, k=settings.logging.rollout_samples,
-        advantages=advantages, max_tokens=settings.logging.max_sample_tokens)
+        batch,
+        tokenizer,
+        step=step,
+        version=version,
+        k=settings.logging.rollout_samples,
+        advantages=advantages,
+        max_tokens=settings.logging.max_sample_tokens,
+    )
 
 
 def coordinate(
@@ -344,9 +436,15 @@ def coordinate(
     """The ranks' step decisions (None in a run of one process); the heartbeats end with them."""
     if parts.ranks is None or parts.watcher is None:
         return None
-    coordinator = ranked.Coordinator(parts.ranks, parts.thread, status, control, source=parts.source is not None,
-                                     checksum_interval=settings.distributed.checksum_interval,
-                                     run_dir=Path(settings.checkpoint.dir))
+    coordinator = ranked.Coordinator(
+        parts.ranks,
+        parts.thread,
+        status,
+        control,
+        source=parts.source is not None,
+        checksum_interval=settings.distributed.checksum_interval,
+        run_dir=Path(settings.checkpoint.dir),
+    )
     parts.watcher.done = lambda: coordinator.done
     return coordinator
 
@@ -365,15 +463,26 @@ def run_app(
     run_dir = Path(settings.checkpoint.dir)
     routes: list[web.RouteDef] = []
     if not follower:
-        live = LiveRun(status, config_dump, name=run_dir.resolve().name,
-                       resumed_at=parts.trainer.step_count if parts.resumed else None,
-                       rollout_steps=settings.logging.rollout_steps)
-        routes += [*control_routes(status, control),
-                   *dashboard_routes(live, token_required=bool(settings.server.control_token))]
+        live = LiveRun(
+            status,
+            config_dump,
+            name=run_dir.resolve().name,
+            resumed_at=parts.trainer.step_count if parts.resumed else None,
+            rollout_steps=settings.logging.rollout_steps,
+        )
+        routes += [
+            *control_routes(status, control),
+            *dashboard_routes(live, token_required=bool(settings.server.control_token)),
+        ]
     if parts.watcher is not None:  # /ranks (heartbeats); a follower's /control answers 409 naming rank 0
         routes += peers.rank_routes(parts.watcher, status, follower=follower)
-    app = make_app(parts.engine, settings=settings, extra_routes=routes, metrics=prometheus,
-                   stalled=lambda: {part: info["reason"] for part, info in status.stalled.items()})
+    app = make_app(
+        parts.engine,
+        settings=settings,
+        extra_routes=routes,
+        metrics=prometheus,
+        stalled=lambda: {part: info["reason"] for part, info in status.stalled.items()},
+    )
     prometheus.add_collector(partial(run_families, status))
     return app
 
@@ -395,8 +504,13 @@ async def serve(
             await load_modules(engine.adapters, settings.server.lora_modules)
         except ValueError as e:
             raise SetupError(str(e)) from None
-    port = await tg.start(serve_http, app, settings.server.host,
-                          peers.bound_port(settings, ranks.rank) if ranks else settings.server.port, name="http")
+    port = await tg.start(
+        serve_http,
+        app,
+        settings.server.host,
+        peers.bound_port(settings, ranks.rank) if ranks else settings.server.port,
+        name="http",
+    )
     run_dir = Path(settings.checkpoint.dir)
     if not follower:
         server_info = {"host": settings.server.host, "port": port, "pid": os.getpid()}
@@ -404,13 +518,21 @@ async def serve(
     if ranks is not None and watcher is not None and coordinator is not None:
         host = peers.advertise_host(settings, ranks.rank)
         watcher.set_peers(await peers.exchange_addresses(ranks, parts.thread, host, port))
-        coordinator.info = {"url": f"http://{host}:{port}", "pid": os.getpid(),
-                            "peers": [p["url"] for p in [*watcher.peers]]}
+        coordinator.info = {
+            "url": f"http://{host}:{port}",
+            "pid": os.getpid(),
+            "peers": [p["url"] for p in [*watcher.peers]],
+        }
         coordinator.write_rank_file()
         await tg.start(watcher.run, name="heartbeats")
         await coordinator.compare(parts.trainer, parts.trainer.step_count)  # every rank starts from rank 0's state
-    log.info("serving on http://%s:%d (adapter version %d)%s", settings.server.host, port, parts.trainer.version,
-             "" if follower else f"; dashboard: http://{settings.server.host}:{port}/dashboard")
+    log.info(
+        "serving on http://%s:%d (adapter version %d)%s",
+        settings.server.host,
+        port,
+        parts.trainer.version,
+        "" if follower else f"; dashboard: http://{settings.server.host}:{port}/dashboard",
+    )
     return port
 
 
@@ -427,8 +549,10 @@ async def watch_signals(
         async for signum in signals:
             count += 1
             if count == 1:
-                log.info("%s: finishing the step in flight and writing a final checkpoint (again: exit at once)",
-                         signal.Signals(signum).name)
+                log.info(
+                    "%s: finishing the step in flight and writing a final checkpoint (again: exit at once)",
+                    signal.Signals(signum).name,
+                )
                 control.stop()
             else:
                 # A step or a checkpoint write in flight holds its thread in a call nothing can interrupt: the

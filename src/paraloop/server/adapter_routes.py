@@ -37,18 +37,26 @@ class UnloadLoraBody(Body, kw_only=True):
     lora_int_id: int | None = None  # vLLM clients may send it: accepted, not used
 
 
-def card(state: ServerState, model_id: str, *, parent: str | None = None, root: str | None = None,
-         created: int | None = None) -> dict[str, Any]:  # fmt: skip
-    return {"id": model_id, "object": "model", "created": created or state.created, "owned_by": "paraloop",
-            "root": root or model_id, "parent": parent}  # fmt: skip
+def card(
+    state: ServerState, model_id: str, *, parent: str | None = None, root: str | None = None, created: int | None = None
+) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created or state.created,
+        "owned_by": "paraloop",
+        "root": root or model_id,
+        "parent": parent,
+    }
 
 
 def adapter_card(state: ServerState, adapter: Adapter) -> dict[str, Any]:
     served = {"policy": state.settings.model.lora_path, "base": state.settings.model.base_path}
     root = adapter.path or served.get(adapter.kind)
     version = state.engine.version if adapter.policy else adapter.version
-    return card(state, adapter.name, parent=state.model_name, root=root,
-                created=adapter.created) | {"adapter_version": version}  # fmt: skip
+    return card(state, adapter.name, parent=state.model_name, root=root, created=adapter.created) | {
+        "adapter_version": version
+    }
 
 
 async def models(request: web.Request) -> web.Response:
@@ -67,15 +75,20 @@ def allowed_path(text: str, dirs: list[str]) -> Path:
     """`text` with symlinks resolved, if it (and the adapter files it names) lie inside one of `dirs`; else 403.
     What lies outside is refused before anything there is opened or reported."""
     if not dirs:
-        raise APIError(403, "loading adapters at run time is off: list the directories they may come from in "
-                            "server.lora_dirs", param="lora_path", code="forbidden_path")  # fmt: skip
+        raise APIError(
+            403,
+            "loading adapters at run time is off: list the directories they may come from in server.lora_dirs",
+            param="lora_path",
+            code="forbidden_path",
+        )
     try:
         roots = [Path(d).resolve() for d in dirs]
         path = Path(text).resolve()
     except (OSError, ValueError) as e:  # a NUL byte, a symlink loop
         raise bad_request("lora_path", f"not a usable path ({e})") from None
-    outside = APIError(403, f"lora_path: {text!r} is not inside server.lora_dirs", param="lora_path",
-                       code="forbidden_path")  # fmt: skip
+    outside = APIError(
+        403, f"lora_path: {text!r} is not inside server.lora_dirs", param="lora_path", code="forbidden_path"
+    )
     if not any(path.is_relative_to(root) for root in roots):
         raise outside
     try:

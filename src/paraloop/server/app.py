@@ -55,8 +55,11 @@ async def gate_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         raise APIError(503, "the server is shutting down", code="shutting_down")
     origin = request.headers.get("Origin")
     if origin is not None and request.path not in OPEN_ROUTES and not origin_allowed(request, origin, state):
-        raise APIError(403, f"requests from web pages of origin {origin!r} are refused (server.allowed_origins)",
-                       code="forbidden_origin")
+        raise APIError(
+            403,
+            f"requests from web pages of origin {origin!r} are refused (server.allowed_origins)",
+            code="forbidden_origin",
+        )
     token = state.settings.server.control_token
     if token and not is_open(request.path):
         given = request.headers.get("Authorization", "")
@@ -91,8 +94,7 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     stalled = request.app[STALLED]()
     if stalled:
-        raise APIError(503, "stalled: " + "; ".join(f"{part}: {why}" for part, why in stalled.items()),
-                       code="stalled")
+        raise APIError(503, "stalled: " + "; ".join(f"{part}: {why}" for part, why in stalled.items()), code="stalled")
     return json_response({"status": "ok", "adapter_version": state.engine.version})
 
 

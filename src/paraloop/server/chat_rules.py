@@ -38,15 +38,20 @@ def check_messages(messages: list[ChatMessage]) -> None:
             if message.tool_call_id is None:
                 raise bad_request(f"{field}.tool_call_id", "required for a tool message")
             if message.tool_call_id not in open_calls:
-                raise bad_request(f"{field}.tool_call_id", f"{message.tool_call_id!r} answers no tool call of the "
-                                  "assistant message before it")  # fmt: skip
+                raise bad_request(
+                    f"{field}.tool_call_id",
+                    f"{message.tool_call_id!r} answers no tool call of the assistant message before it",
+                )
             open_calls.discard(message.tool_call_id)
             continue
         if message.tool_call_id is not None:
             raise bad_request(f"{field}.tool_call_id", f"only tool messages carry one, not {role} ones")
         if open_calls:
-            raise bad_request(f"{field}.role", "the assistant's tool calls must each be answered by a tool message "
-                              f"first (not answered: {', '.join(sorted(open_calls))})")  # fmt: skip
+            raise bad_request(
+                f"{field}.role",
+                "the assistant's tool calls must each be answered by a tool message "
+                f"first (not answered: {', '.join(sorted(open_calls))})",
+            )
         if role == "assistant" and message.tool_calls:
             ids = [call.id for call in message.tool_calls]
             if len(set(ids)) != len(ids):
@@ -64,8 +69,9 @@ def message_text(i: int, message: ChatMessage) -> str:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise bad_request(f"messages[{i}].content[{j}].type",
-                              f"only text content parts are supported, not {part.type!r}")  # fmt: skip
+            raise bad_request(
+                f"messages[{i}].content[{j}].type", f"only text content parts are supported, not {part.type!r}"
+            )
         texts.append(part.text)
     return "".join(texts)
 
@@ -101,7 +107,9 @@ def template_messages(messages: list[ChatMessage], *, template_knows_tools: bool
             if template_knows_tools:
                 entry["tool_calls"] = [template_call(call) for call in message.tool_calls]
             else:
-                calls = [call_text(c.function.name, decoded_arguments(c.function.arguments)) for c in message.tool_calls]
+                calls = [
+                    call_text(c.function.name, decoded_arguments(c.function.arguments)) for c in message.tool_calls
+                ]
                 entry["content"] = "\n".join(filter(None, [entry["content"], *calls]))
         out.append(entry)
     return out

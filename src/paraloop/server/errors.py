@@ -72,9 +72,7 @@ def request_errors(fields: Mapping[str, str]) -> Iterator[None]:
         raise request_error(e, fields) from None
 
 
-def error_body(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -113,6 +111,4 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(from_http_exception(exc))
     except Exception:  # a paraloop bug: log it, answer JSON, keep serving
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(
-            APIError(500, "internal server error (see the server log)", code="internal_error")
-        )
+        return error_response(APIError(500, "internal server error (see the server log)", code="internal_error"))

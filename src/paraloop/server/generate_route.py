@@ -13,7 +13,6 @@ Each logprobs entry is a one-element list holding a dict whose FIRST key is the 
 vLLM's newline-delimited JSON, one {"text": [prompt + text so far, ...]} line per generated token.
 """
 
-
 import msgspec
 from aiohttp import web
 
@@ -51,8 +50,11 @@ async def generate(request: web.Request) -> web.StreamResponse:
     scores = await score(state.engine, prepared, top=body.prompt_logprobs)
     rows, gen = await collect(state.engine, prepared), prepared.request
     oldest = distinct_versions([v for row in rows for v in row.versions])
-    prompt_logprobs = None if scores is None else vllm_prompt_logprobs(state.tokenizer, gen.prompt_tokens, scores,
-                                                                       k=body.prompt_logprobs or 0)  # fmt: skip
+    prompt_logprobs = (
+        None
+        if scores is None
+        else vllm_prompt_logprobs(state.tokenizer, gen.prompt_tokens, scores, k=body.prompt_logprobs or 0)
+    )
     return json_response(
         {
             "text": [row.text for row in rows],

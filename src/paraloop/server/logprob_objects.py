@@ -44,8 +44,9 @@ def chat_logprobs(tokenizer: Any, row: RowAccumulator, *, k: int) -> dict[str, A
 
 def check_prompt_top(top: int | None, *, config: EngineConfig) -> None:
     if top is not None and top > config.max_top_logprobs:
-        raise bad_request("prompt_logprobs", f"{top} alternatives, more than engine.max_top_logprobs="
-                          f"{config.max_top_logprobs}")  # fmt: skip
+        raise bad_request(
+            "prompt_logprobs", f"{top} alternatives, more than engine.max_top_logprobs={config.max_top_logprobs}"
+        )
 
 
 def vllm_prompt_logprobs(tokenizer: Any, tokens: list[int], scores: PromptLogprobs, *, k: int) -> list[Any]:
@@ -64,8 +65,9 @@ def echoed_logprobs(
     tokenizer: Any, tokens: list[int], scores: PromptLogprobs, row: RowAccumulator, *, k: int
 ) -> dict[str, Any]:
     """Legacy `logprobs` with echo: the prompt's tokens first (the first has no log-prob: null), then the row's."""
-    prompt = completion_logprobs(tokenizer, RowAccumulator(tokens=tokens[1:], logprobs=scores.chosen,
-                                                           top_logprobs=scores.top), k=k)  # fmt: skip
+    prompt = completion_logprobs(
+        tokenizer, RowAccumulator(tokens=tokens[1:], logprobs=scores.chosen, top_logprobs=scores.top), k=k
+    )
     first = token_text(tokenizer, tokens[0])
     generated = completion_logprobs(tokenizer, row, k=k, offset=len(first) + sum(map(len, prompt["tokens"])))
     top = None if not k else [None, *prompt["top_logprobs"], *generated["top_logprobs"]]

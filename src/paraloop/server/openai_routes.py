@@ -97,11 +97,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
             logprobs = echoed_logprobs(state.tokenizer, gen.prompt_tokens, scores, row, k=k)
         else:
             logprobs = completion_logprobs(state.tokenizer, row, k=k)
-        choice = {"index": i, "text": prompt_text + row.text, "logprobs": logprobs,
-                  "finish_reason": row.finish_reason, **extras(row)}  # fmt: skip
+        choice = {
+            "index": i,
+            "text": prompt_text + row.text,
+            "logprobs": logprobs,
+            "finish_reason": row.finish_reason,
+            **extras(row),
+        }
         if body.prompt_logprobs is not None and scores is not None:
-            choice["prompt_logprobs"] = vllm_prompt_logprobs(state.tokenizer, gen.prompt_tokens, scores,
-                                                             k=body.prompt_logprobs)  # fmt: skip
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(
+                state.tokenizer, gen.prompt_tokens, scores, k=body.prompt_logprobs
+            )
         choices.append(choice)
     return json_response(_envelope(state, prepared, "text_completion", choices, rows))
 
@@ -117,14 +123,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     choices = []
     for i, row in enumerate(rows):
         message, finish = chat_message(prepared, row)
-        choices.append({
-            "index": i,
-            "message": message,
-            "logprobs": chat_logprobs(state.tokenizer, row, k=k) if k is not None else None,
-            "finish_reason": finish,
-            **extras(row),
-            **constrained(prepared),
-        })  # fmt: skip
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": chat_logprobs(state.tokenizer, row, k=k) if k is not None else None,
+                "finish_reason": finish,
+                **extras(row),
+                **constrained(prepared),
+            }
+        )
     return json_response(_envelope(state, prepared, "chat.completion", choices, rows))
 
 
@@ -265,18 +273,14 @@ class Chunks:
         }
 
 
-async def stream(
-    request: web.Request, state: ServerState, prepared: Prepared, chunks: Chunks
-) -> web.StreamResponse:
+async def stream(request: web.Request, state: ServerState, prepared: Prepared, chunks: Chunks) -> web.StreamResponse:
     """SSE: one `data: {chunk}` per generated token, then a usage chunk if asked, then `data: [DONE]`.
 
     The first event is pulled before the response starts, so a refusal (429, 400) is still a plain JSON error.
     """
     async with open_generation(state.engine, prepared.request) as events:
         event = await first_event(events, fields=prepared.fields)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
             while event is not None:

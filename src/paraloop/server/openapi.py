@@ -50,15 +50,22 @@ SUMMARIES = {
 }
 
 QUERY = {
-    "/control/step": [{
-        "name": "timeout", "in": "query", "required": False,
-        "description": "Seconds to wait for a rollout batch; none by then: 504 and no step is taken later",
-        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400, "default": 600},
-    }],
+    "/control/step": [
+        {
+            "name": "timeout",
+            "in": "query",
+            "required": False,
+            "description": "Seconds to wait for a rollout batch; none by then: 504 and no step is taken later",
+            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400, "default": 600},
+        }
+    ],
 }
 
-STREAM_TYPES = {"/v1/completions": "text/event-stream", "/v1/chat/completions": "text/event-stream",
-                "/generate": "application/x-ndjson"}
+STREAM_TYPES = {
+    "/v1/completions": "text/event-stream",
+    "/v1/chat/completions": "text/event-stream",
+    "/generate": "application/x-ndjson",
+}
 TEXT_ROUTES = {"/metrics": "text/plain"}
 
 
@@ -83,7 +90,7 @@ ERRORS = {
     "408": "The body did not arrive within server.body_timeout_s",
     "413": "Body larger than server.max_body_bytes",
     "403": "The request carries an Origin (a browser page) not in server.allowed_origins, or an adapter path lies "
-           "outside server.lora_dirs",
+    "outside server.lora_dirs",
     "415": "Content-Type is not JSON",
     "429": "The engine is full (requests or KV-cache tokens); retry after Retry-After seconds",
     "503": "The server is shutting down",
@@ -233,11 +240,13 @@ def check_content_type(request: web.Request) -> None:
         return
     mime = request.content_type
     if not (mime in JSON_TYPES or (mime.startswith("application/") and mime.endswith("+json"))):
-        raise APIError(415, f"Content-Type {mime!r} is not supported: send application/json",
-                       code="unsupported_media_type")
+        raise APIError(
+            415, f"Content-Type {mime!r} is not supported: send application/json", code="unsupported_media_type"
+        )
     if (request.charset or "utf-8").lower() not in ("utf-8", "utf8"):
-        raise APIError(415, f"charset {request.charset!r} is not supported: JSON bodies are UTF-8",
-                       code="unsupported_media_type")
+        raise APIError(
+            415, f"charset {request.charset!r} is not supported: JSON bodies are UTF-8", code="unsupported_media_type"
+        )
 
 
 class NoBody(Body):
@@ -261,8 +270,11 @@ async def body_middleware(request: web.Request, handler: Any) -> web.StreamRespo
     with anyio.move_on_after(server.body_timeout_s) as scope:
         body = await request.read()
     if scope.cancelled_caught:
-        raise APIError(408, f"the request body did not arrive within {server.body_timeout_s} s "
-                       "(server.body_timeout_s)", code="timeout")
+        raise APIError(
+            408,
+            f"the request body did not arrive within {server.body_timeout_s} s (server.body_timeout_s)",
+            code="timeout",
+        )
     if not takes_body and body.strip():
         try:
             decode(body, NoBody, max_depth=server.max_json_depth)

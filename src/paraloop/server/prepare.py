@@ -186,9 +186,7 @@ def encode_prompt(tokenizer: Any, prompt: str | list[int], *, field: str, config
     return prompt
 
 
-RESERVED_TEMPLATE_KWARGS = frozenset(
-    {"conversation", "tokenize", "add_generation_prompt", "continue_final_message"}
-)
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "tokenize", "add_generation_prompt", "continue_final_message"})
 
 
 def chat_prompt(tokenizer: Any, body: ChatBody, plan: ToolPlan | None, *, config: EngineConfig) -> list[int]:

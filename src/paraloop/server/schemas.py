@@ -198,8 +198,9 @@ def decode(body: bytes, kind: type[B], *, max_depth: int) -> B:
     except msgspec.DecodeError as e:
         raise APIError(400, f"invalid JSON: {e}", code="invalid_json") from None
     except UnicodeDecodeError as e:  # invalid UTF-8 inside a string
-        raise APIError(400, f"invalid JSON: the body is not valid UTF-8 ({e.reason} at byte {e.start})",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"invalid JSON: the body is not valid UTF-8 ({e.reason} at byte {e.start})", code="invalid_json"
+        ) from None
     except RecursionError:
         raise APIError(400, f"invalid JSON: nested more than {max_depth} levels deep", code="invalid_json") from None
     for path, value, depth in free_form_fields(decoded):
@@ -267,9 +268,7 @@ def prompt_tokens_of(prompt: Any, *, field: str, text: bool = True) -> list[int]
             raise bad_request(field, "token ids must be >= 0")
         return prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad_request(
-            field, "a batch of prompts is not supported: send one request per prompt (use n for samples)"
-        )
+        raise bad_request(field, "a batch of prompts is not supported: send one request per prompt (use n for samples)")
     raise bad_request(field, "expected a non-empty string or a non-empty list of token ids")
 
 

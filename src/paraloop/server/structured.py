@@ -2,7 +2,8 @@
 named `tool_choice` as a grammar the engine's rows sample within.
 
 In: the decoded body, the tool plan (tool_calls.py), the tokenizer and [server] max_schema_bytes. Out: the grammar's
-source (`grammar_source`), then compiled (`compile_source`) for SamplingParams.grammar; a 400 naming the field for a schema too large or using a
+source (`grammar_source`), then compiled (`compile_source`) for SamplingParams.grammar; a 400 naming the field for a
+schema too large or using a
 feature llguidance does not implement (its message names the keyword, e.g. `Unimplemented keys: ["not"]`).
 
 JSON comes out compact (no optional whitespace). Schemas are bounded before compiling: size here, nesting by the
@@ -41,7 +42,9 @@ def call_schema(tool: Tool) -> dict[str, Any]:
     }
 
 
-def tool_grammar(plan: ToolPlan, *, max_bytes: int, answer: tuple[dict[str, Any], str] | None = None) -> tuple[str, str]:
+def tool_grammar(
+    plan: ToolPlan, *, max_bytes: int, answer: tuple[dict[str, Any], str] | None = None
+) -> tuple[str, str]:
     """(grammar, the field it came from): one call (or, with parallel_tool_calls, one or more) of the forced tool or
     of any tool, in json_tools' format, and nothing else; with `answer` (a response_format schema and its field,
     tool_choice "auto"), either those calls or a JSON answer valid under the schema (errors then name the schema's
@@ -87,8 +90,11 @@ def grammar_source(body: ChatBody, plan: ToolPlan | None, *, max_bytes: int) -> 
         if answer is None:
             return None
         if plan.format.name != "json_tools":
-            raise bad_request("response_format", "with tools it is enforced only in the json_tools call format; "
-                              f"this model writes calls as {plan.format.name}")  # fmt: skip
+            raise bad_request(
+                "response_format",
+                "with tools it is enforced only in the json_tools call format; "
+                f"this model writes calls as {plan.format.name}",
+            )
         return tool_grammar(plan, max_bytes=max_bytes, answer=answer)
     if answer is None:
         return None

@@ -59,8 +59,9 @@ def tool_format(tokenizer: Any) -> ToolFormat:
     if getattr(tokenizer, "has_tool_calling", False) and parser is not None:
         module = parser.__module__.rsplit(".", 1)[-1]
         return ToolFormat(module, tokenizer.tool_call_start, tokenizer.tool_call_end or "", parser, in_template)
-    return ToolFormat("json_tools", json_tools.tool_call_start, json_tools.tool_call_end, json_tools.parse_tool_call,
-                      in_template)  # fmt: skip
+    return ToolFormat(
+        "json_tools", json_tools.tool_call_start, json_tools.tool_call_end, json_tools.parse_tool_call, in_template
+    )
 
 
 def tool_dicts(tools: list[Tool]) -> list[dict[str, Any]]:
@@ -122,8 +123,11 @@ def tool_plan(body: ChatBody, tokenizer: Any) -> ToolPlan | None:
         forced = "required"
     fmt = tool_format(tokenizer)
     if forced is not None and fmt.name != "json_tools":
-        raise bad_request("tool_choice", f"{choice if isinstance(choice, str) else 'a named function'} is enforced "
-                          f"only in the json_tools call format; this model writes calls as {fmt.name} (use 'auto')")
+        raise bad_request(
+            "tool_choice",
+            f"{choice if isinstance(choice, str) else 'a named function'} is enforced "
+            f"only in the json_tools call format; this model writes calls as {fmt.name} (use 'auto')",
+        )
     return ToolPlan(list(body.tools), fmt, choice != "none", forced, body.parallel_tool_calls is not False)
 
 
@@ -131,8 +135,12 @@ def call_object(parsed: dict[str, Any], index: int) -> dict[str, Any]:
     arguments = parsed.get("arguments", {})
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False, default=str)
     call_id = parsed.get("id") if isinstance(parsed.get("id"), str) else f"call_{uuid.uuid4().hex[:24]}"
-    return {"index": index, "id": call_id, "type": "function",
-            "function": {"name": str(parsed.get("name", "")), "arguments": text}}  # fmt: skip
+    return {
+        "index": index,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": str(parsed.get("name", "")), "arguments": text},
+    }
 
 
 @dataclass

@@ -31,8 +31,16 @@ from paraloop.tinker.routes import make_app
 from paraloop.tinker.sessions import TinkerState
 
 log = logging.getLogger("paraloop.tinker")
-FLAGS = ("--model-path", "--revision", "--compute", "--host", "--port", "--control-token", "--max-loras",
-         "--max-lora-rank")  # fmt: skip
+FLAGS = (
+    "--model-path",
+    "--revision",
+    "--compute",
+    "--host",
+    "--port",
+    "--control-token",
+    "--max-loras",
+    "--max-lora-rank",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +61,9 @@ class Loaded:
 def load(settings: Settings) -> Loaded:
     """The model, loaded once (before the event loop starts); raises on unusable input."""
     path = resolve_model_path(settings.model.base_path, revision=settings.model.revision)
-    model, tokenizer, config, _ = load_model(path, compute=settings.model.compute,
-                                             trust_remote_code=settings.model.trust_remote_code)  # fmt: skip
+    model, tokenizer, config, _ = load_model(
+        path, compute=settings.model.compute, trust_remote_code=settings.model.trust_remote_code
+    )
     return Loaded(model, tokenizer, path, config, Path(settings.tinker.state_dir).resolve())
 
 
@@ -69,16 +78,26 @@ async def serve(
         learner = await thread.call(Learner, learner_twin)
         engine = Engine.from_settings(loaded.model, loaded.tokenizer, settings, adapter=None)
         state = TinkerState(
-            engine=engine, learner=learner, thread=thread, model_name=str(settings.model.base_path),
-            tokenizer_path=str(loaded.path), state_dir=loaded.state_dir,
-            max_clients=t.max_clients, vocab=vocab_size(loaded.model, loaded.tokenizer),
+            engine=engine,
+            learner=learner,
+            thread=thread,
+            model_name=str(settings.model.base_path),
+            tokenizer_path=str(loaded.path),
+            state_dir=loaded.state_dir,
+            max_clients=t.max_clients,
+            vocab=vocab_size(loaded.model, loaded.tokenizer),
             max_context=int(loaded.config.get("max_position_embeddings") or 0),
             max_rank=settings.server.max_lora_rank,
-        )  # fmt: skip
+        )
         futures = Futures(max_pending=t.max_pending, retention_s=t.retention_s, wait_s=t.poll_wait_s)
         limits = {"max_data": t.max_data, "max_batch_tokens": t.max_batch_tokens, "max_num_samples": t.max_num_samples}
-        app = make_app(state, futures, limits=limits, token=settings.server.control_token or "",
-                       max_body=settings.server.max_body_bytes)  # fmt: skip
+        app = make_app(
+            state,
+            futures,
+            limits=limits,
+            token=settings.server.control_token or "",
+            max_body=settings.server.max_body_bytes,
+        )
         async with anyio.create_task_group() as tg:
             await tg.start(engine.run)
             await tg.start(futures.run)

@@ -88,8 +88,10 @@ class Futures:
         assert self._tg is not None, "Futures.run() is not running"
         self._forget_old()
         if self._pending >= self.max_pending:
-            raise FuturesFull(f"{self._pending} requests are unfinished (tinker.max_pending = {self.max_pending}); "
-                              "retry once some have finished")
+            raise FuturesFull(
+                f"{self._pending} requests are unfinished (tinker.max_pending = {self.max_pending}); "
+                "retry once some have finished"
+            )
         request_id = f"req-{next(self._ids)}"
         future = self._futures[request_id] = Future()
         self._pending += 1

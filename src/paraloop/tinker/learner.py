@@ -81,8 +81,11 @@ class Learner:
 
     def __init__(self, model: nn.Module, *, micro_tokens: int = MICRO_TOKENS) -> None:
         self.keys = linear_keys(model)
-        self.config = {"fine_tune_type": "lora", "num_layers": len(model.layers),
-                       "lora_parameters": {"rank": 1, "scale": ALPHA, "dropout": 0.0, "keys": self.keys}}  # fmt: skip
+        self.config = {
+            "fine_tune_type": "lora",
+            "num_layers": len(model.layers),
+            "lora_parameters": {"rank": 1, "scale": ALPHA, "dropout": 0.0, "keys": self.keys},
+        }
         attach_lora(model, self.config)
         model.eval()
         model.freeze()
@@ -189,8 +192,9 @@ class Learner:
         the base model."""
         self.use(arrays if arrays is not None else self.zero_adapter())
         ids = mx.array([tokens[:-1]], dtype=mx.int32)
-        lp, _ = forward_logprobs(self.model, ids, mx.array([tokens[1:]], dtype=mx.int32), mx.ones((1,)),
-                                 with_entropy=False, head=self.head)  # fmt: skip
+        lp, _ = forward_logprobs(
+            self.model, ids, mx.array([tokens[1:]], dtype=mx.int32), mx.ones((1,)), with_entropy=False, head=self.head
+        )
         return [math.nan, *np.array(lp[0]).tolist()]
 
     # --- the optimizer -----------------------------------------------------------------------------------------------
@@ -274,5 +278,6 @@ def check_data(data: list[DatumIn], loss_fn: str, *, vocab: int, max_tokens: int
             if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise ValueError(f"data[{i}].{name}: token ids must be in [0, {vocab})")
     if total > max_tokens:
-        raise ValueError(f"data: {total} tokens in one forward_backward, more than tinker.max_batch_tokens = "
-                         f"{max_tokens}")
+        raise ValueError(
+            f"data: {total} tokens in one forward_backward, more than tinker.max_batch_tokens = {max_tokens}"
+        )

@@ -69,16 +69,16 @@ def fields(buf: bytes, where: str) -> Iterator[tuple[int, int, int | bytes]]:
         elif wire == 1:
             if pos + 8 > len(buf):
                 raise ProtoError(where, "truncated fixed64")
-            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+            value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
         elif wire == 5:
             if pos + 4 > len(buf):
                 raise ProtoError(where, "truncated fixed32")
-            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+            value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
         elif wire == 2:
             size, pos = _varint(buf, pos, where)
             if pos + size > len(buf):
                 raise ProtoError(where, "truncated length-delimited field")
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         else:
             raise ProtoError(where, f"unsupported wire type {wire}")
         yield number, wire, value
@@ -135,8 +135,9 @@ def _datum(buf: bytes, where: str) -> DatumIn:
         if number == 1 and isinstance(value, bytes):
             for cnum, _, chunk in fields(value, f"{where}.model_input"):
                 if cnum != 1:
-                    raise ProtoError(f"{where}.model_input", "only encoded_text chunks are supported (no images, "
-                                                             "no audio)")
+                    raise ProtoError(
+                        f"{where}.model_input", "only encoded_text chunks are supported (no images, no audio)"
+                    )
                 for tnum, _, raw in fields(chunk, f"{where}.model_input"):
                     if tnum == 1 and isinstance(raw, bytes):
                         if len(raw) % 4:
@@ -225,8 +226,11 @@ def encode_forward_backward_output(outputs: list[dict[str, np.ndarray]], metrics
     for name in names:
         arrays = [np.ascontiguousarray(o[name], dtype=np.float32) for o in outputs]
         offsets = np.concatenate([[0], np.cumsum([a.nbytes for a in arrays])]).astype(np.int64)
-        tensor = (_bytes_field(1, b"".join(a.tobytes() for a in arrays)) + _bytes_field(2, offsets.tobytes())
-                  + _varint_field(3, FLOAT32))  # fmt: skip
+        tensor = (
+            _bytes_field(1, b"".join(a.tobytes() for a in arrays))
+            + _bytes_field(2, offsets.tobytes())
+            + _varint_field(3, FLOAT32)
+        )
         record += _bytes_field(2, _bytes_field(1, name.encode()) + _bytes_field(2, tensor))
     body = _bytes_field(1, b"ArrayRecord") + _bytes_field(2, record)
     for name, value in metrics.items():
@@ -240,8 +244,11 @@ def encode_sample_response(
     """SampleResponse: each sequence's (stop reason, tokens, logprobs); prompt log-probs (NaN first) if asked."""
     body = b""
     for stop, tokens, logprobs in sequences:
-        seq = (_varint_field(1, stop) + _bytes_field(2, np.asarray(tokens, np.int32).tobytes())
-               + _bytes_field(3, np.asarray(logprobs, np.float32).tobytes()))  # fmt: skip
+        seq = (
+            _varint_field(1, stop)
+            + _bytes_field(2, np.asarray(tokens, np.int32).tobytes())
+            + _bytes_field(3, np.asarray(logprobs, np.float32).tobytes())
+        )
         body += _bytes_field(1, seq)
     if prompt_logprobs is not None:
         body += _bytes_field(2, np.asarray(prompt_logprobs, np.float32).tobytes())

@@ -108,20 +108,26 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def capabilities(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    model = {"model_name": state.model_name, "max_context_length": state.max_context, "trainable": True,
-             "sampleable": True}  # fmt: skip
+    model = {
+        "model_name": state.model_name,
+        "max_context_length": state.max_context,
+        "trainable": True,
+        "sampleable": True,
+    }
     return json_response({"supported_models": [model]})
 
 
 async def client_config(request: web.Request) -> web.Response:
     # httpx's own transport; forward_backward bodies uncompressed; per-request polling of retrieve_future
-    return json_response({
-        "use_pyqwest_transport": False,
-        "proto_compress_fwdbwd": False,
-        "fwdbwd_max_chunk_len": request.app[LIMITS]["max_data"],
-        "sample_use_retrieve_futures": False,
-        "custom_loss_server_side": False,
-    })
+    return json_response(
+        {
+            "use_pyqwest_transport": False,
+            "proto_compress_fwdbwd": False,
+            "fwdbwd_max_chunk_len": request.app[LIMITS]["max_data"],
+            "sample_use_retrieve_futures": False,
+            "custom_loss_server_side": False,
+        }
+    )
 
 
 async def dynamic_config(request: web.Request) -> web.Response:
@@ -160,8 +166,11 @@ async def create_model(request: web.Request) -> web.Response:
         raise bad_request("lora_config.rank", f"must be in [1, {state.max_rank}] (server.max_lora_rank)")
     for key in ("train_mlp", "train_attn"):
         if get(lora, key, bool, True, where="lora_config.") is not True:
-            raise bad_request(f"lora_config.{key}", "LoRA on a subset of the layers is not supported here: every "
-                                                    "linear layer of every block gets an adapter")
+            raise bad_request(
+                f"lora_config.{key}",
+                "LoRA on a subset of the layers is not supported here: every "
+                "linear layer of every block gets an adapter",
+            )
     seed = get(lora, "seed", int, None, where="lora_config.")
     optimizer = get(body, "optimizer_config", dict, None) or {}
     if optimizer.get("type", "adamw") != "adamw":
@@ -283,8 +292,9 @@ async def join_sampling_session(request: web.Request) -> web.Response:
 
 async def get_sampler(request: web.Request) -> web.Response:
     sampler = request.app[STATE].sampler(request.match_info["sampler_id"])
-    return json_response({"sampler_id": sampler.sampler_id, "base_model": sampler.base_model,
-                          "model_path": sampler.model_path})  # fmt: skip
+    return json_response(
+        {"sampler_id": sampler.sampler_id, "base_model": sampler.base_model, "model_path": sampler.model_path}
+    )
 
 
 def prompt_tokens(body: dict[str, Any], vocab: int) -> list[int]:
@@ -331,8 +341,15 @@ def sampling_params(raw: dict[str, Any]) -> SamplingParams:
         ids = stop
     elif stop is not None:
         raise bad_request(f"{w}stop", "must be a string, a list of strings or a list of token ids")
-    kwargs: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "top_k": max(top_k, 0), "stop": strings,
-                              "stop_token_ids": ids, "ignore_eos": stop == [], "seed": seed}  # fmt: skip
+    kwargs: dict[str, Any] = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": max(top_k, 0),
+        "stop": strings,
+        "stop_token_ids": ids,
+        "ignore_eos": stop == [],
+        "seed": seed,
+    }
     if max_tokens is not None:
         kwargs["max_tokens"] = max_tokens
     return SamplingParams(**kwargs)
@@ -359,8 +376,7 @@ async def asample(request: web.Request) -> web.Response:
         generate = state.generate_request(tokens, n, params)
     work = lambda: state.sample(sampler_id, generate, prompt_logprobs=scored)  # noqa: E731
     request_id = request.app[FUTURES].submit(work, key=None)
-    return json_response({"request_id": request_id, "sample_sequence_ids": [f"{request_id}.{i}"
-                                                                                for i in range(n)]})  # fmt: skip
+    return json_response({"request_id": request_id, "sample_sequence_ids": [f"{request_id}.{i}" for i in range(n)]})
 
 
 # --- futures ---------------------------------------------------------------------------------------------------------
@@ -372,8 +388,11 @@ async def retrieve_future(request: web.Request) -> web.Response:
     try:
         result = await request.app[FUTURES].retrieve(request_id)
     except KeyError:
-        raise APIError(404, f"request_id: no future {request_id!r} (never made, or its result expired: "
-                            "tinker.retention_s)", param="request_id") from None
+        raise APIError(
+            404,
+            f"request_id: no future {request_id!r} (never made, or its result expired: tinker.retention_s)",
+            param="request_id",
+        ) from None
     if result is None:
         return json_response({"type": "try_again", "request_id": request_id, "queue_state": "active"})
     return respond(result)
@@ -411,7 +430,9 @@ ROUTES = [
 ]
 
 
-def make_app(state: TinkerState, futures: Futures, *, limits: dict[str, int], token: str, max_body: int) -> web.Application:
+def make_app(
+    state: TinkerState, futures: Futures, *, limits: dict[str, int], token: str, max_body: int
+) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[errors])
     app[STATE], app[FUTURES], app[LIMITS], app[TOKEN] = state, futures, limits, token
     app.router.add_routes(ROUTES)

@@ -51,9 +51,19 @@ class Sampler:
 
 class TinkerState:
     def __init__(
-        self, *, engine: Engine, learner: Learner, thread: MlxThread, model_name: str, tokenizer_path: str,
-        state_dir: Path, max_clients: int, vocab: int, max_context: int, max_rank: int,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        engine: Engine,
+        learner: Learner,
+        thread: MlxThread,
+        model_name: str,
+        tokenizer_path: str,
+        state_dir: Path,
+        max_clients: int,
+        vocab: int,
+        max_context: int,
+        max_rank: int,
+    ) -> None:
         self.engine = engine
         self.learner = learner
         self.thread = thread
@@ -111,19 +121,26 @@ class TinkerState:
     def info(self, model_id: str) -> dict[str, Any]:
         tm = self.model(model_id)
         return {
-            "type": "get_info", "model_id": model_id, "is_lora": True, "lora_rank": tm.rank,
+            "type": "get_info",
+            "model_id": model_id,
+            "is_lora": True,
+            "lora_rank": tm.rank,
             "model_name": self.model_name,
             "model_data": {"arch": "lora", "model_name": self.model_name, "tokenizer_id": self.tokenizer_path},
-        }  # fmt: skip
+        }
 
     # --- training ----------------------------------------------------------------------------------------------------
 
     async def forward_backward(self, request: proto.ForwardBackwardIn, config: dict[str, float]) -> Result:
         tm = self.model(request.model_id)
         outputs, metrics = await self.thread.call(
-            self.learner.forward_backward, tm, request.data, request.loss_fn, config,
+            self.learner.forward_backward,
+            tm,
+            request.data,
+            request.loss_fn,
+            config,
             forward_only=request.forward_only,
-        )  # fmt: skip
+        )
         return Result(proto=proto.encode_forward_backward_output(outputs, metrics))
 
     async def optim_step(self, model_id: str, params: AdamParams) -> Result:
@@ -155,8 +172,15 @@ class TinkerState:
     def _write(run_dir: Path, tm: TrainingModel, config: dict, trainer_state: dict) -> None:
         if run_dir.exists():  # one name holds one state: replace it whole
             shutil.rmtree(run_dir)
-        write_checkpoint(run_dir, step=tm.step, version=tm.step, adapter=tm.arrays, adapter_config=config,
-                         optimizer_state=tm.optimizer_state(), trainer_state=trainer_state)  # fmt: skip
+        write_checkpoint(
+            run_dir,
+            step=tm.step,
+            version=tm.step,
+            adapter=tm.arrays,
+            adapter_config=config,
+            optimizer_state=tm.optimizer_state(),
+            trainer_state=trainer_state,
+        )
 
     async def load_state(self, model_id: str, path: str, *, optimizer: bool, new: bool) -> Result:
         """Into an existing client, or (new) a new one made from the checkpoint."""
@@ -244,8 +268,9 @@ class TinkerState:
     def generate_request(self, tokens: list[int], n: int, params: SamplingParams) -> GenerateRequest:
         """The engine request of a sample, checked before any work starts (RequestError naming the engine's
         field, which the route answers as a 400 naming its own: routes.SAMPLE_FIELDS)."""
-        request = GenerateRequest(request_id=f"tinker-{uuid.uuid4().hex[:12]}", prompt_tokens=tokens, n=n,
-                                  params=params)  # fmt: skip
+        request = GenerateRequest(
+            request_id=f"tinker-{uuid.uuid4().hex[:12]}", prompt_tokens=tokens, n=n, params=params
+        )
         self.engine.check(request)
         return request
 
@@ -254,7 +279,9 @@ class TinkerState:
         tokens = request.prompt_tokens
         for attempt in (1, 2):  # the engine may drop an idle adapter to make room between install and admission
             try:
-                rows = await self.engine.complete(msgspec.structs.replace(request, adapter=await self._install(sampler)))
+                rows = await self.engine.complete(
+                    msgspec.structs.replace(request, adapter=await self._install(sampler))
+                )
                 break
             except AdapterNotFound as e:
                 if attempt == 2:

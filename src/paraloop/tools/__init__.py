@@ -52,9 +52,7 @@ def resolve_adapter(path: str | Path) -> Path:
         if path.suffix not in (".safetensors", ".npz"):
             raise ValueError(f"{path}: not an adapter file (expected .safetensors or .npz)")
         return path
-    if not (
-        (path / SAFETENSORS_NAME).is_file() or (path / NPZ_NAME).is_file() or (path / TRAINER_STATE).exists()
-    ):
+    if not ((path / SAFETENSORS_NAME).is_file() or (path / NPZ_NAME).is_file() or (path / TRAINER_STATE).exists()):
         from paraloop.predecessor import find_predecessor_step
 
         path = find_predecessor_step(path) or find_checkpoint(path)

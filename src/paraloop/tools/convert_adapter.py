@@ -21,14 +21,10 @@ SUFFIX_FORMAT = {".safetensors": "safetensors", ".npz": "npz"}
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="paraloop convert-adapter", description="Convert an adapter: safetensors <-> npz."
-    )
+    parser = ArgumentParser(prog="paraloop convert-adapter", description="Convert an adapter: safetensors <-> npz.")
     parser.add_argument("src", type=Path, help="adapter file or dir, checkpoint dir, or run dir")
     parser.add_argument("dst", type=Path, help="output file (.safetensors / .npz) or directory")
-    parser.add_argument(
-        "--to", choices=sorted(SUFFIX_FORMAT.values()), help="target format (default: from DST)"
-    )
+    parser.add_argument("--to", choices=sorted(SUFFIX_FORMAT.values()), help="target format (default: from DST)")
     return parser
 
 
@@ -85,10 +81,6 @@ def main(argv: list[str]) -> int:
         out = convert(args.src, args.dst, to=args.to)
     except ERRORS as e:
         return fail(e)
-    note = (
-        ""
-        if (out.parent / "adapter_config.json").is_file()
-        else " (no adapter_config.json found next to SRC)"
-    )
+    note = "" if (out.parent / "adapter_config.json").is_file() else " (no adapter_config.json found next to SRC)"
     print(f"wrote {out}{note}")
     return 0

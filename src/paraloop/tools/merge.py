@@ -44,18 +44,26 @@ def build_parser() -> ArgumentParser:
         help="checkpoint dir, run dir (its latest checkpoint), adapter dir or adapter file",
     )
     parser.add_argument(
-        "--output", "--output-path", dest="output", required=True, type=Path, metavar="O",
+        "--output",
+        "--output-path",
+        dest="output",
+        required=True,
+        type=Path,
+        metavar="O",
         help="new model dir (must not exist)",
     )
+    parser.add_argument("--dequantize", action="store_true", help="write float weights even if the base is quantized")
     parser.add_argument(
-        "--dequantize", action="store_true", help="write float weights even if the base is quantized"
-    )
-    parser.add_argument(
-        "--lora-scale", type=float, metavar="S",
+        "--lora-scale",
+        type=float,
+        metavar="S",
         help=f"LoRA scale of an adapter without adapter_config.json (default {PREDECESSOR_SCALE:g})",
     )
     parser.add_argument(
-        "--upload-repo", "--push-to-hub", dest="upload_repo", metavar="ORG/NAME",
+        "--upload-repo",
+        "--push-to-hub",
+        dest="upload_repo",
+        metavar="ORG/NAME",
         help="upload the merged model to this Hugging Face repo (as mlx_lm.fuse --upload-repo)",
     )
     return parser
@@ -94,13 +102,15 @@ def merge(
         if adapter_config is None:
             given = lora_scale is not None
             adapter_config = assumed_adapter_config(
-                source, arrays, model, LoraConfig(scale=lora_scale if given else PREDECESSOR_SCALE),
-                origin="--lora-scale" if given else "the predecessor's default", use_sibling=not given,
+                source,
+                arrays,
+                model,
+                LoraConfig(scale=lora_scale if given else PREDECESSOR_SCALE),
+                origin="--lora-scale" if given else "the predecessor's default",
+                use_sibling=not given,
             )
         load_into(model, arrays, adapter_config, source=source)
-        fused = [
-            (name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")
-        ]
+        fused = [(name, m.fuse(dequantize=dequantize)) for name, m in model.named_modules() if hasattr(m, "fuse")]
         model.update_modules(tree_unflatten(fused))
     if dequantize:
         model = dequantize_model(model)
@@ -165,8 +175,14 @@ def main(argv: list[str]) -> int:
     try:
         if args.upload_repo:
             check_upload(args.upload_repo)
-        out = merge(args.base_model, args.adapter, args.output, dequantize=args.dequantize, revision=args.revision,
-                    lora_scale=args.lora_scale)
+        out = merge(
+            args.base_model,
+            args.adapter,
+            args.output,
+            dequantize=args.dequantize,
+            revision=args.revision,
+            lora_scale=args.lora_scale,
+        )
     except ERRORS as e:
         return fail(e)
     print(f"merged {args.adapter} into {args.base_model}: wrote {out} in {time.perf_counter() - start:.1f} s")
@@ -175,7 +191,10 @@ def main(argv: list[str]) -> int:
             upload(out, args.upload_repo)
         except Exception as e:  # network, auth, quota: the merged model stays; say how to retry
             reason = (str(e).strip().splitlines() or [""])[0]
-            print(f"paraloop: error: uploading {out} to {args.upload_repo} failed ({type(e).__name__}: {reason}); "
-                  f"the merged model is kept: retry with `hf upload {args.upload_repo} {out}`", file=sys.stderr)
+            print(
+                f"paraloop: error: uploading {out} to {args.upload_repo} failed ({type(e).__name__}: {reason}); "
+                f"the merged model is kept: retry with `hf upload {args.upload_repo} {out}`",
+                file=sys.stderr,
+            )
             return 1
     return 0

@@ -80,9 +80,7 @@ def show_run(path: Path, *, verify: bool) -> list[str]:
     steps = list_checkpoints(ckdir)
     initial = ckdir / INITIAL_ADAPTER
     if not steps and not initial.is_dir():
-        raise FileNotFoundError(
-            f"{path}: no checkpoints (expected a run dir, its checkpoints/ dir or a step_N dir)"
-        )
+        raise FileNotFoundError(f"{path}: no checkpoints (expected a run dir, its checkpoints/ dir or a step_N dir)")
     latest = latest_checkpoint(ckdir)
     print(f"checkpoints in {ckdir}")
     if initial.is_dir():
