@@ -181,3 +181,10 @@ def test_no_test_module_imports_another():
             )
             bad = [n for n in names if n.split(".")[0].startswith("test_") or n.startswith("tests")]
             assert not bad, f"{path.name} imports {bad}: move what it needs into tests/support/"
+
+
+def test_the_run_packages_own_map_names_each_of_its_files():
+    """run/__init__.py's docstring is the page a reader of `paraloop run` starts from."""
+    text = (SRC / "run" / "__init__.py").read_text()
+    missing = [p.name for p in (SRC / "run").glob("*.py") if p.name != "__init__.py" and p.name not in text]
+    assert not missing, f"run/__init__.py's map lacks {missing}"

@@ -7,6 +7,7 @@
     fetcher.py       actor: rollout source -> buffer -> RolloutBatch for the learner
     buffer.py        the rollout buffer (batching, priority, the staleness rule)
     journal.py       fetched Atropos batches on disk until a checkpoint consumes them
+    teacher.py       on-policy distillation: the teacher's log-probs on every batch, before the learner ([distill])
     learner.py       actor: RolloutBatch -> one GRPO step -> adapter, metrics, checkpoints
     publisher.py     actor: new adapter -> engine swap (and sync-mode credits for the fetcher)
     evaluator.py     actor: held-out evaluation of adapter versions on the serving engine ([eval] every_steps)
@@ -21,5 +22,6 @@
     peers.py         a distributed run: heartbeats between the ranks, deadlines, /ranks
     launch.py        `paraloop launch`: start the ranks of one distributed run (here or over ssh)
 
-Each actor is one file: one inbox, one loop, returning at end of stream.
+Each actor is one file: one inbox, one loop, returning at end of stream. Every module of the package, by layer:
+docs/architecture.md, "Map".
 """
