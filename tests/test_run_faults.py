@@ -123,7 +123,17 @@ def test_a_second_sigint_exits_at_once_without_waiting_for_the_step(tiny_model_p
     )
     with owned(proc):
         base = wait_for_server(proc, run_dir)
-        wait(lambda: (s := status(base))["step"] == 2 and s["learner_busy"], "step 3 to start", proc=proc)
+        # step 3 started, and step 2's checkpoint is on disk: the checkpointer writes it on its own thread, so
+        # `step == 2` alone can come first (seen under load: the hard exit then left step 1 as the latest)
+        wait(
+            lambda: (
+                (s := status(base))["step"] == 2
+                and s["learner_busy"]
+                and (s["last_checkpoint"] or "").endswith("step_000002")
+            ),
+            "step 3 to start with step 2's checkpoint written",
+            proc=proc,
+        )
         os.killpg(proc.pid, signal.SIGINT)
         wait(lambda: status(base)["stopping"], "the first SIGINT to be taken", proc=proc)
         sent = time.monotonic()
