@@ -225,3 +225,31 @@ def test_when_a_child_dies_the_launcher_stops_every_other_and_fails(tmp_path):
     assert len(pids) == 3, out  # run-api, paraloop run, the environment
     assert "[launch] paraloop exited with code" in out and "stopping every child" in out
     assert all(procs.gone_soon(pid, within=10) for pid in pids)
+
+
+def test_launch_says_once_when_every_environment_has_finished_while_paraloop_runs(monkeypatch):
+    """Environments exiting 0 have queued their share; once the last one has, a run still waiting for batches would
+    wait for ever, so the launcher says why and what to do (and goes on: paraloop's exit still ends the launch)."""
+    import anyio
+
+    from paraloop.atropos import launch
+
+    said: list[str] = []
+    exits = [("env0:a", 0), ("env1:b", 0), ("paraloop", 0)]
+
+    class Children:
+        def say(self, who: str, what: str) -> None:
+            said.append(what)
+
+        async def wait_any(self) -> tuple[str, int]:
+            return exits.pop(0)
+
+    async def started(*args, **kwargs) -> None:
+        return None
+
+    monkeypatch.setattr(launch, "start_all", started)
+    plan = argparse.Namespace(env_scripts=["a.py", "b.py"])
+    code = anyio.run(lambda: launch.supervise(Children(), plan, start_timeout=1, env_defaults=True))
+    assert code == 0
+    every = [i for i, line in enumerate(said) if line.startswith("every environment has finished")]
+    assert every == [2], said  # after the second environment's exit, not the first
