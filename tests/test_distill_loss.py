@@ -1,6 +1,7 @@
 """On-policy distillation's advantage (learn/distill.py) through the Trainer, against an independent float64 NumPy
 version of the whole step: a toy model (embedding + LM head, trained in full), GRPO with the teacher term added to
-the task advantage, several micro-batches. Loss to 1e-6 relative, gradients to 1.5e-6 of their largest entry."""
+the task advantage, several micro-batches. Loss and gradients within LOSS_TOL / GRAD_TOL (measured per
+kernel beside them)."""
 
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 
@@ -8,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+
+from support.compute_paths import assert_within
 
 from paraloop.config import DistillConfig, RLTrainingConfig
 from paraloop.learn.batch import collate
@@ -17,6 +20,10 @@ from paraloop.messages import RolloutBatch, ScoredGroup
 
 V, D = 23, 6
 TEMPERATURE = 0.7
+# float32 Trainer vs the float64 reference. Worst measured (loss relative / gradients of their largest entry), by
+# OpenBLAS kernel: Zen 9.3e-7 / 3.9e-7, Haswell 9.3e-7 / 3.9e-7, Sandybridge 1.1e-6 / 4.2e-7.
+LOSS_TOL = 5e-6
+GRAD_TOL = 5e-6
 
 
 class Body(nn.Module):
@@ -142,10 +149,10 @@ def test_trainer_loss_and_gradients_match_float64(seed, weight, reward_weight, c
     expected, grads = np_reference(model, rb, weight=weight, reward_weight=reward_weight, clip=0.2)
     trainer = trainer_for(model, weight=weight, reward_weight=reward_weight, clip=0.2, chunk=chunk)
     loss, got = trainer.gradients(rb)
-    assert loss == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert_within("distill loss vs float64, relative", abs(loss - expected) / abs(expected), LOSS_TOL)
     for name, g in grads.items():
-        scale = np.abs(g).max()
-        assert np.abs(np.array(got[name], np.float64) - g).max() <= 1.5e-6 * scale, name
+        gap = np.abs(np.array(got[name], np.float64) - g).max() / np.abs(g).max()
+        assert_within("distill gradients vs float64, of the largest entry", gap, GRAD_TOL)
     micro = trainer._prepare(rb)[0]
     assert len(micro) > 1  # the budget splits the batch: the sum over micro-batches is the whole loss
 
