@@ -5,13 +5,13 @@ checkpoint reaches the same adapter at step 2 as the uninterrupted run."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from support import procs
+from support.runs import run_cmd
 
 from paraloop.checkpoint import read_checkpoint
 
@@ -31,23 +31,7 @@ SETTINGS = [
 def run(model: Path, run_dir: Path, *extra: str, timeout: float = 240) -> None:
     """`paraloop run` in its own process group, killed with everything it started on failure or timeout."""
     sets = [arg for s in SETTINGS for arg in ("--set", s)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "paraloop",
-        "run",
-        str(REPO / "configs" / "tiny.toml"),
-        "--model-path",
-        str(model),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        "--no-plot",
-        "--save-every-step",
-        *sets,
-        *extra,
-    ]
+    cmd = run_cmd(model, run_dir, "--no-plot", "--save-every-step", *sets, *extra)
     with procs.running(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PARALOOP_LOG": "warning"}
     ) as proc:

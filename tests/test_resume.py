@@ -3,34 +3,19 @@
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from support import procs
+from support.runs import run_cmd
 from paraloop.checkpoint import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run(model: Path, run_dir: Path, *extra: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "paraloop",
-        "run",
-        str(REPO / "configs" / "tiny.toml"),
-        "--model-path",
-        str(model),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        "--no-plot",
-        "--save-every-step",
-        *extra,
-    ]
+    cmd = run_cmd(model, run_dir, "--no-plot", "--save-every-step", *extra)
     proc = procs.run(cmd, timeout=300, env={**os.environ, "PARALOOP_LOG": "warning"})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
