@@ -161,13 +161,15 @@ def test_a_stuck_learner_is_reported_then_stall_timeout_ends_the_run_with_exit_3
         "--set",
         "watchdog.learner_stall_factor=1",
         "--set",
-        "watchdog.stall_timeout=4",
+        "watchdog.stall_timeout=10",
         env={"PARALOOP_TEST_HANG_STEP": "2"},
     )
     with owned(proc):
         base = wait_for_server(proc, run_dir)
         wait(lambda: status(base)["learner_busy"] and status(base)["step"] == 1, "step 2 to start", proc=proc)
         wait(lambda: call(f"{base}/health")[0] == 503, "/health to report the stall", proc=proc)
+        # The step-1 checkpoint is written by its own actor while step 2 hangs; the run ends stall_timeout later.
+        wait(lambda: (status(base)["last_checkpoint"] or "").endswith("step_000001"), "checkpoint 1", proc=proc)
         code, body = call(f"{base}/health")
         assert "learner: one learner step has run for" in body["error"]["message"]
         assert "learner" in status(base)["stalled"]
@@ -262,8 +264,9 @@ def test_kill_9_before_the_checkpoint_then_resume_trains_every_fetched_group_exa
                     (s := status(base))["journal"]["appended"] == 4
                     and s["buffer"]["groups"] == 0
                     and s["queues"]["rollouts"] == 0
+                    and (s["last_checkpoint"] or "").endswith("step_000002")
                 ),
-                "the fourth batch to be journaled and taken",
+                "the fourth batch to be journaled and taken, and checkpoint 2 written",
                 proc=first,
             )
             os.killpg(first.pid, signal.SIGKILL)
