@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,6 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from support.fuzz_requests import FuzzRequest, requests
 from support import procs
 from support import served_port
+from support.runs import run_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ_REPORT = Path(os.environ.get("PARALOOP_FUZZ_REPORT", REPO / ".cache" / "fuzz-report.json"))
@@ -49,20 +49,7 @@ OVERRIDES = [
 
 def start_run(model: Path, run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "paraloop",
-        "run",
-        str(REPO / "configs" / "tiny.toml"),
-        "--model-path",
-        str(model),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        *OVERRIDES,
-    ]
+    cmd = run_cmd(model, run_dir, *OVERRIDES)
     log = (run_dir.parent / "run.log").open("w")
     return procs.spawn(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
