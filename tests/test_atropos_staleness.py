@@ -15,7 +15,7 @@ import anyio
 import numpy as np
 import pytest
 from aiohttp import web
-from support.run_fakes import LORA_CONFIG, FakeEngine, FakeTrainer, InlineThread, Run, settings
+from support.run_fakes import LORA_CONFIG, FakeEngine, FakeTrainer, InlineThread, Rig, Run, settings
 from support import group as support_group
 
 from paraloop.atropos.client import AtroposClient
@@ -278,27 +278,7 @@ def test_on_two_ranks_a_step_whose_groups_are_all_stale_on_rank_0_does_not_end_e
 def test_groups_of_a_batch_the_learner_dropped_whole_are_reported_with_the_next_step(tmp_path):
     """async mode: a batch taken fresh may be stale by the time the learner gets to it; dropped whole, it trains no
     step, and its groups count in the next step's dropped_stale (not only in the status)."""
-    trainer = FakeTrainer(step_count=2)
-    status = RunStatus(total_steps=3, mode="async", run_dir=str(tmp_path))
-    batches_send, batches_recv = anyio.create_memory_object_stream[RolloutBatch](2)
-    published_send, published_recv = anyio.create_memory_object_stream[AdapterPublished](4)
-    ckpt_send, ckpt_recv = anyio.create_memory_object_stream[SaveCheckpoint](4)
-    finished_send, finished_recv = anyio.create_memory_object_stream[StepFinished](4)
-    learner = Learner(
-        trainer,
-        InlineThread(),
-        status=status,
-        control=LearnerControl(status),
-        total_steps=3,
-        checkpoint_interval=0,
-        save_every_step=False,
-        batches=batches_recv,
-        published=published_send,
-        checkpoints=ckpt_send,
-        finished=finished_send,
-        credits=None,
-        max_staleness=0,
-    )
+    rig = Rig(tmp_path, total_steps=3, trainer=FakeTrainer(step_count=2), max_staleness=0, mode="async")
     stale = RolloutBatch(
         groups=[support_group((0.0, 1.0), prompt=(1,), version=1), support_group((0.0, 1.0), prompt=(2,), version=1)],
         source="atropos",
@@ -309,19 +289,13 @@ def test_groups_of_a_batch_the_learner_dropped_whole_are_reported_with_the_next_
         source="atropos",
     )
 
-    finished: list[StepFinished] = []
-
     async def scenario():
         async with anyio.create_task_group() as tg:
-            tg.start_soon(learner.run)
-            await batches_send.send(stale)
-            await batches_send.send(fresh)
-            finished.append(await finished_recv.receive())
-            async for request in ckpt_recv:  # the final checkpoint
-                async with request.reply:
-                    await request.reply.send(CheckpointWritten(step=request.step, path="p"))
+            await tg.start(rig.run)
+            await rig.batches.send(stale)
+            await rig.batches.send(fresh)  # the learner's streams close when it ends, and the rig's tasks with them
 
     run(scenario)
-    (done,) = finished
-    assert [tags(b) for b in trainer.trained] == [[3, 4]] and done.step == 3
-    assert done.metrics["dropped_stale"] == 3.0 and status.dropped_stale == 3
+    (done,) = rig.steps
+    assert [tags(b) for b in rig.trainer.trained] == [[3, 4]] and done.step == 3
+    assert done.metrics["dropped_stale"] == 3.0 and rig.status.dropped_stale == 3

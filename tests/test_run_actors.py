@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
-from support.run_fakes import FakeEngine, FakeTrainer, FeedSource, InlineThread, LORA_CONFIG, batch, tags
+from support.run_fakes import FakeEngine, FakeTrainer, FeedSource, InlineThread, LORA_CONFIG, Rig, batch, tags
 from support import group, until
 
 from paraloop.checkpoint import read_checkpoint, write_checkpoint
@@ -34,86 +34,6 @@ from paraloop.run.publisher import run_publisher
 from paraloop.run.status import RunStatus
 
 DEADLINE = 10
-
-
-class Rig:
-    """A learner wired to streams the test drives: `batches` in; a fake checkpointer that answers at once, and
-    sinks that record swaps and finished steps. `publisher`: a real publisher over `engine` instead of the sink."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        *,
-        total_steps: int = 100,
-        trainer=None,
-        thread=None,
-        engine=None,
-        max_staleness: int | None = None,
-        consumed=None,
-    ) -> None:
-        self.status = RunStatus(total_steps=total_steps, mode="sync", run_dir=str(tmp_path))
-        self.control = LearnerControl(self.status)
-        self.trainer = trainer or FakeTrainer()
-        self.thread = thread or InlineThread()
-        self.engine = engine
-        self.batches, batches_recv = anyio.create_memory_object_stream[RolloutBatch](1)
-        published_send, self.published = anyio.create_memory_object_stream[AdapterPublished](1)
-        ckpt_send, self.ckpts = anyio.create_memory_object_stream[SaveCheckpoint](2)
-        finished_send, self.finished = anyio.create_memory_object_stream[StepFinished](64)
-        self.learner = Learner(
-            self.trainer,
-            self.thread,
-            status=self.status,
-            control=self.control,
-            total_steps=total_steps,
-            checkpoint_interval=0,
-            save_every_step=False,
-            batches=batches_recv,
-            published=published_send,
-            checkpoints=ckpt_send,
-            finished=finished_send,
-            credits=None,
-            max_staleness=max_staleness,
-            consumed=consumed,
-        )
-        self.saved: list[SaveCheckpoint] = []
-        self.swapped: list[int] = []
-        self.done: list[int] = []
-        self.ended = anyio.Event()
-
-    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
-        async def learner() -> None:
-            await self.learner.run()
-            self.ended.set()
-
-        async def published() -> None:
-            async for p in self.published:
-                self.swapped.append(p.version)
-
-        async def checkpoints() -> None:
-            async for request in self.ckpts:
-                self.saved.append(request)
-                if request.reply is not None:
-                    async with request.reply:
-                        await request.reply.send(CheckpointWritten(step=request.step, path=f"step_{request.step}"))
-
-        async def finished() -> None:
-            async for done in self.finished:
-                self.done.append(done.step)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(learner)
-            if self.engine is None:
-                tg.start_soon(published)
-            else:
-                tg.start_soon(
-                    partial(
-                        run_publisher, self.published, engine=self.engine, status=self.status, credits=None, drain=True
-                    )
-                )
-            tg.start_soon(checkpoints)
-            tg.start_soon(finished)
-            task_status.started()
 
 
 def run(scenario) -> None:

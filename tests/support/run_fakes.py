@@ -2,12 +2,15 @@
 
 FakeTrainer trains nothing but keeps what a checkpoint needs (real mx arrays, so the real checkpoint writer works);
 InlineThread runs its calls on the event loop (so `anyio.wait_all_tasks_blocked()` settles a scenario exactly) and
-can hold them at a gate; FakeEngine swaps adapters, optionally holding a swap the way the drain-swap hang of issue
-#11 did (parked until some other request arrives, which never does); FeedSource is a rollout source the test feeds.
+can hold them at a gate; Rig wires a real Learner to streams the test drives; FakeEngine swaps adapters, optionally
+holding a swap the way the drain-swap hang of issue #11 did (parked until some other request arrives, which never
+does); FeedSource is a rollout source the test feeds.
 """
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,8 +19,19 @@ import mlx.core as mx
 from paraloop.config import Settings
 from support import group
 
-from paraloop.messages import AdapterSwapped, RolloutBatch
+from paraloop.messages import (
+    AdapterPublished,
+    AdapterSwapped,
+    CheckpointWritten,
+    RolloutBatch,
+    SaveCheckpoint,
+    StepFinished,
+)
+from paraloop.run.control import LearnerControl
+from paraloop.run.learner import Learner
 from paraloop.run.main import error_of
+from paraloop.run.publisher import run_publisher
+from paraloop.run.status import RunStatus
 from paraloop.run.wiring import Parts, run_actors
 
 LORA_CONFIG = {
@@ -159,6 +173,89 @@ class FeedSource:
 
     def status(self) -> dict[str, Any]:
         return {"pulled": self.pulled}
+
+
+class Rig:
+    """A learner wired to streams the test drives: `batches` in; a fake checkpointer that answers at once, and
+    sinks that record swaps and finished steps. `publisher`: a real publisher over `engine` instead of the sink."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        total_steps: int = 100,
+        trainer=None,
+        thread=None,
+        engine=None,
+        max_staleness: int | None = None,
+        consumed=None,
+        mode: str = "sync",
+    ) -> None:
+        self.status = RunStatus(total_steps=total_steps, mode=mode, run_dir=str(tmp_path))
+        self.control = LearnerControl(self.status)
+        self.trainer = trainer or FakeTrainer()
+        self.thread = thread or InlineThread()
+        self.engine = engine
+        self.batches, batches_recv = anyio.create_memory_object_stream[RolloutBatch](1)
+        published_send, self.published = anyio.create_memory_object_stream[AdapterPublished](1)
+        ckpt_send, self.ckpts = anyio.create_memory_object_stream[SaveCheckpoint](2)
+        finished_send, self.finished = anyio.create_memory_object_stream[StepFinished](64)
+        self.learner = Learner(
+            self.trainer,
+            self.thread,
+            status=self.status,
+            control=self.control,
+            total_steps=total_steps,
+            checkpoint_interval=0,
+            save_every_step=False,
+            batches=batches_recv,
+            published=published_send,
+            checkpoints=ckpt_send,
+            finished=finished_send,
+            credits=None,
+            max_staleness=max_staleness,
+            consumed=consumed,
+        )
+        self.saved: list[SaveCheckpoint] = []
+        self.swapped: list[int] = []
+        self.done: list[int] = []  # the steps finished, in order
+        self.steps: list[StepFinished] = []  # and what the learner said of each
+        self.ended = anyio.Event()
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        async def learner() -> None:
+            await self.learner.run()
+            self.ended.set()
+
+        async def published() -> None:
+            async for p in self.published:
+                self.swapped.append(p.version)
+
+        async def checkpoints() -> None:
+            async for request in self.ckpts:
+                self.saved.append(request)
+                if request.reply is not None:
+                    async with request.reply:
+                        await request.reply.send(CheckpointWritten(step=request.step, path=f"step_{request.step}"))
+
+        async def finished() -> None:
+            async for done in self.finished:
+                self.done.append(done.step)
+                self.steps.append(done)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(learner)
+            if self.engine is None:
+                tg.start_soon(published)
+            else:
+                tg.start_soon(
+                    partial(
+                        run_publisher, self.published, engine=self.engine, status=self.status, credits=None, drain=True
+                    )
+                )
+            tg.start_soon(checkpoints)
+            tg.start_soon(finished)
+            task_status.started()
 
 
 def settings(run_dir: Any, **sections: dict[str, Any]) -> Settings:
