@@ -4,12 +4,11 @@ stay trained and the inserted text masked, and every sampled token's logprob is 
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support.procs import Lines, run, running
+from support.procs import run
+from support.serving import Serve
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
@@ -20,20 +19,8 @@ pytestmark = [pytest.mark.atropos, pytest.mark.timeout(240)]  # conftest: fails 
 
 
 def test_managed_server_turns_extend_the_previous_turns_ids_and_mask_only_the_inserted_text(tiny_model_path):
-    serve = [
-        sys.executable,
-        "-m",
-        "paraloop",
-        "serve",
-        "--model-path",
-        str(tiny_model_path),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ]
-    with running(serve, stderr=subprocess.PIPE, text=True) as server:
-        port = Lines(server.stderr).expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=120).group(1)
+    with Serve("--model-path", str(tiny_model_path), "--host", "127.0.0.1") as server:
+        port = str(server.port)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         done = run(
             [str(VENV / "bin" / "python"), str(SCRIPT), str(tiny_model_path), port, str(TURNS)], timeout=120, env=env

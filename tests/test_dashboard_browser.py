@@ -20,6 +20,7 @@ import pytest
 
 from support import procs
 from support.chromium import find_chromium
+from support.serving import Serve
 from support import wait_for_server
 from support.runs import call, finish, paraloop_run
 
@@ -271,10 +272,8 @@ def test_compare_two_finished_runs(browser, tmp_path):
 def test_serve_has_a_read_only_view(browser, tiny_model_path):
     from playwright.sync_api import expect
 
-    cmd = [sys.executable, "-m", "paraloop", "serve", "--model-path", str(tiny_model_path), "--port", "0"]
-    with procs.running(cmd, stderr=subprocess.PIPE, text=True) as proc:
-        port = procs.Lines(proc.stderr).expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=120).group(1)
-        base = f"http://127.0.0.1:{port}"
+    with Serve("--model-path", str(tiny_model_path)) as server:
+        base = server.url
         view = Page(browser)
         try:
             page = view.page
@@ -289,5 +288,4 @@ def test_serve_has_a_read_only_view(browser, tiny_model_path):
             assert view.errors == [], view.errors
         finally:
             view.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert server.stop(signal.SIGTERM) == 0

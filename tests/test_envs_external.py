@@ -4,9 +4,7 @@ groups from the server's own token ids and log-probs, the same through /generate
 
 import json
 import os
-import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,32 +12,24 @@ import pytest
 
 from support import procs
 from support import free_port
+from support.serving import Serve
+from support.run_api import run_api
 from paraloop.envs.tasks import TINY_PROMPTS, Sample, capitals
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "external_env.py"
-RUN_API = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos")) / "bin" / "run-api"
 DEADLINE_S = 90  # only bounds a hang
-
-
-class Serve:
-    """A running `python -m paraloop serve --port 0` in its own process group, its URL read from the line it logs."""
-
-    def __init__(self, proc: subprocess.Popen) -> None:
-        self.proc = proc
-        lines = procs.Lines(proc.stderr)
-        self.url = lines.expect(r"serving .* on (http://127\.0\.0\.1:\d+)", timeout=DEADLINE_S).group(1)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
-    cmd = [sys.executable, "-m", "paraloop", "serve", "--port", "0", "--model-path", str(tiny_model_path)]
-    with procs.running(cmd, stderr=subprocess.PIPE, text=True) as proc:
-        yield Serve(proc)
+    with Serve("--model-path", str(tiny_model_path)) as serve:
+        yield serve
 
 
-def run_example(server: Serve, model: Path, *args: str) -> list[dict]:
-    cmd = [
+def example_cmd(server: Serve, model: Path, *args: str) -> list[str]:
+    """examples/external_env.py making two groups of four on the capitals task against `server`."""
+    return [
         sys.executable,
         str(EXAMPLE),
         "--url",
@@ -58,6 +48,10 @@ def run_example(server: Serve, model: Path, *args: str) -> list[dict]:
         "3",
         *args,
     ]
+
+
+def run_example(server: Serve, model: Path, *args: str) -> list[dict]:
+    cmd = example_cmd(server, model, *args)
     result = procs.run(cmd, timeout=DEADLINE_S)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("group ") == 2  # one log line per group
@@ -141,17 +135,7 @@ def http(url: str, body: dict | None = None) -> dict:
 def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_path, via_generate):
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    with procs.running(
-        [str(RUN_API), "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    ) as proc:
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            try:
-                http(api + "/")
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "run-api did not start"
-                time.sleep(0.2)
+    with run_api(port):
         # the trainer's side: register, then a first /batch, which lets environments register
         http(
             api + "/register",
@@ -168,26 +152,7 @@ def test_posted_groups_reach_an_atropos_trainer_unchanged(server, tiny_model_pat
         )
         assert http(api + "/batch")["batch"] is None
         printed = run_example(server, tiny_model_path, "--endpoint", "generate")  # the same groups, for reference
-        cmd = [
-            sys.executable,
-            str(EXAMPLE),
-            "--url",
-            server.url,
-            "--model-path",
-            str(tiny_model_path),
-            "--task",
-            "paraloop.envs.tasks:capitals",
-            "--groups",
-            "2",
-            "--group-size",
-            "4",
-            "--max-tokens",
-            "6",
-            "--seed",
-            "3",
-            "--atropos-url",
-            api,
-        ]
+        cmd = example_cmd(server, tiny_model_path, "--atropos-url", api)
         result = procs.run(cmd, timeout=DEADLINE_S)
         assert result.returncode == 0, result.stderr
         assert result.stdout == ""  # posted, not printed

@@ -23,14 +23,13 @@ from pathlib import Path
 from support import procs
 import pytest
 from support import free_port, wait_for_server
+from support.run_api import run_api
 from support.runs import TINY_CONFIG, call, read_metrics
 
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HOOKED = Path(__file__).with_name("scripts") / "hooked_run.py"
-VENV = Path(os.environ.get("PARALOOP_ATROPOS_VENV", REPO / ".venv-atropos"))
-RUN_API = VENV / "bin" / "run-api"
 needs_run_api = pytest.mark.atropos  # without the venv: fails in make test (tests/conftest.py)
 
 
@@ -183,19 +182,6 @@ def test_a_stuck_learner_is_reported_then_stall_timeout_ends_the_run_with_exit_3
 # --- Atropos -------------------------------------------------------------------------------------------------------
 
 
-def run_api(port: int) -> subprocess.Popen:
-    proc = start(str(RUN_API), "--host", "127.0.0.1", "--port", str(port))
-    deadline = time.monotonic() + 60
-    while True:
-        with contextlib.suppress(OSError):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
-            return proc
-        if proc.poll() is not None or time.monotonic() > deadline:
-            procs.kill_group(proc, grace_s=0)
-            raise AssertionError(f"run-api did not start: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.1)
-
-
 def post_groups(port: int, tags: range) -> None:
     """Groups of 2 sequences as an environment posts them; a group's first token is its tag."""
     for tag in tags:
@@ -251,7 +237,7 @@ def test_kill_9_before_the_checkpoint_then_resume_trains_every_fetched_group_exa
     port, run_dir, log = free_port(), tmp_path / "run", tmp_path / "trained.jsonl"
     config = atropos_config(tmp_path, port, steps=6, interval=2, keep_last=1)
     env = {"PARALOOP_TEST_TRAINED_LOG": str(log)}
-    with owned(run_api(port)):
+    with run_api(port):
         with owned(paraloop(run_dir, tiny_model_path, config=config, env=env)) as first:
             base = wait_for_server(first, run_dir)
             wait(lambda: status(base)["source"]["registered"], "registration", proc=first)
@@ -302,7 +288,7 @@ def test_an_api_down_at_start_then_restarted_mid_run_is_waited_for_while_serving
         wait(lambda: status(base)["source"]["retries"] >= 2, "retries while the API is down", proc=proc)
         assert status(base)["source"]["state"] == "registering"
         assert call(f"{base}/health")[0] == 200 and call(f"{base}/v1/completions", "POST", completion)[0] == 200
-        with owned(run_api(port)) as api:
+        with run_api(port) as api:
             wait(lambda: status(base)["source"]["registered"], "registration", proc=proc)
             post_groups(port, range(1, 5))
             wait(lambda: status(base)["step"] == 2, "two steps", proc=proc)
@@ -310,7 +296,7 @@ def test_an_api_down_at_start_then_restarted_mid_run_is_waited_for_while_serving
             api.wait(timeout=30)
         wait(lambda: not status(base)["source"]["connected"], "the client to notice", proc=proc)
         assert call(f"{base}/v1/completions", "POST", completion)[0] == 200, "serving goes on"
-        with owned(run_api(port)):
+        with run_api(port):
             wait(lambda: status(base)["source"]["registrations"] == 2, "registering again", proc=proc)
             post_groups(port, range(5, 9))
             code, err = exited(proc, 120)

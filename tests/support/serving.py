@@ -8,7 +8,7 @@ import sys
 
 from support.procs import Lines, kill_group, spawn
 
-DEADLINE_S = 60  # generous: only bounds a hang, never asserted on
+DEADLINE_S = 120  # generous: only bounds a hang, never asserted on
 
 
 class Serve:
@@ -24,6 +24,10 @@ class Serve:
         m = self.lines.expect(r"serving .* on http://127\.0\.0\.1:(\d+)", timeout=DEADLINE_S)
         self.port = int(m.group(1))
         return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "Serve":
         try:
