@@ -80,6 +80,14 @@ def plan_for(argv: list[str]):
     return make_plan(args, extra)
 
 
+def launch_plan(config: Path, script: Path, *overrides: str, env_flags: tuple[str, ...] = ()):
+    """The plan of `paraloop atropos launch --config C --env-script S [--set O ...] [-- ENV_FLAGS]`."""
+    argv = ["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV)]
+    for override in overrides:
+        argv += ["--set", override]
+    return plan_for([*argv, "--", *env_flags] if env_flags else argv)
+
+
 def config_and_script(tmp_path: Path, script_name: str) -> tuple[Path, Path]:
     """A config (run-api at :8555, an empty model dir `tmp_path/model`) and an empty environment script."""
     model = tmp_path / "model"
@@ -92,21 +100,7 @@ def config_and_script(tmp_path: Path, script_name: str) -> tuple[Path, Path]:
 @pytest.mark.atropos
 def test_the_plan_points_environments_at_run_api_and_at_paraloop(tmp_path):
     config, script = config_and_script(tmp_path, "env.py")
-    plan = plan_for(
-        [
-            "--config",
-            str(config),
-            "--env-script",
-            str(script),
-            "--atropos-venv",
-            str(VENV),
-            "--set",
-            "rl_training.total_steps=7",
-            "--",
-            "--env.group_size",
-            "4",
-        ]
-    )
+    plan = launch_plan(config, script, "rl_training.total_steps=7", env_flags=("--env.group_size", "4"))
     assert plan.api_url == "http://127.0.0.1:8555" and plan.run_api == str(VENV / "bin" / "run-api")
     assert plan.trainer[1:] == ["-m", "paraloop", "run", "--config", str(config), "--set", "rl_training.total_steps=7"]
     argv = env_argv(plan, str(script), 8123)
@@ -126,26 +120,12 @@ def test_eval_every_steps_becomes_the_environments_own_evaluation_cadence(tmp_pa
     """atroposlib calls an environment's evaluate() every steps_per_eval API steps; its evaluate_log writes into
     data_dir_to_save_evals, one dir per script under RUN_DIR/atropos_evals, where paraloop run reads it back."""
     config, script = config_and_script(tmp_path, "gsm8k_server.py")
-    plan = plan_for(
-        [
-            "--config",
-            str(config),
-            "--env-script",
-            str(script),
-            "--atropos-venv",
-            str(VENV),
-            "--set",
-            "eval.every_steps=5",
-            "--",
-            "--env.steps_per_eval",
-            "7",
-        ]
-    )
+    plan = launch_plan(config, script, "eval.every_steps=5", env_flags=("--env.steps_per_eval", "7"))
     argv = env_argv(plan, str(script), 8123)
     flags = list(zip(argv[4::2], argv[5::2], strict=True))
     assert ("--env.steps_per_eval", "5") in flags and flags[-1] == ("--env.steps_per_eval", "7"), "the user's wins"
     assert dict(flags)["--env.data_dir_to_save_evals"] == str(tmp_path / "run" / "atropos_evals" / "gsm8k_server")
-    plain = plan_for(["--config", str(config), "--env-script", str(script), "--atropos-venv", str(VENV)])
+    plain = launch_plan(config, script)
     argv = env_argv(plain, str(script), 8123)
     assert "--env.steps_per_eval" not in argv and "--env.data_dir_to_save_evals" not in argv
 
