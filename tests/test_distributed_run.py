@@ -24,10 +24,9 @@ from support import procs
 from paraloop.checkpoint import read_checkpoint
 from paraloop.distributed import digest
 from support import until_blocking
-from support.runs import call, read_metrics
+from support.runs import call, read_metrics, run_args, run_cmd
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny.toml"
 ENV = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
 WAIT_S = 60  # for a state the run reaches on its own (a step, a checkpoint)
 FAULT_BOUND_S = 15  # a lost rank ends the others within this (peer_timeout 3 s here; a dead one at once)
@@ -57,21 +56,6 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
     return proc.returncode, err
 
 
-def run_args(model: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        "run",
-        str(TINY_CONFIG),
-        "--model-path",
-        str(model),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        "--no-plot",
-        *extra,
-    ]
-
-
 def launch(model: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     return start(
         [
@@ -84,14 +68,15 @@ def launch(model: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
             "--grace",
             "20",
             "--",
-            *run_args(model, run_dir, *extra),
+            "run",
+            *run_args(model, run_dir, "--no-plot", *extra),
         ]
     )
 
 
 def rank(r: int, hostfile: Path, model: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
     return start(
-        [sys.executable, "-m", "paraloop", *run_args(model, run_dir, *extra)],
+        run_cmd(model, run_dir, "--no-plot", *extra),
         MLX_RANK=str(r),
         MLX_HOSTFILE=str(hostfile),
     )
@@ -163,7 +148,7 @@ def test_ring_trainer_equals_one_process_on_the_same_batches(tiny_model_path, tm
 
 def test_launch_trains_resumes_across_rank_counts_with_identical_adapters(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
-    code, err = finish(start([sys.executable, "-m", "paraloop", *run_args(tiny_model_path, run_dir, "--steps", "2")]))
+    code, err = finish(start(run_cmd(tiny_model_path, run_dir, "--no-plot", "--steps", "2")))
     assert code == 0, err[-3000:]
     two = read_checkpoint(run_dir / "checkpoints" / "step_000002")
 
@@ -196,7 +181,8 @@ def test_launch_trains_resumes_across_rank_counts_with_identical_adapters(tiny_m
                 sys.executable,
                 "-m",
                 "paraloop",
-                *run_args(tiny_model_path, run_dir, "--steps", "5", "--resume", str(run_dir)),
+                "run",
+                *run_args(tiny_model_path, run_dir, "--no-plot", "--steps", "5", "--resume", str(run_dir)),
             ]
         )
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from support import procs
+from support.runs import run_args
 from paraloop.envs.tasks import Sample, load_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,22 +41,8 @@ def test_paraloop_run_trains_and_evaluates_a_task_from_the_current_directory(tin
     cmd = [
         str(script),
         "run",
-        str(REPO / "configs" / "tiny.toml"),
-        "--model-path",
-        str(tiny_model_path),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        "--steps",
-        "2",
-        "--no-plot",
-        "--task",
-        "arithmetic_task:arithmetic",
-        "--set",
-        "eval.every_steps=2",
-        "--set",
-        "eval.prompts=4",
+        *run_args(tiny_model_path, run_dir, "--steps", "2", "--no-plot", "--task", "arithmetic_task:arithmetic"),
+        *("--set", "eval.every_steps=2", "--set", "eval.prompts=4"),
     ]
     done = procs.run(cmd, timeout=180, cwd=EXAMPLES, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

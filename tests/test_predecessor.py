@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from support.runs import run_args
 
 from paraloop.checkpoint import read_checkpoint
 from paraloop.config import LoraConfig, load_config
@@ -18,8 +19,6 @@ from paraloop.lora import adapter_arrays, adapter_config, apply_adapter, attach_
 from paraloop.model import load_model
 from paraloop.predecessor import apply_adapter_assuming
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny.toml"
 PROMPT = "The capital of France is Paris. The morning was cold and clear"
 
 
@@ -136,20 +135,7 @@ def test_a_run_starts_from_a_predecessor_step_given_as_lora_path(predecessor, ti
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="paraloop.predecessor"):
         code = run(
-            [
-                str(TINY_CONFIG),
-                "--model-path",
-                str(tiny_model_path),
-                "--run-dir",
-                str(run_dir),
-                "--port",
-                "0",
-                "--lora-path",
-                str(predecessor / "step_1"),
-                "--steps",
-                "1",
-                "--no-plot",
-            ]
+            run_args(tiny_model_path, run_dir, "--lora-path", str(predecessor / "step_1"), "--steps", "1", "--no-plot")
         )
     assert code == 0 and "scale 10 and dropout 0 taken from rl_training.lora" in caplog.text
     initial, config = load_adapter(run_dir / "checkpoints" / "initial_adapter")
@@ -173,22 +159,7 @@ def test_resume_from_a_predecessor_dir_continues_at_its_step_with_a_fresh_optimi
 
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.WARNING):
-        code = run(
-            [
-                str(TINY_CONFIG),
-                "--model-path",
-                str(tiny_model_path),
-                "--run-dir",
-                str(run_dir),
-                "--port",
-                "0",
-                "--resume",
-                str(predecessor),
-                "--steps",
-                "3",
-                "--no-plot",
-            ]
-        )
+        code = run(run_args(tiny_model_path, run_dir, "--resume", str(predecessor), "--steps", "3", "--no-plot"))
     assert code == 0
     assert "step_2 is a predecessor checkpoint (adapter only): resuming at step 2 with a fresh optimizer" in caplog.text
     assert "scale 10 and dropout 0 taken from rl_training.lora" in caplog.text  # tiny.toml's settings

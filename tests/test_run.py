@@ -20,7 +20,7 @@ import pytest
 from support import procs
 from support import wait_for_server
 from support.doc_tables import documented_keys
-from support.runs import TINY_CONFIG, call, finish, paraloop_run, read_metrics, run_to_end
+from support.runs import TINY_CONFIG, call, finish, paraloop_run, read_metrics, run_args, run_to_end
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ \S+ [A-Z]+ ")  # logs.FORMAT's lines
 COMPUTED_AS = {"dequantized": "expanded to float32 at load", "quantized": "kept quantized: MLX's quantized kernels"}
@@ -220,20 +220,7 @@ def test_failing_actor_ends_the_run_with_its_error(tiny_model_path, tmp_path, mo
         return original(self, batch)
 
     monkeypatch.setattr(Trainer, "step", failing_step)
-    code = run.main(
-        [
-            str(TINY_CONFIG),
-            "--model-path",
-            str(tiny_model_path),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--port",
-            "0",
-            "--steps",
-            "50",
-            "--no-plot",
-        ]
-    )
+    code = run.main(run_args(tiny_model_path, tmp_path / "run", "--steps", "50", "--no-plot"))
     assert code == 1
     assert "injected learner failure" in capsys.readouterr().err
 
@@ -293,22 +280,7 @@ def test_the_last_metrics_line_is_written_however_the_run_ends(tiny_model_path, 
         monkeypatch.setattr(Trainer, "step", step_then_stop)
         stop_at = 2
     run_dir = tmp_path / "run"
-    code = run.main(
-        [
-            str(TINY_CONFIG),
-            "--model-path",
-            str(tiny_model_path),
-            "--run-dir",
-            str(run_dir),
-            "--port",
-            "0",
-            "--steps",
-            "3",
-            "--checkpoint-interval",
-            "0",
-            "--no-plot",
-        ]
-    )
+    code = run.main(run_args(tiny_model_path, run_dir, "--steps", "3", "--checkpoint-interval", "0", "--no-plot"))
     assert code == 0
     last = stop_at or 3
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, last + 1))

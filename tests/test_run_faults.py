@@ -24,7 +24,7 @@ from support import procs
 import pytest
 from support import free_port, wait_for_server
 from support.run_api import run_api
-from support.runs import TINY_CONFIG, call, read_metrics
+from support.runs import TINY_CONFIG, call, read_metrics, run_args
 
 from paraloop.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
@@ -56,20 +56,7 @@ def owned(proc: subprocess.Popen):
 def paraloop(
     run_dir: Path, model: Path, *extra: str, config: Path = TINY_CONFIG, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
-    return start(
-        sys.executable,
-        str(HOOKED),
-        str(config),
-        "--model-path",
-        str(model),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        "--no-plot",
-        *extra,
-        env=env,
-    )
+    return start(sys.executable, str(HOOKED), *run_args(model, run_dir, "--no-plot", *extra, config=config), env=env)
 
 
 def exited(proc: subprocess.Popen, within: float) -> tuple[int, str]:

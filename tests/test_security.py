@@ -14,6 +14,7 @@ import pytest
 from support.http_harness import running_server
 from support import procs
 from support import served_port
+from support.runs import run_cmd
 from paraloop.run.control import LearnerControl, control_routes
 from paraloop.run.status import RunStatus
 
@@ -50,23 +51,7 @@ def run(tiny_model_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("secure")
     run_dir, log = base / "run", base / "run.log"
     env = {**os.environ, "PARALOOP_LOG": "info", "PYTHONUNBUFFERED": "1", "PARALOOP_SERVER__CONTROL_TOKEN": TOKEN}
-    cmd = [
-        sys.executable,
-        "-m",
-        "paraloop",
-        "run",
-        str(REPO / "configs" / "tiny.toml"),
-        "--model-path",
-        str(tiny_model_path),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        "--steps",
-        "100000",
-        "--checkpoint-interval",
-        "0",
-    ]
+    cmd = run_cmd(tiny_model_path, run_dir, "--steps", "100000", "--checkpoint-interval", "0")
     with log.open("w") as out:
         proc = procs.spawn(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:

@@ -17,21 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny.toml"
 
 
-def run_cmd(model: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "paraloop",
-        "run",
-        str(TINY_CONFIG),
-        "--model-path",
-        str(model),
-        "--run-dir",
-        str(run_dir),
-        "--port",
-        "0",
-        *extra,
-    ]
+def run_args(model: Path, run_dir: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
+    """`paraloop run`'s arguments for a test run: `config` (the tiny one) on `model`, in `run_dir`, any free port."""
+    return [str(config), "--model-path", str(model), "--run-dir", str(run_dir), "--port", "0", *extra]
+
+
+def run_cmd(model: Path, run_dir: Path, *extra: str, config: Path = TINY_CONFIG) -> list[str]:
+    return [sys.executable, "-m", "paraloop", "run", *run_args(model, run_dir, *extra, config=config)]
 
 
 RUN_ENV = {**os.environ, "PARALOOP_LOG": "warning", "PYTHONUNBUFFERED": "1"}
