@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import tinker
 from tinker import types
 
 from support import procs
+from support.tinker_models import sharpened
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,16 +35,6 @@ class Server:
     model: str
     state_dir: Path
     log: procs.Lines
-
-
-def sharpened(tiny_model_path: Path, out: Path) -> Path:
-    """The tiny model with its final RMSNorm scale raised to 10: stock, its logits span ~0.2 and no adapter inside
-    the blocks could make a token set likely within a test's few RL steps (as in test_learn_trainer.py)."""
-    shutil.copytree(tiny_model_path, out)
-    weights = mx.load(str(out / "model.safetensors"))
-    weights["model.norm.weight"] = weights["model.norm.weight"] * 10.0
-    mx.save_safetensors(str(out / "model.safetensors"), weights)
-    return out
 
 
 @contextlib.contextmanager
