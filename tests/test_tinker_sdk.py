@@ -274,34 +274,54 @@ def test_the_key_is_the_control_token(tinker_server: Server) -> None:
     assert time.monotonic() - start < 60  # answered, not retried: the SDK retries a 5xx for minutes
 
 
+EXAMPLE = Path(__file__).parents[1] / "examples" / "tinker_rl.py"
+
+
 def test_the_example_rl_loop_runs(tinker_server: Server, tmp_path: Path) -> None:
-    """examples/tinker_rl.py, one step (its reward task is for SmolLM2: here it only has to run)."""
-    example = Path(__file__).parents[1] / "examples" / "tinker_rl.py"
+    """examples/tinker_rl.py, one step and its held-out evaluations before and after (its reward task is for
+    SmolLM2: here it only has to run), ending with `paraloop run`'s tables and PNG."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TINKER_API_KEY": KEY}
-    out = procs.run(
-        [
-            sys.executable,
-            str(example),
-            "--url",
-            tinker_server.url,
-            "--base-model",
-            tinker_server.model,
-            "--steps",
-            "1",
-            "--prompts",
-            "2",
-            "--group",
-            "2",
-            "--max-tokens",
-            "4",
-            "--out",
-            str(tmp_path / "m.jsonl"),
-        ],
-        timeout=120,
-        env=env,
-    )
+    run_dir = tmp_path / "run"
+    argv = ["--url", tinker_server.url, "--base-model", tinker_server.model, "--steps", "1", "--prompts", "2"]
+    argv += ["--group", "2", "--max-tokens", "4", "--eval-every", "1", "--eval-prompts", "2", "--eval-samples", "2"]
+    out = procs.run([sys.executable, str(EXAMPLE), *argv, "--run-dir", str(run_dir)], timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "m.jsonl").read_text())["step"] == 0
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(line.get("kind", "train"), line["step"]) for line in lines] == [("eval", 0), ("train", 1), ("eval", 1)]
+    assert {"reward_mean", "reward_std", "loss", "step_time_s"} <= set(lines[1])
+    assert {"pass@1", "pass@2", "prompts", "samples"} <= set(lines[2])
+    assert "reward_mean" in out.stdout and "held-out eval (one_word, 2 prompts x 2 samples)" in out.stdout
+    assert (run_dir / "metrics.png").stat().st_size > 10_000
+
+
+def test_the_example_report_of_a_run(tmp_path: Path) -> None:
+    """`examples/tinker_rl.py --report`: make tinker-demo's last part on metrics written here, with no server: the
+    per-step and held-out tables of `paraloop run` and its PNG."""
+    rows = [{"kind": "eval", "step": 0, "version": 0, "task": "one_word", "reward_mean": 0.25, "pass@1": 0.25}]
+    rows[0].update({"pass@4": 0.5, "prompts": 8.0, "samples": 4.0})
+    for step in (1, 2, 3):
+        rows.append({"step": step, "version": step, "reward_mean": 0.2 * step, "reward_std": 0.1, "loss": -1.0})
+        rows[-1]["step_time_s"] = 12.5
+    rows.append({**rows[0], "step": 3, "version": 3, "reward_mean": 0.75, "pass@1": 0.75})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = procs.run([sys.executable, str(EXAMPLE), "--report", "--run-dir", str(tmp_path)], timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout.split("held-out eval")[0].strip().splitlines()
+    assert table[0].split() == [
+        "step",
+        "reward_mean",
+        "reward_std",
+        "loss",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "step_time_s",
+    ]
+    assert [line.split()[:2] for line in table[2:]] == [["1", "0.2000"], ["2", "0.4000"], ["3", "0.6000"]]
+    assert "held-out eval (one_word, 8 prompts x 4 samples)" in out.stdout
+    assert out.stdout.rstrip().endswith(f"wrote {tmp_path / 'metrics.png'}")
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
 
 
 def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -> None:
