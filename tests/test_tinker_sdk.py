@@ -240,6 +240,31 @@ def test_save_and_load_continue_exactly(service: tinker.ServiceClient, tinker_se
     assert [p.name for p in step_dirs] == ["step_000002"]
 
 
+@pytest.mark.filterwarnings("ignore:Using the future as the SamplingClient:FutureWarning")  # as rl_loop.py uses it
+def test_the_cookbook_loops_sampler_and_checkpoint_paths(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    """What tinker-cookbook's rl_loop.py and sl_loop.py do besides the loops above: a named sampler save whose path
+    makes the step's sampling client (`create_sampling_client(model_path=...)`), and checkpoint_utils'
+    kind="both" save (save_state and save_weights_for_sampler under one name) whose state path a sampler and a
+    resumed client can be made from."""
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+    tc.optim_step(types.AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8)).result()
+    x = types.ModelInput.from_ints(SEQUENCES[0])
+    path = tc.save_weights_for_sampler(name="000001").result().path
+    assert path == f"tinker://{tc.model_id}/sampler_weights/000001"
+    sampler = service.create_sampling_client(model_path=path)
+    in_memory = np.asarray(sampler.compute_logprobs(x).result()[1:], np.float64)
+    np.testing.assert_allclose(in_memory, forward_logprobs(tc, SEQUENCES[0]), atol=2e-4)
+    seq = sampler.sample(x, num_samples=2, sampling_params=types.SamplingParams(max_tokens=3, stop=[])).result()
+    assert [len(s.tokens) for s in seq.sequences] == [3, 3]
+    state = tc.save_state("final").result().path
+    tc.save_weights_for_sampler(name="final").result()
+    from_disk = service.create_sampling_client(model_path=state)  # read from the checkpoint directory
+    np.testing.assert_array_equal(np.asarray(from_disk.compute_logprobs(x).result()[1:], np.float64), in_memory)
+    resumed = service.create_training_client_from_state_with_optimizer(state).result()
+    np.testing.assert_array_equal(forward_logprobs(resumed, SEQUENCES[0]), forward_logprobs(tc, SEQUENCES[0]))
+
+
 def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -> None:
     """save_state, then the server dies by SIGKILL mid-training; a new server on the same state directory resumes
     the client from the checkpoint and its next steps reproduce the first server's bit for bit."""
