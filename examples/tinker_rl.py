@@ -41,6 +41,8 @@ from tinker import types
 from paraloop.config import Settings
 from paraloop.envs.tasks import Sample, load_task
 from paraloop.evaluation import EvalPlan, eval_plan, eval_requests, score
+from paraloop.learn.loss import LOG_RATIO_BOUND, MISMATCH_BAND
+from paraloop.learn.mismatch import mismatch_metrics
 from paraloop.messages import Completion
 from paraloop.plot import plot_run, read_evals, read_metrics
 from paraloop.run.monitor import eval_table, summary_table
@@ -122,6 +124,26 @@ def evaluate(sampler: tinker.SamplingClient, tokenizer: Any, plan: EvalPlan, ste
     return record
 
 
+def agreement(sampled: list[tuple[int, list[float]]], learner: list[np.ndarray]) -> dict[str, float]:
+    """`paraloop run`'s mismatch metrics: each completion's log-probs as the sampler gave them, (prompt length - 1,
+    log-probs) per datum, against the learner's of the same tokens (this step's forward_backward, on the weights
+    that sampled them: they differ by float rounding only)."""
+    pairs = zip(sampled, learner, strict=True)
+    diff = np.concatenate([(lp[pad:] - np.asarray(s)).astype(np.float64) for (pad, s), lp in pairs])
+    ratio = np.exp(np.clip(diff, -LOG_RATIO_BOUND, LOG_RATIO_BOUND))
+    sums = {
+        "mismatch_abs_sum": float(np.abs(diff).sum()),
+        "mismatch_abs_max": float(np.abs(diff).max(initial=0.0)),
+        "mismatch_tokens": float(diff.size),
+        "rollout_ratio_sum": float(ratio.sum()),
+        "rollout_ratio_min": float(ratio.min(initial=np.inf)),
+        "rollout_ratio_max": float(ratio.max(initial=-np.inf)),
+        "rollout_ratio_outside": float(((ratio < MISMATCH_BAND[0]) | (ratio > MISMATCH_BAND[1])).sum()),
+        "rollout_tokens": float(diff.size),
+    }
+    return mismatch_metrics(sums)
+
+
 def train(args: argparse.Namespace, url: str, key: str) -> None:
     task = load_task(args.task)
     service = tinker.ServiceClient(base_url=url, api_key=key)
@@ -157,7 +179,7 @@ def train(args: argparse.Namespace, url: str, key: str) -> None:
             sampler.sample(types.ModelInput.from_ints(p), num_samples=args.group, sampling_params=params)
             for p in prompts
         ]
-        data, rewards = [], []
+        data, rewards, sampled = [], [], []
         for chat, prompt, future in zip(chats, prompts, futures, strict=True):
             seqs = future.result().sequences
             group = [
@@ -175,6 +197,7 @@ def train(args: argparse.Namespace, url: str, key: str) -> None:
             for seq, reward in zip(seqs, group, strict=True):
                 full, pad = prompt + seq.tokens, len(prompt) - 1
                 advantage = reward - float(np.mean(group))
+                sampled.append((pad, seq.logprobs))
                 data.append(
                     types.Datum(
                         model_input=types.ModelInput.from_ints(full[:-1]),
@@ -185,9 +208,12 @@ def train(args: argparse.Namespace, url: str, key: str) -> None:
                         },
                     )
                 )
-        loss = trainer.forward_backward(data, "importance_sampling").result().metrics["loss:sum"]
+        learn_start = time.monotonic()
+        out = trainer.forward_backward(data, "importance_sampling").result()
         trainer.optim_step(types.AdamParams(learning_rate=args.lr)).result()
+        learn_s = time.monotonic() - learn_start
         sampler = trainer.save_weights_and_get_sampling_client().result()
+        loss = out.metrics["loss:sum"]
         line = {
             "step": step,
             "version": step,
@@ -195,6 +221,8 @@ def train(args: argparse.Namespace, url: str, key: str) -> None:
             "reward_std": float(np.std(rewards)),
             "loss": loss,
             "step_time_s": time.monotonic() - start,
+            "tokens_per_s": sum(d.model_input.length for d in data) / learn_s,
+            **agreement(sampled, [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]),
         }
         print(f"{step:>4} {line['reward_mean']:>7.3f} {loss:>9.3f} {line['step_time_s']:>6.1f}", flush=True)
         record(line)
