@@ -129,7 +129,7 @@ class Row:
     top_logprobs: int
     detok: IncrementalDetokenizer
     stops: StopStrings
-    epoch: int  # policy epoch of the oldest KV a policy row holds (its cache is reusable only while it is current)
+    epoch: int  # its adapter's epoch when its oldest KV was made (its cache is reusable only while it is current)
     filters: Filters | None = None  # top-k / top-p / min-p the row samples with (None: the full vocabulary)
 
     @property
