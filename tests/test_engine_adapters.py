@@ -26,7 +26,7 @@ from support.compute_paths import ADAPTER_ROWS_TOL, LOGPROB_TOL, assert_within, 
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine, EngineBusy
 from paraloop.engine.adapters import AdapterError, AdapterNotFound
-from paraloop.lora import AdapterSlots, apply_adapter
+from paraloop.lora import AdapterSlots, apply_adapter, read_for_serving
 from paraloop.messages import Completion, GenerateRequest, SamplingParams
 from paraloop.model import load_model
 
@@ -387,3 +387,33 @@ def test_adapters_that_cannot_be_served_are_refused_naming_why(tiny_model_path, 
         assert [a.name for a in engine.adapters.loaded()] == ["ok"]
 
     serve(engine, body)
+
+
+def test_a_replaced_adapter_serves_its_new_arrays_as_its_new_version(tiny_model_path, adapters):
+    """Adapters.replace (paraloop tinker's inflight saves): the name serves the new arrays, labelled with the new
+    version, exactly as a fresh adapter of them does (no KV cached under the old arrays is reused); an older
+    version is refused, and a name not served answers False (the caller puts it anew). Mid-row replacement is
+    test_tinker_inflight.py's."""
+    engine = make_engine(tiny_model_path, None, prefix_cache_mb=64)
+    prompt = engine.tokenizer.encode(TEXTS[3] * 3)
+    old = read_for_serving(adapters["all4"], engine.adapters.targets, max_rank=64)
+    new = read_for_serving(adapters["all8"], engine.adapters.targets, max_rank=64)
+
+    async def body(engine: Engine) -> tuple[Completion, Completion, Completion, float]:
+        await engine.adapters.put("x", old, 1)
+        before = (await engine.complete(ask(prompt, "x")))[0]
+        assert await engine.adapters.replace("x", new, 2)
+        after = (await engine.complete(ask(prompt, "x")))[0]
+        hits = engine.stats()["prefix_cache_hits"]
+        await engine.adapters.put("fresh", new, 2)
+        fresh = (await engine.complete(ask(prompt, "fresh")))[0]
+        with pytest.raises(ValueError, match="older"):
+            await engine.adapters.replace("x", old, 1)
+        assert not await engine.adapters.replace("nothing", new, 3)
+        return before, after, fresh, hits
+
+    before, after, fresh, hits = serve(engine, body)
+    assert hits == 0
+    assert before.versions == [1] * 10 and after.versions == fresh.versions == [2] * 10
+    assert after.tokens == fresh.tokens != before.tokens
+    assert after.logprobs == fresh.logprobs

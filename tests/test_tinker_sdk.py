@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 import tinker
 from tinker import types
 
 from support import procs
+from support.tinker_models import sharpened
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,16 +35,6 @@ class Server:
     model: str
     state_dir: Path
     log: procs.Lines
-
-
-def sharpened(tiny_model_path: Path, out: Path) -> Path:
-    """The tiny model with its final RMSNorm scale raised to 10: stock, its logits span ~0.2 and no adapter inside
-    the blocks could make a token set likely within a test's few RL steps (as in test_learn_trainer.py)."""
-    shutil.copytree(tiny_model_path, out)
-    weights = mx.load(str(out / "model.safetensors"))
-    weights["model.norm.weight"] = weights["model.norm.weight"] * 10.0
-    mx.save_safetensors(str(out / "model.safetensors"), weights)
-    return out
 
 
 @contextlib.contextmanager
@@ -251,6 +240,31 @@ def test_save_and_load_continue_exactly(service: tinker.ServiceClient, tinker_se
     assert [p.name for p in step_dirs] == ["step_000002"]
 
 
+@pytest.mark.filterwarnings("ignore:Using the future as the SamplingClient:FutureWarning")  # as rl_loop.py uses it
+def test_the_cookbook_loops_sampler_and_checkpoint_paths(service: tinker.ServiceClient, tinker_server: Server) -> None:
+    """What tinker-cookbook's rl_loop.py and sl_loop.py do besides the loops above: a named sampler save whose path
+    makes the step's sampling client (`create_sampling_client(model_path=...)`), and checkpoint_utils'
+    kind="both" save (save_state and save_weights_for_sampler under one name) whose state path a sampler and a
+    resumed client can be made from."""
+    tc = service.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+    tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+    tc.optim_step(types.AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8)).result()
+    x = types.ModelInput.from_ints(SEQUENCES[0])
+    path = tc.save_weights_for_sampler(name="000001").result().path
+    assert path == f"tinker://{tc.model_id}/sampler_weights/000001"
+    sampler = service.create_sampling_client(model_path=path)
+    in_memory = np.asarray(sampler.compute_logprobs(x).result()[1:], np.float64)
+    np.testing.assert_allclose(in_memory, forward_logprobs(tc, SEQUENCES[0]), atol=2e-4)
+    seq = sampler.sample(x, num_samples=2, sampling_params=types.SamplingParams(max_tokens=3, stop=[])).result()
+    assert [len(s.tokens) for s in seq.sequences] == [3, 3]
+    state = tc.save_state("final").result().path
+    tc.save_weights_for_sampler(name="final").result()
+    from_disk = service.create_sampling_client(model_path=state)  # read from the checkpoint directory
+    np.testing.assert_array_equal(np.asarray(from_disk.compute_logprobs(x).result()[1:], np.float64), in_memory)
+    resumed = service.create_training_client_from_state_with_optimizer(state).result()
+    np.testing.assert_array_equal(forward_logprobs(resumed, SEQUENCES[0]), forward_logprobs(tc, SEQUENCES[0]))
+
+
 def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -> None:
     """save_state, then the server dies by SIGKILL mid-training; a new server on the same state directory resumes
     the client from the checkpoint and its next steps reproduce the first server's bit for bit."""
@@ -285,34 +299,57 @@ def test_the_key_is_the_control_token(tinker_server: Server) -> None:
     assert time.monotonic() - start < 60  # answered, not retried: the SDK retries a 5xx for minutes
 
 
+EXAMPLE = Path(__file__).parents[1] / "examples" / "tinker_rl.py"
+
+
 def test_the_example_rl_loop_runs(tinker_server: Server, tmp_path: Path) -> None:
-    """examples/tinker_rl.py, one step (its reward task is for SmolLM2: here it only has to run)."""
-    example = Path(__file__).parents[1] / "examples" / "tinker_rl.py"
+    """examples/tinker_rl.py, one step and its held-out evaluations before and after (its reward task is for
+    SmolLM2: here it only has to run), ending with `paraloop run`'s tables and PNG."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "TINKER_API_KEY": KEY}
-    out = procs.run(
-        [
-            sys.executable,
-            str(example),
-            "--url",
-            tinker_server.url,
-            "--base-model",
-            tinker_server.model,
-            "--steps",
-            "1",
-            "--prompts",
-            "2",
-            "--group",
-            "2",
-            "--max-tokens",
-            "4",
-            "--out",
-            str(tmp_path / "m.jsonl"),
-        ],
-        timeout=120,
-        env=env,
-    )
+    run_dir = tmp_path / "run"
+    argv = ["--url", tinker_server.url, "--base-model", tinker_server.model, "--steps", "1", "--prompts", "2"]
+    argv += ["--group", "2", "--max-tokens", "4", "--eval-every", "1", "--eval-prompts", "2", "--eval-samples", "2"]
+    out = procs.run([sys.executable, str(EXAMPLE), *argv, "--run-dir", str(run_dir)], timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads((tmp_path / "m.jsonl").read_text())["step"] == 0
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(line.get("kind", "train"), line["step"]) for line in lines] == [("eval", 0), ("train", 1), ("eval", 1)]
+    assert {"reward_mean", "reward_std", "loss", "step_time_s", "tokens_per_s", "rollout_ratio_outside"} <= set(
+        lines[1]
+    )
+    assert 0 < lines[1]["mismatch_tokens"] <= 2 * 2 * 4 and lines[1]["mismatch_abs_max"] < 2e-4  # on-policy: rounding
+    assert {"pass@1", "pass@2", "prompts", "samples"} <= set(lines[2])
+    assert "reward_mean" in out.stdout and "held-out eval (one_word, 2 prompts x 2 samples)" in out.stdout
+    assert (run_dir / "metrics.png").stat().st_size > 10_000
+
+
+def test_the_example_report_of_a_run(tmp_path: Path) -> None:
+    """`examples/tinker_rl.py --report`: make tinker-demo's last part on metrics written here, with no server: the
+    per-step and held-out tables of `paraloop run` and its PNG."""
+    rows = [{"kind": "eval", "step": 0, "version": 0, "task": "one_word", "reward_mean": 0.25, "pass@1": 0.25}]
+    rows[0].update({"pass@4": 0.5, "prompts": 8.0, "samples": 4.0})
+    for step in (1, 2, 3):
+        rows.append({"step": step, "version": step, "reward_mean": 0.2 * step, "reward_std": 0.1, "loss": -1.0})
+        rows[-1]["step_time_s"] = 12.5
+    rows.append({**rows[0], "step": 3, "version": 3, "reward_mean": 0.75, "pass@1": 0.75})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = procs.run([sys.executable, str(EXAMPLE), "--report", "--run-dir", str(tmp_path)], timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout.split("held-out eval")[0].strip().splitlines()
+    assert table[0].split() == [
+        "step",
+        "reward_mean",
+        "reward_std",
+        "loss",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "step_time_s",
+    ]
+    assert [line.split()[:2] for line in table[2:]] == [["1", "0.2000"], ["2", "0.4000"], ["3", "0.6000"]]
+    assert "held-out eval (one_word, 8 prompts x 4 samples)" in out.stdout
+    assert out.stdout.rstrip().endswith(f"wrote {tmp_path / 'metrics.png'}")
+    assert (tmp_path / "metrics.png").stat().st_size > 10_000
 
 
 def test_sampling_params(service: tinker.ServiceClient, tinker_server: Server) -> None:

@@ -64,7 +64,7 @@ class Adapter:
     kind: Literal["base", "policy", "lora"]
     path: str = ""
     served: ServedAdapter | None = None  # the arrays by layer (lora), once read
-    version: int = 0  # a checkpoint's version (from its trainer_state.json); 0 for other named adapters
+    version: int = 0  # a checkpoint's version (trainer_state.json), put's version; engine thread once installed
     on_demand: bool = False  # a checkpoint a request named: evicted when room is needed
     identity: str = ""  # unique per load: the prefix cache keys KV by it
     install_s: float = 0.0  # how long decoding paused to take it
@@ -79,6 +79,9 @@ class Adapter:
     position: int | None = None  # its index in every routed layer's stack (lora_rows.py)
     rows: int = 0  # rows using it in the batch
     dropping: bool = False  # freed as soon as `rows` is 0
+    epoch: int = 0  # advances with every replace: KV made in an older epoch is never reused
+    replaced_at: int = -1  # the first decode step whose forward pass used the arrays of `version` (replace)
+    previous_version: int = 0  # the version before the last replace: its tokens still come out until that step
 
     @property
     def policy(self) -> bool:
@@ -87,7 +90,8 @@ class Adapter:
 
 class Adapters:
     """The name table and its bounds; see the module docstring. `install(adapter)` hands a loaded adapter to the
-    engine thread (returns the decode pause it took); `uninstall(adapter)` asks the engine thread to free it."""
+    engine thread (returns the decode pause it took); `uninstall(adapter)` asks the engine thread to free it;
+    `replace(adapter, served, version)` has it serve other arrays in place (returns the pause)."""
 
     def __init__(
         self,
@@ -99,6 +103,7 @@ class Adapters:
         max_rank: int,
         install: Callable[[Adapter], Awaitable[float]],
         uninstall: Callable[[Adapter], None],
+        replace: Callable[[Adapter, ServedAdapter, int], Awaitable[float]] | None = None,
         find: Callable[[str], Path | None] | None = None,
     ) -> None:
         """`find("step_000040")`: the checkpoint dir a name "policy@step_000040" loads, or None (not served)."""
@@ -113,6 +118,7 @@ class Adapters:
         self.max_rank = max_rank
         self._install = install
         self._uninstall = uninstall
+        self._replace = replace
         self._find = find
         self._named: dict[str, Adapter] = {}
         self._serial = itertools.count(1)
@@ -215,15 +221,16 @@ class Adapters:
             self.release(adapter)
         return adapter
 
-    async def put(self, name: str, served: ServedAdapter) -> Adapter:
-        """Serve arrays already in memory under `name` (no file is read): `paraloop tinker`'s sampler weights.
-        Evicted like a checkpoint a request named (least recently used first) when room is needed."""
+    async def put(self, name: str, served: ServedAdapter, version: int = 0) -> Adapter:
+        """Serve arrays already in memory under `name` (no file is read): `paraloop tinker`'s sampler weights,
+        their tokens labelled `version`. Evicted like a checkpoint a request named (least recently used first) when
+        room is needed."""
         if not self.lora:
             raise AdapterError("model", "this engine serves full weights: LoRA adapters cannot be served beside them")
         if name in self._named:
             raise AdapterError("model", f"an adapter named {name!r} is already loaded")
         adapter = self._reserve(name, "", on_demand=True, field="model")
-        adapter.served = served
+        adapter.served, adapter.version = served, version
         self._hold(adapter)
         try:
             with anyio.CancelScope(shield=True):
@@ -237,6 +244,25 @@ class Adapters:
             adapter.ready.set()
             self.release(adapter)
         return adapter
+
+    async def replace(self, name: str, served: ServedAdapter, version: int) -> bool:
+        """Serve other arrays under the name `put` gave, in place, from the next decode step on: rows decoding with
+        it go on with the new arrays, each token labelled with the version that produced it (the KV they hold stays
+        as the older arrays computed it). False if `name` is not served (evicted or unloaded: `put` it again)."""
+        adapter = self._named.get(name)
+        ready = adapter is not None and adapter.ready is not None and adapter.ready.is_set()
+        if not ready or adapter.error is not None or adapter.served is None or self._replace is None:
+            return False
+        if version < adapter.version:
+            raise ValueError(f"adapter {name!r}: version {version} is older than version {adapter.version}")
+        self._hold(adapter)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._replace(adapter, served, version)
+            adapter.served = served
+        finally:
+            self.release(adapter)
+        return True
 
     def unload(self, name: str) -> Adapter:
         """Stop serving `name` now (new requests get 404); its arrays go once no request uses them."""

@@ -34,13 +34,14 @@ from paraloop.engine.worker import (
     Handle,
     Insert,
     Install,
+    Replace,
     Score,
     Stop,
     Swap,
     Uninstall,
     Worker,
 )
-from paraloop.lora import AdapterSlots, has_lora
+from paraloop.lora import AdapterSlots, ServedAdapter, has_lora
 from paraloop.messages import AdapterSwapped, Completion, GenerateRequest, TokenEvent
 
 
@@ -89,6 +90,7 @@ class Engine:
             max_rank=max_lora_rank,
             install=self._install,
             uninstall=self._uninstall,
+            replace=self._replace,
             find=find_adapter,
         )
         self._vocab = vocab_size(model, tokenizer)
@@ -305,6 +307,10 @@ class Engine:
     async def _install(self, adapter: Adapter) -> float:
         """Hand a loaded adapter to the engine thread; returns once rows can use it (the decode pause it took)."""
         return await self._post(lambda reply: Install(adapter, reply))()
+
+    async def _replace(self, adapter: Adapter, served: ServedAdapter, version: int) -> float:
+        """Have an installed named adapter serve `served` as `version` from the next decode step (the pause)."""
+        return await self._post(lambda reply: Replace(adapter, served, version, reply))()
 
     def _post(self, command: Callable[[Callable[[float | Exception], None]], Any]) -> Callable[[], Awaitable[float]]:
         """Post `command(reply)` to the engine thread now (RuntimeError if the engine has stopped); the returned

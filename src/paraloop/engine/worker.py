@@ -1,7 +1,7 @@
 """The engine thread: one mlx-lm BatchGenerator, continuous batching, adapter swaps between decode steps.
 
-In: commands through a thread-safe inbox (Insert, Cancel, Swap, Install, Uninstall, Stop) from the asyncio side
-(engine.py).
+In: commands through a thread-safe inbox (Insert, Cancel, Swap, Install, Replace, Uninstall, Stop) from the
+asyncio side (engine.py).
 Out: TokenEvents, handed to `deliver(batch)` once per decode step as [(handle, events, finished)]; `deliver` runs
 on this thread and must only schedule work elsewhere. The thread blocks on the inbox while no row is active and
 stops on Stop (or when a step raises), ending every unfinished row with finish_reason "abort".
@@ -14,7 +14,9 @@ the forward pass that sampled it (the call before the one that returns it). The 
 
 Adapters: every request names its adapter (adapters.Adapter: the policy, the base model, or a named adapter that
 Install put at a stack position of the routed LoRA layers, lora_rows.py); each forward pass routes its rows to theirs
-(batches.py). A named adapter is freed (Uninstall) only once no row uses it; KV is cached per adapter.
+(batches.py). A named adapter is freed (Uninstall) only once no row uses it; KV is cached per adapter. Replace gives
+an installed named adapter other arrays and version at its position, between two steps, as Swap does the policy's
+(`paraloop tinker`'s inflight samplers): its rows' tokens are labelled by the same one-step-late rule.
 
 Shared prefill (sharing.py): a request starts from the longest prefix of its prompt in the prefix cache
 (prefix_cache.py, entries of the serving adapter version only); its first row prefills the rest, and its other
@@ -50,7 +52,7 @@ from paraloop.engine.samplers import RowSamplers, step_logprobs
 from paraloop.engine.scoring import prompt_logprobs
 from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
-from paraloop.lora import AdapterSlots
+from paraloop.lora import AdapterSlots, ServedAdapter
 from paraloop.messages import GenerateRequest, TokenEvent
 
 NO_TOKEN = -1  # the token id of an "abort" event, which carries no generated token
@@ -92,6 +94,14 @@ class Install:
 
 
 @dataclass(eq=False)
+class Replace:
+    adapter: Adapter  # installed (adapters.py): it serves `served` as `version` from the next forward pass
+    served: ServedAdapter  # evaluated arrays
+    version: int
+    reply: Callable[[float | Exception], None]  # called on this thread: the pause in seconds, or why it failed
+
+
+@dataclass(eq=False)
 class Score:
     tokens: list[int]  # a prompt: its log-probs under `adapter` (scoring.py)
     adapter: Adapter
@@ -119,7 +129,7 @@ class Row:
     top_logprobs: int
     detok: IncrementalDetokenizer
     stops: StopStrings
-    epoch: int  # policy epoch of the oldest KV a policy row holds (its cache is reusable only while it is current)
+    epoch: int  # its adapter's epoch when its oldest KV was made (its cache is reusable only while it is current)
     filters: Filters | None = None  # top-k / top-p / min-p the row samples with (None: the full vocabulary)
 
     @property
@@ -172,6 +182,7 @@ class Worker:
         self._numpy = config.decode == "cpu" or (config.decode == "auto" and mx.default_device() == mx.cpu)
         self._samplers = RowSamplers(numpy=self._numpy, engine_seed=config.seed, eos=self.eos_ids)
         self._last_step_version = version
+        self._steps = 0  # decode steps taken (Replace's one-step-late labels count them)
         self._window: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens) per step
         self._window_busy = 0.0
         self._window_tokens = 0
@@ -292,6 +303,8 @@ class Worker:
             self._swap(command)
         elif isinstance(command, Install):
             self._install(command)
+        elif isinstance(command, Replace):
+            self._replace(command)
         elif isinstance(command, Uninstall):
             command.adapter.dropping = True
             self._free(command.adapter)
@@ -355,6 +368,35 @@ class Worker:
         adapter.position = position
         command.reply(time.perf_counter() - start)
 
+    def _replace(self, command: Replace) -> None:
+        """Serve other arrays at an installed adapter's position from the next forward pass on."""
+        start = time.perf_counter()
+        adapter = command.adapter
+        if self.routes is None or adapter.position is None:
+            command.reply(RuntimeError(f"adapter {adapter.name!r} is not installed"))
+            return
+        try:
+            mx.eval([x for pair in command.served.arrays.values() for x in pair])  # as _swap: refuse lazy arrays
+        except RuntimeError as e:
+            command.reply(ValueError(f"adapter {adapter.name!r} version {command.version} was not applied: {e}"))
+            return
+        self.routes.remove(adapter.position)
+        self.routes.install(adapter.position, command.served.arrays, command.served.scale)
+        adapter.previous_version, adapter.version = adapter.version, command.version
+        adapter.replaced_at = self._steps + 1
+        adapter.epoch += 1
+        if self._prefix is not None:
+            self._prefix.retire(adapter.identity)
+        pause = time.perf_counter() - start
+        self._pauses.append(pause)
+        command.reply(pause)
+        if self._prefix is not None:
+            self._prefix.release_retired()
+
+    def _label(self, adapter: Adapter) -> int:
+        """The version of the tokens a named adapter's rows get from the step now running (one step late)."""
+        return adapter.version if self._steps > adapter.replaced_at else adapter.previous_version
+
     def _free(self, adapter: Adapter) -> None:
         """Free an unloaded adapter once no row uses it (its requests ended: normally at once)."""
         if not adapter.dropping or adapter.rows or adapter.position is None or self.routes is None:
@@ -412,8 +454,8 @@ class Worker:
         return (adapter.identity, self.version if adapter.policy else adapter.version)
 
     def _epoch_of(self, adapter: Adapter) -> int:
-        """Only the policy changes in place (a swap); KV of other adapters stays valid while they are served."""
-        return self._epoch if adapter.policy else 0
+        """The policy changes in place by Swap, a named adapter by Replace: KV of an older epoch is stale."""
+        return self._epoch if adapter.policy else adapter.epoch
 
     def _current(self, adapter: Adapter, epoch: int) -> bool:
         """KV made under `adapter` in `epoch` still serves it (a freed named adapter's never does)."""
@@ -519,6 +561,7 @@ class Worker:
 
     def _step(self) -> None:
         start = time.perf_counter()
+        self._steps += 1
         version = self.version
         prompt_responses, responses = self.gen.next()
         for p in prompt_responses:
@@ -558,7 +601,7 @@ class Worker:
                     row=row.index,
                     token=response.token,
                     logprob=chosen_l[i],
-                    version=version if adapter.policy else adapter.version,
+                    version=version if adapter.policy else self._label(adapter),
                     text=text,
                     finish_reason=finish,
                     top_logprobs=top,
@@ -615,6 +658,8 @@ class Worker:
                 command.reply(RuntimeError("the engine stopped before the adapter swap was applied"))
             elif isinstance(command, Install):
                 command.reply(RuntimeError(f"the engine stopped before adapter {command.adapter.name!r} was loaded"))
+            elif isinstance(command, Replace):
+                command.reply(RuntimeError(f"the engine stopped before adapter {command.adapter.name!r} was replaced"))
             elif isinstance(command, Score):
                 command.reply(RuntimeError("the engine stopped before the prompt was scored"))
         for handle in waiting:
@@ -629,7 +674,7 @@ class Worker:
 
     def _abort_event(self, handle: Handle, row: int, text: str = "") -> TokenEvent:
         adapter = handle.adapter
-        version = self.version if adapter.policy else adapter.version
+        version = self.version if adapter.policy else self._label(adapter)
         return TokenEvent(
             row=row,
             token=NO_TOKEN,

@@ -61,8 +61,8 @@ def prompt_ids(tokenizer: Any, messages: Messages, **template_kwargs: Any) -> li
 
 
 def eos_ids(tokenizer: Any) -> set[int]:
-    ids = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm's TokenizerWrapper
-    if ids is None:
+    ids = getattr(tokenizer, "eos_token_ids", None)  # mlx-lm's TokenizerWrapper: a set
+    if ids is None or isinstance(ids, int):  # a transformers tokenizer (recent ones: eos_token_ids is one int)
         ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     return set(ids)
 

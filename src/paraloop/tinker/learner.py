@@ -55,6 +55,8 @@ class TrainingModel:
     step: int = 0  # optimizer steps taken
     version: int = 0  # sampler weights published
     inflight: dict[str, mx.array] | None = None  # the latest inflight sampler save: what inflight samplers use
+    inflight_version: int = 0  # its `version`
+    inflight_adapter: str | None = None  # the engine adapter serving it (replaced in place by each inflight save)
 
     def optimizer_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"step": self.step}

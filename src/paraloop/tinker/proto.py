@@ -2,7 +2,8 @@
 
 In: a `ForwardBackwardRequest` body (the SDK sends forward_backward as protobuf). Out: `ForwardBackwardOutput` and
 `SampleResponse` bodies (the SDK reads those two results of retrieve_future only as protobuf). Field numbers are the
-SDK's `tinker/proto/tinker_public.proto` (tinker 0.38). Anything malformed raises ProtoError naming the field; sizes
+SDK's `tinker/proto/tinker_public.proto` (tinker 0.38), and one of paraloop's (VERSIONS), which protobuf readers that
+do not know it skip. Anything malformed raises ProtoError naming the field; sizes
 are bounded by the caller before decoding (the body limit) and element counts by `Limits` after.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 
 FLOAT32, INT64, INT32 = 1, 2, 3  # DType
 STOP, LENGTH = 0, 1  # StopReason
+VERSIONS = 1000  # paraloop's own SampledSequence field: each token's weights version (no SDK field; it skips it)
 _NUMPY = {FLOAT32: np.float32, INT64: np.int64, INT32: np.int32}
 
 
@@ -238,18 +240,39 @@ def encode_forward_backward_output(outputs: list[dict[str, np.ndarray]], metrics
     return body
 
 
-def encode_sample_response(
-    sequences: list[tuple[int, list[int], list[float]]], prompt_logprobs: list[float] | None = None
-) -> bytes:
-    """SampleResponse: each sequence's (stop reason, tokens, logprobs); prompt log-probs (NaN first) if asked."""
+@dataclass
+class Sequence:
+    """One sampled row as SampleResponse carries it."""
+
+    stop: int  # STOP or LENGTH
+    tokens: list[int]
+    logprobs: list[float]
+    versions: list[int]  # per token: the version of the sampler save whose weights produced it
+
+
+def encode_sample_response(sequences: list[Sequence], prompt_logprobs: list[float] | None = None) -> bytes:
+    """SampleResponse: each sequence's stop reason, tokens, logprobs and (VERSIONS) token versions; prompt log-probs
+    (NaN first) if asked."""
     body = b""
-    for stop, tokens, logprobs in sequences:
+    for s in sequences:
         seq = (
-            _varint_field(1, stop)
-            + _bytes_field(2, np.asarray(tokens, np.int32).tobytes())
-            + _bytes_field(3, np.asarray(logprobs, np.float32).tobytes())
+            _varint_field(1, s.stop)
+            + _bytes_field(2, np.asarray(s.tokens, np.int32).tobytes())
+            + _bytes_field(3, np.asarray(s.logprobs, np.float32).tobytes())
+            + _bytes_field(VERSIONS, np.asarray(s.versions, np.int32).tobytes())
         )
         body += _bytes_field(1, seq)
     if prompt_logprobs is not None:
         body += _bytes_field(2, np.asarray(prompt_logprobs, np.float32).tobytes())
     return body
+
+
+def sample_versions(body: bytes) -> list[list[int]]:
+    """Each sequence's token versions from a SampleResponse body (what a client that knows VERSIONS reads)."""
+    out: list[list[int]] = []
+    for number, wire, seq in fields(body, "SampleResponse"):
+        if number == 1 and wire == 2:
+            assert isinstance(seq, bytes)
+            raw = [v for n, w, v in fields(seq, "sequences") if n == VERSIONS and w == 2]
+            out.append(np.frombuffer(raw[0] if raw else b"", np.int32).tolist())  # type: ignore[arg-type]
+    return out

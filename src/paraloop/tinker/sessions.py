@@ -2,9 +2,12 @@
 
 In: the operations the routes decode (create a training client, forward_backward, optim_step, save and load
 state, publish sampler weights, sample). Out: their results, as the futures' `Result`s. Training operations run one
-at a time on the learner thread, in the order they were submitted (futures.py); a sampler's weights are the
+at a time on the learner thread, in the order they were submitted (futures.py); a snapshot sampler's weights are the
 client's arrays at the moment of the save, installed into the engine as a named adapter from memory (no file), so
-sampling from them starts between two decode steps while other rows keep decoding.
+sampling from them starts between two decode steps while other rows keep decoding. A client's inflight samplers
+share one engine adapter, which each inflight save replaces in place between two decode steps (as `paraloop run`'s
+publisher swaps the policy): rows decoding go on with the new weights, each token labelled with the save (version)
+that produced it.
 """
 
 import itertools
@@ -38,15 +41,16 @@ MAX_SAMPLERS = 1024  # sampling sessions remembered (each is a name and a refere
 
 @dataclass
 class Sampler:
-    """A sampling session: the base model (adapter None) or a client's weights as of one save."""
+    """A sampling session: the base model (arrays None), a client's weights as of one save (a snapshot), or
+    (follows) whatever its training client's latest inflight save is."""
 
     sampler_id: str
     base_model: str
     model_path: str | None
     arrays: dict[str, mx.array] | None
-    adapter: str | None = None  # the engine's name for it once installed
+    version: int = 0  # the save's version: what its tokens are labelled
+    adapter: str | None = None  # the engine's name for a snapshot once installed
     follows: str | None = None  # inflight: the training client whose latest inflight save it samples
-    installed: dict[str, mx.array] | None = None  # the arrays `adapter` holds
 
 
 class TinkerState:
@@ -206,12 +210,12 @@ class TinkerState:
 
     # --- sampling ----------------------------------------------------------------------------------------------------
 
-    def new_sampler(self, model_path: str | None, arrays: dict[str, mx.array] | None) -> str:
+    def new_sampler(self, model_path: str | None, arrays: dict[str, mx.array] | None, version: int = 0) -> str:
         while len(self.samplers) >= MAX_SAMPLERS:
             del self.samplers[next(iter(self.samplers))]
         sampler_id = f"sampler-{next(self._serial)}-{uuid.uuid4().hex[:8]}"
         # base_model is the local directory: SamplingClient.get_tokenizer() loads it with no hub
-        self.samplers[sampler_id] = Sampler(sampler_id, self.tokenizer_path, model_path, arrays)
+        self.samplers[sampler_id] = Sampler(sampler_id, self.tokenizer_path, model_path, arrays, version)
         return sampler_id
 
     def sampler(self, sampler_id: str | None) -> Sampler:
@@ -222,43 +226,75 @@ class TinkerState:
 
     async def save_for_sampler(self, model_id: str, name: str | None, *, inflight: bool = False) -> Result:
         """A snapshot sampler of the client's weights as of now (arrays are immutable: no copy), or (inflight) a
-        sampler that follows the client: every inflight save updates what all its inflight samplers use from their
-        next request on (Tinker's contract: a request runs on the weights saved when its client was made, or newer)."""
+        sampler that follows the client: every inflight save replaces the weights all its inflight samplers use,
+        in the engine, between two decode steps (rows decoding go on with them: Tinker's contract, a request runs
+        on the weights saved when its client was made or newer, with generation that may span updates)."""
         tm = self.model(model_id)
         tm.version += 1
         path = f"tinker://{model_id}/sampler_weights/{name or tm.version}"
-        sampler_id = self.new_sampler(path, tm.arrays)
+        sampler_id = self.new_sampler(path, tm.arrays, tm.version)
         if inflight:
-            tm.inflight = tm.arrays
+            tm.inflight, tm.inflight_version = tm.arrays, tm.version
             self.samplers[sampler_id].follows = model_id
-        await self._install(self.samplers[sampler_id])
+            await self._inflight(tm, saved=True)
+        else:
+            await self._install(self.samplers[sampler_id])
         if name is not None:
             return Result(json={"type": "save_weights_for_sampler", "path": path})
         return Result(json={"type": "save_weights_for_sampler", "sampling_session_id": sampler_id})
 
-    async def _install(self, sampler: Sampler) -> str | None:
-        """The engine's adapter name for the sampler's weights, installed from memory on first use (again if the
-        engine evicted it to make room, or an inflight sampler's client saved newer weights)."""
-        if sampler.follows is not None and sampler.follows in self.models:
-            latest = self.models[sampler.follows].inflight
-            sampler.arrays = latest if latest is not None else sampler.arrays
+    def _weights(self, sampler: Sampler) -> tuple[dict[str, mx.array] | None, int]:
+        """What the sampler samples now, and its version."""
+        tm = self.models.get(sampler.follows) if sampler.follows is not None else None
+        if tm is not None and tm.inflight is not None:
+            return tm.inflight, tm.inflight_version
+        return sampler.arrays, sampler.version
+
+    async def _install(self, sampler: Sampler) -> str:
+        """The engine's adapter name for what the sampler samples, installed from memory on first use (again if
+        the engine evicted it to make room)."""
+        tm = self.models.get(sampler.follows) if sampler.follows is not None else None
+        if tm is not None and tm.inflight is not None:
+            return await self._inflight(tm)
         if sampler.arrays is None:
             return "base"
         async with self._installing:  # one install at a time: concurrent samples of a new sampler share it
-            if sampler.installed is not sampler.arrays or sampler.adapter not in self.engine.adapters.names():
+            if sampler.adapter not in self.engine.adapters.names():
                 name = f"tinker:{sampler.sampler_id}:{next(self._serial)}"
-                try:
-                    await self.engine.adapters.put(name, served(sampler.arrays))
-                except (AdapterError, EngineBusy) as e:
-                    raise UserError(str(e)) from None
-                sampler.adapter, sampler.installed = name, sampler.arrays  # the old one: evicted once idle
+                await self._put(name, sampler.arrays, sampler.version)
+                sampler.adapter = name  # an older one (evicted) is freed once idle
         return sampler.adapter
+
+    async def _inflight(self, tm: TrainingModel, *, saved: bool = False) -> str:
+        """The engine adapter of the client's inflight samplers: after an inflight save (`saved`) it is replaced in
+        place, taking effect between two decode steps; put anew if the engine evicted it (or none exists yet)."""
+        assert tm.inflight is not None
+        async with self._installing:
+            name = tm.inflight_adapter
+            if name is not None and name in self.engine.adapters.names():
+                if not saved:
+                    return name
+                try:
+                    if await self.engine.adapters.replace(name, served(tm.inflight), tm.inflight_version):
+                        return name
+                except (ValueError, RuntimeError) as e:
+                    raise UserError(f"model_id: the inflight weights could not be served: {e}") from None
+            name = f"tinker:{tm.model_id}:inflight:{next(self._serial)}"
+            await self._put(name, tm.inflight, tm.inflight_version)
+            tm.inflight_adapter = name
+            return name
+
+    async def _put(self, name: str, arrays: dict[str, mx.array], version: int) -> None:
+        try:
+            await self.engine.adapters.put(name, served(arrays), version)
+        except (AdapterError, EngineBusy) as e:
+            raise UserError(str(e)) from None
 
     def sampler_from_path(self, model_path: str) -> dict[str, mx.array]:
         """The arrays a create_sampling_client(model_path) samples: a sampler save of this process, or a state."""
         for sampler in self.samplers.values():
             if sampler.model_path == model_path and sampler.arrays is not None:
-                return sampler.arrays
+                return sampler.arrays  # an inflight sampler's path names the weights of its save, as a snapshot
         run_dir = self.resolve(model_path, "model_path")
         try:
             return dict(read_checkpoint(run_dir).adapter)
@@ -288,8 +324,13 @@ class TinkerState:
                     raise UserError(str(e)) from None
             except (EngineBusy, RequestError) as e:
                 raise UserError(str(e)) from None
-        sequences = [(proto.LENGTH if r.finish_reason == "length" else proto.STOP, r.tokens, r.logprobs) for r in rows]
+        sequences = [
+            proto.Sequence(
+                proto.LENGTH if r.finish_reason == "length" else proto.STOP, r.tokens, r.logprobs, r.versions
+            )
+            for r in rows
+        ]
         scored = None
         if prompt_logprobs:
-            scored = await self.thread.call(self.learner.prompt_logprobs, sampler.arrays, tokens)
+            scored = await self.thread.call(self.learner.prompt_logprobs, self._weights(sampler)[0], tokens)
         return Result(proto=proto.encode_sample_response(sequences, scored))
