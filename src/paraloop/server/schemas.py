@@ -56,9 +56,17 @@ class StreamOptions(Body, kw_only=True):
     include_usage: bool = False
 
 
+# OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512. paraloop reads one key,
+# `paraloop_session` (server/session_turns.py); the others are accepted and not used.
+Metadata = Annotated[
+    dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]], Meta(max_length=16)
+]
+
+
 class OpenAISampling(Sampling, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, not used
+    metadata: Metadata | None = None
 
 
 # One prompt: text, token ids, or a batch of one of either (["text"], [[ids]]); checked by `prompt_tokens_of`.
