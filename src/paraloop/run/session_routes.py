@@ -7,27 +7,18 @@ naming the field: 400 a malformed body, 404 an unknown session, 409 a turn in fl
 The bearer token (server.control_token) is enforced by the app's gate, as for every route but /health.
 """
 
-from typing import Annotated
-
-import msgspec
 from aiohttp import web
-from msgspec import Meta
 
 from paraloop.run.agent_sessions import AgentSessions
 from paraloop.server.responses import json_response
-from paraloop.server.schemas import decode
+from paraloop.server.schemas import SessionRewardBody, decode
 from paraloop.server.state import STATE
-
-
-class RewardBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    reward: float
-    group: Annotated[str, Meta(min_length=1, max_length=128)]
 
 
 def session_routes(sessions: AgentSessions) -> list[web.RouteDef]:
     async def reward(request: web.Request) -> web.Response:
         max_depth = request.app[STATE].settings.server.max_json_depth
-        body = decode(await request.read(), RewardBody, max_depth=max_depth)
+        body = decode(await request.read(), SessionRewardBody, max_depth=max_depth)
         answer, group = sessions.reward(request.match_info["session_id"], body.reward, body.group)
         if group is not None:
             await sessions.hand_over(group)

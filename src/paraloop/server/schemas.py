@@ -174,6 +174,13 @@ class ChatBody(OpenAISampling, kw_only=True):
     response_format: ResponseFormat | None = None
 
 
+class SessionRewardBody(Body, kw_only=True):
+    """POST /v1/sessions/{session_id}/reward (run/session_routes.py): the session's reward and its group's key."""
+
+    reward: float
+    group: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
 class PromptObject(Body, kw_only=True):
     """vLLM's prompt object: exactly one of the two fields."""
 
