@@ -14,7 +14,8 @@ say.
 
 In sync mode the fetcher asks the source for the next batch only after a credit: the publisher sends one when the
 previous step's adapter is serving (strictly on-policy). In async mode it keeps generating while the learner steps,
-held back only by the bounded outbox. Returns when the learner stops listening or the source ends.
+held back only by the bounded outbox. Returns when the learner stops listening or the source ends. When the buffer
+holds a batch's sequences in groups of mixed sizes that no choice fills exactly, the batch closes short.
 
 Dynamic sampling (`max_draws`, with a buffer that sets zero-signal groups aside): the fetcher keeps drawing source
 batches until the learner batch is full of groups with signal; after `max_draws` draws it completes the batch with
@@ -91,6 +92,10 @@ async def run_fetcher(
                             seq = await _journal(journal, fetched)
                         buffer.put_batch(fetched, journal_seq=seq)
                     batch = buffer.take(version=version(), fill=max_draws is not None and draws >= max_draws)
+                    if batch is None and buffer.sequences >= buffer.batch_size + lookahead:
+                        # Groups of mixed sizes (agent sessions split into samples) that no choice of whole
+                        # groups fills exactly: the batch closes short rather than waiting for ever.
+                        batch = buffer.take(version=version(), partial=True)
                 if max_draws is not None:
                     batch = msgspec.structs.replace(batch, metrics={**batch.metrics, "sampling_draws": float(draws)})
                     if batch.metrics.get("filled_zero_signal"):
