@@ -188,3 +188,37 @@ def test_a_complete_group_is_journaled_before_it_is_queued_and_comes_out_of_batc
     assert isinstance(batch, RolloutBatch) and batch.source == "sessions" and batch.journal_seq == 0
     assert journal.read(0).groups == batch.groups
     assert batch.groups[0].scores == [1.0, 0.0]
+
+
+def test_staleness_acts_on_the_oldest_trained_tokens_version_in_both_modes():
+    from paraloop.config import RLTrainingConfig
+    from paraloop.run.buffer import RolloutBuffer
+
+    for mode in ("sync", "async"):
+        rl = RLTrainingConfig(source="sessions", mode=mode, max_staleness=1)
+        assert rl.staleness.max_versions == 1 and rl.staleness.drops
+    sessions, _ = store(group_size=1)
+    turn(sessions, "old", [1], [2], version=3)
+    turn(sessions, "old", [1, 2, 5], [6], version=5)  # one sample; its oldest trained token is v3
+    turn(sessions, "new", [1], [2], version=4)
+    old, new = group_of(sessions, "old")[1], group_of(sessions, "new", key="h")[1]
+    assert (old.versions, new.versions) == ([3], [4])
+    buffer = RolloutBuffer(batch_size=1, max_staleness=1, stale_policy="drop")
+    buffer.put(old, source="sessions")
+    buffer.put(new, source="sessions")
+    batch = buffer.take(version=5)
+    assert batch.groups == [new] and batch.dropped_stale == 1
+
+
+def test_the_source_key_must_agree_with_atropos_api_url():
+    from pydantic import ValidationError
+
+    from paraloop.config import RLTrainingConfig
+
+    assert RLTrainingConfig().rollout_source == "mock"
+    assert RLTrainingConfig(atropos={"api_url": "http://x:1"}).rollout_source == "atropos"
+    assert RLTrainingConfig(source="sessions").rollout_source == "sessions"
+    with pytest.raises(ValidationError, match="atropos.api_url"):
+        RLTrainingConfig(source="sessions", atropos={"api_url": "http://x:1"})
+    with pytest.raises(ValidationError, match="needs atropos.api_url"):
+        RLTrainingConfig(source="atropos")

@@ -10,7 +10,8 @@ import anyio
 
 import pytest
 from openai import OpenAI
-from support.agent_sessions import play_group, reward, sessions_config, sessions_run, status, trained, wait
+from support.chromium import find_chromium
+from support.agent_sessions import play, play_group, reward, sessions_config, sessions_run, status, trained, wait
 from support.runs import call
 
 from paraloop.checkpoint import latest_checkpoint, read_checkpoint
@@ -173,3 +174,33 @@ def test_an_agents_sdk_agent_trains_a_sessions_run_through_its_own_traffic(tiny_
         assert call(f"{base}/control/stop", "POST")[0] == 200
         proc.wait(timeout=120)
         assert proc.returncode == 0, log.read_text()[-3000:]
+
+
+def test_the_dashboard_shows_the_agent_sessions(tiny_model_path, tmp_path):
+    """The page's "Agent sessions" card reads /control/status's source: open sessions, unfinished groups, groups
+    waiting for the learner and everything dropped."""
+    executable, why = find_chromium()
+    if executable is None:
+        if os.environ.get("CI"):  # CI installs chromium (make browser): a missing one there is a failure
+            pytest.fail(f"CI: {why}", pytrace=False)
+        pytest.skip(why)
+    from playwright.sync_api import expect, sync_playwright
+
+    run_dir = tmp_path / "run"
+    config = sessions_config(tmp_path, tiny_model_path, steps=100, group_size=2)
+    with sessions_run(config, run_dir) as (proc, base, log):
+        play(base, "open-one", 3)
+        play(base, "rewarded", 4)
+        reward(base, "rewarded", 1.0, "half-a-group")
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=["--headless", "--no-sandbox"], timeout=60_000)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                page.goto(f"{base}/dashboard")
+                card = page.locator('[data-kpi="sessions"]')
+                expect(card.locator(".value")).to_have_text("1 open")
+                expect(card.locator(".sub")).to_have_text("1 unfinished · 0 groups waiting · 0 dropped")
+            finally:
+                browser.close()
+        assert proc.poll() is None, log.read_text()[-3000:]
