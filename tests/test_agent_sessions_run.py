@@ -5,8 +5,9 @@ group exactly once in the run's lineage (the journal)."""
 
 import os
 import signal
+import sys
+from pathlib import Path
 
-import anyio
 
 import pytest
 from openai import OpenAI
@@ -14,9 +15,13 @@ from support.chromium import find_chromium
 from support.agent_sessions import play, play_group, reward, sessions_config, sessions_run, status, trained, wait
 from support.runs import call
 
+from support import procs
+
 from paraloop.checkpoint import latest_checkpoint, read_checkpoint
 
 pytestmark = pytest.mark.timeout(400)
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "agent_sessions.py"
 
 
 def test_the_openai_client_drives_a_sessions_run_whose_adapter_version_advances(tiny_model_path, tmp_path):
@@ -113,64 +118,32 @@ def test_kill_9_after_rewards_were_answered_then_resume_trains_every_group_exact
     assert "replaying 4 journaled group(s)" in log.read_text()
 
 
-def test_an_agents_sdk_agent_trains_a_sessions_run_through_its_own_traffic(tiny_model_path, tmp_path):
-    """The real Agents SDK (tool_choice "required", two function tools) as the agent: each agent run is one session
-    (the SDK sends the tag as a header on every model call), rewarded after it; the served adapter advances."""
-    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
-    from agents.exceptions import MaxTurnsExceeded
-    from openai import AsyncOpenAI
-
-    @function_tool
-    def add(a: int, b: int) -> int:
-        """Add two integers."""
-        return a + b
-
-    @function_tool
-    def shout(text: str) -> str:
-        """Say text loudly."""
-        return text.upper()
-
-    set_tracing_disabled(True)
+def test_the_agents_sdk_example_trains_a_sessions_run_through_its_own_traffic(tiny_model_path, tmp_path):
+    """examples/agent_sessions.py, the real Agents SDK with a calculator function tool and tool_choice "required",
+    as the agent: each agent run is one session (the SDK sends the tag as a header on every model call), a
+    question's sessions one group; the run trains on them and serves the new adapter."""
     run_dir = tmp_path / "run"
     config = sessions_config(tmp_path, tiny_model_path, steps=100, batch_size=8)
     options = ("--set", "engine.max_tokens_limit=64", "--set", "engine.max_prompt_tokens=2048")  # tools: ~700
     with sessions_run(config, run_dir, *options) as (proc, base, log):
-
-        async def agent_run(client: AsyncOpenAI, sid: str) -> None:
-            agent = Agent(
-                name="calculator",
-                instructions="Use the tools.",
-                model=OpenAIChatCompletionsModel(model="policy", openai_client=client),
-                tools=[add, shout],
-                model_settings=ModelSettings(
-                    tool_choice="required",
-                    max_tokens=48,
-                    temperature=0.8,
-                    extra_headers={"X-Paraloop-Session": sid},
-                ),
-            )
-            try:
-                await Runner.run(agent, "What is 2 + 3?", max_turns=3)
-            except MaxTurnsExceeded:  # the random model kept calling tools: its turns are recorded all the same
-                pass
-
-        async def drive() -> int:
-            client = AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
-            with anyio.fail_after(300):
-                for tag in range(1, 13):
-                    if status(base)["serving_version"] >= 1:
-                        break
-                    for i in range(2):
-                        await agent_run(client, f"sdk{tag}-{i}")
-                    for i in range(2):
-                        await anyio.to_thread.run_sync(reward, base, f"sdk{tag}-{i}", float(i), f"task{tag}")
-            await client.close()
-            return tag
-
-        anyio.run(drive)
-        assert status(base)["serving_version"] >= 1, log.read_text()[-3000:]
+        agent = [
+            sys.executable,
+            str(EXAMPLE),
+            "--url",
+            base,
+            "--questions",
+            "4",
+            "--group-size",
+            "2",
+            "--max-turns",
+            "2",
+        ]
+        done = procs.run(agent, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("group complete: True") == 4, done.stdout
+        wait(lambda: status(base)["serving_version"] >= 1, "an adapter trained on the agent's sessions", proc, log)
         source = status(base)["source"]
-        assert source["turns"] >= 4 and source["groups_formed"] >= 1 and source["dropped_oversize"] == 0
+        assert source["turns"] >= 8 and source["groups_formed"] == 4 and source["dropped_oversize"] == 0
         assert call(f"{base}/control/stop", "POST")[0] == 200
         proc.wait(timeout=120)
         assert proc.returncode == 0, log.read_text()[-3000:]
