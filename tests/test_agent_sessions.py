@@ -222,3 +222,44 @@ def test_the_source_key_must_agree_with_atropos_api_url():
         RLTrainingConfig(source="sessions", atropos={"api_url": "http://x:1"})
     with pytest.raises(ValidationError, match="needs atropos.api_url"):
         RLTrainingConfig(source="atropos")
+
+
+class SlowJournal:
+    """A journal whose writes take a while (a slow disk): rewards arrive while a group is being written."""
+
+    def __init__(self):
+        self.batches = []
+
+    def append(self, batch):
+        import time
+
+        time.sleep(0.3)
+        self.batches.append(batch)
+        return len(self.batches) - 1
+
+
+def test_a_group_being_journaled_counts_as_waiting_so_the_queue_never_overflows():
+    sessions = AgentSessions(AgentSessionsConfig(group_size=1, max_waiting_groups=1), batch_size=8)
+    sessions.journal = SlowJournal()
+    for sid in ("a", "b"):
+        turn(sessions, sid, [1], [2])
+    refused = []
+
+    async def reward(sid, key):
+        try:
+            _, group = sessions.reward(sid, 1.0, key)
+        except APIError as e:
+            refused.append((sid, e.status, e.param))
+            return
+        await sessions.hand_over(group)
+
+    async def main():
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reward, "a", "g")
+                await anyio.sleep(0.05)  # a's group is being written
+                tg.start_soon(reward, "b", "h")
+
+    anyio.run(main)
+    assert refused == [("b", 429, "group")]
+    assert sessions.stats()["groups_waiting"] == 1 and sessions.stats()["open_sessions"] == 1

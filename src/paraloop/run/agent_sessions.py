@@ -114,6 +114,7 @@ class AgentSessions:
         self.groups: dict[str, Group] = {}
         self._send, self._receive = anyio.create_memory_object_stream[RolloutBatch](config.max_waiting_groups)
         self._journal_lock = anyio.Lock()
+        self._handing = 0  # complete groups between `reward` and the queue (their journal write under way)
         self.counts = dict.fromkeys(
             (
                 "turns",
@@ -261,6 +262,7 @@ class AgentSessions:
             )
             return answer | {"dropped": "more samples than rl_training.batch_size"}, None
         self.counts["groups_formed"] += 1
+        self._handing += 1  # counted as waiting until `hand_over` has queued it
         return answer, scored_group(group.samples, group.scores)
 
     async def hand_over(self, group: ScoredGroup) -> None:
@@ -274,11 +276,12 @@ class AgentSessions:
                         seq = await anyio.to_thread.run_sync(self.journal.append, batch)
                     except OSError as e:
                         log.error("journal: cannot write a sessions group (%s); it is trained but not crash-safe", e)
+        self._handing -= 1
         self._send.send_nowait(RolloutBatch(groups=[group], source="sessions", journal_seq=seq))
 
     def waiting(self) -> int:
-        """Complete groups queued for the fetcher plus unfinished group keys."""
-        return self._send.statistics().current_buffer_used + len(self.groups)
+        """Complete groups queued for the fetcher or on their way there, plus unfinished group keys."""
+        return self._send.statistics().current_buffer_used + self._handing + len(self.groups)
 
     def expire(self) -> None:
         """Drop sessions and unfinished groups idle for longer than max_age_s."""
