@@ -6,6 +6,7 @@ group exactly once in the run's lineage (the journal)."""
 import os
 import signal
 import sys
+import urllib.request
 from pathlib import Path
 
 
@@ -57,6 +58,9 @@ def test_the_openai_client_drives_a_sessions_run_whose_adapter_version_advances(
         assert 2 <= samples <= 3
         source = status(base)["source"]
         assert (source["open_sessions"], source["groups_formed"], source["dropped_oversize"]) == (0, 1, 0)
+        with urllib.request.urlopen(f"{base}/metrics", timeout=60) as response:  # Prometheus has them too
+            page = response.read().decode().splitlines()
+        assert 'paraloop_agent_sessions{name="groups_formed"} 1.0' in page
         # Groups of 4 to 6 samples: the batch of 8 closes short when no choice of them fills it exactly
         for tag in range(2, 10):
             if status(base)["serving_version"] >= 2:
