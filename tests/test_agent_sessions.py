@@ -263,3 +263,19 @@ def test_a_group_being_journaled_counts_as_waiting_so_the_queue_never_overflows(
     anyio.run(main)
     assert refused == [("b", 429, "group")]
     assert sessions.stats()["groups_waiting"] == 1 and sessions.stats()["open_sessions"] == 1
+
+
+def test_preflight_refuses_what_sessions_mode_cannot_honour():
+    from paraloop.config import load_config
+    from paraloop.run.preflight import settings_problems
+
+    def problems(**rl):
+        data = {"model": {"base_path": "m", "auto_init_lora": True}, "rl_training": {"source": "sessions", **rl}}
+        return settings_problems(load_config(None, data))
+
+    assert not [p for p in problems() if "sessions" in p]
+    assert any("group_size = 8 sessions can never fit" in p for p in problems(batch_size=4, sessions={"group_size": 8}))
+    data = {"model": {"base_path": "m"}, "rl_training": {"source": "sessions"}, "distill": {"teacher": "t"}}
+    assert any(
+        "not supported with rl_training.source = 'sessions'" in p for p in settings_problems(load_config(None, data))
+    )

@@ -76,6 +76,11 @@ def settings_problems(settings: Settings, *, follower: bool = False) -> list[str
         )
     if rl.rollout_source == "mock":
         problems += mock_problems(settings)
+    if rl.rollout_source == "sessions" and settings.distill.teacher:
+        problems.append(
+            "[distill] teacher: not supported with rl_training.source = 'sessions' yet (a session's group is journaled "
+            "before a teacher could score it, so a resumed run would train it unscored)"
+        )
     if rl.rollout_source == "sessions" and rl.sessions.group_size > rl.batch_size:
         problems.append(
             f"rl_training.sessions.group_size = {rl.sessions.group_size} sessions can never fit a batch of "
