@@ -59,3 +59,10 @@ def test_dynamic_sampling_gives_up_after_max_draws_and_fills():
 def test_without_dynamic_sampling_zero_signal_groups_train_as_they_come():
     (batch,) = run(fetch([[[1, 1], [0, 0]]], max_draws=None, count=1))
     assert [g.scores for g in batch.groups] == [[1, 1], [0, 0]] and batch.metrics == {}
+
+
+def test_groups_of_mixed_sizes_that_cannot_fill_a_batch_exactly_close_it_short_instead_of_spinning():
+    # batch_size 4: groups of 3 rows never add up to 4; the buffer holds 6 sequences and takes none exactly
+    first, second = run(fetch([[[0, 1, 0]], [[1, 0, 1]], [[0, 0, 1]]], max_draws=None, count=2))
+    assert [g.scores for g in first.groups] == [[0, 1, 0]]
+    assert [g.scores for g in second.groups] == [[1, 0, 1]]

@@ -6,7 +6,10 @@ import json
 import pytest
 
 from support.http_harness import running_server
+from paraloop.config import AgentSessionsConfig
+from paraloop.run.agent_sessions import AgentSessions
 from paraloop.run.control import LearnerControl, control_routes
+from paraloop.run.session_routes import session_routes
 from paraloop.run.status import RunStatus
 from paraloop.server.openapi import BODIES, SUMMARIES, routes_of
 
@@ -26,6 +29,7 @@ EXPECTED = {
     ("/metrics", "get"),
     ("/v1/load_lora_adapter", "post"),
     ("/v1/unload_lora_adapter", "post"),
+    ("/v1/sessions/{session_id}/reward", "post"),
 }
 MINIMAL = {
     "/v1/completions": {"prompt": "hi", "max_tokens": 1},
@@ -33,16 +37,19 @@ MINIMAL = {
     "/generate": {"prompt": {"prompt_token_ids": [5, 6]}, "max_tokens": 1},
     "/v1/load_lora_adapter": {"lora_name": "x", "lora_path": "/nonexistent"},
     "/v1/unload_lora_adapter": {"lora_name": "x"},
+    "/v1/sessions/{session_id}/reward": {"reward": 1.0, "group": "g"},
 }
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
     status = RunStatus(total_steps=1, mode="sync", run_dir="unused")
+    sessions = AgentSessions(AgentSessionsConfig(), batch_size=8)  # a run in sessions mode: its reward route
     with running_server(
         tiny_model_path,
         overrides={"engine": {"max_n": 3, "max_tokens_limit": 77}},
-        extra_routes=control_routes(status, LearnerControl(status)),
+        extra_routes=[*control_routes(status, LearnerControl(status)), *session_routes(sessions)],
+        turns=sessions,
     ) as s:
         yield s
 
@@ -81,6 +88,11 @@ def test_every_reference_resolves(doc):
     assert refs and refs <= names
 
 
+def concrete(path: str) -> str:
+    """A documented path with its parameters filled in (an unknown session: answered 404 once the body decodes)."""
+    return path.replace("{session_id}", "nobody")
+
+
 @pytest.mark.parametrize("path", list(BODIES))
 def test_each_documented_body_field_is_accepted_and_an_undocumented_one_refused(server, doc, path):
     ref = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
@@ -90,10 +102,10 @@ def test_each_documented_body_field_is_accepted_and_an_undocumented_one_refused(
     for name, prop in schema["properties"].items():
         value = prop.get("default")
         body = {**MINIMAL[path], name: value} if name not in MINIMAL[path] else MINIMAL[path]
-        reply = server.post(path, body)
+        reply = server.post(concrete(path), body)
         if reply.status_code != 200:  # e.g. a field only accepted at some values; never an unknown one
             assert "unrecognized" not in reply.json()["error"]["message"], (name, reply.text)
-    reply = server.post(path, {**MINIMAL[path], "not_a_field": 1})
+    reply = server.post(concrete(path), {**MINIMAL[path], "not_a_field": 1})
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "not_a_field"
 
 

@@ -274,6 +274,24 @@ class MockEnvConfig(Section):
     for Qwen3, whose template starts a <think> block by default (docs/models.md)."""
 
 
+class AgentSessionsConfig(Section):
+    """[rl_training.sessions]: rollouts from agents' own traffic (rl_training.source = "sessions", docs/agents.md)."""
+
+    group_size: int = Field(4, ge=1)
+    """Rewarded sessions of one group key that form a GRPO group; the group goes to the learner once it has them."""
+    max_open: int = Field(256, ge=1)
+    """Most sessions recorded at once (not yet rewarded); a turn that would open one more is refused (429)."""
+    max_session_tokens: int = Field(8192, ge=16)
+    """Most tokens one session records (its samples together); a turn whose prompt + max_tokens would pass it is
+    refused (400 naming max_tokens)."""
+    max_age_s: float = Field(900.0, gt=0)
+    """Seconds a session or an unfinished group may wait since its last turn or reward; older ones are dropped
+    (counted as expired in /control/status)."""
+    max_waiting_groups: int = Field(64, ge=1)
+    """Most complete groups waiting for the learner plus unfinished group keys; a reward that would pass it is
+    refused (429) and the session stays open."""
+
+
 class RLTrainingConfig(Section):
     algorithm: Literal["grpo", "gspo", "cispo", "reinforce"] = "grpo"
     """Policy-gradient objective: grpo (PPO clip per token), gspo (PPO clip per sequence on the length-normalised
@@ -393,14 +411,20 @@ class RLTrainingConfig(Section):
     max_staleness: int = Field(1, ge=0)
     """Rollouts more than this many adapter versions old are handled by stale_policy: in async mode, and for
     Atropos rollouts in both modes (an environment generates ahead; their versions come from the engine's index of
-    served completions, atropos.served_index). Dropped groups train no step: more are fetched."""
+    served completions, atropos.served_index), and for agent sessions in both modes (each token's version is
+    recorded). Dropped groups train no step: more are fetched."""
     stale_policy: StalePolicy = "drop"
     """drop stale rollouts, or keep them with importance weights capped at importance_cap (default 2.0)."""
     buffer_priority: BufferPriority = "fifo"
     """Rollout buffer order: arrival, or groups with the largest mean |advantage| first."""
+    source: Literal["mock", "atropos", "sessions"] | None = None
+    """Where rollouts come from: mock (the built-in environment, [rl_training.mock]), atropos (run-api at
+    atropos.api_url), sessions (agents' own requests to this run's OpenAI routes, tagged with a session and rewarded
+    over HTTP: docs/agents.md, [rl_training.sessions]). Default: atropos when atropos.api_url is set, else mock."""
     lora: LoraConfig = Field(default_factory=LoraConfig)
     atropos: AtroposConfig = Field(default_factory=AtroposConfig)
     mock: MockEnvConfig = Field(default_factory=MockEnvConfig)
+    sessions: AgentSessionsConfig = Field(default_factory=AgentSessionsConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -436,11 +460,24 @@ class RLTrainingConfig(Section):
         return data
 
     @property
+    def rollout_source(self) -> Literal["mock", "atropos", "sessions"]:
+        """`source`, or its default: atropos when atropos.api_url is set, else mock."""
+        return self.source or ("atropos" if self.atropos.api_url else "mock")
+
+    @model_validator(mode="after")
+    def _source_matches(self) -> "RLTrainingConfig":
+        if self.source == "atropos" and not self.atropos.api_url:
+            raise ValueError("source = 'atropos' needs atropos.api_url (run-api's URL)")
+        if self.source in ("mock", "sessions") and self.atropos.api_url:
+            raise ValueError(f"source = {self.source!r} but atropos.api_url is set: unset one of them")
+        return self
+
+    @property
     def staleness(self) -> Staleness:
-        """The staleness policy the run acts on: max_staleness / stale_policy in async mode, and on Atropos rollouts
-        in both modes (an environment generates ahead). The mock environment's sync rollouts are on-policy by
-        construction: none there."""
-        acts = self.mode == "async" or bool(self.atropos.api_url)
+        """The staleness policy the run acts on: max_staleness / stale_policy in async mode, and on Atropos and agent
+        sessions' rollouts in both modes (their clients generate ahead). The mock environment's sync rollouts are
+        on-policy by construction: none there."""
+        acts = self.mode == "async" or self.rollout_source != "mock"
         return Staleness(self.max_staleness, self.stale_policy) if acts else Staleness()
 
     @property

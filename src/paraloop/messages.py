@@ -135,12 +135,14 @@ class RolloutBatch(Msg):
     """rollout fetcher -> learner: the groups of one learner step."""
 
     groups: list[ScoredGroup]
-    source: str  # "mock" | "atropos"
+    source: str  # "mock" | "atropos" | "sessions"
     source_step: int | None = None  # the Atropos server's step, when known
     dropped_stale: int = 0
     source_state: dict[str, Any] | None = None  # where the source stands after this batch (saved for resume)
     metrics: dict[str, float] = {}  # how the batch was formed (dynamic sampling), merged into the step's metrics
     consumes: list[tuple[int, int, int]] = []  # journal ids (entry, index, entry's groups) this batch trains or drops
+    journal_seq: int | None = None  # already in the run's journal as this entry (agent sessions journal a group
+    # before its reward call is answered); None: the fetcher journals it when its source needs that
 
 
 # --- learner, checkpoints, control -----------------------------------------------------------------------------------

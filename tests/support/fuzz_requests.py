@@ -7,6 +7,7 @@ content types and paths.
 """
 
 import json
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,12 +107,17 @@ def accepted_as_no_body(body: bytes | None) -> bool:
         return False
 
 
+def concrete(path: str) -> str:
+    """A documented path with its parameters filled in (an agent session's id: one the fuzz also tags turns with)."""
+    return path.replace("{session_id}", SESSION_IDS[0])
+
+
 def body_schemas(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
     for path, ops in doc["paths"].items():
         body = ops.get("post", {}).get("requestBody")
         if body:
-            out[path] = body["content"]["application/json"]["schema"]
+            out[concrete(path)] = body["content"]["application/json"]["schema"]
     return out
 
 
@@ -294,10 +300,61 @@ def agent_bodies() -> st.SearchStrategy[FuzzRequest]:
     return body.map(lambda b: FuzzRequest("agents", "POST", "/v1/chat/completions", encode(b)))
 
 
+SESSION_IDS = ["s1", "s2", "s3"]  # few, so tagged turns, rewards and groups meet
+
+
+def session_requests() -> st.SearchStrategy[FuzzRequest]:
+    """Agent sessions (docs/agents.md): turns tagged by metadata or header, well or badly, and rewards of known,
+    unknown and malformed sessions with bodies right and wrong. A run of another source answers 400 to the tags
+    and 404 to the reward route; a sessions run records, groups and bounds them."""
+    sid = st.sampled_from(SESSION_IDS) | st.text(max_size=140)
+    ids = st.lists(st.integers(1, 900), min_size=1, max_size=8)
+    sampling = st.fixed_dictionaries(
+        {"max_tokens": st.integers(1, 8)},
+        optional={
+            "n": st.integers(1, 2),
+            "stream": st.booleans(),
+            "model": st.sampled_from(["policy", "base", "nope"]),
+            "temperature": st.sampled_from([0.0, 0.5, 1.0]),
+        },
+    )
+    turn = st.builds(
+        lambda path, s, prompt, tag, by_header: FuzzRequest(
+            "sessions",
+            "POST",
+            path,
+            encode({**s, **prompt} | ({} if by_header else {"metadata": {"paraloop_session": tag}})),
+            {"Content-Type": "application/json"} | ({"X-Paraloop-Session": tag} if by_header else {}),
+        ),
+        st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+        sampling,
+        st.one_of(ids.map(lambda i: {"prompt": i}), st.just({"messages": [{"role": "user", "content": "hi"}]})),
+        sid.filter(lambda t: t.isascii() and t.isprintable()),
+        st.booleans(),
+    )
+    reward = st.builds(
+        lambda tag, body: FuzzRequest(
+            "sessions", "POST", f"/v1/sessions/{urllib.parse.quote(tag, safe='')}/reward", encode(body)
+        ),
+        sid.filter(bool),
+        st.fixed_dictionaries({"reward": st.floats(-2, 2), "group": st.sampled_from(["g", "h", "i"])})
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "reward": st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=4) | st.none(),
+                "group": st.sampled_from(["g", "h"]) | st.text(max_size=140),
+                "extra": json_values,
+            },
+        )
+        | json_values,
+    )
+    return st.one_of(turn, reward)
+
+
 def requests(doc: dict[str, Any]) -> st.SearchStrategy[FuzzRequest]:
     components = doc["components"]["schemas"]
     schemas = body_schemas(doc)
-    ops = sorted((path, method.upper()) for path, methods in doc["paths"].items() for method in methods)
+    ops = sorted((concrete(path), method.upper()) for path, methods in doc["paths"].items() for method in methods)
 
     refs: dict[str, Any] = {}
     valid = {path: from_schema(schema, components, refs) for path, schema in sorted(schemas.items())}
@@ -359,6 +416,7 @@ def requests(doc: dict[str, Any]) -> st.SearchStrategy[FuzzRequest]:
         (garbage, 1),
         (unknown_path, 1),
         (agent_bodies(), 2),
+        (session_requests(), 2),
     ]
     choices = [strategy for strategy, weight in weighted for _ in range(weight)]
     return st.sampled_from(range(len(choices))).flatmap(lambda i: choices[i])

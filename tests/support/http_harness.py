@@ -99,9 +99,11 @@ def running_server(
     overrides: dict[str, Any] | None = None,
     extra_routes: list[web.RouteDef] | None = None,
     lora: bool = False,
+    turns: Any = None,
 ) -> Iterator[Server]:
     """Serve the model until the block ends. `overrides` are config keys, e.g. {"server": {"control_token": "t"}};
-    `lora` attaches fresh LoRA layers (rl_training.lora) so adapters can be swapped in."""
+    `lora` attaches fresh LoRA layers (rl_training.lora) so adapters can be swapped in; `turns` records requests
+    tagged with an agent session (run/agent_sessions.AgentSessions)."""
     settings = load_config(None, {"model": {"base_path": str(model_path)}, **(overrides or {})})
     model, tokenizer, _, _ = load_model(model_path)
     slots = None
@@ -109,7 +111,7 @@ def running_server(
         attach_lora(model, adapter_config(settings.rl_training.lora, model), seed=0)
         slots = AdapterSlots(model)
     engine = Engine.from_settings(model, tokenizer, settings, adapter=slots)
-    app = make_app(engine, settings=settings, extra_routes=extra_routes)
+    app = make_app(engine, settings=settings, extra_routes=extra_routes, turns=turns)
     with start_blocking_portal("asyncio") as portal:
         future, port = portal.start_task(_serve, engine, app)
         try:

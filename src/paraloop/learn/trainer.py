@@ -125,11 +125,11 @@ def norm_length(config: RLTrainingConfig) -> tuple[int, str]:
     generation cap where paraloop knows it (the mock environment's), else max_tokens."""
     if config.loss_norm_length is not None:
         return config.loss_norm_length, "rl_training.loss_norm_length"
-    if config.atropos.api_url is None:
+    if config.rollout_source == "mock":
         key = "rl_training.mock.max_tokens" if config.mock.max_tokens else "rl_training.max_tokens"
         return config.mock.max_tokens or config.max_tokens, f"{key}, the mock environment's generation cap"
     return config.max_tokens, (
-        "rl_training.max_tokens; the Atropos environment's own cap is unknown to paraloop: set "
+        "rl_training.max_tokens; the Atropos environment's or agent's own cap is unknown to paraloop: set "
         "rl_training.loss_norm_length to it"
     )
 

@@ -7,6 +7,8 @@
     fetcher.py       actor: rollout source -> buffer -> RolloutBatch for the learner
     buffer.py        the rollout buffer (batching, priority, the staleness rule)
     journal.py       fetched Atropos batches on disk until a checkpoint consumes them
+    agent_sessions.py  rollouts from agents' own traffic: turns recorded by the HTTP routes, groups by reward
+    session_routes.py  POST /v1/sessions/{id}/reward
     teacher.py       on-policy distillation: the teacher's log-probs on every batch, before the learner ([distill])
     learner.py       actor: RolloutBatch -> one GRPO step -> adapter, metrics, checkpoints
     publisher.py     actor: new adapter -> engine swap (and sync-mode credits for the fetcher)

@@ -313,3 +313,9 @@ def run_families(status: RunStatus) -> Iterator[Metric]:
     for topic in snap["alerts"]:
         alerts.add_metric([topic], 1)
     yield alerts
+    if snap["source"].get("source") == "sessions":  # agent sessions (run/agent_sessions.py): what waits, dropped
+        sessions = GaugeMetricFamily("paraloop_agent_sessions", "agent sessions' numbers", labels=["name"])
+        for key, value in snap["source"].items():
+            if isinstance(value, int):
+                sessions.add_metric([key], value)
+        yield sessions

@@ -1,18 +1,21 @@
 """The rollout fetcher actor: a rollout source in, RolloutBatch to the learner out, through the rollout buffer.
 
-The source is the built-in mock environment or the Atropos API client; both are async iterators of RolloutBatch.
-Their groups go into the RolloutBuffer, which forms learner batches (exactly batch_size sequences, groups never
-split), drops groups too stale for the adapter now training, and orders by priority when configured (with
-`abs_advantage` it looks one source batch ahead, so there is a choice).
+The source is the built-in mock environment, the Atropos API client or the run's agent sessions
+(run/agent_sessions.py); each is an async iterator of RolloutBatch. Their groups go into the RolloutBuffer, which
+forms learner batches (exactly batch_size sequences, groups never split), drops groups too stale for the adapter
+now training, and orders by priority when configured (with `abs_advantage` it looks one source batch ahead, so
+there is a choice).
 
-With a journal (sources that cannot send a batch again: Atropos), each fetched batch is written to it before it
-enters the buffer, and a resumed run's unconsumed groups (`replay`) go into the buffer before anything is fetched
-(run/journal.py). A batch the journal cannot take (disk full, read-only) is still trained: it is only not safe
-from a crash, which status and the log say.
+With a journal (sources that cannot send a batch again: Atropos, agent sessions), each fetched batch is written to
+it before it enters the buffer (agent sessions' batches come written already: `journal_seq`), and a resumed run's
+unconsumed groups (`replay`) go into the buffer before anything is fetched (run/journal.py). A batch the journal
+cannot take (disk full, read-only) is still trained: it is only not safe from a crash, which status and the log
+say.
 
 In sync mode the fetcher asks the source for the next batch only after a credit: the publisher sends one when the
 previous step's adapter is serving (strictly on-policy). In async mode it keeps generating while the learner steps,
-held back only by the bounded outbox. Returns when the learner stops listening or the source ends.
+held back only by the bounded outbox. Returns when the learner stops listening or the source ends. When the buffer
+holds a batch's sequences in groups of mixed sizes that no choice fills exactly, the batch closes short.
 
 Dynamic sampling (`max_draws`, with a buffer that sets zero-signal groups aside): the fetcher keeps drawing source
 batches until the learner batch is full of groups with signal; after `max_draws` draws it completes the batch with
@@ -84,8 +87,15 @@ async def run_fetcher(
                             if batch is not None and batch.groups:
                                 await out.send(batch)
                             return
-                        buffer.put_batch(fetched, journal_seq=await _journal(journal, fetched))
+                        seq = fetched.journal_seq
+                        if seq is None:
+                            seq = await _journal(journal, fetched)
+                        buffer.put_batch(fetched, journal_seq=seq)
                     batch = buffer.take(version=version(), fill=max_draws is not None and draws >= max_draws)
+                    if batch is None and buffer.sequences >= buffer.batch_size + lookahead:
+                        # Groups of mixed sizes (agent sessions split into samples) that no choice of whole
+                        # groups fills exactly: the batch closes short rather than waiting for ever.
+                        batch = buffer.take(version=version(), partial=True)
                 if max_draws is not None:
                     batch = msgspec.structs.replace(batch, metrics={**batch.metrics, "sampling_draws": float(draws)})
                     if batch.metrics.get("filled_zero_signal"):

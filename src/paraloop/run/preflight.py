@@ -74,15 +74,25 @@ def settings_problems(settings: Settings, *, follower: bool = False) -> list[str
             "rl_training.kl_beta > 0 needs a reference adapter, and train_mode = 'full' keeps none "
             "(paraloop never holds a second copy of the model): set rl_training.kl_beta = 0"
         )
-    if not rl.atropos.api_url:
+    if rl.rollout_source == "mock":
         problems += mock_problems(settings)
+    if rl.rollout_source == "sessions" and settings.distill.teacher:
+        problems.append(
+            "[distill] teacher: not supported with rl_training.source = 'sessions' yet (a session's group is journaled "
+            "before a teacher could score it, so a resumed run would train it unscored)"
+        )
+    if rl.rollout_source == "sessions" and rl.sessions.group_size > rl.batch_size:
+        problems.append(
+            f"rl_training.sessions.group_size = {rl.sessions.group_size} sessions can never fit a batch of "
+            f"rl_training.batch_size = {rl.batch_size} sequences (groups are never split)"
+        )
     problems += eval_problems(settings)
     return problems
 
 
 def eval_problems(settings: Settings) -> list[str]:
     """[eval]: the task's held-out split and the engine's limits, when the built-in evaluation will run."""
-    if not settings.eval.every_steps or (settings.rl_training.atropos.api_url and not settings.eval.task):
+    if not settings.eval.every_steps or (settings.rl_training.rollout_source != "mock" and not settings.eval.task):
         return []
     from paraloop.config import ConfigError
     from paraloop.evaluation import eval_plan

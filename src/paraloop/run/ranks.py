@@ -88,7 +88,7 @@ def local_batch_size(settings: Any, ranks: Ranks | None) -> int:
     """Sequences per batch this rank's rollout buffer forms: its part of the mock environment's groups, or the
     whole batch (one process, or rank 0 fetching from Atropos)."""
     rl = settings.rl_training
-    if ranks is None or rl.atropos.api_url:
+    if ranks is None or rl.rollout_source != "mock":
         return rl.batch_size
     groups = rl.batch_size // rl.mock.group_size
     return len(chunk(groups, ranks.rank, ranks.size)) * rl.mock.group_size
@@ -99,7 +99,7 @@ def has_source(settings: Any, ranks: Ranks | None) -> bool:
     of a batch is not empty (Atropos batches are fetched by rank 0 alone)."""
     if ranks is None or ranks.is_root:
         return True
-    return not settings.rl_training.atropos.api_url and local_batch_size(settings, ranks) > 0
+    return settings.rl_training.rollout_source == "mock" and local_batch_size(settings, ranks) > 0
 
 
 # --- the start state --------------------------------------------------------------------------------------------

@@ -159,6 +159,8 @@ def make_source(
     batches a resumed Atropos run trains first (run/journal.py); `vocab`: the model's vocabulary size (an Atropos
     group with a token id outside it is rejected)."""
     rl = settings.rl_training
+    if rl.rollout_source == "sessions":
+        raise SetupError("the sessions source is the run's own HTTP routes (run/wiring.build_parts), not made here")
     if rl.atropos.api_url:
         from paraloop.atropos.client import AtroposClient
         from paraloop.engine.served import ServedIndex

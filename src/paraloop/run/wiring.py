@@ -49,6 +49,7 @@ from paraloop.messages import AdapterPublished, EvalFinished, RolloutBatch, Save
 from paraloop.mlx_thread import ComputeThread, MlxThread
 from paraloop.run import monitor, peers
 from paraloop.run import ranks as ranked
+from paraloop.run.agent_sessions import AgentSessions
 from paraloop.run.buffer import RolloutBuffer
 from paraloop.run.checkpointer import run_checkpointer
 from paraloop.run.control import LearnerControl, control_routes, run_families
@@ -60,6 +61,7 @@ from paraloop.run.peers import Watcher
 from paraloop.run.publisher import Swapping, run_publisher
 from paraloop.run.reporters import MissingExtra, Reporter, close_all, open_reporters
 from paraloop.run.samples import rollout_samples
+from paraloop.run.session_routes import session_routes
 from paraloop.run.setup import SetupError, make_source
 from paraloop.run.status import RunStatus
 from paraloop.run.teacher import distilled, make_teacher
@@ -98,6 +100,7 @@ class Parts:
     consumed: Consumed | None = None  # the resumed checkpoint's (None without a journal)
     ranks: Ranks | None = None  # when launched as one rank of several
     watcher: Watcher | None = None  # the heartbeats of a distributed run
+    sessions: AgentSessions | None = None  # rollout source "sessions": recorded by the HTTP routes, rewarded there
 
 
 async def run_async(settings: Settings, *, ready: Callable[[int], Any] | None = None) -> dict[str, Any]:
@@ -135,8 +138,9 @@ async def run_async(settings: Settings, *, ready: Callable[[int], Any] | None = 
 
 
 def evaluation_plan(settings: Settings) -> EvalPlan | None:
-    """The held-out evaluation `[eval] every_steps` asks for (an Atropos run evaluates only with `[eval] task`)."""
-    if not settings.eval.every_steps or not (settings.eval.task or not settings.rl_training.atropos.api_url):
+    """The held-out evaluation `[eval] every_steps` asks for (an Atropos or agent sessions run evaluates only with
+    `[eval] task`)."""
+    if not settings.eval.every_steps or not (settings.eval.task or settings.rl_training.rollout_source == "mock"):
         return None
     try:
         return eval_plan(settings)  # preflight has checked it already
@@ -189,7 +193,7 @@ async def build_parts(settings: Settings, thread: MlxThread) -> Parts:
     )
     if not ranked.has_source(settings, ranks):  # a rank of a distributed run may have no rollouts to make
         return parts
-    if rl.atropos.api_url and not follower:  # its batches exist only here once fetched: journal them
+    if rl.rollout_source != "mock" and not follower:  # its batches exist only here once fetched: journal them
         parts.journal = Journal(run_dir)
         state = models.resumed.trainer_state.get("journal") if models.resumed is not None else None
         try:
@@ -200,6 +204,10 @@ async def build_parts(settings: Settings, thread: MlxThread) -> Parts:
         if earlier is not None and earlier.is_dir():  # resumed from another run dir: bring its entries along
             parts.journal.adopt(Journal(earlier.parent), parts.consumed)
         parts.replay = parts.journal.unconsumed(parts.consumed)
+    if rl.rollout_source == "sessions":  # agents' own traffic, recorded by the HTTP routes
+        parts.sessions = AgentSessions(rl.sessions, batch_size=rl.batch_size, journal=parts.journal)
+        parts.source, parts.source_status = parts.sessions.batches(), parts.sessions.stats
+        return parts
     parts.source, parts.source_status = make_source(
         settings,
         engine,
@@ -472,6 +480,7 @@ def run_app(
         )
         routes += [
             *control_routes(status, control),
+            *(session_routes(parts.sessions) if parts.sessions is not None else []),
             *dashboard_routes(live, token_required=bool(settings.server.control_token)),
         ]
     if parts.watcher is not None:  # /ranks (heartbeats); a follower's /control answers 409 naming rank 0
@@ -482,6 +491,7 @@ def run_app(
         extra_routes=routes,
         metrics=prometheus,
         stalled=lambda: {part: info["reason"] for part, info in status.stalled.items()},
+        turns=parts.sessions,
     )
     prometheus.add_collector(partial(run_families, status))
     return app

@@ -25,7 +25,7 @@ from paraloop.server.metrics import METRICS, Metrics, engine_families, metrics_m
 from paraloop.server.openai_routes import chat_completions, completions
 from paraloop.server.openapi import body_middleware, openapi
 from paraloop.server.responses import json_response
-from paraloop.server.state import STATE, ServedEngine, ServerState, served_model_name
+from paraloop.server.state import STATE, ServedEngine, ServerState, TurnRecorder, served_model_name
 
 STALLED = web.AppKey("paraloop_stalled", Callable[[], dict[str, str]])  # part -> why (`paraloop run`'s watchdog)
 OPEN_ROUTES = frozenset({"/health"})  # answer without the bearer token (Atropos polls it every second)
@@ -105,15 +105,17 @@ def make_app(
     extra_routes: Iterable[web.AbstractRouteDef] | None = None,
     stalled: Callable[[], dict[str, str]] | None = None,
     metrics: Metrics | None = None,
+    turns: TurnRecorder | None = None,
 ) -> web.Application:
     """The HTTP API over `engine`. `extra_routes` (e.g. /control, /metrics) read `request.app[STATE]`. `stalled()`
     names the parts of a run that make no progress: /health answers 503 while there is one. `metrics`: the
-    Prometheus registry /metrics serves (a run's status observes into it from the start; default: a new one)."""
+    Prometheus registry /metrics serves (a run's status observes into it from the start; default: a new one).
+    `turns`: a run's agent sessions, which record the requests tagged with a session (session_turns.py)."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[metrics_middleware, error_middleware, gate_middleware, body_middleware],
     )
-    app[STATE] = ServerState(engine=engine, settings=settings, model_name=served_model_name(settings))
+    app[STATE] = ServerState(engine=engine, settings=settings, model_name=served_model_name(settings), turns=turns)
     app[METRICS] = metrics if metrics is not None else Metrics()
     if hasattr(engine, "stats"):
         app[METRICS].add_collector(lambda: engine_families(engine.stats()))

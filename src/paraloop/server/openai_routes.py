@@ -10,10 +10,12 @@ carries `adapter`, `adapter_version` (the oldest of them) and `adapter_versions`
 grammar (structured.py) also has `constrained: true`. `model` selects the adapter (ServerState.adapter_of) and is
 echoed as given. Chat: tools (tool_calls.py) and the message rules (chat_rules.py); completions: prompt log-probs
 (`echo`, `prompt_logprobs`, scored by the engine).
-Usage counts tokens: the prompt once, completion tokens summed over choices.
+Usage counts tokens: the prompt once, completion tokens summed over choices. A request tagged with an agent
+session is also a recorded turn of a training run (session_turns.py).
 """
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -29,7 +31,7 @@ from paraloop.server.engine_calls import (
     open_generation,
     score,
 )
-from paraloop.server.errors import error_body, log
+from paraloop.server.errors import bad_request, error_body, log
 from paraloop.server.logprob_objects import (
     chat_logprobs,
     completion_logprobs,
@@ -39,6 +41,7 @@ from paraloop.server.logprob_objects import (
 from paraloop.server.prepare import Prepared, parse, prepare
 from paraloop.server.responses import json_response
 from paraloop.server.schemas import ChatBody, CompletionBody
+from paraloop.server.session_turns import recorded_turn, session_of
 from paraloop.server.state import STATE, ServerState
 from paraloop.server.tool_calls import ToolPlan, ToolSplitter, finish_reason, split_calls, tool_dicts
 
@@ -74,11 +77,14 @@ def top_level_versions(rows: list[RowAccumulator], current: int) -> dict[str, An
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state, body = request.app[STATE], await parse(request, CompletionBody)
+    session = session_of(request, body)
+    if session is not None and (body.max_tokens == 0 or body.echo or body.prompt_logprobs is not None):
+        raise bad_request("max_tokens" if body.max_tokens == 0 else "echo", "a session's turn generates, not scores")
     prepared = await prepare(state, body)
     k = body.logprobs
     if body.stream:
         chunks = Chunks(state, prepared, chat=False, logprobs=k, include_usage=_include_usage(body))
-        return await stream(request, state, prepared, chunks)
+        return await stream(request, state, prepared, chunks, session=session)
     gen = prepared.request
     scores = await score(state.engine, prepared, top=scored_top(body))
     if body.max_tokens == 0:  # scoring only: admitted by `score`, or (echo alone) never run, only checked
@@ -86,7 +92,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
             check(state.engine, prepared)
         rows = [RowAccumulator(finish_reason="length") for _ in range(gen.n)]
     else:
-        rows = await collect(state.engine, prepared)
+        with recorded_turn(state.turns, session, prepared) as record:
+            rows = await collect(state.engine, prepared)
+            record(rows)
     prompt_text = state.tokenizer.decode(gen.prompt_tokens) if body.echo else ""
     choices = []
     for i, row in enumerate(rows):
@@ -114,12 +122,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state, body = request.app[STATE], await parse(request, ChatBody)
+    session = session_of(request, body)
     prepared = await prepare(state, body)
     k = (body.top_logprobs or 0) if body.logprobs else None
     if body.stream:
         chunks = Chunks(state, prepared, chat=True, logprobs=k, include_usage=_include_usage(body))
-        return await stream(request, state, prepared, chunks)
-    rows = await collect(state.engine, prepared)
+        return await stream(request, state, prepared, chunks, session=session)
+    with recorded_turn(state.turns, session, prepared) as record:
+        rows = await collect(state.engine, prepared)
+        record(rows)
     choices = []
     for i, row in enumerate(rows):
         message, finish = chat_message(prepared, row)
@@ -273,19 +284,38 @@ class Chunks:
         }
 
 
-async def stream(request: web.Request, state: ServerState, prepared: Prepared, chunks: Chunks) -> web.StreamResponse:
+async def stream(
+    request: web.Request, state: ServerState, prepared: Prepared, chunks: Chunks, *, session: str | None = None
+) -> web.StreamResponse:
     """SSE: one `data: {chunk}` per generated token, then a usage chunk if asked, then `data: [DONE]`.
 
-    The first event is pulled before the response starts, so a refusal (429, 400) is still a plain JSON error.
+    The first event is pulled before the response starts, so a refusal (429, 400) is still a plain JSON error. A
+    session's turn (session_turns.py) is recorded before `[DONE]`, so the agent's next turn finds it.
     """
+    with recorded_turn(state.turns, session, prepared) as record:
+        return await _stream(request, state, prepared, chunks, record if session is not None else None)
+
+
+async def _stream(
+    request: web.Request,
+    state: ServerState,
+    prepared: Prepared,
+    chunks: Chunks,
+    record: Callable[[list[RowAccumulator]], None] | None,
+) -> web.StreamResponse:
+    rows = [RowAccumulator() for _ in range(prepared.request.n)] if record is not None else []
     async with open_generation(state.engine, prepared.request) as events:
         event = await first_event(events, fields=prepared.fields)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         try:
             while event is not None:
+                if record is not None:
+                    rows[event.row].add(event)
                 await send_event(response, chunks.token(event))
                 event = await anext(events, None)
+            if record is not None:
+                record(rows)
             if chunks.include_usage:
                 await send_event(response, chunks.usage())
             await response.write(b"data: [DONE]\n\n")

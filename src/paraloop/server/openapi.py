@@ -16,7 +16,7 @@ from paraloop.config import Settings
 from paraloop.server.adapter_routes import LoadLoraBody, UnloadLoraBody
 from paraloop.server.errors import APIError, bad_request
 from paraloop.server.limits import max_prompt_chars
-from paraloop.server.schemas import Body, ChatBody, CompletionBody, GenerateBody, decode
+from paraloop.server.schemas import Body, ChatBody, CompletionBody, GenerateBody, SessionRewardBody, decode
 from paraloop.server.state import STATE
 
 OPENAPI_VERSION = "3.1.0"
@@ -27,6 +27,7 @@ BODIES: dict[str, type[Body]] = {
     "/generate": GenerateBody,
     "/v1/load_lora_adapter": LoadLoraBody,
     "/v1/unload_lora_adapter": UnloadLoraBody,
+    "/v1/sessions/{session_id}/reward": SessionRewardBody,
 }
 
 SUMMARIES = {
@@ -46,10 +47,20 @@ SUMMARIES = {
     "/control/stop": "Finish the step in flight, write a final checkpoint, end the run",
     "/metrics": "Prometheus text format",
     "/ranks": "A distributed run's heartbeat: this rank, its collectives, and what it sees of the other ranks",
+    "/v1/sessions/{session_id}/reward": "A run in sessions mode: an agent session's reward and its group's key",
     "/control/{action}": "On a rank other than 0 of a distributed run: 409 naming rank 0, which drives the run",
 }
 
-QUERY = {
+PARAMETERS = {
+    "/v1/sessions/{session_id}/reward": [
+        {
+            "name": "session_id",
+            "in": "path",
+            "required": True,
+            "description": "The session its requests were tagged with (docs/agents.md)",
+            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+        }
+    ],
     "/control/step": [
         {
             "name": "timeout",
@@ -126,8 +137,8 @@ def build(app: web.Application, settings: Settings) -> dict[str, Any]:
             "operationId": f"{method.lower()}_{path.strip('/').replace('/', '_').replace('.', '_') or 'root'}",
             "responses": {"200": _ok(path)} | {code: error | {"description": text} for code, text in ERRORS.items()},
         }
-        if path in QUERY:
-            op["parameters"] = QUERY[path]
+        if path in PARAMETERS:
+            op["parameters"] = PARAMETERS[path]
         if path in BODIES and method == "POST":
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": refs[path]}}}
         elif method == "POST":

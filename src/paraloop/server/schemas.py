@@ -56,9 +56,17 @@ class StreamOptions(Body, kw_only=True):
     include_usage: bool = False
 
 
+# OpenAI's metadata: at most 16 pairs, keys up to 64 characters, values up to 512. paraloop reads one key,
+# `paraloop_session` (server/session_turns.py); the others are accepted and not used.
+Metadata = Annotated[
+    dict[Annotated[str, Meta(max_length=64)], Annotated[str, Meta(max_length=512)]], Meta(max_length=16)
+]
+
+
 class OpenAISampling(Sampling, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, not used
+    metadata: Metadata | None = None
 
 
 # One prompt: text, token ids, or a batch of one of either (["text"], [[ids]]); checked by `prompt_tokens_of`.
@@ -164,6 +172,13 @@ class ChatBody(OpenAISampling, kw_only=True):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+
+
+class SessionRewardBody(Body, kw_only=True):
+    """POST /v1/sessions/{session_id}/reward (run/session_routes.py): the session's reward and its group's key."""
+
+    reward: float
+    group: Annotated[str, Meta(min_length=1, max_length=128)]
 
 
 class PromptObject(Body, kw_only=True):

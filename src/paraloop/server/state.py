@@ -1,4 +1,5 @@
-"""What every handler reads from the app: the engine, the settings, the served name, the shutdown flag."""
+"""What every handler reads from the app: the engine, the settings, the served name, the shutdown flag, and a
+training run's agent sessions."""
 
 import time
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from aiohttp import web
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from paraloop.config import Settings
+from paraloop.engine import RowAccumulator
 from paraloop.engine.adapters import Adapters
 from paraloop.engine.scoring import PromptLogprobs
 from paraloop.messages import GenerateRequest, TokenEvent
@@ -33,6 +35,17 @@ class ServedEngine(Protocol):
     def stats(self) -> dict[str, float]: ...
 
 
+class TurnRecorder(Protocol):
+    """A training run's agent sessions as the routes see them (run/agent_sessions.AgentSessions;
+    server/session_turns.py calls it)."""
+
+    def begin(self, session_id: str, prompt: list[int], max_tokens: int) -> None: ...  # refuses with APIError
+
+    def record(self, session_id: str, prompt: list[int], row: RowAccumulator, temperature: float) -> None: ...
+
+    def end(self, session_id: str) -> None: ...
+
+
 @dataclass
 class ServerState:
     engine: ServedEngine
@@ -41,6 +54,7 @@ class ServerState:
     shutting_down: bool = False
     openapi: bytes | None = None  # /openapi.json, built on first request (the routes are all added by then)
     created: int = field(default_factory=lambda: int(time.time()))
+    turns: TurnRecorder | None = None  # a run in sessions mode records tagged requests (server/session_turns.py)
 
     @property
     def tokenizer(self) -> TokenizerWrapper:

@@ -483,6 +483,12 @@
       const ckStep = ck && /^step_(\d+)$/.exec(ck);
       cards.push(kpi("Checkpoint", ckStep ? `step ${Number(ckStep[1])}` : ck || "none yet",
         `uptime ${fmtDuration(st.uptime_s)}`, "checkpoint"));
+      const src = st.source || {};
+      if (src.source === "sessions") {  // agent sessions (docs/agents.md): what waits, and what was dropped
+        cards.push(kpi("Agent sessions", `${src.open_sessions} open`,
+          `${src.unfinished_groups} unfinished · ${src.groups_waiting} groups waiting · ` +
+          `${src.expired_sessions + src.expired_groups + src.dropped_oversize} dropped`, "sessions"));
+      }
       if (st.skipped_steps || st.dropped_stale || st.rejected_groups) {
         cards.push(kpi("Skipped / stale / rejected", `${st.skipped_steps} / ${st.dropped_stale} / ${st.rejected_groups}`, "", "problems"));
       }
