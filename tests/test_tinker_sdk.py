@@ -157,7 +157,10 @@ def test_rl_loop_importance_sampling(service: tinker.ServiceClient, tinker_serve
                 sampled = datum.loss_fn_inputs["logprobs"].to_numpy()[pad:]
                 assert np.abs(row["logprobs"].to_numpy()[pad:] - sampled).max() < 2e-4
         tc.forward_backward(data, "importance_sampling").result()
-        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        # 5e-3: at 1e-2 Adam's unit-size steps on near-zero advantages once the task is learned made the reward
+        # dip to 0.5 and, in one make test run in ~10, collapse to 0 in the last steps; 5e-3 learns it by step 3
+        # (8 runs, Zen / Haswell / Sandybridge: last three steps' mean 0.97-1.0)
+        tc.optim_step(types.AdamParams(learning_rate=5e-3)).result()
         sampler = tc.save_weights_and_get_sampling_client().result()
         means.append(float(np.mean(rewards)))
     assert means[0] < 0.8 and np.mean(means[-3:]) > 0.9, means
