@@ -35,6 +35,7 @@ from paraloop.engine.worker import (
     Insert,
     Install,
     Score,
+    ScoreMany,
     Stop,
     Swap,
     Uninstall,
@@ -283,6 +284,43 @@ class Engine:
                 self._admission.release(1, cost)
         finally:
             self.adapters.release(adapter)
+
+    async def score_many(self, requests: list[GenerateRequest], *, temperature: float = 1.0) -> list[list[float]]:
+        """Each request's prompt scored under its own adapter: log softmax(logits / temperature) of token t after the
+        ones before it, t = 1..T-1, in `requests` order. The prompts run together in batched forwards, each row
+        routed to its adapter (scoring.py: a group of rows per forward, between two decode steps).
+
+        Admitted like `complete_many`: waits while the engine is full, RequestError if the batch could never fit
+        (or a request is invalid); AdapterNotFound / AdapterError for an adapter. Leaving early (cancellation)
+        drops the groups not run yet."""
+        for request in requests:
+            self.check(request)
+        if not requests:
+            return []
+        adapters: list[Adapter] = []
+        try:
+            for request in requests:
+                adapters.append(await self.adapters.acquire(request.adapter))
+            cost = await self._admission.admit_batch(requests)
+        except BaseException:
+            for adapter in adapters:
+                self.adapters.release(adapter)
+            raise
+        jobs: list[ScoreMany] = []
+
+        def job(reply: Callable[[Any], None]) -> ScoreMany:
+            jobs.append(ScoreMany([list(r.prompt_tokens) for r in requests], adapters, temperature, reply))
+            return jobs[0]
+
+        try:
+            scored = self._post(job)
+            return await scored()  # type: ignore[return-value]
+        finally:
+            if jobs:
+                jobs[0].cancelled = True  # read by the engine thread between groups (no effect once replied)
+            self._admission.release(len(requests), cost)
+            for adapter in adapters:
+                self.adapters.release(adapter)  # an uninstall this allows comes after the job in the inbox
 
     async def swap_adapter(self, arrays: dict[str, mx.array], version: int, *, drain: bool = False) -> AdapterSwapped:
         """Serve `arrays` (evaluated; shared by reference) as adapter `version` from the next decode step on.

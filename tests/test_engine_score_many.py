@@ -1,0 +1,137 @@
+"""Batched scoring (Engine.score_many, engine/scoring.py) on the tiny model: sequences of different lengths, each
+under its own adapter (the policy, the base model, two named adapters), scored together in routed forwards, equal
+each sequence scored alone (Engine.score: one sequence's prompt_logprobs under its adapter, the API's path) within
+SCORE_TOL, and each row's log-probs are its own adapter's (a separate load with that adapter applied). A batch of
+short sequences is one forward group; bounds, errors and a stopping engine answer every caller."""
+
+import paraloop  # noqa: F401  (OpenBLAS before mlx)
+
+# isort: split
+import anyio
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from support import engines
+from support.adapter_files import random_adapter
+from support.compute_paths import assert_within, max_gap
+from paraloop.config import EngineConfig, LoraConfig
+from paraloop.engine import Engine
+from paraloop.engine.admission import RequestError
+from paraloop.engine.scoring import CHUNK, SCORE_TOKENS, score_plan
+from paraloop.lora import AdapterSlots, apply_adapter
+from paraloop.messages import GenerateRequest, SamplingParams
+from paraloop.model import load_model
+
+# Batched routed forwards (rows padded together, gathered LoRA, the body/head split) vs one sequence's own forward:
+# float32 rounding of another grouping. Worst measured, by OpenBLAS kernel: Zen 1.9e-6, Haswell 1.9e-6, Sandybridge 0.
+SCORE_TOL = 1e-5
+# vs a separate load with the adapter applied, one full forward (LOGPROB_TOL's bound for an adapter row). Worst
+# measured: Zen 2.4e-6, Haswell 2.4e-6, Sandybridge 1.4e-6.
+OWN_TOL = 1e-4
+CFG = LoraConfig(rank=4, keys="all", num_layers=-1, scale=2.0)
+LENGTHS = [300, 257, 200, 129, 64, 17, 5, 2]  # across CHUNK (256), down to one scored token
+ADAPTERS = ["policy", "teacher", "base", "other", "teacher", "policy", "other", "base"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("score-many")
+    return {
+        name: random_adapter(root / name, tiny_model_path, CFG, seed=seed)
+        for name, seed in [("policy", 11), ("teacher", 3), ("other", 5)]
+    }
+
+
+def make_engine(model_path, adapters, **kwargs) -> Engine:
+    model, tokenizer, _, _ = load_model(model_path)
+    apply_adapter(model, adapters["policy"])
+    config = EngineConfig(decode="cpu", prefix_cache_mb=0)
+    return Engine(model, tokenizer, config=config, adapter=AdapterSlots(model), **kwargs)
+
+
+def sequences(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab, n).tolist() for n in LENGTHS]
+
+
+def ask(tokens: list[int], adapter: str, rid: str = "s") -> GenerateRequest:
+    return GenerateRequest(request_id=rid, prompt_tokens=tokens, adapter=adapter, params=SamplingParams(max_tokens=1))
+
+
+def own_forward(model_path, adapter, tokens: list[int], temperature: float) -> list[float]:
+    model, _, _, _ = load_model(model_path)
+    if adapter is not None:
+        apply_adapter(model, adapter)
+    logits = model(mx.array(tokens[:-1])[None])[0].astype(mx.float32) / temperature
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return logp[mx.arange(len(tokens) - 1), mx.array(tokens[1:])].tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_mixed_batch_scores_each_row_as_alone_and_under_its_own_adapter(tiny_model_path, adapters, temperature):
+    engine = make_engine(tiny_model_path, adapters)
+    seqs = sequences(engine._vocab)
+
+    async def body(engine: Engine):
+        for name in ("teacher", "other"):
+            await engine.adapters.load(name, adapters[name])
+        requests = [ask(s, a, f"s{i}") for i, (s, a) in enumerate(zip(seqs, ADAPTERS, strict=True))]
+        before = engine._worker.score_groups
+        batched = await engine.score_many(requests, temperature=temperature)
+        groups = engine._worker.score_groups - before
+        alone = [list((await engine.score(r, temperature=temperature)).chosen) for r in requests]
+        return batched, alone, groups
+
+    batched, alone, groups = engines.serve(engine, body, deadline=120)
+    assert groups == len(score_plan(LENGTHS))
+    for seq, got, ref in zip(seqs, batched, alone, strict=True):
+        assert len(got) == len(seq) - 1
+        assert_within("batched scoring vs one sequence's prompt_logprobs", max_gap(got, ref), SCORE_TOL)
+    own = {name: adapters.get(name) for name in set(ADAPTERS)}  # "base": no adapter
+    for seq, got, name in zip(seqs, batched, ADAPTERS, strict=True):
+        gap = max_gap(got, own_forward(tiny_model_path, own[name], seq, temperature))
+        assert_within("batched scoring vs a separate load's full forward", gap, OWN_TOL)
+    # the adapters differ by far more than the bounds: a row routed to another's adapter would fail above
+    longest = seqs[0]
+    ref = own_forward(tiny_model_path, None, longest, temperature)
+    for name in ("policy", "teacher", "other"):
+        assert max_gap(ref, own_forward(tiny_model_path, own[name], longest, temperature)) > 0.05
+
+
+def test_short_sequences_are_one_forward_group_and_long_batches_split_within_the_bound():
+    assert score_plan([120] * 16) == [list(range(16))]  # a GRPO group of short completions: one forward
+    plan = score_plan([1000, 40, 700, 300])
+    assert plan == [[0, 2, 3, 1]]  # 4 rows x CHUNK positions per forward
+    many = score_plan([300] * 40)
+    assert [len(g) for g in many] == [SCORE_TOKENS // CHUNK] * 2 + [40 - 2 * (SCORE_TOKENS // CHUNK)]
+    assert sorted(i for g in score_plan([5, 1, 9, 2, 700]) for i in g) == [0, 1, 2, 3, 4]
+
+
+def test_bounds_errors_and_a_stopping_engine_answer_every_caller(tiny_model_path, adapters):
+    engine = make_engine(tiny_model_path, adapters, max_queue=4)
+    vocab = engine._vocab
+
+    async def body(engine: Engine):
+        teacher = await engine.adapters.load("teacher", adapters["teacher"])
+        with pytest.raises(RequestError, match="prompt"):
+            await engine.score_many([ask([1, 2, 3], "teacher"), ask([1, vocab], "teacher")])
+        with pytest.raises(RequestError, match="a batch of 5 requests"):
+            await engine.score_many([ask([1, 2, 3], "teacher")] * 5)
+        assert await engine.score_many([]) == []
+        assert len((await engine.score_many([ask([1, 2, 3], "teacher")] * 4))[3]) == 2
+        assert engine.stats()["queue_depth"] == 0 and teacher.users == 0
+
+    engines.serve(engine, body, deadline=60)
+
+    stopped = make_engine(tiny_model_path, adapters)
+
+    async def main():
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                await tg.start(stopped.run)
+                tg.cancel_scope.cancel()
+            with pytest.raises(RuntimeError, match="stopped"):
+                await stopped.score_many([ask([1, 2, 3], "policy")])
+
+    anyio.run(main)
