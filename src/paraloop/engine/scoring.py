@@ -130,6 +130,19 @@ def score_rows(
     return out
 
 
+def score_sequences(
+    model: Any, head: LogitsHead | None, sequences: list[list[int]], *, temperature: float = 1.0
+) -> list[list[float]]:
+    """Every sequence's log-probs (as `score_rows`), group after group of `score_plan`: a model of its own (a
+    model-directory teacher's); the engine thread runs the same groups one per loop turn (worker.py)."""
+    out: list[list[float]] = [[] for _ in sequences]
+    for group in score_plan([len(s) for s in sequences]):
+        scored = score_rows(model, head, [sequences[i] for i in group], temperature=temperature)
+        for i, values in zip(group, scored, strict=True):
+            out[i] = values
+    return out
+
+
 def _chosen(logits: mx.array, targets: np.ndarray, temperature: float) -> np.ndarray:
     """(N,) float64: log softmax(logits / temperature)[target] of (N, vocab) logits, as prompt_logprobs computes it."""
     if temperature != 1.0:
