@@ -135,3 +135,38 @@ def test_bounds_errors_and_a_stopping_engine_answer_every_caller(tiny_model_path
                 await stopped.score_many([ask([1, 2, 3], "policy")])
 
     anyio.run(main)
+
+
+def test_scoring_runs_between_decode_steps_and_leaves_the_decoding_rows_as_they_were(tiny_model_path, adapters):
+    """Policy rows decode while a teacher batch is scored: their tokens and log-probs equal a run without it, and
+    the scores equal the same batch scored on an idle engine."""
+    seqs = sequences(make_engine(tiny_model_path, adapters)._vocab)[:6]
+    prompts = [[3, 14, 15, 92, 65], [35, 89, 79]]
+
+    def generation(i: int) -> GenerateRequest:
+        params = SamplingParams(max_tokens=400, temperature=1.0, seed=i, ignore_eos=True)
+        return GenerateRequest(request_id=f"g{i}", prompt_tokens=prompts[i], adapter="policy", params=params)
+
+    async def run(engine: Engine, *, score: bool, decode: bool):
+        await engine.adapters.load("teacher", adapters["teacher"])
+        out: dict = {}
+        async with anyio.create_task_group() as tg:
+            if decode:
+
+                async def gen() -> None:
+                    out["rows"] = await engine.complete_many([generation(0), generation(1)])
+
+                tg.start_soon(gen)
+            if score:
+                await anyio.sleep(0.05)  # decoding has started
+                out["scores"] = await engine.score_many([ask(s, "teacher", f"s{i}") for i, s in enumerate(seqs)])
+                out["decoding"] = engine.stats()["active_rows"]
+        return out
+
+    together = engines.serve(make_engine(tiny_model_path, adapters), lambda e: run(e, score=True, decode=True))
+    decoding = engines.serve(make_engine(tiny_model_path, adapters), lambda e: run(e, score=False, decode=True))
+    idle = engines.serve(make_engine(tiny_model_path, adapters), lambda e: run(e, score=True, decode=False))
+    assert together["decoding"] == 2  # the batch was scored while both rows decoded
+    for mixed, alone in zip(together["rows"], decoding["rows"], strict=True):
+        assert mixed[0].tokens == alone[0].tokens and mixed[0].logprobs == alone[0].logprobs
+    assert together["scores"] == idle["scores"]

@@ -1,8 +1,9 @@
 """The inference engine actor: admission, validation and the asyncio face of the engine thread (worker.py).
 
-In: GenerateRequests (`generate` / `complete`), adapter versions (`swap_adapter`) and named adapters to serve
-beside the policy (`adapters.load` / `adapters.unload`, adapters.py; each request names its own). Out: TokenEvents
-per generated token, AdapterSwapped per applied swap. `run()` owns the engine thread: it signals readiness with
+In: GenerateRequests (`generate` / `complete`; `score` / `score_many` for their prompts' log-probs, scoring.py),
+adapter versions (`swap_adapter`) and named adapters to serve beside the policy (`adapters.load` /
+`adapters.unload`, adapters.py; each request names its own). Out: TokenEvents per generated token, AdapterSwapped
+per applied swap. `run()` owns the engine thread: it signals readiness with
 `task_status.started()`, raises if the thread fails, and when cancelled stops the thread, which ends unfinished
 rows with finish_reason "abort" (such events carry token NO_TOKEN = -1 and are not part of the completion).
 
@@ -292,7 +293,8 @@ class Engine:
 
         Admitted like `complete_many`: waits while the engine is full, RequestError if the batch could never fit
         (or a request is invalid); AdapterNotFound / AdapterError for an adapter. Leaving early (cancellation)
-        drops the groups not run yet."""
+        drops the groups not run yet. Rows under the policy are scored by the version serving when their group
+        runs (a swap may land between two groups)."""
         for request in requests:
             self.check(request)
         if not requests:

@@ -14,8 +14,9 @@ The teacher is one of three, chosen from the setting:
   student's rows (a 16-sequence group of up to 257 tokens is one forward pass);
 - a model directory (another model with the same tokenizer): loaded once, on the learner's thread, and scored
   there with the same batched forwards (engine/scoring.score_rows, no routing);
-- an OpenAI-compatible server's base URL: POST /completions with `echo` and `logprobs` (the legacy prompt-logprob
-  request lm-eval uses), CONCURRENCY sequences at a time; the answer is bounded in bytes and checked before use.
+- an OpenAI-compatible server's base URL: POST /completions with `echo`, `logprobs` and `max_tokens` 0 (the legacy
+  prompt-logprob request lm-eval uses: nothing is generated), CONCURRENCY sequences at a time; the answer is
+  bounded in bytes and checked before use.
 A teacher that fails (a URL that does not answer after 3 tries, a sequence the engine cannot score) ends the run
 with the reason: training on without the teacher would silently change the objective.
 """
@@ -128,7 +129,9 @@ class UrlTeacher:
         return out
 
     async def score(self, tokens: list[int]) -> list[float]:
-        body: dict[str, Any] = {"prompt": tokens, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 1.0}
+        # max_tokens 0 with echo: score the prompt, generate nothing (OpenAI's legacy form, lm-eval's request;
+        # vLLM's `echo_without_generation`, paraloop's scoring-only completion).
+        body: dict[str, Any] = {"prompt": tokens, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 1.0}
         if self.model is not None:
             body["model"] = self.model
         last = ""
