@@ -4,6 +4,8 @@ each sequence scored alone (Engine.score: one sequence's prompt_logprobs under i
 SCORE_TOL, and each row's log-probs are its own adapter's (a separate load with that adapter applied). A batch of
 short sequences is one forward group; bounds, errors and a stopping engine answer every caller."""
 
+import itertools
+
 import paraloop  # noqa: F401  (OpenBLAS before mlx)
 
 # isort: split
@@ -18,7 +20,7 @@ from support.compute_paths import assert_within, max_gap
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine
 from paraloop.engine.admission import RequestError
-from paraloop.engine.scoring import CHUNK, SCORE_TOKENS, score_plan
+from paraloop.engine.scoring import CHUNK, FORWARD_COST, SCORE_TOKENS, score_plan
 from paraloop.lora import AdapterSlots, apply_adapter
 from paraloop.messages import GenerateRequest, SamplingParams
 from paraloop.model import load_model
@@ -99,13 +101,31 @@ def test_a_mixed_batch_scores_each_row_as_alone_and_under_its_own_adapter(tiny_m
         assert max_gap(ref, own_forward(tiny_model_path, own[name], longest, temperature)) > 0.05
 
 
-def test_short_sequences_are_one_forward_group_and_long_batches_split_within_the_bound():
-    assert score_plan([120] * 16) == [list(range(16))]  # a GRPO group of short completions: one forward
-    plan = score_plan([1000, 40, 700, 300])
-    assert plan == [[0, 2, 3, 1]]  # 4 rows x CHUNK positions per forward
-    many = score_plan([300] * 40)
-    assert [len(g) for g in many] == [SCORE_TOKENS // CHUNK] * 2 + [40 - 2 * (SCORE_TOKENS // CHUNK)]
-    assert sorted(i for g in score_plan([5, 1, 9, 2, 700]) for i in g) == [0, 1, 2, 3, 4]
+def plan_cost(lengths: list[int], groups: list[list[int]]) -> float:
+    cost = 0.0
+    for group in groups:
+        width = max(lengths[i] - 1 for i in group)
+        assert len(group) * min(width, CHUNK) <= SCORE_TOKENS or len(group) == 1
+        cost += -(-width // CHUNK) * FORWARD_COST + len(group) * width
+    return cost
+
+
+def test_the_plan_puts_near_lengths_in_one_forward_and_is_the_cheapest_within_the_bound():
+    assert score_plan([120] * 16) == [list(range(16))]  # a GRPO group at the length cap: one forward
+    assert [len(g) for g in score_plan([300] * 40)] == [16, 16, 8]  # SCORE_TOKENS // CHUNK rows per forward
+    assert score_plan([1000, 40, 700, 300]) == [[0], [2], [3], [1]]  # padding would cost more than 3 forwards
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        lengths = rng.integers(2, 400, int(rng.integers(1, 9))).tolist()
+        plan = score_plan(lengths)
+        assert sorted(i for g in plan for i in g) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        cheapest = min(  # every cut of the sorted rows into consecutive groups
+            plan_cost(lengths, [order[a:b] for a, b in itertools.pairwise([0, *cuts, len(order)])])
+            for r in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), r)
+        )
+        assert plan_cost(lengths, plan) == cheapest
 
 
 def test_bounds_errors_and_a_stopping_engine_answer_every_caller(tiny_model_path, adapters):
