@@ -11,7 +11,8 @@ The teacher is one of three, chosen from the setting:
   co-served by the run's own engine as a named adapter, sharing the base weights (no second copy of the model), and
   scored there by `Engine.score_many`: the batch's sequences (prompt + completion) in batched forwards of up to
   engine/scoring.SCORE_TOKENS positions, every row routed to the teacher adapter, between two decode steps of the
-  student's rows (a 16-sequence group of up to 257 tokens is one forward pass);
+  student's rows (16 sequences of near lengths up to 257 tokens are one forward pass; ragged lengths are cut where
+  padding would cost more than a forward);
 - a model directory (another model with the same tokenizer): loaded once, on the learner's thread, and scored
   there with the same batched forwards (engine/scoring.score_rows, no routing);
 - an OpenAI-compatible server's base URL: POST /completions with `echo`, `logprobs` and `max_tokens` 0 (the legacy
