@@ -193,3 +193,44 @@ def test_scoring_runs_between_decode_steps_and_leaves_the_decoding_rows_as_they_
     for mixed, alone in zip(together["rows"], decoding["rows"], strict=True):
         assert mixed[0].tokens == alone[0].tokens and mixed[0].logprobs == alone[0].logprobs
     assert together["scores"] == idle["scores"]
+
+
+def test_a_caller_that_leaves_drops_its_groups_and_a_stopping_engine_answers_a_running_job(tiny_model_path, adapters):
+    engine = make_engine(tiny_model_path, adapters)
+    rng = np.random.default_rng(2)
+    big = [ask(rng.integers(0, engine._vocab, 300).tolist(), "teacher", f"b{i}") for i in range(80)]
+    total = len(score_plan([300] * len(big)))
+
+    async def main():
+        outcome: dict = {}
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def serve_engine(*, task_status=anyio.TASK_STATUS_IGNORED):
+                    with scope:
+                        await engine.run(task_status=task_status)
+
+                await tg.start(serve_engine)
+                await engine.adapters.load("teacher", adapters["teacher"])
+                with anyio.move_on_after(0.05):  # the caller leaves while its job runs
+                    await engine.score_many(big)
+                left_at = engine._worker.score_groups
+                assert len(await engine.score_many(big[:2])) == 2  # the engine goes on
+                outcome["dropped"] = (left_at, engine._worker.score_groups)
+
+                async def score() -> None:
+                    try:
+                        await engine.score_many(big)
+                    except RuntimeError as e:
+                        outcome["error"] = str(e)
+
+                tg.start_soon(score)
+                await anyio.sleep(0.05)
+                scope.cancel()  # the engine stops with the job queued or running
+        return outcome
+
+    outcome = anyio.run(main)
+    left_at, after = outcome["dropped"]
+    assert after - left_at <= 2 and left_at < total  # at most the group running as it left, then the 2-row one
+    assert "stopped" in outcome["error"]
