@@ -20,13 +20,15 @@ from support.compute_paths import assert_within, max_gap
 from paraloop.config import EngineConfig, LoraConfig
 from paraloop.engine import Engine
 from paraloop.engine.admission import RequestError
-from paraloop.engine.scoring import CHUNK, FORWARD_COST, SCORE_TOKENS, score_plan
+from paraloop.engine.scoring import CHUNK, FORWARD_COST, SCORE_TOKENS, prompt_logprobs, score_plan, score_sequences
+from paraloop.logits_head import logits_head
 from paraloop.lora import AdapterSlots, apply_adapter
 from paraloop.messages import GenerateRequest, SamplingParams
-from paraloop.model import load_model
+from paraloop.model import Float32Logits, load_model
 
 # Batched routed forwards (rows padded together, gathered LoRA, the body/head split) vs one sequence's own forward:
-# float32 rounding of another grouping. Worst measured, by OpenBLAS kernel: Zen 1.4e-6, Haswell 1.4e-6, Sandybridge 0.
+# float32 rounding of another grouping. Worst measured, by OpenBLAS kernel: Zen 2.9e-6, Haswell 2.9e-6, Sandybridge 0
+# (the engine's routed path alone: 1.4e-6, 1.4e-6, 0; the worst is a model of its own through full logits).
 SCORE_TOL = 1e-5
 # vs a separate load with the adapter applied, one full forward (LOGPROB_TOL's bound for an adapter row). Worst
 # measured: Zen 1.9e-6, Haswell 1.9e-6, Sandybridge 1.4e-6.
@@ -234,3 +236,18 @@ def test_a_caller_that_leaves_drops_its_groups_and_a_stopping_engine_answers_a_r
     left_at, after = outcome["dropped"]
     assert after - left_at <= 2 and left_at < total  # at most the group running as it left, then the 2-row one
     assert "stopped" in outcome["error"]
+
+
+def test_a_model_of_its_own_scores_alike_with_the_head_split_and_with_full_logits(tiny_model_path, adapters):
+    """score_sequences (a model-directory teacher's path): through the body/head split and through full logits (a
+    model the split does not hold for), each against one sequence's prompt_logprobs."""
+    model, _, _, _ = load_model(tiny_model_path)
+    apply_adapter(model, adapters["teacher"])
+    seqs = sequences(model.args.vocab_size)
+    head = logits_head(model)
+    assert head is not None
+    alone = [prompt_logprobs(Float32Logits(model), s, top=0, temperature=0.7).chosen for s in seqs]
+    for split in (head, None):
+        scored = score_sequences(model, split, seqs, temperature=0.7)
+        for got, ref in zip(scored, alone, strict=True):
+            assert_within("batched scoring vs one sequence's prompt_logprobs", max_gap(got, ref), SCORE_TOL)
