@@ -110,7 +110,7 @@ def ratio_stats(model, head, prompts, completions, *, replay: bool) -> dict:
 
 
 def run(ctx: Context) -> list[Line]:
-    from paraloop.learn.head import logits_head
+    from paraloop.logits_head import logits_head
     from paraloop.model import load_model
 
     sampled = rollouts(ctx.model_q4, SETTINGS, quick=ctx.quick)

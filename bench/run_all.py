@@ -37,6 +37,7 @@ MODULES = [
     "learner_memory",
     "replay",
     "tinker_sdk",
+    "teacher_scoring",
 ]  # benchmarks sharing servers stay next to each other
 HARD_LIMIT_FACTOR = 3
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME",
         help="run only these benchmarks (repeat or comma-separate): http, group, swap, learner, run, cpu, turns, "
-        "decode, constrained, distributed, memory, multilora, replay, tinker",
+        "decode, constrained, distributed, memory, multilora, replay, tinker, teacher",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few minutes (results not kept in docs)")
     args = parser.parse_args(argv)

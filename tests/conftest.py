@@ -39,6 +39,7 @@ NUMERICS = {
     "test_engine_prefill",
     "test_engine_prefix",
     "test_engine_sampling",
+    "test_engine_score_many",
     "test_learner_engine_agreement",
     "test_learn_logprobs",
     "test_learn_loss",

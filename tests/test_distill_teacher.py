@@ -58,9 +58,12 @@ def test_an_adapter_teacher_is_co_served_by_the_engine_and_scores_as_its_own_for
     teacher = AdapterTeacher(engine, name="distill-teacher", path=teacher_adapter, temperature=temperature)
 
     async def body(engine):
-        return await teacher.score(TOKENS), await teacher.score(TOKENS[:4]), engine.adapters.names()
+        before = engine._worker.score_groups
+        scored, short = await teacher.score_many([TOKENS, TOKENS[:4]])
+        return scored, short, engine.adapters.names(), engine._worker.score_groups - before
 
-    scored, short, names = serve(engine, body, deadline=60)
+    scored, short, names, groups = serve(engine, body, deadline=60)
+    assert groups == 1  # both sequences in one batched forward
     adapted, _, _, _ = load_model(tiny_model_path)
     apply_adapter(adapted, teacher_adapter)
     assert scored == pytest.approx(reference(adapted, TOKENS, temperature), abs=TOL)
@@ -86,13 +89,14 @@ def test_a_model_directory_teacher_is_loaded_once_and_scores_on_the_given_thread
         async def main():
             teacher = await make_teacher(settings, None, tokenizer, thread)
             assert isinstance(teacher, ModelTeacher)
-            return await teacher.score(TOKENS)
+            return await teacher.score_many([TOKENS, TOKENS[:6]])
 
-        scored = anyio.run(main)
+        (scored, short) = anyio.run(main)
     finally:
         thread.close()
     base, _, _, _ = load_model(tiny_model_path)
     assert scored == pytest.approx(reference(base, TOKENS, 0.8), abs=TOL)
+    assert short == pytest.approx(scored[:5], abs=1e-5)
 
 
 def test_a_url_teacher_reads_prompt_logprobs_from_an_openai_compatible_server(tiny_model_path):
@@ -102,7 +106,10 @@ def test_a_url_teacher_reads_prompt_logprobs_from_an_openai_compatible_server(ti
 
         async def main():
             with anyio.fail_after(120):
-                good = await UrlTeacher(server.url + "/v1", model=None, timeout_s=30).score(TOKENS)
+                good, short = await UrlTeacher(server.url + "/v1", model=None, timeout_s=30).score_many(
+                    [TOKENS, TOKENS[:5]]
+                )
+                assert short == pytest.approx(good[:4], abs=1e-5)
                 with pytest.raises(TeacherError, match="HTTP 404"):  # a 4xx is not retried
                     await UrlTeacher(server.url + "/v1", model="no-such-model", timeout_s=30).score(TOKENS)
             return good
@@ -140,26 +147,35 @@ class Recording:
     def __init__(self) -> None:
         self.seen: list[list[int]] = []
 
-    async def score(self, tokens: list[int]) -> list[float]:
-        self.seen.append(tokens)
-        return [-0.5 * t for t in range(1, len(tokens))]
+    async def score_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        self.seen.append(sequences)
+        return [[-0.5 * t for t in range(1, len(tokens))] for tokens in sequences]
 
 
-def test_distilled_scores_every_group_that_has_no_teacher_logprobs_yet():
+class Short(Recording):
+    async def score_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        return [values[:-1] for values in await super().score_many(sequences)]
+
+
+def test_distilled_scores_every_group_that_has_no_teacher_logprobs_yet_in_one_call_per_batch():
     fresh = ScoredGroup(tokens=[[1, 2, 3], [1, 2, 4, 5]], masks=[[-100, 2, 3], [-100, 2, 4, 5]], scores=[1.0, 0.0])
     given = ScoredGroup(tokens=[[7, 8]], masks=[[-100, 8]], scores=[0.5], teacher_logprobs=[[1.0, -3.0]])
+    other = ScoredGroup(tokens=[[9, 9]], masks=[[-100, 9]], scores=[0.0])
 
     async def source():
-        yield RolloutBatch(groups=[fresh, given], source="test")
+        yield RolloutBatch(groups=[fresh, given, other], source="test")
 
-    async def main():
-        teacher = Recording()
-        return [b async for b in distilled(source(), teacher)], teacher
+    async def main(teacher):
+        return [b async for b in distilled(source(), teacher)]
 
-    (batch,), teacher = anyio.run(main)
+    teacher = Recording()
+    (batch,) = anyio.run(main, teacher)
     assert batch.groups[0].teacher_logprobs == [[1.0, -0.5, -1.0], [1.0, -0.5, -1.0, -1.5]]
     assert batch.groups[1] == given
-    assert sorted(teacher.seen) == [[1, 2, 3], [1, 2, 4, 5]]
+    assert batch.groups[2].teacher_logprobs == [[1.0, -0.5]]
+    assert teacher.seen == [[[1, 2, 3], [1, 2, 4, 5], [9, 9]]]  # the batch's sequences in one call
+    with pytest.raises(TeacherError, match="gave 1 log-probs for 3 tokens"):
+        anyio.run(main, Short())
 
 
 # --- Atropos distill arrays ----------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Chunked log-probs (learn/logprobs.py, learn/head.py) against float64 NumPy and against the full-logits path.
+"""Chunked log-probs (learn/logprobs.py, logits_head.py) against float64 NumPy and against the full-logits path.
 
 Tolerances: the chunked path runs the same float32 operations as the full one in another grouping, so log-probs
 and entropies agree to ~1e-6 relative and gradients to ~1e-5 of their largest entry; against float64 NumPy the
@@ -30,7 +30,7 @@ from support.loss_reference import (
     with_importance,
 )
 
-from paraloop.learn.head import IDENTITY, LogitsHead, Transform, logits_head
+from paraloop.logits_head import IDENTITY, LogitsHead, Transform, logits_head
 from paraloop.learn.logprobs import auto_chunk_tokens, chunked_logprobs, forward_logprobs
 from paraloop.learn.loss import aggregation_weights
 

@@ -1,8 +1,9 @@
 """The inference engine actor: admission, validation and the asyncio face of the engine thread (worker.py).
 
-In: GenerateRequests (`generate` / `complete`), adapter versions (`swap_adapter`) and named adapters to serve
-beside the policy (`adapters.load` / `adapters.unload`, adapters.py; each request names its own). Out: TokenEvents
-per generated token, AdapterSwapped per applied swap. `run()` owns the engine thread: it signals readiness with
+In: GenerateRequests (`generate` / `complete`; `score` / `score_many` for their prompts' log-probs, scoring.py),
+adapter versions (`swap_adapter`) and named adapters to serve beside the policy (`adapters.load` /
+`adapters.unload`, adapters.py; each request names its own). Out: TokenEvents per generated token, AdapterSwapped
+per applied swap. `run()` owns the engine thread: it signals readiness with
 `task_status.started()`, raises if the thread fails, and when cancelled stops the thread, which ends unfinished
 rows with finish_reason "abort" (such events carry token NO_TOKEN = -1 and are not part of the completion).
 
@@ -36,6 +37,7 @@ from paraloop.engine.worker import (
     Install,
     Replace,
     Score,
+    ScoreMany,
     Stop,
     Swap,
     Uninstall,
@@ -285,6 +287,44 @@ class Engine:
                 self._admission.release(1, cost)
         finally:
             self.adapters.release(adapter)
+
+    async def score_many(self, requests: list[GenerateRequest], *, temperature: float = 1.0) -> list[list[float]]:
+        """Each request's prompt scored under its own adapter: log softmax(logits / temperature) of token t after the
+        ones before it, t = 1..T-1, in `requests` order. The prompts run together in batched forwards, each row
+        routed to its adapter (scoring.py: a group of rows per forward, between two decode steps).
+
+        Admitted like `complete_many`: waits while the engine is full, RequestError if the batch could never fit
+        (or a request is invalid); AdapterNotFound / AdapterError for an adapter. Leaving early (cancellation)
+        drops the groups not run yet. Rows under the policy are scored by the version serving when their group
+        runs (a swap may land between two groups)."""
+        for request in requests:
+            self.check(request)
+        if not requests:
+            return []
+        adapters: list[Adapter] = []
+        try:
+            for request in requests:
+                adapters.append(await self.adapters.acquire(request.adapter))
+            cost = await self._admission.admit_batch(requests)
+        except BaseException:
+            for adapter in adapters:
+                self.adapters.release(adapter)
+            raise
+        jobs: list[ScoreMany] = []
+
+        def job(reply: Callable[[Any], None]) -> ScoreMany:
+            jobs.append(ScoreMany([list(r.prompt_tokens) for r in requests], adapters, temperature, reply))
+            return jobs[0]
+
+        try:
+            scored = self._post(job)
+            return await scored()  # type: ignore[return-value]
+        finally:
+            if jobs:
+                jobs[0].cancelled = True  # read by the engine thread between groups (no effect once replied)
+            self._admission.release(len(requests), cost)
+            for adapter in adapters:
+                self.adapters.release(adapter)  # an uninstall this allows comes after the job in the inbox
 
     async def swap_adapter(self, arrays: dict[str, mx.array], version: int, *, drain: bool = False) -> AdapterSwapped:
         """Serve `arrays` (evaluated; shared by reference) as adapter `version` from the next decode step on.

@@ -1,7 +1,7 @@
 """The engine thread: one mlx-lm BatchGenerator, continuous batching, adapter swaps between decode steps.
 
-In: commands through a thread-safe inbox (Insert, Cancel, Swap, Install, Replace, Uninstall, Stop) from the
-asyncio side (engine.py).
+In: commands through a thread-safe inbox (Insert, Cancel, Swap, Install, Replace, Uninstall, Score, ScoreMany, Stop)
+from the asyncio side (engine.py).
 Out: TokenEvents, handed to `deliver(batch)` once per decode step as [(handle, events, finished)]; `deliver` runs
 on this thread and must only schedule work elsewhere. The thread blocks on the inbox while no row is active and
 stops on Stop (or when a step raises), ending every unfinished row with finish_reason "abort".
@@ -22,6 +22,12 @@ Shared prefill (sharing.py): a request starts from the longest prefix of its pro
 (prefix_cache.py, entries of the serving adapter version only); its first row prefills the rest, and its other
 rows, and other requests waiting for the same prefix, start from that row's prompt KV once it is computed. On the
 CPU backend the decode step samples in NumPy (cpu_decode.py) and the MLP uses a vectorised exp (cpu_kernels.py).
+
+Scoring (scoring.py): a ScoreMany's sequences, each under its own adapter, run in batched routed forwards of up to
+scoring.SCORE_TOKENS positions, one such group per loop turn between two decode steps (as mlx-lm runs a prefill
+chunk between them): a decode step's forward is one position per row over that row's KV cache, a score group's is
+up to CHUNK positions per row from an empty cache, and mlx-lm's models take one rectangular (rows, positions) input,
+so the two never share a forward (nor do mlx-lm's own prefill and decode rows).
 """
 
 import itertools
@@ -49,9 +55,10 @@ from paraloop.engine.lora_rows import FIRST_NAMED, RowAdapters, selected
 from paraloop.engine.prefill import fork_cache
 from paraloop.engine.prefix_cache import BASE_ADAPTER, STATS_OFF, CacheKey, PrefixCache, supports
 from paraloop.engine.samplers import RowSamplers, step_logprobs
-from paraloop.engine.scoring import prompt_logprobs
+from paraloop.engine.scoring import prompt_logprobs, score_plan, score_rows
 from paraloop.engine.sharing import Leader, waiting_for
 from paraloop.engine.text import IncrementalDetokenizer, StopStrings
+from paraloop.logits_head import logits_head
 from paraloop.lora import AdapterSlots, ServedAdapter
 from paraloop.messages import GenerateRequest, TokenEvent
 
@@ -108,6 +115,19 @@ class Score:
     top: int
     reply: Callable[[Any], None]  # called on this thread: the PromptLogprobs, or why it failed
     temperature: float = 1.0  # the logits are divided by it (a distillation teacher's; the API scores at 1)
+
+
+@dataclass(eq=False)
+class ScoreMany:
+    """Sequences to score together, each under its adapter: every row's log-probs of tokens 1..T-1 (scoring.py)."""
+
+    sequences: list[list[int]]
+    adapters: list[Adapter]  # held by the caller until the reply
+    temperature: float
+    reply: Callable[[Any], None]  # called on this thread: list[list[float]] in `sequences` order, or why it failed
+    cancelled: bool = False  # set by the asyncio side when its caller left: the groups not run yet are dropped
+    groups: deque[list[int]] = field(default_factory=deque)  # worker side: the forward groups still to run
+    results: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -196,6 +216,9 @@ class Worker:
         self._planned = 0  # rows of started requests not yet inserted (waiting for their leader)
         self._positions: set[int] = set()  # stack positions of the installed named adapters
         self._policy_rows = 0  # rows using the policy (a drain swap waits for these alone)
+        self._scoring: deque[ScoreMany] = deque()  # batched scoring jobs, one forward group per loop turn
+        self._head: Any = None  # the model's body/head split for scoring (logits_head.py), made on first use
+        self._head_known = False
 
         # Read from other threads (plain values, replaced whole).
         self.requests_served = 0
@@ -204,6 +227,7 @@ class Worker:
         self.tokens_per_s = 0.0
         self.active_rows = 0
         self.active_requests = 0
+        self.score_groups = 0  # scoring groups run (one forward per CHUNK positions each; tests and benches read it)
 
     # --- called from the asyncio side ---------------------------------------------------------------------------
 
@@ -269,11 +293,13 @@ class Worker:
                 swap, self._draining = self._draining, None
                 self._swap(swap)
             self._admit()
+            if self._scoring:
+                self._score_group()
             if self._rows:
                 self._step()
 
     def _idle(self) -> bool:
-        return not self._rows and not self._waiting and self._draining is None
+        return not self._rows and not self._waiting and self._draining is None and not self._scoring
 
     def _position_of(self, uid: int) -> int:
         position = self._rows[uid].adapter.position
@@ -310,6 +336,10 @@ class Worker:
             self._free(command.adapter)
         elif isinstance(command, Score):
             self._score(command)
+        elif isinstance(command, ScoreMany):
+            command.groups.extend(score_plan([len(s) for s in command.sequences]))
+            command.results = [[] for _ in command.sequences]
+            self._scoring.append(command)
         else:
             raise TypeError(f"unknown engine command {command!r}")
 
@@ -352,6 +382,37 @@ class Worker:
             command.reply(e)
             return
         command.reply(result)
+
+    def _score_group(self) -> None:
+        """One forward group of the oldest scoring job (its rows' adapters routed per row); the reply once the
+        job's last group is done. A job whose caller left is dropped."""
+        job = self._scoring[0]
+        if job.cancelled:
+            self._scoring.popleft()
+            return
+        if not self._head_known:
+            self._head, self._head_known = logits_head(self.model), True
+        rows = job.groups.popleft()
+        try:
+            positions = [job.adapters[i].position for i in rows]
+            assert None not in positions, "a held adapter is installed"
+            scored = score_rows(
+                self.model,
+                self._head,
+                [job.sequences[i] for i in rows],
+                temperature=job.temperature,
+                adapters=positions,  # type: ignore[arg-type]
+            )
+        except Exception as e:  # reported to the caller; the engine goes on
+            self._scoring.popleft()
+            job.reply(e)
+            return
+        self.score_groups += 1
+        for i, values in zip(rows, scored, strict=True):
+            job.results[i] = values
+        if not job.groups:
+            self._scoring.popleft()
+            job.reply(job.results)
 
     # --- named adapters ----------------------------------------------------------------------------------------------
 
@@ -660,8 +721,10 @@ class Worker:
                 command.reply(RuntimeError(f"the engine stopped before adapter {command.adapter.name!r} was loaded"))
             elif isinstance(command, Replace):
                 command.reply(RuntimeError(f"the engine stopped before adapter {command.adapter.name!r} was replaced"))
-            elif isinstance(command, Score):
+            elif isinstance(command, (Score, ScoreMany)):
                 command.reply(RuntimeError("the engine stopped before the prompt was scored"))
+        while self._scoring:
+            self._scoring.popleft().reply(RuntimeError("the engine stopped before the sequences were scored"))
         for handle in waiting:
             by_handle[handle] = [self._abort_event(handle, i) for i in range(handle.request.n)]
         self._waiting.clear()

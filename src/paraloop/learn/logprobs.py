@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from paraloop.learn.head import LogitsHead
+from paraloop.logits_head import LogitsHead
 
 CHUNK_BYTES = 16 * 2**20  # float32 logits per chunk when the size is automatic (MLX keeps a few chunks in flight)
 MIN_CHUNK_TOKENS = 16

@@ -34,7 +34,6 @@ from paraloop.learn.algorithms import get_algorithm
 from paraloop.learn.batch import TokenBatch, collate
 from paraloop.learn.checkpointing import BlockCheckpointing
 from paraloop.learn.distill import distill_advantages
-from paraloop.learn.head import logits_head
 from paraloop.learn.logprobs import forward_logprobs
 from paraloop.learn.loss import (
     LossSettings,
@@ -63,6 +62,7 @@ from paraloop.learn.optim import (
 )
 from paraloop.learn.shaping import shape_rows
 from paraloop.learn.timing import Phases
+from paraloop.logits_head import logits_head
 from paraloop.lora import AdapterSlots, adapter_arrays, attach_lora, has_lora
 from paraloop.messages import RolloutBatch
 

@@ -3,16 +3,21 @@
 In: the rollout source's RolloutBatches. Out: the same batches, every sequence of a group given
 `teacher_logprobs` (the teacher's log-prob of each token after the ones before it, aligned with `tokens`, a 1.0
 placeholder at position 0); learn/distill.py turns them into the advantage's teacher term. Groups that already
-carry teacher log-probs (an Atropos group's distill arrays) are passed as they are.
+carry teacher log-probs (an Atropos group's distill arrays) are passed as they are; the sequences of all the other
+groups of a batch go to the teacher together (`score_many`).
 
 The teacher is one of three, chosen from the setting:
 - an adapter on the student's base model (a run dir, a checkpoint or adapter dir, or a server.lora_modules name):
-  co-served by the run's own engine as a named adapter and scored there with a prompt-logprob forward of prompt +
-  completion, between decode steps, sharing the base weights (no second copy of the model);
+  co-served by the run's own engine as a named adapter, sharing the base weights (no second copy of the model), and
+  scored there by `Engine.score_many`: the batch's sequences (prompt + completion) in batched forwards of up to
+  engine/scoring.SCORE_TOKENS positions, every row routed to the teacher adapter, between two decode steps of the
+  student's rows (16 sequences of near lengths up to 257 tokens are one forward pass; ragged lengths are cut where
+  padding would cost more than a forward);
 - a model directory (another model with the same tokenizer): loaded once, on the learner's thread, and scored
-  there with the same forward;
-- an OpenAI-compatible server's base URL: POST /completions with `echo` and `logprobs` (the legacy prompt-logprob
-  request lm-eval uses); the answer is bounded in bytes and checked before use.
+  there with the same batched forwards (engine/scoring.score_rows, no routing);
+- an OpenAI-compatible server's base URL: POST /completions with `echo`, `logprobs` and `max_tokens` 0 (the legacy
+  prompt-logprob request lm-eval uses: nothing is generated), CONCURRENCY sequences at a time; the answer is
+  bounded in bytes and checked before use.
 A teacher that fails (a URL that does not answer after 3 tries, a sequence the engine cannot score) ends the run
 with the reason: training on without the teacher would silently change the objective.
 """
@@ -31,14 +36,16 @@ import msgspec
 
 from paraloop.checkpoint import adapter_location
 from paraloop.config import Settings
-from paraloop.engine.scoring import prompt_logprobs
-from paraloop.messages import GenerateRequest, RolloutBatch, SamplingParams, ScoredGroup
+from paraloop.engine.admission import kv_tokens
+from paraloop.engine.scoring import score_sequences
+from paraloop.logits_head import logits_head
+from paraloop.messages import GenerateRequest, RolloutBatch, SamplingParams
 from paraloop.mlx_thread import ComputeThread
 
 log = logging.getLogger("paraloop.teacher")
 
 TEACHER_ADAPTER = "distill-teacher"  # the name an adapter teacher is served under
-CONCURRENCY = 8  # sequences scored at once
+CONCURRENCY = 8  # sequences a URL teacher is asked for at once
 TRIES = 3
 MAX_LOGPROB = 1e-3  # a log-prob is <= 0 (up to rounding)
 BYTES_PER_TOKEN = 4096  # bound of a URL teacher's answer: this per token, plus RESPONSE_SLACK
@@ -50,8 +57,8 @@ class TeacherError(RuntimeError):
 
 
 class Teacher(Protocol):
-    async def score(self, tokens: list[int]) -> list[float]:
-        """log p(tokens[t] | tokens[:t]) for t = 1..len(tokens)-1."""
+    async def score_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        """For each sequence, log p(tokens[t] | tokens[:t]) for t = 1..len(tokens)-1."""
         ...
 
 
@@ -63,21 +70,26 @@ class AdapterTeacher:
         self._loaded = anyio.Lock()
         self._ready = path is None  # a server.lora_modules adapter is loaded as the engine starts
 
-    async def score(self, tokens: list[int]) -> list[float]:
+    async def score_many(self, sequences: list[list[int]]) -> list[list[float]]:
         if not self._ready:
             async with self._loaded:
                 if not self._ready:
                     await self.engine.adapters.load(self.name, self.path)
                     log.info("distillation teacher: adapter %s served as %r", self.path, self.name)
                     self._ready = True
-        request = GenerateRequest(
-            request_id=f"teacher-{uuid.uuid4().hex[:12]}",
-            prompt_tokens=tokens,
-            params=SamplingParams(max_tokens=1),
-            adapter=self.name,
-        )
-        scored = await self.engine.score(request, temperature=self.temperature)
-        return list(scored.chosen)
+        requests = [
+            GenerateRequest(
+                request_id=f"teacher-{uuid.uuid4().hex[:12]}",
+                prompt_tokens=tokens,
+                params=SamplingParams(max_tokens=1),
+                adapter=self.name,
+            )
+            for tokens in sequences
+        ]
+        out: list[list[float]] = []
+        for part in admissible(requests, max_requests=self.engine.max_queue, max_kv=self.engine.config.max_kv_tokens):
+            out += await self.engine.score_many(part, temperature=self.temperature)
+        return out
 
 
 class ModelTeacher:
@@ -85,10 +97,16 @@ class ModelTeacher:
 
     def __init__(self, model: Any, thread: ComputeThread, *, temperature: float) -> None:
         self.model, self.thread, self.temperature = model, thread, temperature
+        self.head: Any = None  # the model's body/head split, probed on the thread at the first batch
+        self._probed = False
 
-    async def score(self, tokens: list[int]) -> list[float]:
-        scored = await self.thread.call(prompt_logprobs, self.model, tokens, top=0, temperature=self.temperature)
-        return list(scored.chosen)
+    async def score_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        return await self.thread.call(self._score, sequences)
+
+    def _score(self, sequences: list[list[int]]) -> list[list[float]]:
+        if not self._probed:
+            self.head, self._probed = logits_head(self.model), True
+        return score_sequences(self.model, self.head, sequences, temperature=self.temperature)
 
 
 class UrlTeacher:
@@ -98,8 +116,23 @@ class UrlTeacher:
         self.url = base_url.rstrip("/") + "/completions"
         self.model, self.timeout_s = model, timeout_s
 
+    async def score_many(self, sequences: list[list[int]]) -> list[list[float]]:
+        out: list[list[float]] = [[] for _ in sequences]
+        limit = anyio.Semaphore(CONCURRENCY)
+
+        async def one(i: int) -> None:
+            async with limit:
+                out[i] = await self.score(sequences[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(sequences)):
+                tg.start_soon(one, i)
+        return out
+
     async def score(self, tokens: list[int]) -> list[float]:
-        body: dict[str, Any] = {"prompt": tokens, "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 1.0}
+        # max_tokens 0 with echo: score the prompt, generate nothing (OpenAI's legacy form, lm-eval's request;
+        # vLLM's `echo_without_generation`, paraloop's scoring-only completion).
+        body: dict[str, Any] = {"prompt": tokens, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 1.0}
         if self.model is not None:
             body["model"] = self.model
         last = ""
@@ -161,37 +194,38 @@ def parse_echo(answer: Any, n: int) -> list[float]:
     return [float(v) for v in out]
 
 
-async def score_group(teacher: Teacher, group: ScoredGroup) -> ScoredGroup:
-    """The group with teacher_logprobs, every sequence scored (CONCURRENCY at a time)."""
-    rows: list[list[float]] = [[] for _ in group.tokens]
-    limit = anyio.Semaphore(CONCURRENCY)
-
-    async def one(i: int) -> None:
-        async with limit:
-            scored = await teacher.score(list(group.tokens[i]))
-        if len(scored) != len(group.tokens[i]) - 1:
-            raise TeacherError(f"distillation teacher gave {len(scored)} log-probs for {len(group.tokens[i])} tokens")
-        rows[i] = [1.0, *scored]
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(group.tokens)):
-            tg.start_soon(one, i)
-    return msgspec.structs.replace(group, teacher_logprobs=rows)
+def admissible(requests: list[GenerateRequest], *, max_requests: int, max_kv: int) -> list[list[GenerateRequest]]:
+    """`requests` in consecutive parts the engine can admit as one batch: at most `max_requests`
+    (server.max_concurrent_requests) and `max_kv` KV-cache tokens (engine.max_kv_tokens) each."""
+    parts: list[list[GenerateRequest]] = []
+    cost = 0
+    for request in requests:
+        if not parts or len(parts[-1]) >= max_requests or cost + kv_tokens(request) > max_kv:
+            parts.append([])
+            cost = 0
+        parts[-1].append(request)
+        cost += kv_tokens(request)
+    return parts
 
 
 async def distilled(source: AsyncIterator[RolloutBatch], teacher: Teacher) -> AsyncIterator[RolloutBatch]:
-    """`source`'s batches, each group scored by the teacher unless it carries teacher log-probs already."""
+    """`source`'s batches with teacher_logprobs: the sequences of every group that carries none yet, scored by the
+    teacher in one `score_many` call per batch."""
     async for batch in source:
         groups = list(batch.groups)
-        async with anyio.create_task_group() as tg:
-            for g in range(len(groups)):
-                if not groups[g].teacher_logprobs:
-                    tg.start_soon(_fill, teacher, groups, g)
+        todo = [g for g in range(len(groups)) if not groups[g].teacher_logprobs]
+        sequences = [list(tokens) for g in todo for tokens in groups[g].tokens]
+        scored = iter(await teacher.score_many(sequences) if sequences else [])
+        for g in todo:
+            rows = []
+            for tokens in groups[g].tokens:
+                values = next(scored, None)
+                if values is None or len(values) != len(tokens) - 1:
+                    got = "no" if values is None else len(values)
+                    raise TeacherError(f"distillation teacher gave {got} log-probs for {len(tokens)} tokens")
+                rows.append([1.0, *values])
+            groups[g] = msgspec.structs.replace(groups[g], teacher_logprobs=rows)
         yield msgspec.structs.replace(batch, groups=groups)
-
-
-async def _fill(teacher: Teacher, groups: list[ScoredGroup], g: int) -> None:
-    groups[g] = await score_group(teacher, groups[g])
 
 
 async def make_teacher(settings: Settings, engine: Any, tokenizer: Any, thread: ComputeThread) -> Teacher:

@@ -16,8 +16,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.tuner.lora import LoRALinear
 
-from paraloop.learn.head import logits_head
 from paraloop.learn.logprobs import forward_logprobs
+from paraloop.logits_head import logits_head
 from paraloop.lora import (
     AdapterSlots,
     ServedAdapter,

@@ -3,8 +3,9 @@
 In: a loaded mlx-lm model. Out: a `LogitsHead` that runs `model.model` to the final hidden states, then the LM head
 (`model.lm_head`, or the tied `model.model.embed_tokens.as_linear`) and any elementwise logit transform the model's
 own `__call__` applies after it (Gemma-2's softcap, Cohere's logit_scale, Granite's logits_scaling), or None when the
-model is laid out some other way. Chunked log-probs need the split: they push the hidden states through the head a
-few hundred positions at a time instead of materialising (rows, tokens, vocab) logits.
+model is laid out some other way. Chunked log-probs need the split (the learner's, learn/logprobs.py, and the
+engine's batched scoring, engine/scoring.py): they push the hidden states through the head a few hundred positions
+at a time instead of materialising (rows, tokens, vocab) logits.
 
 The split is checked once, numerically: head(body(ids)) must equal model(ids) on a short probe. A model that does
 anything else in `__call__` (an unknown transform, a different body) fails the check and falls back to the full
@@ -82,9 +83,9 @@ class LogitsHead:
     def module(self, model: nn.Module) -> nn.Module:
         return model.model.embed_tokens if self.tied else model.lm_head
 
-    def hidden(self, model: nn.Module, input_ids: mx.array) -> mx.array:
-        """(B, T, D) final hidden states (after the final norm)."""
-        return model.model(input_ids)
+    def hidden(self, model: nn.Module, input_ids: mx.array, cache: list | None = None) -> mx.array:
+        """(B, T, D) final hidden states (after the final norm); `cache`: a prompt cache the positions extend."""
+        return model.model(input_ids, cache=cache)
 
     def projection(self, module: nn.Module) -> Callable[[mx.array], mx.array]:
         """hidden (..., D) -> raw logits (..., V), before the transform."""
