@@ -71,6 +71,8 @@ def test_a_streamed_chat_turn_is_recorded_as_streamed(served):
     reply = post(server, "/v1/chat/completions", body)
     assert reply.status_code == 200, reply.text
     streamed = [t for e in sse_events(reply) if e != "[DONE]" for c in e["choices"] for t in c["token_ids"]]
+    # The turn ended before `[DONE]` went out: a reward or a next turn sent at once finds no turn in flight (409).
+    assert sessions.stats()["turns_in_flight"] == 0
     _, group = reward_group(sessions, server, "s1")
     assert group.tokens[0][-len(streamed) :] == streamed
     assert [t for t, mask in zip(group.tokens[0], group.masks[0], strict=True) if mask != PROMPT_MASK] == streamed

@@ -57,7 +57,20 @@ def recorded_turn(
     if gen.adapter not in (None, "policy"):
         raise bad_request("model", f"a session's turns are the policy's; {gen.adapter!r} is another adapter")
     recorder.begin(session_id, gen.prompt_tokens, gen.params.max_tokens)
+    ended = False
+
+    def record(rows: list[RowAccumulator]) -> None:
+        # The turn ends with its record, before the answer's last bytes go out: an agent that sends its next turn
+        # the moment it has read `[DONE]` must not find this one still in flight (a 409).
+        nonlocal ended
+        try:
+            recorder.record(session_id, gen.prompt_tokens, rows[0], gen.params.temperature)
+        finally:
+            ended = True
+            recorder.end(session_id)
+
     try:
-        yield lambda rows: recorder.record(session_id, gen.prompt_tokens, rows[0], gen.params.temperature)
+        yield record
     finally:
-        recorder.end(session_id)
+        if not ended:  # an error or a disconnect before the record; ended at most once, never a later turn's
+            recorder.end(session_id)
