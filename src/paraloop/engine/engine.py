@@ -224,6 +224,19 @@ class Engine:
         async with contextlib.aclosing(self.generate(request)) as events:
             return await collect(events, request.n)
 
+    async def _admit_batch(self, requests: list[GenerateRequest]) -> tuple[list[Adapter], int]:
+        """Each request's adapter acquired, then the batch admitted together (waits while the engine is full); on
+        any failure the adapters acquired so far are released. The caller releases both when done."""
+        adapters: list[Adapter] = []
+        try:
+            for request in requests:
+                adapters.append(await self.adapters.acquire(request.adapter))
+            return adapters, await self._admission.admit_batch(requests)
+        except BaseException:
+            for adapter in adapters:
+                self.adapters.release(adapter)
+            raise
+
     async def complete_many(self, requests: list[GenerateRequest]) -> list[list[Completion]]:
         """Generate several requests admitted together, in one decode step and in this order.
 
@@ -234,15 +247,7 @@ class Engine:
         """
         for request in requests:
             self.check(request)
-        adapters: list[Adapter] = []
-        try:
-            for request in requests:
-                adapters.append(await self.adapters.acquire(request.adapter))
-            cost = await self._admission.admit_batch(requests)
-        except BaseException:
-            for adapter in adapters:
-                self.adapters.release(adapter)
-            raise
+        adapters, cost = await self._admit_batch(requests)
         streams = [anyio.create_memory_object_stream[list[TokenEvent]](math.inf) for _ in requests]
         handles = tuple(
             Handle(request=r, send=send, adapter=a) for r, (send, _), a in zip(requests, streams, adapters, strict=True)
@@ -301,15 +306,7 @@ class Engine:
             self.check(request)
         if not requests:
             return []
-        adapters: list[Adapter] = []
-        try:
-            for request in requests:
-                adapters.append(await self.adapters.acquire(request.adapter))
-            cost = await self._admission.admit_batch(requests)
-        except BaseException:
-            for adapter in adapters:
-                self.adapters.release(adapter)
-            raise
+        adapters, cost = await self._admit_batch(requests)
         jobs: list[ScoreMany] = []
 
         def job(reply: Callable[[Any], None]) -> ScoreMany:
