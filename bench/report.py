@@ -5,6 +5,7 @@ rebuilt from every bench/results/<name>.json present (a `--only` run refreshes i
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,20 @@ def lines_of(rec: dict[str, Any]) -> list[Line]:
     return [Line(**{k: d[k] for k in fields}) for d in rec["lines"]]
 
 
+def chosen_kernel(machine: dict[str, Any]) -> str | None:
+    """The OpenBLAS kernel a run was told to use (OPENBLAS_CORETYPE), or None for the CPU's own choice. Results
+    under a chosen kernel are kept apart (bench/results/<name>@<kernel>.json, rows "<name> (<kernel>)"), so one
+    machine reports the matmul-bound lines under two kernels: `OPENBLAS_CORETYPE=Haswell make bench`."""
+    return machine.get("blas_kernel") if os.environ.get("OPENBLAS_CORETYPE") else None
+
+
 def load_records(directory: Path, names: list[str]) -> list[dict[str, Any]]:
+    """Each benchmark's record, then its records under chosen kernels (<name>@<kernel>.json)."""
     records = []
     for name in names:
-        path = directory / f"{name}.json"
-        if path.is_file():
-            records.append(json.loads(path.read_text()))
+        for path in [directory / f"{name}.json", *sorted(directory.glob(f"{name}@*.json"))]:
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
     return records
 
 

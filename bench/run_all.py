@@ -8,6 +8,7 @@ benchmark ran (missed targets are results, not failures), 1 otherwise.
 """
 
 import argparse
+import dataclasses
 import importlib
 import os
 import signal
@@ -126,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, module in enumerate(modules):
             facts["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
             rec, lines = run_one(module, ctx, dict(facts))
-            write_json(out_dir / f"{module.NAME}.json", rec)
+            if kernel := report.chosen_kernel(facts):  # a second kernel's rows sit beside the own kernel's
+                lines = [dataclasses.replace(line, bench=f"{line.bench} ({kernel})") for line in lines]
+                rec = {**rec, "bench": f"{module.NAME}@{kernel}", "lines": [line.as_dict() for line in lines]}
+            write_json(out_dir / f"{rec['bench']}.json", rec)
             every += lines
             errors += rec["error"] is not None
             following = modules[i + 1] if i + 1 < len(modules) else None

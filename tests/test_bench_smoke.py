@@ -1,12 +1,18 @@
 """The benchmark harness's bookkeeping (no benchmark runs here: speed lives in `make bench`)."""
 
+import json
+
 import numpy as np
 from safetensors.numpy import save_file
 
 
 from bench.harness import Line, table  # noqa: E402
 from bench.paraloop_run import decode_rates, safetensors_bytes  # noqa: E402
-from bench.report import BEGIN, END, update_docs  # noqa: E402
+from bench.report import BEGIN, END, block, chosen_kernel, load_records, update_docs  # noqa: E402
+
+
+MACHINE = {"cores": 2, "memory_gib": 1, "os": "Linux", "mlx": "0", "mlx_lm": "0", "paraloop": "0", "python": "3"}
+MACHINE |= {"blas": "OpenBLAS", "blas_kernel": "Zen", "date": "2026-12-08", "load_average_at_start": [0.1], "cpu": "x"}
 
 
 def test_a_target_without_unit_applies_to_the_ratio():
@@ -68,3 +74,18 @@ def test_safetensors_bytes_sums_the_tensors_in_the_header(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.int8)}, str(path))
     assert safetensors_bytes(path) == 3 * 4 * 4 + 5
+
+
+def test_rows_measured_under_a_chosen_kernel_sit_beside_the_own_kernels(tmp_path, monkeypatch):
+    machine = {**MACHINE, "blas_kernel": "Haswell"}
+    monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    assert chosen_kernel(machine) is None
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    assert chosen_kernel(machine) == "Haswell"
+    for name, bench in [("decode.json", "decode"), ("decode@Haswell.json", "decode (Haswell)"), ("swap.json", "swap")]:
+        line = Line(bench, "step", 1.0, 2.0, "ms").as_dict()
+        rec = {"bench": name[:-5], "title": "t", "elapsed_s": 1.0, "budget_s": 1, "load_average_after": [0.1]}
+        (tmp_path / name).write_text(json.dumps({**rec, "error": None, "machine": machine, "lines": [line]}))
+    records = load_records(tmp_path, ["decode", "learner", "swap"])
+    assert [r["bench"] for r in records] == ["decode", "decode@Haswell", "swap"]
+    assert "| decode (Haswell) | step |" in block(records)
