@@ -175,3 +175,12 @@ def test_micro_batches_add_up_to_the_whole_batch(learner: Learner) -> None:
     for k, g in whole.grads.items():
         np.testing.assert_allclose(np.array(split.grads[k]), np.array(g), rtol=1e-4, atol=1e-4 * float(mx.abs(g).max()))
     assert [len(g) for g in micro_batches(data, 8)] == [1, 1, 1] and len(micro_batches(data, 64)) == 1
+
+
+def test_prompt_logprobs_of_a_one_token_prompt_is_its_nan(learner: Learner) -> None:
+    """The first token has no context (found by test_tinker_fuzz: a one-token prompt with prompt_logprobs ran the
+    model on no tokens, a reshape error on the learner thread)."""
+    only = learner.prompt_logprobs(None, [5])
+    assert len(only) == 1 and math.isnan(only[0])
+    two = learner.prompt_logprobs(None, [5, 6])
+    assert math.isnan(two[0]) and two[1] < 0

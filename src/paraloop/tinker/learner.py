@@ -194,6 +194,8 @@ class Learner:
     def prompt_logprobs(self, arrays: dict[str, mx.array] | None, tokens: list[int]) -> list[float]:
         """log p(token i | tokens before it) for i >= 1, NaN for the first (Tinker's prompt_logprobs); arrays None:
         the base model."""
+        if len(tokens) < 2:  # the first token has no context: nothing to run
+            return [math.nan]
         self.use(arrays if arrays is not None else self.zero_adapter())
         ids = mx.array([tokens[:-1]], dtype=mx.int32)
         lp, _ = forward_logprobs(
