@@ -100,6 +100,20 @@ def test_forward_only_accumulates_nothing_and_forward_backward_accumulates(learn
         np.testing.assert_allclose(np.array(v), 2 * once[k], rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("loss_fn", ["cross_entropy", "gspo"])
+def test_a_batch_where_only_some_datums_have_weights_is_the_sum_of_each_alone(learner: Learner, loss_fn: str) -> None:
+    """A datum without `weights` beside ones with them is trained as it would be alone (found by test_tinker_fuzz:
+    the padded batch had no weights row for it, a KeyError in the learner)."""
+    tm = client(learner)
+    xs = inputs_for(loss_fn, learner_logprobs(learner, tm), np.random.default_rng(5))
+    data = [DatumIn(np.array(s[:-1]), {"target_tokens": np.array(s[1:]), **x}) for s, x in zip(SEQS, xs, strict=True)]
+    data[1].inputs.pop("weights")
+    config = resolve_config(loss_fn, {})
+    alone = [learner.forward_backward(tm, [d], loss_fn, config, forward_only=True)[1]["loss:sum"] for d in data]
+    _, metrics = learner.forward_backward(tm, data, loss_fn, config, forward_only=True)
+    assert metrics["loss:sum"] == pytest.approx(sum(alone), rel=1e-5, abs=1e-5)
+
+
 @pytest.mark.parametrize("clip", [0.0, 1e-3])
 def test_optim_step_is_a_reference_adamw_step(learner: Learner, clip: float) -> None:
     tm = client(learner)
@@ -161,3 +175,12 @@ def test_micro_batches_add_up_to_the_whole_batch(learner: Learner) -> None:
     for k, g in whole.grads.items():
         np.testing.assert_allclose(np.array(split.grads[k]), np.array(g), rtol=1e-4, atol=1e-4 * float(mx.abs(g).max()))
     assert [len(g) for g in micro_batches(data, 8)] == [1, 1, 1] and len(micro_batches(data, 64)) == 1
+
+
+def test_prompt_logprobs_of_a_one_token_prompt_is_its_nan(learner: Learner) -> None:
+    """The first token has no context (found by test_tinker_fuzz: a one-token prompt with prompt_logprobs ran the
+    model on no tokens, a reshape error on the learner thread)."""
+    only = learner.prompt_logprobs(None, [5])
+    assert len(only) == 1 and math.isnan(only[0])
+    two = learner.prompt_logprobs(None, [5, 6])
+    assert math.isnan(two[0]) and two[1] < 0

@@ -7,15 +7,12 @@ same computation on the same shapes in the same order
 same tokens come from different kernels (a batched decode step vs one forward pass) and agree within 2e-4.
 """
 
-import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,46 +22,9 @@ from tinker import types
 
 from support import procs
 from support.tinker_models import sharpened
+from support.tinker_server import KEY, Server, serving
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@dataclass
-class Server:
-    url: str
-    model: str
-    state_dir: Path
-    log: procs.Lines
-
-
-@contextlib.contextmanager
-def serving(model: Path, state_dir: Path) -> Iterator[tuple[Server, subprocess.Popen]]:
-    """`paraloop tinker` as a child process (its own process group, killed on the way out)."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "PARALOOP_LOG": "info"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "paraloop",
-        "tinker",
-        "--model-path",
-        str(model),
-        "--port",
-        "0",
-        "--set",
-        f"tinker.state_dir={state_dir}",
-        "--set",
-        "tinker.max_num_samples=16",
-        "--set",
-        "tinker.max_data=64",
-        "--set",
-        "tinker.max_clients=32",
-        "--control-token",
-        KEY,
-    ]
-    with procs.running(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as proc:
-        lines = procs.Lines(proc.stderr)
-        port = lines.expect(r"Tinker API for .* on http://127\.0\.0\.1:(\d+)", timeout=120)[1]
-        yield Server(f"http://127.0.0.1:{port}", str(model), state_dir, lines), proc
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +44,6 @@ def service(tinker_server: Server) -> Iterator["tinker.ServiceClient"]:
         yield service
 
 
-KEY = "tml-test-token"  # the server's control token is the key (the SDK wants keys that start with tml-)
 SEQUENCES = [[11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 24, 25, 26], [31, 32, 33, 34, 35, 36, 37]]
 
 

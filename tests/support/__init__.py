@@ -5,8 +5,9 @@ The layout of tests/: `test_*.py` hold tests only, and no test module imports an
 lives here, one module per concern, imported as `support.<module>`: procs (child processes and their groups),
 runs (`paraloop run` as a subprocess), serving (`paraloop serve` as a subprocess), http_harness (an in-process
 server), engines, trainers, checkpoints, episodes, loss_reference and tinker_losses (float64 references),
-tinker_models (the model the Tinker SDK tests train),
-compute_paths and kernels (the numerics tests' tolerances and second BLAS kernel), run_fakes, fuzz_requests,
+tinker_models (the model the Tinker SDK tests train), tinker_server (`paraloop tinker` as a subprocess),
+compute_paths and kernels (the numerics tests' tolerances and second BLAS kernel), run_fakes, fuzz_requests and
+tinker_fuzz_requests (hypothesis strategies of requests to `paraloop run` and `paraloop tinker`),
 doc_tables, hf_cache, adapter_files, chromium. conftest.py re-exports the one shared fixture (trainers.base).
 
 Programs the tests start as child processes live apart, in tests/scripts/, because they are not modules a test

@@ -36,6 +36,7 @@ class FuzzRequest:
     path: str
     body: bytes | None = None
     headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    param: str | None = None  # the field it broke, which a 400 must name (None: no one field)
 
 
 json_scalars = (

@@ -90,7 +90,13 @@ async def serve(
             max_rank=settings.server.max_lora_rank,
         )
         futures = Futures(max_pending=t.max_pending, retention_s=t.retention_s, wait_s=t.poll_wait_s)
-        limits = {"max_data": t.max_data, "max_batch_tokens": t.max_batch_tokens, "max_num_samples": t.max_num_samples}
+        limits = {
+            "max_data": t.max_data,
+            "max_batch_tokens": t.max_batch_tokens,
+            "max_num_samples": t.max_num_samples,
+            "max_json_depth": settings.server.max_json_depth,
+            "body_timeout_s": settings.server.body_timeout_s,
+        }
         app = make_app(
             state,
             futures,

@@ -27,7 +27,7 @@ from paraloop.lora import (
     linear_keys,
     parse_name,
 )
-from paraloop.tinker.losses import LOSSES, OPTIONAL, REQUIRED
+from paraloop.tinker.losses import LOSSES, OPTIONAL, REQUIRED, default_weights
 from paraloop.tinker.proto import DatumIn
 
 
@@ -152,6 +152,8 @@ class Learner:
         go through in micro-batches of at most `micro_tokens` padded tokens (the loss is a sum: the parts add up)."""
         self.use(tm.arrays)
         loss_of = LOSSES[loss_fn]
+        if any("weights" in d.inputs for d in data):
+            data = [d if "weights" in d.inputs else with_weights(d, loss_fn) for d in data]
         total = 0.0  # summed in float64 over the micro-batches
         logprobs: list[np.ndarray] = []
         for part in micro_batches(data, self.micro_tokens):
@@ -192,6 +194,8 @@ class Learner:
     def prompt_logprobs(self, arrays: dict[str, mx.array] | None, tokens: list[int]) -> list[float]:
         """log p(token i | tokens before it) for i >= 1, NaN for the first (Tinker's prompt_logprobs); arrays None:
         the base model."""
+        if len(tokens) < 2:  # the first token has no context: nothing to run
+            return [math.nan]
         self.use(arrays if arrays is not None else self.zero_adapter())
         ids = mx.array([tokens[:-1]], dtype=mx.int32)
         lp, _ = forward_logprobs(
@@ -225,6 +229,10 @@ class Learner:
         tm.grads = None
         mx.eval(tm.arrays, tm.m, tm.v, norm)
         return {"grad_norm": float(norm.item())}
+
+
+def with_weights(d: DatumIn, loss_fn: str) -> DatumIn:
+    return DatumIn(d.tokens, {**d.inputs, "weights": default_weights(loss_fn, d.inputs, len(d.tokens))})
 
 
 def micro_batches(data: list[DatumIn], tokens: int) -> list[list[DatumIn]]:

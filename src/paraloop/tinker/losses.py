@@ -18,6 +18,7 @@ r = exp(lp - q), q the sampling log-probs (`logprobs`), A the advantages:
 from collections.abc import Callable
 
 import mlx.core as mx
+import numpy as np
 
 REQUIRED = {
     "cross_entropy": ("target_tokens",),
@@ -87,6 +88,15 @@ LOSSES: dict[str, Loss] = {
     "dro": dro,
     "gspo": gspo,
 }
+
+
+def default_weights(loss_fn: str, inputs: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """The `weights` of a datum that gives none in a batch where others do (the batch is padded to one set of
+    inputs): what its loss uses without them, every token for cross_entropy, those of nonzero advantage for gspo
+    (the other losses take no weights)."""
+    if loss_fn == "gspo":
+        return (inputs["advantages"] != 0).astype(np.float32)
+    return np.ones(n, np.float32)
 
 
 def resolve_config(loss_fn: str, given: dict[str, float | str]) -> dict[str, float]:

@@ -13,6 +13,7 @@ import math
 import re
 from typing import Any
 
+import anyio
 import msgspec
 from aiohttp import web
 
@@ -45,7 +46,8 @@ SAMPLE_FIELDS = {
 async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         token = request.app[TOKEN]
-        if token and not hmac.compare_digest(request.headers.get("X-API-Key", "").encode(), token.encode()):
+        given = request.headers.get("X-API-Key", "").encode("utf-8", "surrogateescape")  # its bytes, UTF-8 or not
+        if token and not hmac.compare_digest(given, token.encode()):
             raise APIError(401, "X-API-Key: the server's token is required (TINKER_API_KEY)", param="X-API-Key")
         return await handler(request)
     except APIError as e:
@@ -69,14 +71,54 @@ def refused(e: Exception) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
+async def read(request: web.Request) -> bytes:
+    """The whole body (at most server.max_body_bytes, aiohttp's 413), within server.body_timeout_s (else 408)."""
+    timeout = request.app[LIMITS]["body_timeout_s"]
+    with anyio.move_on_after(timeout):
+        try:
+            return await request.read()
+        except web.RequestPayloadError:  # aiohttp could not decode it: not the gzip or deflate it claims, or cut
+            if encoding := request.headers.get("Content-Encoding"):
+                raise bad_request("Content-Encoding", f"the body is not valid {encoding}") from None
+            raise bad_request(None, "the body did not arrive whole") from None
+    raise APIError(408, f"the request body did not arrive within {timeout} s (server.body_timeout_s)", code="timeout")
+
+
+JSON = msgspec.json.Decoder(float_hook=float)  # 1e400 decodes to inf, refused below naming its field
+INT_RANGE = (-(2**63), 2**64 - 1)  # int64 and uint64 (the SDK's seeds are uint64)
+
+
 async def body_of(request: web.Request) -> dict[str, Any]:
+    """The body's JSON object, bounded before any route reads it: nesting at most server.max_json_depth deep,
+    integers within 64 bits, numbers finite; else a 400 naming the field."""
     try:
-        body = msgspec.json.decode(await request.read())
-    except msgspec.DecodeError as e:
+        body = JSON.decode(await read(request))
+    except msgspec.DecodeError as e:  # not JSON, not UTF-8, or an integer of thousands of digits
         raise bad_request(None, f"the body is not JSON: {e}") from None
+    except RecursionError:
+        raise bad_request(None, "the body is not JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request(None, "the body must be a JSON object")
+    bounded(body, request.app[LIMITS]["max_json_depth"])
     return body
+
+
+def bounded(body: dict[str, Any], max_depth: int) -> None:
+    """Walk the body without recursion; 400 naming the first field out of bounds."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 1)]
+    while stack:
+        value, name, depth = stack.pop()
+        if depth > max_depth:
+            raise bad_request(name, f"nested more than {max_depth} levels deep (server.max_json_depth)")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            field = f"{name}[{key}]" if isinstance(value, list) else f"{name}.{key}" if name else str(key)
+            if isinstance(item, dict | list):
+                stack.append((item, field, depth + 1))
+            elif type(item) is int and not INT_RANGE[0] <= item <= INT_RANGE[1]:
+                raise bad_request(field, "an integer outside the 64-bit range")
+            elif type(item) is float and not math.isfinite(item):
+                raise bad_request(field, "a number beyond the range of a double")
 
 
 def get(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ..., *, where: str = "") -> Any:
@@ -167,7 +209,7 @@ async def finish_session(request: web.Request) -> web.Response:
 
 async def accepted(request: web.Request) -> web.Response:
     """Telemetry and cancellations: nothing to do locally (a cancelled sample finishes and is dropped)."""
-    await request.read()
+    await read(request)
     return json_response({"status": "accepted"})
 
 
@@ -190,6 +232,8 @@ async def create_model(request: web.Request) -> web.Response:
                 "linear layer of every block gets an adapter",
             )
     seed = get(lora, "seed", int, None, where="lora_config.")
+    if seed is not None and seed < 0:
+        raise bad_request("lora_config.seed", "must be >= 0 (a 64-bit unsigned seed)")
     optimizer = get(body, "optimizer_config", dict, None) or {}
     if optimizer.get("type", "adamw") != "adamw":
         raise bad_request("optimizer_config.type", "only adamw is supported here")
@@ -206,7 +250,7 @@ async def forward_backward(request: web.Request) -> web.Response:
     state, limits = request.app[STATE], request.app[LIMITS]
     if request.content_type != PROTO or request.headers.get("Content-Encoding"):
         raise APIError(415, f"forward_backward takes an uncompressed {PROTO} body", param="Content-Type")
-    fb = proto.decode_forward_backward(await request.read())
+    fb = proto.decode_forward_backward(await read(request))
     state.model(fb.model_id)
     if fb.loss_fn not in LOSSES:
         raise bad_request("loss_fn", f"{fb.loss_fn!r} is not supported here (supported: {', '.join(LOSSES)})")
@@ -450,7 +494,7 @@ ROUTES = [
 
 
 def make_app(
-    state: TinkerState, futures: Futures, *, limits: dict[str, int], token: str, max_body: int
+    state: TinkerState, futures: Futures, *, limits: dict[str, float], token: str, max_body: int
 ) -> web.Application:
     app = web.Application(client_max_size=max_body, middlewares=[errors])
     app[STATE], app[FUTURES], app[LIMITS], app[TOKEN] = state, futures, limits, token
