@@ -235,3 +235,11 @@ def test_control_routes_take_no_body_and_only_their_method(server):
     assert_error(server.post("/control/status", {}), 405)
     assert_error(server.post("/metrics", {}), 405)
     assert server.get("/control/status").json()["paused"] is False
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_a_body_that_is_not_the_encoding_it_claims_is_a_400_naming_content_encoding(server, encoding):
+    """aiohttp decodes gzip and deflate bodies itself; one that does not decode was a 500."""
+    body = json.dumps(ROUTES["/v1/completions"]).encode()
+    refused(server, "/v1/completions", body, param="Content-Encoding", headers={"Content-Encoding": encoding})
+    assert_still_serving(server)

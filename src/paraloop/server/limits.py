@@ -1,11 +1,32 @@
-"""Bounds on a prompt checked before paraloop spends work on it: the text, token ids or chat it must not
-exceed before it is templated and tokenized (prepare.py's first size check, with the engine's `check_sizes`).
+"""Bounds checked before paraloop spends work on a request: its body arrives whole, in time (`read_body`, for
+every server: `paraloop serve`/`run` and `paraloop tinker`), and a prompt's text, token ids or chat stay within
+what the engine takes before they are templated and tokenized (prepare.py's first size check, with the engine's
+`check_sizes`).
 
-In: a decoded body's parts and the [engine] limits. Out: nothing, or an APIError 400 naming the route's field.
+In: a request, or a decoded body's parts and the [engine] limits. Out: the body, nothing, or an APIError (400
+naming the route's field, 408 for a body that does not arrive).
 """
 
+import anyio
+from aiohttp import web
+
 from paraloop.config import EngineConfig
-from paraloop.server.errors import bad_request
+from paraloop.server.errors import APIError, bad_request
+
+
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The whole body (at most the app's client_max_size: aiohttp's 413) within `timeout_s` (server.body_timeout_s;
+    else a 408): a body that stops arriving holds no handler. One that aiohttp cannot decode (not the gzip or
+    deflate its Content-Encoding claims, or cut short) is a 400."""
+    with anyio.move_on_after(timeout_s):
+        try:
+            return await request.read()
+        except web.RequestPayloadError:
+            if encoding := request.headers.get("Content-Encoding"):
+                raise bad_request("Content-Encoding", f"the body is not valid {encoding}") from None
+            raise bad_request(None, "the body did not arrive whole") from None
+    raise APIError(408, f"the request body did not arrive within {timeout_s} s (server.body_timeout_s)", code="timeout")
+
 
 CHARS_PER_TOKEN = 64
 """Text longer than this many characters per allowed prompt token cannot fit engine.max_prompt_tokens (no

@@ -8,14 +8,13 @@ no body, and `body_middleware` holds it to that: nothing, or an empty JSON objec
 
 from typing import Any
 
-import anyio
 import msgspec
 from aiohttp import web
 
 from paraloop.config import Settings
 from paraloop.server.adapter_routes import LoadLoraBody, UnloadLoraBody
 from paraloop.server.errors import APIError, bad_request
-from paraloop.server.limits import max_prompt_chars
+from paraloop.server.limits import max_prompt_chars, read_body
 from paraloop.server.schemas import Body, ChatBody, CompletionBody, GenerateBody, SessionRewardBody, decode
 from paraloop.server.state import STATE
 
@@ -278,14 +277,7 @@ async def body_middleware(request: web.Request, handler: Any) -> web.StreamRespo
         return await handler(request)
     check_content_type(request)
     server = request.app[STATE].settings.server
-    with anyio.move_on_after(server.body_timeout_s) as scope:
-        body = await request.read()
-    if scope.cancelled_caught:
-        raise APIError(
-            408,
-            f"the request body did not arrive within {server.body_timeout_s} s (server.body_timeout_s)",
-            code="timeout",
-        )
+    body = await read_body(request, server.body_timeout_s)
     if not takes_body and body.strip():
         try:
             decode(body, NoBody, max_depth=server.max_json_depth)

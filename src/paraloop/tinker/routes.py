@@ -13,12 +13,12 @@ import math
 import re
 from typing import Any
 
-import anyio
 import msgspec
 from aiohttp import web
 
 from paraloop.messages import SamplingParams
 from paraloop.server.errors import APIError, bad_request, error_response, from_http_exception, request_errors
+from paraloop.server.limits import read_body
 from paraloop.server.responses import json_response
 from paraloop.tinker import proto
 from paraloop.tinker.futures import Futures, FuturesFull, Result
@@ -72,16 +72,8 @@ def refused(e: Exception) -> APIError:
 
 
 async def read(request: web.Request) -> bytes:
-    """The whole body (at most server.max_body_bytes, aiohttp's 413), within server.body_timeout_s (else 408)."""
-    timeout = request.app[LIMITS]["body_timeout_s"]
-    with anyio.move_on_after(timeout):
-        try:
-            return await request.read()
-        except web.RequestPayloadError:  # aiohttp could not decode it: not the gzip or deflate it claims, or cut
-            if encoding := request.headers.get("Content-Encoding"):
-                raise bad_request("Content-Encoding", f"the body is not valid {encoding}") from None
-            raise bad_request(None, "the body did not arrive whole") from None
-    raise APIError(408, f"the request body did not arrive within {timeout} s (server.body_timeout_s)", code="timeout")
+    """The whole body, bounded as on every paraloop server (server/limits.py, read_body)."""
+    return await read_body(request, request.app[LIMITS]["body_timeout_s"])
 
 
 JSON = msgspec.json.Decoder(float_hook=float)  # 1e400 decodes to inf, refused below naming its field
