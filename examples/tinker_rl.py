@@ -221,6 +221,8 @@ def train(args: argparse.Namespace, url: str, key: str) -> None:
             "reward_std": float(np.std(rewards)),
             "loss": loss,
             "step_time_s": time.monotonic() - start,
+            "time": time.time(),  # when the line is written, as in `paraloop run`'s lines
+            "completion_length_mean": float(np.mean([len(logprobs) for _, logprobs in sampled])),
             "tokens_per_s": sum(d.model_input.length for d in data) / learn_s,
             **agreement(sampled, [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]),
         }

@@ -7,6 +7,7 @@ from safetensors.numpy import save_file
 from bench.harness import Line, table  # noqa: E402
 from bench.paraloop_run import decode_rates, safetensors_bytes  # noqa: E402
 from bench.report import BEGIN, END, update_docs  # noqa: E402
+from bench.tinker_steps import demo_shape, step_gaps  # noqa: E402
 
 
 def test_a_target_without_unit_applies_to_the_ratio():
@@ -68,3 +69,21 @@ def test_safetensors_bytes_sums_the_tensors_in_the_header(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file({"a": np.zeros((3, 4), np.float32), "b": np.zeros(5, np.int8)}, str(path))
     assert safetensors_bytes(path) == 3 * 4 * 4 + 5
+
+
+def test_rl_steps_are_the_gaps_between_step_lines_evaluations_left_out():
+    lines = [{"kind": "eval", "step": 0, "time": 90.0}, {"step": 1, "time": 100.0}, {"step": 2, "time": 112.5}]
+    lines += [{"kind": "eval", "step": 2, "time": 150.0}, {"step": 3, "time": 160.0}]
+    assert step_gaps(lines) == [12.5, 47.5]  # the first step has no line before it; an evaluation counts in a gap
+    assert step_gaps(lines[:2]) == []
+
+
+def test_the_sdk_loop_gets_the_demos_step_shape():
+    assert demo_shape() == {
+        "task": "paraloop.envs.tasks:one_word",
+        "prompts": 4,
+        "group": 8,
+        "max-tokens": 24,
+        "rank": 16,
+        "lr": 5e-5,
+    }
