@@ -3,11 +3,11 @@
 Everything goes through the SDK, as a Tinker program would, against a `paraloop tinker` child; the OpenAI baseline is
 a `paraloop serve` child on the same model (both stay up; only one is measured at a time). Lines:
 - RL steps/minute: the SDK's RL loop (examples/tinker_rl.py: sample the groups, `importance_sampling`
-  forward_backward, optim_step, a new sampling client) against the `paraloop tinker` child, over `paraloop run` on
-  configs/demo.toml, the same steps (4 prompts x 8 completions of <= 24 tokens, LoRA rank 16, one_word) one after
-  the other: the serve child is stopped first, the tinker child idle but for the loop, then stopped before
-  `paraloop run` starts. The median step after the first of each (bench/tinker_steps.py says how a step is timed
-  and what cannot be the same). Target >= 0.8 (paraloop run's step time over the SDK loop's).
+  forward_backward, optim_step, a new sampling client) against a `paraloop tinker` child of its own, over
+  `paraloop run` on configs/demo.toml, the same steps (4 prompts x 8 completions of <= 24 tokens, LoRA rank 16,
+  one_word): measured first, one after the other (that child is stopped before `paraloop run` starts), before the
+  children below start. The median step after the first of each (bench/tinker_steps.py says how a step is timed and
+  what cannot be the same). Target >= 0.8 (paraloop run's step time over the SDK loop's).
 - sampler weights to the first token: `save_weights_and_get_sampling_client` then a 1-token sample (the adapter goes
   into the engine from memory), over the disk path a program would otherwise take (`save_state` writes the
   checkpoint, `create_sampling_client(model_path=...)` reads and installs it, then the same sample). Each round
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bench import tinker_steps
-from bench.harness import Context, Line, free_port, python_cmd, wait_until
+from bench.harness import Child, Context, Line, free_port, python_cmd, wait_until
 
 NAME = "tinker"
 TITLE = "15. Local Tinker: the Tinker SDK against `paraloop tinker` (SmolLM2-135M 4-bit)"
@@ -49,6 +49,16 @@ def healthy(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def start_tinker(ctx: Context, name: str, model: Path) -> tuple[Child, str]:
+    """A `paraloop tinker` child on a free port, once it serves: (child, URL)."""
+    port = free_port()
+    state = f"tinker.state_dir={ctx.log_dir / f'{name}-state'}"
+    cmd = python_cmd("-m", "paraloop", "tinker", "--model-path", str(model), "--port", str(port), "--set", state)
+    child, url = ctx.spawn(name, cmd), f"http://127.0.0.1:{port}"
+    wait_until(lambda: healthy(f"{url}/api/v1/healthz"), timeout_s=300, what=f"paraloop tinker ({name})")
+    return child, url
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -110,24 +120,16 @@ def run(ctx: Context) -> list[Line]:
 
     model = ctx.model_q4
     rounds = 3 if ctx.quick else 8
-    tport, oport = free_port(), free_port()
-    tk = ctx.spawn(
-        "tinker",
-        python_cmd(
-            "-m",
-            "paraloop",
-            "tinker",
-            "--model-path",
-            str(model),
-            "--port",
-            str(tport),
-            "--set",
-            f"tinker.state_dir={ctx.log_dir / 'tinker-state'}",
-        ),
-    )
-    serve = ctx.spawn("serve", python_cmd("-m", "paraloop", "serve", "--model-path", str(model), "--port", str(oport)))
-    turl, ourl = f"http://127.0.0.1:{tport}", f"http://127.0.0.1:{oport}"
-    wait_until(lambda: healthy(f"{turl}/api/v1/healthz"), timeout_s=300, what="paraloop tinker")
+    steps = 3 if ctx.quick else 6  # the first of each is left out
+    rl_server, rl_url = start_tinker(ctx, "tinker-rl-server", model)
+    sdk_run = tinker_steps.sdk_loop(ctx, rl_url, model, steps)
+    ctx.stop(rl_server)
+    run_run = tinker_steps.paraloop_run(ctx, model, steps)
+
+    oport = free_port()
+    ctx.spawn("serve", python_cmd("-m", "paraloop", "serve", "--model-path", str(model), "--port", str(oport)))
+    tk, turl = start_tinker(ctx, "tinker", model)
+    ourl = f"http://127.0.0.1:{oport}"
     wait_until(lambda: healthy(f"{ourl}/health"), timeout_s=300, what="paraloop serve")
 
     service = tinker.ServiceClient(base_url=turl, api_key="tml-bench")
@@ -173,12 +175,6 @@ def run(ctx: Context) -> list[Line]:
     sb = second.save_weights_and_get_sampling_client().result()
     one_tps = sdk_tokens_per_s([sa], [batch])
     two_tps = sdk_tokens_per_s([sa, sb], [batch[: PROMPTS // 2], batch[PROMPTS // 2 :]])
-
-    steps = 3 if ctx.quick else 6  # the first of each is left out
-    ctx.stop(serve)
-    sdk_run = tinker_steps.sdk_loop(ctx, turl, model, steps)
-    ctx.stop(tk)
-    run_run = tinker_steps.paraloop_run(ctx, model, steps)
 
     ms, mb = 1e3, 1 / 2**20
     mem, disk = statistics.median(memory_s), statistics.median(disk_s)

@@ -1,16 +1,22 @@
-"""Benchmark 15's RL-step line: the Tinker SDK's RL loop (examples/tinker_rl.py) against `paraloop tinker`, and
-`paraloop run` on configs/demo.toml, the same steps, one after the other.
+"""Benchmark 15's RL-step line: the Tinker SDK's RL loop (examples/tinker_rl.py) against a fresh `paraloop tinker`,
+and `paraloop run` on configs/demo.toml, the same steps, one after the other with nothing else of the benchmark's up.
 
 The SDK loop gets demo.toml's step shape as flags (task, prompts = batch_size / group_size, group_size, max_tokens,
-LoRA rank, learning rate; temperature 1.0 in both); `paraloop run` gets LoRA on every block (`--lora-layers -1`),
-since a Tinker training client has no num_layers: its adapter is on every linear layer of every block. Held-out
-evaluation is off in both and nothing is checkpointed between steps. A step is the wall time between two
-consecutive step lines of a run's metrics.jsonl (their `time`): in both it spans the whole step, generation of the
-batch, the learner's step and the new weights reaching the sampler (`step_time_s` would not do: `paraloop run`'s is
-the learner's part alone). The first step (warm-ups, the learner's memory probes) has no line before it, so it is
-left out. What cannot be the same: the prompts (each run draws its own from the task, with its own seed), hence
-the completions and their lengths (recorded, both capped at max_tokens), and the loss (the SDK's
-`importance_sampling`, `paraloop run`'s GRPO loss; the same forward and backward work per token).
+LoRA rank; temperature 1.0 in both); `paraloop run` gets LoRA on every block (`--lora-layers -1`), since a Tinker
+training client has no num_layers: its adapter is on every linear layer of every block. A Tinker adapter's scale is
+32 / rank (2 at rank 16), demo.toml's 10, so the SDK loop's learning rate is demo.toml's times 10 / 2 (2.5e-4,
+examples/tinker_rl.py's default): with Adam a step moves the output by about scale x rate, and both policies must
+learn at the same pace, since what they learn (to answer in one word) sets the completions' lengths and with them
+generation's share of a step. Held-out evaluation is off in both and nothing is checkpointed between steps.
+
+A step is the wall time between two consecutive step lines of a run's metrics.jsonl (their `time`): in both it
+spans the whole step, generation of the batch, the learner's step and the new weights reaching the sampler
+(`step_time_s` would not do: `paraloop run`'s is the learner's part alone). The first step (warm-ups, the learner's
+memory probes) has no line before it, so it is left out. What cannot be the same: the prompts (each run draws its
+own from the task, with its own seed), hence the completions and their lengths (recorded; both capped at
+max_tokens), and the loss (the SDK's `importance_sampling` on reward - group mean, `paraloop run`'s GRPO loss on
+advantages scaled by the group's std; the same forward and backward work per token, and Adam's step does not
+depend on the gradient's scale).
 """
 
 import json
@@ -19,7 +25,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from bench.harness import ROOT, Context, python_cmd
+from bench.harness import ROOT, Child, Context, python_cmd
 
 DEMO = ROOT / "configs" / "demo.toml"
 EXAMPLE = ROOT / "examples" / "tinker_rl.py"
@@ -28,6 +34,8 @@ RUN_TIMEOUT_S = 1200.0
 
 def demo_shape() -> dict:
     """demo.toml's step: the flags examples/tinker_rl.py takes for it."""
+    from paraloop.tinker.learner import lora_scale
+
     rl = tomllib.loads(DEMO.read_text())["rl_training"]
     if rl["temperature"] != 1.0:
         raise ValueError(f"{DEMO} samples at temperature {rl['temperature']}; examples/tinker_rl.py at 1.0")
@@ -38,7 +46,7 @@ def demo_shape() -> dict:
         "group": group,
         "max-tokens": rl["mock"].get("max_tokens", rl["max_tokens"]),
         "rank": rl["lora"]["rank"],
-        "lr": rl["learning_rate"],
+        "lr": rl["learning_rate"] * rl["lora"]["scale"] / lora_scale(rl["lora"]["rank"]),
     }
 
 
@@ -54,7 +62,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
-def finish(ctx: Context, child, what: str, run_dir: Path) -> dict:
+def finish(ctx: Context, child: Child, what: str, run_dir: Path) -> dict:
     """Wait for a child run to end; its step lines, their gaps and completion lengths."""
     try:
         child.proc.wait(timeout=RUN_TIMEOUT_S)
@@ -74,7 +82,7 @@ def finish(ctx: Context, child, what: str, run_dir: Path) -> dict:
 
 
 def sdk_loop(ctx: Context, url: str, model: Path, steps: int) -> dict:
-    """examples/tinker_rl.py against the `paraloop tinker` at `url` (idle but for it)."""
+    """examples/tinker_rl.py against the `paraloop tinker` at `url` (serving nothing else)."""
     run_dir = Path(tempfile.mkdtemp(prefix="paraloop-bench-tinker-rl-", dir=ctx.log_dir))
     flags = [f"--{k}={v}" for k, v in demo_shape().items()]
     cmd = python_cmd(str(EXAMPLE), "--url", url, "--base-model", str(model), *flags)

@@ -119,7 +119,7 @@ def evaluate(sampler: tinker.SamplingClient, tokenizer: Any, plan: EvalPlan, ste
         for f in futures
     ]
     metrics = score(plan, tokenizer, results, time.monotonic() - start).metrics
-    record = {"kind": "eval", "step": step, "version": step, "task": plan.task.name, **metrics}
+    record = {"kind": "eval", "time": time.time(), "step": step, "version": step, "task": plan.task.name, **metrics}
     print(f"eval at step {step}: reward {metrics['reward_mean']:.3f} pass@1 {metrics['pass@1']:.3f}", flush=True)
     return record
 
