@@ -2,6 +2,12 @@
 
 Everything goes through the SDK, as a Tinker program would, against a `paraloop tinker` child; the OpenAI baseline is
 a `paraloop serve` child on the same model (both stay up; only one is measured at a time). Lines:
+- RL steps/minute: the SDK's RL loop (examples/tinker_rl.py: sample the groups, `importance_sampling`
+  forward_backward, optim_step, a new sampling client) against a `paraloop tinker` child of its own, over
+  `paraloop run` on configs/demo.toml, the same steps (4 prompts x 8 completions of <= 24 tokens, LoRA rank 16,
+  one_word): measured first, one after the other (that child is stopped before `paraloop run` starts), before the
+  children below start. The median step after the first of each (bench/tinker_steps.py says how a step is timed and
+  what cannot be the same). Target >= 0.8 (paraloop run's step time over the SDK loop's).
 - sampler weights to the first token: `save_weights_and_get_sampling_client` then a 1-token sample (the adapter goes
   into the engine from memory), over the disk path a program would otherwise take (`save_state` writes the
   checkpoint, `create_sampling_client(model_path=...)` reads and installs it, then the same sample). Each round
@@ -12,7 +18,6 @@ a `paraloop serve` child on the same model (both stay up; only one is measured a
   and gradients, rank 32), over docs/tinker.md's estimate of 16 * rank * sum(in + out) bytes; and tokens/s of the
   two clients' samplers sampling together (each half the requests, two adapters in one decode batch) over one
   sampler taking all of them.
-Not measured here: the SDK-driven RL loop's step time over `paraloop run` doing the same steps.
 """
 
 import concurrent.futures
@@ -20,11 +25,12 @@ import statistics
 import time
 from pathlib import Path
 
-from bench.harness import Context, Line, free_port, python_cmd, wait_until
+from bench import tinker_steps
+from bench.harness import Child, Context, Line, free_port, python_cmd, wait_until
 
 NAME = "tinker"
 TITLE = "15. Local Tinker: the Tinker SDK against `paraloop tinker` (SmolLM2-135M 4-bit)"
-BUDGET_S = 300
+BUDGET_S = 600
 PROMPTS, SAMPLES, TOKENS = 8, 4, 32
 RANK = 32
 
@@ -43,6 +49,16 @@ def healthy(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def start_tinker(ctx: Context, name: str, model: Path) -> tuple[Child, str]:
+    """A `paraloop tinker` child on a free port, once it serves: (child, URL)."""
+    port = free_port()
+    state = f"tinker.state_dir={ctx.log_dir / f'{name}-state'}"
+    cmd = python_cmd("-m", "paraloop", "tinker", "--model-path", str(model), "--port", str(port), "--set", state)
+    child, url = ctx.spawn(name, cmd), f"http://127.0.0.1:{port}"
+    wait_until(lambda: healthy(f"{url}/api/v1/healthz"), timeout_s=300, what=f"paraloop tinker ({name})")
+    return child, url
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -104,24 +120,16 @@ def run(ctx: Context) -> list[Line]:
 
     model = ctx.model_q4
     rounds = 3 if ctx.quick else 8
-    tport, oport = free_port(), free_port()
-    tk = ctx.spawn(
-        "tinker",
-        python_cmd(
-            "-m",
-            "paraloop",
-            "tinker",
-            "--model-path",
-            str(model),
-            "--port",
-            str(tport),
-            "--set",
-            f"tinker.state_dir={ctx.log_dir / 'tinker-state'}",
-        ),
-    )
+    steps = 3 if ctx.quick else 6  # the first of each is left out
+    rl_server, rl_url = start_tinker(ctx, "tinker-rl-server", model)
+    sdk_run = tinker_steps.sdk_loop(ctx, rl_url, model, steps)
+    ctx.stop(rl_server)
+    run_run = tinker_steps.paraloop_run(ctx, model, steps)
+
+    oport = free_port()
     ctx.spawn("serve", python_cmd("-m", "paraloop", "serve", "--model-path", str(model), "--port", str(oport)))
-    turl, ourl = f"http://127.0.0.1:{tport}", f"http://127.0.0.1:{oport}"
-    wait_until(lambda: healthy(f"{turl}/api/v1/healthz"), timeout_s=300, what="paraloop tinker")
+    tk, turl = start_tinker(ctx, "tinker", model)
+    ourl = f"http://127.0.0.1:{oport}"
     wait_until(lambda: healthy(f"{ourl}/health"), timeout_s=300, what="paraloop serve")
 
     service = tinker.ServiceClient(base_url=turl, api_key="tml-bench")
@@ -178,7 +186,21 @@ def run(ctx: Context) -> list[Line]:
         "rss_two_clients": rss_two,
         "estimate_bytes_per_client": estimate,
     }
+    shape = tinker_steps.demo_shape()
+    lengths = [statistics.mean(r["completion_length_mean"][1:]) for r in (sdk_run, run_run)]
     return [
+        Line(
+            NAME,
+            f"RL steps/minute, the Tinker SDK's loop over `paraloop run` (demo.toml's steps: {shape['prompts']} x "
+            f"{shape['group']}, <= {shape['max-tokens']} tokens)",
+            60 / sdk_run["median_s"],
+            60 / run_run["median_s"],
+            "steps/min",
+            ">= 0.8",
+            note=f"median of {steps - 1} steps after the first: {sdk_run['median_s']:.1f} s vs "
+            f"{run_run['median_s']:.1f} s; mean completion {lengths[0]:.1f} vs {lengths[1]:.1f} tokens",
+            detail={"sdk_loop": sdk_run, "paraloop_run": run_run, "shape": shape},
+        ),
         Line(
             NAME,
             "save_weights_and_get_sampling_client + first token, over save_state + "

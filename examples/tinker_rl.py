@@ -119,7 +119,7 @@ def evaluate(sampler: tinker.SamplingClient, tokenizer: Any, plan: EvalPlan, ste
         for f in futures
     ]
     metrics = score(plan, tokenizer, results, time.monotonic() - start).metrics
-    record = {"kind": "eval", "step": step, "version": step, "task": plan.task.name, **metrics}
+    record = {"kind": "eval", "time": time.time(), "step": step, "version": step, "task": plan.task.name, **metrics}
     print(f"eval at step {step}: reward {metrics['reward_mean']:.3f} pass@1 {metrics['pass@1']:.3f}", flush=True)
     return record
 
@@ -221,6 +221,8 @@ def train(args: argparse.Namespace, url: str, key: str) -> None:
             "reward_std": float(np.std(rewards)),
             "loss": loss,
             "step_time_s": time.monotonic() - start,
+            "time": time.time(),  # when the line is written, as in `paraloop run`'s lines
+            "completion_length_mean": float(np.mean([len(logprobs) for _, logprobs in sampled])),
             "tokens_per_s": sum(d.model_input.length for d in data) / learn_s,
             **agreement(sampled, [o["logprobs"].to_numpy() for o in out.loss_fn_outputs]),
         }

@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 
 
 from bench.harness import Line, table  # noqa: E402
 from bench.paraloop_run import decode_rates, safetensors_bytes  # noqa: E402
 from bench.report import BEGIN, END, block, chosen_kernel, load_records, update_docs  # noqa: E402
+from bench.tinker_steps import demo_shape, step_gaps  # noqa: E402
 
 
 MACHINE = {"cores": 2, "memory_gib": 1, "os": "Linux", "mlx": "0", "mlx_lm": "0", "paraloop": "0", "python": "3"}
@@ -89,3 +91,21 @@ def test_rows_measured_under_a_chosen_kernel_sit_beside_the_own_kernels(tmp_path
     records = load_records(tmp_path, ["decode", "learner", "swap"])
     assert [r["bench"] for r in records] == ["decode", "decode@Haswell", "swap"]
     assert "| decode (Haswell) | step |" in block(records)
+
+
+def test_rl_steps_are_the_gaps_between_step_lines_evaluations_left_out():
+    lines = [{"kind": "eval", "step": 0, "time": 90.0}, {"step": 1, "time": 100.0}, {"step": 2, "time": 112.5}]
+    lines += [{"kind": "eval", "step": 2, "time": 150.0}, {"step": 3, "time": 160.0}]
+    assert step_gaps(lines) == [12.5, 47.5]  # the first step has no line before it; an evaluation counts in a gap
+    assert step_gaps(lines[:2]) == []
+
+
+def test_the_sdk_loop_gets_the_demos_step_shape():
+    assert demo_shape() == {
+        "task": "paraloop.envs.tasks:one_word",
+        "prompts": 4,
+        "group": 8,
+        "max-tokens": 24,
+        "rank": 16,
+        "lr": pytest.approx(2.5e-4),  # 5e-5 at LoRA scale 10 is 2.5e-4 at Tinker's 32 / 16
+    }

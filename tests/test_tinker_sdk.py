@@ -308,9 +308,9 @@ def test_the_example_rl_loop_runs(tinker_server: Server, tmp_path: Path) -> None
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(line.get("kind", "train"), line["step"]) for line in lines] == [("eval", 0), ("train", 1), ("eval", 1)]
-    assert {"reward_mean", "reward_std", "loss", "step_time_s", "tokens_per_s", "rollout_ratio_outside"} <= set(
-        lines[1]
-    )
+    keys = {"reward_mean", "reward_std", "loss", "step_time_s", "tokens_per_s", "rollout_ratio_outside", "time"}
+    assert keys <= set(lines[1]) and 0 < lines[1]["completion_length_mean"] <= 4
+    assert lines[0]["time"] < lines[1]["time"] < lines[2]["time"]  # make bench's steps are the gaps between lines
     assert 0 < lines[1]["mismatch_tokens"] <= 2 * 2 * 4 and lines[1]["mismatch_abs_max"] < 2e-4  # on-policy: rounding
     assert {"pass@1", "pass@2", "prompts", "samples"} <= set(lines[2])
     assert "reward_mean" in out.stdout and "held-out eval (one_word, 2 prompts x 2 samples)" in out.stdout
