@@ -47,8 +47,11 @@ def browser():
         if os.environ.get("CI"):  # CI installs chromium (make browser): a missing one there is a failure
             pytest.fail(f"CI: {why}", pytrace=False)
         pytest.skip(why)
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    # expect() has a default of its own (5 s), apart from the page's: the waits on a run's progress (its first
+    # learner step, under a loaded CI machine) need the page's WAIT_MS too
+    expect.set_options(timeout=WAIT_MS)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=FLAGS, timeout=60_000)
         try:
